@@ -1,0 +1,70 @@
+import type { MemoryAccess } from '../memory/memory-access';
+import type { SplitQueue } from '../virtio/split-queue';
+
+/** Per-queue counters; `vbridge stats` prints them. Plain numbers: cheap to bump on the data path. */
+export interface QueueStats {
+  /** Chains completed (used elements written). */
+  descriptors: number;
+  /** Payload bytes moved (excluding virtio headers). */
+  bytes: number;
+  /** Kicks received from the driver. */
+  kicks: number;
+  /** Interrupts (call eventfd writes) sent to the driver. */
+  interrupts: number;
+  /** Packets dropped for lack of RX buffers (net) or requests failed (blk). */
+  drops: number;
+  errors: number;
+}
+
+export function newQueueStats(): QueueStats {
+  return { descriptors: 0, bytes: 0, kicks: 0, interrupts: 0, drops: 0, errors: 0 };
+}
+
+/**
+ * What a link hands to a device for one started queue. The device never knows
+ * whether the memory is a guest's RAM (vhost-user) or a BAR (the PCIe link):
+ * that is what lets one device implementation run behind any link.
+ */
+export interface DeviceQueue {
+  readonly index: number;
+  readonly queue: SplitQueue;
+  readonly mem: MemoryAccess;
+  readonly stats: QueueStats;
+  /** Publish used entries and interrupt the driver if its suppression settings ask for it. */
+  notify(): void;
+}
+
+/** Raised by a device for driver errors (malformed requests): the link marks the device NEEDS_RESET. */
+export class DeviceError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'DeviceError';
+  }
+}
+
+export interface VirtioDevice {
+  readonly name: string;
+  /** Virtio device id (1 net, 2 blk). */
+  readonly deviceId: number;
+  /** Number of virtqueues the device offers. */
+  readonly maxQueues: number;
+  /** Largest queue size accepted. */
+  readonly maxQueueSize: number;
+  /** Device-offered feature bits, transport bits included. */
+  features(): bigint;
+  /** Features the driver accepted (a subset of features()). */
+  setFeatures(features: bigint): void;
+  /** The device config space (virtio_net_config / virtio_blk_config), little endian. */
+  readConfig(offset: number, len: number): Uint8Array;
+  writeConfig(offset: number, data: Uint8Array): void;
+  /** The queue is ready (addresses set, enabled): buffers may be processed from now on. */
+  startQueue(q: DeviceQueue): void;
+  /** Stop using the queue; after return the device holds no chain of it. */
+  stopQueue(index: number): void;
+  /** The driver kicked queue `index` (the queue was started). */
+  kick(index: number): void;
+  /** Stop all queues and forget negotiated state. */
+  reset(): void;
+  /** Set by the link: called when the device hits a driver error it cannot recover from. */
+  onFatal?: (err: Error) => void;
+}

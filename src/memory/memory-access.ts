@@ -1,0 +1,36 @@
+/**
+ * The one way device-side code touches memory that belongs to someone else
+ * (a guest's RAM, a function's BAR). Addresses are plain numbers (< 2^53):
+ * BigInt halves data-path throughput (see shared/references/node-glue.md).
+ *
+ * Every method validates the whole range before touching a byte and throws
+ * MemoryError when any part of it lies outside the mapped memory.
+ */
+export class MemoryError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'MemoryError';
+  }
+}
+
+/** A contiguous piece of host memory backing [addr, addr+len). */
+export interface MemorySpan {
+  readonly buffer: ArrayBuffer;
+  readonly byteOffset: number;
+}
+
+export interface MemoryAccess {
+  /** Copy len bytes at addr into dst[dstOff..]; the range may cross regions. */
+  read(addr: number, dst: Uint8Array, dstOff: number, len: number): void;
+  /** Copy src[srcOff..srcOff+len) to addr; may cross regions; marks dirty pages when logging. */
+  write(addr: number, src: Uint8Array, srcOff: number, len: number): void;
+  /**
+   * The host memory behind [addr, addr+len) when it lies in one mapping window,
+   * or null when it crosses a boundary (callers then fall back to read/write).
+   * Throws MemoryError when the range is not (entirely) mapped.
+   * Writing through a span does not log: call markDirty for that.
+   */
+  span(addr: number, len: number): MemorySpan | null;
+  /** Record a write done through a span (dirty logging during migration). */
+  markDirty(addr: number, len: number): void;
+}

@@ -1,0 +1,80 @@
+/**
+ * Typed face of native/vbglue.c: syscall glue and nothing else (no protocol or
+ * ring logic). Every function validates its arguments and throws an Error
+ * carrying errno's name (err.code, e.g. 'EAGAIN') on failure, except where a
+ * return value is documented for the non-blocking "would block" case.
+ */
+import * as path from 'node:path';
+
+export interface RecvResult {
+  /** Bytes read; 0 means the peer closed; -1 means EAGAIN (nothing to read now). */
+  n: number;
+  /** File descriptors received with these bytes (already O_CLOEXEC). */
+  fds: number[];
+}
+
+export interface Poller {
+  /** Watch for readability (events=1), writability (2) or both (3). */
+  start(events: number): void;
+  stop(): void;
+  /** Stop and release the watcher; the fd itself stays open. */
+  close(): void;
+}
+
+export interface PollerConstructor {
+  /** cb(status, events): status < 0 is a libuv error. Runs on the creating thread's loop. */
+  new (fd: number, cb: (status: number, events: number) => void): Poller;
+}
+
+export interface Addon {
+  /** Unix stream socket bound and listening at path (unlinks a stale socket); non-blocking, CLOEXEC. */
+  listen(path: string, backlog: number): number;
+  /** Accepted fd (non-blocking, CLOEXEC) or -1 on EAGAIN. */
+  accept(fd: number): number;
+  /** Connected Unix stream socket (blocking connect, then non-blocking), CLOEXEC. */
+  connect(path: string): number;
+  /** recvmsg into buf[off..off+len) with MSG_CMSG_CLOEXEC; collects SCM_RIGHTS fds. */
+  recvmsg(fd: number, buf: Uint8Array, off: number, len: number): RecvResult;
+  /** sendmsg of buf[off..off+len) with fds as SCM_RIGHTS, MSG_NOSIGNAL; returns bytes sent or -1 on EAGAIN. */
+  sendmsg(fd: number, buf: Uint8Array, off: number, len: number, fds: readonly number[]): number;
+  /** socketpair(AF_UNIX, SOCK_STREAM), both ends CLOEXEC and non-blocking. */
+  socketpair(): [number, number];
+  close(fd: number): void;
+  dup(fd: number): number;
+  /** Set or clear O_NONBLOCK. */
+  setNonBlocking(fd: number, on: boolean): void;
+  /** mmap(MAP_SHARED, PROT_READ|PROT_WRITE) of [offset, offset+size) of fd as an external ArrayBuffer (size <= 4 GiB). */
+  mmap(fd: number, size: number, offset: number): ArrayBuffer;
+  /** Detach the ArrayBuffer (views become length 0) and munmap now. */
+  unmap(buf: ArrayBuffer): void;
+  /** memfd_create(name, MFD_CLOEXEC) then ftruncate(size). */
+  memfd(name: string, size: number): number;
+  /** eventfd(initval, EFD_NONBLOCK|EFD_CLOEXEC). */
+  eventfd(initval: number): number;
+  /** Read and clear the counter; 0 when it was 0 (EAGAIN). */
+  eventfdRead(fd: number): number;
+  eventfdWrite(fd: number, value: number): void;
+  /** read(2) into buf[off..off+len): bytes read, 0 at EOF, -1 on EAGAIN. */
+  read(fd: number, buf: Uint8Array, off: number, len: number): number;
+  /** write(2) of buf[off..off+len): bytes written or -1 on EAGAIN. */
+  write(fd: number, buf: Uint8Array, off: number, len: number): number;
+  /** Open /dev/net/tun as a TAP (IFF_TAP|IFF_NO_PI) named name; non-blocking, CLOEXEC. */
+  tapOpen(name: string): number;
+  /** fstat size of fd (for validating mmap offsets against the file). */
+  fdSize(fd: number): number;
+  Poller: PollerConstructor;
+}
+
+// dist/src/native/addon.js -> <repo>/build/vbglue.node
+const addonPath = path.resolve(__dirname, '..', '..', '..', 'build', 'vbglue.node');
+
+let cached: Addon | undefined;
+
+/** Load the addon on first use so that pure-TS modules and their tests never need it. */
+export function native(): Addon {
+  if (cached === undefined) {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    cached = require(addonPath) as Addon;
+  }
+  return cached;
+}
