@@ -3,6 +3,8 @@
  * ring logic). Every function validates its arguments and throws an Error
  * carrying errno's name (err.code, e.g. 'EAGAIN') on failure, except where a
  * return value is documented for the non-blocking "would block" case.
+ * Wrong argument types (including missing ones) throw TypeError, out-of-range
+ * values RangeError, before any syscall. Build: scripts/build-addon.sh.
  */
 import * as path from 'node:path';
 
@@ -13,16 +15,25 @@ export interface RecvResult {
   fds: number[];
 }
 
+/**
+ * A uv_poll watcher on the creating thread's own event loop (main thread or
+ * worker). While started it keeps itself (and the loop) alive even without a
+ * JS reference; an exception thrown by its callback is reported as uncaught.
+ */
 export interface Poller {
-  /** Watch for readability (events=1), writability (2) or both (3). */
+  /** Watch for readability (events=1), writability (2) or both (3); level-triggered. */
   start(events: number): void;
   stop(): void;
-  /** Stop and release the watcher; the fd itself stays open. */
+  /** Stop and release the watcher at once (a new Poller may take the fd); the fd itself stays open. Idempotent. */
   close(): void;
 }
 
 export interface PollerConstructor {
-  /** cb(status, events): status < 0 is a libuv error. Runs on the creating thread's loop. */
+  /**
+   * cb(status, events): status < 0 is a libuv error. Runs on the creating thread's loop.
+   * Throws EEXIST when that loop already watches fd (one owner per fd), EPERM for
+   * fds epoll cannot watch (regular files). Sets O_NONBLOCK on fd.
+   */
   new (fd: number, cb: (status: number, events: number) => void): Poller;
 }
 
@@ -33,9 +44,12 @@ export interface Addon {
   accept(fd: number): number;
   /** Connected Unix stream socket (blocking connect, then non-blocking), CLOEXEC. */
   connect(path: string): number;
-  /** recvmsg into buf[off..off+len) with MSG_CMSG_CLOEXEC; collects SCM_RIGHTS fds. */
+  /** recvmsg into buf[off..off+len) (len >= 1) with MSG_CMSG_CLOEXEC; collects SCM_RIGHTS fds. */
   recvmsg(fd: number, buf: Uint8Array, off: number, len: number): RecvResult;
-  /** sendmsg of buf[off..off+len) with fds as SCM_RIGHTS, MSG_NOSIGNAL; returns bytes sent or -1 on EAGAIN. */
+  /**
+   * sendmsg of buf[off..off+len) with fds (at most 253; then len >= 1) as SCM_RIGHTS,
+   * MSG_NOSIGNAL; returns bytes sent or -1 on EAGAIN (then no fd was passed).
+   */
   sendmsg(fd: number, buf: Uint8Array, off: number, len: number, fds: readonly number[]): number;
   /** socketpair(AF_UNIX, SOCK_STREAM), both ends CLOEXEC and non-blocking. */
   socketpair(): [number, number];
@@ -43,9 +57,15 @@ export interface Addon {
   dup(fd: number): number;
   /** Set or clear O_NONBLOCK. */
   setNonBlocking(fd: number, on: boolean): void;
-  /** mmap(MAP_SHARED, PROT_READ|PROT_WRITE) of [offset, offset+size) of fd as an external ArrayBuffer (size <= 4 GiB). */
+  /**
+   * mmap(MAP_SHARED, PROT_READ|PROT_WRITE) of [offset, offset+size) of fd as an external
+   * ArrayBuffer: 1 <= size <= 4 GiB (Node 20's cap), offset page-aligned and < 2^53.
+   * For a regular file (memfd, hugetlbfs) [offset, offset+size) must lie within it (EINVAL
+   * otherwise: touching it would be SIGBUS).
+   * GC munmaps a dropped buffer eventually; call unmap() to do it now.
+   */
   mmap(fd: number, size: number, offset: number): ArrayBuffer;
-  /** Detach the ArrayBuffer (views become length 0) and munmap now. */
+  /** Detach the ArrayBuffer (views become length 0) and munmap now; a no-op when already detached. TypeError unless from mmap(). */
   unmap(buf: ArrayBuffer): void;
   /** memfd_create(name, MFD_CLOEXEC) then ftruncate(size). */
   memfd(name: string, size: number): number;
@@ -53,8 +73,9 @@ export interface Addon {
   eventfd(initval: number): number;
   /** Read and clear the counter; 0 when it was 0 (EAGAIN). */
   eventfdRead(fd: number): number;
+  /** Add value (0 <= value < 2^53) to the counter; throws EAGAIN if it would overflow. */
   eventfdWrite(fd: number, value: number): void;
-  /** read(2) into buf[off..off+len): bytes read, 0 at EOF, -1 on EAGAIN. */
+  /** read(2) into buf[off..off+len) (len >= 1): bytes read, 0 at EOF, -1 on EAGAIN. */
   read(fd: number, buf: Uint8Array, off: number, len: number): number;
   /** write(2) of buf[off..off+len): bytes written or -1 on EAGAIN. */
   write(fd: number, buf: Uint8Array, off: number, len: number): number;
