@@ -33,4 +33,18 @@ export interface MemoryAccess {
   span(addr: number, len: number): MemorySpan | null;
   /** Record a write done through a span (dirty logging during migration). */
   markDirty(addr: number, len: number): void;
+  /**
+   * Throw MemoryError unless [addr, addr+len) is entirely mapped (crossing
+   * boundaries is fine). Touches and allocates nothing: the queues validate
+   * every descriptor with it. Optional: span() does the same job, with an
+   * allocation, when it is absent.
+   */
+  check?(addr: number, len: number): void;
+  /**
+   * Bumped whenever the mapping changes (regions added, removed, cleared), so
+   * that holders of views into spans (the queues) know to re-validate: a
+   * removed region's buffers are detached and views over them read nothing.
+   * Optional: memory that never changes need not provide it.
+   */
+  readonly generation?: number;
 }

@@ -1,5 +1,15 @@
-import type { MemoryAccess } from '../memory/memory-access';
-import type { DescriptorChain } from './chain';
+import { MemoryError, type MemoryAccess } from '../memory/memory-access';
+import type { ChainSegment, DescriptorChain } from './chain';
+import {
+  VIRTQUEUE_MAX_SIZE,
+  VRING_AVAIL_F_NO_INTERRUPT,
+  VRING_DESC_F_INDIRECT,
+  VRING_DESC_F_NEXT,
+  VRING_DESC_F_WRITE,
+  VRING_DESC_SIZE,
+  VRING_USED_ELEM_SIZE,
+  VRING_USED_F_NO_NOTIFY,
+} from './constants';
 
 /** A malformed ring or chain posted by the driver; the link marks the device NEEDS_RESET. */
 export class QueueError extends Error {
@@ -15,11 +25,34 @@ export interface QueueState {
   nextUsed: number;
 }
 
+// The rings are little endian and read through host-order typed arrays.
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+/** Descriptor addresses at or past 2^53 are not exact as doubles: no memory lives there. */
+const HI_LIMIT = 2 ** 21;
+const TWO_32 = 2 ** 32;
+
+/** vring_need_event: did the index move from old to next across event? (all mod 2^16) */
+export function vringNeedEvent(event: number, next: number, old: number): boolean {
+  return ((next - event - 1) & 0xffff) < ((next - old) & 0xffff);
+}
+
+function hex(n: number): string {
+  return '0x' + n.toString(16);
+}
+
+function isPowerOfTwo(n: number): boolean {
+  return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+}
+
 /**
  * Device side of a split virtqueue. Holds ring state only; the memory the rings
  * live in is passed to every operation (rust-vmm virtio-queue's lesson).
  *
- * CONTRACT (implementation pending): see the doc comment on each member.
+ * The link sets size, the three addresses, eventIdx and indirect, then calls
+ * activate(). Views into the rings are cached by activate(); if an operation is
+ * given another MemoryAccess, or the same one after its mapping changed
+ * (MemoryAccess.generation), the queue re-activates itself first, so stale
+ * views are never used. Little-endian hosts only.
  */
 export class SplitQueue {
   /** Queue size (power of two, 1..maxSize). */
@@ -37,45 +70,382 @@ export class SplitQueue {
   /** VIRTIO_F_RING_INDIRECT_DESC negotiated. */
   indirect = false;
 
-  constructor(readonly maxSize: number) {}
+  private mem: MemoryAccess | null = null;
+  private memGen: number | undefined = undefined;
+  /** eventIdx as of activate(): the views include the event fields only if it was set. */
+  private evActive = false;
+  /** Cached at activate(): sizes and views the data path uses without re-deriving. */
+  private qsize = 0;
+  private mask = 0;
+  private desc: Uint32Array = new Uint32Array(0);
+  private avail = new Uint16Array(0);
+  private usedU16 = new Uint16Array(0);
+  private usedU32 = new Uint32Array(0);
+  /** used.idx as last published by flush(). */
+  private publishedUsed = 0;
+  /** False until the first flush after activate: the driver's view of old used.idx is unknown. */
+  private publishedValid = false;
+  /** Last buffer an indirect table was read from, and a view over all of it. */
+  private indBuffer: ArrayBuffer | null = null;
+  private indView: Uint32Array = new Uint32Array(0);
 
-  /** Validate size, alignment and that all three rings lie in mem; cache views. Throws QueueError. */
-  activate(_mem: MemoryAccess): void {
-    throw new Error('not implemented');
+  constructor(readonly maxSize: number) {
+    if (!isPowerOfTwo(maxSize) || maxSize > VIRTQUEUE_MAX_SIZE) {
+      throw new RangeError(`maxSize must be a power of two <= ${VIRTQUEUE_MAX_SIZE}, got ${maxSize}`);
+    }
   }
 
-  /** Number of chains the driver has made available and we have not popped. Throws QueueError if avail.idx jumped by more than size. */
-  available(_mem: MemoryAccess): number {
-    throw new Error('not implemented');
+  /** True once activate() succeeded (and until reset()). */
+  get active(): boolean {
+    return this.mem !== null;
   }
 
-  /** Pop and validate the next chain (loops, out-of-memory addresses, over-long chains, bad indirect tables all throw QueueError), or null if none. */
-  pop(_mem: MemoryAccess): DescriptorChain | null {
-    throw new Error('not implemented');
+  /**
+   * Validate size, alignment and that all three rings lie in mem; cache views. Throws QueueError.
+   * Does not change nextAvail/nextUsed: a stopped queue resumes where it was
+   * (GET_VRING_BASE stops, it does not reset). The used_event / avail_event
+   * fields are required to be mapped only when eventIdx is set.
+   */
+  activate(mem: MemoryAccess): void {
+    if (!LITTLE_ENDIAN) throw new Error('SplitQueue needs a little-endian host');
+    this.mem = null;
+    const size = this.size;
+    if (!isPowerOfTwo(size) || size > this.maxSize) {
+      throw new QueueError(`queue size ${size} is not a power of two in [1, ${this.maxSize}]`);
+    }
+    if (!Number.isInteger(this.nextAvail) || this.nextAvail < 0 || this.nextAvail > 0xffff) {
+      throw new QueueError(`nextAvail ${this.nextAvail} is not a 16-bit index`);
+    }
+    if (!Number.isInteger(this.nextUsed) || this.nextUsed < 0 || this.nextUsed > 0xffff) {
+      throw new QueueError(`nextUsed ${this.nextUsed} is not a 16-bit index`);
+    }
+    const ev = this.eventIdx ? 2 : 0;
+    const descBytes = VRING_DESC_SIZE * size;
+    const availBytes = 4 + 2 * size + ev;
+    const usedBytes = 4 + VRING_USED_ELEM_SIZE * size + ev;
+    const d = ringSpan(mem, 'descriptor table', this.descAddr, descBytes, 16);
+    const a = ringSpan(mem, 'avail ring', this.availAddr, availBytes, 2);
+    const u = ringSpan(mem, 'used ring', this.usedAddr, usedBytes, 4);
+    this.desc = new Uint32Array(d.buffer, d.byteOffset, descBytes / 4);
+    this.avail = new Uint16Array(a.buffer, a.byteOffset, availBytes / 2);
+    this.usedU16 = new Uint16Array(u.buffer, u.byteOffset, usedBytes / 2);
+    // The u32 view stops before avail_event: its 2 bytes are not a whole u32 (the u16 view reaches it).
+    this.usedU32 = new Uint32Array(u.buffer, u.byteOffset, (4 + VRING_USED_ELEM_SIZE * size) / 4);
+    this.qsize = size;
+    this.mask = size - 1;
+    this.publishedUsed = this.nextUsed;
+    this.publishedValid = false;
+    this.indBuffer = null;
+    this.indView = new Uint32Array(0);
+    this.evActive = this.eventIdx;
+    this.mem = mem;
+    this.memGen = mem.generation;
+  }
+
+  /** Forget everything but maxSize (device reset). The queue must be activated again before use. */
+  reset(): void {
+    this.size = 0;
+    this.descAddr = 0;
+    this.availAddr = 0;
+    this.usedAddr = 0;
+    this.nextAvail = 0;
+    this.nextUsed = 0;
+    this.eventIdx = false;
+    this.indirect = false;
+    this.mem = null;
+    this.memGen = undefined;
+    this.qsize = 0;
+    this.desc = new Uint32Array(0);
+    this.avail = new Uint16Array(0);
+    this.usedU16 = new Uint16Array(0);
+    this.usedU32 = new Uint32Array(0);
+    this.indBuffer = null;
+    this.indView = new Uint32Array(0);
+  }
+
+  /**
+   * Set nextUsed from the used.idx in memory (what a back-end does when it
+   * (re)attaches to rings the driver has been using, as libvhost-user does on
+   * SET_VRING_ADDR). Returns the value read.
+   */
+  syncUsedFromRing(mem: MemoryAccess): number {
+    this.check(mem);
+    const idx = Atomics.load(this.usedU16, 1);
+    this.nextUsed = idx;
+    this.publishedUsed = idx;
+    this.publishedValid = false;
+    return idx;
+  }
+
+  /**
+   * Number of chains the driver has made available and we have not popped.
+   * Throws QueueError if avail.idx jumped by more than size.
+   */
+  available(mem: MemoryAccess): number {
+    this.check(mem);
+    return this.pending();
+  }
+
+  /**
+   * Pop and validate the next chain (loops, out-of-memory addresses, over-long
+   * chains, bad indirect tables all throw QueueError), or null if none.
+   * Zero-length descriptors carry no data and are left out of the chain.
+   */
+  pop(mem: MemoryAccess): DescriptorChain | null {
+    this.check(mem);
+    if (this.pending() === 0) return null;
+    const head = this.avail[2 + (this.nextAvail & this.mask)];
+    const chain = this.walk(mem, head);
+    // Advanced only on success: after a QueueError, state() still names the offending chain.
+    this.nextAvail = (this.nextAvail + 1) & 0xffff;
+    return chain;
   }
 
   /** Write a used element (not yet visible to the driver until flush). */
-  pushUsed(_mem: MemoryAccess, _head: number, _len: number): void {
-    throw new Error('not implemented');
+  pushUsed(mem: MemoryAccess, head: number, len: number): void {
+    this.check(mem);
+    if (!Number.isInteger(head) || head < 0 || head >= this.qsize) {
+      throw new RangeError(`used id ${head} outside queue of ${this.qsize}`);
+    }
+    if (!Number.isInteger(len) || len < 0 || len >= TWO_32) throw new RangeError(`used len ${len} is not a u32`);
+    const slot = this.nextUsed & this.mask;
+    this.usedU32[1 + 2 * slot] = head;
+    this.usedU32[2 + 2 * slot] = len;
+    mem.markDirty(this.usedAddr + 4 + VRING_USED_ELEM_SIZE * slot, VRING_USED_ELEM_SIZE);
+    this.nextUsed = (this.nextUsed + 1) & 0xffff;
   }
 
   /** Publish used.idx; returns true if the driver wants an interrupt (EVENT_IDX / NO_INTERRUPT honoured). */
-  flush(_mem: MemoryAccess): boolean {
-    throw new Error('not implemented');
+  flush(mem: MemoryAccess): boolean {
+    this.check(mem);
+    const next = this.nextUsed;
+    const old = this.publishedUsed;
+    if (next === old && this.publishedValid) return false;
+    // Atomics.store is sequentially consistent: the used elements are visible
+    // before the index, and the index before we read the driver's suppression
+    // fields below (the store->load fence the notification race needs).
+    Atomics.store(this.usedU16, 1, next);
+    mem.markDirty(this.usedAddr + 2, 2);
+    this.publishedUsed = next;
+    if (next === old) return false;
+    const valid = this.publishedValid;
+    this.publishedValid = true;
+    if (this.evActive) {
+      // Without a known previous index we cannot tell whether used_event was crossed: notify.
+      if (!valid) return true;
+      const usedEvent = Atomics.load(this.avail, 2 + this.qsize);
+      return vringNeedEvent(usedEvent, next, old);
+    }
+    return (Atomics.load(this.avail, 0) & VRING_AVAIL_F_NO_INTERRUPT) === 0;
   }
 
   /** Ask the driver not to kick (used.flags NO_NOTIFY, or avail_event under EVENT_IDX). */
-  disableNotification(_mem: MemoryAccess): void {
-    throw new Error('not implemented');
+  disableNotification(mem: MemoryAccess): void {
+    this.check(mem);
+    // Under EVENT_IDX there is nothing to write: avail_event stays where
+    // enableNotification() put it, the driver kicks once when crossing it and
+    // then no more until we move it again (the driver ignores used.flags then).
+    if (this.evActive) return;
+    Atomics.store(this.usedU16, 0, VRING_USED_F_NO_NOTIFY);
+    mem.markDirty(this.usedAddr, 2);
   }
 
   /** Ask for kicks again; returns true if chains arrived meanwhile (caller must drain again). */
-  enableNotification(_mem: MemoryAccess): boolean {
-    throw new Error('not implemented');
+  enableNotification(mem: MemoryAccess): boolean {
+    this.check(mem);
+    if (this.evActive) {
+      Atomics.store(this.usedU16, 2 + 4 * this.qsize, this.nextAvail);
+      mem.markDirty(this.usedAddr + 4 + VRING_USED_ELEM_SIZE * this.qsize, 2);
+    } else {
+      Atomics.store(this.usedU16, 0, 0);
+      mem.markDirty(this.usedAddr, 2);
+    }
+    // The store above is the fence: a chain posted before the driver could see
+    // it is caught here, one posted after will be kicked.
+    return this.pending() > 0;
   }
 
   /** Ring position for GET_VRING_BASE / save; does not touch memory. */
   state(): QueueState {
     return { nextAvail: this.nextAvail, nextUsed: this.nextUsed };
   }
+
+  private check(mem: MemoryAccess): void {
+    if (mem === this.mem && mem.generation === this.memGen && this.eventIdx === this.evActive) return;
+    if (this.mem === null && this.memGen === undefined && this.qsize === 0) {
+      throw new Error('SplitQueue used before activate()');
+    }
+    this.activate(mem);
+  }
+
+  private pending(): number {
+    const n = (Atomics.load(this.avail, 1) - this.nextAvail) & 0xffff;
+    if (n > this.qsize) {
+      throw new QueueError(
+        `avail.idx ${this.avail[1]} is ${n} ahead of the next avail index ${this.nextAvail} (queue size ${this.qsize})`,
+      );
+    }
+    return n;
+  }
+
+  private walk(mem: MemoryAccess, head: number): DescriptorChain {
+    const size = this.qsize;
+    if (head >= size) throw new QueueError(`avail ring names head ${head} outside queue of ${size}`);
+    const readable: ChainSegment[] = [];
+    const writable: ChainSegment[] = [];
+    let readableLen = 0;
+    let writableLen = 0;
+    // Descriptors are read from `table` at word index `base + 4 * i`; each field once,
+    // into locals, so a driver rewriting the table under us cannot change what we checked.
+    let table: Uint32Array = this.desc;
+    let base = 0;
+    let limit = size;
+    let inIndirect = false;
+    let idx = head;
+    let count = 0;
+    for (;;) {
+      if (++count > limit) {
+        throw chainError(inIndirect, idx, head, `chain longer than ${limit} descriptors (loop?)`);
+      }
+      const w = base + 4 * idx;
+      const lo = table[w];
+      const hi = table[w + 1];
+      const len = table[w + 2];
+      const fn = table[w + 3];
+      const flags = fn & 0xffff;
+      const next = fn >>> 16;
+
+      if ((flags & VRING_DESC_F_INDIRECT) !== 0) {
+        if (inIndirect) throw chainError(inIndirect, idx, head, `nested indirect descriptor`);
+        if (!this.indirect) {
+          throw chainError(inIndirect, idx, head, `indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC`);
+        }
+        if ((flags & VRING_DESC_F_NEXT) !== 0) throw chainError(inIndirect, idx, head, `INDIRECT together with NEXT`);
+        if (len === 0 || len % VRING_DESC_SIZE !== 0) {
+          throw chainError(inIndirect, idx, head, `indirect table length ${len} is not a non-zero multiple of 16`);
+        }
+        const entries = len / VRING_DESC_SIZE;
+        if (entries > VIRTQUEUE_MAX_SIZE) {
+          throw chainError(inIndirect, idx, head, `indirect table of ${entries} entries (max ${VIRTQUEUE_MAX_SIZE})`);
+        }
+        if (hi >= HI_LIMIT) throw chainError(inIndirect, idx, head, `indirect table address beyond 2^53`);
+        const addr = lo + hi * TWO_32;
+        const t = this.indirectTable(mem, addr, len, head, idx);
+        table = t.view;
+        base = t.base;
+        limit = entries;
+        inIndirect = true;
+        idx = 0;
+        count = 0;
+        continue;
+      }
+
+      if (len !== 0) {
+        if (hi >= HI_LIMIT) throw chainError(inIndirect, idx, head, `buffer address beyond 2^53`);
+        const addr = lo + hi * TWO_32;
+        checkMapped(mem, addr, len, inIndirect, idx, head);
+        if ((flags & VRING_DESC_F_WRITE) !== 0) {
+          writable.push({ addr, len });
+          writableLen += len;
+        } else {
+          if (writable.length !== 0) {
+            throw chainError(inIndirect, idx, head, `device-readable buffer after a writable one`);
+          }
+          readable.push({ addr, len });
+          readableLen += len;
+        }
+      }
+
+      if ((flags & VRING_DESC_F_NEXT) === 0) break;
+      if (next >= limit) {
+        const where = inIndirect ? 'indirect table' : 'queue';
+        throw chainError(inIndirect, idx, head, `next ${next} outside ${where} of ${limit}`);
+      }
+      idx = next;
+    }
+    return { head, readable, writable, readableLen, writableLen };
+  }
+
+  /** A view to read an indirect table from, validated to lie inside memory. */
+  private indirectTable(
+    mem: MemoryAccess,
+    addr: number,
+    len: number,
+    head: number,
+    idx: number,
+  ): { view: Uint32Array; base: number } {
+    let span;
+    try {
+      span = mem.span(addr, len);
+    } catch (e) {
+      if (e instanceof MemoryError) {
+        throw chainError(false, idx, head, `indirect table [${hex(addr)}, +${len}) outside memory: ${e.message}`);
+      }
+      throw e;
+    }
+    if (span !== null && span.byteOffset % 4 === 0) {
+      if (span.buffer !== this.indBuffer) {
+        this.indBuffer = span.buffer;
+        this.indView = new Uint32Array(span.buffer, 0, Math.floor(span.buffer.byteLength / 4));
+      }
+      return { view: this.indView, base: span.byteOffset / 4 };
+    }
+    // Crossing a boundary (or misaligned in host memory): work on a private copy,
+    // which also freezes the table against concurrent rewrites.
+    const copy = new Uint32Array(len / 4);
+    mem.read(addr, new Uint8Array(copy.buffer), 0, len);
+    return { view: copy, base: 0 };
+  }
+}
+
+/** Built only on the error path: the message strings would cost more than the walk itself. */
+function chainError(inIndirect: boolean, idx: number, head: number, msg: string): QueueError {
+  return new QueueError(`${inIndirect ? 'indirect ' : ''}descriptor ${idx} of chain ${head}: ${msg}`);
+}
+
+/** Validation only: span() (the fallback) throws for unmapped ranges and returns null for mapped ones that cross. */
+function checkMapped(
+  mem: MemoryAccess,
+  addr: number,
+  len: number,
+  inIndirect: boolean,
+  idx: number,
+  head: number,
+): void {
+  try {
+    if (mem.check !== undefined) mem.check(addr, len);
+    else mem.span(addr, len);
+  } catch (e) {
+    if (e instanceof MemoryError) {
+      throw chainError(inIndirect, idx, head, `buffer [${hex(addr)}, +${len}) outside memory: ${e.message}`);
+    }
+    throw e;
+  }
+}
+
+function ringSpan(
+  mem: MemoryAccess,
+  what: string,
+  addr: number,
+  len: number,
+  align: number,
+): { buffer: ArrayBuffer; byteOffset: number } {
+  if (!Number.isSafeInteger(addr) || addr < 0) throw new QueueError(`${what} address ${addr} is invalid`);
+  if (addr % align !== 0) throw new QueueError(`${what} address ${hex(addr)} is not ${align}-byte aligned`);
+  let span;
+  try {
+    span = mem.span(addr, len);
+  } catch (e) {
+    if (e instanceof MemoryError) throw new QueueError(`${what} [${hex(addr)}, +${len}) outside memory: ${e.message}`);
+    throw e;
+  }
+  if (span === null) {
+    throw new QueueError(`${what} [${hex(addr)}, +${len}) crosses a memory region or window boundary`);
+  }
+  // Guest alignment does not imply host alignment if a region starts at an odd
+  // offset of its buffer; typed-array views need the latter.
+  if (span.byteOffset % align !== 0) {
+    throw new QueueError(`${what} at ${hex(addr)} is not ${align}-byte aligned in host memory`);
+  }
+  return span;
 }

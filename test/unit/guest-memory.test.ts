@@ -1,0 +1,318 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { GuestMemory, type GuestMemoryOptions } from '../../src/memory/guest-memory';
+import { MemoryError } from '../../src/memory/memory-access';
+
+const KIB = 1024;
+
+/** Regions back to back over one buffer each, mapped through the callback as vhost-user would. */
+function twoRegions(opts: GuestMemoryOptions = {}, gap = 0): { mem: GuestMemory; a: ArrayBuffer; b: ArrayBuffer } {
+  const mem = new GuestMemory(opts);
+  const a = new ArrayBuffer(64 * KIB);
+  const b = new ArrayBuffer(64 * KIB);
+  mem.addRegion({ guestAddr: 0x10000, size: a.byteLength, userAddr: 0x7f0000000000, mmapOffset: 0 }, (off) => ({
+    buffer: a,
+    byteOffset: off,
+  }));
+  mem.addRegion(
+    { guestAddr: 0x20000 + gap, size: b.byteLength, userAddr: 0x7f0000100000, mmapOffset: 0x10000 },
+    (off) => ({ buffer: b, byteOffset: off }),
+  );
+  return { mem, a, b };
+}
+
+function pattern(n: number, seed = 1): Uint8Array {
+  const out = new Uint8Array(n);
+  for (let i = 0; i < n; i++) out[i] = (i * 31 + seed) & 0xff;
+  return out;
+}
+
+test('fromBuffer: read, write and span share the buffer', () => {
+  const buf = new ArrayBuffer(8192);
+  const mem = GuestMemory.fromBuffer(2 ** 32, buf);
+  mem.write(2 ** 32 + 100, pattern(50), 0, 50);
+  assert.deepEqual(new Uint8Array(buf, 100, 50), pattern(50));
+  const out = new Uint8Array(60);
+  mem.read(2 ** 32 + 100, out, 10, 50);
+  assert.deepEqual(out.subarray(10), pattern(50));
+  const s = mem.span(2 ** 32 + 4000, 100);
+  assert.ok(s !== null);
+  assert.equal(s.buffer, buf);
+  assert.equal(s.byteOffset, 4000);
+  assert.deepEqual(mem.regions, [{ guestAddr: 2 ** 32, size: 8192, userAddr: 2 ** 32, mmapOffset: 0 }]);
+});
+
+test('a range crossing two adjacent regions is read and written piecewise; span is null', () => {
+  const { mem, a, b } = twoRegions();
+  const data = pattern(300, 7);
+  mem.write(0x20000 - 100, data, 0, 300);
+  assert.deepEqual(new Uint8Array(a, a.byteLength - 100), data.subarray(0, 100));
+  assert.deepEqual(new Uint8Array(b, 0, 200), data.subarray(100));
+  const out = new Uint8Array(300);
+  mem.read(0x20000 - 100, out, 0, 300);
+  assert.deepEqual(out, data);
+  assert.equal(mem.span(0x20000 - 100, 300), null);
+  assert.ok(mem.span(0x20000, 300) !== null);
+  assert.equal(mem.contains(0x10000, 128 * KIB), true);
+  assert.equal(mem.contains(0x10000, 128 * KIB + 1), false);
+  mem.check(0x20000 - 100, 300);
+  assert.throws(() => mem.check(0x30000 - 1, 2), MemoryError);
+});
+
+test('a range over a gap between regions throws and writes nothing', () => {
+  const { mem, a } = twoRegions({}, 0x1000);
+  assert.throws(() => mem.write(0x20000 - 10, pattern(20), 0, 20), MemoryError);
+  assert.deepEqual(new Uint8Array(a, a.byteLength - 10), new Uint8Array(10));
+  assert.throws(() => mem.read(0x20000 - 10, new Uint8Array(20), 0, 20), MemoryError);
+  assert.throws(() => mem.span(0x20000 - 10, 20), MemoryError);
+  assert.throws(() => mem.span(0x20000, 1), MemoryError);
+  assert.throws(() => mem.read(0x30000 + 0x1000, new Uint8Array(1), 0, 1), MemoryError);
+  assert.throws(() => mem.read(0, new Uint8Array(1), 0, 1), MemoryError);
+});
+
+test('windows: map is called per window; accesses cross window boundaries', () => {
+  const calls: [number, number][] = [];
+  const mem = new GuestMemory({ windowSize: 4096, windowStride: 4096 });
+  // Separate buffers per window, as separate mmaps would be.
+  const backing = new Uint8Array(10000);
+  const windows: Uint8Array[] = [];
+  mem.addRegion({ guestAddr: 0x100000, size: 10000, userAddr: 0, mmapOffset: 0 }, (off, size) => {
+    calls.push([off, size]);
+    const w = new Uint8Array(size);
+    windows.push(w);
+    return w.buffer;
+  });
+  assert.deepEqual(calls, [
+    [0, 4096],
+    [4096, 4096],
+    [8192, 1808],
+  ]);
+  const data = pattern(6000, 3);
+  mem.write(0x100000 + 2000, data, 0, 6000);
+  backing.set(data, 2000);
+  assert.deepEqual(windows[0].subarray(2000), backing.subarray(2000, 4096));
+  assert.deepEqual(windows[1], backing.subarray(4096, 8192));
+  assert.ok(windows[2].every((b) => b === 0));
+  const out = new Uint8Array(6000);
+  mem.read(0x100000 + 2000, out, 0, 6000);
+  assert.deepEqual(out, data);
+  assert.equal(mem.span(0x100000 + 4090, 10), null);
+  const s = mem.span(0x100000 + 4096 + 10, 10);
+  assert.ok(s !== null);
+  assert.equal(s.buffer, windows[1].buffer);
+  assert.equal(s.byteOffset, 10);
+  // The last byte of the region is reachable, one past it is not.
+  mem.write(0x100000 + 9999, new Uint8Array([0xab]), 0, 1);
+  assert.equal(windows[2][1807], 0xab);
+  assert.throws(() => mem.write(0x100000 + 9999, new Uint8Array(2), 0, 2), MemoryError);
+});
+
+test('overlapping windows: ranges up to the overlap never straddle', () => {
+  const calls: [number, number][] = [];
+  const buf = new ArrayBuffer(10000);
+  const mem = new GuestMemory({ windowSize: 8192, windowStride: 4096 });
+  mem.addRegion({ guestAddr: 0, size: 10000, userAddr: 0, mmapOffset: 0 }, (off, size) => {
+    calls.push([off, size]);
+    return { buffer: buf, byteOffset: off };
+  });
+  assert.deepEqual(calls, [
+    [0, 8192],
+    [4096, 5904],
+  ]);
+  for (const addr of [0, 4000, 4095, 4096, 6000, 8100, 9000]) {
+    const len = Math.min(4096, 10000 - addr);
+    const s = mem.span(addr, len);
+    assert.ok(s !== null, `span at ${addr}`);
+    assert.equal(s.byteOffset, addr);
+  }
+  // Coherent whichever window a write went through.
+  mem.write(4100, pattern(10), 0, 10);
+  const out = new Uint8Array(10);
+  mem.read(4100, out, 0, 10);
+  assert.deepEqual(out, pattern(10));
+});
+
+test('default windows are 2 GiB every 1 GiB', () => {
+  const calls: [number, number][] = [];
+  const mem = new GuestMemory();
+  // One lazily committed 2 GiB buffer stands in for every window: only the arithmetic is under test.
+  const big = new ArrayBuffer(2 ** 31);
+  mem.addRegion({ guestAddr: 2 ** 32, size: 5 * 2 ** 30, userAddr: 0, mmapOffset: 0 }, (off, size) => {
+    calls.push([off, size]);
+    return big;
+  });
+  assert.deepEqual(calls, [
+    [0, 2 ** 31],
+    [2 ** 30, 2 ** 31],
+    [2 ** 31, 2 ** 31],
+    [3 * 2 ** 30, 2 ** 31],
+  ]);
+  // Offsets inside a window stay below 2^31; any range of up to 1 GiB has a span.
+  const s = mem.span(2 ** 32 + 2 ** 31 - 8, 16);
+  assert.ok(s !== null);
+  assert.equal(s.byteOffset, 2 ** 30 - 8);
+  const t = mem.span(2 ** 32 + 5 * 2 ** 30 - 16, 16);
+  assert.ok(t !== null);
+  assert.equal(t.byteOffset, 2 ** 31 - 16);
+  assert.throws(() => new GuestMemory({ windowSize: 2 ** 31 + 4096 }), RangeError);
+  assert.throws(() => new GuestMemory({ windowSize: 8192, windowStride: 12288 }), RangeError);
+  assert.throws(() => new GuestMemory({ windowSize: 1000 }), RangeError);
+});
+
+test('addRegion rejects overlap, size 0, overflow and bad numbers', () => {
+  const { mem } = twoRegions();
+  const map = (): ArrayBuffer => new ArrayBuffer(0x20000);
+  assert.throws(
+    () => mem.addRegion({ guestAddr: 0x1f000, size: 0x2000, userAddr: 0, mmapOffset: 0 }, map),
+    (e: unknown) => e instanceof MemoryError && /overlaps/.test(e.message),
+  );
+  assert.throws(() => mem.addRegion({ guestAddr: 0x0, size: 0x10001, userAddr: 0, mmapOffset: 0 }, map), /overlaps/);
+  assert.throws(() => mem.addRegion({ guestAddr: 0x8000, size: 0x20000, userAddr: 0, mmapOffset: 0 }, map), /overlaps/);
+  assert.throws(() => mem.addRegion({ guestAddr: 0x100000, size: 0, userAddr: 0, mmapOffset: 0 }, map), /size 0/);
+  assert.throws(
+    () => mem.addRegion({ guestAddr: 2 ** 53 - 0x1000, size: 0x2000, userAddr: 0, mmapOffset: 0 }, map),
+    MemoryError,
+  );
+  assert.throws(() => mem.addRegion({ guestAddr: -4096, size: 0x1000, userAddr: 0, mmapOffset: 0 }, map), MemoryError);
+  assert.throws(() => mem.addRegion({ guestAddr: 0.5, size: 0x1000, userAddr: 0, mmapOffset: 0 }, map), MemoryError);
+  // Adjacent (touching) regions are fine.
+  mem.addRegion({ guestAddr: 0x30000, size: 0x1000, userAddr: 0, mmapOffset: 0 }, map);
+  assert.equal(mem.regions.length, 3);
+});
+
+test('a map callback returning too small a buffer, or throwing, leaves nothing mapped', () => {
+  const mem = new GuestMemory({ windowSize: 4096, windowStride: 4096 });
+  const unmapped: ArrayBuffer[] = [];
+  let n = 0;
+  assert.throws(
+    () =>
+      mem.addRegion(
+        { guestAddr: 0, size: 3 * 4096, userAddr: 0, mmapOffset: 0 },
+        (_off, size) => {
+          if (++n === 3) throw new Error('mmap failed');
+          return new ArrayBuffer(size);
+        },
+        (b) => unmapped.push(b),
+      ),
+    /mmap failed/,
+  );
+  assert.equal(unmapped.length, 2);
+  assert.equal(mem.regions.length, 0);
+  assert.throws(
+    () => mem.addRegion({ guestAddr: 0, size: 4096, userAddr: 0, mmapOffset: 0 }, () => new ArrayBuffer(100)),
+    /too small/,
+  );
+  assert.equal(mem.regions.length, 0);
+});
+
+test('removeRegion matches guestAddr, size and userAddr; unmaps each buffer once; clear unmaps all', () => {
+  const mem = new GuestMemory({ windowSize: 8192, windowStride: 4096 });
+  const unmapped: ArrayBuffer[] = [];
+  const shared = new ArrayBuffer(16384);
+  mem.addRegion(
+    { guestAddr: 0, size: 16384, userAddr: 0x1000000, mmapOffset: 0 },
+    (off) => ({ buffer: shared, byteOffset: off }),
+    (b) => unmapped.push(b),
+  );
+  mem.addRegion(
+    { guestAddr: 0x100000, size: 4096, userAddr: 0x2000000, mmapOffset: 0 },
+    (_o, s) => new ArrayBuffer(s),
+    (b) => unmapped.push(b),
+  );
+  const g0 = mem.generation;
+  assert.throws(() => mem.removeRegion(0, 16384, 0x1000001), MemoryError);
+  assert.throws(() => mem.removeRegion(0, 8192, 0x1000000), MemoryError);
+  assert.equal(mem.span(100, 10)?.buffer, shared);
+  const removed = mem.removeRegion(0, 16384, 0x1000000);
+  assert.equal(removed.guestAddr, 0);
+  assert.deepEqual(unmapped, [shared]);
+  assert.ok(mem.generation > g0);
+  // The cached last window must not survive removal.
+  assert.throws(() => mem.span(100, 10), MemoryError);
+  assert.ok(mem.span(0x100000, 10) !== null);
+  mem.clear();
+  assert.equal(unmapped.length, 2);
+  assert.equal(mem.regions.length, 0);
+  assert.throws(() => mem.span(0x100000, 10), MemoryError);
+});
+
+test('userToGuest translates front-end virtual addresses inside one region', () => {
+  const { mem } = twoRegions();
+  assert.equal(mem.userToGuest(0x7f0000000000, 16), 0x10000);
+  assert.equal(mem.userToGuest(0x7f0000000000 + 0x100, 0x1000), 0x10100);
+  assert.equal(mem.userToGuest(0x7f0000100000 + 0xfff0, 16), 0x2fff0);
+  // Adjacent in guest space does not make a user range valid across regions.
+  assert.throws(() => mem.userToGuest(0x7f0000000000 + 0xfff0, 32), MemoryError);
+  assert.throws(() => mem.userToGuest(0x1000, 1), MemoryError);
+});
+
+test('dirty log: write and markDirty set one bit per 4 KiB page of guest-physical address', () => {
+  const base = 2 ** 32 + 0x10000;
+  const mem = GuestMemory.fromBuffer(base, new ArrayBuffer(1024 * KIB));
+  const log = new Uint8Array(Math.ceil((base + 1024 * KIB) / 4096 / 8));
+  mem.write(base, new Uint8Array(1), 0, 1);
+  assert.ok(log.every((b) => b === 0), 'nothing logged without a log');
+  mem.setDirtyLog(log);
+  const page = (addr: number): boolean => {
+    const p = Math.floor(addr / 4096);
+    return (log[Math.floor(p / 8)] & (1 << p % 8)) !== 0;
+  };
+  mem.write(base + 4096 - 2, new Uint8Array(4), 0, 4);
+  assert.ok(page(base) && page(base + 4096));
+  assert.ok(!page(base + 8192));
+  mem.markDirty(base + 20 * 4096 + 5, 1);
+  assert.ok(page(base + 20 * 4096));
+  assert.ok(!page(base + 19 * 4096) && !page(base + 21 * 4096));
+  // A long write covers whole log bytes.
+  mem.write(base + 30 * 4096, new Uint8Array(40 * 4096), 0, 40 * 4096);
+  for (let p = 30; p < 70; p++) assert.ok(page(base + p * 4096), `page ${p}`);
+  assert.ok(!page(base + 29 * 4096) && !page(base + 70 * 4096));
+  // The bits land where the frontend expects them for addresses above 4 GiB.
+  const p0 = Math.floor(base / 4096);
+  assert.equal(log[Math.floor(p0 / 8)] & (1 << p0 % 8), 1 << p0 % 8);
+  // Writes through a span are not logged until markDirty.
+  const before = log.slice();
+  const s = mem.span(base + 100 * 4096, 8);
+  assert.ok(s !== null);
+  new Uint8Array(s.buffer, s.byteOffset, 8).fill(1);
+  assert.deepEqual(log, before);
+  assert.throws(() => mem.markDirty(base - 1, 2), MemoryError);
+  mem.setDirtyLog(null);
+  mem.write(base + 200 * 4096, new Uint8Array(1), 0, 1);
+  assert.ok(!page(base + 200 * 4096));
+});
+
+test('dirty log too small: the write is refused before touching memory', () => {
+  const buf = new ArrayBuffer(64 * KIB);
+  const mem = GuestMemory.fromBuffer(0, buf);
+  mem.setDirtyLog(new Uint8Array(1)); // covers pages 0..7 (32 KiB)
+  mem.write(32 * KIB - 1, new Uint8Array([9]), 0, 1);
+  assert.throws(() => mem.write(32 * KIB - 1, new Uint8Array([7, 7]), 0, 2), /dirty log/);
+  assert.equal(new Uint8Array(buf)[32 * KIB - 1], 9);
+  assert.equal(new Uint8Array(buf)[32 * KIB], 0);
+  assert.throws(() => mem.markDirty(40 * KIB, 1), /dirty log/);
+});
+
+test('argument validation: bad addresses are MemoryError, bad local buffers RangeError', () => {
+  const mem = GuestMemory.fromBuffer(0x1000, new ArrayBuffer(4096));
+  const b = new Uint8Array(16);
+  for (const addr of [-1, 0.5, NaN, Infinity, 2 ** 53]) {
+    assert.throws(() => mem.read(addr, b, 0, 4), MemoryError, `read ${addr}`);
+    assert.throws(() => mem.write(addr, b, 0, 4), MemoryError, `write ${addr}`);
+    assert.throws(() => mem.span(addr, 4), MemoryError, `span ${addr}`);
+    assert.throws(() => mem.markDirty(addr, 4), MemoryError, `markDirty ${addr}`);
+  }
+  // Warm the cached window, then try lengths the fast path must not accept.
+  mem.read(0x1000, b, 0, 4);
+  for (const len of [-1, 0.5, NaN, 2 ** 31, 2 ** 32]) {
+    assert.throws(() => mem.span(0x1000, len), MemoryError, `span len ${len}`);
+  }
+  assert.throws(() => mem.read(0x1000, b, 10, 10), RangeError);
+  assert.throws(() => mem.write(0x1000, b, -1, 4), RangeError);
+  // Zero-length accesses are no-ops wherever they point.
+  mem.read(0x9999999, b, 0, 0);
+  mem.write(0, b, 16, 0);
+  // span of nothing still needs a mapped address.
+  assert.ok(mem.span(0x1000, 0) !== null);
+  assert.throws(() => mem.span(0x2000, 0), MemoryError);
+});
