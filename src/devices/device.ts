@@ -7,9 +7,9 @@ export interface QueueStats {
   descriptors: number;
   /** Payload bytes moved (excluding virtio headers). */
   bytes: number;
-  /** Kicks received from the driver. */
+  /** Kicks received from the driver (bumped by the device in kick(), so links must not count them too). */
   kicks: number;
-  /** Interrupts (call eventfd writes) sent to the driver. */
+  /** Interrupts (call eventfd writes) sent to the driver (bumped by the link in notify()). */
   interrupts: number;
   /** Packets dropped for lack of RX buffers (net) or requests failed (blk). */
   drops: number;
@@ -59,7 +59,11 @@ export interface VirtioDevice {
   writeConfig(offset: number, data: Uint8Array): void;
   /** The queue is ready (addresses set, enabled): buffers may be processed from now on. */
   startQueue(q: DeviceQueue): void;
-  /** Stop using the queue; after return the device holds no chain of it. */
+  /**
+   * Stop using the queue; after return the device holds no chain of it. A device
+   * may step queue.nextAvail back to return chains it popped but never used, so
+   * read queue.state() (GET_VRING_BASE) after this call, not before.
+   */
   stopQueue(index: number): void;
   /** The driver kicked queue `index` (the queue was started). */
   kick(index: number): void;

@@ -1,0 +1,352 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { BlkDevice, type BlkDeviceOptions } from '../../src/devices/blk/blk-device';
+import { RawFile } from '../../src/devices/blk/raw-file';
+import { newQueueStats, type DeviceQueue } from '../../src/devices/device';
+import { GuestMemory } from '../../src/memory/guest-memory';
+import {
+  BLK_F_BLK_SIZE,
+  BLK_F_DISCARD,
+  BLK_F_FLUSH,
+  BLK_F_MQ,
+  BLK_F_RO,
+  BLK_F_SEG_MAX,
+  BLK_F_SIZE_MAX,
+  BLK_F_WRITE_ZEROES,
+  BLK_S_IOERR,
+  BLK_S_OK,
+  BLK_S_UNSUPP,
+  BLK_T_DISCARD,
+  BLK_T_FLUSH,
+  BLK_T_GET_ID,
+  BLK_T_IN,
+  BLK_T_OUT,
+  BLK_T_WRITE_ZEROES,
+  F_RING_EVENT_IDX,
+  F_RING_INDIRECT_DESC,
+  F_VERSION_1,
+  hasFeature,
+} from '../../src/virtio/constants';
+import { MockDriver, type SegmentSpec } from '../../src/virtio/mock-driver';
+
+const DISK = 1 << 20;
+
+function tempDisk(): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blk-'));
+  const file = path.join(dir, 'disk.img');
+  const data = new Uint8Array(DISK);
+  for (let i = 0; i < DISK; i++) data[i] = (i * 31 + (i >> 9)) & 0xff;
+  fs.writeFileSync(file, data);
+  return file;
+}
+
+function fileBytes(file: string, pos: number, len: number): Uint8Array {
+  return new Uint8Array(fs.readFileSync(file).subarray(pos, pos + len));
+}
+
+interface Rig {
+  dev: BlkDevice;
+  driver: MockDriver;
+  mem: GuestMemory;
+  dq: DeviceQueue;
+  file: string;
+  fatal: Error[];
+}
+
+function rig(opts: Partial<BlkDeviceOptions> = {}, mock?: { mem: GuestMemory; driver: MockDriver }): Rig {
+  const file = opts.file ?? tempDisk();
+  const dev = new BlkDevice({ name: 'blk-test', ...opts, file });
+  dev.setFeatures(dev.features());
+  const m = mock ?? MockDriver.create({ size: 64, indirect: true });
+  const queue = m.driver.newQueue({ indirect: true });
+  const stats = newQueueStats();
+  const dq: DeviceQueue = {
+    index: 0,
+    queue,
+    mem: m.mem,
+    stats,
+    notify() {
+      if (queue.flush(m.mem)) stats.interrupts++;
+    },
+  };
+  dev.startQueue(dq);
+  const fatal: Error[] = [];
+  dev.onFatal = (e) => fatal.push(e);
+  return { dev, driver: m.driver, mem: m.mem, dq, file: typeof file === 'string' ? file : file.path, fatal };
+}
+
+function header(type: number, sector: number): Uint8Array {
+  const h = new Uint8Array(16);
+  const dv = new DataView(h.buffer);
+  dv.setUint32(0, type, true);
+  dv.setUint32(8, sector % 2 ** 32, true);
+  dv.setUint32(12, Math.floor(sector / 2 ** 32), true);
+  return h;
+}
+
+interface Done {
+  status: number;
+  len: number;
+  /** Bytes of the writable data segments (status excluded). */
+  data: Uint8Array;
+}
+
+/** Post one request, kick, collect it. `inSegs` are the lengths of writable data segments. */
+function run(r: Rig, type: number, sector: number, o: { out?: Uint8Array[]; inSegs?: number[]; indirect?: boolean } = {}): Done {
+  const segs: SegmentSpec[] = [{ data: header(type, sector) }];
+  for (const d of o.out ?? []) segs.push({ data: d });
+  for (const n of o.inSegs ?? []) segs.push({ writable: true, len: n });
+  segs.push({ writable: true, len: 1 });
+  r.driver.addChain(segs, { indirect: o.indirect });
+  r.dev.kick(0);
+  const u = r.driver.popUsed();
+  assert.ok(u !== null, 'request completed');
+  const posted = u.segments ?? [];
+  const w = posted.filter((s) => s.writable);
+  const status = r.driver.readBytes(w[w.length - 1].addr, 1)[0];
+  const total = w.slice(0, -1).reduce((n, s) => n + s.len, 0);
+  const data = new Uint8Array(total);
+  let pos = 0;
+  for (const s of w.slice(0, -1)) {
+    data.set(r.driver.readBytes(s.addr, s.len), pos);
+    pos += s.len;
+  }
+  return { status, len: u.len, data };
+}
+
+function dwz(segs: [number, number, number][]): Uint8Array {
+  const b = new Uint8Array(16 * segs.length);
+  const dv = new DataView(b.buffer);
+  segs.forEach(([sector, n, flags], i) => {
+    dv.setUint32(16 * i, sector % 2 ** 32, true);
+    dv.setUint32(16 * i + 4, Math.floor(sector / 2 ** 32), true);
+    dv.setUint32(16 * i + 8, n, true);
+    dv.setUint32(16 * i + 12, flags, true);
+  });
+  return b;
+}
+
+test('features and config space follow virtio 1.2 §5.2.4', () => {
+  const r = rig({ numQueues: 2, queueSize: 128 });
+  const f = r.dev.features();
+  for (const b of [F_VERSION_1, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, BLK_F_SEG_MAX, BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_DISCARD, BLK_F_WRITE_ZEROES, BLK_F_MQ]) {
+    assert.ok(hasFeature(f, b), `bit ${b}`);
+  }
+  assert.ok(!hasFeature(f, BLK_F_RO));
+  assert.ok(!hasFeature(f, BLK_F_SIZE_MAX));
+  const cfg = new DataView(r.dev.readConfig(0, 60).buffer);
+  assert.equal(cfg.getUint32(0, true) + cfg.getUint32(4, true) * 2 ** 32, DISK / 512, 'capacity');
+  assert.equal(cfg.getUint32(12, true), 126, 'seg_max');
+  assert.equal(cfg.getUint32(20, true), 512, 'blk_size');
+  assert.equal(cfg.getUint16(34, true), 2, 'num_queues');
+  assert.equal(cfg.getUint32(36, true), 0x3fffff, 'max_discard_sectors');
+  assert.equal(cfg.getUint32(40, true), 32, 'max_discard_seg');
+  assert.equal(cfg.getUint32(44, true), 1, 'discard_sector_alignment');
+  assert.equal(cfg.getUint32(48, true), 32768, 'max_write_zeroes_sectors');
+  assert.equal(cfg.getUint32(52, true), 1, 'max_write_zeroes_seg');
+  assert.equal(cfg.getUint8(56), 0, 'write_zeroes_may_unmap');
+  assert.deepEqual([...r.dev.readConfig(34, 2)], [2, 0]);
+  assert.equal(r.dev.maxQueues, 2);
+
+  const big = rig({ blockSize: 4096, sizeMax: 65536 });
+  const c2 = new DataView(big.dev.readConfig(0, 60).buffer);
+  assert.equal(c2.getUint32(20, true), 4096);
+  assert.equal(c2.getUint32(8, true), 65536);
+  assert.equal(c2.getUint32(44, true), 8);
+  assert.ok(hasFeature(big.dev.features(), BLK_F_SIZE_MAX));
+  r.dev.close();
+  big.dev.close();
+});
+
+test('read and write through the file, across odd segment layouts and indirect tables', () => {
+  const r = rig();
+  const rd = run(r, BLK_T_IN, 2, { inSegs: [4096] });
+  assert.equal(rd.status, BLK_S_OK);
+  assert.equal(rd.len, 4097, 'used len = data + status');
+  assert.deepEqual(rd.data, fileBytes(r.file, 1024, 4096));
+  assert.equal(r.dq.stats.bytes, 4096);
+
+  const split = run(r, BLK_T_IN, 100, { inSegs: [1000, 3000, 96], indirect: true });
+  assert.equal(split.status, BLK_S_OK);
+  assert.deepEqual(split.data, fileBytes(r.file, 100 * 512, 4096));
+
+  const payload = new Uint8Array(1536).map((_, i) => (i * 13) ^ 0x5a);
+  const wr = run(r, BLK_T_OUT, 8, { out: [payload.subarray(0, 700), payload.subarray(700)] });
+  assert.equal(wr.status, BLK_S_OK);
+  assert.equal(wr.len, 1);
+  assert.deepEqual(fileBytes(r.file, 8 * 512, 1536), payload);
+  const back = run(r, BLK_T_IN, 8, { inSegs: [1536] });
+  assert.deepEqual(back.data, payload);
+
+  // The last sector is reachable, one past it is not.
+  assert.equal(run(r, BLK_T_IN, DISK / 512 - 1, { inSegs: [512] }).status, BLK_S_OK);
+  assert.equal(r.dq.stats.descriptors, 5);
+  assert.equal(r.dq.stats.drops, 0);
+  r.dev.close();
+});
+
+test('out-of-range and misaligned requests fail with IOERR and touch nothing', () => {
+  const r = rig();
+  const before = fs.readFileSync(r.file);
+  assert.equal(run(r, BLK_T_IN, DISK / 512, { inSegs: [512] }).status, BLK_S_IOERR);
+  assert.equal(run(r, BLK_T_IN, DISK / 512 - 1, { inSegs: [1024] }).status, BLK_S_IOERR);
+  assert.equal(run(r, BLK_T_IN, 2 ** 40, { inSegs: [512] }).status, BLK_S_IOERR);
+  assert.equal(run(r, BLK_T_IN, 2 ** 53 - 1, { inSegs: [512] }).status, BLK_S_IOERR);
+  assert.equal(run(r, BLK_T_OUT, DISK / 512, { out: [new Uint8Array(512)] }).status, BLK_S_IOERR);
+  assert.equal(run(r, BLK_T_IN, 0, { inSegs: [100] }).status, BLK_S_IOERR, 'not a multiple of 512');
+  const bad = run(r, BLK_T_OUT, 0, { out: [new Uint8Array(300)] });
+  assert.equal(bad.status, BLK_S_IOERR);
+  assert.equal(bad.len, 1);
+  assert.deepEqual(fs.readFileSync(r.file), before);
+  assert.equal(r.dq.stats.drops, 7);
+  assert.equal(r.fatal.length, 0);
+  r.dev.close();
+});
+
+test('flush, get-id, unknown types', () => {
+  const r = rig({ serial: 'SERIAL-0123456789-XYZW' });
+  assert.equal(run(r, BLK_T_FLUSH, 0).status, BLK_S_OK);
+  const id = run(r, BLK_T_GET_ID, 0, { inSegs: [20] });
+  assert.equal(id.status, BLK_S_OK);
+  assert.equal(id.len, 21);
+  assert.equal(Buffer.from(id.data).toString('latin1'), 'SERIAL-0123456789-XY', 'truncated to 20 bytes');
+  assert.equal(run(r, 99, 0).status, BLK_S_UNSUPP);
+  r.dev.close();
+
+  const byName = rig();
+  const id2 = run(byName, BLK_T_GET_ID, 0, { inSegs: [20] });
+  assert.deepEqual(id2.data.subarray(0, 9), new TextEncoder().encode('blk-test\0'));
+  byName.dev.close();
+});
+
+test('discard succeeds within bounds; write-zeroes writes zeros; flags are checked', () => {
+  const r = rig({ maxWriteZeroesSegments: 32 });
+  assert.equal(run(r, BLK_T_DISCARD, 0, { out: [dwz([[0, 8, 0], [100, 16, 0]])] }).status, BLK_S_OK);
+  assert.equal(run(r, BLK_T_DISCARD, 0, { out: [dwz([[DISK / 512 - 4, 8, 0]])] }).status, BLK_S_IOERR);
+  assert.equal(run(r, BLK_T_DISCARD, 0, { out: [dwz([[0, 8, 1]])] }).status, BLK_S_UNSUPP, 'discard + UNMAP');
+  assert.equal(run(r, BLK_T_DISCARD, 0, { out: [new Uint8Array(10)] }).status, BLK_S_UNSUPP, 'not whole segments');
+  assert.equal(run(r, BLK_T_DISCARD, 0).status, BLK_S_UNSUPP, 'no segment');
+
+  const before = fs.readFileSync(r.file);
+  assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[4, 2, 0], [1000, 3, 1]])] }).status, BLK_S_OK);
+  const after = fs.readFileSync(r.file);
+  assert.deepEqual(after.subarray(4 * 512, 6 * 512), Buffer.alloc(1024));
+  assert.deepEqual(after.subarray(1000 * 512, 1003 * 512), Buffer.alloc(1536));
+  assert.deepEqual(after.subarray(0, 4 * 512), before.subarray(0, 4 * 512));
+  assert.deepEqual(after.subarray(6 * 512, 1000 * 512), before.subarray(6 * 512, 1000 * 512));
+  assert.deepEqual(after.subarray(1003 * 512), before.subarray(1003 * 512));
+
+  // A rejected multi-segment request changes nothing, even its valid segments.
+  const snap = fs.readFileSync(r.file);
+  assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[10, 1, 0], [DISK / 512, 1, 0]])] }).status, BLK_S_IOERR);
+  assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[10, 1, 4]])] }).status, BLK_S_UNSUPP, 'reserved flag');
+  assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[0, 32769, 0]])] }).status, BLK_S_IOERR, 'over max_write_zeroes_sectors');
+  const tooMany = dwz(Array.from({ length: 33 }, (_, i): [number, number, number] => [i, 1, 0]));
+  assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [tooMany] }).status, BLK_S_UNSUPP);
+  assert.deepEqual(fs.readFileSync(r.file), snap);
+  r.dev.close();
+
+  const one = rig();
+  assert.equal(run(one, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[0, 1, 0], [2, 1, 0]])] }).status, BLK_S_UNSUPP, 'default: one segment');
+  assert.equal(run(one, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[0, 1, 0]])] }).status, BLK_S_OK);
+  one.dev.close();
+});
+
+test('a read-only disk refuses writes, discards and write-zeroes but reads and flushes', () => {
+  const r = rig({ readOnly: true });
+  assert.ok(hasFeature(r.dev.features(), BLK_F_RO));
+  const before = fs.readFileSync(r.file);
+  assert.equal(run(r, BLK_T_OUT, 0, { out: [new Uint8Array(512).fill(1)] }).status, BLK_S_IOERR);
+  assert.equal(run(r, BLK_T_DISCARD, 0, { out: [dwz([[0, 1, 0]])] }).status, BLK_S_IOERR);
+  assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[0, 1, 0]])] }).status, BLK_S_IOERR);
+  assert.equal(run(r, BLK_T_IN, 0, { inSegs: [512] }).status, BLK_S_OK);
+  assert.equal(run(r, BLK_T_FLUSH, 0).status, BLK_S_OK);
+  assert.deepEqual(fs.readFileSync(r.file), before);
+  r.dev.close();
+});
+
+test('malformed requests: short header gets IOERR; no status byte is fatal without throwing', () => {
+  const r = rig();
+  r.driver.addChain([{ data: new Uint8Array(8) }, { writable: true, len: 1 }]);
+  r.dev.kick(0);
+  const u = r.driver.popUsed();
+  assert.ok(u !== null);
+  assert.equal(u.len, 1);
+  assert.equal(r.driver.readBytes((u.segments ?? [])[1].addr, 1)[0], BLK_S_IOERR);
+  assert.equal(r.fatal.length, 0);
+
+  r.driver.addChain([{ data: header(BLK_T_IN, 0) }]);
+  assert.doesNotThrow(() => r.dev.kick(0));
+  assert.equal(r.fatal.length, 1);
+  assert.equal(r.fatal[0].name, 'DeviceError');
+  assert.equal(r.dq.stats.errors, 1);
+  assert.ok(r.dev.isFailed);
+  // Later kicks are ignored until reset.
+  r.driver.addChain([{ data: header(BLK_T_FLUSH, 0) }, { writable: true, len: 1 }]);
+  r.dev.kick(0);
+  assert.equal(r.driver.popUsed(), null);
+  r.dev.close();
+});
+
+test('a descriptor loop is fatal (QueueError) and does not escape kick()', () => {
+  const r = rig();
+  const [d] = r.driver.reserveDescs(1);
+  r.driver.writeDesc(d, { addr: 2 ** 32 + 0x20000, len: 16, flags: 1, next: d });
+  r.driver.pushAvail(d);
+  assert.doesNotThrow(() => r.dev.kick(0));
+  assert.equal(r.fatal[0]?.name, 'QueueError');
+  r.dev.close();
+});
+
+test('buffers that cross memory windows use the bounce path; every guest write is dirty-logged', () => {
+  const base = 1 << 20;
+  const win = 64 * 1024;
+  const mem = GuestMemory.fromBuffer(base, new ArrayBuffer(4 * win), { windowSize: win, windowStride: win });
+  const driver = new MockDriver(mem, { size: 16, ringAddr: base, heapAddr: base + 0x4000, heapSize: 0x8000 });
+  const r = rig({}, { mem, driver });
+  const log = new Uint8Array((base + 4 * win) / (4096 * 8));
+  mem.setDirtyLog(log);
+
+  const crossAddr = base + win - 1000;
+  const inside = base + 2 * win + 4096;
+  driver.addChain([{ data: header(BLK_T_IN, 16) }, { writable: true, len: 4096, addr: crossAddr }, { writable: true, len: 4096, addr: inside }, { writable: true, len: 1 }]);
+  r.dev.kick(0);
+  const u = driver.popUsed();
+  assert.ok(u !== null);
+  assert.equal(u.len, 8193);
+  assert.deepEqual(driver.readBytes(crossAddr, 4096), fileBytes(r.file, 16 * 512, 4096));
+  assert.deepEqual(driver.readBytes(inside, 4096), fileBytes(r.file, 16 * 512 + 4096, 4096));
+  const dirty = (addr: number) => (log[Math.floor(addr / 4096 / 8)] >> Math.floor(addr / 4096) % 8) & 1;
+  for (const a of [crossAddr, crossAddr + 4095, inside, inside + 4095]) assert.equal(dirty(a), 1, `page of ${a.toString(16)} dirty`);
+  assert.equal(dirty(base + 3 * win + 8192), 0, 'untouched page clean');
+
+  // And back out: write from the crossing buffer.
+  const payload = new Uint8Array(4096).fill(0xa5);
+  driver.writeBytes(crossAddr, payload);
+  driver.addChain([{ data: header(BLK_T_OUT, 0) }, { len: 4096, addr: crossAddr }, { writable: true, len: 1 }]);
+  r.dev.kick(0);
+  assert.equal(driver.popUsed()?.len, 1);
+  assert.deepEqual(fileBytes(r.file, 0, 4096), payload);
+  r.dev.close();
+});
+
+test('a path with size creates or grows the file; a shared RawFile stays open', () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blk-'));
+  const p = path.join(dir, 'new.img');
+  const dev = new BlkDevice({ name: 'n', file: p, size: 8192 });
+  assert.equal(dev.capacity, 16);
+  assert.equal(fs.statSync(p).size, 8192);
+  dev.close();
+  const grown = new BlkDevice({ name: 'n', file: p, size: 16384 });
+  assert.equal(grown.capacity, 32);
+  grown.close();
+  assert.throws(() => new BlkDevice({ name: 'n', file: path.join(dir, 'missing.img') }), /ENOENT/);
+  const rf = RawFile.open(p);
+  const shared = new BlkDevice({ name: 's', file: rf, blockSize: 4096 });
+  shared.close();
+  assert.equal(fs.fstatSync(rf.fd).size, 16384, 'still open');
+  rf.close();
+});
