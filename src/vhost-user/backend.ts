@@ -1,0 +1,1084 @@
+/**
+ * The vhost-user back-end: one session per front-end connection, bound to one
+ * VirtioDevice. The device knows nothing of vhost-user; this class turns the
+ * protocol into DeviceQueue start/stop/kick calls.
+ *
+ * Every message goes through one pipeline (rust-vmm's backend_req_handler
+ * shape): header (connection.ts) -> fd count against the table -> payload
+ * size and decode -> protocol feature gate -> handler -> reply or REPLY_ACK.
+ * A message that breaks framing (size, fds, unknown id) closes the
+ * connection. A well-formed message that cannot be honoured is answered
+ * with a failure when the front-end gave us a way to say so (REPLY_ACK with
+ * NEED_REPLY, or a reply that carries a status); otherwise the connection is
+ * closed, since a front-end that cannot learn of the failure would go on
+ * driving a device that is not in the state it believes.
+ *
+ * Data-path errors (a malformed ring, a device refusing a request) are the
+ * guest's fault, not the front-end's: the device is marked NEEDS_RESET, its
+ * queues are stopped, the vring err eventfd is signalled, and the session,
+ * the process and every other function keep running.
+ */
+import { type DeviceQueue, type QueueStats, newQueueStats, type VirtioDevice } from '../devices/device';
+import { GuestMemory } from '../memory/guest-memory';
+import { MemoryError } from '../memory/memory-access';
+import { native, type Addon, type Poller } from '../native/addon';
+import {
+  F_ACCESS_PLATFORM,
+  F_RING_EVENT_IDX,
+  F_RING_INDIRECT_DESC,
+  F_RING_PACKED,
+  STATUS_NEEDS_RESET,
+  VIRTIO_ID_NET,
+  VRING_DESC_SIZE,
+  VRING_USED_ELEM_SIZE,
+  bit,
+  hasFeature,
+} from '../virtio/constants';
+import { QueueError, SplitQueue } from '../virtio/split-queue';
+import { asError, closeQuietly, ConnectionError, VhostUserConnection } from './connection';
+import type { Logger } from '../log';
+import {
+  type AnyMessageSpec,
+  type ConfigSpace,
+  decodeRequest,
+  encodeAck,
+  encodeReply,
+  encodeRequest,
+  fdProblem,
+  Backend,
+  Frontend,
+  frontendSpec,
+  type MessageHeader,
+  type MemRegion,
+  type MemoryTable,
+  ProtocolError,
+  toAddress,
+  type VringAddr,
+  type VringFile,
+  type VringState,
+} from './messages';
+import {
+  CONFIG_FLAG_MIGRATION,
+  CONFIG_FLAG_WRITABLE,
+  backendReqName,
+  FLAG_NEED_REPLY,
+  frontendReqName,
+  MAX_CONFIG_SIZE,
+  ProtocolFeature,
+  protocolFeatureNames,
+  VHOST_F_LOG_ALL,
+  VHOST_USER_F_PROTOCOL_FEATURES,
+  VHOST_USER_MAX_MEM_SLOTS,
+  VHOST_VRING_F_LOG,
+} from './protocol';
+
+const PAGE_SIZE = 4096;
+/** How often a ring whose kick was set with NOFD (the front-end will not kick) is polled. */
+const NOFD_POLL_MS = 1;
+
+/**
+ * Virtio features this transport cannot carry whatever the device offers:
+ * packed rings (SplitQueue only), IOMMU/IOTLB translation (ring and buffer
+ * addresses would be IOVAs we cannot resolve), and LOG_ALL until dirty
+ * logging is wired to SET_LOG_BASE.
+ */
+const TRANSPORT_MASK = bit(F_RING_PACKED) | bit(F_ACCESS_PLATFORM) | bit(VHOST_F_LOG_ALL);
+
+const PF = ProtocolFeature;
+
+/** The protocol features a back-end for this device offers by default: only ones implemented here. */
+export function defaultProtocolFeatures(device: VirtioDevice): bigint {
+  let f =
+    bit(PF.MQ) |
+    bit(PF.REPLY_ACK) |
+    bit(PF.BACKEND_REQ) |
+    bit(PF.CONFIGURE_MEM_SLOTS) |
+    bit(PF.STATUS) |
+    bit(PF.RESET_DEVICE);
+  // QEMU's vhost-user-net takes the net config from its own command line and
+  // masks CONFIG off anyway; blk (and anything else) needs it.
+  if (device.deviceId !== VIRTIO_ID_NET) f |= bit(PF.CONFIG);
+  return f;
+}
+
+export interface VhostUserBackendOptions {
+  /** Counters to bump, one per queue; the server passes its own so they outlive sessions. */
+  stats?: QueueStats[];
+  /** Protocol features to offer (default: defaultProtocolFeatures(device)); unimplemented bits are dropped. */
+  protocolFeatures?: bigint;
+  /** Answer to GET_MAX_MEM_SLOTS and the cap on ADD_MEM_REG. */
+  maxMemSlots?: number;
+  /** Names the session in logs. */
+  label?: string;
+  /** Called once when the session has ended and released everything. */
+  onClose?: (err: Error | undefined) => void;
+}
+
+/** Per-queue view for `vbridge stats`. */
+export interface QueueStatsRow extends QueueStats {
+  index: number;
+}
+
+export interface SessionStats {
+  connected: boolean;
+  /** Device status byte as the driver last set it, NEEDS_RESET included when the device failed. */
+  status: number;
+  needsReset: boolean;
+  queues: QueueStatsRow[];
+}
+
+interface RingAddrs {
+  desc: number;
+  used: number;
+  avail: number;
+  log: number;
+  flags: number;
+}
+
+interface Vring {
+  readonly index: number;
+  readonly stats: QueueStats;
+  num: number;
+  addr: RingAddrs | null;
+  /** avail index to resume from (SET_VRING_BASE, or where GET_VRING_BASE stopped). */
+  base: number;
+  /** SET_VRING_BASE since the queue last ran: take base and re-read used.idx from the ring. */
+  baseFresh: boolean;
+  /** SET_VRING_KICK seen (fd or NOFD) since the ring was last stopped: the ring is started. */
+  kickSet: boolean;
+  kickFd: number;
+  kickPoller: Poller | null;
+  pollTimer: NodeJS.Timeout | null;
+  callFd: number;
+  errFd: number;
+  enabled: boolean;
+  /** A kick arrived while the device could not take it (disabled, or not yet configured). */
+  pendingKick: boolean;
+  queue: SplitQueue | null;
+  /** Non-null while the device has the queue (startQueue called, stopQueue not yet). */
+  dq: DeviceQueue | null;
+  readonly onKick: (status: number, events: number) => void;
+  readonly notify: () => void;
+}
+
+export class VhostUserBackend {
+  readonly label: string;
+  private readonly addon: Addon;
+  private readonly conn: VhostUserConnection;
+  private readonly vrings: Vring[];
+  private readonly offeredProtocol: bigint;
+  private readonly maxMemSlots: number;
+  private mem: GuestMemory | null = null;
+  /**
+   * ADD_MEM_REG count per identical region. QEMU runs one vhost_dev per net
+   * queue pair over the same socket and ADD_MEM_REG is not a per-device
+   * request, so each pair adds the same regions again and removes them again.
+   */
+  private readonly regionRefs = new Map<string, number>();
+  private ackedFeatures = 0n;
+  private featuresSet = false;
+  private ackedProtocol = 0n;
+  private owner = false;
+  private driverStatus = 0;
+  /** A data-path error stopped the device; cleared by a reset (status 0, RESET_DEVICE) or when the front-end takes every ring back. */
+  private failed = false;
+  private backendChannel: VhostUserConnection | null = null;
+  private readonly fatalHandler = (err: Error): void => {
+    // Devices may report from deep inside their own call stacks: act once that stack has unwound.
+    queueMicrotask(() => {
+      if (!this.closed) this.dataPathError(null, err);
+    });
+  };
+  /** The error that closes the connection was logged already (by the pipeline). */
+  private closeLogged = false;
+  /** The message being handled, to name it in errors found while (re)starting rings. */
+  private current: AnyMessageSpec | null = null;
+
+  constructor(
+    fd: number,
+    readonly device: VirtioDevice,
+    private readonly logger: Logger,
+    private readonly opts: VhostUserBackendOptions = {},
+  ) {
+    this.label = opts.label ?? device.name;
+    this.addon = native();
+    const implemented = defaultProtocolFeatures(device) | bit(PF.CONFIG);
+    this.offeredProtocol = (opts.protocolFeatures ?? defaultProtocolFeatures(device)) & implemented;
+    this.maxMemSlots = opts.maxMemSlots ?? VHOST_USER_MAX_MEM_SLOTS;
+    this.vrings = [];
+    for (let i = 0; i < device.maxQueues; i++) {
+      const stats = opts.stats?.[i] ?? newQueueStats();
+      this.vrings.push(this.newVring(i, stats));
+    }
+    this.conn = new VhostUserConnection(
+      fd,
+      {
+        onMessage: (hdr, payload, fds) => this.onMessage(hdr, payload, fds),
+        onClose: (err) => this.teardown(err),
+      },
+      { incoming: 'request', label: `${this.label}: front-end`, nameOf: frontendReqName },
+    );
+    device.onFatal = this.fatalHandler;
+  }
+
+  /** Begin serving the connection. */
+  start(): void {
+    this.conn.start();
+  }
+
+  /** End the session (the device is reset); idempotent. */
+  close(): void {
+    this.conn.close();
+  }
+
+  get closed(): boolean {
+    return this.conn.closed;
+  }
+
+  get status(): number {
+    return this.driverStatus | (this.failed ? STATUS_NEEDS_RESET : 0);
+  }
+
+  get needsReset(): boolean {
+    return this.failed;
+  }
+
+  /** Virtio features the front-end acknowledged (SET_FEATURES). */
+  get features(): bigint {
+    return this.ackedFeatures;
+  }
+
+  get protocolFeatures(): bigint {
+    return this.ackedProtocol;
+  }
+
+  /** The live counters, one per queue (the same objects the data path bumps). */
+  queueStats(): readonly QueueStats[] {
+    return this.vrings.map((v) => v.stats);
+  }
+
+  stats(): SessionStats {
+    return {
+      connected: !this.closed,
+      status: this.status,
+      needsReset: this.failed,
+      queues: this.vrings.map((v) => ({ index: v.index, ...v.stats })),
+    };
+  }
+
+  /** Whether queue `index` is currently handed to the device. */
+  queueRunning(index: number): boolean {
+    return (this.vrings[index]?.dq ?? null) !== null;
+  }
+
+  /**
+   * Tell the front-end the device config changed (BACKEND_CONFIG_CHANGE_MSG on
+   * the back-end channel). Returns false when no channel was set up or CONFIG
+   * was not negotiated.
+   */
+  notifyConfigChange(): boolean {
+    if (this.backendChannel === null || !this.hasProtocol(PF.CONFIG)) return false;
+    return this.backendChannel.send(encodeRequest(Backend.CONFIG_CHANGE_MSG, null));
+  }
+
+  // ---- pipeline ------------------------------------------------------------
+
+  private onMessage(hdr: MessageHeader, payload: Uint8Array, fds: number[]): void {
+    const spec = frontendSpec(hdr.request);
+    this.current = spec ?? null;
+    try {
+      if (spec === undefined) throw new ProtocolError(frontendReqName(hdr.request), 'unknown message id');
+      if (fds.length > spec.requestFds.max) {
+        throw new ProtocolError(spec.name, `carries ${fds.length} fd(s), takes at most ${spec.requestFds.max} (${spec.requestFds.describe})`);
+      }
+      const req = decodeRequest(spec, payload);
+      const fdErr = fdProblem(spec.requestFds, req, fds.length);
+      if (fdErr !== null) throw new ProtocolError(spec.name, fdErr);
+      this.handle(spec, hdr, req, fds);
+    } catch (e) {
+      this.reject(spec, hdr, e);
+    } finally {
+      // Handlers take the fds they keep out of the array; whatever is left is ours to close.
+      for (const fd of fds) closeQuietly(fd);
+      fds.length = 0;
+      this.current = null;
+    }
+  }
+
+  private handle(spec: AnyMessageSpec, hdr: MessageHeader, req: unknown, fds: number[]): void {
+    if (spec.protocolFeature !== undefined && !this.hasProtocol(spec.protocolFeature)) {
+      throw new ProtocolError(spec.name, `sent without negotiating protocol feature ${protocolFeatureNames(bit(spec.protocolFeature)).join()}`, false);
+    }
+    const reply = this.dispatch(spec, req, fds);
+    if (this.conn.closed) return;
+    if (this.hasOwnReply(spec)) {
+      this.conn.send(encodeReply(spec, reply));
+    } else if (this.wantsAck(hdr)) {
+      this.conn.send(encodeAck(spec.id, true));
+    }
+  }
+
+  private reject(spec: AnyMessageSpec | undefined, hdr: MessageHeader, e: unknown): void {
+    if (!(e instanceof ProtocolError)) {
+      const err = asError(e, 'handler');
+      this.logger.error(`${this.label}: internal error handling ${spec?.name ?? frontendReqName(hdr.request)}: ${err.stack ?? err.message}`);
+      this.closeLogged = true;
+      this.conn.close(err);
+      return;
+    }
+    if (!e.fatal && spec !== undefined && !this.conn.closed) {
+      if (this.hasOwnReply(spec) && spec.failureReply !== undefined) {
+        this.logger.error(`${this.label}: ${e.message} (failure reply sent)`);
+        this.conn.send(encodeReply(spec, spec.failureReply));
+        return;
+      }
+      if (!this.hasOwnReply(spec) && this.wantsAck(hdr)) {
+        this.logger.error(`${this.label}: ${e.message} (failure ack sent)`);
+        this.conn.send(encodeAck(spec.id, false));
+        return;
+      }
+    }
+    this.logger.error(`${this.label}: ${e.message}; closing the connection`);
+    this.closeLogged = true;
+    this.conn.close(e);
+  }
+
+  private hasOwnReply(spec: AnyMessageSpec): boolean {
+    return spec.reply !== null && (spec.replyOnlyWith === undefined || this.hasProtocol(spec.replyOnlyWith));
+  }
+
+  private wantsAck(hdr: MessageHeader): boolean {
+    return (hdr.flags & FLAG_NEED_REPLY) !== 0 && this.hasProtocol(PF.REPLY_ACK);
+  }
+
+  private hasProtocol(b: number): boolean {
+    return ((this.ackedProtocol >> BigInt(b)) & 1n) !== 0n;
+  }
+
+  /** Returns the reply payload for messages that have one. */
+  private dispatch(spec: AnyMessageSpec, req: unknown, fds: number[]): unknown {
+    switch (spec.id) {
+      case Frontend.GET_FEATURES.id:
+        return this.offeredFeatures();
+      case Frontend.SET_FEATURES.id:
+        return this.setFeatures(spec, req as bigint);
+      case Frontend.SET_OWNER.id:
+        if (this.owner) this.logger.warn(`${this.label}: ${spec.name} again on an owned session`);
+        this.owner = true;
+        return undefined;
+      case Frontend.RESET_OWNER.id:
+        // Deprecated; the spec recommends treating it as "disable all rings", never as a state reset.
+        for (const v of this.vrings) {
+          v.enabled = false;
+          this.evaluate(v);
+        }
+        this.failed = false;
+        return undefined;
+      case Frontend.GET_PROTOCOL_FEATURES.id:
+        return this.offeredProtocol;
+      case Frontend.SET_PROTOCOL_FEATURES.id:
+        return this.setProtocolFeatures(spec, req as bigint);
+      case Frontend.GET_QUEUE_NUM.id:
+        return BigInt(this.device.maxQueues);
+      case Frontend.SET_MEM_TABLE.id:
+        return this.setMemTable(spec, req as MemoryTable, fds);
+      case Frontend.GET_MAX_MEM_SLOTS.id:
+        return BigInt(this.maxMemSlots);
+      case Frontend.ADD_MEM_REG.id:
+        return this.addMemReg(spec, (req as { region: MemRegion }).region, fds);
+      case Frontend.REM_MEM_REG.id:
+        return this.remMemReg(spec, (req as { region: MemRegion }).region);
+      case Frontend.SET_VRING_NUM.id:
+        return this.setVringNum(spec, req as VringState);
+      case Frontend.SET_VRING_ADDR.id:
+        return this.setVringAddr(spec, req as VringAddr);
+      case Frontend.SET_VRING_BASE.id:
+        return this.setVringBase(spec, req as VringState);
+      case Frontend.GET_VRING_BASE.id:
+        return this.getVringBase(spec, req as VringState);
+      case Frontend.SET_VRING_KICK.id:
+        return this.setVringKick(spec, req as VringFile, fds);
+      case Frontend.SET_VRING_CALL.id:
+        return this.setVringFd(spec, req as VringFile, fds, 'call');
+      case Frontend.SET_VRING_ERR.id:
+        return this.setVringFd(spec, req as VringFile, fds, 'err');
+      case Frontend.SET_VRING_ENABLE.id:
+        return this.setVringEnable(spec, req as VringState);
+      case Frontend.GET_CONFIG.id:
+        return this.getConfig(spec, req as ConfigSpace);
+      case Frontend.SET_CONFIG.id:
+        return this.setConfig(spec, req as ConfigSpace);
+      case Frontend.SET_STATUS.id:
+        return this.setStatus(req as number);
+      case Frontend.GET_STATUS.id:
+        return this.status;
+      case Frontend.RESET_DEVICE.id:
+        this.logger.info(`${this.label}: ${spec.name}`);
+        this.resetDevice();
+        return undefined;
+      case Frontend.SET_BACKEND_REQ_FD.id:
+        return this.setBackendReqFd(spec, fds);
+      case Frontend.SET_LOG_BASE.id:
+      case Frontend.SET_LOG_FD.id:
+        throw new ProtocolError(spec.name, 'dirty logging is not supported by this back-end (LOG_ALL and LOG_SHMFD are not offered)', false);
+      default:
+        throw new ProtocolError(spec.name, 'not supported by this back-end', false);
+    }
+  }
+
+  // ---- features --------------------------------------------------------------
+
+  private offeredFeatures(): bigint {
+    return (this.device.features() & ~TRANSPORT_MASK) | bit(VHOST_USER_F_PROTOCOL_FEATURES);
+  }
+
+  private setFeatures(spec: AnyMessageSpec, f: bigint): undefined {
+    const extra = f & ~this.offeredFeatures();
+    if (extra !== 0n) {
+      throw new ProtocolError(spec.name, `features 0x${f.toString(16)} include bits never offered: 0x${extra.toString(16)}`, false);
+    }
+    const deviceFeatures = f & ~bit(VHOST_USER_F_PROTOCOL_FEATURES);
+    if (!this.featuresSet || (this.ackedFeatures & ~bit(VHOST_USER_F_PROTOCOL_FEATURES)) !== deviceFeatures) {
+      try {
+        this.device.setFeatures(deviceFeatures);
+      } catch (e) {
+        throw new ProtocolError(spec.name, `device refused features 0x${deviceFeatures.toString(16)}: ${asError(e, 'setFeatures').message}`, false);
+      }
+    }
+    const changed = !this.featuresSet || this.ackedFeatures !== f;
+    this.ackedFeatures = f;
+    this.featuresSet = true;
+    // QEMU repeats SET_FEATURES per queue pair and on every start: log changes only.
+    if (changed) this.logger.info(`${this.label}: features 0x${f.toString(16)} negotiated`);
+    // Spec: without PROTOCOL_FEATURES there is no SET_VRING_ENABLE, so every ring is enabled now.
+    if (!hasFeature(f, VHOST_USER_F_PROTOCOL_FEATURES)) for (const v of this.vrings) v.enabled = true;
+    for (const v of this.vrings) {
+      const q = v.queue;
+      const featuresMoved = q !== null && (q.eventIdx !== hasFeature(f, F_RING_EVENT_IDX) || q.indirect !== hasFeature(f, F_RING_INDIRECT_DESC));
+      if (featuresMoved && v.dq !== null) this.stopRing(v);
+      this.evaluate(v);
+    }
+    return undefined;
+  }
+
+  private setProtocolFeatures(spec: AnyMessageSpec, f: bigint): undefined {
+    const extra = f & ~this.offeredProtocol;
+    if (extra !== 0n) {
+      throw new ProtocolError(spec.name, `protocol features include bits never offered: ${protocolFeatureNames(extra).join(', ')}`, false);
+    }
+    this.ackedProtocol = f;
+    this.logger.info(`${this.label}: protocol features ${protocolFeatureNames(f).join(', ') || 'none'}`);
+    return undefined;
+  }
+
+  // ---- memory ----------------------------------------------------------------
+
+  private regionNumbers(spec: AnyMessageSpec, r: MemRegion, field: string): { guestAddr: number; size: number; userAddr: number; mmapOffset: number } {
+    const out = {
+      guestAddr: toAddress(spec, `${field}.guest_phys_addr`, r.guestAddr, false),
+      size: toAddress(spec, `${field}.memory_size`, r.size, false),
+      userAddr: toAddress(spec, `${field}.userspace_addr`, r.userAddr, false),
+      mmapOffset: toAddress(spec, `${field}.mmap_offset`, r.mmapOffset, false),
+    };
+    if (out.size === 0) throw new ProtocolError(spec.name, `${field}.memory_size is 0`, false);
+    return out;
+  }
+
+  private checkOverlap(spec: AnyMessageSpec, a: RegionNums, aName: string, b: RegionNums, bName: string): void {
+    if (a.guestAddr < b.guestAddr + b.size && b.guestAddr < a.guestAddr + a.size) {
+      throw new ProtocolError(spec.name, `${aName} [guest 0x${a.guestAddr.toString(16)}, +0x${a.size.toString(16)}) overlaps ${bName} [guest 0x${b.guestAddr.toString(16)}, +0x${b.size.toString(16)})`, false);
+    }
+    if (a.userAddr < b.userAddr + b.size && b.userAddr < a.userAddr + a.size) {
+      throw new ProtocolError(spec.name, `${aName} [user 0x${a.userAddr.toString(16)}, +0x${a.size.toString(16)}) overlaps ${bName} [user 0x${b.userAddr.toString(16)}, +0x${b.size.toString(16)})`, false);
+    }
+  }
+
+  /** Map one region into mem; the fd is closed once mapped (the mapping keeps the file alive). */
+  private mapRegion(spec: AnyMessageSpec, mem: GuestMemory, r: RegionNums, fd: number, field: string): void {
+    const a = this.addon;
+    let fileSize: number;
+    try {
+      fileSize = a.fdSize(fd);
+    } catch (e) {
+      throw new ProtocolError(spec.name, `${field}: cannot stat its fd: ${asError(e, 'fstat').message}`, false);
+    }
+    // Some fds (hugetlbfs files, device memory) may report 0; only a known-too-small file is refused here.
+    if (fileSize > 0 && r.mmapOffset + r.size > fileSize) {
+      throw new ProtocolError(spec.name, `${field}: mmap_offset 0x${r.mmapOffset.toString(16)} + memory_size 0x${r.size.toString(16)} runs past the end of its fd (0x${fileSize.toString(16)} bytes)`, false);
+    }
+    try {
+      mem.addRegion(
+        r,
+        (offset, size) => {
+          // mmap wants a page-aligned file offset; QEMU's are, but the spec does not promise it.
+          const at = r.mmapOffset + offset;
+          const delta = at % PAGE_SIZE;
+          return { buffer: a.mmap(fd, size + delta, at - delta), byteOffset: delta };
+        },
+        (buf) => a.unmap(buf),
+      );
+    } catch (e) {
+      const msg = asError(e, 'mmap').message;
+      throw new ProtocolError(spec.name, `${field}: cannot map: ${msg}`, false);
+    }
+  }
+
+  private setMemTable(spec: AnyMessageSpec, t: MemoryTable, fds: number[]): undefined {
+    const nums = t.regions.map((r, i) => this.regionNumbers(spec, r, `regions[${i}]`));
+    for (let i = 0; i < nums.length; i++) {
+      for (let j = 0; j < i; j++) this.checkOverlap(spec, nums[i], `regions[${i}]`, nums[j], `regions[${j}]`);
+    }
+    // Build the new map completely before touching the old one: a failure leaves the session as it was.
+    const mem = new GuestMemory();
+    try {
+      nums.forEach((r, i) => this.mapRegion(spec, mem, r, fds[i], `regions[${i}]`));
+    } catch (e) {
+      mem.clear();
+      throw e;
+    }
+    const running = this.stopAllRings();
+    const old = this.mem;
+    this.mem = mem;
+    this.regionRefs.clear();
+    old?.clear();
+    this.logger.info(
+      `${this.label}: memory table: ${nums.map((r) => `guest 0x${r.guestAddr.toString(16)} +0x${r.size.toString(16)} (user 0x${r.userAddr.toString(16)})`).join(', ') || 'empty'}`,
+    );
+    this.restartRings(running);
+    for (const v of this.vrings) this.evaluate(v);
+    return undefined;
+  }
+
+  private addMemReg(spec: AnyMessageSpec, region: MemRegion, fds: number[]): undefined {
+    const r = this.regionNumbers(spec, region, 'region');
+    const mem = this.mem ?? new GuestMemory();
+    const existing = mem.regions;
+    const key = regionKey(r);
+    const same = existing.find((e) => regionKey(e) === key);
+    if (same !== undefined) {
+      // The fd stays in `fds`, so the pipeline closes it: the first mapping serves both.
+      this.regionRefs.set(key, (this.regionRefs.get(key) ?? 1) + 1);
+      return undefined;
+    }
+    if (existing.length >= this.maxMemSlots) {
+      throw new ProtocolError(spec.name, `all ${this.maxMemSlots} memory slots are in use`, false);
+    }
+    existing.forEach((e, i) => this.checkOverlap(spec, r, 'region', e, `existing region ${i}`));
+    this.mapRegion(spec, mem, r, fds[0], 'region');
+    this.regionRefs.set(key, 1);
+    this.mem = mem;
+    this.logger.info(`${this.label}: memory region added: guest 0x${r.guestAddr.toString(16)} +0x${r.size.toString(16)} (user 0x${r.userAddr.toString(16)})`);
+    // Running queues re-validate their ring views themselves (the map's generation moved).
+    for (const v of this.vrings) this.evaluate(v);
+    return undefined;
+  }
+
+  private remMemReg(spec: AnyMessageSpec, region: MemRegion): undefined {
+    const r = this.regionNumbers(spec, region, 'region');
+    const mem = this.mem;
+    const match = mem?.regions.find((e) => e.guestAddr === r.guestAddr && e.size === r.size && e.userAddr === r.userAddr);
+    if (mem === null || match === undefined) {
+      throw new ProtocolError(spec.name, `no mapped region at guest 0x${r.guestAddr.toString(16)} size 0x${r.size.toString(16)} user 0x${r.userAddr.toString(16)}`, false);
+    }
+    const key = regionKey(match);
+    const refs = this.regionRefs.get(key) ?? 1;
+    if (refs > 1) {
+      this.regionRefs.set(key, refs - 1);
+      return undefined;
+    }
+    this.regionRefs.delete(key);
+    // A ring may live in the region: take the rings off the device before their memory goes.
+    const running = this.stopAllRings();
+    mem.removeRegion(r.guestAddr, r.size, r.userAddr);
+    this.logger.info(`${this.label}: memory region removed: guest 0x${r.guestAddr.toString(16)} +0x${r.size.toString(16)}`);
+    this.restartRings(running);
+    return undefined;
+  }
+
+  // ---- vrings ----------------------------------------------------------------
+
+  private newVring(index: number, stats: QueueStats): Vring {
+    const v: Vring = {
+      index,
+      stats,
+      num: 0,
+      addr: null,
+      base: 0,
+      baseFresh: true,
+      kickSet: false,
+      kickFd: -1,
+      kickPoller: null,
+      pollTimer: null,
+      callFd: -1,
+      errFd: -1,
+      enabled: false,
+      pendingKick: false,
+      queue: null,
+      dq: null,
+      onKick: (status) => this.onKick(v, status),
+      notify: () => {
+        // The kick path: no allocation here; flush() says whether the driver wants an interrupt.
+        // A device that notifies after stopQueue (or after the session ended) is ignored.
+        const q = v.queue;
+        const m = this.mem;
+        if (v.dq === null || q === null || m === null) return;
+        if (q.flush(m) && v.callFd >= 0) {
+          this.addon.eventfdWrite(v.callFd, 1);
+          v.stats.interrupts++;
+        }
+      },
+    };
+    return v;
+  }
+
+  private ring(spec: AnyMessageSpec, index: number): Vring {
+    const v = this.vrings[index];
+    if (v === undefined) {
+      throw new ProtocolError(spec.name, `vring index ${index} is out of range (the device has ${this.vrings.length} queues)`, false);
+    }
+    return v;
+  }
+
+  private setVringNum(spec: AnyMessageSpec, s: VringState): undefined {
+    const v = this.ring(spec, s.index);
+    const max = this.device.maxQueueSize;
+    if (s.num === 0 || s.num > max || (s.num & (s.num - 1)) !== 0) {
+      throw new ProtocolError(spec.name, `vring ${s.index} num ${s.num} is not a power of two in [1, ${max}]`, false);
+    }
+    if (v.dq !== null) this.stopRing(v);
+    v.num = s.num;
+    if (v.queue !== null && v.queue.size !== s.num) v.baseFresh = true;
+    this.checkRingAddrs(spec, v);
+    this.evaluate(v);
+    return undefined;
+  }
+
+  private setVringAddr(spec: AnyMessageSpec, a: VringAddr): undefined {
+    const v = this.ring(spec, a.index);
+    const addrs: RingAddrs = {
+      desc: toAddress(spec, 'desc_user_addr', a.descUserAddr, false),
+      used: toAddress(spec, 'used_user_addr', a.usedUserAddr, false),
+      avail: toAddress(spec, 'avail_user_addr', a.availUserAddr, false),
+      // Kept for the day dirty logging lands: used-ring writes are logged at this guest address.
+      log: toAddress(spec, 'log_guest_addr', a.logGuestAddr, false),
+      flags: a.flags,
+    };
+    if (a.flags & ~(1 << VHOST_VRING_F_LOG)) {
+      throw new ProtocolError(spec.name, `vring ${a.index} flags 0x${a.flags.toString(16)} has unknown bits`, false);
+    }
+    if (v.dq !== null) this.stopRing(v);
+    v.addr = addrs;
+    this.checkRingAddrs(spec, v);
+    this.evaluate(v);
+    return undefined;
+  }
+
+  private setVringBase(spec: AnyMessageSpec, s: VringState): undefined {
+    const v = this.ring(spec, s.index);
+    if (s.num > 0xffff) {
+      throw new ProtocolError(spec.name, `vring ${s.index} num ${s.num}: a split ring's next avail index is 16 bits (packed rings are not offered)`, false);
+    }
+    if (v.dq !== null) this.stopRing(v);
+    v.base = s.num;
+    v.baseFresh = true;
+    this.evaluate(v);
+    return undefined;
+  }
+
+  /** Stops the ring (not a reset: addresses, size and position stay) and returns where it stopped. */
+  private getVringBase(spec: AnyMessageSpec, s: VringState): VringState {
+    const v = this.ring(spec, s.index);
+    if (v.dq !== null) this.stopRing(v);
+    if (v.queue !== null && !v.baseFresh) v.base = v.queue.nextAvail;
+    // Stopped until the next SET_VRING_KICK: QEMU sends one on every restart, and a
+    // suspended device must not act on guest kicks in between (migration).
+    this.dropKick(v);
+    v.kickSet = false;
+    if (this.failed && this.vrings.every((r) => !r.kickSet)) {
+      // The front-end has taken every ring back: it is resetting; the next start is a fresh one.
+      this.failed = false;
+      this.logger.info(`${this.label}: all rings stopped; NEEDS_RESET cleared`);
+    }
+    return { index: s.index, num: v.base };
+  }
+
+  private setVringKick(spec: AnyMessageSpec, f: VringFile, fds: number[]): undefined {
+    const v = this.ring(spec, f.index);
+    if (v.dq !== null) this.stopRing(v);
+    this.dropKick(v);
+    if (!f.noFd) {
+      const fd = fds.shift() as number;
+      v.kickFd = fd;
+      try {
+        v.kickPoller = new this.addon.Poller(fd, v.onKick);
+        v.kickPoller.start(1);
+      } catch (e) {
+        this.dropKick(v);
+        throw new ProtocolError(spec.name, `vring ${f.index}: the kick fd cannot be polled: ${asError(e, 'poll').message}`, false);
+      }
+    }
+    v.kickSet = true;
+    this.evaluate(v);
+    return undefined;
+  }
+
+  private setVringFd(spec: AnyMessageSpec, f: VringFile, fds: number[], which: 'call' | 'err'): undefined {
+    const v = this.ring(spec, f.index);
+    const fd = f.noFd ? -1 : (fds.shift() as number);
+    const old = which === 'call' ? v.callFd : v.errFd;
+    if (which === 'call') v.callFd = fd;
+    else v.errFd = fd;
+    if (old >= 0) closeQuietly(old);
+    return undefined;
+  }
+
+  private setVringEnable(spec: AnyMessageSpec, s: VringState): undefined {
+    const v = this.ring(spec, s.index);
+    if (s.num > 1) throw new ProtocolError(spec.name, `vring ${s.index} num ${s.num} is neither 0 (disable) nor 1 (enable)`, false);
+    v.enabled = s.num === 1;
+    this.evaluate(v);
+    return undefined;
+  }
+
+  /** When size, addresses and memory are all known, name the field that points outside memory. */
+  private checkRingAddrs(spec: AnyMessageSpec, v: Vring): void {
+    if (v.addr === null || v.num === 0 || this.mem === null || this.mem.regions.length === 0) return;
+    this.translateRing(spec, v, v.addr, this.mem);
+  }
+
+  private translateRing(spec: AnyMessageSpec, v: Vring, a: RingAddrs, mem: GuestMemory): { desc: number; avail: number; used: number } {
+    const n = v.num;
+    const t = (field: string, uva: number, len: number): number => {
+      try {
+        return mem.userToGuest(uva, len);
+      } catch (e) {
+        if (!(e instanceof MemoryError)) throw e;
+        throw new ProtocolError(spec.name, `vring ${v.index} ${field} 0x${uva.toString(16)} (+0x${len.toString(16)} bytes for ${n} entries) is outside the memory table`, false);
+      }
+    };
+    return {
+      desc: t('desc_user_addr', a.desc, VRING_DESC_SIZE * n),
+      avail: t('avail_user_addr', a.avail, 6 + 2 * n),
+      used: t('used_user_addr', a.used, 6 + VRING_USED_ELEM_SIZE * n),
+    };
+  }
+
+  /**
+   * Hand the queue to the device when everything it needs is there, take it
+   * back when something went away. Errors found here are the front-end's and
+   * are reported against the message being handled.
+   */
+  private evaluate(v: Vring): void {
+    const ready = !this.failed && v.kickSet && v.enabled && v.num > 0 && v.addr !== null && this.mem !== null && this.mem.regions.length > 0;
+    if (ready && v.dq === null) this.startRing(v);
+    else if (!ready && v.dq !== null) this.stopRing(v);
+  }
+
+  private startRing(v: Vring): void {
+    const mem = this.mem as GuestMemory;
+    const spec = this.current ?? Frontend.SET_VRING_KICK;
+    const g = this.translateRing(spec, v, v.addr as RingAddrs, mem);
+    const fresh = v.baseFresh || v.queue === null;
+    const q = v.queue ?? new SplitQueue(this.device.maxQueueSize);
+    q.size = v.num;
+    q.descAddr = g.desc;
+    q.availAddr = g.avail;
+    q.usedAddr = g.used;
+    q.eventIdx = hasFeature(this.ackedFeatures, F_RING_EVENT_IDX);
+    q.indirect = hasFeature(this.ackedFeatures, F_RING_INDIRECT_DESC);
+    if (fresh) q.nextAvail = v.base;
+    try {
+      q.activate(mem);
+      // Like libvhost-user: the used index lives in the ring, SET_VRING_BASE only carries avail's.
+      if (fresh) q.syncUsedFromRing(mem);
+    } catch (e) {
+      if (e instanceof QueueError || e instanceof MemoryError) {
+        throw new ProtocolError(spec.name, `vring ${v.index} cannot start: ${e.message}`, false);
+      }
+      throw e;
+    }
+    v.queue = q;
+    v.baseFresh = false;
+    this.logger.info(
+      `${this.label}: queue ${v.index} started: ${q.size} entries at guest 0x${q.descAddr.toString(16)}, avail ${q.nextAvail}, used ${q.nextUsed}${v.kickFd < 0 ? ', polled (no kick fd)' : ''}`,
+    );
+    const dq: DeviceQueue = { index: v.index, queue: q, mem, stats: v.stats, notify: v.notify };
+    v.dq = dq;
+    try {
+      this.device.startQueue(dq);
+    } catch (e) {
+      v.dq = null;
+      this.dataPathError(v, e);
+      return;
+    }
+    if (v.kickFd < 0) {
+      // NOFD: the front-end will never kick; poll the avail index instead.
+      v.pollTimer = setInterval(() => this.pollRing(v), NOFD_POLL_MS);
+      v.pollTimer.unref();
+    }
+    // A kick that came before enable (or before the ring was complete) must not be lost.
+    let pending = v.pendingKick;
+    v.pendingKick = false;
+    try {
+      if (!pending) pending = q.available(mem) > 0;
+      if (pending && v.dq !== null) this.device.kick(v.index);
+    } catch (e) {
+      this.dataPathError(v, e);
+    }
+  }
+
+  private stopRing(v: Vring): void {
+    if (v.pollTimer !== null) {
+      clearInterval(v.pollTimer);
+      v.pollTimer = null;
+    }
+    if (v.dq === null) return;
+    v.dq = null;
+    this.logger.info(`${this.label}: queue ${v.index} stopped at avail ${v.queue?.nextAvail ?? v.base}`);
+    try {
+      this.device.stopQueue(v.index);
+    } catch (e) {
+      this.logger.error(`${this.label}: queue ${v.index}: device failed to stop: ${asError(e, 'stopQueue').message}`);
+    }
+  }
+
+  private stopAllRings(): Vring[] {
+    const running = this.vrings.filter((v) => v.dq !== null);
+    for (const v of running) this.stopRing(v);
+    return running;
+  }
+
+  /** Restart rings taken off the device for a memory change; one that no longer fits fails the current message. */
+  private restartRings(rings: Vring[]): void {
+    let first: unknown = null;
+    for (const v of rings) {
+      try {
+        this.evaluate(v);
+      } catch (e) {
+        first ??= e;
+      }
+    }
+    if (first !== null) throw first;
+  }
+
+  private dropKick(v: Vring): void {
+    if (v.kickPoller !== null) {
+      try {
+        v.kickPoller.close();
+      } catch {
+        // Released already (environment teardown).
+      }
+      v.kickPoller = null;
+    }
+    if (v.kickFd >= 0) closeQuietly(v.kickFd);
+    v.kickFd = -1;
+  }
+
+  private onKick(v: Vring, status: number): void {
+    if (v.kickFd < 0) return;
+    if (status < 0) {
+      this.logger.error(`${this.label}: queue ${v.index}: kick fd poll error ${status}; no more kicks from it`);
+      this.dropKick(v);
+      return;
+    }
+    try {
+      this.addon.eventfdRead(v.kickFd);
+    } catch (e) {
+      // Not an eventfd we can drain: polling it again would spin.
+      this.logger.error(`${this.label}: queue ${v.index}: cannot read the kick fd: ${asError(e, 'read').message}`);
+      this.dropKick(v);
+      return;
+    }
+    v.stats.kicks++;
+    if (v.dq === null) {
+      v.pendingKick = true;
+      return;
+    }
+    try {
+      this.device.kick(v.index);
+    } catch (e) {
+      this.dataPathError(v, e);
+    }
+  }
+
+  private pollRing(v: Vring): void {
+    const q = v.queue;
+    if (v.dq === null || q === null) return;
+    try {
+      if (q.available(this.mem as GuestMemory) > 0) this.device.kick(v.index);
+    } catch (e) {
+      this.dataPathError(v, e);
+    }
+  }
+
+  // ---- data-path errors ------------------------------------------------------
+
+  /**
+   * The guest (or the device) broke something on the data path. The device is
+   * marked NEEDS_RESET and taken off all its queues; the front-end hears of it
+   * through the err eventfd (and GET_STATUS). The session stays up so the
+   * front-end can reset the device.
+   */
+  private dataPathError(v: Vring | null, e: unknown): void {
+    const err = asError(e, 'data path');
+    if (v !== null) v.stats.errors++;
+    const where = v === null ? 'device' : `queue ${v.index}`;
+    const known = err.name === 'QueueError' || err.name === 'MemoryError' || err.name === 'DeviceError';
+    if (this.failed) {
+      this.logger.warn(`${this.label}: ${where}: further error after NEEDS_RESET: ${err.name}: ${err.message}`);
+      return;
+    }
+    this.failed = true;
+    this.logger.error(
+      `${this.label}: ${where}: ${known ? '' : 'unexpected '}${err.name}: ${err.message}; device marked NEEDS_RESET, its queues stopped${known ? '' : `\n${err.stack ?? ''}`}`,
+    );
+    for (const r of this.vrings) this.stopRing(r);
+    const targets = v !== null ? [v] : this.vrings;
+    for (const r of targets) {
+      if (r.errFd < 0) continue;
+      try {
+        this.addon.eventfdWrite(r.errFd, 1);
+      } catch (we) {
+        this.logger.warn(`${this.label}: queue ${r.index}: cannot signal the err eventfd: ${asError(we, 'write').message}`);
+      }
+    }
+  }
+
+  // ---- status, config, reset ----------------------------------------------------
+
+  private setStatus(s: number): undefined {
+    // QEMU sends 0 when it stops the device, before GET_VRING_BASE: record it, do not reset the rings.
+    if (s === 0 && this.failed) {
+      this.failed = false;
+      this.logger.info(`${this.label}: driver reset the device; NEEDS_RESET cleared`);
+    }
+    this.driverStatus = s & ~STATUS_NEEDS_RESET;
+    return undefined;
+  }
+
+  private getConfig(spec: AnyMessageSpec, c: ConfigSpace): ConfigSpace | null {
+    if (c.offset + c.data.length > MAX_CONFIG_SIZE) {
+      throw new ProtocolError(spec.name, `offset ${c.offset} + size ${c.data.length} is beyond the config space`, false);
+    }
+    let data: Uint8Array;
+    try {
+      data = this.device.readConfig(c.offset, c.data.length);
+    } catch (e) {
+      throw new ProtocolError(spec.name, `device cannot read config [${c.offset}, +${c.data.length}): ${asError(e, 'readConfig').message}`, false);
+    }
+    if (data.length !== c.data.length) {
+      throw new ProtocolError(spec.name, `device returned ${data.length} config bytes for a ${c.data.length}-byte request`, false);
+    }
+    return { offset: c.offset, flags: c.flags, data };
+  }
+
+  private setConfig(spec: AnyMessageSpec, c: ConfigSpace): undefined {
+    if (c.flags !== CONFIG_FLAG_WRITABLE && c.flags !== CONFIG_FLAG_MIGRATION) {
+      throw new ProtocolError(spec.name, `flags ${c.flags} is neither 0 (writable fields) nor 1 (migration)`, false);
+    }
+    if (c.offset + c.data.length > MAX_CONFIG_SIZE) {
+      throw new ProtocolError(spec.name, `offset ${c.offset} + size ${c.data.length} is beyond the config space`, false);
+    }
+    try {
+      this.device.writeConfig(c.offset, c.data);
+    } catch (e) {
+      throw new ProtocolError(spec.name, `device refused config write [${c.offset}, +${c.data.length}): ${asError(e, 'writeConfig').message}`, false);
+    }
+    return undefined;
+  }
+
+  private setBackendReqFd(spec: AnyMessageSpec, fds: number[]): undefined {
+    // Left in fds until polling it worked: if it cannot be polled the pipeline closes it.
+    const fd = fds[0];
+    let ch: VhostUserConnection;
+    try {
+      ch = this.backendChannelOn(fd);
+    } catch (e) {
+      throw new ProtocolError(spec.name, `the fd is not a socket we can poll: ${asError(e, 'poll').message}`, false);
+    }
+    fds.shift();
+    this.backendChannel?.close();
+    this.backendChannel = ch;
+    ch.start();
+    return undefined;
+  }
+
+  private backendChannelOn(fd: number): VhostUserConnection {
+    const ch: VhostUserConnection = new VhostUserConnection(
+      fd,
+      {
+        onMessage: (hdr, _payload, rfds) => {
+          // We never set NEED_REPLY on this channel, so nothing should come back.
+          for (const f of rfds) closeQuietly(f);
+          this.logger.warn(`${this.label}: unexpected reply ${hdr.request} on the back-end channel (ignored)`);
+        },
+        onClose: (err) => {
+          if (this.backendChannel === ch) this.backendChannel = null;
+          if (err !== undefined && !this.closed) this.logger.warn(`${this.label}: back-end channel closed: ${err.message}`);
+        },
+      },
+      { incoming: 'reply', label: `${this.label}: back-end channel`, nameOf: backendReqName },
+    );
+    return ch;
+  }
+
+  /** RESET_DEVICE: back to the state of a fresh session, keeping the connection, memory and protocol features. */
+  private resetDevice(): void {
+    for (const v of this.vrings) {
+      if (v.pollTimer !== null) clearInterval(v.pollTimer);
+      v.pollTimer = null;
+      v.dq = null;
+    }
+    try {
+      this.device.reset();
+    } catch (e) {
+      this.logger.error(`${this.label}: device reset failed: ${asError(e, 'reset').message}`);
+    }
+    for (let i = 0; i < this.vrings.length; i++) {
+      this.releaseVring(this.vrings[i]);
+      this.vrings[i] = this.newVring(i, this.vrings[i].stats);
+    }
+    this.ackedFeatures = 0n;
+    this.featuresSet = false;
+    this.driverStatus = 0;
+    this.failed = false;
+  }
+
+  private releaseVring(v: Vring): void {
+    if (v.pollTimer !== null) clearInterval(v.pollTimer);
+    v.pollTimer = null;
+    this.dropKick(v);
+    if (v.callFd >= 0) closeQuietly(v.callFd);
+    if (v.errFd >= 0) closeQuietly(v.errFd);
+    v.callFd = -1;
+    v.errFd = -1;
+  }
+
+  /** The connection is gone: give everything back exactly once (connection.ts calls this once). */
+  private teardown(err: Error | undefined): void {
+    if (err === undefined) this.logger.info(`${this.label}: front-end disconnected`);
+    else if (err instanceof ConnectionError) this.logger.warn(`${err.message}; session ended`);
+    else if (!this.closeLogged) this.logger.error(`${err.message}; connection closed`);
+    for (const v of this.vrings) {
+      v.dq = null;
+      this.releaseVring(v);
+    }
+    if (this.device.onFatal === this.fatalHandler) this.device.onFatal = undefined;
+    try {
+      this.device.reset();
+    } catch (e) {
+      this.logger.error(`${this.label}: device reset failed: ${asError(e, 'reset').message}`);
+    }
+    this.backendChannel?.close();
+    this.backendChannel = null;
+    this.mem?.clear();
+    this.mem = null;
+    this.opts.onClose?.(err);
+  }
+}
+
+type RegionNums = { guestAddr: number; size: number; userAddr: number; mmapOffset: number };
+
+function regionKey(r: { guestAddr: number; size: number; userAddr: number; mmapOffset: number }): string {
+  return `${r.guestAddr}:${r.size}:${r.userAddr}:${r.mmapOffset}`;
+}
