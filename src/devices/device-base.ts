@@ -82,7 +82,6 @@ export abstract class DeviceBase implements VirtioDevice {
   kick(index: number): void {
     const q = this.queues[index];
     if (q === null || q === undefined || this.failed) return;
-    q.stats.kicks++;
     try {
       this.handleKick(q);
     } catch (err) {

@@ -7,7 +7,7 @@ export interface QueueStats {
   descriptors: number;
   /** Payload bytes moved (excluding virtio headers). */
   bytes: number;
-  /** Kicks received from the driver (bumped by the device in kick(), so links must not count them too). */
+  /** Kick notifications received from the driver (counted by the link, which owns the notification channel). */
   kicks: number;
   /** Interrupts (call eventfd writes) sent to the driver (bumped by the link in notify()). */
   interrupts: number;

@@ -158,7 +158,6 @@ test('TX from one device arrives at another on the same switch with the right by
   assert.ok(used.every((u) => u.len === 0), 'TX chains are returned with len 0');
   assert.equal(a.tx.dq.stats.descriptors, 3);
   assert.equal(a.tx.dq.stats.bytes, f1.length + f2.length + f3.length);
-  assert.equal(a.tx.dq.stats.kicks, 1);
 
   // The switch flushed b at the end of a's burst: the used entries are published already.
   const got = takeRx(b.rx);

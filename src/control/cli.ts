@@ -1,0 +1,91 @@
+#!/usr/bin/env node
+/** `vbridge`: the command line of virtio-bridge. */
+import { DEFAULT_CONTROL_SOCKET, loadTopology, TopologyError } from './topology';
+import { fetchJson } from './control-server';
+import { formatStats, type StatsReport } from './stats-format';
+import { serve } from './serve';
+
+const USAGE = `usage: vbridge <command> [options]
+
+commands:
+  serve TOPOLOGY.yaml          run the bridge with the functions the file declares
+  validate TOPOLOGY.yaml       check a topology file and print what it declares
+  stats [--control PATH] [--json]
+                               per-function, per-queue counters of a running serve
+                               (default control socket: ${DEFAULT_CONTROL_SOCKET})
+  help                         this text
+
+The topology schema is documented in docs/topology.md.
+`;
+
+function takeOption(args: string[], name: string): string | undefined {
+  const i = args.indexOf(name);
+  if (i < 0) return undefined;
+  const v = args[i + 1];
+  if (v === undefined) throw new UsageError(`${name} needs a value`);
+  args.splice(i, 2);
+  return v;
+}
+
+function takeFlag(args: string[], name: string): boolean {
+  const i = args.indexOf(name);
+  if (i < 0) return false;
+  args.splice(i, 1);
+  return true;
+}
+
+class UsageError extends Error {}
+
+async function main(argv: string[]): Promise<number> {
+  const [cmd, ...args] = argv;
+  switch (cmd) {
+    case 'serve': {
+      if (args.length !== 1) throw new UsageError('serve needs exactly one TOPOLOGY.yaml');
+      await serve(loadTopology(args[0]));
+      return 0;
+    }
+    case 'validate': {
+      if (args.length !== 1) throw new UsageError('validate needs exactly one TOPOLOGY.yaml');
+      const t = loadTopology(args[0]);
+      for (const f of t.functions) {
+        process.stdout.write(`${f.name}: ${f.type} on ${f.socket}, ${f.queues} queue(s), backend ${JSON.stringify(f.backend)}\n`);
+      }
+      process.stdout.write(`control socket: ${t.control}\n`);
+      return 0;
+    }
+    case 'stats': {
+      const control = takeOption(args, '--control') ?? DEFAULT_CONTROL_SOCKET;
+      const json = takeFlag(args, '--json');
+      if (args.length > 0) throw new UsageError(`unexpected argument: ${args[0]}`);
+      const report = await fetchJson<StatsReport>(control, '/stats');
+      process.stdout.write(json ? JSON.stringify(report, null, 2) + '\n' : formatStats(report));
+      return 0;
+    }
+    case undefined:
+    case 'help':
+    case '--help':
+    case '-h':
+      process.stdout.write(USAGE);
+      return cmd === undefined ? 2 : 0;
+    default:
+      throw new UsageError(`unknown command: ${cmd}`);
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    if (code !== 0) process.exitCode = code;
+  },
+  (err: unknown) => {
+    if (err instanceof UsageError) {
+      process.stderr.write(`vbridge: ${err.message}\n\n${USAGE}`);
+      process.exitCode = 2;
+    } else if (err instanceof TopologyError) {
+      process.stderr.write(`vbridge: topology error: ${err.message}\n`);
+      process.exitCode = 1;
+    } else {
+      process.stderr.write(`vbridge: ${err instanceof Error ? err.message : String(err)}\n`);
+      process.exitCode = 1;
+    }
+  },
+);

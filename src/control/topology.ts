@@ -1,0 +1,294 @@
+/**
+ * The topology file `vbridge serve` reads: which functions exist, where their
+ * vhost-user sockets are, and what backs them. docs/topology.md documents the
+ * schema; every error names the offending field by its path.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { parse as parseYaml } from 'yaml';
+
+export class TopologyError extends Error {
+  constructor(
+    readonly field: string,
+    message: string,
+  ) {
+    super(`${field}: ${message}`);
+    this.name = 'TopologyError';
+  }
+}
+
+export interface SwitchBackend {
+  kind: 'switch';
+  switch: string;
+}
+
+export interface NullBackend {
+  kind: 'null';
+}
+
+export interface FileBackend {
+  kind: 'file';
+  /** Absolute path (relative paths are resolved against the topology file's folder). */
+  file: string;
+  readonly: boolean;
+  /** Create or grow the file to this many bytes when it is smaller. */
+  size?: number;
+  blockSize: number;
+  serial?: string;
+}
+
+export interface NetFunction {
+  name: string;
+  type: 'net';
+  socket: string;
+  /** Queue pairs. */
+  queues: number;
+  queueSize: number;
+  mac?: string;
+  mtu?: number;
+  backend: SwitchBackend | NullBackend;
+}
+
+export interface BlkFunction {
+  name: string;
+  type: 'blk';
+  socket: string;
+  queues: number;
+  queueSize: number;
+  backend: FileBackend;
+}
+
+export type FunctionSpec = NetFunction | BlkFunction;
+
+export interface SwitchSpec {
+  name: string;
+  /** Host TAP devices to join to this switch. */
+  taps: string[];
+}
+
+export interface Topology {
+  /** HTTP control socket that `vbridge stats` talks to. */
+  control: string;
+  functions: FunctionSpec[];
+  switches: SwitchSpec[];
+}
+
+export const DEFAULT_CONTROL_SOCKET = '/run/vbridge/control.sock';
+
+type Obj = Record<string, unknown>;
+
+function isObj(v: unknown): v is Obj {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function checkKeys(o: Obj, allowed: readonly string[], where: string): void {
+  for (const k of Object.keys(o)) {
+    if (!allowed.includes(k)) {
+      throw new TopologyError(`${where}.${k}`, `unknown field (allowed: ${allowed.join(', ')})`);
+    }
+  }
+}
+
+function str(o: Obj, key: string, where: string, required: true): string;
+function str(o: Obj, key: string, where: string, required: false): string | undefined;
+function str(o: Obj, key: string, where: string, required: boolean): string | undefined {
+  const v = o[key];
+  if (v === undefined) {
+    if (required) throw new TopologyError(`${where}.${key}`, 'required string is missing');
+    return undefined;
+  }
+  if (typeof v !== 'string' || v.length === 0) {
+    throw new TopologyError(`${where}.${key}`, `expected a non-empty string, got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+function int(o: Obj, key: string, where: string, dflt: number, min: number, max: number): number {
+  const v = o[key];
+  if (v === undefined) return dflt;
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
+    throw new TopologyError(`${where}.${key}`, `expected an integer in [${min}, ${max}], got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+function bool(o: Obj, key: string, where: string, dflt: boolean): boolean {
+  const v = o[key];
+  if (v === undefined) return dflt;
+  if (typeof v !== 'boolean') throw new TopologyError(`${where}.${key}`, `expected true or false, got ${JSON.stringify(v)}`);
+  return v;
+}
+
+const SIZE_UNITS: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
+
+/** "64M", "1G", "4096" or a number of bytes. */
+function size(o: Obj, key: string, where: string): number | undefined {
+  const v = o[key];
+  if (v === undefined) return undefined;
+  if (typeof v === 'number' && Number.isSafeInteger(v) && v > 0) return v;
+  if (typeof v === 'string') {
+    const m = /^(\d+)\s*([KMGT]?)(i?B)?$/i.exec(v.trim());
+    if (m) {
+      const bytes = Number(m[1]) * (SIZE_UNITS[m[2].toUpperCase()] ?? 1);
+      if (Number.isSafeInteger(bytes) && bytes > 0) return bytes;
+    }
+  }
+  throw new TopologyError(`${where}.${key}`, `expected a size such as 4096, "64M" or "1G", got ${JSON.stringify(v)}`);
+}
+
+function isPowerOfTwo(n: number): boolean {
+  return n > 0 && (n & (n - 1)) === 0;
+}
+
+const MAC_RE = /^([0-9a-f]{2}:){5}[0-9a-f]{2}$/i;
+
+function parseNetBackend(b: Obj, where: string): SwitchBackend | NullBackend {
+  checkKeys(b, ['switch', 'null'], where);
+  if (b.switch !== undefined && b.null !== undefined) {
+    throw new TopologyError(where, 'give either "switch" or "null", not both');
+  }
+  if (b.null !== undefined) {
+    if (b.null !== true) throw new TopologyError(`${where}.null`, 'expected true');
+    return { kind: 'null' };
+  }
+  const sw = str(b, 'switch', where, false);
+  if (sw === undefined) throw new TopologyError(where, 'a net backend needs "switch: NAME" or "null: true"');
+  return { kind: 'switch', switch: sw };
+}
+
+function parseBlkBackend(b: Obj, where: string, baseDir: string): FileBackend {
+  checkKeys(b, ['file', 'readonly', 'size', 'block-size', 'blockSize', 'serial'], where);
+  const file = str(b, 'file', where, true);
+  const blockSize = int(b, b['block-size'] !== undefined ? 'block-size' : 'blockSize', where, 512, 512, 65536);
+  if (!isPowerOfTwo(blockSize)) throw new TopologyError(`${where}.block-size`, `must be a power of two, got ${blockSize}`);
+  const sz = size(b, 'size', where);
+  if (sz !== undefined && sz % 512 !== 0) throw new TopologyError(`${where}.size`, `must be a multiple of 512, got ${sz}`);
+  const serial = str(b, 'serial', where, false);
+  if (serial !== undefined && serial.length > 20) throw new TopologyError(`${where}.serial`, 'at most 20 characters');
+  return {
+    kind: 'file',
+    file: path.resolve(baseDir, file),
+    readonly: bool(b, 'readonly', where, false),
+    size: sz,
+    blockSize,
+    serial,
+  };
+}
+
+function parseFunction(f: unknown, i: number, baseDir: string): FunctionSpec {
+  const where = `functions[${i}]`;
+  if (!isObj(f)) throw new TopologyError(where, 'expected a mapping');
+  checkKeys(f, ['name', 'type', 'socket', 'queues', 'queue-size', 'mac', 'mtu', 'backend'], where);
+  const name = str(f, 'name', where, true);
+  if (!/^[A-Za-z0-9_.-]{1,32}$/.test(name)) {
+    throw new TopologyError(`${where}.name`, 'use 1-32 letters, digits, "_", "." or "-"');
+  }
+  const type = str(f, 'type', where, true);
+  const socket = path.resolve(baseDir, str(f, 'socket', where, true));
+  const queueSize = int(f, 'queue-size', where, 1024, 1, 32768);
+  if (!isPowerOfTwo(queueSize)) throw new TopologyError(`${where}.queue-size`, `must be a power of two, got ${queueSize}`);
+  const backend = f.backend;
+  if (!isObj(backend)) throw new TopologyError(`${where}.backend`, 'required mapping is missing');
+  if (type === 'net') {
+    const mac = str(f, 'mac', where, false);
+    if (mac !== undefined && !MAC_RE.test(mac)) throw new TopologyError(`${where}.mac`, `expected xx:xx:xx:xx:xx:xx, got "${mac}"`);
+    const mtu = f.mtu === undefined ? undefined : int(f, 'mtu', where, 1500, 68, 65535);
+    return {
+      name,
+      type,
+      socket,
+      queues: int(f, 'queues', where, 1, 1, 16),
+      queueSize,
+      mac,
+      mtu,
+      backend: parseNetBackend(backend, `${where}.backend`),
+    };
+  }
+  if (type === 'blk') {
+    if (f.mac !== undefined) throw new TopologyError(`${where}.mac`, 'only net functions have a MAC');
+    if (f.mtu !== undefined) throw new TopologyError(`${where}.mtu`, 'only net functions have an MTU');
+    return {
+      name,
+      type,
+      socket,
+      queues: int(f, 'queues', where, 1, 1, 16),
+      queueSize,
+      backend: parseBlkBackend(backend, `${where}.backend`, baseDir),
+    };
+  }
+  throw new TopologyError(`${where}.type`, `expected "net" or "blk", got ${JSON.stringify(type)}`);
+}
+
+function parseSwitch(s: unknown, i: number): SwitchSpec {
+  const where = `switches[${i}]`;
+  if (!isObj(s)) throw new TopologyError(where, 'expected a mapping');
+  checkKeys(s, ['name', 'tap', 'taps'], where);
+  const name = str(s, 'name', where, true);
+  const taps: string[] = [];
+  const one = str(s, 'tap', where, false);
+  if (one !== undefined) taps.push(one);
+  if (s.taps !== undefined) {
+    if (!Array.isArray(s.taps)) throw new TopologyError(`${where}.taps`, 'expected a list of TAP device names');
+    s.taps.forEach((t, j) => {
+      if (typeof t !== 'string' || !/^[A-Za-z0-9_.-]{1,15}$/.test(t)) {
+        throw new TopologyError(`${where}.taps[${j}]`, 'expected a network interface name (at most 15 characters)');
+      }
+      taps.push(t);
+    });
+  }
+  return { name, taps };
+}
+
+/** Validate a parsed document; relative paths resolve against baseDir. */
+export function validateTopology(doc: unknown, baseDir: string): Topology {
+  if (!isObj(doc)) throw new TopologyError('(top level)', 'expected a mapping with a "functions" list');
+  checkKeys(doc, ['control', 'functions', 'switches'], '(top level)');
+  if (!Array.isArray(doc.functions) || doc.functions.length === 0) {
+    throw new TopologyError('functions', 'expected a non-empty list');
+  }
+  const functions = doc.functions.map((f, i) => parseFunction(f, i, baseDir));
+  const switchesRaw = doc.switches ?? [];
+  if (!Array.isArray(switchesRaw)) throw new TopologyError('switches', 'expected a list');
+  const switches = switchesRaw.map((s, i) => parseSwitch(s, i));
+
+  const names = new Map<string, number>();
+  const sockets = new Map<string, number>();
+  functions.forEach((f, i) => {
+    const dupName = names.get(f.name);
+    if (dupName !== undefined) throw new TopologyError(`functions[${i}].name`, `"${f.name}" is already used by functions[${dupName}]`);
+    names.set(f.name, i);
+    const dupSock = sockets.get(f.socket);
+    if (dupSock !== undefined) throw new TopologyError(`functions[${i}].socket`, `${f.socket} is already used by functions[${dupSock}]`);
+    sockets.set(f.socket, i);
+  });
+  const swNames = new Set<string>();
+  switches.forEach((s, i) => {
+    if (swNames.has(s.name)) throw new TopologyError(`switches[${i}].name`, `"${s.name}" is declared twice`);
+    swNames.add(s.name);
+  });
+  // A switch named only by functions exists implicitly: the common case needs no switches section.
+  for (const f of functions) {
+    if (f.type === 'net' && f.backend.kind === 'switch' && !swNames.has(f.backend.switch)) {
+      swNames.add(f.backend.switch);
+      switches.push({ name: f.backend.switch, taps: [] });
+    }
+  }
+  const control = doc.control === undefined ? DEFAULT_CONTROL_SOCKET : str(doc, 'control', '(top level)', true);
+  return { control: path.resolve(baseDir, control), functions, switches };
+}
+
+export function loadTopology(file: string): Topology {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new TopologyError(file, `cannot read: ${(e as Error).message}`);
+  }
+  let doc: unknown;
+  try {
+    doc = parseYaml(text);
+  } catch (e) {
+    throw new TopologyError(file, `not valid YAML: ${(e as Error).message}`);
+  }
+  return validateTopology(doc, path.dirname(path.resolve(file)));
+}

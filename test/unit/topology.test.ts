@@ -1,0 +1,67 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { loadTopology, TopologyError, validateTopology } from '../../src/control/topology';
+
+const ISSUE_EXAMPLE = `
+functions:
+  - { name: net0, type: net, socket: /run/vbridge/net0.sock, queues: 1, backend: { switch: sw0 } }
+  - { name: net1, type: net, socket: /run/vbridge/net1.sock, backend: { switch: sw0 } }
+  - { name: blk0, type: blk, socket: /run/vbridge/blk0.sock, backend: { file: disk.img, readonly: false } }
+`;
+
+function fieldOf(fn: () => unknown): string {
+  try {
+    fn();
+  } catch (e) {
+    assert.ok(e instanceof TopologyError, `expected TopologyError, got ${String(e)}`);
+    return e.field;
+  }
+  assert.fail('expected a TopologyError');
+}
+
+test('the shape from the README loads, with implicit switch and resolved paths', () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'topo-'));
+  const file = path.join(dir, 'topology.yaml');
+  fs.writeFileSync(file, ISSUE_EXAMPLE);
+  const t = loadTopology(file);
+  assert.equal(t.functions.length, 3);
+  assert.deepEqual(t.switches, [{ name: 'sw0', taps: [] }]);
+  const blk = t.functions[2];
+  assert.equal(blk.type, 'blk');
+  assert.equal(blk.type === 'blk' && blk.backend.file, path.join(dir, 'disk.img'));
+  assert.equal(t.functions[1].queues, 1);
+  assert.equal(t.control, '/run/vbridge/control.sock');
+});
+
+test('errors name the bad field', () => {
+  const base = (f: Record<string, unknown>) => ({ functions: [{ name: 'a', type: 'net', socket: '/s', backend: { switch: 'x' }, ...f }] });
+  assert.equal(fieldOf(() => validateTopology(base({ type: 'gpu' }), '/')), 'functions[0].type');
+  assert.equal(fieldOf(() => validateTopology(base({ queues: 0 }), '/')), 'functions[0].queues');
+  assert.equal(fieldOf(() => validateTopology(base({ mac: 'zz' }), '/')), 'functions[0].mac');
+  assert.equal(fieldOf(() => validateTopology(base({ colour: 'red' }), '/')), 'functions[0].colour');
+  assert.equal(fieldOf(() => validateTopology(base({ 'queue-size': 100 }), '/')), 'functions[0].queue-size');
+  assert.equal(fieldOf(() => validateTopology(base({ backend: {} }), '/')), 'functions[0].backend');
+  assert.equal(fieldOf(() => validateTopology({ functions: [] }, '/')), 'functions');
+  const blk = { functions: [{ name: 'b', type: 'blk', socket: '/s', backend: { readonly: true } }] };
+  assert.equal(fieldOf(() => validateTopology(blk, '/')), 'functions[0].backend.file');
+  const dup = { functions: [base({}).functions[0], { ...base({}).functions[0], name: 'b' }] };
+  assert.equal(fieldOf(() => validateTopology(dup, '/')), 'functions[1].socket');
+});
+
+test('sizes and TAP lists parse', () => {
+  const t = validateTopology(
+    {
+      switches: [{ name: 'sw0', taps: ['vbtap0'] }],
+      functions: [{ name: 'b', type: 'blk', socket: 's', backend: { file: 'd', size: '64M', serial: 'X1' } }],
+    },
+    '/tmp',
+  );
+  const b = t.functions[0];
+  assert.ok(b.type === 'blk');
+  assert.equal(b.backend.size, 64 * 1024 * 1024);
+  assert.equal(b.socket, '/tmp/s');
+  assert.deepEqual(t.switches[0].taps, ['vbtap0']);
+});
