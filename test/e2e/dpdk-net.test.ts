@@ -1,0 +1,104 @@
+/**
+ * DPDK 22.11 testpmd with a virtio-user port against a net function: what it
+ * sends (txonly) the switch counts exactly, and what the switch sends it
+ * (rxonly) arrives exactly.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { withHeavyLock } from '../support/heavy-lock';
+import { startBridgeFixture, type BridgeFixture } from '../support/bridge-fixture';
+import { startTestpmd } from '../support/testpmd';
+import { getSwitch } from '../../src/devices/net/l2-switch';
+
+async function until(what: string, cond: () => boolean, timeoutMs: number): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+function switchPort(fx: BridgeFixture, sw: string, port: string): { rxFrames: number; txFrames: number } {
+  const s = fx.bridge.stats().switches.find((x) => x.name === sw);
+  const p = s?.ports.find((x) => x.name === port);
+  if (p === undefined) throw new Error(`no port ${port} on ${sw}`);
+  return p;
+}
+
+test('testpmd txonly into a net function: the switch counts every packet testpmd sent', { timeout: 180_000 }, async () => {
+  await withHeavyLock(async () => {
+    const fx = await startBridgeFixture({ functions: [{ name: 'dp0', type: 'net', socket: 'dp0.sock', backend: { switch: 'swtx' } }] });
+    try {
+      const pmd = await startTestpmd({
+        prefix: `vbt-tx-${process.pid}`,
+        vdev: `net_virtio_user0,path=${fx.socket('dp0')},queues=1,queue_size=256`,
+        fwdCore: 0,
+        mode: 'txonly',
+        txpkts: 64,
+        singleFileSegments: true,
+      });
+      try {
+        await pmd.start();
+        await new Promise((r) => setTimeout(r, 2000));
+        const c = await pmd.stop();
+        assert.ok(c.txPackets > 1000, `testpmd sent only ${c.txPackets} packets`);
+        await until('the function to drain the TX ring', () => fx.queue('dp0', 1).descriptors >= c.txPackets, 10_000);
+        assert.equal(fx.queue('dp0', 1).descriptors, c.txPackets);
+        assert.equal(switchPort(fx, 'swtx', 'dp0').rxFrames, c.txPackets);
+        assert.equal(fx.queue('dp0', 1).bytes, c.txPackets * 64);
+      } finally {
+        await pmd.quit();
+      }
+      assert.equal(fx.fnStats('dp0').needsReset, false);
+    } finally {
+      await fx.close();
+    }
+  });
+});
+
+test('testpmd rxonly on a net function receives every frame the switch sends it', { timeout: 180_000 }, async () => {
+  await withHeavyLock(async () => {
+    const fx = await startBridgeFixture({ functions: [{ name: 'dp1', type: 'net', socket: 'dp1.sock', backend: { switch: 'swrx' } }] });
+    try {
+      const pmd = await startTestpmd({
+        prefix: `vbt-rx-${process.pid}`,
+        vdev: `net_virtio_user0,path=${fx.socket('dp1')},queues=1,queue_size=256`,
+        fwdCore: 0,
+        mode: 'rxonly',
+        singleFileSegments: true,
+      });
+      try {
+        await pmd.start();
+        // A source port on the same switch: broadcast frames, paced in bursts.
+        const source = { name: 'src', deliver: (): void => {} };
+        const uplink = getSwitch('swrx').attach(source);
+        const frame = new Uint8Array(128);
+        frame.fill(0xff, 0, 6);
+        frame.set([0x02, 0, 0, 0, 0, 0x01], 6);
+        frame.set([0x88, 0xb5], 12); // local experimental EtherType
+        const BURSTS = 100;
+        const PER_BURST = 32;
+        for (let b = 0; b < BURSTS; b++) {
+          for (let i = 0; i < PER_BURST; i++) {
+            frame[14] = b;
+            frame[15] = i;
+            uplink.deliver(frame);
+          }
+          uplink.flush();
+          await new Promise((r) => setTimeout(r, 5));
+        }
+        await until('RX queue to publish every frame', () => fx.queue('dp1', 0).descriptors >= BURSTS * PER_BURST, 10_000);
+        await new Promise((r) => setTimeout(r, 500));
+        const c = await pmd.stop();
+        assert.equal(fx.queue('dp1', 0).drops, 0, 'the function dropped frames');
+        assert.equal(c.rxPackets, BURSTS * PER_BURST);
+        assert.equal(switchPort(fx, 'swrx', 'dp1').txFrames, BURSTS * PER_BURST);
+        uplink.detach();
+      } finally {
+        await pmd.quit();
+      }
+    } finally {
+      await fx.close();
+    }
+  });
+});

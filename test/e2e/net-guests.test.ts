@@ -1,0 +1,94 @@
+/**
+ * Two unmodified Linux guests (stock Debian virtio_net) on two net functions
+ * joined by one switch: pings without loss and an 8 MiB transfer with equal
+ * checksums. Guest A has 2 vCPUs and 2 queue pairs, so multiqueue is covered.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { startGuest, kv } from '../support/qemu-guest';
+import { withHeavyLock } from '../support/heavy-lock';
+import { startBridgeFixture } from '../support/bridge-fixture';
+
+// RFC 2544 benchmark range: the guests talk only through our in-process switch.
+const IP_A = '198.18.0.1';
+const IP_B = '198.18.0.2';
+
+const SCRIPT_A = `
+ip link set eth0 up && ip addr add ${IP_A}/24 dev eth0
+echo QUEUES=$(ls -d /sys/class/net/eth0/queues/tx-* | wc -l)
+mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=8 2>/dev/null
+echo BLOB_MD5=$(md5sum < /www/blob | cut -d' ' -f1)
+httpd -p 8080 -h /www
+# Ping B from each vCPU so that both TX queues carry traffic (XPS maps CPU n to queue n).
+until ping -c1 -W1 ${IP_B} >/dev/null 2>&1; do sleep 0.2; done
+echo A_PING0="$(taskset 1 ping -q -c 20 -i 0.02 ${IP_B} | grep -o '[0-9]* packets received')"
+echo A_PING1="$(taskset 2 ping -q -c 20 -i 0.02 -s 1400 ${IP_B} | grep -o '[0-9]* packets received')"
+# B publishes /done on its own httpd when it has fetched the blob.
+n=0; until wget -q -O /dev/null http://${IP_B}:8080/done; do n=$((n+1)); [ $n -gt 300 ] && break; sleep 0.5; done
+echo A_DONE=$((n <= 300))
+`;
+
+const SCRIPT_B = `
+ip link set eth0 up && ip addr add ${IP_B}/24 dev eth0
+until ping -c1 -W1 ${IP_A} >/dev/null 2>&1; do sleep 0.2; done
+echo PING56="$(ping -q -c 100 -i 0.02 ${IP_A} | grep -o '[0-9]* packets transmitted, [0-9]* packets received')"
+echo PING1400="$(ping -q -c 100 -i 0.02 -s 1400 ${IP_A} | grep -o '[0-9]* packets transmitted, [0-9]* packets received')"
+n=0; until wget -q -O /tmp/blob http://${IP_A}:8080/blob; do n=$((n+1)); [ $n -gt 30 ] && break; sleep 1; done
+echo GOT_MD5=$(md5sum < /tmp/blob | cut -d' ' -f1)
+echo GOT_SIZE=$(wc -c < /tmp/blob)
+mkdir -p /www && echo ok > /www/done && httpd -p 8080 -h /www
+# Stay up until A has seen /done.
+sleep 5
+`;
+
+test('two guests on one switch: ping 56/1400 B without loss, 8 MiB transfer intact, 2 queue pairs used', { timeout: 600_000 }, async () => {
+  await withHeavyLock(async () => {
+    const fx = await startBridgeFixture({
+      functions: [
+        { name: 'net0', type: 'net', socket: 'net0.sock', queues: 2, backend: { switch: 'sw0' } },
+        { name: 'net1', type: 'net', socket: 'net1.sock', backend: { switch: 'sw0' } },
+      ],
+    });
+    try {
+      const a = await startGuest({
+        name: 'net-a',
+        script: SCRIPT_A,
+        cpus: 2,
+        memMiB: 256,
+        nets: [{ socket: fx.socket('net0'), mac: '52:54:00:00:00:0a', queues: 2 }],
+        timeoutMs: 180_000,
+      });
+      const b = await startGuest({
+        name: 'net-b',
+        script: SCRIPT_B,
+        memMiB: 256,
+        nets: [{ socket: fx.socket('net1'), mac: '52:54:00:00:00:0b' }],
+        timeoutMs: 180_000,
+      });
+      const [ra, rb] = await Promise.all([a.done, b.done]);
+      const va = kv(ra.output);
+      const vb = kv(rb.output);
+      assert.equal(ra.rc, 0, `guest A failed:\n${ra.output}`);
+      assert.equal(rb.rc, 0, `guest B failed:\n${rb.output}`);
+      assert.equal(va.QUEUES, '2', 'guest A should see 2 TX queues');
+      assert.equal(vb.PING56, '100 packets transmitted, 100 packets received');
+      assert.equal(vb.PING1400, '100 packets transmitted, 100 packets received');
+      assert.equal(va.A_PING0, '20 packets received');
+      assert.equal(va.A_PING1, '20 packets received');
+      assert.equal(vb.GOT_SIZE, String(8 * 1024 * 1024));
+      assert.match(va.BLOB_MD5, /^[0-9a-f]{32}$/);
+      assert.equal(vb.GOT_MD5, va.BLOB_MD5);
+      assert.equal(va.A_DONE, '1');
+      // Both of A's TX queues (1 and 3) carried frames; counters add up on both sides.
+      assert.ok(fx.queue('net0', 1).descriptors > 0, 'net0 TX queue 0 unused');
+      assert.ok(fx.queue('net0', 3).descriptors > 0, 'net0 TX queue 1 unused');
+      const bTx = fx.queue('net1', 1);
+      assert.ok(bTx.descriptors >= 200, `net1 sent ${bTx.descriptors} frames`);
+      assert.ok(fx.queue('net1', 0).bytes >= 8 * 1024 * 1024, 'net1 RX bytes below the transfer size');
+      assert.ok(bTx.kicks > 0 && fx.queue('net1', 0).interrupts > 0);
+      for (const f of fx.bridge.stats().functions) assert.equal(f.needsReset, false);
+    } finally {
+      await fx.close();
+    }
+  });
+});

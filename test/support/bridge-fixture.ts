@@ -1,0 +1,54 @@
+/** Runs a bridge in the test process from a topology given as an object, in a temp dir. */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { Bridge } from '../../src/control/bridge';
+import { validateTopology } from '../../src/control/topology';
+import type { FunctionStatsRow, QueueStatsRow } from '../../src/control/stats-format';
+
+export interface BridgeFixture {
+  readonly dir: string;
+  readonly bridge: Bridge;
+  /** Socket path of a function. */
+  socket(name: string): string;
+  fnStats(name: string): FunctionStatsRow;
+  queue(name: string, index: number): QueueStatsRow;
+  close(): Promise<void>;
+}
+
+export interface FixtureDoc {
+  functions: Record<string, unknown>[];
+  switches?: Record<string, unknown>[];
+}
+
+/** `prepare` runs in the fixture's dir before the bridge opens anything (e.g. to write images). */
+export async function startBridgeFixture(doc: FixtureDoc, prepare?: (dir: string) => void): Promise<BridgeFixture> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-test-'));
+  prepare?.(dir);
+  const topology = validateTopology({ control: 'control.sock', ...doc }, dir);
+  const bridge = await Bridge.start(topology);
+  const fnStats = (name: string): FunctionStatsRow => {
+    const f = bridge.stats().functions.find((x) => x.name === name);
+    if (f === undefined) throw new Error(`no function ${name}`);
+    return f;
+  };
+  return {
+    dir,
+    bridge,
+    socket: (name) => {
+      const f = topology.functions.find((x) => x.name === name);
+      if (f === undefined) throw new Error(`no function ${name}`);
+      return f.socket;
+    },
+    fnStats,
+    queue: (name, index) => {
+      const q = fnStats(name).queues.find((x) => x.index === index);
+      if (q === undefined) throw new Error(`${name} has no queue ${index}`);
+      return q;
+    },
+    close: async () => {
+      await bridge.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}

@@ -1,0 +1,142 @@
+/**
+ * Drives DPDK's dpdk-testpmd in interactive mode: the real peer for the net
+ * functions' DPDK tests and the anchor of the benchmarks. testpmd needs a main
+ * lcore and a forwarding lcore; on this 2-core machine the forwarding lcore is
+ * the one that busy-polls, so callers choose it to keep pollers apart.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+
+export interface TestpmdOptions {
+  /** Unique per concurrent instance (DPDK's runtime directory). */
+  prefix: string;
+  /** e.g. `net_virtio_user0,path=/run/x.sock,queues=1` or `net_vhost0,iface=/run/x.sock`. */
+  vdev: string;
+  /** The forwarding lcore (busy polls); the other core is the idle main lcore. */
+  fwdCore: 0 | 1;
+  mode: 'txonly' | 'rxonly' | 'io' | 'macswap';
+  /** txonly packet size. */
+  txpkts?: number;
+  /** Hugepage memory in MiB (default 512). */
+  memMiB?: number;
+  /** virtio-user needs it ("Too many memory regions" otherwise). */
+  singleFileSegments?: boolean;
+  extraEal?: readonly string[];
+  extraApp?: readonly string[];
+}
+
+export interface PortCounters {
+  rxPackets: number;
+  rxDropped: number;
+  txPackets: number;
+  txDropped: number;
+}
+
+export interface Testpmd {
+  readonly proc: ChildProcess;
+  output(): string;
+  /** Send one interactive command line. */
+  command(line: string): void;
+  /** Wait for text to appear in the output after position `from`. */
+  waitFor(re: RegExp, timeoutMs: number, from?: number): Promise<RegExpMatchArray>;
+  start(): Promise<void>;
+  /** `show port stats 0`: cumulative port counters, readable while forwarding runs. */
+  portStats(): Promise<{ rxPackets: number; txPackets: number }>;
+  /** `stop` and parse the port 0 forward statistics it prints. */
+  stop(): Promise<PortCounters>;
+  quit(): Promise<void>;
+}
+
+export function parseForwardStats(text: string): PortCounters {
+  const m = /Forward statistics for port 0\s+-+\s+RX-packets:\s*(\d+)\s+RX-dropped:\s*(\d+)\s+RX-total:\s*\d+\s+TX-packets:\s*(\d+)\s+TX-dropped:\s*(\d+)/.exec(text);
+  if (m === null) throw new Error('no "Forward statistics for port 0" block in testpmd output');
+  return { rxPackets: Number(m[1]), rxDropped: Number(m[2]), txPackets: Number(m[3]), txDropped: Number(m[4]) };
+}
+
+export async function startTestpmd(o: TestpmdOptions): Promise<Testpmd> {
+  const main = o.fwdCore === 0 ? 1 : 0;
+  const args = [
+    '-l', '0,1', '--main-lcore', String(main), '--no-pci', '--file-prefix', o.prefix,
+    '-m', String(o.memMiB ?? 512), '--vdev', o.vdev,
+    ...(o.singleFileSegments === true ? ['--single-file-segments'] : []),
+    ...(o.extraEal ?? []),
+    '--', '-i', `--forward-mode=${o.mode}`, '--nb-cores=1',
+    ...(o.txpkts !== undefined ? [`--txpkts=${o.txpkts}`] : []),
+    ...(o.extraApp ?? []),
+  ];
+  // testpmd printf()s to a pipe, which libc block-buffers: unbuffer it so each reply arrives now.
+  const proc = spawn('stdbuf', ['-o0', '-e0', 'dpdk-testpmd', ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = '';
+  let exited = false;
+  const waiters = new Set<() => void>();
+  const onData = (b: Buffer): void => {
+    out += b.toString('utf8');
+    for (const w of waiters) w();
+  };
+  proc.stdout?.on('data', onData);
+  proc.stderr?.on('data', onData);
+  proc.on('exit', () => {
+    exited = true;
+    for (const w of waiters) w();
+  });
+
+  const waitFor = (re: RegExp, timeoutMs: number, from = 0): Promise<RegExpMatchArray> =>
+    new Promise((resolve, reject) => {
+      const check = (): void => {
+        const m = out.slice(from).match(re);
+        if (m !== null) {
+          done();
+          resolve(m);
+        } else if (exited) {
+          done();
+          reject(new Error(`testpmd exited before ${re}:\n${out.slice(-3000)}`));
+        }
+      };
+      const timer = setTimeout(() => {
+        done();
+        reject(new Error(`testpmd: no ${re} within ${timeoutMs} ms:\n${out.slice(-3000)}`));
+      }, timeoutMs);
+      const done = (): void => {
+        clearTimeout(timer);
+        waiters.delete(check);
+      };
+      waiters.add(check);
+      check();
+    });
+
+  const command = (line: string): void => {
+    proc.stdin?.write(line + '\n');
+  };
+
+  await waitFor(/testpmd> /, 60_000);
+  return {
+    proc,
+    output: () => out,
+    command,
+    waitFor,
+    start: async () => {
+      const from = out.length;
+      command('start');
+      await waitFor(/testpmd> /, 10_000, from);
+    },
+    portStats: async () => {
+      const from = out.length;
+      command('show port stats 0');
+      const m = await waitFor(/RX-packets:\s*(\d+)[\s\S]*?TX-packets:\s*(\d+)/, 10_000, from);
+      return { rxPackets: Number(m[1]), txPackets: Number(m[2]) };
+    },
+    stop: async () => {
+      const from = out.length;
+      command('stop');
+      await waitFor(/Done\.\s*\n/, 20_000, from);
+      return parseForwardStats(out.slice(from));
+    },
+    quit: async () => {
+      if (exited) return;
+      const gone = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
+      command('quit');
+      const t = setTimeout(() => proc.kill('SIGKILL'), 15_000);
+      await gone;
+      clearTimeout(t);
+    },
+  };
+}
