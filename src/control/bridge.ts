@@ -110,15 +110,7 @@ export class Bridge {
         connected: s.connected,
         status: s.status,
         needsReset: s.needsReset,
-        queues: s.queues.map((q) => ({
-          index: q.index,
-          descriptors: q.descriptors,
-          bytes: q.bytes,
-          kicks: q.kicks,
-          interrupts: q.interrupts,
-          drops: q.drops,
-          errors: q.errors,
-        })),
+        queues: s.queues,
       };
     });
     const switches: SwitchStatsRow[] = [...this.switches.values()].map((sw) => ({

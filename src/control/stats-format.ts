@@ -1,13 +1,7 @@
+import type { QueueStats } from '../devices/device';
+
 /** Shape of GET /stats on the control socket and its text rendering for `vbridge stats`. */
-export interface QueueStatsRow {
-  index: number;
-  descriptors: number;
-  bytes: number;
-  kicks: number;
-  interrupts: number;
-  drops: number;
-  errors: number;
-}
+export type QueueStatsRow = QueueStats & { index: number };
 
 export interface FunctionStatsRow {
   name: string;

@@ -24,36 +24,13 @@ import {
 } from '../../src/virtio/constants';
 import { MockDriver, type RawDesc } from '../../src/virtio/mock-driver';
 import { QueueError, SplitQueue } from '../../src/virtio/split-queue';
+import { Rng } from './rng';
 
 const NEXT = VRING_DESC_F_NEXT;
 const WRITE = VRING_DESC_F_WRITE;
 const INDIRECT = VRING_DESC_F_INDIRECT;
 const TWO_32 = 2 ** 32;
 
-/** mulberry32: small, fast and good enough to drive mutations reproducibly. */
-class Rng {
-  private s: number;
-  constructor(seed: number) {
-    this.s = seed >>> 0;
-  }
-  u32(): number {
-    this.s = (this.s + 0x6d2b79f5) >>> 0;
-    let t = this.s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  }
-  /** Integer in [0, n). */
-  int(n: number): number {
-    return Math.floor((this.u32() / TWO_32) * n);
-  }
-  chance(p: number): boolean {
-    return this.u32() / TWO_32 < p;
-  }
-  pick<T>(xs: readonly T[]): T {
-    return xs[this.int(xs.length)];
-  }
-}
 
 type Outcome = { kind: 'none' } | { kind: 'error' } | { kind: 'chain'; chain: DescriptorChain };
 

@@ -32,41 +32,12 @@ import {
 import { FLAG_NEED_REPLY, HEADER_SIZE, VERSION, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
 import { bit, F_VERSION_1 } from '../../src/virtio/constants';
 import { CaptureLogger, EchoDevice, Guest, GUEST_BASE, GUEST_SIZE, openFds, PF_BIT, USER_BASE } from '../unit/vhost-user-harness';
+import { Rng } from './rng';
 
-const TWO_32 = 2 ** 32;
+export { Rng };
+
 const ALL_PROTOCOL = PF_BIT('REPLY_ACK') | PF_BIT('MQ') | PF_BIT('CONFIGURE_MEM_SLOTS') | PF_BIT('STATUS') | PF_BIT('RESET_DEVICE') | PF_BIT('CONFIG') | PF_BIT('BACKEND_REQ');
 
-/** mulberry32: small, fast, reproducible from a printed seed. */
-export class Rng {
-  private s: number;
-  constructor(seed: number) {
-    this.s = seed >>> 0;
-  }
-  u32(): number {
-    this.s = (this.s + 0x6d2b79f5) >>> 0;
-    let t = this.s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  }
-  int(n: number): number {
-    return Math.floor((this.u32() / TWO_32) * n);
-  }
-  chance(p: number): boolean {
-    return this.u32() / TWO_32 < p;
-  }
-  pick<T>(xs: readonly T[]): T {
-    return xs[this.int(xs.length)];
-  }
-  bytes(n: number): Uint8Array {
-    const b = new Uint8Array(n);
-    for (let i = 0; i < n; i++) b[i] = this.u32() & 0xff;
-    return b;
-  }
-  u64(): bigint {
-    return (BigInt(this.u32()) << 32n) | BigInt(this.u32());
-  }
-}
 
 export interface FuzzReport {
   iterations: number;
