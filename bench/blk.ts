@@ -10,6 +10,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { startGuest, type GuestFile } from '../test/support/qemu-guest';
 import { createRawImage, startStorageDaemon } from '../test/support/storage-daemon';
+import { stopChild } from './net';
 
 export interface BlkResult {
   job: 'randread' | 'randwrite';
@@ -77,8 +78,7 @@ export async function blkBench(seconds: number): Promise<BlkResult[]> {
       }
       ours = await runGuest(sock, files, seconds);
     } finally {
-      serve.kill('SIGTERM');
-      await new Promise((r) => serve.once('exit', r));
+      await stopChild(serve);
     }
     return (['randread', 'randwrite'] as const).map((job) => ({
       job,

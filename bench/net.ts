@@ -5,7 +5,7 @@
  * forwarding lcore on core 0, the receiver (vhost PMD lcore or the vbridge
  * process) on core 1.
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -25,6 +25,14 @@ export interface NetResult {
 
 const CLI = path.resolve(__dirname, '..', 'src', 'control', 'cli.js');
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** SIGTERM and wait; a child that already exited has no 'exit' event left to wait for. */
+export async function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const gone = new Promise((r) => child.once('exit', r));
+  child.kill('SIGTERM');
+  await gone;
+}
 
 async function anchor(size: number, seconds: number, dir: string): Promise<number> {
   const sock = path.join(dir, 'vhost-pmd.sock');
@@ -62,7 +70,7 @@ async function ours(size: number, seconds: number, dir: string): Promise<Omit<Ne
   const sock = path.join(dir, 'null.sock');
   const control = path.join(dir, 'control.sock');
   const topo = path.join(dir, 'bench.yaml');
-  fs.writeFileSync(topo, `control: ${control}\nfunctions:\n  - { name: sink, type: net, socket: ${sock}, backend: { null: true } }\n`);
+  fs.writeFileSync(topo, `control: ${control}\nfunctions:\n  - { name: sink, type: net, socket: ${sock}, backend: { sink: true } }\n`);
   const serve = spawn('taskset', ['-c', '1', process.execPath, CLI, 'serve', topo], { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
   serve.stderr?.on('data', (b: Buffer) => (log += b.toString()));
@@ -102,8 +110,7 @@ async function ours(size: number, seconds: number, dir: string): Promise<Omit<Ne
       await tx.quit();
     }
   } finally {
-    serve.kill('SIGTERM');
-    await new Promise((r) => serve.once('exit', r));
+    await stopChild(serve);
   }
 }
 

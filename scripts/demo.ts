@@ -77,8 +77,11 @@ async function main(): Promise<void> {
       process.exitCode = 1;
     }
   } finally {
-    serve.kill('SIGTERM');
-    await new Promise((r) => serve.once('exit', r));
+    if (serve.exitCode === null && serve.signalCode === null) {
+      const gone = new Promise((r) => serve.once('exit', r));
+      serve.kill('SIGTERM');
+      await gone;
+    }
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }

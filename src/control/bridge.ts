@@ -39,7 +39,7 @@ function createDevice(spec: FunctionSpec, switches: Map<string, L2Switch>): { de
     return { device, release: () => device.close() };
   }
   const device = new NetDevice({ name: spec.name, mac: spec.mac, queuePairs: spec.queues, queueSize: spec.queueSize, mtu: spec.mtu });
-  if (spec.backend.kind === 'null') {
+  if (spec.backend.kind === 'sink') {
     const sink = new NullPort(`${spec.name}-null`);
     device.connect(sink);
     sink.connect(device);

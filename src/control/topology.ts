@@ -22,8 +22,9 @@ export interface SwitchBackend {
   switch: string;
 }
 
-export interface NullBackend {
-  kind: 'null';
+/** A sink that counts and drops frames. Named `sink`, not `null`: YAML reads an unquoted `null:` key as the null scalar. */
+export interface SinkBackend {
+  kind: 'sink';
 }
 
 export interface FileBackend {
@@ -46,7 +47,7 @@ export interface NetFunction {
   queueSize: number;
   mac?: string;
   mtu?: number;
-  backend: SwitchBackend | NullBackend;
+  backend: SwitchBackend | SinkBackend;
 }
 
 export interface BlkFunction {
@@ -142,17 +143,17 @@ function isPowerOfTwo(n: number): boolean {
 
 const MAC_RE = /^([0-9a-f]{2}:){5}[0-9a-f]{2}$/i;
 
-function parseNetBackend(b: Obj, where: string): SwitchBackend | NullBackend {
-  checkKeys(b, ['switch', 'null'], where);
-  if (b.switch !== undefined && b.null !== undefined) {
-    throw new TopologyError(where, 'give either "switch" or "null", not both');
+function parseNetBackend(b: Obj, where: string): SwitchBackend | SinkBackend {
+  checkKeys(b, ['switch', 'sink'], where);
+  if (b.switch !== undefined && b.sink !== undefined) {
+    throw new TopologyError(where, 'give either "switch" or "sink", not both');
   }
-  if (b.null !== undefined) {
-    if (b.null !== true) throw new TopologyError(`${where}.null`, 'expected true');
-    return { kind: 'null' };
+  if (b.sink !== undefined) {
+    if (b.sink !== true) throw new TopologyError(`${where}.sink`, 'expected true');
+    return { kind: 'sink' };
   }
   const sw = str(b, 'switch', where, false);
-  if (sw === undefined) throw new TopologyError(where, 'a net backend needs "switch: NAME" or "null: true"');
+  if (sw === undefined) throw new TopologyError(where, 'a net backend needs "switch: NAME" or "sink: true"');
   return { kind: 'switch', switch: sw };
 }
 

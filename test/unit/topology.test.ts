@@ -10,6 +10,7 @@ functions:
   - { name: net0, type: net, socket: /run/vbridge/net0.sock, queues: 1, backend: { switch: sw0 } }
   - { name: net1, type: net, socket: /run/vbridge/net1.sock, backend: { switch: sw0 } }
   - { name: blk0, type: blk, socket: /run/vbridge/blk0.sock, backend: { file: disk.img, readonly: false } }
+  - { name: sink0, type: net, socket: /run/vbridge/sink0.sock, backend: { sink: true } }
 `;
 
 function fieldOf(fn: () => unknown): string {
@@ -27,7 +28,9 @@ test('the shape from the README loads, with implicit switch and resolved paths',
   const file = path.join(dir, 'topology.yaml');
   fs.writeFileSync(file, ISSUE_EXAMPLE);
   const t = loadTopology(file);
-  assert.equal(t.functions.length, 3);
+  assert.equal(t.functions.length, 4);
+  const sink = t.functions[3];
+  assert.ok(sink.type === 'net' && sink.backend.kind === 'sink', 'the sink backend parses from YAML text');
   assert.deepEqual(t.switches, [{ name: 'sw0', taps: [] }]);
   const blk = t.functions[2];
   assert.equal(blk.type, 'blk');

@@ -1,6 +1,6 @@
 /**
  * A benchmark port: as a sink it counts and forgets every frame (the
- * `{ null: true }` backend); as a source it sends generated frames to its
+ * `{ sink: true }` backend); as a source it sends generated frames to its
  * uplink (RX tests such as testpmd rxonly).
  */
 import { type Endpoint, type Port, MAX_FRAME, ETH_HLEN } from './port';
