@@ -9,7 +9,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { startTestpmd } from '../test/support/testpmd';
+import { startTestpmd, type Testpmd } from '../test/support/testpmd';
 import { fetchJson } from '../src/control/control-server';
 import type { StatsReport } from '../src/control/stats-format';
 
@@ -34,22 +34,33 @@ export async function stopChild(child: ChildProcess): Promise<void> {
   await gone;
 }
 
+/** The frontend both receivers face: testpmd virtio-user txonly on core 0, forwarding and warmed up for 1 s. */
+async function startSender(prefix: string, sock: string, size: number): Promise<Testpmd> {
+  const tx = await startTestpmd({
+    prefix,
+    vdev: `net_virtio_user0,path=${sock},queues=1,queue_size=1024`,
+    fwdCore: 0,
+    mode: 'txonly',
+    txpkts: size,
+    singleFileSegments: true,
+  });
+  try {
+    await tx.start();
+    await sleep(1000);
+  } catch (e) {
+    await tx.quit();
+    throw e;
+  }
+  return tx;
+}
+
 async function anchor(size: number, seconds: number, dir: string): Promise<number> {
   const sock = path.join(dir, 'vhost-pmd.sock');
   const rx = await startTestpmd({ prefix: 'vbb-vhost', vdev: `net_vhost0,iface=${sock},queues=1`, fwdCore: 1, mode: 'rxonly' });
   try {
     await rx.start();
-    const tx = await startTestpmd({
-      prefix: 'vbb-vu-a',
-      vdev: `net_virtio_user0,path=${sock},queues=1,queue_size=1024`,
-      fwdCore: 0,
-      mode: 'txonly',
-      txpkts: size,
-      singleFileSegments: true,
-    });
+    const tx = await startSender('vbb-vu-a', sock, size);
     try {
-      await tx.start();
-      await sleep(1000);
       const a = await rx.portStats();
       const t0 = Date.now();
       await sleep(seconds * 1000);
@@ -79,17 +90,8 @@ async function ours(size: number, seconds: number, dir: string): Promise<Omit<Ne
       if (i > 100) throw new Error(`vbridge serve did not start: ${log}`);
       await sleep(100);
     }
-    const tx = await startTestpmd({
-      prefix: 'vbb-vu-b',
-      vdev: `net_virtio_user0,path=${sock},queues=1,queue_size=1024`,
-      fwdCore: 0,
-      mode: 'txonly',
-      txpkts: size,
-      singleFileSegments: true,
-    });
+    const tx = await startSender('vbb-vu-b', sock, size);
     try {
-      await tx.start();
-      await sleep(1000);
       const q = async (): Promise<{ d: number; k: number; i: number; t: number }> => {
         const r = await fetchJson<StatsReport>(control, '/stats');
         const txq = r.functions[0].queues.find((x) => x.index === 1);
