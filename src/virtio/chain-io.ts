@@ -11,6 +11,37 @@ import type { MemoryAccess } from '../memory/memory-access';
 import type { ChainSegment } from './chain';
 
 /**
+ * The chain walk behind readSegments and writeSegments: copy between buf and
+ * [offset, offset+len) of segs. No closure and no view per piece: net TX and
+ * RX call this once per packet.
+ */
+function copySegments(
+  mem: MemoryAccess,
+  segs: readonly ChainSegment[],
+  offset: number,
+  buf: Uint8Array,
+  bufOff: number,
+  len: number,
+  toGuest: boolean,
+): number {
+  let done = 0;
+  let skip = offset;
+  for (let i = 0; i < segs.length && done < len; i++) {
+    const s = segs[i];
+    if (skip >= s.len) {
+      skip -= s.len;
+      continue;
+    }
+    const n = Math.min(s.len - skip, len - done);
+    if (toGuest) mem.write(s.addr + skip, buf, bufOff + done, n);
+    else mem.read(s.addr + skip, buf, bufOff + done, n);
+    done += n;
+    skip = 0;
+  }
+  return done;
+}
+
+/**
  * Copy up to len bytes of segs, starting at chain offset `offset`, into
  * dst[dstOff..]. Returns the number of bytes copied: less than len when the
  * segments end first.
@@ -23,20 +54,7 @@ export function readSegments(
   dstOff: number,
   len: number,
 ): number {
-  let done = 0;
-  let skip = offset;
-  for (let i = 0; i < segs.length && done < len; i++) {
-    const s = segs[i];
-    if (skip >= s.len) {
-      skip -= s.len;
-      continue;
-    }
-    const n = Math.min(s.len - skip, len - done);
-    mem.read(s.addr + skip, dst, dstOff + done, n);
-    done += n;
-    skip = 0;
-  }
-  return done;
+  return copySegments(mem, segs, offset, dst, dstOff, len, false);
 }
 
 /**
@@ -51,20 +69,7 @@ export function writeSegments(
   srcOff: number,
   len: number,
 ): number {
-  let done = 0;
-  let skip = offset;
-  for (let i = 0; i < segs.length && done < len; i++) {
-    const s = segs[i];
-    if (skip >= s.len) {
-      skip -= s.len;
-      continue;
-    }
-    const n = Math.min(s.len - skip, len - done);
-    mem.write(s.addr + skip, src, srcOff + done, n);
-    done += n;
-    skip = 0;
-  }
-  return done;
+  return copySegments(mem, segs, offset, src, srcOff, len, true);
 }
 
 /**
