@@ -13,19 +13,27 @@ import { VhostUserServer } from '../vhost-user/server';
 import { ControlServer } from './control-server';
 import { consoleLogger, type Logger } from '../log';
 import type { FunctionStatsRow, StatsReport, SwitchStatsRow } from './stats-format';
-import type { FunctionSpec, Topology } from './topology';
+import type { FunctionSpec, LinkBackend, Topology, VhostUserLinkBackend } from './topology';
+import { newQueueStats } from '../devices/device';
+import { RelayFunction } from '../bridge/relay-function';
+import { PcieShadowLink } from '../links/pcie/pcie-shadow-link';
+import { VhostUserRelayLink } from '../links/vhost-user/relay-link';
+import { PassthroughFunction } from '../links/vhost-user/passthrough';
+import { VIRTIO_ID_BLOCK, VIRTIO_ID_NET } from '../virtio/constants';
 
+/** One function of the topology, whatever runs its device. */
 interface RunningFunction {
   readonly spec: FunctionSpec;
-  readonly device: VirtioDevice;
-  readonly server: VhostUserServer;
-  /** Releases the backend (switch port, file). */
-  readonly release: () => void;
+  /** The in-bridge device (local functions) or the relay (once a backend is up); null for passthrough. */
+  device(): VirtioDevice | null;
+  stats(): FunctionStatsRow;
+  close(): void;
 }
 
 function createDevice(spec: FunctionSpec, switches: Map<string, L2Switch>): { device: VirtioDevice; release: () => void } {
   if (spec.type === 'blk') {
     const b = spec.backend;
+    if (b.kind !== 'file') throw new Error(`${spec.name}: not a local backend`);
     const device = new BlkDevice({
       name: spec.name,
       file: b.file,
@@ -39,6 +47,7 @@ function createDevice(spec: FunctionSpec, switches: Map<string, L2Switch>): { de
     return { device, release: () => device.close() };
   }
   const device = new NetDevice({ name: spec.name, mac: spec.mac, queuePairs: spec.queues, queueSize: spec.queueSize, mtu: spec.mtu });
+  if (spec.backend.kind !== 'sink' && spec.backend.kind !== 'switch') throw new Error(`${spec.name}: not a local backend`);
   if (spec.backend.kind === 'sink') {
     const sink = new NullPort(`${spec.name}-null`);
     device.connect(sink);
@@ -49,6 +58,79 @@ function createDevice(spec: FunctionSpec, switches: Map<string, L2Switch>): { de
   if (sw === undefined) throw new Error(`${spec.name}: switch ${spec.backend.switch} was not created`);
   sw.plug(device);
   return { device, release: () => sw.unplug(device) };
+}
+
+function localFunction(spec: FunctionSpec, switches: Map<string, L2Switch>, log: Logger): RunningFunction {
+  const { device, release } = createDevice(spec, switches);
+  const server = new VhostUserServer(spec.socket, device, log);
+  server.listen();
+  return {
+    spec,
+    device: () => device,
+    stats: () => ({ name: spec.name, type: spec.type, link: 'local', ...server.stats() }),
+    close: () => {
+      server.close();
+      release();
+    },
+  };
+}
+
+function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): RunningFunction {
+  const link =
+    b.kind === 'pcie'
+      ? new PcieShadowLink(b.attach, b.barSize, log, spec.name)
+      : new VhostUserRelayLink(b.socket, spec.type === 'blk' ? VIRTIO_ID_BLOCK : VIRTIO_ID_NET, b.barSize, log, spec.name);
+  const fn = new RelayFunction({ name: spec.name, type: spec.type, socket: spec.socket, queueSize: spec.queueSize, slotSize: b.slotSize }, link, log);
+  fn.start();
+  return {
+    spec,
+    device: () => fn.device,
+    stats: () => {
+      const st = fn.stats();
+      const server = st.server ?? { socket: spec.socket, connected: false, status: 0, needsReset: false, queues: [] };
+      return {
+        name: spec.name,
+        type: spec.type,
+        link: `${b.kind} relay`,
+        ...server,
+        backend: { ...st.link, state: fn.device?.state ?? st.link.state },
+        relay: st.relay,
+      };
+    },
+    close: () => fn.close(),
+  };
+}
+
+function passthroughFunction(spec: FunctionSpec, b: VhostUserLinkBackend, log: Logger): RunningFunction {
+  const fn = new PassthroughFunction({ name: spec.name, socket: spec.socket, backendSocket: b.socket, logger: log });
+  fn.listen();
+  return {
+    spec,
+    device: () => null,
+    stats: () => {
+      const st = fn.stats();
+      return {
+        name: spec.name,
+        type: spec.type,
+        link: 'vhost-user passthrough',
+        socket: st.socket,
+        connected: st.connected,
+        status: st.status,
+        needsReset: st.needsReset,
+        queues: st.queues.map((q) => ({ ...newQueueStats(), ...q })),
+        backend: { kind: 'vhost-user', endpoint: b.socket, state: st.backendConnected ? 'up' : 'down', attaches: 0, controlMessages: st.messages },
+      };
+    },
+    close: () => fn.close(),
+  };
+}
+
+function startFunction(spec: FunctionSpec, switches: Map<string, L2Switch>, log: Logger): RunningFunction {
+  const b = spec.backend;
+  if (b.kind === 'pcie' || b.kind === 'vhost-user') {
+    return b.kind === 'vhost-user' && b.mode === 'passthrough' ? passthroughFunction(spec, b, log) : relayFunction(spec, b, log);
+  }
+  return localFunction(spec, switches, log);
 }
 
 export class Bridge {
@@ -80,10 +162,7 @@ export class Bridge {
         }
       }
       for (const spec of topology.functions) {
-        const { device, release } = createDevice(spec, switches);
-        const server = new VhostUserServer(spec.socket, device, log);
-        functions.push({ spec, device, server, release });
-        server.listen();
+        functions.push(startFunction(spec, switches, log));
       }
       bridge.control = await ControlServer.listen(topology.control, { stats: () => bridge.stats() });
     } catch (e) {
@@ -94,25 +173,15 @@ export class Bridge {
     return bridge;
   }
 
-  device(name: string): VirtioDevice {
+  /** The function's device: in-bridge for local functions, the relay for linked ones (null until a backend is up, and for passthrough). */
+  device(name: string): VirtioDevice | null {
     const f = this.functions.find((x) => x.spec.name === name);
     if (f === undefined) throw new Error(`no function named ${name}`);
-    return f.device;
+    return f.device();
   }
 
   stats(): StatsReport {
-    const functions: FunctionStatsRow[] = this.functions.map((f) => {
-      const s = f.server.stats();
-      return {
-        name: f.spec.name,
-        type: f.spec.type,
-        socket: s.socket,
-        connected: s.connected,
-        status: s.status,
-        needsReset: s.needsReset,
-        queues: s.queues,
-      };
-    });
+    const functions: FunctionStatsRow[] = this.functions.map((f) => f.stats());
     const switches: SwitchStatsRow[] = [...this.switches.values()].map((sw) => ({
       name: sw.name,
       dropped: sw.dropped,
@@ -126,8 +195,7 @@ export class Bridge {
     this.control = null;
     for (const f of this.functions.splice(0)) {
       try {
-        f.server.close();
-        f.release();
+        f.close();
       } catch (e) {
         this.log.warn(`${f.spec.name}: while closing: ${(e as Error).message}`);
       }

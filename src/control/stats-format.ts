@@ -1,4 +1,6 @@
 import type { QueueStats } from '../devices/device';
+import type { RelayQueueStats } from '../bridge/relay-device';
+import type { ShadowLinkStats } from '../bridge/shadow-link';
 
 /** Shape of GET /stats on the control socket and its text rendering for `vbridge stats`. */
 export type QueueStatsRow = QueueStats & { index: number };
@@ -12,6 +14,12 @@ export interface FunctionStatsRow {
   status: number;
   needsReset: boolean;
   queues: QueueStatsRow[];
+  /** local, "pcie relay", "vhost-user relay" or "vhost-user passthrough". */
+  link: string;
+  /** The link to the backend, for functions whose backend runs elsewhere. */
+  backend?: ShadowLinkStats;
+  /** Relay mode: DMA counters, notifications to and from the backend, shadow-ring occupancy. */
+  relay?: RelayQueueStats[];
 }
 
 export interface SwitchPortRow {
@@ -43,10 +51,22 @@ export function formatStats(r: StatsReport): string {
   const out: string[] = [];
   for (const f of r.functions) {
     const state = f.needsReset ? 'NEEDS_RESET' : f.connected ? 'connected' : 'waiting';
-    out.push(`${f.name} (${f.type}) ${f.socket} ${state} status=0x${f.status.toString(16)}`);
+    out.push(`${f.name} (${f.type}, ${f.link}) ${f.socket} ${state} status=0x${f.status.toString(16)}`);
+    if (f.backend !== undefined) {
+      const b = f.backend;
+      out.push(`  backend ${b.kind} ${b.endpoint}: ${b.state}, ${b.attaches} attach(es), ${b.controlMessages} control message(s)`);
+    }
     const rows = [['queue', ...COLUMNS], ...f.queues.map((q) => [String(q.index), ...COLUMNS.map((c) => String(q[c]))])];
     const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)));
     for (const row of rows) out.push('  ' + row.map((c, i) => c.padStart(widths[i])).join('  '));
+    for (const q of f.relay ?? []) {
+      const d = q.dma;
+      out.push(
+        `  shadow ${q.index} (${q.shadow}): ${q.inFlight}/${q.ringSize} in flight, ${q.slotsInUse}/${q.slots} slots; ` +
+          `DMA to BAR ${d.toBarOps} ops ${d.toBarBytes} B, to guest ${d.toGuestOps} ops ${d.toGuestBytes} B; ` +
+          `kicks ${q.backendKicks}, interrupts ${q.backendInterrupts}, waits ${q.waits}`,
+      );
+    }
   }
   for (const s of r.switches) {
     out.push(`switch ${s.name}: ${s.ports.length} port(s), ${s.dropped} frame(s) dropped`);

@@ -38,6 +38,30 @@ export interface FileBackend {
   serial?: string;
 }
 
+/** The function's backend runs in another process and attaches over the PCIe link (relay mode). */
+export interface PcieLinkBackend {
+  kind: 'pcie';
+  /** Unix socket the backend attaches at. */
+  attach: string;
+  /** BAR2 bytes (shadow rings and buffer pool). */
+  barSize: number;
+  slotSize: number;
+}
+
+/** An existing vhost-user back-end the bridge drives as front-end. */
+export interface VhostUserLinkBackend {
+  kind: 'vhost-user';
+  socket: string;
+  mode: 'relay' | 'passthrough';
+  barSize: number;
+  slotSize: number;
+}
+
+export type LinkBackend = PcieLinkBackend | VhostUserLinkBackend;
+
+export const DEFAULT_BAR_SIZE = 64 * 1024 * 1024;
+export const DEFAULT_SLOT_SIZE = 2048;
+
 export interface NetFunction {
   name: string;
   type: 'net';
@@ -47,7 +71,7 @@ export interface NetFunction {
   queueSize: number;
   mac?: string;
   mtu?: number;
-  backend: SwitchBackend | SinkBackend;
+  backend: SwitchBackend | SinkBackend | LinkBackend;
 }
 
 export interface BlkFunction {
@@ -56,7 +80,7 @@ export interface BlkFunction {
   socket: string;
   queues: number;
   queueSize: number;
-  backend: FileBackend;
+  backend: FileBackend | LinkBackend;
 }
 
 export type FunctionSpec = NetFunction | BlkFunction;
@@ -143,8 +167,38 @@ function isPowerOfTwo(n: number): boolean {
 
 const MAC_RE = /^([0-9a-f]{2}:){5}[0-9a-f]{2}$/i;
 
-function parseNetBackend(b: Obj, where: string): SwitchBackend | SinkBackend {
-  checkKeys(b, ['switch', 'sink'], where);
+/**
+ * `link: pcie | vhost-user` names a backend in another process; no `link` (or
+ * `link: local`) keeps the device in the bridge. Returns null for local.
+ */
+function parseLinkBackend(b: Obj, where: string, baseDir: string): LinkBackend | null {
+  const link = b.link === undefined ? 'local' : str(b, 'link', where, true);
+  if (link === 'local') return null;
+  const common = (): { barSize: number; slotSize: number } => {
+    const barSize = size(b, 'bar-size', where) ?? DEFAULT_BAR_SIZE;
+    if (barSize % 4096 !== 0 || barSize > 2 ** 31) throw new TopologyError(`${where}.bar-size`, `must be a multiple of 4096 up to 2G, got ${barSize}`);
+    const slotSize = size(b, 'slot-size', where) ?? DEFAULT_SLOT_SIZE;
+    if (!isPowerOfTwo(slotSize) || slotSize < 256 || slotSize > 1 << 20) throw new TopologyError(`${where}.slot-size`, `must be a power of two in [256, 1M], got ${slotSize}`);
+    return { barSize, slotSize };
+  };
+  if (link === 'pcie') {
+    checkKeys(b, ['link', 'attach', 'mode', 'bar-size', 'slot-size'], where);
+    if (b.mode !== undefined && b.mode !== 'relay') throw new TopologyError(`${where}.mode`, 'the PCIe link always relays (the backend never maps guest memory)');
+    return { kind: 'pcie', attach: path.resolve(baseDir, str(b, 'attach', where, true)), ...common() };
+  }
+  if (link === 'vhost-user') {
+    checkKeys(b, ['link', 'socket', 'mode', 'bar-size', 'slot-size'], where);
+    const mode = str(b, 'mode', where, false) ?? 'relay';
+    if (mode !== 'relay' && mode !== 'passthrough') throw new TopologyError(`${where}.mode`, `expected "relay" or "passthrough", got "${mode}"`);
+    return { kind: 'vhost-user', socket: path.resolve(baseDir, str(b, 'socket', where, true)), mode, ...common() };
+  }
+  throw new TopologyError(`${where}.link`, `expected "local", "pcie" or "vhost-user", got "${link}"`);
+}
+
+function parseNetBackend(b: Obj, where: string, baseDir: string): SwitchBackend | SinkBackend | LinkBackend {
+  const linked = parseLinkBackend(b, where, baseDir);
+  if (linked !== null) return linked;
+  checkKeys(b, ['link', 'switch', 'sink'], where);
   if (b.switch !== undefined && b.sink !== undefined) {
     throw new TopologyError(where, 'give either "switch" or "sink", not both');
   }
@@ -157,8 +211,10 @@ function parseNetBackend(b: Obj, where: string): SwitchBackend | SinkBackend {
   return { kind: 'switch', switch: sw };
 }
 
-function parseBlkBackend(b: Obj, where: string, baseDir: string): FileBackend {
-  checkKeys(b, ['file', 'readonly', 'size', 'block-size', 'blockSize', 'serial'], where);
+function parseBlkBackend(b: Obj, where: string, baseDir: string): FileBackend | LinkBackend {
+  const linked = parseLinkBackend(b, where, baseDir);
+  if (linked !== null) return linked;
+  checkKeys(b, ['link', 'file', 'readonly', 'size', 'block-size', 'blockSize', 'serial'], where);
   const file = str(b, 'file', where, true);
   const blockSize = int(b, b['block-size'] !== undefined ? 'block-size' : 'blockSize', where, 512, 512, 65536);
   if (!isPowerOfTwo(blockSize)) throw new TopologyError(`${where}.block-size`, `must be a power of two, got ${blockSize}`);
@@ -202,7 +258,7 @@ function parseFunction(f: unknown, i: number, baseDir: string): FunctionSpec {
       queueSize,
       mac,
       mtu,
-      backend: parseNetBackend(backend, `${where}.backend`),
+      backend: parseNetBackend(backend, `${where}.backend`, baseDir),
     };
   }
   if (type === 'blk') {

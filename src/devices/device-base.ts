@@ -15,6 +15,7 @@ export const COMMON_FEATURES = bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_
 
 export abstract class DeviceBase implements VirtioDevice {
   abstract readonly deviceId: number;
+  abstract readonly configSize: number;
   onFatal?: (err: Error) => void;
 
   /** Started queues by index; null when stopped. */

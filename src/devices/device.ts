@@ -50,6 +50,8 @@ export interface VirtioDevice {
   readonly maxQueues: number;
   /** Largest queue size accepted. */
   readonly maxQueueSize: number;
+  /** Bytes of device config space (what readConfig can return). */
+  readonly configSize: number;
   /** Device-offered feature bits, transport bits included. */
   features(): bigint;
   /** Features the driver accepted (a subset of features()). */
@@ -65,6 +67,13 @@ export interface VirtioDevice {
    * read queue.state() (GET_VRING_BASE) after this call, not before.
    */
   stopQueue(index: number): void;
+  /**
+   * Optional: bring queue `index` to a stop point before GET_VRING_BASE reads
+   * its position: chains handed further on (a relay's backend) are completed or
+   * returned to the avail ring. The link holds later messages until it settles;
+   * stopQueue follows. Devices that never hold chains across calls need not have it.
+   */
+  quiesce?(index: number): Promise<void>;
   /** The driver kicked queue `index` (the queue was started). */
   kick(index: number): void;
   /** Stop all queues and forget negotiated state. */

@@ -309,7 +309,40 @@ export class VhostUserBackend {
     if (spec.protocolFeature !== undefined && !this.hasProtocol(spec.protocolFeature)) {
       throw new ProtocolError(spec.name, `sent without negotiating protocol feature ${protocolFeatureNames(bit(spec.protocolFeature)).join()}`, false);
     }
-    const reply = this.dispatch(spec, req, fds);
+    if (spec.id === Frontend.GET_VRING_BASE.id && this.quiesceFirst(spec, hdr, req as VringState)) return;
+    this.finish(spec, hdr, this.dispatch(spec, req, fds));
+  }
+
+  /**
+   * GET_VRING_BASE on a running queue of a device that may hold chains
+   * elsewhere (a relay): let the device settle first, reading no further
+   * messages meanwhile, then answer as usual. Returns false when no wait is needed.
+   */
+  private quiesceFirst(spec: AnyMessageSpec, hdr: MessageHeader, s: VringState): boolean {
+    const v = this.vrings[s.index];
+    const quiesce = this.device.quiesce;
+    if (quiesce === undefined || v === undefined || v.dq === null) return false;
+    this.conn.pause();
+    const settle = (): void => {
+      if (this.conn.closed) return;
+      this.current = spec;
+      try {
+        this.finish(spec, hdr, this.dispatch(spec, s, []));
+      } catch (e) {
+        this.reject(spec, hdr, e);
+      } finally {
+        this.current = null;
+        this.conn.resume();
+      }
+    };
+    quiesce.call(this.device, s.index).then(settle, (e: unknown) => {
+      this.logger.warn(`${this.label}: queue ${s.index} did not settle before GET_VRING_BASE: ${asError(e, 'quiesce').message}`);
+      settle();
+    });
+    return true;
+  }
+
+  private finish(spec: AnyMessageSpec, hdr: MessageHeader, reply: unknown): void {
     if (this.conn.closed) return;
     if (this.hasOwnReply(spec)) {
       this.conn.send(encodeReply(spec, reply));

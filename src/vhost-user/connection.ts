@@ -62,6 +62,7 @@ const WRITABLE = 2;
 interface Outgoing {
   bytes: Uint8Array;
   off: number;
+  /** Our own duplicates of the caller's fds (closed once sent, or when the connection closes). */
   fds: readonly number[];
 }
 
@@ -76,6 +77,7 @@ export class VhostUserConnection {
   private readonly out: Outgoing[] = [];
   private isClosed = false;
   private started = false;
+  private paused = false;
   readonly label: string;
 
   /** Throws (and leaves fd to the caller) when fd cannot be polled; from then on the fd is the connection's. */
@@ -100,24 +102,47 @@ export class VhostUserConnection {
   }
 
   /**
+   * Stop reading messages (replies still go out) until resume(): a handler that
+   * must finish asynchronously keeps later messages in the socket meanwhile.
+   */
+  pause(): void {
+    this.paused = true;
+    if (this.started && !this.isClosed) this.rearm();
+  }
+
+  resume(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    if (this.started && !this.isClosed) this.rearm();
+  }
+
+  private rearm(): void {
+    const events = (this.paused ? 0 : READABLE) | (this.out.length > 0 ? WRITABLE : 0);
+    if (events === 0) this.poller.stop();
+    else this.poller.start(events);
+  }
+
+  /**
    * Send one whole message (header included) with fds attached to its first
-   * byte. The kernel duplicates the fds: the caller keeps ownership of its
-   * own. Returns false if the connection is (or just got) closed.
+   * byte. The caller keeps ownership of its fds and may close them as soon as
+   * this returns: the kernel duplicates them, and a message that has to wait
+   * for the socket holds duplicates of its own until they are sent.
+   * Returns false if the connection is (or just got) closed.
    */
   send(bytes: Uint8Array, fds: readonly number[] = []): boolean {
     if (this.isClosed) return false;
-    if (this.out.length > 0) {
-      // Earlier bytes are still queued: keep message order.
-      this.out.push({ bytes, off: 0, fds });
-      return true;
-    }
     try {
+      if (this.out.length > 0) {
+        // Earlier bytes are still queued: keep message order.
+        this.out.push({ bytes, off: 0, fds: dupAll(fds) });
+        return true;
+      }
       const n = native().sendmsg(this.fd, bytes, 0, bytes.length, fds);
       if (n === bytes.length) return true;
       // Partial or EAGAIN: the peer is slow. Queue the rest and wait for POLLOUT;
       // fds went with the first byte if any byte went.
-      this.out.push({ bytes, off: Math.max(n, 0), fds: n > 0 ? [] : fds });
-      if (this.started) this.poller.start(READABLE | WRITABLE);
+      this.out.push({ bytes, off: Math.max(n, 0), fds: n > 0 ? [] : dupAll(fds) });
+      if (this.started) this.rearm();
       return true;
     } catch (e) {
       this.close(new ConnectionError(`${this.label}: send failed: ${asError(e, 'sendmsg').message}`));
@@ -137,6 +162,7 @@ export class VhostUserConnection {
     }
     for (const fd of this.fds) closeQuietly(fd);
     this.fds = [];
+    for (const o of this.out) for (const fd of o.fds) closeQuietly(fd);
     this.out.length = 0;
     try {
       a.close(this.fd);
@@ -161,7 +187,7 @@ export class VhostUserConnection {
         return;
       }
     }
-    if (events & READABLE) this.readMessages();
+    if (events & READABLE && !this.paused) this.readMessages();
   }
 
   private flushOut(): void {
@@ -171,16 +197,19 @@ export class VhostUserConnection {
       const n = a.sendmsg(this.fd, o.bytes, o.off, o.bytes.length - o.off, o.fds);
       if (n < 0) return;
       o.off += n;
-      if (n > 0) o.fds = [];
+      if (n > 0) {
+        for (const fd of o.fds) closeQuietly(fd);
+        o.fds = [];
+      }
       if (o.off < o.bytes.length) return;
       this.out.shift();
     }
-    if (!this.isClosed) this.poller.start(READABLE);
+    if (!this.isClosed) this.rearm();
   }
 
   private readMessages(): void {
     const a = native();
-    while (!this.isClosed) {
+    while (!this.isClosed && !this.paused) {
       let r: { n: number; fds: number[] };
       try {
         r = a.recvmsg(this.fd, this.buf, this.got, this.need - this.got);
@@ -255,6 +284,18 @@ export function closeQuietly(fd: number): void {
   } catch {
     // EBADF and friends: the fd is not ours to worry about any more.
   }
+}
+
+/** Duplicates of fds (all or none: a failure closes the ones made). */
+function dupAll(fds: readonly number[]): number[] {
+  const out: number[] = [];
+  try {
+    for (const fd of fds) out.push(native().dup(fd));
+  } catch (e) {
+    for (const fd of out) closeQuietly(fd);
+    throw e;
+  }
+  return out;
 }
 
 export function asError(e: unknown, context: string): Error {

@@ -34,7 +34,7 @@ test('the shape from the README loads, with implicit switch and resolved paths',
   assert.deepEqual(t.switches, [{ name: 'sw0', taps: [] }]);
   const blk = t.functions[2];
   assert.equal(blk.type, 'blk');
-  assert.equal(blk.type === 'blk' && blk.backend.file, path.join(dir, 'disk.img'));
+  assert.equal(blk.type === 'blk' && blk.backend.kind === 'file' && blk.backend.file, path.join(dir, 'disk.img'));
   assert.equal(t.functions[1].queues, 1);
   assert.equal(t.control, '/run/vbridge/control.sock');
 });
@@ -63,8 +63,38 @@ test('sizes and TAP lists parse', () => {
     '/tmp',
   );
   const b = t.functions[0];
-  assert.ok(b.type === 'blk');
+  assert.ok(b.type === 'blk' && b.backend.kind === 'file');
   assert.equal(b.backend.size, 64 * 1024 * 1024);
   assert.equal(b.socket, '/tmp/s');
   assert.deepEqual(t.switches[0].taps, ['vbtap0']);
+});
+
+test('backends in other processes: pcie and vhost-user links with their modes', () => {
+  const t = validateTopology(
+    {
+      functions: [
+        { name: 'a', type: 'blk', socket: 'a.sock', backend: { link: 'pcie', attach: 'a.bar', 'bar-size': '16M' } },
+        { name: 'b', type: 'blk', socket: 'b.sock', backend: { link: 'vhost-user', socket: 'qsd.sock', mode: 'passthrough' } },
+        { name: 'c', type: 'net', socket: 'c.sock', backend: { link: 'vhost-user', socket: 'vhost.sock' } },
+        { name: 'd', type: 'net', socket: 'd.sock', backend: { link: 'local', sink: true } },
+      ],
+    },
+    '/tmp',
+  );
+  assert.deepEqual(t.functions[0].backend, { kind: 'pcie', attach: '/tmp/a.bar', barSize: 16 << 20, slotSize: 2048 });
+  assert.deepEqual(t.functions[1].backend, { kind: 'vhost-user', socket: '/tmp/qsd.sock', mode: 'passthrough', barSize: 64 << 20, slotSize: 2048 });
+  assert.equal(t.functions[2].backend.kind === 'vhost-user' && t.functions[2].backend.mode, 'relay');
+  assert.equal(t.functions[3].backend.kind, 'sink');
+  const bad = (backend: Record<string, unknown>, field: string): void => {
+    assert.throws(
+      () => validateTopology({ functions: [{ name: 'x', type: 'blk', socket: 's', backend }] }, '/tmp'),
+      (e: Error) => e.message.startsWith(field),
+    );
+  };
+  bad({ link: 'usb', file: 'x' }, 'functions[0].backend.link');
+  bad({ link: 'pcie' }, 'functions[0].backend.attach');
+  bad({ link: 'pcie', attach: 'p', mode: 'passthrough' }, 'functions[0].backend.mode');
+  bad({ link: 'vhost-user', socket: 's', mode: 'copy' }, 'functions[0].backend.mode');
+  bad({ link: 'pcie', attach: 'p', 'bar-size': 1000 }, 'functions[0].backend.bar-size');
+  bad({ link: 'pcie', attach: 'p', file: 'x' }, 'functions[0].backend.file');
 });

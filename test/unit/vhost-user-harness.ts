@@ -34,6 +34,7 @@ export class EchoDevice implements VirtioDevice {
   readonly deviceId = VIRTIO_ID_BLOCK;
   readonly maxQueues = 2;
   readonly maxQueueSize = 256;
+  readonly configSize = 16;
   onFatal?: (err: Error) => void;
   acked = 0n;
   config = Uint8Array.from({ length: 16 }, (_, i) => i);

@@ -73,6 +73,7 @@ const DWZ_F_UNMAP = 1;
 
 export class BlkDevice extends DeviceBase {
   readonly deviceId = VIRTIO_ID_BLOCK;
+  readonly configSize = CONFIG_SIZE;
   readonly file: RawFile;
   readonly readOnly: boolean;
   /** In 512-byte sectors, as the config space reports it. */

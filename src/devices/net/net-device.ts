@@ -80,6 +80,7 @@ class RxQueue {
 
 export class NetDevice extends DeviceBase implements Endpoint {
   readonly deviceId = VIRTIO_ID_NET;
+  readonly configSize = CONFIG_SIZE;
   readonly mac: Uint8Array;
   readonly queuePairs: number;
   readonly mtu: number | undefined;

@@ -1,0 +1,561 @@
+/**
+ * Relay mode: the function's frontend port sees a VirtioDevice; behind it, every
+ * guest chain is copied (DMA) into a buffer of the function's BAR2 and posted on
+ * a shadow ring there, which a backend in another process consumes through a
+ * ShadowLink. Used elements come back the same way, and device-writable bytes
+ * are copied into the guest's buffers. The backend never sees guest memory.
+ *
+ * Ordering: chains are posted in the order the guest made them available; when
+ * the shadow ring or the buffer pool is full, the head-of-line chain waits (the
+ * guest's kicks stay suppressed) until completions make room. Nothing is dropped.
+ *
+ * Faults are told apart by who made them: a malformed guest chain is the
+ * guest's (the device goes NEEDS_RESET through onFatal); a backend that breaks
+ * the ring rules is the backend's (the link is failed; blk requests complete
+ * with an I/O error until a backend attaches again; net goes NEEDS_RESET).
+ * A backend that goes away holds its chains: they are posted again, in order,
+ * when a backend attaches again, after the completions it left are taken.
+ */
+import type { DeviceQueue, VirtioDevice } from '../devices/device';
+import { DeviceError } from '../devices/device';
+import type { Logger } from '../log';
+import { MemoryError } from '../memory/memory-access';
+import type { DescriptorChain } from '../virtio/chain';
+import { segmentAddr } from '../virtio/chain-io';
+import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, VIRTIO_ID_BLOCK, VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
+import { DriverRing, type DriverSegment, splitRingBytes, splitRingLayout } from '../virtio/driver-ring';
+import { QueueError } from '../virtio/split-queue';
+import { DmaEngine, type DmaCounters, newDmaCounters } from './dma-engine';
+import type { BackendDeviceInfo, ShadowLink, ShadowLinkEvents } from './shadow-link';
+import { SlotPool } from './slot-pool';
+
+/** Feature bits that belong to the device type (virtio 1.2 §6: 0-23 and 50-63 here). */
+const DEVICE_FEATURE_MASK = ((1n << 24n) - 1n) | (((1n << 64n) - 1n) ^ ((1n << 50n) - 1n));
+const BLK_S_IOERR = 1;
+export const DEFAULT_SLOT_SIZE = 2048;
+/** How long quiesce waits for chains the backend consumed but has not returned. */
+const QUIESCE_WAIT_MS = 2000;
+
+export interface RelayOptions {
+  name: string;
+  /** Largest guest queue size accepted. */
+  queueSize: number;
+  slotSize?: number;
+  logger: Logger;
+}
+
+interface InFlight {
+  chain: DescriptorChain;
+  /** BAR2 offset of the run holding the readable bytes, then (slot aligned) the writable ones. */
+  off: number;
+  wOff: number;
+  /** Shadow avail index it was posted at. */
+  pos: number;
+}
+
+export interface RelayQueueStats {
+  index: number;
+  dma: DmaCounters;
+  /** Available-buffer notifications sent to the backend. */
+  backendKicks: number;
+  /** Used-buffer notifications received from the backend. */
+  backendInterrupts: number;
+  /** Times a guest chain waited for room in the shadow ring or the pool. */
+  waits: number;
+  /** Occupancy: chains on the shadow ring, ring size, pool slots in use, pool slots. */
+  inFlight: number;
+  ringSize: number;
+  slotsInUse: number;
+  slots: number;
+  /** idle | up | stopped: the shadow ring's state at the backend. */
+  shadow: string;
+}
+
+class RelayQueue {
+  guest: DeviceQueue | null = null;
+  readonly inflight: (InFlight | undefined)[];
+  count = 0;
+  pending: DescriptorChain | null = null;
+  shadow: 'idle' | 'starting' | 'up' | 'stopped' = 'idle';
+  readonly dma = newDmaCounters();
+  backendKicks = 0;
+  backendInterrupts = 0;
+  waits = 0;
+
+  constructor(
+    readonly index: number,
+    readonly ring: DriverRing,
+    readonly pool: SlotPool,
+  ) {
+    this.inflight = new Array<InFlight | undefined>(ring.size);
+  }
+}
+
+export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
+  readonly name: string;
+  readonly deviceId: number;
+  readonly maxQueues: number;
+  readonly maxQueueSize: number;
+  readonly configSize: number;
+  onFatal?: (err: Error) => void;
+
+  private info: BackendDeviceInfo;
+  private readonly queues: RelayQueue[] = [];
+  private readonly dma: DmaEngine;
+  private readonly log: Logger;
+  private negotiated = 0n;
+  private featuresSet = false;
+  private linkUp: boolean;
+  private linkFailed = false;
+  /** Control calls to the backend, one after another. */
+  private ctl: Promise<void> = Promise.resolve();
+  private readonly segs: DriverSegment[] = [];
+  private readonly statusByte = new Uint8Array([BLK_S_IOERR]);
+
+  constructor(
+    private readonly link: ShadowLink,
+    info: BackendDeviceInfo,
+    opts: RelayOptions,
+  ) {
+    this.name = opts.name;
+    this.log = opts.logger;
+    this.info = info;
+    this.deviceId = info.deviceId;
+    this.maxQueues = info.numQueues;
+    this.configSize = info.configSize;
+    this.maxQueueSize = Math.min(opts.queueSize, VIRTQUEUE_MAX_SIZE);
+    this.dma = new DmaEngine(link.bar2Bytes);
+    const slot = opts.slotSize ?? DEFAULT_SLOT_SIZE;
+    const region = Math.floor(link.bar2Bytes.length / info.numQueues / 4096) * 4096;
+    let size = 1;
+    while (size < 2 * this.maxQueueSize) size *= 2;
+    size = Math.min(size, info.maxQueueSize, VIRTQUEUE_MAX_SIZE);
+    const ringArea = Math.ceil(splitRingBytes(size) / 4096) * 4096;
+    if (region - ringArea < 16 * slot) {
+      throw new RangeError(`${this.name}: BAR2 of ${link.bar2Bytes.length} bytes is too small for ${info.numQueues} shadow queues of ${size} entries`);
+    }
+    const eventIdx = (info.features & bit(F_RING_EVENT_IDX)) !== 0n;
+    for (let q = 0; q < info.numQueues; q++) {
+      const base = q * region;
+      const ring = new DriverRing(link.bar2, splitRingLayout(base, size), eventIdx);
+      this.queues.push(new RelayQueue(q, ring, new SlotPool(base + ringArea, region - ringArea, slot)));
+    }
+    this.linkUp = link.up;
+    link.events = this;
+  }
+
+  // ---- VirtioDevice ---------------------------------------------------------------
+
+  features(): bigint {
+    return (this.info.features & DEVICE_FEATURE_MASK) | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC);
+  }
+
+  setFeatures(features: bigint): void {
+    this.negotiated = features & this.features();
+    this.featuresSet = true;
+    if (this.linkUp) this.control('SET_FEATURES', () => this.link.setFeatures(this.shadowFeatures()));
+  }
+
+  readConfig(offset: number, len: number): Uint8Array {
+    return this.link.readConfig(offset, len);
+  }
+
+  writeConfig(offset: number, data: Uint8Array): void {
+    const copy = data.slice();
+    if (this.linkUp) this.control('SET_CONFIG', () => this.link.writeConfig(offset, copy));
+  }
+
+  startQueue(dq: DeviceQueue): void {
+    const rq = this.queues[dq.index];
+    if (rq === undefined) throw new RangeError(`${this.name}: queue ${dq.index} out of range`);
+    rq.guest = dq;
+    if (rq.shadow === 'up') {
+      // A restart without GET_VRING_BASE (a memory-table change): pick up where it was.
+      this.complete(rq);
+      return;
+    }
+    if (rq.shadow !== 'starting') this.bringUp(rq);
+  }
+
+  stopQueue(index: number): void {
+    const rq = this.queues[index];
+    if (rq === undefined) return;
+    rq.guest = null;
+  }
+
+  async quiesce(index: number): Promise<void> {
+    const rq = this.queues[index];
+    if (rq === undefined || rq.guest === null) return;
+    const guest = rq.guest;
+    // No new guest chains from here: the queue is being stopped.
+    rq.guest = null;
+    try {
+      await this.ctl;
+      if (this.linkUp && rq.shadow === 'up') {
+        const base = await this.link.stopQueue(index);
+        rq.shadow = 'stopped';
+        this.harvest(rq, guest);
+        const unprocessed = (rq.ring.nextAvailIdx - base) & 0xffff;
+        const deadline = Date.now() + QUIESCE_WAIT_MS;
+        while (rq.count > unprocessed && Date.now() < deadline && this.linkUp) {
+          await new Promise((r) => setTimeout(r, 2));
+          this.harvest(rq, guest);
+        }
+      }
+    } catch (e) {
+      this.log.warn(`${this.name}: queue ${index}: stopping the shadow ring: ${(e as Error).message}`);
+    }
+    this.giveBack(rq, guest);
+    guest.notify();
+  }
+
+  kick(index: number): void {
+    const rq = this.queues[index];
+    if (rq !== undefined) this.pump(rq);
+  }
+
+  reset(): void {
+    for (const rq of this.queues) {
+      rq.guest = null;
+      rq.pending = null;
+      rq.inflight.fill(undefined);
+      rq.count = 0;
+      rq.pool.clear();
+      rq.shadow = 'idle';
+    }
+    this.negotiated = 0n;
+    this.featuresSet = false;
+    if (this.linkUp) this.control('RESET_DEVICE', () => this.link.reset());
+  }
+
+  // ---- link events ----------------------------------------------------------------
+
+  onUp(info: BackendDeviceInfo): void {
+    const problem = this.incompatible(info);
+    if (problem !== null) {
+      this.log.error(`${this.name}: the backend that attached cannot take over: ${problem}`);
+      this.link.fail(new Error(problem));
+      return;
+    }
+    this.info = info;
+    this.linkUp = true;
+    this.linkFailed = false;
+    // What the previous backend finished before it went is done: take it first.
+    for (const rq of this.queues) if (rq.guest !== null && rq.shadow !== 'idle') this.harvest(rq, rq.guest);
+    if (this.featuresSet) this.control('SET_FEATURES', () => this.link.setFeatures(this.shadowFeatures()));
+    for (const rq of this.queues) {
+      if (rq.shadow === 'idle' && rq.guest === null) continue;
+      rq.shadow = 'idle';
+      this.bringUp(rq);
+    }
+  }
+
+  onDown(): void {
+    if (!this.linkUp) return;
+    this.linkUp = false;
+    this.log.warn(`${this.name}: backend gone; ${this.queues.reduce((n, q) => n + q.count, 0)} chain(s) held until one attaches again`);
+  }
+
+  onFailed(err: Error): void {
+    this.linkUp = false;
+    if (this.linkFailed) return;
+    this.linkFailed = true;
+    if (this.deviceId !== VIRTIO_ID_BLOCK) {
+      this.guestFault(new DeviceError(`backend failed: ${err.message}`));
+      return;
+    }
+    // Block requests end with an I/O error rather than hang while no backend works.
+    for (const rq of this.queues) {
+      if (rq.guest === null) continue;
+      for (const f of this.inflightInOrder(rq)) this.failChain(rq.guest, f.chain);
+      this.dropInflight(rq);
+      rq.shadow = 'idle';
+      this.pump(rq);
+    }
+  }
+
+  onUsed(q: number): void {
+    const rq = this.queues[q];
+    if (rq === undefined) return;
+    rq.backendInterrupts++;
+    this.complete(rq);
+  }
+
+  // ---- stats ------------------------------------------------------------------------
+
+  relayStats(): RelayQueueStats[] {
+    return this.queues.map((rq) => ({
+      index: rq.index,
+      dma: { ...rq.dma },
+      backendKicks: rq.backendKicks,
+      backendInterrupts: rq.backendInterrupts,
+      waits: rq.waits,
+      inFlight: rq.count,
+      ringSize: rq.ring.size,
+      slotsInUse: rq.pool.slotsInUse,
+      slots: rq.pool.slots,
+      shadow: rq.shadow,
+    }));
+  }
+
+  get state(): 'up' | 'down' | 'failed' {
+    return this.linkFailed ? 'failed' : this.linkUp ? 'up' : 'down';
+  }
+
+  // ---- data path ----------------------------------------------------------------------
+
+  /** Move the guest's available chains to the shadow ring while there is room. */
+  private pump(rq: RelayQueue): void {
+    const g = rq.guest;
+    if (g === null) return;
+    if (this.linkFailed) {
+      if (this.deviceId === VIRTIO_ID_BLOCK) this.failAll(rq, g);
+      return;
+    }
+    if (!this.linkUp || rq.shadow !== 'up') return;
+    const vq = g.queue;
+    const mem = g.mem;
+    let posted = 0;
+    try {
+      for (;;) {
+        vq.disableNotification(mem);
+        let blocked = false;
+        for (;;) {
+          const chain = rq.pending ?? vq.pop(mem);
+          if (chain === null) break;
+          if (!this.post(rq, g, chain)) {
+            if (rq.pending === null) rq.waits++;
+            rq.pending = chain;
+            blocked = true;
+            break;
+          }
+          rq.pending = null;
+          posted++;
+        }
+        // Blocked: completions will pump again; the guest's kicks stay off meanwhile.
+        if (blocked || !vq.enableNotification(mem)) break;
+      }
+    } catch (e) {
+      this.guestFault(e);
+    }
+    if (posted > 0) {
+      rq.ring.publish();
+      if (rq.ring.kickNeeded()) {
+        rq.backendKicks++;
+        this.link.kick(rq.index);
+      }
+    }
+  }
+
+  /** Copy a chain's readable bytes into BAR2 and post it; false when there is no room now. */
+  private post(rq: RelayQueue, g: DeviceQueue, chain: DescriptorChain): boolean {
+    const r = chain.readableLen;
+    const w = chain.writableLen;
+    const pool = rq.pool;
+    const rs = pool.slotsFor(r);
+    const n = Math.max(1, rs + pool.slotsFor(w));
+    if (n > pool.slots) {
+      throw new DeviceError(`chain ${chain.head} of ${r}+${w} bytes does not fit the ${pool.bytes}-byte shadow buffer pool`);
+    }
+    const ndesc = r > 0 && w > 0 ? 2 : 1;
+    if (rq.ring.freeDescriptors < ndesc) return false;
+    const off = pool.alloc(n);
+    if (off < 0) return false;
+    const wOff = off + rs * pool.slotSize;
+    try {
+      if (r > 0) this.dma.toBar(g.mem, chain.readable, r, off, rq.dma);
+    } catch (e) {
+      pool.free(off);
+      throw e;
+    }
+    const segs = this.segs;
+    segs.length = 0;
+    if (r > 0 || w === 0) segs.push({ addr: off, len: r, writable: false });
+    if (w > 0) segs.push({ addr: wOff, len: w, writable: true });
+    const pos = rq.ring.nextAvailIdx;
+    const head = rq.ring.add(segs);
+    rq.inflight[head] = { chain, off, wOff, pos };
+    rq.count++;
+    return true;
+  }
+
+  /** Take the backend's used elements into the guest's used ring, then refill. */
+  private complete(rq: RelayQueue): void {
+    const g = rq.guest;
+    if (g === null || !this.linkUp || rq.shadow === 'idle') return;
+    if (this.harvest(rq, g) > 0) g.notify();
+    this.pump(rq);
+  }
+
+  /** Returns the used elements taken; a backend breaking the rules fails the link. */
+  private harvest(rq: RelayQueue, g: DeviceQueue): number {
+    let n = 0;
+    try {
+      for (;;) {
+        for (let u = rq.ring.takeUsed(); u !== null; u = rq.ring.takeUsed()) {
+          this.finish(rq, g, u.id, u.len);
+          n++;
+        }
+        if (!rq.ring.enableInterrupts()) break;
+      }
+    } catch (e) {
+      if (e instanceof MemoryError || e instanceof QueueError) this.guestFault(e);
+      else this.backendFault(e);
+    }
+    return n;
+  }
+
+  private finish(rq: RelayQueue, g: DeviceQueue, id: number, len: number): void {
+    const f = rq.inflight[id] as InFlight;
+    const w = f.chain.writableLen;
+    if (len > w) throw new Error(`queue ${rq.index}: backend used ${len} bytes of chain ${id}, which has ${w} writable`);
+    rq.inflight[id] = undefined;
+    rq.count--;
+    if (len > 0) this.dma.toGuest(g.mem, f.chain.writable, f.wOff, len, rq.dma);
+    rq.pool.free(f.off);
+    g.queue.pushUsed(g.mem, f.chain.head, len);
+    g.stats.descriptors++;
+    g.stats.bytes += f.chain.readableLen + len;
+  }
+
+  /**
+   * After the backend stopped (or vanished): chains it never consumed go back
+   * to the guest's avail ring when they are the last ones taken from it (they
+   * run again on restart); any other chain still out completes with an error.
+   */
+  private giveBack(rq: RelayQueue, g: DeviceQueue): void {
+    const left = this.inflightInOrder(rq);
+    const end = rq.ring.nextAvailIdx;
+    let suffix = 0;
+    for (let i = left.length - 1; i >= 0; i--) {
+      if ((left[i] as InFlight).pos !== ((end - (left.length - i)) & 0xffff)) break;
+      suffix++;
+    }
+    const back = suffix + (rq.pending !== null ? 1 : 0);
+    for (let i = 0; i < left.length - suffix; i++) this.failChain(g, (left[i] as InFlight).chain);
+    if (back > 0) g.queue.nextAvail = (g.queue.nextAvail - back) & 0xffff;
+    if (left.length - suffix > 0) this.log.warn(`${this.name}: queue ${rq.index}: ${left.length - suffix} chain(s) the backend did not return completed with an error`);
+    this.dropInflight(rq);
+    rq.pending = null;
+  }
+
+  private inflightInOrder(rq: RelayQueue): InFlight[] {
+    const out = rq.inflight.filter((f): f is InFlight => f !== undefined);
+    const end = rq.ring.nextAvailIdx;
+    // Oldest first: by distance back from the newest avail index.
+    return out.sort((a, b) => ((end - b.pos) & 0xffff) - ((end - a.pos) & 0xffff));
+  }
+
+  private dropInflight(rq: RelayQueue): void {
+    rq.inflight.fill(undefined);
+    rq.count = 0;
+    rq.pool.clear();
+    rq.ring.reset();
+  }
+
+  /** Complete a chain with an error: blk writes IOERR in its status byte; other devices return it empty. */
+  private failChain(g: DeviceQueue, chain: DescriptorChain): void {
+    let len = 0;
+    try {
+      if (this.deviceId === VIRTIO_ID_BLOCK && chain.writableLen >= 1) {
+        g.mem.write(segmentAddr(chain.writable, chain.writableLen - 1), this.statusByte, 0, 1);
+        len = 1;
+      }
+      g.queue.pushUsed(g.mem, chain.head, len);
+      g.stats.errors++;
+    } catch (e) {
+      this.guestFault(e);
+    }
+  }
+
+  private failAll(rq: RelayQueue, g: DeviceQueue): void {
+    let n = 0;
+    try {
+      for (let c = rq.pending ?? g.queue.pop(g.mem); c !== null; c = g.queue.pop(g.mem)) {
+        rq.pending = null;
+        this.failChain(g, c);
+        n++;
+      }
+    } catch (e) {
+      this.guestFault(e);
+    }
+    if (n > 0) g.notify();
+  }
+
+  // ---- control ------------------------------------------------------------------------
+
+  /** Program the shadow ring at the backend (after earlier control calls), reposting chains it holds. */
+  private bringUp(rq: RelayQueue): void {
+    if (!this.linkUp) return;
+    rq.shadow = 'starting';
+    this.control(`start queue ${rq.index}`, async () => {
+      if (rq.shadow !== 'starting' || !this.linkUp) return;
+      const held = this.inflightInOrder(rq);
+      rq.ring.reset();
+      rq.inflight.fill(undefined);
+      for (const f of held) {
+        const segs: DriverSegment[] = [];
+        const r = f.chain.readableLen;
+        const w = f.chain.writableLen;
+        if (r > 0 || w === 0) segs.push({ addr: f.off, len: r, writable: false });
+        if (w > 0) segs.push({ addr: f.wOff, len: w, writable: true });
+        f.pos = rq.ring.nextAvailIdx;
+        rq.inflight[rq.ring.add(segs)] = f;
+      }
+      if (held.length > 0) {
+        rq.ring.publish();
+        this.log.info(`${this.name}: queue ${rq.index}: ${held.length} chain(s) posted again to the new backend`);
+      }
+      rq.ring.enableInterrupts();
+      rq.shadow = 'up';
+      const l = rq.ring.layout;
+      await this.link.startQueue({ index: rq.index, size: l.size, desc: l.descAddr, avail: l.availAddr, used: l.usedAddr });
+      // Whatever was posted before the backend enabled the ring must not wait for the next guest kick.
+      rq.backendKicks++;
+      this.link.kick(rq.index);
+      this.pump(rq);
+    });
+  }
+
+  private control(what: string, fn: () => Promise<void>): void {
+    this.ctl = this.ctl.then(fn).catch((e: unknown) => {
+      const err = e instanceof Error ? e : new Error(String(e));
+      if (!this.linkUp) {
+        this.log.info(`${this.name}: ${what} not done, the backend went away: ${err.message}`);
+        return;
+      }
+      this.backendFault(new Error(`${what}: ${err.message}`));
+    });
+  }
+
+  private shadowFeatures(): bigint {
+    return (this.negotiated & DEVICE_FEATURE_MASK) | (this.info.features & (bit(F_VERSION_1) | bit(F_RING_EVENT_IDX)));
+  }
+
+  private incompatible(info: BackendDeviceInfo): string | null {
+    const was = this.info;
+    if (info.deviceId !== was.deviceId) return `device id ${info.deviceId}, the function is ${was.deviceId}`;
+    if (info.numQueues !== was.numQueues) return `${info.numQueues} queues, the function has ${was.numQueues}`;
+    if (info.maxQueueSize < this.queues[0]!.ring.size) return `queues of at most ${info.maxQueueSize}, the shadow rings have ${this.queues[0]!.ring.size}`;
+    const missing = this.negotiated & DEVICE_FEATURE_MASK & ~info.features;
+    if (missing !== 0n) return `features 0x${missing.toString(16)} the driver negotiated are not offered`;
+    if ((info.features ^ was.features) & bit(F_RING_EVENT_IDX)) return 'EVENT_IDX support differs';
+    return null;
+  }
+
+  private guestFault(e: unknown): void {
+    const err = e instanceof Error ? e : new Error(String(e));
+    for (const rq of this.queues) rq.guest = null;
+    try {
+      this.onFatal?.(err);
+    } catch {
+      // The link's handler failing must not become a crash.
+    }
+  }
+
+  private backendFault(e: unknown): void {
+    const err = e instanceof Error ? e : new Error(String(e));
+    this.log.error(`${this.name}: backend fault: ${err.message}`);
+    this.link.fail(err);
+  }
+}

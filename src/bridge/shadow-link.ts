@@ -1,0 +1,71 @@
+/**
+ * What the relay needs from the link to a backend, whatever carries it: the
+ * PCIe card (mailbox + doorbells) or a vhost-user front-end connection (the BAR
+ * memfd as the only memory the backend sees). Control calls are answered in the
+ * order they were made.
+ */
+import type { MemoryAccess } from '../memory/memory-access';
+
+export interface BackendDeviceInfo {
+  deviceId: number;
+  numQueues: number;
+  maxQueueSize: number;
+  /** Device-offered feature bits, as the backend states them. */
+  features: bigint;
+  configSize: number;
+}
+
+/** Shadow ring addresses, as BAR2 offsets. */
+export interface ShadowRingAddr {
+  index: number;
+  size: number;
+  desc: number;
+  avail: number;
+  used: number;
+}
+
+export interface ShadowLinkEvents {
+  /** The backend is there and described itself (first time, or again after it came back). */
+  onUp(info: BackendDeviceInfo): void;
+  /** The backend went away (unplugged, crashed); it may come back. */
+  onDown(): void;
+  /** The backend broke the protocol or its device failed; it is not talked to until it comes back. */
+  onFailed(err: Error): void;
+  /** Used-buffer notification for shadow queue q. */
+  onUsed(q: number): void;
+}
+
+export interface ShadowLinkStats {
+  kind: 'pcie' | 'vhost-user';
+  /** Where the backend attaches (pcie) or where we connect (vhost-user). */
+  endpoint: string;
+  state: 'down' | 'up' | 'failed';
+  /** Times the backend came up. */
+  attaches: number;
+  /** Control round trips (mailbox messages / vhost-user requests). */
+  controlMessages: number;
+}
+
+export interface ShadowLink {
+  /** BAR2, addressed from 0: where the relay lays out shadow rings and buffers. */
+  readonly bar2: MemoryAccess;
+  readonly bar2Bytes: Uint8Array;
+  readonly up: boolean;
+  events: ShadowLinkEvents | null;
+  /** Start listening (pcie) or connecting (vhost-user). */
+  open(): void;
+  close(): void;
+  readConfig(offset: number, len: number): Uint8Array;
+  writeConfig(offset: number, data: Uint8Array): Promise<void>;
+  setFeatures(f: bigint): Promise<void>;
+  /** Program and enable a shadow ring from avail/used index 0. */
+  startQueue(a: ShadowRingAddr): Promise<void>;
+  /** Stop a shadow ring; resolves with the backend's next avail index. */
+  stopQueue(index: number): Promise<number>;
+  reset(): Promise<void>;
+  /** Available-buffer notification for shadow queue q. */
+  kick(q: number): void;
+  /** Declare the backend faulty (the relay found it breaking the rings' rules). */
+  fail(err: Error): void;
+  stats(): ShadowLinkStats;
+}

@@ -1,0 +1,78 @@
+/**
+ * The buffer pool of one shadow queue: a stretch of BAR2 cut into fixed slots,
+ * handed out as contiguous runs so that a chain's readable and writable bytes
+ * each take one shadow descriptor. Next-fit from a rotating cursor: chains
+ * mostly complete in order, so the cursor usually finds free slots at once.
+ */
+export class SlotPool {
+  readonly slots: number;
+  /** Run length at a run's first slot; 0 for free slots (and inside runs). */
+  private readonly runAt: Uint32Array;
+  private readonly used: Uint8Array;
+  private cursor = 0;
+  private inUse = 0;
+
+  constructor(
+    /** BAR2 offset of slot 0. */
+    readonly base: number,
+    readonly bytes: number,
+    readonly slotSize: number,
+  ) {
+    this.slots = Math.floor(bytes / slotSize);
+    if (this.slots < 1) throw new RangeError(`pool of ${bytes} bytes holds no ${slotSize}-byte slot`);
+    this.runAt = new Uint32Array(this.slots);
+    this.used = new Uint8Array(this.slots);
+  }
+
+  get slotsInUse(): number {
+    return this.inUse;
+  }
+
+  slotsFor(bytes: number): number {
+    return Math.ceil(bytes / this.slotSize);
+  }
+
+  /** BAR2 offset of a run of n free slots, or -1 when there is none now. */
+  alloc(n: number): number {
+    if (n < 1 || n > this.slots - this.inUse) return -1;
+    let start = this.cursor;
+    let scanned = 0;
+    while (scanned < this.slots) {
+      if (start + n > this.slots) {
+        scanned += this.slots - start;
+        start = 0;
+        continue;
+      }
+      let i = 0;
+      while (i < n && this.used[start + i] === 0) i++;
+      if (i === n) {
+        this.used.fill(1, start, start + n);
+        this.runAt[start] = n;
+        this.inUse += n;
+        this.cursor = start + n === this.slots ? 0 : start + n;
+        return this.base + start * this.slotSize;
+      }
+      scanned += i + 1;
+      start += i + 1;
+      if (start >= this.slots) start = 0;
+    }
+    return -1;
+  }
+
+  free(offset: number): void {
+    const s = (offset - this.base) / this.slotSize;
+    const n = Number.isInteger(s) && s >= 0 && s < this.slots ? (this.runAt[s] as number) : 0;
+    if (n === 0) throw new RangeError(`free of 0x${offset.toString(16)}: not the start of an allocated run`);
+    this.runAt[s] = 0;
+    this.used.fill(0, s, s + n);
+    this.inUse -= n;
+  }
+
+  /** Forget every allocation. */
+  clear(): void {
+    this.runAt.fill(0);
+    this.used.fill(0);
+    this.inUse = 0;
+    this.cursor = 0;
+  }
+}

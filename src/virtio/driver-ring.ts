@@ -1,0 +1,208 @@
+/**
+ * The driver side of a split virtqueue, as a production component: the relay
+ * is the driver of the shadow rings it keeps in a function's BAR. The rings
+ * live in memory another process can write, so nothing read back from them is
+ * trusted beyond the used element's (id, len): the chain bookkeeping stays in
+ * this object, never in the descriptor table.
+ */
+import type { MemoryAccess } from '../memory/memory-access';
+import { VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_SIZE, VRING_USED_ELEM_SIZE, VRING_USED_F_NO_NOTIFY } from './constants';
+import { vringNeedEvent } from './split-queue';
+
+export interface RingLayout {
+  size: number;
+  descAddr: number;
+  availAddr: number;
+  usedAddr: number;
+}
+
+export interface DriverSegment {
+  addr: number;
+  len: number;
+  writable: boolean;
+}
+
+/** Bytes of one split ring laid out back to back (desc 16-aligned, used 4-aligned), event fields included. */
+export function splitRingBytes(size: number): number {
+  const avail = VRING_DESC_SIZE * size;
+  const used = Math.ceil((avail + 6 + 2 * size) / 4) * 4;
+  return used + 6 + VRING_USED_ELEM_SIZE * size;
+}
+
+/** Rings for `size` entries starting at `base` (which must be 16-aligned). */
+export function splitRingLayout(base: number, size: number): RingLayout {
+  const availAddr = base + VRING_DESC_SIZE * size;
+  return { size, descAddr: base, availAddr, usedAddr: Math.ceil((availAddr + 6 + 2 * size) / 4) * 4 };
+}
+
+export class DriverRingError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'DriverRingError';
+  }
+}
+
+function ringView(mem: MemoryAccess, addr: number, len: number): DataView {
+  const s = mem.span(addr, len);
+  if (s === null) throw new RangeError(`ring at 0x${addr.toString(16)} (+${len}) crosses a mapping window`);
+  return new DataView(s.buffer, s.byteOffset, len);
+}
+
+export class DriverRing {
+  readonly size: number;
+  private readonly desc: DataView;
+  private readonly avail: DataView;
+  private readonly availIdx: Uint16Array;
+  private readonly used: DataView;
+  private readonly usedIdx: Uint16Array;
+  /** Free descriptor stack. */
+  private readonly free: Uint16Array;
+  private freeTop = 0;
+  /** Descriptor count of each outstanding head (0: not outstanding) and the chain links, kept here, not in shared memory. */
+  private readonly chainLen: Uint16Array;
+  private readonly next: Uint16Array;
+  private nextAvail = 0;
+  private lastUsed = 0;
+  private lastKick = 0;
+  private outstanding = 0;
+
+  constructor(
+    mem: MemoryAccess,
+    readonly layout: RingLayout,
+    readonly eventIdx: boolean,
+  ) {
+    const n = layout.size;
+    if (!Number.isInteger(n) || n < 1 || n > 32768 || (n & (n - 1)) !== 0) throw new RangeError(`ring size ${n} is not a power of two <= 32768`);
+    this.size = n;
+    this.desc = ringView(mem, layout.descAddr, VRING_DESC_SIZE * n);
+    this.avail = ringView(mem, layout.availAddr, 6 + 2 * n);
+    this.used = ringView(mem, layout.usedAddr, 6 + VRING_USED_ELEM_SIZE * n);
+    this.availIdx = new Uint16Array(this.avail.buffer, this.avail.byteOffset + 2, 1);
+    this.usedIdx = new Uint16Array(this.used.buffer, this.used.byteOffset + 2, 1);
+    this.free = new Uint16Array(n);
+    this.chainLen = new Uint16Array(n);
+    this.next = new Uint16Array(n);
+    this.reset();
+  }
+
+  /** Zero the rings and forget every chain: a fresh queue. */
+  reset(): void {
+    new Uint8Array(this.desc.buffer, this.desc.byteOffset, this.desc.byteLength).fill(0);
+    new Uint8Array(this.avail.buffer, this.avail.byteOffset, this.avail.byteLength).fill(0);
+    new Uint8Array(this.used.buffer, this.used.byteOffset, this.used.byteLength).fill(0);
+    this.freeTop = 0;
+    for (let i = this.size - 1; i >= 0; i--) this.free[this.freeTop++] = i;
+    this.chainLen.fill(0);
+    this.nextAvail = 0;
+    this.lastUsed = 0;
+    this.lastKick = 0;
+    this.outstanding = 0;
+  }
+
+  get freeDescriptors(): number {
+    return this.freeTop;
+  }
+
+  /** The avail index the next chain gets (free-running, mod 2^16). */
+  get nextAvailIdx(): number {
+    return this.nextAvail;
+  }
+
+  /** Chains posted and not yet returned used. */
+  get inFlight(): number {
+    return this.outstanding;
+  }
+
+  /** Write a chain's descriptors and its avail slot (not yet visible: publish()). Returns the head. */
+  add(segs: readonly DriverSegment[]): number {
+    const n = segs.length;
+    if (n === 0 || n > this.freeTop) throw new DriverRingError(`${n} descriptors wanted, ${this.freeTop} free`);
+    const head = this.free[this.freeTop - 1] as number;
+    let idx = head;
+    for (let i = 0; i < n; i++) {
+      const d = this.free[--this.freeTop] as number;
+      if (i > 0) this.next[idx] = d;
+      idx = d;
+    }
+    idx = head;
+    for (let i = 0; i < n; i++) {
+      const s = segs[i] as DriverSegment;
+      const o = idx * VRING_DESC_SIZE;
+      this.desc.setUint32(o, s.addr >>> 0, true);
+      this.desc.setUint32(o + 4, Math.floor(s.addr / 2 ** 32), true);
+      this.desc.setUint32(o + 8, s.len, true);
+      const last = i === n - 1;
+      this.desc.setUint16(o + 12, (s.writable ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT), true);
+      this.desc.setUint16(o + 14, last ? 0 : (this.next[idx] as number), true);
+      if (!last) idx = this.next[idx] as number;
+    }
+    this.chainLen[head] = n;
+    this.avail.setUint16(4 + 2 * (this.nextAvail & (this.size - 1)), head, true);
+    this.nextAvail = (this.nextAvail + 1) & 0xffff;
+    this.outstanding++;
+    return head;
+  }
+
+  /** Make added chains visible to the device. */
+  publish(): void {
+    Atomics.store(this.availIdx, 0, this.nextAvail);
+  }
+
+  /** Whether the device asked to be notified of what was published since the last call. */
+  kickNeeded(): boolean {
+    const old = this.lastKick;
+    const now = this.nextAvail;
+    this.lastKick = now;
+    if (old === now) return false;
+    if (this.eventIdx) {
+      const availEvent = this.used.getUint16(4 + VRING_USED_ELEM_SIZE * this.size, true);
+      return vringNeedEvent(availEvent, now, old);
+    }
+    return (this.used.getUint16(0, true) & VRING_USED_F_NO_NOTIFY) === 0;
+  }
+
+  /** Used elements the device published and this side has not taken yet. */
+  usedPending(): number {
+    return (Atomics.load(this.usedIdx, 0) - this.lastUsed) & 0xffff;
+  }
+
+  /**
+   * Take the next used element; null when none. The id is checked against this
+   * side's records, so a device cannot complete what was never posted, or twice.
+   */
+  takeUsed(): { id: number; len: number } | null {
+    const pending = this.usedPending();
+    if (pending === 0) return null;
+    if (pending > this.outstanding) throw new DriverRingError(`device published ${pending} used elements with ${this.outstanding} chains outstanding`);
+    const o = 4 + VRING_USED_ELEM_SIZE * (this.lastUsed & (this.size - 1));
+    const id = this.used.getUint32(o, true);
+    const len = this.used.getUint32(o + 4, true);
+    if (id >= this.size || this.chainLen[id] === 0) throw new DriverRingError(`device returned used id ${id}, which is not an outstanding chain`);
+    this.lastUsed = (this.lastUsed + 1) & 0xffff;
+    let d = id;
+    const n = this.chainLen[id] as number;
+    this.chainLen[id] = 0;
+    for (let i = 0; i < n; i++) {
+      this.free[this.freeTop++] = d;
+      d = this.next[d] as number;
+    }
+    this.outstanding--;
+    return { id, len };
+  }
+
+  /**
+   * Ask for an interrupt at the next used element; returns true if some are
+   * pending already (the caller must take them: no interrupt will come for those).
+   */
+  enableInterrupts(): boolean {
+    if (this.eventIdx) this.avail.setUint16(4 + 2 * this.size, this.lastUsed, true);
+    else this.avail.setUint16(0, 0, true);
+    Atomics.load(this.usedIdx, 0);
+    return this.usedPending() > 0;
+  }
+
+  /** Ask the device not to interrupt (a hint; with event idx the used_event simply stays behind). */
+  disableInterrupts(): void {
+    if (!this.eventIdx) this.avail.setUint16(0, VRING_AVAIL_F_NO_INTERRUPT, true);
+  }
+}

@@ -1,0 +1,245 @@
+/**
+ * The passthrough (vDPA-style) vhost-user link with in-process peers: our
+ * FrontendClient and a MockDriver playing QEMU and the guest, the proxy in the
+ * middle, our VhostUserServer with a BlkDevice on a temp file as the existing
+ * back-end. The back-end works on the guest's rings directly; the proxy relays
+ * the control path and the notifications.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { BlkDevice } from '../../src/devices/blk/blk-device';
+import { PassthroughFunction } from '../../src/links/vhost-user/passthrough';
+import { native } from '../../src/native/addon';
+import { bit, BLK_S_OK, BLK_T_IN, BLK_T_OUT, F_VERSION_1, STATUS_DRIVER_OK } from '../../src/virtio/constants';
+import { FrontendClient } from '../../src/vhost-user/frontend-client';
+import { encodeHeader } from '../../src/vhost-user/messages';
+import { FrontendReq, HEADER_SIZE, VERSION, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
+import { VhostUserServer } from '../../src/vhost-user/server';
+import { bringUp, CaptureLogger, Guest, GUEST_BASE, GUEST_SIZE, openFds, tmpSocket, USER_BASE, waitFor } from './vhost-user-harness';
+
+const DISK = 1 << 20;
+
+interface Rig {
+  dir: string;
+  disk: string;
+  dev: BlkDevice;
+  server: VhostUserServer;
+  proxy: PassthroughFunction;
+  proxyLog: CaptureLogger;
+  backLog: CaptureLogger;
+  close(): void;
+}
+
+function rig(name: string, opts: { noBackend?: boolean } = {}): Rig {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbpt-'));
+  const disk = path.join(dir, 'disk.img');
+  fs.writeFileSync(disk, Buffer.alloc(DISK));
+  const dev = new BlkDevice({ name: `${name}-blk`, file: disk });
+  const backLog = new CaptureLogger();
+  const backSock = tmpSocket(`${name}-back`);
+  const server = new VhostUserServer(backSock, dev, backLog);
+  if (opts.noBackend !== true) server.listen();
+  const proxyLog = new CaptureLogger();
+  const proxy = new PassthroughFunction({ name, socket: tmpSocket(name), backendSocket: backSock, logger: proxyLog });
+  proxy.listen();
+  return {
+    dir,
+    disk,
+    dev,
+    server,
+    proxy,
+    proxyLog,
+    backLog,
+    close() {
+      proxy.close();
+      server.close();
+      dev.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+function blkHeader(type: number, sector: number): Uint8Array {
+  const h = new Uint8Array(16);
+  const dv = new DataView(h.buffer);
+  dv.setUint32(0, type, true);
+  dv.setUint32(8, sector, true);
+  return h;
+}
+
+/** Post one blk request on queue 0, kick, wait for it; returns the status byte and the data read (for IN). */
+async function blkRequest(g: Guest, type: number, sector: number, data: Uint8Array | number): Promise<{ status: number; data: Uint8Array }> {
+  const d = g.drivers[0];
+  const segs =
+    typeof data === 'number'
+      ? [{ data: blkHeader(type, sector) }, { writable: true, len: data }, { writable: true, len: 1 }]
+      : [{ data: blkHeader(type, sector) }, { data }, { writable: true, len: 1 }];
+  const before = d.usedIdx();
+  d.addChain(segs);
+  native().eventfdWrite(g.kick[0], 1);
+  await waitFor(() => d.usedIdx() !== before, `blk request type ${type} to complete`);
+  const u = d.popUsed();
+  assert.ok(u !== null && u.segments !== undefined);
+  const w = u.segments.filter((s) => s.writable);
+  const status = d.readBytes(w[w.length - 1].addr, 1)[0];
+  const out = typeof data === 'number' ? d.readBytes(w[0].addr, data) : new Uint8Array(0);
+  return { status, data: out };
+}
+
+const FEATURES = bit(F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES);
+
+test('passthrough: a blk write and read go through the guest rings; kicks and interrupts are relayed and counted; the mirror follows', async () => {
+  const r = rig('pt-rt');
+  const g = new Guest(1);
+  let c: FrontendClient | undefined;
+  try {
+    const fds0 = openFds();
+    c = FrontendClient.connect(r.proxy.socketPath);
+    await bringUp(c, g, { features: FEATURES });
+    await waitFor(() => r.server.connected, 'the back-end session');
+    const st = r.proxy.stats();
+    assert.equal(st.connected, true);
+    assert.equal(st.backendConnected, true);
+    assert.ok(st.messages >= 10, `messages forwarded: ${st.messages}`);
+
+    // The mirror: what the front-end set up, as the back-end got it.
+    const m = r.proxy.state;
+    assert.ok(m !== null);
+    assert.equal(m.owner, true);
+    assert.equal(m.features & FEATURES, FEATURES);
+    assert.ok(m.backendFeatures !== null && (m.backendFeatures & bit(F_VERSION_1)) !== 0n);
+    assert.equal(m.protocolFeatures, m.backendProtocolFeatures, 'bringUp accepts every protocol feature offered');
+    assert.equal(m.regions.length, 1);
+    assert.equal(m.regions[0].guestAddr, BigInt(GUEST_BASE));
+    assert.equal(m.regions[0].size, BigInt(GUEST_SIZE));
+    assert.equal(m.regions[0].userAddr, BigInt(USER_BASE));
+    assert.ok(m.regions[0].fd >= 0 && native().fdSize(m.regions[0].fd) === GUEST_SIZE, 'the proxy keeps its own fd of the region');
+    assert.equal(m.vrings.length, 1);
+    const v = m.vrings[0];
+    assert.deepEqual(
+      { index: v.index, num: v.num, base: v.base, enabled: v.enabled, started: v.started, kick: v.kick, call: v.call },
+      { index: 0, num: 256, base: 0, enabled: true, started: true, kick: 'fd', call: 'fd' },
+    );
+    assert.deepEqual(v.addr, g.vringAddr(0));
+
+    await c.setStatus(STATUS_DRIVER_OK | 0x0b);
+    assert.equal(r.proxy.stats().status, 0x0f);
+
+    // Data path: straight from the back-end to the guest rings.
+    const payload = Uint8Array.from({ length: 8192 }, (_, i) => (i * 7 + 3) & 0xff);
+    const wr = await blkRequest(g, BLK_T_OUT, 16, payload);
+    assert.equal(wr.status, BLK_S_OK);
+    assert.deepEqual(new Uint8Array(fs.readFileSync(r.disk).subarray(16 * 512, 16 * 512 + payload.length)), payload, 'the file has the data');
+    const rd = await blkRequest(g, BLK_T_IN, 16, payload.length);
+    assert.equal(rd.status, BLK_S_OK);
+    assert.deepEqual(rd.data, payload, 'the read returns what was written');
+    await waitFor(() => g.calls(0) > 0, "an interrupt on the guest's call eventfd");
+
+    // The guest may see the used ring before the relayed interrupt: wait for the relay to catch up.
+    await waitFor(() => r.proxy.stats().queues[0]?.interrupts === r.server.stats().queues[0].interrupts, 'every back-end interrupt relayed');
+    const q = r.proxy.stats().queues;
+    assert.equal(q.length, 1);
+    assert.equal(q[0].index, 0);
+    assert.ok(q[0].kicks >= 2, `kicks relayed: ${q[0].kicks}`);
+    assert.ok(q[0].interrupts >= 1, `interrupts relayed: ${q[0].interrupts}`);
+    const sq = r.server.stats().queues[0];
+    assert.equal(sq.descriptors, 2, 'the back-end served both requests');
+    assert.ok(sq.kicks >= 1 && sq.kicks <= q[0].kicks);
+
+    // GET_VRING_BASE stops the back-end's ring; the mirror takes the position.
+    assert.equal(await c.getVringBase(0), 2);
+    assert.equal(r.proxy.state?.vrings[0].started, false);
+    assert.equal(r.proxy.state?.vrings[0].base, 2);
+
+    // Closing the front-end closes the back-end session, and everything is released.
+    c.close();
+    await c.closed;
+    await waitFor(() => !r.server.connected, 'the back-end session to end');
+    await waitFor(() => !r.proxy.connected, 'the proxy session to end');
+    assert.equal(r.proxy.stats().backendConnected, false);
+    assert.equal(r.proxy.state, null);
+    assert.equal(r.proxy.stats().queues[0].kicks, q[0].kicks, 'counters outlive the session');
+    await waitFor(() => openFds() === fds0, `fds back to ${fds0} (now ${openFds()})`);
+    assert.deepEqual(r.proxyLog.errors(), []);
+    assert.deepEqual(r.backLog.errors(), []);
+  } finally {
+    c?.close();
+    g.close();
+    r.close();
+  }
+});
+
+test('passthrough: a malformed front-end message closes both sides; the next front-end is served; a second one at a time is refused', async () => {
+  const r = rig('pt-bad');
+  try {
+    const fds0 = openFds();
+    const c1 = FrontendClient.connect(r.proxy.socketPath);
+    assert.ok((await c1.getFeatures()) & bit(F_VERSION_1));
+    await waitFor(() => r.server.connected, 'the back-end session');
+    // SET_VRING_NUM with a 4-byte payload: the codec wants 8.
+    const bad = new Uint8Array(HEADER_SIZE + 4);
+    encodeHeader(bad, 0, { request: FrontendReq.SET_VRING_NUM, flags: VERSION, size: 4 });
+    assert.ok(c1.sendRaw(bad));
+    await c1.closed;
+    await waitFor(() => !r.server.connected, 'the back-end session to end');
+    await waitFor(() => !r.proxy.connected, 'the proxy session to end');
+    assert.ok(r.proxyLog.has(/error pt-bad \(session 1\): front-end: .*VHOST_USER_SET_VRING_NUM: request payload is 4 bytes, expected 8.*closing the session/), r.proxyLog.lines.join('\n'));
+    await waitFor(() => openFds() === fds0, `fds back to ${fds0} (now ${openFds()})`);
+
+    // An unknown message id is refused the same way.
+    const c2 = FrontendClient.connect(r.proxy.socketPath);
+    const unknown = new Uint8Array(HEADER_SIZE);
+    encodeHeader(unknown, 0, { request: 200, flags: VERSION, size: 0 });
+    c2.sendRaw(unknown);
+    await c2.closed;
+    assert.ok(r.proxyLog.has(/request 200: unknown message id/));
+    // The back-end (one front-end at a time) must have seen that session go before the next one dials it.
+    await waitFor(() => !r.server.connected && !r.proxy.connected, 'both sessions to end');
+
+    const c3 = FrontendClient.connect(r.proxy.socketPath);
+    assert.ok((await c3.getFeatures()) & bit(F_VERSION_1), 'the proxy still accepts and forwards');
+    await waitFor(() => r.server.connected, 'a new back-end session');
+    const c4 = FrontendClient.connect(r.proxy.socketPath);
+    await c4.closed;
+    assert.ok(r.proxyLog.has(/a second front-end connected/));
+    assert.ok((await c3.getProtocolFeatures()) !== 0n, 'the first session still answers');
+    c3.close();
+    await c3.closed;
+    await waitFor(() => !r.server.connected && !r.proxy.connected, 'both sessions to end');
+    await waitFor(() => openFds() === fds0, `fds back to ${fds0} (now ${openFds()})`);
+  } finally {
+    r.close();
+  }
+});
+
+test('passthrough: no back-end closes the front-end with a clear error; a back-end that goes away takes the front-end with it', async () => {
+  const r = rig('pt-nob', { noBackend: true });
+  try {
+    const fds0 = openFds();
+    const c1 = FrontendClient.connect(r.proxy.socketPath);
+    await c1.closed;
+    assert.ok(r.proxyLog.has(/error pt-nob \(session 1\): cannot connect to the back-end at .*pt-nob-back\.sock: .*closing the front-end connection/), r.proxyLog.lines.join('\n'));
+    assert.equal(r.proxy.connected, false);
+    assert.equal(r.proxy.listening, true);
+
+    r.server.listen();
+    const g = new Guest(1);
+    try {
+      const c2 = FrontendClient.connect(r.proxy.socketPath);
+      await bringUp(c2, g, { features: FEATURES });
+      await waitFor(() => r.server.connected, 'the back-end session');
+      r.server.close();
+      await c2.closed;
+      await waitFor(() => !r.proxy.connected, 'the proxy session to end');
+      assert.ok(r.proxyLog.has(/the back-end closed its connection; closing the front-end connection/));
+    } finally {
+      g.close();
+    }
+    await waitFor(() => openFds() === fds0, `fds back to ${fds0} (now ${openFds()})`);
+  } finally {
+    r.close();
+  }
+});
