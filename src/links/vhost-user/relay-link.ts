@@ -175,6 +175,8 @@ export class VhostUserRelayLink implements ShadowLink {
       await c.setOwner();
       await c.setMemTable([memRegion(0, this.bar2Size, BAR_UVA, 0)], [this.barFd]);
       this.messages += 6;
+      // GET_QUEUE_NUM counts queue pairs for net (as QEMU reads it), queues for everything else.
+      if (this.deviceId === VIRTIO_ID_NET) numQueues *= 2;
       numQueues = Math.max(1, Math.min(numQueues, 16));
       this.ensureNotifiers(numQueues);
       this.info = {
