@@ -4,6 +4,8 @@ import { DEFAULT_CONTROL_SOCKET, loadTopology, TopologyError } from './topology'
 import { fetchJson } from './control-server';
 import { formatStats, type StatsReport } from './stats-format';
 import { serve } from './serve';
+import { takeFlag, takeOption, UsageError } from './args';
+import { BACKEND_USAGE, parseBackendArgs, runBackend } from './backend-command';
 
 const USAGE = `usage: vbridge <command> [options]
 
@@ -13,28 +15,13 @@ commands:
   stats [--control PATH] [--json]
                                per-function, per-queue counters of a running serve
                                (default control socket: ${DEFAULT_CONTROL_SOCKET})
+  backend blk|net --attach PATH ...
+                               run a backend host: plug a virtio-blk or virtio-net device
+                               into a bridge function's PCIe link (vbridge backend --help)
   help                         this text
 
 The topology schema is documented in docs/topology.md.
 `;
-
-function takeOption(args: string[], name: string): string | undefined {
-  const i = args.indexOf(name);
-  if (i < 0) return undefined;
-  const v = args[i + 1];
-  if (v === undefined) throw new UsageError(`${name} needs a value`);
-  args.splice(i, 2);
-  return v;
-}
-
-function takeFlag(args: string[], name: string): boolean {
-  const i = args.indexOf(name);
-  if (i < 0) return false;
-  args.splice(i, 1);
-  return true;
-}
-
-class UsageError extends Error {}
 
 async function main(argv: string[]): Promise<number> {
   const [cmd, ...args] = argv;
@@ -61,6 +48,13 @@ async function main(argv: string[]): Promise<number> {
       process.stdout.write(json ? JSON.stringify(report, null, 2) + '\n' : formatStats(report));
       return 0;
     }
+    case 'backend': {
+      if (args.length === 0 || args.includes('--help') || args.includes('-h')) {
+        process.stdout.write(BACKEND_USAGE);
+        return args.length === 0 ? 2 : 0;
+      }
+      return runBackend(parseBackendArgs(args));
+    }
     case undefined:
     case 'help':
     case '--help':
@@ -78,7 +72,7 @@ main(process.argv.slice(2)).then(
   },
   (err: unknown) => {
     if (err instanceof UsageError) {
-      process.stderr.write(`vbridge: ${err.message}\n\n${USAGE}`);
+      process.stderr.write(`vbridge: ${err.message}\n\n${err.usage ?? USAGE}`);
       process.exitCode = 2;
     } else if (err instanceof TopologyError) {
       process.stderr.write(`vbridge: topology error: ${err.message}\n`);

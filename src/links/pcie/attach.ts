@@ -243,7 +243,12 @@ function encodeAttachReply(status: number, bar2Size: number): Uint8Array {
  */
 export function attach(socketPath: string, timeoutMs = 5000): Promise<Attachment> {
   const a = native();
-  const fd = a.connect(socketPath);
+  let fd: number;
+  try {
+    fd = a.connect(socketPath);
+  } catch (e) {
+    return Promise.reject(new Error(`attach to ${socketPath}: ${asError(e, 'connect').message}`));
+  }
   const hello = new Uint8Array(HELLO_SIZE);
   const hv = new DataView(hello.buffer);
   hv.setUint32(0, LINK_MAGIC, true);

@@ -96,6 +96,7 @@ export class PcieCard {
   private lastReplySeq = 0;
   private ready = false;
   private failed = false;
+  private closed = false;
   private configGeneration = 0;
   private info: DeviceInfo | null = null;
   /** Mailbox round trips, notifications each way: for stats. */
@@ -222,6 +223,8 @@ export class PcieCard {
   }
 
   close(): void {
+    if (this.closed) return;
+    this.closed = true;
     this.port.close();
     this.failAll(new Error(`${this.label}: card closed`));
     for (const p of this.pollers.splice(0)) p.close();
