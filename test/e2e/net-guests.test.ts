@@ -9,37 +9,9 @@ import { startGuest, kv } from '../support/qemu-guest';
 import { withHeavyLock } from '../support/heavy-lock';
 import { startBridgeFixture } from '../support/bridge-fixture';
 
-// RFC 2544 benchmark range: the guests talk only through our in-process switch.
-const IP_A = '198.18.0.1';
-const IP_B = '198.18.0.2';
+import { SCRIPT_B, scriptA } from '../support/net-scripts';
 
-const SCRIPT_A = `
-ip link set eth0 up && ip addr add ${IP_A}/24 dev eth0
-echo QUEUES=$(ls -d /sys/class/net/eth0/queues/tx-* | wc -l)
-mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=8 2>/dev/null
-echo BLOB_MD5=$(md5sum < /www/blob | cut -d' ' -f1)
-httpd -p 8080 -h /www
-# Ping B from each vCPU so that both TX queues carry traffic (XPS maps CPU n to queue n).
-until ping -c1 -W1 ${IP_B} >/dev/null 2>&1; do sleep 0.2; done
-echo A_PING0="$(taskset 1 ping -q -c 20 -i 0.02 ${IP_B} | grep -o '[0-9]* packets received')"
-echo A_PING1="$(taskset 2 ping -q -c 20 -i 0.02 -s 1400 ${IP_B} | grep -o '[0-9]* packets received')"
-# B publishes /done on its own httpd when it has fetched the blob.
-n=0; until wget -q -O /dev/null http://${IP_B}:8080/done; do n=$((n+1)); [ $n -gt 300 ] && break; sleep 0.5; done
-echo A_DONE=$((n <= 300))
-`;
-
-const SCRIPT_B = `
-ip link set eth0 up && ip addr add ${IP_B}/24 dev eth0
-until ping -c1 -W1 ${IP_A} >/dev/null 2>&1; do sleep 0.2; done
-echo PING56="$(ping -q -c 100 -i 0.02 ${IP_A} | grep -o '[0-9]* packets transmitted, [0-9]* packets received')"
-echo PING1400="$(ping -q -c 100 -i 0.02 -s 1400 ${IP_A} | grep -o '[0-9]* packets transmitted, [0-9]* packets received')"
-n=0; until wget -q -O /tmp/blob http://${IP_A}:8080/blob; do n=$((n+1)); [ $n -gt 30 ] && break; sleep 1; done
-echo GOT_MD5=$(md5sum < /tmp/blob | cut -d' ' -f1)
-echo GOT_SIZE=$(wc -c < /tmp/blob)
-mkdir -p /www && echo ok > /www/done && httpd -p 8080 -h /www
-# Stay up until A has seen /done.
-sleep 5
-`;
+const SCRIPT_A = scriptA(true);
 
 test('two guests on one switch: ping 56/1400 B without loss, 8 MiB transfer intact, 2 queue pairs used', { timeout: 600_000 }, async () => {
   await withHeavyLock(async () => {
