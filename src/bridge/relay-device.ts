@@ -469,12 +469,22 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   }
 
   private failAll(rq: RelayQueue, g: DeviceQueue): void {
+    const vq = g.queue;
     let n = 0;
     try {
-      for (let c = rq.pending ?? g.queue.pop(g.mem); c !== null; c = g.queue.pop(g.mem)) {
+      if (rq.pending !== null) {
+        this.failChain(g, rq.pending);
         rq.pending = null;
-        this.failChain(g, c);
         n++;
+      }
+      // The usual drain loop, so that avail_event keeps moving and the guest keeps kicking.
+      for (;;) {
+        vq.disableNotification(g.mem);
+        for (let c = vq.pop(g.mem); c !== null; c = vq.pop(g.mem)) {
+          this.failChain(g, c);
+          n++;
+        }
+        if (!vq.enableNotification(g.mem)) break;
       }
     } catch (e) {
       this.guestFault(e);

@@ -231,6 +231,19 @@ export class PcieBackendHost {
     };
   }
 
+  /**
+   * Raw access to the card, as a host driver has it: the BARs and the doorbells.
+   * For tools and fault-injection tests; a backend that writes here behind the
+   * SDK's back is on its own.
+   */
+  raw(): { bar0: DataView; bar2: Uint8Array; ringDoorbell(n: number): void } {
+    return {
+      bar0: this.bar0,
+      bar2: new Uint8Array(this.bar2Buffer),
+      ringDoorbell: (n) => this.addon.eventfdWrite(this.at.doorbells[n] as number, 1),
+    };
+  }
+
   /** Whether queue `index` is handed to the device. */
   queueRunning(index: number): boolean {
     return (this.queues[index]?.dq ?? null) !== null;
