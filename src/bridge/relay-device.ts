@@ -98,6 +98,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   readonly maxQueueSize: number;
   readonly configSize: number;
   onFatal?: (err: Error) => void;
+  /** Set by the function: tell the driver the config changed (vhost-user CONFIG_CHANGE_MSG). */
+  notifyConfigChange?: () => void;
 
   private info: BackendDeviceInfo;
   private readonly queues: RelayQueue[] = [];
@@ -162,7 +164,12 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
 
   writeConfig(offset: number, data: Uint8Array): void {
     const copy = data.slice();
-    if (this.linkUp) this.control('SET_CONFIG', () => this.link.writeConfig(offset, copy));
+    // A device refusing a config write is the driver's problem, not a broken backend.
+    if (this.linkUp) {
+      this.control('SET_CONFIG', () =>
+        this.link.writeConfig(offset, copy).catch((e: unknown) => this.log.warn(`${this.name}: config write at ${offset} refused: ${(e as Error).message}`)),
+      );
+    }
   }
 
   startQueue(dq: DeviceQueue): void {
@@ -203,6 +210,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
         }
       }
     } catch (e) {
+      // Programmed again from scratch on the next start, whatever the backend thinks.
+      rq.shadow = 'stopped';
       this.log.warn(`${this.name}: queue ${index}: stopping the shadow ring: ${(e as Error).message}`);
     }
     this.giveBack(rq, guest);
@@ -272,6 +281,10 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       rq.shadow = 'idle';
       this.pump(rq);
     }
+  }
+
+  onConfigChange(): void {
+    this.notifyConfigChange?.();
   }
 
   onUsed(q: number): void {

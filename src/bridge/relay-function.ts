@@ -88,6 +88,10 @@ export class RelayFunction {
     }
     this.relayDevice = device;
     this.server = new VhostUserServer(this.spec.socket, device, this.log);
+    const server = this.server;
+    device.notifyConfigChange = () => {
+      server.session?.notifyConfigChange();
+    };
     this.server.listen();
     this.resolveReady();
   }

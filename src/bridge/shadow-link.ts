@@ -33,6 +33,8 @@ export interface ShadowLinkEvents {
   onFailed(err: Error): void;
   /** Used-buffer notification for shadow queue q. */
   onUsed(q: number): void;
+  /** The backend changed its device config space. */
+  onConfigChange?(): void;
 }
 
 export interface ShadowLinkStats {

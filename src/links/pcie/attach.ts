@@ -14,6 +14,8 @@ import { ATTACH_REPLY_SIZE, AttachStatus, BAR0_SIZE, BAR2_OFFSET, HELLO_SIZE, LI
 import { LinkProtocolError } from './mailbox';
 
 /** What the card hands over when a backend plugs in. */
+const HELLO_TIMEOUT_MS = 2000;
+
 export interface CardResources {
   barFd: number;
   bar2Size: number;
@@ -48,7 +50,7 @@ export class AttachPort {
   private linkFd = -1;
   private linkPoller: Poller | null = null;
   /** The hello of the backend being plugged in, assembled across reads. */
-  private pending: { fd: number; poller: Poller; buf: Uint8Array; got: number } | null = null;
+  private pending: { fd: number; poller: Poller; buf: Uint8Array; got: number; timer: NodeJS.Timeout } | null = null;
 
   constructor(
     readonly socketPath: string,
@@ -118,7 +120,13 @@ export class AttachPort {
         this.refuse(fd, AttachStatus.BUSY);
         continue;
       }
-      const p = { fd, poller: new a.Poller(fd, () => this.onHello()), buf: new Uint8Array(HELLO_SIZE), got: 0 };
+      // A peer that connects and says nothing must not keep the slot.
+      const timer = setTimeout(() => {
+        this.log.warn(`${this.label}: attach: no hello within ${HELLO_TIMEOUT_MS} ms; dropped`);
+        this.dropPending();
+      }, HELLO_TIMEOUT_MS);
+      timer.unref();
+      const p = { fd, poller: new a.Poller(fd, () => this.onHello()), buf: new Uint8Array(HELLO_SIZE), got: 0, timer };
       this.pending = p;
       p.poller.start(1);
     }
@@ -148,6 +156,7 @@ export class AttachPort {
     const magic = dv.getUint32(0, true);
     const version = dv.getUint32(4, true);
     p.poller.close();
+    clearTimeout(p.timer);
     this.pending = null;
     if (magic !== LINK_MAGIC) {
       this.log.warn(`${this.label}: attach: bad hello magic 0x${magic.toString(16)}; refused`);
@@ -217,6 +226,7 @@ export class AttachPort {
   private dropPending(): void {
     const p = this.pending;
     if (p === null) return;
+    clearTimeout(p.timer);
     p.poller.close();
     closeQuietly(p.fd);
     this.pending = null;

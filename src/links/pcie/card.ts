@@ -99,6 +99,7 @@ export class PcieCard {
   private closed = false;
   private configGeneration = 0;
   private info: DeviceInfo | null = null;
+  private config = new Uint8Array(0);
   /** Mailbox round trips, notifications each way: for stats. */
   readonly counters = { mailbox: 0, vectorsSent: 0, doorbellsSeen: 0, maskedVectors: 0 };
 
@@ -160,10 +161,10 @@ export class PcieCard {
     return this.info;
   }
 
+  /** From the card's copy, taken at READY and at each CONFIG_GENERATION change: stable while no backend is there. */
   readConfig(offset: number, len: number): Uint8Array {
     const out = new Uint8Array(len);
-    const size = this.info?.configSize ?? 0;
-    if (offset < size) out.set(this.bar0Bytes.subarray(Csr.CONFIG + offset, Csr.CONFIG + Math.min(size, offset + len)));
+    if (offset < this.config.length) out.set(this.config.subarray(offset, Math.min(this.config.length, offset + len)));
     return out;
   }
 
@@ -172,8 +173,7 @@ export class PcieCard {
     if (!this.up) return;
     const ctl = this.bar0.getUint32(msixEntry(v) + MsixReg.CONTROL, true);
     if (ctl & MSIX_CONTROL_MASKED) {
-      const word = Csr.MSIX_PBA + 4 * (v >> 5);
-      this.bar0.setUint32(word, this.bar0.getUint32(word, true) | (1 << (v & 31)), true);
+      Atomics.or(new Uint32Array(this.bar0.buffer, this.bar0.byteOffset + Csr.MSIX_PBA + 4 * (v >> 5), 1), 0, 1 << (v & 31));
       this.counters.maskedVectors++;
       return;
     }
@@ -264,6 +264,9 @@ export class PcieCard {
   private onPlug(): void {
     this.ready = false;
     this.failed = false;
+    // Reset here, not at unplug: the config stays readable while no backend is there,
+    // and whatever an unplugged backend scribbled is gone before the next one looks.
+    this.resetBar0();
     const a = native();
     // Stale notifications from the previous backend mean nothing to this one.
     for (const fd of [...this.doorbells, ...this.vectors]) a.eventfdRead(fd);
@@ -274,7 +277,7 @@ export class PcieCard {
     const wasUp = this.ready && !this.failed;
     this.ready = false;
     this.failAll(new Error(`${this.label}: the backend unplugged`));
-    this.resetBar0();
+    this.bar0.setUint32(Csr.CARD_STATUS, this.bar0.getUint32(Csr.CARD_STATUS, true) & ~CARD_LINK_UP, true);
     if (wasUp) this.events.onDown();
   }
 
@@ -283,7 +286,7 @@ export class PcieCard {
     if (a.eventfdRead(this.doorbells[i] as number) === 0) return;
     this.counters.doorbellsSeen++;
     if (!this.port.plugged || this.failed) return;
-    this.bar0.setUint32(Csr.DOORBELL + 4 * i, 1, true);
+    this.bar0.setUint32(Csr.DOORBELL + 4 * i, (this.bar0.getUint32(Csr.DOORBELL + 4 * i, true) + 1) >>> 0, true);
     if (i !== MAILBOX_NOTIFIER) {
       if (this.ready) this.events.onUsed(i - 1);
       return;
@@ -300,6 +303,7 @@ export class PcieCard {
     if (!this.ready) {
       if (r.getUint32(Csr.BACKEND_READY, true) !== READY_VALUE) return;
       this.info = this.readDeviceBlock();
+      this.config = this.bar0Bytes.slice(Csr.CONFIG, Csr.CONFIG + this.info.configSize);
       this.ready = true;
       this.configGeneration = r.getUint32(Csr.CONFIG_GENERATION, true);
       this.log.info(
@@ -316,6 +320,7 @@ export class PcieCard {
     const gen = r.getUint32(Csr.CONFIG_GENERATION, true);
     if (gen !== this.configGeneration) {
       this.configGeneration = gen;
+      this.config = this.bar0Bytes.slice(Csr.CONFIG, Csr.CONFIG + (this.info?.configSize ?? 0));
       this.events.onConfigChange?.();
     }
     const seq = readSeq(r, Csr.MBOX_REPLY);
@@ -330,6 +335,8 @@ export class PcieCard {
     this.inFlight = null;
     this.clearTimer();
     this.counters.mailbox++;
+    // The backend may rewrite its config area while answering (SET_CONFIG): take it again.
+    this.config = this.bar0Bytes.slice(Csr.CONFIG, Csr.CONFIG + (this.info?.configSize ?? 0));
     if (f.status !== MboxStatus.OK) {
       p.reject(new MailboxError(p.spec.name, f.status));
     } else {

@@ -49,8 +49,6 @@ export const Csr = {
   /** Interrupt cause bits (INT_*), set by the card before it signals vector 0; the backend clears what it handled. */
   INTERRUPT_STATUS: 0x08c,
 
-  /** Last value written to each doorbell (u32 each, NUM_NOTIFIERS of them); the eventfd is the doorbell itself. */
-  DOORBELL: 0x0c0,
 
   /** Device config space, CONFIG_SIZE bytes, backend-written. */
   CONFIG: 0x100,
@@ -59,6 +57,9 @@ export const Csr = {
   /** Per-queue block mirror, QUEUE_STRIDE bytes each. */
   QUEUE: 0x200,
   QUEUE_STRIDE: 0x20,
+
+  /** Doorbells the card consumed, a u32 count per doorbell (NUM_NOTIFIERS of them); the eventfd is the doorbell itself. */
+  DOORBELL: 0x400,
 
   /** Mailbox: request (card -> backend) and reply (backend -> card) areas. */
   MBOX_REQ: 0x1000,
@@ -91,7 +92,7 @@ export const MSIX_CONTROL_MASKED = 1;
 export const READY_VALUE = 0x31594452; // 'RDY1'
 
 export const CARD_LINK_UP = 1 << 0;
-/** The card stopped the function after a link protocol error; a new attach clears it. */
+/** The card failed the link (protocol error, device failure) and unplugged the backend; the next attach clears it. */
 export const CARD_FAILED = 1 << 1;
 
 export const INT_MAILBOX = 1 << 0;

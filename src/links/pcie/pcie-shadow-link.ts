@@ -41,6 +41,7 @@ export class PcieShadowLink implements ShadowLink {
           this.events?.onFailed(err);
         },
         onUsed: (q) => this.events?.onUsed(q),
+        onConfigChange: () => this.events?.onConfigChange?.(),
       },
       log,
       label,
@@ -94,10 +95,12 @@ export class PcieShadowLink implements ShadowLink {
     this.card.mirrorQueue(addr, a.size, true);
     const status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
     this.card.mirrorStatus(status);
+    await this.card.request(Mbox.SET_STATUS, status);
   }
 
   async stopQueue(index: number): Promise<number> {
     const s = await this.card.request(Mbox.GET_VRING_BASE, { index, num: 0 });
+    this.card.mirrorQueue({ index, flags: 0, desc: 0, avail: 0, used: 0 }, 0, false);
     return s.num;
   }
 
