@@ -18,12 +18,13 @@
  */
 import type { DeviceQueue, VirtioDevice } from '../devices/device';
 import { DeviceError } from '../devices/device';
+import { NOTIFY_BATCH } from '../devices/device-base';
 import type { Logger } from '../log';
 import { MemoryError } from '../memory/memory-access';
 import type { DescriptorChain } from '../virtio/chain';
 import { segmentAddr } from '../virtio/chain-io';
 import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, VIRTIO_ID_BLOCK, VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
-import { DriverRing, type DriverSegment, splitRingBytes, splitRingLayout } from '../virtio/driver-ring';
+import { DriverRing, splitRingBytes, splitRingLayout } from '../virtio/driver-ring';
 import { QueueError } from '../virtio/split-queue';
 import { DmaEngine, type DmaCounters, newDmaCounters } from './dma-engine';
 import type { BackendDeviceInfo, ShadowLink, ShadowLinkEvents } from './shadow-link';
@@ -33,6 +34,9 @@ import { SlotPool } from './slot-pool';
 const DEVICE_FEATURE_MASK = ((1n << 24n) - 1n) | (((1n << 64n) - 1n) ^ ((1n << 50n) - 1n));
 const BLK_S_IOERR = 1;
 export const DEFAULT_SLOT_SIZE = 2048;
+const POST_NO_ROOM = 0;
+const POST_QUEUED = 1;
+const POST_DONE = 2;
 /** How long quiesce waits for chains the backend consumed but has not returned. */
 const QUIESCE_WAIT_MS = 2000;
 
@@ -51,6 +55,12 @@ interface InFlight {
   wOff: number;
   /** Shadow avail index it was posted at. */
   pos: number;
+  /**
+   * Already returned to the guest: a chain with nothing device-writable is
+   * done for the guest once its bytes are in the BAR (as a NIC completes TX
+   * once it has read the buffer); the shadow chain only holds BAR slots.
+   */
+  done: boolean;
 }
 
 export interface RelayQueueStats {
@@ -111,7 +121,6 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   private linkFailed = false;
   /** Control calls to the backend, one after another. */
   private ctl: Promise<void> = Promise.resolve();
-  private readonly segs: DriverSegment[] = [];
   private readonly statusByte = new Uint8Array([BLK_S_IOERR]);
 
   constructor(
@@ -276,7 +285,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     // Block requests end with an I/O error rather than hang while no backend works.
     for (const rq of this.queues) {
       if (rq.guest === null) continue;
-      for (const f of this.inflightInOrder(rq)) this.failChain(rq.guest, f.chain);
+      for (const f of this.inflightInOrder(rq)) if (!f.done) this.failChain(rq.guest, f.chain);
       this.dropInflight(rq);
       rq.shadow = 'idle';
       this.pump(rq);
@@ -329,6 +338,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     const vq = g.queue;
     const mem = g.mem;
     let posted = 0;
+    let early = 0;
     try {
       for (;;) {
         vq.disableNotification(mem);
@@ -336,7 +346,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
         for (;;) {
           const chain = rq.pending ?? vq.pop(mem);
           if (chain === null) break;
-          if (!this.post(rq, g, chain)) {
+          const r = this.post(rq, g, chain);
+          if (r === POST_NO_ROOM) {
             if (rq.pending === null) rq.waits++;
             rq.pending = chain;
             blocked = true;
@@ -344,6 +355,10 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
           }
           rq.pending = null;
           posted++;
+          if (r === POST_DONE && ++early === NOTIFY_BATCH) {
+            g.notify();
+            early = 0;
+          }
         }
         // Blocked: completions will pump again; the guest's kicks stay off meanwhile.
         if (blocked || !vq.enableNotification(mem)) break;
@@ -351,6 +366,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     } catch (e) {
       this.guestFault(e);
     }
+    if (early > 0) g.notify();
     if (posted > 0) {
       rq.ring.publish();
       if (rq.ring.kickNeeded()) {
@@ -360,8 +376,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     }
   }
 
-  /** Copy a chain's readable bytes into BAR2 and post it; false when there is no room now. */
-  private post(rq: RelayQueue, g: DeviceQueue, chain: DescriptorChain): boolean {
+  /** Copy a chain's readable bytes into BAR2 and post it; POST_NO_ROOM when there is no room now. */
+  private post(rq: RelayQueue, g: DeviceQueue, chain: DescriptorChain): number {
     const r = chain.readableLen;
     const w = chain.writableLen;
     const pool = rq.pool;
@@ -371,9 +387,9 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       throw new DeviceError(`chain ${chain.head} of ${r}+${w} bytes does not fit the ${pool.bytes}-byte shadow buffer pool`);
     }
     const ndesc = r > 0 && w > 0 ? 2 : 1;
-    if (rq.ring.freeDescriptors < ndesc) return false;
+    if (rq.ring.freeDescriptors < ndesc) return POST_NO_ROOM;
     const off = pool.alloc(n);
-    if (off < 0) return false;
+    if (off < 0) return POST_NO_ROOM;
     const wOff = off + rs * pool.slotSize;
     try {
       if (r > 0) this.dma.toBar(g.mem, chain.readable, r, off, rq.dma);
@@ -381,15 +397,16 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       pool.free(off);
       throw e;
     }
-    const segs = this.segs;
-    segs.length = 0;
-    if (r > 0 || w === 0) segs.push({ addr: off, len: r, writable: false });
-    if (w > 0) segs.push({ addr: wOff, len: w, writable: true });
     const pos = rq.ring.nextAvailIdx;
-    const head = rq.ring.add(segs);
-    rq.inflight[head] = { chain, off, wOff, pos };
+    const head = rq.ring.addPair(off, r, wOff, w);
+    const done = w === 0;
+    rq.inflight[head] = { chain, off, wOff, pos, done };
     rq.count++;
-    return true;
+    if (!done) return POST_QUEUED;
+    g.queue.pushUsed(g.mem, chain.head, 0);
+    g.stats.descriptors++;
+    g.stats.bytes += r;
+    return POST_DONE;
   }
 
   /** Take the backend's used elements into the guest's used ring, then refill. */
@@ -424,8 +441,9 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     if (len > w) throw new Error(`queue ${rq.index}: backend used ${len} bytes of chain ${id}, which has ${w} writable`);
     rq.inflight[id] = undefined;
     rq.count--;
-    if (len > 0) this.dma.toGuest(g.mem, f.chain.writable, f.wOff, len, rq.dma);
     rq.pool.free(f.off);
+    if (f.done) return;
+    if (len > 0) this.dma.toGuest(g.mem, f.chain.writable, f.wOff, len, rq.dma);
     g.queue.pushUsed(g.mem, f.chain.head, len);
     g.stats.descriptors++;
     g.stats.bytes += f.chain.readableLen + len;
@@ -441,13 +459,21 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     const end = rq.ring.nextAvailIdx;
     let suffix = 0;
     for (let i = left.length - 1; i >= 0; i--) {
-      if ((left[i] as InFlight).pos !== ((end - (left.length - i)) & 0xffff)) break;
+      const f = left[i] as InFlight;
+      if (f.done || f.pos !== ((end - (left.length - i)) & 0xffff)) break;
       suffix++;
     }
     const back = suffix + (rq.pending !== null ? 1 : 0);
-    for (let i = 0; i < left.length - suffix; i++) this.failChain(g, (left[i] as InFlight).chain);
+    let failed = 0;
+    for (let i = 0; i < left.length - suffix; i++) {
+      const f = left[i] as InFlight;
+      // Chains already done for the guest (sent TX) are simply dropped with the ring.
+      if (f.done) continue;
+      this.failChain(g, f.chain);
+      failed++;
+    }
     if (back > 0) g.queue.nextAvail = (g.queue.nextAvail - back) & 0xffff;
-    if (left.length - suffix > 0) this.log.warn(`${this.name}: queue ${rq.index}: ${left.length - suffix} chain(s) the backend did not return completed with an error`);
+    if (failed > 0) this.log.warn(`${this.name}: queue ${rq.index}: ${failed} chain(s) the backend did not return completed with an error`);
     this.dropInflight(rq);
     rq.pending = null;
   }
@@ -517,13 +543,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       rq.ring.reset();
       rq.inflight.fill(undefined);
       for (const f of held) {
-        const segs: DriverSegment[] = [];
-        const r = f.chain.readableLen;
-        const w = f.chain.writableLen;
-        if (r > 0 || w === 0) segs.push({ addr: f.off, len: r, writable: false });
-        if (w > 0) segs.push({ addr: f.wOff, len: w, writable: true });
         f.pos = rq.ring.nextAvailIdx;
-        rq.inflight[rq.ring.add(segs)] = f;
+        rq.inflight[rq.ring.addPair(f.off, f.chain.readableLen, f.wOff, f.chain.writableLen)] = f;
       }
       if (held.length > 0) {
         rq.ring.publish();

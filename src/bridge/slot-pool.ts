@@ -36,6 +36,14 @@ export class SlotPool {
   alloc(n: number): number {
     if (n < 1 || n > this.slots - this.inUse) return -1;
     let start = this.cursor;
+    if (n === 1 && this.used[start] === 0) {
+      // The common case (one packet, one slot, completions in order): no scan, no fill.
+      this.used[start] = 1;
+      this.runAt[start] = 1;
+      this.inUse++;
+      this.cursor = start + 1 === this.slots ? 0 : start + 1;
+      return this.base + start * this.slotSize;
+    }
     let scanned = 0;
     while (scanned < this.slots) {
       if (start + n > this.slots) {
@@ -64,7 +72,8 @@ export class SlotPool {
     const n = Number.isInteger(s) && s >= 0 && s < this.slots ? (this.runAt[s] as number) : 0;
     if (n === 0) throw new RangeError(`free of 0x${offset.toString(16)}: not the start of an allocated run`);
     this.runAt[s] = 0;
-    this.used.fill(0, s, s + n);
+    if (n === 1) this.used[s] = 0;
+    else this.used.fill(0, s, s + n);
     this.inUse -= n;
   }
 

@@ -12,6 +12,7 @@ import { BlkDevice } from '../devices/blk/blk-device';
 import type { VirtioDevice } from '../devices/device';
 import { deleteSwitch, getSwitch, type L2Switch } from '../devices/net/l2-switch';
 import { NetDevice } from '../devices/net/net-device';
+import { NullPort } from '../devices/net/null-port';
 import { TapPort } from '../devices/net/tap-port';
 import { LINK_MAX_QUEUES } from '../links/pcie/layout';
 import { PcieBackendHost } from '../links/pcie/backend-host';
@@ -32,12 +33,14 @@ stderr. Exits 0 on SIGTERM/SIGINT, 1 when a card unplugs the backend.
       (a multiple of 512; K, M, G suffixes); --queues 1..${LINK_MAX_QUEUES} (default 1);
       --queue-size is the largest ring accepted (power of two, default 1024).
 
-  vbridge backend net --attach PATH [--attach PATH2 ...] --switch NAME [--queues N]
+  vbridge backend net --attach PATH [--attach PATH2 ...] (--switch NAME | --sink) [--queues N]
                       [--queue-size N] [--tap IFNAME]
       one virtio-net device per --attach, named after the attach file (its
       MAC derived from that name), all on one L2 learning switch NAME; --tap
       also puts host TAP interface IFNAME on the switch (needs CAP_NET_ADMIN).
       --queues is queue pairs per device, 1..${LINK_MAX_QUEUES / 2} (default 1).
+      --sink instead of a switch: each device counts and drops what it sends
+      and receives nothing (benchmarks).
 `;
 
 export interface BlkBackendArgs {
@@ -54,7 +57,8 @@ export interface BlkBackendArgs {
 export interface NetBackendArgs {
   kind: 'net';
   attach: string[];
-  switch: string;
+  /** null: every device on its own null sink. */
+  switch: string | null;
   queues: number;
   queueSize: number | undefined;
   tap: string | undefined;
@@ -116,18 +120,20 @@ export function parseBackendArgs(argv: readonly string[]): BackendArgs {
     const attach = takeOptions(args, '--attach');
     if (attach.length === 0) throw usage('backend net needs at least one --attach PATH');
     const sw = takeOption(args, '--switch');
-    if (sw === undefined) throw usage('backend net needs --switch NAME');
+    const sink = takeFlag(args, '--sink');
+    if ((sw === undefined) === !sink) throw usage('backend net needs either --switch NAME or --sink');
     const names = attach.map(deviceName);
     const dup = names.find((n, i) => names.indexOf(n) !== i);
     if (dup !== undefined) throw usage(`two --attach paths give the device name ${dup}: name the attach files differently`);
     out = {
       kind,
       attach,
-      switch: sw,
+      switch: sw ?? null,
       queues: parseInteger('--queues', takeOption(args, '--queues'), 1, LINK_MAX_QUEUES / 2) ?? 1,
       queueSize: parseQueueSize(takeOption(args, '--queue-size')),
       tap: takeOption(args, '--tap'),
     };
+    if (sink && out.tap !== undefined) throw usage('--tap needs a switch; it cannot go with --sink');
   } else {
     throw usage(kind === undefined ? 'backend needs a device type: blk or net' : `unknown backend device type: ${kind} (blk or net)`);
   }
@@ -207,8 +213,19 @@ function createDevices(a: BackendArgs, proc: BackendProcess, log: Logger): Plugg
     log.info(`${device.name}: ${a.file}, ${device.capacity} sectors${device.readOnly ? ', read-only' : ''}, ${a.queues} queue(s)`);
     return [{ attachPath: a.attach, device }];
   }
-  const sw: L2Switch = getSwitch(a.switch);
-  proc.addRelease(() => deleteSwitch(a.switch));
+  if (a.switch === null) {
+    return a.attach.map((attachPath) => {
+      const device = new NetDevice({ name: deviceName(attachPath), queuePairs: a.queues, queueSize: a.queueSize });
+      const sink = new NullPort(`${device.name}-null`);
+      device.connect(sink);
+      sink.connect(device);
+      proc.addRelease(() => device.connect(null));
+      return { attachPath, device };
+    });
+  }
+  const swName = a.switch;
+  const sw: L2Switch = getSwitch(swName);
+  proc.addRelease(() => deleteSwitch(swName));
   if (a.tap !== undefined) {
     const tap = new TapPort(a.tap);
     proc.addRelease(() => tap.close());

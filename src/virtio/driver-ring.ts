@@ -118,24 +118,56 @@ export class DriverRing {
     const n = segs.length;
     if (n === 0 || n > this.freeTop) throw new DriverRingError(`${n} descriptors wanted, ${this.freeTop} free`);
     const head = this.free[this.freeTop - 1] as number;
-    let idx = head;
+    let prev = -1;
     for (let i = 0; i < n; i++) {
       const d = this.free[--this.freeTop] as number;
-      if (i > 0) this.next[idx] = d;
-      idx = d;
-    }
-    idx = head;
-    for (let i = 0; i < n; i++) {
+      if (prev >= 0) this.link(prev, d);
       const s = segs[i] as DriverSegment;
-      const o = idx * VRING_DESC_SIZE;
-      this.desc.setUint32(o, s.addr >>> 0, true);
-      this.desc.setUint32(o + 4, Math.floor(s.addr / 2 ** 32), true);
-      this.desc.setUint32(o + 8, s.len, true);
-      const last = i === n - 1;
-      this.desc.setUint16(o + 12, (s.writable ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT), true);
-      this.desc.setUint16(o + 14, last ? 0 : (this.next[idx] as number), true);
-      if (!last) idx = this.next[idx] as number;
+      this.writeDesc(d, s.addr, s.len, s.writable);
+      prev = d;
     }
+    return this.offer(head, n);
+  }
+
+  /**
+   * The relay's shape without an array: readable bytes then writable bytes,
+   * each one descriptor; a zero length leaves that descriptor out (both zero:
+   * one empty readable descriptor).
+   */
+  addPair(rAddr: number, rLen: number, wAddr: number, wLen: number): number {
+    const two = rLen > 0 && wLen > 0;
+    if (this.freeTop < (two ? 2 : 1)) throw new DriverRingError(`${two ? 2 : 1} descriptors wanted, ${this.freeTop} free`);
+    const head = this.free[--this.freeTop] as number;
+    if (two) {
+      const d = this.free[--this.freeTop] as number;
+      this.writeDesc(head, rAddr, rLen, false);
+      this.link(head, d);
+      this.writeDesc(d, wAddr, wLen, true);
+      return this.offer(head, 2);
+    }
+    if (wLen > 0) this.writeDesc(head, wAddr, wLen, true);
+    else this.writeDesc(head, rAddr, rLen, false);
+    return this.offer(head, 1);
+  }
+
+  private writeDesc(d: number, addr: number, len: number, writable: boolean): void {
+    const o = d * VRING_DESC_SIZE;
+    this.desc.setUint32(o, addr >>> 0, true);
+    this.desc.setUint32(o + 4, Math.floor(addr / 2 ** 32), true);
+    this.desc.setUint32(o + 8, len, true);
+    this.desc.setUint16(o + 12, writable ? VRING_DESC_F_WRITE : 0, true);
+    this.desc.setUint16(o + 14, 0, true);
+  }
+
+  /** prev -> d: NEXT in prev's flags and next field, and in our own copy of the chain. */
+  private link(prev: number, d: number): void {
+    const o = prev * VRING_DESC_SIZE;
+    this.desc.setUint16(o + 12, this.desc.getUint16(o + 12, true) | VRING_DESC_F_NEXT, true);
+    this.desc.setUint16(o + 14, d, true);
+    this.next[prev] = d;
+  }
+
+  private offer(head: number, n: number): number {
     this.chainLen[head] = n;
     this.avail.setUint16(4 + 2 * (this.nextAvail & (this.size - 1)), head, true);
     this.nextAvail = (this.nextAvail + 1) & 0xffff;
