@@ -17,6 +17,10 @@ export interface BlkResult {
   anchorIops: number;
   oursIops: number;
   ratio: number;
+  /** Through the bridge in relay mode to a `vbridge backend blk` process over the PCIe link. */
+  relayIops: number;
+  /** Relay against the direct function (oursIops). */
+  relayRatio: number;
 }
 
 const CLI = path.resolve(__dirname, '..', 'src', 'control', 'cli.js');
@@ -53,6 +57,26 @@ async function runGuest(socket: string, files: GuestFile[], seconds: number): Pr
   return { randread: iops(r.output, 'randread'), randwrite: iops(r.output, 'randwrite') };
 }
 
+async function waitPath(p: string, what: string): Promise<void> {
+  for (let i = 0; !fs.existsSync(p); i++) {
+    if (i > 100) throw new Error(what);
+    await sleep(100);
+  }
+}
+
+/** Run `fn` while `vbridge serve` runs one function (given as a YAML flow mapping); `ready` is the path that shows it is up. */
+async function underServe<T>(dir: string, fnYaml: string, ready: string, fn: () => Promise<T>): Promise<T> {
+  const topo = path.join(dir, 'bench.yaml');
+  fs.writeFileSync(topo, `control: ${dir}/control.sock\nfunctions:\n  - ${fnYaml}\n`);
+  const serve = spawn(process.execPath, [CLI, 'serve', topo], { stdio: ['ignore', 'ignore', 'inherit'] });
+  try {
+    await waitPath(ready, 'vbridge serve did not start');
+    return await fn();
+  } finally {
+    await stopChild(serve);
+  }
+}
+
 export async function blkBench(seconds: number): Promise<BlkResult[]> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-bench-blk-'));
   try {
@@ -66,25 +90,27 @@ export async function blkBench(seconds: number): Promise<BlkResult[]> {
     } finally {
       await qsd.stop();
     }
-    const topo = path.join(dir, 'bench.yaml');
-    const sock = path.join(dir, 'blk.sock');
-    fs.writeFileSync(topo, `control: ${dir}/control.sock\nfunctions:\n  - { name: blk, type: blk, socket: ${sock}, backend: { file: ${image} } }\n`);
-    const serve = spawn(process.execPath, [CLI, 'serve', topo], { stdio: ['ignore', 'ignore', 'inherit'] });
-    let ours: Record<'randread' | 'randwrite', number>;
-    try {
-      for (let i = 0; !fs.existsSync(sock); i++) {
-        if (i > 100) throw new Error('vbridge serve did not start');
-        await sleep(100);
+    const ours = await underServe(dir, `{ name: blk, type: blk, socket: ${path.join(dir, 'blk.sock')}, backend: { file: ${image} } }`, path.join(dir, 'blk.sock'), () =>
+      runGuest(path.join(dir, 'blk.sock'), files, seconds),
+    );
+    const bar = path.join(dir, 'relay.bar');
+    const relaySock = path.join(dir, 'relay.sock');
+    const relay = await underServe(dir, `{ name: relay, type: blk, socket: ${relaySock}, backend: { link: pcie, attach: ${bar} } }`, bar, async () => {
+      const backend = spawn(process.execPath, [CLI, 'backend', 'blk', '--attach', bar, '--file', image], { stdio: ['ignore', 'ignore', 'inherit'] });
+      try {
+        await waitPath(relaySock, 'the blk backend did not attach');
+        return await runGuest(relaySock, files, seconds);
+      } finally {
+        await stopChild(backend);
       }
-      ours = await runGuest(sock, files, seconds);
-    } finally {
-      await stopChild(serve);
-    }
+    });
     return (['randread', 'randwrite'] as const).map((job) => ({
       job,
       anchorIops: anchor[job],
       oursIops: ours[job],
       ratio: ours[job] / anchor[job],
+      relayIops: relay[job],
+      relayRatio: relay[job] / ours[job],
     }));
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });

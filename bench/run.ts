@@ -36,9 +36,11 @@ async function main(): Promise<void> {
     if (only === undefined || only === 'blk') {
       const blk = await blkBench(Number(process.env.BENCH_BLK_SECONDS ?? 10));
       report.blk = blk;
-      process.stdout.write('\nblk: fio 4 KiB, iodepth 16, in a TCG guest (IOPS)\n job        qsd     vbridge  ratio\n');
+      process.stdout.write('\nblk: fio 4 KiB, iodepth 16, in a TCG guest (IOPS)\n job        qsd     vbridge  ratio   relay  relay/vbridge\n');
       for (const r of blk) {
-        process.stdout.write(`${r.job.padEnd(10)} ${r.anchorIops.toFixed(0).padStart(7)} ${r.oursIops.toFixed(0).padStart(10)}  ${r.ratio.toFixed(2)}\n`);
+        process.stdout.write(
+          `${r.job.padEnd(10)} ${r.anchorIops.toFixed(0).padStart(7)} ${r.oursIops.toFixed(0).padStart(10)}  ${r.ratio.toFixed(2)}  ${r.relayIops.toFixed(0).padStart(6)}  ${r.relayRatio.toFixed(2).padStart(13)}\n`,
+        );
       }
     }
     const out = path.resolve(__dirname, '..', '..', 'bench', 'results');

@@ -259,7 +259,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     this.linkUp = true;
     this.linkFailed = false;
     // What the previous backend finished before it went is done: take it first.
-    for (const rq of this.queues) if (rq.guest !== null && rq.shadow !== 'idle') this.harvest(rq, rq.guest);
+    for (const rq of this.queues) if (rq.guest !== null && rq.shadow !== 'idle' && this.harvest(rq, rq.guest) > 0) rq.guest?.notify();
     if (this.featuresSet) this.control('SET_FEATURES', () => this.link.setFeatures(this.shadowFeatures()));
     for (const rq of this.queues) {
       if (rq.shadow === 'idle' && rq.guest === null) continue;
@@ -286,6 +286,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     for (const rq of this.queues) {
       if (rq.guest === null) continue;
       for (const f of this.inflightInOrder(rq)) if (!f.done) this.failChain(rq.guest, f.chain);
+      rq.guest?.notify();
       this.dropInflight(rq);
       rq.shadow = 'idle';
       this.pump(rq);

@@ -61,8 +61,19 @@ export class SplitQueue {
   descAddr = 0;
   availAddr = 0;
   usedAddr = 0;
-  /** Next avail ring slot to read (free-running 16-bit). */
-  nextAvail = 0;
+  private next = 0;
+
+  /** Next avail ring slot to read (free-running 16-bit). Setting it (SET_VRING_BASE, a relay handing chains back) drops what was known of avail.idx. */
+  get nextAvail(): number {
+    return this.next;
+  }
+
+  set nextAvail(v: number) {
+    this.next = v;
+    this.knownAvail = v;
+  }
+  /** avail.idx as last read from the ring (see pending()); reset whenever nextAvail is set. */
+  private knownAvail = 0;
   /** Next used index to publish (free-running 16-bit). */
   nextUsed = 0;
   /** VIRTIO_F_RING_EVENT_IDX negotiated. */
@@ -113,9 +124,11 @@ export class SplitQueue {
     if (!isPowerOfTwo(size) || size > this.maxSize) {
       throw new QueueError(`queue size ${size} is not a power of two in [1, ${this.maxSize}]`);
     }
-    if (!Number.isInteger(this.nextAvail) || this.nextAvail < 0 || this.nextAvail > 0xffff) {
-      throw new QueueError(`nextAvail ${this.nextAvail} is not a 16-bit index`);
+    if (!Number.isInteger(this.next) || this.next < 0 || this.next > 0xffff) {
+      throw new QueueError(`nextAvail ${this.next} is not a 16-bit index`);
     }
+    // New rings (or memory): nothing read from the old ones holds.
+    this.knownAvail = this.next;
     if (!Number.isInteger(this.nextUsed) || this.nextUsed < 0 || this.nextUsed > 0xffff) {
       throw new QueueError(`nextUsed ${this.nextUsed} is not a 16-bit index`);
     }
@@ -183,6 +196,7 @@ export class SplitQueue {
    */
   available(mem: MemoryAccess): number {
     this.check(mem);
+    this.knownAvail = this.next;
     return this.pending();
   }
 
@@ -194,10 +208,10 @@ export class SplitQueue {
   pop(mem: MemoryAccess): DescriptorChain | null {
     this.check(mem);
     if (this.pending() === 0) return null;
-    const head = this.avail[2 + (this.nextAvail & this.mask)];
+    const head = this.avail[2 + (this.next & this.mask)];
     const chain = this.walk(mem, head);
     // Advanced only on success: after a QueueError, state() still names the offending chain.
-    this.nextAvail = (this.nextAvail + 1) & 0xffff;
+    this.next = (this.next + 1) & 0xffff;
     return chain;
   }
 
@@ -254,7 +268,7 @@ export class SplitQueue {
   enableNotification(mem: MemoryAccess): boolean {
     this.check(mem);
     if (this.evActive) {
-      Atomics.store(this.usedU16, 2 + 4 * this.qsize, this.nextAvail);
+      Atomics.store(this.usedU16, 2 + 4 * this.qsize, this.next);
       mem.markDirty(this.usedAddr + 4 + VRING_USED_ELEM_SIZE * this.qsize, 2);
     } else {
       Atomics.store(this.usedU16, 0, 0);
@@ -267,7 +281,7 @@ export class SplitQueue {
 
   /** Ring position for GET_VRING_BASE / save; does not touch memory. */
   state(): QueueState {
-    return { nextAvail: this.nextAvail, nextUsed: this.nextUsed };
+    return { nextAvail: this.next, nextUsed: this.nextUsed };
   }
 
   private check(mem: MemoryAccess): void {
@@ -278,12 +292,19 @@ export class SplitQueue {
     this.activate(mem);
   }
 
+  /**
+   * avail.idx is read again only when the chains known from the last read are
+   * used up: the driver's core keeps writing that cache line, and reading it
+   * for every chain of a batch costs a cache miss each time.
+   */
   private pending(): number {
-    const n = (Atomics.load(this.avail, 1) - this.nextAvail) & 0xffff;
-    if (n > this.qsize) {
-      throw new QueueError(
-        `avail.idx ${this.avail[1]} is ${n} ahead of the next avail index ${this.nextAvail} (queue size ${this.qsize})`,
-      );
+    let n = (this.knownAvail - this.next) & 0xffff;
+    if (n === 0 || n > this.qsize) {
+      this.knownAvail = Atomics.load(this.avail, 1);
+      n = (this.knownAvail - this.next) & 0xffff;
+      if (n > this.qsize) {
+        throw new QueueError(`avail.idx ${this.knownAvail} is ${n} ahead of the next avail index ${this.next} (queue size ${this.qsize})`);
+      }
     }
     return n;
   }
