@@ -314,7 +314,7 @@ export class PcieCard {
     }
     const status = r.getUint32(Csr.DEVICE_STATUS, true);
     if (status & STATUS_NEEDS_RESET) {
-      this.linkFailed(new Error(`${this.label}: the backend reports its device needs a reset (device status 0x${status.toString(16)})`));
+      this.linkFailed(new Error(`the backend reports its device needs a reset (device status 0x${status.toString(16)})`));
       return;
     }
     const gen = r.getUint32(Csr.CONFIG_GENERATION, true);
@@ -380,7 +380,7 @@ export class PcieCard {
     this.inFlight = p;
     writeFrame(this.bar0, Csr.MBOX_REQ, { seq: p.seq, op: p.spec.op, status: 0, payload: p.payload });
     this.bar0.setUint32(Csr.INTERRUPT_STATUS, this.bar0.getUint32(Csr.INTERRUPT_STATUS, true) | INT_MAILBOX, true);
-    this.timer = setTimeout(() => this.linkFailed(new Error(`${this.label}: no mailbox reply to ${p.spec.name} within ${MAILBOX_TIMEOUT_MS} ms`)), MAILBOX_TIMEOUT_MS);
+    this.timer = setTimeout(() => this.linkFailed(new Error(`no mailbox reply to ${p.spec.name} within ${MAILBOX_TIMEOUT_MS} ms`)), MAILBOX_TIMEOUT_MS);
     this.signal(MAILBOX_NOTIFIER);
   }
 
