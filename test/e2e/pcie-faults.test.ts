@@ -33,7 +33,7 @@ dd if=/tmp/d of=/dev/vda bs=64k oflag=direct 2>/dev/null && echo GOOD_WRITE=ok
 echo GOOD_MD5=$(dd if=/dev/vda bs=1M count=4 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
 `;
 
-test('a backend that writes garbage into the mailbox or returns a chain never posted: its function fails cleanly, the others run on', { timeout: 600_000 }, async (t) => {
+test('backends that write garbage into the mailbox, return a chain never posted or point shadow descriptors outside the BAR: their functions fail cleanly, another runs on', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
     const fx = await startBridgeFixture({
       functions: [
