@@ -1,0 +1,45 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { formatStats, type StatsReport } from '../../src/control/stats-format';
+
+test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy of a relayed function', () => {
+  const q = { index: 0, descriptors: 10, bytes: 640, kicks: 3, interrupts: 2, drops: 0, errors: 1 };
+  const r: StatsReport = {
+    uptimeSeconds: 5,
+    switches: [],
+    functions: [
+      { name: 'local0', type: 'blk', link: 'local', socket: '/s/l', connected: true, status: 0xf, needsReset: false, queues: [q] },
+      {
+        name: 'relay0',
+        type: 'blk',
+        link: 'pcie relay',
+        socket: '/s/r',
+        connected: false,
+        status: 0,
+        needsReset: true,
+        queues: [q],
+        backend: { kind: 'pcie', endpoint: '/s/r.bar', state: 'failed', attaches: 2, controlMessages: 17 },
+        relay: [
+          {
+            index: 0,
+            dma: { toBarOps: 4, toBarBytes: 4096, toGuestOps: 5, toGuestBytes: 8193 },
+            backendKicks: 6,
+            backendInterrupts: 7,
+            waits: 8,
+            inFlight: 9,
+            ringSize: 512,
+            slotsInUse: 11,
+            slots: 4082,
+            shadow: 'up',
+          },
+        ],
+      },
+    ],
+  };
+  const text = formatStats(r);
+  assert.match(text, /^local0 \(blk, local\) \/s\/l connected status=0xf$/m);
+  assert.match(text, /^relay0 \(blk, pcie relay\) \/s\/r NEEDS_RESET status=0x0$/m);
+  assert.match(text, /backend pcie \/s\/r\.bar: failed, 2 attach\(es\), 17 control message\(s\)/);
+  assert.match(text, /shadow 0 \(up\): 9\/512 in flight, 11\/4082 slots; DMA to BAR 4 ops 4096 B, to guest 5 ops 8193 B; kicks 6, interrupts 7, waits 8/);
+  assert.doesNotMatch(text.split('relay0')[0] ?? '', /shadow|backend/, 'a local function has no link lines');
+});
