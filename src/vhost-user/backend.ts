@@ -18,14 +18,13 @@
  * queues are stopped, the vring err eventfd is signalled, and the session,
  * the process and every other function keep running.
  */
-import { type DeviceQueue, type QueueStats, newQueueStats, type VirtioDevice } from '../devices/device';
+import { type QueueStats, newQueueStats, type VirtioDevice } from '../devices/device';
+import { type HostedQueue, idleQueueState, QueueHost, ringFeaturesMoved } from '../devices/queue-host';
 import { GuestMemory } from '../memory/guest-memory';
 import { MemoryError } from '../memory/memory-access';
 import { native, type Addon, type Poller } from '../native/addon';
 import {
   F_ACCESS_PLATFORM,
-  F_RING_EVENT_IDX,
-  F_RING_INDIRECT_DESC,
   F_RING_PACKED,
   STATUS_NEEDS_RESET,
   VIRTIO_ID_NET,
@@ -34,7 +33,6 @@ import {
   bit,
   hasFeature,
 } from '../virtio/constants';
-import { QueueError, SplitQueue } from '../virtio/split-queue';
 import { asError, closeQuietly, ConnectionError, VhostUserConnection } from './connection';
 import type { Logger } from '../log';
 import {
@@ -135,15 +133,8 @@ interface RingAddrs {
   flags: number;
 }
 
-interface Vring {
-  readonly index: number;
-  readonly stats: QueueStats;
-  num: number;
+interface Vring extends HostedQueue {
   addr: RingAddrs | null;
-  /** avail index to resume from (SET_VRING_BASE, or where GET_VRING_BASE stopped). */
-  base: number;
-  /** SET_VRING_BASE since the queue last ran: take base and re-read used.idx from the ring. */
-  baseFresh: boolean;
   /** SET_VRING_KICK seen (fd or NOFD) since the ring was last stopped: the ring is started. */
   kickSet: boolean;
   kickFd: number;
@@ -151,14 +142,7 @@ interface Vring {
   pollTimer: NodeJS.Timeout | null;
   callFd: number;
   errFd: number;
-  enabled: boolean;
-  /** A kick arrived while the device could not take it (disabled, or not yet configured). */
-  pendingKick: boolean;
-  queue: SplitQueue | null;
-  /** Non-null while the device has the queue (startQueue called, stopQueue not yet). */
-  dq: DeviceQueue | null;
   readonly onKick: (status: number, events: number) => void;
-  readonly notify: () => void;
 }
 
 export class VhostUserBackend {
@@ -166,6 +150,7 @@ export class VhostUserBackend {
   private readonly addon: Addon;
   private readonly conn: VhostUserConnection;
   private readonly vrings: Vring[];
+  private readonly rings: QueueHost<Vring>;
   private readonly offeredProtocol: bigint;
   private readonly maxMemSlots: number;
   private mem: GuestMemory | null = null;
@@ -205,6 +190,7 @@ export class VhostUserBackend {
     const implemented = defaultProtocolFeatures(device) | bit(PF.CONFIG);
     this.offeredProtocol = (opts.protocolFeatures ?? defaultProtocolFeatures(device)) & implemented;
     this.maxMemSlots = opts.maxMemSlots ?? VHOST_USER_MAX_MEM_SLOTS;
+    this.rings = new QueueHost<Vring>(device, logger, this.label, (v, e) => this.dataPathError(v, e));
     this.vrings = [];
     for (let i = 0; i < device.maxQueues; i++) {
       const stats = opts.stats?.[i] ?? newQueueStats();
@@ -486,9 +472,7 @@ export class VhostUserBackend {
     // Spec: without PROTOCOL_FEATURES there is no SET_VRING_ENABLE, so every ring is enabled now.
     if (!hasFeature(f, VHOST_USER_F_PROTOCOL_FEATURES)) for (const v of this.vrings) v.enabled = true;
     for (const v of this.vrings) {
-      const q = v.queue;
-      const featuresMoved = q !== null && (q.eventIdx !== hasFeature(f, F_RING_EVENT_IDX) || q.indirect !== hasFeature(f, F_RING_INDIRECT_DESC));
-      if (featuresMoved && v.dq !== null) this.stopRing(v);
+      if (ringFeaturesMoved(v.queue, f) && v.dq !== null) this.stopRing(v);
       this.evaluate(v);
     }
     return undefined;
@@ -634,32 +618,17 @@ export class VhostUserBackend {
     const v: Vring = {
       index,
       stats,
-      num: 0,
+      ...idleQueueState(),
       addr: null,
-      base: 0,
-      baseFresh: true,
       kickSet: false,
       kickFd: -1,
       kickPoller: null,
       pollTimer: null,
       callFd: -1,
       errFd: -1,
-      enabled: false,
-      pendingKick: false,
-      queue: null,
-      dq: null,
       onKick: (status) => this.onKick(v, status),
-      notify: () => {
-        // The kick path: no allocation here; flush() says whether the driver wants an interrupt.
-        // A device that notifies after stopQueue (or after the session ended) is ignored.
-        const q = v.queue;
-        const m = this.mem;
-        if (v.dq === null || q === null || m === null) return;
-        if (q.flush(m) && v.callFd >= 0) {
-          this.addon.eventfdWrite(v.callFd, 1);
-          v.stats.interrupts++;
-        }
-      },
+      // After the session ended (no memory) the device's notifies are ignored.
+      notify: () => this.rings.interrupt(v, this.mem, v.callFd),
     };
     return v;
   }
@@ -811,53 +780,18 @@ export class VhostUserBackend {
     const mem = this.mem as GuestMemory;
     const spec = this.current ?? Frontend.SET_VRING_KICK;
     const g = this.translateRing(spec, v, v.addr as RingAddrs, mem);
-    const fresh = v.baseFresh || v.queue === null;
-    const q = v.queue ?? new SplitQueue(this.device.maxQueueSize);
-    q.size = v.num;
-    q.descAddr = g.desc;
-    q.availAddr = g.avail;
-    q.usedAddr = g.used;
-    q.eventIdx = hasFeature(this.ackedFeatures, F_RING_EVENT_IDX);
-    q.indirect = hasFeature(this.ackedFeatures, F_RING_INDIRECT_DESC);
-    if (fresh) q.nextAvail = v.base;
-    try {
-      q.activate(mem);
-      // Like libvhost-user: the used index lives in the ring, SET_VRING_BASE only carries avail's.
-      if (fresh) q.syncUsedFromRing(mem);
-    } catch (e) {
-      if (e instanceof QueueError || e instanceof MemoryError) {
-        throw new ProtocolError(spec.name, `vring ${v.index} cannot start: ${e.message}`, false);
-      }
-      throw e;
-    }
-    v.queue = q;
-    v.baseFresh = false;
+    const q = this.rings.activate(v, g, this.ackedFeatures, mem, (e) => new ProtocolError(spec.name, `vring ${v.index} cannot start: ${e.message}`, false));
     this.logger.info(
       `${this.label}: queue ${v.index} started: ${q.size} entries at guest 0x${q.descAddr.toString(16)}, avail ${q.nextAvail}, used ${q.nextUsed}${v.kickFd < 0 ? ', polled (no kick fd)' : ''}`,
     );
-    const dq: DeviceQueue = { index: v.index, queue: q, mem, stats: v.stats, notify: v.notify };
-    v.dq = dq;
-    try {
-      this.device.startQueue(dq);
-    } catch (e) {
-      v.dq = null;
-      this.dataPathError(v, e);
-      return;
-    }
+    if (!this.rings.handOver(v, mem)) return;
     if (v.kickFd < 0) {
       // NOFD: the front-end will never kick; poll the avail index instead.
       v.pollTimer = setInterval(() => this.pollRing(v), NOFD_POLL_MS);
       v.pollTimer.unref();
     }
     // A kick that came before enable (or before the ring was complete) must not be lost.
-    let pending = v.pendingKick;
-    v.pendingKick = false;
-    try {
-      if (!pending) pending = q.available(mem) > 0;
-      if (pending && v.dq !== null) this.device.kick(v.index);
-    } catch (e) {
-      this.dataPathError(v, e);
-    }
+    this.rings.catchUp(v, mem);
   }
 
   private stopRing(v: Vring): void {
@@ -865,14 +799,7 @@ export class VhostUserBackend {
       clearInterval(v.pollTimer);
       v.pollTimer = null;
     }
-    if (v.dq === null) return;
-    v.dq = null;
-    this.logger.info(`${this.label}: queue ${v.index} stopped at avail ${v.queue?.nextAvail ?? v.base}`);
-    try {
-      this.device.stopQueue(v.index);
-    } catch (e) {
-      this.logger.error(`${this.label}: queue ${v.index}: device failed to stop: ${asError(e, 'stopQueue').message}`);
-    }
+    this.rings.stop(v);
   }
 
   private stopAllRings(): Vring[] {
@@ -909,29 +836,9 @@ export class VhostUserBackend {
 
   private onKick(v: Vring, status: number): void {
     if (v.kickFd < 0) return;
-    if (status < 0) {
-      this.logger.error(`${this.label}: queue ${v.index}: kick fd poll error ${status}; no more kicks from it`);
-      this.dropKick(v);
-      return;
-    }
-    try {
-      this.addon.eventfdRead(v.kickFd);
-    } catch (e) {
-      // Not an eventfd we can drain: polling it again would spin.
-      this.logger.error(`${this.label}: queue ${v.index}: cannot read the kick fd: ${asError(e, 'read').message}`);
-      this.dropKick(v);
-      return;
-    }
-    v.stats.kicks++;
-    if (v.dq === null) {
-      v.pendingKick = true;
-      return;
-    }
-    try {
-      this.device.kick(v.index);
-    } catch (e) {
-      this.dataPathError(v, e);
-    }
+    // Every wakeup counts as a kick, even one with nothing in the fd.
+    if (this.rings.drainKick(v, v.kickFd, status, 'kick fd') === null) this.dropKick(v);
+    else this.rings.kick(v);
   }
 
   private pollRing(v: Vring): void {

@@ -3,10 +3,8 @@
  * front-end at a time, a fresh session (and a reset device) per connection,
  * counters that survive reconnects.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { type QueueStats, newQueueStats, type VirtioDevice } from '../devices/device';
-import { native, type Poller } from '../native/addon';
+import { UnixListener } from '../native/unix-listener';
 import { type QueueStatsRow, VhostUserBackend, type VhostUserBackendOptions } from './backend';
 import { asError, closeQuietly } from './connection';
 import type { Logger } from '../log';
@@ -31,8 +29,7 @@ export interface VhostUserServerStats {
 const LISTEN_BACKLOG = 4;
 
 export class VhostUserServer {
-  private listenFd = -1;
-  private poller: Poller | null = null;
+  private readonly listener: UnixListener;
   private active: VhostUserBackend | null = null;
   private readonly queueStats: QueueStats[];
   private sessions = 0;
@@ -45,23 +42,18 @@ export class VhostUserServer {
   ) {
     this.queueStats = [];
     for (let i = 0; i < device.maxQueues; i++) this.queueStats.push(newQueueStats());
+    this.listener = new UnixListener(socketPath, {
+      backlog: LISTEN_BACKLOG,
+      logger,
+      label: device.name,
+      onConnection: (fd) => this.onConnection(fd),
+    });
   }
 
   /** Create the socket (replacing a stale one) and start accepting. Throws when the path cannot be bound. */
   listen(): void {
-    if (this.listenFd >= 0) return;
-    fs.mkdirSync(path.dirname(this.socketPath), { recursive: true });
-    const a = native();
-    const fd = a.listen(this.socketPath, LISTEN_BACKLOG);
-    try {
-      const p = new a.Poller(fd, (status) => this.onAcceptable(status));
-      p.start(1);
-      this.poller = p;
-    } catch (e) {
-      closeQuietly(fd);
-      throw e;
-    }
-    this.listenFd = fd;
+    if (this.listener.listening) return;
+    this.listener.listen();
     this.logger.info(`${this.device.name}: vhost-user socket listening at ${this.socketPath}`);
   }
 
@@ -75,7 +67,7 @@ export class VhostUserServer {
   }
 
   get listening(): boolean {
-    return this.listenFd >= 0;
+    return this.listener.listening;
   }
 
   stats(): VhostUserServerStats {
@@ -91,51 +83,19 @@ export class VhostUserServer {
 
   /** Stop listening, end the session (resetting the device) and remove the socket file. */
   close(): void {
-    if (this.poller !== null) {
-      try {
-        this.poller.close();
-      } catch {
-        // Already released at environment teardown.
-      }
-      this.poller = null;
-    }
-    if (this.listenFd >= 0) {
-      closeQuietly(this.listenFd);
-      this.listenFd = -1;
-      try {
-        fs.unlinkSync(this.socketPath);
-      } catch {
-        // Someone removed it already.
-      }
-    }
+    this.listener.close();
     this.active?.close();
     this.active = null;
   }
 
-  private onAcceptable(status: number): void {
-    if (this.listenFd < 0) return;
-    if (status < 0) {
-      this.logger.error(`${this.device.name}: poll error ${status} on the listening socket`);
+  /** One front-end at a time: a second one is refused. */
+  private onConnection(fd: number): void {
+    if (this.active !== null) {
+      this.logger.warn(`${this.device.name}: a second front-end connected to ${this.socketPath} while one is active; closing it`);
+      closeQuietly(fd);
       return;
     }
-    const a = native();
-    for (;;) {
-      let fd: number;
-      try {
-        fd = a.accept(this.listenFd);
-      } catch (e) {
-        // ECONNABORTED, EMFILE and the like: log and wait for the next readable event.
-        this.logger.error(`${this.device.name}: accept failed: ${asError(e, 'accept').message}`);
-        return;
-      }
-      if (fd < 0) return;
-      if (this.active !== null) {
-        this.logger.warn(`${this.device.name}: a second front-end connected to ${this.socketPath} while one is active; closing it`);
-        closeQuietly(fd);
-        continue;
-      }
-      this.startSession(fd);
-    }
+    this.startSession(fd);
   }
 
   private startSession(fd: number): void {

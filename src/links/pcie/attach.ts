@@ -5,9 +5,8 @@
  * MSI-X vector eventfds (card -> backend). Nothing else ever crosses the
  * socket; it stays open as the link itself: EOF on either side is an unplug.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { native, type Poller } from '../../native/addon';
+import { UnixListener } from '../../native/unix-listener';
 import { asError, closeQuietly } from '../../vhost-user/connection';
 import type { Logger } from '../../log';
 import { ATTACH_REPLY_SIZE, AttachStatus, BAR0_SIZE, BAR2_OFFSET, HELLO_SIZE, LINK_MAGIC, LINK_VERSION, NUM_NOTIFIERS } from './layout';
@@ -45,8 +44,7 @@ export interface AttachPortEvents {
  * sends it the resources and watches the link.
  */
 export class AttachPort {
-  private listenFd = -1;
-  private listenPoller: Poller | null = null;
+  private readonly listener: UnixListener;
   private linkFd = -1;
   private linkPoller: Poller | null = null;
   /** The hello of the backend being plugged in, assembled across reads. */
@@ -58,18 +56,16 @@ export class AttachPort {
     private readonly events: AttachPortEvents,
     private readonly log: Logger,
     private readonly label: string,
-  ) {}
+  ) {
+    this.listener = new UnixListener(socketPath, { backlog: 2, logger: log, label, onConnection: (fd) => this.onConnection(fd) });
+  }
 
   get plugged(): boolean {
     return this.linkFd >= 0;
   }
 
   listen(): void {
-    fs.mkdirSync(path.dirname(this.socketPath), { recursive: true });
-    const a = native();
-    this.listenFd = a.listen(this.socketPath, 2);
-    this.listenPoller = new a.Poller(this.listenFd, () => this.onAcceptable());
-    this.listenPoller.start(1);
+    this.listener.listen();
     this.log.info(`${this.label}: PCIe link attach socket at ${this.socketPath}`);
   }
 
@@ -91,45 +87,26 @@ export class AttachPort {
       closeQuietly(this.linkFd);
       this.linkFd = -1;
     }
-    this.listenPoller?.close();
-    this.listenPoller = null;
-    if (this.listenFd >= 0) {
-      closeQuietly(this.listenFd);
-      this.listenFd = -1;
-      try {
-        fs.unlinkSync(this.socketPath);
-      } catch {
-        // Removed already.
-      }
-    }
+    this.listener.close();
   }
 
-  private onAcceptable(): void {
-    const a = native();
-    for (;;) {
-      let fd: number;
-      try {
-        fd = a.accept(this.listenFd);
-      } catch (e) {
-        this.log.error(`${this.label}: accept failed: ${asError(e, 'accept').message}`);
-        return;
-      }
-      if (fd < 0) return;
-      if (this.linkFd >= 0 || this.pending !== null) {
-        this.log.warn(`${this.label}: a second backend tried to attach while one is plugged in; refused`);
-        this.refuse(fd, AttachStatus.BUSY);
-        continue;
-      }
-      // A peer that connects and says nothing must not keep the slot.
-      const timer = setTimeout(() => {
-        this.log.warn(`${this.label}: attach: no hello within ${HELLO_TIMEOUT_MS} ms; dropped`);
-        this.dropPending();
-      }, HELLO_TIMEOUT_MS);
-      timer.unref();
-      const p = { fd, poller: new a.Poller(fd, () => this.onHello()), buf: new Uint8Array(HELLO_SIZE), got: 0, timer };
-      this.pending = p;
-      p.poller.start(1);
+  /** One backend at a time: another one is refused (BUSY). */
+  private onConnection(fd: number): void {
+    if (this.linkFd >= 0 || this.pending !== null) {
+      this.log.warn(`${this.label}: a second backend tried to attach while one is plugged in; refused`);
+      this.refuse(fd, AttachStatus.BUSY);
+      return;
     }
+    const a = native();
+    // A peer that connects and says nothing must not keep the slot.
+    const timer = setTimeout(() => {
+      this.log.warn(`${this.label}: attach: no hello within ${HELLO_TIMEOUT_MS} ms; dropped`);
+      this.dropPending();
+    }, HELLO_TIMEOUT_MS);
+    timer.unref();
+    const p = { fd, poller: new a.Poller(fd, () => this.onHello()), buf: new Uint8Array(HELLO_SIZE), got: 0, timer };
+    this.pending = p;
+    p.poller.start(1);
   }
 
   private onHello(): void {

@@ -19,24 +19,21 @@
  * RESET_DEVICE clears that. EOF on the attach socket is the card unplugging us:
  * everything is released and onDetach is called.
  */
-import { type DeviceQueue, newQueueStats, type QueueStats, type VirtioDevice } from '../../devices/device';
+import { newQueueStats, type QueueStats, type VirtioDevice } from '../../devices/device';
+import { type HostedQueue, idleQueueState, QueueHost, ringFeaturesMoved } from '../../devices/queue-host';
 import { GuestMemory } from '../../memory/guest-memory';
 import { MemoryError } from '../../memory/memory-access';
 import { native, type Addon, type Poller } from '../../native/addon';
 import type { Logger } from '../../log';
 import {
   F_ACCESS_PLATFORM,
-  F_RING_EVENT_IDX,
-  F_RING_INDIRECT_DESC,
   F_RING_PACKED,
   STATUS_NEEDS_RESET,
   VIRTQUEUE_MAX_SIZE,
   VRING_DESC_SIZE,
   VRING_USED_ELEM_SIZE,
   bit,
-  hasFeature,
 } from '../../virtio/constants';
-import { QueueError, SplitQueue } from '../../virtio/split-queue';
 import { asError, closeQuietly } from '../../vhost-user/connection';
 import { attach, detach, type Attachment } from './attach';
 import { BAR0_SIZE, Csr, INT_MAILBOX, LINK_MAGIC, LINK_VERSION, MAILBOX_NOTIFIER, MboxHdr, MboxStatus, Op, queueNotifier, READY_VALUE } from './layout';
@@ -87,24 +84,10 @@ interface RingAddrs {
   used: number;
 }
 
-interface HostQueue {
-  readonly index: number;
-  readonly stats: QueueStats;
-  num: number;
+interface HostQueue extends HostedQueue {
   addr: RingAddrs | null;
-  /** avail index to resume from (SET_VRING_BASE, or where GET_VRING_BASE stopped). */
-  base: number;
-  /** SET_VRING_BASE since the ring last ran: take base and re-read used.idx from the ring. */
-  baseFresh: boolean;
-  enabled: boolean;
-  /** A kick arrived while the ring was stopped. */
-  pendingKick: boolean;
-  queue: SplitQueue | null;
-  /** Non-null while the device has the queue. */
-  dq: DeviceQueue | null;
   /** Watches vector 1+index (the card's "avail buffers posted" kick). */
   poller: Poller | null;
-  readonly notify: () => void;
 }
 
 /** A handler's reply value, or a promise of it (GET_VRING_BASE waiting for the device to settle). */
@@ -119,6 +102,7 @@ export class PcieBackendHost {
   private readonly bar2Buffer: ArrayBuffer;
   private readonly mem: GuestMemory;
   private readonly queues: HostQueue[];
+  private readonly rings: QueueHost<HostQueue>;
   private readonly offered: bigint;
   private socketPoller: Poller | null = null;
   private mailboxPoller: Poller | null = null;
@@ -187,6 +171,7 @@ export class PcieBackendHost {
     }
     this.mem = GuestMemory.fromBuffer(0, this.bar2Buffer);
     this.offered = device.features() & ~TRANSPORT_MASK;
+    this.rings = new QueueHost<HostQueue>(device, this.log, this.label, (v, e) => this.deviceFailed(v, e));
     this.queues = [];
     for (let i = 0; i < device.maxQueues; i++) this.queues.push(this.newQueue(i));
     try {
@@ -359,30 +344,14 @@ export class PcieBackendHost {
 
   private onKick(v: HostQueue, status: number): void {
     if (this.closed) return;
-    if (status < 0) {
-      this.log.error(`${this.label}: queue ${v.index}: vector poll error ${status}; no more kicks from it`);
+    const n = this.rings.drainKick(v, this.at.vectors[queueNotifier(v.index)] as number, status, 'vector');
+    if (n === null) {
       v.poller?.close();
       v.poller = null;
       return;
     }
-    try {
-      if (this.addon.eventfdRead(this.at.vectors[queueNotifier(v.index)] as number) === 0) return;
-    } catch (e) {
-      this.log.error(`${this.label}: queue ${v.index}: cannot read its vector: ${asError(e, 'eventfd').message}`);
-      v.poller?.close();
-      v.poller = null;
-      return;
-    }
-    v.stats.kicks++;
-    if (v.dq === null) {
-      v.pendingKick = true;
-      return;
-    }
-    try {
-      this.device.kick(v.index);
-    } catch (e) {
-      this.deviceFailed(v, e);
-    }
+    // A wakeup with nothing in the vector is no kick.
+    if (n > 0) this.rings.kick(v);
   }
 
   // ---- mailbox ---------------------------------------------------------------------
@@ -531,9 +500,7 @@ export class PcieBackendHost {
     if (f !== this.acked) this.log.info(`${this.label}: features 0x${f.toString(16)} negotiated`);
     this.acked = f;
     for (const v of this.queues) {
-      const q = v.queue;
-      const moved = q !== null && (q.eventIdx !== hasFeature(f, F_RING_EVENT_IDX) || q.indirect !== hasFeature(f, F_RING_INDIRECT_DESC));
-      if (moved && v.dq !== null) this.stopRing(v);
+      if (ringFeaturesMoved(v.queue, f)) this.rings.stop(v);
       this.evaluate(v);
     }
     return null;
@@ -574,7 +541,7 @@ export class PcieBackendHost {
       throw new MailboxFailure(MboxStatus.EINVAL, `queue ${s.index}: size ${s.num} is not a power of two in [1, ${max}]`);
     }
     if (v.addr !== null) this.checkRings(s.index, s.num, v.addr);
-    if (v.dq !== null) this.stopRing(v);
+    this.rings.stop(v);
     v.num = s.num;
     if (v.queue !== null && v.queue.size !== s.num) v.baseFresh = true;
     this.evaluate(v);
@@ -586,7 +553,7 @@ export class PcieBackendHost {
     if (a.flags !== 0) throw new MailboxFailure(MboxStatus.EINVAL, `queue ${a.index}: flags 0x${a.flags.toString(16)} (must be 0)`);
     const addrs: RingAddrs = { desc: a.desc, avail: a.avail, used: a.used };
     this.checkRings(a.index, v.num, addrs);
-    if (v.dq !== null) this.stopRing(v);
+    this.rings.stop(v);
     v.addr = addrs;
     this.evaluate(v);
     return null;
@@ -595,7 +562,7 @@ export class PcieBackendHost {
   private setVringBase(s: VringState): null {
     const v = this.ring(s.index);
     if (s.num > 0xffff) throw new MailboxFailure(MboxStatus.EINVAL, `queue ${s.index}: base ${s.num} is not a 16-bit index`);
-    if (v.dq !== null) this.stopRing(v);
+    this.rings.stop(v);
     v.base = s.num;
     v.baseFresh = true;
     this.evaluate(v);
@@ -610,7 +577,7 @@ export class PcieBackendHost {
   private getVringBase(s: VringState): Handled {
     const v = this.ring(s.index);
     const finish = (): VringState => {
-      if (v.dq !== null) this.stopRing(v);
+      this.rings.stop(v);
       if (v.queue !== null && !v.baseFresh) v.base = v.queue.nextAvail;
       v.enabled = false;
       return { index: s.index, num: v.base };
@@ -665,14 +632,9 @@ export class PcieBackendHost {
   private resetDevice(): void {
     this.log.info(`${this.label}: device reset`);
     for (const v of this.queues) {
-      this.stopRing(v);
-      v.num = 0;
+      this.rings.stop(v);
+      Object.assign(v, idleQueueState());
       v.addr = null;
-      v.base = 0;
-      v.baseFresh = true;
-      v.enabled = false;
-      v.pendingKick = false;
-      v.queue = null;
     }
     try {
       this.device.reset();
@@ -688,26 +650,16 @@ export class PcieBackendHost {
   // ---- rings ------------------------------------------------------------------------
 
   private newQueue(index: number): HostQueue {
+    const doorbell = this.at.doorbells[queueNotifier(index)] as number;
     const v: HostQueue = {
       index,
       stats: newQueueStats(),
-      num: 0,
+      ...idleQueueState(),
       addr: null,
-      base: 0,
-      baseFresh: true,
-      enabled: false,
-      pendingKick: false,
-      queue: null,
-      dq: null,
       poller: null,
       notify: () => {
-        // A device that notifies after stopQueue (or after we closed) is ignored.
-        const q = v.queue;
-        if (v.dq === null || q === null || this.closed) return;
-        if (q.flush(this.mem)) {
-          this.addon.eventfdWrite(this.at.doorbells[queueNotifier(index)] as number, 1);
-          v.stats.interrupts++;
-        }
+        // A device that notifies after we closed is ignored.
+        if (!this.closed) this.rings.interrupt(v, this.mem, doorbell);
       },
     };
     return v;
@@ -717,64 +669,21 @@ export class PcieBackendHost {
   private evaluate(v: HostQueue): void {
     const ready = !this.failed && !this.closed && v.enabled && v.num > 0 && v.addr !== null;
     if (ready && v.dq === null) this.startRing(v);
-    else if (!ready && v.dq !== null) this.stopRing(v);
+    else if (!ready && v.dq !== null) this.rings.stop(v);
   }
 
   private startRing(v: HostQueue): void {
     const a = v.addr as RingAddrs;
     this.checkRings(v.index, v.num, a);
-    const mem = this.mem;
-    const fresh = v.baseFresh || v.queue === null;
-    const q = v.queue ?? new SplitQueue(this.device.maxQueueSize);
-    q.size = v.num;
-    q.descAddr = a.desc;
-    q.availAddr = a.avail;
-    q.usedAddr = a.used;
-    q.eventIdx = hasFeature(this.acked, F_RING_EVENT_IDX);
-    q.indirect = hasFeature(this.acked, F_RING_INDIRECT_DESC);
-    if (fresh) q.nextAvail = v.base;
-    try {
-      q.activate(mem);
-      // Like libvhost-user: the used index lives in the ring, SET_VRING_BASE only carries avail's.
-      if (fresh) q.syncUsedFromRing(mem);
-    } catch (e) {
-      if (e instanceof QueueError || e instanceof MemoryError) {
-        throw new MailboxFailure(e instanceof MemoryError ? MboxStatus.EFAULT : MboxStatus.EINVAL, `queue ${v.index} cannot start: ${e.message}`);
-      }
-      throw e;
-    }
-    v.queue = q;
-    v.baseFresh = false;
+    const q = this.rings.activate(
+      v,
+      a,
+      this.acked,
+      this.mem,
+      (e) => new MailboxFailure(e instanceof MemoryError ? MboxStatus.EFAULT : MboxStatus.EINVAL, `queue ${v.index} cannot start: ${e.message}`),
+    );
     this.log.info(`${this.label}: queue ${v.index} started: ${q.size} entries at BAR2 0x${q.descAddr.toString(16)}, avail ${q.nextAvail}, used ${q.nextUsed}`);
-    const dq: DeviceQueue = { index: v.index, queue: q, mem, stats: v.stats, notify: v.notify };
-    v.dq = dq;
-    try {
-      this.device.startQueue(dq);
-    } catch (e) {
-      v.dq = null;
-      this.deviceFailed(v, e);
-      return;
-    }
-    // A kick that came before the ring started must not be lost; nor buffers posted without one.
-    let pending = v.pendingKick;
-    v.pendingKick = false;
-    try {
-      if (!pending) pending = q.available(mem) > 0;
-      if (pending && v.dq !== null) this.device.kick(v.index);
-    } catch (e) {
-      this.deviceFailed(v, e);
-    }
-  }
-
-  private stopRing(v: HostQueue): void {
-    if (v.dq === null) return;
-    v.dq = null;
-    this.log.info(`${this.label}: queue ${v.index} stopped at avail ${v.queue?.nextAvail ?? v.base}`);
-    try {
-      this.device.stopQueue(v.index);
-    } catch (e) {
-      this.log.error(`${this.label}: queue ${v.index}: device failed to stop: ${asError(e, 'stopQueue').message}`);
-    }
+    if (this.rings.handOver(v, this.mem)) this.rings.catchUp(v, this.mem);
   }
 
   /**
@@ -795,7 +704,7 @@ export class PcieBackendHost {
     this.log.error(
       `${this.label}: ${where}: ${known ? '' : 'unexpected '}${err.name}: ${err.message}; device marked NEEDS_RESET, its queues stopped${known ? '' : `\n${err.stack ?? ''}`}`,
     );
-    for (const r of this.queues) this.stopRing(r);
+    for (const r of this.queues) this.rings.stop(r);
     const st = this.bar0.getUint32(Csr.DEVICE_STATUS, true);
     this.bar0.setUint32(Csr.DEVICE_STATUS, st | STATUS_NEEDS_RESET, true);
     this.ringMailboxDoorbell();
@@ -828,7 +737,7 @@ export class PcieBackendHost {
   private shutdown(): void {
     this.closed = true;
     this.releasePollers();
-    for (const v of this.queues) this.stopRing(v);
+    for (const v of this.queues) this.rings.stop(v);
     if (this.device.onFatal === this.fatalHandler) this.device.onFatal = undefined;
     try {
       this.device.reset();

@@ -53,10 +53,9 @@
  * notifications (INBAND_NOTIFICATIONS, which bypass the counters); both pass
  * through if negotiated, without relay counters.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import type { Logger } from '../../log';
 import { native, type Poller } from '../../native/addon';
+import { UnixListener } from '../../native/unix-listener';
 import { asError, closeQuietly, VhostUserConnection } from '../../vhost-user/connection';
 import {
   type AnyMessageSpec,
@@ -740,8 +739,7 @@ export class PassthroughFunction {
   readonly backendSocket: string;
   private readonly logger: Logger;
   private readonly trace: boolean;
-  private listenFd = -1;
-  private poller: Poller | null = null;
+  private readonly listener: UnixListener;
   private active: Session | null = null;
   private readonly counters = new Map<number, Counters>();
   private messages = 0;
@@ -753,45 +751,30 @@ export class PassthroughFunction {
     this.backendSocket = opts.backendSocket;
     this.logger = opts.logger;
     this.trace = opts.trace ?? false;
+    this.listener = new UnixListener(this.socketPath, {
+      backlog: LISTEN_BACKLOG,
+      logger: this.logger,
+      label: this.name,
+      onConnection: (fd) => this.onConnection(fd),
+    });
   }
 
   /** Create the socket (replacing a stale one) and start accepting. Throws when the path cannot be bound. */
   listen(): void {
-    if (this.listenFd >= 0) return;
-    fs.mkdirSync(path.dirname(this.socketPath), { recursive: true });
-    const a = native();
-    const fd = a.listen(this.socketPath, LISTEN_BACKLOG);
-    try {
-      const p = new a.Poller(fd, (status) => this.onAcceptable(status));
-      p.start(READABLE);
-      this.poller = p;
-    } catch (e) {
-      closeQuietly(fd);
-      throw e;
-    }
-    this.listenFd = fd;
+    if (this.listener.listening) return;
+    this.listener.listen();
     this.logger.info(`${this.name}: vhost-user socket listening at ${this.socketPath} (passthrough to ${this.backendSocket})`);
   }
 
   /** Stop listening, end the session (both sides) and remove the socket file. */
   close(): void {
-    closePoller(this.poller);
-    this.poller = null;
-    if (this.listenFd >= 0) {
-      closeQuietly(this.listenFd);
-      this.listenFd = -1;
-      try {
-        fs.unlinkSync(this.socketPath);
-      } catch {
-        // Someone removed it already.
-      }
-    }
+    this.listener.close();
     this.active?.close();
     this.active = null;
   }
 
   get listening(): boolean {
-    return this.listenFd >= 0;
+    return this.listener.listening;
   }
 
   get connected(): boolean {
@@ -827,29 +810,14 @@ export class PassthroughFunction {
     return c;
   }
 
-  private onAcceptable(status: number): void {
-    if (this.listenFd < 0) return;
-    if (status < 0) {
-      this.logger.error(`${this.name}: poll error ${status} on the listening socket`);
+  /** One front-end at a time: a second one is refused. */
+  private onConnection(fd: number): void {
+    if (this.active !== null) {
+      this.logger.warn(`${this.name}: a second front-end connected to ${this.socketPath} while one is active; closing it`);
+      closeQuietly(fd);
       return;
     }
-    const a = native();
-    for (;;) {
-      let fd: number;
-      try {
-        fd = a.accept(this.listenFd);
-      } catch (e) {
-        this.logger.error(`${this.name}: accept failed: ${asError(e, 'accept').message}`);
-        return;
-      }
-      if (fd < 0) return;
-      if (this.active !== null) {
-        this.logger.warn(`${this.name}: a second front-end connected to ${this.socketPath} while one is active; closing it`);
-        closeQuietly(fd);
-        continue;
-      }
-      this.startSession(fd);
-    }
+    this.startSession(fd);
   }
 
   private startSession(fd: number): void {

@@ -1,0 +1,183 @@
+/**
+ * Hosting a VirtioDevice's queues, the part every link does alike (the
+ * vhost-user back-end, the PCIe link's backend host): the per-queue state,
+ * passing kicks on, starting a ring and handing it to the device, interrupting
+ * the driver, taking the ring back. What a link knows on its own stays with
+ * it: where the rings are and how they are checked, when a ring is ready, how
+ * its errors are reported, where kicks come from and interrupts go, and what a
+ * data-path error does to the device (NEEDS_RESET).
+ */
+import type { DeviceQueue, QueueStats, VirtioDevice } from './device';
+import { MemoryError, type MemoryAccess } from '../memory/memory-access';
+import { native, type Addon } from '../native/addon';
+import { F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, hasFeature } from '../virtio/constants';
+import { QueueError, SplitQueue } from '../virtio/split-queue';
+import { asError } from '../vhost-user/connection';
+import type { Logger } from '../log';
+
+/** One of the device's queues as a link keeps it; links add their own fields. */
+export interface HostedQueue {
+  readonly index: number;
+  readonly stats: QueueStats;
+  /** Ring size; 0 until the driver sets it. */
+  num: number;
+  /** avail index to resume from (SET_VRING_BASE, or where GET_VRING_BASE stopped). */
+  base: number;
+  /** SET_VRING_BASE since the ring last ran: take base and re-read used.idx from the ring. */
+  baseFresh: boolean;
+  enabled: boolean;
+  /** A kick arrived while the device could not take it (the ring was stopped, or not yet complete). */
+  pendingKick: boolean;
+  queue: SplitQueue | null;
+  /** Non-null while the device has the queue (startQueue called, stopQueue not yet). */
+  dq: DeviceQueue | null;
+  /** The DeviceQueue's notify. */
+  readonly notify: () => void;
+}
+
+/** A queue's fields before the driver set anything up. */
+export function idleQueueState(): Pick<HostedQueue, 'num' | 'base' | 'baseFresh' | 'enabled' | 'pendingKick' | 'queue' | 'dq'> {
+  return { num: 0, base: 0, baseFresh: true, enabled: false, pendingKick: false, queue: null, dq: null };
+}
+
+/** Where a ring's three parts are, as addresses in the memory the device is handed. */
+export interface RingLocation {
+  desc: number;
+  avail: number;
+  used: number;
+}
+
+/** Whether the negotiated `features` would set up queue `q` differently (EVENT_IDX, INDIRECT_DESC) from how it is. */
+export function ringFeaturesMoved(q: SplitQueue | null, features: bigint): boolean {
+  return q !== null && (q.eventIdx !== hasFeature(features, F_RING_EVENT_IDX) || q.indirect !== hasFeature(features, F_RING_INDIRECT_DESC));
+}
+
+export class QueueHost<Q extends HostedQueue> {
+  private readonly addon: Addon;
+
+  constructor(
+    private readonly device: VirtioDevice,
+    private readonly log: Logger,
+    private readonly label: string,
+    /** A data-path error on queue `v` (the device refused to start it, or failed on a kick): the link's to handle. */
+    private readonly fail: (v: Q, e: unknown) => void,
+  ) {
+    this.addon = native();
+  }
+
+  /**
+   * Drain kick eventfd `fd` of queue `v` that was polled readable (status < 0:
+   * a poll error). Returns what it held (0: a wakeup with nothing in it), or
+   * null when the fd is of no more use, logged: a poll error, or not an
+   * eventfd we can drain (polling it again would spin). Then stop polling it.
+   */
+  drainKick(v: Q, fd: number, status: number, what: string): number | null {
+    if (status < 0) {
+      this.log.error(`${this.label}: queue ${v.index}: ${what} poll error ${status}; no more kicks from it`);
+      return null;
+    }
+    try {
+      return this.addon.eventfdRead(fd);
+    } catch (e) {
+      this.log.error(`${this.label}: queue ${v.index}: cannot read the ${what}: ${asError(e, 'eventfd').message}`);
+      return null;
+    }
+  }
+
+  /** The driver kicked queue `v`: counted, passed to the device when it has the queue, kept for start otherwise. */
+  kick(v: Q): void {
+    v.stats.kicks++;
+    if (v.dq === null) {
+      v.pendingKick = true;
+      return;
+    }
+    try {
+      this.device.kick(v.index);
+    } catch (e) {
+      this.fail(v, e);
+    }
+  }
+
+  /**
+   * Set up queue `v`'s ring at `at` with the ring features of `features` and
+   * activate it (its SplitQueue is kept across stops). A fresh ring (never run,
+   * or SET_VRING_BASE since) starts at `base` and takes its used index from the
+   * ring. A ring that does not fit in `mem` (QueueError, MemoryError) throws
+   * what `refuse` makes of the error.
+   */
+  activate(v: Q, at: RingLocation, features: bigint, mem: MemoryAccess, refuse: (e: QueueError | MemoryError) => Error): SplitQueue {
+    const fresh = v.baseFresh || v.queue === null;
+    const q = v.queue ?? new SplitQueue(this.device.maxQueueSize);
+    q.size = v.num;
+    q.descAddr = at.desc;
+    q.availAddr = at.avail;
+    q.usedAddr = at.used;
+    q.eventIdx = hasFeature(features, F_RING_EVENT_IDX);
+    q.indirect = hasFeature(features, F_RING_INDIRECT_DESC);
+    if (fresh) q.nextAvail = v.base;
+    try {
+      q.activate(mem);
+      // Like libvhost-user: the used index lives in the ring, SET_VRING_BASE only carries avail's.
+      if (fresh) q.syncUsedFromRing(mem);
+    } catch (e) {
+      if (e instanceof QueueError || e instanceof MemoryError) throw refuse(e);
+      throw e;
+    }
+    v.queue = q;
+    v.baseFresh = false;
+    return q;
+  }
+
+  /** Hand queue `v` (activated) to the device. False when the device refused it (reported to fail). */
+  handOver(v: Q, mem: MemoryAccess): boolean {
+    const dq: DeviceQueue = { index: v.index, queue: v.queue as SplitQueue, mem, stats: v.stats, notify: v.notify };
+    v.dq = dq;
+    try {
+      this.device.startQueue(dq);
+    } catch (e) {
+      v.dq = null;
+      this.fail(v, e);
+      return false;
+    }
+    return true;
+  }
+
+  /** Just handed over: a kick that came before the ring ran must not be lost; nor buffers posted without one. */
+  catchUp(v: Q, mem: MemoryAccess): void {
+    let pending = v.pendingKick;
+    v.pendingKick = false;
+    try {
+      if (!pending) pending = (v.queue as SplitQueue).available(mem) > 0;
+      if (pending && v.dq !== null) this.device.kick(v.index);
+    } catch (e) {
+      this.fail(v, e);
+    }
+  }
+
+  /**
+   * The device's notify for queue `v`: publish the used entries and, when the
+   * driver wants an interrupt, signal eventfd `fd` (none when < 0). The kick
+   * path: no allocation. Ignored while the device does not have the queue
+   * (a device that notifies after stopQueue) or without memory (`mem` null).
+   */
+  interrupt(v: Q, mem: MemoryAccess | null, fd: number): void {
+    const q = v.queue;
+    if (v.dq === null || q === null || mem === null) return;
+    if (q.flush(mem) && fd >= 0) {
+      this.addon.eventfdWrite(fd, 1);
+      v.stats.interrupts++;
+    }
+  }
+
+  /** Take queue `v` back from the device (nothing when it does not have it). Not a reset: size, addresses and position stay. */
+  stop(v: Q): void {
+    if (v.dq === null) return;
+    v.dq = null;
+    this.log.info(`${this.label}: queue ${v.index} stopped at avail ${v.queue?.nextAvail ?? v.base}`);
+    try {
+      this.device.stopQueue(v.index);
+    } catch (e) {
+      this.log.error(`${this.label}: queue ${v.index}: device failed to stop: ${asError(e, 'stopQueue').message}`);
+    }
+  }
+}

@@ -1,0 +1,101 @@
+/**
+ * A listening Unix stream socket on the event loop: listen() creates the
+ * socket (its folder too, replacing a stale socket) and polls it; every
+ * connection that comes is accepted and its fd handed to the owner, which
+ * keeps it or refuses it; close() stops accepting and removes the socket file.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { native, type Poller } from './addon';
+import { asError, closeQuietly } from '../vhost-user/connection';
+import type { Logger } from '../log';
+
+const POLL_READABLE = 1;
+
+export interface UnixListenerOptions {
+  /** listen(2) backlog. */
+  backlog: number;
+  logger: Logger;
+  /** Names the owner in log lines ("<label>: accept failed: ..."). */
+  label: string;
+  /**
+   * An accepted connection (non-blocking, CLOEXEC): the fd is the callee's from
+   * now on, to keep or to refuse (close). Called once per connection, in order.
+   */
+  onConnection: (fd: number) => void;
+}
+
+export class UnixListener {
+  private fd = -1;
+  private poller: Poller | null = null;
+
+  constructor(
+    readonly socketPath: string,
+    private readonly opts: UnixListenerOptions,
+  ) {}
+
+  get listening(): boolean {
+    return this.fd >= 0;
+  }
+
+  /** Create the socket and start accepting; a no-op while listening. Throws when the path cannot be bound (nothing leaks). */
+  listen(): void {
+    if (this.fd >= 0) return;
+    fs.mkdirSync(path.dirname(this.socketPath), { recursive: true });
+    const a = native();
+    const fd = a.listen(this.socketPath, this.opts.backlog);
+    try {
+      const p = new a.Poller(fd, (status) => this.onAcceptable(status));
+      p.start(POLL_READABLE);
+      this.poller = p;
+    } catch (e) {
+      closeQuietly(fd);
+      throw e;
+    }
+    this.fd = fd;
+  }
+
+  /** Stop accepting, close the socket and remove its file. Idempotent; accepted connections are not touched. */
+  close(): void {
+    if (this.poller !== null) {
+      try {
+        this.poller.close();
+      } catch {
+        // Already released at environment teardown.
+      }
+      this.poller = null;
+    }
+    if (this.fd >= 0) {
+      closeQuietly(this.fd);
+      this.fd = -1;
+      try {
+        fs.unlinkSync(this.socketPath);
+      } catch {
+        // Someone removed it already.
+      }
+    }
+  }
+
+  private onAcceptable(status: number): void {
+    const { logger, label } = this.opts;
+    if (this.fd < 0) return;
+    if (status < 0) {
+      logger.error(`${label}: poll error ${status} on the listening socket`);
+      return;
+    }
+    const a = native();
+    // The owner may close us from its callback: stop accepting then.
+    while (this.fd >= 0) {
+      let fd: number;
+      try {
+        fd = a.accept(this.fd);
+      } catch (e) {
+        // ECONNABORTED, EMFILE and the like: log and wait for the next readable event.
+        logger.error(`${label}: accept failed: ${asError(e, 'accept').message}`);
+        return;
+      }
+      if (fd < 0) return;
+      this.opts.onConnection(fd);
+    }
+  }
+}
