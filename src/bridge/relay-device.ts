@@ -259,7 +259,10 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     this.linkUp = true;
     this.linkFailed = false;
     // What the previous backend finished before it went is done: take it first.
-    for (const rq of this.queues) if (rq.guest !== null && rq.shadow !== 'idle' && this.harvest(rq, rq.guest) > 0) rq.guest?.notify();
+    for (const rq of this.queues) {
+      const g = rq.guest;
+      if (g !== null && rq.shadow !== 'idle' && this.harvest(rq, g) > 0) g.notify();
+    }
     if (this.featuresSet) this.control('SET_FEATURES', () => this.link.setFeatures(this.shadowFeatures()));
     for (const rq of this.queues) {
       if (rq.shadow === 'idle' && rq.guest === null) continue;
