@@ -141,6 +141,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     let size = 1;
     while (size < 2 * this.maxQueueSize) size *= 2;
     size = Math.min(size, info.maxQueueSize, VIRTQUEUE_MAX_SIZE);
+    // A chain takes up to two shadow descriptors (readable, then writable): a smaller ring could never take a blk request.
+    if (size < 2) throw new RangeError(`${this.name}: the backend's queues hold at most ${info.maxQueueSize} entries; a shadow ring needs 2`);
     const ringArea = Math.ceil(splitRingBytes(size) / 4096) * 4096;
     if (region - ringArea < 16 * slot) {
       throw new RangeError(`${this.name}: BAR2 of ${link.bar2Bytes.length} bytes is too small for ${info.numQueues} shadow queues of ${size} entries`);

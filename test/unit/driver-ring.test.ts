@@ -1,0 +1,371 @@
+/**
+ * DriverRing (the relay's driver side of a shadow ring) against the real
+ * device side, SplitQueue, on the same memory.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { GuestMemory } from '../../src/memory/guest-memory';
+import type { ChainSegment } from '../../src/virtio/chain';
+import { VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_SIZE, VRING_USED_ELEM_SIZE, VRING_USED_F_NO_NOTIFY } from '../../src/virtio/constants';
+import { DriverRing, DriverRingError, type DriverSegment, type RingLayout, splitRingBytes, splitRingLayout } from '../../src/virtio/driver-ring';
+import { SplitQueue } from '../../src/virtio/split-queue';
+import { Rng } from '../fuzz/rng';
+
+const BUF = 0x4000;
+
+interface Pair {
+  mem: GuestMemory;
+  view: DataView;
+  layout: RingLayout;
+  ring: DriverRing;
+  q: SplitQueue;
+}
+
+function deviceQueue(mem: GuestMemory, layout: RingLayout, eventIdx: boolean): SplitQueue {
+  const q = new SplitQueue(layout.size);
+  q.size = layout.size;
+  q.descAddr = layout.descAddr;
+  q.availAddr = layout.availAddr;
+  q.usedAddr = layout.usedAddr;
+  q.eventIdx = eventIdx;
+  q.activate(mem);
+  return q;
+}
+
+function pair(size: number, eventIdx: boolean): Pair {
+  const buf = new ArrayBuffer(64 * 1024);
+  const mem = GuestMemory.fromBuffer(0, buf);
+  const layout = splitRingLayout(0, size);
+  const ring = new DriverRing(mem, layout, eventIdx);
+  return { mem, view: new DataView(buf), layout, ring, q: deviceQueue(mem, layout, eventIdx) };
+}
+
+function seg(addr: number, len: number, writable = false): DriverSegment {
+  return { addr, len, writable };
+}
+
+function pairs(list: readonly ChainSegment[]): [number, number][] {
+  return list.map((s) => [s.addr, s.len]);
+}
+
+/** A hostile device: a used element written straight into the ring, used.idx moved past it. */
+function rawUsed(p: Pair, id: number, len: number): void {
+  const idx = p.view.getUint16(p.layout.usedAddr + 2, true);
+  const o = p.layout.usedAddr + 4 + VRING_USED_ELEM_SIZE * (idx & (p.layout.size - 1));
+  p.view.setUint32(o, id, true);
+  p.view.setUint32(o + 4, len, true);
+  p.view.setUint16(p.layout.usedAddr + 2, (idx + 1) & 0xffff, true);
+}
+
+test('layout: rings back to back, used ring 4-aligned, event fields included; bad sizes refused', () => {
+  const l = splitRingLayout(0x1000, 8);
+  assert.equal(l.descAddr, 0x1000);
+  assert.equal(l.availAddr, 0x1000 + 8 * VRING_DESC_SIZE);
+  assert.equal(l.usedAddr, 0x1000 + 128 + 24); // align4(avail + 6 + 2*8)
+  assert.equal(splitRingBytes(8), l.usedAddr - 0x1000 + 6 + 8 * VRING_USED_ELEM_SIZE);
+  const small = GuestMemory.fromBuffer(0, new ArrayBuffer(4096));
+  assert.throws(() => new DriverRing(small, splitRingLayout(0, 12), false), RangeError);
+  assert.throws(() => new DriverRing(small, splitRingLayout(0, 0), false), RangeError);
+  assert.throws(() => new DriverRing(small, splitRingLayout(0, 256), false), /outside|not mapped/, 'rings past the memory');
+});
+
+test('the device pops exactly the chains added, in order, once published; used elements come back with id and len', () => {
+  const p = pair(16, false);
+  const h1 = p.ring.add([seg(BUF, 100), seg(BUF + 0x100, 50, true)]);
+  const h2 = p.ring.addPair(BUF + 0x200, 16, BUF + 0x400, 513);
+  const h3 = p.ring.addPair(BUF + 0x800, 0, BUF + 0x900, 64);
+  const h4 = p.ring.addPair(BUF + 0xa00, 32, 0, 0);
+  const h5 = p.ring.add([seg(BUF + 0xb00, 1), seg(BUF + 0xb10, 2), seg(BUF + 0xb20, 3, true), seg(BUF + 0xb30, 4, true)]);
+  assert.equal(new Set([h1, h2, h3, h4, h5]).size, 5);
+  assert.equal(p.ring.freeDescriptors, 16 - 10);
+  assert.equal(p.ring.inFlight, 5);
+  assert.equal(p.ring.nextAvailIdx, 5);
+  assert.equal(p.q.pop(p.mem), null, 'nothing visible before publish()');
+
+  p.ring.publish();
+  const expect: [number, [number, number][], [number, number][]][] = [
+    [h1, [[BUF, 100]], [[BUF + 0x100, 50]]],
+    [h2, [[BUF + 0x200, 16]], [[BUF + 0x400, 513]]],
+    [h3, [], [[BUF + 0x900, 64]]],
+    [h4, [[BUF + 0xa00, 32]], []],
+    [
+      h5,
+      [
+        [BUF + 0xb00, 1],
+        [BUF + 0xb10, 2],
+      ],
+      [
+        [BUF + 0xb20, 3],
+        [BUF + 0xb30, 4],
+      ],
+    ],
+  ];
+  for (const [head, r, w] of expect) {
+    const c = p.q.pop(p.mem);
+    assert.ok(c !== null);
+    assert.equal(c.head, head);
+    assert.deepEqual(pairs(c.readable), r);
+    assert.deepEqual(pairs(c.writable), w);
+  }
+  assert.equal(p.q.pop(p.mem), null);
+
+  // Descriptor flags as written: single descriptors carry neither NEXT nor a stale next.
+  const flags = (d: number) => p.view.getUint16(p.layout.descAddr + VRING_DESC_SIZE * d + 12, true);
+  assert.equal(flags(h3), VRING_DESC_F_WRITE);
+  assert.equal(flags(h4), 0);
+  assert.equal(flags(h2), VRING_DESC_F_NEXT);
+
+  // Completions in another order than posted.
+  const done: [number, number][] = [
+    [h3, 10],
+    [h1, 50],
+    [h5, 0],
+    [h4, 0],
+    [h2, 513],
+  ];
+  for (const [id, len] of done) p.q.pushUsed(p.mem, id, len);
+  p.q.flush(p.mem);
+  assert.equal(p.ring.usedPending(), 5);
+  const got: [number, number][] = [];
+  for (let u = p.ring.takeUsed(); u !== null; u = p.ring.takeUsed()) got.push([u.id, u.len]);
+  assert.deepEqual(got, done);
+  assert.equal(p.ring.freeDescriptors, 16);
+  assert.equal(p.ring.inFlight, 0);
+});
+
+test('descriptors freed out of order are reused correctly (randomised against SplitQueue)', () => {
+  for (const size of [4, 8, 16, 64]) {
+    for (const eventIdx of [false, true]) {
+      const rng = new Rng(size * 7 + (eventIdx ? 1 : 0));
+      const p = pair(size, eventIdx);
+      /** Added, not yet popped: what the device must see, in order. */
+      const queued: { head: number; r: [number, number][]; w: [number, number][] }[] = [];
+      /** Popped by the device, not yet completed. */
+      const popped: { head: number; descs: number; wlen: number }[] = [];
+      const descsOf = new Map<number, number>();
+      /** Completions pushed by the device, not yet taken. */
+      const usedFifo: [number, number][] = [];
+      /** Chains added since the last publish(): invisible to the device. */
+      let unpublished = 0;
+      for (let step = 0; step < 3000; step++) {
+        const a = rng.int(4);
+        if (a === 0) {
+          const nr = rng.int(3);
+          const nw = rng.int(3);
+          const n = Math.max(1, nr + nw);
+          if (n > p.ring.freeDescriptors) {
+            assert.throws(() => p.ring.add(Array.from({ length: n }, (_, i) => seg(BUF + 16 * i, 1))), DriverRingError);
+            continue;
+          }
+          const list: DriverSegment[] = [];
+          for (let i = 0; i < n; i++) list.push(seg(BUF + 0x100 * rng.int(64), 1 + rng.int(300), i >= nr && nw > 0));
+          const pairShape = nr <= 1 && nw <= 1 && nr + nw > 0;
+          const head = rng.chance(0.5) || !pairShape
+            ? p.ring.add(list)
+            : p.ring.addPair(nr > 0 ? (list[0] as DriverSegment).addr : 0, nr > 0 ? (list[0] as DriverSegment).len : 0, nw > 0 ? (list[n - 1] as DriverSegment).addr : 0, nw > 0 ? (list[n - 1] as DriverSegment).len : 0);
+          descsOf.set(head, n);
+          queued.push({
+            head,
+            r: list.filter((s) => !s.writable).map((s) => [s.addr, s.len]),
+            w: list.filter((s) => s.writable).map((s) => [s.addr, s.len]),
+          });
+          unpublished++;
+          if (rng.chance(0.7)) {
+            p.ring.publish();
+            unpublished = 0;
+          }
+        } else if (a === 1) {
+          const c = p.q.pop(p.mem);
+          if (c === null) {
+            assert.equal(queued.length, unpublished, 'a published chain was not popped');
+            continue;
+          }
+          assert.ok(queued.length > unpublished, 'an unpublished chain was popped');
+          const e = queued.shift();
+          assert.ok(e !== undefined, 'device popped a chain never added');
+          assert.equal(c.head, e.head);
+          assert.deepEqual(pairs(c.readable), e.r);
+          assert.deepEqual(pairs(c.writable), e.w);
+          popped.push({ head: c.head, descs: descsOf.get(c.head) ?? 0, wlen: c.writableLen });
+        } else if (a === 2 && popped.length > 0) {
+          const [x] = popped.splice(rng.int(popped.length), 1);
+          assert.ok(x !== undefined);
+          const len = rng.int(x.wlen + 1);
+          p.q.pushUsed(p.mem, x.head, len);
+          usedFifo.push([x.head, len]);
+          if (rng.chance(0.6)) p.q.flush(p.mem);
+        } else if (a === 3) {
+          const before = p.ring.freeDescriptors;
+          let freed = 0;
+          for (let u = p.ring.takeUsed(); u !== null; u = p.ring.takeUsed()) {
+            const e = usedFifo.shift();
+            assert.deepEqual([u.id, u.len], e);
+            freed += descsOf.get(u.id) ?? 0;
+          }
+          assert.equal(p.ring.freeDescriptors, before + freed);
+        }
+        const out = queued.length + popped.length + usedFifo.length;
+        assert.equal(p.ring.inFlight, out);
+        const held = [...queued.map((c) => c.head), ...popped.map((c) => c.head), ...usedFifo.map((u) => u[0])].reduce((n, h) => n + (descsOf.get(h) ?? 0), 0);
+        assert.equal(p.ring.freeDescriptors + held, size, 'descriptors leaked or doubly owned');
+      }
+    }
+  }
+});
+
+test('64-bit buffer addresses survive the descriptor table', () => {
+  const p = pair(4, false);
+  const hi = 2 ** 40;
+  p.mem.addRegion({ guestAddr: hi, size: 0x10000, userAddr: hi, mmapOffset: 0 }, () => new ArrayBuffer(0x10000));
+  p.ring.addPair(hi + 0x10, 100, hi + 0x8000 + 3, 7);
+  p.ring.publish();
+  const c = p.q.pop(p.mem);
+  assert.ok(c !== null);
+  assert.deepEqual(pairs(c.readable), [[hi + 0x10, 100]]);
+  assert.deepEqual(pairs(c.writable), [[hi + 0x8003, 7]]);
+});
+
+test('kickNeeded with EVENT_IDX follows avail_event; without, used.flags NO_NOTIFY', () => {
+  const e = pair(8, true);
+  assert.equal(e.ring.kickNeeded(), false, 'nothing published');
+  e.ring.addPair(BUF, 8, 0, 0);
+  e.ring.publish();
+  assert.equal(e.ring.kickNeeded(), true, 'crossing avail_event 0');
+  assert.equal(e.ring.kickNeeded(), false, 'nothing new since the last decision');
+  e.ring.addPair(BUF, 8, 0, 0);
+  e.ring.publish();
+  assert.equal(e.ring.kickNeeded(), false, 'avail_event 0 already crossed');
+  // The device drains and asks again from its position.
+  e.q.pop(e.mem);
+  e.q.pop(e.mem);
+  assert.equal(e.q.enableNotification(e.mem), false);
+  e.ring.addPair(BUF, 8, 0, 0);
+  e.ring.addPair(BUF, 8, 0, 0);
+  e.ring.publish();
+  assert.equal(e.ring.kickNeeded(), true, 'avail_event 2 crossed by 2 -> 4');
+  e.q.disableNotification(e.mem);
+  e.ring.addPair(BUF, 8, 0, 0);
+  e.ring.publish();
+  assert.equal(e.ring.kickNeeded(), false, 'no kick while the device drains');
+
+  const f = pair(8, false);
+  f.ring.addPair(BUF, 8, 0, 0);
+  f.ring.publish();
+  assert.equal(f.ring.kickNeeded(), true);
+  f.q.disableNotification(f.mem);
+  assert.equal(f.view.getUint16(f.layout.usedAddr, true), VRING_USED_F_NO_NOTIFY);
+  f.ring.addPair(BUF, 8, 0, 0);
+  f.ring.publish();
+  assert.equal(f.ring.kickNeeded(), false);
+  f.q.enableNotification(f.mem);
+  f.ring.addPair(BUF, 8, 0, 0);
+  f.ring.publish();
+  assert.equal(f.ring.kickNeeded(), true);
+});
+
+test('interrupt suppression: used_event under EVENT_IDX, avail.flags without', () => {
+  const e = pair(8, true);
+  const ids = [0, 1, 2, 3].map(() => e.ring.addPair(BUF, 4, BUF + 64, 4));
+  e.ring.publish();
+  for (let i = 0; i < 4; i++) e.q.pop(e.mem);
+  assert.equal(e.ring.enableInterrupts(), false);
+  e.q.pushUsed(e.mem, ids[0] as number, 1);
+  assert.equal(e.q.flush(e.mem), true, 'used_event 0 crossed');
+  e.q.pushUsed(e.mem, ids[1] as number, 1);
+  assert.equal(e.q.flush(e.mem), false, 'no interrupt until the driver asks again');
+  assert.equal(e.ring.enableInterrupts(), true, 'two pending: the caller must take them');
+  assert.equal(e.ring.takeUsed()?.id, ids[0]);
+  assert.equal(e.ring.takeUsed()?.id, ids[1]);
+  assert.equal(e.ring.enableInterrupts(), false);
+  assert.equal(new DataView(e.view.buffer).getUint16(e.layout.availAddr + 4 + 2 * 8, true), 2, 'used_event = 2');
+  e.q.pushUsed(e.mem, ids[2] as number, 1);
+  assert.equal(e.q.flush(e.mem), true);
+
+  const f = pair(8, false);
+  const fid = [0, 1].map(() => f.ring.addPair(BUF, 4, 0, 0));
+  f.ring.publish();
+  f.q.pop(f.mem);
+  f.q.pop(f.mem);
+  f.ring.disableInterrupts();
+  assert.equal(f.view.getUint16(f.layout.availAddr, true), VRING_AVAIL_F_NO_INTERRUPT);
+  f.q.pushUsed(f.mem, fid[0] as number, 0);
+  f.q.flush(f.mem); // the first flush after activate always interrupts
+  f.q.pushUsed(f.mem, fid[1] as number, 0);
+  assert.equal(f.q.flush(f.mem), false);
+  assert.equal(f.ring.enableInterrupts(), true);
+  assert.equal(f.view.getUint16(f.layout.availAddr, true), 0);
+});
+
+test('takeUsed rejects ids not outstanding, ids past the ring, double completion, and more used than outstanding', () => {
+  // An id in range that was never posted.
+  let p = pair(8, false);
+  p.ring.addPair(BUF, 8, BUF + 64, 8);
+  p.ring.publish();
+  p.q.pushUsed(p.mem, 7, 0);
+  p.q.flush(p.mem);
+  assert.throws(() => p.ring.takeUsed(), (e: unknown) => e instanceof DriverRingError && /used id 7, which is not an outstanding chain/.test(e.message));
+  assert.equal(p.ring.inFlight, 1, 'nothing taken');
+
+  // An id past the ring.
+  p = pair(8, false);
+  p.ring.addPair(BUF, 8, 0, 0);
+  rawUsed(p, 100, 0);
+  assert.throws(() => p.ring.takeUsed(), /used id 100/);
+  p = pair(8, false);
+  p.ring.addPair(BUF, 8, 0, 0);
+  rawUsed(p, 0xffffffff, 0);
+  assert.throws(() => p.ring.takeUsed(), /used id 4294967295/);
+
+  // The same chain twice (the second time it is no longer outstanding).
+  p = pair(8, false);
+  const b = p.ring.addPair(BUF, 8, 0, 0);
+  p.ring.addPair(BUF, 8, 0, 0);
+  rawUsed(p, b, 0);
+  rawUsed(p, b, 0);
+  assert.deepEqual(p.ring.takeUsed(), { id: b, len: 0 });
+  assert.throws(() => p.ring.takeUsed(), DriverRingError);
+  assert.equal(p.ring.inFlight, 1);
+
+  // used.idx ahead by more than the chains outstanding, or moved backwards.
+  p = pair(8, false);
+  p.ring.addPair(BUF, 8, 0, 0);
+  p.view.setUint16(p.layout.usedAddr + 2, 2, true);
+  assert.throws(() => p.ring.takeUsed(), /published 2 used elements with 1 chains outstanding/);
+  p.view.setUint16(p.layout.usedAddr + 2, 0xffff, true);
+  assert.throws(() => p.ring.takeUsed(), /65535 used elements/);
+});
+
+test('add refuses empty chains and more descriptors than free', () => {
+  const p = pair(4, false);
+  assert.throws(() => p.ring.add([]), DriverRingError);
+  p.ring.add([seg(BUF, 1), seg(BUF, 1), seg(BUF, 1)]);
+  assert.throws(() => p.ring.add([seg(BUF, 1), seg(BUF, 1)]), /2 descriptors wanted, 1 free/);
+  assert.throws(() => p.ring.addPair(BUF, 1, BUF, 1), /2 descriptors wanted, 1 free/);
+  p.ring.addPair(BUF, 1, 0, 0);
+  assert.throws(() => p.ring.addPair(BUF, 1, 0, 0), /1 descriptors wanted, 0 free/);
+  assert.equal(p.ring.inFlight, 2);
+});
+
+test('reset forgets every chain and zeroes the rings; a fresh device queue starts from 0', () => {
+  const p = pair(8, true);
+  for (let i = 0; i < 3; i++) p.ring.addPair(BUF, 8, BUF + 64, 8);
+  p.ring.publish();
+  p.q.pop(p.mem);
+  p.q.pushUsed(p.mem, 0, 3);
+  p.q.flush(p.mem);
+  p.ring.reset();
+  assert.equal(p.ring.freeDescriptors, 8);
+  assert.equal(p.ring.inFlight, 0);
+  assert.equal(p.ring.nextAvailIdx, 0);
+  assert.equal(p.ring.usedPending(), 0);
+  assert.equal(p.ring.takeUsed(), null);
+  const area = new Uint8Array(p.view.buffer, 0, splitRingBytes(8));
+  assert.ok(area.every((b) => b === 0), 'rings zeroed');
+  const q = deviceQueue(p.mem, p.layout, true);
+  const h = p.ring.addPair(BUF + 0x100, 5, 0, 0);
+  p.ring.publish();
+  assert.equal(p.ring.kickNeeded(), true);
+  const c = q.pop(p.mem);
+  assert.equal(c?.head, h);
+  assert.deepEqual(pairs(c?.readable ?? []), [[BUF + 0x100, 5]]);
+});

@@ -1,0 +1,795 @@
+/**
+ * RelayDevice between a driver-side mock guest queue and a real device running
+ * on shadow rings in BAR2, through the in-process LoopbackLink: data really
+ * crosses both DMA directions, the backend really pops the shadow rings.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { RelayDevice } from '../../src/bridge/relay-device';
+import type { BackendDeviceInfo } from '../../src/bridge/shadow-link';
+import { BlkDevice } from '../../src/devices/blk/blk-device';
+import { newQueueStats, type DeviceQueue, type VirtioDevice } from '../../src/devices/device';
+import type { GuestMemory } from '../../src/memory/guest-memory';
+import {
+  bit,
+  BLK_F_FLUSH,
+  BLK_S_IOERR,
+  BLK_S_OK,
+  BLK_T_IN,
+  BLK_T_OUT,
+  F_ACCESS_PLATFORM,
+  F_ANY_LAYOUT,
+  F_IN_ORDER,
+  F_NOTIFY_ON_EMPTY,
+  F_RING_EVENT_IDX,
+  F_RING_INDIRECT_DESC,
+  F_RING_PACKED,
+  F_VERSION_1,
+  NET_F_CSUM,
+  NET_F_MAC,
+  VIRTIO_ID_NET,
+} from '../../src/virtio/constants';
+import { MockDriver, type PostedSegment, type SegmentSpec } from '../../src/virtio/mock-driver';
+import type { SplitQueue } from '../../src/virtio/split-queue';
+import { ECHO_BACKEND_FEATURES, EchoBackend, type FailMode, latin1, LoopbackLink, RecordingLogger, settle, text, until } from '../support/loopback-link';
+
+const PROTOCOL_FEATURES_BIT = 30;
+const CANARY = 0xee;
+
+interface Completion {
+  head: number;
+  tag: string;
+  len: number;
+  /** The first len bytes of the chain's writable buffers. */
+  data: Uint8Array;
+  /** The chain's writable buffers, whole. */
+  whole: Uint8Array;
+}
+
+/** One guest queue: MockDriver rings in their own memory, and the DeviceQueue the vhost-user layer would build. */
+class Guest {
+  readonly mem: GuestMemory;
+  readonly driver: MockDriver;
+  readonly queue: SplitQueue;
+  readonly dq: DeviceQueue;
+  interrupts = 0;
+  /** Outstanding chains by head. */
+  readonly out = new Map<number, { tag: string; readable: Uint8Array; writable: PostedSegment[] }>();
+  readonly completed: Completion[] = [];
+
+  constructor(
+    readonly index: number,
+    opts: { size?: number; eventIdx?: boolean } = {},
+  ) {
+    const m = MockDriver.create({ size: opts.size ?? 64, eventIdx: opts.eventIdx ?? true, indirect: true });
+    this.mem = m.mem;
+    this.driver = m.driver;
+    this.queue = m.queue;
+    const stats = newQueueStats();
+    this.dq = {
+      index,
+      queue: this.queue,
+      mem: this.mem,
+      stats,
+      notify: () => {
+        if (this.queue.flush(this.mem)) {
+          stats.interrupts++;
+          this.interrupts++;
+        }
+      },
+    };
+  }
+
+  get stats() {
+    return this.dq.stats;
+  }
+
+  /** Post a chain: `tag:` then lowercase filler up to rlen readable bytes, wlen writable (canary-filled). */
+  post(tag: string, o: { rlen?: number; wlen?: number; wsegs?: number[]; indirect?: boolean } = {}): number {
+    const readable = payload(tag, o.rlen ?? 64);
+    const wsegs = o.wsegs ?? [o.wlen ?? 64];
+    const segs: SegmentSpec[] = [{ data: readable }];
+    for (const n of wsegs) if (n > 0) segs.push({ writable: true, len: n });
+    const head = this.driver.addChain(segs, { indirect: o.indirect });
+    const writable = (this.driver.segmentsOf(head) ?? []).filter((s) => s.writable);
+    for (const s of writable) this.driver.writeBytes(s.addr, new Uint8Array(s.len).fill(CANARY));
+    this.out.set(head, { tag, readable, writable });
+    return head;
+  }
+
+  /** Take every used element published; a head that is not outstanding (completed twice, or never posted) throws. */
+  collect(): Completion[] {
+    const got: Completion[] = [];
+    for (let u = this.driver.popUsed(); u !== null; u = this.driver.popUsed()) {
+      const o = this.out.get(u.id);
+      if (o === undefined) throw new Error(`guest ${this.index}: used id ${u.id} is not an outstanding chain (completed twice?)`);
+      this.out.delete(u.id);
+      const wlen = o.writable.reduce((n, s) => n + s.len, 0);
+      assert.ok(u.len <= wlen, `used len ${u.len} > writable ${wlen}`);
+      const whole = new Uint8Array(wlen);
+      let pos = 0;
+      for (const s of o.writable) {
+        whole.set(this.driver.readBytes(s.addr, s.len), pos);
+        pos += s.len;
+      }
+      const c = { head: u.id, tag: o.tag, len: u.len, data: whole.slice(0, u.len), whole };
+      got.push(c);
+      this.completed.push(c);
+    }
+    return got;
+  }
+}
+
+function payload(tag: string, n: number): Uint8Array {
+  const b = new Uint8Array(Math.max(n, tag.length + 1));
+  b.set(text(`${tag}:`));
+  for (let i = tag.length + 1; i < b.length; i++) b[i] = 0x61 + (i % 26);
+  return b;
+}
+
+function upper(b: Uint8Array): Uint8Array {
+  return b.map((c) => (c >= 0x61 && c <= 0x7a ? c - 0x20 : c));
+}
+
+/** What the echo backend returns for a chain posted with post(tag, {rlen, wlen}). */
+function echoOf(tag: string, rlen: number, wlen: number): Uint8Array {
+  return upper(payload(tag, rlen)).slice(0, wlen);
+}
+
+interface Rig {
+  link: LoopbackLink;
+  relay: RelayDevice;
+  log: RecordingLogger;
+  fatal: Error[];
+  guests: Guest[];
+}
+
+interface RigOptions {
+  device: VirtioDevice;
+  info?: Partial<BackendDeviceInfo>;
+  bar2Size?: number;
+  queueSize?: number;
+  slotSize?: number;
+  failMode?: FailMode;
+  guestSize?: number;
+  guestEventIdx?: boolean;
+}
+
+async function rig(o: RigOptions): Promise<Rig> {
+  const link = new LoopbackLink({ bar2Size: o.bar2Size ?? 256 * 1024, device: o.device, info: o.info, failMode: o.failMode });
+  const log = new RecordingLogger();
+  const relay = new RelayDevice(link, link.info, { name: 'relay-test', queueSize: o.queueSize ?? 32, slotSize: o.slotSize, logger: log });
+  const fatal: Error[] = [];
+  relay.onFatal = (e) => fatal.push(e);
+  relay.setFeatures(relay.features());
+  const guests: Guest[] = [];
+  for (let q = 0; q < link.info.numQueues; q++) {
+    const g = new Guest(q, { size: o.guestSize ?? 64, eventIdx: o.guestEventIdx });
+    guests.push(g);
+    relay.startQueue(g.dq);
+  }
+  await until(() => relay.relayStats().every((s) => s.shadow === 'up') && guests.every((g) => link.running(g.index)), 'shadow rings up');
+  await settle();
+  return { link, relay, log, fatal, guests };
+}
+
+function tempDisk(size: number): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'relay-blk-'));
+  const file = path.join(dir, 'disk.img');
+  fs.writeFileSync(file, new Uint8Array(size));
+  return file;
+}
+
+function blkHeader(type: number, sector: number): Uint8Array {
+  const h = new Uint8Array(16);
+  const dv = new DataView(h.buffer);
+  dv.setUint32(0, type, true);
+  dv.setUint32(8, sector, true);
+  return h;
+}
+
+function pattern(n: number, seed: number): Uint8Array {
+  const b = new Uint8Array(n);
+  let s = seed >>> 0;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
+    b[i] = s >>> 24;
+  }
+  return b;
+}
+
+// ---- data path ----------------------------------------------------------------------
+
+test('blk write then read through the relay: file, guest buffers, status, DMA counters and per-queue stats', async () => {
+  const file = tempDisk(1 << 20);
+  const blk = new BlkDevice({ name: 'relay-blk', file, numQueues: 2, queueSize: 64 });
+  try {
+    const r = await rig({ device: blk, bar2Size: 512 * 1024 });
+    const [g0, g1] = r.guests as [Guest, Guest];
+    assert.ok((r.link.lastFeatures ?? 0n) & bit(BLK_F_FLUSH), 'blk feature bits reached the backend');
+
+    // Write 4 KiB at sector 8 on queue 0, data in two readable segments.
+    const data = pattern(4096, 7);
+    g0.driver.addChain([{ data: blkHeader(BLK_T_OUT, 8) }, { data: data.subarray(0, 2048) }, { data: data.subarray(2048) }, { writable: true, len: 1 }]);
+    r.relay.kick(0);
+    await until(() => g0.driver.usedIdx() === 1, 'write completion');
+    const w = g0.driver.popUsed();
+    assert.ok(w !== null);
+    assert.equal(w.len, 1);
+    const wStatus = (w.segments ?? []).find((s) => s.writable);
+    assert.ok(wStatus !== undefined);
+    assert.equal(g0.driver.readBytes(wStatus.addr, 1)[0], BLK_S_OK);
+    const onDisk = new Uint8Array(fs.readFileSync(file).subarray(8 * 512, 8 * 512 + 4096));
+    assert.deepEqual(onDisk, data, 'the file holds what the guest wrote');
+
+    // Read it back on queue 1, through an indirect chain with two writable data segments.
+    g1.driver.addChain([{ data: blkHeader(BLK_T_IN, 8) }, { writable: true, len: 3000 }, { writable: true, len: 1096 }, { writable: true, len: 1 }], { indirect: true });
+    const before = new Uint8Array(4097).fill(0x5a);
+    const segs = g1.driver.segmentsOf(0) ?? [];
+    let pos = 0;
+    for (const s of segs.filter((x) => x.writable)) {
+      g1.driver.writeBytes(s.addr, before.subarray(pos, pos + s.len));
+      pos += s.len;
+    }
+    r.relay.kick(1);
+    await until(() => g1.driver.usedIdx() === 1, 'read completion');
+    const rd = g1.driver.popUsed();
+    assert.ok(rd !== null);
+    assert.equal(rd.len, 4097);
+    const ws = (rd.segments ?? []).filter((s) => s.writable);
+    const back = new Uint8Array([...g1.driver.readBytes(ws[0]!.addr, 3000), ...g1.driver.readBytes(ws[1]!.addr, 1096)]);
+    assert.deepEqual(back, data, 'the guest got the data back');
+    assert.equal(g1.driver.readBytes(ws[2]!.addr, 1)[0], BLK_S_OK);
+
+    const [s0, s1] = r.relay.relayStats();
+    assert.ok(s0 !== undefined && s1 !== undefined);
+    assert.deepEqual(s0.dma, { toBarOps: 3, toBarBytes: 16 + 4096, toGuestOps: 1, toGuestBytes: 1 });
+    assert.deepEqual(s1.dma, { toBarOps: 1, toBarBytes: 16, toGuestOps: 3, toGuestBytes: 4097 });
+    for (const s of [s0, s1]) {
+      assert.equal(s.inFlight, 0);
+      assert.equal(s.slotsInUse, 0);
+      assert.equal(s.shadow, 'up');
+      assert.equal(s.ringSize, 64);
+      assert.ok(s.backendKicks >= 1 && s.backendKicks <= 2, `backend kicks ${s.backendKicks}`);
+      assert.ok(s.backendInterrupts >= 1);
+      assert.equal(s.waits, 0);
+    }
+    assert.equal(g0.stats.descriptors, 1);
+    assert.equal(g0.stats.bytes, 16 + 4096 + 1);
+    assert.equal(g1.stats.descriptors, 1);
+    assert.equal(g1.stats.bytes, 16 + 4097);
+    assert.ok(g0.interrupts >= 1 && g1.interrupts >= 1, 'the guest was interrupted');
+    assert.deepEqual(r.fatal, []);
+    assert.deepEqual(r.link.failures, []);
+  } finally {
+    blk.close();
+  }
+});
+
+async function backpressure(eventIdx: boolean): Promise<void> {
+  // 16 slots of 512 bytes; each chain takes 2 + 2 slots: 4 in flight at most.
+  const features = eventIdx ? ECHO_BACKEND_FEATURES : ECHO_BACKEND_FEATURES & ~bit(F_RING_EVENT_IDX);
+  const dev = new EchoBackend({ mode: 'manual', features });
+  const r = await rig({ device: dev, bar2Size: 4096 + 16 * 512, slotSize: 512, queueSize: 32, guestEventIdx: eventIdx });
+  const g = r.guests[0] as Guest;
+  assert.equal(r.relay.relayStats()[0]?.slots, 16);
+  const N = 12;
+  for (let i = 0; i < N; i++) g.post(`c${String(i).padStart(2, '0')}`, { rlen: 1000, wlen: 1000 });
+  r.relay.kick(0);
+  await until(() => (dev.held[0]?.length ?? 0) === 4, 'backend holds 4 chains');
+  await settle();
+  let s = r.relay.relayStats()[0];
+  assert.ok(s !== undefined);
+  assert.equal(s.inFlight, 4, 'the pool holds four chains');
+  assert.equal(s.slotsInUse, 16);
+  assert.equal(s.waits, 1, 'the fifth chain waits');
+  assert.equal(g.driver.usedIdx(), 0);
+
+  // The backend completes each batch backwards: the guest must see that order, and every chain once.
+  const order: string[] = [];
+  while (g.completed.length < N) {
+    const held = dev.held[0] ?? [];
+    if (held.length > 0) order.push(...dev.complete(0, held.map((_, i) => held.length - 1 - i)));
+    await settle(5);
+    g.collect();
+    await until(() => g.completed.length === N || (dev.held[0]?.length ?? 0) > 0, 'progress');
+  }
+  const tags = Array.from({ length: N }, (_, i) => `c${String(i).padStart(2, '0')}`);
+  assert.deepEqual(dev.seen[0]?.map((t) => t.slice(0, 3)), tags, 'the backend saw the chains in guest avail order');
+  assert.deepEqual(
+    g.completed.map((c) => c.tag),
+    order.map((t) => t.slice(0, 3)),
+    'completions reach the guest in the order the backend made them',
+  );
+  assert.notDeepEqual(order.map((t) => t.slice(0, 3)), tags, 'completions really were reordered');
+  for (const c of g.completed) {
+    assert.equal(c.len, 1000);
+    assert.deepEqual(c.data, echoOf(c.tag, 1000, 1000), `data of ${c.tag}`);
+  }
+  s = r.relay.relayStats()[0];
+  assert.ok(s !== undefined);
+  assert.ok(s.waits >= 2, `waits ${s.waits}`);
+  assert.equal(s.inFlight, 0);
+  assert.equal(s.slotsInUse, 0);
+  assert.equal(s.dma.toBarBytes, N * 1000);
+  assert.equal(s.dma.toGuestBytes, N * 1000);
+  assert.equal(g.out.size, 0);
+  assert.deepEqual(r.fatal, []);
+  assert.deepEqual(r.link.failures, []);
+}
+
+test('backpressure, pool full (event idx): chains wait in order, none dropped, completions in backend order', async () => {
+  await backpressure(true);
+});
+
+test('backpressure, pool full (no event idx on either side)', async () => {
+  await backpressure(false);
+});
+
+test('backpressure, shadow ring full: a backend with 8-entry queues holds 4 two-descriptor chains', async () => {
+  const dev = new EchoBackend({ maxQueueSize: 8 });
+  const r = await rig({ device: dev, queueSize: 32 });
+  const g = r.guests[0] as Guest;
+  assert.equal(r.relay.relayStats()[0]?.ringSize, 8);
+  r.link.hold = true;
+  const N = 10;
+  for (let i = 0; i < N; i++) g.post(`r${i}`, { rlen: 40, wlen: 50, indirect: i % 2 === 0 });
+  r.relay.kick(0);
+  await settle();
+  assert.equal(r.relay.relayStats()[0]?.inFlight, 4);
+  assert.equal(r.relay.relayStats()[0]?.waits, 1);
+  assert.equal(g.queue.nextAvail, 5, 'four posted and the head of line taken, nothing more');
+  r.link.hold = false;
+  r.link.release();
+  await until(() => g.collect().length >= 0 && g.completed.length === N, 'all chains complete');
+  assert.deepEqual(
+    g.completed.map((c) => c.tag),
+    Array.from({ length: N }, (_, i) => `r${i}`),
+  );
+  assert.deepEqual(dev.seen[0]?.map((t) => t.split(':')[0]), Array.from({ length: N }, (_, i) => `r${i}`));
+  for (const c of g.completed) {
+    assert.equal(c.len, 40);
+    assert.deepEqual(c.data, echoOf(c.tag, 40, 40));
+    assert.ok(c.whole.subarray(40).every((b) => b === CANARY), 'bytes past len untouched');
+  }
+});
+
+// ---- stopping and restarting ---------------------------------------------------------
+
+test('quiesce gives chains the backend never saw back to the guest; they run after the restart', async () => {
+  const dev = new EchoBackend();
+  const r = await rig({ device: dev });
+  const g = r.guests[0] as Guest;
+  g.post('a');
+  g.post('b');
+  r.relay.kick(0);
+  await until(() => g.collect().length >= 0 && g.completed.length === 2, 'a and b');
+
+  r.link.hold = true;
+  g.post('c');
+  g.post('d');
+  g.post('e');
+  r.relay.kick(0);
+  await settle();
+  assert.equal(r.relay.relayStats()[0]?.inFlight, 3);
+  assert.equal(g.queue.nextAvail, 5);
+
+  await r.relay.quiesce(0);
+  assert.equal(g.queue.nextAvail, 2, 'c, d, e are back in the avail ring');
+  assert.deepEqual(g.collect(), [], 'nothing completed for them');
+  const st = r.relay.relayStats()[0];
+  assert.ok(st !== undefined);
+  assert.equal(st.inFlight, 0);
+  assert.equal(st.slotsInUse, 0);
+  assert.equal(st.shadow, 'stopped');
+  assert.ok(r.link.calls.includes('stop 0 -> 2'), r.link.calls.join(', '));
+  r.relay.stopQueue(0);
+  assert.deepEqual(g.queue.state(), { nextAvail: 2, nextUsed: 2 }, 'GET_VRING_BASE reads 2');
+
+  // Restart (SET_VRING_BASE 2 ...): the three run now, in order, once.
+  r.link.hold = false;
+  r.relay.startQueue(g.dq);
+  await until(() => g.collect().length >= 0 && g.completed.length === 5, 'c, d, e after restart');
+  assert.deepEqual(
+    g.completed.map((c) => c.tag),
+    ['a', 'b', 'c', 'd', 'e'],
+  );
+  for (const c of g.completed) assert.deepEqual(c.data, echoOf(c.tag, 64, 64));
+  assert.deepEqual(dev.seen[0]?.map((t) => t.split(':')[0]), ['a', 'b', 'c', 'd', 'e'], 'the backend ran each once');
+  assert.equal(r.relay.relayStats()[0]?.shadow, 'up');
+  assert.deepEqual(r.fatal, []);
+});
+
+test('quiesce waits for chains the backend popped and completes late', async () => {
+  const dev = new EchoBackend({ mode: 'manual' });
+  const r = await rig({ device: dev });
+  const g = r.guests[0] as Guest;
+  g.post('x');
+  g.post('y');
+  r.relay.kick(0);
+  await until(() => dev.held[0]?.length === 2, 'backend popped both');
+  const dq = r.link.ring(0).dq;
+  const late = setTimeout(() => dev.complete(0, undefined, dq), 30);
+  await r.relay.quiesce(0);
+  clearTimeout(late);
+  assert.equal(g.queue.nextAvail, 2, 'nothing given back: both completed');
+  g.collect();
+  assert.deepEqual(
+    g.completed.map((c) => [c.tag, c.len]),
+    [
+      ['x', 64],
+      ['y', 64],
+    ],
+  );
+  for (const c of g.completed) assert.deepEqual(c.data, echoOf(c.tag, 64, 64));
+  assert.equal(r.relay.relayStats()[0]?.inFlight, 0);
+});
+
+test('quiesce: a chain the backend keeps past the wait is failed if older than one it returned, given back if newest', async () => {
+  const dev = new EchoBackend({ mode: 'manual' });
+  const r = await rig({ device: dev });
+  const g = r.guests[0] as Guest;
+  g.post('p', { wlen: 8 });
+  g.post('q', { wlen: 8 });
+  g.post('s', { wlen: 8 });
+  r.relay.kick(0);
+  await until(() => dev.held[0]?.length === 3, 'backend popped three');
+  const t0 = Date.now();
+  await r.relay.quiesce(0);
+  assert.ok(Date.now() - t0 >= 1500, 'waited for the backend');
+  // Nothing came back at all: the three are the newest posted, so all go back.
+  assert.equal(g.queue.nextAvail, 0);
+  assert.deepEqual(g.collect(), []);
+
+  // Again, with the middle one returned: p is older than q, so it fails (blk: IOERR); s goes back.
+  r.relay.stopQueue(0);
+  dev.held[0]!.length = 0;
+  r.relay.startQueue(g.dq);
+  await until(() => dev.held[0]?.length === 3 && r.relay.relayStats()[0]?.inFlight === 3, 'backend popped three again');
+  dev.complete(0, [1]);
+  await until(() => g.collect().length >= 0 && g.completed.length === 1, 'q completes');
+  await r.relay.quiesce(0);
+  g.collect();
+  assert.deepEqual(
+    g.completed.map((c) => [c.tag, c.len]),
+    [
+      ['q', 8],
+      ['p', 1],
+    ],
+  );
+  const p = g.completed[1] as Completion;
+  assert.equal(p.whole[7], BLK_S_IOERR, 'IOERR in the last writable byte');
+  assert.ok(p.whole.subarray(0, 7).every((b) => b === CANARY));
+  assert.equal(g.queue.nextAvail, 2, 's is given back');
+  assert.equal(g.stats.errors, 1);
+  assert.ok(r.log.has(/1 chain\(s\) the backend did not return completed with an error/));
+});
+
+// ---- backend down and back -----------------------------------------------------------
+
+test('backend down with chains in flight: held, nothing completes; on return its completions first, the rest posted again', async () => {
+  const old = new EchoBackend({ mode: 'manual' });
+  const r = await rig({ device: old });
+  const g = r.guests[0] as Guest;
+  for (const t of ['c0', 'c1', 'c2', 'c3']) g.post(t, { rlen: 100, wlen: 100 });
+  r.relay.kick(0);
+  await until(() => old.held[0]?.length === 4, 'old backend popped four');
+  r.link.muteInterrupts = true;
+  old.complete(0, [0, 1]);
+  r.link.goDown();
+  assert.equal(r.relay.state, 'down');
+
+  // A stray interrupt from the dead backend, and a new guest chain: nothing moves.
+  r.link.interruptNow(0);
+  g.post('c4', { rlen: 100, wlen: 100 });
+  r.relay.kick(0);
+  await settle();
+  assert.equal(g.driver.usedIdx(), 0, 'nothing completes while down');
+  assert.equal(g.queue.nextAvail, 4, 'c4 stays in the avail ring');
+  assert.equal(r.relay.relayStats()[0]?.inFlight, 4, 'held');
+
+  const fresh = new EchoBackend();
+  r.link.muteInterrupts = false;
+  r.link.comeBack(fresh);
+  await until(() => g.collect().length >= 0 && g.completed.length === 5, 'all five complete');
+  assert.deepEqual(
+    g.completed.map((c) => c.tag),
+    ['c0', 'c1', 'c2', 'c3', 'c4'],
+  );
+  for (const c of g.completed) {
+    assert.equal(c.len, 100);
+    assert.deepEqual(c.data, echoOf(c.tag, 100, 100));
+  }
+  assert.deepEqual(fresh.seen[0]?.map((t) => t.split(':')[0]), ['c2', 'c3', 'c4'], 'the new backend got only what the old one left');
+  assert.equal(r.relay.state, 'up');
+  await settle();
+  assert.deepEqual(g.collect(), [], 'no second completion');
+  assert.ok(r.log.has(/2 chain\(s\) posted again/));
+});
+
+test('backend down after completing everything it had: the completions reach the guest when one attaches', async () => {
+  const old = new EchoBackend({ mode: 'manual' });
+  const r = await rig({ device: old });
+  const g = r.guests[0] as Guest;
+  g.post('d0');
+  g.post('d1');
+  r.relay.kick(0);
+  await until(() => old.held[0]?.length === 2, 'old backend popped two');
+  r.link.muteInterrupts = true;
+  old.complete(0);
+  r.link.goDown();
+  r.link.muteInterrupts = false;
+  r.link.comeBack(new EchoBackend());
+  await until(() => g.collect().length >= 0 && g.completed.length === 2, 'd0 and d1 published to the guest');
+  assert.deepEqual(
+    g.completed.map((c) => c.tag),
+    ['d0', 'd1'],
+  );
+  assert.ok(g.interrupts >= 1, 'and the guest was interrupted');
+});
+
+// ---- hostile backend -------------------------------------------------------------------
+
+async function hostile(failMode: FailMode, deviceId?: number) {
+  const dev = new EchoBackend({ mode: 'manual', deviceId });
+  const r = await rig({ device: dev, failMode });
+  const g = r.guests[0] as Guest;
+  g.post('h0', { wlen: 8 });
+  r.relay.kick(0);
+  await until(() => dev.held[0]?.length === 1, 'backend popped h0');
+  return { dev, r, g };
+}
+
+/** After a failure: h0 completes once with IOERR in its last byte, the rest of its buffer untouched. */
+function assertIoErr(c: Completion | undefined, tag: string): void {
+  assert.ok(c !== undefined, `${tag} completed`);
+  assert.equal(c.tag, tag);
+  assert.equal(c.len, 1);
+  assert.equal(c.whole[c.whole.length - 1], BLK_S_IOERR);
+  assert.ok(c.whole.subarray(0, c.whole.length - 1).every((b) => b === CANARY), 'only the status byte written');
+}
+
+test('hostile backend: a used id never posted fails the link; blk chains complete with IOERR, and so do new ones', async () => {
+  const { r, g } = await hostile('sync');
+  r.link.writeUsedRaw(0, 5, 0);
+  r.link.interruptNow(0);
+  assert.equal(r.link.failures.length, 1);
+  assert.match(r.link.failures[0]?.message ?? '', /used id 5.*not an outstanding chain/);
+  assert.equal(r.relay.state, 'failed');
+  assertIoErr(g.collect()[0], 'h0');
+  assert.deepEqual(r.fatal, [], 'not the guest fault');
+
+  // The guest keeps going: each new request fails at once, none hangs.
+  for (let i = 1; i <= 3; i++) {
+    g.post(`h${i}`, { wlen: 4, indirect: i === 2 });
+    r.relay.kick(0);
+    const got = g.collect();
+    assert.equal(got.length, 1, `h${i} completed at once`);
+    assertIoErr(got[0], `h${i}`);
+  }
+  assert.equal(g.stats.errors, 4);
+  assert.equal(r.relay.relayStats()[0]?.inFlight, 0);
+});
+
+test('hostile backend: used len beyond the chain writable bytes fails the link; the chain completes once, with IOERR', async () => {
+  const { r, g } = await hostile('sync');
+  r.link.writeUsedRaw(0, 0, 9);
+  r.link.interruptNow(0);
+  assert.equal(r.link.failures.length, 1);
+  assert.match(r.link.failures[0]?.message ?? '', /used 9 bytes of chain 0, which has 8 writable/);
+  const got = g.collect();
+  assert.equal(got.length, 1);
+  assertIoErr(got[0], 'h0');
+  await settle();
+  assert.deepEqual(g.collect(), []);
+});
+
+test('hostile backend: used.idx jumping past the chains outstanding fails the link', async () => {
+  const { r, g } = await hostile('async');
+  r.link.setUsedIdxRaw(0, 3);
+  r.link.interruptNow(0);
+  assert.equal(r.link.failures.length, 1);
+  assert.match(r.link.failures[0]?.message ?? '', /3 used elements with 1 chains outstanding/);
+  await until(() => r.relay.state === 'failed', 'onFailed delivered');
+  assertIoErr(g.collect()[0], 'h0');
+});
+
+test('hostile backend, failure reported later: nothing completes until onFailed, then IOERR', async () => {
+  const { r, g } = await hostile('record');
+  r.link.writeUsedRaw(0, 0xffffffff, 0);
+  r.link.interruptNow(0);
+  assert.equal(r.link.failures.length, 1);
+  assert.deepEqual(g.collect(), []);
+  r.relay.onFailed(r.link.failures[0] as Error);
+  assert.equal(r.relay.state, 'failed');
+  assertIoErr(g.collect()[0], 'h0');
+});
+
+test('hostile backend on a net-type function: onFailed makes the relay raise onFatal', async () => {
+  const { r, g } = await hostile('sync', VIRTIO_ID_NET);
+  r.link.writeUsedRaw(0, 7, 0);
+  r.link.interruptNow(0);
+  assert.equal(r.link.failures.length, 1);
+  assert.equal(r.fatal.length, 1);
+  assert.match(r.fatal[0]?.message ?? '', /backend failed: .*used id 7/);
+  // The guest's device is NEEDS_RESET: the relay leaves its queue alone.
+  g.post('late');
+  r.relay.kick(0);
+  await settle();
+  assert.deepEqual(g.collect(), []);
+});
+
+test('after a failure a new backend takes over: blk requests work again', async () => {
+  const { r, g } = await hostile('sync');
+  r.link.writeUsedRaw(0, 3, 0);
+  r.link.interruptNow(0);
+  assertIoErr(g.collect()[0], 'h0');
+  r.link.comeBack(new EchoBackend());
+  await until(() => r.relay.state === 'up' && r.link.running(0), 'new backend');
+  g.post('ok', { rlen: 30, wlen: 30 });
+  r.relay.kick(0);
+  await until(() => g.collect().length >= 0 && g.completed.length === 2, 'ok completes');
+  assert.deepEqual(g.completed[1]?.data, echoOf('ok', 30, 30));
+});
+
+// ---- guest faults --------------------------------------------------------------------------
+
+test('a malformed guest chain is the guest fault: onFatal, the link is not failed', async () => {
+  const dev = new EchoBackend();
+  const r = await rig({ device: dev });
+  const g = r.guests[0] as Guest;
+  g.post('fine');
+  const [d] = g.driver.reserveDescs(1);
+  assert.ok(d !== undefined);
+  g.driver.writeDesc(d, { addr: 0x1000, len: 64, flags: 0, next: 0 });
+  g.driver.pushAvail(d);
+  r.relay.kick(0);
+  assert.equal(r.fatal.length, 1);
+  assert.match(r.fatal[0]?.message ?? '', /outside memory/);
+  await settle();
+  assert.deepEqual(r.link.failures, []);
+  assert.equal(r.relay.state, 'up');
+  // The device is NEEDS_RESET now: the relay leaves the guest's queue alone, even for the good chain before.
+  assert.deepEqual(g.collect(), []);
+  r.relay.kick(0);
+  assert.equal(r.fatal.length, 1, 'reported once');
+});
+
+test('a chain larger than the whole buffer pool is the guest fault, with a clear message', async () => {
+  const dev = new EchoBackend();
+  const r = await rig({ device: dev, bar2Size: 4096 + 16 * 512, slotSize: 512 });
+  const g = r.guests[0] as Guest;
+  g.post('huge', { rlen: 6000, wlen: 3000 });
+  r.relay.kick(0);
+  assert.equal(r.fatal.length, 1);
+  assert.match(r.fatal[0]?.message ?? '', /chain \d+ of 6000\+3000 bytes does not fit the 8192-byte shadow buffer pool/);
+  assert.deepEqual(r.link.failures, []);
+  assert.equal(r.relay.relayStats()[0]?.slotsInUse, 0);
+});
+
+test('a BAR2 too small for 16 slots per queue is refused at construction', () => {
+  const dev = new EchoBackend({ numQueues: 2 });
+  const link = new LoopbackLink({ bar2Size: 2 * (4096 + 15 * 2048), device: dev });
+  assert.throws(() => new RelayDevice(link, link.info, { name: 'tiny', queueSize: 32, logger: new RecordingLogger() }), /too small for 2 shadow queues/);
+});
+
+// ---- features ------------------------------------------------------------------------------------
+
+test('features: device-class bits + VERSION_1 + EVENT_IDX + INDIRECT, never PROTOCOL_FEATURES or RING_PACKED', async () => {
+  const deviceBits = bit(NET_F_CSUM) | bit(NET_F_MAC) | bit(23) | bit(50) | bit(63);
+  const transport =
+    bit(F_NOTIFY_ON_EMPTY) |
+    bit(F_ANY_LAYOUT) |
+    bit(F_RING_INDIRECT_DESC) |
+    bit(F_RING_EVENT_IDX) |
+    bit(PROTOCOL_FEATURES_BIT) |
+    bit(F_VERSION_1) |
+    bit(F_ACCESS_PLATFORM) |
+    bit(F_RING_PACKED) |
+    bit(F_IN_ORDER);
+  const dev = new EchoBackend({ deviceId: VIRTIO_ID_NET, features: deviceBits | transport });
+  const link = new LoopbackLink({ bar2Size: 256 * 1024, device: dev });
+  const relay = new RelayDevice(link, link.info, { name: 'feat', queueSize: 32, logger: new RecordingLogger() });
+  const f = relay.features();
+  assert.equal(f, deviceBits | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC));
+  assert.equal(f & bit(PROTOCOL_FEATURES_BIT), 0n);
+  assert.equal(f & bit(F_RING_PACKED), 0n);
+
+  // The driver takes a subset, and tries bits never offered: the backend gets device bits + VERSION_1/EVENT_IDX.
+  relay.setFeatures((f & ~bit(NET_F_CSUM)) | bit(PROTOCOL_FEATURES_BIT) | bit(F_RING_PACKED));
+  await until(() => link.lastFeatures !== null, 'SET_FEATURES');
+  assert.equal(link.lastFeatures, bit(NET_F_MAC) | bit(23) | bit(50) | bit(63) | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX));
+
+  // A backend without EVENT_IDX: the guest still gets it (the relay serves the guest's rings), the backend does not.
+  const plain = new EchoBackend({ features: bit(F_VERSION_1) | bit(5) });
+  const link2 = new LoopbackLink({ bar2Size: 256 * 1024, device: plain });
+  const relay2 = new RelayDevice(link2, link2.info, { name: 'feat2', queueSize: 32, logger: new RecordingLogger() });
+  assert.equal(relay2.features(), bit(5) | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC));
+  relay2.setFeatures(relay2.features());
+  await until(() => link2.lastFeatures !== null, 'SET_FEATURES');
+  assert.equal(link2.lastFeatures, bit(5) | bit(F_VERSION_1));
+});
+
+test('config reads come from the backend, writes go to it', async () => {
+  const dev = new EchoBackend();
+  const r = await rig({ device: dev });
+  assert.deepEqual(r.relay.readConfig(2, 3), Uint8Array.from([0xa2, 0xa3, 0xa4]));
+  r.relay.writeConfig(4, Uint8Array.from([1, 2]));
+  await until(() => dev.config[4] === 1 && dev.config[5] === 2, 'config write');
+  assert.equal(latin1(r.relay.readConfig(4, 2)), '\x01\x02');
+});
+
+test('reset drops the shadow state and resets the backend; the queue works again after a restart', async () => {
+  const dev = new EchoBackend();
+  const r = await rig({ device: dev });
+  const g = r.guests[0] as Guest;
+  r.link.hold = true;
+  g.post('gone');
+  r.relay.kick(0);
+  await settle();
+  assert.equal(r.relay.relayStats()[0]?.inFlight, 1);
+  r.relay.reset();
+  await until(() => r.link.calls.includes('reset'), 'RESET_DEVICE');
+  const s = r.relay.relayStats()[0];
+  assert.ok(s !== undefined);
+  assert.equal(s.inFlight, 0);
+  assert.equal(s.slotsInUse, 0);
+  assert.equal(s.shadow, 'idle');
+  assert.equal(dev.resets, 1);
+
+  // The guest starts over on fresh rings.
+  r.link.hold = false;
+  const g2 = new Guest(0);
+  r.relay.setFeatures(r.relay.features());
+  r.relay.startQueue(g2.dq);
+  g2.post('again', { rlen: 20, wlen: 20 });
+  r.relay.kick(0);
+  await until(() => g2.collect().length >= 0 && g2.completed.length === 1, 'again');
+  assert.deepEqual(g2.completed[0]?.data, echoOf('again', 20, 20));
+});
+
+test('a chain with nothing device-writable (net TX) completes for the guest once in the BAR; its slots wait for the backend', async () => {
+  const dev = new EchoBackend({ deviceId: VIRTIO_ID_NET, mode: 'manual' });
+  const r = await rig({ device: dev });
+  const g = r.guests[0] as Guest;
+  for (let i = 0; i < 3; i++) g.post(`tx${i}`, { rlen: 300, wlen: 0 });
+  r.relay.kick(0);
+  assert.deepEqual(
+    g.collect().map((c) => [c.tag, c.len]),
+    [
+      ['tx0', 0],
+      ['tx1', 0],
+      ['tx2', 0],
+    ],
+    'completed at once, before the backend ran them',
+  );
+  assert.equal(g.stats.descriptors, 3);
+  assert.equal(g.stats.bytes, 900);
+  let s = r.relay.relayStats()[0];
+  assert.equal(s?.inFlight, 3);
+  assert.equal(s?.slotsInUse, 3);
+  await until(() => dev.held[0]?.length === 3, 'backend popped the three');
+  assert.deepEqual(
+    dev.held[0]?.map((p) => p.data),
+    [0, 1, 2].map((i) => payload(`tx${i}`, 300)),
+    'the backend got the bytes',
+  );
+  dev.complete(0);
+  await until(() => r.relay.relayStats()[0]?.inFlight === 0, 'slots back');
+  s = r.relay.relayStats()[0];
+  assert.equal(s?.slotsInUse, 0);
+  assert.deepEqual(g.collect(), [], 'no second completion');
+
+  // The backend claiming to have written into a chain with no writable bytes is a violation.
+  g.post('tx3', { rlen: 10, wlen: 0 });
+  r.relay.kick(0);
+  assert.equal(g.collect().length, 1);
+  await until(() => dev.held[0]?.length === 1, 'backend popped tx3');
+  r.link.writeUsedRaw(0, dev.held[0]![0]!.chain.head, 1);
+  r.link.interruptNow(0);
+  assert.match(r.link.failures[0]?.message ?? '', /used 1 bytes of chain \d+, which has 0 writable/);
+  assert.equal(r.fatal.length, 1, 'net: NEEDS_RESET');
+});
