@@ -1,10 +1,13 @@
 /**
  * `make demo`: two small Linux guests (stock Debian cloud kernel, busybox
- * initramfs) on one switch plus a disk, all served by a real `vbridge serve`.
- * They ping each other, one writes a file to the disk and reads it back, and
- * the bridge's counters are printed. Ends by itself.
+ * initramfs) on one switch plus a disk, served by a real `vbridge serve`. The
+ * disk is the FPGA bridge at work: the bridge relays every request through the
+ * function's BAR to a separate `vbridge backend blk` process over the PCIe
+ * link. The guests ping each other, one writes a file to the disk and reads it
+ * back, and the bridge's counters (DMA and shadow rings included) are printed.
+ * Ends by itself.
  */
-import { spawn, execFileSync } from 'node:child_process';
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -13,13 +16,15 @@ import { startGuest } from '../test/support/qemu-guest';
 const CLI = path.resolve(__dirname, '..', 'src', 'control', 'cli.js');
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-demo-'));
 
-const TOPOLOGY = `# The demo's topology: two net functions on switch sw0 and a 64 MiB disk.
+const TOPOLOGY = `# The demo's topology: two net functions on switch sw0, and a disk whose device
+# runs in a backend process attached over the PCIe link (relay mode).
 control: ${dir}/control.sock
 functions:
   - { name: net0, type: net, socket: ${dir}/net0.sock, queues: 1, backend: { switch: sw0 } }
   - { name: net1, type: net, socket: ${dir}/net1.sock, backend: { switch: sw0 } }
-  - { name: blk0, type: blk, socket: ${dir}/blk0.sock, backend: { file: disk.img, size: 64M, readonly: false } }
+  - { name: blk0, type: blk, socket: ${dir}/blk0.sock, backend: { link: pcie, attach: ${dir}/blk0.bar, bar-size: 16M } }
 `;
+const BACKEND = ['backend', 'blk', '--attach', `${dir}/blk0.bar`, '--file', `${dir}/disk.img`, '--size', '64M'];
 
 const GUEST_A = `
 ip link set eth0 up && ip addr add 198.18.0.1/24 dev eth0
@@ -50,12 +55,22 @@ async function main(): Promise<void> {
   const serve = spawn(process.execPath, [CLI, 'serve', topo], { stdio: ['ignore', 'inherit', 'pipe'] });
   let serveLog = '';
   serve.stderr?.on('data', (b: Buffer) => (serveLog += b.toString()));
-  try {
+  let backend: ChildProcess | null = null;
+  let backendLog = '';
+  const waitFor = async (p: string, what: string): Promise<void> => {
     const deadline = Date.now() + 10_000;
-    while (!fs.existsSync(path.join(dir, 'control.sock'))) {
-      if (Date.now() > deadline || serve.exitCode !== null) throw new Error(`vbridge serve did not start:\n${serveLog}`);
+    while (!fs.existsSync(p)) {
+      if (Date.now() > deadline || serve.exitCode !== null) throw new Error(`${what}:\n${serveLog}\n${backendLog}`);
       await new Promise((r) => setTimeout(r, 100));
     }
+  };
+  try {
+    await waitFor(path.join(dir, 'control.sock'), 'vbridge serve did not start');
+    say(`the disk's backend, a separate process: vbridge ${BACKEND.join(' ')}`);
+    backend = spawn(process.execPath, [CLI, ...BACKEND], { stdio: ['ignore', 'pipe', 'pipe'] });
+    backend.stdout?.on('data', (b: Buffer) => (backendLog += b.toString()));
+    backend.stderr?.on('data', (b: Buffer) => (backendLog += b.toString()));
+    await waitFor(path.join(dir, 'blk0.sock'), 'the blk backend did not attach');
     say('booting two guests (TCG)');
     const a = await startGuest({ name: 'demo-a', script: GUEST_A, nets: [{ socket: `${dir}/net0.sock`, mac: '52:54:00:de:00:01' }], blks: [{ socket: `${dir}/blk0.sock` }], timeoutMs: 100_000 });
     const b = await startGuest({ name: 'demo-b', script: GUEST_B, nets: [{ socket: `${dir}/net1.sock`, mac: '52:54:00:de:00:02' }], timeoutMs: 100_000 });
@@ -73,13 +88,14 @@ async function main(): Promise<void> {
     const ok = ra.rc === 0 && rb.rc === 0 && written !== undefined && written === readBack && / 0% packet loss/.test(ra.output) && / 0% packet loss/.test(rb.output);
     say(ok ? 'demo OK: pings answered, file read back intact' : 'demo FAILED');
     if (!ok) {
-      process.stdout.write(`--- guest A console\n${ra.output}\n--- guest B console\n${rb.output}\n--- serve log\n${serveLog}\n`);
+      process.stdout.write(`--- guest A console\n${ra.output}\n--- guest B console\n${rb.output}\n--- serve log\n${serveLog}\n--- backend log\n${backendLog}\n`);
       process.exitCode = 1;
     }
   } finally {
-    if (serve.exitCode === null && serve.signalCode === null) {
-      const gone = new Promise((r) => serve.once('exit', r));
-      serve.kill('SIGTERM');
+    for (const child of [backend, serve]) {
+      if (child === null || child.exitCode !== null || child.signalCode !== null) continue;
+      const gone = new Promise((r) => child.once('exit', r));
+      child.kill('SIGTERM');
       await gone;
     }
     fs.rmSync(dir, { recursive: true, force: true });
