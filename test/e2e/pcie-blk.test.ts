@@ -93,6 +93,17 @@ test('guest blk over the PCIe link to a backend process: 32 MiB round trip, clea
         [],
         'the backend holds memory other than the BAR',
       );
+      // A second guest on the same function (a VM restarted): the relay and the backend reset and serve it.
+      const g2 = await startGuest({
+        name: 'pcie-blk-2',
+        script: 'echo AGAIN_MD5=$(dd if=/dev/vda bs=1M skip=64 count=32 iflag=direct 2>/dev/null | md5sum | cut -d" " -f1)\n',
+        memMiB: 256,
+        blks: [{ socket: fx.socket('blk0') }],
+        timeoutMs: 300_000,
+      });
+      const r2 = await g2.done;
+      assert.equal(r2.rc, 0, `second guest failed:\n${r2.output}`);
+      assert.equal(kv(r2.output).AGAIN_MD5, v.SRC_MD5, 'a second guest reads something else');
       const st = fx.fnStats('blk0');
       t.diagnostic(JSON.stringify({ backend: st.backend, relay: st.relay, queues: st.queues }));
       const q = st.relay?.[0];
