@@ -33,6 +33,8 @@ export interface RelayNetResult {
   dmaBytesPerPkt: number;
   /** Guest kicks + guest interrupts + backend kicks + backend interrupts, per packet. */
   notificationsPerPkt: number;
+  /** Times a guest chain found the shadow ring or the BAR's pool full, per packet. */
+  waitsPerPkt: number;
 }
 
 const CLI = path.resolve(__dirname, '..', 'src', 'control', 'cli.js');
@@ -163,13 +165,13 @@ async function relay(size: number, seconds: number, dir: string, anchorMpps: num
     }
     const tx = await startSender('vbb-vu-c', sock, size);
     try {
-      const q = async (): Promise<{ d: number; n: number; dma: number; t: number }> => {
+      const q = async (): Promise<{ d: number; n: number; dma: number; w: number; t: number }> => {
         const r = await fetchJson<StatsReport>(control, '/stats');
         const f = r.functions[0];
         const txq = f.queues.find((x) => x.index === 1);
         const sh = f.relay?.find((x) => x.index === 1);
         if (txq === undefined || sh === undefined) throw new Error('no TX queue stats');
-        return { d: txq.descriptors, n: txq.kicks + txq.interrupts + sh.backendKicks + sh.backendInterrupts, dma: sh.dma.toBarBytes, t: Date.now() };
+        return { d: txq.descriptors, n: txq.kicks + txq.interrupts + sh.backendKicks + sh.backendInterrupts, dma: sh.dma.toBarBytes, w: sh.waits, t: Date.now() };
       };
       const a = await q();
       await sleep(seconds * 1000);
@@ -182,6 +184,7 @@ async function relay(size: number, seconds: number, dir: string, anchorMpps: num
         ratio: mpps / anchorMpps,
         dmaBytesPerPkt: pkts > 0 ? (b.dma - a.dma) / pkts : 0,
         notificationsPerPkt: pkts > 0 ? (b.n - a.n) / pkts : 0,
+        waitsPerPkt: pkts > 0 ? (b.w - a.w) / pkts : 0,
       };
     } finally {
       await tx.quit();

@@ -25,11 +25,11 @@ async function main(): Promise<void> {
           `${String(r.size).padStart(5)}  ${r.anchorMpps.toFixed(2).padStart(10)}  ${r.oursMpps.toFixed(2).padStart(12)}  ${r.ratio.toFixed(2).padStart(5)}  ${r.kicksPerPkt.toFixed(4).padStart(9)}  ${r.interruptsPerPkt.toFixed(4).padStart(8)}\n`,
         );
       }
-      process.stdout.write('\nnet relay: testpmd -> bridge (relay) -> PCIe link -> backend process null sink (Mpps)\n size  dpdk-vhost  relay  ratio  DMA B/pkt  notifications/pkt\n');
+      process.stdout.write('\nnet relay: testpmd -> bridge (relay) -> PCIe link -> backend process null sink (Mpps)\n size  dpdk-vhost  relay  ratio  DMA B/pkt  notifications/pkt  waits/pkt\n');
       for (const r of net) {
         const x = r.relay;
         process.stdout.write(
-          `${String(r.size).padStart(5)}  ${r.anchorMpps.toFixed(2).padStart(10)}  ${x.mpps.toFixed(2).padStart(5)}  ${x.ratio.toFixed(2).padStart(5)}  ${x.dmaBytesPerPkt.toFixed(1).padStart(9)}  ${x.notificationsPerPkt.toFixed(4).padStart(17)}\n`,
+          `${String(r.size).padStart(5)}  ${r.anchorMpps.toFixed(2).padStart(10)}  ${x.mpps.toFixed(2).padStart(5)}  ${x.ratio.toFixed(2).padStart(5)}  ${x.dmaBytesPerPkt.toFixed(1).padStart(9)}  ${x.notificationsPerPkt.toFixed(4).padStart(17)}  ${x.waitsPerPkt.toFixed(4).padStart(9)}\n`,
         );
       }
     }
