@@ -13,7 +13,7 @@ import { withHeavyLock } from '../support/heavy-lock';
 import { kv, startGuest } from '../support/qemu-guest';
 import { createRawImage, md5OfRange, startStorageDaemon } from '../support/storage-daemon';
 import { startBridgeFixture } from '../support/bridge-fixture';
-import { waitForPath } from '../support/wait';
+import { waitFor, waitForPath } from '../support/wait';
 
 const MiB = 1024 * 1024;
 
@@ -88,3 +88,49 @@ for (const mode of ['relay', 'passthrough'] as const) {
     });
   });
 }
+
+const KILL_SCRIPT = `
+dd if=/dev/urandom of=/tmp/data bs=1M count=32 2>/dev/null
+echo SRC_MD5=$(md5sum < /tmp/data | cut -d' ' -f1)
+dd if=/tmp/data of=/dev/vda bs=64k oflag=direct 2>/tmp/dd.err && echo WRITE_OK=1
+echo DD_ERR="$(tr '\\n' ' ' < /tmp/dd.err)"
+echo READ_MD5=$(dd if=/dev/vda bs=1M count=32 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+`;
+
+test('relay to qemu-storage-daemon killed mid-write and started again: the bridge redials, re-posts what it held, nothing is lost', { timeout: 600_000 }, async (t) => {
+  await withHeavyLock(async () => {
+    let qsd: Awaited<ReturnType<typeof startStorageDaemon>> | null = null;
+    let image = '';
+    const fx = await startBridgeFixture(
+      { functions: [{ name: 'blk0', type: 'blk', socket: 'blk0.sock', backend: { link: 'vhost-user', socket: 'qsd.sock', 'bar-size': '32M' } }] },
+      (dir) => {
+        image = path.join(dir, 'disk.raw');
+      },
+    );
+    try {
+      await createRawImage(image, 64 * MiB);
+      const qsdSocket = path.join(fx.dir, 'qsd.sock');
+      qsd = await startStorageDaemon({ image, socket: qsdSocket });
+      await waitForPath(fx.socket('blk0'), 10_000);
+      const g = await startGuest({ name: 'qsd-kill', script: KILL_SCRIPT, memMiB: 256, blks: [{ socket: fx.socket('blk0') }], timeoutMs: 500_000 });
+      await waitFor('the guest writing', () => fx.queue('blk0', 0).descriptors > 150, 300_000, 5);
+      await qsd.kill('SIGKILL');
+      await waitFor('the bridge to see the daemon go', () => fx.fnStats('blk0').backend?.state === 'down', 5000);
+      const doneAtKill = fx.queue('blk0', 0).descriptors;
+      await new Promise((r) => setTimeout(r, 1000));
+      assert.equal(fx.queue('blk0', 0).descriptors, doneAtKill, 'requests completed while no daemon was there');
+      qsd = await startStorageDaemon({ image, socket: qsdSocket });
+      const r = await g.done;
+      const v = kv(r.output);
+      t.diagnostic(`killed after ${doneAtKill} requests; link ${JSON.stringify(fx.fnStats('blk0').backend)}`);
+      assert.equal(r.rc, 0, `guest failed:\n${r.output}\n${r.stderr}`);
+      assert.equal(v.WRITE_OK, '1', `dd failed: ${v.DD_ERR}`);
+      assert.equal(v.READ_MD5, v.SRC_MD5);
+      assert.equal(await md5OfRange(image, 0, 32 * MiB), v.SRC_MD5, 'a completed write is missing from the image');
+      assert.equal(fx.fnStats('blk0').backend?.attaches, 2);
+    } finally {
+      await fx.close();
+      await qsd?.stop();
+    }
+  });
+});
