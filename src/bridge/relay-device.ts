@@ -113,7 +113,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
 
   private info: BackendDeviceInfo;
   private readonly queues: RelayQueue[] = [];
-  private readonly dma: DmaEngine;
+  private dma: DmaEngine;
   private readonly log: Logger;
   private negotiated = 0n;
   private featuresSet = false;
@@ -300,6 +300,11 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
 
   onConfigChange(): void {
     this.notifyConfigChange?.();
+  }
+
+  onRemap(): void {
+    this.dma = new DmaEngine(this.link.bar2Bytes);
+    for (const rq of this.queues) rq.ring.rebind(this.link.bar2);
   }
 
   onUsed(q: number): void {

@@ -35,6 +35,12 @@ export interface ShadowLinkEvents {
   onUsed(q: number): void;
   /** The backend changed its device config space. */
   onConfigChange?(): void;
+  /**
+   * bar2 and bar2Bytes now name other memory with the same contents (the PCIe
+   * card moves to a fresh BAR when a backend leaves, so that one it cannot
+   * reach any more): drop every view of the old.
+   */
+  onRemap?(): void;
 }
 
 export interface ShadowLinkStats {
@@ -49,7 +55,7 @@ export interface ShadowLinkStats {
 }
 
 export interface ShadowLink {
-  /** BAR2, addressed from 0: where the relay lays out shadow rings and buffers. */
+  /** BAR2, addressed from 0: where the relay lays out shadow rings and buffers (may change: onRemap). */
   readonly bar2: MemoryAccess;
   readonly bar2Bytes: Uint8Array;
   readonly up: boolean;

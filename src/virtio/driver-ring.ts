@@ -50,11 +50,11 @@ function ringView(mem: MemoryAccess, addr: number, len: number): DataView {
 
 export class DriverRing {
   readonly size: number;
-  private readonly desc: DataView;
-  private readonly avail: DataView;
-  private readonly availIdx: Uint16Array;
-  private readonly used: DataView;
-  private readonly usedIdx: Uint16Array;
+  private desc!: DataView;
+  private avail!: DataView;
+  private availIdx!: Uint16Array;
+  private used!: DataView;
+  private usedIdx!: Uint16Array;
   /** Free descriptor stack. */
   private readonly free: Uint16Array;
   private freeTop = 0;
@@ -74,15 +74,21 @@ export class DriverRing {
     const n = layout.size;
     if (!Number.isInteger(n) || n < 1 || n > 32768 || (n & (n - 1)) !== 0) throw new RangeError(`ring size ${n} is not a power of two <= 32768`);
     this.size = n;
-    this.desc = ringView(mem, layout.descAddr, VRING_DESC_SIZE * n);
-    this.avail = ringView(mem, layout.availAddr, 6 + 2 * n);
-    this.used = ringView(mem, layout.usedAddr, 6 + VRING_USED_ELEM_SIZE * n);
-    this.availIdx = new Uint16Array(this.avail.buffer, this.avail.byteOffset + 2, 1);
-    this.usedIdx = new Uint16Array(this.used.buffer, this.used.byteOffset + 2, 1);
+    this.rebind(mem);
     this.free = new Uint16Array(n);
     this.chainLen = new Uint16Array(n);
     this.next = new Uint16Array(n);
     this.reset();
+  }
+
+  /** Use the rings at the same addresses in other memory holding the same bytes (a BAR moved); no state changes. */
+  rebind(mem: MemoryAccess): void {
+    const n = this.layout.size;
+    this.desc = ringView(mem, this.layout.descAddr, VRING_DESC_SIZE * n);
+    this.avail = ringView(mem, this.layout.availAddr, 6 + 2 * n);
+    this.used = ringView(mem, this.layout.usedAddr, 6 + VRING_USED_ELEM_SIZE * n);
+    this.availIdx = new Uint16Array(this.avail.buffer, this.avail.byteOffset + 2, 1);
+    this.usedIdx = new Uint16Array(this.used.buffer, this.used.byteOffset + 2, 1);
   }
 
   /** Zero the rings and forget every chain: a fresh queue. */

@@ -52,7 +52,8 @@ export class AttachPort {
 
   constructor(
     readonly socketPath: string,
-    private readonly resources: CardResources,
+    /** Asked at each plug-in: the card gives every backend a set of its own. */
+    private readonly resources: () => CardResources,
     private readonly events: AttachPortEvents,
     private readonly log: Logger,
     private readonly label: string,
@@ -145,11 +146,11 @@ export class AttachPort {
       this.refuse(p.fd, AttachStatus.VERSION);
       return;
     }
-    const rs = this.resources;
-    const reply = encodeAttachReply(AttachStatus.OK, rs.bar2Size);
-    const fds = [rs.barFd, ...rs.doorbells, ...rs.vectors];
     // The card readies itself before the backend can touch anything.
     this.events.onPlug();
+    const rs = this.resources();
+    const reply = encodeAttachReply(AttachStatus.OK, rs.bar2Size);
+    const fds = [rs.barFd, ...rs.doorbells, ...rs.vectors];
     let sent: number;
     try {
       a.setNonBlocking(p.fd, false);

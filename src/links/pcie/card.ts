@@ -54,6 +54,8 @@ export interface CardEvents {
   onUsed(q: number): void;
   /** The backend changed its config space. */
   onConfigChange?(): void;
+  /** BAR2 moved to fresh memory (after an unplug), same contents: views of the old one must be dropped. */
+  onRemap?(): void;
 }
 
 /** A mailbox reply with a non-zero status. */
@@ -78,16 +80,26 @@ interface PendingRequest {
 
 export const MAILBOX_TIMEOUT_MS = 5000;
 
+/**
+ * The card's side of one plugging: the BAR memfd with both BARs mapped, and the
+ * notifier eventfds. A backend that unplugs keeps whatever of these it did not
+ * close, so the card moves to a fresh set at once (a real card stops decoding
+ * the old host's accesses): nothing the old backend writes afterwards reaches
+ * the function.
+ */
+interface Plugging {
+  barFd: number;
+  bar0Bytes: Uint8Array;
+  bar0: DataView;
+  bar2Buffer: ArrayBuffer;
+  bar2: GuestMemory;
+  doorbells: number[];
+  vectors: number[];
+  pollers: Poller[];
+}
+
 export class PcieCard {
-  readonly bar0: DataView;
-  readonly bar0Bytes: Uint8Array;
-  /** BAR2 as the relay addresses it: offsets from 0. */
-  readonly bar2: GuestMemory;
-  readonly bar2Buffer: ArrayBuffer;
-  private readonly barFd: number;
-  private readonly doorbells: number[] = [];
-  private readonly vectors: number[] = [];
-  private readonly pollers: Poller[] = [];
+  private p: Plugging;
   private readonly port: AttachPort;
   private readonly queue: PendingRequest[] = [];
   private inFlight: PendingRequest | null = null;
@@ -113,35 +125,36 @@ export class PcieCard {
     if (!Number.isInteger(bar2Size) || bar2Size <= 0 || bar2Size % 4096 !== 0) {
       throw new RangeError(`${label}: BAR2 size ${bar2Size} is not a positive multiple of 4096`);
     }
-    const a = native();
-    this.barFd = a.memfd(`vbridge-${label}-bar`, BAR0_SIZE + bar2Size);
-    try {
-      this.bar0Bytes = new Uint8Array(a.mmap(this.barFd, BAR0_SIZE, 0));
-      this.bar0 = new DataView(this.bar0Bytes.buffer);
-      this.bar2Buffer = a.mmap(this.barFd, bar2Size, BAR2_OFFSET);
-      this.bar2 = GuestMemory.fromBuffer(0, this.bar2Buffer);
-      for (let i = 0; i < NUM_NOTIFIERS; i++) {
-        this.doorbells.push(a.eventfd(0));
-        this.vectors.push(a.eventfd(0));
-      }
-      this.resetBar0();
-      for (let i = 0; i < NUM_NOTIFIERS; i++) {
-        const fd = this.doorbells[i] as number;
-        const p = new a.Poller(fd, () => this.onDoorbell(i));
-        p.start(1);
-        this.pollers.push(p);
-      }
-    } catch (e) {
-      this.releaseFds();
-      throw e;
-    }
+    this.p = this.openPlugging();
+    this.resetBar0();
     this.port = new AttachPort(
       attachPath,
-      { barFd: this.barFd, bar2Size, doorbells: this.doorbells, vectors: this.vectors },
+      () => ({ barFd: this.p.barFd, bar2Size, doorbells: this.p.doorbells, vectors: this.p.vectors }),
       { onPlug: () => this.onPlug(), onUnplug: () => this.onUnplug() },
       log,
       label,
     );
+  }
+
+  get bar0(): DataView {
+    return this.p.bar0;
+  }
+
+  get bar0Bytes(): Uint8Array {
+    return this.p.bar0Bytes;
+  }
+
+  /** BAR2 as the relay addresses it: offsets from 0. A new object after each unplug (onRemap). */
+  get bar2(): GuestMemory {
+    return this.p.bar2;
+  }
+
+  get bar2Buffer(): ArrayBuffer {
+    return this.p.bar2Buffer;
+  }
+
+  bar2Bytes(): Uint8Array {
+    return new Uint8Array(this.p.bar2Buffer);
   }
 
   listen(): void {
@@ -177,7 +190,7 @@ export class PcieCard {
       this.counters.maskedVectors++;
       return;
     }
-    native().eventfdWrite(this.vectors[v] as number, 1);
+    native().eventfdWrite(this.p.vectors[v] as number, 1);
     this.counters.vectorsSent++;
   }
 
@@ -227,22 +240,63 @@ export class PcieCard {
     this.closed = true;
     this.port.close();
     this.failAll(new Error(`${this.label}: card closed`));
-    for (const p of this.pollers.splice(0)) p.close();
-    const a = native();
-    try {
-      a.unmap(this.bar0Bytes.buffer as ArrayBuffer);
-      a.unmap(this.bar2Buffer);
-    } catch {
-      // Unmapped already.
-    }
-    this.releaseFds();
+    this.closePlugging(this.p, true);
   }
 
   // ---- internals ----------------------------------------------------------------
 
-  private releaseFds(): void {
-    for (const fd of [...this.doorbells.splice(0), ...this.vectors.splice(0)]) closeQuietly(fd);
-    closeQuietly(this.barFd);
+  private openPlugging(): Plugging {
+    const a = native();
+    const barFd = a.memfd(`vbridge-${this.label}-bar`, BAR0_SIZE + this.bar2Size);
+    const p: Plugging = {
+      barFd,
+      bar0Bytes: new Uint8Array(0),
+      bar0: new DataView(new ArrayBuffer(0)),
+      bar2Buffer: new ArrayBuffer(0),
+      bar2: new GuestMemory(),
+      doorbells: [],
+      vectors: [],
+      pollers: [],
+    };
+    try {
+      p.bar0Bytes = new Uint8Array(a.mmap(barFd, BAR0_SIZE, 0));
+      p.bar0 = new DataView(p.bar0Bytes.buffer);
+      p.bar2Buffer = a.mmap(barFd, this.bar2Size, BAR2_OFFSET);
+      p.bar2 = GuestMemory.fromBuffer(0, p.bar2Buffer);
+      for (let i = 0; i < NUM_NOTIFIERS; i++) {
+        p.doorbells.push(a.eventfd(0));
+        p.vectors.push(a.eventfd(0));
+      }
+      for (let i = 0; i < NUM_NOTIFIERS; i++) {
+        const poller = new a.Poller(p.doorbells[i] as number, () => this.onDoorbell(p, i));
+        poller.start(1);
+        p.pollers.push(poller);
+      }
+    } catch (e) {
+      this.closePlugging(p, true);
+      throw e;
+    }
+    return p;
+  }
+
+  /**
+   * Close our fds of a plugging. The mappings are unmapped now only when
+   * asked: after an unplug the relay may still hold views of the old BAR2
+   * until it has moved to the new one, and GC unmaps them then.
+   */
+  private closePlugging(p: Plugging, unmap: boolean): void {
+    for (const poller of p.pollers.splice(0)) poller.close();
+    for (const fd of [...p.doorbells.splice(0), ...p.vectors.splice(0)]) closeQuietly(fd);
+    closeQuietly(p.barFd);
+    if (!unmap) return;
+    const a = native();
+    for (const b of [p.bar0Bytes.buffer as ArrayBuffer, p.bar2Buffer]) {
+      try {
+        if (b.byteLength > 0) a.unmap(b);
+      } catch {
+        // Not from mmap (a failed open) or unmapped already.
+      }
+    }
   }
 
   /** Identity registers, everything else zero: what a freshly plugged card shows. */
@@ -264,13 +318,30 @@ export class PcieCard {
   private onPlug(): void {
     this.ready = false;
     this.failed = false;
-    // Reset here, not at unplug: the config stays readable while no backend is there,
-    // and whatever an unplugged backend scribbled is gone before the next one looks.
     this.resetBar0();
-    const a = native();
-    // Stale notifications from the previous backend mean nothing to this one.
-    for (const fd of [...this.doorbells, ...this.vectors]) a.eventfdRead(fd);
     this.bar0.setUint32(Csr.CARD_STATUS, CARD_LINK_UP, true);
+  }
+
+  /**
+   * The backend is gone: move to a fresh memfd and eventfds, BAR2 copied
+   * over (it holds the shadow rings and the buffers of chains the function
+   * keeps for the next backend). BAR0 keeps its values until the next plug,
+   * so the old backend's view of CARD_STATUS (FAILED) is what it was.
+   */
+  private remap(): void {
+    const old = this.p;
+    let next: Plugging;
+    try {
+      next = this.openPlugging();
+    } catch (e) {
+      this.log.error(`${this.label}: cannot set up a fresh BAR after the unplug (${asError(e, 'memfd').message}); the old one stays`);
+      return;
+    }
+    new Uint8Array(next.bar2Buffer).set(new Uint8Array(old.bar2Buffer));
+    next.bar0Bytes.set(old.bar0Bytes);
+    this.p = next;
+    this.closePlugging(old, false);
+    this.events.onRemap?.();
   }
 
   private onUnplug(): void {
@@ -278,12 +349,14 @@ export class PcieCard {
     this.ready = false;
     this.failAll(new Error(`${this.label}: the backend unplugged`));
     this.bar0.setUint32(Csr.CARD_STATUS, this.bar0.getUint32(Csr.CARD_STATUS, true) & ~CARD_LINK_UP, true);
+    this.remap();
     if (wasUp) this.events.onDown();
   }
 
-  private onDoorbell(i: number): void {
+  private onDoorbell(p: Plugging, i: number): void {
+    if (p !== this.p) return;
     const a = native();
-    if (a.eventfdRead(this.doorbells[i] as number) === 0) return;
+    if (a.eventfdRead(p.doorbells[i] as number) === 0) return;
     this.counters.doorbellsSeen++;
     if (!this.port.plugged || this.failed) return;
     this.bar0.setUint32(Csr.DOORBELL + 4 * i, (this.bar0.getUint32(Csr.DOORBELL + 4 * i, true) + 1) >>> 0, true);

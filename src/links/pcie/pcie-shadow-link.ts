@@ -12,7 +12,7 @@ import { Mbox } from './mailbox';
 
 export class PcieShadowLink implements ShadowLink {
   events: ShadowLinkEvents | null = null;
-  readonly bar2Bytes: Uint8Array;
+  private bytes: Uint8Array;
   private readonly card: PcieCard;
   private linkState: 'down' | 'up' | 'failed' = 'down';
   private attaches = 0;
@@ -42,11 +42,19 @@ export class PcieShadowLink implements ShadowLink {
         },
         onUsed: (q) => this.events?.onUsed(q),
         onConfigChange: () => this.events?.onConfigChange?.(),
+        onRemap: () => {
+          this.bytes = new Uint8Array(this.card.bar2Buffer);
+          this.events?.onRemap?.();
+        },
       },
       log,
       label,
     );
-    this.bar2Bytes = new Uint8Array(this.card.bar2Buffer);
+    this.bytes = new Uint8Array(this.card.bar2Buffer);
+  }
+
+  get bar2Bytes(): Uint8Array {
+    return this.bytes;
   }
 
   get bar2(): MemoryAccess {
