@@ -433,8 +433,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     let n = 0;
     try {
       for (;;) {
-        for (let u = rq.ring.takeUsed(); u !== null; u = rq.ring.takeUsed()) {
-          this.finish(rq, g, u.id, u.len);
+        for (let id = rq.ring.takeUsedId(); id >= 0; id = rq.ring.takeUsedId()) {
+          this.finish(rq, g, id, rq.ring.lastUsedLen);
           n++;
         }
         if (!rq.ring.enableInterrupts()) break;

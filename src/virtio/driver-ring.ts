@@ -65,6 +65,7 @@ export class DriverRing {
   private lastUsed = 0;
   private lastKick = 0;
   private outstanding = 0;
+  private usedLen = 0;
 
   constructor(
     mem: MemoryAccess,
@@ -209,8 +210,14 @@ export class DriverRing {
    * side's records, so a device cannot complete what was never posted, or twice.
    */
   takeUsed(): { id: number; len: number } | null {
+    const id = this.takeUsedId();
+    return id < 0 ? null : { id, len: this.usedLen };
+  }
+
+  /** takeUsed() without an object per element (the relay's hot path): the id, or -1; the length is in lastUsedLen. */
+  takeUsedId(): number {
     const pending = this.usedPending();
-    if (pending === 0) return null;
+    if (pending === 0) return -1;
     if (pending > this.outstanding) throw new DriverRingError(`device published ${pending} used elements with ${this.outstanding} chains outstanding`);
     const o = 4 + VRING_USED_ELEM_SIZE * (this.lastUsed & (this.size - 1));
     const id = this.used.getUint32(o, true);
@@ -225,7 +232,13 @@ export class DriverRing {
       d = this.next[d] as number;
     }
     this.outstanding--;
-    return { id, len };
+    this.usedLen = len;
+    return id;
+  }
+
+  /** The length of the element takeUsedId() returned last. */
+  get lastUsedLen(): number {
+    return this.usedLen;
   }
 
   /**
