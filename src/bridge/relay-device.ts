@@ -447,7 +447,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   }
 
   private finish(rq: RelayQueue, g: DeviceQueue, id: number, len: number): void {
-    const f = rq.inflight[id] as InFlight;
+    const f = rq.inflight[id];
+    if (f === undefined) throw new Error(`queue ${rq.index}: backend returned chain ${id}, which the relay does not hold`);
     const w = f.chain.writableLen;
     if (len > w) throw new Error(`queue ${rq.index}: backend used ${len} bytes of chain ${id}, which has ${w} writable`);
     rq.inflight[id] = undefined;
@@ -464,6 +465,9 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
    * After the backend stopped (or vanished): chains it never consumed go back
    * to the guest's avail ring when they are the last ones taken from it (they
    * run again on restart); any other chain still out completes with an error.
+   * Chains already done for the guest (sent TX) stay held with their BAR
+   * slots and are posted again when the ring restarts: the guest counts them
+   * sent, so they must not be lost.
    */
   private giveBack(rq: RelayQueue, g: DeviceQueue): void {
     const left = this.inflightInOrder(rq);
@@ -478,15 +482,25 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     let failed = 0;
     for (let i = 0; i < left.length - suffix; i++) {
       const f = left[i] as InFlight;
-      // Chains already done for the guest (sent TX) are simply dropped with the ring.
       if (f.done) continue;
       this.failChain(g, f.chain);
       failed++;
     }
     if (back > 0) g.queue.nextAvail = (g.queue.nextAvail - back) & 0xffff;
     if (failed > 0) this.log.warn(`${this.name}: queue ${rq.index}: ${failed} chain(s) the backend did not return completed with an error`);
-    this.dropInflight(rq);
     rq.pending = null;
+    const kept = left.filter((f) => f.done);
+    this.dropInflight(rq);
+    if (kept.length === 0) return;
+    // The ring is programmed again from scratch at restart (bringUp), which posts these first.
+    for (const f of kept) {
+      const n = Math.max(1, rq.pool.slotsFor(f.chain.readableLen) + rq.pool.slotsFor(f.chain.writableLen));
+      rq.pool.reserve(f.off, n);
+      f.pos = rq.ring.nextAvailIdx;
+      rq.inflight[rq.ring.addPair(f.off, f.chain.readableLen, f.wOff, f.chain.writableLen)] = f;
+      rq.count++;
+    }
+    rq.shadow = 'stopped';
   }
 
   private inflightInOrder(rq: RelayQueue): InFlight[] {

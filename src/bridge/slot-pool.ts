@@ -67,6 +67,16 @@ export class SlotPool {
     return -1;
   }
 
+  /** Mark a run taken again at the same place (after clear(), for chains kept across a ring restart). */
+  reserve(offset: number, n: number): void {
+    const s = (offset - this.base) / this.slotSize;
+    if (!Number.isInteger(s) || s < 0 || n < 1 || s + n > this.slots) throw new RangeError(`reserve of ${n} slot(s) at 0x${offset.toString(16)}: outside the pool`);
+    for (let i = s; i < s + n; i++) if (this.used[i] !== 0) throw new RangeError(`reserve at 0x${offset.toString(16)}: slot ${i} is taken`);
+    this.used.fill(1, s, s + n);
+    this.runAt[s] = n;
+    this.inUse += n;
+  }
+
   free(offset: number): void {
     const s = (offset - this.base) / this.slotSize;
     const n = Number.isInteger(s) && s >= 0 && s < this.slots ? (this.runAt[s] as number) : 0;

@@ -793,3 +793,37 @@ test('a chain with nothing device-writable (net TX) completes for the guest once
   assert.match(r.link.failures[0]?.message ?? '', /used 1 bytes of chain \d+, which has 0 writable/);
   assert.equal(r.fatal.length, 1, 'net: NEEDS_RESET');
 });
+
+test('quiesce keeps TX chains the guest already counts sent; the backend gets them after the restart, once', async () => {
+  const dev = new EchoBackend();
+  const r = await rig({ device: dev });
+  const g = r.guests[0] as Guest;
+  r.link.hold = true;
+  g.post('t1', { wlen: 0, wsegs: [] });
+  g.post('t2', { wlen: 0, wsegs: [] });
+  r.relay.kick(0);
+  await settle();
+  // Nothing device-writable: done for the guest once copied, though the backend has not seen them.
+  assert.deepEqual(
+    g.collect().map((c) => c.tag),
+    ['t1', 't2'],
+  );
+  assert.equal(r.relay.relayStats()[0]?.inFlight, 2);
+
+  await r.relay.quiesce(0);
+  r.relay.stopQueue(0);
+  const st = r.relay.relayStats()[0];
+  assert.equal(st?.inFlight, 2, 'held across the stop');
+  assert.equal(st?.shadow, 'stopped');
+  assert.equal(g.queue.nextAvail, 2, 'not handed back: the guest has them as completed');
+
+  r.link.hold = false;
+  r.relay.startQueue(g.dq);
+  await until(() => (dev.seen[0] ?? []).length === 2, 'the backend to get t1 and t2');
+  assert.deepEqual(dev.seen[0]?.map((t) => t.split(':')[0]), ['t1', 't2']);
+  await settle();
+  assert.equal(r.relay.relayStats()[0]?.inFlight, 0);
+  assert.equal(r.relay.relayStats()[0]?.slotsInUse, 0);
+  assert.deepEqual(g.collect(), [], 'no second completion reaches the guest');
+  assert.deepEqual(r.fatal, []);
+});
