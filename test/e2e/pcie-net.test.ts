@@ -1,6 +1,7 @@
 /**
  * Two guests whose net functions are relayed over the PCIe link to ONE backend
- * process that hosts both devices and the switch joining them: every frame
+ * process that hosts both devices (two queue pairs each; guest A uses both)
+ * and the switch joining them: every frame
  * crosses guest memory -> BAR -> backend switch -> the other function's BAR ->
  * the other guest's memory.
  */
@@ -24,10 +25,11 @@ test('two guests bridged to one backend process hosting their switch: pings 56/1
     });
     let backend: BackendProcess | null = null;
     try {
-      backend = await startBackendProcess(['backend', 'net', '--attach', path.join(fx.dir, 'net0.bar'), '--attach', path.join(fx.dir, 'net1.bar'), '--switch', 'sw0'], 2);
+      // Two queue pairs per device: guest A uses both (2 vCPUs), guest B one.
+      backend = await startBackendProcess(['backend', 'net', '--attach', path.join(fx.dir, 'net0.bar'), '--attach', path.join(fx.dir, 'net1.bar'), '--switch', 'sw0', '--queues', '2'], 2);
       await waitForPath(fx.socket('net0'), 10_000);
       await waitForPath(fx.socket('net1'), 10_000);
-      const a = await startGuest({ name: 'pcie-net-a', script: scriptA(false), memMiB: 256, nets: [{ socket: fx.socket('net0'), mac: '52:54:00:00:01:0a' }], timeoutMs: 240_000 });
+      const a = await startGuest({ name: 'pcie-net-a', script: scriptA(true), cpus: 2, memMiB: 256, nets: [{ socket: fx.socket('net0'), mac: '52:54:00:00:01:0a', queues: 2 }], timeoutMs: 240_000 });
       const b = await startGuest({ name: 'pcie-net-b', script: SCRIPT_B, memMiB: 256, nets: [{ socket: fx.socket('net1'), mac: '52:54:00:00:01:0b' }], timeoutMs: 240_000 });
       const [ra, rb] = await Promise.all([a.done, b.done]);
       const va = kv(ra.output);
@@ -42,6 +44,9 @@ test('two guests bridged to one backend process hosting their switch: pings 56/1
       assert.match(va.BLOB_MD5, /^[0-9a-f]{32}$/);
       assert.equal(vb.GOT_MD5, va.BLOB_MD5);
       assert.equal(va.A_DONE, '1');
+      assert.equal(va.QUEUES, '2', 'guest A sees the backend device\'s 2 queue pairs');
+      // Both of A's TX queues carried frames through their own shadow rings.
+      for (const q of [1, 3]) assert.ok((fx.fnStats('net0').relay?.[q]?.dma.toBarOps ?? 0) > 0, `net0 TX queue ${q} unused`);
       for (const name of ['net0', 'net1']) {
         const st = fx.fnStats(name);
         t.diagnostic(`${name}: ${JSON.stringify({ backend: st.backend, relay: st.relay?.slice(0, 2) })}`);
