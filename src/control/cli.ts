@@ -35,7 +35,9 @@ async function main(argv: string[]): Promise<number> {
       if (args.length !== 1) throw new UsageError('validate needs exactly one TOPOLOGY.yaml');
       const t = loadTopology(args[0]);
       for (const f of t.functions) {
-        process.stdout.write(`${f.name}: ${f.type} on ${f.socket}, ${f.queues} queue(s), backend ${JSON.stringify(f.backend)}\n`);
+        const linked = f.backend.kind === 'pcie' || f.backend.kind === 'vhost-user';
+        const queues = linked ? 'queues from the backend' : `${f.queues} queue(s)`;
+        process.stdout.write(`${f.name}: ${f.type} on ${f.socket}, ${queues}, backend ${JSON.stringify(f.backend)}\n`);
       }
       process.stdout.write(`control socket: ${t.control}\n`);
       return 0;
