@@ -61,6 +61,8 @@ export function formatStats(r: StatsReport): string {
     for (const row of rows) out.push('  ' + row.map((c, i) => c.padStart(widths[i])).join('  '));
     for (const q of f.relay ?? []) {
       const d = q.dma;
+      // A backend may offer more queues than the driver uses: leave out the ones that never ran.
+      if (q.shadow === 'idle' && d.toBarOps === 0 && d.toGuestOps === 0 && q.backendKicks === 0 && q.inFlight === 0) continue;
       out.push(
         `  shadow ${q.index} (${q.shadow}): ${q.inFlight}/${q.ringSize} in flight, ${q.slotsInUse}/${q.slots} slots; ` +
           `DMA to BAR ${d.toBarOps} ops ${d.toBarBytes} B, to guest ${d.toGuestOps} ops ${d.toGuestBytes} B; ` +

@@ -36,7 +36,10 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
       },
     ],
   };
+  const unused = { ...r.functions[1]!.relay![0]!, index: 1, shadow: 'idle', dma: { toBarOps: 0, toBarBytes: 0, toGuestOps: 0, toGuestBytes: 0 }, backendKicks: 0, backendInterrupts: 0, inFlight: 0, slotsInUse: 0 };
+  r.functions[1]!.relay!.push(unused);
   const text = formatStats(r);
+  assert.doesNotMatch(text, /shadow 1/, 'a shadow queue that never ran is left out');
   assert.match(text, /^local0 \(blk, local\) \/s\/l connected status=0xf$/m);
   assert.match(text, /^relay0 \(blk, pcie relay\) \/s\/r NEEDS_RESET status=0x0$/m);
   assert.match(text, /backend pcie \/s\/r\.bar: failed, 2 attach\(es\), 17 control message\(s\)/);
