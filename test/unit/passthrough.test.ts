@@ -19,6 +19,7 @@ import { encodeHeader } from '../../src/vhost-user/messages';
 import { FrontendReq, HEADER_SIZE, VERSION, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
 import { VhostUserServer } from '../../src/vhost-user/server';
 import { bringUp, CaptureLogger, Guest, GUEST_BASE, GUEST_SIZE, openFds, tmpSocket, USER_BASE, waitFor } from './vhost-user-harness';
+import { blkHeader } from '../support/blk-requests';
 
 const DISK = 1 << 20;
 
@@ -62,13 +63,6 @@ function rig(name: string, opts: { noBackend?: boolean } = {}): Rig {
   };
 }
 
-function blkHeader(type: number, sector: number): Uint8Array {
-  const h = new Uint8Array(16);
-  const dv = new DataView(h.buffer);
-  dv.setUint32(0, type, true);
-  dv.setUint32(8, sector, true);
-  return h;
-}
 
 /** Post one blk request on queue 0, kick, wait for it; returns the status byte and the data read (for IN). */
 async function blkRequest(g: Guest, type: number, sector: number, data: Uint8Array | number): Promise<{ status: number; data: Uint8Array }> {

@@ -30,6 +30,7 @@ import {
 } from '../../src/virtio/constants';
 import { MockDriver, type SegmentSpec } from '../../src/virtio/mock-driver';
 import { CaptureLogger, EchoDevice, openFds, tmpSocket, waitFor } from './vhost-user-harness';
+import { blkHeader, tempDisk } from '../support/blk-requests';
 
 const BAR2_SIZE = 1 << 20;
 /** Per queue: rings at q * RING_STRIDE, a heap after all the rings. */
@@ -113,20 +114,7 @@ async function startQueue(r: Rig, q: number, opts: { eventIdx?: boolean; size?: 
   return driver;
 }
 
-function tempDisk(bytes = 1 << 20): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pcie-blk-'));
-  const file = path.join(dir, 'disk.img');
-  fs.writeFileSync(file, new Uint8Array(bytes));
-  return file;
-}
 
-function blkHeader(type: number, sector: number): Uint8Array {
-  const h = new Uint8Array(16);
-  const dv = new DataView(h.buffer);
-  dv.setUint32(0, type, true);
-  dv.setUint32(8, sector, true);
-  return h;
-}
 
 function pattern(n: number, seed: number): Uint8Array {
   const b = new Uint8Array(n);
@@ -157,7 +145,7 @@ async function blkRequest(r: Rig, d: MockDriver, type: number, sector: number, o
 const BLK_FEATURES = bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC);
 
 test('blk behind the PCIe link: device block, write then read round trip through BAR2 shadow rings', async () => {
-  const file = tempDisk();
+  const file = tempDisk(1 << 20, 'pcie-blk-');
   const dev = new BlkDevice({ name: 'pblk', file, queueSize: 256 });
   const r = await plug('pblk', dev);
   try {
@@ -311,7 +299,7 @@ test('bad requests get status codes and the link keeps working: ENOTSUP, EINVAL,
 });
 
 test('a shadow descriptor outside BAR2 marks the device NEEDS_RESET; the card fails the function and unplugs the backend', async () => {
-  const file = tempDisk();
+  const file = tempDisk(1 << 20, 'pcie-blk-');
   const dev = new BlkDevice({ name: 'pfault', file, queueSize: 256 });
   const r = await plug('pfault', dev);
   try {
@@ -340,7 +328,7 @@ test('a shadow descriptor outside BAR2 marks the device NEEDS_RESET; the card fa
 });
 
 test('GET_VRING_BASE stops where the ring is; a restart from that base continues (kicks while stopped are not lost)', async () => {
-  const file = tempDisk();
+  const file = tempDisk(1 << 20, 'pcie-blk-');
   const dev = new BlkDevice({ name: 'pbase', file, queueSize: 256 });
   const r = await plug('pbase', dev);
   try {

@@ -6,8 +6,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
 import { RelayDevice } from '../../src/bridge/relay-device';
 import type { BackendDeviceInfo } from '../../src/bridge/shadow-link';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
@@ -35,6 +33,7 @@ import {
 import { MockDriver, type PostedSegment, type SegmentSpec } from '../../src/virtio/mock-driver';
 import type { SplitQueue } from '../../src/virtio/split-queue';
 import { ECHO_BACKEND_FEATURES, EchoBackend, type FailMode, latin1, LoopbackLink, RecordingLogger, settle, text, until } from '../support/loopback-link';
+import { blkHeader, tempDisk } from '../support/blk-requests';
 
 const PROTOCOL_FEATURES_BIT = 30;
 const CANARY = 0xee;
@@ -176,20 +175,7 @@ async function rig(o: RigOptions): Promise<Rig> {
   return { link, relay, log, fatal, guests };
 }
 
-function tempDisk(size: number): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'relay-blk-'));
-  const file = path.join(dir, 'disk.img');
-  fs.writeFileSync(file, new Uint8Array(size));
-  return file;
-}
 
-function blkHeader(type: number, sector: number): Uint8Array {
-  const h = new Uint8Array(16);
-  const dv = new DataView(h.buffer);
-  dv.setUint32(0, type, true);
-  dv.setUint32(8, sector, true);
-  return h;
-}
 
 function pattern(n: number, seed: number): Uint8Array {
   const b = new Uint8Array(n);
@@ -204,7 +190,7 @@ function pattern(n: number, seed: number): Uint8Array {
 // ---- data path ----------------------------------------------------------------------
 
 test('blk write then read through the relay: file, guest buffers, status, DMA counters and per-queue stats', async () => {
-  const file = tempDisk(1 << 20);
+  const file = tempDisk(1 << 20, 'relay-blk-');
   const blk = new BlkDevice({ name: 'relay-blk', file, numQueues: 2, queueSize: 64 });
   try {
     const r = await rig({ device: blk, bar2Size: 512 * 1024 });
