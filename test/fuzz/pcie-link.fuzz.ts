@@ -638,25 +638,7 @@ class World {
       this.availSeen = (this.availSeen + 1) & 0xffff;
       if (head >= a.size) violation(`the relay posted head ${head} in a ring of ${a.size}`);
       if (this.out.has(head)) violation(`the relay posted head ${head} while it was outstanding`);
-      const d0 = a.desc + VRING_DESC_SIZE * head;
-      const f0 = this.u16(d0 + 12);
-      let off = 0;
-      let r = 0;
-      let wOff = 0;
-      let w = 0;
-      if ((f0 & VRING_DESC_F_WRITE) !== 0) {
-        wOff = this.u32(d0);
-        w = this.u32(d0 + 8);
-      } else {
-        off = this.u32(d0);
-        r = this.u32(d0 + 8);
-        if ((f0 & VRING_DESC_F_NEXT) !== 0) {
-          const d1 = a.desc + VRING_DESC_SIZE * this.u16(d0 + 14);
-          if ((this.u16(d1 + 12) & (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT)) !== VRING_DESC_F_WRITE) violation('second shadow descriptor is not a lone WRITE one');
-          wOff = this.u32(d1);
-          w = this.u32(d1 + 8);
-        }
-      }
+      const { off, r, wOff, w } = this.shadowChain(a, head);
       if (r < 4) violation(`shadow chain ${head} has ${r} readable bytes; every guest chain has at least 4`);
       const serial = this.u32(off);
       const next = this.chains.find((c) => c.state === 'queued' && c.poison === undefined);
@@ -682,30 +664,28 @@ class World {
     }
   }
 
+  /** The relay's shadow chain at head: readable run then writable run, at most one descriptor each. */
+  private shadowChain(a: ShadowRingAddr, head: number): { off: number; r: number; wOff: number; w: number } {
+    const d0 = a.desc + VRING_DESC_SIZE * head;
+    const f0 = this.u16(d0 + 12);
+    if ((f0 & VRING_DESC_F_WRITE) !== 0) return { off: 0, r: 0, wOff: this.u32(d0), w: this.u32(d0 + 8) };
+    const c = { off: this.u32(d0), r: this.u32(d0 + 8), wOff: 0, w: 0 };
+    if ((f0 & VRING_DESC_F_NEXT) !== 0) {
+      const d1 = a.desc + VRING_DESC_SIZE * this.u16(d0 + 14);
+      if ((this.u16(d1 + 12) & (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT)) !== VRING_DESC_F_WRITE) violation('second shadow descriptor is not a lone WRITE one');
+      c.wOff = this.u32(d1);
+      c.w = this.u32(d1 + 8);
+    }
+    return c;
+  }
+
   /** The next avail entry must be the oldest held chain, posted again with the same buffers. */
   private syncRepost(a: ShadowRingAddr): void {
     const head = this.u16(a.avail + 4 + 2 * (this.availSeen & (a.size - 1)));
     this.availSeen = (this.availSeen + 1) & 0xffff;
     const want = this.reposts.shift() as Shadow;
     if (head >= a.size || this.out.has(head)) violation(`re-posted head ${head} is out of range or outstanding`);
-    const d0 = a.desc + VRING_DESC_SIZE * head;
-    const f0 = this.u16(d0 + 12);
-    let off = 0;
-    let r = 0;
-    let wOff = 0;
-    let w = 0;
-    if ((f0 & VRING_DESC_F_WRITE) !== 0) {
-      wOff = this.u32(d0);
-      w = this.u32(d0 + 8);
-    } else {
-      off = this.u32(d0);
-      r = this.u32(d0 + 8);
-      if ((f0 & VRING_DESC_F_NEXT) !== 0) {
-        const d1 = a.desc + VRING_DESC_SIZE * this.u16(d0 + 14);
-        wOff = this.u32(d1);
-        w = this.u32(d1 + 8);
-      }
-    }
+    const { off, r, wOff, w } = this.shadowChain(a, head);
     const same = r === want.r && w === want.w && (r === 0 || off === want.off) && (w === 0 || wOff === want.wOff);
     if (!same) violation(`re-posted chain ${off}+${r} / ${wOff}+${w} is not the oldest held one (serial ${want.serial}: ${want.off}+${want.r} / ${want.wOff}+${want.w})`);
     this.out.set(head, { ...want, seq: this.postSeq++ });
