@@ -29,16 +29,12 @@ export interface RelayFunctionStats {
 export class RelayFunction {
   private relayDevice: RelayDevice | null = null;
   private server: VhostUserServer | null = null;
-  private readonly ready: Promise<void>;
-  private resolveReady: () => void = () => {};
 
   constructor(
     readonly spec: RelayFunctionSpec,
     readonly link: ShadowLink,
     private readonly log: Logger,
-  ) {
-    this.ready = new Promise((r) => (this.resolveReady = r));
-  }
+  ) {}
 
   /** Open the link; the frontend socket follows when a backend is up. */
   start(): void {
@@ -51,17 +47,8 @@ export class RelayFunction {
     this.link.open();
   }
 
-  /** Resolves when the frontend port listens. */
-  whenServing(): Promise<void> {
-    return this.ready;
-  }
-
   get device(): RelayDevice | null {
     return this.relayDevice;
-  }
-
-  get frontend(): VhostUserServer | null {
-    return this.server;
   }
 
   stats(): RelayFunctionStats {
@@ -93,6 +80,5 @@ export class RelayFunction {
       server.session?.notifyConfigChange();
     };
     this.server.listen();
-    this.resolveReady();
   }
 }
