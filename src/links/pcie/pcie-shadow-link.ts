@@ -65,10 +65,6 @@ export class PcieShadowLink implements ShadowLink {
     return this.card.up;
   }
 
-  get deviceInfo(): PcieCard['deviceInfo'] {
-    return this.card.deviceInfo;
-  }
-
   open(): void {
     this.card.listen();
   }
