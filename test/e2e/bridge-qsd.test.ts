@@ -14,17 +14,10 @@ import { kv, startGuest } from '../support/qemu-guest';
 import { createRawImage, md5OfRange, startStorageDaemon } from '../support/storage-daemon';
 import { startBridgeFixture } from '../support/bridge-fixture';
 import { waitFor, waitForPath } from '../support/wait';
+import { DIRECT_WRITES_32M, ROUND_TRIP_32M } from '../support/blk-scripts';
 
 const MiB = 1024 * 1024;
 
-const SCRIPT = `
-echo DISK_SECTORS=$(cat /sys/block/vda/size)
-dd if=/dev/urandom of=/tmp/data bs=1M count=32 2>/dev/null
-echo SRC_MD5=$(md5sum < /tmp/data | cut -d' ' -f1)
-dd if=/tmp/data of=/dev/vda bs=1M conv=fsync 2>/dev/null && echo WRITE_OK=1
-sync; echo 3 > /proc/sys/vm/drop_caches
-echo READ_MD5=$(dd if=/dev/vda bs=1M count=32 2>/dev/null | md5sum | cut -d' ' -f1)
-`;
 
 for (const mode of ['relay', 'passthrough'] as const) {
   test(`guest -> bridge (${mode}) -> qemu-storage-daemon: 32 MiB round trip with equal checksums`, { timeout: 600_000 }, async (t) => {
@@ -42,7 +35,7 @@ for (const mode of ['relay', 'passthrough'] as const) {
         qsd = await startStorageDaemon({ image, socket: path.join(fx.dir, 'qsd.sock') });
         await waitForPath(fx.socket('blk0'), 10_000);
         let qsdMaps = '';
-        const g = await startGuest({ name: `qsd-${mode}`, script: SCRIPT, cpus: 1, memMiB: 256, blks: [{ socket: fx.socket('blk0') }], timeoutMs: 500_000 });
+        const g = await startGuest({ name: `qsd-${mode}`, script: ROUND_TRIP_32M, cpus: 1, memMiB: 256, blks: [{ socket: fx.socket('blk0') }], timeoutMs: 500_000 });
         // While the guest runs, look at what the daemon has mapped.
         const peek = setInterval(() => {
           try {
@@ -89,13 +82,6 @@ for (const mode of ['relay', 'passthrough'] as const) {
   });
 }
 
-const KILL_SCRIPT = `
-dd if=/dev/urandom of=/tmp/data bs=1M count=32 2>/dev/null
-echo SRC_MD5=$(md5sum < /tmp/data | cut -d' ' -f1)
-dd if=/tmp/data of=/dev/vda bs=64k oflag=direct 2>/tmp/dd.err && echo WRITE_OK=1
-echo DD_ERR="$(tr '\\n' ' ' < /tmp/dd.err)"
-echo READ_MD5=$(dd if=/dev/vda bs=1M count=32 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
-`;
 
 test('relay to qemu-storage-daemon killed mid-write and started again: the bridge redials, re-posts what it held, nothing is lost', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
@@ -112,7 +98,7 @@ test('relay to qemu-storage-daemon killed mid-write and started again: the bridg
       const qsdSocket = path.join(fx.dir, 'qsd.sock');
       qsd = await startStorageDaemon({ image, socket: qsdSocket });
       await waitForPath(fx.socket('blk0'), 10_000);
-      const g = await startGuest({ name: 'qsd-kill', script: KILL_SCRIPT, memMiB: 256, blks: [{ socket: fx.socket('blk0') }], timeoutMs: 500_000 });
+      const g = await startGuest({ name: 'qsd-kill', script: DIRECT_WRITES_32M, memMiB: 256, blks: [{ socket: fx.socket('blk0') }], timeoutMs: 500_000 });
       await waitFor('the guest writing', () => fx.queue('blk0', 0).descriptors > 150, 300_000, 5);
       await qsd.kill('SIGKILL');
       await waitFor('the bridge to see the daemon go', () => fx.fnStats('blk0').backend?.state === 'down', 5000);

@@ -15,18 +15,10 @@ import { consoleLogger, type Logger } from '../../src/log';
 import { withHeavyLock } from '../support/heavy-lock';
 import { kv, startGuest } from '../support/qemu-guest';
 import { createRawImage, md5OfRange, startStorageDaemon } from '../support/storage-daemon';
+import { ROUND_TRIP_32M } from '../support/blk-scripts';
 
 const MiB = 1024 * 1024;
 
-const SCRIPT = `
-[ -b /dev/vda ] || { echo "no /dev/vda: $(ls /sys/block)"; exit 1; }
-echo DISK_SECTORS=$(cat /sys/block/vda/size)
-dd if=/dev/urandom of=/tmp/data bs=1M count=32 2>/dev/null
-echo SRC_MD5=$(md5sum < /tmp/data | cut -d' ' -f1)
-dd if=/tmp/data of=/dev/vda bs=1M conv=fsync 2>/dev/null && echo WRITE_OK=1
-sync; echo 3 > /proc/sys/vm/drop_caches
-echo READ_MD5=$(dd if=/dev/vda bs=1M count=32 2>/dev/null | md5sum | cut -d' ' -f1)
-`;
 
 /** Records errors and warnings (asserted on), echoes everything when VB_TEST_LOG=1. */
 function recordingLogger(): Logger & { problems: string[] } {
@@ -57,7 +49,7 @@ test('passthrough in front of qemu-storage-daemon: a guest writes and reads 32 M
     const fn = new PassthroughFunction({ name: 'pt0', socket: join(dir, 'pt0.sock'), backendSocket: qsdSocket, logger: log, trace: process.env.VB_TEST_LOG === '1' });
     try {
       fn.listen();
-      const g = await startGuest({ name: 'pt-qsd', script: SCRIPT, cpus: 1, memMiB: 256, blks: [{ socket: fn.socketPath }], timeoutMs: 500_000 });
+      const g = await startGuest({ name: 'pt-qsd', script: ROUND_TRIP_32M, cpus: 1, memMiB: 256, blks: [{ socket: fn.socketPath }], timeoutMs: 500_000 });
       const r = await g.done;
       const v = kv(r.output);
       assert.equal(r.rc, 0, `guest failed:\n${r.output}\n${r.stderr}\n${qsd.output()}`);

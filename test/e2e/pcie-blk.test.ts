@@ -16,6 +16,7 @@ import { md5OfRange } from '../support/storage-daemon';
 import { startBridgeFixture } from '../support/bridge-fixture';
 import { startBackendProcess, type BackendProcess } from '../support/backend-process';
 import { waitFor, waitForPath } from '../support/wait';
+import { DIRECT_WRITES_32M } from '../support/blk-scripts';
 
 const MiB = 1024 * 1024;
 
@@ -117,13 +118,6 @@ test('guest blk over the PCIe link to a backend process: 32 MiB round trip, clea
   });
 });
 
-const KILL_SCRIPT = `
-dd if=/dev/urandom of=/tmp/data bs=1M count=32 2>/dev/null
-echo SRC_MD5=$(md5sum < /tmp/data | cut -d' ' -f1)
-dd if=/tmp/data of=/dev/vda bs=64k oflag=direct 2>/tmp/dd.err && echo WRITE_OK=1
-echo DD_ERR="$(tr '\\n' ' ' < /tmp/dd.err)"
-echo READ_MD5=$(dd if=/dev/vda bs=1M count=32 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
-`;
 
 test('a backend killed in the middle of the guest writes and started again: the writes go on, none is lost', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
@@ -134,7 +128,7 @@ test('a backend killed in the middle of the guest writes and started again: the 
     try {
       backend = await startBackendProcess(args, 1);
       await waitForPath(fx.socket('blk0'), 10_000);
-      const g = await startGuest({ name: 'pcie-kill', script: KILL_SCRIPT, cpus: 1, memMiB: 256, blks: [{ socket: fx.socket('blk0') }], timeoutMs: 500_000 });
+      const g = await startGuest({ name: 'pcie-kill', script: DIRECT_WRITES_32M, cpus: 1, memMiB: 256, blks: [{ socket: fx.socket('blk0') }], timeoutMs: 500_000 });
       // Mid-way through the 512 writes of 64 KiB: kill the backend with requests in flight.
       await waitFor('the guest writing', () => fx.queue('blk0', 0).descriptors > 150, 300_000, 5);
       const inFlight = fx.fnStats('blk0').relay?.[0]?.inFlight ?? 0;
