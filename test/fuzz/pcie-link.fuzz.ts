@@ -49,8 +49,9 @@ import { splitRingBytes } from '../../src/virtio/driver-ring';
 import { MockDriver, ringBytes, type SegmentSpec } from '../../src/virtio/mock-driver';
 import { QueueError, type SplitQueue } from '../../src/virtio/split-queue';
 import type { ShadowRingAddr } from '../../src/bridge/shadow-link';
-import { EchoBackend, LoopbackLink, RecordingLogger, settle, until } from '../support/loopback-link';
+import { EchoBackend, LoopbackLink, settle, until } from '../support/loopback-link';
 import { Rng } from './rng';
+import { CaptureLogger } from '../support/capture-logger';
 
 class Violation extends Error {}
 
@@ -408,7 +409,7 @@ class World {
     const link = new LoopbackLink({ bar2Size: ringArea + poolBytes, device: dev, failMode: 'sync' });
     // The fuzzer is the backend: kicks are only recorded.
     link.hold = true;
-    const relay = new RelayDevice(link, link.info, { name: 'fuzz', queueSize: G, slotSize, logger: new RecordingLogger() });
+    const relay = new RelayDevice(link, link.info, { name: 'fuzz', queueSize: G, slotSize, logger: new CaptureLogger() });
     const guestEventIdx = rng.chance(0.5);
     const mem = GuestMemory.fromBuffer(GUEST_BASE, new ArrayBuffer(GUEST_MEM));
     const driver = new MockDriver(mem, { size: G, ringAddr: GUEST_BASE, heapAddr: MOCK_HEAP, heapSize: ARENA - MOCK_HEAP, eventIdx: guestEventIdx });

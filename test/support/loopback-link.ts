@@ -18,7 +18,6 @@
  */
 import { newQueueStats, type DeviceQueue, type VirtioDevice } from '../../src/devices/device';
 import type { BackendDeviceInfo, ShadowLink, ShadowLinkEvents, ShadowLinkStats, ShadowRingAddr } from '../../src/bridge/shadow-link';
-import type { Logger } from '../../src/log';
 import { GuestMemory } from '../../src/memory/guest-memory';
 import type { DescriptorChain } from '../../src/virtio/chain';
 import { readSegments, writeSegments } from '../../src/virtio/chain-io';
@@ -484,25 +483,6 @@ export class EchoBackend implements VirtioDevice {
 
 // ---- small shared helpers ------------------------------------------------------------
 
-export class RecordingLogger implements Logger {
-  readonly lines: string[] = [];
-  info(m: string): void {
-    this.add('info', m);
-  }
-  warn(m: string): void {
-    this.add('warn', m);
-  }
-  error(m: string): void {
-    this.add('error', m);
-  }
-  has(re: RegExp): boolean {
-    return this.lines.some((l) => re.test(l));
-  }
-  private add(level: string, m: string): void {
-    this.lines.push(`${level} ${m}`);
-    if (process.env.VB_TEST_LOG === '1') process.stderr.write(`[${level}] ${m}\n`);
-  }
-}
 
 /** Turn the event loop until cond() holds (setImmediate steps); throws after ms. */
 export async function until(cond: () => boolean, what: string, ms = 2000): Promise<void> {

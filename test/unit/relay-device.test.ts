@@ -32,8 +32,9 @@ import {
 } from '../../src/virtio/constants';
 import { MockDriver, type PostedSegment, type SegmentSpec } from '../../src/virtio/mock-driver';
 import type { SplitQueue } from '../../src/virtio/split-queue';
-import { ECHO_BACKEND_FEATURES, EchoBackend, type FailMode, latin1, LoopbackLink, RecordingLogger, settle, text, until } from '../support/loopback-link';
+import { ECHO_BACKEND_FEATURES, EchoBackend, type FailMode, latin1, LoopbackLink, settle, text, until } from '../support/loopback-link';
 import { blkHeader, tempDisk } from '../support/blk-requests';
+import { CaptureLogger } from '../support/capture-logger';
 
 const PROTOCOL_FEATURES_BIT = 30;
 const CANARY = 0xee;
@@ -141,7 +142,7 @@ function echoOf(tag: string, rlen: number, wlen: number): Uint8Array {
 interface Rig {
   link: LoopbackLink;
   relay: RelayDevice;
-  log: RecordingLogger;
+  log: CaptureLogger;
   fatal: Error[];
   guests: Guest[];
 }
@@ -159,7 +160,7 @@ interface RigOptions {
 
 async function rig(o: RigOptions): Promise<Rig> {
   const link = new LoopbackLink({ bar2Size: o.bar2Size ?? 256 * 1024, device: o.device, info: o.info, failMode: o.failMode });
-  const log = new RecordingLogger();
+  const log = new CaptureLogger();
   const relay = new RelayDevice(link, link.info, { name: 'relay-test', queueSize: o.queueSize ?? 32, slotSize: o.slotSize, logger: log });
   const fatal: Error[] = [];
   relay.onFatal = (e) => fatal.push(e);
@@ -659,7 +660,7 @@ test('a chain larger than the whole buffer pool is the guest fault, with a clear
 test('a BAR2 too small for 16 slots per queue is refused at construction', () => {
   const dev = new EchoBackend({ numQueues: 2 });
   const link = new LoopbackLink({ bar2Size: 2 * (4096 + 15 * 2048), device: dev });
-  assert.throws(() => new RelayDevice(link, link.info, { name: 'tiny', queueSize: 32, logger: new RecordingLogger() }), /too small for 2 shadow queues/);
+  assert.throws(() => new RelayDevice(link, link.info, { name: 'tiny', queueSize: 32, logger: new CaptureLogger() }), /too small for 2 shadow queues/);
 });
 
 // ---- features ------------------------------------------------------------------------------------
@@ -678,7 +679,7 @@ test('features: device-class bits + VERSION_1 + EVENT_IDX + INDIRECT, never PROT
     bit(F_IN_ORDER);
   const dev = new EchoBackend({ deviceId: VIRTIO_ID_NET, features: deviceBits | transport });
   const link = new LoopbackLink({ bar2Size: 256 * 1024, device: dev });
-  const relay = new RelayDevice(link, link.info, { name: 'feat', queueSize: 32, logger: new RecordingLogger() });
+  const relay = new RelayDevice(link, link.info, { name: 'feat', queueSize: 32, logger: new CaptureLogger() });
   const f = relay.features();
   assert.equal(f, deviceBits | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC));
   assert.equal(f & bit(PROTOCOL_FEATURES_BIT), 0n);
@@ -692,7 +693,7 @@ test('features: device-class bits + VERSION_1 + EVENT_IDX + INDIRECT, never PROT
   // A backend without EVENT_IDX: the guest still gets it (the relay serves the guest's rings), the backend does not.
   const plain = new EchoBackend({ features: bit(F_VERSION_1) | bit(5) });
   const link2 = new LoopbackLink({ bar2Size: 256 * 1024, device: plain });
-  const relay2 = new RelayDevice(link2, link2.info, { name: 'feat2', queueSize: 32, logger: new RecordingLogger() });
+  const relay2 = new RelayDevice(link2, link2.info, { name: 'feat2', queueSize: 32, logger: new CaptureLogger() });
   assert.equal(relay2.features(), bit(5) | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC));
   relay2.setFeatures(relay2.features());
   await until(() => link2.lastFeatures !== null, 'SET_FEATURES');

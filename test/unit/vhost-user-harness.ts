@@ -20,8 +20,10 @@ import {
 } from '../../src/virtio/constants';
 import { MockDriver } from '../../src/virtio/mock-driver';
 import { FrontendClient, memRegion } from '../../src/vhost-user/frontend-client';
-import type { Logger } from '../../src/log';
 import { ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
+import { CaptureLogger } from '../support/capture-logger';
+
+export { CaptureLogger };
 
 export const ECHO_FEATURES = bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC) | bit(F_RING_PACKED);
 
@@ -114,29 +116,6 @@ export class EchoDevice implements VirtioDevice {
   }
 }
 
-export class CaptureLogger implements Logger {
-  readonly lines: string[] = [];
-  constructor(private readonly echo = process.env.VB_TEST_LOG === '1') {}
-  info(m: string): void {
-    this.add('info', m);
-  }
-  warn(m: string): void {
-    this.add('warn', m);
-  }
-  error(m: string): void {
-    this.add('error', m);
-  }
-  private add(level: string, m: string): void {
-    this.lines.push(`${level} ${m}`);
-    if (this.echo) process.stderr.write(`[${level}] ${m}\n`);
-  }
-  errors(): string[] {
-    return this.lines.filter((l) => l.startsWith('error '));
-  }
-  has(re: RegExp): boolean {
-    return this.lines.some((l) => re.test(l));
-  }
-}
 
 export async function waitFor(cond: () => boolean, what: string, ms = 3000): Promise<void> {
   const end = Date.now() + ms;
