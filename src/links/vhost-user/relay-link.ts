@@ -161,20 +161,19 @@ export class VhostUserRelayLink implements ShadowLink {
     this.client = c;
     void c.closed.then((err) => this.onClosed(c, err));
     try {
-      const features = await c.getFeatures();
+      const features = await this.call((x) => x.getFeatures());
       let numQueues = 1;
       if (features & bit(VHOST_USER_F_PROTOCOL_FEATURES)) {
-        const pf = (await c.getProtocolFeatures()) & WANTED_PROTOCOL;
-        await c.setProtocolFeatures(pf);
-        if (pf & bit(PF.MQ)) numQueues = Number(await c.getQueueNum());
+        const pf = (await this.call((x) => x.getProtocolFeatures())) & WANTED_PROTOCOL;
+        await this.call((x) => x.setProtocolFeatures(pf));
+        if (pf & bit(PF.MQ)) numQueues = Number(await this.call((x) => x.getQueueNum()));
         if (pf & bit(PF.CONFIG)) {
           const size = CONFIG_SIZE[this.deviceId] ?? 0;
-          this.config = (await c.getConfig(0, size)) ?? new Uint8Array(0);
+          this.config = (await this.call((x) => x.getConfig(0, size))) ?? new Uint8Array(0);
         }
       }
-      await c.setOwner();
-      await c.setMemTable([memRegion(0, this.bar2Size, BAR_UVA, 0)], [this.barFd]);
-      this.messages += 6;
+      await this.call((x) => x.setOwner());
+      await this.call((x) => x.setMemTable([memRegion(0, this.bar2Size, BAR_UVA, 0)], [this.barFd]));
       // GET_QUEUE_NUM counts queue pairs for net (as QEMU reads it), queues for everything else.
       if (this.deviceId === VIRTIO_ID_NET) numQueues *= 2;
       numQueues = Math.max(1, Math.min(numQueues, 16));
