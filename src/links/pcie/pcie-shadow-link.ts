@@ -12,7 +12,6 @@ import { Mbox } from './mailbox';
 
 export class PcieShadowLink implements ShadowLink {
   events: ShadowLinkEvents | null = null;
-  private bytes: Uint8Array;
   private readonly card: PcieCard;
   private linkState: 'down' | 'up' | 'failed' = 'down';
   private attaches = 0;
@@ -42,19 +41,15 @@ export class PcieShadowLink implements ShadowLink {
         },
         onUsed: (q) => this.events?.onUsed(q),
         onConfigChange: () => this.events?.onConfigChange?.(),
-        onRemap: () => {
-          this.bytes = new Uint8Array(this.card.bar2Buffer);
-          this.events?.onRemap?.();
-        },
+        onRemap: () => this.events?.onRemap?.(),
       },
       log,
       label,
     );
-    this.bytes = new Uint8Array(this.card.bar2Buffer);
   }
 
   get bar2Bytes(): Uint8Array {
-    return this.bytes;
+    return this.card.bar2Bytes();
   }
 
   get bar2(): MemoryAccess {
