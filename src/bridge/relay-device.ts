@@ -238,9 +238,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     for (const rq of this.queues) {
       rq.guest = null;
       rq.pending = null;
-      rq.inflight.fill(undefined);
-      rq.count = 0;
-      rq.pool.clear();
+      // The ring is zeroed when it is programmed again, after the backend answered RESET_DEVICE.
+      this.forgetInflight(rq);
       rq.shadow = 'idle';
     }
     this.negotiated = 0n;
@@ -289,9 +288,10 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     }
     // Block requests end with an I/O error rather than hang while no backend works.
     for (const rq of this.queues) {
-      if (rq.guest === null) continue;
-      for (const f of this.inflightInOrder(rq)) if (!f.done) this.failChain(rq.guest, f.chain);
-      rq.guest?.notify();
+      const g = rq.guest;
+      if (g === null) continue;
+      for (const f of this.inflightInOrder(rq)) if (!f.done) this.failChain(g, f.chain);
+      g.notify();
       this.dropInflight(rq);
       rq.shadow = 'idle';
       this.pump(rq);
@@ -510,10 +510,15 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     return out.sort((a, b) => ((end - b.pos) & 0xffff) - ((end - a.pos) & 0xffff));
   }
 
-  private dropInflight(rq: RelayQueue): void {
+  /** Forget the chains on the shadow ring and their buffers; the ring's memory is left alone. */
+  private forgetInflight(rq: RelayQueue): void {
     rq.inflight.fill(undefined);
     rq.count = 0;
     rq.pool.clear();
+  }
+
+  private dropInflight(rq: RelayQueue): void {
+    this.forgetInflight(rq);
     rq.ring.reset();
   }
 
