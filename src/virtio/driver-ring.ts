@@ -52,6 +52,8 @@ export class DriverRing {
   readonly size: number;
   private desc!: DataView;
   private avail!: DataView;
+  /** The avail ring as 16-bit words (flags, idx, ring[], used_event), for the stores the device must see in order. */
+  private availU16!: Uint16Array;
   private availIdx!: Uint16Array;
   private used!: DataView;
   private usedIdx!: Uint16Array;
@@ -88,7 +90,8 @@ export class DriverRing {
     this.desc = ringView(mem, this.layout.descAddr, VRING_DESC_SIZE * n);
     this.avail = ringView(mem, this.layout.availAddr, 6 + 2 * n);
     this.used = ringView(mem, this.layout.usedAddr, 6 + VRING_USED_ELEM_SIZE * n);
-    this.availIdx = new Uint16Array(this.avail.buffer, this.avail.byteOffset + 2, 1);
+    this.availU16 = new Uint16Array(this.avail.buffer, this.avail.byteOffset, 3 + n);
+    this.availIdx = this.availU16.subarray(1, 2);
     this.usedIdx = new Uint16Array(this.used.buffer, this.used.byteOffset + 2, 1);
   }
 
@@ -246,14 +249,17 @@ export class DriverRing {
    * pending already (the caller must take them: no interrupt will come for those).
    */
   enableInterrupts(): boolean {
-    if (this.eventIdx) this.avail.setUint16(4 + 2 * this.size, this.lastUsed, true);
-    else this.avail.setUint16(0, 0, true);
-    Atomics.load(this.usedIdx, 0);
+    // Atomics.store, not a plain write: on x86 only a locked store fences, and
+    // without the fence the used.idx read below may pass the store. The device
+    // would then publish, read the old used_event and not interrupt, while we
+    // read the old used.idx and wait for that interrupt: both sides asleep.
+    if (this.eventIdx) Atomics.store(this.availU16, 2 + this.size, this.lastUsed);
+    else Atomics.store(this.availU16, 0, 0);
     return this.usedPending() > 0;
   }
 
   /** Ask the device not to interrupt (a hint; with event idx the used_event simply stays behind). */
   disableInterrupts(): void {
-    if (!this.eventIdx) this.avail.setUint16(0, VRING_AVAIL_F_NO_INTERRUPT, true);
+    if (!this.eventIdx) this.availU16[0] = VRING_AVAIL_F_NO_INTERRUPT;
   }
 }
