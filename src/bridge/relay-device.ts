@@ -39,12 +39,21 @@ const POST_QUEUED = 1;
 const POST_DONE = 2;
 /** How long quiesce waits for chains the backend consumed but has not returned. */
 const QUIESCE_WAIT_MS = 2000;
+/**
+ * A queue with chains at the backend looks at the used ring again after this
+ * long, interrupt or not: at once when blocked on a full ring or pool, backing
+ * off (doubling up to RECHECK_MAX_MS) while the looks find nothing.
+ */
+export const DEFAULT_RECHECK_MS = 1;
+const RECHECK_MAX_MS = 1000;
 
 export interface RelayOptions {
   name: string;
   /** Largest guest queue size accepted. */
   queueSize: number;
   slotSize?: number;
+  /** Shortest last-resort re-check of the used ring (default DEFAULT_RECHECK_MS). */
+  recheckMs?: number;
   logger: Logger;
 }
 
@@ -72,6 +81,8 @@ export interface RelayQueueStats {
   backendInterrupts: number;
   /** Times a guest chain waited for room in the shadow ring or the pool. */
   waits: number;
+  /** Times a timed re-check found used elements waiting (an interrupt late, lost or never sent). */
+  rechecks: number;
   /** Occupancy: chains on the shadow ring, ring size, pool slots in use, pool slots. */
   inFlight: number;
   ringSize: number;
@@ -91,6 +102,12 @@ class RelayQueue {
   backendKicks = 0;
   backendInterrupts = 0;
   waits = 0;
+  /** Timed re-checks that found used elements waiting. */
+  rechecks = 0;
+  /** Armed while chains are at the backend; its delay, and the delay of the next unblocked one. */
+  recheck: NodeJS.Timeout | null = null;
+  armedMs = 0;
+  idleMs = 0;
 
   constructor(
     readonly index: number,
@@ -122,6 +139,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   /** Control calls to the backend, one after another. */
   private ctl: Promise<void> = Promise.resolve();
   private readonly statusByte = new Uint8Array([BLK_S_IOERR]);
+  private readonly recheckMs: number;
 
   constructor(
     private readonly link: ShadowLink,
@@ -134,6 +152,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     this.deviceId = info.deviceId;
     this.maxQueues = info.numQueues;
     this.configSize = info.configSize;
+    this.recheckMs = opts.recheckMs ?? DEFAULT_RECHECK_MS;
     this.maxQueueSize = Math.min(opts.queueSize, VIRTQUEUE_MAX_SIZE);
     this.dma = new DmaEngine(link.bar2Bytes);
     const slot = opts.slotSize ?? DEFAULT_SLOT_SIZE;
@@ -231,7 +250,9 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
 
   kick(index: number): void {
     const rq = this.queues[index];
-    if (rq !== undefined) this.pump(rq);
+    // complete(), not pump(): the room a blocked queue waits for may have come
+    // back without an interrupt, and a kick is a chance to see it.
+    if (rq !== undefined) this.complete(rq);
   }
 
   reset(): void {
@@ -323,6 +344,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       backendKicks: rq.backendKicks,
       backendInterrupts: rq.backendInterrupts,
       waits: rq.waits,
+      rechecks: rq.rechecks,
       inFlight: rq.count,
       ringSize: rq.ring.size,
       slotsInUse: rq.pool.slotsInUse,
@@ -350,14 +372,22 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     const mem = g.mem;
     let posted = 0;
     let early = 0;
+    let blocked = false;
     try {
       for (;;) {
         vq.disableNotification(mem);
-        let blocked = false;
         for (;;) {
           const chain = rq.pending ?? vq.pop(mem);
           if (chain === null) break;
-          const r = this.post(rq, g, chain);
+          let r = this.post(rq, g, chain);
+          if (r === POST_NO_ROOM) {
+            // Before sleeping on it: the backend may have made room without
+            // telling us yet (its interrupt is on the way, or suppressed).
+            const got = this.harvest(rq, g);
+            if (rq.guest !== g || !this.linkUp) return;
+            early += got;
+            if (got > 0) r = this.post(rq, g, chain);
+          }
           if (r === POST_NO_ROOM) {
             if (rq.pending === null) rq.waits++;
             rq.pending = chain;
@@ -366,12 +396,13 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
           }
           rq.pending = null;
           posted++;
-          if (r === POST_DONE && ++early === NOTIFY_BATCH) {
+          if (r === POST_DONE) early++;
+          if (early >= NOTIFY_BATCH) {
             g.notify();
             early = 0;
           }
         }
-        // Blocked: completions will pump again; the guest's kicks stay off meanwhile.
+        // Blocked: completions pump again; the guest's kicks stay off meanwhile.
         if (blocked || !vq.enableNotification(mem)) break;
       }
     } catch (e) {
@@ -385,6 +416,33 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
         this.link.kick(rq.index);
       }
     }
+    if (blocked || rq.ring.inFlight > 0) this.armRecheck(rq, blocked);
+  }
+
+  /**
+   * The last resort: look at the used ring again after a while, so that
+   * progress never hangs on one interrupt the backend may have suppressed,
+   * lost or never sent. Re-armed by the pump while chains are out.
+   */
+  private armRecheck(rq: RelayQueue, blocked: boolean): void {
+    const ms = blocked ? this.recheckMs : Math.max(rq.idleMs, this.recheckMs);
+    if (rq.recheck !== null) {
+      if (rq.armedMs <= ms) return;
+      clearTimeout(rq.recheck);
+    }
+    rq.armedMs = ms;
+    rq.recheck = setTimeout(() => {
+      rq.recheck = null;
+      if (rq.guest === null || !this.linkUp || rq.shadow !== 'up') return;
+      if (rq.ring.usedPending() > 0) {
+        rq.rechecks++;
+        rq.idleMs = this.recheckMs;
+      } else {
+        rq.idleMs = Math.min(2 * Math.max(rq.idleMs, this.recheckMs), RECHECK_MAX_MS);
+      }
+      this.complete(rq);
+    }, ms);
+    rq.recheck.unref();
   }
 
   /** Copy a chain's readable bytes into BAR2 and post it; POST_NO_ROOM when there is no room now. */
@@ -423,8 +481,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   /** Take the backend's used elements into the guest's used ring, then refill. */
   private complete(rq: RelayQueue): void {
     const g = rq.guest;
-    if (g === null || !this.linkUp || rq.shadow === 'idle') return;
-    if (this.harvest(rq, g) > 0) g.notify();
+    if (g === null) return;
+    if (this.linkUp && rq.shadow !== 'idle' && this.harvest(rq, g) > 0) g.notify();
     this.pump(rq);
   }
 

@@ -66,7 +66,7 @@ export function formatStats(r: StatsReport): string {
       out.push(
         `  shadow ${q.index} (${q.shadow}): ${q.inFlight}/${q.ringSize} in flight, ${q.slotsInUse}/${q.slots} slots; ` +
           `DMA to BAR ${d.toBarOps} ops ${d.toBarBytes} B, to guest ${d.toGuestOps} ops ${d.toGuestBytes} B; ` +
-          `kicks ${q.backendKicks}, interrupts ${q.backendInterrupts}, waits ${q.waits}`,
+          `kicks ${q.backendKicks}, interrupts ${q.backendInterrupts}, waits ${q.waits}, re-checks ${q.rechecks}`,
       );
     }
   }

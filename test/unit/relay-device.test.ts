@@ -455,6 +455,92 @@ test('quiesce: a chain the backend keeps past the wait is failed if older than o
   assert.ok(r.log.has(/1 chain\(s\) the backend did not return completed with an error/));
 });
 
+// ---- a backend whose interrupts never come ---------------------------------------------
+
+/** 12 chains for a pool that holds 4, one guest kick, a backend that completes everything and never interrupts. */
+async function silentBackend(recheckMs: number) {
+  const dev = new EchoBackend();
+  const link = new LoopbackLink({ bar2Size: 4096 + 16 * 512, device: dev });
+  link.muteInterrupts = true;
+  const log = new CaptureLogger();
+  const relay = new RelayDevice(link, link.info, { name: 'silent', queueSize: 32, slotSize: 512, recheckMs, logger: log });
+  relay.setFeatures(relay.features());
+  const g = new Guest(0);
+  relay.startQueue(g.dq);
+  await until(() => relay.relayStats()[0]?.shadow === 'up' && link.running(0), 'shadow ring up');
+  await settle();
+  const N = 12;
+  for (let i = 0; i < N; i++) g.post(`s${String(i).padStart(2, '0')}`, { rlen: 1000, wlen: 1000 });
+  relay.kick(0);
+  await until(() => dev.done[0]?.length === 4, 'the backend completed the first four');
+  await settle();
+  return { dev, link, relay, g, N };
+}
+
+test('a backend that never interrupts: a guest kick harvests its completions and the queue moves on', async () => {
+  // No timed re-check within the test: only the kicks can move the queue.
+  const { dev, link, relay, g, N } = await silentBackend(3_600_000);
+  assert.equal(g.driver.usedIdx(), 0, 'nothing reached the guest without an interrupt');
+  assert.equal(relay.relayStats()[0]?.waits, 1, 'the fifth chain waits for room');
+  for (let round = 1; round <= 3; round++) {
+    relay.kick(0);
+    g.collect();
+    assert.equal(g.completed.length, 4 * round, `kick ${round} took the four completions waiting`);
+    if (round < 3) await until(() => dev.done[0]?.length === 4 * (round + 1), `the backend completed ${4 * (round + 1)}`);
+  }
+  assert.deepEqual(
+    g.completed.map((c) => c.tag),
+    Array.from({ length: N }, (_, i) => `s${String(i).padStart(2, '0')}`),
+  );
+  for (const c of g.completed) assert.deepEqual(c.data, echoOf(c.tag, 1000, 1000));
+  assert.equal(link.interruptsSent, 0);
+  assert.equal(relay.relayStats()[0]?.inFlight, 0);
+});
+
+test('a backend that never interrupts and a guest that never kicks again: the queue re-checks the used ring on its own', async () => {
+  const { link, relay, g, N } = await silentBackend(5);
+  await until(() => g.collect().length >= 0 && g.completed.length === N, 'every chain completes without interrupts or kicks');
+  assert.deepEqual(
+    g.completed.map((c) => c.tag),
+    Array.from({ length: N }, (_, i) => `s${String(i).padStart(2, '0')}`),
+  );
+  const s = relay.relayStats()[0];
+  assert.ok(s !== undefined);
+  assert.equal(link.interruptsSent, 0);
+  assert.ok(s.rechecks >= 2, `re-checks ${s.rechecks}`);
+  assert.equal(s.inFlight, 0);
+  assert.ok(g.interrupts >= 1, 'the guest was interrupted for what the re-checks found');
+  // Nothing blocked any more: no timer left behind.
+  await settle();
+  assert.equal(relay.relayStats()[0]?.rechecks, s.rechecks);
+});
+
+test('room made while the relay was still posting is taken before it sleeps', async () => {
+  // The backend completes synchronously inside the relay's own kick, and never interrupts.
+  const dev = new EchoBackend();
+  const link = new LoopbackLink({ bar2Size: 4096 + 16 * 512, device: dev });
+  link.muteInterrupts = true;
+  const relay = new RelayDevice(link, link.info, { name: 'eager', queueSize: 32, slotSize: 512, recheckMs: 3_600_000, logger: new CaptureLogger() });
+  relay.setFeatures(relay.features());
+  const g = new Guest(0);
+  relay.startQueue(g.dq);
+  await until(() => relay.relayStats()[0]?.shadow === 'up' && link.running(0), 'shadow ring up');
+  await settle();
+  for (let i = 0; i < 4; i++) g.post(`e${i}`, { rlen: 1000, wlen: 1000 });
+  relay.kick(0);
+  await until(() => dev.done[0]?.length === 4, 'the backend completed four');
+  // The pool is full of completed chains; four more arrive: posting them finds no room, harvests, posts.
+  for (let i = 4; i < 8; i++) g.post(`e${i}`, { rlen: 1000, wlen: 1000 });
+  relay.kick(0);
+  g.collect();
+  assert.deepEqual(
+    g.completed.map((c) => c.tag),
+    ['e0', 'e1', 'e2', 'e3'],
+  );
+  assert.equal(relay.relayStats()[0]?.inFlight, 4, 'e4..e7 posted in the room the harvest made');
+  assert.equal(relay.relayStats()[0]?.waits, 0, 'no chain had to wait');
+});
+
 // ---- backend down and back -----------------------------------------------------------
 
 test('backend down with chains in flight: held, nothing completes; on return its completions first, the rest posted again', async () => {

@@ -26,6 +26,7 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
             backendKicks: 6,
             backendInterrupts: 7,
             waits: 8,
+            rechecks: 12,
             inFlight: 9,
             ringSize: 512,
             slotsInUse: 11,
@@ -43,6 +44,6 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
   assert.match(text, /^local0 \(blk, local\) \/s\/l connected status=0xf$/m);
   assert.match(text, /^relay0 \(blk, pcie relay\) \/s\/r NEEDS_RESET status=0x0$/m);
   assert.match(text, /backend pcie \/s\/r\.bar: failed, 2 attach\(es\), 17 control message\(s\)/);
-  assert.match(text, /shadow 0 \(up\): 9\/512 in flight, 11\/4082 slots; DMA to BAR 4 ops 4096 B, to guest 5 ops 8193 B; kicks 6, interrupts 7, waits 8/);
+  assert.match(text, /shadow 0 \(up\): 9\/512 in flight, 11\/4082 slots; DMA to BAR 4 ops 4096 B, to guest 5 ops 8193 B; kicks 6, interrupts 7, waits 8, re-checks 12/);
   assert.doesNotMatch(text.split('relay0')[0] ?? '', /shadow|backend/, 'a local function has no link lines');
 });
