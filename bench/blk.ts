@@ -11,16 +11,26 @@ import * as path from 'node:path';
 import { startGuest, type GuestFile } from '../test/support/qemu-guest';
 import { createRawImage, startStorageDaemon } from '../test/support/storage-daemon';
 import { stopChild } from './net';
+import { bounded, type Outcome } from './measure';
+import { fetchJson } from '../src/control/control-server';
+import type { StatsReport } from '../src/control/stats-format';
 
+export type BlkJob = 'randread' | 'randwrite';
+const JOBS: readonly BlkJob[] = ['randwrite', 'randread'];
+
+/** One fio job's figures; the notifications are the guest's kicks and the interrupts it got, per request (ours only: qsd does not count them). */
+export interface BlkFigures {
+  iops: number;
+  kicksPerReq?: number;
+  interruptsPerReq?: number;
+}
+
+/** Each back-end on its own: one that failed or hung says so, and the others stand. */
 export interface BlkResult {
-  job: 'randread' | 'randwrite';
-  anchorIops: number;
-  oursIops: number;
-  ratio: number;
+  anchor: Outcome<Record<BlkJob, BlkFigures>>;
+  direct: Outcome<Record<BlkJob, BlkFigures>>;
   /** Through the bridge in relay mode to a `vbridge backend blk` process over the PCIe link. */
-  relayIops: number;
-  /** Relay against the direct function (oursIops). */
-  relayRatio: number;
+  relay: Outcome<Record<BlkJob, BlkFigures>>;
 }
 
 const CLI = path.resolve(__dirname, '..', 'src', 'control', 'cli.js');
@@ -39,22 +49,61 @@ function fioFiles(): GuestFile[] {
 function script(seconds: number): string {
   const job = (rw: string): string =>
     `fio --name=${rw} --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=${rw} --time_based --runtime=${seconds} --size=48M --output-format=terse --terse-version=3 | sed 's/^/FIO_${rw}=/'`;
-  return `${job('randwrite')}\n${job('randread')}\n`;
+  return JOBS.map(job).join('\n') + '\n';
 }
 
 /** terse v3: field 8 is read IOPS, field 49 write IOPS (1-based, ';'-separated). */
-function iops(output: string, job: 'randread' | 'randwrite'): number {
+function iops(output: string, job: BlkJob): number {
   const line = new RegExp(`FIO_${job}=(.*)`).exec(output)?.[1];
   if (line === undefined) throw new Error(`no fio ${job} result in guest output:\n${output.slice(-3000)}`);
   const f = line.split(';');
   return Number(job === 'randread' ? f[7] : f[48]);
 }
 
-async function runGuest(socket: string, files: GuestFile[], seconds: number): Promise<Record<'randread' | 'randwrite', number>> {
-  const g = await startGuest({ name: 'bench-blk', script: script(seconds), memMiB: 512, blks: [{ socket }], files, timeoutMs: 300_000 });
+interface Counted {
+  requests: number;
+  kicks: number;
+  interrupts: number;
+}
+
+/** The function's guest-side queue counters, summed over its queues. */
+async function counted(control: string): Promise<Counted> {
+  const r = await fetchJson<StatsReport>(control, '/stats');
+  const qs = r.functions[0]?.queues ?? [];
+  return {
+    requests: qs.reduce((n, q) => n + q.descriptors, 0),
+    kicks: qs.reduce((n, q) => n + q.kicks, 0),
+    interrupts: qs.reduce((n, q) => n + q.interrupts, 0),
+  };
+}
+
+function perRequest(a: Counted, b: Counted): Pick<BlkFigures, 'kicksPerReq' | 'interruptsPerReq'> {
+  const n = b.requests - a.requests;
+  return n > 0 ? { kicksPerReq: (b.kicks - a.kicks) / n, interruptsPerReq: (b.interrupts - a.interrupts) / n } : {};
+}
+
+/** Both fio jobs in one guest; with `control`, the function's counters are read around each job. */
+async function runGuest(socket: string, files: GuestFile[], seconds: number, control?: string): Promise<Record<BlkJob, BlkFigures>> {
+  // Boot, two jobs, and room to spare: a guest that stops answering is killed and reported.
+  const g = await startGuest({ name: 'bench-blk', script: script(seconds), memMiB: 512, blks: [{ socket }], files, timeoutMs: (2 * seconds + 120) * 1000 });
+  const marks: Counted[] = [];
+  if (control !== undefined) {
+    marks.push(await counted(control));
+    // A job's line is printed when it ends: the counters between two lines are that job's (and its set-up's).
+    for (const job of JOBS) {
+      await g.waitFor(new RegExp(`FIO_${job}=.*\n`), (seconds + 120) * 1000);
+      marks.push(await counted(control));
+    }
+  }
   const r = await g.done;
   if (r.rc !== 0) throw new Error(`fio guest failed:\n${r.output.slice(-3000)}`);
-  return { randread: iops(r.output, 'randread'), randwrite: iops(r.output, 'randwrite') };
+  const out = {} as Record<BlkJob, BlkFigures>;
+  JOBS.forEach((job, i) => {
+    const a = marks[i];
+    const b = marks[i + 1];
+    out[job] = { iops: iops(r.output, job), ...(a !== undefined && b !== undefined ? perRequest(a, b) : {}) };
+  });
+  return out;
 }
 
 async function waitPath(p: string, what: string): Promise<void> {
@@ -77,42 +126,43 @@ async function underServe<T>(dir: string, fnYaml: string, ready: string, fn: () 
   }
 }
 
-export async function blkBench(seconds: number): Promise<BlkResult[]> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-bench-blk-'));
+export async function blkBench(seconds: number): Promise<BlkResult> {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-bench-blk-'));
+  // The guest's own timeout is inside this bound: a hang is normally reported by it, with the console.
+  const bound = (2 * seconds + 180) * 1000;
   try {
-    const image = path.join(dir, 'disk.img');
+    const image = path.join(root, 'disk.img');
     await createRawImage(image, 64 * 1024 * 1024);
     const files = fioFiles();
-    const qsd = await startStorageDaemon({ image, socket: path.join(dir, 'qsd.sock') });
-    let anchor: Record<'randread' | 'randwrite', number>;
-    try {
-      anchor = await runGuest(qsd.socket, files, seconds);
-    } finally {
-      await qsd.stop();
-    }
-    const ours = await underServe(dir, `{ name: blk, type: blk, socket: ${path.join(dir, 'blk.sock')}, backend: { file: ${image} } }`, path.join(dir, 'blk.sock'), () =>
-      runGuest(path.join(dir, 'blk.sock'), files, seconds),
-    );
-    const bar = path.join(dir, 'relay.bar');
-    const relaySock = path.join(dir, 'relay.sock');
-    const relay = await underServe(dir, `{ name: relay, type: blk, socket: ${relaySock}, backend: { link: pcie, attach: ${bar} } }`, bar, async () => {
-      const backend = spawn(process.execPath, [CLI, 'backend', 'blk', '--attach', bar, '--file', image], { stdio: ['ignore', 'ignore', 'inherit'] });
+    const anchor = await bounded('blk qemu-storage-daemon', bound, async () => {
+      const qsd = await startStorageDaemon({ image, socket: path.join(fs.mkdtempSync(path.join(root, 'q-')), 'qsd.sock') });
       try {
-        await waitPath(relaySock, 'the blk backend did not attach');
-        return await runGuest(relaySock, files, seconds);
+        return await runGuest(qsd.socket, files, seconds);
       } finally {
-        await stopChild(backend);
+        await qsd.stop();
       }
     });
-    return (['randread', 'randwrite'] as const).map((job) => ({
-      job,
-      anchorIops: anchor[job],
-      oursIops: ours[job],
-      ratio: ours[job] / anchor[job],
-      relayIops: relay[job],
-      relayRatio: relay[job] / ours[job],
-    }));
+    const direct = await bounded('blk direct', bound, () => {
+      const dir = fs.mkdtempSync(path.join(root, 'd-'));
+      const sock = path.join(dir, 'blk.sock');
+      return underServe(dir, `{ name: blk, type: blk, socket: ${sock}, backend: { file: ${image} } }`, sock, () => runGuest(sock, files, seconds, path.join(dir, 'control.sock')));
+    });
+    const relay = await bounded('blk relay', bound, () => {
+      const dir = fs.mkdtempSync(path.join(root, 'r-'));
+      const bar = path.join(dir, 'relay.bar');
+      const sock = path.join(dir, 'relay.sock');
+      return underServe(dir, `{ name: relay, type: blk, socket: ${sock}, backend: { link: pcie, attach: ${bar} } }`, bar, async () => {
+        const backend = spawn(process.execPath, [CLI, 'backend', 'blk', '--attach', bar, '--file', image], { stdio: ['ignore', 'ignore', 'inherit'] });
+        try {
+          await waitPath(sock, 'the blk backend did not attach');
+          return await runGuest(sock, files, seconds, path.join(dir, 'control.sock'));
+        } finally {
+          await stopChild(backend);
+        }
+      });
+    });
+    return { anchor, direct, relay };
   } finally {
-    fs.rmSync(dir, { recursive: true, force: true });
+    fs.rmSync(root, { recursive: true, force: true });
   }
 }

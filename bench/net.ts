@@ -12,23 +12,34 @@ import * as path from 'node:path';
 import { startTestpmd, type Testpmd } from '../test/support/testpmd';
 import { fetchJson } from '../src/control/control-server';
 import type { StatsReport } from '../src/control/stats-format';
+import { bounded, CpuWindow, type Outcome } from './measure';
 
+/** Each measurement on its own: one that failed or hung says so, and the others stand. */
 export interface NetResult {
   size: number;
-  anchorMpps: number;
-  oursMpps: number;
-  ratio: number;
+  anchor: Outcome<AnchorNetResult>;
+  direct: Outcome<DirectNetResult>;
+  /** Relay mode: the bridge copies each packet into the function's BAR for a backend process's null sink over the PCIe link. */
+  relay: Outcome<RelayNetResult>;
+}
+
+export interface AnchorNetResult {
+  mpps: number;
+  /** CPU nanoseconds per packet of the sender (testpmd virtio-user) and of the receiver (testpmd vhost PMD). */
+  cpuNsPerPkt: { sender: number; receiver: number };
+}
+
+export interface DirectNetResult {
+  mpps: number;
   /** Kicks and interrupts per packet on our side: they explain the rate. */
   kicksPerPkt: number;
   interruptsPerPkt: number;
-  /** Relay mode: the bridge copies each packet into the function's BAR for a backend process's null sink over the PCIe link. */
-  relay: RelayNetResult;
+  cpuNsPerPkt: { sender: number; bridge: number };
 }
 
 export interface RelayNetResult {
   mpps: number;
-  /** Against the direct path (the anchor). */
-  ratio: number;
+  cpuNsPerPkt: { sender: number; bridge: number; backend: number };
   /** Bytes the DMA engine copied into the BAR per packet (virtio-net header included). */
   dmaBytesPerPkt: number;
   /** Guest kicks + guest interrupts + backend kicks + backend interrupts, per packet. */
@@ -38,6 +49,9 @@ export interface RelayNetResult {
 }
 
 const CLI = path.resolve(__dirname, '..', 'src', 'control', 'cli.js');
+/** DPDK file prefixes of their own per measurement: a testpmd left behind by one that hung must not collide with the next. */
+let prefixes = 0;
+const prefix = (what: string): string => `vbb-${what}-${process.pid}-${++prefixes}`;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** SIGTERM and wait; a child that already exited has no 'exit' event left to wait for. */
@@ -68,20 +82,23 @@ async function startSender(prefix: string, sock: string, size: number): Promise<
   return tx;
 }
 
-async function anchor(size: number, seconds: number, dir: string): Promise<number> {
+async function anchor(size: number, seconds: number, dir: string): Promise<AnchorNetResult> {
   const sock = path.join(dir, 'vhost-pmd.sock');
-  const rx = await startTestpmd({ prefix: 'vbb-vhost', vdev: `net_vhost0,iface=${sock},queues=1`, fwdCore: 1, mode: 'rxonly' });
+  const rx = await startTestpmd({ prefix: prefix('vhost'), vdev: `net_vhost0,iface=${sock},queues=1`, fwdCore: 1, mode: 'rxonly' });
   try {
     await rx.start();
-    const tx = await startSender('vbb-vu-a', sock, size);
+    const tx = await startSender(prefix('vu'), sock, size);
     try {
       const a = await rx.portStats();
+      const cpu = new CpuWindow({ sender: tx.proc.pid, receiver: rx.proc.pid });
       const t0 = Date.now();
       await sleep(seconds * 1000);
       const b = await rx.portStats();
       const t1 = Date.now();
+      const pkts = b.rxPackets - a.rxPackets;
+      const cpuNsPerPkt = cpu.perUnit(pkts);
       await tx.stop();
-      return (b.rxPackets - a.rxPackets) / ((t1 - t0) / 1000) / 1e6;
+      return { mpps: pkts / ((t1 - t0) / 1000) / 1e6, cpuNsPerPkt };
     } finally {
       await tx.quit();
     }
@@ -91,7 +108,7 @@ async function anchor(size: number, seconds: number, dir: string): Promise<numbe
   }
 }
 
-async function ours(size: number, seconds: number, dir: string): Promise<Omit<NetResult, 'size' | 'anchorMpps' | 'ratio' | 'relay'>> {
+async function direct(size: number, seconds: number, dir: string): Promise<DirectNetResult> {
   const sock = path.join(dir, 'null.sock');
   const control = path.join(dir, 'control.sock');
   const topo = path.join(dir, 'bench.yaml');
@@ -104,7 +121,7 @@ async function ours(size: number, seconds: number, dir: string): Promise<Omit<Ne
       if (i > 100) throw new Error(`vbridge serve did not start: ${log}`);
       await sleep(100);
     }
-    const tx = await startSender('vbb-vu-b', sock, size);
+    const tx = await startSender(prefix('vu'), sock, size);
     try {
       const q = async (): Promise<{ d: number; k: number; i: number; t: number }> => {
         const r = await fetchJson<StatsReport>(control, '/stats');
@@ -113,14 +130,17 @@ async function ours(size: number, seconds: number, dir: string): Promise<Omit<Ne
         return { d: txq.descriptors, k: txq.kicks, i: txq.interrupts, t: Date.now() };
       };
       const a = await q();
+      const cpu = new CpuWindow({ sender: tx.proc.pid, bridge: serve.pid });
       await sleep(seconds * 1000);
       const b = await q();
-      await tx.stop();
       const pkts = b.d - a.d;
+      const cpuNsPerPkt = cpu.perUnit(pkts);
+      await tx.stop();
       return {
-        oursMpps: pkts / ((b.t - a.t) / 1000) / 1e6,
+        mpps: pkts / ((b.t - a.t) / 1000) / 1e6,
         kicksPerPkt: pkts > 0 ? (b.k - a.k) / pkts : 0,
         interruptsPerPkt: pkts > 0 ? (b.i - a.i) / pkts : 0,
+        cpuNsPerPkt,
       };
     } finally {
       await tx.quit();
@@ -142,7 +162,7 @@ function spawnCli(args: readonly string[]): { child: ChildProcess; log: () => st
 }
 
 /** testpmd -> bridge (relay) -> PCIe link -> `vbridge backend net --sink`; the bridge and the backend share core 1. */
-async function relay(size: number, seconds: number, dir: string, anchorMpps: number): Promise<RelayNetResult> {
+async function relay(size: number, seconds: number, dir: string): Promise<RelayNetResult> {
   const sock = path.join(dir, 'relay.sock');
   const bar = path.join(dir, 'relay.bar');
   const control = path.join(dir, 'relay-control.sock');
@@ -163,7 +183,7 @@ async function relay(size: number, seconds: number, dir: string, anchorMpps: num
       if (i > 100) throw new Error(`the backend did not attach: ${backend.log()}`);
       await sleep(100);
     }
-    const tx = await startSender('vbb-vu-c', sock, size);
+    const tx = await startSender(prefix('vu'), sock, size);
     try {
       const q = async (): Promise<{ d: number; n: number; dma: number; w: number; t: number }> => {
         const r = await fetchJson<StatsReport>(control, '/stats');
@@ -174,14 +194,15 @@ async function relay(size: number, seconds: number, dir: string, anchorMpps: num
         return { d: txq.descriptors, n: txq.kicks + txq.interrupts + sh.backendKicks + sh.backendInterrupts, dma: sh.dma.toBarBytes, w: sh.waits, t: Date.now() };
       };
       const a = await q();
+      const cpu = new CpuWindow({ sender: tx.proc.pid, bridge: serve.child.pid, backend: backend.child.pid });
       await sleep(seconds * 1000);
       const b = await q();
-      await tx.stop();
       const pkts = b.d - a.d;
-      const mpps = pkts / ((b.t - a.t) / 1000) / 1e6;
+      const cpuNsPerPkt = cpu.perUnit(pkts);
+      await tx.stop();
       return {
-        mpps,
-        ratio: mpps / anchorMpps,
+        mpps: pkts / ((b.t - a.t) / 1000) / 1e6,
+        cpuNsPerPkt,
         dmaBytesPerPkt: pkts > 0 ? (b.dma - a.dma) / pkts : 0,
         notificationsPerPkt: pkts > 0 ? (b.n - a.n) / pkts : 0,
         waitsPerPkt: pkts > 0 ? (b.w - a.w) / pkts : 0,
@@ -198,12 +219,16 @@ async function relay(size: number, seconds: number, dir: string, anchorMpps: num
 export async function netBench(sizes: readonly number[], seconds: number): Promise<NetResult[]> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-bench-'));
   const results: NetResult[] = [];
+  // Start-up (testpmd, hugepages, a 1 s warm-up) plus the window, with room to spare; a hang beyond it is a failure.
+  const bound = (seconds + 90) * 1000;
   try {
     for (const size of sizes) {
-      const anchorMpps = await anchor(size, seconds, dir);
-      const o = await ours(size, seconds, dir);
-      const r = await relay(size, seconds, dir, anchorMpps);
-      results.push({ size, anchorMpps, ...o, ratio: o.oursMpps / anchorMpps, relay: r });
+      results.push({
+        size,
+        anchor: await bounded(`net ${size} B anchor`, bound, () => anchor(size, seconds, fs.mkdtempSync(path.join(dir, 'a-')))),
+        direct: await bounded(`net ${size} B direct`, bound, () => direct(size, seconds, fs.mkdtempSync(path.join(dir, 'd-')))),
+        relay: await bounded(`net ${size} B relay`, bound, () => relay(size, seconds, fs.mkdtempSync(path.join(dir, 'r-')))),
+      });
     }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });

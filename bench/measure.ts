@@ -1,0 +1,75 @@
+/**
+ * What every benchmark measurement shares: a bound on its time, so that one
+ * that hangs is reported as failed and the others still run, and the CPU time
+ * each process spent over the measuring window, from /proc/PID/stat.
+ */
+import * as fs from 'node:fs';
+
+export type Outcome<T> = { ok: true; value: T } | { ok: false; error: string };
+
+/**
+ * Run `fn` for at most `ms`. A failure or a timeout becomes an Outcome that
+ * says so; `fn` keeps its own clean-up (its finally blocks run when its inner
+ * waits time out or its children are gone), so it is left to finish on its own.
+ */
+export async function bounded<T>(what: string, ms: number, fn: () => Promise<T>): Promise<Outcome<T>> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<Outcome<T>>((resolve) => {
+    timer = setTimeout(() => resolve({ ok: false, error: `${what}: no result within ${Math.round(ms / 1000)} s` }), ms);
+  });
+  const run = fn().then(
+    (value): Outcome<T> => ({ ok: true, value }),
+    (e: unknown): Outcome<T> => ({ ok: false, error: `${what}: ${e instanceof Error ? e.message.split('\n')[0] : String(e)}` }),
+  );
+  try {
+    const r = await Promise.race([run, timeout]);
+    if (!r.ok) process.stderr.write(`bench: FAILED ${r.error}\n`);
+    return r;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Clock ticks per second of /proc/PID/stat's utime and stime (USER_HZ: 100 on every Linux that Node runs on). */
+const USER_HZ = 100;
+
+/** User + system CPU seconds process `pid` has used (all its threads); NaN when it is gone. */
+export function cpuSeconds(pid: number | undefined): number {
+  if (pid === undefined) return NaN;
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // The command name may hold spaces and parentheses: fields are counted after the last ')'.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / USER_HZ;
+  } catch {
+    return NaN;
+  }
+}
+
+/** CPU seconds of several processes, read together at the start and the end of a window. */
+export class CpuWindow<K extends string> {
+  private readonly start: Record<K, number>;
+
+  constructor(private readonly pids: Record<K, number | undefined>) {
+    this.start = this.read();
+  }
+
+  private read(): Record<K, number> {
+    const out = {} as Record<K, number>;
+    for (const k of Object.keys(this.pids) as K[]) out[k] = cpuSeconds(this.pids[k]);
+    return out;
+  }
+
+  /** Nanoseconds of CPU per unit of work (packet, request) of each process since the window opened. */
+  perUnit(units: number): Record<K, number> {
+    const end = this.read();
+    const out = {} as Record<K, number>;
+    for (const k of Object.keys(this.pids) as K[]) out[k] = units > 0 ? ((end[k] - this.start[k]) * 1e9) / units : NaN;
+    return out;
+  }
+}
+
+/** A figure for a table: fixed decimals, or '-' when there is none. */
+export function fmt(v: number | undefined, decimals: number, width: number): string {
+  return (v === undefined || !Number.isFinite(v) ? '-' : v.toFixed(decimals)).padStart(width);
+}
