@@ -1,8 +1,8 @@
 /*
  * vbglue: the only C in virtio-bridge. Syscall glue for Node-API (version 8),
  * nothing else: Unix sockets with fd passing, mmap of an fd into an external
- * ArrayBuffer, memfd, eventfd, TAP, and a uv_poll watcher on the calling
- * thread's own loop. Protocol and ring logic live in TypeScript.
+ * ArrayBuffer, memfd, eventfd, TAP, fallocate, and a uv_poll watcher on the
+ * calling thread's own loop. Protocol and ring logic live in TypeScript.
  *
  * The typed face of this file is src/native/addon.ts; keep them in step.
  *
@@ -575,6 +575,23 @@ static napi_value vb_fd_size(napi_env env, napi_callback_info info) {
   return num(env, (double)st.st_size);
 }
 
+/* Node's fs has no fallocate; virtio-blk needs it to punch holes (discard)
+ * and zero ranges without writing. The mode bits go to the kernel as given. */
+static napi_value vb_fallocate(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int fd, r;
+  double mode, off, len;
+  if (!get_args(env, info, 4, argv, NULL) || !arg_fd(env, argv[0], "fd", &fd) ||
+      !arg_int(env, argv[1], "mode", 0, 2147483647.0, &mode) ||
+      !arg_int(env, argv[2], "offset", 0, MAX_SAFE, &off) ||
+      !arg_int(env, argv[3], "len", 1, MAX_SAFE, &len))
+    return NULL;
+  RETRY_EINTR(r, fallocate(fd, (int)mode, (off_t)off, (off_t)len));
+  if (r < 0)
+    return throw_errno(env, "fallocate", NULL, errno);
+  return undef(env);
+}
+
 /* -------------------------------------------------------------------- mmap */
 
 /*
@@ -1046,6 +1063,7 @@ NAPI_MODULE_INIT() {
       FN("write", vb_write),
       FN("tapOpen", vb_tap_open),
       FN("fdSize", vb_fd_size),
+      FN("fallocate", vb_fallocate),
   };
   napi_property_descriptor methods[] = {
       {"start", NULL, poller_start, NULL, NULL, NULL, napi_default, NULL},

@@ -83,8 +83,19 @@ export interface Addon {
   tapOpen(name: string): number;
   /** fstat size of fd (for validating mmap offsets against the file). */
   fdSize(fd: number): number;
+  /**
+   * fallocate(2) of [offset, offset+len) (0 <= offset, 1 <= len, both < 2^53) with mode
+   * (FALLOC_FL_* bits, passed through); errors as thrown errno, e.g. EOPNOTSUPP when the
+   * file system lacks the mode, EBADF for an fd not open for writing.
+   */
+  fallocate(fd: number, mode: number, offset: number, len: number): void;
   Poller: PollerConstructor;
 }
+
+/** fallocate(2) mode bits (linux/falloc.h). */
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
 
 // dist/src/native/addon.js -> <repo>/build/vbglue.node
 const addonPath = path.resolve(__dirname, '..', '..', '..', 'build', 'vbglue.node');

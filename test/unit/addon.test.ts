@@ -12,7 +12,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
-import { native, type Addon } from '../../src/native/addon';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, native, type Addon } from '../../src/native/addon';
 import type { AddonWorkerJob } from '../support/addon-worker';
 
 // dist/test/unit -> repo root
@@ -610,6 +610,48 @@ test('dup, setNonBlocking, fdSize, memfd, close', () => {
   assertSysError(() => addon.eventfdRead(efd), 'EBADF', 'read');
 });
 
+test('fallocate: punching a hole frees blocks and reads back zeros; zero range keeps the size; errors carry errno', () => {
+  // os.tmpdir() is a real file system here (ext4), where both modes work.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbfalloc-'));
+  const file = path.join(dir, 'f');
+  const MiB = 1 << 20;
+  fs.writeFileSync(file, Buffer.alloc(MiB, 0xa7));
+  const fd = fs.openSync(file, 'r+');
+  fs.fsyncSync(fd);
+  const before = fs.fstatSync(fd).blocks;
+  assert.ok(before * 512 >= MiB, `written file allocated (${before} blocks)`);
+
+  addon.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 256 * 1024, 512 * 1024);
+  const punched = fs.fstatSync(fd);
+  assert.equal(punched.size, MiB, 'KEEP_SIZE');
+  assert.ok(punched.blocks <= before - (512 * 1024) / 512, `blocks ${before} -> ${punched.blocks}`);
+  const data = fs.readFileSync(file);
+  assert.ok(data.subarray(256 * 1024, 768 * 1024).every((b) => b === 0), 'hole reads zeros');
+  assert.ok(data.subarray(0, 256 * 1024).every((b) => b === 0xa7), 'before the hole untouched');
+  assert.ok(data.subarray(768 * 1024).every((b) => b === 0xa7), 'after the hole untouched');
+
+  addon.fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 1000, 3000);
+  const z = fs.readFileSync(file);
+  assert.equal(z.length, MiB);
+  assert.ok(z.subarray(1000, 4000).every((b) => b === 0), 'zeroed');
+  assert.equal(z[999], 0xa7);
+  assert.equal(z[4000], 0xa7);
+
+  // The kernel refuses PUNCH_HOLE without KEEP_SIZE.
+  assertSysError(() => addon.fallocate(fd, FALLOC_FL_PUNCH_HOLE, 0, 4096), 'EOPNOTSUPP', 'fallocate');
+  const ro = fs.openSync(file, 'r');
+  assertSysError(() => addon.fallocate(ro, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096), 'EBADF', 'fallocate');
+  fs.closeSync(ro);
+  const [a, b] = addon.socketpair();
+  assertSysError(() => addon.fallocate(a, 0, 0, 4096), 'ENODEV', 'fallocate'); // not a regular file
+  addon.close(a);
+  addon.close(b);
+  fs.closeSync(fd);
+  assertSysError(() => addon.fallocate(fd, 0, 0, 4096), 'EBADF', 'fallocate');
+  assert.equal(fs.readFileSync(file)[0], 0xa7, 'refused calls changed nothing');
+  fs.rmSync(dir, { recursive: true });
+});
+
 test('tapOpen: a TAP device appears while the fd is open', () => {
   const name = `vbt${process.pid % 100000}`;
   // make test runs as root on Debian, where /dev/net/tun exists: failing here is a real failure.
@@ -689,6 +731,12 @@ test('argument validation: wrong or missing arguments throw before any syscall',
     ['eventfdWrite(fd, -1)', () => loose.eventfdWrite(efd, -1), R],
     ['eventfdWrite(fd, 0.5)', () => loose.eventfdWrite(efd, 0.5), R],
     ['tapOpen()', () => loose.tapOpen(), T],
+    ['fallocate(fd, 0, 0)', () => loose.fallocate(memfd, 0, 0), T],
+    ['fallocate(fd, "3", 0, 1)', () => loose.fallocate(memfd, '3', 0, 1), T],
+    ['fallocate len 0', () => loose.fallocate(memfd, 0, 0, 0), R],
+    ['fallocate offset -1', () => loose.fallocate(memfd, 0, -1, 1), R],
+    ['fallocate offset 2**53', () => loose.fallocate(memfd, 0, 2 ** 53, 1), R],
+    ['fallocate mode -1', () => loose.fallocate(memfd, -1, 0, 1), R],
     ['tapOpen("")', () => loose.tapOpen(''), R],
     ['Poller without new', () => (addon.Poller as unknown as (...args: unknown[]) => unknown)(efd, () => 0), T],
     ['new Poller(fd)', () => new (addon.Poller as unknown as new (...args: unknown[]) => unknown)(efd), T],
