@@ -31,6 +31,7 @@ import {
   hasFeature,
 } from '../../src/virtio/constants';
 import { MockDriver, type SegmentSpec } from '../../src/virtio/mock-driver';
+import { native } from '../../src/native/addon';
 
 const DISK = 1 << 20;
 
@@ -147,7 +148,7 @@ test('features and config space follow virtio 1.2 §5.2.4', () => {
   assert.equal(cfg.getUint32(44, true), 1, 'discard_sector_alignment');
   assert.equal(cfg.getUint32(48, true), 32768, 'max_write_zeroes_sectors');
   assert.equal(cfg.getUint32(52, true), 1, 'max_write_zeroes_seg');
-  assert.equal(cfg.getUint8(56), 0, 'write_zeroes_may_unmap');
+  assert.equal(cfg.getUint8(56), 1, 'write_zeroes_may_unmap');
   assert.deepEqual([...r.dev.readConfig(34, 2)], [2, 0]);
   assert.equal(r.dev.maxQueues, 2);
 
@@ -253,6 +254,102 @@ test('discard succeeds within bounds; write-zeroes writes zeros; flags are check
   assert.equal(run(one, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[0, 1, 0], [2, 1, 0]])] }).status, BLK_S_UNSUPP, 'default: one segment');
   assert.equal(run(one, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[0, 1, 0]])] }).status, BLK_S_OK);
   one.dev.close();
+});
+
+/** Allocated 512-byte blocks of the file, after its dirty pages reached the file system. */
+function allocated(file: string): number {
+  const fd = fs.openSync(file, 'r');
+  try {
+    fs.fsyncSync(fd);
+    return fs.fstatSync(fd).blocks;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+const zeros = (n: number) => new Uint8Array(n);
+
+test('discard punches holes in the file: its blocks are freed and the range reads back zeros', () => {
+  // os.tmpdir() is a real file system here (ext4), which punches holes.
+  const r = rig();
+  const before = fs.readFileSync(r.file);
+  const blocks = allocated(r.file);
+  assert.ok(blocks * 512 >= DISK, `the written disk is allocated (${blocks} blocks)`);
+
+  assert.equal(run(r, BLK_T_DISCARD, 0, { out: [dwz([[256, 256, 0], [1024, 512, 0], [1600, 0, 0]])] }).status, BLK_S_OK);
+  const freed = blocks - allocated(r.file);
+  assert.ok(freed >= 768, `768 sectors discarded, ${freed} blocks freed`);
+  assert.equal(fs.statSync(r.file).size, DISK, 'the size stays');
+  assert.deepEqual(run(r, BLK_T_IN, 256, { inSegs: [256 * 512] }).data, zeros(256 * 512));
+  assert.deepEqual(run(r, BLK_T_IN, 1024, { inSegs: [512 * 512] }).data, zeros(512 * 512));
+  const after = fs.readFileSync(r.file);
+  assert.deepEqual(after.subarray(0, 256 * 512), before.subarray(0, 256 * 512));
+  assert.deepEqual(after.subarray(512 * 512, 1024 * 512), before.subarray(512 * 512, 1024 * 512));
+  assert.deepEqual(after.subarray(1536 * 512), before.subarray(1536 * 512));
+  assert.equal(r.dq.stats.drops, 0);
+  r.dev.close();
+});
+
+test('write-zeroes punches a hole with UNMAP and keeps the blocks without it; both read back zeros', () => {
+  const r = rig();
+  const blocks = allocated(r.file);
+  assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[512, 1024, 0]])] }).status, BLK_S_OK);
+  assert.equal(allocated(r.file), blocks, 'ZERO_RANGE keeps the blocks');
+  assert.deepEqual(fileBytes(r.file, 512 * 512, 1024 * 512), zeros(1024 * 512));
+
+  assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[0, 512, 1]])] }).status, BLK_S_OK);
+  assert.ok(allocated(r.file) <= blocks - 512, 'UNMAP frees the range');
+  assert.deepEqual(run(r, BLK_T_IN, 0, { inSegs: [512 * 512] }).data, zeros(512 * 512));
+  assert.notDeepEqual(fileBytes(r.file, 1536 * 512, 512), zeros(512), 'past the range untouched');
+  r.dev.close();
+});
+
+test('write-zeroes falls back to writing zeros where the file system has no ZERO_RANGE (shmem)', () => {
+  const fd = native().memfd('blk-zero', DISK);
+  fs.writeSync(fd, new Uint8Array(DISK).fill(0x77), 0, DISK, 0);
+  const file = RawFile.fromFd(fd, false);
+  const r = rig({ file });
+  assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[8, 8, 0]])] }).status, BLK_S_OK);
+  assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[24, 8, 0]])] }).status, BLK_S_OK, 'again, with ZERO_RANGE known missing');
+  assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[40, 8, 1]])] }).status, BLK_S_OK, 'shmem punches holes');
+  const back = run(r, BLK_T_IN, 0, { inSegs: [48 * 512] }).data;
+  for (let s = 0; s < 48; s++) {
+    const want = s >= 8 && s < 16 ? 0 : s >= 24 && s < 32 ? 0 : s >= 40 ? 0 : 0x77;
+    assert.ok(back.subarray(s * 512, (s + 1) * 512).every((b) => b === want), `sector ${s}`);
+  }
+  r.dev.close();
+  file.close();
+  fs.closeSync(fd);
+});
+
+test('bad discard segments are refused before any hole is punched', () => {
+  const r = rig({ maxDiscardSectors: 64, maxDiscardSegments: 4 });
+  const snap = fs.readFileSync(r.file);
+  const blocks = allocated(r.file);
+  const cases: [string, Uint8Array, number][] = [
+    ['past the end', dwz([[0, 8, 0], [DISK / 512, 1, 0]]), BLK_S_IOERR],
+    ['ends past the end', dwz([[0, 8, 0], [DISK / 512 - 1, 2, 0]]), BLK_S_IOERR],
+    ['sector 2^53', dwz([[0, 8, 0], [2 ** 53, 1, 0]]), BLK_S_IOERR],
+    ['over max_discard_sectors', dwz([[0, 8, 0], [100, 65, 0]]), BLK_S_IOERR],
+    ['over max_discard_seg', dwz([[0, 1, 0], [8, 1, 0], [16, 1, 0], [24, 1, 0], [32, 1, 0]]), BLK_S_UNSUPP],
+    ['UNMAP on discard', dwz([[0, 8, 0], [8, 8, 1]]), BLK_S_UNSUPP],
+    ['reserved flag', dwz([[0, 8, 0], [8, 8, 2]]), BLK_S_UNSUPP],
+    ['not a multiple of 16', dwz([[0, 8, 0], [8, 8, 0]]).subarray(0, 24), BLK_S_UNSUPP],
+  ];
+  for (const [label, body, status] of cases) assert.equal(run(r, BLK_T_DISCARD, 0, { out: [body] }).status, status, label);
+  // The high half of the sector field alone is out of range too.
+  const high = dwz([[0, 1, 0]]);
+  new DataView(high.buffer).setUint32(4, 0xffffffff, true);
+  assert.equal(run(r, BLK_T_DISCARD, 0, { out: [high] }).status, BLK_S_IOERR, 'sector 2^64 - 2^32');
+  assert.equal(allocated(r.file), blocks, 'nothing punched');
+  assert.deepEqual(fs.readFileSync(r.file), snap);
+  assert.equal(r.dq.stats.drops, cases.length + 1);
+  assert.equal(r.fatal.length, 0);
+  // The limits themselves are fine, split across descriptors too.
+  const ok = dwz([[0, 64, 0], [64, 64, 0], [128, 64, 0], [192, 64, 0]]);
+  assert.equal(run(r, BLK_T_DISCARD, 0, { out: [ok.subarray(0, 20), ok.subarray(20)] }).status, BLK_S_OK);
+  assert.deepEqual(fileBytes(r.file, 0, 256 * 512), zeros(256 * 512));
+  r.dev.close();
 });
 
 test('a read-only disk refuses writes, discards and write-zeroes but reads and flushes', () => {

@@ -51,11 +51,12 @@ export interface BlkDeviceOptions {
   serial?: string;
   /** Largest single segment the driver may post; offers VIRTIO_BLK_F_SIZE_MAX when set. */
   sizeMax?: number;
-  /** Sectors per discard segment. Default 0x3fffff (discard costs nothing here). */
+  /** Sectors per discard segment. Default 0x3fffff (a hole punch costs next to nothing). */
   maxDiscardSectors?: number;
   /**
-   * Sectors per write-zeroes segment. Default 32768 (16 MiB): zeros are really
-   * written, synchronously, so this bounds how long one request blocks the loop.
+   * Sectors per write-zeroes segment. Default 32768 (16 MiB): on a file system
+   * without fallocate's ZERO_RANGE and holes zeros are really written,
+   * synchronously, so this bounds how long one request blocks the loop.
    */
   maxWriteZeroesSectors?: number;
   /** Segments per discard request. Default 32. */
@@ -153,7 +154,8 @@ export class BlkDevice extends DeviceBase {
     dv.setUint32(44, bs / BLK_SECTOR_SIZE, true);
     dv.setUint32(48, this.maxWriteZeroesSectors, true);
     dv.setUint32(52, this.maxWriteZeroesSegs, true);
-    dv.setUint8(56, 0); // never unmaps on write-zeroes
+    // Write-zeroes with the UNMAP flag punches a hole (where the file system can).
+    dv.setUint8(56, 1);
   }
 
   features(): bigint {
@@ -270,7 +272,7 @@ export class BlkDevice extends DeviceBase {
       const o = i * DWZ_SIZE;
       const pos = (dv.getUint32(o, true) + dv.getUint32(o + 4, true) * 2 ** 32) * BLK_SECTOR_SIZE;
       const bytes = dv.getUint32(o + 8, true) * BLK_SECTOR_SIZE;
-      if (zero) this.file.writeZeroes(pos, bytes);
+      if (zero) this.file.writeZeroes(pos, bytes, (dv.getUint32(o + 12, true) & DWZ_F_UNMAP) !== 0);
       else this.file.discard(pos, bytes);
     }
     return BLK_S_OK;

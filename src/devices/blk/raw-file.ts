@@ -10,6 +10,7 @@ import type { MemoryAccess } from '../../memory/memory-access';
 import type { ChainSegment } from '../../virtio/chain';
 import { forEachPiece } from '../../virtio/chain-io';
 import { BLK_SECTOR_SIZE } from '../../virtio/constants';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, native } from '../../native/addon';
 
 /** An I/O failure of the backing file: the request completes with VIRTIO_BLK_S_IOERR. */
 export class BlkIoError extends Error {
@@ -32,6 +33,9 @@ export class RawFile {
   private bounce: Uint8Array | null = null;
   private zeros: Uint8Array | null = null;
   private closed = false;
+  /** Cleared at the first EOPNOTSUPP, so a file system without the mode costs one failed syscall. */
+  private canPunch = true;
+  private canZeroRange = true;
 
   private constructor(
     readonly path: string,
@@ -113,8 +117,58 @@ export class RawFile {
     if (done !== len) throw new BlkIoError(`chain holds ${done} of ${len} bytes`);
   }
 
-  writeZeroes(pos: number, len: number): void {
+  /**
+   * Make [pos, pos+len) read back zeros. With unmap the blocks are deallocated
+   * (a hole) where the file system can; without it they stay allocated
+   * (ZERO_RANGE), as a guest that asked not to unmap expects later writes
+   * there not to need new space. Both fall back to writing zeros.
+   */
+  writeZeroes(pos: number, len: number, unmap = false): void {
     this.checkWritable();
+    if (len === 0) return;
+    if (unmap && this.punchHole(pos, len)) return;
+    if (this.zeroRange(pos, len)) return;
+    this.writeZeroBytes(pos, len);
+  }
+
+  /**
+   * Deallocate [pos, pos+len): a hole, which reads back zeros. Where the file
+   * system cannot punch holes this does nothing, which virtio-blk allows:
+   * discarded sectors may read back as anything.
+   */
+  discard(pos: number, len: number): void {
+    this.checkWritable();
+    if (len === 0) return;
+    this.punchHole(pos, len);
+  }
+
+  private punchHole(pos: number, len: number): boolean {
+    if (!this.canPunch) return false;
+    if (this.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, pos, len, 'PUNCH_HOLE')) return true;
+    this.canPunch = false;
+    return false;
+  }
+
+  private zeroRange(pos: number, len: number): boolean {
+    if (!this.canZeroRange) return false;
+    if (this.fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, pos, len, 'ZERO_RANGE')) return true;
+    this.canZeroRange = false;
+    return false;
+  }
+
+  /** False when the file system lacks the mode; other failures are the request's I/O error. */
+  private fallocate(mode: number, pos: number, len: number, what: string): boolean {
+    try {
+      native().fallocate(this.fd, mode, pos, len);
+      return true;
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EOPNOTSUPP' || code === 'ENOTSUP') return false;
+      throw new BlkIoError(`fallocate(${what}) at ${pos}+${len}: ${(e as Error).message}`);
+    }
+  }
+
+  private writeZeroBytes(pos: number, len: number): void {
     if (this.zeros === null || this.zeros.length < Math.min(len, CHUNK)) this.zeros = new Uint8Array(Math.min(Math.max(len, 4096), CHUNK));
     const z = this.zeros;
     for (let off = 0; off < len; ) {
@@ -122,14 +176,6 @@ export class RawFile {
       writeFully(this.fd, z, 0, k, pos + off);
       off += k;
     }
-  }
-
-  /**
-   * Nothing to do: Node has no fallocate(PUNCH_HOLE), and virtio-blk lets
-   * discarded sectors read back as anything. (The addon could punch holes later.)
-   */
-  discard(_pos: number, _len: number): void {
-    this.checkWritable();
   }
 
   flush(): void {
