@@ -32,6 +32,7 @@ import {
 } from '../../src/virtio/constants';
 import { MockDriver, type SegmentSpec } from '../../src/virtio/mock-driver';
 import { native } from '../../src/native/addon';
+import { allocatedBlocks, dwz } from '../support/blk-requests';
 
 const DISK = 1 << 20;
 
@@ -116,18 +117,6 @@ function run(r: Rig, type: number, sector: number, o: { out?: Uint8Array[]; inSe
     pos += s.len;
   }
   return { status, len: u.len, data };
-}
-
-function dwz(segs: [number, number, number][]): Uint8Array {
-  const b = new Uint8Array(16 * segs.length);
-  const dv = new DataView(b.buffer);
-  segs.forEach(([sector, n, flags], i) => {
-    dv.setUint32(16 * i, sector % 2 ** 32, true);
-    dv.setUint32(16 * i + 4, Math.floor(sector / 2 ** 32), true);
-    dv.setUint32(16 * i + 8, n, true);
-    dv.setUint32(16 * i + 12, flags, true);
-  });
-  return b;
 }
 
 test('features and config space follow virtio 1.2 §5.2.4', () => {
@@ -256,28 +245,17 @@ test('discard succeeds within bounds; write-zeroes writes zeros; flags are check
   one.dev.close();
 });
 
-/** Allocated 512-byte blocks of the file, after its dirty pages reached the file system. */
-function allocated(file: string): number {
-  const fd = fs.openSync(file, 'r');
-  try {
-    fs.fsyncSync(fd);
-    return fs.fstatSync(fd).blocks;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 const zeros = (n: number) => new Uint8Array(n);
 
 test('discard punches holes in the file: its blocks are freed and the range reads back zeros', () => {
   // os.tmpdir() is a real file system here (ext4), which punches holes.
   const r = rig();
   const before = fs.readFileSync(r.file);
-  const blocks = allocated(r.file);
+  const blocks = allocatedBlocks(r.file);
   assert.ok(blocks * 512 >= DISK, `the written disk is allocated (${blocks} blocks)`);
 
   assert.equal(run(r, BLK_T_DISCARD, 0, { out: [dwz([[256, 256, 0], [1024, 512, 0], [1600, 0, 0]])] }).status, BLK_S_OK);
-  const freed = blocks - allocated(r.file);
+  const freed = blocks - allocatedBlocks(r.file);
   assert.ok(freed >= 768, `768 sectors discarded, ${freed} blocks freed`);
   assert.equal(fs.statSync(r.file).size, DISK, 'the size stays');
   assert.deepEqual(run(r, BLK_T_IN, 256, { inSegs: [256 * 512] }).data, zeros(256 * 512));
@@ -292,13 +270,13 @@ test('discard punches holes in the file: its blocks are freed and the range read
 
 test('write-zeroes punches a hole with UNMAP and keeps the blocks without it; both read back zeros', () => {
   const r = rig();
-  const blocks = allocated(r.file);
+  const blocks = allocatedBlocks(r.file);
   assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[512, 1024, 0]])] }).status, BLK_S_OK);
-  assert.equal(allocated(r.file), blocks, 'ZERO_RANGE keeps the blocks');
+  assert.equal(allocatedBlocks(r.file), blocks, 'ZERO_RANGE keeps the blocks');
   assert.deepEqual(fileBytes(r.file, 512 * 512, 1024 * 512), zeros(1024 * 512));
 
   assert.equal(run(r, BLK_T_WRITE_ZEROES, 0, { out: [dwz([[0, 512, 1]])] }).status, BLK_S_OK);
-  assert.ok(allocated(r.file) <= blocks - 512, 'UNMAP frees the range');
+  assert.ok(allocatedBlocks(r.file) <= blocks - 512, 'UNMAP frees the range');
   assert.deepEqual(run(r, BLK_T_IN, 0, { inSegs: [512 * 512] }).data, zeros(512 * 512));
   assert.notDeepEqual(fileBytes(r.file, 1536 * 512, 512), zeros(512), 'past the range untouched');
   r.dev.close();
@@ -325,7 +303,7 @@ test('write-zeroes falls back to writing zeros where the file system has no ZERO
 test('bad discard segments are refused before any hole is punched', () => {
   const r = rig({ maxDiscardSectors: 64, maxDiscardSegments: 4 });
   const snap = fs.readFileSync(r.file);
-  const blocks = allocated(r.file);
+  const blocks = allocatedBlocks(r.file);
   const cases: [string, Uint8Array, number][] = [
     ['past the end', dwz([[0, 8, 0], [DISK / 512, 1, 0]]), BLK_S_IOERR],
     ['ends past the end', dwz([[0, 8, 0], [DISK / 512 - 1, 2, 0]]), BLK_S_IOERR],
@@ -341,7 +319,7 @@ test('bad discard segments are refused before any hole is punched', () => {
   const high = dwz([[0, 1, 0]]);
   new DataView(high.buffer).setUint32(4, 0xffffffff, true);
   assert.equal(run(r, BLK_T_DISCARD, 0, { out: [high] }).status, BLK_S_IOERR, 'sector 2^64 - 2^32');
-  assert.equal(allocated(r.file), blocks, 'nothing punched');
+  assert.equal(allocatedBlocks(r.file), blocks, 'nothing punched');
   assert.deepEqual(fs.readFileSync(r.file), snap);
   assert.equal(r.dq.stats.drops, cases.length + 1);
   assert.equal(r.fatal.length, 0);

@@ -16,8 +16,10 @@ import {
   BLK_F_FLUSH,
   BLK_S_IOERR,
   BLK_S_OK,
+  BLK_T_DISCARD,
   BLK_T_IN,
   BLK_T_OUT,
+  BLK_T_WRITE_ZEROES,
   F_ACCESS_PLATFORM,
   F_ANY_LAYOUT,
   F_IN_ORDER,
@@ -33,7 +35,7 @@ import {
 import { MockDriver, type PostedSegment, type SegmentSpec } from '../../src/virtio/mock-driver';
 import type { SplitQueue } from '../../src/virtio/split-queue';
 import { ECHO_BACKEND_FEATURES, EchoBackend, type FailMode, latin1, LoopbackLink, settle, text, until } from '../support/loopback-link';
-import { blkHeader, tempDisk } from '../support/blk-requests';
+import { allocatedBlocks, blkHeader, dwz, tempDisk } from '../support/blk-requests';
 import { CaptureLogger } from '../support/capture-logger';
 
 const PROTOCOL_FEATURES_BIT = 30;
@@ -249,6 +251,42 @@ test('blk write then read through the relay: file, guest buffers, status, DMA co
     assert.equal(g1.stats.descriptors, 1);
     assert.equal(g1.stats.bytes, 16 + 4097);
     assert.ok(g0.interrupts >= 1 && g1.interrupts >= 1, 'the guest was interrupted');
+    assert.deepEqual(r.fatal, []);
+    assert.deepEqual(r.link.failures, []);
+  } finally {
+    blk.close();
+  }
+});
+
+test('blk discard and write-zeroes through the relay: the backend punches holes, bad segments get IOERR', async () => {
+  const file = tempDisk(1 << 20, 'relay-discard-');
+  fs.writeFileSync(file, pattern(1 << 20, 3));
+  const blk = new BlkDevice({ name: 'relay-discard', file, queueSize: 64 });
+  try {
+    const r = await rig({ device: blk, bar2Size: 512 * 1024 });
+    const g = r.guests[0] as Guest;
+    const statusOf = async (type: number, body: Uint8Array, n: number): Promise<number> => {
+      g.driver.addChain([{ data: blkHeader(type, 0) }, { data: body.subarray(0, 16) }, { data: body.subarray(16) }, { writable: true, len: 1 }]);
+      r.relay.kick(0);
+      await until(() => g.driver.usedIdx() === n, `completion ${n}`);
+      const u = g.driver.popUsed();
+      assert.ok(u !== null);
+      const st = (u.segments ?? []).find((s) => s.writable);
+      assert.ok(st !== undefined);
+      return g.driver.readBytes(st.addr, 1)[0] as number;
+    };
+    const blocks = allocatedBlocks(file);
+    // Two segments, split across descriptors: the relay copies the bytes, the backend device parses them.
+    assert.equal(await statusOf(BLK_T_DISCARD, dwz([[0, 256, 0], [512, 256, 0]]), 1), BLK_S_OK);
+    assert.equal(await statusOf(BLK_T_WRITE_ZEROES, dwz([[1024, 256, 1]]), 2), BLK_S_OK);
+    assert.ok(allocatedBlocks(file) <= blocks - 768, `768 sectors freed: ${blocks} -> ${allocatedBlocks(file)} blocks`);
+    const img = fs.readFileSync(file);
+    for (const [s, n] of [[0, 256], [512, 256], [1024, 256]] as const) {
+      assert.ok(img.subarray(s * 512, (s + n) * 512).every((b) => b === 0), `sectors ${s}+${n} read zeros`);
+    }
+    assert.deepEqual(new Uint8Array(img.subarray(256 * 512, 512 * 512)), pattern(1 << 20, 3).subarray(256 * 512, 512 * 512), 'between the ranges untouched');
+    assert.equal(await statusOf(BLK_T_DISCARD, dwz([[768, 8, 0], [2048, 1, 0]]), 3), BLK_S_IOERR, 'past the end');
+    assert.ok(fs.readFileSync(file).subarray(768 * 512, 776 * 512).some((b) => b !== 0), 'the refused request punched nothing');
     assert.deepEqual(r.fatal, []);
     assert.deepEqual(r.link.failures, []);
   } finally {
