@@ -2,7 +2,9 @@
  * An unmodified Linux guest (stock virtio_blk) on blk functions: 32 MiB of random
  * data round-trips through the disk and lands on the host file; an ext2 file
  * system made in the guest is clean for the host's e2fsck; a read-only function
- * refuses writes; a 2-queue function gets requests on both queues.
+ * refuses writes; a 2-queue function gets requests on both queues. The guest's
+ * blkdiscard and fstrim give the space back: the host images' allocated blocks
+ * shrink and the discarded ranges read back zeros.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -13,6 +15,8 @@ import { startGuest, kv } from '../support/qemu-guest';
 import { withHeavyLock } from '../support/heavy-lock';
 import { startBridgeFixture } from '../support/bridge-fixture';
 import { md5OfRange } from '../support/storage-daemon';
+import { hostGo, waitForHost } from '../support/blk-scripts';
+import { allocatedBlocks } from '../support/blk-requests';
 
 const MiB = 1024 * 1024;
 
@@ -97,6 +101,97 @@ test('guest blk: 32 MiB round trip, ext2 clean in e2fsck, read-only refuses writ
       assert.ok(fx.queue('mq', 0).descriptors > 0, 'mq queue 0 unused');
       assert.ok(fx.queue('mq', 1).descriptors > 0, 'mq queue 1 unused');
       for (const f of fx.bridge.stats().functions) assert.equal(f.needsReset, false, `${f.name} needs reset`);
+    } finally {
+      await fx.close();
+    }
+  });
+});
+
+// vda: raw (blkdiscard), vdb: ext2 (fstrim), vdc: control disk for the host's go-aheads.
+const TRIM_SCRIPT = `${waitForHost('/dev/vdc')}
+echo DISCARD_GRANULARITY=$(cat /sys/block/vda/queue/discard_granularity)
+echo DISCARD_MAX_HW=$(cat /sys/block/vda/queue/discard_max_hw_bytes)
+echo DISCARD_SEGMENTS=$(cat /sys/block/vda/queue/max_discard_segments)
+echo WRITE_ZEROES_MAX=$(cat /sys/block/vda/queue/write_zeroes_max_bytes)
+dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
+echo SRC_MD5=$(md5sum < /tmp/data | cut -d' ' -f1)
+echo ZERO_MD5=$(dd if=/dev/zero bs=1M count=16 2>/dev/null | md5sum | cut -d' ' -f1)
+dd if=/tmp/data of=/dev/vda bs=1M seek=8 conv=fsync 2>/dev/null && dd if=/tmp/data of=/dev/vda bs=1M seek=32 conv=fsync 2>/dev/null && echo WRITTEN=1
+go GO1
+blkdiscard -o $((8 * 1048576)) -l $((16 * 1048576)) /dev/vda && echo BLKDISCARD_OK=1
+echo DISCARDED_MD5=$(dd if=/dev/vda bs=1M skip=8 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+echo KEPT_MD5=$(dd if=/dev/vda bs=1M skip=32 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+
+mke2fs -q /dev/vdb && mkdir -p /mnt && mount -t ext2 /dev/vdb /mnt && echo MOUNT_OK=1
+cp /tmp/data /mnt/a.bin && cp /tmp/data /mnt/b.bin && sync && echo FILES_WRITTEN=1
+go GO2
+rm /mnt/a.bin /mnt/b.bin && sync && echo REMOVED=1
+echo FSTRIM="$(fstrim -v /mnt 2>&1)"
+umount /mnt && echo UMOUNT_OK=1
+`;
+
+test('guest blk: blkdiscard and fstrim punch holes in the host images; discarded ranges read back zeros', { timeout: 600_000 }, async (t) => {
+  await withHeavyLock(async () => {
+    const fx = await startBridgeFixture({
+      functions: [
+        { name: 'raw', type: 'blk', socket: 'raw.sock', backend: { file: 'raw.img', size: '64M' } },
+        { name: 'fs', type: 'blk', socket: 'fs.sock', backend: { file: 'fs.img', size: '64M' } },
+        { name: 'ctl', type: 'blk', socket: 'ctl.sock', backend: { file: 'ctl.img', size: '1M' } },
+      ],
+    });
+    try {
+      const raw = path.join(fx.dir, 'raw.img');
+      const fsImage = path.join(fx.dir, 'fs.img');
+      const g = await startGuest({
+        name: 'blk-trim',
+        script: TRIM_SCRIPT,
+        memMiB: 256,
+        blks: ['raw', 'fs', 'ctl'].map((n) => ({ socket: fx.socket(n) })),
+        timeoutMs: 500_000,
+      });
+      const reach = (re: RegExp): Promise<unknown> =>
+        g.waitFor(re, 400_000).catch((e: Error) => {
+          throw new Error(`${e.message}; guest output:\n${g.output()}`);
+        });
+      await reach(/^WRITTEN=1$/m);
+      const rawWritten = allocatedBlocks(raw);
+      hostGo(path.join(fx.dir, 'ctl.img'), 'GO1');
+      await reach(/^FILES_WRITTEN=1$/m);
+      const rawDiscarded = allocatedBlocks(raw);
+      const fsWritten = allocatedBlocks(fsImage);
+      hostGo(path.join(fx.dir, 'ctl.img'), 'GO2');
+      const r = await g.done;
+      const v = kv(r.output);
+      const fsTrimmed = allocatedBlocks(fsImage);
+      t.diagnostic(`raw.img blocks: ${rawWritten} written, ${rawDiscarded} after blkdiscard; fs.img: ${fsWritten} with files, ${fsTrimmed} after fstrim (${v.FSTRIM})`);
+      assert.equal(r.rc, 0, `guest failed:\n${r.output}`);
+
+      // The limits the device advertises are what the guest's block layer uses.
+      assert.equal(v.DISCARD_GRANULARITY, '512');
+      assert.equal(v.DISCARD_MAX_HW, String(0x3fffff * 512));
+      assert.equal(v.DISCARD_SEGMENTS, '32');
+      assert.equal(v.WRITE_ZEROES_MAX, String(32768 * 512));
+
+      // blkdiscard: 16 MiB of the 32 MiB written are given back to the host, and read zeros on both sides.
+      assert.equal(v.WRITTEN, '1');
+      assert.ok(rawWritten * 512 >= 32 * MiB, `raw.img holds the 32 MiB written (${rawWritten} blocks)`);
+      assert.equal(v.BLKDISCARD_OK, '1');
+      assert.ok(rawDiscarded <= rawWritten - (16 * MiB) / 512, `blkdiscard freed 16 MiB: ${rawWritten} -> ${rawDiscarded} blocks`);
+      assert.equal(v.DISCARDED_MD5, v.ZERO_MD5, 'the guest reads the discarded range as zeros');
+      assert.equal(await md5OfRange(raw, 8 * MiB, 16 * MiB), v.ZERO_MD5, 'the host image reads zeros there');
+      assert.equal(v.KEPT_MD5, v.SRC_MD5);
+      assert.equal(await md5OfRange(raw, 32 * MiB, 16 * MiB), v.SRC_MD5, 'the range not discarded is intact');
+
+      // fstrim: the 32 MiB of deleted files (and the never-written free space) go back to the host.
+      assert.equal(v.MOUNT_OK, '1');
+      assert.equal(v.REMOVED, '1');
+      assert.equal(v.UMOUNT_OK, '1');
+      const trimmed = /([0-9]+) bytes trimmed/.exec(v.FSTRIM ?? '');
+      assert.ok(trimmed !== null && Number(trimmed[1]) >= 32 * MiB, `fstrim output: ${v.FSTRIM}`);
+      assert.ok(fsWritten * 512 >= 32 * MiB, `fs.img holds the 32 MiB of files (${fsWritten} blocks)`);
+      assert.ok(fsTrimmed <= fsWritten - (30 * MiB) / 512, `fstrim freed the deleted files: ${fsWritten} -> ${fsTrimmed} blocks`);
+      execFileSync('e2fsck', ['-f', '-n', fsImage], { stdio: 'pipe' });
+      assert.ok(fx.queue('raw', 0).drops === 0 && fx.queue('fs', 0).drops === 0, 'no request failed');
     } finally {
       await fx.close();
     }
