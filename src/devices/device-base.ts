@@ -10,6 +10,30 @@ import type { DeviceQueue, VirtioDevice } from './device';
 /** Used elements published per notify() inside one drain, so a long drain still lets the driver refill early. */
 export const NOTIFY_BATCH = 64;
 
+/**
+ * Polling after a drain, so that a driver posting its next request soon after
+ * a completion needs no kick (under TCG every kick is an exit, every interrupt
+ * an injection): the window adapts as in KVM's halt polling, growing towards
+ * the gaps seen between a drain and the next request, shrinking when they are
+ * longer than it is worth spinning for.
+ */
+export interface PollOptions {
+  /** Longest window, in microseconds (0: never poll). */
+  maxUs: number;
+}
+
+/** Per queue: whether a poll loop runs, its window and where it stands. */
+interface PollState {
+  active: boolean;
+  windowNs: number;
+  /** hrtime (ns) of the last chain found. */
+  lastWork: number;
+  /** hrtime (ns) the last window ended with nothing, 0 when none since. */
+  expiredAt: number;
+}
+
+const now = (): number => Number(process.hrtime.bigint());
+
 /** Transport features every device here offers. */
 export const COMMON_FEATURES = bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC);
 
@@ -25,13 +49,18 @@ export abstract class DeviceBase implements VirtioDevice {
   protected failed = false;
   /** The error that stopped the device, for diagnostics. */
   lastError: Error | null = null;
+  private readonly pollMaxNs: number;
+  private readonly polls: PollState[];
 
   constructor(
     readonly name: string,
     readonly maxQueues: number,
     readonly maxQueueSize: number,
+    poll: PollOptions = { maxUs: 0 },
   ) {
     this.queues = new Array<DeviceQueue | null>(maxQueues).fill(null);
+    this.pollMaxNs = Math.max(0, poll.maxUs) * 1000;
+    this.polls = Array.from({ length: maxQueues }, () => ({ active: false, windowNs: this.pollMaxNs, lastWork: 0, expiredAt: 0 }));
   }
 
   abstract features(): bigint;
@@ -111,6 +140,8 @@ export abstract class DeviceBase implements VirtioDevice {
     const vq = q.queue;
     const mem = q.mem;
     const stats = q.stats;
+    const poll = this.polls[q.index] as PollState;
+    if (!poll.active) this.adaptPoll(poll);
     let pending = 0;
     try {
       for (;;) {
@@ -125,8 +156,15 @@ export abstract class DeviceBase implements VirtioDevice {
             pending = 0;
           }
         }
+        // Polling: kicks stay off, the poll loop looks again on the next turns.
+        if (poll.windowNs > 0) {
+          this.keepPolling(q, poll, handle);
+          break;
+        }
         if (!vq.enableNotification(mem)) break;
       }
+      // Not polling now: the gap to the next kick tells whether polling would have paid.
+      if (this.pollMaxNs > 0 && !poll.active) poll.expiredAt = now();
     } finally {
       // Publish what was completed even when a later chain was malformed: the
       // driver may still reap those before the link resets the device.
@@ -135,6 +173,48 @@ export abstract class DeviceBase implements VirtioDevice {
         q.notify();
       }
     }
+  }
+
+  /** A kick after a drain that did not poll, or whose window ended with nothing: would a (longer) window have caught it? */
+  private adaptPoll(poll: PollState): void {
+    if (this.pollMaxNs === 0 || poll.expiredAt === 0) return;
+    // From the last chain found to this kick.
+    const gap = now() - poll.expiredAt + poll.windowNs;
+    poll.expiredAt = 0;
+    if (gap <= this.pollMaxNs) poll.windowNs = Math.min(this.pollMaxNs, Math.max(2 * poll.windowNs, gap + (gap >> 1), 10_000));
+    else poll.windowNs >>= 1;
+    if (poll.windowNs < 10_000) poll.windowNs = 0;
+  }
+
+  private keepPolling(q: DeviceQueue, poll: PollState, handle: (q: DeviceQueue, chain: DescriptorChain) => number): void {
+    poll.lastWork = now();
+    if (poll.active) return;
+    poll.active = true;
+    const tick = (): void => {
+      // A stop, a restart or a failure ends the loop: the new queue starts with kicks on.
+      if (this.queues[q.index] !== q || this.failed) {
+        poll.active = false;
+        return;
+      }
+      try {
+        if (q.queue.available(q.mem) > 0) {
+          this.drain(q, handle);
+          setImmediate(tick);
+          return;
+        }
+        if (now() - poll.lastWork < poll.windowNs) {
+          setImmediate(tick);
+          return;
+        }
+        poll.active = false;
+        poll.expiredAt = now();
+        if (q.queue.enableNotification(q.mem)) this.drain(q, handle);
+      } catch (err) {
+        poll.active = false;
+        this.fail(q, err);
+      }
+    };
+    setImmediate(tick);
   }
 
   /** Called before each notify() of drain(): lets a device flush work batched per burst (net TX's uplink). */

@@ -425,3 +425,66 @@ test('a path with size creates or grows the file; a shared RawFile stays open', 
   assert.equal(fs.fstatSync(rf.fd).size, 16384, 'still open');
   rf.close();
 });
+
+// ---- polling after a drain ---------------------------------------------------------------
+
+const until = async (cond: () => boolean, what: string, ms = 3000): Promise<void> => {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 1));
+  }
+};
+
+function postRead(r: Rig, sector: number): void {
+  r.driver.addChain([{ data: header(BLK_T_IN, sector) }, { writable: true, len: 512 }, { writable: true, len: 1 }]);
+}
+
+test('polling: a request posted inside the window completes without a kick; kicks stay off meanwhile', async () => {
+  const r = rig({ pollUs: 10_000_000 }, MockDriver.create({ size: 64, indirect: true, eventIdx: true }));
+  const next = (r.dq.queue as { nextAvail: number }).nextAvail;
+  postRead(r, 0);
+  assert.equal(r.driver.kickNeeded(), true);
+  r.dev.kick(0);
+  assert.ok(r.driver.popUsed() !== null, 'the kicked request completed');
+  assert.equal(r.driver.availEvent(), next, 'avail_event not moved: the driver is not asked to kick');
+  postRead(r, 1);
+  assert.equal(r.driver.kickNeeded(), false, 'the driver sees no need to kick');
+  await until(() => r.driver.usedIdx() === 2, 'the second request, found by polling');
+  assert.equal(r.dq.stats.descriptors, 2);
+  // A stop ends the loop: what is posted afterwards waits for the next start.
+  r.dev.stopQueue(0);
+  postRead(r, 2);
+  await new Promise((res) => setTimeout(res, 20));
+  assert.equal(r.driver.usedIdx(), 2);
+  assert.deepEqual(r.fatal, []);
+});
+
+test('polling: when the window ends with nothing, kicks are asked for again; a kick after a long gap shrinks the window', async () => {
+  const r = rig({ pollUs: 2000 }, MockDriver.create({ size: 64, indirect: true, eventIdx: true }));
+  postRead(r, 0);
+  r.dev.kick(0);
+  assert.ok(r.driver.popUsed() !== null);
+  await until(() => r.driver.availEvent() === 1, 'avail_event moved to the next request: kicks on');
+  // Long after the window: this kick tells the device the window was not worth it; it halves, down to off.
+  for (let i = 1; i <= 9; i++) {
+    await new Promise((res) => setTimeout(res, 10));
+    postRead(r, i);
+    assert.equal(r.driver.kickNeeded(), true, `request ${i} needs a kick`);
+    r.dev.kick(0);
+    assert.ok(r.driver.popUsed() !== null, `request ${i} completed on its kick`);
+  }
+  await until(() => r.driver.availEvent() === 10, 'kicks on after the last one');
+  // The window is gone: a drain re-enables kicks before it returns.
+  await new Promise((res) => setTimeout(res, 10));
+  postRead(r, 10);
+  r.dev.kick(0);
+  assert.equal(r.driver.availEvent(), 11, 'no polling any more: kicks asked for at once');
+  // A kick right after a drain says a window would have caught it: polling comes back.
+  postRead(r, 11);
+  r.dev.kick(0);
+  assert.equal(r.driver.availEvent(), 11, 'polling again: kicks stay off');
+  await until(() => r.driver.availEvent() === 12, 'the new window ends');
+  assert.equal(r.dq.stats.descriptors, 12);
+  assert.deepEqual(r.fatal, []);
+});

@@ -63,7 +63,12 @@ export interface BlkDeviceOptions {
   maxDiscardSegments?: number;
   /** Segments per write-zeroes request. Default 1, for the same reason as maxWriteZeroesSectors. */
   maxWriteZeroesSegments?: number;
+  /** Longest adaptive polling window after a drain, in microseconds (0: none). Default BLK_POLL_US. */
+  pollUs?: number;
 }
+
+/** See PollOptions; chosen by `make bench` (docs/BENCHMARKS.md). */
+export const BLK_POLL_US = Number(process.env.VBRIDGE_BLK_POLL_US ?? 0);
 
 /** virtio_blk_config up to write_zeroes_may_unmap and its padding (secure erase / zoned not offered). */
 const CONFIG_SIZE = 60;
@@ -100,7 +105,7 @@ export class BlkDevice extends DeviceBase {
     const nq = opts.numQueues ?? 1;
     if (!Number.isInteger(nq) || nq < 1 || nq > 0xffff) throw new RangeError(`${opts.name}: numQueues must be 1..65535, got ${nq}`);
     const qsize = opts.queueSize ?? 1024;
-    super(opts.name, nq, qsize);
+    super(opts.name, nq, qsize, { maxUs: opts.pollUs ?? BLK_POLL_US });
     const bs = opts.blockSize ?? BLK_SECTOR_SIZE;
     if (!Number.isInteger(bs) || bs < BLK_SECTOR_SIZE || (bs & (bs - 1)) !== 0) {
       throw new RangeError(`${opts.name}: blockSize must be a power of two >= 512, got ${bs}`);
