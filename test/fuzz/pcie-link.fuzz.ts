@@ -409,7 +409,8 @@ class World {
     const link = new LoopbackLink({ bar2Size: ringArea + poolBytes, device: dev, failMode: 'sync' });
     // The fuzzer is the backend: kicks are only recorded.
     link.hold = true;
-    const relay = new RelayDevice(link, link.info, { name: 'fuzz', queueSize: G, slotSize, logger: new CaptureLogger() });
+    // No timed re-checks: the model predicts harvests at the calls it makes (kick, onUsed), not at timers that fire while it awaits.
+    const relay = new RelayDevice(link, link.info, { name: 'fuzz', queueSize: G, slotSize, recheckMs: 3_600_000, logger: new CaptureLogger() });
     const guestEventIdx = rng.chance(0.5);
     const mem = GuestMemory.fromBuffer(GUEST_BASE, new ArrayBuffer(GUEST_MEM));
     const driver = new MockDriver(mem, { size: G, ringAddr: GUEST_BASE, heapAddr: MOCK_HEAP, heapSize: ARENA - MOCK_HEAP, eventIdx: guestEventIdx });
@@ -526,8 +527,10 @@ class World {
 
   // ---- the relay, called through guarded wrappers -------------------------------------------
 
+  /** A kick harvests the used ring too (the room a blocked queue waits for may have come without an interrupt). */
   kick(): void {
-    this.call('kick', () => this.relay.kick(0));
+    const predicted = this.predictHarvest();
+    this.call('kick', () => this.relay.kick(0), predicted);
   }
 
   interrupt(): void {

@@ -15,8 +15,9 @@ test('bounded: a result, a failure and a hang each come back as an outcome, the 
 });
 
 test('cpuSeconds: this process uses CPU and the figure grows with work; a process that is gone reads NaN', () => {
-  const a = cpuSeconds(process.pid);
   const w = new CpuWindow({ me: process.pid, gone: 0x7ffffffe });
+  // Read after the window opened: the window's start is at most this (ticks are 10 ms).
+  const a = cpuSeconds(process.pid);
   // Work until /proc shows 50 ms more (the machine may be busy: wall time says little), within 10 s.
   const giveUp = Date.now() + 10_000;
   let x = 0;
