@@ -295,14 +295,16 @@ export class VhostUserBackend {
     if (spec.protocolFeature !== undefined && !this.hasProtocol(spec.protocolFeature)) {
       throw new ProtocolError(spec.name, `sent without negotiating protocol feature ${protocolFeatureNames(bit(spec.protocolFeature)).join()}`, false);
     }
-    if (spec.id === Frontend.GET_VRING_BASE.id && this.quiesceFirst(spec, hdr, req as VringState)) return;
+    if (takesRingAway(spec, req) && this.quiesceFirst(spec, hdr, req as VringState)) return;
     this.finish(spec, hdr, this.dispatch(spec, req, fds));
   }
 
   /**
-   * GET_VRING_BASE on a running queue of a device that may hold chains
-   * elsewhere (a relay): let the device settle first, reading no further
-   * messages meanwhile, then answer as usual. Returns false when no wait is needed.
+   * GET_VRING_BASE, or SET_VRING_ENABLE 0 (QEMU 7.2 disables the rings before
+   * it fetches their bases), on a running queue of a device that may hold
+   * chains elsewhere (a relay): let the device settle first, reading no
+   * further messages meanwhile, then handle the message as usual. Returns
+   * false when no wait is needed.
    */
   private quiesceFirst(spec: AnyMessageSpec, hdr: MessageHeader, s: VringState): boolean {
     const v = this.vrings[s.index];
@@ -322,7 +324,7 @@ export class VhostUserBackend {
       }
     };
     quiesce.call(this.device, s.index).then(settle, (e: unknown) => {
-      this.logger.warn(`${this.label}: queue ${s.index} did not settle before GET_VRING_BASE: ${asError(e, 'quiesce').message}`);
+      this.logger.warn(`${this.label}: queue ${s.index} did not settle before ${spec.name}: ${asError(e, 'quiesce').message}`);
       settle();
     });
     return true;
@@ -1015,6 +1017,12 @@ export class VhostUserBackend {
     this.mem = null;
     this.opts.onClose?.(err);
   }
+}
+
+/** The message stops a ring the device may still have chains of (a relay): it must settle first. */
+function takesRingAway(spec: AnyMessageSpec, req: unknown): boolean {
+  if (spec.id === Frontend.GET_VRING_BASE.id) return true;
+  return spec.id === Frontend.SET_VRING_ENABLE.id && (req as VringState).num === 0;
 }
 
 type RegionNums = { guestAddr: number; size: number; userAddr: number; mmapOffset: number };

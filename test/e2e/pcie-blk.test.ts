@@ -168,3 +168,59 @@ test('a backend killed in the middle of the guest writes and started again: the 
     }
   });
 });
+
+const CHECKER = path.resolve(__dirname, '..', 'support', 'checking-backend.js');
+
+/** The guest writes, unloads its blk driver (the device stops), loads it again (it starts again) and reads back. */
+const RELOAD_SCRIPT = `
+dd if=/dev/urandom of=/tmp/d bs=64k count=16 2>/dev/null
+echo SRC=$(md5sum < /tmp/d | cut -d' ' -f1)
+dd if=/tmp/d of=/dev/vda bs=64k oflag=direct 2>/dev/null && echo WRITE_OK=1
+rmmod virtio_blk && echo RMMOD_OK=1
+insmod /lib/modules/virtio_blk.ko && echo INSMOD_OK=1
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+echo BACK=$(dd if=/dev/vda bs=64k count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+`;
+
+test('a guest that reloads its blk driver: the backend sees GET_VRING_BASE at the stop, a full start sequence after, DRIVER_OK last', { timeout: 600_000 }, async (t) => {
+  await withHeavyLock(async () => {
+    const fx = await startBridgeFixture({ functions: [{ name: 'blk0', type: 'blk', socket: 'blk0.sock', backend: { link: 'pcie', attach: 'blk0.bar', 'bar-size': '16M' } }] });
+    let backend: BackendProcess | null = null;
+    try {
+      backend = await startBackendProcess([path.join(fx.dir, 'blk0.bar'), path.join(fx.dir, 'disk.img'), String(16 * MiB)], 1, { script: CHECKER });
+      await waitForPath(fx.socket('blk0'), 10_000);
+      const g = await startGuest({ name: 'pcie-reload', script: RELOAD_SCRIPT, cpus: 1, memMiB: 256, blks: [{ socket: fx.socket('blk0') }], timeoutMs: 300_000 });
+      const r = await g.done;
+      const v = kv(r.output);
+      assert.equal(r.rc, 0, `guest failed:\n${r.output}\n${r.stderr}`);
+      assert.equal(v.WRITE_OK, '1');
+      assert.equal(v.RMMOD_OK, '1');
+      assert.equal(v.INSMOD_OK, '1');
+      assert.equal(v.BACK, v.SRC, 'the guest reads back what it wrote before the reload');
+      const b = backend;
+      b.proc.kill('SIGUSR2');
+      await waitFor('the checker to settle', () => /^settled \d+$/m.test(b.output()), 10_000);
+      const out = b.output();
+      const mbox = out.split('\n').filter((l) => l.startsWith('mbox ')).map((l) => l.slice(5));
+      t.diagnostic(`mailbox: ${mbox.join(' | ')}`);
+      assert.deepEqual(out.split('\n').filter((l) => l.startsWith('violation ')), [], 'the card broke docs/pcie-link.md');
+      assert.match(out, /^settled 0$/m);
+      // Each stop of the guest's device (SeaBIOS handing over, the driver unloaded, the power-off) is a GET_VRING_BASE...
+      const stops = mbox.flatMap((m, i) => (m === 'GET_VRING_BASE {0, 0}' ? [i] : []));
+      assert.ok(stops.length >= 2, 'the driver unload and the power-off reached the backend as GET_VRING_BASE');
+      for (const i of stops) assert.equal(mbox[i - 1], 'SET_STATUS 0xf', 'DRIVER_OK was the last status while the queue ran');
+      // ...and each start after one is the whole sequence of 6.2.
+      const restarts = stops.filter((i) => i + 1 < mbox.length && mbox[i + 1] !== 'RESET_DEVICE');
+      assert.ok(restarts.length >= 1, 'the driver reload restarted the queue');
+      for (const i of restarts) {
+        const next = mbox.slice(i + 1).filter((m) => !m.startsWith('SET_FEATURES') && m !== 'SET_STATUS 0xb');
+        assert.deepEqual(next.slice(0, 5), ['SET_VRING_NUM {0, 1024}', 'SET_VRING_ADDR {0}', 'SET_VRING_BASE {0, 0}', 'SET_VRING_ENABLE {0, 1}', 'SET_STATUS 0xf']);
+      }
+      // A reset inside the VM is stops and starts (6.4): RESET_DEVICE only once the front-end went away.
+      assert.ok(!mbox.slice(0, stops[stops.length - 1]).includes('RESET_DEVICE'));
+    } finally {
+      await backend?.stop();
+      await fx.close();
+    }
+  });
+});

@@ -9,7 +9,9 @@
  * ZERO_RANGE: the written-zeros fallback), read-only sometimes.
  *
  * A reference model of the disk and of virtio 1.2 §5.2.6 predicts every
- * request's status (OK, IOERR or UNSUPP), used length and read data; after
+ * request's status (OK, IOERR or UNSUPP), used length (every writable byte,
+ * status last) and the bytes before the status (read data, the ID, or zeros:
+ * never what the buffer held before); after
  * every request the whole backing file must equal the model, so a refused
  * request that touched anything, or a punched hole in the wrong place, shows.
  * The device must never raise onFatal for these well-formed chains.
@@ -44,6 +46,8 @@ const SECTOR = 512;
 const SECTORS = 256;
 const DISK = SECTORS * SECTOR;
 const TWO_32 = 2 ** 32;
+/** The device name, which is its GET_ID serial. */
+const ID = 'fuzz';
 
 class Failure extends Error {}
 
@@ -97,7 +101,7 @@ class World {
       maxWriteZeroesSectors: rng.pick([1, 8, 64, 32768]),
       maxWriteZeroesSegments: rng.pick([1, 3, 32]),
     };
-    this.dev = new BlkDevice({ name: 'fuzz', file: this.file, readOnly: this.readOnly, queueSize: 64, ...this.limits });
+    this.dev = new BlkDevice({ name: ID, file: this.file, readOnly: this.readOnly, queueSize: 64, ...this.limits });
     this.dev.setFeatures(this.dev.features());
     const m = MockDriver.create({ size: 64, indirect: true, memSize: 1 << 20 });
     this.driver = m.driver;
@@ -137,7 +141,7 @@ interface Expected {
   status: number;
   /** Used length: bytes the device wrote, status byte included. */
   len: number;
-  /** IN data to compare (OK only). */
+  /** What the writable bytes before the status byte must hold; zeros when unset. */
   data?: Uint8Array;
   apply?: () => void;
 }
@@ -205,26 +209,26 @@ function expect(w: World, q: Request): Expected {
   const m = w.model;
   switch (q.type) {
     case BLK_T_IN: {
-      if (q.inLen % SECTOR !== 0 || !inRange(q.sector, q.inLen / SECTOR)) return { status: BLK_S_IOERR, len: 1 };
+      if (q.inLen % SECTOR !== 0 || !inRange(q.sector, q.inLen / SECTOR)) return { status: BLK_S_IOERR, len: q.inLen + 1 };
       const from = q.sector * SECTOR;
       return { status: BLK_S_OK, len: q.inLen + 1, data: m.slice(from, from + q.inLen) };
     }
     case BLK_T_OUT: {
-      if (w.readOnly || q.body.length % SECTOR !== 0 || !inRange(q.sector, q.body.length / SECTOR)) return { status: BLK_S_IOERR, len: 1 };
-      return { status: BLK_S_OK, len: 1, apply: () => m.set(q.body, q.sector * SECTOR) };
+      if (w.readOnly || q.body.length % SECTOR !== 0 || !inRange(q.sector, q.body.length / SECTOR)) return { status: BLK_S_IOERR, len: q.inLen + 1 };
+      return { status: BLK_S_OK, len: q.inLen + 1, apply: () => m.set(q.body, q.sector * SECTOR) };
     }
     case BLK_T_FLUSH:
-      return { status: BLK_S_OK, len: 1 };
+      return { status: BLK_S_OK, len: q.inLen + 1 };
     case BLK_T_GET_ID:
-      return { status: BLK_S_OK, len: Math.min(BLK_ID_BYTES, q.inLen) + 1 };
+      return { status: BLK_S_OK, len: q.inLen + 1, data: Uint8Array.from({ length: q.inLen }, (_, i) => (i < Math.min(BLK_ID_BYTES, ID.length) ? ID.charCodeAt(i) : 0)) };
     case BLK_T_DISCARD:
     case BLK_T_WRITE_ZEROES: {
-      if (w.readOnly) return { status: BLK_S_IOERR, len: 1 };
+      if (w.readOnly) return { status: BLK_S_IOERR, len: q.inLen + 1 };
       const zero = q.type === BLK_T_WRITE_ZEROES;
       const b = q.body;
-      if (b.length === 0 || b.length % 16 !== 0) return { status: BLK_S_UNSUPP, len: 1 };
+      if (b.length === 0 || b.length % 16 !== 0) return { status: BLK_S_UNSUPP, len: q.inLen + 1 };
       const n = b.length / 16;
-      if (n > (zero ? w.limits.maxWriteZeroesSegments : w.limits.maxDiscardSegments)) return { status: BLK_S_UNSUPP, len: 1 };
+      if (n > (zero ? w.limits.maxWriteZeroesSegments : w.limits.maxDiscardSegments)) return { status: BLK_S_UNSUPP, len: q.inLen + 1 };
       const dv = new DataView(b.buffer, b.byteOffset, b.length);
       const max = zero ? w.limits.maxWriteZeroesSectors : w.limits.maxDiscardSectors;
       const ranges: [number, number][] = [];
@@ -233,15 +237,15 @@ function expect(w: World, q: Request): Expected {
         const cnt = dv.getUint32(16 * i + 8, true);
         const flags = dv.getUint32(16 * i + 12, true);
         // Unknown flags, or UNMAP on a discard: UNSUPP. Too long or outside the disk: IOERR. The first bad segment decides.
-        if ((flags & ~1) !== 0 || (!zero && flags !== 0)) return { status: BLK_S_UNSUPP, len: 1 };
-        if (cnt > max || !inRange(sector, cnt)) return { status: BLK_S_IOERR, len: 1 };
+        if ((flags & ~1) !== 0 || (!zero && flags !== 0)) return { status: BLK_S_UNSUPP, len: q.inLen + 1 };
+        if (cnt > max || !inRange(sector, cnt)) return { status: BLK_S_IOERR, len: q.inLen + 1 };
         ranges.push([sector, cnt]);
       }
       // Both backings punch holes, so a discard reads back zeros here as well.
-      return { status: BLK_S_OK, len: 1, apply: () => ranges.forEach(([s, c]) => m.fill(0, s * SECTOR, (s + c) * SECTOR)) };
+      return { status: BLK_S_OK, len: q.inLen + 1, apply: () => ranges.forEach(([s, c]) => m.fill(0, s * SECTOR, (s + c) * SECTOR)) };
     }
     default:
-      return { status: BLK_S_UNSUPP, len: 1 };
+      return { status: BLK_S_UNSUPP, len: q.inLen + 1 };
   }
 }
 
@@ -282,7 +286,9 @@ function runOne(r: Rng, w: World, counts: Map<string, number>): void {
     if (q.inLen - a > 0) segs.push({ writable: true, len: q.inLen - a });
   }
   segs.push({ writable: true, len: 1 });
-  w.driver.addChain(segs, { indirect: r.chance(0.3) });
+  const head = w.driver.addChain(segs, { indirect: r.chance(0.3) });
+  // What the buffers held before must not show through: every byte up to the status is the device's.
+  for (const s of (w.driver.segmentsOf(head) ?? []).filter((x) => x.writable)) w.driver.writeBytes(s.addr, new Uint8Array(s.len).fill(0xa5));
   w.dev.kick(0);
   const u = w.driver.popUsed();
   if (u === null) fail('request not completed');
@@ -293,15 +299,16 @@ function runOne(r: Rng, w: World, counts: Map<string, number>): void {
   const what = `type ${q.type} sector ${q.sector} body ${q.body.length} in ${q.inLen} (${w.backing}${w.readOnly ? ', ro' : ''}, ${JSON.stringify(w.limits)})`;
   if (status !== want.status) fail(`${what}: status ${status}, expected ${want.status}`);
   if (u.len !== want.len) fail(`${what}: used len ${u.len}, expected ${want.len}`);
-  if (want.data !== undefined) {
-    const got = new Uint8Array(want.data.length);
+  {
+    const data = want.data ?? new Uint8Array(q.inLen);
+    const got = new Uint8Array(data.length);
     let pos = 0;
     for (const s of writable.slice(0, -1)) {
       got.set(w.driver.readBytes(s.addr, s.len), pos);
       pos += s.len;
     }
-    const at = got.findIndex((b, i) => b !== want.data?.[i]);
-    if (at >= 0) fail(`${what}: read data differs at byte ${at}`);
+    const at = got.findIndex((b, i) => b !== data[i]);
+    if (at >= 0) fail(`${what}: writable byte ${at} is ${got[at]}, expected ${data[at]}`);
   }
   want.apply?.();
   const file = w.fileBytes();

@@ -97,12 +97,15 @@ interface Done {
 }
 
 /** Post one request, kick, collect it. `inSegs` are the lengths of writable data segments. */
-function run(r: Rig, type: number, sector: number, o: { out?: Uint8Array[]; inSegs?: number[]; indirect?: boolean } = {}): Done {
+function run(r: Rig, type: number, sector: number, o: { out?: Uint8Array[]; inSegs?: number[]; indirect?: boolean; canary?: number } = {}): Done {
   const segs: SegmentSpec[] = [{ data: header(type, sector) }];
   for (const d of o.out ?? []) segs.push({ data: d });
   for (const n of o.inSegs ?? []) segs.push({ writable: true, len: n });
   segs.push({ writable: true, len: 1 });
-  r.driver.addChain(segs, { indirect: o.indirect });
+  const head = r.driver.addChain(segs, { indirect: o.indirect });
+  if (o.canary !== undefined) {
+    for (const s of (r.driver.segmentsOf(head) ?? []).filter((x) => x.writable)) r.driver.writeBytes(s.addr, new Uint8Array(s.len).fill(o.canary));
+  }
   r.dev.kick(0);
   const u = r.driver.popUsed();
   assert.ok(u !== null, 'request completed');
@@ -193,6 +196,27 @@ test('out-of-range and misaligned requests fail with IOERR and touch nothing', (
   assert.deepEqual(fs.readFileSync(r.file), before);
   assert.equal(r.dq.stats.drops, 7);
   assert.equal(r.fatal.length, 0);
+  r.dev.close();
+});
+
+test('every writable byte is reported used, status last; bytes a request did not fill are zeroed, never left as they were', () => {
+  const r = rig({ serial: 'short-id' });
+  fs.writeFileSync(r.file, new Uint8Array(DISK).fill(0x11));
+  const ok = run(r, BLK_T_IN, 0, { inSegs: [512, 512], canary: 0xee });
+  assert.equal(ok.len, 1025);
+  assert.deepEqual(ok.data, new Uint8Array(1024).fill(0x11));
+  const failed = run(r, BLK_T_IN, DISK / 512, { inSegs: [512, 512], canary: 0xee });
+  assert.equal(failed.status, BLK_S_IOERR);
+  assert.equal(failed.len, 1025, 'a relay copies len bytes from the start: the status byte must be inside');
+  assert.deepEqual(failed.data, new Uint8Array(1024), 'the data bytes of a failed read are zeros');
+  const id = run(r, BLK_T_GET_ID, 0, { inSegs: [32], canary: 0xee });
+  assert.equal(id.status, BLK_S_OK);
+  assert.equal(id.len, 33);
+  assert.deepEqual(id.data, new Uint8Array([...Buffer.from('short-id', 'latin1'), ...new Uint8Array(24)]));
+  const unknown = run(r, 0x7777, 0, { inSegs: [64], canary: 0xee });
+  assert.equal(unknown.status, BLK_S_UNSUPP);
+  assert.equal(unknown.len, 65);
+  assert.deepEqual(unknown.data, new Uint8Array(64));
   r.dev.close();
 });
 

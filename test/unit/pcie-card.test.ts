@@ -7,7 +7,20 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { attach, detach, type Attachment } from '../../src/links/pcie/attach';
 import { type CardEvents, type DeviceInfo, PcieCard } from '../../src/links/pcie/card';
-import { CARD_FAILED, Csr, MAILBOX_NOTIFIER, READY_VALUE } from '../../src/links/pcie/layout';
+import {
+  ATTACH_REPLY_SIZE,
+  AttachStatus,
+  BAR0_SIZE,
+  BAR2_OFFSET,
+  CARD_FAILED,
+  Csr,
+  HELLO_SIZE,
+  LINK_MAGIC,
+  LINK_VERSION,
+  MAILBOX_NOTIFIER,
+  NUM_NOTIFIERS,
+  READY_VALUE,
+} from '../../src/links/pcie/layout';
 import { native } from '../../src/native/addon';
 import { bit, F_VERSION_1, VIRTIO_ID_BLOCK } from '../../src/virtio/constants';
 import { CaptureLogger, tmpSocket, waitFor } from './vhost-user-harness';
@@ -99,6 +112,88 @@ test('after an unplug the card moves to a fresh BAR and eventfds: what the old b
     assert.equal(next.bar0.getUint32(Csr.CARD_STATUS, true) & CARD_FAILED, 0);
     detach(old.at);
     detach(next.at);
+  } finally {
+    card.close();
+  }
+});
+
+/** Say `hello` on a raw connection; resolve with the 32-byte reply and its fds, or null for EOF without one. */
+async function hello(sock: string, bytes: Uint8Array | null, fd?: number): Promise<{ reply: DataView; fds: number[] } | null> {
+  const a = native();
+  const s = fd ?? a.connect(sock);
+  try {
+    if (bytes !== null) {
+      a.setNonBlocking(s, false);
+      assert.equal(a.sendmsg(s, bytes, 0, bytes.length, []), bytes.length);
+      a.setNonBlocking(s, true);
+    }
+    const buf = new Uint8Array(ATTACH_REPLY_SIZE);
+    let got = 0;
+    const fds: number[] = [];
+    let eof = false;
+    await waitFor(
+      () => {
+        const r = a.recvmsg(s, buf, got, buf.length - got);
+        fds.push(...r.fds);
+        if (r.n === 0) eof = true;
+        else if (r.n > 0) got += r.n;
+        return eof || got === buf.length;
+      },
+      'an attach reply or EOF',
+      4000,
+    );
+    if (got === 0) return null;
+    assert.equal(got, ATTACH_REPLY_SIZE);
+    return { reply: new DataView(buf.buffer), fds };
+  } finally {
+    a.close(s);
+  }
+}
+
+function helloBytes(magic: number, version: number): Uint8Array {
+  const b = new Uint8Array(HELLO_SIZE);
+  const dv = new DataView(b.buffer);
+  dv.setUint32(0, magic, true);
+  dv.setUint32(4, version, true);
+  dv.setUint32(8, 0xdeadbeef, true);
+  return b;
+}
+
+test('the attach handshake as 8.1 says: refusals in order, with the card identity; BUSY during a hello; a silent peer dropped after 2 s', async () => {
+  const sock = tmpSocket('card-hello');
+  const ev = new Events();
+  const card = new PcieCard(sock, BAR2, ev, new CaptureLogger(), 'card-hello');
+  card.listen();
+  const a = native();
+  const refusal = (r: { reply: DataView; fds: number[] } | null, status: number): void => {
+    assert.ok(r !== null, 'a refusal has a reply');
+    const v = r.reply;
+    assert.deepEqual(
+      [v.getUint32(0, true), v.getUint32(4, true), v.getUint32(8, true), v.getUint32(12, true), v.getUint32(16, true), v.getUint32(20, true), v.getBigUint64(24, true)],
+      [LINK_MAGIC, LINK_VERSION, status, BAR0_SIZE, BAR2_OFFSET, NUM_NOTIFIERS, 0n],
+    );
+    assert.deepEqual(r.fds, [], 'a refusal carries no fds');
+  };
+  try {
+    refusal(await hello(sock, helloBytes(0x12345678, LINK_VERSION + 1)), AttachStatus.BAD_HELLO);
+    refusal(await hello(sock, helloBytes(LINK_MAGIC, LINK_VERSION + 1)), AttachStatus.VERSION);
+
+    // A peer in the middle of its hello holds the slot: the next one is BUSY, before it says anything.
+    // Connections are accepted in the order they were made: the silent one is first.
+    const silent = a.connect(sock);
+    refusal(await hello(sock, null), AttachStatus.BUSY);
+    // The silent one is dropped after 2 s without a reply; then a backend plugs in.
+    const t0 = Date.now();
+    assert.equal(await hello(sock, null, silent), null, 'dropped without a reply');
+    const waited = Date.now() - t0;
+    assert.ok(waited > 1500 && waited < 3500, `dropped after ${waited} ms`);
+    const ok = await hello(sock, helloBytes(LINK_MAGIC, LINK_VERSION));
+    assert.ok(ok !== null);
+    assert.equal(ok.reply.getUint32(8, true), AttachStatus.OK);
+    assert.equal(ok.reply.getBigUint64(24, true), BigInt(BAR2));
+    assert.equal(ok.fds.length, 1 + 2 * NUM_NOTIFIERS);
+    for (const fd of ok.fds) a.close(fd);
+    assert.deepEqual(ev.failed, []);
   } finally {
     card.close();
   }

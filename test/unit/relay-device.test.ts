@@ -294,6 +294,36 @@ test('blk discard and write-zeroes through the relay: the backend punches holes,
   }
 });
 
+test('a blk read the backend fails: the guest gets IOERR in its status byte and zeros, not the pool bytes of an earlier read', async () => {
+  const file = tempDisk(64 * 1024, 'relay-blk-err-');
+  fs.writeFileSync(file, pattern(64 * 1024, 3));
+  const blk = new BlkDevice({ name: 'relay-blk-err', file, queueSize: 64 });
+  try {
+    const r = await rig({ device: blk, bar2Size: 256 * 1024 });
+    const g = r.guests[0] as Guest;
+    const read = async (sector: number): Promise<{ len: number; status: number; data: Uint8Array }> => {
+      const head = g.driver.addChain([{ data: blkHeader(BLK_T_IN, sector) }, { writable: true, len: 4096 }, { writable: true, len: 1 }]);
+      const ws = (g.driver.segmentsOf(head) ?? []).filter((s) => s.writable);
+      for (const s of ws) g.driver.writeBytes(s.addr, new Uint8Array(s.len).fill(CANARY));
+      r.relay.kick(0);
+      await until(() => g.driver.usedIdx() === g.driver.lastUsedIdx + 1, 'read completion');
+      const u = g.driver.popUsed();
+      assert.ok(u !== null && u.id === head);
+      return { len: u.len, status: g.driver.readBytes(ws[1]!.addr, 1)[0] as number, data: g.driver.readBytes(ws[0]!.addr, 4096) };
+    };
+    const ok = await read(0);
+    assert.equal(ok.status, BLK_S_OK);
+    assert.deepEqual(ok.data, pattern(64 * 1024, 3).subarray(0, 4096));
+    const bad = await read(128);
+    assert.equal(bad.status, BLK_S_IOERR, 'the status byte reached the guest');
+    assert.equal(bad.len, 4097);
+    assert.deepEqual(bad.data, new Uint8Array(4096), 'zeros, not what the shared buffer held before');
+    assert.deepEqual(r.link.failures, []);
+  } finally {
+    blk.close();
+  }
+});
+
 async function backpressure(eventIdx: boolean): Promise<void> {
   // 16 slots of 512 bytes; each chain takes 2 + 2 slots: 4 in flight at most.
   const features = eventIdx ? ECHO_BACKEND_FEATURES : ECHO_BACKEND_FEATURES & ~bit(F_RING_EVENT_IDX);

@@ -185,6 +185,18 @@ export class Guest {
     }
   }
 
+  /** The guest's driver sets queue i up afresh (a reboot, a driver reload): zeroed rings, indexes from 0. */
+  resetDriver(i: number): void {
+    const d = this.drivers[i];
+    this.drivers[i] = new MockDriver(this.mem, {
+      size: this.size,
+      ringAddr: GUEST_BASE + i * RING_STRIDE,
+      heapAddr: GUEST_BASE + HEAP_BASE + i * HEAP_SIZE,
+      heapSize: HEAP_SIZE,
+      eventIdx: d.eventIdx,
+    });
+  }
+
   user(gpa: number): bigint {
     return BigInt(gpa - GUEST_BASE + USER_BASE);
   }

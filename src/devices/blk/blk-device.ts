@@ -76,6 +76,8 @@ const HDR_SIZE = 16;
 /** virtio_blk_discard_write_zeroes: sector u64, num_sectors u32, flags u32. */
 const DWZ_SIZE = 16;
 const DWZ_F_UNMAP = 1;
+/** What the data bytes of a request that wrote less than its buffer are filled with. */
+const ZEROS = new Uint8Array(64 * 1024);
 
 export class BlkDevice extends DeviceBase {
   readonly deviceId = VIRTIO_ID_BLOCK;
@@ -240,9 +242,15 @@ export class BlkDevice extends DeviceBase {
       }
     }
     if (status !== BLK_S_OK) q.stats.drops++;
+    // Every writable byte is reported used, the status last, as QEMU does: a
+    // card in between (the PCIe link's relay) copies exactly the used length
+    // from the start, so a shorter one would lose the status byte, and every
+    // byte before it reaches the guest: written here, never left as it was.
+    const dataLen = chain.writableLen - 1;
+    for (let off = written; off < dataLen; off += ZEROS.length) writeSegments(mem, chain.writable, off, ZEROS, 0, Math.min(ZEROS.length, dataLen - off));
     this.statusByte[0] = status;
     mem.write(statusAddr, this.statusByte, 0, 1);
-    return written + 1;
+    return chain.writableLen;
   };
 
   /** IN/OUT bounds: whole sectors, entirely inside the disk. */

@@ -45,6 +45,11 @@ export interface BackendHostOptions {
   label?: string;
   /** The card unplugged us (EOF on the link socket): everything is released already. Not called for close(). */
   onDetach?: (reason: string) => void;
+  /**
+   * Sees each request that decoded, before it is handled: for tracing, and for
+   * backends that check the card against the spec. What it throws is logged, not answered.
+   */
+  onRequest?: (op: number, name: string, req: unknown) => void;
 }
 
 export interface BackendHostStats {
@@ -389,6 +394,7 @@ export class PcieBackendHost {
       } catch (e) {
         throw new MailboxFailure(MboxStatus.EINVAL, asError(e, 'decode').message);
       }
+      this.observe(op, name, req);
       result = this.dispatch(op, req);
     } catch (e) {
       this.answerFailure(seq, op, name, e);
@@ -409,6 +415,14 @@ export class PcieBackendHost {
       return;
     }
     this.answer(seq, op, name, result);
+  }
+
+  private observe(op: number, name: string, req: unknown): void {
+    try {
+      this.opts.onRequest?.(op, name, req);
+    } catch (e) {
+      this.log.error(`${this.label}: onRequest handler failed on ${name}: ${asError(e, 'onRequest').message}`);
+    }
   }
 
   private answer(seq: number, op: number, name: string, value: unknown): void {

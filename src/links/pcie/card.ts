@@ -215,14 +215,17 @@ export class PcieCard {
 
   /** Mirror what the mailbox carried into the driver block of BAR0 (for the backend's and a debugger's eyes). */
   mirrorFeatures(f: bigint): void {
+    if (this.closed) return;
     this.bar0.setBigUint64(Csr.DRIVER_FEATURES, f, true);
   }
 
   mirrorStatus(s: number): void {
+    if (this.closed) return;
     this.bar0.setUint32(Csr.DRIVER_STATUS, s, true);
   }
 
   mirrorQueue(a: VringAddr, size: number, enabled: boolean): void {
+    if (this.closed) return;
     this.bar0.setUint32(queueReg(a.index, QueueReg.SIZE), size, true);
     this.bar0.setUint32(queueReg(a.index, QueueReg.ENABLE), enabled ? 1 : 0, true);
     this.bar0.setBigUint64(queueReg(a.index, QueueReg.DESC), BigInt(a.desc), true);
@@ -480,7 +483,8 @@ export class PcieCard {
    * trusted with further requests) and the function waits for one to attach.
    */
   private linkFailed(err: Error): void {
-    if (this.failed) return;
+    // Closed: the BARs are unmapped and nobody is plugged in; a request the close rejected is no fault of a backend.
+    if (this.failed || this.closed) return;
     this.failed = true;
     this.bar0.setUint32(Csr.CARD_STATUS, this.bar0.getUint32(Csr.CARD_STATUS, true) | CARD_FAILED, true);
     this.log.error(`${this.label}: ${err.message}; function stopped until the backend attaches again`);

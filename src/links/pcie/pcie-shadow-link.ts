@@ -15,6 +15,8 @@ export class PcieShadowLink implements ShadowLink {
   private readonly card: PcieCard;
   private linkState: 'down' | 'up' | 'failed' = 'down';
   private attaches = 0;
+  /** Shadow queues enabled at the backend (started, not stopped or reset since): the device runs, DRIVER_OK holds. */
+  private readonly running = new Set<number>();
 
   constructor(
     readonly attachPath: string,
@@ -27,6 +29,7 @@ export class PcieShadowLink implements ShadowLink {
       bar2Size,
       {
         onReady: (info) => {
+          this.running.clear();
           this.linkState = 'up';
           this.attaches++;
           this.events?.onUp(info);
@@ -76,10 +79,16 @@ export class PcieShadowLink implements ShadowLink {
     return this.card.request(Mbox.SET_CONFIG, { offset, data }).then(() => undefined);
   }
 
+  /**
+   * Features change while a queue runs too (a vhost-user front-end repeats
+   * SET_FEATURES per queue pair, or toggles a feature live): the status that
+   * follows keeps DRIVER_OK then, so that the last status a backend saw
+   * always says whether its device runs.
+   */
   async setFeatures(f: bigint): Promise<void> {
     this.card.mirrorFeatures(f);
     await this.card.request(Mbox.SET_FEATURES, f);
-    const status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+    const status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | (this.running.size > 0 ? STATUS_DRIVER_OK : 0);
     this.card.mirrorStatus(status);
     await this.card.request(Mbox.SET_STATUS, status);
   }
@@ -91,6 +100,7 @@ export class PcieShadowLink implements ShadowLink {
     await this.card.request(Mbox.SET_VRING_ADDR, addr);
     await this.card.request(Mbox.SET_VRING_BASE, { index: a.index, num: 0 });
     await this.card.request(Mbox.SET_VRING_ENABLE, { index: a.index, num: 1 });
+    this.running.add(a.index);
     this.card.mirrorQueue(addr, a.size, true);
     const status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
     this.card.mirrorStatus(status);
@@ -98,12 +108,17 @@ export class PcieShadowLink implements ShadowLink {
   }
 
   async stopQueue(index: number): Promise<number> {
-    const s = await this.card.request(Mbox.GET_VRING_BASE, { index, num: 0 });
-    this.card.mirrorQueue({ index, flags: 0, desc: 0, avail: 0, used: 0 }, 0, false);
-    return s.num;
+    this.running.delete(index);
+    try {
+      return (await this.card.request(Mbox.GET_VRING_BASE, { index, num: 0 })).num;
+    } finally {
+      // Whatever the answer, the card programs this queue from scratch next time.
+      this.card.mirrorQueue({ index, flags: 0, desc: 0, avail: 0, used: 0 }, 0, false);
+    }
   }
 
   async reset(): Promise<void> {
+    this.running.clear();
     this.card.mirrorStatus(0);
     await this.card.request(Mbox.RESET_DEVICE, null);
   }

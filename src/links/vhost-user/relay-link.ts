@@ -102,8 +102,11 @@ export class VhostUserRelayLink implements ShadowLink {
         logGuestAddr: 0n,
       }),
     );
-    await this.call((c) => c.setVringKick(i, this.kickFds[i] as number));
+    // The call fd before the kick fd: a back-end may process the ring as soon as it has a kick fd
+    // (libvhost-user does, and chains may be posted already), and libvhost-user dies writing a
+    // completion's interrupt to a call fd it does not have yet ("Error writing eventfd").
     await this.call((c) => c.setVringCall(i, this.callFds[i] as number));
+    await this.call((c) => c.setVringKick(i, this.kickFds[i] as number));
     if (this.protocolOn) await this.call((c) => c.setVringEnable(i, true));
     this.started.add(i);
   }
