@@ -30,6 +30,13 @@ export interface SwitchPortRow {
   txFrames: number;
   txBytes: number;
   drops: number;
+  /** Frames longer than 1514 bytes (offloaded super-frames) in / out. */
+  rxLarge: number;
+  txLarge: number;
+  /** Software offloads done for the port: super-frames segmented, checksums completed, malformed frames dropped. */
+  txSegmented: number;
+  txChecksummed: number;
+  txMalformed: number;
 }
 
 export interface SwitchStatsRow {
@@ -73,7 +80,12 @@ export function formatStats(r: StatsReport): string {
   for (const s of r.switches) {
     out.push(`switch ${s.name}: ${s.ports.length} port(s), ${s.dropped} frame(s) dropped`);
     for (const p of s.ports) {
-      out.push(`  ${p.name}: in ${p.rxFrames} frames / ${p.rxBytes} B, out ${p.txFrames} frames / ${p.txBytes} B, drops ${p.drops}`);
+      let line = `  ${p.name}: in ${p.rxFrames} frames / ${p.rxBytes} B, out ${p.txFrames} frames / ${p.txBytes} B, drops ${p.drops}`;
+      if (p.rxLarge + p.txLarge > 0) line += `; over 1514 B: in ${p.rxLarge}, out ${p.txLarge}`;
+      if (p.txSegmented + p.txChecksummed + p.txMalformed > 0) {
+        line += `; software offload: ${p.txSegmented} segmented, ${p.txChecksummed} checksummed, ${p.txMalformed} malformed`;
+      }
+      out.push(line);
     }
   }
   return out.join('\n') + '\n';

@@ -2,9 +2,13 @@
  * An in-process L2 learning switch: the wire between net functions, host TAP
  * devices and benchmark ports. Learns source MACs, forwards known unicast to
  * one port and floods the rest to every other port (never back to the sender),
- * and forgets stations that stay silent for `ageMs`.
+ * and forgets stations that stay silent for `ageMs`. Frames keep their offload
+ * metadata across it; each egress port gets them as it can take them (see
+ * offload-egress.ts).
  */
-import { ETH_HLEN, MAX_FRAME, macKey, newPortStats, type Endpoint, type Port, type PortStats } from './port';
+import { OffloadEgress } from './offload-egress';
+import { ETH_HLEN, MAX_FRAME, macKey, newPortStats, WIRE_FRAME, type Endpoint, type Port, type PortStats } from './port';
+import { OFFLOAD_ALL, type VnetHdr } from './vnet-hdr';
 
 export interface SwitchOptions {
   /** Forget a learned MAC after this much silence (ms). Default 300 s, as Linux bridges do. */
@@ -45,8 +49,13 @@ export class SwitchAttachment implements Port {
     return this.port.name;
   }
 
-  deliver(frame: Uint8Array): void {
-    this.sw.forward(this, frame);
+  /** Everything: the switch finishes frames per egress port. */
+  get offloads(): number {
+    return OFFLOAD_ALL;
+  }
+
+  deliver(frame: Uint8Array, hdr?: VnetHdr): void {
+    this.sw.forward(this, frame, hdr);
   }
 
   flush(): void {
@@ -71,6 +80,12 @@ export class L2Switch {
   private clockLeft = 0;
   /** Frames that reached no port (runts, oversize, unknown unicast on a one-port switch...). */
   dropped = 0;
+  private readonly egress = new OffloadEgress();
+  /** The port egress() delivers to (set around each OffloadEgress.send). */
+  private target: SwitchAttachment | null = null;
+  private readonly toTarget = (frame: Uint8Array, hdr: VnetHdr | undefined): void => {
+    this.deliverTo(this.target as SwitchAttachment, frame, hdr);
+  };
 
   constructor(
     readonly name: string,
@@ -134,11 +149,12 @@ export class L2Switch {
   }
 
   /** A frame arriving from member `from`. */
-  forward(from: SwitchAttachment, frame: Uint8Array): void {
+  forward(from: SwitchAttachment, frame: Uint8Array, hdr?: VnetHdr): void {
     const len = frame.length;
     if (!from.attached) return;
     from.stats.rxFrames++;
     from.stats.rxBytes += len;
+    if (len > WIRE_FRAME) from.stats.rxLarge++;
     if (len < ETH_HLEN || len > MAX_FRAME) {
       from.stats.drops++;
       this.dropped++;
@@ -152,7 +168,7 @@ export class L2Switch {
       if (e !== undefined) {
         if (now - e.seen <= this.ageMs) {
           // A station heard on the sender's own port is local to that segment: a switch drops it.
-          if (e.att !== from) this.send(e.att, frame);
+          if (e.att !== from) this.send(e.att, frame, hdr);
           else {
             from.stats.drops++;
             this.dropped++;
@@ -167,7 +183,7 @@ export class L2Switch {
     for (let i = 0; i < ms.length; i++) {
       const m = ms[i];
       if (m !== from) {
-        this.send(m, frame);
+        this.send(m, frame, hdr);
         sent++;
       }
     }
@@ -199,19 +215,30 @@ export class L2Switch {
     return this.time;
   }
 
-  private send(to: SwitchAttachment, frame: Uint8Array): void {
-    to.stats.txFrames++;
-    to.stats.txBytes += frame.length;
-    try {
-      to.port.deliver(frame);
-    } catch {
-      // A broken receiver must not be reported as an error of the sender
-      // (for a net device that would mean resetting an innocent guest).
-      to.stats.drops++;
+  private send(to: SwitchAttachment, frame: Uint8Array, hdr: VnetHdr | undefined): void {
+    if (hdr === undefined) this.deliverTo(to, frame, undefined);
+    else {
+      this.target = to;
+      this.egress.send(frame, hdr, to.port.offloads ?? 0, this.toTarget, to.stats);
+      this.target = null;
     }
     if (!to.dirty && to.port.flush !== undefined) {
       to.dirty = true;
       this.pendingFlush.push(to);
+    }
+  }
+
+  private deliverTo(to: SwitchAttachment, frame: Uint8Array, hdr: VnetHdr | undefined): void {
+    const st = to.stats;
+    st.txFrames++;
+    st.txBytes += frame.length;
+    if (frame.length > WIRE_FRAME) st.txLarge++;
+    try {
+      to.port.deliver(frame, hdr);
+    } catch {
+      // A broken receiver must not be reported as an error of the sender
+      // (for a net device that would mean resetting an innocent guest).
+      st.drops++;
     }
   }
 

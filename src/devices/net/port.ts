@@ -5,19 +5,31 @@
  * uplink, which is itself a Port (a switch attachment, or a peer directly).
  */
 
+import type { VnetHdr } from './vnet-hdr';
+
 /** Largest Ethernet frame accepted anywhere: 64 KiB of GSO payload plus headers, as virtio-net bounds it. */
 export const MAX_FRAME = 65550;
 /** Destination MAC + source MAC + EtherType. */
 export const ETH_HLEN = 14;
+/** Largest untagged frame at MTU 1500: anything longer is an offloaded super-frame (or jumbo). */
+export const WIRE_FRAME = 1514;
 
 export interface Port {
   readonly name: string;
   /**
+   * OFFLOAD_* bits (vnet-hdr.ts): the offload metadata this port takes with a
+   * frame instead of a finished frame. Absent: none, senders finish frames in
+   * software first. Read at every delivery, since a guest renegotiates.
+   */
+  readonly offloads?: number;
+  /**
    * Take one frame. The bytes may alias a sender's buffer or guest memory that
    * is reused as soon as deliver returns: copy what you keep, and never modify
-   * the frame (a flood hands the same bytes to several ports).
+   * the frame (a flood hands the same bytes to several ports). `hdr` is its
+   * offload metadata, lent the same way; absent for a finished frame, and
+   * never asking for offloads the port's `offloads` lacks.
    */
-  deliver(frame: Uint8Array): void;
+  deliver(frame: Uint8Array, hdr?: VnetHdr): void;
   /**
    * End of a burst: the sender will not deliver more right now. Ports that
    * batch work (a net device's RX interrupt) publish it here.
@@ -41,10 +53,19 @@ export interface PortStats {
   txBytes: number;
   /** Frames from this port the switch could not forward (runts, too big, no destination). */
   drops: number;
+  /** Frames longer than WIRE_FRAME sent into the switch / delivered to the port: offloads at work. */
+  rxLarge: number;
+  txLarge: number;
+  /** Super-frames the switch split in software for this port (it does not take them). */
+  txSegmented: number;
+  /** Partial checksums the switch completed in software for this port. */
+  txChecksummed: number;
+  /** Frames for this port whose offload metadata did not match their headers: dropped. */
+  txMalformed: number;
 }
 
 export function newPortStats(): PortStats {
-  return { rxFrames: 0, rxBytes: 0, txFrames: 0, txBytes: 0, drops: 0 };
+  return { rxFrames: 0, rxBytes: 0, txFrames: 0, txBytes: 0, drops: 0, rxLarge: 0, txLarge: 0, txSegmented: 0, txChecksummed: 0, txMalformed: 0 };
 }
 
 /** MAC bytes as a number (48 bits fit a double exactly): a Map key without allocating a string. */
