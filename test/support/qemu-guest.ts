@@ -30,6 +30,8 @@ export interface GuestNet {
   reconnect?: number;
   /** QEMU listens on `socket` and waits for the back-end to connect. */
   server?: boolean;
+  /** More virtio-net-pci properties, e.g. "csum=off,guest_tso4=off" (masks offered features). */
+  props?: string;
 }
 
 export interface GuestBlk {
@@ -205,7 +207,7 @@ export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): st
     args.push('-netdev', `vhost-user,id=n${i},chardev=c${i}${q > 1 ? `,queues=${q}` : ''}`);
     // vectors=0: QEMU 7.2 TCG segfaults when vhost-user-net enables MSI-X.
     // romfile=: no PXE option ROM to load or scan.
-    args.push('-device', `virtio-net-pci,netdev=n${i},mac=${n.mac},vectors=0,romfile=${q > 1 ? ',mq=on' : ''}`);
+    args.push('-device', `virtio-net-pci,netdev=n${i},mac=${n.mac},vectors=0,romfile=${q > 1 ? ',mq=on' : ''}${n.props ? `,${n.props}` : ''}`);
   });
   (opts.blks ?? []).forEach((b, i) => {
     args.push('-chardev', sock(`b${i}`, b));
