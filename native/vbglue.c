@@ -786,12 +786,15 @@ static napi_value vb_eventfd_write(napi_env env, napi_callback_info info) {
 
 /* --------------------------------------------------------------------- tap */
 
+/* tapOpen(name, vnetHdrSize): with a size (10..), every frame read or written
+ * is preceded by a virtio_net_hdr of that many bytes (IFF_VNET_HDR). */
 static napi_value vb_tap_open(napi_env env, napi_callback_info info) {
-  napi_value argv[1];
+  napi_value argv[2];
   struct ifreq ifr;
   bool too_long;
-  int fd, err;
-  if (!get_args(env, info, 1, argv, NULL))
+  double hdr;
+  int fd, err, sz;
+  if (!get_args(env, info, 2, argv, NULL))
     return NULL;
   memset(&ifr, 0, sizeof ifr);
   if (!arg_str(env, argv[0], "name", ifr.ifr_name, IFNAMSIZ, &too_long)) {
@@ -799,16 +802,40 @@ static napi_value vb_tap_open(napi_env env, napi_callback_info info) {
       throw_range(env, "name must be at most %d bytes", IFNAMSIZ - 1);
     return NULL;
   }
+  if (!arg_int(env, argv[1], "vnetHdrSize", 0, 64, &hdr))
+    return NULL;
   fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0)
     return throw_errno(env, "open", "/dev/net/tun", errno);
-  ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+  ifr.ifr_flags = IFF_TAP | IFF_NO_PI | (hdr > 0 ? IFF_VNET_HDR : 0);
   if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
     err = errno;
     close(fd);
     return throw_errno(env, "ioctl", "(TUNSETIFF)", err);
   }
+  sz = (int)hdr;
+  if (sz > 0 && ioctl(fd, TUNSETVNETHDRSZ, &sz) < 0) {
+    err = errno;
+    close(fd);
+    return throw_errno(env, "ioctl", "(TUNSETVNETHDRSZ)", err);
+  }
   return num(env, fd);
+}
+
+/* tapSetOffload(fd, flags): TUNSETOFFLOAD with TUN_F_* bits, the offloads the
+ * kernel may hand us (and the TAP interface then advertises). */
+static napi_value vb_tap_set_offload(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  double flags;
+  int fd;
+  if (!get_args(env, info, 2, argv, NULL))
+    return NULL;
+  if (!arg_fd(env, argv[0], "fd", &fd) ||
+      !arg_int(env, argv[1], "flags", 0, 65535, &flags))
+    return NULL;
+  if (ioctl(fd, TUNSETOFFLOAD, (unsigned long)flags) < 0)
+    return throw_errno(env, "ioctl", "(TUNSETOFFLOAD)", errno);
+  return undef(env);
 }
 
 /* ------------------------------------------------------------------ Poller */
@@ -1062,6 +1089,7 @@ NAPI_MODULE_INIT() {
       FN("read", vb_read),
       FN("write", vb_write),
       FN("tapOpen", vb_tap_open),
+      FN("tapSetOffload", vb_tap_set_offload),
       FN("fdSize", vb_fd_size),
       FN("fallocate", vb_fallocate),
   };

@@ -79,8 +79,14 @@ export interface Addon {
   read(fd: number, buf: Uint8Array, off: number, len: number): number;
   /** write(2) of buf[off..off+len): bytes written or -1 on EAGAIN. */
   write(fd: number, buf: Uint8Array, off: number, len: number): number;
-  /** Open /dev/net/tun as a TAP (IFF_TAP|IFF_NO_PI) named name; non-blocking, CLOEXEC. */
-  tapOpen(name: string): number;
+  /**
+   * Open /dev/net/tun as a TAP (IFF_TAP|IFF_NO_PI) named name; non-blocking, CLOEXEC.
+   * vnetHdrSize > 0 (10 or 12): IFF_VNET_HDR and TUNSETVNETHDRSZ, so every frame
+   * read or written starts with a virtio_net_hdr of that size; 0: bare frames.
+   */
+  tapOpen(name: string, vnetHdrSize: number): number;
+  /** TUNSETOFFLOAD: the TUN_F_* offloads (0..65535) the kernel may use in frames it hands us. */
+  tapSetOffload(fd: number, flags: number): void;
   /** fstat size of fd (for validating mmap offsets against the file). */
   fdSize(fd: number): number;
   /**

@@ -655,7 +655,7 @@ test('fallocate: punching a hole frees blocks and reads back zeros; zero range k
 test('tapOpen: a TAP device appears while the fd is open', () => {
   const name = `vbt${process.pid % 100000}`;
   // make test runs as root on Debian, where /dev/net/tun exists: failing here is a real failure.
-  const fd = addon.tapOpen(name);
+  const fd = addon.tapOpen(name, 0);
   assertCloexecNonblock(fd);
   assert.ok(fs.existsSync(`/sys/class/net/${name}`), 'interface exists');
   const tunFlags = fs.readFileSync(`/sys/class/net/${name}/tun_flags`, 'utf8').trim();
@@ -663,7 +663,23 @@ test('tapOpen: a TAP device appears while the fd is open', () => {
   assert.equal(addon.read(fd, new Uint8Array(2048), 0, 2048), -1, 'interface down: nothing to read');
   addon.close(fd);
   assert.equal(fs.existsSync(`/sys/class/net/${name}`), false, 'a non-persistent TAP goes with its fd');
-  assert.throws(() => addon.tapOpen('x'.repeat(16)), { name: 'RangeError' });
+  assert.throws(() => addon.tapOpen('x'.repeat(16), 0), { name: 'RangeError' });
+});
+
+test('tapOpen with a vnet header and tapSetOffload: IFF_VNET_HDR set, offloads accepted, a too-small header refused', () => {
+  const name = `vbv${process.pid % 100000}`;
+  const fd = addon.tapOpen(name, 12);
+  try {
+    const tunFlags = Number(fs.readFileSync(`/sys/class/net/${name}/tun_flags`, 'utf8').trim());
+    assert.equal(tunFlags & 0x5003, 0x5002, 'IFF_TAP | IFF_NO_PI | IFF_VNET_HDR'); // IFF_VNET_HDR=0x4000
+    // TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN; the e2e TAP test sees their effect.
+    addon.tapSetOffload(fd, 0x0f);
+    addon.tapSetOffload(fd, 0);
+  } finally {
+    addon.close(fd);
+  }
+  assertSysError(() => addon.tapOpen(name, 4), 'EINVAL', 'ioctl');
+  assert.equal(fs.existsSync(`/sys/class/net/${name}`), false, 'the failed open leaves no interface');
 });
 
 test('argument validation: wrong or missing arguments throw before any syscall', () => {
@@ -737,7 +753,11 @@ test('argument validation: wrong or missing arguments throw before any syscall',
     ['fallocate offset -1', () => loose.fallocate(memfd, 0, -1, 1), R],
     ['fallocate offset 2**53', () => loose.fallocate(memfd, 0, 2 ** 53, 1), R],
     ['fallocate mode -1', () => loose.fallocate(memfd, -1, 0, 1), R],
-    ['tapOpen("")', () => loose.tapOpen(''), R],
+    ['tapOpen("")', () => loose.tapOpen('', 0), R],
+    ['tapOpen(name)', () => loose.tapOpen('vbx'), T],
+    ['tapOpen(name, 65)', () => loose.tapOpen('vbx', 65), R],
+    ['tapSetOffload(fd)', () => loose.tapSetOffload(efd), T],
+    ['tapSetOffload(fd, -1)', () => loose.tapSetOffload(efd, -1), R],
     ['Poller without new', () => (addon.Poller as unknown as (...args: unknown[]) => unknown)(efd, () => 0), T],
     ['new Poller(fd)', () => new (addon.Poller as unknown as new (...args: unknown[]) => unknown)(efd), T],
     ['new Poller()', () => new (addon.Poller as unknown as new (...args: unknown[]) => unknown)(), T],

@@ -5,14 +5,21 @@ import { NullPort } from '../../src/devices/net/null-port';
 import { formatMac, macFromName, macKey, parseMac, type Port } from '../../src/devices/net/port';
 import { TapPort } from '../../src/devices/net/tap-port';
 import type { Addon, Poller } from '../../src/native/addon';
+import { GSO_TCPV4, GSO_TCPV6, HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, OFFLOAD_ALL, OFFLOAD_CSUM, readVnetHdr, newVnetHdr, writeVnetHdr, type VnetHdr } from '../../src/devices/net/vnet-hdr';
+import { tcpFrame, tcpVerifies } from '../support/tcp-frames';
 
 /** A port that records copies of what it receives. */
 class Recorder implements Port {
   readonly got: Uint8Array[] = [];
+  readonly hdrs: (VnetHdr | undefined)[] = [];
   flushes = 0;
-  constructor(readonly name: string) {}
-  deliver(frame: Uint8Array): void {
+  constructor(
+    readonly name: string,
+    readonly offloads = 0,
+  ) {}
+  deliver(frame: Uint8Array, hdr?: VnetHdr): void {
     this.got.push(frame.slice());
+    this.hdrs.push(hdr === undefined ? undefined : { ...hdr });
   }
   flush(): void {
     this.flushes++;
@@ -239,8 +246,16 @@ function fakeAddon() {
       pollerClosed = true;
     }
   }
+  const opened: number[] = [];
+  const offloadCalls: number[] = [];
   const addon = {
-    tapOpen: () => 42,
+    tapOpen: (_name: string, hdr: number) => {
+      opened.push(hdr);
+      return 42;
+    },
+    tapSetOffload: (_fd: number, flags: number) => {
+      offloadCalls.push(flags);
+    },
     read(_fd: number, buf: Uint8Array, off: number, len: number): number {
       const f = toRead.shift();
       if (f === undefined) return -1;
@@ -261,6 +276,8 @@ function fakeAddon() {
   } as unknown as Addon;
   return {
     addon,
+    opened,
+    offloadCalls,
     toRead,
     written,
     closed,
@@ -275,7 +292,10 @@ function fakeAddon() {
 test('TAP port: host frames go into the switch, switch frames to the TAP, EAGAIN drops are counted', () => {
   const fake = fakeAddon();
   const sw = new L2Switch('tapsw');
-  const tap = new TapPort('vbtap0', { addon: fake.addon, readBudget: 2 });
+  const tap = new TapPort('vbtap0', { addon: fake.addon, readBudget: 2, vnetHdr: false });
+  assert.deepEqual(fake.opened, [0]);
+  assert.deepEqual(fake.offloadCalls, []);
+  assert.equal(tap.offloads, 0);
   const rec = new Recorder('rec');
   sw.plug(tap);
   const r = sw.attach(rec);
@@ -307,4 +327,91 @@ test('TAP port: host frames go into the switch, switch frames to the TAP, EAGAIN
   assert.ok(!tap.isOpen);
   r.deliver(frame(A, B, 90));
   assert.equal(fake.written.length, 1);
+});
+
+test('offloads across the switch: super-frames whole to a port that takes them, segmented for one that does not; counters', () => {
+  const sw = new L2Switch('offl');
+  const pa = new Recorder('a', OFFLOAD_ALL);
+  const pb = new Recorder('b', OFFLOAD_ALL);
+  const pc = new Recorder('c', 0);
+  const a = sw.attach(pa);
+  const b = sw.attach(pb);
+  const c = sw.attach(pc);
+  const { f, l4 } = tcpFrame({ payload: 20000 }); // to B, from A: unknown yet, so flooded
+  const h: VnetHdr = { flags: HDR_F_NEEDS_CSUM, gsoType: GSO_TCPV4, hdrLen: 54, gsoSize: 1448, csumStart: l4, csumOffset: 16 };
+  a.deliver(f, h);
+  assert.equal(pb.got.length, 1);
+  assert.equal(pb.got[0].length, f.length);
+  assert.deepEqual(pb.hdrs[0], h);
+  assert.equal(pc.got.length, Math.ceil(20000 / 1448));
+  assert.ok(pc.got.every((s) => s.length <= 1514 && tcpVerifies(s, 14, false)));
+  assert.ok(pc.hdrs.every((x) => x === undefined));
+  assert.equal(a.stats.rxLarge, 1);
+  assert.equal(b.stats.txLarge, 1);
+  assert.equal(c.stats.txLarge, 0);
+  assert.equal(c.stats.txSegmented, 1);
+  assert.equal(c.stats.txFrames, pc.got.length);
+  assert.equal(b.stats.txSegmented, 0);
+
+  // A port that takes checksum offload only: segments come marked DATA_VALID.
+  const pd = new Recorder('d', OFFLOAD_CSUM);
+  const d = sw.attach(pd);
+  b.deliver(tcpFrame({ v6: true, payload: 3000 }).f, { ...h, gsoType: GSO_TCPV6, csumStart: 74 }); // to 0b from 0a: flooded from b
+  assert.equal(pd.got.length, 3);
+  assert.ok(pd.hdrs.every((x) => x?.flags === HDR_F_DATA_VALID));
+  assert.equal(d.stats.txSegmented, 1);
+
+  // A bad super-frame is dropped for the ports that need it finished, counted there.
+  const before = pc.got.length;
+  a.deliver(frame(B, A, 60), h);
+  assert.equal(pc.got.length, before);
+  assert.equal(c.stats.txMalformed, 1);
+  assert.equal(d.stats.txMalformed, 1);
+  sw.close();
+});
+
+test('TAP port with a vnet header: opens with IFF_VNET_HDR and offloads, passes metadata both ways, drops bad headers', () => {
+  const fake = fakeAddon();
+  const sw = new L2Switch('tapvnet');
+  const tap = new TapPort('vbtap1', { addon: fake.addon });
+  assert.deepEqual(fake.opened, [12]);
+  assert.deepEqual(fake.offloadCalls, [0x0f], 'TUN_F_CSUM|TSO4|TSO6|TSO_ECN');
+  assert.equal(tap.offloads, OFFLOAD_ALL);
+  const whole = new Recorder('whole', OFFLOAD_ALL);
+  const plain = new Recorder('plain', 0);
+  sw.plug(tap);
+  const r = sw.attach(whole);
+  sw.attach(plain);
+
+  const { f, l4 } = tcpFrame({ payload: 4000 });
+  const h: VnetHdr = { flags: HDR_F_NEEDS_CSUM, gsoType: GSO_TCPV4, hdrLen: 54, gsoSize: 1000, csumStart: l4, csumOffset: 16 };
+  const withHdr = (hdr: VnetHdr | undefined, fr: Uint8Array): Uint8Array => {
+    const b = new Uint8Array(12 + fr.length);
+    writeVnetHdr(b, 0, hdr);
+    b.set(fr, 12);
+    return b;
+  };
+  fake.toRead.push(withHdr(h, f), withHdr({ ...h, csumStart: 9000 }, f), new Uint8Array(5), withHdr(undefined, frame(BCAST, A, 60)));
+  fake.fire();
+  assert.equal(whole.got.length, 2);
+  assert.deepEqual(whole.hdrs[0], h);
+  assert.deepEqual(whole.got[0], f);
+  assert.equal(whole.hdrs[1], undefined);
+  assert.equal(plain.got.length, 4 + 1, 'four segments and the plain frame');
+  assert.equal(tap.stats.badHeader, 1);
+  assert.equal(tap.stats.errors, 1, 'a read shorter than the header');
+  assert.equal(tap.stats.rxFrames, 2);
+  assert.equal(tap.stats.rxBytes, f.length + 60);
+
+  // Towards the kernel: header first, then the frame, in one write.
+  r.deliver(f, h);
+  r.deliver(frame(BCAST, B, 70), undefined);
+  assert.equal(fake.written.length, 2);
+  assert.deepEqual(readVnetHdr(fake.written[0], 0, newVnetHdr()), h);
+  assert.deepEqual(fake.written[0].subarray(12), f);
+  assert.deepEqual([...fake.written[1].subarray(0, 12)], new Array(12).fill(0));
+  assert.equal(fake.written[1].length, 82);
+  assert.equal(tap.stats.txBytes, f.length + 70);
+  tap.close();
+  sw.close();
 });
