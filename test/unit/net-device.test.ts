@@ -12,6 +12,14 @@ import {
   F_RING_INDIRECT_DESC,
   F_VERSION_1,
   hasFeature,
+  NET_F_CSUM,
+  NET_F_GUEST_CSUM,
+  NET_F_GUEST_ECN,
+  NET_F_GUEST_TSO4,
+  NET_F_GUEST_TSO6,
+  NET_F_HOST_ECN,
+  NET_F_HOST_TSO4,
+  NET_F_HOST_TSO6,
   NET_F_MAC,
   NET_F_MQ,
   NET_F_MRG_RXBUF,
@@ -20,6 +28,23 @@ import {
   VRING_DESC_F_NEXT,
 } from '../../src/virtio/constants';
 import { MockDriver } from '../../src/virtio/mock-driver';
+import {
+  GSO_ECN,
+  GSO_NONE,
+  GSO_TCPV4,
+  GSO_TCPV6,
+  GSO_UDP,
+  HDR_F_DATA_VALID,
+  HDR_F_NEEDS_CSUM,
+  newVnetHdr,
+  OFFLOAD_ALL,
+  OFFLOAD_CSUM,
+  OFFLOAD_TSO6,
+  readVnetHdr,
+  writeVnetHdr,
+  type VnetHdr,
+} from '../../src/devices/net/vnet-hdr';
+import { tcpFrame, tcpVerifies } from '../support/tcp-frames';
 import type { SplitQueue } from '../../src/virtio/split-queue';
 
 const HDR = 12;
@@ -446,4 +471,154 @@ test('short TX chains (no full header) are dropped, not fatal', () => {
   assert.equal(sink.frames, 0);
   assert.equal(tx.dq.stats.drops, 1);
   assert.equal(tx.driver.drainUsed().length, 1);
+});
+
+// ---- offloads ----------------------------------------------------------------
+
+const OFFLOAD_FEATURES =
+  bit(NET_F_CSUM) | bit(NET_F_GUEST_CSUM) | bit(NET_F_HOST_TSO4) | bit(NET_F_HOST_TSO6) | bit(NET_F_HOST_ECN) | bit(NET_F_GUEST_TSO4) | bit(NET_F_GUEST_TSO6) | bit(NET_F_GUEST_ECN);
+
+/** A port that records copies of frames and headers and takes `offloads`. */
+class HdrRecorder implements Port {
+  readonly got: { f: Uint8Array; h: VnetHdr | undefined }[] = [];
+  constructor(
+    readonly name: string,
+    readonly offloads: number,
+  ) {}
+  deliver(f: Uint8Array, h?: VnetHdr): void {
+    this.got.push({ f: f.slice(), h: h === undefined ? undefined : { ...h } });
+  }
+}
+
+function offloadPair(name: string, mac: string, extra: bigint): { dev: NetDevice; rx: Q; tx: Q } {
+  const dev = new NetDevice({ name, mac });
+  dev.setFeatures(features(true, extra));
+  return { dev, rx: startQueue(dev, 0, { size: 256 }), tx: startQueue(dev, 1) };
+}
+
+function postTxHdr(q: Q, h: VnetHdr | undefined, f: Uint8Array, split = false): void {
+  const hdr = new Uint8Array(HDR);
+  writeVnetHdr(hdr, 0, h);
+  if (split) {
+    // The header itself cut in two descriptors, as no sane driver does but the spec allows.
+    q.driver.addChain([{ data: hdr.subarray(0, 3) }, { data: hdr.subarray(3) }, { data: f }]);
+    return;
+  }
+  const buf = new Uint8Array(HDR + f.length);
+  buf.set(hdr, 0);
+  buf.set(f, HDR);
+  q.driver.addChain([{ data: buf }]);
+}
+
+test('offload features: offered unless disabled; what the driver negotiated decides what RX takes', () => {
+  const dev = new NetDevice({ name: 'of', mac: MAC_A });
+  assert.equal(dev.features() & OFFLOAD_FEATURES, OFFLOAD_FEATURES);
+  assert.equal(new NetDevice({ name: 'nof', mac: MAC_A, offloads: false }).features() & OFFLOAD_FEATURES, 0n);
+  dev.setFeatures(features(true, OFFLOAD_FEATURES));
+  assert.equal(dev.offloads, OFFLOAD_ALL);
+  dev.setFeatures(features(true, bit(NET_F_GUEST_CSUM) | bit(NET_F_GUEST_TSO6)));
+  assert.equal(dev.offloads, OFFLOAD_CSUM | OFFLOAD_TSO6);
+  // TSO without GUEST_CSUM is not usable (virtio 1.2 makes it depend on it).
+  dev.setFeatures(features(true, bit(NET_F_GUEST_TSO4)));
+  assert.equal(dev.offloads, 0);
+});
+
+test('offload TX: the header travels with the frame to an uplink that takes it, segmented for one that does not; bad headers dropped', () => {
+  const { dev, tx } = offloadPair('otx', MAC_A, OFFLOAD_FEATURES);
+  const whole = new HdrRecorder('whole', OFFLOAD_ALL);
+  dev.connect(whole);
+  const { f, l4 } = tcpFrame({ payload: 10000 });
+  const h: VnetHdr = { flags: HDR_F_NEEDS_CSUM, gsoType: GSO_TCPV4, hdrLen: 66, gsoSize: 1448, csumStart: l4, csumOffset: 16 };
+  postTxHdr(tx, h, f);
+  postTxHdr(tx, h, f, true);
+  postTxHdr(tx, { ...newVnetHdr(), flags: HDR_F_DATA_VALID }, f.subarray(0, 100));
+  dev.kick(1);
+  assert.equal(whole.got.length, 3);
+  assert.deepEqual(whole.got[0].h, h);
+  assert.deepEqual(whole.got[0].f, f);
+  assert.deepEqual(whole.got[1].h, h, 'a header split over descriptors reads the same');
+  assert.equal(whole.got[2].h, undefined, 'DATA_VALID is not the driver\'s to set on TX');
+
+  const wire = new HdrRecorder('wire', 0);
+  dev.connect(wire);
+  postTxHdr(tx, h, f);
+  dev.kick(1);
+  assert.equal(wire.got.length, Math.ceil(10000 / 1448));
+  assert.ok(wire.got.every((g) => g.h === undefined && g.f.length <= 1514 && tcpVerifies(g.f, 14, false)));
+  assert.equal(dev.egressCounters.txSegmented, 1);
+
+  const bad: VnetHdr[] = [
+    { ...h, csumStart: f.length - 10, csumOffset: 16 }, // field past the end
+    { ...h, gsoType: GSO_UDP }, // never offered
+    { ...h, gsoSize: 0 },
+  ];
+  for (const b of bad) postTxHdr(tx, b, f);
+  dev.kick(1);
+  assert.equal(dev.counters.txBadHeader, 3);
+  assert.equal(wire.got.length, Math.ceil(10000 / 1448), 'nothing more delivered');
+  assert.equal(dev.isFailed, false, 'a bad header is the frame\'s problem, not fatal');
+
+  // Offloads the driver did not negotiate may not be used.
+  const { dev: plainDev, tx: ptx } = offloadPair('otx2', MAC_A, 0n);
+  plainDev.connect(whole);
+  postTxHdr(ptx, h, f);
+  postTxHdr(ptx, { ...h, gsoType: GSO_NONE }, f);
+  plainDev.kick(1);
+  assert.equal(plainDev.counters.txBadHeader, 2);
+});
+
+test('offload RX: a 64 KiB super-frame lands whole in mergeable buffers with its header; segmented for a guest without TSO', () => {
+  const payload = 65536 - 54 - 14;
+  const { f, l4 } = tcpFrame({ payload });
+  const h: VnetHdr = { flags: HDR_F_NEEDS_CSUM, gsoType: GSO_TCPV4 | GSO_ECN, hdrLen: 54, gsoSize: 1448, csumStart: l4, csumOffset: 16 };
+
+  const { dev, rx } = offloadPair('orx', MAC_A, OFFLOAD_FEATURES);
+  postRx(rx, 40, 4096);
+  dev.deliver(f, h);
+  dev.flush();
+  const got = takeRx(rx);
+  const n = Math.ceil((HDR + f.length) / 4096);
+  assert.equal(got.length, n);
+  const first = got[0].bytes;
+  assert.deepEqual(readVnetHdr(first, 0, newVnetHdr()), h);
+  assert.equal(first[10] | (first[11] << 8), n, 'num_buffers');
+  const joined = new Uint8Array(HDR + f.length);
+  let pos = 0;
+  for (const g of got) {
+    joined.set(g.bytes, pos);
+    pos += g.len;
+  }
+  assert.equal(pos, HDR + f.length);
+  assert.deepEqual(joined.subarray(HDR), f);
+
+  // Checksum offload only: the device finishes what the guest cannot take, even from a sender that ignored `offloads`.
+  const { dev: d2, rx: rx2 } = offloadPair('orx2', MAC_A, bit(NET_F_GUEST_CSUM));
+  postRx(rx2, 64, 2048);
+  d2.deliver(f, h);
+  d2.flush();
+  const segs = takeRx(rx2);
+  assert.equal(segs.length, Math.ceil(payload / 1448));
+  for (const s of segs) {
+    assert.equal(s.bytes[0], HDR_F_DATA_VALID, 'finished in software: DATA_VALID');
+    assert.equal(s.bytes[1], GSO_NONE);
+    assert.ok(s.len - HDR <= 1514);
+    assert.ok(tcpVerifies(s.bytes.subarray(HDR), 14, false));
+  }
+  assert.equal(d2.egressCounters.txSegmented, 1);
+});
+
+test('offload RX: a backlogged frame keeps its header', () => {
+  const { dev, rx } = offloadPair('obl', MAC_A, OFFLOAD_FEATURES);
+  const { f, l4 } = tcpFrame({ payload: 3000 });
+  const h: VnetHdr = { flags: HDR_F_NEEDS_CSUM, gsoType: GSO_TCPV6, hdrLen: 0, gsoSize: 1000, csumStart: l4, csumOffset: 16 };
+  const g = tcpFrame({ v6: true, payload: 3000 });
+  dev.deliver(g.f, { ...h, csumStart: g.l4 });
+  assert.equal(dev.backlogLength(0), 1);
+  postRx(rx, 4, 4096);
+  dev.kick(0);
+  const got = takeRx(rx);
+  assert.equal(got.length, 1);
+  assert.deepEqual(readVnetHdr(got[0].bytes, 0, newVnetHdr()), { ...h, csumStart: g.l4 });
+  assert.deepEqual(got[0].bytes.subarray(HDR), g.f);
+  assert.ok(f.length > 0);
 });
