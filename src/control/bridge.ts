@@ -46,7 +46,7 @@ function createDevice(spec: FunctionSpec, switches: Map<string, L2Switch>): { de
     });
     return { device, release: () => device.close() };
   }
-  const device = new NetDevice({ name: spec.name, mac: spec.mac, queuePairs: spec.queues, queueSize: spec.queueSize, mtu: spec.mtu });
+  const device = new NetDevice({ name: spec.name, mac: spec.mac, queuePairs: spec.queues, queueSize: spec.queueSize, mtu: spec.mtu, offloads: spec.offloads });
   if (spec.backend.kind !== 'sink' && spec.backend.kind !== 'switch') throw new Error(`${spec.name}: not a local backend`);
   if (spec.backend.kind === 'sink') {
     const sink = new NullPort(`${spec.name}-null`);

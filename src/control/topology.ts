@@ -71,6 +71,8 @@ export interface NetFunction {
   queueSize: number;
   mac?: string;
   mtu?: number;
+  /** Offer checksum/TSO/ECN offloads (local functions). */
+  offloads: boolean;
   backend: SwitchBackend | SinkBackend | LinkBackend;
 }
 
@@ -235,7 +237,7 @@ function parseBlkBackend(b: Obj, where: string, baseDir: string): FileBackend | 
 function parseFunction(f: unknown, i: number, baseDir: string): FunctionSpec {
   const where = `functions[${i}]`;
   if (!isObj(f)) throw new TopologyError(where, 'expected a mapping');
-  checkKeys(f, ['name', 'type', 'socket', 'queues', 'queue-size', 'mac', 'mtu', 'backend'], where);
+  checkKeys(f, ['name', 'type', 'socket', 'queues', 'queue-size', 'mac', 'mtu', 'offloads', 'backend'], where);
   const name = str(f, 'name', where, true);
   if (!/^[A-Za-z0-9_.-]{1,32}$/.test(name)) {
     throw new TopologyError(`${where}.name`, 'use 1-32 letters, digits, "_", "." or "-"');
@@ -258,12 +260,14 @@ function parseFunction(f: unknown, i: number, baseDir: string): FunctionSpec {
       queueSize,
       mac,
       mtu,
+      offloads: bool(f, 'offloads', where, true),
       backend: parseNetBackend(backend, `${where}.backend`, baseDir),
     };
   }
   if (type === 'blk') {
     if (f.mac !== undefined) throw new TopologyError(`${where}.mac`, 'only net functions have a MAC');
     if (f.mtu !== undefined) throw new TopologyError(`${where}.mtu`, 'only net functions have an MTU');
+    if (f.offloads !== undefined) throw new TopologyError(`${where}.offloads`, 'only net functions have offloads');
     return {
       name,
       type,

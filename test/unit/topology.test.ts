@@ -45,6 +45,13 @@ test('errors name the bad field', () => {
   assert.equal(fieldOf(() => validateTopology(base({ queues: 0 }), '/')), 'functions[0].queues');
   assert.equal(fieldOf(() => validateTopology(base({ mac: 'zz' }), '/')), 'functions[0].mac');
   assert.equal(fieldOf(() => validateTopology(base({ colour: 'red' }), '/')), 'functions[0].colour');
+  assert.equal(fieldOf(() => validateTopology(base({ offloads: 'yes' }), '/')), 'functions[0].offloads');
+  const on = validateTopology(base({}), '/').functions[0];
+  const off = validateTopology(base({ offloads: false }), '/').functions[0];
+  assert.ok(on.type === 'net' && on.offloads, 'offloads default on');
+  assert.ok(off.type === 'net' && !off.offloads);
+  const blkOff = { functions: [{ name: 'b', type: 'blk', socket: '/s', offloads: true, backend: { file: '/x' } }] };
+  assert.equal(fieldOf(() => validateTopology(blkOff, '/')), 'functions[0].offloads');
   assert.equal(fieldOf(() => validateTopology(base({ 'queue-size': 100 }), '/')), 'functions[0].queue-size');
   assert.equal(fieldOf(() => validateTopology(base({ backend: {} }), '/')), 'functions[0].backend');
   assert.equal(fieldOf(() => validateTopology({ functions: [] }, '/')), 'functions');
