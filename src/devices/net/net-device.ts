@@ -2,9 +2,10 @@
  * virtio-net (virtio 1.2 §5.1): TX chains become frames for the uplink port,
  * frames from the uplink fill RX chains. Checksum and TCP segmentation
  * offloads travel as metadata (vnet-hdr.ts) in both directions; a frame the
- * guest did not negotiate to take is finished in software before it lands. Queue 2k is RX and
- * 2k+1 TX of pair k; there is no control queue (with vhost-user the VMM owns
- * it and tells us which pairs to use by starting/stopping queues).
+ * guest did not negotiate to take is finished in software before it lands.
+ * Queue 2k is RX and 2k+1 TX of pair k; there is no control queue (with
+ * vhost-user the VMM owns it and tells us which pairs to use by
+ * starting/stopping queues).
  */
 import type { DescriptorChain } from '../../virtio/chain';
 import { readSegments, segmentView, writeSegments } from '../../virtio/chain-io';
@@ -323,15 +324,14 @@ export class NetDevice extends DeviceBase implements Endpoint {
       return 0;
     }
     const mem = q.mem;
-    let hb = segmentView(mem, chain.readable, 0, VNET_HDR_BASE);
-    if (hb === null) {
-      readSegments(mem, chain.readable, 0, this.txHdrBytes, 0, VNET_HDR_BASE);
-      hb = this.txHdrBytes;
-    }
+    const hb = this.txHdrBytes;
+    // Flags and gso_type first (a copy: a view would allocate per frame).
+    readSegments(mem, chain.readable, 0, hb, 0, 2);
     let meta: VnetHdr | undefined;
     // NEEDS_CSUM and gso_type both clear: a finished frame, the rest of the header
     // means nothing (DATA_VALID is not the driver's to set on TX).
     if (((hb[0] & HDR_F_NEEDS_CSUM) | hb[1]) !== 0) {
+      readSegments(mem, chain.readable, 2, hb, 2, VNET_HDR_BASE - 2);
       meta = readVnetHdr(hb, 0, this.txHdr);
       meta.flags &= HDR_F_NEEDS_CSUM;
       if (checkVnetHdr(meta, len, this.txOffloads) !== null) {
