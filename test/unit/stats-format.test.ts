@@ -47,3 +47,14 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
   assert.match(text, /shadow 0 \(up\): 9\/512 in flight, 11\/4082 slots; DMA to BAR 4 ops 4096 B, to guest 5 ops 8193 B; kicks 6, interrupts 7, waits 8, re-checks 12/);
   assert.doesNotMatch(text.split('relay0')[0] ?? '', /shadow|backend/, 'a local function has no link lines');
 });
+
+test('vbridge stats text shows per switch port the frames over 1514 B and the software offloads done for it', () => {
+  const port = { name: 'p', rxFrames: 1, rxBytes: 60, txFrames: 2, txBytes: 120, drops: 0, rxLarge: 0, txLarge: 0, txSegmented: 0, txChecksummed: 0, txMalformed: 0 };
+  const text = formatStats({
+    uptimeSeconds: 1,
+    functions: [],
+    switches: [{ name: 'sw', dropped: 0, ports: [port, { ...port, name: 'q', rxLarge: 5, txLarge: 6, txSegmented: 7, txChecksummed: 8, txMalformed: 9 }] }],
+  });
+  assert.match(text, /^ {2}p: in 1 frames \/ 60 B, out 2 frames \/ 120 B, drops 0$/m, 'nothing about offloads while there were none');
+  assert.match(text, /^ {2}q: .*drops 0; over 1514 B: in 5, out 6; software offload: 7 segmented, 8 checksummed, 9 malformed$/m);
+});
