@@ -622,3 +622,21 @@ test('offload RX: a backlogged frame keeps its header', () => {
   assert.deepEqual(got[0].bytes.subarray(HDR), g.f);
   assert.ok(f.length > 0);
 });
+
+test('offload RX without mergeable buffers (Linux big packets): a super-frame fills one large chain with its header', () => {
+  const dev = new NetDevice({ name: 'big', mac: MAC_A });
+  dev.setFeatures(features(false, bit(NET_F_GUEST_CSUM) | bit(NET_F_GUEST_TSO4)));
+  const rx = startQueue(dev, 0);
+  // Linux posts a header buffer and then page-sized pieces: one chain of ~68 KiB.
+  rx.driver.addChain([{ writable: true, len: HDR }, ...Array.from({ length: 17 }, () => ({ writable: true, len: 4096 }))]);
+  const { f, l4 } = tcpFrame({ payload: 60000 });
+  const h: VnetHdr = { flags: HDR_F_NEEDS_CSUM, gsoType: GSO_TCPV4, hdrLen: 54, gsoSize: 1448, csumStart: l4, csumOffset: 16 };
+  dev.deliver(f, h);
+  dev.flush();
+  const got = takeRx(rx);
+  assert.equal(got.length, 1);
+  assert.equal(got[0].len, HDR + f.length);
+  assert.deepEqual(readVnetHdr(got[0].bytes, 0, newVnetHdr()), h);
+  assert.equal(got[0].bytes[10], 1, 'num_buffers');
+  assert.deepEqual(got[0].bytes.subarray(HDR), f);
+});
