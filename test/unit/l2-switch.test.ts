@@ -337,6 +337,8 @@ test('offloads across the switch: super-frames whole to a port that takes them, 
   const a = sw.attach(pa);
   const b = sw.attach(pb);
   const c = sw.attach(pc);
+  const sink = new NullPort('sink');
+  const sn = sw.attach(sink);
   const { f, l4 } = tcpFrame({ payload: 20000 }); // to B, from A: unknown yet, so flooded
   const h: VnetHdr = { flags: HDR_F_NEEDS_CSUM, gsoType: GSO_TCPV4, hdrLen: 54, gsoSize: 1448, csumStart: l4, csumOffset: 16 };
   a.deliver(f, h);
@@ -352,6 +354,9 @@ test('offloads across the switch: super-frames whole to a port that takes them, 
   assert.equal(c.stats.txSegmented, 1);
   assert.equal(c.stats.txFrames, pc.got.length);
   assert.equal(b.stats.txSegmented, 0);
+  assert.equal(sink.frames, pc.got.length, 'the null sink counts wire frames, not super-frames');
+  assert.equal(sn.stats.txSegmented, 1);
+  sw.detach(sink);
 
   // A port that takes checksum offload only: segments come marked DATA_VALID.
   const pd = new Recorder('d', OFFLOAD_CSUM);
