@@ -640,3 +640,18 @@ test('offload RX without mergeable buffers (Linux big packets): a super-frame fi
   assert.equal(got[0].bytes[10], 1, 'num_buffers');
   assert.deepEqual(got[0].bytes.subarray(HDR), f);
 });
+
+test('offload RX: DATA_VALID reaches only a guest that negotiated GUEST_CSUM', () => {
+  const valid: VnetHdr = { ...newVnetHdr(), flags: HDR_F_DATA_VALID };
+  const f = tcpFrame({ payload: 100 }).f;
+  for (const [extra, flags] of [[0n, 0], [bit(NET_F_GUEST_CSUM), HDR_F_DATA_VALID]] as const) {
+    const { dev, rx } = offloadPair('dv', MAC_A, extra);
+    postRx(rx, 1, 2048);
+    dev.deliver(f, valid);
+    dev.flush();
+    const got = takeRx(rx);
+    assert.equal(got.length, 1);
+    assert.equal(got[0].bytes[0], flags);
+    assert.deepEqual(got[0].bytes.subarray(HDR), f);
+  }
+});

@@ -214,8 +214,9 @@ export class NetDevice extends DeviceBase implements Endpoint {
 
   /** A frame for the guest. Never throws: a driver error marks the device failed instead. */
   deliver(frame: Uint8Array, hdr?: VnetHdr): void {
-    if (hdr === undefined || OffloadEgress.takes(hdr, this.rxOffloads)) this.deliverFinished(frame, hdr);
-    // A sender that ignored `offloads` (the guest may have renegotiated since): finish it here.
+    if (hdr === undefined) this.deliverFinished(frame, undefined);
+    // Through the egress even when the sender heeded `offloads` (the guest may have
+    // renegotiated since): it also drops a DATA_VALID hint a guest without GUEST_CSUM must not see.
     else this.egress.send(frame, hdr, this.rxOffloads, this.deliverOne, this.egressCounters);
   }
 
