@@ -162,6 +162,7 @@ export class TapPort implements Endpoint {
         break;
       }
       if (n <= 0) break;
+      // Shorter than the header, or longer than the buffer (a truncated read): not a frame to pass on.
       if (n < hs || n > buf.length) {
         this.stats.errors++;
         continue;
