@@ -32,6 +32,18 @@ export const VRING_USED_ELEM_SIZE = 8;
 /** Largest split queue the spec allows. */
 export const VIRTQUEUE_MAX_SIZE = 32768;
 
+// Packed ring (virtio 1.2 §2.8): descriptor flags beyond NEXT/WRITE/INDIRECT, and event suppression.
+export const VRING_PACKED_DESC_F_AVAIL = 1 << 7;
+export const VRING_PACKED_DESC_F_USED = 1 << 15;
+/** Bytes of the driver and of the device event suppression structure (off_wrap, flags). */
+export const VRING_PACKED_EVENT_SIZE = 4;
+export const VRING_PACKED_EVENT_FLAG_ENABLE = 0;
+export const VRING_PACKED_EVENT_FLAG_DISABLE = 1;
+/** Only with EVENT_IDX: notify when the position in off_wrap is reached. */
+export const VRING_PACKED_EVENT_FLAG_DESC = 2;
+/** Bit of off_wrap (and of a vhost-user packed vring base half) holding the wrap counter. */
+export const VRING_PACKED_WRAP_BIT = 15;
+
 // virtio-net feature bits.
 export const NET_F_CSUM = 0;
 export const NET_F_GUEST_CSUM = 1;

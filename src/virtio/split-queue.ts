@@ -1,5 +1,6 @@
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
 import type { ChainSegment, DescriptorChain } from './chain';
+import { hex, QueueError, type QueueState, ringSpan, type Virtqueue } from './virtqueue';
 import {
   VIRTQUEUE_MAX_SIZE,
   VRING_AVAIL_F_NO_INTERRUPT,
@@ -11,19 +12,7 @@ import {
   VRING_USED_F_NO_NOTIFY,
 } from './constants';
 
-/** A malformed ring or chain posted by the driver; the link marks the device NEEDS_RESET. */
-export class QueueError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'QueueError';
-  }
-}
-
-/** Saved ring position (GET_VRING_BASE / migration). */
-export interface QueueState {
-  nextAvail: number;
-  nextUsed: number;
-}
+export { QueueError, type QueueState } from './virtqueue';
 
 // The rings are little endian and read through host-order typed arrays.
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
@@ -34,10 +23,6 @@ const TWO_32 = 2 ** 32;
 /** vring_need_event: did the index move from old to next across event? (all mod 2^16) */
 export function vringNeedEvent(event: number, next: number, old: number): boolean {
   return ((next - event - 1) & 0xffff) < ((next - old) & 0xffff);
-}
-
-function hex(n: number): string {
-  return '0x' + n.toString(16);
 }
 
 function isPowerOfTwo(n: number): boolean {
@@ -54,7 +39,8 @@ function isPowerOfTwo(n: number): boolean {
  * (MemoryAccess.generation), the queue re-activates itself first, so stale
  * views are never used. Little-endian hosts only.
  */
-export class SplitQueue {
+export class SplitQueue implements Virtqueue {
+  readonly packed = false;
   /** Queue size (power of two, 1..maxSize). */
   size = 0;
   /** Ring addresses in the MemoryAccess's address space (guest-physical for vhost-user). */
@@ -284,6 +270,25 @@ export class SplitQueue {
     return { nextAvail: this.next, nextUsed: this.nextUsed };
   }
 
+  /** SET_VRING_BASE carries only the avail index for a split ring; activate() validates it. */
+  setBase(base: number): void {
+    this.nextAvail = base;
+  }
+
+  vringBase(): number {
+    return this.next;
+  }
+
+  hasAvailable(mem: MemoryAccess): boolean {
+    return this.available(mem) > 0;
+  }
+
+  /** The last n chains popped go back: their avail slots cannot have been reused while they were outstanding. */
+  unpop(n: number): void {
+    if (!Number.isInteger(n) || n < 0 || n > this.qsize) throw new RangeError(`cannot give back ${n} chains of a queue of ${this.qsize}`);
+    this.nextAvail = (this.next - n) & 0xffff;
+  }
+
   private check(mem: MemoryAccess): void {
     if (mem === this.mem && mem.generation === this.memGen && this.eventIdx === this.evActive) return;
     if (this.mem === null && this.memGen === undefined && this.qsize === 0) {
@@ -442,31 +447,4 @@ function checkMapped(
     }
     throw e;
   }
-}
-
-function ringSpan(
-  mem: MemoryAccess,
-  what: string,
-  addr: number,
-  len: number,
-  align: number,
-): { buffer: ArrayBuffer; byteOffset: number } {
-  if (!Number.isSafeInteger(addr) || addr < 0) throw new QueueError(`${what} address ${addr} is invalid`);
-  if (addr % align !== 0) throw new QueueError(`${what} address ${hex(addr)} is not ${align}-byte aligned`);
-  let span;
-  try {
-    span = mem.span(addr, len);
-  } catch (e) {
-    if (e instanceof MemoryError) throw new QueueError(`${what} [${hex(addr)}, +${len}) outside memory: ${e.message}`);
-    throw e;
-  }
-  if (span === null) {
-    throw new QueueError(`${what} [${hex(addr)}, +${len}) crosses a memory region or window boundary`);
-  }
-  // Guest alignment does not imply host alignment if a region starts at an odd
-  // offset of its buffer; typed-array views need the latter.
-  if (span.byteOffset % align !== 0) {
-    throw new QueueError(`${what} at ${hex(addr)} is not ${align}-byte aligned in host memory`);
-  }
-  return span;
 }
