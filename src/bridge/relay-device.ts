@@ -23,7 +23,7 @@ import type { Logger } from '../log';
 import { MemoryError } from '../memory/memory-access';
 import type { DescriptorChain } from '../virtio/chain';
 import { segmentAddr } from '../virtio/chain-io';
-import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, VIRTIO_ID_BLOCK, VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
+import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1, VIRTIO_ID_BLOCK, VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
 import { DriverRing, splitRingBytes, splitRingLayout } from '../virtio/driver-ring';
 import { QueueError } from '../virtio/split-queue';
 import { DmaEngine, type DmaCounters, newDmaCounters } from './dma-engine';
@@ -179,7 +179,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   // ---- VirtioDevice ---------------------------------------------------------------
 
   features(): bigint {
-    return (this.info.features & DEVICE_FEATURE_MASK) | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC);
+    // The guest side's ring format is the frontend port's business (packed or split); the shadow rings stay split.
+    return (this.info.features & DEVICE_FEATURE_MASK) | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC) | bit(F_RING_PACKED);
   }
 
   setFeatures(features: bigint): void {
@@ -544,7 +545,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       this.failChain(g, f.chain);
       failed++;
     }
-    if (back > 0) g.queue.nextAvail = (g.queue.nextAvail - back) & 0xffff;
+    if (back > 0) g.queue.unpop(back);
     if (failed > 0) this.log.warn(`${this.name}: queue ${rq.index}: ${failed} chain(s) the backend did not return completed with an error`);
     rq.pending = null;
     const kept = left.filter((f) => f.done);

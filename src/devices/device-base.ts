@@ -4,7 +4,7 @@
  * device" rule. Nothing here knows which link delivers kicks or owns memory.
  */
 import type { DescriptorChain } from '../virtio/chain';
-import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1 } from '../virtio/constants';
+import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1 } from '../virtio/constants';
 import type { DeviceQueue, VirtioDevice } from './device';
 
 /** Used elements published per notify() inside one drain, so a long drain still lets the driver refill early. */
@@ -34,8 +34,8 @@ interface PollState {
 
 const now = (): number => Number(process.hrtime.bigint());
 
-/** Transport features every device here offers. */
-export const COMMON_FEATURES = bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC);
+/** Transport features every device here offers (a link masks what it cannot carry, such as packed rings). */
+export const COMMON_FEATURES = bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC) | bit(F_RING_PACKED);
 
 export abstract class DeviceBase implements VirtioDevice {
   abstract readonly deviceId: number;
@@ -197,7 +197,7 @@ export abstract class DeviceBase implements VirtioDevice {
         return;
       }
       try {
-        if (q.queue.available(q.mem) > 0) {
+        if (q.queue.hasAvailable(q.mem)) {
           this.drain(q, handle);
           setImmediate(tick);
           return;

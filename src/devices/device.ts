@@ -1,5 +1,5 @@
 import type { MemoryAccess } from '../memory/memory-access';
-import type { SplitQueue } from '../virtio/split-queue';
+import type { Virtqueue } from '../virtio/virtqueue';
 
 /** Per-queue counters; `vbridge stats` prints them. Plain numbers: cheap to bump on the data path. */
 export interface QueueStats {
@@ -27,7 +27,8 @@ export function newQueueStats(): QueueStats {
  */
 export interface DeviceQueue {
   readonly index: number;
-  readonly queue: SplitQueue;
+  /** Split or packed, as the driver negotiated (VIRTIO_F_RING_PACKED). */
+  readonly queue: Virtqueue;
   readonly mem: MemoryAccess;
   readonly stats: QueueStats;
   /** Publish used entries and interrupt the driver if its suppression settings ask for it. */
@@ -63,8 +64,8 @@ export interface VirtioDevice {
   startQueue(q: DeviceQueue): void;
   /**
    * Stop using the queue; after return the device holds no chain of it. A device
-   * may step queue.nextAvail back to return chains it popped but never used, so
-   * read queue.state() (GET_VRING_BASE) after this call, not before.
+   * may give back (queue.unpop) chains it popped but never used, so read
+   * queue.state() (GET_VRING_BASE) after this call, not before.
    */
   stopQueue(index: number): void;
   /**

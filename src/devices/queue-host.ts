@@ -10,8 +10,10 @@
 import type { DeviceQueue, QueueStats, VirtioDevice } from './device';
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
 import { native, type Addon } from '../native/addon';
-import { F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, hasFeature } from '../virtio/constants';
-import { QueueError, SplitQueue } from '../virtio/split-queue';
+import { F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, hasFeature } from '../virtio/constants';
+import { PackedQueue } from '../virtio/packed-queue';
+import { SplitQueue } from '../virtio/split-queue';
+import { QueueError, type Virtqueue } from '../virtio/virtqueue';
 import { asError } from '../vhost-user/connection';
 import type { Logger } from '../log';
 
@@ -21,14 +23,14 @@ export interface HostedQueue {
   readonly stats: QueueStats;
   /** Ring size; 0 until the driver sets it. */
   num: number;
-  /** avail index to resume from (SET_VRING_BASE, or where GET_VRING_BASE stopped). */
+  /** Position to resume from (SET_VRING_BASE, or where GET_VRING_BASE stopped), in the vhost-user encoding: packed rings carry both halves. */
   base: number;
   /** SET_VRING_BASE since the ring last ran: take base and re-read used.idx from the ring. */
   baseFresh: boolean;
   enabled: boolean;
   /** A kick arrived while the device could not take it (the ring was stopped, or not yet complete). */
   pendingKick: boolean;
-  queue: SplitQueue | null;
+  queue: Virtqueue | null;
   /** Non-null while the device has the queue (startQueue called, stopQueue not yet). */
   dq: DeviceQueue | null;
   /** The DeviceQueue's notify. */
@@ -47,9 +49,14 @@ export interface RingLocation {
   used: number;
 }
 
-/** Whether the negotiated `features` would set up queue `q` differently (EVENT_IDX, INDIRECT_DESC) from how it is. */
-export function ringFeaturesMoved(q: SplitQueue | null, features: bigint): boolean {
-  return q !== null && (q.eventIdx !== hasFeature(features, F_RING_EVENT_IDX) || q.indirect !== hasFeature(features, F_RING_INDIRECT_DESC));
+/** Whether the negotiated `features` would set up queue `q` differently (EVENT_IDX, INDIRECT_DESC, RING_PACKED) from how it is. */
+export function ringFeaturesMoved(q: Virtqueue | null, features: bigint): boolean {
+  return (
+    q !== null &&
+    (q.eventIdx !== hasFeature(features, F_RING_EVENT_IDX) ||
+      q.indirect !== hasFeature(features, F_RING_INDIRECT_DESC) ||
+      q.packed !== hasFeature(features, F_RING_PACKED))
+  );
 }
 
 export class QueueHost<Q extends HostedQueue> {
@@ -100,24 +107,27 @@ export class QueueHost<Q extends HostedQueue> {
 
   /**
    * Set up queue `v`'s ring at `at` with the ring features of `features` and
-   * activate it (its SplitQueue is kept across stops). A fresh ring (never run,
-   * or SET_VRING_BASE since) starts at `base` and takes its used index from the
-   * ring. A ring that does not fit in `mem` (QueueError, MemoryError) throws
-   * what `refuse` makes of the error.
+   * activate it (its queue object is kept across stops; a split or packed one
+   * as RING_PACKED says). A fresh ring (never run, or SET_VRING_BASE since)
+   * starts at `base`; a split ring takes its used index from the ring, a packed
+   * one from the base. A ring that does not fit in `mem` (QueueError,
+   * MemoryError) throws what `refuse` makes of the error.
    */
-  activate(v: Q, at: RingLocation, features: bigint, mem: MemoryAccess, refuse: (e: QueueError | MemoryError) => Error): SplitQueue {
-    const fresh = v.baseFresh || v.queue === null;
-    const q = v.queue ?? new SplitQueue(this.device.maxQueueSize);
+  activate(v: Q, at: RingLocation, features: bigint, mem: MemoryAccess, refuse: (e: QueueError | MemoryError) => Error): Virtqueue {
+    const packed = hasFeature(features, F_RING_PACKED);
+    const same = v.queue !== null && v.queue.packed === packed;
+    const fresh = v.baseFresh || !same;
+    const q = same ? (v.queue as Virtqueue) : packed ? new PackedQueue(this.device.maxQueueSize) : new SplitQueue(this.device.maxQueueSize);
     q.size = v.num;
     q.descAddr = at.desc;
     q.availAddr = at.avail;
     q.usedAddr = at.used;
     q.eventIdx = hasFeature(features, F_RING_EVENT_IDX);
     q.indirect = hasFeature(features, F_RING_INDIRECT_DESC);
-    if (fresh) q.nextAvail = v.base;
+    if (fresh) q.setBase(v.base);
     try {
       q.activate(mem);
-      // Like libvhost-user: the used index lives in the ring, SET_VRING_BASE only carries avail's.
+      // Split, like libvhost-user: the used index lives in the ring, SET_VRING_BASE only carries avail's.
       if (fresh) q.syncUsedFromRing(mem);
     } catch (e) {
       if (e instanceof QueueError || e instanceof MemoryError) throw refuse(e);
@@ -130,7 +140,7 @@ export class QueueHost<Q extends HostedQueue> {
 
   /** Hand queue `v` (activated) to the device. False when the device refused it (reported to fail). */
   handOver(v: Q, mem: MemoryAccess): boolean {
-    const dq: DeviceQueue = { index: v.index, queue: v.queue as SplitQueue, mem, stats: v.stats, notify: v.notify };
+    const dq: DeviceQueue = { index: v.index, queue: v.queue as Virtqueue, mem, stats: v.stats, notify: v.notify };
     v.dq = dq;
     try {
       this.device.startQueue(dq);
@@ -147,7 +157,7 @@ export class QueueHost<Q extends HostedQueue> {
     let pending = v.pendingKick;
     v.pendingKick = false;
     try {
-      if (!pending) pending = (v.queue as SplitQueue).available(mem) > 0;
+      if (!pending) pending = (v.queue as Virtqueue).hasAvailable(mem);
       if (pending && v.dq !== null) this.device.kick(v.index);
     } catch (e) {
       this.fail(v, e);

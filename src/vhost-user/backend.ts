@@ -847,7 +847,7 @@ export class VhostUserBackend {
     const q = v.queue;
     if (v.dq === null || q === null) return;
     try {
-      if (q.available(this.mem as GuestMemory) > 0) this.device.kick(v.index);
+      if (q.hasAvailable(this.mem as GuestMemory)) this.device.kick(v.index);
     } catch (e) {
       this.dataPathError(v, e);
     }

@@ -269,6 +269,11 @@ export class MockPackedDriver {
     return out;
   }
 
+  /** The buffers addChain() posted for a chain still outstanding. */
+  segmentsOf(id: number): readonly PostedSegment[] | undefined {
+    return this.chains.get(id)?.segments;
+  }
+
   get outstanding(): number {
     return this.chains.size;
   }

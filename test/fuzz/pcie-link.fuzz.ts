@@ -47,7 +47,7 @@ import {
 } from '../../src/virtio/constants';
 import { splitRingBytes } from '../../src/virtio/driver-ring';
 import { MockDriver, ringBytes, type SegmentSpec } from '../../src/virtio/mock-driver';
-import { QueueError, type SplitQueue } from '../../src/virtio/split-queue';
+import { QueueError, SplitQueue } from '../../src/virtio/split-queue';
 import type { ShadowRingAddr } from '../../src/bridge/shadow-link';
 import { EchoBackend, LoopbackLink, settle, until } from '../support/loopback-link';
 import { Rng } from './rng';
@@ -435,7 +435,9 @@ class World {
   }
 
   get sq(): SplitQueue {
-    return this.link.ring(0).dq.queue;
+    const q = this.link.ring(0).dq.queue;
+    if (!(q instanceof SplitQueue)) throw new Error('a shadow ring is a split ring');
+    return q;
   }
 
   // ---- the guest -------------------------------------------------------------------------

@@ -271,6 +271,7 @@ export class LoopbackLink implements ShadowLink {
   writeUsedRaw(q: number, id: number, len: number): void {
     const b = this.ring(q);
     const sq = b.dq.queue;
+    if (!(sq instanceof SplitQueue)) throw new Error('a shadow ring is a split ring');
     const slot = sq.nextUsed & (b.addr.size - 1);
     const o = b.addr.used + 4 + VRING_USED_ELEM_SIZE * slot;
     this.bar2View.setUint32(o, id >>> 0, true);

@@ -10,6 +10,7 @@ import {
   bit,
   F_RING_EVENT_IDX,
   F_RING_INDIRECT_DESC,
+  F_RING_PACKED,
   F_VERSION_1,
   hasFeature,
   NET_F_CSUM,
@@ -45,20 +46,37 @@ import {
   type VnetHdr,
 } from '../../src/devices/net/vnet-hdr';
 import { tcpFrame, tcpVerifies } from '../support/tcp-frames';
+import { MockPackedDriver } from '../../src/virtio/mock-packed-driver';
 import type { SplitQueue } from '../../src/virtio/split-queue';
+import type { Virtqueue } from '../../src/virtio/virtqueue';
 
 const HDR = 12;
 
-interface Q {
+/** A started queue of either ring format. */
+interface AnyQ {
   dq: DeviceQueue;
-  driver: MockDriver;
+  driver: MockDriver | MockPackedDriver;
   mem: GuestMemory;
+  queue: Virtqueue;
+}
+
+interface Q extends AnyQ {
+  driver: MockDriver;
   queue: SplitQueue;
 }
 
 /** A started queue of `dev` backed by its own mock driver, as a link would hand it over. */
 function startQueue(dev: NetDevice, index: number, opts: { size?: number; eventIdx?: boolean } = {}): Q {
   const { mem, driver, queue } = MockDriver.create({ size: opts.size ?? 64, eventIdx: opts.eventIdx, indirect: true });
+  return { ...handOver(dev, index, mem, queue), driver, queue };
+}
+
+function startPacked(dev: NetDevice, index: number, opts: { size?: number; eventIdx?: boolean } = {}): AnyQ {
+  const { mem, driver, queue } = MockPackedDriver.create({ size: opts.size ?? 64, eventIdx: opts.eventIdx, indirect: true });
+  return { ...handOver(dev, index, mem, queue), driver };
+}
+
+function handOver(dev: NetDevice, index: number, mem: GuestMemory, queue: Virtqueue): { dq: DeviceQueue; mem: GuestMemory; queue: Virtqueue } {
   const stats = newQueueStats();
   const dq: DeviceQueue = {
     index,
@@ -70,7 +88,7 @@ function startQueue(dev: NetDevice, index: number, opts: { size?: number; eventI
     },
   };
   dev.startQueue(dq);
-  return { dq, driver, mem, queue };
+  return { dq, mem, queue };
 }
 
 function features(mrg: boolean, extra = 0n): bigint {
@@ -88,7 +106,7 @@ function frame(dst: string, src: string, payloadLen: number, seed = 0): Uint8Arr
 }
 
 /** Post a TX chain: header + frame in one buffer (the common Linux layout). */
-function postTx(q: Q, f: Uint8Array, opts: { split?: boolean; indirect?: boolean } = {}): number {
+function postTx(q: AnyQ, f: Uint8Array, opts: { split?: boolean; indirect?: boolean } = {}): number {
   const hdr = new Uint8Array(HDR);
   if (opts.split) {
     // Header alone, then the frame cut in two uneven pieces.
@@ -100,12 +118,12 @@ function postTx(q: Q, f: Uint8Array, opts: { split?: boolean; indirect?: boolean
   return q.driver.addChain([{ data: buf }], { indirect: opts.indirect });
 }
 
-function postRx(q: Q, count: number, len: number): void {
+function postRx(q: AnyQ, count: number, len: number): void {
   for (let i = 0; i < count; i++) q.driver.addChain([{ writable: true, len }]);
 }
 
 /** Used RX elements with their bytes (read before the mock reuses the buffers). */
-function takeRx(q: Q): { len: number; bytes: Uint8Array }[] {
+function takeRx(q: AnyQ): { len: number; bytes: Uint8Array }[] {
   const out: { len: number; bytes: Uint8Array }[] = [];
   for (let e = q.driver.popUsed(); e !== null; e = q.driver.popUsed()) {
     const segs = e.segments ?? [];
@@ -654,4 +672,39 @@ test('offload RX: DATA_VALID reaches only a guest that negotiated GUEST_CSUM', (
     assert.equal(got[0].bytes[0], flags);
     assert.deepEqual(got[0].bytes.subarray(HDR), f);
   }
+});
+
+test('packed rings: TX and RX frames through the switch, a stashed RX chain given back at stop', () => {
+  const sw = new L2Switch('pk');
+  const a = new NetDevice({ name: 'pa', mac: MAC_A });
+  const b = new NetDevice({ name: 'pb', mac: MAC_B });
+  for (const d of [a, b]) {
+    d.setFeatures(features(true, bit(F_RING_PACKED)));
+    sw.plug(d);
+  }
+  const aTx = startPacked(a, 1, { size: 8, eventIdx: true });
+  const bRx = startPacked(b, 0, { size: 8, eventIdx: true });
+  startPacked(b, 1, { size: 8 });
+  startPacked(a, 0, { size: 8 });
+  const got: Uint8Array[] = [];
+  // 20 frames through 8-entry rings: both rings lap twice.
+  for (let i = 0; i < 20; i++) {
+    postRx(bRx, 1, 1536);
+    const f = frame(MAC_B, MAC_A, 60 + i, i);
+    postTx(aTx, f, { split: i % 2 === 0, indirect: i % 3 === 0 });
+    a.kick(1);
+    b.flush();
+    for (const r of takeRx(bRx)) got.push(r.bytes.subarray(HDR));
+    aTx.driver.drainUsed();
+    assert.deepEqual(got[i], f, `frame ${i}`);
+  }
+  assert.equal(aTx.dq.stats.descriptors, 20);
+  // A 3000-byte frame needs two mergeable buffers; with one posted it is stashed, then given back at stop.
+  postRx(bRx, 1, 1536);
+  b.deliver(frame(MAC_B, MAC_A, 3000));
+  const pos = bRx.queue.nextAvail;
+  assert.notEqual(pos, 4 | 0x8000);
+  b.stopQueue(0);
+  assert.equal(bRx.queue.nextAvail, (pos - 1) & 0xffff, 'the stashed chain is back in the ring');
+  assert.equal(bRx.queue.hasAvailable(bRx.mem), true);
 });

@@ -33,7 +33,8 @@ import {
   VIRTIO_ID_NET,
 } from '../../src/virtio/constants';
 import { MockDriver, type PostedSegment, type SegmentSpec } from '../../src/virtio/mock-driver';
-import type { SplitQueue } from '../../src/virtio/split-queue';
+import { MockPackedDriver } from '../../src/virtio/mock-packed-driver';
+import type { Virtqueue } from '../../src/virtio/virtqueue';
 import { ECHO_BACKEND_FEATURES, EchoBackend, type FailMode, latin1, LoopbackLink, settle, text, until } from '../support/loopback-link';
 import { allocatedBlocks, blkHeader, dwz, tempDisk } from '../support/blk-requests';
 import { CaptureLogger } from '../support/capture-logger';
@@ -51,11 +52,12 @@ interface Completion {
   whole: Uint8Array;
 }
 
-/** One guest queue: MockDriver rings in their own memory, and the DeviceQueue the vhost-user layer would build. */
+/** One guest queue: MockDriver (or packed twin) rings in their own memory, and the DeviceQueue the vhost-user layer would build. */
 class Guest {
   readonly mem: GuestMemory;
-  readonly driver: MockDriver;
-  readonly queue: SplitQueue;
+  /** The ring's driver side, split or packed. */
+  readonly ring: MockDriver | MockPackedDriver;
+  readonly queue: Virtqueue;
   readonly dq: DeviceQueue;
   interrupts = 0;
   /** Outstanding chains by head. */
@@ -64,11 +66,12 @@ class Guest {
 
   constructor(
     readonly index: number,
-    opts: { size?: number; eventIdx?: boolean } = {},
+    opts: { size?: number; eventIdx?: boolean; packed?: boolean } = {},
   ) {
-    const m = MockDriver.create({ size: opts.size ?? 64, eventIdx: opts.eventIdx ?? true, indirect: true });
+    const setup = { size: opts.size ?? 64, eventIdx: opts.eventIdx ?? true, indirect: true };
+    const m = opts.packed ? MockPackedDriver.create(setup) : MockDriver.create(setup);
     this.mem = m.mem;
-    this.driver = m.driver;
+    this.ring = m.driver;
     this.queue = m.queue;
     const stats = newQueueStats();
     this.dq = {
@@ -85,6 +88,12 @@ class Guest {
     };
   }
 
+  /** The split driver, for tests that craft split rings. */
+  get driver(): MockDriver {
+    if (!(this.ring instanceof MockDriver)) throw new Error('this guest has a packed ring');
+    return this.ring;
+  }
+
   get stats() {
     return this.dq.stats;
   }
@@ -95,9 +104,9 @@ class Guest {
     const wsegs = o.wsegs ?? [o.wlen ?? 64];
     const segs: SegmentSpec[] = [{ data: readable }];
     for (const n of wsegs) if (n > 0) segs.push({ writable: true, len: n });
-    const head = this.driver.addChain(segs, { indirect: o.indirect });
-    const writable = (this.driver.segmentsOf(head) ?? []).filter((s) => s.writable);
-    for (const s of writable) this.driver.writeBytes(s.addr, new Uint8Array(s.len).fill(CANARY));
+    const head = this.ring.addChain(segs, { indirect: o.indirect });
+    const writable = (this.ring.segmentsOf(head) ?? []).filter((s) => s.writable);
+    for (const s of writable) this.ring.writeBytes(s.addr, new Uint8Array(s.len).fill(CANARY));
     this.out.set(head, { tag, readable, writable });
     return head;
   }
@@ -105,7 +114,7 @@ class Guest {
   /** Take every used element published; a head that is not outstanding (completed twice, or never posted) throws. */
   collect(): Completion[] {
     const got: Completion[] = [];
-    for (let u = this.driver.popUsed(); u !== null; u = this.driver.popUsed()) {
+    for (let u = this.ring.popUsed(); u !== null; u = this.ring.popUsed()) {
       const o = this.out.get(u.id);
       if (o === undefined) throw new Error(`guest ${this.index}: used id ${u.id} is not an outstanding chain (completed twice?)`);
       this.out.delete(u.id);
@@ -114,7 +123,7 @@ class Guest {
       const whole = new Uint8Array(wlen);
       let pos = 0;
       for (const s of o.writable) {
-        whole.set(this.driver.readBytes(s.addr, s.len), pos);
+        whole.set(this.ring.readBytes(s.addr, s.len), pos);
         pos += s.len;
       }
       const c = { head: u.id, tag: o.tag, len: u.len, data: whole.slice(0, u.len), whole };
@@ -158,6 +167,7 @@ interface RigOptions {
   failMode?: FailMode;
   guestSize?: number;
   guestEventIdx?: boolean;
+  guestPacked?: boolean;
 }
 
 async function rig(o: RigOptions): Promise<Rig> {
@@ -169,7 +179,7 @@ async function rig(o: RigOptions): Promise<Rig> {
   relay.setFeatures(relay.features());
   const guests: Guest[] = [];
   for (let q = 0; q < link.info.numQueues; q++) {
-    const g = new Guest(q, { size: o.guestSize ?? 64, eventIdx: o.guestEventIdx });
+    const g = new Guest(q, { size: o.guestSize ?? 64, eventIdx: o.guestEventIdx, packed: o.guestPacked });
     guests.push(g);
     relay.startQueue(g.dq);
   }
@@ -410,6 +420,65 @@ test('backpressure, shadow ring full: a backend with 8-entry queues holds 4 two-
     assert.deepEqual(c.data, echoOf(c.tag, 40, 40));
     assert.ok(c.whole.subarray(40).every((b) => b === CANARY), 'bytes past len untouched');
   }
+});
+
+test('a packed guest ring: the relay serves it through split shadow rings, laps and reordered completions included', async () => {
+  const dev = new EchoBackend({ mode: 'manual' });
+  const r = await rig({ device: dev, guestSize: 8, guestPacked: true });
+  const g = r.guests[0] as Guest;
+  assert.equal(g.queue.packed, true);
+  const tags: string[] = [];
+  let n = 0;
+  // 30 chains through an 8-entry packed ring (some indirect): the ring wraps several times.
+  while (n < 30) {
+    const batch = Math.min(3, 30 - n);
+    for (let i = 0; i < batch; i++, n++) {
+      tags.push(`p${String(n).padStart(2, '0')}`);
+      g.post(tags[n] as string, { rlen: 40 + n, wlen: 64, indirect: n % 3 === 0 });
+    }
+    r.relay.kick(0);
+    await until(() => (dev.held[0]?.length ?? 0) === batch, 'backend holds the batch');
+    const held = dev.held[0] ?? [];
+    dev.complete(0, held.map((_, i) => held.length - 1 - i));
+    await until(() => g.collect().length >= 0 && g.completed.length === n, 'batch completed');
+  }
+  assert.deepEqual(dev.seen[0]?.map((t) => t.slice(0, 3)), tags, 'the backend saw the chains in guest order');
+  assert.notDeepEqual(
+    g.completed.map((c) => c.tag),
+    tags,
+    'completions came back reordered',
+  );
+  for (const c of g.completed) assert.deepEqual(c.data, echoOf(c.tag, 40 + Number(c.tag.slice(1)), 64));
+  assert.equal(g.out.size, 0);
+  assert.deepEqual(r.link.lastFeatures !== null && (r.link.lastFeatures & bit(F_RING_PACKED)) === 0n, true, 'the shadow side stays split');
+  assert.deepEqual(r.fatal, []);
+});
+
+test('a packed guest ring: quiesce gives unseen chains back (wrap counters included) and they run after the restart', async () => {
+  const dev = new EchoBackend();
+  const r = await rig({ device: dev, guestSize: 4, guestPacked: true });
+  const g = r.guests[0] as Guest;
+  for (const t of ['a', 'b', 'c']) g.post(t, { indirect: true });
+  r.relay.kick(0);
+  await until(() => g.collect().length >= 0 && g.completed.length === 3, 'a, b, c');
+  r.link.hold = true;
+  for (const t of ['d', 'e']) g.post(t, { indirect: true });
+  r.relay.kick(0);
+  await settle();
+  assert.equal(g.queue.nextAvail, 1, 'd and e took slots 3 and 0: index 1 of the second lap (wrap 0)');
+  await r.relay.quiesce(0);
+  assert.equal(g.queue.nextAvail, 3 | 0x8000, 'both given back, across the lap boundary');
+  r.relay.stopQueue(0);
+  assert.equal(g.queue.vringBase(), 0x80038003, 'GET_VRING_BASE: avail and used at 3, wrap 1');
+  r.link.hold = false;
+  r.relay.startQueue(g.dq);
+  await until(() => g.collect().length >= 0 && g.completed.length === 5, 'd, e after the restart');
+  assert.deepEqual(
+    g.completed.map((c) => c.tag),
+    ['a', 'b', 'c', 'd', 'e'],
+  );
+  assert.deepEqual(dev.seen[0]?.map((t) => t.split(':')[0]), ['a', 'b', 'c', 'd', 'e'], 'each ran once');
+  assert.deepEqual(r.fatal, []);
 });
 
 // ---- stopping and restarting ---------------------------------------------------------
@@ -819,7 +888,7 @@ test('a BAR2 too small for 16 slots per queue is refused at construction', () =>
 
 // ---- features ------------------------------------------------------------------------------------
 
-test('features: device-class bits + VERSION_1 + EVENT_IDX + INDIRECT, never PROTOCOL_FEATURES or RING_PACKED', async () => {
+test('features: device-class bits + VERSION_1 + EVENT_IDX + INDIRECT + RING_PACKED to the guest; the backend never gets PROTOCOL_FEATURES or RING_PACKED', async () => {
   const deviceBits = bit(NET_F_CSUM) | bit(NET_F_MAC) | bit(23) | bit(50) | bit(63);
   const transport =
     bit(F_NOTIFY_ON_EMPTY) |
@@ -835,11 +904,10 @@ test('features: device-class bits + VERSION_1 + EVENT_IDX + INDIRECT, never PROT
   const link = new LoopbackLink({ bar2Size: 256 * 1024, device: dev });
   const relay = new RelayDevice(link, link.info, { name: 'feat', queueSize: 32, logger: new CaptureLogger() });
   const f = relay.features();
-  assert.equal(f, deviceBits | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC));
+  assert.equal(f, deviceBits | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC) | bit(F_RING_PACKED), 'the guest side may be packed');
   assert.equal(f & bit(PROTOCOL_FEATURES_BIT), 0n);
-  assert.equal(f & bit(F_RING_PACKED), 0n);
 
-  // The driver takes a subset, and tries bits never offered: the backend gets device bits + VERSION_1/EVENT_IDX.
+  // The driver takes a subset (packed included), and tries bits never offered: the backend gets device bits + VERSION_1/EVENT_IDX, its shadow rings stay split.
   relay.setFeatures((f & ~bit(NET_F_CSUM)) | bit(PROTOCOL_FEATURES_BIT) | bit(F_RING_PACKED));
   await until(() => link.lastFeatures !== null, 'SET_FEATURES');
   assert.equal(link.lastFeatures, bit(NET_F_MAC) | bit(23) | bit(50) | bit(63) | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX));
@@ -848,7 +916,7 @@ test('features: device-class bits + VERSION_1 + EVENT_IDX + INDIRECT, never PROT
   const plain = new EchoBackend({ features: bit(F_VERSION_1) | bit(5) });
   const link2 = new LoopbackLink({ bar2Size: 256 * 1024, device: plain });
   const relay2 = new RelayDevice(link2, link2.info, { name: 'feat2', queueSize: 32, logger: new CaptureLogger() });
-  assert.equal(relay2.features(), bit(5) | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC));
+  assert.equal(relay2.features(), bit(5) | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC) | bit(F_RING_PACKED));
   relay2.setFeatures(relay2.features());
   await until(() => link2.lastFeatures !== null, 'SET_FEATURES');
   assert.equal(link2.lastFeatures, bit(5) | bit(F_VERSION_1));

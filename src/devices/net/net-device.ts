@@ -268,11 +268,11 @@ export class NetDevice extends DeviceBase implements Endpoint {
     } catch {
       // The ring is going away; nothing more to tell the driver.
     }
-    // The stashed chains are the most recently popped ones, so stepping
-    // nextAvail back returns them to the ring as if never popped (their avail
-    // slots cannot have been reused: they are still outstanding).
+    // The stashed chains are the most recently popped ones, so giving them
+    // back returns them to the ring as if never popped (their ring slots
+    // cannot have been reused: they are still outstanding).
     if (rx.stash.length > 0) {
-      q.queue.nextAvail = (q.queue.nextAvail - rx.stash.length) & 0xffff;
+      q.queue.unpop(rx.stash.length);
       rx.stash.length = 0;
       rx.stashBytes = 0;
     }
