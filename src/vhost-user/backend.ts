@@ -29,10 +29,12 @@ import {
   STATUS_NEEDS_RESET,
   VIRTIO_ID_NET,
   VRING_DESC_SIZE,
+  VRING_PACKED_EVENT_SIZE,
   VRING_USED_ELEM_SIZE,
   bit,
   hasFeature,
 } from '../virtio/constants';
+import type { Virtqueue } from '../virtio/virtqueue';
 import { asError, closeQuietly, ConnectionError, VhostUserConnection } from './connection';
 import type { Logger } from '../log';
 import {
@@ -76,11 +78,11 @@ const NOFD_POLL_MS = 1;
 
 /**
  * Virtio features this transport cannot carry whatever the device offers:
- * packed rings (SplitQueue only), IOMMU/IOTLB translation (ring and buffer
- * addresses would be IOVAs we cannot resolve), and LOG_ALL until dirty
- * logging is wired to SET_LOG_BASE.
+ * IOMMU/IOTLB translation (ring and buffer addresses would be IOVAs we cannot
+ * resolve), and LOG_ALL until dirty logging is wired to SET_LOG_BASE.
+ * Packed rings are carried (PackedQueue).
  */
-const TRANSPORT_MASK = bit(F_RING_PACKED) | bit(F_ACCESS_PLATFORM) | bit(VHOST_F_LOG_ALL);
+const TRANSPORT_MASK = bit(F_ACCESS_PLATFORM) | bit(VHOST_F_LOG_ALL);
 
 const PF = ProtocolFeature;
 
@@ -370,6 +372,11 @@ export class VhostUserBackend {
 
   private wantsAck(hdr: MessageHeader): boolean {
     return (hdr.flags & FLAG_NEED_REPLY) !== 0 && this.hasProtocol(PF.REPLY_ACK);
+  }
+
+  /** Packed rings negotiated: ring sizes and vring bases follow the packed layout. */
+  private get packed(): boolean {
+    return hasFeature(this.ackedFeatures, F_RING_PACKED);
   }
 
   private hasProtocol(b: number): boolean {
@@ -677,10 +684,16 @@ export class VhostUserBackend {
     return undefined;
   }
 
+  /**
+   * Split: the next avail index (16 bits). Packed (vhost-user spec): avail index
+   * in bits 0-14 with its wrap counter in bit 15, used likewise in bits 16-31;
+   * PackedQueue.setBase takes the front-ends that send the avail half only.
+   * The position is checked against the ring when it starts.
+   */
   private setVringBase(spec: AnyMessageSpec, s: VringState): undefined {
     const v = this.ring(spec, s.index);
-    if (s.num > 0xffff) {
-      throw new ProtocolError(spec.name, `vring ${s.index} num ${s.num}: a split ring's next avail index is 16 bits (packed rings are not offered)`, false);
+    if (s.num > 0xffff && !this.packed) {
+      throw new ProtocolError(spec.name, `vring ${s.index} num 0x${s.num.toString(16)}: a split ring's next avail index is 16 bits (RING_PACKED was not negotiated)`, false);
     }
     if (v.dq !== null) this.stopRing(v);
     v.base = s.num;
@@ -693,7 +706,7 @@ export class VhostUserBackend {
   private getVringBase(spec: AnyMessageSpec, s: VringState): VringState {
     const v = this.ring(spec, s.index);
     if (v.dq !== null) this.stopRing(v);
-    if (v.queue !== null && !v.baseFresh) v.base = v.queue.nextAvail;
+    if (v.queue !== null && !v.baseFresh) v.base = v.queue.vringBase();
     // Stopped until the next SET_VRING_KICK: QEMU sends one on every restart, and a
     // suspended device must not act on guest kicks in between (migration).
     this.dropKick(v);
@@ -760,10 +773,12 @@ export class VhostUserBackend {
         throw new ProtocolError(spec.name, `vring ${v.index} ${field} 0x${uva.toString(16)} (+0x${len.toString(16)} bytes for ${n} entries) is outside the memory table`, false);
       }
     };
+    // Packed: avail and used name the driver and device event suppression areas.
+    const packed = this.packed;
     return {
       desc: t('desc_user_addr', a.desc, VRING_DESC_SIZE * n),
-      avail: t('avail_user_addr', a.avail, 6 + 2 * n),
-      used: t('used_user_addr', a.used, 6 + VRING_USED_ELEM_SIZE * n),
+      avail: t('avail_user_addr', a.avail, packed ? VRING_PACKED_EVENT_SIZE : 6 + 2 * n),
+      used: t('used_user_addr', a.used, packed ? VRING_PACKED_EVENT_SIZE : 6 + VRING_USED_ELEM_SIZE * n),
     };
   }
 
@@ -784,7 +799,7 @@ export class VhostUserBackend {
     const g = this.translateRing(spec, v, v.addr as RingAddrs, mem);
     const q = this.rings.activate(v, g, this.ackedFeatures, mem, (e) => new ProtocolError(spec.name, `vring ${v.index} cannot start: ${e.message}`, false));
     this.logger.info(
-      `${this.label}: queue ${v.index} started: ${q.size} entries at guest 0x${q.descAddr.toString(16)}, avail ${q.nextAvail}, used ${q.nextUsed}${v.kickFd < 0 ? ', polled (no kick fd)' : ''}`,
+      `${this.label}: queue ${v.index} started: ${q.size} entries${q.packed ? ' (packed)' : ''} at guest 0x${q.descAddr.toString(16)}, avail ${fmtPos(q, q.nextAvail)}, used ${fmtPos(q, q.nextUsed)}${v.kickFd < 0 ? ', polled (no kick fd)' : ''}`,
     );
     if (!this.rings.handOver(v, mem)) return;
     if (v.kickFd < 0) {
@@ -1023,6 +1038,11 @@ export class VhostUserBackend {
 function takesRingAway(spec: AnyMessageSpec, req: unknown): boolean {
   if (spec.id === Frontend.GET_VRING_BASE.id) return true;
   return spec.id === Frontend.SET_VRING_ENABLE.id && (req as VringState).num === 0;
+}
+
+/** A ring position for the log: packed positions as index and wrap counter. */
+function fmtPos(q: Virtqueue, p: number): string {
+  return q.packed ? `${p & 0x7fff}/w${p >>> 15}` : String(p);
 }
 
 type RegionNums = { guestAddr: number; size: number; userAddr: number; mmapOffset: number };

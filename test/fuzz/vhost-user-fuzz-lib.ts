@@ -198,7 +198,7 @@ function structured(rng: Rng, g: Guest, extraFds: number[]): Msg {
     case 1:
       return { bytes: encodeRequest(Frontend.SET_VRING_NUM, { index: idx, num: rng.pick([0, 1, 3, 64, 256, 512, 1 << 15, rng.u32()]) }, flags), fds: [] };
     case 2: {
-      const d = g.drivers[idx % g.drivers.length];
+      const d = g.split(idx % g.drivers.length);
       const a = g.vringAddr(idx % g.drivers.length);
       return {
         bytes: encodeRequest(
@@ -267,7 +267,7 @@ function randomMessage(rng: Rng, g: Guest, extraFds: number[]): Msg {
 /** Guest-side mischief: post chains, scribble over ring memory, kick. */
 function guestAction(rng: Rng, g: Guest): void {
   const i = rng.int(g.drivers.length);
-  const d = g.drivers[i];
+  const d = g.split(i);
   const a = native();
   switch (rng.int(4)) {
     case 0:

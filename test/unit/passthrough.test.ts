@@ -13,7 +13,7 @@ import * as path from 'node:path';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
 import { PassthroughFunction } from '../../src/links/vhost-user/passthrough';
 import { native } from '../../src/native/addon';
-import { bit, BLK_S_OK, BLK_T_IN, BLK_T_OUT, F_VERSION_1, STATUS_DRIVER_OK } from '../../src/virtio/constants';
+import { bit, BLK_S_OK, BLK_T_IN, BLK_T_OUT, F_RING_PACKED, F_VERSION_1, STATUS_DRIVER_OK } from '../../src/virtio/constants';
 import { FrontendClient } from '../../src/vhost-user/frontend-client';
 import { encodeHeader } from '../../src/vhost-user/messages';
 import { FrontendReq, HEADER_SIZE, VERSION, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
@@ -66,7 +66,7 @@ function rig(name: string, opts: { noBackend?: boolean } = {}): Rig {
 
 /** Post one blk request on queue 0, kick, wait for it; returns the status byte and the data read (for IN). */
 async function blkRequest(g: Guest, type: number, sector: number, data: Uint8Array | number): Promise<{ status: number; data: Uint8Array }> {
-  const d = g.drivers[0];
+  const d = g.split(0);
   const segs =
     typeof data === 'number'
       ? [{ data: blkHeader(type, sector) }, { writable: true, len: data }, { writable: true, len: 1 }]
@@ -157,6 +157,46 @@ test('passthrough: a blk write and read go through the guest rings; kicks and in
     assert.equal(r.proxy.state, null);
     assert.equal(r.proxy.stats().queues[0].kicks, q[0].kicks, 'counters outlive the session');
     await waitFor(() => openFds() === fds0, `fds back to ${fds0} (now ${openFds()})`);
+    assert.deepEqual(r.proxyLog.errors(), []);
+    assert.deepEqual(r.backLog.errors(), []);
+  } finally {
+    c?.close();
+    g.close();
+    r.close();
+  }
+});
+
+test('passthrough forwards RING_PACKED: the back-end serves the guest\'s packed ring, GET_VRING_BASE\'s two halves reach the mirror', async () => {
+  const r = rig('pt-packed');
+  const g = new Guest(1, 8, false, true);
+  let c: FrontendClient | undefined;
+  try {
+    c = FrontendClient.connect(r.proxy.socketPath);
+    assert.notEqual((await c.getFeatures()) & bit(F_RING_PACKED), 0n, 'the back-end\'s offer of packed rings comes through');
+    await bringUp(c, g, { features: FEATURES | bit(F_RING_PACKED) });
+    await waitFor(() => r.server.connected, 'the back-end session');
+    assert.notEqual((r.proxy.state?.features ?? 0n) & bit(F_RING_PACKED), 0n, 'the mirror has it');
+    const d = g.drivers[0];
+    // Five write+read pairs of three descriptors each through an 8-entry ring: the wrap counters flip.
+    for (let i = 0; i < 5; i++) {
+      const data = Uint8Array.from({ length: 512 }, (_, k) => (k + i) & 0xff);
+      for (const [type, seg] of [
+        [BLK_T_OUT, { data }],
+        [BLK_T_IN, { writable: true, len: 512 }],
+      ] as const) {
+        d.addChain([{ data: blkHeader(type, i) }, seg, { writable: true, len: 1 }]);
+        native().eventfdWrite(g.kick[0], 1);
+        let u = d.popUsed();
+        await waitFor(() => (u ??= d.popUsed()) !== null, `request ${i}`);
+        assert.ok(u !== null && u.segments !== undefined);
+        const w = u.segments.filter((x) => x.writable);
+        assert.equal(d.readBytes(w[w.length - 1].addr, 1)[0], BLK_S_OK);
+        if (type === BLK_T_IN) assert.deepEqual(d.readBytes(w[0].addr, 512), data, `sector ${i} read back`);
+      }
+    }
+    // 30 descriptors = index 6 of the fourth lap (wrap 0), avail and used alike.
+    assert.equal(await c.getVringBase(0), (6 | (6 << 16)) >>> 0);
+    assert.equal(r.proxy.state?.vrings[0].base, (6 | (6 << 16)) >>> 0);
     assert.deepEqual(r.proxyLog.errors(), []);
     assert.deepEqual(r.backLog.errors(), []);
   } finally {

@@ -65,7 +65,7 @@ async function close(r: Rig): Promise<void> {
 
 /** One blk request on guest queue 0: OUT writes `data`, IN reads `len` bytes. Resolves with the status and bytes read. */
 async function io(g: Guest, type: number, sector: number, o: { data?: Uint8Array; len?: number; kick?: boolean }): Promise<{ status: number; data: Uint8Array }> {
-  const d = g.drivers[0];
+  const d = g.split(0);
   const segs = [{ data: blkHeader(type, sector) }];
   if (o.data !== undefined) segs.push({ data: o.data });
   const head = d.addChain([...segs, ...(o.len !== undefined ? [{ writable: true, len: o.len }] : []), { writable: true, len: 1 }]);
@@ -74,7 +74,7 @@ async function io(g: Guest, type: number, sector: number, o: { data?: Uint8Array
 }
 
 async function collect(g: Guest, head: number): Promise<{ status: number; data: Uint8Array }> {
-  const d = g.drivers[0];
+  const d = g.split(0);
   let u = null;
   await waitFor(() => (u ??= d.popUsed()) !== null, `request ${head} to complete`);
   const used = u as unknown as { id: number; segments?: { addr: number; len: number; writable: boolean }[] };
@@ -161,7 +161,7 @@ test('a stop and continue (no reboot): a request posted while stopped runs after
     const base = await qemuStop(r.c);
     assert.equal(base, 1);
     // Posted and kicked while the device is stopped: it waits for the restart.
-    const d = r.g.drivers[0];
+    const d = r.g.split(0);
     const head = d.addChain([{ data: blkHeader(BLK_T_IN, 8) }, { writable: true, len: 512 }, { writable: true, len: 1 }]);
     native().eventfdWrite(r.g.kick[0], 1);
     await new Promise((res) => setTimeout(res, 20));

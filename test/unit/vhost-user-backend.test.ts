@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import { native } from '../../src/native/addon';
-import { bit, F_RING_EVENT_IDX, F_RING_PACKED, F_VERSION_1, STATUS_DRIVER_OK, STATUS_NEEDS_RESET } from '../../src/virtio/constants';
+import { bit, F_ACCESS_PLATFORM, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1, STATUS_DRIVER_OK, STATUS_NEEDS_RESET } from '../../src/virtio/constants';
 import { FrontendClient, RequestFailedError, memRegion } from '../../src/vhost-user/frontend-client';
 import { encodeHeader, encodeRequest, Frontend } from '../../src/vhost-user/messages';
 import { FLAG_NEED_REPLY, HEADER_SIZE, VERSION, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
@@ -69,7 +69,8 @@ test('full session over a real socket: negotiate, map a memfd, run rings, echo t
     await withSession(f, async (c) => {
       const feats = await c.getFeatures();
       assert.ok(feats & bit(VHOST_USER_F_PROTOCOL_FEATURES), 'PROTOCOL_FEATURES offered');
-      assert.equal(feats & bit(F_RING_PACKED), 0n, 'packed rings are never offered');
+      assert.notEqual(feats & bit(F_RING_PACKED), 0n, 'packed rings are offered');
+      assert.equal(feats & bit(F_ACCESS_PLATFORM), 0n, 'IOMMU translation is not');
       assert.ok(feats & bit(F_VERSION_1));
       const pf = await c.getProtocolFeatures();
       const advertised = ['MQ', 'REPLY_ACK', 'BACKEND_REQ', 'CONFIG', 'CONFIGURE_MEM_SLOTS', 'STATUS', 'RESET_DEVICE'] as const;
@@ -114,7 +115,7 @@ test('EVENT_IDX and indirect descriptors negotiated: traffic still flows, suppre
   try {
     await withSession(f, async (c) => {
       await bringUp(c, g, { features: ECHO_EVIDX, queues: [0] });
-      const d = g.drivers[0];
+      const d = g.split(0);
       for (let round = 0; round < 3; round++) {
         d.addChain([{ data: Uint8Array.of(0x61 + round) }, { writable: true, len: 1 }], { indirect: round === 1 });
         if (d.kickNeeded()) native().eventfdWrite(g.kick[0], 1);
@@ -140,7 +141,7 @@ test('GET_VRING_BASE stops the ring and returns the position; it is not a reset'
     await withSession(f, async (c) => {
       await bringUp(c, g, { queues: [0] });
       for (const t of ['a', 'b', 'c']) g.post(0, t);
-      await waitFor(() => g.drivers[0].usedIdx() === 3, 'three chains');
+      await waitFor(() => g.split(0).usedIdx() === 3, 'three chains');
       assert.deepEqual(g.collect(0), ['A', 'B', 'C']);
 
       assert.equal(await c.getVringBase(0), 3);
@@ -150,11 +151,11 @@ test('GET_VRING_BASE stops the ring and returns the position; it is not a reset'
       // Stopped: a kick does nothing until the front-end restarts the ring.
       g.post(0, 'd');
       await sleep(30);
-      assert.equal(g.drivers[0].usedIdx(), 3, 'no processing while stopped');
+      assert.equal(g.split(0).usedIdx(), 3, 'no processing while stopped');
 
       // Restart without SET_VRING_BASE: the ring resumes where it stopped (not reset to 0).
       await c.setVringKick(0, g.kick[0]);
-      await waitFor(() => g.drivers[0].usedIdx() === 4, 'the chain posted while stopped');
+      await waitFor(() => g.split(0).usedIdx() === 4, 'the chain posted while stopped');
       assert.deepEqual(g.collect(0), ['D']);
       assert.equal(await c.getVringBase(0), 4);
 
@@ -162,12 +163,88 @@ test('GET_VRING_BASE stops the ring and returns the position; it is not a reset'
       await c.setVringBase(0, 4);
       await c.setVringKick(0, g.kick[0]);
       g.post(0, 'e');
-      await waitFor(() => g.drivers[0].usedIdx() === 5, 'chain after SET_VRING_BASE');
+      await waitFor(() => g.split(0).usedIdx() === 5, 'chain after SET_VRING_BASE');
       assert.deepEqual(g.collect(0), ['E']);
     });
     assert.deepEqual(f.log.errors(), []);
   } finally {
     g.close();
+    f.server.close();
+  }
+});
+
+const PACKED = bit(F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(F_RING_PACKED);
+
+test('packed rings: negotiated, echo traffic over several laps, GET/SET_VRING_BASE carry both halves with their wrap counters', async () => {
+  const f = serve('echo-packed');
+  const g = new Guest(1, 8, true, true);
+  try {
+    await withSession(f, async (c) => {
+      await bringUp(c, g, { queues: [0], features: PACKED | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC) });
+      assert.notEqual(f.dev.acked & bit(F_RING_PACKED), 0n, 'the device got RING_PACKED');
+      assert.equal(f.dev.queues[0]?.queue.packed, true, 'the device was handed a packed queue');
+      // 13 two-descriptor chains through an 8-entry ring: 26 descriptors, three laps and a bit.
+      const want: string[] = [];
+      const got: string[] = [];
+      for (let i = 0; i < 13; i++) {
+        const t = `p${i}`;
+        want.push(t.toUpperCase());
+        g.post(0, t);
+        await waitFor(() => (got.push(...g.collect(0)), got.length === i + 1), `chain ${t}`);
+      }
+      assert.deepEqual(got, want);
+      // 26 descriptors = index 2 of the fourth lap: wrap counter 0 (it flipped three times).
+      assert.equal(await c.getVringBase(0), (2 | (2 << 16)) >>> 0);
+      assert.equal(f.server.session?.queueRunning(0), false);
+      // Stopped; restarting from the base GET returned continues exactly there.
+      await c.setVringBase(0, (2 | (2 << 16)) >>> 0);
+      await c.setVringKick(0, g.kick[0]);
+      g.post(0, 'after');
+      await waitFor(() => (got.push(...g.collect(0)), got.length === 14), 'the chain after the restart');
+      assert.equal(got[13], 'AFTER');
+      assert.equal(await c.getVringBase(0), (4 | (4 << 16)) >>> 0);
+    });
+    assert.deepEqual(f.log.errors(), []);
+  } finally {
+    g.close();
+    f.server.close();
+  }
+});
+
+test('packed rings: a DPDK-style base (avail half only) starts fresh; a base whose wrap counters disagree is refused', async () => {
+  const f = serve('echo-packed-base');
+  const g = new Guest(1, 8, false, true);
+  try {
+    await withSession(f, async (c) => {
+      await bringUp(c, g, { queues: [0], features: PACKED, base: 0x8000 });
+      g.post(0, 'dpdk');
+      let got: string[] = [];
+      await waitFor(() => (got = g.collect(0)).length === 1, 'echo after a 0x8000 base');
+      assert.deepEqual(got, ['DPDK']);
+      assert.equal(await c.getVringBase(0), 0x80028002, 'both halves reported, wrap counters set');
+      // Avail 6 (wrap 0) with used 2 (wrap 1): 12 ahead of used in a ring of 8.
+      await c.setVringBase(0, (6 | ((2 | 0x8000) << 16)) >>> 0);
+      await assert.rejects(c.setVringKick(0, g.kick[0]), RequestFailedError, 'the ring cannot start');
+      assert.equal(f.server.session?.queueRunning(0), false);
+    });
+    assert.match(f.log.errors().join('\n'), /vring 0 cannot start: .*wrap counters disagree/);
+  } finally {
+    g.close();
+    f.server.close();
+  }
+});
+
+test('a split ring refuses a SET_VRING_BASE beyond 16 bits', async () => {
+  const f = serve('echo-split-base');
+  try {
+    await withSession(f, async (c) => {
+      await c.setOwner();
+      await c.setProtocolFeatures(await c.getProtocolFeatures());
+      await c.setFeatures(bit(F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES));
+      await assert.rejects(c.setVringBase(0, 0x80008000), RequestFailedError);
+    });
+    assert.match(f.log.errors().join('\n'), /num 0x80008000: a split ring's next avail index is 16 bits/);
+  } finally {
     f.server.close();
   }
 });
@@ -181,16 +258,16 @@ test('a kick that arrives before SET_VRING_ENABLE is not lost', async () => {
       g.post(0, 'early');
       await waitFor(() => f.server.stats().queues[0].kicks === 1, 'the kick to be seen');
       await sleep(20);
-      assert.equal(g.drivers[0].usedIdx(), 0, 'a disabled ring is not processed');
+      assert.equal(g.split(0).usedIdx(), 0, 'a disabled ring is not processed');
       assert.equal(f.server.session?.queueRunning(0), false);
       await c.setVringEnable(0, true);
-      await waitFor(() => g.drivers[0].usedIdx() === 1, 'the early chain after enable');
+      await waitFor(() => g.split(0).usedIdx() === 1, 'the early chain after enable');
       assert.deepEqual(g.collect(0), ['EARLY']);
       // A chain posted while disabled without any kick at all is also picked up at enable.
       await c.setVringEnable(0, false);
       g.post(0, 'quiet', false);
       await c.setVringEnable(0, true);
-      await waitFor(() => g.drivers[0].usedIdx() === 2, 'the unkicked chain after enable');
+      await waitFor(() => g.split(0).usedIdx() === 2, 'the unkicked chain after enable');
       assert.deepEqual(g.collect(0), ['QUIET']);
     });
   } finally {
@@ -212,7 +289,7 @@ test('without PROTOCOL_FEATURES rings start enabled; a NOFD kick makes the back-
       await c.setVringCall(0, g.call[0]);
       await c.setVringKick(0, null);
       g.post(0, 'polled', false);
-      await waitFor(() => g.drivers[0].usedIdx() === 1, 'the polled chain');
+      await waitFor(() => g.split(0).usedIdx() === 1, 'the polled chain');
       assert.deepEqual(g.collect(0), ['POLLED']);
     });
   } finally {
@@ -228,7 +305,7 @@ test('ADD_MEM_REG / REM_MEM_REG: rings run on added memory and stop when it goes
     await withSession(f, async (c) => {
       await bringUp(c, g, { queues: [0], addMemReg: true });
       g.post(0, 'slot');
-      await waitFor(() => g.drivers[0].usedIdx() === 1, 'a chain on ADD_MEM_REG memory');
+      await waitFor(() => g.split(0).usedIdx() === 1, 'a chain on ADD_MEM_REG memory');
       // An overlapping region is refused (REPLY_ACK is on: a failure ack, the session stays).
       await assert.rejects(c.addMemReg(memRegion(GUEST_BASE + 4096, 4096, 0x1000, 0), g.memfd), RequestFailedError);
       assert.ok(f.log.has(/VHOST_USER_ADD_MEM_REG: region \[guest 0x100001000, \+0x1000\) overlaps existing region 0/));
@@ -239,7 +316,7 @@ test('ADD_MEM_REG / REM_MEM_REG: rings run on added memory and stop when it goes
       await c.remMemReg(g.region());
       assert.equal(f.server.session?.queueRunning(0), true, 'the first owner still holds the region');
       g.post(0, 'shared');
-      await waitFor(() => g.drivers[0].usedIdx() === 2, 'a chain after the duplicate came and went');
+      await waitFor(() => g.split(0).usedIdx() === 2, 'a chain after the duplicate came and went');
       // Removing the region the ring lives in: the ring is taken off the device and waits for memory.
       await c.remMemReg(g.region());
       assert.equal(f.server.session?.queueRunning(0), false);
@@ -247,7 +324,7 @@ test('ADD_MEM_REG / REM_MEM_REG: rings run on added memory and stop when it goes
       // Memory back: the ring comes back.
       await c.addMemReg(g.region(), g.memfd);
       g.post(0, 'back');
-      await waitFor(() => g.drivers[0].usedIdx() === 3, 'a chain after re-adding memory');
+      await waitFor(() => g.split(0).usedIdx() === 3, 'a chain after re-adding memory');
     });
   } finally {
     g.close();
@@ -287,7 +364,7 @@ test('a data-path error marks NEEDS_RESET, signals the err eventfd, and a reset 
       await bringUp(c, g);
       await c.setStatus(0x0f);
       // A descriptor pointing outside guest memory: the queue layer throws QueueError.
-      const d = g.drivers[0];
+      const d = g.split(0);
       const [bad] = d.reserveDescs(1);
       d.writeDesc(bad, { addr: GUEST_BASE + GUEST_SIZE + 0x1000, len: 64, flags: 0, next: 0 });
       d.pushAvail(bad);
@@ -363,7 +440,7 @@ test('a second front-end while one is active is closed with a log line; reconnec
     await c2.closed;
     assert.ok(f.log.has(/a second front-end connected .* closing it/));
     g.post(0, 'still');
-    await waitFor(() => g.drivers[0].usedIdx() === 1, 'the first session still serving');
+    await waitFor(() => g.split(0).usedIdx() === 1, 'the first session still serving');
     c1.close();
     await waitFor(() => !f.server.connected, 'disconnect');
     const resets = f.dev.resets;
@@ -372,7 +449,7 @@ test('a second front-end while one is active is closed with a log line; reconnec
       await withSession(f, async (c3) => {
         await bringUp(c3, g2, { queues: [0] });
         g2.post(0, 'again');
-        await waitFor(() => g2.drivers[0].usedIdx() === 1, 'the reconnected session');
+        await waitFor(() => g2.split(0).usedIdx() === 1, 'the reconnected session');
       });
     } finally {
       g2.close();
@@ -517,10 +594,10 @@ const BAD: BadCase[] = [
     name: 'features never offered',
     replyAck: true,
     run: async (c) => {
-      await assert.rejects(c.setFeatures(bit(F_VERSION_1) | bit(F_RING_PACKED)), RequestFailedError);
+      await assert.rejects(c.setFeatures(bit(F_VERSION_1) | bit(F_ACCESS_PLATFORM)), RequestFailedError);
       return 'failed';
     },
-    log: /VHOST_USER_SET_FEATURES: features 0x5\d+ include bits never offered: 0x400000000/,
+    log: /VHOST_USER_SET_FEATURES: features 0x3\d+ include bits never offered: 0x200000000/,
   },
   {
     name: 'message whose protocol feature was not negotiated',

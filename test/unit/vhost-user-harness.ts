@@ -19,6 +19,7 @@ import {
   VIRTIO_ID_BLOCK,
 } from '../../src/virtio/constants';
 import { MockDriver } from '../../src/virtio/mock-driver';
+import { MockPackedDriver } from '../../src/virtio/mock-packed-driver';
 import { FrontendClient, memRegion } from '../../src/vhost-user/frontend-client';
 import { ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
 import { CaptureLogger } from '../support/capture-logger';
@@ -154,7 +155,8 @@ export class Guest {
   readonly memfd: number;
   readonly buffer: ArrayBuffer;
   readonly mem: GuestMemory;
-  readonly drivers: MockDriver[] = [];
+  /** Split drivers, or packed ones when the guest was made packed. */
+  readonly drivers: (MockDriver | MockPackedDriver)[] = [];
   readonly kick: number[] = [];
   readonly call: number[] = [];
   readonly err: number[] = [];
@@ -163,6 +165,7 @@ export class Guest {
     readonly queues = 2,
     readonly size = 256,
     eventIdx = false,
+    readonly packed = false,
   ) {
     const a = native();
     this.memfd = a.memfd('vbvu-guest', GUEST_SIZE);
@@ -170,15 +173,9 @@ export class Guest {
     this.mem = new GuestMemory();
     this.mem.addRegion({ guestAddr: GUEST_BASE, size: GUEST_SIZE, userAddr: USER_BASE, mmapOffset: 0 }, (off) => ({ buffer: this.buffer, byteOffset: off }));
     for (let i = 0; i < queues; i++) {
-      this.drivers.push(
-        new MockDriver(this.mem, {
-          size,
-          ringAddr: GUEST_BASE + i * RING_STRIDE,
-          heapAddr: GUEST_BASE + HEAP_BASE + i * HEAP_SIZE,
-          heapSize: HEAP_SIZE,
-          eventIdx,
-        }),
-      );
+      const ring = GUEST_BASE + i * RING_STRIDE;
+      const heap = { heapAddr: GUEST_BASE + HEAP_BASE + i * HEAP_SIZE, heapSize: HEAP_SIZE, eventIdx };
+      this.drivers.push(packed ? new MockPackedDriver(this.mem, { size, descAddr: ring, ...heap }) : new MockDriver(this.mem, { size, ringAddr: ring, ...heap }));
       this.kick.push(a.eventfd(0));
       this.call.push(a.eventfd(0));
       this.err.push(a.eventfd(0));
@@ -205,14 +202,23 @@ export class Guest {
     return memRegion(GUEST_BASE, GUEST_SIZE, USER_BASE, 0);
   }
 
+  /** The split driver of queue i (tests that craft split rings). */
+  split(i: number): MockDriver {
+    const d = this.drivers[i];
+    if (!(d instanceof MockDriver)) throw new Error('this guest has packed rings');
+    return d;
+  }
+
   vringAddr(i: number) {
     const d = this.drivers[i];
+    // Packed: avail and used carry the driver and device event suppression areas, as QEMU sends them.
+    const [avail, used] = d instanceof MockDriver ? [d.availAddr, d.usedAddr] : [d.driverAddr, d.deviceAddr];
     return {
       index: i,
       flags: 0,
       descUserAddr: this.user(d.descAddr),
-      usedUserAddr: this.user(d.usedAddr),
-      availUserAddr: this.user(d.availAddr),
+      usedUserAddr: this.user(used),
+      availUserAddr: this.user(avail),
       logGuestAddr: 0n,
     };
   }
@@ -259,6 +265,8 @@ export interface BringUpOptions {
   /** Use ADD_MEM_REG rather than SET_MEM_TABLE. */
   addMemReg?: boolean;
   queues?: number[];
+  /** SET_VRING_BASE value; default 0, or QEMU's fresh packed base (avail and used at 0, wrap counters 1) for a packed guest. */
+  base?: number;
 }
 
 /** What QEMU does to start a vhost-user device, in QEMU's order. */
@@ -273,7 +281,7 @@ export async function bringUp(c: FrontendClient, g: Guest, o: BringUpOptions = {
   else await c.setMemTable([g.region()], [g.memfd]);
   for (const i of o.queues ?? g.drivers.map((_, k) => k)) {
     await c.setVringNum(i, g.size);
-    await c.setVringBase(i, 0);
+    await c.setVringBase(i, o.base ?? (g.packed ? 0x80008000 : 0));
     await c.setVringAddr(g.vringAddr(i));
     await c.setVringKick(i, g.kick[i]);
     await c.setVringCall(i, g.call[i]);
