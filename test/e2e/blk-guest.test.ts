@@ -4,7 +4,9 @@
  * system made in the guest is clean for the host's e2fsck; a read-only function
  * refuses writes; a 2-queue function gets requests on both queues. The guest's
  * blkdiscard and fstrim give the space back: the host images' allocated blocks
- * shrink and the discarded ranges read back zeros.
+ * shrink and the discarded ranges read back zeros. A disk with packed=on
+ * negotiates VIRTIO_F_RING_PACKED (the guest's features file says so) and
+ * carries another ext2 that e2fsck finds clean.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -20,7 +22,7 @@ import { allocatedBlocks } from '../support/blk-requests';
 
 const MiB = 1024 * 1024;
 
-// vda: raw round trip, vdb: ext2, vdc: read-only, vdd: 2 queues.
+// vda: raw round trip, vdb: ext2, vdc: read-only, vdd: 2 queues, vde: packed ring with ext2.
 const SCRIPT = `
 dd if=/dev/urandom of=/tmp/data bs=1M count=32 2>/dev/null
 echo SRC_MD5=$(md5sum < /tmp/data | cut -d' ' -f1)
@@ -51,9 +53,21 @@ wait
 sync; echo 3 > /proc/sys/vm/drop_caches
 echo MQ_MD5=$(dd if=/dev/vdd bs=64k count=64 skip=256 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
 echo MQ_SRC_MD5=$(dd if=/tmp/data bs=64k count=64 2>/dev/null | md5sum | cut -d' ' -f1)
+
+# The features file has one character per bit, bit 0 first: bit 34 (RING_PACKED) is character 35.
+echo PK_FEATURE34=$(cut -c35 /sys/block/vde/device/features)
+echo VDA_FEATURE34=$(cut -c35 /sys/block/vda/device/features)
+mke2fs -q /dev/vde && mount -t ext2 /dev/vde /mnt && echo PK_MOUNT_OK=1
+mkdir -p /mnt/pk/sub
+head -c 8388608 /tmp/data > /mnt/pk/blob
+i=0; while [ $i -lt 30 ]; do echo "packed $i" > /mnt/pk/sub/f$i; i=$((i+1)); done
+umount /mnt && echo PK_UMOUNT_OK=1
+sync; echo 3 > /proc/sys/vm/drop_caches
+mount -t ext2 -o ro /dev/vde /mnt && echo PK_MD5=$(md5sum < /mnt/pk/blob | cut -d' ' -f1) && echo PK_FILES=$(ls /mnt/pk/sub | wc -l) && umount /mnt
+echo PK_SRC_MD5=$(head -c 8388608 /tmp/data | md5sum | cut -d' ' -f1)
 `;
 
-test('guest blk: 32 MiB round trip, ext2 clean in e2fsck, read-only refuses writes, 2 queues', { timeout: 600_000 }, async () => {
+test('guest blk: 32 MiB round trip, ext2 clean in e2fsck, read-only refuses writes, 2 queues, a packed ring with ext2 clean in e2fsck', { timeout: 600_000 }, async () => {
   await withHeavyLock(async () => {
     const fx = await startBridgeFixture({
       functions: [
@@ -61,6 +75,7 @@ test('guest blk: 32 MiB round trip, ext2 clean in e2fsck, read-only refuses writ
         { name: 'fs', type: 'blk', socket: 'fs.sock', backend: { file: 'fs.img', size: '64M' } },
         { name: 'ro', type: 'blk', socket: 'ro.sock', backend: { file: 'ro.img', readonly: true } },
         { name: 'mq', type: 'blk', socket: 'mq.sock', queues: 2, backend: { file: 'mq.img', size: '32M' } },
+        { name: 'pk', type: 'blk', socket: 'pk.sock', backend: { file: 'pk.img', size: '32M' } },
       ],
     }, (dir) => fs.writeFileSync(path.join(dir, 'ro.img'), Buffer.alloc(8 * MiB, 0x5a)));
     try {
@@ -71,7 +86,7 @@ test('guest blk: 32 MiB round trip, ext2 clean in e2fsck, read-only refuses writ
         script: SCRIPT,
         cpus: 2,
         memMiB: 384,
-        blks: ['raw', 'fs', 'ro', 'mq'].map((n) => ({ socket: fx.socket(n), queues: n === 'mq' ? 2 : 1 })),
+        blks: ['raw', 'fs', 'ro', 'mq', 'pk'].map((n) => ({ socket: fx.socket(n), queues: n === 'mq' ? 2 : 1, packed: n === 'pk' })),
         timeoutMs: 500_000,
       });
       const r = await g.done;
@@ -100,6 +115,15 @@ test('guest blk: 32 MiB round trip, ext2 clean in e2fsck, read-only refuses writ
       assert.equal(v.MQ_MD5, v.MQ_SRC_MD5);
       assert.ok(fx.queue('mq', 0).descriptors > 0, 'mq queue 0 unused');
       assert.ok(fx.queue('mq', 1).descriptors > 0, 'mq queue 1 unused');
+
+      assert.equal(v.PK_FEATURE34, '1', 'the packed disk did not negotiate VIRTIO_F_RING_PACKED');
+      assert.equal(v.VDA_FEATURE34, '0', 'a disk without packed=on negotiated it');
+      assert.equal(v.PK_MOUNT_OK, '1');
+      assert.equal(v.PK_UMOUNT_OK, '1');
+      assert.equal(v.PK_MD5, v.PK_SRC_MD5, 'the file read back from the packed disk differs');
+      assert.equal(v.PK_FILES, '30');
+      execFileSync('e2fsck', ['-f', '-n', path.join(fx.dir, 'pk.img')], { stdio: 'pipe' });
+      assert.ok(fx.queue('pk', 0).descriptors > 100, `the packed disk served ${fx.queue('pk', 0).descriptors} requests`);
       for (const f of fx.bridge.stats().functions) assert.equal(f.needsReset, false, `${f.name} needs reset`);
     } finally {
       await fx.close();

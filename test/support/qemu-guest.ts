@@ -32,6 +32,8 @@ export interface GuestNet {
   server?: boolean;
   /** More virtio-net-pci properties, e.g. "csum=off,guest_tso4=off" (masks offered features). */
   props?: string;
+  /** Offer VIRTIO_F_RING_PACKED to the guest (QEMU `packed=on`). */
+  packed?: boolean;
 }
 
 export interface GuestBlk {
@@ -40,6 +42,8 @@ export interface GuestBlk {
   queues?: number;
   reconnect?: number;
   server?: boolean;
+  /** Offer VIRTIO_F_RING_PACKED to the guest (QEMU `packed=on`). */
+  packed?: boolean;
 }
 
 export interface GuestFile {
@@ -207,11 +211,11 @@ export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): st
     args.push('-netdev', `vhost-user,id=n${i},chardev=c${i}${q > 1 ? `,queues=${q}` : ''}`);
     // vectors=0: QEMU 7.2 TCG segfaults when vhost-user-net enables MSI-X.
     // romfile=: no PXE option ROM to load or scan.
-    args.push('-device', `virtio-net-pci,netdev=n${i},mac=${n.mac},vectors=0,romfile=${q > 1 ? ',mq=on' : ''}${n.props ? `,${n.props}` : ''}`);
+    args.push('-device', `virtio-net-pci,netdev=n${i},mac=${n.mac},vectors=0,romfile=${q > 1 ? ',mq=on' : ''}${n.packed === true ? ',packed=on' : ''}${n.props ? `,${n.props}` : ''}`);
   });
   (opts.blks ?? []).forEach((b, i) => {
     args.push('-chardev', sock(`b${i}`, b));
-    args.push('-device', `vhost-user-blk-pci,chardev=b${i}${b.queues !== undefined ? `,num-queues=${b.queues}` : ''}`);
+    args.push('-device', `vhost-user-blk-pci,chardev=b${i}${b.queues !== undefined ? `,num-queues=${b.queues}` : ''}${b.packed === true ? ',packed=on' : ''}`);
   });
   for (let i = 1; i <= (opts.hotplugPorts ?? 0); i++) {
     args.push('-device', `pcie-root-port,id=rp${i},chassis=${i},slot=${i}`);
