@@ -2,6 +2,9 @@
  * Two unmodified Linux guests (stock Debian virtio_net) on two net functions
  * joined by one switch: pings without loss and an 8 MiB transfer with equal
  * checksums. Guest A has 2 vCPUs and 2 queue pairs, so multiqueue is covered.
+ * Both run packed rings (packed=on; the split rings of the same scripts are
+ * the PCIe net test's guests), and each proves from its features file that
+ * VIRTIO_F_RING_PACKED was negotiated.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -13,7 +16,7 @@ import { SCRIPT_B, scriptA } from '../support/net-scripts';
 
 const SCRIPT_A = scriptA(true);
 
-test('two guests on one switch: ping 56/1400 B without loss, 8 MiB transfer intact, 2 queue pairs used', { timeout: 600_000 }, async () => {
+test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB transfer intact, 2 queue pairs used', { timeout: 600_000 }, async () => {
   await withHeavyLock(async () => {
     const fx = await startBridgeFixture({
       functions: [
@@ -27,14 +30,14 @@ test('two guests on one switch: ping 56/1400 B without loss, 8 MiB transfer inta
         script: SCRIPT_A,
         cpus: 2,
         memMiB: 256,
-        nets: [{ socket: fx.socket('net0'), mac: '52:54:00:00:00:0a', queues: 2 }],
+        nets: [{ socket: fx.socket('net0'), mac: '52:54:00:00:00:0a', queues: 2, packed: true }],
         timeoutMs: 180_000,
       });
       const b = await startGuest({
         name: 'net-b',
         script: SCRIPT_B,
         memMiB: 256,
-        nets: [{ socket: fx.socket('net1'), mac: '52:54:00:00:00:0b' }],
+        nets: [{ socket: fx.socket('net1'), mac: '52:54:00:00:00:0b', packed: true }],
         timeoutMs: 180_000,
       });
       const [ra, rb] = await Promise.all([a.done, b.done]);
@@ -42,6 +45,8 @@ test('two guests on one switch: ping 56/1400 B without loss, 8 MiB transfer inta
       const vb = kv(rb.output);
       assert.equal(ra.rc, 0, `guest A failed:\n${ra.output}`);
       assert.equal(rb.rc, 0, `guest B failed:\n${rb.output}`);
+      assert.equal(va.FEATURE34, '1', 'guest A did not negotiate VIRTIO_F_RING_PACKED');
+      assert.equal(vb.FEATURE34, '1', 'guest B did not negotiate VIRTIO_F_RING_PACKED');
       assert.equal(va.QUEUES, '2', 'guest A should see 2 TX queues');
       assert.equal(vb.PING56, '100 packets transmitted, 100 packets received');
       assert.equal(vb.PING1400, '100 packets transmitted, 100 packets received');

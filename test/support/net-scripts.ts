@@ -3,11 +3,15 @@
 export const IP_A = '198.18.0.1';
 export const IP_B = '198.18.0.2';
 
+/** VIRTIO_F_RING_PACKED as negotiated: the features file has one character per bit, bit 0 first. */
+const FEATURE34 = 'echo FEATURE34=$(cut -c35 /sys/class/net/eth0/device/features)';
+
 /** Guest A serves an 8 MiB blob; with twoCpus it pings B from each vCPU so that both TX queues carry traffic. */
 export function scriptA(twoCpus: boolean): string {
   return `
 ip link set eth0 up && ip addr add ${IP_A}/24 dev eth0
 echo QUEUES=$(ls -d /sys/class/net/eth0/queues/tx-* | wc -l)
+${FEATURE34}
 mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=8 2>/dev/null
 echo BLOB_MD5=$(md5sum < /www/blob | cut -d' ' -f1)
 httpd -p 8080 -h /www
@@ -23,6 +27,7 @@ echo A_DONE=$((n <= 300))
 
 export const SCRIPT_B = `
 ip link set eth0 up && ip addr add ${IP_B}/24 dev eth0
+${FEATURE34}
 until ping -c1 -W1 ${IP_A} >/dev/null 2>&1; do sleep 0.2; done
 echo PING56="$(ping -q -c 100 -i 0.02 ${IP_A} | grep -o '[0-9]* packets transmitted, [0-9]* packets received')"
 echo PING1400="$(ping -q -c 100 -i 0.02 -s 1400 ${IP_A} | grep -o '[0-9]* packets transmitted, [0-9]* packets received')"
