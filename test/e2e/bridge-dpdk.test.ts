@@ -3,6 +3,9 @@
  * frontend, another testpmd's vhost PMD the backend, the bridge in between in
  * relay mode (every packet copied through the function's BAR) and in
  * passthrough mode. What one side sends, the other receives, in both directions.
+ * With packed_vq=1 the frontend's ring is packed: the relay serves it and keeps
+ * its split shadow ring towards the vhost PMD; passthrough forwards RING_PACKED
+ * and the vhost PMD works on the packed ring itself.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -28,8 +31,13 @@ async function settled(read: () => Promise<number>, timeoutMs: number): Promise<
   }
 }
 
-for (const mode of ['relay', 'passthrough'] as const) {
-  test(`testpmd virtio-user -> bridge (${mode}) -> testpmd vhost PMD: equal packet counts both ways`, { timeout: 300_000 }, async (t) => {
+for (const [mode, packed] of [
+  ['relay', false],
+  ['passthrough', false],
+  ['relay', true],
+  ['passthrough', true],
+] as const) {
+  test(`testpmd virtio-user${packed ? ' (packed ring)' : ''} -> bridge (${mode}) -> testpmd vhost PMD: equal packet counts both ways`, { timeout: 300_000 }, async (t) => {
     await withHeavyLock(async () => {
       const fx = await startBridgeFixture({
         functions: [{ name: 'dp0', type: 'net', socket: 'front.sock', backend: { link: 'vhost-user', socket: 'vhost.sock', mode, 'bar-size': '16M' } }],
@@ -43,14 +51,17 @@ for (const mode of ['relay', 'passthrough'] as const) {
         await waitForPath(fx.socket('dp0'), 15_000);
         const front = await startTestpmd({
           prefix: `vbt-front-${mode}-${process.pid}`,
-          vdev: `net_virtio_user0,path=${fx.socket('dp0')},queues=1,queue_size=256`,
+          vdev: `net_virtio_user0,path=${fx.socket('dp0')},queues=1,queue_size=256${packed ? ',packed_vq=1' : ''}`,
           fwdCore: 1,
           mode: 'txonly',
           txpkts: 64,
           memMiB: 256,
           singleFileSegments: true,
+          // The PMD names the ring layout it chose (RING_PACKED negotiated or not) at debug level.
+          extraEal: ['--log-level=pmd.net.virtio.init:debug'],
         });
         pmds.push(front);
+        assert.match(front.output(), packed ? /using packed ring .*Rx path/ : /using (?!packed).*Rx path/, 'the ring layout virtio-user chose');
 
         // Frontend -> backend.
         await back.start();

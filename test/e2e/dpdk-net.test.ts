@@ -119,11 +119,14 @@ test('testpmd with packed_vq=1: RING_PACKED negotiated, rxonly and then txonly c
         mode: 'rxonly',
         txpkts: 64,
         singleFileSegments: true,
+        // The PMD names the ring layout it chose at debug level.
+        extraEal: ['--log-level=pmd.net.virtio.init:debug'],
       });
       try {
         const dev = fx.bridge.device('dpk');
         assert.ok(dev instanceof NetDevice);
         assert.notEqual(dev.acceptedFeatures & bit(F_RING_PACKED), 0n, 'virtio-user did not negotiate RING_PACKED');
+        assert.match(pmd.output(), /using packed ring .*Rx path/, 'virtio-user did not choose a packed ring path');
 
         await pmd.start();
         const source = { name: 'src', deliver: (): void => {} };
