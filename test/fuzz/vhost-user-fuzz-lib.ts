@@ -30,7 +30,9 @@ import {
   ProtocolError,
 } from '../../src/vhost-user/messages';
 import { FLAG_NEED_REPLY, HEADER_SIZE, VERSION, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
-import { bit, F_VERSION_1 } from '../../src/virtio/constants';
+import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1 } from '../../src/virtio/constants';
+import { MockDriver } from '../../src/virtio/mock-driver';
+import { MockPackedDriver } from '../../src/virtio/mock-packed-driver';
 import { CaptureLogger, EchoDevice, Guest, GUEST_BASE, GUEST_SIZE, openFds, PF_BIT, USER_BASE } from '../unit/vhost-user-harness';
 import { Rng } from './rng';
 
@@ -138,20 +140,22 @@ class RawFrontend {
   }
 }
 
-function bringUpMessages(g: Guest, proto: bigint): Msg[] {
+function bringUpMessages(g: Guest, proto: bigint, rng: Rng): Msg[] {
+  const ringFeatures = g.packed ? bit(F_RING_PACKED) | (rng.chance(0.5) ? bit(F_RING_EVENT_IDX) : 0n) | (rng.chance(0.5) ? bit(F_RING_INDIRECT_DESC) : 0n) : 0n;
   const m = (bytes: Uint8Array, fds: number[] = []): Msg => ({ bytes, fds });
   const out: Msg[] = [
     m(encodeRequest(Frontend.SET_OWNER, null)),
     m(encodeRequest(Frontend.GET_FEATURES, null)),
     m(encodeRequest(Frontend.GET_PROTOCOL_FEATURES, null)),
     m(encodeRequest(Frontend.SET_PROTOCOL_FEATURES, proto)),
-    m(encodeRequest(Frontend.SET_FEATURES, bit(F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES))),
+    m(encodeRequest(Frontend.SET_FEATURES, bit(F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | ringFeatures)),
     m(encodeRequest(Frontend.SET_MEM_TABLE, { regions: [g.region()] }), [g.memfd]),
   ];
   for (let i = 0; i < g.drivers.length; i++) {
     out.push(
       m(encodeRequest(Frontend.SET_VRING_NUM, { index: i, num: g.size })),
-      m(encodeRequest(Frontend.SET_VRING_BASE, { index: i, num: 0 })),
+      // Packed: QEMU's fresh base, avail and used at 0 with both wrap counters set.
+      m(encodeRequest(Frontend.SET_VRING_BASE, { index: i, num: g.packed ? 0x80008000 : 0 })),
       m(encodeRequest(Frontend.SET_VRING_ADDR, g.vringAddr(i))),
       m(encodeRequest(Frontend.SET_VRING_KICK, { index: i, noFd: false }), [g.kick[i]]),
       m(encodeRequest(Frontend.SET_VRING_CALL, { index: i, noFd: false }), [g.call[i]]),
@@ -198,8 +202,8 @@ function structured(rng: Rng, g: Guest, extraFds: number[]): Msg {
     case 1:
       return { bytes: encodeRequest(Frontend.SET_VRING_NUM, { index: idx, num: rng.pick([0, 1, 3, 64, 256, 512, 1 << 15, rng.u32()]) }, flags), fds: [] };
     case 2: {
-      const d = g.split(idx % g.drivers.length);
       const a = g.vringAddr(idx % g.drivers.length);
+      const avail = Number(a.availUserAddr) - USER_BASE + GUEST_BASE;
       return {
         bytes: encodeRequest(
           Frontend.SET_VRING_ADDR,
@@ -208,7 +212,7 @@ function structured(rng: Rng, g: Guest, extraFds: number[]): Msg {
             index: idx,
             flags: rng.chance(0.8) ? 0 : rng.u32(),
             descUserAddr: rng.chance(0.7) ? a.descUserAddr : nearAddr(rng, USER_BASE, GUEST_SIZE),
-            availUserAddr: rng.chance(0.7) ? a.availUserAddr : g.user(d.availAddr + rng.int(64) - 32),
+            availUserAddr: rng.chance(0.7) ? a.availUserAddr : g.user(avail + rng.int(64) - 32),
             usedUserAddr: rng.chance(0.7) ? a.usedUserAddr : nearAddr(rng, USER_BASE, GUEST_SIZE),
           },
           flags,
@@ -217,7 +221,7 @@ function structured(rng: Rng, g: Guest, extraFds: number[]): Msg {
       };
     }
     case 3:
-      return { bytes: encodeRequest(Frontend.SET_VRING_BASE, { index: idx, num: rng.chance(0.7) ? rng.int(512) : rng.u32() }, flags), fds: [] };
+      return { bytes: encodeRequest(Frontend.SET_VRING_BASE, { index: idx, num: rng.chance(0.7) ? rng.int(512) | (g.packed && rng.chance(0.5) ? rng.int(512) << 16 : 0) | (rng.chance(0.5) ? 0x8000 : 0) : rng.u32() }, flags), fds: [] };
     case 4:
       return { bytes: encodeRequest(Frontend.GET_VRING_BASE, { index: idx, num: 0 }, flags), fds: [] };
     case 5: {
@@ -267,20 +271,26 @@ function randomMessage(rng: Rng, g: Guest, extraFds: number[]): Msg {
 /** Guest-side mischief: post chains, scribble over ring memory, kick. */
 function guestAction(rng: Rng, g: Guest): void {
   const i = rng.int(g.drivers.length);
-  const d = g.split(i);
+  const d = g.drivers[i];
   const a = native();
   switch (rng.int(4)) {
     case 0:
       if (d.freeDescriptors >= 2) g.post(i, rng.chance(0.1) ? 'FAIL' : 'fuzz', false);
       break;
     case 1: {
-      // Random bytes somewhere in the rings.
-      const base = rng.pick([d.descAddr, d.availAddr, d.usedAddr]);
+      // Random bytes somewhere in the rings (packed: the descriptor ring and both event areas).
+      const base = rng.pick(d instanceof MockDriver ? [d.descAddr, d.availAddr, d.usedAddr] : [d.descAddr, d.driverAddr, d.deviceAddr]);
       d.writeBytes(base + rng.int(64), rng.bytes(1 + rng.int(8)));
       break;
     }
     case 2:
-      if (rng.chance(0.3)) d.setAvailIdx(rng.int(0x10000));
+      if (rng.chance(0.3) && d instanceof MockDriver) d.setAvailIdx(rng.int(0x10000));
+      else if (d instanceof MockPackedDriver) {
+        // A descriptor's avail/used bits flipped: available for the wrong lap, or a lie mid-chain.
+        const slot = rng.int(d.size);
+        const x = d.readDesc(slot);
+        d.writeDesc(slot, { ...x, flags: x.flags ^ (rng.chance(0.5) ? 0x80 : 0x8000) });
+      }
       break;
     default:
       break;
@@ -295,7 +305,7 @@ async function settle(until: () => boolean, maxMs: number): Promise<void> {
 
 export async function fuzzSessions(seconds: number, rng: Rng): Promise<FuzzReport> {
   const end = Date.now() + seconds * 1000;
-  const detail: Record<string, number> = { sessions: 0, messages: 0, endedWithError: 0, endedOpen: 0, needsReset: 0, queueStarts: 0, kicksDelivered: 0 };
+  const detail: Record<string, number> = { sessions: 0, packedSessions: 0, messages: 0, endedWithError: 0, endedOpen: 0, needsReset: 0, queueStarts: 0, kicksDelivered: 0 };
   const violations: string[] = [];
   const onUncaught = (e: unknown): void => {
     violations.push(`uncaught: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
@@ -306,7 +316,9 @@ export async function fuzzSessions(seconds: number, rng: Rng): Promise<FuzzRepor
   try {
     while (Date.now() < end && violations.length === 0) {
       iterations++;
-      const g = new Guest(2, 64);
+      const packed = rng.chance(0.4);
+      const g = new Guest(2, 64, false, packed);
+      if (packed) detail.packedSessions++;
       const dev = new EchoDevice('fuzz');
       const log = new CaptureLogger(false);
       const [fe, be] = native().socketpair();
@@ -323,7 +335,7 @@ export async function fuzzSessions(seconds: number, rng: Rng): Promise<FuzzRepor
       const extraFds: number[] = [];
       try {
         const proto = rng.chance(0.7) ? ALL_PROTOCOL : rng.chance(0.5) ? 0n : ALL_PROTOCOL & rng.u64();
-        const prefix = bringUpMessages(g, proto).slice(0, rng.int(30));
+        const prefix = bringUpMessages(g, proto, rng).slice(0, rng.int(30));
         const msgs = [...prefix];
         const n = 1 + rng.int(20);
         for (let k = 0; k < n; k++) msgs.push(randomMessage(rng, g, extraFds));
