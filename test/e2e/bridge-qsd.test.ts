@@ -3,7 +3,9 @@
  * once per mode. Relay: the bridge copies every request between the guest's
  * memory and the function's BAR, and the daemon maps only the BAR. Passthrough:
  * the daemon maps the guest's memory and works on its rings; the bridge relays
- * control and notifications. Either way the data must land intact.
+ * control and notifications. Either way the data must land intact. In relay
+ * mode once more with packed=on: the guest's ring is packed, the daemon (split
+ * rings only, libvhost-user) still gets split shadow rings.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -19,8 +21,12 @@ import { DIRECT_WRITES_32M, ROUND_TRIP_32M } from '../support/blk-scripts';
 const MiB = 1024 * 1024;
 
 
-for (const mode of ['relay', 'passthrough'] as const) {
-  test(`guest -> bridge (${mode}) -> qemu-storage-daemon: 32 MiB round trip with equal checksums`, { timeout: 600_000 }, async (t) => {
+for (const [mode, packed] of [
+  ['relay', false],
+  ['passthrough', false],
+  ['relay', true],
+] as const) {
+  test(`guest${packed ? ' (packed ring)' : ''} -> bridge (${mode}) -> qemu-storage-daemon: 32 MiB round trip with equal checksums`, { timeout: 600_000 }, async (t) => {
     await withHeavyLock(async () => {
       let qsd: Awaited<ReturnType<typeof startStorageDaemon>> | null = null;
       let image = '';
@@ -35,7 +41,9 @@ for (const mode of ['relay', 'passthrough'] as const) {
         qsd = await startStorageDaemon({ image, socket: path.join(fx.dir, 'qsd.sock') });
         await waitForPath(fx.socket('blk0'), 10_000);
         let qsdMaps = '';
-        const g = await startGuest({ name: `qsd-${mode}`, script: ROUND_TRIP_32M, cpus: 1, memMiB: 256, blks: [{ socket: fx.socket('blk0') }], timeoutMs: 500_000 });
+        // Bit 34 (RING_PACKED) of the features file, one character per bit.
+        const script = `${ROUND_TRIP_32M}\necho FEATURE34=$(cut -c35 /sys/block/vda/device/features)\n`;
+        const g = await startGuest({ name: `qsd-${mode}`, script, cpus: 1, memMiB: 256, blks: [{ socket: fx.socket('blk0'), packed }], timeoutMs: 500_000 });
         // While the guest runs, look at what the daemon has mapped.
         const peek = setInterval(() => {
           try {
@@ -51,6 +59,7 @@ for (const mode of ['relay', 'passthrough'] as const) {
         clearInterval(peek);
         const v = kv(r.output);
         assert.equal(r.rc, 0, `guest failed:\n${r.output}\n${r.stderr}\n${qsd.output()}`);
+        assert.equal(v.FEATURE34, packed ? '1' : '0', 'RING_PACKED as the guest negotiated it');
         assert.equal(v.DISK_SECTORS, String((64 * MiB) / 512));
         assert.equal(v.WRITE_OK, '1');
         assert.match(v.SRC_MD5, /^[0-9a-f]{32}$/);
