@@ -11,7 +11,7 @@ import type { DeviceQueue, QueueStats, VirtioDevice } from './device';
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
 import { native, type Addon } from '../native/addon';
 import { F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, hasFeature } from '../virtio/constants';
-import { PackedQueue } from '../virtio/packed-queue';
+import { PACKED_FRESH_BASE, PackedQueue } from '../virtio/packed-queue';
 import { SplitQueue } from '../virtio/split-queue';
 import { QueueError, type Virtqueue } from '../virtio/virtqueue';
 import { asError } from '../vhost-user/connection';
@@ -27,6 +27,12 @@ export interface HostedQueue {
   base: number;
   /** SET_VRING_BASE since the ring last ran: take base and re-read used.idx from the ring. */
   baseFresh: boolean;
+  /**
+   * base holds a position the front-end gave (or the ring reported); until then
+   * a ring starts where a fresh one does: split at 0, packed at index 0 with
+   * both wrap counters set (a base of 0 is a real packed position, not that).
+   */
+  baseSet: boolean;
   enabled: boolean;
   /** A kick arrived while the device could not take it (the ring was stopped, or not yet complete). */
   pendingKick: boolean;
@@ -38,8 +44,8 @@ export interface HostedQueue {
 }
 
 /** A queue's fields before the driver set anything up. */
-export function idleQueueState(): Pick<HostedQueue, 'num' | 'base' | 'baseFresh' | 'enabled' | 'pendingKick' | 'queue' | 'dq'> {
-  return { num: 0, base: 0, baseFresh: true, enabled: false, pendingKick: false, queue: null, dq: null };
+export function idleQueueState(): Pick<HostedQueue, 'num' | 'base' | 'baseFresh' | 'baseSet' | 'enabled' | 'pendingKick' | 'queue' | 'dq'> {
+  return { num: 0, base: 0, baseFresh: true, baseSet: false, enabled: false, pendingKick: false, queue: null, dq: null };
 }
 
 /** Where a ring's three parts are, as addresses in the memory the device is handed. */
@@ -124,7 +130,7 @@ export class QueueHost<Q extends HostedQueue> {
     q.usedAddr = at.used;
     q.eventIdx = hasFeature(features, F_RING_EVENT_IDX);
     q.indirect = hasFeature(features, F_RING_INDIRECT_DESC);
-    if (fresh) q.setBase(v.base);
+    if (fresh) q.setBase(q.packed && !v.baseSet ? PACKED_FRESH_BASE : v.base);
     try {
       q.activate(mem);
       // Split, like libvhost-user: the used index lives in the ring, SET_VRING_BASE only carries avail's.

@@ -698,6 +698,7 @@ export class VhostUserBackend {
     if (v.dq !== null) this.stopRing(v);
     v.base = s.num;
     v.baseFresh = true;
+    v.baseSet = true;
     this.evaluate(v);
     return undefined;
   }
@@ -706,7 +707,10 @@ export class VhostUserBackend {
   private getVringBase(spec: AnyMessageSpec, s: VringState): VringState {
     const v = this.ring(spec, s.index);
     if (v.dq !== null) this.stopRing(v);
-    if (v.queue !== null && !v.baseFresh) v.base = v.queue.vringBase();
+    if (v.queue !== null && !v.baseFresh) {
+      v.base = v.queue.vringBase();
+      v.baseSet = true;
+    }
     // Stopped until the next SET_VRING_KICK: QEMU sends one on every restart, and a
     // suspended device must not act on guest kicks in between (migration).
     this.dropKick(v);

@@ -23,6 +23,9 @@ const TWO_32 = 2 ** 32;
 const WRAP = 0x8000;
 const AVAIL_USED = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
 
+/** The vring base of a packed ring that never ran: avail and used at index 0, both wrap counters set. */
+export const PACKED_FRESH_BASE = 0x80008000;
+
 /** Is a descriptor with these flags available to a device whose avail wrap counter is `wrap`? */
 export function packedAvail(flags: number, wrap: boolean): boolean {
   const a = (flags & VRING_PACKED_DESC_F_AVAIL) !== 0;

@@ -234,6 +234,25 @@ test('packed rings: a DPDK-style base (avail half only) starts fresh; a base who
   }
 });
 
+test('packed rings: without SET_VRING_BASE a ring starts fresh (index 0, wrap counters set), not at base 0', async () => {
+  const f = serve('echo-packed-nobase');
+  const g = new Guest(1, 8, false, true);
+  try {
+    await withSession(f, async (c) => {
+      await bringUp(c, g, { queues: [0], features: PACKED, base: null });
+      g.post(0, 'fresh');
+      let got: string[] = [];
+      await waitFor(() => (got = g.collect(0)).length === 1, 'echo without a base');
+      assert.deepEqual(got, ['FRESH']);
+      assert.equal(await c.getVringBase(0), 0x80028002);
+    });
+    assert.deepEqual(f.log.errors(), []);
+  } finally {
+    g.close();
+    f.server.close();
+  }
+});
+
 test('a split ring refuses a SET_VRING_BASE beyond 16 bits', async () => {
   const f = serve('echo-split-base');
   try {

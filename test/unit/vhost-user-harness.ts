@@ -265,8 +265,8 @@ export interface BringUpOptions {
   /** Use ADD_MEM_REG rather than SET_MEM_TABLE. */
   addMemReg?: boolean;
   queues?: number[];
-  /** SET_VRING_BASE value; default 0, or QEMU's fresh packed base (avail and used at 0, wrap counters 1) for a packed guest. */
-  base?: number;
+  /** SET_VRING_BASE value; default 0, or QEMU's fresh packed base (avail and used at 0, wrap counters 1) for a packed guest; null: none sent. */
+  base?: number | null;
 }
 
 /** What QEMU does to start a vhost-user device, in QEMU's order. */
@@ -281,7 +281,7 @@ export async function bringUp(c: FrontendClient, g: Guest, o: BringUpOptions = {
   else await c.setMemTable([g.region()], [g.memfd]);
   for (const i of o.queues ?? g.drivers.map((_, k) => k)) {
     await c.setVringNum(i, g.size);
-    await c.setVringBase(i, o.base ?? (g.packed ? 0x80008000 : 0));
+    if (o.base !== null) await c.setVringBase(i, o.base ?? (g.packed ? 0x80008000 : 0));
     await c.setVringAddr(g.vringAddr(i));
     await c.setVringKick(i, g.kick[i]);
     await c.setVringCall(i, g.call[i]);

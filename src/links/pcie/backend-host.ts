@@ -579,6 +579,7 @@ export class PcieBackendHost {
     this.rings.stop(v);
     v.base = s.num;
     v.baseFresh = true;
+    v.baseSet = true;
     this.evaluate(v);
     return null;
   }
