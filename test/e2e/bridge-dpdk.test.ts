@@ -61,7 +61,9 @@ for (const [mode, packed] of [
           extraEal: ['--log-level=pmd.net.virtio.init:debug'],
         });
         pmds.push(front);
-        assert.match(front.output(), packed ? /using packed ring .*Rx path/ : /using (?!packed).*Rx path/, 'the ring layout virtio-user chose');
+        // Debug lines come on stderr, the prompt on stdout: wait for the line rather than race it.
+        const rxPath = await front.waitFor(/using (.*) Rx path/, 10_000);
+        assert.equal(/^packed ring /.test(rxPath[1] ?? ''), packed, `the ring layout virtio-user chose: ${rxPath[0]}`);
 
         // Frontend -> backend.
         await back.start();

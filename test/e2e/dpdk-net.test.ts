@@ -126,7 +126,9 @@ test('testpmd with packed_vq=1: RING_PACKED negotiated, rxonly and then txonly c
         const dev = fx.bridge.device('dpk');
         assert.ok(dev instanceof NetDevice);
         assert.notEqual(dev.acceptedFeatures & bit(F_RING_PACKED), 0n, 'virtio-user did not negotiate RING_PACKED');
-        assert.match(pmd.output(), /using packed ring .*Rx path/, 'virtio-user did not choose a packed ring path');
+        // Debug lines come on stderr, the prompt on stdout: wait for the line rather than race it.
+        const rxPath = await pmd.waitFor(/using (.*) Rx path/, 10_000);
+        assert.match(rxPath[0], /using packed ring /, 'virtio-user did not choose a packed ring path');
 
         await pmd.start();
         const source = { name: 'src', deliver: (): void => {} };
