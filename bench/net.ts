@@ -19,6 +19,8 @@ export interface NetResult {
   size: number;
   anchor: Outcome<AnchorNetResult>;
   direct: Outcome<DirectNetResult>;
+  /** The same with the sender on a packed ring (packed_vq=1). */
+  packed: Outcome<DirectNetResult>;
   /** Relay mode: the bridge copies each packet into the function's BAR for a backend process's null sink over the PCIe link. */
   relay: Outcome<RelayNetResult>;
 }
@@ -63,10 +65,10 @@ export async function stopChild(child: ChildProcess): Promise<void> {
 }
 
 /** The frontend both receivers face: testpmd virtio-user txonly on core 0, forwarding and warmed up for 1 s. */
-async function startSender(prefix: string, sock: string, size: number): Promise<Testpmd> {
+async function startSender(prefix: string, sock: string, size: number, packed = false): Promise<Testpmd> {
   const tx = await startTestpmd({
     prefix,
-    vdev: `net_virtio_user0,path=${sock},queues=1,queue_size=1024`,
+    vdev: `net_virtio_user0,path=${sock},queues=1,queue_size=1024${packed ? ',packed_vq=1' : ''}`,
     fwdCore: 0,
     mode: 'txonly',
     txpkts: size,
@@ -108,7 +110,7 @@ async function anchor(size: number, seconds: number, dir: string): Promise<Ancho
   }
 }
 
-async function direct(size: number, seconds: number, dir: string): Promise<DirectNetResult> {
+async function direct(size: number, seconds: number, dir: string, packed = false): Promise<DirectNetResult> {
   const sock = path.join(dir, 'null.sock');
   const control = path.join(dir, 'control.sock');
   const topo = path.join(dir, 'bench.yaml');
@@ -121,7 +123,7 @@ async function direct(size: number, seconds: number, dir: string): Promise<Direc
       if (i > 100) throw new Error(`vbridge serve did not start: ${log}`);
       await sleep(100);
     }
-    const tx = await startSender(prefix('vu'), sock, size);
+    const tx = await startSender(prefix('vu'), sock, size, packed);
     try {
       const q = async (): Promise<{ d: number; k: number; i: number; t: number }> => {
         const r = await fetchJson<StatsReport>(control, '/stats');
@@ -227,6 +229,7 @@ export async function netBench(sizes: readonly number[], seconds: number): Promi
         size,
         anchor: await bounded(`net ${size} B anchor`, bound, () => anchor(size, seconds, fs.mkdtempSync(path.join(dir, 'a-')))),
         direct: await bounded(`net ${size} B direct`, bound, () => direct(size, seconds, fs.mkdtempSync(path.join(dir, 'd-')))),
+        packed: await bounded(`net ${size} B direct, packed ring`, bound, () => direct(size, seconds, fs.mkdtempSync(path.join(dir, 'p-')), true)),
         relay: await bounded(`net ${size} B relay`, bound, () => relay(size, seconds, fs.mkdtempSync(path.join(dir, 'r-')))),
       });
     }
