@@ -13,6 +13,7 @@
  * the driver's own stores do not show up in a dirty log under test.
  */
 import { GuestMemory } from '../memory/guest-memory';
+import { MockHeap } from './mock-heap';
 import type { MemoryAccess } from '../memory/memory-access';
 import {
   VRING_DESC_F_INDIRECT,
@@ -127,10 +128,7 @@ export class MockDriver {
   private readonly used: Uint16Array;
   private readonly usedDv: DataView;
 
-  private readonly heapEnd: number;
-  private heapNext: number;
-  /** Freed allocations by rounded size: tests allocate the same few sizes over and over. */
-  private readonly freeBlocks = new Map<number, number[]>();
+  private readonly heap: MockHeap;
   private readonly freeDescs: number[] = [];
   private readonly chains = new Map<number, ChainRecord>();
   /** Driver's copy of avail.idx (free-running); published by publish(). */
@@ -170,8 +168,7 @@ export class MockDriver {
     zero(this.desc);
     zero(this.availDv);
     zero(this.usedDv);
-    this.heapNext = opts.heapAddr;
-    this.heapEnd = opts.heapAddr + opts.heapSize;
+    this.heap = new MockHeap(this.mem, opts.heapAddr, opts.heapSize);
     // Descriptors are handed out from the top of the stack: 0, 1, 2, ... on a fresh queue.
     for (let i = size - 1; i >= 0; i--) this.freeDescs.push(i);
   }
@@ -237,7 +234,7 @@ export class MockDriver {
         const len = s.len ?? s.data?.length ?? 0;
         let addr = s.addr;
         if (addr === undefined) {
-          addr = len === 0 ? this.heapNext : this.alloc(len);
+          addr = len === 0 ? this.heap.next : this.alloc(len);
           if (len !== 0) allocs.push([addr, len]);
         }
         if (s.data !== undefined && !s.writable) this.writeBytes(addr, s.data.subarray(0, len));
@@ -441,39 +438,24 @@ export class MockDriver {
     return out;
   }
 
-  /**
-   * Allocate len bytes (16-aligned) of the heap; throws Error when exhausted.
-   * Memory obtained here is the caller's to keep (free() gives it back).
-   */
+  /** Allocate len bytes (16-aligned) of the heap; throws Error when exhausted. */
   alloc(len: number): number {
-    const n = Math.max(16, align(len, 16));
-    const reuse = this.freeBlocks.get(n);
-    if (reuse !== undefined && reuse.length > 0) return reuse.pop() as number;
-    if (this.heapNext + n > this.heapEnd) throw new Error(`mock: heap exhausted allocating ${len} bytes`);
-    const a = this.heapNext;
-    this.heapNext += n;
-    return a;
+    return this.heap.alloc(len);
   }
 
   free(addr: number, len: number): void {
-    const n = Math.max(16, align(len, 16));
-    let list = this.freeBlocks.get(n);
-    if (list === undefined) this.freeBlocks.set(n, (list = []));
-    list.push(addr);
+    this.heap.free(addr, len);
   }
 
-  /** Write bytes to guest memory without dirty logging (through a span when one covers it). */
+  /** Write bytes to guest memory without dirty logging. */
   writeBytes(addr: number, data: Uint8Array): void {
-    const s = this.mem.span(addr, data.length);
-    if (s !== null) new Uint8Array(s.buffer, s.byteOffset, data.length).set(data);
-    else this.mem.write(addr, data, 0, data.length);
+    this.heap.writeBytes(addr, data);
   }
 
   readBytes(addr: number, len: number): Uint8Array {
-    const out = new Uint8Array(len);
-    this.mem.read(addr, out, 0, len);
-    return out;
+    return this.heap.readBytes(addr, len);
   }
+
 }
 
 function putDesc(dv: DataView, o: number, d: RawDesc): void {

@@ -10,6 +10,7 @@
  * writeDesc(), postRaw(), writeTable() and the event area setters.
  */
 import { GuestMemory } from '../memory/guest-memory';
+import { MockHeap } from './mock-heap';
 import type { MemoryAccess } from '../memory/memory-access';
 import {
   VRING_DESC_F_INDIRECT,
@@ -80,9 +81,7 @@ export class MockPackedDriver {
   private readonly desc16: Uint16Array;
   private readonly drv: Uint16Array;
   private readonly dev: Uint16Array;
-  private readonly heapEnd: number;
-  private heapNext: number;
-  private readonly freeBlocks = new Map<number, number[]>();
+  private readonly heap: MockHeap;
   private readonly freeIds: number[] = [];
   private readonly chains = new Map<number, ChainRecord>();
   /** Ring slots not holding an outstanding chain. */
@@ -117,8 +116,7 @@ export class MockPackedDriver {
     this.drv.fill(0);
     this.dev.fill(0);
     this.freeSlots = size;
-    this.heapNext = opts.heapAddr;
-    this.heapEnd = opts.heapAddr + opts.heapSize;
+    this.heap = new MockHeap(this.mem, opts.heapAddr, opts.heapSize);
     for (let i = size - 1; i >= 0; i--) this.freeIds.push(i);
   }
 
@@ -166,7 +164,7 @@ export class MockPackedDriver {
         const len = s.len ?? s.data?.length ?? 0;
         let addr = s.addr;
         if (addr === undefined) {
-          addr = len === 0 ? this.heapNext : this.alloc(len);
+          addr = len === 0 ? this.heap.next : this.alloc(len);
           if (len !== 0) allocs.push([addr, len]);
         }
         if (s.data !== undefined && !s.writable) this.writeBytes(addr, s.data.subarray(0, len));
@@ -354,34 +352,24 @@ export class MockPackedDriver {
     this.writeBytes(addr, bytes);
   }
 
+  /** Allocate len bytes (16-aligned) of the heap; throws Error when exhausted. */
   alloc(len: number): number {
-    const n = Math.max(16, Math.ceil(len / 16) * 16);
-    const reuse = this.freeBlocks.get(n);
-    if (reuse !== undefined && reuse.length > 0) return reuse.pop() as number;
-    if (this.heapNext + n > this.heapEnd) throw new Error(`mock: heap exhausted allocating ${len} bytes`);
-    const a = this.heapNext;
-    this.heapNext += n;
-    return a;
+    return this.heap.alloc(len);
   }
 
   free(addr: number, len: number): void {
-    const n = Math.max(16, Math.ceil(len / 16) * 16);
-    let list = this.freeBlocks.get(n);
-    if (list === undefined) this.freeBlocks.set(n, (list = []));
-    list.push(addr);
+    this.heap.free(addr, len);
   }
 
+  /** Write bytes to guest memory without dirty logging. */
   writeBytes(addr: number, data: Uint8Array): void {
-    const s = this.mem.span(addr, data.length);
-    if (s !== null) new Uint8Array(s.buffer, s.byteOffset, data.length).set(data);
-    else this.mem.write(addr, data, 0, data.length);
+    this.heap.writeBytes(addr, data);
   }
 
   readBytes(addr: number, len: number): Uint8Array {
-    const out = new Uint8Array(len);
-    this.mem.read(addr, out, 0, len);
-    return out;
+    return this.heap.readBytes(addr, len);
   }
+
 }
 
 function putDesc(dv: DataView, o: number, d: PackedRawDesc): void {
