@@ -382,18 +382,20 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
           if (chain === null) break;
           let r = this.post(rq, g, chain);
           if (r === POST_NO_ROOM) {
+            const waiting = rq.pending !== null;
+            // Held where a link failure inside the harvest below finds it (and fails it, blk).
+            rq.pending = chain;
             // Before sleeping on it: the backend may have made room without
             // telling us yet (its interrupt is on the way, or suppressed).
             const got = this.harvest(rq, g);
             if (rq.guest !== g || !this.linkUp) return;
             early += got;
             if (got > 0) r = this.post(rq, g, chain);
-          }
-          if (r === POST_NO_ROOM) {
-            if (rq.pending === null) rq.waits++;
-            rq.pending = chain;
-            blocked = true;
-            break;
+            if (r === POST_NO_ROOM) {
+              if (!waiting) rq.waits++;
+              blocked = true;
+              break;
+            }
           }
           rq.pending = null;
           posted++;
