@@ -13,7 +13,7 @@
  * the driver's own stores do not show up in a dirty log under test.
  */
 import { GuestMemory } from '../memory/guest-memory';
-import { MockHeap } from './mock-heap';
+import { MockDriverBase, mockRingView } from './mock-driver-base';
 import type { MemoryAccess } from '../memory/memory-access';
 import {
   VRING_DESC_F_INDIRECT,
@@ -115,7 +115,7 @@ interface ChainRecord {
   readonly allocs: readonly (readonly [number, number])[];
 }
 
-export class MockDriver {
+export class MockDriver extends MockDriverBase {
   readonly size: number;
   readonly descAddr: number;
   readonly availAddr: number;
@@ -128,7 +128,6 @@ export class MockDriver {
   private readonly used: Uint16Array;
   private readonly usedDv: DataView;
 
-  private readonly heap: MockHeap;
   private readonly freeDescs: number[] = [];
   private readonly chains = new Map<number, ChainRecord>();
   /** Driver's copy of avail.idx (free-running); published by publish(). */
@@ -142,10 +141,8 @@ export class MockDriver {
    * Lay out rings in mem and zero them. The rings must each lie in one span
    * of mem (a test harness needs no more).
    */
-  constructor(
-    readonly mem: MemoryAccess,
-    opts: MockDriverOptions,
-  ) {
+  constructor(mem: MemoryAccess, opts: MockDriverOptions) {
+    super(mem, opts.heapAddr, opts.heapSize);
     const size = opts.size;
     if (!Number.isInteger(size) || size < 1 || size > 32768 || (size & (size - 1)) !== 0) {
       throw new RangeError(`mock queue size ${size} is not a power of two <= 32768`);
@@ -160,15 +157,14 @@ export class MockDriver {
     this.descAddr = opts.descAddr ?? align(ring as number, 16);
     this.availAddr = opts.availAddr ?? this.descAddr + VRING_DESC_SIZE * size;
     this.usedAddr = opts.usedAddr ?? align(this.availAddr + 6 + 2 * size, 4);
-    this.desc = view(mem, this.descAddr, VRING_DESC_SIZE * size);
-    this.availDv = view(mem, this.availAddr, 6 + 2 * size);
-    this.usedDv = view(mem, this.usedAddr, 6 + VRING_USED_ELEM_SIZE * size);
+    this.desc = mockRingView(mem, this.descAddr, VRING_DESC_SIZE * size);
+    this.availDv = mockRingView(mem, this.availAddr, 6 + 2 * size);
+    this.usedDv = mockRingView(mem, this.usedAddr, 6 + VRING_USED_ELEM_SIZE * size);
     this.avail = u16(this.availDv);
     this.used = u16(this.usedDv);
     zero(this.desc);
     zero(this.availDv);
     zero(this.usedDv);
-    this.heap = new MockHeap(this.mem, opts.heapAddr, opts.heapSize);
     // Descriptors are handed out from the top of the stack: 0, 1, 2, ... on a fresh queue.
     for (let i = size - 1; i >= 0; i--) this.freeDescs.push(i);
   }
@@ -234,7 +230,7 @@ export class MockDriver {
         const len = s.len ?? s.data?.length ?? 0;
         let addr = s.addr;
         if (addr === undefined) {
-          addr = len === 0 ? this.heap.next : this.alloc(len);
+          addr = len === 0 ? this.heapTop : this.alloc(len);
           if (len !== 0) allocs.push([addr, len]);
         }
         if (s.data !== undefined && !s.writable) this.writeBytes(addr, s.data.subarray(0, len));
@@ -438,24 +434,6 @@ export class MockDriver {
     return out;
   }
 
-  /** Allocate len bytes (16-aligned) of the heap; throws Error when exhausted. */
-  alloc(len: number): number {
-    return this.heap.alloc(len);
-  }
-
-  free(addr: number, len: number): void {
-    this.heap.free(addr, len);
-  }
-
-  /** Write bytes to guest memory without dirty logging. */
-  writeBytes(addr: number, data: Uint8Array): void {
-    this.heap.writeBytes(addr, data);
-  }
-
-  readBytes(addr: number, len: number): Uint8Array {
-    return this.heap.readBytes(addr, len);
-  }
-
 }
 
 function putDesc(dv: DataView, o: number, d: RawDesc): void {
@@ -466,11 +444,6 @@ function putDesc(dv: DataView, o: number, d: RawDesc): void {
   dv.setUint16(o + 14, d.next, true);
 }
 
-function view(mem: MemoryAccess, addr: number, len: number): DataView {
-  const s = mem.span(addr, len);
-  if (s === null) throw new RangeError(`mock ring at 0x${addr.toString(16)} crosses a mapping boundary`);
-  return new DataView(s.buffer, s.byteOffset, len);
-}
 
 function u16(dv: DataView): Uint16Array {
   if (dv.byteOffset % 2 !== 0) throw new RangeError('mock ring misaligned in host memory');

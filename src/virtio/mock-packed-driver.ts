@@ -10,7 +10,7 @@
  * writeDesc(), postRaw(), writeTable() and the event area setters.
  */
 import { GuestMemory } from '../memory/guest-memory';
-import { MockHeap } from './mock-heap';
+import { MockDriverBase, mockRingView } from './mock-driver-base';
 import type { MemoryAccess } from '../memory/memory-access';
 import {
   VRING_DESC_F_INDIRECT,
@@ -70,7 +70,7 @@ interface ChainRecord {
   readonly allocs: readonly (readonly [number, number])[];
 }
 
-export class MockPackedDriver {
+export class MockPackedDriver extends MockDriverBase {
   readonly size: number;
   readonly descAddr: number;
   readonly driverAddr: number;
@@ -81,7 +81,6 @@ export class MockPackedDriver {
   private readonly desc16: Uint16Array;
   private readonly drv: Uint16Array;
   private readonly dev: Uint16Array;
-  private readonly heap: MockHeap;
   private readonly freeIds: number[] = [];
   private readonly chains = new Map<number, ChainRecord>();
   /** Ring slots not holding an outstanding chain. */
@@ -95,10 +94,8 @@ export class MockPackedDriver {
   /** Descriptors made available since the last kickNeeded(). */
   private sinceKick = 0;
 
-  constructor(
-    readonly mem: MemoryAccess,
-    opts: MockPackedOptions,
-  ) {
+  constructor(mem: MemoryAccess, opts: MockPackedOptions) {
+    super(mem, opts.heapAddr, opts.heapSize);
     const size = opts.size;
     if (!Number.isInteger(size) || size < 1 || size > 32768) throw new RangeError(`mock packed queue size ${size} is not in [1, 32768]`);
     this.size = size;
@@ -106,17 +103,16 @@ export class MockPackedDriver {
     this.descAddr = opts.descAddr;
     this.driverAddr = opts.driverAddr ?? this.descAddr + VRING_DESC_SIZE * size;
     this.deviceAddr = opts.deviceAddr ?? this.driverAddr + VRING_PACKED_EVENT_SIZE;
-    this.desc = view(mem, this.descAddr, VRING_DESC_SIZE * size);
+    this.desc = mockRingView(mem, this.descAddr, VRING_DESC_SIZE * size, 4);
     this.desc16 = new Uint16Array(this.desc.buffer, this.desc.byteOffset, 8 * size);
-    const d = view(mem, this.driverAddr, VRING_PACKED_EVENT_SIZE);
-    const v = view(mem, this.deviceAddr, VRING_PACKED_EVENT_SIZE);
+    const d = mockRingView(mem, this.driverAddr, VRING_PACKED_EVENT_SIZE, 4);
+    const v = mockRingView(mem, this.deviceAddr, VRING_PACKED_EVENT_SIZE, 4);
     this.drv = new Uint16Array(d.buffer, d.byteOffset, 2);
     this.dev = new Uint16Array(v.buffer, v.byteOffset, 2);
     new Uint8Array(this.desc.buffer, this.desc.byteOffset, this.desc.byteLength).fill(0);
     this.drv.fill(0);
     this.dev.fill(0);
     this.freeSlots = size;
-    this.heap = new MockHeap(this.mem, opts.heapAddr, opts.heapSize);
     for (let i = size - 1; i >= 0; i--) this.freeIds.push(i);
   }
 
@@ -164,7 +160,7 @@ export class MockPackedDriver {
         const len = s.len ?? s.data?.length ?? 0;
         let addr = s.addr;
         if (addr === undefined) {
-          addr = len === 0 ? this.heap.next : this.alloc(len);
+          addr = len === 0 ? this.heapTop : this.alloc(len);
           if (len !== 0) allocs.push([addr, len]);
         }
         if (s.data !== undefined && !s.writable) this.writeBytes(addr, s.data.subarray(0, len));
@@ -352,24 +348,6 @@ export class MockPackedDriver {
     this.writeBytes(addr, bytes);
   }
 
-  /** Allocate len bytes (16-aligned) of the heap; throws Error when exhausted. */
-  alloc(len: number): number {
-    return this.heap.alloc(len);
-  }
-
-  free(addr: number, len: number): void {
-    this.heap.free(addr, len);
-  }
-
-  /** Write bytes to guest memory without dirty logging. */
-  writeBytes(addr: number, data: Uint8Array): void {
-    this.heap.writeBytes(addr, data);
-  }
-
-  readBytes(addr: number, len: number): Uint8Array {
-    return this.heap.readBytes(addr, len);
-  }
-
 }
 
 function putDesc(dv: DataView, o: number, d: PackedRawDesc): void {
@@ -380,9 +358,3 @@ function putDesc(dv: DataView, o: number, d: PackedRawDesc): void {
   dv.setUint16(o + 14, d.flags, true);
 }
 
-function view(mem: MemoryAccess, addr: number, len: number): DataView {
-  const s = mem.span(addr, len);
-  if (s === null) throw new RangeError(`mock ring at 0x${addr.toString(16)} crosses a mapping boundary`);
-  if (s.byteOffset % 4 !== 0) throw new RangeError('mock ring misaligned in host memory');
-  return new DataView(s.buffer, s.byteOffset, len);
-}
