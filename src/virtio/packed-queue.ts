@@ -14,7 +14,7 @@ import {
   VRING_PACKED_EVENT_SIZE,
 } from './constants';
 import { vringNeedEvent } from './split-queue';
-import { hex, QueueError, type QueueState, ringSpan, type Virtqueue } from './virtqueue';
+import { hex, IndirectTables, QueueError, type QueueState, ringSpan, type Virtqueue } from './virtqueue';
 
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 /** Descriptor addresses at or past 2^53 are not exact as doubles: no memory lives there. */
@@ -107,8 +107,7 @@ export class PackedQueue implements Virtqueue {
   /** Used descriptors (ring positions) moved past since the last flush. */
   private sinceFlush = 0;
 
-  private indBuffer: ArrayBuffer | null = null;
-  private indView: Uint32Array = new Uint32Array(0);
+  private readonly tables = new IndirectTables();
 
   constructor(readonly maxSize: number) {
     if (!Number.isInteger(maxSize) || maxSize < 1 || maxSize > VIRTQUEUE_MAX_SIZE) {
@@ -205,8 +204,7 @@ export class PackedQueue implements Virtqueue {
     this.drv = new Uint16Array(a.buffer, a.byteOffset, 2);
     this.dev = new Uint16Array(u.buffer, u.byteOffset, 2);
     this.devFlags = -1;
-    this.indBuffer = null;
-    this.indView = new Uint32Array(0);
+    this.tables.reset();
     if (this.positionsSet || size !== this.qsize) {
       // Chains outstanding before these positions were set are not ours to complete.
       this.outstanding.fill(0);
@@ -245,8 +243,7 @@ export class PackedQueue implements Virtqueue {
     this.histLen = 0;
     this.inflight = 0;
     this.heldSlot = -1;
-    this.indBuffer = null;
-    this.indView = new Uint32Array(0);
+    this.tables.reset();
   }
 
   /** A packed ring keeps no used index in memory: it came with setBase. */
@@ -471,7 +468,13 @@ export class PackedQueue implements Virtqueue {
     if (entries > VIRTQUEUE_MAX_SIZE) throw this.error(start, 0, `indirect table of ${entries} entries (max ${VIRTQUEUE_MAX_SIZE})`);
     if (hi >= HI_LIMIT) throw this.error(start, 0, 'indirect table address beyond 2^53');
     const addr = lo + hi * TWO_32;
-    const { view, base } = this.indirectTable(mem, addr, len, start);
+    try {
+      this.tables.map(mem, addr, len);
+    } catch (e) {
+      if (e instanceof MemoryError) throw this.error(start, 0, `indirect table [${hex(addr)}, +${len}) outside memory: ${e.message}`);
+      throw e;
+    }
+    const { view, base } = this.tables;
     for (let i = 0; i < entries; i++) {
       const w = base + 4 * i;
       const elo = view[w];
@@ -491,27 +494,6 @@ export class PackedQueue implements Virtqueue {
         readable.push({ addr: a, len: elen });
       }
     }
-  }
-
-  private indirectTable(mem: MemoryAccess, addr: number, len: number, start: number): { view: Uint32Array; base: number } {
-    let span;
-    try {
-      span = mem.span(addr, len);
-    } catch (e) {
-      if (e instanceof MemoryError) throw this.error(start, 0, `indirect table [${hex(addr)}, +${len}) outside memory: ${e.message}`);
-      throw e;
-    }
-    if (span !== null && span.byteOffset % 4 === 0) {
-      if (span.buffer !== this.indBuffer) {
-        this.indBuffer = span.buffer;
-        this.indView = new Uint32Array(span.buffer, 0, Math.floor(span.buffer.byteLength / 4));
-      }
-      return { view: this.indView, base: span.byteOffset / 4 };
-    }
-    // Crossing a boundary (or misaligned in host memory): a private copy, also frozen against rewrites.
-    const copy = new Uint32Array(len / 4);
-    mem.read(addr, new Uint8Array(copy.buffer), 0, len);
-    return { view: copy, base: 0 };
   }
 
   private checkMapped(mem: MemoryAccess, addr: number, len: number, start: number, i: number, inIndirect: boolean): void {

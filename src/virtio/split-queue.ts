@@ -1,6 +1,6 @@
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
 import type { ChainSegment, DescriptorChain } from './chain';
-import { hex, QueueError, type QueueState, ringSpan, type Virtqueue } from './virtqueue';
+import { hex, IndirectTables, QueueError, type QueueState, ringSpan, type Virtqueue } from './virtqueue';
 import {
   VIRTQUEUE_MAX_SIZE,
   VRING_AVAIL_F_NO_INTERRUPT,
@@ -83,8 +83,7 @@ export class SplitQueue implements Virtqueue {
   /** False until the first flush after activate: the driver's view of old used.idx is unknown. */
   private publishedValid = false;
   /** Last buffer an indirect table was read from, and a view over all of it. */
-  private indBuffer: ArrayBuffer | null = null;
-  private indView: Uint32Array = new Uint32Array(0);
+  private readonly tables = new IndirectTables();
 
   constructor(readonly maxSize: number) {
     if (!isPowerOfTwo(maxSize) || maxSize > VIRTQUEUE_MAX_SIZE) {
@@ -134,8 +133,7 @@ export class SplitQueue implements Virtqueue {
     this.mask = size - 1;
     this.publishedUsed = this.nextUsed;
     this.publishedValid = false;
-    this.indBuffer = null;
-    this.indView = new Uint32Array(0);
+    this.tables.reset();
     this.evActive = this.eventIdx;
     this.mem = mem;
     this.memGen = mem.generation;
@@ -158,8 +156,7 @@ export class SplitQueue implements Virtqueue {
     this.avail = new Uint16Array(0);
     this.usedU16 = new Uint16Array(0);
     this.usedU32 = new Uint32Array(0);
-    this.indBuffer = null;
-    this.indView = new Uint32Array(0);
+    this.tables.reset();
   }
 
   /**
@@ -356,9 +353,9 @@ export class SplitQueue implements Virtqueue {
         }
         if (hi >= HI_LIMIT) throw chainError(inIndirect, idx, head, `indirect table address beyond 2^53`);
         const addr = lo + hi * TWO_32;
-        const t = this.indirectTable(mem, addr, len, head, idx);
-        table = t.view;
-        base = t.base;
+        this.mapTable(mem, addr, len, head, idx);
+        table = this.tables.view;
+        base = this.tables.base;
         limit = entries;
         inIndirect = true;
         idx = 0;
@@ -392,35 +389,16 @@ export class SplitQueue implements Virtqueue {
     return { head, readable, writable, readableLen, writableLen };
   }
 
-  /** A view to read an indirect table from, validated to lie inside memory. */
-  private indirectTable(
-    mem: MemoryAccess,
-    addr: number,
-    len: number,
-    head: number,
-    idx: number,
-  ): { view: Uint32Array; base: number } {
-    let span;
+  /** Map an indirect table for reading, validated to lie inside memory. */
+  private mapTable(mem: MemoryAccess, addr: number, len: number, head: number, idx: number): void {
     try {
-      span = mem.span(addr, len);
+      this.tables.map(mem, addr, len);
     } catch (e) {
       if (e instanceof MemoryError) {
         throw chainError(false, idx, head, `indirect table [${hex(addr)}, +${len}) outside memory: ${e.message}`);
       }
       throw e;
     }
-    if (span !== null && span.byteOffset % 4 === 0) {
-      if (span.buffer !== this.indBuffer) {
-        this.indBuffer = span.buffer;
-        this.indView = new Uint32Array(span.buffer, 0, Math.floor(span.buffer.byteLength / 4));
-      }
-      return { view: this.indView, base: span.byteOffset / 4 };
-    }
-    // Crossing a boundary (or misaligned in host memory): work on a private copy,
-    // which also freezes the table against concurrent rewrites.
-    const copy = new Uint32Array(len / 4);
-    mem.read(addr, new Uint8Array(copy.buffer), 0, len);
-    return { view: copy, base: 0 };
   }
 }
 

@@ -117,3 +117,41 @@ export function ringSpan(
   }
   return span;
 }
+
+/**
+ * Where a queue reads indirect tables from: in place when a table lies in one
+ * span at a 4-aligned host offset (one Uint32Array per mapping, kept across
+ * tables), else a private copy, which also freezes the table against
+ * concurrent rewrites by the driver.
+ */
+export class IndirectTables {
+  /** The table read last: its words are view[base ..]. */
+  view: Uint32Array = new Uint32Array(0);
+  base = 0;
+  private buffer: ArrayBuffer | null = null;
+  private words: Uint32Array = new Uint32Array(0);
+
+  /** Forget the kept view (the memory was remapped). */
+  reset(): void {
+    this.buffer = null;
+    this.words = new Uint32Array(0);
+  }
+
+  /** Point view/base at the table of `len` bytes at `addr`; MemoryError when it is outside memory. */
+  map(mem: MemoryAccess, addr: number, len: number): void {
+    const span = mem.span(addr, len);
+    if (span !== null && span.byteOffset % 4 === 0) {
+      if (span.buffer !== this.buffer) {
+        this.buffer = span.buffer;
+        this.words = new Uint32Array(span.buffer, 0, Math.floor(span.buffer.byteLength / 4));
+      }
+      this.view = this.words;
+      this.base = span.byteOffset / 4;
+      return;
+    }
+    const copy = new Uint32Array(len / 4);
+    mem.read(addr, new Uint8Array(copy.buffer), 0, len);
+    this.view = copy;
+    this.base = 0;
+  }
+}
