@@ -17,6 +17,11 @@ function value<T>(o: Outcome<T>): T | undefined {
   return o.ok ? o.value : undefined;
 }
 
+/** n / d, or undefined when either is missing (a failed measurement). */
+function ratio(n: number | undefined, d: number | undefined): number | undefined {
+  return n === undefined || d === undefined ? undefined : n / d;
+}
+
 function failures(os: readonly Outcome<unknown>[]): void {
   for (const o of os) if (!o.ok) out(`  FAILED: ${o.error}\n`);
 }
@@ -28,7 +33,7 @@ function printNet(net: readonly NetResult[]): void {
     const a = value(r.anchor);
     const d = value(r.direct);
     out(
-      `${String(r.size).padStart(5)}  ${fmt(a?.mpps, 2, 10)}  ${fmt(d?.mpps, 2, 12)}  ${fmt(d !== undefined && a !== undefined ? d.mpps / a.mpps : undefined, 2, 5)}` +
+      `${String(r.size).padStart(5)}  ${fmt(a?.mpps, 2, 10)}  ${fmt(d?.mpps, 2, 12)}  ${fmt(ratio(d?.mpps, a?.mpps), 2, 5)}` +
         `  ${fmt(d?.kicksPerPkt, 4, 9)}  ${fmt(d?.interruptsPerPkt, 4, 8)}  ${fmt(a?.cpuNsPerPkt.receiver, 1, 13)}  ${fmt(d?.cpuNsPerPkt.bridge, 1, 10)}\n`,
     );
     failures([r.anchor, r.direct]);
@@ -39,7 +44,7 @@ function printNet(net: readonly NetResult[]): void {
     const d = value(r.direct);
     const p = value(r.packed);
     out(
-      `${String(r.size).padStart(5)}  ${fmt(d?.mpps, 2, 5)}  ${fmt(p?.mpps, 2, 6)}  ${fmt(d !== undefined && p !== undefined ? p.mpps / d.mpps : undefined, 2, 12)}` +
+      `${String(r.size).padStart(5)}  ${fmt(d?.mpps, 2, 5)}  ${fmt(p?.mpps, 2, 6)}  ${fmt(ratio(p?.mpps, d?.mpps), 2, 12)}` +
         `  ${fmt(d?.cpuNsPerPkt.bridge, 1, 9)}  ${fmt(p?.cpuNsPerPkt.bridge, 1, 10)}\n`,
     );
     failures([r.packed]);
@@ -50,9 +55,9 @@ function printNet(net: readonly NetResult[]): void {
     const a = value(r.anchor);
     const x = value(r.relay);
     out(
-      `${String(r.size).padStart(5)}  ${fmt(a?.mpps, 2, 10)}  ${fmt(x?.mpps, 2, 5)}  ${fmt(x !== undefined && a !== undefined ? x.mpps / a.mpps : undefined, 2, 5)}` +
+      `${String(r.size).padStart(5)}  ${fmt(a?.mpps, 2, 10)}  ${fmt(x?.mpps, 2, 5)}  ${fmt(ratio(x?.mpps, a?.mpps), 2, 5)}` +
         `  ${fmt(x?.dmaBytesPerPkt, 1, 9)}  ${fmt(x?.notificationsPerPkt, 4, 9)}  ${fmt(x?.waitsPerPkt, 4, 9)}  ${fmt(x?.cpuNsPerPkt.bridge, 1, 10)}` +
-        `  ${fmt(x?.cpuNsPerPkt.backend, 1, 11)}  ${fmt(x !== undefined && a !== undefined ? x.cpuNsPerPkt.bridge / a.cpuNsPerPkt.receiver : undefined, 2, 16)}\n`,
+        `  ${fmt(x?.cpuNsPerPkt.backend, 1, 11)}  ${fmt(ratio(x?.cpuNsPerPkt.bridge, a?.cpuNsPerPkt.receiver), 2, 16)}\n`,
     );
     failures([r.relay]);
   }
@@ -69,8 +74,8 @@ function printBlk(blk: BlkResult): void {
     const qd = d?.[job];
     const qx = x?.[job];
     out(
-      ` ${job.padEnd(10)} ${fmt(qa?.iops, 0, 6)}  ${fmt(qd?.iops, 0, 7)}  ${fmt(qd !== undefined && qa !== undefined ? qd.iops / qa.iops : undefined, 2, 5)}` +
-        `  ${fmt(qd?.kicksPerReq, 3, 9)}  ${fmt(qd?.interruptsPerReq, 3, 8)}  ${fmt(qx?.iops, 0, 7)}  ${fmt(qx !== undefined && qa !== undefined ? qx.iops / qa.iops : undefined, 2, 9)}` +
+      ` ${job.padEnd(10)} ${fmt(qa?.iops, 0, 6)}  ${fmt(qd?.iops, 0, 7)}  ${fmt(ratio(qd?.iops, qa?.iops), 2, 5)}` +
+        `  ${fmt(qd?.kicksPerReq, 3, 9)}  ${fmt(qd?.interruptsPerReq, 3, 8)}  ${fmt(qx?.iops, 0, 7)}  ${fmt(ratio(qx?.iops, qa?.iops), 2, 9)}` +
         `  ${fmt(qx?.kicksPerReq, 3, 9)}  ${fmt(qx?.interruptsPerReq, 3, 8)}\n`,
     );
   }
