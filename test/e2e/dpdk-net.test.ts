@@ -8,17 +8,37 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { withHeavyLock } from '../support/heavy-lock';
 import { startBridgeFixture, type BridgeFixture } from '../support/bridge-fixture';
-import { startTestpmd } from '../support/testpmd';
+import { startTestpmd, type Testpmd } from '../support/testpmd';
+import { waitFor } from '../support/wait';
 import { getSwitch } from '../../src/devices/net/l2-switch';
 import { NetDevice } from '../../src/devices/net/net-device';
 import { bit, F_RING_PACKED } from '../../src/virtio/constants';
 
-async function until(what: string, cond: () => boolean, timeoutMs: number): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
+const until = (what: string, cond: () => boolean, timeoutMs: number): Promise<void> => waitFor(what, cond, timeoutMs, 50);
+
+/** testpmd polls its ring on its own time: wait until its port counters show `n` frames, at most 5 s (the count is asserted after). */
+async function rxSettled(pmd: Testpmd, n: number): Promise<void> {
+  const end = Date.now() + 5000;
+  while ((await pmd.portStats()).rxPackets < n && Date.now() < end) await new Promise((r) => setTimeout(r, 20));
+}
+
+/** A source port on switch `sw` sends `bursts` paced bursts of `perBurst` numbered broadcast frames; detach it when done. */
+async function broadcastBursts(sw: string, bursts: number, perBurst: number): Promise<{ detach(): void }> {
+  const uplink = getSwitch(sw).attach({ name: 'src', deliver: (): void => {} });
+  const frame = new Uint8Array(128);
+  frame.fill(0xff, 0, 6);
+  frame.set([0x02, 0, 0, 0, 0, 0x01], 6);
+  frame.set([0x88, 0xb5], 12); // local experimental EtherType
+  for (let b = 0; b < bursts; b++) {
+    for (let i = 0; i < perBurst; i++) {
+      frame[14] = b;
+      frame[15] = i;
+      uplink.deliver(frame);
+    }
+    uplink.flush();
+    await new Promise((r) => setTimeout(r, 5));
   }
+  return uplink;
 }
 
 function switchPort(fx: BridgeFixture, sw: string, port: string): { rxFrames: number; txFrames: number } {
@@ -73,25 +93,11 @@ test('testpmd rxonly on a net function receives every frame the switch sends it'
       try {
         await pmd.start();
         // A source port on the same switch: broadcast frames, paced in bursts.
-        const source = { name: 'src', deliver: (): void => {} };
-        const uplink = getSwitch('swrx').attach(source);
-        const frame = new Uint8Array(128);
-        frame.fill(0xff, 0, 6);
-        frame.set([0x02, 0, 0, 0, 0, 0x01], 6);
-        frame.set([0x88, 0xb5], 12); // local experimental EtherType
         const BURSTS = 100;
         const PER_BURST = 32;
-        for (let b = 0; b < BURSTS; b++) {
-          for (let i = 0; i < PER_BURST; i++) {
-            frame[14] = b;
-            frame[15] = i;
-            uplink.deliver(frame);
-          }
-          uplink.flush();
-          await new Promise((r) => setTimeout(r, 5));
-        }
+        const uplink = await broadcastBursts('swrx', BURSTS, PER_BURST);
         await until('RX queue to publish every frame', () => fx.queue('dp1', 0).descriptors >= BURSTS * PER_BURST, 10_000);
-        await new Promise((r) => setTimeout(r, 500));
+        await rxSettled(pmd, BURSTS * PER_BURST);
         const c = await pmd.stop();
         assert.equal(fx.queue('dp1', 0).drops, 0, 'the function dropped frames');
         assert.equal(c.rxPackets, BURSTS * PER_BURST);
@@ -131,25 +137,11 @@ test('testpmd with packed_vq=1: RING_PACKED negotiated, rxonly and then txonly c
         assert.match(rxPath[0], /using packed ring /, 'virtio-user did not choose a packed ring path');
 
         await pmd.start();
-        const source = { name: 'src', deliver: (): void => {} };
-        const uplink = getSwitch('swpk').attach(source);
-        const frame = new Uint8Array(128);
-        frame.fill(0xff, 0, 6);
-        frame.set([0x02, 0, 0, 0, 0, 0x01], 6);
-        frame.set([0x88, 0xb5], 12);
         const BURSTS = 60;
         const PER_BURST = 32;
-        for (let b = 0; b < BURSTS; b++) {
-          for (let i = 0; i < PER_BURST; i++) {
-            frame[14] = b;
-            frame[15] = i;
-            uplink.deliver(frame);
-          }
-          uplink.flush();
-          await new Promise((r) => setTimeout(r, 5));
-        }
+        const uplink = await broadcastBursts('swpk', BURSTS, PER_BURST);
         await until('RX queue to publish every frame', () => fx.queue('dpk', 0).descriptors >= BURSTS * PER_BURST, 10_000);
-        await new Promise((r) => setTimeout(r, 300));
+        await rxSettled(pmd, BURSTS * PER_BURST);
         const rx = await pmd.stop();
         assert.equal(fx.queue('dpk', 0).drops, 0, 'the function dropped frames');
         assert.equal(rx.rxPackets, BURSTS * PER_BURST, 'testpmd received a different count');

@@ -107,7 +107,13 @@ export async function startTestpmd(o: TestpmdOptions): Promise<Testpmd> {
     proc.stdin?.write(line + '\n');
   };
 
-  await waitFor(/testpmd> /, 60_000);
+  try {
+    await waitFor(/testpmd> /, 60_000);
+  } catch (e) {
+    // Nobody gets a handle to quit it: a testpmd stuck in its start-up must not outlive the test.
+    proc.kill('SIGKILL');
+    throw e;
+  }
   return {
     proc,
     output: () => out,
