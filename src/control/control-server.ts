@@ -6,6 +6,7 @@ import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as path from 'node:path';
 import type { StatsReport } from './stats-format';
+import { claimSocketPath, explainBindError } from '../native/socket-guard';
 
 export interface ControlHandlers {
   stats(): StatsReport;
@@ -32,14 +33,10 @@ export class ControlServer {
 
   static async listen(socketPath: string, handlers: ControlHandlers): Promise<ControlServer> {
     fs.mkdirSync(path.dirname(socketPath), { recursive: true });
-    try {
-      fs.unlinkSync(socketPath);
-    } catch {
-      // No stale socket: nothing to remove.
-    }
+    await claimSocketPath(socketPath, 'control socket');
     const cs = new ControlServer(socketPath, handlers);
     await new Promise<void>((resolve, reject) => {
-      cs.server.once('error', reject);
+      cs.server.once('error', (e) => reject(explainBindError(socketPath, 'control socket', e)));
       cs.server.listen(socketPath, () => resolve());
     });
     return cs;

@@ -1,6 +1,7 @@
 /**
  * A listening Unix stream socket on the event loop: listen() creates the
- * socket (its folder too, replacing a stale socket) and polls it; every
+ * socket (its folder too, replacing a stale socket but
+ * refusing a live one: see socket-guard.ts) and polls it; every
  * connection that comes is accepted and its fd handed to the owner, which
  * keeps it or refuses it; close() stops accepting and removes the socket file.
  */
@@ -9,6 +10,7 @@ import * as path from 'node:path';
 import { native, type Poller } from './addon';
 import { asError, closeQuietly } from '../vhost-user/connection';
 import type { Logger } from '../log';
+import { applySocketAccess, explainBindError } from './socket-guard';
 
 const POLL_READABLE = 1;
 
@@ -43,13 +45,20 @@ export class UnixListener {
     if (this.fd >= 0) return;
     fs.mkdirSync(path.dirname(this.socketPath), { recursive: true });
     const a = native();
-    const fd = a.listen(this.socketPath, this.opts.backlog);
+    let fd: number;
     try {
+      fd = a.listen(this.socketPath, this.opts.backlog);
+    } catch (e) {
+      throw explainBindError(this.socketPath, this.opts.label, e);
+    }
+    try {
+      applySocketAccess(this.socketPath);
       const p = new a.Poller(fd, (status) => this.onAcceptable(status));
       p.start(POLL_READABLE);
       this.poller = p;
     } catch (e) {
       closeQuietly(fd);
+      unlinkQuietly(this.socketPath);
       throw e;
     }
     this.fd = fd;
@@ -68,11 +77,7 @@ export class UnixListener {
     if (this.fd >= 0) {
       closeQuietly(this.fd);
       this.fd = -1;
-      try {
-        fs.unlinkSync(this.socketPath);
-      } catch {
-        // Someone removed it already.
-      }
+      unlinkQuietly(this.socketPath);
     }
   }
 
@@ -97,5 +102,13 @@ export class UnixListener {
       if (fd < 0) return;
       this.opts.onConnection(fd);
     }
+  }
+}
+
+function unlinkQuietly(p: string): void {
+  try {
+    fs.unlinkSync(p);
+  } catch {
+    // Someone removed it already.
   }
 }
