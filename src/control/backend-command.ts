@@ -18,7 +18,8 @@ import { LINK_MAX_QUEUES } from '../links/pcie/layout';
 import { PcieBackendHost } from '../links/pcie/backend-host';
 import { consoleLogger, type Logger } from '../log';
 import { VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
-import { takeFlag, takeOption, takeOptions, UsageError } from './args';
+import { parseCommand, UsageError, type CommandSpec, type OptionTable, type ParsedArgs } from './args';
+import { parseSize, SIZE_HINT } from './size';
 
 export const BACKEND_USAGE = `usage: vbridge backend <blk|net> [options]
 
@@ -70,15 +71,29 @@ function usage(message: string): UsageError {
   return new UsageError(message, BACKEND_USAGE);
 }
 
-const SIZE_UNITS: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
+const BACKEND_OPTIONS: OptionTable = {
+  attach: { type: 'string', multiple: true, arg: 'PATH', help: "a bridge function's attach socket", complete: 'file' },
+  file: { type: 'string', arg: 'DISK.img', help: 'blk: the raw image', complete: 'file' },
+  size: { type: 'string', arg: 'BYTES', help: 'blk: create or grow the image to this size' },
+  readonly: { type: 'boolean', help: 'blk: refuse writes' },
+  serial: { type: 'string', arg: 'S', help: 'blk: the serial the guest sees' },
+  queues: { type: 'string', arg: 'N', help: 'queues (blk) or queue pairs (net)' },
+  'queue-size': { type: 'string', arg: 'N', help: 'the largest ring accepted' },
+  switch: { type: 'string', arg: 'NAME', help: 'net: the L2 switch the devices join' },
+  sink: { type: 'boolean', help: 'net: count and drop instead of a switch' },
+  tap: { type: 'string', arg: 'IFNAME', help: 'net: a host TAP interface on the switch' },
+};
 
-/** "64M", "1G", "4096" -> bytes. */
-export function parseSize(name: string, v: string): number {
-  const m = /^(\d+)\s*([KMGT]?)(i?B)?$/i.exec(v.trim());
-  const bytes = m === null ? NaN : Number(m[1]) * (SIZE_UNITS[(m[2] ?? '').toUpperCase()] ?? 1);
-  if (!Number.isSafeInteger(bytes) || bytes <= 0) throw usage(`${name}: expected a size such as 4096, 64M or 1G, got ${JSON.stringify(v)}`);
-  return bytes;
-}
+/** `vbridge backend`: parsed by the same table as every command; its help is written by hand because blk and net differ. */
+export const backendCommand: CommandSpec = {
+  name: 'backend',
+  summary: "run a backend host: plug virtio-blk or virtio-net devices into bridge functions' PCIe links",
+  synopsis: 'blk|net --attach PATH [options]',
+  options: BACKEND_OPTIONS,
+  positionals: { name: 'device type (blk or net)', min: 1, max: 1, complete: ['blk', 'net'] },
+  help: BACKEND_USAGE,
+  run: async (args) => runBackend(backendArgs(args)),
+};
 
 function parseInteger(name: string, v: string | undefined, min: number, max: number): number | undefined {
   if (v === undefined) return undefined;
@@ -93,52 +108,52 @@ function parseQueueSize(v: string | undefined): number | undefined {
   return n;
 }
 
-/** Parse `blk ...` or `net ...` (the words after `vbridge backend`). Throws UsageError. */
-export function parseBackendArgs(argv: readonly string[]): BackendArgs {
-  const [kind, ...rest] = argv;
-  const args = [...rest];
-  let out: BackendArgs;
+/** Options that only one device type takes. */
+const ONLY: Record<string, 'blk' | 'net'> = { file: 'blk', size: 'blk', readonly: 'blk', serial: 'blk', switch: 'net', sink: 'net', tap: 'net' };
+
+function backendArgs(args: ParsedArgs): BackendArgs {
+  const kind = args.positionals[0];
+  if (kind !== 'blk' && kind !== 'net') throw usage(`unknown backend device type: ${kind ?? ''} (blk or net)`);
+  for (const [opt, only] of Object.entries(ONLY)) {
+    if (only !== kind && (args.string(opt) !== undefined || args.flag(opt))) throw usage(`--${opt} applies to backend ${only}, not ${kind}`);
+  }
+  const attach = args.strings('attach');
+  const queueSize = parseQueueSize(args.string('queue-size'));
   if (kind === 'blk') {
-    const attach = takeOptions(args, '--attach');
     if (attach.length !== 1) throw usage('backend blk needs exactly one --attach PATH');
-    const file = takeOption(args, '--file');
+    const file = args.string('file');
     if (file === undefined) throw usage('backend blk needs --file DISK.img');
-    const sizeArg = takeOption(args, '--size');
-    const size = sizeArg === undefined ? undefined : parseSize('--size', sizeArg);
+    const sizeArg = args.string('size');
+    const size = sizeArg === undefined ? undefined : parseSize(sizeArg);
+    if (size === null) throw usage(`--size: expected ${SIZE_HINT}, got ${JSON.stringify(sizeArg)}`);
     if (size !== undefined && size % 512 !== 0) throw usage(`--size: must be a multiple of 512, got ${size}`);
-    out = {
+    return {
       kind,
       attach: attach[0] as string,
       file,
       size,
-      readonly: takeFlag(args, '--readonly'),
-      queues: parseInteger('--queues', takeOption(args, '--queues'), 1, LINK_MAX_QUEUES) ?? 1,
-      queueSize: parseQueueSize(takeOption(args, '--queue-size')),
-      serial: takeOption(args, '--serial'),
+      readonly: args.flag('readonly'),
+      queues: parseInteger('--queues', args.string('queues'), 1, LINK_MAX_QUEUES) ?? 1,
+      queueSize,
+      serial: args.string('serial'),
     };
-  } else if (kind === 'net') {
-    const attach = takeOptions(args, '--attach');
-    if (attach.length === 0) throw usage('backend net needs at least one --attach PATH');
-    const sw = takeOption(args, '--switch');
-    const sink = takeFlag(args, '--sink');
-    if ((sw === undefined) === !sink) throw usage('backend net needs either --switch NAME or --sink');
-    const names = attach.map(deviceName);
-    const dup = names.find((n, i) => names.indexOf(n) !== i);
-    if (dup !== undefined) throw usage(`two --attach paths give the device name ${dup}: name the attach files differently`);
-    out = {
-      kind,
-      attach,
-      switch: sw ?? null,
-      queues: parseInteger('--queues', takeOption(args, '--queues'), 1, LINK_MAX_QUEUES / 2) ?? 1,
-      queueSize: parseQueueSize(takeOption(args, '--queue-size')),
-      tap: takeOption(args, '--tap'),
-    };
-    if (sink && out.tap !== undefined) throw usage('--tap needs a switch; it cannot go with --sink');
-  } else {
-    throw usage(kind === undefined ? 'backend needs a device type: blk or net' : `unknown backend device type: ${kind} (blk or net)`);
   }
-  if (args.length > 0) throw usage(`unexpected argument: ${args[0]}`);
-  return out;
+  if (attach.length === 0) throw usage('backend net needs at least one --attach PATH');
+  const sw = args.string('switch');
+  const sink = args.flag('sink');
+  if ((sw === undefined) === !sink) throw usage('backend net needs either --switch NAME or --sink');
+  const tap = args.string('tap');
+  if (sink && tap !== undefined) throw usage('--tap needs a switch; it cannot go with --sink');
+  const names = attach.map(deviceName);
+  const dup = names.find((n, i) => names.indexOf(n) !== i);
+  if (dup !== undefined) throw usage(`two --attach paths give the device name ${dup}: name the attach files differently`);
+  return { kind, attach, switch: sw ?? null, queues: parseInteger('--queues', args.string('queues'), 1, LINK_MAX_QUEUES / 2) ?? 1, queueSize, tap };
+}
+
+/** Parse `blk ...` or `net ...` (the words after `vbridge backend`); null for --help. Throws UsageError. */
+export function parseBackendArgs(argv: readonly string[]): BackendArgs | null {
+  const args = parseCommand(backendCommand, argv);
+  return args === null ? null : backendArgs(args);
 }
 
 /** A net device's name: its attach file's basename without the extension ("/run/vb/net0.sock" -> "net0"). */

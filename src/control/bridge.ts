@@ -11,6 +11,7 @@ import { deleteSwitch, getSwitch, type L2Switch } from '../devices/net/l2-switch
 import { TapPort } from '../devices/net/tap-port';
 import { VhostUserServer } from '../vhost-user/server';
 import { ControlServer } from './control-server';
+import { claimSocketPath, setSocketAccess } from '../native/socket-guard';
 import { consoleLogger, type Logger } from '../log';
 import type { FunctionStatsRow, StatsReport, SwitchStatsRow } from './stats-format';
 import type { FunctionSpec, LinkBackend, Topology, VhostUserLinkBackend } from './topology';
@@ -151,6 +152,9 @@ export class Bridge {
     const taps: TapPort[] = [];
     const functions: RunningFunction[] = [];
     const bridge = new Bridge(topology, functions, switches, taps, log);
+    // The control socket first: a second serve of the same topology is refused
+    // before it has touched (and probed) any function's socket.
+    await claimSocketPath(topology.control, 'control socket');
     try {
       for (const s of topology.switches) {
         const sw = getSwitch(s.name);
@@ -162,6 +166,7 @@ export class Bridge {
         }
       }
       for (const spec of topology.functions) {
+        setSocketAccess(spec.socket, spec.socketAccess);
         functions.push(startFunction(spec, switches, log));
       }
       bridge.control = await ControlServer.listen(topology.control, { stats: () => bridge.stats() });
@@ -194,6 +199,7 @@ export class Bridge {
     this.control?.close();
     this.control = null;
     for (const f of this.functions.splice(0)) {
+      setSocketAccess(f.spec.socket, undefined);
       try {
         f.close();
       } catch (e) {

@@ -1,70 +1,63 @@
 #!/usr/bin/env node
-/** `vbridge`: the command line of virtio-bridge. */
-import { DEFAULT_CONTROL_SOCKET, loadTopology, TopologyError } from './topology';
-import { fetchJson } from './control-server';
-import { formatStats, type StatsReport } from './stats-format';
-import { serve } from './serve';
-import { takeFlag, takeOption, UsageError } from './args';
-import { BACKEND_USAGE, parseBackendArgs, runBackend } from './backend-command';
+/** `vbridge`: the command line of virtio-bridge. The subcommands are the table in commands.ts. */
+import { commandHelp, parseCommand, UsageError, type CommandSpec } from './args';
+import { COMMANDS } from './commands';
+import { TopologyError } from './topology';
+import { packageVersion } from './version';
 
-const USAGE = `usage: vbridge <command> [options]
+function topUsage(): string {
+  const width = Math.max(...COMMANDS.map((c) => c.name.length)) + 2;
+  const lines = COMMANDS.map((c) => `  ${c.name.padEnd(width)}${c.summary}`);
+  return `usage: vbridge <command> [options]
+       vbridge help <command> | vbridge <command> --help
+       vbridge --version
 
 commands:
-  serve TOPOLOGY.yaml          run the bridge with the functions the file declares
-  validate TOPOLOGY.yaml       check a topology file and print what it declares
-  stats [--control PATH] [--json]
-                               per-function, per-queue counters of a running serve
-                               (default control socket: ${DEFAULT_CONTROL_SOCKET})
-  backend blk|net --attach PATH ...
-                               run a backend host: plug a virtio-blk or virtio-net device
-                               into a bridge function's PCIe link (vbridge backend --help)
-  help                         this text
+${lines.join('\n')}
+  ${'help'.padEnd(width)}this text, or a command's help
+  ${'version'.padEnd(width)}print the version
 
 The topology schema is documented in docs/topology.md.
 `;
+}
+
+function find(name: string): CommandSpec | undefined {
+  return COMMANDS.find((c) => c.name === name);
+}
 
 async function main(argv: string[]): Promise<number> {
   const [cmd, ...args] = argv;
   switch (cmd) {
-    case 'serve': {
-      if (args.length !== 1) throw new UsageError('serve needs exactly one TOPOLOGY.yaml');
-      await serve(loadTopology(args[0]));
-      return 0;
-    }
-    case 'validate': {
-      if (args.length !== 1) throw new UsageError('validate needs exactly one TOPOLOGY.yaml');
-      const t = loadTopology(args[0]);
-      for (const f of t.functions) {
-        const linked = f.backend.kind === 'pcie' || f.backend.kind === 'vhost-user';
-        const queues = linked ? 'queues from the backend' : `${f.queues} queue(s)`;
-        process.stdout.write(`${f.name}: ${f.type} on ${f.socket}, ${queues}, backend ${JSON.stringify(f.backend)}\n`);
-      }
-      process.stdout.write(`control socket: ${t.control}\n`);
-      return 0;
-    }
-    case 'stats': {
-      const control = takeOption(args, '--control') ?? DEFAULT_CONTROL_SOCKET;
-      const json = takeFlag(args, '--json');
-      if (args.length > 0) throw new UsageError(`unexpected argument: ${args[0]}`);
-      const report = await fetchJson<StatsReport>(control, '/stats');
-      process.stdout.write(json ? JSON.stringify(report, null, 2) + '\n' : formatStats(report));
-      return 0;
-    }
-    case 'backend': {
-      if (args.length === 0 || args.includes('--help') || args.includes('-h')) {
-        process.stdout.write(BACKEND_USAGE);
-        return args.length === 0 ? 2 : 0;
-      }
-      return runBackend(parseBackendArgs(args));
-    }
     case undefined:
+      process.stderr.write(topUsage());
+      return 2;
     case 'help':
     case '--help':
-    case '-h':
-      process.stdout.write(USAGE);
-      return cmd === undefined ? 2 : 0;
-    default:
-      throw new UsageError(`unknown command: ${cmd}`);
+    case '-h': {
+      if (args.length === 0) {
+        process.stdout.write(topUsage());
+        return 0;
+      }
+      const c = find(args[0] as string);
+      if (c === undefined || args.length > 1) throw new UsageError(`help: ${args.length > 1 ? 'give one command' : `unknown command: ${args[0]}`}`);
+      process.stdout.write(commandHelp(c));
+      return 0;
+    }
+    case 'version':
+    case '--version':
+    case '-V':
+      process.stdout.write(`vbridge ${packageVersion()}\n`);
+      return 0;
+    default: {
+      const c = find(cmd);
+      if (c === undefined) throw new UsageError(`unknown command: ${cmd}`);
+      const parsed = parseCommand(c, args);
+      if (parsed === null) {
+        process.stdout.write(commandHelp(c));
+        return 0;
+      }
+      return c.run(parsed);
+    }
   }
 }
 
@@ -74,7 +67,9 @@ main(process.argv.slice(2)).then(
   },
   (err: unknown) => {
     if (err instanceof UsageError) {
-      process.stderr.write(`vbridge: ${err.message}\n\n${err.usage ?? USAGE}`);
+      // The synopsis line is enough next to the error; the whole help is one --help away.
+      const synopsis = (err.usage ?? topUsage()).split('\n')[0] ?? '';
+      process.stderr.write(`vbridge: ${err.message}\n${synopsis}\n(--help shows every option)\n`);
       process.exitCode = 2;
     } else if (err instanceof TopologyError) {
       process.stderr.write(`vbridge: topology error: ${err.message}\n`);

@@ -6,6 +6,10 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parse as parseYaml } from 'yaml';
+import { parseSize, SIZE_HINT } from './size';
+import type { SocketAccess } from '../native/socket-guard';
+import { SOCKET_ACCESS_KEYS, socketAccessFrom } from './socket-access';
+import { defaultControlPath } from './control-path';
 
 export class TopologyError extends Error {
   constructor(
@@ -74,6 +78,8 @@ export interface NetFunction {
   /** Offer checksum/TSO/ECN offloads (local functions). */
   offloads: boolean;
   backend: SwitchBackend | SinkBackend | LinkBackend;
+  /** Mode and ownership of the vhost-user socket (the function's keys over the top-level ones). */
+  socketAccess?: SocketAccess;
 }
 
 export interface BlkFunction {
@@ -83,6 +89,7 @@ export interface BlkFunction {
   queues: number;
   queueSize: number;
   backend: FileBackend | LinkBackend;
+  socketAccess?: SocketAccess;
 }
 
 export type FunctionSpec = NetFunction | BlkFunction;
@@ -99,8 +106,6 @@ export interface Topology {
   functions: FunctionSpec[];
   switches: SwitchSpec[];
 }
-
-export const DEFAULT_CONTROL_SOCKET = '/run/vbridge/control.sock';
 
 type Obj = Record<string, unknown>;
 
@@ -146,21 +151,13 @@ function bool(o: Obj, key: string, where: string, dflt: boolean): boolean {
   return v;
 }
 
-const SIZE_UNITS: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
-
 /** "64M", "1G", "4096" or a number of bytes. */
 function size(o: Obj, key: string, where: string): number | undefined {
   const v = o[key];
   if (v === undefined) return undefined;
-  if (typeof v === 'number' && Number.isSafeInteger(v) && v > 0) return v;
-  if (typeof v === 'string') {
-    const m = /^(\d+)\s*([KMGT]?)(i?B)?$/i.exec(v.trim());
-    if (m) {
-      const bytes = Number(m[1]) * (SIZE_UNITS[m[2].toUpperCase()] ?? 1);
-      if (Number.isSafeInteger(bytes) && bytes > 0) return bytes;
-    }
-  }
-  throw new TopologyError(`${where}.${key}`, `expected a size such as 4096, "64M" or "1G", got ${JSON.stringify(v)}`);
+  const bytes = parseSize(v);
+  if (bytes === null) throw new TopologyError(`${where}.${key}`, `expected ${SIZE_HINT}, got ${JSON.stringify(v)}`);
+  return bytes;
 }
 
 function isPowerOfTwo(n: number): boolean {
@@ -234,10 +231,20 @@ function parseBlkBackend(b: Obj, where: string, baseDir: string): FileBackend | 
   };
 }
 
-function parseFunction(f: unknown, i: number, baseDir: string): FunctionSpec {
+function accessOf(o: Obj, where: string): SocketAccess | undefined {
+  return socketAccessFrom(o, (key, message) => new TopologyError(`${where}.${key}`, message));
+}
+
+function withAccess<T extends FunctionSpec>(f: T, fnAccess: SocketAccess | undefined, topAccess: SocketAccess | undefined): T {
+  const access = fnAccess === undefined && topAccess === undefined ? undefined : { ...topAccess, ...fnAccess };
+  return access === undefined ? f : { ...f, socketAccess: access };
+}
+
+function parseFunction(f: unknown, i: number, baseDir: string, topAccess?: SocketAccess): FunctionSpec {
   const where = `functions[${i}]`;
   if (!isObj(f)) throw new TopologyError(where, 'expected a mapping');
-  checkKeys(f, ['name', 'type', 'socket', 'queues', 'queue-size', 'mac', 'mtu', 'offloads', 'backend'], where);
+  checkKeys(f, ['name', 'type', 'socket', 'queues', 'queue-size', 'mac', 'mtu', 'offloads', 'backend', ...SOCKET_ACCESS_KEYS], where);
+  const fnAccess = accessOf(f, where);
   const name = str(f, 'name', where, true);
   if (!/^[A-Za-z0-9_.-]{1,32}$/.test(name)) {
     throw new TopologyError(`${where}.name`, 'use 1-32 letters, digits, "_", "." or "-"');
@@ -252,7 +259,7 @@ function parseFunction(f: unknown, i: number, baseDir: string): FunctionSpec {
     const mac = str(f, 'mac', where, false);
     if (mac !== undefined && !MAC_RE.test(mac)) throw new TopologyError(`${where}.mac`, `expected xx:xx:xx:xx:xx:xx, got "${mac}"`);
     const mtu = f.mtu === undefined ? undefined : int(f, 'mtu', where, 1500, 68, 65535);
-    return {
+    return withAccess({
       name,
       type,
       socket,
@@ -262,20 +269,20 @@ function parseFunction(f: unknown, i: number, baseDir: string): FunctionSpec {
       mtu,
       offloads: bool(f, 'offloads', where, true),
       backend: parseNetBackend(backend, `${where}.backend`, baseDir),
-    };
+    }, fnAccess, topAccess);
   }
   if (type === 'blk') {
     if (f.mac !== undefined) throw new TopologyError(`${where}.mac`, 'only net functions have a MAC');
     if (f.mtu !== undefined) throw new TopologyError(`${where}.mtu`, 'only net functions have an MTU');
     if (f.offloads !== undefined) throw new TopologyError(`${where}.offloads`, 'only net functions have offloads');
-    return {
+    return withAccess({
       name,
       type,
       socket,
       queues: int(f, 'queues', where, 1, 1, 16),
       queueSize,
       backend: parseBlkBackend(backend, `${where}.backend`, baseDir),
-    };
+    }, fnAccess, topAccess);
   }
   throw new TopologyError(`${where}.type`, `expected "net" or "blk", got ${JSON.stringify(type)}`);
 }
@@ -300,14 +307,18 @@ function parseSwitch(s: unknown, i: number): SwitchSpec {
   return { name, taps };
 }
 
-/** Validate a parsed document; relative paths resolve against baseDir. */
-export function validateTopology(doc: unknown, baseDir: string): Topology {
+/**
+ * Validate a parsed document; relative paths resolve against baseDir. The control
+ * socket, when the document names none, is derived from sourceFile (or baseDir).
+ */
+export function validateTopology(doc: unknown, baseDir: string, sourceFile?: string): Topology {
   if (!isObj(doc)) throw new TopologyError('(top level)', 'expected a mapping with a "functions" list');
-  checkKeys(doc, ['control', 'functions', 'switches'], '(top level)');
+  checkKeys(doc, ['control', 'functions', 'switches', ...SOCKET_ACCESS_KEYS], '(top level)');
+  const topAccess = accessOf(doc, '(top level)');
   if (!Array.isArray(doc.functions) || doc.functions.length === 0) {
     throw new TopologyError('functions', 'expected a non-empty list');
   }
-  const functions = doc.functions.map((f, i) => parseFunction(f, i, baseDir));
+  const functions = doc.functions.map((f, i) => parseFunction(f, i, baseDir, topAccess));
   const switchesRaw = doc.switches ?? [];
   if (!Array.isArray(switchesRaw)) throw new TopologyError('switches', 'expected a list');
   const switches = switchesRaw.map((s, i) => parseSwitch(s, i));
@@ -334,8 +345,8 @@ export function validateTopology(doc: unknown, baseDir: string): Topology {
       switches.push({ name: f.backend.switch, taps: [] });
     }
   }
-  const control = doc.control === undefined ? DEFAULT_CONTROL_SOCKET : str(doc, 'control', '(top level)', true);
-  return { control: path.resolve(baseDir, control), functions, switches };
+  const control = doc.control === undefined ? defaultControlPath(sourceFile ?? baseDir) : path.resolve(baseDir, str(doc, 'control', '(top level)', true));
+  return { control, functions, switches };
 }
 
 export function loadTopology(file: string): Topology {
@@ -351,5 +362,5 @@ export function loadTopology(file: string): Topology {
   } catch (e) {
     throw new TopologyError(file, `not valid YAML: ${(e as Error).message}`);
   }
-  return validateTopology(doc, path.dirname(path.resolve(file)));
+  return validateTopology(doc, path.dirname(path.resolve(file)), file);
 }

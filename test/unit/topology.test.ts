@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { loadTopology, TopologyError, validateTopology } from '../../src/control/topology';
+import { defaultControlPath } from '../../src/control/control-path';
 
 const ISSUE_EXAMPLE = `
 functions:
@@ -36,7 +37,10 @@ test('the shape from the README loads, with implicit switch and resolved paths',
   assert.equal(blk.type, 'blk');
   assert.equal(blk.type === 'blk' && blk.backend.kind === 'file' && blk.backend.file, path.join(dir, 'disk.img'));
   assert.equal(t.functions[1].queues, 1);
-  assert.equal(t.control, '/run/vbridge/control.sock');
+  // No control key: a path of its own per topology file, so two bridges run side by side.
+  assert.equal(t.control, defaultControlPath(file));
+  assert.match(path.basename(t.control), /^topology-[0-9a-f]{8}\.control\.sock$/);
+  assert.notEqual(loadTopology(path.join(dir, 'topology.yaml')).control, validateTopology({ functions: [{ name: 'a', type: 'net', socket: 's', backend: { sink: true } }] }, '/elsewhere').control);
 });
 
 test('errors name the bad field', () => {
@@ -104,4 +108,27 @@ test('backends in other processes: pcie and vhost-user links with their modes', 
   bad({ link: 'vhost-user', socket: 's', mode: 'copy' }, 'functions[0].backend.mode');
   bad({ link: 'pcie', attach: 'p', 'bar-size': 1000 }, 'functions[0].backend.bar-size');
   bad({ link: 'pcie', attach: 'p', file: 'x' }, 'functions[0].backend.file');
+});
+
+test('socket-mode, -owner and -group: top-level defaults, a function overrides, bad values name their key', () => {
+  const t = validateTopology(
+    {
+      'socket-mode': '0660',
+      'socket-group': 'root',
+      functions: [
+        { name: 'a', type: 'net', socket: 'a.sock', backend: { sink: true } },
+        { name: 'b', type: 'blk', socket: 'b.sock', 'socket-mode': '600', 'socket-owner': 0, backend: { file: 'd' } },
+      ],
+    },
+    '/tmp',
+  );
+  assert.deepEqual(t.functions[0].socketAccess, { mode: 0o660, gid: 0 });
+  assert.deepEqual(t.functions[1].socketAccess, { mode: 0o600, gid: 0, uid: 0 });
+  const one = (f: Record<string, unknown>) => ({ functions: [{ name: 'a', type: 'net', socket: '/s', backend: { sink: true }, ...f }] });
+  assert.equal(validateTopology(one({}), '/').functions[0].socketAccess, undefined);
+  // YAML reads an unquoted 0660 as the decimal 660: refused with a hint rather than taken as mode 01224.
+  assert.throws(() => validateTopology(one({ 'socket-mode': 660 }), '/'), /functions\[0\]\.socket-mode: write the mode as a quoted octal string/);
+  assert.throws(() => validateTopology(one({ 'socket-mode': '0999' }), '/'), /socket-mode: expected an octal mode/);
+  assert.throws(() => validateTopology(one({ 'socket-group': 'no-such-group-here' }), '/'), /functions\[0\]\.socket-group: no group named "no-such-group-here" in \/etc\/group/);
+  assert.throws(() => validateTopology({ 'socket-owner': 'nobody-at-all', ...one({}) }, '/'), /\(top level\)\.socket-owner: no user named/);
 });

@@ -1,0 +1,181 @@
+/**
+ * The table of `vbridge` subcommands. A new subcommand is one CommandSpec added
+ * to COMMANDS: parsing, `--help`, `vbridge help`, and bash completion follow.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { UsageError, type CommandSpec, type ParsedArgs } from './args';
+import { backendCommand } from './backend-command';
+import { bashCompletion } from './completion';
+import { CONTROL_SUFFIX, defaultControlDir } from './control-path';
+import { fetchJson } from './control-server';
+import { DEFAULT_ATTACH, dpdkArgs, formatShellArgs, libvirtXml, qemuArgs, type AttachOptions } from './qemu-args';
+import { serve } from './serve';
+import { parseSize, SIZE_HINT } from './size';
+import { socketAccessFrom } from './socket-access';
+import { formatStats, type StatsReport } from './stats-format';
+import { loadTopology, type FunctionSpec, type Topology } from './topology';
+
+const TOPOLOGY_ARG = { name: 'TOPOLOGY.yaml', min: 1, max: 1, complete: 'file' } as const;
+
+/** --socket-mode and friends on the command line win over the topology's. */
+function withCliOverrides(t: Topology, args: ParsedArgs): Topology {
+  const cli = socketAccessFrom(
+    { 'socket-mode': args.string('socket-mode'), 'socket-owner': args.string('socket-owner'), 'socket-group': args.string('socket-group') },
+    (key, message) => new UsageError(`serve: --${key}: ${message}`),
+  );
+  const control = args.string('control');
+  return {
+    ...t,
+    control: control !== undefined ? path.resolve(control) : t.control,
+    functions: cli === undefined ? t.functions : t.functions.map((f) => ({ ...f, socketAccess: { ...f.socketAccess, ...cli } })),
+  };
+}
+
+const serveCommand: CommandSpec = {
+  name: 'serve',
+  summary: 'run the bridge with the functions a topology file declares, until SIGINT or SIGTERM',
+  synopsis: 'TOPOLOGY.yaml [options]',
+  description:
+    'Every socket it listens on (vhost-user, PCIe attach, control) is probed first: a live\n' +
+    'one is refused, a stale one (left by a killed bridge) is taken over. Without a\n' +
+    '"control:" key the control socket is derived from the topology file\'s path, so two\n' +
+    'bridges run side by side. The schema is in docs/topology.md.',
+  options: {
+    control: { type: 'string', arg: 'PATH', help: 'control socket (default: from the topology)', complete: 'file' },
+    'socket-mode': { type: 'string', arg: 'MODE', help: 'mode of the vhost-user sockets, e.g. 0660' },
+    'socket-owner': { type: 'string', arg: 'USER', help: 'owner of the vhost-user sockets (needs root)' },
+    'socket-group': { type: 'string', arg: 'GROUP', help: 'group of the vhost-user sockets, e.g. kvm' },
+  },
+  positionals: TOPOLOGY_ARG,
+  run: async (args) => {
+    await serve(withCliOverrides(loadTopology(args.positionals[0] as string), args));
+    return 0;
+  },
+};
+
+const validateCommand: CommandSpec = {
+  name: 'validate',
+  summary: 'check a topology file and print what it declares, without starting anything',
+  synopsis: 'TOPOLOGY.yaml',
+  options: {},
+  positionals: TOPOLOGY_ARG,
+  run: async (args) => {
+    const t = loadTopology(args.positionals[0] as string);
+    for (const f of t.functions) {
+      const linked = f.backend.kind === 'pcie' || f.backend.kind === 'vhost-user';
+      const queues = linked ? 'queues from the backend' : `${f.queues} queue(s)`;
+      process.stdout.write(`${f.name}: ${f.type} on ${f.socket}, ${queues}, backend ${JSON.stringify(f.backend)}\n`);
+    }
+    process.stdout.write(`control socket: ${t.control}\n`);
+    return 0;
+  },
+};
+
+/** The control socket of the bridge asked for: --control, a topology's, or the only one running. */
+export function findControl(args: ParsedArgs, cmd: string): string {
+  const explicit = args.string('control');
+  if (explicit !== undefined) return explicit;
+  const topo = args.positionals[0];
+  if (topo !== undefined) return loadTopology(topo).control;
+  const dir = defaultControlDir();
+  let found: string[] = [];
+  try {
+    found = fs.readdirSync(dir).filter((n) => n.endsWith(CONTROL_SUFFIX));
+  } catch {
+    // No folder: no bridge started with a default control path.
+  }
+  if (found.length === 1) return path.join(dir, found[0] as string);
+  if (found.length === 0) throw new UsageError(`${cmd}: no bridge found in ${dir}; name its TOPOLOGY.yaml or --control PATH`);
+  throw new UsageError(`${cmd}: ${found.length} bridges in ${dir} (${found.join(', ')}); name a TOPOLOGY.yaml or --control PATH`);
+}
+
+const statsCommand: CommandSpec = {
+  name: 'stats',
+  summary: 'per-function, per-queue counters of a running serve',
+  synopsis: '[TOPOLOGY.yaml] [options]',
+  description: 'Finds the bridge by --control, by its topology file, or as the only one running.',
+  options: {
+    control: { type: 'string', arg: 'PATH', help: "the bridge's control socket", complete: 'file' },
+    json: { type: 'boolean', help: 'print the raw JSON report' },
+  },
+  positionals: { name: 'TOPOLOGY.yaml', min: 0, max: 1, complete: 'file' },
+  run: async (args) => {
+    const report = await fetchJson<StatsReport>(findControl(args, 'stats'), '/stats');
+    process.stdout.write(args.flag('json') ? JSON.stringify(report, null, 2) + '\n' : formatStats(report));
+    return 0;
+  },
+};
+
+function attachOptions(args: ParsedArgs): AttachOptions {
+  const o: AttachOptions = { ...DEFAULT_ATTACH, packed: args.flag('packed'), tcg: args.flag('tcg') };
+  const mem = args.string('memory');
+  if (mem !== undefined) {
+    const bytes = parseSize(/^\d+$/.test(mem) ? `${mem}M` : mem);
+    if (bytes === null || bytes % (1 << 20) !== 0) throw new UsageError(`qemu-args: --memory: expected ${SIZE_HINT} in whole MiB, got ${JSON.stringify(mem)}`);
+    o.memMiB = bytes / (1 << 20);
+  }
+  o.machine = args.string('machine') ?? o.machine;
+  if (!/^[A-Za-z0-9_.-]+$/.test(o.machine)) throw new UsageError(`qemu-args: --machine: not a machine type: ${JSON.stringify(o.machine)}`);
+  return o;
+}
+
+function pickFunctions(t: Topology, names: readonly string[]): FunctionSpec[] {
+  if (names.length === 0) return t.functions;
+  return names.map((n) => {
+    const f = t.functions.find((x) => x.name === n);
+    if (f === undefined) throw new UsageError(`qemu-args: no function named ${n} (the topology has ${t.functions.map((x) => x.name).join(', ')})`);
+    return f;
+  });
+}
+
+const qemuArgsCommand: CommandSpec = {
+  name: 'qemu-args',
+  summary: 'print what a guest needs to attach to functions: QEMU options, libvirt XML or DPDK devargs',
+  synopsis: 'TOPOLOGY.yaml [FUNCTION...] [options]',
+  description:
+    'Without FUNCTION names, every function of the topology. QEMU gets a shared memfd\n' +
+    'memory backend (the bridge maps guest memory), a chardev that redials a restarted\n' +
+    'bridge, and the device; libvirt gets the <memoryBacking> and the <interface> or\n' +
+    '<disk> elements; DPDK gets virtio-user --vdev arguments (net functions only).',
+  options: {
+    libvirt: { type: 'boolean', help: 'print libvirt domain XML instead' },
+    dpdk: { type: 'boolean', help: 'print DPDK EAL arguments (virtio-user) instead' },
+    memory: { type: 'string', arg: 'SIZE', help: 'guest RAM (default 256M)' },
+    machine: { type: 'string', arg: 'TYPE', help: 'QEMU machine type (default q35)', complete: ['q35', 'pc', 'microvm'] },
+    packed: { type: 'boolean', help: 'offer packed virtqueues' },
+    tcg: { type: 'boolean', help: 'no MSI-X on net devices (QEMU 7.2 TCG crashes with it on vhost-user-net)' },
+  },
+  positionals: { name: 'TOPOLOGY.yaml', min: 1, max: Number.MAX_SAFE_INTEGER, complete: 'file' },
+  run: async (args) => {
+    if (args.flag('libvirt') && args.flag('dpdk')) throw new UsageError('qemu-args: --libvirt and --dpdk exclude each other');
+    const t = loadTopology(args.positionals[0] as string);
+    const fns = pickFunctions(t, args.positionals.slice(1));
+    const o = attachOptions(args);
+    if (args.flag('libvirt')) {
+      const x = libvirtXml(fns, o);
+      process.stdout.write(`<!-- in <domain> -->\n${x.memoryBacking}\n<!-- in <devices> -->\n${x.devices}\n`);
+    } else if (args.flag('dpdk')) {
+      process.stdout.write(formatShellArgs(dpdkArgs(fns, o)));
+    } else {
+      process.stdout.write(formatShellArgs(qemuArgs(fns, o)));
+    }
+    return 0;
+  },
+};
+
+const completionCommand: CommandSpec = {
+  name: 'completion',
+  summary: 'print a shell completion script',
+  synopsis: 'bash',
+  description: 'Load it with: source <(vbridge completion bash)',
+  options: {},
+  positionals: { name: 'shell (bash)', min: 1, max: 1, complete: ['bash'] },
+  run: async (args) => {
+    if (args.positionals[0] !== 'bash') throw new UsageError(`completion: only bash is supported, not ${args.positionals[0] ?? ''}`);
+    process.stdout.write(bashCompletion(COMMANDS));
+    return 0;
+  },
+};
+
+export const COMMANDS: readonly CommandSpec[] = [serveCommand, validateCommand, statsCommand, qemuArgsCommand, backendCommand, completionCommand];
