@@ -18,6 +18,8 @@ PACKAGES=(
   e2fsprogs         # mkfs.ext2 for guest disk images
   fio               # block benchmarks
   iproute2          # ip, TAP devices
+  libvirt-clients   # virt-xml-validate: the XML of vbridge qemu-args --libvirt checked offline
+  libxml2-utils     # xmllint, which virt-xml-validate runs
 )
 WANT_HUGEPAGES="${VBRIDGE_HUGEPAGES:-1024}"
 HUGE_MNT=/dev/hugepages

@@ -2,7 +2,8 @@
  * DPDK 22.11 testpmd with a virtio-user port against a net function: what it
  * sends (txonly) the switch counts exactly, and what the switch sends it
  * (rxonly) arrives exactly; with split rings, and with packed rings
- * (packed_vq=1) in one testpmd session that runs both directions.
+ * (packed_vq=1) in one testpmd session that runs both directions, whose
+ * devargs are what `vbridge qemu-args --dpdk` prints.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -10,6 +11,7 @@ import { withHeavyLock } from '../support/heavy-lock';
 import { startBridgeFixture, type BridgeFixture } from '../support/bridge-fixture';
 import { startTestpmd, type Testpmd } from '../support/testpmd';
 import { waitFor } from '../support/wait';
+import { runVbridge, shellWords } from '../support/vbridge-cli';
 import { getSwitch } from '../../src/devices/net/l2-switch';
 import { NetDevice } from '../../src/devices/net/net-device';
 import { bit, F_RING_PACKED } from '../../src/virtio/constants';
@@ -116,15 +118,20 @@ test('testpmd with packed_vq=1: RING_PACKED negotiated, rxonly and then txonly c
   await withHeavyLock(async () => {
     const fx = await startBridgeFixture({ functions: [{ name: 'dpk', type: 'net', socket: 'dpk.sock', backend: { switch: 'swpk' } }] });
     try {
+      // The devargs are what `vbridge qemu-args --dpdk` prints.
+      const printed = runVbridge(['qemu-args', fx.topologyFile, 'dpk', '--dpdk', '--packed']);
+      assert.equal(printed.code, 0, printed.err);
+      const eal = shellWords(printed.out);
+      assert.deepEqual(eal, ['--vdev', `net_virtio_user0,path=${fx.socket('dpk')},queues=1,packed_vq=1`, '--single-file-segments']);
       const pmd = await startTestpmd({
         prefix: `vbt-pk-${process.pid}`,
-        vdev: `net_virtio_user0,path=${fx.socket('dpk')},queues=1,queue_size=256,packed_vq=1`,
+        vdev: eal[1] as string,
         fwdCore: 0,
         // rxonly first: after a txonly phase, testpmd 22.11 counts a few dozen frames fewer
         // than it received, split rings or packed alike (measured); in this order both are exact.
         mode: 'rxonly',
         txpkts: 64,
-        singleFileSegments: true,
+        singleFileSegments: eal.includes('--single-file-segments'),
         // The PMD names the ring layout it chose at debug level.
         extraEal: ['--log-level=pmd.net.virtio.init:debug'],
       });

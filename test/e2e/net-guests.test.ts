@@ -4,13 +4,15 @@
  * checksums. Guest A has 2 vCPUs and 2 queue pairs, so multiqueue is covered.
  * Both run packed rings (packed=on; the split rings of the same scripts are
  * the PCIe net test's guests), and each proves from its features file that
- * VIRTIO_F_RING_PACKED was negotiated.
+ * VIRTIO_F_RING_PACKED was negotiated. Guest B is attached with the options
+ * `vbridge qemu-args` prints, so they are proven against a real QEMU and kernel.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { startGuest, kv } from '../support/qemu-guest';
 import { withHeavyLock } from '../support/heavy-lock';
 import { startBridgeFixture } from '../support/bridge-fixture';
+import { runVbridge, shellWords } from '../support/vbridge-cli';
 
 import { SCRIPT_B, scriptA } from '../support/net-scripts';
 
@@ -21,9 +23,14 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
     const fx = await startBridgeFixture({
       functions: [
         { name: 'net0', type: 'net', socket: 'net0.sock', queues: 2, backend: { switch: 'sw0' } },
-        { name: 'net1', type: 'net', socket: 'net1.sock', backend: { switch: 'sw0' } },
+        { name: 'net1', type: 'net', socket: 'net1.sock', mac: '52:54:00:00:00:0b', backend: { switch: 'sw0' } },
       ],
     });
+    // Guest B attaches with exactly what `vbridge qemu-args` prints for net1 (memory, machine, chardev, netdev, device).
+    const printed = runVbridge(['qemu-args', fx.topologyFile, 'net1', '--packed', '--tcg', '--memory', '256M']);
+    assert.equal(printed.code, 0, printed.err);
+    const attachB = shellWords(printed.out);
+    assert.ok(attachB.includes('-netdev') && attachB.some((a) => a.startsWith('virtio-net-pci,') && a.includes('packed=on')), printed.out);
     try {
       const a = await startGuest({
         name: 'net-a',
@@ -36,8 +43,7 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
       const b = await startGuest({
         name: 'net-b',
         script: SCRIPT_B,
-        memMiB: 256,
-        nets: [{ socket: fx.socket('net1'), mac: '52:54:00:00:00:0b', packed: true }],
+        attachArgs: attachB,
         timeoutMs: 180_000,
       });
       const [ra, rb] = await Promise.all([a.done, b.done]);

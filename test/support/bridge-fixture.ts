@@ -3,12 +3,14 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Bridge } from '../../src/control/bridge';
-import { validateTopology } from '../../src/control/topology';
+import { loadTopology } from '../../src/control/topology';
 import type { FunctionStatsRow, QueueStatsRow } from '../../src/control/stats-format';
 
 export interface BridgeFixture {
   readonly dir: string;
   readonly bridge: Bridge;
+  /** The topology as the file `vbridge` commands read. */
+  readonly topologyFile: string;
   /** Socket path of a function. */
   socket(name: string): string;
   fnStats(name: string): FunctionStatsRow;
@@ -25,7 +27,10 @@ export interface FixtureDoc {
 export async function startBridgeFixture(doc: FixtureDoc, prepare?: (dir: string) => void): Promise<BridgeFixture> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-test-'));
   prepare?.(dir);
-  const topology = validateTopology({ control: 'control.sock', ...doc }, dir);
+  // The file too, for the CLI (vbridge qemu-args); JSON is YAML.
+  const topologyFile = path.join(dir, 'topology.yaml');
+  fs.writeFileSync(topologyFile, JSON.stringify({ control: 'control.sock', ...doc }));
+  const topology = loadTopology(topologyFile);
   const bridge = await Bridge.start(topology);
   const fnStats = (name: string): FunctionStatsRow => {
     const f = bridge.stats().functions.find((x) => x.name === name);
@@ -35,6 +40,7 @@ export async function startBridgeFixture(doc: FixtureDoc, prepare?: (dir: string
   return {
     dir,
     bridge,
+    topologyFile,
     socket: (name) => {
       const f = topology.functions.find((x) => x.name === name);
       if (f === undefined) throw new Error(`no function ${name}`);

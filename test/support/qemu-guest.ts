@@ -75,6 +75,8 @@ export interface GuestOptions {
   append?: string;
   /** More QEMU arguments, appended last. */
   extraArgs?: readonly string[];
+  /** What `vbridge qemu-args` printed: replaces the default memory and machine options, goes before extraArgs. */
+  attachArgs?: readonly string[];
   /** Rejects `done` after this long (QEMU is killed first). */
   timeoutMs: number;
   /** Keep the temp dir (initrd, console log) whatever happens. Env: VBRIDGE_KEEP_GUEST=1. */
@@ -181,11 +183,10 @@ function checkPath(what: string, p: string): void {
 /** The QEMU command line for `opts` (without the program name). */
 export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): string[] {
   const mem = opts.memMiB ?? 256;
+  const memory = ['-machine', 'q35,memory-backend=mem', '-object', `memory-backend-memfd,id=mem,size=${mem}M,share=on`, '-m', `${mem}M`];
   const args: string[] = [
     '-name', opts.name,
-    '-machine', 'q35,memory-backend=mem',
-    '-object', `memory-backend-memfd,id=mem,size=${mem}M,share=on`,
-    '-m', `${mem}M`,
+    ...(opts.attachArgs ?? memory),
     '-smp', String(opts.cpus ?? 1),
     '-cpu', 'max',
     '-accel', 'tcg',

@@ -8,13 +8,7 @@ import { commandHelp, parseCommand, UsageError, type CommandSpec } from '../../s
 import { parseBackendArgs } from '../../src/control/backend-command';
 import { COMMANDS } from '../../src/control/commands';
 import { parseSize } from '../../src/control/size';
-
-const CLI = path.resolve(__dirname, '..', '..', 'src', 'control', 'cli.js');
-
-function vbridge(args: string[], cwd?: string): { code: number | null; out: string; err: string } {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', cwd, timeout: 20000 });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-}
+import { runVbridge as vbridge } from '../support/vbridge-cli';
 
 test('--help on every subcommand prints its usage and exits 0, the same text as `vbridge help CMD`', () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cli-help-'));

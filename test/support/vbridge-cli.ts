@@ -1,0 +1,23 @@
+/** The `vbridge` command as a user runs it: a child process, and what a shell makes of what it prints. */
+import { spawnSync } from 'node:child_process';
+import * as path from 'node:path';
+
+export const CLI = path.resolve(__dirname, '..', '..', 'src', 'control', 'cli.js');
+
+export interface CliResult {
+  code: number | null;
+  out: string;
+  err: string;
+}
+
+export function runVbridge(args: readonly string[], cwd?: string): CliResult {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', cwd, timeout: 20000 });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+}
+
+/** The words bash splits printed shell text into (backslash-newlines joined, quotes removed): the argv a pasted line gives. */
+export function shellWords(text: string): string[] {
+  const r = spawnSync('bash', ['-c', `printf '%s\\n' ${text}`], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`bash could not read the text: ${r.stderr}`);
+  return r.stdout.split('\n').slice(0, -1);
+}
