@@ -14,6 +14,7 @@ import { serve } from './serve';
 import { parseSize, SIZE_HINT } from './size';
 import { socketAccessFrom } from './socket-access';
 import { formatStats, type StatsReport } from './stats-format';
+import { checkTopologyFile, formatFinding, topologyAsWritten } from './topology-check';
 import { loadTopology, type FunctionSpec, type Topology } from './topology';
 
 const TOPOLOGY_ARG = { name: 'TOPOLOGY.yaml', min: 1, max: 1, complete: 'file' } as const;
@@ -56,18 +57,25 @@ const serveCommand: CommandSpec = {
 
 const validateCommand: CommandSpec = {
   name: 'validate',
-  summary: 'check a topology file and print what it declares, without starting anything',
-  synopsis: 'TOPOLOGY.yaml',
-  options: {},
+  summary: 'check a topology file without starting anything; print it with every default filled in',
+  synopsis: 'TOPOLOGY.yaml [options]',
+  description:
+    'Reports every error at once, each with its YAML line and function: schema errors, a blk\n' +
+    'image that does not exist and has no size, socket paths longer than a Unix socket\n' +
+    'allows, folders that are not writable; warns about keys that do not apply to a\n' +
+    "function's backend. Problems go to stderr; exit status 1 when there is an error.",
+  options: { quiet: { type: 'boolean', short: 'q', help: 'print only the problems' } },
   positionals: TOPOLOGY_ARG,
   run: async (args) => {
-    const t = loadTopology(args.positionals[0] as string);
-    for (const f of t.functions) {
-      const linked = f.backend.kind === 'pcie' || f.backend.kind === 'vhost-user';
-      const queues = linked ? 'queues from the backend' : `${f.queues} queue(s)`;
-      process.stdout.write(`${f.name}: ${f.type} on ${f.socket}, ${queues}, backend ${JSON.stringify(f.backend)}\n`);
+    const file = args.positionals[0] as string;
+    const r = checkTopologyFile(file);
+    for (const f of r.findings) process.stderr.write(formatFinding(file, f) + '\n');
+    const errors = r.findings.filter((f) => f.severity === 'error').length;
+    if (r.topology === null) {
+      process.stderr.write(`${file}: ${errors} error(s)\n`);
+      return 1;
     }
-    process.stdout.write(`control socket: ${t.control}\n`);
+    if (!args.flag('quiet')) process.stdout.write(topologyAsWritten(r.topology));
     return 0;
   },
 };

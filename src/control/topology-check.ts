@@ -1,0 +1,242 @@
+/**
+ * `vbridge validate`: every problem of a topology file at once, each with its
+ * YAML line and the function's name, plus what can be checked without starting
+ * anything (images, socket path lengths, writable folders) and warnings for keys
+ * that do not apply to a function's backend. The topology parser stops at the
+ * first error; this runs it per function to find them all.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { LineCounter, parseDocument, stringify, type Document } from 'yaml';
+import { TopologyError, validateTopology, type FunctionSpec, type Topology } from './topology';
+
+/** sun_path holds 108 bytes with the terminating NUL. */
+export const SUN_PATH_MAX = 107;
+
+export interface Finding {
+  severity: 'error' | 'warning';
+  /** 1-based line in the YAML file (0 when the file is unreadable). */
+  line: number;
+  /** The function's name when the finding is about one. */
+  fn?: string;
+  field: string;
+  message: string;
+}
+
+export interface CheckResult {
+  findings: Finding[];
+  /** The topology when it has no errors. */
+  topology: Topology | null;
+}
+
+type Key = string | number;
+
+/** "functions[2].backend.file" -> ['functions', 2, 'backend', 'file']; "(top level)" -> []. */
+function fieldPath(field: string): Key[] {
+  if (field === '(top level)') return [];
+  const out: Key[] = [];
+  for (const part of field.replace(/^\(top level\)\.?/, '').split('.')) {
+    const m = /^([^[]*)((?:\[\d+\])*)$/.exec(part);
+    if (m === null) return out;
+    if (m[1] !== '') out.push(m[1] as string);
+    for (const idx of (m[2] ?? '').matchAll(/\[(\d+)\]/g)) out.push(Number(idx[1]));
+  }
+  return out;
+}
+
+/** The line of the deepest node of the path that exists (a missing key points at its mapping). */
+function lineOf(doc: Document, lc: LineCounter, field: string): number {
+  const keys = fieldPath(field);
+  for (let n = keys.length; n > 0; n--) {
+    const node = doc.getIn(keys.slice(0, n), true) as { range?: [number, number, number] } | undefined;
+    if (node?.range !== undefined) return lc.linePos(node.range[0]).line;
+  }
+  return 1;
+}
+
+type Obj = Record<string, unknown>;
+
+function isObj(v: unknown): v is Obj {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+/** Keys that parse but do nothing for this function's backend. */
+function inapplicableKeys(raw: Obj, f: FunctionSpec): { key: string; why: string }[] {
+  const out: { key: string; why: string }[] = [];
+  const b = f.backend;
+  if (b.kind !== 'pcie' && b.kind !== 'vhost-user') return out;
+  const backendSays = `the ${b.kind} backend decides it`;
+  for (const key of ['queues', 'mac', 'mtu', 'offloads']) if (raw[key] !== undefined) out.push({ key, why: backendSays });
+  if (b.kind === 'vhost-user' && b.mode === 'passthrough') {
+    if (raw['queue-size'] !== undefined) out.push({ key: 'queue-size', why: 'in passthrough the back-end works on the guest rings as they are' });
+    const rb = isObj(raw.backend) ? raw.backend : {};
+    for (const key of ['bar-size', 'slot-size']) if (rb[key] !== undefined) out.push({ key: `backend.${key}`, why: 'passthrough has no BAR: nothing is copied' });
+  }
+  return out;
+}
+
+/** The nearest folder that exists on the way to p, and whether this process may create p there. */
+function writableFolder(p: string): { folder: string; ok: boolean } {
+  let d = path.dirname(p);
+  while (!fs.existsSync(d) && path.dirname(d) !== d) d = path.dirname(d);
+  try {
+    fs.accessSync(d, fs.constants.W_OK | fs.constants.X_OK);
+    return { folder: d, ok: true };
+  } catch {
+    return { folder: d, ok: false };
+  }
+}
+
+/** Checks that need the file system but start nothing. */
+function hostChecks(f: FunctionSpec, where: string): { field: string; message: string }[] {
+  const out: { field: string; message: string }[] = [];
+  const sockets: [string, string][] = [[`${where}.socket`, f.socket]];
+  if (f.backend.kind === 'pcie') sockets.push([`${where}.backend.attach`, f.backend.attach]);
+  if (f.backend.kind === 'vhost-user') sockets.push([`${where}.backend.socket`, f.backend.socket]);
+  for (const [field, p] of sockets) {
+    const len = Buffer.byteLength(p);
+    if (len > SUN_PATH_MAX) out.push({ field, message: `${p} is ${len} bytes; a Unix socket path may have at most ${SUN_PATH_MAX}` });
+  }
+  // The bridge creates its own listening sockets; a link's back-end socket is someone else's.
+  const own: [string, string][] = [[`${where}.socket`, f.socket]];
+  if (f.backend.kind === 'pcie') own.push([`${where}.backend.attach`, f.backend.attach]);
+  for (const [field, p] of own) {
+    const w = writableFolder(p);
+    if (!w.ok) out.push({ field, message: `cannot create ${p}: ${w.folder} is not writable` });
+  }
+  if (f.backend.kind === 'file') {
+    const b = f.backend;
+    if (!fs.existsSync(b.file)) {
+      if (b.size === undefined) out.push({ field: `${where}.backend.file`, message: `${b.file} does not exist and no size is given to create it` });
+      else if (b.readonly) out.push({ field: `${where}.backend.file`, message: `${b.file} does not exist, and a read-only disk is not created` });
+      else if (!writableFolder(b.file).ok) out.push({ field: `${where}.backend.file`, message: `cannot create ${b.file}: ${writableFolder(b.file).folder} is not writable` });
+    }
+  }
+  return out;
+}
+
+/** Check a topology file; never throws for problems in the file, only reports them. */
+export function checkTopologyFile(file: string): CheckResult {
+  const findings: Finding[] = [];
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    return { findings: [{ severity: 'error', line: 0, field: '(file)', message: `cannot read: ${(e as Error).message}` }], topology: null };
+  }
+  const lc = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false });
+  if (doc.errors.length > 0) {
+    for (const e of doc.errors) findings.push({ severity: 'error', line: lc.linePos(e.pos[0]).line, field: '(yaml)', message: e.message.split('\n')[0] ?? e.message });
+    return { findings, topology: null };
+  }
+  const raw: unknown = doc.toJS();
+  const baseDir = path.dirname(path.resolve(file));
+  const fnsRaw = isObj(raw) && Array.isArray(raw.functions) ? (raw.functions as unknown[]) : null;
+  const nameOf = (i: number): string | undefined => {
+    const f = fnsRaw?.[i];
+    return isObj(f) && typeof f.name === 'string' ? f.name : undefined;
+  };
+  const add = (severity: Finding['severity'], field: string, message: string): void => {
+    const fnIndex = /^functions\[(\d+)\]/.exec(field);
+    const fn = fnIndex !== null ? nameOf(Number(fnIndex[1])) : undefined;
+    if (findings.some((x) => x.field === field && x.message === message)) return;
+    findings.push({ severity, line: lineOf(doc, lc, field), ...(fn !== undefined ? { fn } : {}), field, message });
+  };
+  const fail = (e: unknown, remap?: (field: string) => string): void => {
+    if (!(e instanceof TopologyError)) throw e;
+    const field = remap !== undefined ? remap(e.field) : e.field;
+    add('error', field, e.message.slice(e.field.length + 2));
+  };
+
+  // Each function alone (with the file's top-level keys), so one bad function hides no other.
+  const specs: (FunctionSpec | null)[] = [];
+  if (fnsRaw !== null && isObj(raw)) {
+    fnsRaw.forEach((f, i) => {
+      try {
+        specs.push(validateTopology({ ...raw, functions: [f] }, baseDir, file).functions[0] ?? null);
+      } catch (e) {
+        specs.push(null);
+        fail(e, (field) => field.replace(/^functions\[0\]/, `functions[${i}]`));
+      }
+    });
+  }
+  let topology: Topology | null = null;
+  if (findings.length === 0) {
+    try {
+      topology = validateTopology(raw, baseDir, file);
+    } catch (e) {
+      fail(e);
+    }
+  }
+  specs.forEach((f, i) => {
+    if (f === null) return;
+    const where = `functions[${i}]`;
+    for (const p of hostChecks(f, where)) add('error', p.field, p.message);
+    const fr = fnsRaw?.[i];
+    if (isObj(fr)) for (const w of inapplicableKeys(fr, f)) add('warning', `${where}.${w.key}`, `ignored: ${w.why}`);
+  });
+  if (topology !== null) {
+    const c = topology.control;
+    if (Buffer.byteLength(c) > SUN_PATH_MAX) add('error', 'control', `${c} is ${Buffer.byteLength(c)} bytes; a Unix socket path may have at most ${SUN_PATH_MAX}`);
+    else if (!writableFolder(c).ok) add('error', 'control', `cannot create ${c}: ${writableFolder(c).folder} is not writable`);
+  }
+  const hasErrors = findings.some((x) => x.severity === 'error');
+  findings.sort((a, b) => a.line - b.line);
+  return { findings, topology: hasErrors ? null : topology };
+}
+
+export function formatFinding(file: string, f: Finding): string {
+  const who = f.fn !== undefined ? ` ${f.fn}:` : '';
+  return `${file}:${f.line}: ${f.severity}:${who} ${f.field}: ${f.message}`;
+}
+
+function octal(n: number): string {
+  return `0${n.toString(8)}`;
+}
+
+/** A function as the user writes it: the topology's own key names, paths resolved, defaults filled in. */
+export function functionAsWritten(f: FunctionSpec): Record<string, unknown> {
+  const out: Record<string, unknown> = { name: f.name, type: f.type, socket: f.socket };
+  const b = f.backend;
+  const linked = b.kind === 'pcie' || b.kind === 'vhost-user';
+  if (!linked) out.queues = f.queues;
+  if (!(b.kind === 'vhost-user' && b.mode === 'passthrough')) out['queue-size'] = f.queueSize;
+  if (f.type === 'net' && !linked) {
+    if (f.mac !== undefined) out.mac = f.mac;
+    if (f.mtu !== undefined) out.mtu = f.mtu;
+    out.offloads = f.offloads;
+  }
+  const a = f.socketAccess;
+  if (a?.mode !== undefined) out['socket-mode'] = octal(a.mode);
+  if (a?.uid !== undefined) out['socket-owner'] = a.uid;
+  if (a?.gid !== undefined) out['socket-group'] = a.gid;
+  switch (b.kind) {
+    case 'switch':
+      out.backend = { switch: b.switch };
+      break;
+    case 'sink':
+      out.backend = { sink: true };
+      break;
+    case 'file':
+      out.backend = { file: b.file, readonly: b.readonly, ...(b.size !== undefined ? { size: b.size } : {}), 'block-size': b.blockSize, ...(b.serial !== undefined ? { serial: b.serial } : {}) };
+      break;
+    case 'pcie':
+      out.backend = { link: 'pcie', attach: b.attach, 'bar-size': b.barSize, 'slot-size': b.slotSize };
+      break;
+    case 'vhost-user':
+      out.backend = { link: 'vhost-user', socket: b.socket, mode: b.mode, ...(b.mode === 'relay' ? { 'bar-size': b.barSize, 'slot-size': b.slotSize } : {}) };
+      break;
+  }
+  return out;
+}
+
+/** The whole topology in its own YAML, with every default written out. */
+export function topologyAsWritten(t: Topology): string {
+  const doc = {
+    control: t.control,
+    functions: t.functions.map(functionAsWritten),
+    ...(t.switches.some((s) => s.taps.length > 0) ? { switches: t.switches.map((s) => ({ name: s.name, taps: s.taps })) } : {}),
+  };
+  return stringify(doc, { lineWidth: 0 });
+}
