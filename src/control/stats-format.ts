@@ -1,6 +1,7 @@
 import type { QueueStats } from '../devices/device';
 import type { RelayQueueStats } from '../bridge/relay-device';
 import type { ShadowLinkStats } from '../bridge/shadow-link';
+import { decodeStatus, formatDuration, formatRate, queueLabel } from './stats-labels';
 
 /** Shape of GET /stats on the control socket and its text rendering for `vbridge stats`. */
 export type QueueStatsRow = QueueStats & { index: number };
@@ -54,18 +55,32 @@ export interface StatsReport {
 
 const COLUMNS: (keyof QueueStatsRow)[] = ['descriptors', 'bytes', 'kicks', 'interrupts', 'drops', 'errors'];
 
-export function formatStats(r: StatsReport): string {
-  const out: string[] = [];
+/** An earlier report of the same bridge and how long before: rates are the differences over that time. */
+export interface PreviousReport {
+  report: StatsReport;
+  seconds: number;
+}
+
+function rateCells(f: FunctionStatsRow, q: QueueStatsRow, prev: PreviousReport): string[] {
+  const before = prev.report.functions.find((x) => x.name === f.name)?.queues.find((x) => x.index === q.index);
+  const rate = (now: number, then: number | undefined): string => (then === undefined || now < then || prev.seconds <= 0 ? '-' : formatRate((now - then) / prev.seconds));
+  return [rate(q.descriptors, before?.descriptors), rate(q.bytes, before?.bytes)];
+}
+
+export function formatStats(r: StatsReport, prev?: PreviousReport): string {
+  const out: string[] = [`uptime ${formatDuration(r.uptimeSeconds)}`];
   for (const f of r.functions) {
     const state = f.needsReset ? 'NEEDS_RESET' : f.connected ? 'connected' : 'waiting';
-    out.push(`${f.name} (${f.type}, ${f.link}) ${f.socket} ${state} status=0x${f.status.toString(16)}`);
+    out.push(`${f.name} (${f.type}, ${f.link}) ${f.socket} ${state} status=0x${f.status.toString(16)} (${decodeStatus(f.status)})`);
     if (f.backend !== undefined) {
       const b = f.backend;
       out.push(`  backend ${b.kind} ${b.endpoint}: ${b.state}, ${b.attaches} attach(es), ${b.controlMessages} control message(s)`);
     }
-    const rows = [['queue', ...COLUMNS], ...f.queues.map((q) => [String(q.index), ...COLUMNS.map((c) => String(q[c]))])];
+    const head = ['queue', ...COLUMNS, ...(prev !== undefined ? ['desc/s', 'bytes/s'] : [])];
+    const cells = (q: QueueStatsRow): string[] => [queueLabel(f.type, q.index, f.queues.length), ...COLUMNS.map((c) => String(q[c])), ...(prev !== undefined ? rateCells(f, q, prev) : [])];
+    const rows = [head, ...f.queues.map(cells)];
     const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)));
-    for (const row of rows) out.push('  ' + row.map((c, i) => c.padStart(widths[i])).join('  '));
+    for (const row of rows) out.push('  ' + row.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  '));
     for (const q of f.relay ?? []) {
       const d = q.dma;
       // A backend may offer more queues than the driver uses: leave out the ones that never ran.

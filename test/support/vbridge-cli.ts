@@ -1,5 +1,5 @@
 /** The `vbridge` command as a user runs it: a child process, and what a shell makes of what it prints. */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 
 export const CLI = path.resolve(__dirname, '..', '..', 'src', 'control', 'cli.js');
@@ -20,4 +20,17 @@ export function shellWords(text: string): string[] {
   const r = spawnSync('bash', ['-c', `printf '%s\\n' ${text}`], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`bash could not read the text: ${r.stderr}`);
   return r.stdout.split('\n').slice(0, -1);
+}
+
+/** The same without blocking the event loop, for commands that talk to a bridge running in this process. */
+export function runVbridgeAsync(args: readonly string[]): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], timeout: 20000 });
+    let out = '';
+    let err = '';
+    p.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
+    p.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
+    p.on('error', reject);
+    p.on('close', (code) => resolve({ code, out, err }));
+  });
 }

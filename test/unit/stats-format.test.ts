@@ -1,6 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { formatStats, type StatsReport } from '../../src/control/stats-format';
+import { decodeStatus, formatDuration, formatRate, queueLabel } from '../../src/control/stats-labels';
+import { startBridgeFixture } from '../support/bridge-fixture';
+import { runVbridgeAsync } from '../support/vbridge-cli';
 
 test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy of a relayed function', () => {
   const q = { index: 0, descriptors: 10, bytes: 640, kicks: 3, interrupts: 2, drops: 0, errors: 1 };
@@ -41,8 +44,10 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
   r.functions[1]!.relay!.push(unused);
   const text = formatStats(r);
   assert.doesNotMatch(text, /shadow 1/, 'a shadow queue that never ran is left out');
-  assert.match(text, /^local0 \(blk, local\) \/s\/l connected status=0xf$/m);
-  assert.match(text, /^relay0 \(blk, pcie relay\) \/s\/r NEEDS_RESET status=0x0$/m);
+  assert.match(text, /^local0 \(blk, local\) \/s\/l connected status=0xf \(ACKNOWLEDGE\|DRIVER\|FEATURES_OK\|DRIVER_OK\)$/m);
+  assert.match(text, /^relay0 \(blk, pcie relay\) \/s\/r NEEDS_RESET status=0x0 \(reset\)$/m);
+  assert.match(text, /^uptime 5s\n/);
+  assert.match(text, /^ {2}requestq0 +10 +640 +3 +2 +0 +1$/m, 'blk queues are named as in the spec');
   assert.match(text, /backend pcie \/s\/r\.bar: failed, 2 attach\(es\), 17 control message\(s\)/);
   assert.match(text, /shadow 0 \(up\): 9\/512 in flight, 11\/4082 slots; DMA to BAR 4 ops 4096 B, to guest 5 ops 8193 B; kicks 6, interrupts 7, waits 8, re-checks 12/);
   assert.doesNotMatch(text.split('relay0')[0] ?? '', /shadow|backend/, 'a local function has no link lines');
@@ -57,4 +62,56 @@ test('vbridge stats text shows per switch port the frames over 1514 B and the so
   });
   assert.match(text, /^ {2}p: in 1 frames \/ 60 B, out 2 frames \/ 120 B, drops 0$/m, 'nothing about offloads while there were none');
   assert.match(text, /^ {2}q: .*drops 0; over 1514 B: in 5, out 6; software offload: 7 segmented, 8 checksummed, 9 malformed$/m);
+});
+
+test('queue labels, status bits, durations and rates read as the spec and a person name them', () => {
+  assert.deepEqual([0, 1, 2, 3].map((i) => queueLabel('net', i, 4)), ['rx0', 'tx0', 'rx1', 'tx1']);
+  assert.equal(queueLabel('net', 2, 3), 'ctrl');
+  assert.equal(queueLabel('blk', 1, 2), 'requestq1');
+  assert.equal(decodeStatus(0), 'reset');
+  assert.equal(decodeStatus(0x0b), 'ACKNOWLEDGE|DRIVER|FEATURES_OK');
+  assert.equal(decodeStatus(0x4f), 'ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK|NEEDS_RESET');
+  assert.equal(decodeStatus(0x83), 'ACKNOWLEDGE|DRIVER|FAILED');
+  assert.equal(decodeStatus(0x10), '0x10');
+  assert.equal(formatDuration(59), '59s');
+  assert.equal(formatDuration(61), '1m01s');
+  assert.equal(formatDuration(3725), '1h02m05s');
+  assert.equal(formatRate(999), '999');
+  assert.equal(formatRate(1500), '1.5K');
+  assert.equal(formatRate(2_500_000_000), '2.5G');
+});
+
+test('with an earlier report, each queue shows descriptors and bytes per second', () => {
+  const q = (index: number, descriptors: number, bytes: number) => ({ index, descriptors, bytes, kicks: 0, interrupts: 0, drops: 0, errors: 0 });
+  const report = (rx: number, tx: number): StatsReport => ({
+    uptimeSeconds: 65,
+    switches: [],
+    functions: [{ name: 'n', type: 'net', link: 'local', socket: '/s', connected: true, status: 0xf, needsReset: false, queues: [q(0, rx, rx * 100), q(1, tx, tx * 1000)] }],
+  });
+  const text = formatStats(report(300, 5000), { report: report(100, 1000), seconds: 2 });
+  assert.match(text, /^uptime 1m05s$/m);
+  assert.match(text, /^ {2}queue +descriptors +bytes +kicks +interrupts +drops +errors +desc\/s +bytes\/s$/m);
+  assert.match(text, /^ {2}rx0 +300 +30000 +0 +0 +0 +0 +100 +10\.0K$/m);
+  assert.match(text, /^ {2}tx0 +5000 +5000000 +0 +0 +0 +0 +2\.0K +2\.0M$/m);
+  // A counter that went back (the function was reset) has no rate.
+  assert.match(formatStats(report(1, 1), { report: report(100, 1000), seconds: 2 }), /^ {2}rx0 .* -  +-$/m);
+});
+
+test('vbridge stats --watch prints reports with rates from a running bridge, --count ends it', async () => {
+  const fx = await startBridgeFixture({ functions: [{ name: 'w0', type: 'net', socket: 'w0.sock', queues: 2, backend: { sink: true } }] });
+  try {
+    const control = fx.bridge.topology.control;
+    const r = await runVbridgeAsync(['stats', '--control', control, '--watch', '--interval', '0.2', '--count', '2']);
+    assert.equal(r.code, 0, r.err);
+    const reports = r.out.split(/\n(?=uptime )/);
+    assert.equal(reports.length, 2, r.out);
+    assert.match(reports[0] ?? '', /^w0 \(net, local\) \S+w0\.sock waiting status=0x0 \(reset\)$/m);
+    assert.doesNotMatch(reports[0] ?? '', /desc\/s/, 'the first report has nothing to take a rate from');
+    for (const label of ['rx0', 'tx0', 'rx1', 'tx1']) assert.match(reports[1] ?? '', new RegExp(`^ {2}${label} +0 +0 +0 +0 +0 +0 +0 +0$`, 'm'));
+    const bad = await runVbridgeAsync(['stats', '--control', control, '--count', '2']);
+    assert.equal(bad.code, 2);
+    assert.match(bad.err, /--interval and --count go with --watch/);
+  } finally {
+    await fx.close();
+  }
 });
