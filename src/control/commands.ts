@@ -13,18 +13,23 @@ import { DEFAULT_ATTACH, dpdkArgs, formatShellArgs, libvirtXml, qemuArgs, type A
 import { serve } from './serve';
 import { parseSize, SIZE_HINT } from './size';
 import { socketAccessFrom } from './socket-access';
+import type { SocketAccess } from '../native/socket-guard';
 import { formatStats, type StatsReport } from './stats-format';
 import { checkTopologyFile, formatFinding, topologyAsWritten } from './topology-check';
 import { loadTopology, type FunctionSpec, type Topology } from './topology';
 
 const TOPOLOGY_ARG = { name: 'TOPOLOGY.yaml', min: 1, max: 1, complete: 'file' } as const;
 
-/** --socket-mode and friends on the command line win over the topology's. */
-function withCliOverrides(t: Topology, args: ParsedArgs): Topology {
-  const cli = socketAccessFrom(
+/** --socket-mode and friends, checked before the topology is read. */
+function cliSocketAccess(args: ParsedArgs): SocketAccess | undefined {
+  return socketAccessFrom(
     { 'socket-mode': args.string('socket-mode'), 'socket-owner': args.string('socket-owner'), 'socket-group': args.string('socket-group') },
     (key, message) => new UsageError(`serve: --${key}: ${message}`),
   );
+}
+
+/** The command line wins over the topology. */
+function withCliOverrides(t: Topology, args: ParsedArgs, cli: SocketAccess | undefined): Topology {
   const control = args.string('control');
   return {
     ...t,
@@ -50,7 +55,8 @@ const serveCommand: CommandSpec = {
   },
   positionals: TOPOLOGY_ARG,
   run: async (args) => {
-    await serve(withCliOverrides(loadTopology(args.positionals[0] as string), args));
+    const access = cliSocketAccess(args);
+    await serve(withCliOverrides(loadTopology(args.positionals[0] as string), args, access));
     return 0;
   },
 };

@@ -188,7 +188,8 @@ export function checkTopologyFile(file: string): CheckResult {
 
 export function formatFinding(file: string, f: Finding): string {
   const who = f.fn !== undefined ? ` ${f.fn}:` : '';
-  return `${file}:${f.line}: ${f.severity}:${who} ${f.field}: ${f.message}`;
+  const where = f.line > 0 ? `${file}:${f.line}` : file;
+  return `${where}: ${f.severity}:${who} ${f.field === '(file)' ? '' : `${f.field}: `}${f.message}`;
 }
 
 function octal(n: number): string {

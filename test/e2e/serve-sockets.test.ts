@@ -22,8 +22,8 @@ interface Serve {
   exit: Promise<number | null>;
 }
 
-function serve(topologyFile: string): Serve {
-  const proc = spawn(process.execPath, [CLI, 'serve', topologyFile], { stdio: ['ignore', 'ignore', 'pipe'] });
+function serve(topologyFile: string, ...options: string[]): Serve {
+  const proc = spawn(process.execPath, [CLI, 'serve', topologyFile, ...options], { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   proc.stderr?.setEncoding('utf8').on('data', (d: string) => (err += d));
   const exit = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
@@ -59,7 +59,8 @@ test('a second serve is refused while the first runs, two topologies run side by
     fs.writeFileSync(f, `${extra}functions:\n  - { name: ${fn}, type: net, socket: ${fn}.sock, backend: { sink: true } }\n`);
     return f;
   };
-  const topoA = write('a.yaml', 'fa');
+  // A's vhost-user socket for a QEMU of group root only; B's mode comes from the command line.
+  const topoA = write('a.yaml', 'fa', 'socket-mode: "0660"\nsocket-group: root\n');
   const topoB = write('b.yaml', 'fb');
   // Another topology that names A's vhost-user socket, on a control path of its own.
   const topoC = write('c.yaml', 'fa', `control: ${path.join(dir, 'c.control.sock')}\n`);
@@ -68,8 +69,8 @@ test('a second serve is refused while the first runs, two topologies run side by
   assert.notEqual(controlA, controlB, 'two topology files get two default control paths');
 
   const running: Serve[] = [];
-  const start = (f: string): Serve => {
-    const s = serve(f);
+  const start = (f: string, ...options: string[]): Serve => {
+    const s = serve(f, ...options);
     running.push(s);
     return s;
   };
@@ -77,6 +78,9 @@ test('a second serve is refused while the first runs, two topologies run side by
     const a = start(topoA);
     await serving(a);
     assert.deepEqual(stats(topoA).functions.map((f) => f.name), ['fa']);
+    const stA = fs.statSync(path.join(dir, 'fa.sock'));
+    assert.equal(stA.mode & 0o777, 0o660);
+    assert.equal(stA.gid, 0);
 
     // The same topology again: refused on the control socket, before any function socket is touched.
     const again = start(topoA);
@@ -91,8 +95,9 @@ test('a second serve is refused while the first runs, two topologies run side by
     assert.equal(fs.existsSync(path.join(dir, 'c.control.sock')), false, 'the refused serve cleaned up its own control socket');
 
     // Side by side: B on its own derived control path; A still answers on its own.
-    const b = start(topoB);
+    const b = start(topoB, '--socket-mode', '0600');
     await serving(b);
+    assert.equal(fs.statSync(path.join(dir, 'fb.sock')).mode & 0o777, 0o600);
     assert.deepEqual(stats(topoB).functions.map((f) => f.name), ['fb']);
     assert.deepEqual(stats(topoA).functions.map((f) => f.name), ['fa']);
     assert.ok(await connects(path.join(dir, 'fa.sock')), "A's vhost-user socket still accepts");

@@ -48,6 +48,8 @@ test('bad command lines exit 2 with a message in the CLI\'s words and the synops
     [['backend', 'gpu', '--attach', 'x'], /^vbridge: unknown backend device type: gpu \(blk or net\)/],
     [['completion', 'fish'], /^vbridge: completion: only bash is supported, not fish/],
     [['qemu-args', 'x.yaml', '--libvirt', '--dpdk'], /--libvirt and --dpdk exclude each other/],
+    [['serve', 'x.yaml', '--socket-mode', '0660x'], /^vbridge: serve: --socket-mode: expected an octal mode such as "0660", got "0660x"/],
+    [['serve', 'x.yaml', '--socket-group', 'no-such-group-here'], /^vbridge: serve: --socket-group: no group named "no-such-group-here" in \/etc\/group/],
   ];
   for (const [args, re] of cases) {
     const r = vbridge(args);
@@ -56,9 +58,12 @@ test('bad command lines exit 2 with a message in the CLI\'s words and the synops
     assert.equal(r.out, '');
   }
   // Not a usage error: a missing topology file is reported as such, exit 1.
-  const missing = vbridge(['validate', '/nonexistent/t.yaml']);
+  const missing = vbridge(['serve', '/nonexistent/t.yaml']);
   assert.equal(missing.code, 1);
   assert.match(missing.err, /^vbridge: topology error: \/nonexistent\/t\.yaml: cannot read/);
+  const unread = vbridge(['validate', '/nonexistent/t.yaml']);
+  assert.equal(unread.code, 1);
+  assert.match(unread.err, /^\/nonexistent\/t\.yaml: error: cannot read: ENOENT/);
 });
 
 test('parseCommand: options through util.parseArgs, repeated options in order, --help as null', () => {
