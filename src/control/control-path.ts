@@ -8,8 +8,10 @@ import { createHash } from 'node:crypto';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
-/** /run/vbridge for root; the user's runtime directory (or a private one under /tmp) otherwise. */
+/** $VBRIDGE_RUN_DIR when set; /run/vbridge for root; the user's runtime directory (or a private one under /tmp) otherwise. */
 export function defaultControlDir(): string {
+  const own = process.env.VBRIDGE_RUN_DIR;
+  if (own !== undefined && own !== '') return path.resolve(own);
   if (process.getuid?.() === 0) return '/run/vbridge';
   const xdg = process.env.XDG_RUNTIME_DIR;
   if (xdg !== undefined && xdg !== '' && path.isAbsolute(xdg)) return path.join(xdg, 'vbridge');

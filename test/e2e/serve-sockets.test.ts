@@ -22,8 +22,8 @@ interface Serve {
   exit: Promise<number | null>;
 }
 
-function serve(topologyFile: string, ...options: string[]): Serve {
-  const proc = spawn(process.execPath, [CLI, 'serve', topologyFile, ...options], { stdio: ['ignore', 'ignore', 'pipe'] });
+function serve(env: NodeJS.ProcessEnv, topologyFile: string, ...options: string[]): Serve {
+  const proc = spawn(process.execPath, [CLI, 'serve', topologyFile, ...options], { stdio: ['ignore', 'ignore', 'pipe'], env });
   let err = '';
   proc.stderr?.setEncoding('utf8').on('data', (d: string) => (err += d));
   const exit = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
@@ -35,8 +35,8 @@ async function serving(s: Serve): Promise<void> {
   assert.equal(s.proc.exitCode, null, `serve exited early:\n${s.err()}`);
 }
 
-function stats(topologyFile: string): StatsReport {
-  const r = runVbridge(['stats', topologyFile, '--json']);
+function stats(env: NodeJS.ProcessEnv, topologyFile: string): StatsReport {
+  const r = runVbridge(['stats', topologyFile, '--json'], undefined, env);
   assert.equal(r.code, 0, r.err);
   return JSON.parse(r.out) as StatsReport;
 }
@@ -54,6 +54,9 @@ function connects(p: string): Promise<boolean> {
 
 test('a second serve is refused while the first runs, two topologies run side by side, and a SIGKILLed serve is taken over', { timeout: 120_000 }, async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'serve-sockets-'));
+  // Derived control paths go to a folder of the test's own, not the machine's /run/vbridge.
+  const runDir = path.join(dir, 'run');
+  const env = { ...process.env, VBRIDGE_RUN_DIR: runDir };
   const write = (name: string, fn: string, extra = ''): string => {
     const f = path.join(dir, name);
     fs.writeFileSync(f, `${extra}functions:\n  - { name: ${fn}, type: net, socket: ${fn}.sock, backend: { sink: true } }\n`);
@@ -64,20 +67,20 @@ test('a second serve is refused while the first runs, two topologies run side by
   const topoB = write('b.yaml', 'fb');
   // Another topology that names A's vhost-user socket, on a control path of its own.
   const topoC = write('c.yaml', 'fa', `control: ${path.join(dir, 'c.control.sock')}\n`);
-  const controlA = loadTopology(topoA).control;
-  const controlB = loadTopology(topoB).control;
+  const controlA = path.join(runDir, path.basename(loadTopology(topoA).control));
+  const controlB = path.join(runDir, path.basename(loadTopology(topoB).control));
   assert.notEqual(controlA, controlB, 'two topology files get two default control paths');
 
   const running: Serve[] = [];
   const start = (f: string, ...options: string[]): Serve => {
-    const s = serve(f, ...options);
+    const s = serve(env, f, ...options);
     running.push(s);
     return s;
   };
   try {
     const a = start(topoA);
     await serving(a);
-    assert.deepEqual(stats(topoA).functions.map((f) => f.name), ['fa']);
+    assert.deepEqual(stats(env, topoA).functions.map((f) => f.name), ['fa']);
     const stA = fs.statSync(path.join(dir, 'fa.sock'));
     assert.equal(stA.mode & 0o777, 0o660);
     assert.equal(stA.gid, 0);
@@ -98,8 +101,13 @@ test('a second serve is refused while the first runs, two topologies run side by
     const b = start(topoB, '--socket-mode', '0600');
     await serving(b);
     assert.equal(fs.statSync(path.join(dir, 'fb.sock')).mode & 0o777, 0o600);
-    assert.deepEqual(stats(topoB).functions.map((f) => f.name), ['fb']);
-    assert.deepEqual(stats(topoA).functions.map((f) => f.name), ['fa']);
+    assert.deepEqual(stats(env, topoB).functions.map((f) => f.name), ['fb']);
+    assert.deepEqual(stats(env, topoA).functions.map((f) => f.name), ['fa']);
+    assert.deepEqual(fs.readdirSync(runDir).sort(), [path.basename(controlA), path.basename(controlB)].sort());
+    // Two bridges: `vbridge stats` alone cannot guess which one is meant.
+    const which = runVbridge(['stats'], undefined, env);
+    assert.equal(which.code, 2);
+    assert.match(which.err, /stats: 2 bridges in .*; name a TOPOLOGY\.yaml or --control PATH/);
     assert.ok(await connects(path.join(dir, 'fa.sock')), "A's vhost-user socket still accepts");
 
     // SIGKILL leaves A's socket files behind, stale: the next serve of A takes them over.
@@ -109,8 +117,15 @@ test('a second serve is refused while the first runs, two topologies run side by
     assert.equal(await connects(controlA), false);
     const a2 = start(topoA);
     await serving(a2);
-    assert.deepEqual(stats(topoA).functions.map((f) => f.name), ['fa']);
+    assert.deepEqual(stats(env, topoA).functions.map((f) => f.name), ['fa']);
     assert.ok(await connects(path.join(dir, 'fa.sock')));
+
+    // B stopped: the only bridge left is found without naming it.
+    b.proc.kill('SIGTERM');
+    assert.equal(await b.exit, 0, b.err());
+    const only = runVbridge(['stats', '--json'], undefined, env);
+    assert.equal(only.code, 0, only.err);
+    assert.deepEqual((JSON.parse(only.out) as StatsReport).functions.map((f) => f.name), ['fa']);
 
     // A clean stop removes what it owns.
     a2.proc.kill('SIGTERM');
@@ -120,8 +135,6 @@ test('a second serve is refused while the first runs, two topologies run side by
   } finally {
     for (const s of running) if (s.proc.exitCode === null && s.proc.signalCode === null) s.proc.kill('SIGKILL');
     await Promise.all(running.map((s) => s.exit));
-    // SIGKILLed serves leave their derived control sockets in the shared folder: remove ours.
-    for (const p of [controlA, controlB]) fs.rmSync(p, { force: true });
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -10,8 +10,8 @@ export interface CliResult {
   err: string;
 }
 
-export function runVbridge(args: readonly string[], cwd?: string): CliResult {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', cwd, timeout: 20000 });
+export function runVbridge(args: readonly string[], cwd?: string, env?: NodeJS.ProcessEnv): CliResult {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', cwd, timeout: 20000, env: env ?? process.env });
   return { code: r.status, out: r.stdout, err: r.stderr };
 }
 
