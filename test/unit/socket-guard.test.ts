@@ -1,10 +1,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { claimSocketPath, probeSocket, setSocketAccess, SocketInUseError } from '../../src/native/socket-guard';
+import { claimSocketPath, probeSocket, setSocketAccess, SocketInUseError, type SocketAccess } from '../../src/native/socket-guard';
 import { UnixListener } from '../../src/native/unix-listener';
 import { native } from '../../src/native/addon';
 import { CaptureLogger } from '../support/capture-logger';
@@ -96,4 +97,36 @@ test('a UnixListener refuses a live path with a clear error, takes a stale one o
     setSocketAccess(p, undefined);
   }
   assert.equal(fs.existsSync(p), false);
+});
+
+/** Connect to path as user nobody (another user, as libvirt's QEMU is): "ok" or the errno. */
+function connectAsNobody(p: string): string {
+  const script = `const c=require('net').connect(${JSON.stringify(p)});c.on('connect',()=>{console.log('ok');c.destroy()});c.on('error',(e)=>console.log(e.code))`;
+  const r = spawnSync('setpriv', ['--reuid=nobody', '--regid=nogroup', '--clear-groups', process.execPath, '-e', script], { encoding: 'utf8', timeout: 10000 });
+  assert.equal(r.status, 0, r.stderr);
+  return r.stdout.trim();
+}
+
+// Acting as another user needs root, as the whole test suite does (make test sets up the machine).
+test('socket-mode and socket-group decide whether another user can connect', () => {
+  const dir = tmpDir();
+  fs.chmodSync(dir, 0o755);
+  const p = path.join(dir, 'fn.sock');
+  const nogroup = Number(fs.readFileSync('/etc/group', 'utf8').split('\n').find((l) => l.startsWith('nogroup:'))?.split(':')[2]);
+  const cases: [SocketAccess, string][] = [
+    [{ mode: 0o600 }, 'EACCES'],
+    [{ mode: 0o660, gid: nogroup }, 'ok'],
+    [{ mode: 0o666 }, 'ok'],
+  ];
+  for (const [access, want] of cases) {
+    setSocketAccess(p, access);
+    const l = new UnixListener(p, { backlog: 4, logger: new CaptureLogger(), label: 'net0', onConnection: (fd) => native().close(fd) });
+    try {
+      l.listen();
+      assert.equal(connectAsNobody(p), want, JSON.stringify(access));
+    } finally {
+      l.close();
+      setSocketAccess(p, undefined);
+    }
+  }
 });
