@@ -36,6 +36,7 @@ import {
 } from '../virtio/constants';
 import type { Virtqueue } from '../virtio/virtqueue';
 import { asError, closeQuietly, ConnectionError, VhostUserConnection } from './connection';
+import { InflightRegions } from './inflight';
 import type { Logger } from '../log';
 import {
   type AnyMessageSpec,
@@ -48,6 +49,7 @@ import {
   Backend,
   Frontend,
   frontendSpec,
+  type Inflight,
   type MessageHeader,
   type MemRegion,
   type MemoryTable,
@@ -94,7 +96,8 @@ export function defaultProtocolFeatures(device: VirtioDevice): bigint {
     bit(PF.BACKEND_REQ) |
     bit(PF.CONFIGURE_MEM_SLOTS) |
     bit(PF.STATUS) |
-    bit(PF.RESET_DEVICE);
+    bit(PF.RESET_DEVICE) |
+    bit(PF.INFLIGHT_SHMFD);
   // QEMU's vhost-user-net takes the net config from its own command line and
   // masks CONFIG off anyway; blk (and anything else) needs it.
   if (device.deviceId !== VIRTIO_ID_NET) f |= bit(PF.CONFIG);
@@ -180,6 +183,9 @@ export class VhostUserBackend {
   private closeLogged = false;
   /** The message being handled, to name it in errors found while (re)starting rings. */
   private current: AnyMessageSpec | null = null;
+  /** Fds to send with the reply being built (GET_INFLIGHT_FD); closed once sent. */
+  private replyFds: number[] = [];
+  private readonly inflight: InflightRegions;
 
   constructor(
     fd: number,
@@ -192,6 +198,7 @@ export class VhostUserBackend {
     const implemented = defaultProtocolFeatures(device) | bit(PF.CONFIG);
     this.offeredProtocol = (opts.protocolFeatures ?? defaultProtocolFeatures(device)) & implemented;
     this.maxMemSlots = opts.maxMemSlots ?? VHOST_USER_MAX_MEM_SLOTS;
+    this.inflight = new InflightRegions(this.addon, device.maxQueues, logger, this.label);
     this.rings = new QueueHost<Vring>(device, logger, this.label, (v, e) => this.dataPathError(v, e));
     this.vrings = [];
     for (let i = 0; i < device.maxQueues; i++) {
@@ -289,6 +296,8 @@ export class VhostUserBackend {
       // Handlers take the fds they keep out of the array; whatever is left is ours to close.
       for (const fd of fds) closeQuietly(fd);
       fds.length = 0;
+      for (const fd of this.replyFds) closeQuietly(fd);
+      this.replyFds = [];
       this.current = null;
     }
   }
@@ -335,7 +344,7 @@ export class VhostUserBackend {
   private finish(spec: AnyMessageSpec, hdr: MessageHeader, reply: unknown): void {
     if (this.conn.closed) return;
     if (this.hasOwnReply(spec)) {
-      this.conn.send(encodeReply(spec, reply));
+      this.conn.send(encodeReply(spec, reply), this.replyFds);
     } else if (this.wantsAck(hdr)) {
       this.conn.send(encodeAck(spec.id, true));
     }
@@ -446,6 +455,13 @@ export class VhostUserBackend {
         return undefined;
       case Frontend.SET_BACKEND_REQ_FD.id:
         return this.setBackendReqFd(spec, fds);
+      case Frontend.GET_INFLIGHT_FD.id: {
+        const made = this.inflight.create(spec, req as Inflight);
+        this.replyFds.push(made.fd);
+        return made.reply;
+      }
+      case Frontend.SET_INFLIGHT_FD.id:
+        return this.setInflightFd(spec, req as Inflight, fds);
       case Frontend.SET_LOG_BASE.id:
       case Frontend.SET_LOG_FD.id:
         throw new ProtocolError(spec.name, 'dirty logging is not supported by this back-end (LOG_ALL and LOG_SHMFD are not offered)', false);
@@ -703,6 +719,15 @@ export class VhostUserBackend {
     return undefined;
   }
 
+  /** Rings tied to the old region are taken off it and start again from the new one. */
+  private setInflightFd(spec: AnyMessageSpec, req: Inflight, fds: number[]): undefined {
+    const running = this.stopAllRings();
+    for (const v of this.vrings) this.inflight.detach(v.queue);
+    this.inflight.adopt(spec, req, fds[0]);
+    this.restartRings(running);
+    return undefined;
+  }
+
   /** Stops the ring (not a reset: addresses, size and position stay) and returns where it stopped. */
   private getVringBase(spec: AnyMessageSpec, s: VringState): VringState {
     const v = this.ring(spec, s.index);
@@ -801,7 +826,9 @@ export class VhostUserBackend {
     const mem = this.mem as GuestMemory;
     const spec = this.current ?? Frontend.SET_VRING_KICK;
     const g = this.translateRing(spec, v, v.addr as RingAddrs, mem);
+    const fresh = v.baseFresh || v.queue === null || v.queue.packed !== this.packed;
     const q = this.rings.activate(v, g, this.ackedFeatures, mem, (e) => new ProtocolError(spec.name, `vring ${v.index} cannot start: ${e.message}`, false));
+    this.inflight.attach(spec, v.index, q, mem, fresh);
     this.logger.info(
       `${this.label}: queue ${v.index} started: ${q.size} entries${q.packed ? ' (packed)' : ''} at guest 0x${q.descAddr.toString(16)}, avail ${fmtPos(q, q.nextAvail)}, used ${fmtPos(q, q.nextUsed)}${v.kickFd < 0 ? ', polled (no kick fd)' : ''}`,
     );
@@ -1034,6 +1061,8 @@ export class VhostUserBackend {
     this.backendChannel = null;
     this.mem?.clear();
     this.mem = null;
+    for (const v of this.vrings) this.inflight.detach(v.queue);
+    this.inflight.close();
     this.opts.onClose?.(err);
   }
 }

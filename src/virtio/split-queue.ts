@@ -1,5 +1,6 @@
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
 import type { ChainSegment, DescriptorChain } from './chain';
+import type { SplitInflight } from './split-inflight';
 import { hex, IndirectTables, QueueError, type QueueState, ringSpan, type Virtqueue } from './virtqueue';
 import {
   VIRTQUEUE_MAX_SIZE,
@@ -66,6 +67,12 @@ export class SplitQueue implements Virtqueue {
   eventIdx = false;
   /** VIRTIO_F_RING_INDIRECT_DESC negotiated. */
   indirect = false;
+  /**
+   * In-flight tracking (vhost-user INFLIGHT_SHMFD), set by the link after
+   * restoring it: pops mark heads in flight and hand out its resubmissions
+   * first, completions clear them as they are published.
+   */
+  inflight: SplitInflight | null = null;
 
   private mem: MemoryAccess | null = null;
   private memGen: number | undefined = undefined;
@@ -141,6 +148,7 @@ export class SplitQueue implements Virtqueue {
 
   /** Forget everything but maxSize (device reset). The queue must be activated again before use. */
   reset(): void {
+    this.inflight = null;
     this.size = 0;
     this.descAddr = 0;
     this.availAddr = 0;
@@ -180,7 +188,7 @@ export class SplitQueue implements Virtqueue {
   available(mem: MemoryAccess): number {
     this.check(mem);
     this.knownAvail = this.next;
-    return this.pending();
+    return this.pending() + (this.inflight?.resubmitPending ?? 0);
   }
 
   /**
@@ -190,11 +198,21 @@ export class SplitQueue implements Virtqueue {
    */
   pop(mem: MemoryAccess): DescriptorChain | null {
     this.check(mem);
+    const t = this.inflight;
+    if (t !== null && t.resubmitPending > 0) {
+      const chain = this.walk(mem, t.peekResubmit());
+      t.resubmitTaken();
+      return chain;
+    }
     if (this.pending() === 0) return null;
     const head = this.avail[2 + (this.next & this.mask)];
+    if (t !== null && head < this.qsize && t.isInflight(head)) {
+      throw new QueueError(`avail ring names head ${head}, which is still in flight`);
+    }
     const chain = this.walk(mem, head);
     // Advanced only on success: after a QueueError, state() still names the offending chain.
     this.next = (this.next + 1) & 0xffff;
+    if (t !== null) t.taken(head);
     return chain;
   }
 
@@ -210,6 +228,7 @@ export class SplitQueue implements Virtqueue {
     this.usedU32[2 + 2 * slot] = len;
     mem.markDirty(this.usedAddr + 4 + VRING_USED_ELEM_SIZE * slot, VRING_USED_ELEM_SIZE);
     this.nextUsed = (this.nextUsed + 1) & 0xffff;
+    this.inflight?.completed(head);
   }
 
   /** Publish used.idx; returns true if the driver wants an interrupt (EVENT_IDX / NO_INTERRUPT honoured). */
@@ -223,6 +242,7 @@ export class SplitQueue implements Virtqueue {
     // fields below (the store->load fence the notification race needs).
     Atomics.store(this.usedU16, 1, next);
     mem.markDirty(this.usedAddr + 2, 2);
+    this.inflight?.published(next);
     this.publishedUsed = next;
     if (next === old) return false;
     const valid = this.publishedValid;
@@ -259,7 +279,7 @@ export class SplitQueue implements Virtqueue {
     }
     // The store above is the fence: a chain posted before the driver could see
     // it is caught here, one posted after will be kicked.
-    return this.pending() > 0;
+    return this.pending() > 0 || (this.inflight?.resubmitPending ?? 0) > 0;
   }
 
   /** Ring position for GET_VRING_BASE / save; does not touch memory. */
@@ -283,7 +303,9 @@ export class SplitQueue implements Virtqueue {
   /** The last n chains popped go back: their avail slots cannot have been reused while they were outstanding. */
   unpop(n: number): void {
     if (!Number.isInteger(n) || n < 0 || n > this.qsize) throw new RangeError(`cannot give back ${n} chains of a queue of ${this.qsize}`);
-    this.nextAvail = (this.next - n) & 0xffff;
+    // Resubmitted chains go back to the tracker's list, not to the avail ring.
+    const fromAvail = this.inflight !== null ? this.inflight.giveBack(n) : n;
+    this.nextAvail = (this.next - fromAvail) & 0xffff;
   }
 
   private check(mem: MemoryAccess): void {

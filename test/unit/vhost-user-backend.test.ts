@@ -73,7 +73,7 @@ test('full session over a real socket: negotiate, map a memfd, run rings, echo t
       assert.equal(feats & bit(F_ACCESS_PLATFORM), 0n, 'IOMMU translation is not');
       assert.ok(feats & bit(F_VERSION_1));
       const pf = await c.getProtocolFeatures();
-      const advertised = ['MQ', 'REPLY_ACK', 'BACKEND_REQ', 'CONFIG', 'CONFIGURE_MEM_SLOTS', 'STATUS', 'RESET_DEVICE'] as const;
+      const advertised = ['MQ', 'REPLY_ACK', 'BACKEND_REQ', 'CONFIG', 'CONFIGURE_MEM_SLOTS', 'STATUS', 'RESET_DEVICE', 'INFLIGHT_SHMFD'] as const;
       assert.equal(pf, advertised.reduce((m, n) => m | PF_BIT(n), 0n));
       await bringUp(c, g);
       assert.equal(await c.getQueueNum(), 2n);
