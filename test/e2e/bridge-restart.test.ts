@@ -6,6 +6,11 @@
  * resubmits what the dead one had taken and not returned, and the guest's
  * writes go on: every 4 MiB chunk reads back with the source checksum, in the
  * guest and on the host image, and the guest logged no I/O error.
+ *
+ * The same for a relay function over the PCIe link, killed while its backend
+ * process (stopped with SIGSTOP) holds the guest's requests: the restarted
+ * bridge must resubmit them to the new backend, or the guest's writes would
+ * hang or be lost.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -16,7 +21,10 @@ import { kv, startGuest } from '../support/qemu-guest';
 import { withHeavyLock } from '../support/heavy-lock';
 import { md5OfRange } from '../support/storage-daemon';
 import { startServe, type ServeProcess } from '../support/serve-process';
+import { startBackendProcess, type BackendProcess } from '../support/backend-process';
 import { waitFor } from '../support/wait';
+import { fetchJson } from '../../src/control/control-server';
+import type { FunctionStatsRow } from '../../src/control/stats-format';
 
 const MiB = 1024 * 1024;
 const CHUNKS = 16;
@@ -41,6 +49,24 @@ done
 echo BAD_CHUNKS=$bad
 echo IOERR=$(dmesg | grep -ciE 'i/o error|blk_update_request|critical')
 `;
+
+/** What the guest printed, checked: the writers ran to the end and every chunk is intact in the guest and on the host. */
+async function checkWrites(output: string, rc: number | null, image: string): Promise<void> {
+  const v = kv(output);
+  assert.equal(rc, 0, `guest failed:\n${output}`);
+  assert.ok(v.SRC_MD5 !== undefined && v.SRC_MD5.length === 32);
+  assert.equal(v.WRITERS_DONE, '1');
+  assert.doesNotMatch(output, /WFAIL_/, 'no dd write failed');
+  assert.equal(v.BAD_CHUNKS, '0', `chunks that read back wrong in the guest:\n${output}`);
+  assert.equal(v.IOERR, '0', `the guest logged I/O errors:\n${output}`);
+  for (let c = 0; c < CHUNKS; c++) {
+    assert.equal(await md5OfRange(image, c * 4 * MiB, 4 * MiB), v.SRC_MD5, `host image chunk ${c}`);
+  }
+}
+
+function resubmittedBy(s: ServeProcess): number {
+  return [...s.output().matchAll(/(\d+) request\(s\) in flight resubmitted/g)].reduce((n, m) => n + Number(m[1]), 0);
+}
 
 test('vbridge serve killed with SIGKILL three times under guest blk writes, restarted: QEMU reconnects, nothing is lost', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
@@ -71,25 +97,71 @@ test('vbridge serve killed with SIGKILL three times under guest blk writes, rest
           await waitFor('QEMU to reconnect and restart the ring', () => /queue 0 started/.test(s.output()), 30_000);
         }
         const r = await g.done;
-        const v = kv(r.output);
-        assert.equal(r.rc, 0, `guest failed:\n${r.output}`);
-        assert.ok(v.SRC_MD5 !== undefined && v.SRC_MD5.length === 32);
-        assert.equal(v.WRITERS_DONE, '1');
-        assert.doesNotMatch(r.output, /WFAIL_/, 'no dd write failed');
-        assert.equal(v.BAD_CHUNKS, '0', `chunks that read back wrong in the guest:\n${r.output}`);
-        assert.equal(v.IOERR, '0', `the guest logged I/O errors:\n${r.output}`);
-        for (let c = 0; c < CHUNKS; c++) {
-          assert.equal(await md5OfRange(image, c * 4 * MiB, 4 * MiB), v.SRC_MD5, `host image chunk ${c}`);
-        }
+        await checkWrites(r.output, r.rc, image);
         // The restarted bridges took over the region QEMU kept (not a new blank one).
         for (const s of serves.slice(1)) assert.match(s.output(), /in-flight region set/, 'SET_INFLIGHT_FD after the restart');
-        const resubmitted = serves.slice(1).map((s) => [...s.output().matchAll(/(\d+) request\(s\) in flight resubmitted/g)].reduce((n, m) => n + Number(m[1]), 0));
+        const resubmitted = serves.slice(1).map(resubmittedBy);
         t.diagnostic(`requests resubmitted by each restarted bridge: ${resubmitted.join(', ')}`);
         t.diagnostic(`guest boot ${r.bootMs} ms, total ${r.totalMs} ms`);
       } finally {
         await g.kill();
       }
     } finally {
+      for (const s of serves) await s.kill('SIGKILL');
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+test('a PCIe relay function: vbridge serve killed while its (stopped) backend holds guest writes, both restarted: the new bridge resubmits them, nothing is lost', { timeout: 600_000 }, async (t) => {
+  await withHeavyLock(async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-restart-pcie-'));
+    const topo = path.join(dir, 'topology.yaml');
+    fs.writeFileSync(
+      topo,
+      ['control: control.sock', 'functions:', "  - { name: blk0, type: blk, socket: blk0.sock, backend: { link: pcie, attach: blk0.bar, 'bar-size': 16M } }", ''].join('\n'),
+    );
+    const socket = path.join(dir, 'blk0.sock');
+    const control = path.join(dir, 'control.sock');
+    const image = path.join(dir, 'disk.img');
+    const backendArgs = ['backend', 'blk', '--attach', path.join(dir, 'blk0.bar'), '--file', image, '--size', '64M'];
+    const serves: ServeProcess[] = [];
+    const backends: BackendProcess[] = [];
+    try {
+      serves.push(await startServe(topo));
+      backends.push(await startBackendProcess(backendArgs, 1));
+      await waitFor('the function socket', () => fs.existsSync(socket), 10_000);
+      const g = await startGuest({ name: 'bridge-restart-pcie', script: SCRIPT, memMiB: 256, blks: [{ socket, reconnect: 1 }], timeoutMs: 400_000 });
+      try {
+        await g.waitFor(/^A2=ok/m, 200_000);
+        // The backend stops answering: the guest's next writes pile up in the bridge, taken from its ring.
+        backends[0].proc.kill('SIGSTOP');
+        let held = 0;
+        const end = Date.now() + 30_000;
+        while (held < 2 && Date.now() < end) {
+          const st = await fetchJson<{ functions: FunctionStatsRow[] }>(control, '/stats');
+          held = st.functions.find((f) => f.name === 'blk0')?.relay?.[0]?.inFlight ?? 0;
+          if (held < 2) await new Promise((r) => setTimeout(r, 50));
+        }
+        assert.ok(held >= 1, 'guest writes held by the bridge for the stopped backend');
+        assert.doesNotMatch(g.output(), /WRITERS_DONE/);
+        await serves[0].kill('SIGKILL');
+        await backends[0].kill('SIGKILL');
+        t.diagnostic(`killed vbridge serve with ${held} request(s) held for its stopped backend`);
+        const serve = await startServe(topo);
+        serves.push(serve);
+        backends.push(await startBackendProcess(backendArgs, 1));
+        await waitFor('QEMU to reconnect and the ring to restart', () => /queue 0 started/.test(serve.output()), 30_000);
+        const r = await g.done;
+        await checkWrites(r.output, r.rc, image);
+        const resubmitted = resubmittedBy(serve);
+        t.diagnostic(`resubmitted by the restarted bridge: ${resubmitted}`);
+        assert.ok(resubmitted >= held, `the ${held} request(s) the dead bridge held were resubmitted (${resubmitted})`);
+      } finally {
+        await g.kill();
+      }
+    } finally {
+      for (const b of backends) await b.kill('SIGKILL');
       for (const s of serves) await s.kill('SIGKILL');
       fs.rmSync(dir, { recursive: true, force: true });
     }
