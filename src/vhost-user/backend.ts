@@ -1017,6 +1017,9 @@ export class VhostUserBackend {
       v.pollTimer = null;
       v.dq = null;
     }
+    // Nothing is in flight after a reset; the front-end brings a new region (QEMU frees its own on reset).
+    for (const v of this.vrings) this.inflight.detach(v.queue);
+    this.inflight.close();
     try {
       this.device.reset();
     } catch (e) {

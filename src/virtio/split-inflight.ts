@@ -215,6 +215,9 @@ export class SplitInflight {
       this.u16[H16_LAST_BATCH] = 0;
       this.u16[H16_USED_IDX] = ringUsedIdx;
       Atomics.store(this.u16, H16_VERSION, INFLIGHT_VERSION);
+    } else if (s.usedIdx !== ringUsedIdx && s.inflight === 0) {
+      // Nothing to resubmit whatever the batch held (a driver that set its rings up afresh): only used_idx moves.
+      Atomics.store(this.u16, H16_USED_IDX, ringUsedIdx);
     } else if (s.usedIdx !== ringUsedIdx) {
       batchFixed = this.fixLastBatch(ringSize, s.usedIdx, ringUsedIdx, s.lastBatch);
     }
@@ -274,7 +277,7 @@ export class SplitInflight {
   }
 
   /** Read and check the header and entries; ringSize 0 when no ring is known yet. */
-  private scan(ringSize: number): { version: number; usedIdx: number; lastBatch: number } {
+  private scan(ringSize: number): { version: number; usedIdx: number; lastBatch: number; inflight: number } {
     const version = this.u16[H16_VERSION];
     const descNum = this.u16[H16_DESC_NUM];
     const lastBatch = this.u16[H16_LAST_BATCH];
@@ -284,7 +287,7 @@ export class SplitInflight {
       for (let i = 8; i < this.u8.length; i++) {
         if (this.u8[i] !== 0) throw new InflightError(`version 0 (blank) region has non-zero byte at offset ${i}`);
       }
-      return { version, usedIdx, lastBatch };
+      return { version, usedIdx, lastBatch, inflight: 0 };
     }
     if (version !== INFLIGHT_VERSION) throw new InflightError(`version ${version}, expected ${INFLIGHT_VERSION}`);
     if (descNum === 0 || descNum > this.capacity) throw new InflightError(`desc_num ${descNum} is not in [1, ${this.capacity}]`);
@@ -303,7 +306,7 @@ export class SplitInflight {
       if (counters.has(c)) throw new InflightError(`desc[${i}].counter ${c} is shared with another entry in flight: the order is lost`);
       counters.add(c);
     }
-    return { version, usedIdx, lastBatch };
+    return { version, usedIdx, lastBatch, inflight: counters.size };
   }
 }
 

@@ -319,3 +319,44 @@ test('queue region sizes follow the 64-byte-aligned layout (DPDK / libvhost-user
   assert.equal(splitInflightQueueSize(1), 64);
   assert.equal(splitInflightQueueSize(256) % 64, 0);
 });
+
+test('a region with nothing in flight follows a used ring that moved anywhere (a driver that set its rings up afresh)', () => {
+  const r = liveRegion();
+  const u8 = new Uint8Array(r);
+  u8[16 + 16 * 1] = 0;
+  u8[16 + 16 * 3] = 0;
+  const t = new SplitInflight(r, 0, SIZE);
+  const got = t.restore(SIZE, 0);
+  assert.deepEqual(got.resubmit, []);
+  assert.equal(got.nextAvail, 0);
+  assert.equal(new Uint16Array(r)[7], 0);
+});
+
+test('chains given back go where they came from: resubmitted ones to the front of the resubmission list (still in flight), avail ones to the ring', () => {
+  const w = world(6);
+  // A dead back-end had taken requests 0 and 1 (heads 0 and 1), nothing returned.
+  const u8 = new Uint8Array(w.region);
+  const u16 = new Uint16Array(w.region);
+  const u32 = new Uint32Array(w.region);
+  u16[4] = 1;
+  u16[5] = SIZE;
+  for (const h of [0, 1]) {
+    u8[16 + 16 * h] = 1;
+    u32[(24 + 16 * h) / 4] = h;
+  }
+  const { q } = reattach(w.mem, w.driver, w.region);
+  const r0 = requestOf(w.mem, q);
+  assert.equal(r0?.id, 0);
+  q.unpop(1);
+  assert.equal(u8[16], 1, 'a resubmitted chain given back stays in flight');
+  assert.equal(requestOf(w.mem, q)?.id, 0, 'and comes out first again');
+  assert.equal(requestOf(w.mem, q)?.id, 1);
+  const a2 = requestOf(w.mem, q);
+  assert.equal(a2?.id, 2);
+  assert.equal(u8[16 + 16 * (a2?.head ?? 0)], 1, 'a chain from the avail ring is in flight once taken');
+  q.unpop(2);
+  assert.equal(u8[16 + 16 * (a2?.head ?? 0)], 0, 'given back: no longer in flight');
+  assert.equal(q.nextAvail, 2, 'the avail index moved back by the one avail chain only');
+  assert.deepEqual([requestOf(w.mem, q)?.id, requestOf(w.mem, q)?.id, requestOf(w.mem, q)?.id], [1, 2, 3]);
+  assert.throws(() => q.unpop(SIZE + 1), RangeError);
+});
