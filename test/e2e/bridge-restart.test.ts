@@ -29,15 +29,19 @@ import type { FunctionStatsRow } from '../../src/control/stats-format';
 const MiB = 1024 * 1024;
 const CHUNKS = 16;
 
-// Two writers, eight 4 MiB chunks each (A: chunks 0-7, B: 8-15), O_DIRECT so every write reaches the device.
-const SCRIPT = `
+/**
+ * Two writers, eight 4 MiB chunks each (A: chunks 0-7, B: 8-15), O_DIRECT so
+ * every write reaches the device; with two vCPUs each writer is pinned to its
+ * own, so the two request queues both carry writes.
+ */
+const script = (cpus: number): string => `
 dd if=/dev/urandom of=/tmp/d bs=1M count=4 2>/dev/null
 src=$(md5sum < /tmp/d | cut -d' ' -f1)
 echo SRC_MD5=$src
-w() { i=0; while [ $i -lt 8 ]; do dd if=/tmp/d of=/dev/vda bs=64k seek=$((($2*8+i)*64)) oflag=direct 2>/dev/null || echo WFAIL_$1$i=1; i=$((i+1)); echo $1$i=ok; done; }
+w() { i=0; while [ $i -lt 8 ]; do ${cpus > 1 ? 'taskset $3 ' : ''}dd if=/tmp/d of=/dev/vda bs=64k seek=$((($2*8+i)*64)) oflag=direct 2>/dev/null || echo WFAIL_$1$i=1; i=$((i+1)); echo $1$i=ok; done; }
 echo WRITING=1
-w A 0 &
-w B 1
+w A 0 1 &
+w B 1 2
 wait
 echo WRITERS_DONE=1
 bad=0; k=0
@@ -68,13 +72,13 @@ function resubmittedBy(s: ServeProcess): number {
   return [...s.output().matchAll(/(\d+) request\(s\) in flight resubmitted/g)].reduce((n, m) => n + Number(m[1]), 0);
 }
 
-test('vbridge serve killed with SIGKILL three times under guest blk writes, restarted: QEMU reconnects, nothing is lost', { timeout: 600_000 }, async (t) => {
+test('vbridge serve killed with SIGKILL three times under guest blk writes on two queues, restarted: QEMU reconnects, nothing is lost', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-restart-'));
     const topo = path.join(dir, 'topology.yaml');
     fs.writeFileSync(
       topo,
-      ['control: control.sock', 'functions:', '  - { name: blk0, type: blk, socket: blk0.sock, backend: { file: disk.img, size: 64M } }', ''].join('\n'),
+      ['control: control.sock', 'functions:', '  - { name: blk0, type: blk, socket: blk0.sock, queues: 2, backend: { file: disk.img, size: 64M } }', ''].join('\n'),
     );
     const socket = path.join(dir, 'blk0.sock');
     const image = path.join(dir, 'disk.img');
@@ -82,7 +86,7 @@ test('vbridge serve killed with SIGKILL three times under guest blk writes, rest
     let serve = await startServe(topo);
     serves.push(serve);
     try {
-      const g = await startGuest({ name: 'bridge-restart', script: SCRIPT, memMiB: 256, blks: [{ socket, reconnect: 1 }], timeoutMs: 400_000 });
+      const g = await startGuest({ name: 'bridge-restart', script: script(2), cpus: 2, memMiB: 256, blks: [{ socket, reconnect: 1, queues: 2 }], timeoutMs: 400_000 });
       try {
         await g.waitFor(/^WRITING=1/m, 120_000);
         for (const marker of ['A2', 'A4', 'A6']) {
@@ -92,14 +96,14 @@ test('vbridge serve killed with SIGKILL three times under guest blk writes, rest
           t.diagnostic(`killed vbridge serve ${serve.pid} after ${marker}`);
           serve = await startServe(topo);
           serves.push(serve);
-          // QEMU redials within its 1 s reconnect period and restarts the ring from the region.
+          // QEMU redials within its 1 s reconnect period and restarts both rings from the region.
           const s = serve;
-          await waitFor('QEMU to reconnect and restart the ring', () => /queue 0 started/.test(s.output()), 30_000);
+          await waitFor('QEMU to reconnect and restart the rings', () => /queue 0 started/.test(s.output()) && /queue 1 started/.test(s.output()), 30_000);
         }
         const r = await g.done;
         await checkWrites(r.output, r.rc, image);
         // The restarted bridges took over the region QEMU kept (not a new blank one).
-        for (const s of serves.slice(1)) assert.match(s.output(), /in-flight region set/, 'SET_INFLIGHT_FD after the restart');
+        for (const s of serves.slice(1)) assert.match(s.output(), /in-flight region set: 2 queue\(s\)/, 'SET_INFLIGHT_FD after the restart, both queues');
         const resubmitted = serves.slice(1).map(resubmittedBy);
         t.diagnostic(`requests resubmitted by each restarted bridge: ${resubmitted.join(', ')}`);
         t.diagnostic(`guest boot ${r.bootMs} ms, total ${r.totalMs} ms`);
@@ -131,7 +135,7 @@ test('a PCIe relay function: vbridge serve killed while its (stopped) backend ho
       serves.push(await startServe(topo));
       backends.push(await startBackendProcess(backendArgs, 1));
       await waitFor('the function socket', () => fs.existsSync(socket), 10_000);
-      const g = await startGuest({ name: 'bridge-restart-pcie', script: SCRIPT, memMiB: 256, blks: [{ socket, reconnect: 1 }], timeoutMs: 400_000 });
+      const g = await startGuest({ name: 'bridge-restart-pcie', script: script(1), memMiB: 256, blks: [{ socket, reconnect: 1 }], timeoutMs: 400_000 });
       try {
         await g.waitFor(/^A2=ok/m, 200_000);
         // The backend stops answering: the guest's next writes pile up in the bridge, taken from its ring.
