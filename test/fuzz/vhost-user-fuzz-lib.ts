@@ -33,12 +33,13 @@ import { FLAG_NEED_REPLY, HEADER_SIZE, VERSION, VHOST_USER_F_PROTOCOL_FEATURES }
 import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1 } from '../../src/virtio/constants';
 import { MockDriver } from '../../src/virtio/mock-driver';
 import { MockPackedDriver } from '../../src/virtio/mock-packed-driver';
+import { splitInflightQueueSize } from '../../src/virtio/split-inflight';
 import { CaptureLogger, EchoDevice, Guest, GUEST_BASE, GUEST_SIZE, openFds, PF_BIT, USER_BASE } from '../unit/vhost-user-harness';
 import { Rng } from './rng';
 
 export { Rng };
 
-const ALL_PROTOCOL = PF_BIT('REPLY_ACK') | PF_BIT('MQ') | PF_BIT('CONFIGURE_MEM_SLOTS') | PF_BIT('STATUS') | PF_BIT('RESET_DEVICE') | PF_BIT('CONFIG') | PF_BIT('BACKEND_REQ');
+const ALL_PROTOCOL = PF_BIT('REPLY_ACK') | PF_BIT('MQ') | PF_BIT('CONFIGURE_MEM_SLOTS') | PF_BIT('STATUS') | PF_BIT('RESET_DEVICE') | PF_BIT('CONFIG') | PF_BIT('BACKEND_REQ') | PF_BIT('INFLIGHT_SHMFD');
 
 
 export interface FuzzReport {
@@ -187,7 +188,7 @@ function nearAddr(rng: Rng, base: number, span: number): bigint {
 function structured(rng: Rng, g: Guest, extraFds: number[]): Msg {
   const idx = rng.chance(0.9) ? rng.int(g.drivers.length) : rng.int(300);
   const flags = rng.chance(0.5) ? VERSION | FLAG_NEED_REPLY : VERSION;
-  switch (rng.int(9)) {
+  switch (rng.int(10)) {
     case 0: {
       const n = rng.int(4);
       const regions = Array.from({ length: n }, () => ({
@@ -243,9 +244,32 @@ function structured(rng: Rng, g: Guest, extraFds: number[]): Msg {
         ),
         fds: rng.chance(0.8) ? [g.memfd] : [],
       };
+    case 8:
+      return inflightMessage(rng, g, extraFds, flags);
     default:
       return { bytes: encodeRequest(rng.pick([Frontend.SET_STATUS, Frontend.GET_STATUS, Frontend.RESET_DEVICE, Frontend.RESET_OWNER, Frontend.GET_QUEUE_NUM]) as AnyMessageSpec, rng.chance(0.5) ? rng.int(256) : null, flags), fds: [] };
   }
+}
+
+/** GET_INFLIGHT_FD, or SET_INFLIGHT_FD with a region of random shape and (sometimes) scribbled content. */
+function inflightMessage(rng: Rng, g: Guest, extraFds: number[], flags: number): Msg {
+  const queueSize = rng.chance(0.7) ? g.size : rng.pick([0, 1, 63, 1024, 0xffff]);
+  const numQueues = rng.chance(0.7) ? g.drivers.length : rng.pick([0, 1, 3, 0xffff]);
+  const need = Math.max(64, numQueues * splitInflightQueueSize(queueSize));
+  const mmapSize = rng.chance(0.7) ? BigInt(need) : rng.pick([0n, BigInt(need) - 1n, rng.u64()]);
+  const desc = { mmapSize, mmapOffset: rng.chance(0.8) ? 0n : rng.pick([8n, 4096n, rng.u64()]), numQueues, queueSize };
+  if (rng.chance(0.3)) return { bytes: encodeRequest(Frontend.GET_INFLIGHT_FD, desc, flags), fds: [] };
+  const a = native();
+  const size = Math.min(need, 1 << 20);
+  const fd = a.memfd('fuzz-inflight', size);
+  extraFds.push(fd);
+  if (rng.chance(0.4)) {
+    const buf = a.mmap(fd, size, 0);
+    const u8 = new Uint8Array(buf);
+    for (let k = rng.int(16); k > 0; k--) u8[rng.int(size)] = rng.pick([0, 1, 2, 0xff, rng.int(256)]);
+    a.unmap(buf);
+  }
+  return { bytes: encodeRequest(Frontend.SET_INFLIGHT_FD, desc, flags), fds: rng.chance(0.9) ? [fd] : [] };
 }
 
 function randomMessage(rng: Rng, g: Guest, extraFds: number[]): Msg {
@@ -305,7 +329,7 @@ async function settle(until: () => boolean, maxMs: number): Promise<void> {
 
 export async function fuzzSessions(seconds: number, rng: Rng): Promise<FuzzReport> {
   const end = Date.now() + seconds * 1000;
-  const detail: Record<string, number> = { sessions: 0, packedSessions: 0, messages: 0, endedWithError: 0, endedOpen: 0, needsReset: 0, queueStarts: 0, kicksDelivered: 0 };
+  const detail: Record<string, number> = { sessions: 0, packedSessions: 0, messages: 0, endedWithError: 0, endedOpen: 0, needsReset: 0, queueStarts: 0, kicksDelivered: 0, inflightSessions: 0 };
   const violations: string[] = [];
   const onUncaught = (e: unknown): void => {
     violations.push(`uncaught: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
@@ -336,6 +360,8 @@ export async function fuzzSessions(seconds: number, rng: Rng): Promise<FuzzRepor
       try {
         const proto = rng.chance(0.7) ? ALL_PROTOCOL : rng.chance(0.5) ? 0n : ALL_PROTOCOL & rng.u64();
         const prefix = bringUpMessages(g, proto, rng).slice(0, rng.int(30));
+        // As QEMU's vhost-user-blk does: the in-flight region before the rings start, so traffic runs tracked.
+        if (!packed && prefix.length > 4 && rng.chance(0.5)) prefix.splice(4, 0, inflightMessage(rng, g, extraFds, VERSION));
         const msgs = [...prefix];
         const n = 1 + rng.int(20);
         for (let k = 0; k < n; k++) msgs.push(randomMessage(rng, g, extraFds));
@@ -365,6 +391,7 @@ export async function fuzzSessions(seconds: number, rng: Rng): Promise<FuzzRepor
       for (const l of log.lines) {
         if (/internal error|unexpected /.test(l)) violations.push(`log: ${l}`);
       }
+      if (log.has(/in-flight region set/)) detail.inflightSessions++;
       detail.queueStarts += dev.events.filter((e) => e.startsWith('start')).length;
       detail.kicksDelivered += backend.queueStats().reduce((n, q) => n + q.kicks, 0);
       if (dev.strayKicks > 0) violations.push(`${dev.strayKicks} kick(s) delivered to a queue the device did not have`);
