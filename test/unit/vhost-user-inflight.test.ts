@@ -160,3 +160,36 @@ for (const b of BAD) {
     }
   });
 }
+
+test('RESET_DEVICE drops the region: what it says was in flight before the reset is not resubmitted after it', async () => {
+  const a = native();
+  const f = serve('inflight-reset');
+  const g = new Guest(1, SIZE);
+  const size = splitInflightQueueSize(SIZE);
+  const fd = a.memfd('reset-region', size);
+  const region = a.mmap(fd, size, 0);
+  try {
+    // A region from before: head 0 in flight.
+    const u8 = new Uint8Array(region);
+    const u16 = new Uint16Array(region);
+    u16[4] = 1;
+    u16[5] = SIZE;
+    u8[16] = 1;
+    const c = FrontendClient.connect(f.path);
+    await negotiate(c);
+    await c.send(Frontend.SET_INFLIGHT_FD, { mmapSize: BigInt(size), mmapOffset: 0n, numQueues: 1, queueSize: SIZE }, [fd]);
+    await c.resetDevice();
+    await bringUp(c, g, { protocol: await c.getProtocolFeatures() });
+    g.post(0, 'fresh');
+    await waitFor(() => g.split(0).usedIdx() === 1, 'a completion');
+    assert.deepEqual(g.collect(0), ['FRESH'], 'only the new request, nothing resubmitted from the dropped region');
+    assert.equal(u8[16], 1, 'the dropped region is not written any more');
+    assert.ok(!f.log.has(/resubmitted/));
+    await disconnect(c, f.server);
+  } finally {
+    a.unmap(region);
+    a.close(fd);
+    g.close();
+    f.server.close();
+  }
+});
