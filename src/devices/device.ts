@@ -81,4 +81,10 @@ export interface VirtioDevice {
   reset(): void;
   /** Set by the link: called when the device hits a driver error it cannot recover from. */
   onFatal?: (err: Error) => void;
+  /**
+   * Announce the station with this MAC where it now lives (vhost-user
+   * SEND_RARP after a migration): a net device sends a RARP broadcast from it.
+   * Absent on devices with nothing to announce.
+   */
+  announce?(mac: Uint8Array): void;
 }

@@ -21,6 +21,7 @@
 import { type QueueStats, newQueueStats, type VirtioDevice } from '../devices/device';
 import { type HostedQueue, idleQueueState, QueueHost, ringFeaturesMoved } from '../devices/queue-host';
 import { GuestMemory } from '../memory/guest-memory';
+import { DirtyLog } from '../memory/dirty-log';
 import { MemoryError } from '../memory/memory-access';
 import { native, type Addon, type Poller } from '../native/addon';
 import {
@@ -41,6 +42,8 @@ import type { Logger } from '../log';
 import {
   type AnyMessageSpec,
   type ConfigSpace,
+  type LogArea,
+  type Rarp,
   decodeRequest,
   encodeAck,
   encodeReply,
@@ -81,10 +84,14 @@ const NOFD_POLL_MS = 1;
 /**
  * Virtio features this transport cannot carry whatever the device offers:
  * IOMMU/IOTLB translation (ring and buffer addresses would be IOVAs we cannot
- * resolve), and LOG_ALL until dirty logging is wired to SET_LOG_BASE.
- * Packed rings are carried (PackedQueue).
+ * resolve). LOG_ALL is the transport's own: every device writes guest memory
+ * through GuestMemory, which logs. Packed rings are carried (PackedQueue).
  */
 const TRANSPORT_MASK = bit(F_ACCESS_PLATFORM) | bit(VHOST_F_LOG_ALL);
+/** Bits of SET_FEATURES that are the transport's, never passed to the device. */
+const TRANSPORT_ACKED = bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL);
+/** A log this big covers 64 TiB of guest-physical space; anything larger is a mistake. */
+const MAX_LOG_SIZE = 2 ** 31;
 
 const PF = ProtocolFeature;
 
@@ -97,7 +104,9 @@ export function defaultProtocolFeatures(device: VirtioDevice): bigint {
     bit(PF.CONFIGURE_MEM_SLOTS) |
     bit(PF.STATUS) |
     bit(PF.RESET_DEVICE) |
-    bit(PF.INFLIGHT_SHMFD);
+    bit(PF.INFLIGHT_SHMFD) |
+    bit(PF.LOG_SHMFD);
+  if (device.announce !== undefined) f |= bit(PF.RARP);
   // QEMU's vhost-user-net takes the net config from its own command line and
   // masks CONFIG off anyway; blk (and anything else) needs it.
   if (device.deviceId !== VIRTIO_ID_NET) f |= bit(PF.CONFIG);
@@ -167,6 +176,8 @@ export class VhostUserBackend {
   private readonly regionRefs = new Map<string, number>();
   private ackedFeatures = 0n;
   private featuresSet = false;
+  /** The last SET_LOG_BASE's mapping; guest writes are logged into it while LOG_ALL is acked. */
+  private logArea: DirtyLog | null = null;
   private ackedProtocol = 0n;
   private owner = false;
   private driverStatus = 0;
@@ -463,8 +474,11 @@ export class VhostUserBackend {
       case Frontend.SET_INFLIGHT_FD.id:
         return this.setInflightFd(spec, req as Inflight, fds);
       case Frontend.SET_LOG_BASE.id:
+        return this.setLogBase(spec, req as LogArea, fds);
+      case Frontend.SEND_RARP.id:
+        return this.sendRarp(spec, req as Rarp);
       case Frontend.SET_LOG_FD.id:
-        throw new ProtocolError(spec.name, 'dirty logging is not supported by this back-end (LOG_ALL and LOG_SHMFD are not offered)', false);
+        throw new ProtocolError(spec.name, 'not supported by this back-end (the log is shared memory; nothing waits on a log eventfd)', false);
       default:
         throw new ProtocolError(spec.name, 'not supported by this back-end', false);
     }
@@ -473,7 +487,7 @@ export class VhostUserBackend {
   // ---- features --------------------------------------------------------------
 
   private offeredFeatures(): bigint {
-    return (this.device.features() & ~TRANSPORT_MASK) | bit(VHOST_USER_F_PROTOCOL_FEATURES);
+    return (this.device.features() & ~TRANSPORT_MASK) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL);
   }
 
   private setFeatures(spec: AnyMessageSpec, f: bigint): undefined {
@@ -481,8 +495,9 @@ export class VhostUserBackend {
     if (extra !== 0n) {
       throw new ProtocolError(spec.name, `features 0x${f.toString(16)} include bits never offered: 0x${extra.toString(16)}`, false);
     }
-    const deviceFeatures = f & ~bit(VHOST_USER_F_PROTOCOL_FEATURES);
-    if (!this.featuresSet || (this.ackedFeatures & ~bit(VHOST_USER_F_PROTOCOL_FEATURES)) !== deviceFeatures) {
+    // LOG_ALL comes and goes during a migration: the device never sees it, and its toggling is no renegotiation.
+    const deviceFeatures = f & ~TRANSPORT_ACKED;
+    if (!this.featuresSet || (this.ackedFeatures & ~TRANSPORT_ACKED) !== deviceFeatures) {
       try {
         this.device.setFeatures(deviceFeatures);
       } catch (e) {
@@ -500,6 +515,7 @@ export class VhostUserBackend {
       if (ringFeaturesMoved(v.queue, f) && v.dq !== null) this.stopRing(v);
       this.evaluate(v);
     }
+    this.applyLog();
     return undefined;
   }
 
@@ -578,6 +594,11 @@ export class VhostUserBackend {
       mem.clear();
       throw e;
     }
+    const uncovered = this.logProblem(this.logArea, mem);
+    if (uncovered !== null) {
+      mem.clear();
+      throw new ProtocolError(spec.name, `${uncovered} (QEMU grows the log before it grows the memory table)`, false);
+    }
     const running = this.stopAllRings();
     const old = this.mem;
     this.mem = mem;
@@ -586,6 +607,7 @@ export class VhostUserBackend {
     this.logger.info(
       `${this.label}: memory table: ${nums.map((r) => `guest 0x${r.guestAddr.toString(16)} +0x${r.size.toString(16)} (user 0x${r.userAddr.toString(16)})`).join(', ') || 'empty'}`,
     );
+    this.applyLog();
     this.restartRings(running);
     for (const v of this.vrings) this.evaluate(v);
     return undefined;
@@ -606,9 +628,17 @@ export class VhostUserBackend {
       throw new ProtocolError(spec.name, `all ${this.maxMemSlots} memory slots are in use`, false);
     }
     existing.forEach((e, i) => this.checkOverlap(spec, r, 'region', e, `existing region ${i}`));
+    if (this.logArea !== null) {
+      try {
+        this.logArea.checkCovers(r.guestAddr, r.size, 'the new region');
+      } catch (e) {
+        throw new ProtocolError(spec.name, asError(e, 'log').message, false);
+      }
+    }
     this.mapRegion(spec, mem, r, fds[0], 'region');
     this.regionRefs.set(key, 1);
     this.mem = mem;
+    this.applyLog();
     this.logger.info(`${this.label}: memory region added: guest 0x${r.guestAddr.toString(16)} +0x${r.size.toString(16)} (user 0x${r.userAddr.toString(16)})`);
     // Running queues re-validate their ring views themselves (the map's generation moved).
     for (const v of this.vrings) this.evaluate(v);
@@ -686,7 +716,7 @@ export class VhostUserBackend {
       desc: toAddress(spec, 'desc_user_addr', a.descUserAddr, false),
       used: toAddress(spec, 'used_user_addr', a.usedUserAddr, false),
       avail: toAddress(spec, 'avail_user_addr', a.availUserAddr, false),
-      // Kept for the day dirty logging lands: used-ring writes are logged at this guest address.
+      // With VHOST_VRING_F_LOG, used-ring writes are logged at this guest address (applyLog).
       log: toAddress(spec, 'log_guest_addr', a.logGuestAddr, false),
       flags: a.flags,
     };
@@ -696,6 +726,7 @@ export class VhostUserBackend {
     if (v.dq !== null) this.stopRing(v);
     v.addr = addrs;
     this.checkRingAddrs(spec, v);
+    this.applyLog();
     this.evaluate(v);
     return undefined;
   }
@@ -932,6 +963,122 @@ export class VhostUserBackend {
     }
   }
 
+  // ---- dirty logging and announce (migration) -----------------------------------
+
+  /**
+   * Map the log QEMU shares. It may come again (once per queue pair in QEMU
+   * 7.2, and with a new size when memory grows): the new mapping replaces the
+   * old one, which is unmapped. A log that does not cover every region is
+   * refused and the previous one stays.
+   */
+  private setLogBase(spec: AnyMessageSpec, l: LogArea, fds: number[]): null {
+    if (fds.length !== 1) throw new ProtocolError(spec.name, 'carries no fd (the log is shared memory under LOG_SHMFD)', false);
+    const size = toAddress(spec, 'mmap_size', l.mmapSize, false);
+    const offset = toAddress(spec, 'mmap_offset', l.mmapOffset, false);
+    if (size === 0 || size > MAX_LOG_SIZE) {
+      throw new ProtocolError(spec.name, `mmap_size 0x${size.toString(16)} is not in [1, 0x${MAX_LOG_SIZE.toString(16)}]`, false);
+    }
+    const a = this.addon;
+    const fd = fds[0];
+    let fileSize: number;
+    try {
+      fileSize = a.fdSize(fd);
+    } catch (e) {
+      throw new ProtocolError(spec.name, `cannot stat the log fd: ${asError(e, 'fstat').message}`, false);
+    }
+    if (fileSize > 0 && offset + size > fileSize) {
+      throw new ProtocolError(spec.name, `mmap_offset 0x${offset.toString(16)} + mmap_size 0x${size.toString(16)} runs past the end of the log fd (0x${fileSize.toString(16)} bytes)`, false);
+    }
+    const delta = offset % PAGE_SIZE;
+    let buf: ArrayBuffer;
+    try {
+      buf = a.mmap(fd, size + delta, offset - delta);
+    } catch (e) {
+      throw new ProtocolError(spec.name, `cannot map the log: ${asError(e, 'mmap').message}`, false);
+    }
+    const log = new DirtyLog(new Uint8Array(buf, delta, size), () => a.unmap(buf));
+    const problem = this.logProblem(log, this.mem);
+    if (problem !== null) {
+      log.close();
+      throw new ProtocolError(spec.name, problem, false);
+    }
+    const old = this.logArea;
+    this.logArea = log;
+    this.applyLog();
+    old?.close();
+    if (old === null || old.bytes.length !== size) this.logger.info(`${this.label}: dirty log of ${size} bytes mapped (covers guest [0, 0x${log.coverage.toString(16)}))`);
+    // QEMU waits for a reply with no payload (DPDK and QEMU's own test back-end send the same).
+    return null;
+  }
+
+  /** Why `log` cannot serve `mem` (a region or a used-ring log address it does not cover), or null. */
+  private logProblem(log: DirtyLog | null, mem: GuestMemory | null): string | null {
+    if (log === null) return null;
+    try {
+      if (mem !== null) mem.checkLogCovers(log);
+      for (const a of this.logAliases(mem)) log.checkCovers(a.target, a.len, `vring log_guest_addr range`);
+    } catch (e) {
+      if (e instanceof MemoryError) return e.message;
+      throw e;
+    }
+    return null;
+  }
+
+  /** Used rings whose writes are logged at log_guest_addr (VHOST_VRING_F_LOG), in guest addresses. */
+  private logAliases(mem: GuestMemory | null): { start: number; len: number; target: number }[] {
+    const out: { start: number; len: number; target: number }[] = [];
+    if (mem === null) return out;
+    for (const v of this.vrings) {
+      const a = v.addr;
+      if (a === null || (a.flags & (1 << VHOST_VRING_F_LOG)) === 0 || v.num === 0) continue;
+      const len = this.packed ? VRING_PACKED_EVENT_SIZE : 6 + VRING_USED_ELEM_SIZE * v.num;
+      try {
+        out.push({ start: mem.userToGuest(a.used, len), len, target: a.log });
+      } catch (e) {
+        // Not mapped (yet): the ring cannot start either, and says so itself.
+        if (!(e instanceof MemoryError)) throw e;
+      }
+    }
+    return out;
+  }
+
+  /**
+   * Point the memory's write path at the log while the front-end has LOG_ALL
+   * acked, and away from it otherwise (QEMU clears LOG_ALL when migration ends
+   * or is cancelled, and may send SET_LOG_BASE before it sets LOG_ALL).
+   */
+  private applyLog(): void {
+    const mem = this.mem;
+    if (mem === null) return;
+    const log = this.logArea;
+    if (log === null || !hasFeature(this.ackedFeatures, VHOST_F_LOG_ALL)) {
+      if (mem.dirtyLog !== null) this.logger.info(`${this.label}: dirty logging off`);
+      mem.setDirtyLog(null);
+      return;
+    }
+    try {
+      log.setAliases(this.logAliases(mem));
+    } catch (e) {
+      if (!(e instanceof MemoryError)) throw e;
+      // Logging the ring where it is still marks every page the guest sees change.
+      this.logger.warn(`${this.label}: ${e.message}; used rings are logged at their own addresses`);
+      log.setAliases([]);
+    }
+    if (mem.dirtyLog !== log) this.logger.info(`${this.label}: dirty logging on`);
+    mem.setDirtyLog(log);
+  }
+
+  private sendRarp(spec: AnyMessageSpec, r: Rarp): undefined {
+    const announce = this.device.announce;
+    if (announce === undefined) throw new ProtocolError(spec.name, 'this device has no station to announce', false);
+    try {
+      announce.call(this.device, r.mac);
+    } catch (e) {
+      throw new ProtocolError(spec.name, `device cannot announce: ${asError(e, 'announce').message}`, false);
+    }
+    return undefined;
+  }
+
   // ---- status, config, reset ----------------------------------------------------
 
   private setStatus(s: number): undefined {
@@ -1066,6 +1213,8 @@ export class VhostUserBackend {
     this.mem = null;
     for (const v of this.vrings) this.inflight.detach(v.queue);
     this.inflight.close();
+    this.logArea?.close();
+    this.logArea = null;
     this.opts.onClose?.(err);
   }
 }

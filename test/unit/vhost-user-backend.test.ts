@@ -73,7 +73,7 @@ test('full session over a real socket: negotiate, map a memfd, run rings, echo t
       assert.equal(feats & bit(F_ACCESS_PLATFORM), 0n, 'IOMMU translation is not');
       assert.ok(feats & bit(F_VERSION_1));
       const pf = await c.getProtocolFeatures();
-      const advertised = ['MQ', 'REPLY_ACK', 'BACKEND_REQ', 'CONFIG', 'CONFIGURE_MEM_SLOTS', 'STATUS', 'RESET_DEVICE', 'INFLIGHT_SHMFD'] as const;
+      const advertised = ['MQ', 'LOG_SHMFD', 'REPLY_ACK', 'BACKEND_REQ', 'CONFIG', 'CONFIGURE_MEM_SLOTS', 'STATUS', 'RESET_DEVICE', 'INFLIGHT_SHMFD'] as const;
       assert.equal(pf, advertised.reduce((m, n) => m | PF_BIT(n), 0n));
       await bringUp(c, g);
       assert.equal(await c.getQueueNum(), 2n);
@@ -624,7 +624,7 @@ const BAD: BadCase[] = [
     log: /VHOST_USER_GET_QUEUE_NUM: sent without negotiating protocol feature MQ; closing/,
   },
   {
-    name: 'unsupported message (dirty log) with REPLY_ACK',
+    name: 'unsupported message (log eventfd) with REPLY_ACK',
     replyAck: true,
     run: async (c) => {
       const fd = native().eventfd(0);
@@ -635,7 +635,7 @@ const BAD: BadCase[] = [
       }
       return 'failed';
     },
-    log: /VHOST_USER_SET_LOG_FD: dirty logging is not supported/,
+    log: /VHOST_USER_SET_LOG_FD: not supported by this back-end \(the log is shared memory/,
   },
   {
     name: 'bad header version',

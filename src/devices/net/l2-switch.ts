@@ -65,6 +65,10 @@ export class SwitchAttachment implements Port {
   detach(): void {
     this.sw.detach(this.port);
   }
+
+  forgetStations(): void {
+    this.sw.forget(this);
+  }
 }
 
 export class L2Switch {
@@ -119,11 +123,23 @@ export class L2Switch {
     const att = this.members[i];
     this.members.splice(i, 1);
     att.attached = false;
-    for (const [mac, e] of this.table) if (e.att === att) this.table.delete(mac);
+    this.forget(att);
     const j = this.pendingFlush.indexOf(att);
     if (j >= 0) this.pendingFlush.splice(j, 1);
     att.dirty = false;
     return true;
+  }
+
+  /** Forget the MACs learned on `att`, which stays attached. Returns how many were forgotten. */
+  forget(att: SwitchAttachment): number {
+    let n = 0;
+    for (const [mac, e] of this.table) {
+      if (e.att === att) {
+        this.table.delete(mac);
+        n++;
+      }
+    }
+    return n;
   }
 
   /** detach() plus disconnecting the endpoint's uplink. */

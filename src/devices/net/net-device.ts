@@ -34,6 +34,7 @@ import type { DeviceQueue } from '../device';
 import { COMMON_FEATURES, DeviceBase, NOTIFY_BATCH } from '../device-base';
 import { newEgressCounters, OffloadEgress, type EgressCounters } from './offload-egress';
 import { ETH_HLEN, MAX_FRAME, macFromName, parseMac, type Endpoint, type Port } from './port';
+import { rarpFrame } from './rarp';
 import {
   checkVnetHdr,
   copyVnetHdr,
@@ -305,6 +306,16 @@ export class NetDevice extends DeviceBase implements Endpoint {
   override reset(): void {
     super.reset();
     this.rxDirty.length = 0;
+    // Reset also ends every session: the guest that was learned here may now live behind another port.
+    this.uplink?.forgetStations?.();
+  }
+
+  /** SEND_RARP: tell the switch the guest with `mac` is now behind this port. */
+  announce(mac: Uint8Array): void {
+    const up = this.uplink;
+    if (up === null) throw new Error(`${this.name}: no uplink to announce ${Array.from(mac, (b) => b.toString(16).padStart(2, '0')).join(':')} on`);
+    up.deliver(rarpFrame(mac));
+    up.flush?.();
   }
 
   // ---- TX --------------------------------------------------------------------

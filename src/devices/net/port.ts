@@ -35,6 +35,13 @@ export interface Port {
    * batch work (a net device's RX interrupt) publish it here.
    */
   flush?(): void;
+  /**
+   * The station behind this uplink went away (its front-end disconnected, or
+   * it was reset): whatever was learned of it is stale. A switch forgets the
+   * MACs learned on the port, so traffic for a migrated guest floods until it
+   * is heard again, instead of going to a port with no one behind it.
+   */
+  forgetStations?(): void;
 }
 
 /** A port that also originates frames, towards its uplink. */

@@ -1,0 +1,115 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { native } from '../../src/native/addon';
+import { logBytesFor } from '../../src/memory/dirty-log';
+import { bit, F_VERSION_1 } from '../../src/virtio/constants';
+import { FrontendClient } from '../../src/vhost-user/frontend-client';
+import { Frontend } from '../../src/vhost-user/messages';
+import { VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG } from '../../src/vhost-user/protocol';
+import { VhostUserServer } from '../../src/vhost-user/server';
+import { bringUp, CaptureLogger, EchoDevice, Guest, GUEST_BASE, GUEST_SIZE, PF_BIT, tmpSocket, waitFor } from './vhost-user-harness';
+
+const PAGE = 4096;
+const BASE_FEATURES = bit(F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES);
+
+function dirty(log: Uint8Array, addr: number): boolean {
+  const p = Math.floor(addr / PAGE);
+  return ((log[Math.floor(p / 8)] >> p % 8) & 1) === 1;
+}
+
+/** A memfd log as QEMU makes one, mapped on our side too so the test can read the bits. */
+function makeLog(bytes: number): { fd: number; buf: ArrayBuffer; log: Uint8Array } {
+  const a = native();
+  const size = Math.ceil(bytes / PAGE) * PAGE;
+  const fd = a.memfd('vb-log', size);
+  const buf = a.mmap(fd, size, 0);
+  return { fd, buf, log: new Uint8Array(buf, 0, bytes) };
+}
+
+test('migration over vhost-user: LOG_ALL and LOG_SHMFD offered; SET_LOG_BASE is answered, repeated, and every device write and used-ring write is logged while LOG_ALL is on', async () => {
+  const dev = new EchoDevice('dl-echo');
+  const logger = new CaptureLogger();
+  const path = tmpSocket('dl-echo');
+  const server = new VhostUserServer(path, dev, logger);
+  server.listen();
+  const g = new Guest(1);
+  const a = native();
+  const need = logBytesFor(GUEST_BASE + GUEST_SIZE);
+  const first = makeLog(need);
+  const second = makeLog(need);
+  const c = FrontendClient.connect(path);
+  try {
+    assert.notEqual((await c.getFeatures()) & bit(VHOST_F_LOG_ALL), 0n, 'LOG_ALL offered');
+    assert.notEqual((await c.getProtocolFeatures()) & PF_BIT('LOG_SHMFD'), 0n, 'LOG_SHMFD offered');
+    await bringUp(c, g, { features: BASE_FEATURES, queues: [0] });
+
+    // Before migration: no log, nothing marked.
+    g.post(0, 'before');
+    await waitFor(() => g.collect(0).length === 1, 'echo before logging');
+
+    // QEMU 7.2's order: SET_LOG_BASE (reply awaited), SET_FEATURES | LOG_ALL, SET_VRING_ADDR with the LOG flag.
+    const r1 = await c.callWithFds(Frontend.SET_LOG_BASE, { mmapSize: BigInt(need), mmapOffset: 0n }, [first.fd]);
+    assert.equal(r1.reply, null, 'an empty reply, as QEMU expects');
+    // Once per queue pair: a second log replaces the first.
+    await c.callWithFds(Frontend.SET_LOG_BASE, { mmapSize: BigInt(need), mmapOffset: 0n }, [second.fd]);
+    await c.setFeatures(BASE_FEATURES | bit(VHOST_F_LOG_ALL));
+    const usedGpa = g.split(0).usedAddr;
+    await c.setVringAddr({ ...g.vringAddr(0), flags: 1 << VHOST_VRING_F_LOG, logGuestAddr: BigInt(usedGpa) });
+    await c.setVringKick(0, g.kick[0]);
+
+    const head = g.post(0, 'during migration');
+    const w = (g.split(0).segmentsOf(head) ?? []).find((s) => s.writable);
+    assert.ok(w !== undefined);
+    await waitFor(() => g.collect(0).length === 1, 'echo while logging');
+    assert.ok(dirty(second.log, w.addr), 'the buffer the device wrote is dirty');
+    assert.ok(dirty(second.log, usedGpa), 'the used ring is dirty');
+    assert.ok(first.log.every((b) => b === 0), 'the replaced log is not written');
+    assert.ok(!dirty(second.log, GUEST_BASE + GUEST_SIZE - PAGE), 'an untouched page is clean');
+
+    // Migration over: LOG_ALL cleared, writes are no longer logged.
+    second.log.fill(0);
+    await c.setFeatures(BASE_FEATURES);
+    g.post(0, 'after');
+    await waitFor(() => g.collect(0).length === 1, 'echo after logging');
+    assert.ok(second.log.every((b) => b === 0), 'nothing logged with LOG_ALL off');
+
+    // SET_STATUS 0 before GET_VRING_BASE (QEMU 7.2 at stop) keeps the position.
+    await c.setStatus(0);
+    assert.equal(await c.getVringBase(0), 3);
+    assert.deepEqual(logger.errors(), []);
+  } finally {
+    c.close();
+    await c.closed;
+    server.close();
+    g.close();
+    for (const l of [first, second]) {
+      a.unmap(l.buf);
+      a.close(l.fd);
+    }
+  }
+});
+
+test('SET_LOG_BASE with a log too small for the memory table is refused with a clear error', async () => {
+  const dev = new EchoDevice('dl-small');
+  const logger = new CaptureLogger();
+  const path = tmpSocket('dl-small');
+  const server = new VhostUserServer(path, dev, logger);
+  server.listen();
+  const g = new Guest(1);
+  const a = native();
+  const small = makeLog(logBytesFor(GUEST_BASE));
+  const c = FrontendClient.connect(path);
+  try {
+    await bringUp(c, g, { features: BASE_FEATURES, queues: [0] });
+    await assert.rejects(c.callWithFds(Frontend.SET_LOG_BASE, { mmapSize: BigInt(small.log.length), mmapOffset: 0n }, [small.fd]));
+    await waitFor(() => logger.errors().length > 0, 'the refusal to be logged');
+    assert.match(logger.errors()[0], /VHOST_USER_SET_LOG_BASE: dirty log of 131072 bytes covers guest \[0, 0x100000000\) but memory region \[0x100000000, 0x100400000\) needs 131200 bytes/);
+  } finally {
+    c.close();
+    await c.closed;
+    server.close();
+    g.close();
+    a.unmap(small.buf);
+    a.close(small.fd);
+  }
+});
