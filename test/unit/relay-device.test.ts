@@ -1036,3 +1036,29 @@ test('quiesce keeps TX chains the guest already counts sent; the backend gets th
   assert.deepEqual(g.collect(), [], 'no second completion reaches the guest');
   assert.deepEqual(r.fatal, []);
 });
+
+test('dirty logging: the relay\'s DMA writes into guest memory (read data, status byte) and its used-ring writes mark their pages; the backend never knows', async () => {
+  const file = tempDisk(1 << 20, 'relay-dirty-');
+  fs.writeFileSync(file, pattern(1 << 20, 3));
+  const blk = new BlkDevice({ name: 'relay-dirty', file, queueSize: 64 });
+  try {
+    const r = await rig({ device: blk, bar2Size: 512 * 1024 });
+    const g = r.guests[0] as Guest;
+    const top = Math.max(...g.mem.regions.map((x) => x.guestAddr + x.size));
+    const log = new Uint8Array(Math.ceil(top / (4096 * 8)));
+    g.mem.setDirtyLog(log);
+    const dirty = (addr: number): boolean => ((log[Math.floor(addr / 4096 / 8)] >> Math.floor(addr / 4096) % 8) & 1) === 1;
+    const head = g.driver.addChain([{ data: blkHeader(BLK_T_IN, 16) }, { writable: true, len: 8192 }, { writable: true, len: 1 }], { indirect: true });
+    const segs = (g.driver.segmentsOf(head) ?? []).filter((s) => s.writable);
+    r.relay.kick(0);
+    await until(() => g.driver.usedIdx() === 1, 'read completion');
+    assert.equal(g.driver.popUsed()?.len, 8193);
+    assert.deepEqual(g.driver.readBytes(segs[0]!.addr, 8192), pattern(1 << 20, 3).subarray(16 * 512, 16 * 512 + 8192));
+    for (const a of [segs[0]!.addr, segs[0]!.addr + 8191, segs[1]!.addr]) assert.ok(dirty(a), `page of 0x${a.toString(16)} dirty`);
+    assert.ok(dirty(g.driver.usedAddr), 'used ring page dirty');
+    g.mem.setDirtyLog(null);
+    assert.deepEqual(r.fatal, []);
+  } finally {
+    blk.close();
+  }
+});
