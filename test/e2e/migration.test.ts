@@ -1,0 +1,231 @@
+/**
+ * Live migration of a guest on bridge functions, QEMU on both sides of one
+ * host: memfd RAM with share=on, the destination started with `-incoming`,
+ * each QEMU on its own function of one bridge, `migrate` over QMP.
+ *
+ * blk: two local blk functions on one image (and two on a control image
+ * through which the host tells the guest when to stop). The guest writes
+ * 64 KiB blocks with O_DIRECT and reads each back into a file in its RAM,
+ * then reads the disk again through the page cache, pass after pass,
+ * alternating two random data sets, and checks every pass. A write lost or
+ * repeated at the switch-over shows as a bad pass. Whether the device logs
+ * its DMA is checked by the page cache: the guest's last pass fills it after
+ * QEMU's first sweep over RAM, and the destination reads it back; pages the
+ * device wrote without marking them arrive as they were swept (seen failing
+ * with logging disabled). First a migration is cancelled half-way
+ * (bandwidth held low): the source must go on working; then the real one.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { startGuest, kv, type Guest, type GuestOptions } from '../support/qemu-guest';
+import { withHeavyLock } from '../support/heavy-lock';
+import { startBridgeFixture } from '../support/bridge-fixture';
+import { md5OfRange } from '../support/storage-daemon';
+import { hostGo } from '../support/blk-scripts';
+import { QmpClient } from '../support/qmp';
+import { waitFor } from '../support/wait';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const BLOCKS = 64;
+const BLOCK = 64 * KiB;
+/** Blocks read through the page cache each pass: the written ones, then random data the host put there. */
+const CACHED_BLOCKS = 512;
+
+const BLK_SCRIPT = `
+# Held open: the kernel drops a block device's page cache when its last opener closes it.
+exec 3< /dev/vda
+N=${BLOCKS}
+dd if=/dev/urandom of=/tmp/d0 bs=64k count=$N 2>/dev/null
+dd if=/dev/urandom of=/tmp/d1 bs=64k count=$N 2>/dev/null
+dd if=/dev/vda of=/tmp/rest bs=64k skip=$N count=$((${CACHED_BLOCKS} - N)) iflag=direct 2>/dev/null
+m0=$(md5sum < /tmp/d0 | cut -c1-32); m1=$(md5sum < /tmp/d1 | cut -c1-32)
+e0=$(cat /tmp/d0 /tmp/rest | md5sum | cut -c1-32); e1=$(cat /tmp/d1 /tmp/rest | md5sum | cut -c1-32)
+rm /tmp/rest
+echo MD5_0=$m0
+echo MD5_1=$m1
+echo WHOLE_0=$e0
+echo WHOLE_1=$e1
+p=0; bad=0; f=0
+# One pass: every block written (O_DIRECT) with this pass's data and read back into RAM, then
+# ${CACHED_BLOCKS / 16} MiB read again through the page cache, which only the device's DMA fills.
+pass() {
+  s=$((p % 2)); k=0
+  while [ $k -lt $N ]; do
+    dd if=/tmp/d$s of=/dev/vda bs=64k skip=$k seek=$k count=1 oflag=direct 2>/dev/null || f=$((f+1))
+    dd if=/dev/vda of=/tmp/back bs=64k skip=$k seek=$k count=1 iflag=direct conv=notrunc 2>/dev/null || f=$((f+1))
+    k=$((k+1))
+  done
+  [ "$(md5sum < /tmp/back | cut -c1-32)" = "$(eval echo \\$m$s)" ] || { bad=$((bad+1)); echo BADPASS=$p; }
+  echo 3 > /proc/sys/vm/drop_caches
+  [ "$(dd if=/dev/vda bs=64k count=${CACHED_BLOCKS} 2>/dev/null | md5sum | cut -c1-32)" = "$(eval echo \\$e$s)" ] || { bad=$((bad+1)); echo BADREAD=$p; }
+  p=$((p+1)); echo PASS=$p
+}
+ctl() { dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | head -c 3; }
+while [ "$(ctl)" != end ]; do pass; done
+echo STOPPED=$p
+while [ "$(ctl)" != chk ]; do usleep 20000; done
+# Served from the page cache the last pass filled by DMA while the guest was being copied:
+# unless the device logged those writes, the destination holds the pages as they were copied.
+echo CACHE_MD5=$(dd if=/dev/vda bs=64k count=${CACHED_BLOCKS} 2>/dev/null | md5sum | cut -c1-32)
+echo CACHE_OF=$s
+pass
+echo PASSES=$p
+echo BAD=$bad
+echo FAILS=$f
+echo LAST=$s
+echo DISK_MD5=$(dd if=/dev/vda bs=64k count=$N iflag=direct 2>/dev/null | md5sum | cut -c1-32)
+echo IOERR=$(dmesg | grep -c 'I/O error')
+`;
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address();
+      s.close(() => (typeof a === 'object' && a !== null ? resolve(a.port) : reject(new Error('no port'))));
+    });
+  });
+}
+
+interface MigrateInfo {
+  status: string;
+  'total-time'?: number;
+  downtime?: number;
+  ram?: { transferred: number; 'dirty-sync-count': number };
+  'error-desc'?: string;
+}
+
+async function migrationStatus(qmp: QmpClient, until: (m: MigrateInfo) => boolean, timeoutMs: number): Promise<MigrateInfo> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const m = await qmp.execute<MigrateInfo>('query-migrate');
+    if (until(m)) return m;
+    if (m.status === 'failed') throw new Error(`migration failed: ${m['error-desc'] ?? JSON.stringify(m)}`);
+    if (Date.now() > end) throw new Error(`migration still ${m.status} after ${timeoutMs} ms: ${JSON.stringify(m)}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Highest PASS=n printed so far. */
+function passes(g: Guest): number {
+  let n = 0;
+  for (const m of g.output().matchAll(/^PASS=(\d+)$/gm)) n = Math.max(n, Number(m[1]));
+  return n;
+}
+
+/** A destination: the same machine as the source, on other sockets, waiting for the migration stream. */
+async function startDestination(base: GuestOptions, name: string, blks: GuestOptions['blks'], qmpSocket: string): Promise<{ g: Guest; qmp: QmpClient; port: number }> {
+  const port = await freePort();
+  const g = await startGuest({ ...base, name, blks, qmpSocket, extraArgs: ['-incoming', `tcp:127.0.0.1:${port}`] });
+  // QMP answers only once QEMU's main loop runs, which is after the incoming listener is up.
+  const qmp = await QmpClient.connect(qmpSocket);
+  const st = await qmp.execute<{ status: string }>('query-status');
+  assert.equal(st.status, 'inmigrate');
+  return { g, qmp, port };
+}
+
+test('migration, blk: a cancelled migration leaves the source working; then the guest moves under writes and reads, nothing lost, every pass checks out', { timeout: 900_000 }, async () => {
+  await withHeavyLock(async () => {
+    const fx = await startBridgeFixture({
+      functions: [
+        { name: 'src-data', type: 'blk', socket: 'src-data.sock', backend: { file: 'data.img' } },
+        { name: 'dst-data', type: 'blk', socket: 'dst-data.sock', backend: { file: 'data.img' } },
+        { name: 'src-ctl', type: 'blk', socket: 'src-ctl.sock', backend: { file: 'ctl.img', size: '1M' } },
+        { name: 'dst-ctl', type: 'blk', socket: 'dst-ctl.sock', backend: { file: 'ctl.img' } },
+      ],
+    }, (dir) => {
+      fs.writeFileSync(path.join(dir, 'data.img'), Buffer.concat([Buffer.alloc(BLOCKS * BLOCK), crypto.randomBytes((CACHED_BLOCKS - BLOCKS) * BLOCK)]));
+      fs.writeFileSync(path.join(dir, 'ctl.img'), Buffer.alloc(MiB));
+    });
+    const guests: Guest[] = [];
+    const qmps: QmpClient[] = [];
+    try {
+      // init_on_alloc=0: Debian's kernel otherwise zeroes every page it allocates, and that CPU
+      // write puts fresh page-cache pages in QEMU's own dirty bitmap, hiding a device that
+      // forgets to log the DMA that fills them.
+      const base: GuestOptions = { name: 'mig-src', script: BLK_SCRIPT, memMiB: 256, append: 'init_on_alloc=0', timeoutMs: 800_000 };
+      const srcQmpPath = path.join(fx.dir, 'src.qmp');
+      const src = await startGuest({ ...base, blks: [{ socket: fx.socket('src-data') }, { socket: fx.socket('src-ctl') }], qmpSocket: srcQmpPath });
+      guests.push(src);
+      const qmp = await QmpClient.connect(srcQmpPath);
+      qmps.push(qmp);
+      await src.waitFor(/^PASS=1$/m, 300_000);
+      const dstBlks = [{ socket: fx.socket('dst-data') }, { socket: fx.socket('dst-ctl') }];
+
+      // 1. Cancelled half-way: with the bandwidth held low the copy is still going when we cancel.
+      const d1 = await startDestination(base, 'mig-dst1', dstBlks, path.join(fx.dir, 'dst1.qmp'));
+      guests.push(d1.g);
+      qmps.push(d1.qmp);
+      await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 4 * MiB });
+      await qmp.execute('migrate', { uri: `tcp:127.0.0.1:${d1.port}` });
+      await migrationStatus(qmp, (m) => m.status === 'active' && (m.ram?.transferred ?? 0) > 2 * MiB, 120_000);
+      await qmp.execute('migrate_cancel');
+      await migrationStatus(qmp, (m) => m.status === 'cancelled', 60_000);
+      assert.equal((await qmp.execute<{ status: string }>('query-status')).status, 'running', 'the source runs on after the cancel');
+      await d1.g.kill(); // its incoming stream broke off: it has nothing to run
+      const afterCancel = passes(src);
+      const reqsAfterCancel = fx.queue('src-data', 0).descriptors;
+      await waitFor('two more passes on the source after the cancel', () => passes(src) >= afterCancel + 2, 300_000, 200);
+      assert.ok(fx.queue('src-data', 0).descriptors > reqsAfterCancel, 'the source function still serves the guest');
+      assert.doesNotMatch(src.output(), /BADPASS|BADREAD/, 'a pass went wrong around the cancelled migration');
+
+      // 2. The real one. Held slow at first so that the guest's last pass runs (writes, reads, page
+      // cache filled by DMA) while its memory is being copied; then let through at full speed.
+      const d2 = await startDestination(base, 'mig-dst2', dstBlks, path.join(fx.dir, 'dst2.qmp'));
+      guests.push(d2.g);
+      qmps.push(d2.qmp);
+      const reqsBefore = fx.queue('src-data', 0).descriptors;
+      // A downtime no iteration can meet: the migration must not converge (and stop the source) before we let it.
+      await qmp.execute('migrate-set-parameters', { 'downtime-limit': 1 });
+      await qmp.execute('migrate', { uri: `tcp:127.0.0.1:${d2.port}` });
+      // Once the first sweep over RAM is over, pages the last pass's reads fill were copied
+      // already: they reach the destination again only if the device's DMA marked them dirty.
+      await migrationStatus(qmp, (m) => (m.ram?.['dirty-sync-count'] ?? 0) >= 2, 300_000);
+      const swept = passes(src);
+      // Two passes on, so the guest's last pass (it stops at a pass boundary) starts after the sweep.
+      await waitFor('two passes after the first sweep', () => passes(src) >= swept + 2, 120_000, 100);
+      hostGo(path.join(fx.dir, 'ctl.img'), 'end');
+      await src.waitFor(/^STOPPED=\d+$/m, 120_000);
+      const mid = await qmp.execute<MigrateInfo>('query-migrate');
+      assert.equal(mid.status, 'active', 'the migration ended before the guest\'s last pass: nothing would check its DMA writes were logged');
+      await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 * MiB, 'downtime-limit': 300 });
+      const done = await migrationStatus(qmp, (m) => m.status === 'completed', 300_000);
+      const reqsDuring = fx.queue('src-data', 0).descriptors - reqsBefore;
+      const passesAtSwitch = passes(src);
+      await qmp.execute('quit').catch(() => undefined); // as libvirt does; QEMU may close QMP before it answers
+      await src.done;
+      assert.ok(reqsDuring > 100, `the guest did ${reqsDuring} requests while it migrated`);
+      assert.equal((await d2.qmp.execute<{ status: string }>('query-status')).status, 'running');
+      const dstReqs = fx.queue('dst-data', 0).descriptors;
+      hostGo(path.join(fx.dir, 'ctl.img'), 'chk');
+      const r = await d2.g.done;
+      const v = kv(r.output);
+      assert.ok(fx.queue('dst-data', 0).descriptors > dstReqs + 100, 'the destination function served the last pass');
+      const all = src.output() + r.output;
+      assert.equal(r.rc, 0, `guest failed:\n${r.output.slice(-3000)}`);
+      assert.doesNotMatch(all, /BADPASS|BADREAD/, 'a pass read back something other than it wrote');
+      const srcKv = kv(src.output());
+      assert.equal(v.CACHE_MD5, v.CACHE_OF === '0' ? srcKv.WHOLE_0 : srcKv.WHOLE_1, 'the page cache filled by DMA during the migration arrived stale: the writes were not logged');
+      assert.equal(v.BAD, '0');
+      assert.equal(v.FAILS, '0', 'dd reported I/O failures');
+      assert.equal(v.IOERR, '0', 'the guest kernel logged I/O errors');
+      assert.equal(Number(v.PASSES), passesAtSwitch + 1, 'one pass on the destination after the check');
+      const want = v.LAST === '0' ? srcKv.MD5_0 : srcKv.MD5_1;
+      assert.match(want, /^[0-9a-f]{32}$/);
+      assert.equal(v.DISK_MD5, want, 'the disk does not hold the last pass');
+      assert.equal(await md5OfRange(path.join(fx.dir, 'data.img'), 0, BLOCKS * BLOCK), want, 'the host image does not hold the last pass');
+      for (const f of fx.bridge.stats().functions) assert.equal(f.needsReset, false, `${f.name} needs reset`);
+      process.stderr.write(`migration: total ${done['total-time']} ms, downtime ${done.downtime} ms, ${reqsDuring} requests during it\n`);
+    } finally {
+      for (const q of qmps) q.close();
+      for (const g of guests) await g.kill();
+      await fx.close();
+    }
+  });
+});
