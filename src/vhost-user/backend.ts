@@ -1073,6 +1073,7 @@ export class VhostUserBackend {
     if (announce === undefined) throw new ProtocolError(spec.name, 'this device has no station to announce', false);
     try {
       announce.call(this.device, r.mac);
+      this.logger.info(`${this.label}: ${spec.name}: announced ${Array.from(r.mac, (x) => x.toString(16).padStart(2, '0')).join(':')}`);
     } catch (e) {
       throw new ProtocolError(spec.name, `device cannot announce: ${asError(e, 'announce').message}`, false);
     }

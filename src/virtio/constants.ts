@@ -60,6 +60,8 @@ export const NET_F_HOST_UFO = 14;
 export const NET_F_MRG_RXBUF = 15;
 export const NET_F_STATUS = 16;
 export const NET_F_CTRL_VQ = 17;
+/** The driver announces itself (gratuitous ARP) when the device asks, after a migration. */
+export const NET_F_GUEST_ANNOUNCE = 21;
 export const NET_F_CTRL_RX = 18;
 export const NET_F_MQ = 22;
 export const NET_S_LINK_UP = 1;

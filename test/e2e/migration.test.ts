@@ -27,6 +27,8 @@ import { startBridgeFixture } from '../support/bridge-fixture';
 import { md5OfRange } from '../support/storage-daemon';
 import { hostGo } from '../support/blk-scripts';
 import { QmpClient } from '../support/qmp';
+import { findSwitch } from '../../src/devices/net/l2-switch';
+import { parseMac } from '../../src/devices/net/port';
 import { waitFor } from '../support/wait';
 
 const KiB = 1024;
@@ -120,9 +122,15 @@ function passes(g: Guest): number {
 }
 
 /** A destination: the same machine as the source, on other sockets, waiting for the migration stream. */
-async function startDestination(base: GuestOptions, name: string, blks: GuestOptions['blks'], qmpSocket: string): Promise<{ g: Guest; qmp: QmpClient; port: number }> {
+async function startDestination(
+  base: GuestOptions,
+  name: string,
+  blks: GuestOptions['blks'],
+  qmpSocket: string,
+  nets?: GuestOptions['nets'],
+): Promise<{ g: Guest; qmp: QmpClient; port: number }> {
   const port = await freePort();
-  const g = await startGuest({ ...base, name, blks, qmpSocket, extraArgs: ['-incoming', `tcp:127.0.0.1:${port}`] });
+  const g = await startGuest({ ...base, name, blks, nets, qmpSocket, extraArgs: ['-incoming', `tcp:127.0.0.1:${port}`] });
   // QMP answers only once QEMU's main loop runs, which is after the incoming listener is up.
   const qmp = await QmpClient.connect(qmpSocket);
   const st = await qmp.execute<{ status: string }>('query-status');
@@ -222,6 +230,102 @@ test('migration, blk: a cancelled migration leaves the source working; then the 
       assert.equal(await md5OfRange(path.join(fx.dir, 'data.img'), 0, BLOCKS * BLOCK), want, 'the host image does not hold the last pass');
       for (const f of fx.bridge.stats().functions) assert.equal(f.needsReset, false, `${f.name} needs reset`);
       process.stderr.write(`migration: total ${done['total-time']} ms, downtime ${done.downtime} ms, ${reqsDuring} requests during it\n`);
+    } finally {
+      for (const q of qmps) q.close();
+      for (const g of guests) await g.kill();
+      await fx.close();
+    }
+  });
+});
+
+const IP_A = '198.18.0.1';
+const IP_B = '198.18.0.2';
+const MAC_A = '52:54:00:00:09:0a';
+const CHUNKS = 100;
+
+/** Guest A's sender, run by `nc -e` with the connection as stdout: a 64 KiB chunk every 0.1 s at most. */
+const SEND = `#!/bin/sh
+i=0; while [ $i -lt ${CHUNKS} ]; do dd if=/tmp/blob bs=64k skip=$i count=1 2>/dev/null; usleep 100000; i=$((i+1)); done
+`;
+
+const NET_A = `
+ip link set eth0 up && ip addr add ${IP_A}/24 dev eth0
+dd if=/dev/urandom of=/tmp/blob bs=64k count=${CHUNKS} 2>/dev/null
+echo SEND_MD5=$(md5sum < /tmp/blob | cut -c1-32)
+until nc ${IP_B} 5000 -e /send.sh; do usleep 200000; done
+echo SENT=1
+# Up until B has its stats: B connects once it is done.
+nc -l -p 5001 > /dev/null
+echo FIN=1
+`;
+
+const NET_B = `
+ip link set eth0 up && ip addr add ${IP_B}/24 dev eth0
+until ping -c1 -W1 ${IP_A} >/dev/null 2>&1; do usleep 200000; done
+ping -i 0.2 ${IP_A} > /tmp/ping 2>&1 &
+pp=$!
+nc -l -p 5000 > /tmp/got
+kill -INT $pp; wait $pp
+echo GOT_MD5=$(md5sum < /tmp/got | cut -c1-32)
+echo GOT_SIZE=$(wc -c < /tmp/got)
+echo PINGS="$(grep -o '[0-9]* packets transmitted, [0-9]* packets received' /tmp/ping)"
+until nc ${IP_A} 5001 -e /bin/true; do usleep 200000; done
+`;
+
+test('migration, net: a guest streaming TCP to a peer and pinged by it moves between two functions on one switch; the stream arrives intact, a few pings lost at most, the switch learns the new port at once', { timeout: 900_000 }, async () => {
+  await withHeavyLock(async () => {
+    const fx = await startBridgeFixture({
+      functions: [
+        { name: 'a-src', type: 'net', socket: 'a-src.sock', backend: { switch: 'sw-mig' } },
+        { name: 'a-dst', type: 'net', socket: 'a-dst.sock', backend: { switch: 'sw-mig' } },
+        { name: 'peer', type: 'net', socket: 'peer.sock', backend: { switch: 'sw-mig' } },
+      ],
+    });
+    const guests: Guest[] = [];
+    const qmps: QmpClient[] = [];
+    try {
+      const base: GuestOptions = { name: 'mig-net-a', script: NET_A, memMiB: 256, files: [{ path: '/send.sh', data: SEND, mode: 0o755 }], timeoutMs: 600_000 };
+      const srcQmpPath = path.join(fx.dir, 'a.qmp');
+      const a = await startGuest({ ...base, nets: [{ socket: fx.socket('a-src'), mac: MAC_A }], qmpSocket: srcQmpPath });
+      guests.push(a);
+      const b = await startGuest({ name: 'mig-net-b', script: NET_B, memMiB: 256, nets: [{ socket: fx.socket('peer'), mac: '52:54:00:00:09:0b' }], timeoutMs: 600_000 });
+      guests.push(b);
+      const qmp = await QmpClient.connect(srcQmpPath);
+      qmps.push(qmp);
+      const dst = await startDestination(base, 'mig-net-a-dst', [], path.join(fx.dir, 'a-dst.qmp'), [{ socket: fx.socket('a-dst'), mac: MAC_A }]);
+      guests.push(dst.g);
+      qmps.push(dst.qmp);
+      // Migrate once the stream is well under way (a tenth of it has reached B).
+      await waitFor('the stream to start', () => fx.queue('peer', 0).bytes > (CHUNKS * BLOCK) / 10, 120_000, 50).catch((e: Error) => {
+        throw new Error(`${e.message}\n--- A ---\n${a.output().slice(-2000)}\n--- B ---\n${b.output().slice(-2000)}`);
+      });
+      await qmp.execute('migrate', { uri: `tcp:127.0.0.1:${dst.port}` });
+      const done = await migrationStatus(qmp, (m) => m.status === 'completed', 300_000);
+      const sw = findSwitch('sw-mig');
+      assert.ok(sw !== undefined);
+      // SEND_RARP (or the guest's own announcement) moves A's MAC to the destination's port before the source is gone.
+      await waitFor('A to be learned on the destination port', () => sw.lookup(parseMac(MAC_A))?.name === 'a-dst', 10_000);
+      const bytesAtSwitch = fx.queue('peer', 0).bytes;
+      await qmp.execute('quit').catch(() => undefined);
+      await a.done;
+      const [rb, rd] = await Promise.all([b.done, dst.g.done]);
+      const vb = kv(rb.output);
+      const va = kv(a.output());
+      assert.equal(rb.rc, 0, `guest B failed:\n${rb.output.slice(-3000)}`);
+      assert.equal(rd.rc, 0, `guest A failed on the destination:\n${rd.output.slice(-3000)}`);
+      assert.ok(bytesAtSwitch < CHUNKS * BLOCK, 'the stream was over before the switch-over');
+      assert.equal(kv(rd.output).SENT, '1');
+      assert.equal(vb.GOT_SIZE, String(CHUNKS * BLOCK), 'the stream arrived short');
+      assert.match(va.SEND_MD5, /^[0-9a-f]{32}$/);
+      assert.equal(vb.GOT_MD5, va.SEND_MD5, 'the stream arrived corrupted');
+      const pings = /^(\d+) packets transmitted, (\d+) packets received$/.exec(vb.PINGS);
+      assert.ok(pings !== null, `ping summary: ${vb.PINGS}`);
+      const [sent, got] = [Number(pings[1]), Number(pings[2])];
+      assert.ok(sent >= 20, `only ${sent} pings sent`);
+      assert.ok(sent - got <= 5, `${sent - got} of ${sent} pings lost`);
+      assert.ok(fx.queue('a-dst', 1).descriptors > 0, 'A sent nothing through the destination function');
+      for (const f of fx.bridge.stats().functions) assert.equal(f.needsReset, false, `${f.name} needs reset`);
+      process.stderr.write(`net migration: total ${done['total-time']} ms, downtime ${done.downtime} ms, pings ${got}/${sent}\n`);
     } finally {
       for (const q of qmps) q.close();
       for (const g of guests) await g.kill();

@@ -2,7 +2,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { native } from '../../src/native/addon';
 import { logBytesFor } from '../../src/memory/dirty-log';
-import { bit, F_VERSION_1 } from '../../src/virtio/constants';
+import { bit, F_VERSION_1, NET_F_GUEST_ANNOUNCE } from '../../src/virtio/constants';
+import { L2Switch } from '../../src/devices/net/l2-switch';
+import { NetDevice } from '../../src/devices/net/net-device';
+import { rarpFrame } from '../../src/devices/net/rarp';
 import { FrontendClient } from '../../src/vhost-user/frontend-client';
 import { Frontend } from '../../src/vhost-user/messages';
 import { VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG } from '../../src/vhost-user/protocol';
@@ -112,4 +115,35 @@ test('SET_LOG_BASE with a log too small for the memory table is refused with a c
     a.unmap(small.buf);
     a.close(small.fd);
   }
+});
+
+test('SEND_RARP over vhost-user: offered for net, the function broadcasts a RARP from the MAC on its switch port', async () => {
+  const sw = new L2Switch('dl-rarp');
+  const got: Uint8Array[] = [];
+  sw.attach({ name: 'watcher', deliver: (f) => void got.push(f.slice()) });
+  const dev = new NetDevice({ name: 'dl-rarp-net', mac: '02:00:00:00:00:0c' });
+  sw.plug(dev);
+  const logger = new CaptureLogger();
+  const path = tmpSocket('dl-rarp');
+  const server = new VhostUserServer(path, dev, logger);
+  server.listen();
+  const c = FrontendClient.connect(path);
+  try {
+    assert.notEqual(dev.features() & bit(NET_F_GUEST_ANNOUNCE), 0n, 'GUEST_ANNOUNCE offered');
+    const pf = await c.getProtocolFeatures();
+    assert.notEqual(pf & PF_BIT('RARP'), 0n, 'RARP offered');
+    await c.setProtocolFeatures(pf);
+    const mac = Uint8Array.of(0x52, 0x54, 0, 0x12, 0x34, 0x56);
+    await c.send(Frontend.SEND_RARP, { mac });
+    await waitFor(() => got.length === 1, 'the RARP on the switch');
+    assert.deepEqual(got[0], rarpFrame(mac));
+    assert.equal(sw.lookup(mac), dev);
+    assert.ok(logger.has(/SEND_RARP: announced 52:54:00:12:34:56/));
+  } finally {
+    c.close();
+    await c.closed;
+    server.close();
+  }
+  // The front-end went away: the switch forgets what it learned on the port.
+  await waitFor(() => sw.lookup(Uint8Array.of(0x52, 0x54, 0, 0x12, 0x34, 0x56)) === null, 'the MAC to be forgotten');
 });

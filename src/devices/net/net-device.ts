@@ -14,6 +14,7 @@ import {
   F_VERSION_1,
   hasFeature,
   NET_F_CSUM,
+  NET_F_GUEST_ANNOUNCE,
   NET_F_GUEST_CSUM,
   NET_F_GUEST_ECN,
   NET_F_GUEST_TSO4,
@@ -165,7 +166,8 @@ export class NetDevice extends DeviceBase implements Endpoint {
     this.backlogSize = opts.rxBacklog ?? 256;
     this.rx = new Array<RxQueue | null>(pairs).fill(null);
 
-    let f = COMMON_FEATURES | bit(NET_F_MAC) | bit(NET_F_STATUS) | bit(NET_F_MRG_RXBUF);
+    // GUEST_ANNOUNCE: the front-end (QEMU keeps the control queue it needs) asks the guest to announce itself after a migration.
+    let f = COMMON_FEATURES | bit(NET_F_MAC) | bit(NET_F_STATUS) | bit(NET_F_MRG_RXBUF) | bit(NET_F_GUEST_ANNOUNCE);
     if (pairs > 1) f |= bit(NET_F_MQ);
     if (this.mtu !== undefined) f |= bit(NET_F_MTU);
     if (opts.offloads !== false) {
