@@ -23,7 +23,8 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { startGuest, kv, type Guest, type GuestOptions } from '../support/qemu-guest';
 import { withHeavyLock } from '../support/heavy-lock';
-import { startBridgeFixture } from '../support/bridge-fixture';
+import { startBridgeFixture, type BridgeFixture } from '../support/bridge-fixture';
+import { startBackendProcess, type BackendProcess } from '../support/backend-process';
 import { md5OfRange } from '../support/storage-daemon';
 import { hostGo } from '../support/blk-scripts';
 import { QmpClient } from '../support/qmp';
@@ -138,101 +139,144 @@ async function startDestination(
   return { g, qmp, port };
 }
 
+/** Data image: the blocks the guest writes, then random data the host put there. */
+function writeDataImage(dir: string): void {
+  fs.writeFileSync(path.join(dir, 'data.img'), Buffer.concat([Buffer.alloc(BLOCKS * BLOCK), crypto.randomBytes((CACHED_BLOCKS - BLOCKS) * BLOCK)]));
+  fs.writeFileSync(path.join(dir, 'ctl.img'), Buffer.alloc(MiB));
+}
+
+/** The control disk's two functions: local ones, whatever carries the data disk. */
+const CTL_FUNCTIONS = [
+  { name: 'src-ctl', type: 'blk', socket: 'src-ctl.sock', backend: { file: 'ctl.img' } },
+  { name: 'dst-ctl', type: 'blk', socket: 'dst-ctl.sock', backend: { file: 'ctl.img' } },
+];
+
+/**
+ * The blk flow on functions src-data/dst-data (the data disk, on data.img
+ * whatever their link) and src-ctl/dst-ctl: boot, a cancelled migration, the
+ * source goes on; the real migration under I/O; the checks.
+ */
+async function blkMigration(fx: BridgeFixture, name: string): Promise<void> {
+  const guests: Guest[] = [];
+  const qmps: QmpClient[] = [];
+  try {
+    // init_on_alloc=0: Debian's kernel otherwise zeroes every page it allocates, and that CPU
+    // write puts fresh page-cache pages in QEMU's own dirty bitmap, hiding a device that
+    // forgets to log the DMA that fills them.
+    const base: GuestOptions = { name: `${name}-src`, script: BLK_SCRIPT, memMiB: 256, append: 'init_on_alloc=0', timeoutMs: 800_000 };
+    const srcQmpPath = path.join(fx.dir, 'src.qmp');
+    const src = await startGuest({ ...base, blks: [{ socket: fx.socket('src-data') }, { socket: fx.socket('src-ctl') }], qmpSocket: srcQmpPath });
+    guests.push(src);
+    const qmp = await QmpClient.connect(srcQmpPath);
+    qmps.push(qmp);
+    await src.waitFor(/^PASS=1$/m, 300_000);
+    const dstBlks = [{ socket: fx.socket('dst-data') }, { socket: fx.socket('dst-ctl') }];
+
+    // 1. Cancelled half-way: with the bandwidth held low the copy is still going when we cancel.
+    const d1 = await startDestination(base, `${name}-dst1`, dstBlks, path.join(fx.dir, 'dst1.qmp'));
+    guests.push(d1.g);
+    qmps.push(d1.qmp);
+    await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 4 * MiB });
+    await qmp.execute('migrate', { uri: `tcp:127.0.0.1:${d1.port}` });
+    await migrationStatus(qmp, (m) => m.status === 'active' && (m.ram?.transferred ?? 0) > 2 * MiB, 120_000);
+    await qmp.execute('migrate_cancel');
+    await migrationStatus(qmp, (m) => m.status === 'cancelled', 60_000);
+    assert.equal((await qmp.execute<{ status: string }>('query-status')).status, 'running', 'the source runs on after the cancel');
+    await d1.g.kill(); // its incoming stream broke off: it has nothing to run
+    const afterCancel = passes(src);
+    const reqsAfterCancel = fx.queue('src-data', 0).descriptors;
+    await waitFor('two more passes on the source after the cancel', () => passes(src) >= afterCancel + 2, 300_000, 200);
+    assert.ok(fx.queue('src-data', 0).descriptors > reqsAfterCancel, 'the source function still serves the guest');
+    assert.doesNotMatch(src.output(), /BADPASS|BADREAD/, 'a pass went wrong around the cancelled migration');
+
+    // 2. The real one. Held slow at first so that the guest's last pass runs (writes, reads, page
+    // cache filled by DMA) while its memory is being copied; then let through at full speed.
+    const d2 = await startDestination(base, `${name}-dst2`, dstBlks, path.join(fx.dir, 'dst2.qmp'));
+    guests.push(d2.g);
+    qmps.push(d2.qmp);
+    const reqsBefore = fx.queue('src-data', 0).descriptors;
+    // A downtime no iteration can meet: the migration must not converge (and stop the source) before we let it.
+    await qmp.execute('migrate-set-parameters', { 'downtime-limit': 1 });
+    await qmp.execute('migrate', { uri: `tcp:127.0.0.1:${d2.port}` });
+    // Once the first sweep over RAM is over, pages the last pass's reads fill were copied
+    // already: they reach the destination again only if the device's DMA marked them dirty.
+    await migrationStatus(qmp, (m) => (m.ram?.['dirty-sync-count'] ?? 0) >= 2, 300_000);
+    const swept = passes(src);
+    // Two passes on, so the guest's last pass (it stops at a pass boundary) starts after the sweep.
+    await waitFor('two passes after the first sweep', () => passes(src) >= swept + 2, 120_000, 100);
+    hostGo(path.join(fx.dir, 'ctl.img'), 'end');
+    await src.waitFor(/^STOPPED=\d+$/m, 120_000);
+    const mid = await qmp.execute<MigrateInfo>('query-migrate');
+    assert.equal(mid.status, 'active', 'the migration ended before the guest\'s last pass: nothing would check its DMA writes were logged');
+    await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 * MiB, 'downtime-limit': 300 });
+    const done = await migrationStatus(qmp, (m) => m.status === 'completed', 300_000);
+    const reqsDuring = fx.queue('src-data', 0).descriptors - reqsBefore;
+    const passesAtSwitch = passes(src);
+    await qmp.execute('quit').catch(() => undefined); // as libvirt does; QEMU may close QMP before it answers
+    await src.done;
+    assert.ok(reqsDuring > 100, `the guest did ${reqsDuring} requests while it migrated`);
+    assert.equal((await d2.qmp.execute<{ status: string }>('query-status')).status, 'running');
+    const dstReqs = fx.queue('dst-data', 0).descriptors;
+    hostGo(path.join(fx.dir, 'ctl.img'), 'chk');
+    const r = await d2.g.done;
+    const v = kv(r.output);
+    assert.ok(fx.queue('dst-data', 0).descriptors > dstReqs + 100, 'the destination function served the last pass');
+    const all = src.output() + r.output;
+    assert.equal(r.rc, 0, `guest failed:\n${r.output.slice(-3000)}`);
+    assert.doesNotMatch(all, /BADPASS|BADREAD/, 'a pass read back something other than it wrote');
+    const srcKv = kv(src.output());
+    assert.equal(v.CACHE_MD5, v.CACHE_OF === '0' ? srcKv.WHOLE_0 : srcKv.WHOLE_1, 'the page cache filled by DMA during the migration arrived stale: the writes were not logged');
+    assert.equal(v.BAD, '0');
+    assert.equal(v.FAILS, '0', 'dd reported I/O failures');
+    assert.equal(v.IOERR, '0', 'the guest kernel logged I/O errors');
+    assert.equal(Number(v.PASSES), passesAtSwitch + 1, 'one pass on the destination after the check');
+    const want = v.LAST === '0' ? srcKv.MD5_0 : srcKv.MD5_1;
+    assert.match(want, /^[0-9a-f]{32}$/);
+    assert.equal(v.DISK_MD5, want, 'the disk does not hold the last pass');
+    assert.equal(await md5OfRange(path.join(fx.dir, 'data.img'), 0, BLOCKS * BLOCK), want, 'the host image does not hold the last pass');
+    for (const f of fx.bridge.stats().functions) assert.equal(f.needsReset, false, `${f.name} needs reset`);
+    process.stderr.write(`${name}: total ${done['total-time']} ms, downtime ${done.downtime} ms, ${reqsDuring} requests during it\n`);
+  } finally {
+    for (const q of qmps) q.close();
+    for (const g of guests) await g.kill();
+  }
+}
+
 test('migration, blk: a cancelled migration leaves the source working; then the guest moves under writes and reads, nothing lost, every pass checks out', { timeout: 900_000 }, async () => {
   await withHeavyLock(async () => {
     const fx = await startBridgeFixture({
       functions: [
         { name: 'src-data', type: 'blk', socket: 'src-data.sock', backend: { file: 'data.img' } },
         { name: 'dst-data', type: 'blk', socket: 'dst-data.sock', backend: { file: 'data.img' } },
-        { name: 'src-ctl', type: 'blk', socket: 'src-ctl.sock', backend: { file: 'ctl.img', size: '1M' } },
-        { name: 'dst-ctl', type: 'blk', socket: 'dst-ctl.sock', backend: { file: 'ctl.img' } },
+        ...CTL_FUNCTIONS,
       ],
-    }, (dir) => {
-      fs.writeFileSync(path.join(dir, 'data.img'), Buffer.concat([Buffer.alloc(BLOCKS * BLOCK), crypto.randomBytes((CACHED_BLOCKS - BLOCKS) * BLOCK)]));
-      fs.writeFileSync(path.join(dir, 'ctl.img'), Buffer.alloc(MiB));
-    });
-    const guests: Guest[] = [];
-    const qmps: QmpClient[] = [];
+    }, writeDataImage);
     try {
-      // init_on_alloc=0: Debian's kernel otherwise zeroes every page it allocates, and that CPU
-      // write puts fresh page-cache pages in QEMU's own dirty bitmap, hiding a device that
-      // forgets to log the DMA that fills them.
-      const base: GuestOptions = { name: 'mig-src', script: BLK_SCRIPT, memMiB: 256, append: 'init_on_alloc=0', timeoutMs: 800_000 };
-      const srcQmpPath = path.join(fx.dir, 'src.qmp');
-      const src = await startGuest({ ...base, blks: [{ socket: fx.socket('src-data') }, { socket: fx.socket('src-ctl') }], qmpSocket: srcQmpPath });
-      guests.push(src);
-      const qmp = await QmpClient.connect(srcQmpPath);
-      qmps.push(qmp);
-      await src.waitFor(/^PASS=1$/m, 300_000);
-      const dstBlks = [{ socket: fx.socket('dst-data') }, { socket: fx.socket('dst-ctl') }];
-
-      // 1. Cancelled half-way: with the bandwidth held low the copy is still going when we cancel.
-      const d1 = await startDestination(base, 'mig-dst1', dstBlks, path.join(fx.dir, 'dst1.qmp'));
-      guests.push(d1.g);
-      qmps.push(d1.qmp);
-      await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 4 * MiB });
-      await qmp.execute('migrate', { uri: `tcp:127.0.0.1:${d1.port}` });
-      await migrationStatus(qmp, (m) => m.status === 'active' && (m.ram?.transferred ?? 0) > 2 * MiB, 120_000);
-      await qmp.execute('migrate_cancel');
-      await migrationStatus(qmp, (m) => m.status === 'cancelled', 60_000);
-      assert.equal((await qmp.execute<{ status: string }>('query-status')).status, 'running', 'the source runs on after the cancel');
-      await d1.g.kill(); // its incoming stream broke off: it has nothing to run
-      const afterCancel = passes(src);
-      const reqsAfterCancel = fx.queue('src-data', 0).descriptors;
-      await waitFor('two more passes on the source after the cancel', () => passes(src) >= afterCancel + 2, 300_000, 200);
-      assert.ok(fx.queue('src-data', 0).descriptors > reqsAfterCancel, 'the source function still serves the guest');
-      assert.doesNotMatch(src.output(), /BADPASS|BADREAD/, 'a pass went wrong around the cancelled migration');
-
-      // 2. The real one. Held slow at first so that the guest's last pass runs (writes, reads, page
-      // cache filled by DMA) while its memory is being copied; then let through at full speed.
-      const d2 = await startDestination(base, 'mig-dst2', dstBlks, path.join(fx.dir, 'dst2.qmp'));
-      guests.push(d2.g);
-      qmps.push(d2.qmp);
-      const reqsBefore = fx.queue('src-data', 0).descriptors;
-      // A downtime no iteration can meet: the migration must not converge (and stop the source) before we let it.
-      await qmp.execute('migrate-set-parameters', { 'downtime-limit': 1 });
-      await qmp.execute('migrate', { uri: `tcp:127.0.0.1:${d2.port}` });
-      // Once the first sweep over RAM is over, pages the last pass's reads fill were copied
-      // already: they reach the destination again only if the device's DMA marked them dirty.
-      await migrationStatus(qmp, (m) => (m.ram?.['dirty-sync-count'] ?? 0) >= 2, 300_000);
-      const swept = passes(src);
-      // Two passes on, so the guest's last pass (it stops at a pass boundary) starts after the sweep.
-      await waitFor('two passes after the first sweep', () => passes(src) >= swept + 2, 120_000, 100);
-      hostGo(path.join(fx.dir, 'ctl.img'), 'end');
-      await src.waitFor(/^STOPPED=\d+$/m, 120_000);
-      const mid = await qmp.execute<MigrateInfo>('query-migrate');
-      assert.equal(mid.status, 'active', 'the migration ended before the guest\'s last pass: nothing would check its DMA writes were logged');
-      await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 * MiB, 'downtime-limit': 300 });
-      const done = await migrationStatus(qmp, (m) => m.status === 'completed', 300_000);
-      const reqsDuring = fx.queue('src-data', 0).descriptors - reqsBefore;
-      const passesAtSwitch = passes(src);
-      await qmp.execute('quit').catch(() => undefined); // as libvirt does; QEMU may close QMP before it answers
-      await src.done;
-      assert.ok(reqsDuring > 100, `the guest did ${reqsDuring} requests while it migrated`);
-      assert.equal((await d2.qmp.execute<{ status: string }>('query-status')).status, 'running');
-      const dstReqs = fx.queue('dst-data', 0).descriptors;
-      hostGo(path.join(fx.dir, 'ctl.img'), 'chk');
-      const r = await d2.g.done;
-      const v = kv(r.output);
-      assert.ok(fx.queue('dst-data', 0).descriptors > dstReqs + 100, 'the destination function served the last pass');
-      const all = src.output() + r.output;
-      assert.equal(r.rc, 0, `guest failed:\n${r.output.slice(-3000)}`);
-      assert.doesNotMatch(all, /BADPASS|BADREAD/, 'a pass read back something other than it wrote');
-      const srcKv = kv(src.output());
-      assert.equal(v.CACHE_MD5, v.CACHE_OF === '0' ? srcKv.WHOLE_0 : srcKv.WHOLE_1, 'the page cache filled by DMA during the migration arrived stale: the writes were not logged');
-      assert.equal(v.BAD, '0');
-      assert.equal(v.FAILS, '0', 'dd reported I/O failures');
-      assert.equal(v.IOERR, '0', 'the guest kernel logged I/O errors');
-      assert.equal(Number(v.PASSES), passesAtSwitch + 1, 'one pass on the destination after the check');
-      const want = v.LAST === '0' ? srcKv.MD5_0 : srcKv.MD5_1;
-      assert.match(want, /^[0-9a-f]{32}$/);
-      assert.equal(v.DISK_MD5, want, 'the disk does not hold the last pass');
-      assert.equal(await md5OfRange(path.join(fx.dir, 'data.img'), 0, BLOCKS * BLOCK), want, 'the host image does not hold the last pass');
-      for (const f of fx.bridge.stats().functions) assert.equal(f.needsReset, false, `${f.name} needs reset`);
-      process.stderr.write(`migration: total ${done['total-time']} ms, downtime ${done.downtime} ms, ${reqsDuring} requests during it\n`);
+      await blkMigration(fx, 'mig');
     } finally {
-      for (const q of qmps) q.close();
-      for (const g of guests) await g.kill();
+      await fx.close();
+    }
+  });
+});
+
+test('migration, blk over the PCIe link: a backend process on each side; the bridge logs its DMA into guest memory, the backends never know', { timeout: 900_000 }, async () => {
+  await withHeavyLock(async () => {
+    const fx = await startBridgeFixture({
+      functions: [
+        { name: 'src-data', type: 'blk', socket: 'src-data.sock', backend: { link: 'pcie', attach: 'src-data.bar', 'bar-size': '16M' } },
+        { name: 'dst-data', type: 'blk', socket: 'dst-data.sock', backend: { link: 'pcie', attach: 'dst-data.bar', 'bar-size': '16M' } },
+        ...CTL_FUNCTIONS,
+      ],
+    }, writeDataImage);
+    const backends: BackendProcess[] = [];
+    try {
+      for (const side of ['src', 'dst']) {
+        backends.push(await startBackendProcess(['backend', 'blk', '--attach', path.join(fx.dir, `${side}-data.bar`), '--file', path.join(fx.dir, 'data.img')], 1));
+      }
+      await blkMigration(fx, 'mig-pcie');
+      for (const b of backends) assert.doesNotMatch(b.output(), /error/i, `backend ${b.pid}: ${b.output()}`);
+    } finally {
+      for (const b of backends) await b.stop();
       await fx.close();
     }
   });
