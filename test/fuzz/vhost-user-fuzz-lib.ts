@@ -29,7 +29,8 @@ import {
   BACKEND_BY_ID,
   ProtocolError,
 } from '../../src/vhost-user/messages';
-import { FLAG_NEED_REPLY, HEADER_SIZE, VERSION, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
+import { FLAG_NEED_REPLY, HEADER_SIZE, VERSION, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG } from '../../src/vhost-user/protocol';
+import { logBytesFor } from '../../src/memory/dirty-log';
 import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1 } from '../../src/virtio/constants';
 import { MockDriver } from '../../src/virtio/mock-driver';
 import { MockPackedDriver } from '../../src/virtio/mock-packed-driver';
@@ -39,7 +40,7 @@ import { Rng } from './rng';
 
 export { Rng };
 
-const ALL_PROTOCOL = PF_BIT('REPLY_ACK') | PF_BIT('MQ') | PF_BIT('CONFIGURE_MEM_SLOTS') | PF_BIT('STATUS') | PF_BIT('RESET_DEVICE') | PF_BIT('CONFIG') | PF_BIT('BACKEND_REQ') | PF_BIT('INFLIGHT_SHMFD');
+const ALL_PROTOCOL = PF_BIT('REPLY_ACK') | PF_BIT('MQ') | PF_BIT('CONFIGURE_MEM_SLOTS') | PF_BIT('STATUS') | PF_BIT('RESET_DEVICE') | PF_BIT('CONFIG') | PF_BIT('BACKEND_REQ') | PF_BIT('INFLIGHT_SHMFD') | PF_BIT('LOG_SHMFD');
 
 
 export interface FuzzReport {
@@ -188,7 +189,7 @@ function nearAddr(rng: Rng, base: number, span: number): bigint {
 function structured(rng: Rng, g: Guest, extraFds: number[]): Msg {
   const idx = rng.chance(0.9) ? rng.int(g.drivers.length) : rng.int(300);
   const flags = rng.chance(0.5) ? VERSION | FLAG_NEED_REPLY : VERSION;
-  switch (rng.int(10)) {
+  switch (rng.int(11)) {
     case 0: {
       const n = rng.int(4);
       const regions = Array.from({ length: n }, () => ({
@@ -246,6 +247,8 @@ function structured(rng: Rng, g: Guest, extraFds: number[]): Msg {
       };
     case 8:
       return inflightMessage(rng, g, extraFds, flags);
+    case 9:
+      return logMessage(rng, g, extraFds, flags);
     default:
       return { bytes: encodeRequest(rng.pick([Frontend.SET_STATUS, Frontend.GET_STATUS, Frontend.RESET_DEVICE, Frontend.RESET_OWNER, Frontend.GET_QUEUE_NUM]) as AnyMessageSpec, rng.chance(0.5) ? rng.int(256) : null, flags), fds: [] };
   }
@@ -270,6 +273,37 @@ function inflightMessage(rng: Rng, g: Guest, extraFds: number[], flags: number):
     a.unmap(buf);
   }
   return { bytes: encodeRequest(Frontend.SET_INFLIGHT_FD, desc, flags), fds: rng.chance(0.9) ? [fd] : [] };
+}
+
+/**
+ * Migration: SET_LOG_BASE with a log of random size and offset (mostly one that
+ * covers the guest, as QEMU sends it), LOG_ALL set or cleared, or a ring
+ * address with the LOG flag and a log_guest_addr near or far from its used ring.
+ */
+function logMessage(rng: Rng, g: Guest, extraFds: number[], flags: number): Msg {
+  const need = logBytesFor(GUEST_BASE + GUEST_SIZE);
+  switch (rng.int(3)) {
+    case 0: {
+      const size = rng.chance(0.7) ? need : rng.pick([1, need - 1, 4096, rng.int(4 * need) + 1]);
+      const a = native();
+      const fd = a.memfd('fuzz-log', Math.ceil(size / 4096) * 4096);
+      extraFds.push(fd);
+      const mmapSize = rng.chance(0.85) ? BigInt(size) : rng.pick([0n, BigInt(size) + 4096n, rng.u64()]);
+      const mmapOffset = rng.chance(0.85) ? 0n : rng.pick([8n, 4096n, rng.u64()]);
+      return { bytes: encodeRequest(Frontend.SET_LOG_BASE, { mmapSize, mmapOffset }, flags), fds: rng.chance(0.9) ? [fd] : [] };
+    }
+    case 1: {
+      const base = bit(F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | (g.packed ? bit(F_RING_PACKED) : 0n);
+      return { bytes: encodeRequest(Frontend.SET_FEATURES, rng.chance(0.6) ? base | bit(VHOST_F_LOG_ALL) : base, flags), fds: [] };
+    }
+    default: {
+      const i = rng.int(g.drivers.length);
+      const a = g.vringAddr(i);
+      const used = Number(a.usedUserAddr) - USER_BASE + GUEST_BASE;
+      const logGuestAddr = rng.chance(0.6) ? BigInt(used) : rng.pick([BigInt(used + 4096 * rng.int(8)), BigInt(GUEST_BASE + GUEST_SIZE), rng.u64() & 0xffff_ffff_ffffn]);
+      return { bytes: encodeRequest(Frontend.SET_VRING_ADDR, { ...a, flags: 1 << VHOST_VRING_F_LOG, logGuestAddr }, flags), fds: [] };
+    }
+  }
 }
 
 function randomMessage(rng: Rng, g: Guest, extraFds: number[]): Msg {
@@ -329,7 +363,7 @@ async function settle(until: () => boolean, maxMs: number): Promise<void> {
 
 export async function fuzzSessions(seconds: number, rng: Rng): Promise<FuzzReport> {
   const end = Date.now() + seconds * 1000;
-  const detail: Record<string, number> = { sessions: 0, packedSessions: 0, messages: 0, endedWithError: 0, endedOpen: 0, needsReset: 0, queueStarts: 0, kicksDelivered: 0, inflightSessions: 0 };
+  const detail: Record<string, number> = { sessions: 0, packedSessions: 0, messages: 0, endedWithError: 0, endedOpen: 0, needsReset: 0, queueStarts: 0, kicksDelivered: 0, inflightSessions: 0, loggedSessions: 0 };
   const violations: string[] = [];
   const onUncaught = (e: unknown): void => {
     violations.push(`uncaught: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
@@ -362,6 +396,8 @@ export async function fuzzSessions(seconds: number, rng: Rng): Promise<FuzzRepor
         const prefix = bringUpMessages(g, proto, rng).slice(0, rng.int(30));
         // As QEMU's vhost-user-blk does: the in-flight region before the rings start, so traffic runs tracked.
         if (!packed && prefix.length > 4 && rng.chance(0.5)) prefix.splice(4, 0, inflightMessage(rng, g, extraFds, VERSION));
+        // A migration starting once the rings run: traffic goes on logged.
+        if (rng.chance(0.3)) for (let k = 0; k < 3; k++) prefix.push(logMessage(rng, g, extraFds, VERSION));
         const msgs = [...prefix];
         const n = 1 + rng.int(20);
         for (let k = 0; k < n; k++) msgs.push(randomMessage(rng, g, extraFds));
@@ -392,6 +428,7 @@ export async function fuzzSessions(seconds: number, rng: Rng): Promise<FuzzRepor
         if (/internal error|unexpected /.test(l)) violations.push(`log: ${l}`);
       }
       if (log.has(/in-flight region set/)) detail.inflightSessions++;
+      if (log.has(/dirty logging on/)) detail.loggedSessions++;
       detail.queueStarts += dev.events.filter((e) => e.startsWith('start')).length;
       detail.kicksDelivered += backend.queueStats().reduce((n, q) => n + q.kicks, 0);
       if (dev.strayKicks > 0) violations.push(`${dev.strayKicks} kick(s) delivered to a queue the device did not have`);
