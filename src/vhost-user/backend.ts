@@ -1181,6 +1181,8 @@ export class VhostUserBackend {
     this.featuresSet = false;
     this.driverStatus = 0;
     this.failed = false;
+    // LOG_ALL went with the features: nothing is logged until the front-end sets it again.
+    this.applyLog();
   }
 
   private releaseVring(v: Vring): void {
