@@ -596,8 +596,11 @@ export class VhostUserBackend {
     }
     const uncovered = this.logProblem(this.logArea, mem);
     if (uncovered !== null) {
-      mem.clear();
-      throw new ProtocolError(spec.name, `${uncovered} (QEMU grows the log before it grows the memory table)`, false);
+      if (this.logging) {
+        mem.clear();
+        throw new ProtocolError(spec.name, `${uncovered} (QEMU grows the log before it grows the memory table)`, false);
+      }
+      this.dropStaleLog(uncovered);
     }
     const running = this.stopAllRings();
     const old = this.mem;
@@ -632,7 +635,8 @@ export class VhostUserBackend {
       try {
         this.logArea.checkCovers(r.guestAddr, r.size, 'the new region');
       } catch (e) {
-        throw new ProtocolError(spec.name, asError(e, 'log').message, false);
+        if (this.logging) throw new ProtocolError(spec.name, asError(e, 'log').message, false);
+        this.dropStaleLog(asError(e, 'log').message);
       }
     }
     this.mapRegion(spec, mem, r, fds[0], 'region');
@@ -1009,6 +1013,23 @@ export class VhostUserBackend {
     if (old === null || old.bytes.length !== size) this.logger.info(`${this.label}: dirty log of ${size} bytes mapped (covers guest [0, 0x${log.coverage.toString(16)}))`);
     // QEMU waits for a reply with no payload (DPDK and QEMU's own test back-end send the same).
     return null;
+  }
+
+  /** LOG_ALL is acked and a log is mapped: every guest write is being logged. */
+  private get logging(): boolean {
+    return this.logArea !== null && hasFeature(this.ackedFeatures, VHOST_F_LOG_ALL);
+  }
+
+  /**
+   * QEMU frees its log when a migration ends without telling the back-end: a
+   * log kept from then on must not stand in the way of memory that grows.
+   * The next migration sends a new one.
+   */
+  private dropStaleLog(why: string): void {
+    this.logger.info(`${this.label}: unmapping the dirty log of the last migration: ${why}`);
+    this.mem?.setDirtyLog(null);
+    this.logArea?.close();
+    this.logArea = null;
   }
 
   /** Why `log` cannot serve `mem` (a region or a used-ring log address it does not cover), or null. */
