@@ -21,7 +21,6 @@
 import { type QueueStats, newQueueStats, type VirtioDevice } from '../devices/device';
 import { type HostedQueue, idleQueueState, QueueHost, ringFeaturesMoved } from '../devices/queue-host';
 import { GuestMemory } from '../memory/guest-memory';
-import { DirtyLog } from '../memory/dirty-log';
 import { MemoryError } from '../memory/memory-access';
 import { native, type Addon, type Poller } from '../native/addon';
 import {
@@ -37,6 +36,7 @@ import {
 } from '../virtio/constants';
 import type { Virtqueue } from '../virtio/virtqueue';
 import { asError, closeQuietly, ConnectionError, VhostUserConnection } from './connection';
+import { MigrationLog, type RingLogRequest } from './migration-log';
 import { InflightRegions } from './inflight';
 import type { Logger } from '../log';
 import {
@@ -90,8 +90,6 @@ const NOFD_POLL_MS = 1;
 const TRANSPORT_MASK = bit(F_ACCESS_PLATFORM) | bit(VHOST_F_LOG_ALL);
 /** Bits of SET_FEATURES that are the transport's, never passed to the device. */
 const TRANSPORT_ACKED = bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL);
-/** A log this big covers 64 TiB of guest-physical space; anything larger is a mistake. */
-const MAX_LOG_SIZE = 2 ** 31;
 
 const PF = ProtocolFeature;
 
@@ -177,7 +175,7 @@ export class VhostUserBackend {
   private ackedFeatures = 0n;
   private featuresSet = false;
   /** The last SET_LOG_BASE's mapping; guest writes are logged into it while LOG_ALL is acked. */
-  private logArea: DirtyLog | null = null;
+  private readonly migrationLog: MigrationLog;
   private ackedProtocol = 0n;
   private owner = false;
   private driverStatus = 0;
@@ -209,6 +207,7 @@ export class VhostUserBackend {
     const implemented = defaultProtocolFeatures(device) | bit(PF.CONFIG);
     this.offeredProtocol = (opts.protocolFeatures ?? defaultProtocolFeatures(device)) & implemented;
     this.maxMemSlots = opts.maxMemSlots ?? VHOST_USER_MAX_MEM_SLOTS;
+    this.migrationLog = new MigrationLog(this.addon, logger, this.label);
     this.inflight = new InflightRegions(this.addon, device.maxQueues, logger, this.label);
     this.rings = new QueueHost<Vring>(device, logger, this.label, (v, e) => this.dataPathError(v, e));
     this.vrings = [];
@@ -474,7 +473,9 @@ export class VhostUserBackend {
       case Frontend.SET_INFLIGHT_FD.id:
         return this.setInflightFd(spec, req as Inflight, fds);
       case Frontend.SET_LOG_BASE.id:
-        return this.setLogBase(spec, req as LogArea, fds);
+        this.migrationLog.map(spec, req as LogArea, fds, this.mem, this.ringLogs(), this.logAll);
+        // QEMU waits for a reply with no payload (DPDK and QEMU's own test back-end send the same).
+        return null;
       case Frontend.SEND_RARP.id:
         return this.sendRarp(spec, req as Rarp);
       case Frontend.SET_LOG_FD.id:
@@ -594,13 +595,11 @@ export class VhostUserBackend {
       mem.clear();
       throw e;
     }
-    const uncovered = this.logProblem(this.logArea, mem);
-    if (uncovered !== null) {
-      if (this.logging) {
-        mem.clear();
-        throw new ProtocolError(spec.name, `${uncovered} (QEMU grows the log before it grows the memory table)`, false);
-      }
-      this.dropStaleLog(uncovered);
+    try {
+      this.migrationLog.admitMemory(spec, mem, this.ringLogs(), this.logAll);
+    } catch (e) {
+      mem.clear();
+      throw e;
     }
     const running = this.stopAllRings();
     const old = this.mem;
@@ -631,14 +630,7 @@ export class VhostUserBackend {
       throw new ProtocolError(spec.name, `all ${this.maxMemSlots} memory slots are in use`, false);
     }
     existing.forEach((e, i) => this.checkOverlap(spec, r, 'region', e, `existing region ${i}`));
-    if (this.logArea !== null) {
-      try {
-        this.logArea.checkCovers(r.guestAddr, r.size, 'the new region');
-      } catch (e) {
-        if (this.logging) throw new ProtocolError(spec.name, asError(e, 'log').message, false);
-        this.dropStaleLog(asError(e, 'log').message);
-      }
-    }
+    this.migrationLog.admitRegion(spec, r.guestAddr, r.size, this.logAll);
     this.mapRegion(spec, mem, r, fds[0], 'region');
     this.regionRefs.set(key, 1);
     this.mem = mem;
@@ -969,124 +961,24 @@ export class VhostUserBackend {
 
   // ---- dirty logging and announce (migration) -----------------------------------
 
-  /**
-   * Map the log QEMU shares. It may come again (once per queue pair in QEMU
-   * 7.2, and with a new size when memory grows): the new mapping replaces the
-   * old one, which is unmapped. A log that does not cover every region is
-   * refused and the previous one stays.
-   */
-  private setLogBase(spec: AnyMessageSpec, l: LogArea, fds: number[]): null {
-    if (fds.length !== 1) throw new ProtocolError(spec.name, 'carries no fd (the log is shared memory under LOG_SHMFD)', false);
-    const size = toAddress(spec, 'mmap_size', l.mmapSize, false);
-    const offset = toAddress(spec, 'mmap_offset', l.mmapOffset, false);
-    if (size === 0 || size > MAX_LOG_SIZE) {
-      throw new ProtocolError(spec.name, `mmap_size 0x${size.toString(16)} is not in [1, 0x${MAX_LOG_SIZE.toString(16)}]`, false);
-    }
-    const a = this.addon;
-    const fd = fds[0];
-    let fileSize: number;
-    try {
-      fileSize = a.fdSize(fd);
-    } catch (e) {
-      throw new ProtocolError(spec.name, `cannot stat the log fd: ${asError(e, 'fstat').message}`, false);
-    }
-    if (fileSize > 0 && offset + size > fileSize) {
-      throw new ProtocolError(spec.name, `mmap_offset 0x${offset.toString(16)} + mmap_size 0x${size.toString(16)} runs past the end of the log fd (0x${fileSize.toString(16)} bytes)`, false);
-    }
-    const delta = offset % PAGE_SIZE;
-    let buf: ArrayBuffer;
-    try {
-      buf = a.mmap(fd, size + delta, offset - delta);
-    } catch (e) {
-      throw new ProtocolError(spec.name, `cannot map the log: ${asError(e, 'mmap').message}`, false);
-    }
-    const log = new DirtyLog(new Uint8Array(buf, delta, size), () => a.unmap(buf));
-    const problem = this.logProblem(log, this.mem);
-    if (problem !== null) {
-      log.close();
-      throw new ProtocolError(spec.name, problem, false);
-    }
-    const old = this.logArea;
-    this.logArea = log;
-    this.applyLog();
-    old?.close();
-    if (old === null || old.bytes.length !== size) this.logger.info(`${this.label}: dirty log of ${size} bytes mapped (covers guest [0, 0x${log.coverage.toString(16)}))`);
-    // QEMU waits for a reply with no payload (DPDK and QEMU's own test back-end send the same).
-    return null;
+  /** LOG_ALL acked: while a log is mapped, every write into guest memory is logged. */
+  private get logAll(): boolean {
+    return hasFeature(this.ackedFeatures, VHOST_F_LOG_ALL);
   }
 
-  /** LOG_ALL is acked and a log is mapped: every guest write is being logged. */
-  private get logging(): boolean {
-    return this.logArea !== null && hasFeature(this.ackedFeatures, VHOST_F_LOG_ALL);
-  }
-
-  /**
-   * QEMU frees its log when a migration ends without telling the back-end: a
-   * log kept from then on must not stand in the way of memory that grows.
-   * The next migration sends a new one.
-   */
-  private dropStaleLog(why: string): void {
-    this.logger.info(`${this.label}: unmapping the dirty log of the last migration: ${why}`);
-    this.mem?.setDirtyLog(null);
-    this.logArea?.close();
-    this.logArea = null;
-  }
-
-  /** Why `log` cannot serve `mem` (a region or a used-ring log address it does not cover), or null. */
-  private logProblem(log: DirtyLog | null, mem: GuestMemory | null): string | null {
-    if (log === null) return null;
-    try {
-      if (mem !== null) mem.checkLogCovers(log);
-      for (const a of this.logAliases(mem)) log.checkCovers(a.target, a.len, `vring log_guest_addr range`);
-    } catch (e) {
-      if (e instanceof MemoryError) return e.message;
-      throw e;
-    }
-    return null;
-  }
-
-  /** Used rings whose writes are logged at log_guest_addr (VHOST_VRING_F_LOG), in guest addresses. */
-  private logAliases(mem: GuestMemory | null): { start: number; len: number; target: number }[] {
-    const out: { start: number; len: number; target: number }[] = [];
-    if (mem === null) return out;
+  /** Used rings set up with VHOST_VRING_F_LOG: logged at log_guest_addr. */
+  private ringLogs(): RingLogRequest[] {
+    const out: RingLogRequest[] = [];
     for (const v of this.vrings) {
       const a = v.addr;
       if (a === null || (a.flags & (1 << VHOST_VRING_F_LOG)) === 0 || v.num === 0) continue;
-      const len = this.packed ? VRING_PACKED_EVENT_SIZE : 6 + VRING_USED_ELEM_SIZE * v.num;
-      try {
-        out.push({ start: mem.userToGuest(a.used, len), len, target: a.log });
-      } catch (e) {
-        // Not mapped (yet): the ring cannot start either, and says so itself.
-        if (!(e instanceof MemoryError)) throw e;
-      }
+      out.push({ usedUserAddr: a.used, len: this.packed ? VRING_PACKED_EVENT_SIZE : 6 + VRING_USED_ELEM_SIZE * v.num, logGuestAddr: a.log });
     }
     return out;
   }
 
-  /**
-   * Point the memory's write path at the log while the front-end has LOG_ALL
-   * acked, and away from it otherwise (QEMU clears LOG_ALL when migration ends
-   * or is cancelled, and may send SET_LOG_BASE before it sets LOG_ALL).
-   */
   private applyLog(): void {
-    const mem = this.mem;
-    if (mem === null) return;
-    const log = this.logArea;
-    if (log === null || !hasFeature(this.ackedFeatures, VHOST_F_LOG_ALL)) {
-      if (mem.dirtyLog !== null) this.logger.info(`${this.label}: dirty logging off`);
-      mem.setDirtyLog(null);
-      return;
-    }
-    try {
-      log.setAliases(this.logAliases(mem));
-    } catch (e) {
-      if (!(e instanceof MemoryError)) throw e;
-      // Logging the ring where it is still marks every page the guest sees change.
-      this.logger.warn(`${this.label}: ${e.message}; used rings are logged at their own addresses`);
-      log.setAliases([]);
-    }
-    if (mem.dirtyLog !== log) this.logger.info(`${this.label}: dirty logging on`);
-    mem.setDirtyLog(log);
+    this.migrationLog.apply(this.mem, this.logAll, this.ringLogs());
   }
 
   private sendRarp(spec: AnyMessageSpec, r: Rarp): undefined {
@@ -1237,8 +1129,7 @@ export class VhostUserBackend {
     this.mem = null;
     for (const v of this.vrings) this.inflight.detach(v.queue);
     this.inflight.close();
-    this.logArea?.close();
-    this.logArea = null;
+    this.migrationLog.close();
     this.opts.onClose?.(err);
   }
 }
