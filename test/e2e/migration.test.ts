@@ -14,6 +14,12 @@
  * device wrote without marking them arrive as they were swept (seen failing
  * with logging disabled). First a migration is cancelled half-way
  * (bandwidth held low): the source must go on working; then the real one.
+ * The same flow runs on local functions, on relay functions over the PCIe
+ * link (a backend process per side) and on relay functions to
+ * qemu-storage-daemon (a daemon per side).
+ *
+ * net: a guest streams TCP to a peer and is pinged by it while it moves
+ * between two functions on one switch.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -25,12 +31,12 @@ import { startGuest, kv, type Guest, type GuestOptions } from '../support/qemu-g
 import { withHeavyLock } from '../support/heavy-lock';
 import { startBridgeFixture, type BridgeFixture } from '../support/bridge-fixture';
 import { startBackendProcess, type BackendProcess } from '../support/backend-process';
-import { md5OfRange } from '../support/storage-daemon';
+import { md5OfRange, startStorageDaemon, type StorageDaemon } from '../support/storage-daemon';
 import { hostGo } from '../support/blk-scripts';
 import { QmpClient } from '../support/qmp';
 import { findSwitch } from '../../src/devices/net/l2-switch';
 import { parseMac } from '../../src/devices/net/port';
-import { waitFor } from '../support/wait';
+import { waitFor, waitForPath } from '../support/wait';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -277,6 +283,29 @@ test('migration, blk over the PCIe link: a backend process on each side; the bri
       for (const b of backends) assert.doesNotMatch(b.output(), /error/i, `backend ${b.pid}: ${b.output()}`);
     } finally {
       for (const b of backends) await b.stop();
+      await fx.close();
+    }
+  });
+});
+
+test('migration, blk relayed to qemu-storage-daemon: a daemon on each side on the shared image; the bridge logs its DMA into guest memory', { timeout: 900_000 }, async () => {
+  await withHeavyLock(async () => {
+    const fx = await startBridgeFixture({
+      functions: [
+        { name: 'src-data', type: 'blk', socket: 'src-data.sock', backend: { link: 'vhost-user', socket: 'src-qsd.sock', 'bar-size': '16M' } },
+        { name: 'dst-data', type: 'blk', socket: 'dst-data.sock', backend: { link: 'vhost-user', socket: 'dst-qsd.sock', 'bar-size': '16M' } },
+        ...CTL_FUNCTIONS,
+      ],
+    }, writeDataImage);
+    const daemons: StorageDaemon[] = [];
+    try {
+      for (const side of ['src', 'dst']) {
+        daemons.push(await startStorageDaemon({ image: path.join(fx.dir, 'data.img'), socket: path.join(fx.dir, `${side}-qsd.sock`), locking: false }));
+      }
+      for (const f of ['src-data', 'dst-data']) await waitForPath(fx.socket(f), 10_000);
+      await blkMigration(fx, 'mig-qsd');
+    } finally {
+      for (const d of daemons) await d.stop();
       await fx.close();
     }
   });

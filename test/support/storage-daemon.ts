@@ -17,6 +17,8 @@ export interface StorageDaemonOptions {
   readOnly?: boolean;
   /** Host page cache for the image: cache.direct=off unless true. */
   direct?: boolean;
+  /** Take the image's file locks (default true); two daemons on one image (a migration's two sides) need false. */
+  locking?: boolean;
   /** How long to wait for the socket (default 10 s). */
   timeoutMs?: number;
   /** Extra arguments appended to the command line. */
@@ -45,7 +47,7 @@ export function storageDaemonArgs(opts: StorageDaemonOptions): string[] {
   const queues = opts.numQueues ?? 1;
   return [
     '--blockdev',
-    `driver=file,node-name=file0,filename=${opts.image},cache.direct=${direct}`,
+    `driver=file,node-name=file0,filename=${opts.image},cache.direct=${direct}${opts.locking === false ? ',locking=off' : ''}`,
     '--blockdev',
     'raw,node-name=disk0,file=file0',
     '--export',
