@@ -12,6 +12,8 @@ import { TapPort } from '../devices/net/tap-port';
 import { VhostUserServer } from '../vhost-user/server';
 import { ControlServer } from './control-server';
 import { claimSocketPath, setSocketAccess } from '../native/socket-guard';
+import { HttpApi } from '../api/http-api';
+import { bridgeOperations } from '../api/bridge-operations';
 import { consoleLogger, type Logger } from '../log';
 import type { FunctionStatsRow, StatsReport, SwitchStatsRow } from './stats-format';
 import type { FunctionSpec, LinkBackend, Topology, VhostUserLinkBackend } from './topology';
@@ -137,6 +139,8 @@ function startFunction(spec: FunctionSpec, switches: Map<string, L2Switch>, log:
 export class Bridge {
   private readonly started = Date.now();
   private control: ControlServer | null = null;
+  /** The HTTP API and /metrics, when the topology asks for them. */
+  api: HttpApi | null = null;
 
   private constructor(
     readonly topology: Topology,
@@ -170,6 +174,9 @@ export class Bridge {
         functions.push(startFunction(spec, switches, log));
       }
       bridge.control = await ControlServer.listen(topology.control, { stats: () => bridge.stats() });
+      if (topology.http !== undefined) {
+        bridge.api = await HttpApi.start({ listen: topology.http, tokenFile: topology.httpTokenFile, operations: bridgeOperations(bridge), log });
+      }
     } catch (e) {
       await bridge.close();
       throw e;
@@ -196,6 +203,8 @@ export class Bridge {
   }
 
   async close(): Promise<void> {
+    await this.api?.close();
+    this.api = null;
     this.control?.close();
     this.control = null;
     for (const f of this.functions.splice(0)) {

@@ -5,6 +5,7 @@
 import * as path from 'node:path';
 import { UsageError, type CommandSpec, type ParsedArgs } from './args';
 import { backendCommand } from './backend-command';
+import { parseListenAddress } from '../api/listen-address';
 import { bashCompletion } from './completion';
 import { qemuArgsCommand } from './qemu-args-command';
 import { serve } from './serve';
@@ -27,8 +28,18 @@ function cliSocketAccess(args: ParsedArgs): SocketAccess | undefined {
 /** The command line wins over the topology. */
 function withCliOverrides(t: Topology, args: ParsedArgs, cli: SocketAccess | undefined): Topology {
   const control = args.string('control');
+  const http = args.string('http');
+  let listen = t.http;
+  if (http !== undefined) {
+    try {
+      listen = parseListenAddress(http);
+    } catch (e) {
+      throw new UsageError(`serve: --http: ${(e as Error).message}`);
+    }
+  }
   return {
     ...t,
+    http: listen,
     control: control !== undefined ? path.resolve(control) : t.control,
     functions: cli === undefined ? t.functions : t.functions.map((f) => ({ ...f, socketAccess: { ...f.socketAccess, ...cli } })),
   };
@@ -45,6 +56,7 @@ const serveCommand: CommandSpec = {
     'bridges run side by side. The schema is in docs/topology.md.',
   options: {
     control: { type: 'string', arg: 'PATH', help: 'control socket (default: from the topology)', complete: 'file' },
+    http: { type: 'string', arg: 'ADDR:PORT', help: 'serve the HTTP API and /metrics there (or on a Unix socket path); see docs/openapi.yaml' },
     'socket-mode': { type: 'string', arg: 'MODE', help: 'mode of the vhost-user sockets, e.g. 0660' },
     'socket-owner': { type: 'string', arg: 'USER', help: 'owner of the vhost-user sockets (needs root)' },
     'socket-group': { type: 'string', arg: 'GROUP', help: 'group of the vhost-user sockets, e.g. kvm' },

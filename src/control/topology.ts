@@ -10,6 +10,7 @@ import { parseSize, SIZE_HINT } from './size';
 import type { SocketAccess } from '../native/socket-guard';
 import { SOCKET_ACCESS_KEYS, socketAccessFrom } from './socket-access';
 import { defaultControlPath } from './control-path';
+import { ListenAddressError, parseListenAddress, type ListenAddress } from '../api/listen-address';
 
 export class TopologyError extends Error {
   constructor(
@@ -105,6 +106,10 @@ export interface Topology {
   control: string;
   functions: FunctionSpec[];
   switches: SwitchSpec[];
+  /** The HTTP API and /metrics listener; off when absent. */
+  http?: ListenAddress;
+  /** Where serve writes the HTTP API's bearer token (mode 0600). */
+  httpTokenFile: string;
 }
 
 type Obj = Record<string, unknown>;
@@ -313,7 +318,7 @@ function parseSwitch(s: unknown, i: number): SwitchSpec {
  */
 export function validateTopology(doc: unknown, baseDir: string, sourceFile?: string): Topology {
   if (!isObj(doc)) throw new TopologyError('(top level)', 'expected a mapping with a "functions" list');
-  checkKeys(doc, ['control', 'functions', 'switches', ...SOCKET_ACCESS_KEYS], '(top level)');
+  checkKeys(doc, ['control', 'functions', 'switches', ...SOCKET_ACCESS_KEYS, 'http', 'http-token'], '(top level)');
   const topAccess = accessOf(doc, '(top level)');
   if (!Array.isArray(doc.functions) || doc.functions.length === 0) {
     throw new TopologyError('functions', 'expected a non-empty list');
@@ -346,7 +351,24 @@ export function validateTopology(doc: unknown, baseDir: string, sourceFile?: str
     }
   }
   const control = doc.control === undefined ? defaultControlPath(sourceFile ?? baseDir) : path.resolve(baseDir, str(doc, 'control', '(top level)', true));
-  return { control, functions, switches };
+  let http: ListenAddress | undefined;
+  if (doc.http !== undefined) {
+    const h = typeof doc.http === 'number' ? String(doc.http) : str(doc, 'http', '(top level)', true);
+    try {
+      http = parseListenAddress(h, baseDir);
+    } catch (e) {
+      if (e instanceof ListenAddressError) throw new TopologyError('http', e.message);
+      throw e;
+    }
+  }
+  const token = str(doc, 'http-token', '(top level)', false);
+  const httpTokenFile = token === undefined ? defaultTokenFile(control) : path.resolve(baseDir, token);
+  return { control, functions, switches, http, httpTokenFile };
+}
+
+/** Next to the control socket: control.sock -> control.http-token. */
+export function defaultTokenFile(control: string): string {
+  return `${control.replace(/\.sock$/, '')}.http-token`;
 }
 
 export function loadTopology(file: string): Topology {

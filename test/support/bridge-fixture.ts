@@ -4,6 +4,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Bridge } from '../../src/control/bridge';
 import { loadTopology } from '../../src/control/topology';
+import type { Logger } from '../../src/log';
 import type { FunctionStatsRow, QueueStatsRow } from '../../src/control/stats-format';
 
 export interface BridgeFixture {
@@ -21,17 +22,19 @@ export interface BridgeFixture {
 export interface FixtureDoc {
   functions: Record<string, unknown>[];
   switches?: Record<string, unknown>[];
+  /** The HTTP API listener (e.g. "127.0.0.1:0"); off when absent. */
+  http?: string;
 }
 
 /** `prepare` runs in the fixture's dir before the bridge opens anything (e.g. to write images). */
-export async function startBridgeFixture(doc: FixtureDoc, prepare?: (dir: string) => void): Promise<BridgeFixture> {
+export async function startBridgeFixture(doc: FixtureDoc, prepare?: (dir: string) => void, log?: Logger): Promise<BridgeFixture> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-test-'));
   prepare?.(dir);
   // The file too, for the CLI (vbridge qemu-args); JSON is YAML.
   const topologyFile = path.join(dir, 'topology.yaml');
   fs.writeFileSync(topologyFile, JSON.stringify({ control: 'control.sock', ...doc }));
   const topology = loadTopology(topologyFile);
-  const bridge = await Bridge.start(topology);
+  const bridge = await Bridge.start(topology, log);
   const fnStats = (name: string): FunctionStatsRow => {
     const f = bridge.stats().functions.find((x) => x.name === name);
     if (f === undefined) throw new Error(`no function ${name}`);

@@ -132,3 +132,24 @@ test('socket-mode, -owner and -group: top-level defaults, a function overrides, 
   assert.throws(() => validateTopology(one({ 'socket-group': 'no-such-group-here' }), '/'), /functions\[0\]\.socket-group: no group named "no-such-group-here" in \/etc\/group/);
   assert.throws(() => validateTopology({ 'socket-owner': 'nobody-at-all', ...one({}) }, '/'), /\(top level\)\.socket-owner: no user named/);
 });
+
+test('http: the API listener and its token file; off unless asked, errors name the field', () => {
+  const base = { control: 'c/control.sock', functions: [{ name: 'n', type: 'net', socket: 'n.sock', backend: { sink: true } }] };
+  const off = validateTopology(base, '/srv');
+  assert.equal(off.http, undefined);
+  assert.equal(off.httpTokenFile, '/srv/c/control.http-token');
+  const on = validateTopology({ ...base, http: '127.0.0.1:9477', 'http-token': 'tok' }, '/srv');
+  assert.deepEqual(on.http, { kind: 'tcp', host: '127.0.0.1', port: 9477 });
+  assert.equal(on.httpTokenFile, '/srv/tok');
+  // A bare relative name is neither ADDR:PORT nor clearly a path: refused rather than guessed.
+  assert.equal(
+    fieldOf(() => validateTopology({ ...base, http: 'api.sock' }, '/srv')),
+    'http',
+  );
+  assert.deepEqual(validateTopology({ ...base, http: 'unix:api.sock' }, '/srv').http, { kind: 'unix', path: '/srv/api.sock' });
+  assert.deepEqual(validateTopology({ ...base, http: 9000 }, '/srv').http, { kind: 'tcp', host: '127.0.0.1', port: 9000 });
+  assert.equal(
+    fieldOf(() => validateTopology({ ...base, http: 'example.com:80' }, '/srv')),
+    'http',
+  );
+});

@@ -280,6 +280,23 @@ export class L2Switch {
     this.table.set(key, { att: from, seen: now });
   }
 
+  /**
+   * Forget learned MACs, all of them or those learned on one port (an operator's
+   * action after moving a guest): frames to them flood until they are learned again.
+   * The port is named as the caller knows it (the device), not by its attachment.
+   * Returns how many were forgotten.
+   */
+  forgetLearned(port?: Port): number {
+    let n = 0;
+    for (const [k, e] of this.table) {
+      if (port === undefined || e.att.port === port) {
+        this.table.delete(k);
+        n++;
+      }
+    }
+    return n;
+  }
+
   /** Drop aged entries. */
   expire(now = this.now()): void {
     for (const [k, e] of this.table) if (now - e.seen > this.ageMs) this.table.delete(k);

@@ -1,0 +1,81 @@
+/**
+ * Registers what a running bridge owns with the operation layer: the
+ * functions, links and switches collections, their actions, and the metrics.
+ */
+import type { StatsReport } from '../control/stats-format';
+import type { Topology } from '../control/topology';
+import type { VirtioDevice } from '../devices/device';
+import { NetDevice } from '../devices/net/net-device';
+import { findSwitch } from '../devices/net/l2-switch';
+import type { Port } from '../devices/net/port';
+import { bridgeMetrics } from './bridge-metrics';
+import { functionResource, linkResource, switchResource } from './bridge-resources';
+import { Operations } from './operations';
+
+/** What the operations need of a bridge (the Bridge class has it; tests may build one). */
+export interface BridgeSource {
+  readonly topology: Topology;
+  stats(): StatsReport;
+  device(name: string): VirtioDevice | null;
+}
+
+export function bridgeOperations(bridge: BridgeSource): Operations {
+  const ops = new Operations();
+  const learned = (sw: string): number => findSwitch(sw)?.learnedCount ?? 0;
+
+  ops.addCollection({
+    name: 'functions',
+    list: () => bridge.stats().functions.map((f) => functionResource(f, ops.actionNames('functions'))),
+    get: (id) => {
+      const f = bridge.stats().functions.find((x) => x.name === id);
+      return f === undefined ? undefined : functionResource(f, ops.actionNames('functions'));
+    },
+  });
+  ops.addCollection({
+    name: 'links',
+    list: () => bridge.stats().functions.map(linkResource),
+    get: (id) => {
+      const f = bridge.stats().functions.find((x) => x.name === id);
+      return f === undefined ? undefined : linkResource(f);
+    },
+  });
+  ops.addCollection({
+    name: 'switches',
+    list: () => bridge.stats().switches.map((s) => switchResource(s, learned(s.name), ops.actionNames('switches'))),
+    get: (id) => {
+      const s = bridge.stats().switches.find((x) => x.name === id);
+      return s === undefined ? undefined : switchResource(s, learned(s.name), ops.actionNames('switches'));
+    },
+  });
+
+  ops.addAction('switches', 'forget-macs', {
+    summary: 'Forget every MAC address the switch has learned (frames flood until they are learned again).',
+    refusal: () => null,
+    run: (id) => ({ forgotten: findSwitch(id)?.forgetLearned() ?? 0 }),
+  });
+
+  // The port a function's device has on its switch, or why there is none.
+  const switchPort = (id: string): { sw: string; port: Port } | string => {
+    const spec = bridge.topology.functions.find((f) => f.name === id);
+    if (spec === undefined) return 'no such function';
+    if (spec.type !== 'net' || spec.backend.kind !== 'switch') return `it is a ${spec.type} function whose backend is ${spec.backend.kind}, not a switch`;
+    const dev = bridge.device(id);
+    if (!(dev instanceof NetDevice)) return 'its device is not running';
+    return { sw: spec.backend.switch, port: dev };
+  };
+  ops.addAction('functions', 'forget-macs', {
+    summary: "Forget the MAC addresses the function's switch learned on its port.",
+    refusal: (id) => {
+      const p = switchPort(id);
+      return typeof p === 'string' ? p : null;
+    },
+    run: (id) => {
+      const p = switchPort(id);
+      if (typeof p === 'string') return { forgotten: 0 };
+      return { forgotten: findSwitch(p.sw)?.forgetLearned(p.port) ?? 0 };
+    },
+  });
+
+  ops.addMetrics(() => bridgeMetrics(bridge.stats(), learned));
+  return ops;
+}
