@@ -6,6 +6,9 @@
  * the PCIe net test's guests), and each proves from its features file that
  * VIRTIO_F_RING_PACKED was negotiated. Guest B is attached with the options
  * `vbridge qemu-args` prints, so they are proven against a real QEMU and kernel.
+ * The bridge serves its HTTP API meanwhile:
+ * /metrics scraped during the traffic passes `promtool check metrics` and its
+ * counters move, and the API's functions match what `vbridge stats` reports.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -15,12 +18,14 @@ import { startBridgeFixture } from '../support/bridge-fixture';
 import { runVbridge, shellWords } from '../support/vbridge-cli';
 
 import { SCRIPT_B, scriptA } from '../support/net-scripts';
+import { metricsScraper, checkApiMatchesStats } from '../support/api-checks';
 
 const SCRIPT_A = scriptA(true);
 
-test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB transfer intact, 2 queue pairs used', { timeout: 600_000 }, async () => {
+test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB transfer intact, 2 queue pairs used; /metrics and the API follow', { timeout: 600_000 }, async () => {
   await withHeavyLock(async () => {
     const fx = await startBridgeFixture({
+      http: '127.0.0.1:0',
       functions: [
         { name: 'net0', type: 'net', socket: 'net0.sock', queues: 2, backend: { switch: 'sw0' } },
         { name: 'net1', type: 'net', socket: 'net1.sock', mac: '52:54:00:00:00:0b', backend: { switch: 'sw0' } },
@@ -46,7 +51,10 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
         attachArgs: attachB,
         timeoutMs: 180_000,
       });
-      const [ra, rb] = await Promise.all([a.done, b.done]);
+      const api = fx.bridge.api;
+      assert.ok(api !== null);
+      const scraper = metricsScraper(api.address);
+      const [ra, rb] = await Promise.all([a.done, b.done]).finally(() => scraper.stop());
       const va = kv(ra.output);
       const vb = kv(rb.output);
       assert.equal(ra.rc, 0, `guest A failed:\n${ra.output}`);
@@ -70,6 +78,14 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
       assert.ok(fx.queue('net1', 0).bytes >= 8 * 1024 * 1024, 'net1 RX bytes below the transfer size');
       assert.ok(bTx.kicks > 0 && fx.queue('net1', 0).interrupts > 0);
       for (const f of fx.bridge.stats().functions) assert.equal(f.needsReset, false);
+      await scraper.check([
+        { name: 'vbridge_queue_descriptors_total', labels: { function: 'net1', queue: 'tx0', direction: 'tx' } },
+        { name: 'vbridge_queue_bytes_total', labels: { function: 'net1', queue: 'rx0', direction: 'rx' } },
+        { name: 'vbridge_queue_kicks_total', labels: { function: 'net0', queue: 'tx1', direction: 'tx' } },
+        { name: 'vbridge_queue_interrupts_total', labels: { function: 'net0', queue: 'rx0', direction: 'rx' } },
+        { name: 'vbridge_switch_port_frames_total', labels: { switch: 'sw0', port: 'net0', direction: 'in' } },
+      ]);
+      await checkApiMatchesStats(api.address, fx.dir + '/control.sock');
     } finally {
       await fx.close();
     }

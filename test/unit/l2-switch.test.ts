@@ -420,3 +420,20 @@ test('TAP port with a vnet header: opens with IFF_VNET_HDR and offloads, passes 
   tap.close();
   sw.close();
 });
+
+test('forgetLearned: one port\'s MACs or all of them; frames to a forgotten station flood until it is learned again', () => {
+  const { sw, pa, pb, pc, a, b, c } = setup();
+  a.deliver(frame(BCAST, A));
+  b.deliver(frame(BCAST, B));
+  c.deliver(frame(BCAST, C));
+  assert.equal(sw.learnedCount, 3);
+  assert.equal(sw.forgetLearned(pb), 1);
+  assert.equal(sw.lookup(parseMac(B)), null);
+  assert.equal(sw.lookup(parseMac(A)), pa, 'other ports keep theirs');
+  const before = [pa.got.length, pc.got.length];
+  a.deliver(frame(B, A));
+  assert.deepEqual([pa.got.length, pc.got.length], [before[0], before[1] + 1], 'unknown again: flooded');
+  assert.equal(sw.forgetLearned(), 2);
+  assert.equal(sw.learnedCount, 0);
+  assert.equal(sw.forgetLearned(), 0);
+});
