@@ -10,7 +10,9 @@ import { findSwitch } from '../devices/net/l2-switch';
 import type { Port } from '../devices/net/port';
 import { bridgeMetrics } from './bridge-metrics';
 import { functionResource, linkResource, switchResource } from './bridge-resources';
-import { Operations } from './operations';
+import { ApiError, Operations } from './operations';
+import { startCapture } from '../capture/frame-capture';
+import { PCAP_CONTENT_TYPE } from '../capture/pcap';
 
 /** What the operations need of a bridge (the Bridge class has it; tests may build one). */
 export interface BridgeSource {
@@ -76,6 +78,39 @@ export function bridgeOperations(bridge: BridgeSource): Operations {
     },
   });
 
+  const capturable = (id: string): NetDevice | string => {
+    const spec = bridge.topology.functions.find((f) => f.name === id);
+    if (spec === undefined) return 'no such function';
+    if (spec.type !== 'net') return 'it is a blk function (capture is for net functions)';
+    const dev = bridge.device(id);
+    if (!(dev instanceof NetDevice)) return `its frames cross a ${spec.backend.kind} link, and capture sees only devices that run in the bridge (switch or sink backends)`;
+    return dev;
+  };
+  ops.addStream('functions', 'capture', {
+    summary: 'The frames crossing a net function, both directions, as a pcap stream (link type Ethernet).',
+    contentType: PCAP_CONTENT_TYPE,
+    refusal: (id) => {
+      const d = capturable(id);
+      return typeof d === 'string' ? d : null;
+    },
+    open: (id, params, sink) => {
+      const dev = capturable(id);
+      if (typeof dev === 'string') throw new ApiError(409, `capture does not apply to function ${id}: ${dev}`);
+      for (const k of params.keys()) if (k !== 'queue' && k !== 'count') throw new ApiError(400, `unknown parameter "${k}" (parameters: queue, count)`);
+      const queuePair = intParam(params, 'queue', 0, dev.maxQueues / 2 - 1);
+      const count = intParam(params, 'count', 1, 2 ** 31);
+      const c = startCapture(dev, sink, { queuePair, count });
+      return () => c.close();
+    },
+  });
+
   ops.addMetrics(() => bridgeMetrics(bridge.stats(), learned));
   return ops;
+}
+
+function intParam(params: URLSearchParams, key: string, min: number, max: number): number | undefined {
+  const v = params.get(key);
+  if (v === null) return undefined;
+  if (!/^\d+$/.test(v) || Number(v) < min || Number(v) > max) throw new ApiError(400, `${key} must be an integer in [${min}, ${max}], got "${v}"`);
+  return Number(v);
 }

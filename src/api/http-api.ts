@@ -31,6 +31,8 @@ export interface HttpApiOptions {
   idleTimeoutMs?: number;
   /** Largest request body (default 64 KiB). */
   maxBodyBytes?: number;
+  /** A stream whose client lags this many bytes behind loses chunks (default 4 MiB). */
+  maxStreamBacklogBytes?: number;
   /** Connections beyond this are refused (default 64). */
   maxConnections?: number;
 }
@@ -43,7 +45,8 @@ type Route =
   | { kind: 'index' }
   | { kind: 'list'; collection: string }
   | { kind: 'get'; collection: string; id: string }
-  | { kind: 'action'; collection: string; id: string; action: string };
+  | { kind: 'action'; collection: string; id: string; action: string }
+  | { kind: 'stream'; collection: string; id: string; stream: string };
 
 /** Route and the methods it allows; null for no such path. */
 function route(pathname: string): { r: Route; methods: string[] } | null {
@@ -62,6 +65,7 @@ function route(pathname: string): { r: Route; methods: string[] } | null {
   if (seg.length === 0) return { r: { kind: 'index' }, methods: ['GET'] };
   if (seg.length === 1) return { r: { kind: 'list', collection: seg[0] }, methods: ['GET'] };
   if (seg.length === 2) return { r: { kind: 'get', collection: seg[0], id: seg[1] }, methods: ['GET'] };
+  if (seg.length === 3 && seg[2] !== 'actions') return { r: { kind: 'stream', collection: seg[0], id: seg[1], stream: seg[2] }, methods: ['GET'] };
   if (seg.length === 4 && seg[2] === 'actions') return { r: { kind: 'action', collection: seg[0], id: seg[1], action: seg[3] }, methods: ['POST'] };
   return null;
 }
@@ -186,6 +190,12 @@ export class HttpApi {
         send(res, 200, { collection: r.collection, id: r.id, action: r.action, result });
         return;
       }
+      if (r.kind === 'stream') {
+        if (!this.authorized(req, res, url.pathname)) return;
+        req.resume();
+        this.openStream(req, res, r.collection, r.id, r.stream, url.searchParams);
+        return;
+      }
       req.resume();
       switch (r.kind) {
         case 'metrics': {
@@ -218,6 +228,35 @@ export class HttpApi {
       }
       throw e;
     }
+  }
+
+  private openStream(req: http.IncomingMessage, res: http.ServerResponse, collection: string, id: string, name: string, params: URLSearchParams): void {
+    const stream = this.opts.operations.stream(collection, id, name);
+    const backlog = this.opts.maxStreamBacklogBytes ?? 4 * 1024 * 1024;
+    let started = false;
+    const sink = {
+      write: (chunk: Uint8Array): boolean => {
+        if (res.destroyed || res.writableEnded) return false;
+        if (!started) {
+          started = true;
+          res.writeHead(200, { 'content-type': stream.contentType, 'cache-control': 'no-store' });
+        }
+        if (res.writableLength > backlog) return false;
+        res.write(chunk);
+        return true;
+      },
+      end: (): void => {
+        if (!res.writableEnded) res.end();
+      },
+    };
+    // Open for as long as the client wants: a capture may see nothing for minutes.
+    req.socket.setTimeout(0);
+    const stop = stream.open(id, params, sink);
+    this.opts.log.info(`http: ${name} of ${collection}/${id} started by ${this.peer(req)}`);
+    res.on('close', () => {
+      stop();
+      this.opts.log.info(`http: ${name} of ${collection}/${id} ended`);
+    });
   }
 
   private peer(req: http.IncomingMessage): string {

@@ -29,6 +29,22 @@ export interface ApiAction {
   run(id: string, args: JsonObject): JsonValue | Promise<JsonValue>;
 }
 
+export interface ApiStreamSink {
+  /** False when the client's backlog is full: the chunk was not sent. */
+  write(chunk: Uint8Array): boolean;
+  end(): void;
+}
+
+/** A long-lived answer (packet capture): bytes flow to the client until either side ends it. */
+export interface ApiStream {
+  readonly summary: string;
+  readonly contentType: string;
+  /** Null when the stream applies to the resource, else why it does not (answered 409). */
+  refusal(id: string): string | null;
+  /** Starts sending to sink; throws ApiError(400) for bad parameters before writing. Returns what stops it early. */
+  open(id: string, params: URLSearchParams, sink: ApiStreamSink): () => void;
+}
+
 export interface ApiCollection {
   /** The URL segment: /v1/NAME and /v1/NAME/{id}. */
   readonly name: string;
@@ -40,6 +56,7 @@ export interface ApiCollection {
 export class Operations {
   private readonly collections = new Map<string, ApiCollection>();
   private readonly actions = new Map<string, Map<string, ApiAction>>();
+  private readonly streams = new Map<string, Map<string, ApiStream>>();
   private readonly metricSources: (() => MetricFamily[])[] = [];
 
   addCollection(c: ApiCollection): void {
@@ -53,6 +70,24 @@ export class Operations {
     if (m === undefined) this.actions.set(collection, (m = new Map()));
     if (m.has(name)) throw new Error(`${collection} already has an action ${name}`);
     m.set(name, action);
+  }
+
+  addStream(collection: string, name: string, stream: ApiStream): void {
+    if (!this.collections.has(collection)) throw new Error(`no collection ${collection} to add ${name} to`);
+    let m = this.streams.get(collection);
+    if (m === undefined) this.streams.set(collection, (m = new Map()));
+    if (m.has(name)) throw new Error(`${collection} already has a stream ${name}`);
+    m.set(name, stream);
+  }
+
+  /** The stream, once the resource exists and the stream applies to it. */
+  stream(collection: string, id: string, name: string): ApiStream {
+    this.get(collection, id);
+    const s = this.streams.get(collection)?.get(name);
+    if (s === undefined) throw new ApiError(404, `${collection} have no "${name}"`);
+    const why = s.refusal(id);
+    if (why !== null) throw new ApiError(409, `${name} does not apply to ${singular(collection)} ${id}: ${why}`);
+    return s;
   }
 
   /** Families rendered on /metrics, in registration order. */

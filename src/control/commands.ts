@@ -5,6 +5,7 @@
 import * as path from 'node:path';
 import { UsageError, type CommandSpec, type ParsedArgs } from './args';
 import { backendCommand } from './backend-command';
+import { captureCommand } from './capture-command';
 import { parseListenAddress } from '../api/listen-address';
 import { bashCompletion } from './completion';
 import { qemuArgsCommand } from './qemu-args-command';
@@ -108,4 +109,4 @@ const completionCommand: CommandSpec = {
   },
 };
 
-export const COMMANDS: readonly CommandSpec[] = [serveCommand, validateCommand, statsCommand, qemuArgsCommand, backendCommand, completionCommand];
+export const COMMANDS: readonly CommandSpec[] = [serveCommand, validateCommand, statsCommand, qemuArgsCommand, captureCommand, backendCommand, completionCommand];

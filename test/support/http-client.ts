@@ -6,6 +6,7 @@ export interface HttpAnswer {
   status: number;
   headers: http.IncomingHttpHeaders;
   text: string;
+  raw: Buffer;
   /** The parsed body when it is JSON, else the text. */
   body: unknown;
 }
@@ -28,10 +29,11 @@ export function httpRequest(
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => {
-        const text = Buffer.concat(chunks).toString('utf8');
+        const raw = Buffer.concat(chunks);
+        const text = raw.toString('utf8');
         let body: unknown = text;
         if ((res.headers['content-type'] ?? '').startsWith('application/json')) body = JSON.parse(text);
-        resolve({ status: res.statusCode ?? 0, headers: res.headers, text, body });
+        resolve({ status: res.statusCode ?? 0, headers: res.headers, text, raw, body });
       });
       res.on('error', reject);
     });

@@ -708,3 +708,36 @@ test('packed rings: TX and RX frames through the switch, a stashed RX chain give
   assert.equal(bRx.queue.nextAvail, (pos - 1) & 0xffff, 'the stashed chain is back in the ring');
   assert.equal(bRx.queue.hasAvailable(bRx.mem), true);
 });
+
+test('the capture tap sees TX frames without the virtio-net header and RX frames offered to the guest, with their queue pair', () => {
+  const sw = new L2Switch('t-tap');
+  const a = pair('a', MAC_A);
+  const b = pair('b', MAC_B);
+  sw.plug(a.dev);
+  sw.plug(b.dev);
+  postRx(b.rx, 4, 2048);
+  b.dev.kick(0);
+  const seen: { dev: string; dir: string; qp: number; frame: Uint8Array }[] = [];
+  a.dev.tap = (frame, dir, qp) => seen.push({ dev: 'a', dir, qp, frame: frame.slice() });
+  b.dev.tap = (frame, dir, qp) => seen.push({ dev: 'b', dir, qp, frame: frame.slice() });
+  const f1 = frame(MAC_B, MAC_A, 100, 1);
+  const f2 = frame(MAC_B, MAC_A, 300, 2);
+  postTx(a.tx, f1);
+  postTx(a.tx, f2, { split: true });
+  a.dev.kick(1);
+  assert.deepEqual(
+    seen.map((s) => [s.dev, s.dir, s.qp, s.frame.length]),
+    [
+      ['a', 'tx', 0, f1.length],
+      ['b', 'rx', 0, f1.length],
+      ['a', 'tx', 0, f2.length],
+      ['b', 'rx', 0, f2.length],
+    ],
+  );
+  assert.deepEqual(seen[0].frame, f1);
+  assert.deepEqual(seen[3].frame, f2);
+  a.dev.tap = null;
+  postTx(a.tx, f1);
+  a.dev.kick(1);
+  assert.equal(seen.filter((s) => s.dev === 'a').length, 2, 'no tap, no calls');
+});

@@ -112,6 +112,9 @@ class RxQueue {
   }
 }
 
+/** A frame crossing the device: tx from the guest, rx towards it, and its queue pair. */
+export type FrameTap = (frame: Uint8Array, direction: 'rx' | 'tx', queuePair: number) => void;
+
 export class NetDevice extends DeviceBase implements Endpoint {
   readonly deviceId = VIRTIO_ID_NET;
   readonly configSize = CONFIG_SIZE;
@@ -126,6 +129,12 @@ export class NetDevice extends DeviceBase implements Endpoint {
   private readonly offered: bigint;
   private readonly backlogSize: number;
   private uplink: Port | null = null;
+  /**
+   * Packet capture: sees every frame the guest sends (after its virtio-net header)
+   * and every frame offered to it. Must copy what it keeps: the frame is a view
+   * into guest memory or a reused buffer. Null costs the data path one test.
+   */
+  tap: FrameTap | null = null;
   private hdrLen = NET_HDR_SIZE;
   private mergeable = false;
   /** OFFLOAD_* bits the driver may use on TX / takes on RX. */
@@ -230,6 +239,7 @@ export class NetDevice extends DeviceBase implements Endpoint {
       return;
     }
     const rx = this.pickRx(frame);
+    if (this.tap !== null) this.tap(frame, 'rx', rx === null ? 0 : rx.q.index >> 1);
     if (rx === null || this.failed) {
       this.counters.rxNoQueue++;
       return;
@@ -360,6 +370,7 @@ export class NetDevice extends DeviceBase implements Endpoint {
       frame = this.txBuf.subarray(0, len);
     }
     q.stats.bytes += len;
+    if (this.tap !== null) this.tap(frame, 'tx', q.index >> 1);
     try {
       if (meta === undefined) up.deliver(frame);
       else {
