@@ -18,7 +18,7 @@ import { startBridgeFixture } from '../support/bridge-fixture';
 import { runVbridge, shellWords } from '../support/vbridge-cli';
 
 import { SCRIPT_B, scriptA } from '../support/net-scripts';
-import { metricsScraper, checkApiMatchesStats } from '../support/api-checks';
+import { metricsScraper, checkApiMatchesStats, startCaptures } from '../support/api-checks';
 
 const SCRIPT_A = scriptA(true);
 
@@ -37,6 +37,11 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
     const attachB = shellWords(printed.out);
     assert.ok(attachB.includes('-netdev') && attachB.some((a) => a.startsWith('virtio-net-pci,') && a.includes('packed=on')), printed.out);
     try {
+      // Captured through the real CLI, one to a file, one piped into tcpdump -r -, from before the guests boot.
+      const captures = await startCaptures(fx, [
+        { fn: 'net1', count: 60 },
+        { fn: 'net0', queue: 0, count: 40, pipe: true },
+      ]);
       const a = await startGuest({
         name: 'net-a',
         script: SCRIPT_A,
@@ -86,6 +91,11 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
         { name: 'vbridge_switch_port_frames_total', labels: { switch: 'sw0', port: 'net0', direction: 'in' } },
       ]);
       await checkApiMatchesStats(api.address, fx.dir + '/control.sock');
+      // Both directions of the pings, as tcpdump decodes them from our pcap.
+      for (const out of await captures.done) {
+        assert.match(out, /IP 198\.18\.0\.2 > 198\.18\.0\.1: ICMP echo request/);
+        assert.match(out, /IP 198\.18\.0\.1 > 198\.18\.0\.2: ICMP echo reply/);
+      }
     } finally {
       await fx.close();
     }

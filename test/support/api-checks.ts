@@ -1,7 +1,8 @@
 /**
  * Checks of the HTTP API and /metrics that ride along an e2e test's traffic:
  * scrapes taken while the guests work, checked afterwards with the real
- * promtool, and the API's functions against the real `vbridge stats --json`.
+ * promtool, the API's functions against the real `vbridge stats --json`, and
+ * packet captures by the real `vbridge capture`, read back by tcpdump.
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
@@ -12,6 +13,10 @@ import type { StatsReport } from '../../src/control/stats-format';
 import { httpRequest } from './http-client';
 import { OpenApiChecker } from './openapi-check';
 import { promtoolCheck, sampleValue } from './promtool';
+import type { BridgeFixture } from './bridge-fixture';
+import { waitFor } from './wait';
+import { activeCaptures } from '../../src/capture/frame-capture';
+import { NetDevice } from '../../src/devices/net/net-device';
 
 const CLI = path.resolve(__dirname, '../../src/control/cli.js');
 
@@ -92,4 +97,49 @@ export async function checkApiMatchesStats(at: ListenAddress, controlSocket: str
       `${f.name}: the API's queue counters differ from vbridge stats`,
     );
   }
+}
+
+export interface RunningCaptures {
+  /** tcpdump's decoding of each capture, in the order asked. */
+  done: Promise<string[]>;
+}
+
+/**
+ * Starts `vbridge capture` (the real CLI, child processes) on functions of a
+ * fixture with the API on, and returns once every capture is registered on its
+ * device. pipe: `-w - | tcpdump -r -`; otherwise `-w FILE`, read by tcpdump -r FILE.
+ */
+export async function startCaptures(fx: BridgeFixture, list: { fn: string; queue?: number; count: number; pipe?: boolean }[]): Promise<RunningCaptures> {
+  const api = fx.bridge.api;
+  assert.ok(api !== null && api.address.kind === 'tcp', 'the fixture needs http: 127.0.0.1:0');
+  const common = ['--http', `${api.address.host}:${api.address.port}`, '--token-file', path.join(fx.dir, 'control.http-token')];
+  const run = promisify(execFile);
+  const jobs = list.map(async ({ fn, queue, count, pipe }, i) => {
+    const args = [CLI, 'capture', fn, '--count', String(count), ...(queue === undefined ? [] : ['--queue', String(queue)]), ...common];
+    if (pipe === true) {
+      const cmd = `${[process.execPath, ...args, '-w', '-'].map(shellQuote).join(' ')} | tcpdump -n -r -`;
+      return (await run('bash', ['-o', 'pipefail', '-c', cmd], { timeout: 300_000 })).stdout;
+    }
+    const file = path.join(fx.dir, `capture${i}.pcap`);
+    await run(process.execPath, [...args, '-w', file], { timeout: 300_000 });
+    return (await run('tcpdump', ['-n', '-r', file])).stdout;
+  });
+  const done = Promise.all(jobs);
+  // Not left unhandled while the test waits for the captures to start.
+  done.catch(() => undefined);
+  const devices = list.map(({ fn }) => fx.bridge.device(fn));
+  const want = new Map<NetDevice, number>();
+  for (const d of devices) {
+    assert.ok(d instanceof NetDevice, 'capture needs a net device in the bridge');
+    want.set(d, (want.get(d) ?? 0) + 1);
+  }
+  await Promise.race([
+    waitFor('the captures to start', () => [...want].every(([d, n]) => activeCaptures(d) === n), 30_000),
+    done.then(() => assert.fail('a capture ended before it started')),
+  ]);
+  return { done };
+}
+
+function shellQuote(s: string): string {
+  return `'${s.replace(/'/g, "'\\''")}'`;
 }
