@@ -21,6 +21,7 @@ PACKAGES=(
   libvirt-clients   # virt-xml-validate: the XML of vbridge qemu-args --libvirt checked offline
   libxml2-utils     # xmllint, which virt-xml-validate runs
   prometheus        # promtool: the tests check /metrics with `promtool check metrics`
+  tcpdump           # reads back what vbridge capture writes
 )
 WANT_HUGEPAGES="${VBRIDGE_HUGEPAGES:-1024}"
 HUGE_MNT=/dev/hugepages

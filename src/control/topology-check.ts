@@ -5,6 +5,7 @@
  * that do not apply to a function's backend. The topology parser stops at the
  * first error; this runs it per function to find them all.
  */
+import { formatListenAddress } from '../api/listen-address';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { LineCounter, parseDocument, stringify, type Document } from 'yaml';
@@ -236,6 +237,7 @@ export function functionAsWritten(f: FunctionSpec): Record<string, unknown> {
 export function topologyAsWritten(t: Topology): string {
   const doc = {
     control: t.control,
+    ...(t.http !== undefined ? { http: formatListenAddress(t.http), 'http-token': t.httpTokenFile } : {}),
     functions: t.functions.map(functionAsWritten),
     ...(t.switches.some((s) => s.taps.length > 0) ? { switches: t.switches.map((s) => ({ name: s.name, taps: s.taps })) } : {}),
   };

@@ -3,6 +3,8 @@ import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { topologyAsWritten } from '../../src/control/topology-check';
 import { loadTopology, TopologyError, validateTopology } from '../../src/control/topology';
 import { defaultControlPath } from '../../src/control/control-path';
 
@@ -141,6 +143,9 @@ test('http: the API listener and its token file; off unless asked, errors name t
   const on = validateTopology({ ...base, http: '127.0.0.1:9477', 'http-token': 'tok' }, '/srv');
   assert.deepEqual(on.http, { kind: 'tcp', host: '127.0.0.1', port: 9477 });
   assert.equal(on.httpTokenFile, '/srv/tok');
+  // validate prints them back as keys that load to the same.
+  const again = validateTopology(parseYaml(topologyAsWritten(on)), '/elsewhere');
+  assert.deepEqual([again.http, again.httpTokenFile], [on.http, on.httpTokenFile]);
   // A bare relative name is neither ADDR:PORT nor clearly a path: refused rather than guessed.
   assert.equal(
     fieldOf(() => validateTopology({ ...base, http: 'api.sock' }, '/srv')),
