@@ -3,7 +3,9 @@
  * process that hosts both devices (two queue pairs each; guest A uses both)
  * and the switch joining them: every frame
  * crosses guest memory -> BAR -> backend switch -> the other function's BAR ->
- * the other guest's memory.
+ * the other guest's memory. Meanwhile /metrics shows the DMA, the backend
+ * notifications and the shadow rings move (promtool passes on every scrape),
+ * and the API's link resources show the PCIe links up.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,10 +16,15 @@ import { startBridgeFixture } from '../support/bridge-fixture';
 import { startBackendProcess, type BackendProcess } from '../support/backend-process';
 import { SCRIPT_B, scriptA } from '../support/net-scripts';
 import { waitForPath } from '../support/wait';
+import { checkApiMatchesStats, metricsScraper } from '../support/api-checks';
+import { httpRequest } from '../support/http-client';
+import { OpenApiChecker } from '../support/openapi-check';
+import { sampleValue } from '../support/promtool';
 
 test('two guests bridged to one backend process hosting their switch: pings 56/1400 B without loss, 8 MiB intact', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
     const fx = await startBridgeFixture({
+      http: '127.0.0.1:0',
       functions: [
         { name: 'net0', type: 'net', socket: 'net0.sock', backend: { link: 'pcie', attach: 'net0.bar', 'bar-size': '16M' } },
         { name: 'net1', type: 'net', socket: 'net1.sock', backend: { link: 'pcie', attach: 'net1.bar', 'bar-size': '16M' } },
@@ -31,7 +38,10 @@ test('two guests bridged to one backend process hosting their switch: pings 56/1
       await waitForPath(fx.socket('net1'), 10_000);
       const a = await startGuest({ name: 'pcie-net-a', script: scriptA(true), cpus: 2, memMiB: 256, nets: [{ socket: fx.socket('net0'), mac: '52:54:00:00:01:0a', queues: 2 }], timeoutMs: 240_000 });
       const b = await startGuest({ name: 'pcie-net-b', script: SCRIPT_B, memMiB: 256, nets: [{ socket: fx.socket('net1'), mac: '52:54:00:00:01:0b' }], timeoutMs: 240_000 });
-      const [ra, rb] = await Promise.all([a.done, b.done]);
+      const api = fx.bridge.api;
+      assert.ok(api !== null);
+      const scraper = metricsScraper(api.address);
+      const [ra, rb] = await Promise.all([a.done, b.done]).finally(() => scraper.stop());
       const va = kv(ra.output);
       const vb = kv(rb.output);
       assert.equal(ra.rc, 0, `guest A failed:\n${ra.output}\n${backend.output()}`);
@@ -58,6 +68,25 @@ test('two guests bridged to one backend process hosting their switch: pings 56/1
       // A's blob leaves through whichever TX queue the sending CPU maps to (XPS), often both: count them together.
       const aTx = [1, 3].reduce((n, q) => n + (fx.fnStats('net0').relay?.[q]?.dma.toBarBytes ?? 0), 0);
       assert.ok(aTx >= 8 * 1024 * 1024, `A's TX queues moved ${aTx} bytes to the BAR`);
+      await scraper.check([
+        { name: 'vbridge_dma_bytes_total', labels: { function: 'net1', queue: 'rx0', direction: 'to_guest' } },
+        { name: 'vbridge_dma_operations_total', labels: { function: 'net1', queue: 'tx0', direction: 'to_bar' } },
+        { name: 'vbridge_backend_kicks_total', labels: { function: 'net1', queue: 'tx0' } },
+        { name: 'vbridge_backend_interrupts_total', labels: { function: 'net1', queue: 'rx0' } },
+        { name: 'vbridge_queue_descriptors_total', labels: { function: 'net0', queue: 'tx0', direction: 'tx' } },
+      ]);
+      const last = scraper.last();
+      for (const fn of ['net0', 'net1']) {
+        assert.equal(sampleValue(last, 'vbridge_link_state', { function: fn, link: 'pcie', state: 'up' }), 1, `${fn} link up in /metrics`);
+        assert.ok((sampleValue(last, 'vbridge_shadow_ring_size', { function: fn, queue: 'rx0' }) ?? 0) > 0, `${fn} shadow ring size`);
+        assert.ok((sampleValue(last, 'vbridge_shadow_pool_slots', { function: fn, queue: 'rx0' }) ?? 0) > 0, `${fn} pool slots`);
+      }
+      const link = await httpRequest(api.address, 'GET', '/v1/links/net1');
+      new OpenApiChecker().check('GET', '/v1/links/net1', link.status, link.body);
+      const l = link.body as { kind: string; mode: string; state: string; queues: { name: string; dma: { toGuestBytes: number } }[] };
+      assert.deepEqual([l.kind, l.mode, l.state], ['pcie', 'relay', 'up']);
+      assert.ok((l.queues.find((q) => q.name === 'rx0')?.dma.toGuestBytes ?? 0) >= 8 * 1024 * 1024);
+      await checkApiMatchesStats(api.address, path.join(fx.dir, 'control.sock'));
     } finally {
       await backend?.stop();
       await fx.close();
