@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import { UsageError, type CommandSpec, type ParsedArgs } from './args';
 import { backendCommand } from './backend-command';
 import { captureCommand } from './capture-command';
-import { parseListenAddress } from '../api/listen-address';
+import { parseListenAddress, type ListenAddress } from '../api/listen-address';
 import { bashCompletion } from './completion';
 import { qemuArgsCommand } from './qemu-args-command';
 import { serve } from './serve';
@@ -26,21 +26,23 @@ function cliSocketAccess(args: ParsedArgs): SocketAccess | undefined {
   );
 }
 
+/** --http, checked before the topology is read. */
+function cliHttp(args: ParsedArgs): ListenAddress | undefined {
+  const http = args.string('http');
+  if (http === undefined) return undefined;
+  try {
+    return parseListenAddress(http);
+  } catch (e) {
+    throw new UsageError(`serve: --http: ${(e as Error).message}`);
+  }
+}
+
 /** The command line wins over the topology. */
 function withCliOverrides(t: Topology, args: ParsedArgs, cli: SocketAccess | undefined): Topology {
   const control = args.string('control');
-  const http = args.string('http');
-  let listen = t.http;
-  if (http !== undefined) {
-    try {
-      listen = parseListenAddress(http);
-    } catch (e) {
-      throw new UsageError(`serve: --http: ${(e as Error).message}`);
-    }
-  }
   return {
     ...t,
-    http: listen,
+    http: cliHttp(args) ?? t.http,
     control: control !== undefined ? path.resolve(control) : t.control,
     functions: cli === undefined ? t.functions : t.functions.map((f) => ({ ...f, socketAccess: { ...f.socketAccess, ...cli } })),
   };
@@ -65,6 +67,7 @@ const serveCommand: CommandSpec = {
   positionals: TOPOLOGY_ARG,
   run: async (args) => {
     const access = cliSocketAccess(args);
+    cliHttp(args);
     await serve(withCliOverrides(loadTopology(args.positionals[0] as string), args, access));
     return 0;
   },

@@ -4,12 +4,14 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { startBridgeFixture } from '../support/bridge-fixture';
 import { CaptureLogger } from '../support/capture-logger';
 import { httpRequest, type HttpAnswer } from '../support/http-client';
 import { OpenApiChecker } from '../support/openapi-check';
 import { promtoolCheck, sampleValue } from '../support/promtool';
+import { CLI, runVbridgeAsync } from '../support/vbridge-cli';
+import { waitFor } from '../support/wait';
 import { HttpApi } from '../../src/api/http-api';
 import { Operations } from '../../src/api/operations';
 import { parseListenAddress, type ListenAddress } from '../../src/api/listen-address';
@@ -267,4 +269,43 @@ test('the OpenAPI check itself fails on answers the document does not allow', ()
   assert.throws(() => openapi.check('POST', '/v1/switches/s/actions/forget-macs', 401, { message: 'x' }), /does not match/);
   openapi.check('POST', '/v1/switches/s/actions/forget-macs', 200, { collection: 'switches', id: 's', action: 'forget-macs', result: { forgotten: 2 } });
   assert.throws(() => openapi.check('POST', '/v1/switches/s/actions/forget-macs', 200, { collection: 'switches', id: 's', action: 'forget-macs', result: { forgotten: -1 } }), /does not match/);
+});
+
+test('vbridge serve --http: the API on the command line wins over the topology, answers, and its token file goes with serve', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vb-serve-http-'));
+  const topo = path.join(dir, 'topology.yaml');
+  fs.writeFileSync(topo, `control: ${dir}/c.sock\nhttp: 127.0.0.1:1\nfunctions:\n  - { name: s0, type: net, socket: s0.sock, backend: { sink: true } }\n`);
+  const p = spawn(process.execPath, [CLI, 'serve', topo, '--http', '127.0.0.1:0'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  p.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
+  const exited = new Promise<number | null>((resolve) => p.on('close', (code) => resolve(code)));
+  try {
+    await waitFor('serve to report its API', () => /http API on 127\.0\.0\.1:\d+/.test(err) || p.exitCode !== null, 20_000);
+    const m = /http API on 127\.0\.0\.1:(\d+); token in (\S+)/.exec(err);
+    assert.ok(m !== null, err);
+    assert.equal(m[2], path.join(dir, 'c.http-token'));
+    assert.equal(fs.statSync(m[2]).mode & 0o777, 0o600);
+    const at: ListenAddress = { kind: 'tcp', host: '127.0.0.1', port: Number(m[1]) };
+    const fns = await call(at, 'GET', '/v1/functions');
+    assert.deepEqual(
+      (fns.body as { items: { name: string }[] }).items.map((f) => f.name),
+      ['s0'],
+    );
+    // A second API on the same port is refused with the address in the message, and leaves no token file.
+    const tokenFile = path.join(dir, 'second.token');
+    await assert.rejects(HttpApi.start({ listen: at, tokenFile, operations: new Operations(), log: new CaptureLogger() }), new RegExp(`cannot listen on 127\\.0\\.0\\.1:${m[1]}: .*EADDRINUSE`));
+    assert.equal(fs.existsSync(tokenFile), false);
+    p.kill('SIGTERM');
+    assert.equal(await exited, 0, err);
+    assert.equal(fs.existsSync(m[2]), false, 'the token file is removed on shutdown');
+  } finally {
+    p.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('vbridge serve --http refuses an address it cannot use, before starting anything', async () => {
+  const r = await runVbridgeAsync(['serve', 'nowhere.yaml', '--http', 'example.com:80']);
+  assert.equal(r.code, 2);
+  assert.match(r.err, /serve: --http: "example\.com:80": example\.com is not an IPv4 address/);
 });
