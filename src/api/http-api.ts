@@ -48,24 +48,22 @@ type Route =
   | { kind: 'action'; collection: string; id: string; action: string }
   | { kind: 'stream'; collection: string; id: string; stream: string };
 
-/** Route and the methods it allows; null for no such path. */
+/** Route and the methods it allows; null for no such path. Throws ApiError(400) for a path that does not decode. */
 function route(pathname: string): { r: Route; methods: string[] } | null {
   if (pathname === '/metrics') return { r: { kind: 'metrics' }, methods: ['GET'] };
   if (pathname === '/openapi.yaml') return { r: { kind: 'openapi' }, methods: ['GET'] };
+  if (pathname === '/v1') return { r: { kind: 'index' }, methods: ['GET'] };
   const parts = pathname.split('/').slice(1);
-  if (parts[0] !== 'v1' || parts.some((p) => p === '')) {
-    return pathname === '/v1' || pathname === '/v1/' ? { r: { kind: 'index' }, methods: ['GET'] } : null;
-  }
+  if (parts[0] !== 'v1' || parts.length < 2 || parts.some((p) => p === '')) return null;
   let seg: string[];
   try {
     seg = parts.slice(1).map((p) => decodeURIComponent(p));
   } catch {
-    return null;
+    throw new ApiError(400, `bad percent-encoding in ${pathname}`);
   }
-  if (seg.length === 0) return { r: { kind: 'index' }, methods: ['GET'] };
   if (seg.length === 1) return { r: { kind: 'list', collection: seg[0] }, methods: ['GET'] };
   if (seg.length === 2) return { r: { kind: 'get', collection: seg[0], id: seg[1] }, methods: ['GET'] };
-  if (seg.length === 3 && seg[2] !== 'actions') return { r: { kind: 'stream', collection: seg[0], id: seg[1], stream: seg[2] }, methods: ['GET'] };
+  if (seg.length === 3) return { r: { kind: 'stream', collection: seg[0], id: seg[1], stream: seg[2] }, methods: ['GET'] };
   if (seg.length === 4 && seg[2] === 'actions') return { r: { kind: 'action', collection: seg[0], id: seg[1], action: seg[3] }, methods: ['POST'] };
   return null;
 }
@@ -105,9 +103,15 @@ export class HttpApi {
     this.server.setTimeout(opts.idleTimeoutMs ?? 30_000);
     this.server.maxConnections = opts.maxConnections ?? 64;
     this.server.on('clientError', (err, socket) => {
+      // Bytes after a request that asked for the connection to close (a body it gave no length):
+      // that request is answered already or about to be, and the connection ends with its answer.
+      if ((err as NodeJS.ErrnoException).code === 'HPE_CLOSED_CONNECTION') return;
       if (socket.writable && !socket.writableEnded) {
         const code = (err as NodeJS.ErrnoException).code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
-        socket.end(`HTTP/1.1 ${code} ${http.STATUS_CODES[code]}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n`);
+        const body = JSON.stringify({ error: code === 408 ? 'request not received in time' : `malformed HTTP request (${(err as NodeJS.ErrnoException).code ?? err.message})` }) + '\n';
+        // An answer to HEAD has no body, even to a malformed HEAD.
+        const head = (err as { rawPacket?: Buffer }).rawPacket?.subarray(0, 5).toString('latin1') === 'HEAD ';
+        socket.end(`HTTP/1.1 ${code} ${http.STATUS_CODES[code]}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${head ? '' : body}`);
       }
       socket.destroy();
     });
@@ -167,14 +171,24 @@ export class HttpApi {
 
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const method = req.method ?? 'GET';
-    const url = new URL(req.url ?? '/', 'http://localhost');
-    const found = route(url.pathname);
+    let url: URL;
+    let found: ReturnType<typeof route>;
+    try {
+      // A request target such as "//" is no URL at all.
+      url = new URL(req.url ?? '/', 'http://localhost');
+      found = route(url.pathname);
+    } catch (e) {
+      req.resume();
+      send(res, 400, { error: e instanceof ApiError ? e.message : `malformed request target: ${JSON.stringify((req.url ?? '').slice(0, 200))}` });
+      return;
+    }
     if (found === null) {
       req.resume();
       send(res, 404, { error: `no such path: ${url.pathname}` });
       return;
     }
-    const allowed = found.methods.includes('GET') ? [...found.methods, 'HEAD'] : found.methods;
+    // HEAD on a stream would start one whose bytes nobody reads.
+    const allowed = found.methods.includes('GET') && found.r.kind !== 'stream' ? [...found.methods, 'HEAD'] : found.methods;
     if (!allowed.includes(method)) {
       req.resume();
       send(res, 405, { error: `${method} is not allowed on ${url.pathname} (allowed: ${found.methods.join(', ')})` }, { allow: allowed.join(', ') });

@@ -46,6 +46,11 @@ export class OpenApiChecker {
     const template = this.template(urlPath);
     const op = template === undefined ? undefined : this.doc.paths[template][method.toLowerCase()];
     // The document says: a path it does not list is 404, a method it does not list on a path is 405, both with an Error body.
+    // ...and a request that is not HTTP (raw non-ASCII in the path, say) is 400 before any routing.
+    if (status === 400 && (template === undefined || op === undefined || !(String(status) in (op.responses ?? {})))) {
+      this.validate('openapi#/components/schemas/Error', method, urlPath, status, body);
+      return;
+    }
     if (template === undefined || op === undefined) {
       const expected = template === undefined ? 404 : 405;
       if (status !== expected) throw new Error(`${method} ${urlPath}: not in openapi.yaml, so 404 or 405 was due, got ${status}`);

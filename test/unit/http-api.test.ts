@@ -12,6 +12,7 @@ import { OpenApiChecker } from '../support/openapi-check';
 import { promtoolCheck, sampleValue } from '../support/promtool';
 import { CLI, runVbridgeAsync } from '../support/vbridge-cli';
 import { waitFor } from '../support/wait';
+import { fuzzHttpApi } from '../fuzz/http-api-fuzz-lib';
 import { HttpApi } from '../../src/api/http-api';
 import { Operations } from '../../src/api/operations';
 import { parseListenAddress, type ListenAddress } from '../../src/api/listen-address';
@@ -143,6 +144,10 @@ test('bridge HTTP API: resources match openapi.yaml and the stats, /metrics pass
       ['GET', '/v1/functions/net0/actions/forget-macs', {}, 405, /GET is not allowed .* \(allowed: POST\)/],
       ['DELETE', '/v1/functions/net0', {}, 405, /DELETE is not allowed/],
       ['GET', '/admin', {}, 404, /no such path: \/admin/],
+      // Found by the fuzzer: a target that is no URL was a 500, an undecodable name a 404.
+      ['GET', '//', {}, 400, /malformed request target: "\/\/"/],
+      ['DELETE', '/v1/%ZZ', {}, 400, /bad percent-encoding in \/v1\/%ZZ/],
+      ['GET', '/v1/', {}, 404, /no such path/],
       ['GET', '/v1/functions/net0/queues/x/y', {}, 404, /no such path/],
     ];
     for (const [method, p, opts, status, re] of cases) {
@@ -308,4 +313,8 @@ test('vbridge serve --http refuses an address it cannot use, before starting any
   const r = await runVbridgeAsync(['serve', 'nowhere.yaml', '--http', 'example.com:80']);
   assert.equal(r.code, 2);
   assert.match(r.err, /serve: --http: "example\.com:80": example\.com is not an IPv4 address/);
+});
+
+test('HTTP API fuzz, a short seeded run (make fuzz runs it longer): no 5xx, every error a JSON message, every answer as documented', async () => {
+  for (const seed of [1, 2]) await fuzzHttpApi(seed, 250, Date.now() + 60_000);
 });
