@@ -4,7 +4,7 @@
  * occupancy), and the switches with their ports. All read from one stats
  * report, the same one `vbridge stats` prints, so the two always agree.
  */
-import type { FunctionStatsRow, StatsReport, SwitchStatsRow } from '../control/stats-format';
+import type { FunctionStatsRow, SwitchStatsRow } from '../control/stats-format';
 import type { JsonObject, JsonValue } from './operations';
 import { queueName } from './queue-names';
 
@@ -54,5 +54,3 @@ export function linkResource(f: FunctionStatsRow): JsonObject {
 export function switchResource(s: SwitchStatsRow, learned: number, actions: string[]): JsonObject {
   return { name: s.name, dropped: s.dropped, learned, ports: s.ports.map((p) => json(p)), actions };
 }
-
-export type { StatsReport };

@@ -14,6 +14,7 @@ import { ControlServer } from './control-server';
 import { claimSocketPath, setSocketAccess } from '../native/socket-guard';
 import { HttpApi } from '../api/http-api';
 import { bridgeOperations } from '../api/bridge-operations';
+import type { Operations } from '../api/operations';
 import { consoleLogger, type Logger } from '../log';
 import type { FunctionStatsRow, StatsReport, SwitchStatsRow } from './stats-format';
 import type { FunctionSpec, LinkBackend, Topology, VhostUserLinkBackend } from './topology';
@@ -141,6 +142,11 @@ export class Bridge {
   private control: ControlServer | null = null;
   /** The HTTP API and /metrics, when the topology asks for them. */
   api: HttpApi | null = null;
+  /**
+   * What the HTTP API serves and acts on, kept whether or not it listens: other
+   * parts (the PF/VF manager, the CLI, a dashboard) register and use the same operations.
+   */
+  readonly operations: Operations = bridgeOperations(this);
 
   private constructor(
     readonly topology: Topology,
@@ -175,7 +181,7 @@ export class Bridge {
       }
       bridge.control = await ControlServer.listen(topology.control, { stats: () => bridge.stats() });
       if (topology.http !== undefined) {
-        bridge.api = await HttpApi.start({ listen: topology.http, tokenFile: topology.httpTokenFile, operations: bridgeOperations(bridge), log });
+        bridge.api = await HttpApi.start({ listen: topology.http, tokenFile: topology.httpTokenFile, operations: bridge.operations, log });
       }
     } catch (e) {
       await bridge.close();
