@@ -132,14 +132,7 @@ export class L2Switch {
 
   /** Forget the MACs learned on `att`, which stays attached. Returns how many were forgotten. */
   forget(att: SwitchAttachment): number {
-    let n = 0;
-    for (const [mac, e] of this.table) {
-      if (e.att === att) {
-        this.table.delete(mac);
-        n++;
-      }
-    }
-    return n;
+    return this.forgetWhere((e) => e.att === att);
   }
 
   /** detach() plus disconnecting the endpoint's uplink. */
@@ -287,9 +280,13 @@ export class L2Switch {
    * Returns how many were forgotten.
    */
   forgetLearned(port?: Port): number {
+    return this.forgetWhere((e) => port === undefined || e.att.port === port);
+  }
+
+  private forgetWhere(match: (e: { att: SwitchAttachment }) => boolean): number {
     let n = 0;
     for (const [k, e] of this.table) {
-      if (port === undefined || e.att.port === port) {
+      if (match(e)) {
         this.table.delete(k);
         n++;
       }
