@@ -24,6 +24,8 @@ import { PcieShadowLink } from '../links/pcie/pcie-shadow-link';
 import { VhostUserRelayLink } from '../links/vhost-user/relay-link';
 import { PassthroughFunction } from '../links/vhost-user/passthrough';
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_NET } from '../virtio/constants';
+import { FunctionManager } from '../functions/function-manager';
+import { functionRoutes } from '../functions/function-routes';
 
 /** One function of the topology, whatever runs its device. */
 interface RunningFunction {
@@ -34,7 +36,8 @@ interface RunningFunction {
   close(): void;
 }
 
-function createDevice(spec: FunctionSpec, switches: Map<string, L2Switch>): { device: VirtioDevice; release: () => void } {
+/** A function's in-bridge device and how to let go of it (the function manager makes VFs with it too). */
+export function createDevice(spec: FunctionSpec, switches: Map<string, L2Switch>): { device: VirtioDevice; release: () => void } {
   if (spec.type === 'blk') {
     const b = spec.backend;
     if (b.kind !== 'file') throw new Error(`${spec.name}: not a local backend`);
@@ -147,6 +150,8 @@ export class Bridge {
    * parts (the PF/VF manager, the CLI, a dashboard) register and use the same operations.
    */
   readonly operations: Operations = bridgeOperations(this);
+  /** PFs and their VFs; null when the topology declares no PFs. */
+  functionManager: FunctionManager | null = null;
 
   private constructor(
     readonly topology: Topology,
@@ -179,7 +184,11 @@ export class Bridge {
         setSocketAccess(spec.socket, spec.socketAccess);
         functions.push(startFunction(spec, switches, log));
       }
-      bridge.control = await ControlServer.listen(topology.control, { stats: () => bridge.stats() });
+      if (topology.pfs.length > 0) {
+        bridge.functionManager = FunctionManager.start({ pfs: topology.pfs, stateDir: topology.stateDir, createDevice: (spec) => createDevice(spec, switches), log });
+      }
+      const fm = bridge.functionManager;
+      bridge.control = await ControlServer.listen(topology.control, { stats: () => bridge.stats(), routes: fm !== null ? [functionRoutes(fm)] : [] });
       if (topology.http !== undefined) {
         bridge.api = await HttpApi.start({ listen: topology.http, tokenFile: topology.httpTokenFile, operations: bridge.operations, log });
       }
@@ -213,6 +222,8 @@ export class Bridge {
     this.api = null;
     this.control?.close();
     this.control = null;
+    this.functionManager?.close();
+    this.functionManager = null;
     for (const f of this.functions.splice(0)) {
       setSocketAccess(f.spec.socket, undefined);
       try {

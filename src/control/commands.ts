@@ -7,6 +7,7 @@ import { UsageError, type CommandSpec, type ParsedArgs } from './args';
 import { backendCommand } from './backend-command';
 import { captureCommand } from './capture-command';
 import { parseListenAddress, type ListenAddress } from '../api/listen-address';
+import { pfCommand, vfCommand } from './function-commands';
 import { bashCompletion } from './completion';
 import { qemuArgsCommand } from './qemu-args-command';
 import { serve } from './serve';
@@ -112,4 +113,4 @@ const completionCommand: CommandSpec = {
   },
 };
 
-export const COMMANDS: readonly CommandSpec[] = [serveCommand, validateCommand, statsCommand, qemuArgsCommand, captureCommand, backendCommand, completionCommand];
+export const COMMANDS: readonly CommandSpec[] = [serveCommand, validateCommand, statsCommand, qemuArgsCommand, captureCommand, backendCommand, pfCommand, vfCommand, completionCommand];

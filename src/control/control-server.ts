@@ -8,8 +8,54 @@ import * as path from 'node:path';
 import type { StatsReport } from './stats-format';
 import { claimSocketPath, explainBindError } from '../native/socket-guard';
 
+/** An answer from a route: HTTP status and a JSON body. */
+export interface RouteAnswer {
+  status: number;
+  body: unknown;
+}
+
+/** More endpoints (the function manager's): returns null when the request is not theirs. */
+export type ControlRoute = (method: string, url: URL, body: unknown) => Promise<RouteAnswer | null>;
+
 export interface ControlHandlers {
   stats(): StatsReport;
+  routes?: ControlRoute[];
+}
+
+/** Request bodies are small JSON commands; anything bigger is a mistake or an attack. */
+const MAX_BODY = 64 * 1024;
+
+async function readBody(req: http.IncomingMessage): Promise<unknown> {
+  const chunks: Buffer[] = [];
+  let n = 0;
+  for await (const c of req) {
+    n += (c as Buffer).length;
+    if (n > MAX_BODY) throw new Error(`request body over ${MAX_BODY} bytes`);
+    chunks.push(c as Buffer);
+  }
+  if (n === 0) return undefined;
+  return JSON.parse(Buffer.concat(chunks).toString('utf8')) as unknown;
+}
+
+async function routeRequest(routes: ControlRoute[], req: http.IncomingMessage, res: http.ServerResponse): Promise<boolean> {
+  const url = new URL(req.url ?? '/', 'http://vbridge');
+  let body: unknown;
+  try {
+    body = await readBody(req);
+  } catch (e) {
+    res.writeHead(400, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ error: `bad request body: ${(e as Error).message}` }));
+    return true;
+  }
+  for (const r of routes) {
+    const a = await r(req.method ?? 'GET', url, body);
+    if (a !== null) {
+      res.writeHead(a.status, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(a.body));
+      return true;
+    }
+  }
+  return false;
 }
 
 export class ControlServer {
@@ -26,8 +72,20 @@ export class ControlServer {
         res.end(body);
         return;
       }
-      res.writeHead(404, { 'content-type': 'application/json' });
-      res.end(JSON.stringify({ error: `no such endpoint: ${req.method} ${req.url}` }));
+      const routes = handlers.routes ?? [];
+      if (routes.length > 0) {
+        routeRequest(routes, req, res).then(
+          (done) => {
+            if (!done) notFound(req, res);
+          },
+          (e: unknown) => {
+            res.writeHead(500, { 'content-type': 'application/json' });
+            res.end(JSON.stringify({ error: e instanceof Error ? e.message : String(e) }));
+          },
+        );
+        return;
+      }
+      notFound(req, res);
     });
   }
 
@@ -50,6 +108,11 @@ export class ControlServer {
       // Already gone.
     }
   }
+}
+
+function notFound(req: http.IncomingMessage, res: http.ServerResponse): void {
+  res.writeHead(404, { 'content-type': 'application/json' });
+  res.end(JSON.stringify({ error: `no such endpoint: ${req.method} ${req.url}` }));
 }
 
 export function fetchJson<T>(socketPath: string, urlPath: string, timeoutMs = 5000): Promise<T> {

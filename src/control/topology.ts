@@ -101,6 +101,24 @@ export interface SwitchSpec {
   taps: string[];
 }
 
+/**
+ * A physical function: the template its VFs are made from, and how many exist.
+ * VF n is the template with `{vf}` replaced by n in every string (and, for net,
+ * the MAC base plus n), named `PF/vfN`.
+ */
+export interface PfSpec {
+  name: string;
+  type: 'net' | 'blk';
+  totalVfs: number;
+  numVfs: number;
+  /** The function fields of the template as written (name and type excluded), for expansion per VF. */
+  template: Readonly<Record<string, unknown>>;
+  /** Folder that relative paths of the template resolve against. */
+  baseDir: string;
+  /** Socket ownership and mode from the top level, which the template's own keys override. */
+  topAccess?: SocketAccess;
+}
+
 export interface Topology {
   /** HTTP control socket that `vbridge stats` talks to. */
   control: string;
@@ -110,6 +128,9 @@ export interface Topology {
   http?: ListenAddress;
   /** Where serve writes the HTTP API's bearer token (mode 0600). */
   httpTokenFile: string;
+  pfs: PfSpec[];
+  /** Where the function manager persists run-time state; none: changes are lost on restart. */
+  stateDir?: string;
 }
 
 type Obj = Record<string, unknown>;
@@ -292,6 +313,63 @@ function parseFunction(f: unknown, i: number, baseDir: string, topAccess?: Socke
   throw new TopologyError(`${where}.type`, `expected "net" or "blk", got ${JSON.stringify(type)}`);
 }
 
+const PF_FIELDS = ['name', 'type', 'total-vfs', 'num-vfs', 'socket', 'queues', 'queue-size', 'mac', 'mtu', 'offloads', 'backend', ...SOCKET_ACCESS_KEYS];
+/** PCIe SR-IOV allows up to 65535 VFs; a bridge process serving more than this many sockets is not a use case. */
+export const MAX_TOTAL_VFS = 256;
+
+function parsePf(p: unknown, i: number, baseDir: string, topAccess?: SocketAccess): PfSpec {
+  const where = `pfs[${i}]`;
+  if (!isObj(p)) throw new TopologyError(where, 'expected a mapping');
+  checkKeys(p, PF_FIELDS, where);
+  const name = str(p, 'name', where, true);
+  if (!/^[A-Za-z0-9_.-]{1,24}$/.test(name)) throw new TopologyError(`${where}.name`, 'use 1-24 letters, digits, "_", "." or "-"');
+  const type = str(p, 'type', where, true);
+  if (type !== 'net' && type !== 'blk') throw new TopologyError(`${where}.type`, `expected "net" or "blk", got ${JSON.stringify(type)}`);
+  if (p['total-vfs'] === undefined) throw new TopologyError(`${where}.total-vfs`, 'required integer is missing');
+  const totalVfs = int(p, 'total-vfs', where, 0, 1, MAX_TOTAL_VFS);
+  const numVfs = int(p, 'num-vfs', where, 0, 0, MAX_TOTAL_VFS);
+  if (numVfs > totalVfs) throw new TopologyError(`${where}.num-vfs`, `${numVfs} is above total-vfs (${totalVfs})`);
+  const template: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(p)) if (k !== 'name' && k !== 'total-vfs' && k !== 'num-vfs') template[k] = v;
+  const pf: PfSpec = { name, type, totalVfs, numVfs, template, baseDir, topAccess };
+  // Parse the last VF now so that a bad template fails at load time, naming the PF's field.
+  let last: FunctionSpec;
+  try {
+    last = vfSpec(pf, totalVfs - 1);
+  } catch (e) {
+    if (e instanceof TopologyError) throw new TopologyError(e.field.replace(/^functions\[\d+\]/, where), e.message.slice(e.field.length + 2));
+    throw e;
+  }
+  // A VF is paused by handing its rings from one in-bridge device to another; linked backends cannot do that yet.
+  if (last.backend.kind === 'pcie' || last.backend.kind === 'vhost-user') {
+    throw new TopologyError(`${where}.backend.link`, 'VF templates support local backends (file, switch, sink) only for now');
+  }
+  return pf;
+}
+
+function expandVf(v: unknown, n: number): unknown {
+  if (typeof v === 'string') return v.replaceAll('{vf}', String(n));
+  if (Array.isArray(v)) return v.map((x) => expandVf(x, n));
+  if (isObj(v)) return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, expandVf(x, n)]));
+  return v;
+}
+
+/** The MAC `base` plus n, carried across octets ("52:54:00:00:10:ff" + 1 = "...:11:00"). */
+export function macPlus(base: string, n: number): string {
+  if (!MAC_RE.test(base)) throw new Error(`not a MAC address: ${base}`);
+  const v = BigInt('0x' + base.replaceAll(':', '')) + BigInt(n);
+  if (v >= 1n << 48n) throw new Error(`${base} + ${n} overflows 48 bits`);
+  return v.toString(16).padStart(12, '0').replace(/(..)(?!$)/g, '$1:');
+}
+
+/** The function spec of VF `n` of a PF, with `overrides` (run-time settings) applied to the template first. */
+export function vfSpec(pf: PfSpec, n: number, overrides: Readonly<Record<string, unknown>> = {}): FunctionSpec {
+  const raw = expandVf({ ...pf.template, ...overrides }, n) as Obj;
+  if (pf.type === 'net' && typeof raw.mac === 'string' && overrides.mac === undefined && MAC_RE.test(raw.mac)) raw.mac = macPlus(raw.mac, n);
+  // The name check is for names people write; `pf0/vf1` is built here, in the form `vbridge vf` takes.
+  return { ...parseFunction({ ...raw, name: 'vf', type: pf.type }, 0, pf.baseDir, pf.topAccess), name: `${pf.name}/vf${n}` };
+}
+
 function parseSwitch(s: unknown, i: number): SwitchSpec {
   const where = `switches[${i}]`;
   if (!isObj(s)) throw new TopologyError(where, 'expected a mapping');
@@ -318,12 +396,16 @@ function parseSwitch(s: unknown, i: number): SwitchSpec {
  */
 export function validateTopology(doc: unknown, baseDir: string, sourceFile?: string): Topology {
   if (!isObj(doc)) throw new TopologyError('(top level)', 'expected a mapping with a "functions" list');
-  checkKeys(doc, ['control', 'functions', 'switches', ...SOCKET_ACCESS_KEYS, 'http', 'http-token'], '(top level)');
+  checkKeys(doc, ['control', 'functions', 'switches', 'pfs', 'state-dir', ...SOCKET_ACCESS_KEYS, 'http', 'http-token'], '(top level)');
   const topAccess = accessOf(doc, '(top level)');
-  if (!Array.isArray(doc.functions) || doc.functions.length === 0) {
+  const pfsRaw = doc.pfs ?? [];
+  if (!Array.isArray(pfsRaw)) throw new TopologyError('pfs', 'expected a list');
+  const functionsRaw = doc.functions ?? (pfsRaw.length > 0 ? [] : undefined);
+  if (!Array.isArray(functionsRaw) || (functionsRaw.length === 0 && pfsRaw.length === 0)) {
     throw new TopologyError('functions', 'expected a non-empty list');
   }
-  const functions = doc.functions.map((f, i) => parseFunction(f, i, baseDir, topAccess));
+  const functions = functionsRaw.map((f, i) => parseFunction(f, i, baseDir, topAccess));
+  const pfs = pfsRaw.map((p, i) => parsePf(p, i, baseDir, topAccess));
   const switchesRaw = doc.switches ?? [];
   if (!Array.isArray(switchesRaw)) throw new TopologyError('switches', 'expected a list');
   const switches = switchesRaw.map((s, i) => parseSwitch(s, i));
@@ -338,13 +420,23 @@ export function validateTopology(doc: unknown, baseDir: string, sourceFile?: str
     if (dupSock !== undefined) throw new TopologyError(`functions[${i}].socket`, `${f.socket} is already used by functions[${dupSock}]`);
     sockets.set(f.socket, i);
   });
+  // Every VF a PF can ever have must be distinct from the plain functions and the other VFs.
+  pfs.forEach((pf, i) => {
+    if (names.has(pf.name) || pfs.findIndex((q) => q.name === pf.name) !== i) throw new TopologyError(`pfs[${i}].name`, `"${pf.name}" is already used`);
+    for (let n = 0; n < pf.totalVfs; n++) {
+      const vf = vfSpec(pf, n);
+      const dup = sockets.get(vf.socket);
+      if (dup !== undefined) throw new TopologyError(`pfs[${i}].socket`, `${vf.socket} (VF ${n}) is already used by another function; put {vf} in the path`);
+      sockets.set(vf.socket, -1);
+    }
+  });
   const swNames = new Set<string>();
   switches.forEach((s, i) => {
     if (swNames.has(s.name)) throw new TopologyError(`switches[${i}].name`, `"${s.name}" is declared twice`);
     swNames.add(s.name);
   });
   // A switch named only by functions exists implicitly: the common case needs no switches section.
-  for (const f of functions) {
+  for (const f of [...functions, ...pfs.map((pf) => vfSpec(pf, 0))]) {
     if (f.type === 'net' && f.backend.kind === 'switch' && !swNames.has(f.backend.switch)) {
       swNames.add(f.backend.switch);
       switches.push({ name: f.backend.switch, taps: [] });
@@ -363,7 +455,8 @@ export function validateTopology(doc: unknown, baseDir: string, sourceFile?: str
   }
   const token = str(doc, 'http-token', '(top level)', false);
   const httpTokenFile = token === undefined ? defaultTokenFile(control) : path.resolve(baseDir, token);
-  return { control, functions, switches, http, httpTokenFile };
+  const stateDir = doc['state-dir'] === undefined ? undefined : path.resolve(baseDir, str(doc, 'state-dir', '(top level)', true));
+  return { control, functions, switches, http, httpTokenFile, pfs, stateDir };
 }
 
 /** Next to the control socket: control.sock -> control.http-token. */

@@ -1,0 +1,144 @@
+/**
+ * The device a VF's vhost-user session talks to: a stand-in that forwards to
+ * the VF's current device and can let go of it without the front-end noticing.
+ *
+ * Pause stops every started queue of the device (a device completes or gives
+ * back what it took before stopQueue returns) and releases it; kicks that come
+ * meanwhile are only remembered, so new requests wait in the guest's rings.
+ * Resume hands the same queues (ring positions kept) to a device that may be a
+ * new one with another backend, replays the negotiated features, and kicks
+ * every queue so that what waited is served. The session, its memory table and
+ * its eventfds never change: that is what keeps QEMU and the guest unaware.
+ */
+import type { DeviceQueue, VirtioDevice } from '../devices/device';
+
+export class PausableDevice implements VirtioDevice {
+  readonly name: string;
+  readonly deviceId: number;
+  readonly maxQueues: number;
+  readonly maxQueueSize: number;
+  readonly configSize: number;
+  private inner: VirtioDevice | null;
+  private readonly started: (DeviceQueue | null)[];
+  private negotiated: bigint | null = null;
+  private fatal: ((err: Error) => void) | undefined;
+  /** What the first device offered: a front-end that reconnects while paused still gets an answer. */
+  private readonly offered: bigint;
+  /** Kicks that arrived while paused (for tests and stats). */
+  heldKicks = 0;
+
+  constructor(device: VirtioDevice) {
+    this.inner = device;
+    this.name = device.name;
+    this.deviceId = device.deviceId;
+    this.maxQueues = device.maxQueues;
+    this.maxQueueSize = device.maxQueueSize;
+    this.configSize = device.configSize;
+    this.offered = device.features();
+    this.started = new Array<DeviceQueue | null>(device.maxQueues).fill(null);
+  }
+
+  get paused(): boolean {
+    return this.inner === null;
+  }
+
+  /** The device requests go to now; null while paused. */
+  get current(): VirtioDevice | null {
+    return this.inner;
+  }
+
+  get onFatal(): ((err: Error) => void) | undefined {
+    return this.fatal;
+  }
+
+  set onFatal(f: ((err: Error) => void) | undefined) {
+    this.fatal = f;
+    if (this.inner !== null) this.inner.onFatal = f;
+  }
+
+  /** Stop serving and return the device, which the caller now owns (to close it). Paused twice is an error. */
+  pause(): VirtioDevice {
+    const d = this.inner;
+    if (d === null) throw new Error(`${this.name}: already paused`);
+    for (let i = 0; i < this.started.length; i++) if (this.started[i] !== null) d.stopQueue(i);
+    d.onFatal = undefined;
+    this.inner = null;
+    return d;
+  }
+
+  /**
+   * Serve with `device` from now on. It must be the same kind of device with the
+   * same queues, and must offer every feature the driver accepted: the driver
+   * will not negotiate again.
+   */
+  resume(device: VirtioDevice): void {
+    if (this.inner !== null) throw new Error(`${this.name}: not paused`);
+    if (device.deviceId !== this.deviceId || device.maxQueues !== this.maxQueues) {
+      throw new Error(`${this.name}: the new device (id ${device.deviceId}, ${device.maxQueues} queues) does not match the one the guest knows (id ${this.deviceId}, ${this.maxQueues} queues)`);
+    }
+    if (this.negotiated !== null) {
+      const missing = this.negotiated & ~device.features();
+      if (missing !== 0n) throw new Error(`${this.name}: the new device lacks features the driver accepted (0x${missing.toString(16)})`);
+      device.setFeatures(this.negotiated);
+    }
+    device.onFatal = this.fatal;
+    this.inner = device;
+    for (const q of this.started) if (q !== null) device.startQueue(q);
+    // Requests queued while paused came with kicks we did not pass on.
+    for (const q of this.started) if (q !== null && this.inner === device) device.kick(q.index);
+  }
+
+  features(): bigint {
+    return this.inner?.features() ?? this.offered;
+  }
+
+  setFeatures(features: bigint): void {
+    this.negotiated = features;
+    this.inner?.setFeatures(features);
+  }
+
+  readConfig(offset: number, len: number): Uint8Array {
+    return this.need().readConfig(offset, len);
+  }
+
+  writeConfig(offset: number, data: Uint8Array): void {
+    this.inner?.writeConfig(offset, data);
+  }
+
+  startQueue(q: DeviceQueue): void {
+    if (q.index < 0 || q.index >= this.maxQueues) throw new RangeError(`${this.name}: queue ${q.index} out of range (device has ${this.maxQueues})`);
+    this.started[q.index] = q;
+    this.inner?.startQueue(q);
+  }
+
+  stopQueue(index: number): void {
+    if (index < 0 || index >= this.maxQueues) return;
+    this.started[index] = null;
+    this.inner?.stopQueue(index);
+  }
+
+  async quiesce(index: number): Promise<void> {
+    await this.inner?.quiesce?.(index);
+  }
+
+  kick(index: number): void {
+    if (this.inner === null) {
+      this.heldKicks++;
+      return;
+    }
+    this.inner.kick(index);
+  }
+
+  reset(): void {
+    this.started.fill(null);
+    this.negotiated = null;
+    this.inner?.reset();
+  }
+
+  private need(): VirtioDevice {
+    // Config is read while negotiating, which happens while paused only if the
+    // front-end reconnects; answering from a released device would be wrong.
+    if (this.inner === null) throw new Error(`${this.name}: the function is paused`);
+    return this.inner;
+  }
+}
