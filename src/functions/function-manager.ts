@@ -301,9 +301,10 @@ export class FunctionManager {
         throw new FunctionError(`unknown VF setting "${key}" (settable: file, mac, queues)`, 400);
       }
       const spec = this.specOf(vf.pf, vf.index, next);
+      if (spec.queues !== vf.spec.queues) return this.recreate(vf, next);
       const running = vf.release !== null;
       // Open the new backend first: a file that cannot be opened leaves the VF as it was.
-      const made = this.opts.createDevice(spec);
+      const made = this.make(spec);
       if (running) this.pauseVf(vf, false);
       vf.overrides = next;
       vf.spec = spec;
@@ -362,10 +363,45 @@ export class FunctionManager {
     }
   }
 
+  /**
+   * A new queue count is a new device to the driver: the VF is made again from
+   * scratch, which only a VF nobody is connected to can go through unnoticed.
+   */
+  private recreate(vf: Vf, next: VfOverrides): VfRow {
+    const name = vf.spec.name;
+    if (vf.server.connected) throw new FunctionError(`${name}: a front-end is connected and cannot see its queue count change; disconnect it first`, 409);
+    const pf = vf.pf;
+    const old = pf.overrides.get(vf.index);
+    pf.overrides.set(vf.index, next);
+    this.destroyVf(vf);
+    let fresh: Vf;
+    try {
+      fresh = this.createVf(pf, vf.index);
+    } catch (e) {
+      if (old !== undefined) pf.overrides.set(vf.index, old);
+      else pf.overrides.delete(vf.index);
+      pf.vfs[vf.index] = this.createVf(pf, vf.index);
+      throw e;
+    }
+    if (vf.userPaused) this.pauseVf(fresh, true);
+    pf.vfs[vf.index] = fresh;
+    this.persist();
+    return this.row(fresh);
+  }
+
+  /** The factory's errors (a file that cannot be opened, ...) are bad input: nothing has changed yet. */
+  private make(spec: FunctionSpec): { device: VirtioDevice; release: () => void } {
+    try {
+      return this.opts.createDevice(spec);
+    } catch (e) {
+      throw new FunctionError(`${spec.name}: cannot open its backend: ${(e as Error).message}`, 400);
+    }
+  }
+
   private createVf(pf: Pf, index: number): Vf {
     const overrides = pf.overrides.get(index) ?? {};
     const spec = this.specOf(pf, index, overrides);
-    const made = this.opts.createDevice(spec);
+    const made = this.make(spec);
     const proxy = new PausableDevice(made.device);
     const server = new VhostUserServer(spec.socket, proxy, this.opts.log);
     try {
@@ -395,7 +431,7 @@ export class FunctionManager {
   private resumeVf(vf: Vf): void {
     vf.userPaused = false;
     if (vf.release !== null) return;
-    this.bind(vf, this.opts.createDevice(vf.spec));
+    this.bind(vf, this.make(vf.spec));
   }
 
   private bind(vf: Vf, made: { device: VirtioDevice; release: () => void }): void {

@@ -1,0 +1,187 @@
+/**
+ * SR-IOV-style VFs with a real guest, driven the way an operator drives them:
+ * `vbridge serve` as its own process and the `vbridge pf|vf` commands. One guest
+ * (q35, two free PCIe root ports, QMP, no virtio disk at boot) goes through:
+ * - a blk VF hot-plugged (`vf attach`): the guest finds /dev/vda;
+ * - the guest writes 32 MiB with O_DIRECT while the PF goes from 2 to 4 VFs
+ *   (its VF is paused across it): no I/O error, the data reads back intact, and
+ *   the kernel probed the disk exactly once;
+ * - the VF set to another image while the guest is idle: re-reading shows it;
+ * - `vbridge serve` killed with SIGKILL and started again: the VF count and the
+ *   attachment come back from the state dir, and the guest's disk goes on;
+ * - `vf detach`: the device disappears from the guest.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { kv, repoRoot, startGuest } from '../support/qemu-guest';
+import { withHeavyLock } from '../support/heavy-lock';
+import { waitFor } from '../support/wait';
+import { md5OfRange } from '../support/storage-daemon';
+
+const MiB = 1024 * 1024;
+const CLI = path.join(repoRoot(), 'dist', 'src', 'control', 'cli.js');
+
+// The guest waits on its own conditions (a device node, the first bytes of the disk) and
+// prints a marker before each step the host takes.
+const SCRIPT = `
+[ -b /dev/vda ] && echo HAD_VDA_AT_BOOT=1
+echo STEP=waiting-for-vf
+while [ ! -b /dev/vda ]; do usleep 20000; done
+echo FOUND_VDA=1
+echo DISK_SECTORS=$(cat /sys/block/vda/size)
+dd if=/dev/urandom of=/tmp/data bs=1M count=32 2>/dev/null
+echo SRC_MD5=$(md5sum < /tmp/data | cut -d' ' -f1)
+echo STEP=writing
+dd if=/tmp/data of=/dev/vda bs=64k oflag=direct 2>/tmp/dd.err && echo WRITE_OK=1
+echo DD_ERR="$(tr '\\n' ' ' < /tmp/dd.err)"
+echo READ_MD5=$(dd if=/dev/vda bs=1M count=32 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+echo PROBES=$(dmesg | grep -c '\\[vda\\].*logical blocks')
+echo STEP=idle
+while [ "$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 3)" != "NEW" ]; do usleep 20000; done
+sync; echo 3 > /proc/sys/vm/drop_caches
+echo NEW_MD5=$(dd if=/dev/vda bs=1M count=4 2>/dev/null | md5sum | cut -d' ' -f1)
+echo STEP=restart
+while [ "$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 3)" != "RST" ]; do usleep 20000; done
+echo RESTART_SEEN=1
+echo PROBES_END=$(dmesg | grep -c '\\[vda\\].*logical blocks')
+echo STEP=detach
+while [ -b /dev/vda ]; do usleep 20000; done
+echo VDA_GONE=1
+`;
+
+function vbridge(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [CLI, ...args], { timeout: 120_000 }, (err, stdout, stderr) => {
+      const code = err === null ? 0 : typeof err.code === 'number' ? err.code : 1;
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+async function ok(...args: string[]): Promise<string> {
+  const r = await vbridge(...args);
+  assert.equal(r.code, 0, `vbridge ${args.join(' ')} failed: ${r.stderr}`);
+  return r.stdout;
+}
+
+interface Serve {
+  child: ChildProcess;
+  log: () => string;
+}
+
+async function startServe(topology: string, control: string): Promise<Serve> {
+  try {
+    fs.unlinkSync(control);
+  } catch {
+    // None left over.
+  }
+  const child = spawn(process.execPath, [CLI, 'serve', topology], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let log = '';
+  child.stderr?.setEncoding('utf8');
+  child.stderr?.on('data', (d: string) => (log += d));
+  await waitFor(`vbridge serve's control socket (log: ${log})`, () => fs.existsSync(control) || child.exitCode !== null, 20_000);
+  assert.equal(child.exitCode, null, `vbridge serve exited: ${log}`);
+  return { child, log: () => log };
+}
+
+function stamp(image: string, word: string, fill: number): Buffer {
+  const data = Buffer.alloc(4 * MiB, fill);
+  data.write(word, 0, 'latin1');
+  const fd = fs.openSync(image, 'r+');
+  try {
+    fs.writeSync(fd, data, 0, data.length, 0);
+  } finally {
+    fs.closeSync(fd);
+  }
+  return data;
+}
+
+test('a blk VF hot-plugged into a running guest, written through a PF 2 -> 4 change, re-pointed at another image, kept across a SIGKILL of serve, detached', { timeout: 600_000 }, async () => {
+  await withHeavyLock(async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-vf-'));
+    const topology = path.join(dir, 'topology.yaml');
+    const control = path.join(dir, 'control.sock');
+    const qmp = path.join(dir, 'qmp.sock');
+    fs.writeFileSync(
+      topology,
+      [
+        'control: control.sock',
+        'state-dir: state',
+        'pfs:',
+        '  - { name: pf0, type: blk, total-vfs: 4, num-vfs: 2, socket: "pf0-vf{vf}.sock", backend: { file: "pf0-vf{vf}.img", size: 64M } }',
+        '',
+      ].join('\n'),
+    );
+    const other = path.join(dir, 'other.img');
+    fs.writeFileSync(other, Buffer.alloc(64 * MiB));
+    const newData = stamp(other, 'NEW', 0x6b);
+    let serve = await startServe(topology, control);
+    const g = await startGuest({ name: 'vf-hotplug', script: SCRIPT, hotplugPorts: 2, qmpSocket: qmp, memMiB: 256, timeoutMs: 500_000 });
+    try {
+      await g.waitFor(/STEP=waiting-for-vf/, 120_000);
+      const attached = JSON.parse(await ok('vf', 'attach', 'pf0/vf0', '--qmp', qmp, '--control', control, '--json')) as Record<string, unknown>;
+      assert.equal(attached.state, 'attached');
+      assert.equal(attached.qmp, qmp);
+      assert.equal(attached.bus, 'rp1', 'the first free root port');
+
+      // Attaching it again is refused and changes nothing.
+      const again = await vbridge('vf', 'attach', 'pf0/vf0', '--qmp', qmp, '--control', control);
+      assert.equal(again.code, 1);
+      assert.match(again.stderr, /already attached/);
+
+      await g.waitFor(/STEP=writing/, 120_000);
+      await ok('pf', 'set', 'pf0', 'num-vfs', '4', '--control', control);
+      assert.doesNotMatch(g.output(), /WRITE_OK=1/, 'the guest finished writing before the PF changed: nothing was tested');
+      const pfs = JSON.parse(await ok('pf', 'list', '--control', control, '--json')) as { name: string; numVfs: number }[];
+      assert.deepEqual(pfs.map((p) => [p.name, p.numVfs]), [['pf0', 4]]);
+
+      await g.waitFor(/STEP=idle/, 300_000);
+      let v = kv(g.output());
+      assert.equal(v.HAD_VDA_AT_BOOT, undefined, 'the guest had a disk before the attach');
+      assert.equal(v.FOUND_VDA, '1');
+      assert.equal(v.DISK_SECTORS, String((64 * MiB) / 512));
+      assert.equal(v.WRITE_OK, '1', `the write failed: ${v.DD_ERR}`);
+      assert.doesNotMatch(v.DD_ERR, /error/i);
+      assert.match(v.DD_ERR, /^512\+0 records in 512\+0 records out/, 'dd did not write all 512 blocks');
+      assert.equal(v.READ_MD5, v.SRC_MD5, 'the data read back differs');
+      assert.equal(await md5OfRange(path.join(dir, 'pf0-vf0.img'), 0, 32 * MiB), v.SRC_MD5, 'the VF image differs');
+      assert.equal(v.PROBES, '1', 'the guest probed the disk more than once');
+
+      await ok('vf', 'set', 'pf0/vf0', 'file', other, '--control', control);
+      await g.waitFor(/STEP=restart/, 120_000);
+      v = kv(g.output());
+      assert.equal(v.NEW_MD5, createHash('md5').update(newData).digest('hex'), 'the guest did not see the new image');
+
+      serve.child.kill('SIGKILL');
+      await new Promise((r) => serve.child.once('exit', r));
+      stamp(other, 'RST', 0x6b);
+      serve = await startServe(topology, control);
+      const vfs = JSON.parse(await ok('vf', 'list', 'pf0', '--control', control, '--json')) as Record<string, unknown>[];
+      assert.equal(vfs.length, 4, 'num-vfs 4 was not restored');
+      assert.equal(vfs[0].state, 'attached');
+      assert.equal(vfs[0].qmp, qmp);
+      assert.equal(vfs[0].file, other, 'the VF setting was not restored');
+      await g.waitFor(/STEP=detach/, 120_000);
+      v = kv(g.output());
+      assert.equal(v.RESTART_SEEN, '1');
+      assert.equal(v.PROBES_END, '1', 'the guest probed the disk again');
+
+      const detached = JSON.parse(await ok('vf', 'detach', 'pf0/vf0', '--control', control, '--json')) as Record<string, unknown>;
+      assert.equal(detached.state, 'detached');
+      assert.equal(detached.qmp, null);
+      const r = await g.done;
+      assert.equal(r.rc, 0, `guest failed:\n${r.output}`);
+      assert.equal(kv(r.output).VDA_GONE, '1');
+    } finally {
+      await g.kill();
+      serve.child.kill('SIGTERM');
+      await new Promise((r) => (serve.child.exitCode !== null ? r(null) : serve.child.once('exit', r)));
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

@@ -1,0 +1,60 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { macPlus, TopologyError, validateTopology, vfSpec } from '../../src/control/topology';
+
+const BLK_PF = { name: 'pf0', type: 'blk', 'total-vfs': 8, 'num-vfs': 2, socket: '/run/vb/pf0-vf{vf}.sock', backend: { file: 'pf0-vf{vf}.img', size: '64M' } };
+const NET_PF = { name: 'pf1', type: 'net', 'total-vfs': 4, socket: '/run/vb/pf1-vf{vf}.sock', mac: '52:54:00:00:10:ff', backend: { switch: 'sw9' } };
+
+function fieldOf(doc: unknown): string {
+  try {
+    validateTopology(doc, '/base');
+  } catch (e) {
+    assert.ok(e instanceof TopologyError, `expected TopologyError, got ${String(e)}`);
+    return e.field;
+  }
+  assert.fail('expected a TopologyError');
+}
+
+test('pfs and state-dir load beside plain functions; {vf} expands; net VFs count up from the MAC', () => {
+  const t = validateTopology({ 'state-dir': 'state', pfs: [BLK_PF, NET_PF], functions: [{ name: 'f', type: 'net', socket: '/run/vb/f.sock', backend: { sink: true } }] }, '/base');
+  assert.equal(t.stateDir, '/base/state');
+  assert.equal(t.functions.length, 1);
+  assert.deepEqual(t.pfs.map((p) => [p.name, p.type, p.totalVfs, p.numVfs]), [['pf0', 'blk', 8, 2], ['pf1', 'net', 4, 0]]);
+  const vf1 = vfSpec(t.pfs[0], 1);
+  assert.equal(vf1.name, 'pf0/vf1');
+  assert.equal(vf1.socket, '/run/vb/pf0-vf1.sock');
+  assert.ok(vf1.type === 'blk' && vf1.backend.kind === 'file');
+  assert.equal(vf1.backend.file, '/base/pf0-vf1.img');
+  assert.equal(vf1.backend.size, 64 * 1024 * 1024);
+  const n2 = vfSpec(t.pfs[1], 2);
+  assert.ok(n2.type === 'net');
+  assert.equal(n2.mac, '52:54:00:00:11:01', 'the MAC base plus 2, carried into the next octet');
+  assert.ok(t.switches.some((s) => s.name === 'sw9'), 'a switch named by a VF template exists implicitly');
+  const o = vfSpec(t.pfs[1], 2, { mac: '02:00:00:00:00:01' });
+  assert.equal(o.type === 'net' ? o.mac : undefined, '02:00:00:00:00:01', 'an override MAC is taken as is');
+});
+
+test('a topology with only pfs is valid; neither functions nor pfs is not', () => {
+  assert.equal(validateTopology({ pfs: [BLK_PF] }, '/base').functions.length, 0);
+  assert.equal(fieldOf({ pfs: [] }), 'functions');
+});
+
+test('bad PFs are refused naming the field', () => {
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, 'num-vfs': 9 }] }), 'pfs[0].num-vfs');
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, 'total-vfs': undefined }] }), 'pfs[0].total-vfs');
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, 'total-vfs': 0 }] }), 'pfs[0].total-vfs');
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, type: 'gpu' }] }), 'pfs[0].type');
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, colour: 'red' }] }), 'pfs[0].colour');
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, socket: '/run/vb/same.sock' }] }), 'pfs[0].socket', 'every VF needs its own socket');
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, backend: { size: '1M' } }] }), 'pfs[0].backend.file');
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, backend: { link: 'pcie', attach: '/run/x' } }] }), 'pfs[0].backend.link');
+  assert.equal(fieldOf({ pfs: [BLK_PF, { ...NET_PF, name: 'pf0' }] }), 'pfs[1].name');
+  assert.equal(fieldOf({ pfs: [{ ...NET_PF, mac: 'nope' }] }), 'pfs[0].mac');
+  assert.equal(fieldOf({ pfs: 'pf0' }), 'pfs');
+});
+
+test('macPlus carries and refuses to overflow', () => {
+  assert.equal(macPlus('52:54:00:00:00:00', 0), '52:54:00:00:00:00');
+  assert.equal(macPlus('52:54:00:ff:ff:ff', 1), '52:54:01:00:00:00');
+  assert.throws(() => macPlus('ff:ff:ff:ff:ff:ff', 1), /overflows/);
+});
