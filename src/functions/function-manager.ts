@@ -244,8 +244,9 @@ export class FunctionManager {
         const timeout = this.opts.detachTimeoutMs ?? 20_000;
         try {
           await client.waitEvent((e) => e.event === 'DEVICE_DELETED' && e.data?.device === a.device, timeout);
-        } catch {
-          throw new FunctionError(`${name}: the guest did not release the device within ${timeout} ms (no DEVICE_DELETED); the VF stays attached`, 504);
+        } catch (e) {
+          // Either no answer in time or QEMU went away first: QEMU may still unplug it later, so it stays ours.
+          throw new FunctionError(`${name}: the guest did not release the device (no DEVICE_DELETED: ${(e as Error).message}); the VF stays attached`, 504);
         }
         if (vf.spec.type === 'net') await client.execute('netdev_del', { id: qemuIds(vf).netdev }).catch(() => undefined);
         await this.qmpStep(client, 'chardev-remove', { id: a.chardev });

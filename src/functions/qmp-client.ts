@@ -112,7 +112,7 @@ export class QmpClient {
       };
       const timer = setTimeout(() => {
         done();
-        reject(new QmpError(`QMP ${this.socketPath}: no matching event within ${timeoutMs} ms`));
+        reject(new QmpError(`QMP ${this.socketPath}: no such event within ${timeoutMs} ms`));
       }, timeoutMs);
       const done = (): void => {
         clearTimeout(timer);
