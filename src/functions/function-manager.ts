@@ -201,7 +201,7 @@ export class FunctionManager {
       if (bus !== undefined && !/^[A-Za-z0-9_.-]{1,64}$/.test(bus)) throw new FunctionError(`bad bus id ${JSON.stringify(bus)}`, 400);
       const client = await this.qmp(qmp);
       try {
-        const port = await this.pickPort(client, bus);
+        const port = await this.pickPort(client, qmp, bus);
         const ids = qemuIds(vf);
         const a: Attachment = { qmp, bus: port, device: ids.device, chardev: ids.chardev };
         await this.qmpStep(client, 'chardev-add', {
@@ -462,8 +462,10 @@ export class FunctionManager {
   }
 
   /** `bus` if it is a free PCIe root port of the guest, else the first free one. */
-  private async pickPort(client: QmpClient, bus: string | undefined): Promise<string> {
-    const ports = freeRootPorts(await this.qmpStep(client, 'query-pci', {}));
+  private async pickPort(client: QmpClient, qmp: string, bus: string | undefined): Promise<string> {
+    // query-pci finds devices behind a port only once firmware has numbered its bus, so ours count as well.
+    const ours = new Set([...this.pfs.values()].flatMap((p) => p.vfs).flatMap((v) => (v.attachment?.qmp === qmp ? [v.attachment.bus] : [])));
+    const ports = freeRootPorts(await this.qmpStep(client, 'query-pci', {})).map((p) => ({ id: p.id, free: p.free && !ours.has(p.id) }));
     if (bus !== undefined) {
       const p = ports.find((x) => x.id === bus);
       if (p === undefined) throw new FunctionError(`the guest has no PCIe root port "${bus}"`, 400);

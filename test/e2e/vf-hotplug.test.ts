@@ -189,3 +189,39 @@ test('a blk VF hot-plugged into a running guest, written through a PF 2 -> 4 cha
     }
   });
 });
+
+test('a guest that never acknowledges device_del: vf detach times out, says so, and the VF stays attached; a busy root port is refused', { timeout: 300_000 }, async () => {
+  await withHeavyLock(async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-vf-'));
+    const topology = path.join(dir, 'topology.yaml');
+    const control = path.join(dir, 'control.sock');
+    const qmp = path.join(dir, 'qmp.sock');
+    fs.writeFileSync(topology, 'control: control.sock\npfs:\n  - { name: pf0, type: blk, total-vfs: 2, num-vfs: 2, socket: "pf0-vf{vf}.sock", backend: { file: "pf0-vf{vf}.img", size: 4M } }\n');
+    const serve = await startServe(topology, control);
+    // -S: the vCPU never runs, so nothing in the guest ever answers the unplug request.
+    const g = await startGuest({ name: 'vf-stuck', script: 'true', hotplugPorts: 2, qmpSocket: qmp, extraArgs: ['-S'], timeoutMs: 200_000 });
+    try {
+      await waitFor('the guest QEMU QMP socket', () => fs.existsSync(qmp), 30_000);
+      const a = JSON.parse(await ok('vf', 'attach', 'pf0/vf1', '--qmp', qmp, '--bus', 'rp2', '--control', control, '--json')) as Record<string, unknown>;
+      assert.equal(a.bus, 'rp2', '--bus was not followed');
+      const busy = await vbridge('vf', 'attach', 'pf0/vf0', '--qmp', qmp, '--bus', 'rp2', '--control', control);
+      assert.equal(busy.code, 1);
+      assert.match(busy.stderr, /root port "rp2" is in use/);
+      const none = await vbridge('vf', 'attach', 'pf0/vf0', '--qmp', qmp, '--bus', 'rp9', '--control', control);
+      assert.match(none.stderr, /no PCIe root port "rp9"/);
+
+      const t0 = Date.now();
+      const det = await vbridge('vf', 'detach', 'pf0/vf1', '--control', control);
+      assert.equal(det.code, 1, 'detach succeeded without the guest');
+      assert.match(det.stderr, /did not release the device .*no such event within 20000 ms.*stays attached/);
+      assert.ok(Date.now() - t0 >= 20_000, 'it gave up before its timeout');
+      const vfs = JSON.parse(await ok('vf', 'list', 'pf0', '--control', control, '--json')) as Record<string, unknown>[];
+      assert.deepEqual(vfs.map((v) => [v.name, v.state, v.qmp]), [['pf0/vf0', 'detached', null], ['pf0/vf1', 'attached', qmp]]);
+    } finally {
+      await g.kill();
+      serve.child.kill('SIGTERM');
+      await new Promise((r) => (serve.child.exitCode !== null ? r(null) : serve.child.once('exit', r)));
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
