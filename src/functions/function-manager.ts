@@ -12,6 +12,7 @@
  */
 import type { VirtioDevice } from '../devices/device';
 import { VhostUserServer } from '../vhost-user/server';
+import { setSocketAccess } from '../native/socket-guard';
 import type { Logger } from '../log';
 import { type FunctionSpec, type PfSpec, TopologyError, vfSpec } from '../control/topology';
 import { PausableDevice } from './pausable-device';
@@ -404,6 +405,7 @@ export class FunctionManager {
     const spec = this.specOf(pf, index, overrides);
     const made = this.make(spec);
     const proxy = new PausableDevice(made.device);
+    setSocketAccess(spec.socket, spec.socketAccess);
     const server = new VhostUserServer(spec.socket, proxy, this.opts.log);
     try {
       server.listen();

@@ -15,7 +15,7 @@ import { silentLogger } from '../../src/log';
 test('malformed command lines are usage errors before anything is sent', async () => {
   const bad: [('pf' | 'vf'), string[], RegExp][] = [
     ['pf', ['set', 'pf0', 'num-vfs'], /pf set PF num-vfs N/],
-    ['pf', ['set', 'pf0', 'num-vfs', '-1'], /Unknown option|non-negative/],
+    ['pf', ['set', 'pf0', 'num-vfs', '-1'], /unknown option -1/],
     ['pf', ['set', 'pf0', 'num-vfs', 'two'], /non-negative integer/],
     ['pf', ['set', 'pf0', 'total-vfs', '2'], /pf set PF num-vfs N/],
     ['pf', ['frob'], /unknown pf command/],
@@ -26,7 +26,7 @@ test('malformed command lines are usage errors before anything is sent', async (
     ['vf', ['detach', 'pf0/vf0', '--qmp', 'q'], /--qmp is only for "vf attach"/],
     ['vf', ['set', 'pf0/vf0', 'file'], /vf set PF\/VFn file PATH/],
     ['vf', ['set', 'pf0/vf0', 'backend', 'x'], /not supported yet/],
-    ['vf', ['list', '--colour'], /Unknown option/],
+    ['vf', ['list', '--colour'], /unknown option --colour/],
   ];
   for (const [group, args, re] of bad) {
     await assert.rejects(runFunctionCommand(group, [...args, '--control', '/nonexistent/ctl.sock']), (e: unknown) => e instanceof UsageError && re.test(e.message), `${group} ${args.join(' ')}`);
