@@ -96,9 +96,12 @@ export function parseState(doc: unknown, file: string): ManagerState {
     throw new StateError(`${file}: written by a newer virtio-bridge (state version ${version}, this one reads up to ${STATE_VERSION}); the state was not applied`);
   }
   if (!isObj(doc.pfs)) fail(file, 'pfs', 'expected an object');
-  const pfs: Record<string, PfState> = {};
+  // No prototype: a lookup by a PF name such as "constructor" finds only what the file holds.
+  const pfs = Object.create(null) as Record<string, PfState>;
   for (const [name, p] of Object.entries(doc.pfs)) {
     const where = `pfs.${name}`;
+    // A PF name as the topology allows it; "__proto__" would set the prototype instead of a key.
+    if (!/^[A-Za-z0-9_.-]{1,24}$/.test(name) || name === '__proto__') fail(file, where, 'not a PF name');
     if (!isObj(p)) fail(file, where, 'expected an object');
     if (typeof p.numVfs !== 'number' || !Number.isInteger(p.numVfs) || p.numVfs < 0) fail(file, `${where}.numVfs`, 'expected a non-negative integer');
     if (!isObj(p.vfs)) fail(file, `${where}.vfs`, 'expected an object');

@@ -18,7 +18,7 @@ test('a written state reads back equal, and no temp file is left', () => {
   const d = dir();
   assert.equal(readState(d), null, 'no file yet: no state');
   writeState(d, STATE);
-  assert.deepEqual(readState(d), STATE);
+  assert.deepEqual(JSON.parse(JSON.stringify(readState(d))), STATE);
   assert.deepEqual(fs.readdirSync(d), [STATE_FILE]);
 });
 
@@ -32,6 +32,7 @@ test('corrupt, newer or ill-formed state files are refused with a clear message'
   refused('{"version": 1, "pfs": {', /corrupt/);
   refused(JSON.stringify({ ...STATE, version: STATE_VERSION + 1 }), /newer virtio-bridge/);
   refused(JSON.stringify({ version: 1 }), /pfs: expected an object/);
+  refused('{"version": 1, "pfs": {"__proto__": {"numVfs": 1, "vfs": {}}}}', /pfs\.__proto__: not a PF name/);
   refused(JSON.stringify({ version: 1, pfs: { pf0: { numVfs: -1, vfs: {} } } }), /numVfs/);
   refused(JSON.stringify({ version: 1, pfs: { pf0: { numVfs: 1, vfs: { x: { overrides: {}, paused: false } } } } }), /VF index/);
   refused(JSON.stringify({ version: 1, pfs: { pf0: { numVfs: 1, vfs: { '0': { overrides: { colour: 1 }, paused: false } } } } }), /unknown setting/);
