@@ -208,7 +208,7 @@ export class Bridge {
   }
 
   stats(): StatsReport {
-    const functions: FunctionStatsRow[] = this.functions.map((f) => f.stats());
+    const functions: FunctionStatsRow[] = [...this.functions.map((f) => f.stats()), ...(this.functionManager?.stats() ?? [])];
     const switches: SwitchStatsRow[] = [...this.switches.values()].map((sw) => ({
       name: sw.name,
       dropped: sw.dropped,

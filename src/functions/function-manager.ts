@@ -14,6 +14,7 @@ import type { VirtioDevice } from '../devices/device';
 import { VhostUserServer } from '../vhost-user/server';
 import { setSocketAccess } from '../native/socket-guard';
 import type { Logger } from '../log';
+import type { FunctionStatsRow } from '../control/stats-format';
 import { type FunctionSpec, type PfSpec, TopologyError, vfSpec } from '../control/topology';
 import { PausableDevice } from './pausable-device';
 import { QmpClient } from './qmp-client';
@@ -150,6 +151,11 @@ export class FunctionManager {
 
   vf(name: string): VfRow {
     return this.row(this.findVf(name));
+  }
+
+  /** Per-VF counters in the shape of `vbridge stats` rows (link "vf", "vf paused" while paused). */
+  stats(): FunctionStatsRow[] {
+    return [...this.pfs.values()].flatMap((p) => p.vfs.map((vf) => ({ name: vf.spec.name, type: vf.spec.type, link: vf.release === null ? 'vf paused' : 'vf', ...vf.server.stats() })));
   }
 
   /** The device a VF serves with now (null while paused); tests read its state. */

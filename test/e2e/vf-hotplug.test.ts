@@ -156,6 +156,10 @@ test('a blk VF hot-plugged into a running guest, written through a PF 2 -> 4 cha
       assert.equal(v.READ_MD5, v.SRC_MD5, 'the data read back differs');
       assert.equal(await md5OfRange(path.join(dir, 'pf0-vf0.img'), 0, 32 * MiB), v.SRC_MD5, 'the VF image differs');
       assert.equal(v.PROBES, '1', 'the guest probed the disk more than once');
+      const stats = JSON.parse(await ok('stats', '--control', control, '--json')) as { functions: { name: string; link: string; queues: { descriptors: number }[] }[] };
+      const row = stats.functions.find((f) => f.name === 'pf0/vf0');
+      assert.ok(row !== undefined && row.link === 'vf', 'vbridge stats has no row for the VF');
+      assert.ok(row.queues[0].descriptors >= 512, `vbridge stats counts ${row.queues[0].descriptors} requests on the VF`);
 
       await ok('vf', 'set', 'pf0/vf0', 'file', other, '--control', control);
       await g.waitFor(/STEP=restart/, 120_000);

@@ -54,6 +54,7 @@ test('pause, resume, set: the VF state follows and bad input changes nothing', a
     await rejects(m.pause('vf0'), 400, /not a VF name/);
     await rejects(m.resume('pf0/vf0'), 409, /not paused/);
     assert.equal((await m.pause('pf0/vf0')).state, 'paused');
+    assert.deepEqual(m.stats().map((r) => [r.name, r.link, r.connected, r.queues.length]), [['pf0/vf0', 'vf paused', false, 1], ['pf0/vf1', 'vf', false, 1]]);
     assert.equal(m.vfDevice('pf0/vf0'), null, 'a paused VF holds no device');
     await rejects(m.pause('pf0/vf0'), 409, /already paused/);
     assert.equal((await m.resume('pf0/vf0')).state, 'detached');
