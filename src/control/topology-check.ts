@@ -238,7 +238,10 @@ export function topologyAsWritten(t: Topology): string {
   const doc = {
     control: t.control,
     ...(t.http !== undefined ? { http: formatListenAddress(t.http), 'http-token': t.httpTokenFile } : {}),
-    functions: t.functions.map(functionAsWritten),
+    ...(t.stateDir !== undefined ? { 'state-dir': t.stateDir } : {}),
+    ...(t.functions.length > 0 || t.pfs.length === 0 ? { functions: t.functions.map(functionAsWritten) } : {}),
+    // A PF's template is shown as written: {vf} is expanded per VF only when VFs are made.
+    ...(t.pfs.length > 0 ? { pfs: t.pfs.map((pf) => ({ name: pf.name, type: pf.type, 'total-vfs': pf.totalVfs, 'num-vfs': pf.numVfs, ...pf.template })) } : {}),
     ...(t.switches.some((s) => s.taps.length > 0) ? { switches: t.switches.map((s) => ({ name: s.name, taps: s.taps })) } : {}),
   };
   return stringify(doc, { lineWidth: 0 });

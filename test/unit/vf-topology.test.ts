@@ -1,6 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { parse as parseYaml } from 'yaml';
 import { macPlus, TopologyError, validateTopology, vfSpec } from '../../src/control/topology';
+import { topologyAsWritten } from '../../src/control/topology-check';
 
 const BLK_PF = { name: 'pf0', type: 'blk', 'total-vfs': 8, 'num-vfs': 2, socket: '/run/vb/pf0-vf{vf}.sock', backend: { file: 'pf0-vf{vf}.img', size: '64M' } };
 const NET_PF = { name: 'pf1', type: 'net', 'total-vfs': 4, socket: '/run/vb/pf1-vf{vf}.sock', mac: '52:54:00:00:10:ff', backend: { switch: 'sw9' } };
@@ -57,4 +59,12 @@ test('macPlus carries and refuses to overflow', () => {
   assert.equal(macPlus('52:54:00:00:00:00', 0), '52:54:00:00:00:00');
   assert.equal(macPlus('52:54:00:ff:ff:ff', 1), '52:54:01:00:00:00');
   assert.throws(() => macPlus('ff:ff:ff:ff:ff:ff', 1), /overflows/);
+});
+
+test('vbridge validate prints pfs and state-dir in a form that loads back the same', () => {
+  const t = validateTopology({ 'state-dir': 'state', pfs: [BLK_PF, NET_PF] }, '/base');
+  const again = validateTopology(parseYaml(topologyAsWritten(t)), '/base');
+  assert.equal(again.stateDir, t.stateDir);
+  assert.deepEqual(again.pfs, t.pfs);
+  assert.deepEqual(again.functions, []);
 });
