@@ -93,7 +93,7 @@ interface Pf {
   readonly spec: PfSpec;
   numVfs: number;
   vfs: Vf[];
-  /** Settings of VFs by index, kept across num-vfs changes as sysfs keeps none but an operator expects them. */
+  /** Settings of VFs by index (`vf set`); a num-vfs change keeps those of attached VFs only, the others are new VFs. */
   overrides: Map<number, VfOverrides>;
 }
 
@@ -183,17 +183,21 @@ export class FunctionManager {
       for (const vf of pf.vfs) if (vf.attachment === null) this.destroyVf(vf);
       const from = pf.numVfs;
       pf.numVfs = 0;
-      const vfs: Vf[] = [];
-      for (let i = 0; i < n; i++) {
-        const old = kept.find((v) => v.index === i);
-        if (old !== undefined) {
-          if (!old.userPaused) this.resumeVf(old);
-          vfs.push(old);
-        } else {
-          pf.overrides.delete(i);
-          vfs.push(this.createVf(pf, i));
+      let vfs: Vf[];
+      try {
+        vfs = this.populate(pf, n, kept, true);
+      } catch (e) {
+        // Put the PF back as it was (its old VFs, made again) and say what failed.
+        try {
+          pf.vfs = this.populate(pf, from, kept, false);
+          pf.numVfs = from;
+        } catch (e2) {
+          pf.vfs = kept;
+          throw new FunctionError(`${pfName}: num-vfs ${n} failed (${(e as Error).message}), and so did going back to ${from} (${(e2 as Error).message}); only the attached VFs remain`, 500);
         }
+        throw new FunctionError(`${pfName}: num-vfs ${n} failed, num-vfs stays ${from}: ${(e as Error).message}`, e instanceof FunctionError ? e.status : 500);
       }
+      for (let i = 0; i < n; i++) if (!kept.some((v) => v.index === i)) pf.overrides.delete(i);
       pf.vfs = vfs;
       pf.numVfs = n;
       this.persist();
@@ -409,8 +413,35 @@ export class FunctionManager {
     }
   }
 
-  private createVf(pf: Pf, index: number): Vf {
-    const overrides = pf.overrides.get(index) ?? {};
+  /**
+   * VFs 0..n-1 of a PF that has none but `kept` (paused, attached ones): those
+   * are resumed, the others made new: `fresh`, without their old settings (as
+   * SR-IOV makes them), or with them when putting the old VFs back. On failure
+   * the new ones are closed again before the throw.
+   */
+  private populate(pf: Pf, n: number, kept: readonly Vf[], fresh: boolean): Vf[] {
+    const made: Vf[] = [];
+    const vfs: Vf[] = [];
+    try {
+      for (let i = 0; i < n; i++) {
+        const old = kept.find((v) => v.index === i);
+        if (old !== undefined) {
+          if (!old.userPaused) this.resumeVf(old);
+          vfs.push(old);
+        } else {
+          const vf = this.createVf(pf, i, fresh ? {} : undefined);
+          made.push(vf);
+          vfs.push(vf);
+        }
+      }
+    } catch (e) {
+      for (const vf of made) this.destroyVf(vf);
+      throw e;
+    }
+    return vfs;
+  }
+
+  private createVf(pf: Pf, index: number, overrides: VfOverrides = pf.overrides.get(index) ?? {}): Vf {
     const spec = this.specOf(pf, index, overrides);
     const made = this.make(spec);
     const proxy = new PausableDevice(made.device);

@@ -46,6 +46,26 @@ test('num-vfs: VFs are created from the template with their sockets; above total
   }
 });
 
+test('a num-vfs change whose new VF cannot be made puts the old VFs back, settings included, and says so', async () => {
+  const { dir, start } = setup();
+  const m = start();
+  try {
+    const other = path.join(dir, 'other.img');
+    fs.writeFileSync(other, Buffer.alloc(4096));
+    await m.set('pf0/vf1', 'file', other);
+    fs.mkdirSync(path.join(dir, 'pf0-vf3.img'));
+    await rejects(m.setNumVfs('pf0', 4), 400, /num-vfs 4 failed, num-vfs stays 2: pf0\/vf3: cannot open its backend/);
+    assert.equal(m.listPfs()[0].numVfs, 2);
+    assert.deepEqual(m.listVfs().map((v) => [v.name, v.state]), [['pf0/vf0', 'detached'], ['pf0/vf1', 'detached']]);
+    assert.equal(m.vf('pf0/vf1').file, other, 'the restored VF lost its setting');
+    assert.ok(fs.existsSync(path.join(dir, 'pf0-vf1.sock')));
+    assert.ok(!fs.existsSync(path.join(dir, 'pf0-vf2.sock')), 'a VF of the failed attempt was left behind');
+    assert.equal(readState(path.join(dir, 'state'))?.pfs.pf0.numVfs, 2);
+  } finally {
+    m.close();
+  }
+});
+
 test('pause, resume, set: the VF state follows and bad input changes nothing', async () => {
   const { dir, start } = setup();
   const m = start();
