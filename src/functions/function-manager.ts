@@ -252,7 +252,20 @@ export class FunctionManager {
       const vf = this.findVf(name);
       const a = vf.attachment;
       if (a === null) throw new FunctionError(`${name} is not attached`, 409);
-      const client = await this.qmp(a.qmp);
+      let client: QmpClient;
+      try {
+        client = await QmpClient.connect(a.qmp, this.opts.qmpTimeoutMs ?? 5000);
+      } catch (e) {
+        // Nothing listens there any more: that QEMU is gone, and its guest with it
+        // (say it exited while the bridge was down); an attachment to it means nothing.
+        if (/ENOENT|ECONNREFUSED/.test((e as Error).message)) {
+          vf.attachment = null;
+          this.persist();
+          this.opts.log.warn(`${name}: the guest's QEMU is gone (${(e as Error).message}); the VF is detached`);
+          return this.row(vf);
+        }
+        throw new FunctionError(`the guest's QMP socket does not answer: ${(e as Error).message}`, 504);
+      }
       try {
         await this.qmpStep(client, 'device_del', { id: a.device });
         const timeout = this.opts.detachTimeoutMs ?? 20_000;

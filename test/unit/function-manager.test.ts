@@ -156,6 +156,22 @@ test('a state that does not fit the topology, is corrupt or is newer is refused 
   }
 });
 
+test('detaching a VF whose guest QEMU is gone (nothing listens on its QMP socket) forgets the attachment', async () => {
+  const { dir, start } = setup(1);
+  fs.mkdirSync(path.join(dir, 'state'));
+  const attachment = { qmp: path.join(dir, 'gone.qmp'), bus: 'rp1', device: 'd', chardev: 'c' };
+  fs.writeFileSync(path.join(dir, 'state', STATE_FILE), JSON.stringify({ version: 1, pfs: { pf0: { numVfs: 1, vfs: { '0': { overrides: {}, paused: false, attachment } } } } }));
+  const m = start();
+  try {
+    assert.equal(m.vf('pf0/vf0').state, 'attached', 'the attachment was not restored');
+    await rejects(m.setNumVfs('pf0', 0), 409, /attached to a guest would disappear/);
+    assert.equal((await m.detach('pf0/vf0')).state, 'detached');
+    assert.equal(readState(path.join(dir, 'state'))?.pfs.pf0.vfs['0'].attachment, undefined);
+  } finally {
+    m.close();
+  }
+});
+
 test('freeRootPorts finds the root ports of a query-pci answer and which are free', () => {
   const answer = [
     {
