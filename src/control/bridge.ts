@@ -126,6 +126,7 @@ function passthroughFunction(spec: FunctionSpec, b: VhostUserLinkBackend, log: L
         needsReset: st.needsReset,
         queues: st.queues.map((q) => ({ ...newQueueStats(), ...q })),
         backend: { kind: 'vhost-user', endpoint: b.socket, state: st.backendConnected ? 'up' : 'down', attaches: 0, controlMessages: st.messages },
+        passthrough: st.migration,
       };
     },
     close: () => fn.close(),

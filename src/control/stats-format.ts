@@ -1,6 +1,7 @@
 import type { QueueStats } from '../devices/device';
 import type { RelayQueueStats } from '../bridge/relay-device';
 import type { ShadowLinkStats } from '../bridge/shadow-link';
+import type { PassthroughMigrationStats } from '../links/vhost-user/passthrough-log';
 import { decodeStatus, formatDuration, formatRate, queueLabel } from './stats-labels';
 
 /** Shape of GET /stats on the control socket and its text rendering for `vbridge stats`. */
@@ -21,6 +22,8 @@ export interface FunctionStatsRow {
   backend?: ShadowLinkStats;
   /** Relay mode: DMA counters, notifications to and from the backend, shadow-ring occupancy. */
   relay?: RelayQueueStats[];
+  /** Passthrough: the data path's mode and the dirty log forwarded to the back-end. */
+  passthrough?: PassthroughMigrationStats;
 }
 
 export interface SwitchPortRow {
@@ -75,6 +78,13 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
     if (f.backend !== undefined) {
       const b = f.backend;
       out.push(`  backend ${b.kind} ${b.endpoint}: ${b.state}, ${b.attaches} attach(es), ${b.controlMessages} control message(s)`);
+    }
+    if (f.passthrough !== undefined) {
+      const m = f.passthrough;
+      out.push(
+        `  mode ${m.mode}, dirty log ${m.logging ? 'on' : 'off'} (kept by the back-end): ` +
+          `${m.logBases} log base(s) forwarded, ${m.logSwitches} LOG_ALL switch(es), ${m.logRingAddrs} logged ring address(es)`,
+      );
     }
     const head = ['queue', ...COLUMNS, ...(prev !== undefined ? ['desc/s', 'bytes/s'] : [])];
     const cells = (q: QueueStatsRow): string[] => [queueLabel(f.type, q.index, f.queues.length), ...COLUMNS.map((c) => String(q[c])), ...(prev !== undefined ? rateCells(f, q, prev) : [])];

@@ -15,8 +15,9 @@ import { PassthroughFunction } from '../../src/links/vhost-user/passthrough';
 import { native } from '../../src/native/addon';
 import { bit, BLK_S_OK, BLK_T_IN, BLK_T_OUT, F_RING_PACKED, F_VERSION_1, STATUS_DRIVER_OK } from '../../src/virtio/constants';
 import { FrontendClient } from '../../src/vhost-user/frontend-client';
-import { encodeHeader } from '../../src/vhost-user/messages';
-import { FrontendReq, HEADER_SIZE, VERSION, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
+import { encodeHeader, Frontend } from '../../src/vhost-user/messages';
+import { FrontendReq, HEADER_SIZE, ProtocolFeature, VERSION, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG } from '../../src/vhost-user/protocol';
+import { logBytesFor } from '../../src/memory/dirty-log';
 import { VhostUserServer } from '../../src/vhost-user/server';
 import { bringUp, CaptureLogger, Guest, GUEST_BASE, GUEST_SIZE, openFds, tmpSocket, USER_BASE, waitFor } from './vhost-user-harness';
 import { blkHeader } from '../support/blk-requests';
@@ -274,6 +275,81 @@ test('passthrough: no back-end closes the front-end with a clear error; a back-e
     }
     await waitFor(() => openFds() === fds0, `fds back to ${fds0} (now ${openFds()})`);
   } finally {
+    r.close();
+  }
+});
+
+const PAGE = 4096;
+
+function dirty(log: Uint8Array, addr: number): boolean {
+  const p = Math.floor(addr / PAGE);
+  return ((log[Math.floor(p / 8)] >> p % 8) & 1) === 1;
+}
+
+test('passthrough forwards the dirty log: LOG_ALL and LOG_SHMFD offered as the back-end offers them, SET_LOG_BASE answered with the back-end\'s empty reply, the back-end logs its own writes; stats count it', async () => {
+  const r = rig('pt-log');
+  const g = new Guest(1);
+  const a = native();
+  const need = logBytesFor(GUEST_BASE + GUEST_SIZE);
+  const logSize = Math.ceil(need / PAGE) * PAGE;
+  const logFd = a.memfd('vb-pt-log', logSize);
+  const logBuf = a.mmap(logFd, logSize, 0);
+  const log = new Uint8Array(logBuf, 0, need);
+  let c: FrontendClient | undefined;
+  try {
+    c = FrontendClient.connect(r.proxy.socketPath);
+    assert.notEqual((await c.getFeatures()) & bit(VHOST_F_LOG_ALL), 0n, 'LOG_ALL offered through the proxy');
+    assert.notEqual((await c.getProtocolFeatures()) & (1n << BigInt(ProtocolFeature.LOG_SHMFD)), 0n, 'LOG_SHMFD offered through the proxy');
+    await bringUp(c, g, { features: FEATURES });
+    await waitFor(() => r.server.connected, 'the back-end session');
+    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: false, logBases: 0, logSwitches: 0, logRingAddrs: 0 });
+
+    // Before logging: a read marks nothing.
+    assert.equal((await blkRequest(g, BLK_T_IN, 0, 4096)).status, BLK_S_OK);
+    assert.ok(log.every((b) => b === 0));
+
+    // QEMU 7.2's order, SET_LOG_BASE without NEED_REPLY: the reply it waits for is the back-end's, relayed.
+    const rep = await c.callWithFds(Frontend.SET_LOG_BASE, { mmapSize: BigInt(need), mmapOffset: 0n }, [logFd]);
+    assert.equal(rep.reply, null, 'an empty reply, as QEMU expects');
+    await c.setFeatures(FEATURES | bit(VHOST_F_LOG_ALL));
+    const usedGpa = g.split(0).usedAddr;
+    await c.setVringAddr({ ...g.vringAddr(0), flags: 1 << VHOST_VRING_F_LOG, logGuestAddr: BigInt(usedGpa) });
+    await c.setVringKick(0, g.kick[0]);
+    assert.equal(r.proxy.state?.log?.area.mmapSize, BigInt(need), 'the mirror keeps the log');
+    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: true, logBases: 1, logSwitches: 1, logRingAddrs: 1 });
+
+    // The back-end writes the guest's buffer and used ring straight away, and logs both into the forwarded log.
+    const d = g.split(0);
+    d.addChain([{ data: blkHeader(BLK_T_IN, 0) }, { writable: true, len: 2 * PAGE }, { writable: true, len: 1 }]);
+    a.eventfdWrite(g.kick[0], 1);
+    await waitFor(() => d.usedIdx() === 2, 'the read while logging');
+    const u = d.popUsed();
+    assert.ok(u !== null && u.segments !== undefined);
+    const data = u.segments.filter((x) => x.writable)[0];
+    assert.ok(dirty(log, data.addr) && dirty(log, data.addr + 2 * PAGE - 1), 'the pages the back-end read into are dirty');
+    assert.ok(dirty(log, usedGpa), 'the used ring is dirty');
+    assert.ok(!dirty(log, GUEST_BASE + GUEST_SIZE - PAGE), 'an untouched page is clean');
+
+    // Migration cancelled: LOG_ALL cleared, nothing more is logged; the data path goes on.
+    await c.setFeatures(FEATURES);
+    log.fill(0);
+    assert.equal((await blkRequest(g, BLK_T_IN, 0, 4096)).status, BLK_S_OK);
+    assert.ok(log.every((b) => b === 0), 'logged after LOG_ALL was cleared');
+    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: false, logBases: 1, logSwitches: 2, logRingAddrs: 1 });
+    assert.deepEqual(r.proxyLog.errors(), []);
+    assert.deepEqual(r.backLog.errors(), []);
+
+    // Logging again, then the front-end goes away while it logs: the function counts the stop.
+    await c.setFeatures(FEATURES | bit(VHOST_F_LOG_ALL));
+    c.close();
+    await c.closed;
+    await waitFor(() => !r.proxy.connected, 'the proxy session to end');
+    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: false, logBases: 1, logSwitches: 4, logRingAddrs: 1 });
+  } finally {
+    c?.close();
+    a.unmap(logBuf);
+    a.close(logFd);
+    g.close();
     r.close();
   }
 });

@@ -78,6 +78,7 @@ import {
 } from '../../vhost-user/messages';
 import { FLAG_NEED_REPLY, frontendReqName, HEADER_SIZE, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../vhost-user/protocol';
 import { STATUS_NEEDS_RESET } from '../../virtio/constants';
+import { LogForwarding, type PassthroughMigrationStats } from './passthrough-log';
 
 export interface PassthroughOptions {
   /** Function name (logs, stats). */
@@ -113,6 +114,8 @@ export interface PassthroughStats {
   messages: number;
   /** Per ring, cumulative across sessions (a ring appears once a kick or call fd was set for it). */
   queues: PassthroughQueueStats[];
+  /** The data path's mode and the dirty log forwarded to the back-end. */
+  migration: PassthroughMigrationStats;
 }
 
 /** One region of the mirrored memory table. */
@@ -243,6 +246,8 @@ interface SessionHooks {
   counters(index: number): Counters;
   /** One front-end request forwarded. */
   forwarded(): void;
+  /** The function's view of the dirty log forwarded (it outlives sessions). */
+  log: LogForwarding;
   /** Called once, after everything was released. */
   ended(s: Session): void;
   trace: boolean;
@@ -579,6 +584,7 @@ class Session {
         break;
       case Frontend.SET_FEATURES.id:
         st.features = req as bigint;
+        this.hooks.log.features(st.features);
         if (!hasBit(st.features, VHOST_USER_F_PROTOCOL_FEATURES)) for (const v of st.vrings) v.enabled = true;
         break;
       case Frontend.SET_MEM_TABLE.id: {
@@ -605,6 +611,7 @@ class Session {
         break;
       }
       case Frontend.SET_LOG_BASE.id:
+        this.hooks.log.logBase();
         if (st.log !== null && st.log.fd >= 0) closeQuietly(st.log.fd);
         st.log = { area: { ...(req as LogArea) }, fd: fds.length > 0 ? fds.splice(0, 1)[0] : -1 };
         break;
@@ -618,6 +625,7 @@ class Session {
         const a = req as VringAddr;
         const v = this.vring(a.index);
         if (v !== null) v.addr = { ...a };
+        this.hooks.log.vringAddr(a);
         break;
       }
       case Frontend.SET_VRING_BASE.id: {
@@ -652,6 +660,7 @@ class Session {
         break;
       case Frontend.RESET_DEVICE.id:
         st.features = 0n;
+        this.hooks.log.stop();
         st.status = 0;
         this.resetRings();
         break;
@@ -729,6 +738,7 @@ class Session {
     if (this.state.log !== null && this.state.log.fd >= 0) closeQuietly(this.state.log.fd);
     this.state.log = null;
     this.pending.length = 0;
+    this.hooks.log.stop();
     this.hooks.ended(this);
   }
 }
@@ -744,6 +754,7 @@ export class PassthroughFunction {
   private readonly counters = new Map<number, Counters>();
   private messages = 0;
   private sessions = 0;
+  private readonly log = new LogForwarding();
 
   constructor(opts: PassthroughOptions) {
     this.name = opts.name;
@@ -798,6 +809,7 @@ export class PassthroughFunction {
       needsReset: ((status | backendStatus) & STATUS_NEEDS_RESET) !== 0,
       messages: this.messages,
       queues: [...this.counters.entries()].sort((x, y) => x[0] - y[0]).map(([index, c]) => ({ index, kicks: c.kicks, interrupts: c.interrupts })),
+      migration: this.log.stats(),
     };
   }
 
@@ -829,6 +841,7 @@ export class PassthroughFunction {
         forwarded: () => {
           this.messages++;
         },
+        log: this.log,
         ended: (ended) => {
           if (this.active === ended) this.active = null;
         },
