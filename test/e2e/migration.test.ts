@@ -16,7 +16,8 @@
  * (bandwidth held low): the source must go on working; then the real one.
  * The same flow runs on local functions, on relay functions over the PCIe
  * link (a backend process per side) and on relay functions to
- * qemu-storage-daemon (a daemon per side).
+ * qemu-storage-daemon (a daemon per side), and on passthrough functions to
+ * qemu-storage-daemon, which log themselves into the log the bridge forwards.
  *
  * net: a guest streams TCP to a peer and is pinged by it while it moves
  * between two functions on one switch.
@@ -162,7 +163,7 @@ const CTL_FUNCTIONS = [
  * whatever their link) and src-ctl/dst-ctl: boot, a cancelled migration, the
  * source goes on; the real migration under I/O; the checks.
  */
-async function blkMigration(fx: BridgeFixture, name: string): Promise<void> {
+async function blkMigration(fx: BridgeFixture, name: string, served: (fn: string) => number = (fn) => fx.queue(fn, 0).descriptors): Promise<void> {
   const guests: Guest[] = [];
   const qmps: QmpClient[] = [];
   try {
@@ -190,9 +191,9 @@ async function blkMigration(fx: BridgeFixture, name: string): Promise<void> {
     assert.equal((await qmp.execute<{ status: string }>('query-status')).status, 'running', 'the source runs on after the cancel');
     await d1.g.kill(); // its incoming stream broke off: it has nothing to run
     const afterCancel = passes(src);
-    const reqsAfterCancel = fx.queue('src-data', 0).descriptors;
+    const reqsAfterCancel = served('src-data');
     await waitFor('two more passes on the source after the cancel', () => passes(src) >= afterCancel + 2, 300_000, 200);
-    assert.ok(fx.queue('src-data', 0).descriptors > reqsAfterCancel, 'the source function still serves the guest');
+    assert.ok(served('src-data') > reqsAfterCancel, 'the source function still serves the guest');
     assert.doesNotMatch(src.output(), /BADPASS|BADREAD/, 'a pass went wrong around the cancelled migration');
 
     // 2. The real one. Held slow at first so that the guest's last pass runs (writes, reads, page
@@ -200,7 +201,7 @@ async function blkMigration(fx: BridgeFixture, name: string): Promise<void> {
     const d2 = await startDestination(base, `${name}-dst2`, dstBlks, path.join(fx.dir, 'dst2.qmp'));
     guests.push(d2.g);
     qmps.push(d2.qmp);
-    const reqsBefore = fx.queue('src-data', 0).descriptors;
+    const reqsBefore = served('src-data');
     // A downtime no iteration can meet: the migration must not converge (and stop the source) before we let it.
     await qmp.execute('migrate-set-parameters', { 'downtime-limit': 1 });
     await qmp.execute('migrate', { uri: `tcp:127.0.0.1:${d2.port}` });
@@ -216,17 +217,17 @@ async function blkMigration(fx: BridgeFixture, name: string): Promise<void> {
     assert.equal(mid.status, 'active', 'the migration ended before the guest\'s last pass: nothing would check its DMA writes were logged');
     await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 * MiB, 'downtime-limit': 300 });
     const done = await migrationStatus(qmp, (m) => m.status === 'completed', 300_000);
-    const reqsDuring = fx.queue('src-data', 0).descriptors - reqsBefore;
+    const reqsDuring = served('src-data') - reqsBefore;
     const passesAtSwitch = passes(src);
     await qmp.execute('quit').catch(() => undefined); // as libvirt does; QEMU may close QMP before it answers
     await src.done;
     assert.ok(reqsDuring > 100, `the guest did ${reqsDuring} requests while it migrated`);
     assert.equal((await d2.qmp.execute<{ status: string }>('query-status')).status, 'running');
-    const dstReqs = fx.queue('dst-data', 0).descriptors;
+    const dstReqs = served('dst-data');
     hostGo(path.join(fx.dir, 'ctl.img'), 'chk');
     const r = await d2.g.done;
     const v = kv(r.output);
-    assert.ok(fx.queue('dst-data', 0).descriptors > dstReqs + 100, 'the destination function served the last pass');
+    assert.ok(served('dst-data') > dstReqs + 100, 'the destination function served the last pass');
     const all = src.output() + r.output;
     assert.equal(r.rc, 0, `guest failed:\n${r.output.slice(-3000)}`);
     assert.doesNotMatch(all, /BADPASS|BADREAD/, 'a pass read back something other than it wrote');
@@ -304,6 +305,36 @@ test('migration, blk relayed to qemu-storage-daemon: a daemon on each side on th
       }
       for (const f of ['src-data', 'dst-data']) await waitForPath(fx.socket(f), 10_000);
       await blkMigration(fx, 'mig-qsd');
+    } finally {
+      for (const d of daemons) await d.stop();
+      await fx.close();
+    }
+  });
+});
+
+test('migration, blk passthrough to qemu-storage-daemon: the bridge forwards the dirty log, LOG_ALL and the rings\' log addresses; the daemons log their own writes', { timeout: 900_000 }, async () => {
+  await withHeavyLock(async () => {
+    const fx = await startBridgeFixture({
+      functions: [
+        { name: 'src-data', type: 'blk', socket: 'src-data.sock', backend: { link: 'vhost-user', mode: 'passthrough', socket: 'src-qsd.sock' } },
+        { name: 'dst-data', type: 'blk', socket: 'dst-data.sock', backend: { link: 'vhost-user', mode: 'passthrough', socket: 'dst-qsd.sock' } },
+        ...CTL_FUNCTIONS,
+      ],
+    }, writeDataImage);
+    const daemons: StorageDaemon[] = [];
+    try {
+      for (const side of ['src', 'dst']) {
+        daemons.push(await startStorageDaemon({ image: path.join(fx.dir, 'data.img'), socket: path.join(fx.dir, `${side}-qsd.sock`), locking: false }));
+      }
+      // Passthrough counts no descriptors (the daemon works on the guest's rings): one kick per request here.
+      await blkMigration(fx, 'mig-pt-qsd', (fn) => fx.queue(fn, 0).kicks);
+      const m = fx.fnStats('src-data').passthrough;
+      assert.ok(m !== undefined, 'passthrough stats');
+      assert.equal(m.mode, 'direct');
+      assert.ok(m.logBases >= 2, `SET_LOG_BASE forwarded ${m.logBases} time(s): once per migration at least`);
+      // On and off for the cancelled one, on for the real one (the source quits while logging).
+      assert.ok(m.logSwitches >= 3, `LOG_ALL switched ${m.logSwitches} time(s)`);
+      assert.ok(m.logRingAddrs >= 1, 'a ring asked for its used ring to be logged');
     } finally {
       for (const d of daemons) await d.stop();
       await fx.close();
