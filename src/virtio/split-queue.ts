@@ -216,6 +216,17 @@ export class SplitQueue implements Virtqueue {
     return chain;
   }
 
+  /**
+   * The chain at `head` as the descriptor table holds it now, validated as
+   * pop() validates, without taking anything from the avail ring: for a relay
+   * returning chains that another device popped. Throws QueueError.
+   */
+  chainAt(mem: MemoryAccess, head: number): DescriptorChain {
+    this.check(mem);
+    if (!Number.isInteger(head) || head < 0) throw new QueueError(`chain head ${head} is not an index`);
+    return this.walk(mem, head);
+  }
+
   /** Write a used element (not yet visible to the driver until flush). */
   pushUsed(mem: MemoryAccess, head: number, len: number): void {
     this.check(mem);
