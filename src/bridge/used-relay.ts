@@ -133,6 +133,24 @@ export class UsedRelay {
     return { moved, notify: moved > 0 && this.guest.flush(mem), error };
   }
 
+  /**
+   * Keep the guest kicking. Its used ring's suppression fields (used.flags,
+   * avail_event) are the bridge's while the back-end writes the mediated
+   * ring, and a stale avail_event would leave the guest thinking the
+   * back-end wants no kick. Call after relaying each guest kick: points
+   * avail_event at the guest's avail.idx (or clears NO_NOTIFY), so its next
+   * publish kicks. Returns true when the guest published more before the
+   * field was visible to it: that publish may not kick, so the caller kicks
+   * the back-end itself. Throws QueueError when avail.idx ran more than a
+   * ring ahead.
+   */
+  keepKicking(mem: MemoryAccess): boolean {
+    const q = this.guest;
+    // The guest queue pops nothing: its nextAvail only tracks the guest's avail.idx, for enableNotification.
+    q.nextAvail = (q.nextAvail + q.available(mem)) & 0xffff;
+    return q.enableNotification(mem);
+  }
+
   /** The next mediated index to relay: where the back-end's used position stands once pending() is 0. */
   get position(): number {
     return this.next;

@@ -25,8 +25,8 @@ function dirty(log: Uint8Array, addr: number): boolean {
   return ((log[Math.floor(p / 8)] >> p % 8) & 1) === 1;
 }
 
-function rig() {
-  const { mem, driver, queue } = MockDriver.create({ size: SIZE, indirect: true, guestBase: BASE, memSize: MEM });
+function rig(eventIdx = false) {
+  const { mem, driver, queue } = MockDriver.create({ size: SIZE, indirect: true, guestBase: BASE, memSize: MEM, eventIdx });
   const log = new Uint8Array(logBytesFor(BASE + MEM));
   mem.setDirtyLog(new DirtyLog(log));
   const mediated = new ArrayBuffer(PAGE);
@@ -41,6 +41,7 @@ function rig() {
   back.availAddr = driver.availAddr;
   back.usedAddr = MEDIATED_GPA;
   back.indirect = true;
+  back.eventIdx = eventIdx;
   back.activate(backMem);
   const relay = new UsedRelay(queue, mediated, 0, SIZE, 0);
   return { mem, driver, queue, log, mediated, backMem, back, relay };
@@ -144,4 +145,28 @@ test('used relay: the mediated ring must fit; indices wrap at 16 bits', () => {
   assert.equal(r.driver.usedIdx(), 8);
   assert.deepEqual(r.relay.stats(), { relayed: 3 * ROUNDS, pagesLogged: 3 * ROUNDS });
   for (let i = 0; i < 3; i++) assert.ok(dirty(r.log, at(i * 2 + 1)) && !dirty(r.log, at(i * 2)));
+});
+
+test('used relay: keepKicking keeps a guest under EVENT_IDX kicking although the back-end writes its avail_event elsewhere; without EVENT_IDX it clears NO_NOTIFY', () => {
+  for (const eventIdx of [true, false]) {
+    const r = rig(eventIdx);
+    const post = (): number => r.driver.addChain([{ addr: at(0), len: 16 }, { writable: true, addr: at(1), len: 8 }]);
+    // The back-end read chains before the switch and asked not to be kicked for a while (avail_event 0 / NO_NOTIFY, as left in the guest's used ring).
+    r.queue.disableNotification(r.mem);
+    post();
+    r.driver.kickNeeded();
+    r.log.fill(0);
+    for (let i = 0; i < 5; i++) {
+      // The guest publishes; the bridge relays the kick and keeps the guest kicking.
+      assert.equal(r.relay.keepKicking(r.mem), false, 'nothing published after the field was set');
+      post();
+      assert.equal(r.driver.kickNeeded(), true, `publish ${i} kicks (eventIdx ${eventIdx})`);
+    }
+    assert.ok(dirty(r.log, eventIdx ? r.driver.usedAddr + 4 + 8 * SIZE : r.driver.usedAddr), 'the suppression field write is logged');
+    // Two publishes the bridge did not see kicks for: it catches up with avail.idx, whatever the distance.
+    post();
+    post();
+    assert.equal(r.relay.keepKicking(r.mem), false, 'caught up: nothing published after the field was set');
+    if (eventIdx) assert.equal(r.driver.availEvent(), r.driver.availIdx());
+  }
 });
