@@ -353,3 +353,38 @@ test('passthrough forwards the dirty log: LOG_ALL and LOG_SHMFD offered as the b
     r.close();
   }
 });
+
+test('passthrough: a request of the bridge\'s own between the front-end\'s gets its reply, the front-end gets its own, the mirror follows', async () => {
+  const r = rig('pt-ask');
+  const g = new Guest(1);
+  let c: FrontendClient | undefined;
+  try {
+    c = FrontendClient.connect(r.proxy.socketPath);
+    await bringUp(c, g, { features: FEATURES });
+    await waitFor(() => r.server.connected, 'the back-end session');
+    assert.equal((await blkRequest(g, BLK_T_OUT, 1, new Uint8Array(512).fill(7))).status, BLK_S_OK);
+    const before = r.proxy.stats().messages;
+    // Interleaved: the bridge's GET_VRING_BASE goes out between two front-end requests.
+    const [features, base, protocol] = await Promise.all([
+      c.getFeatures(),
+      r.proxy.askBackend(Frontend.GET_VRING_BASE, { index: 0, num: 0 }),
+      c.getProtocolFeatures(),
+    ]);
+    assert.deepEqual(base, { index: 0, num: 1 }, 'the back-end stopped the ring after one request');
+    assert.equal(features, r.proxy.state?.backendFeatures, 'the front-end got GET_FEATURES\' answer');
+    assert.equal(protocol, r.proxy.state?.backendProtocolFeatures, 'and GET_PROTOCOL_FEATURES\'');
+    assert.equal(r.proxy.state?.vrings[0].started, false);
+    assert.equal(r.proxy.state?.vrings[0].base, 1);
+    assert.equal(r.proxy.stats().messages, before + 2, 'only the front-end\'s requests count as forwarded');
+    await assert.rejects(r.proxy.askBackend(Frontend.SET_OWNER, null), /SET_OWNER has no reply to wait for/);
+    assert.deepEqual(r.proxyLog.errors(), []);
+    c.close();
+    await c.closed;
+    await waitFor(() => !r.proxy.connected, 'the proxy session to end');
+    await assert.rejects(r.proxy.askBackend(Frontend.GET_VRING_BASE, { index: 0, num: 0 }), /pt-ask: VHOST_USER_GET_VRING_BASE: no session/);
+  } finally {
+    c?.close();
+    g.close();
+    r.close();
+  }
+});

@@ -63,6 +63,7 @@ import {
   decodeReply,
   decodeRequest,
   encodeHeader,
+  encodeRequest,
   fdProblem,
   Frontend,
   frontendSpec,
@@ -71,6 +72,7 @@ import {
   type MemRegion,
   type MemRegionMsg,
   type MessageHeader,
+  type MessageSpec,
   ProtocolError,
   type VringAddr,
   type VringFile,
@@ -236,6 +238,8 @@ interface PendingReply {
   spec: AnyMessageSpec;
   /** A REPLY_ACK u64 rather than the message's own reply. */
   ack: boolean;
+  /** A request of the bridge's own: the reply is settled here, not relayed. */
+  claim?: { resolve(rep: unknown): void; reject(err: Error): void };
 }
 
 type Side = 'front-end' | 'back-end' | 'bridge';
@@ -532,9 +536,33 @@ class Session {
 
   // ---- back-end -> front-end ------------------------------------------------------
 
+  /**
+   * A request of the bridge's own to the back-end, between the front-end's
+   * (the mode switch asks GET_VRING_BASE and sets rings up): its reply is
+   * claimed here, never relayed, and the mirror follows it as it follows
+   * forwarded ones. Only requests with a reply of their own under the
+   * negotiated features, carrying no fds.
+   */
+  ask<Req, Rep>(spec: MessageSpec<Req, Rep>, req: Req): Promise<Rep> {
+    const back = this.back;
+    if (this.ended || back === null || back.closed) return Promise.reject(new Error(`${this.label}: ${spec.name}: no back-end connection`));
+    if (spec.reply === null || (spec.replyOnlyWith !== undefined && !hasBit(this.state.protocolFeatures, spec.replyOnlyWith))) {
+      return Promise.reject(new Error(`${this.label}: ${spec.name} has no reply to wait for`));
+    }
+    return new Promise<Rep>((resolve, reject) => {
+      const entry: PendingReply = { spec: spec as AnyMessageSpec, ack: false, claim: { resolve: (rep) => resolve(rep as Rep), reject } };
+      this.pending.push(entry);
+      if (this.hooks.trace) this.logger.info(`${this.label}: => ${spec.name} ${traceValue(req)} (the bridge's own)`);
+      if (!back.send(encodeRequest(spec, req), [])) {
+        this.pending.splice(this.pending.indexOf(entry), 1);
+        reject(new Error(`${this.label}: ${spec.name}: the back-end connection closed`));
+      }
+    });
+  }
+
   private onReply(hdr: MessageHeader, payload: Uint8Array, fds: number[]): void {
+    const p = this.pending.shift();
     try {
-      const p = this.pending.shift();
       if (p === undefined) throw new ProtocolError(frontendReqName(hdr.request), 'unsolicited reply from the back-end');
       if (hdr.request !== p.spec.id) {
         throw new ProtocolError(p.spec.name, `the back-end's reply carries request id ${hdr.request} (${frontendReqName(hdr.request)})`);
@@ -548,8 +576,16 @@ class Session {
         if (problem !== null) throw new ProtocolError(p.spec.name, `the back-end's reply ${problem}`);
         this.mirrorReply(p.spec, rep);
         if (this.hooks.trace) this.logger.info(`${this.label}: <- ${p.spec.name} ${traceValue(rep)}${fds.length > 0 ? ` fds=${fds.length}` : ''}`);
+        if (p.claim !== undefined) {
+          p.claim.resolve(rep);
+          return;
+        }
       }
       this.front.send(frame(hdr.request, hdr.flags, payload), fds);
+    } catch (e) {
+      // The session ends on this error; the bridge's own request learns why.
+      p?.claim?.reject(asError(e, 'reply'));
+      throw e;
     } finally {
       for (const fd of fds) closeQuietly(fd);
       fds.length = 0;
@@ -737,7 +773,8 @@ class Session {
     this.releaseRegions();
     if (this.state.log !== null && this.state.log.fd >= 0) closeQuietly(this.state.log.fd);
     this.state.log = null;
-    this.pending.length = 0;
+    const unanswered = this.pending.splice(0);
+    for (const p of unanswered) p.claim?.reject(new Error(`${this.label}: ${p.spec.name}: the session ended before the back-end answered`));
     this.hooks.log.stop();
     this.hooks.ended(this);
   }
@@ -795,6 +832,12 @@ export class PassthroughFunction {
   /** The mirrored state of the current session (a live read-only view), or null without one. */
   get state(): PassthroughState | null {
     return this.active?.state ?? null;
+  }
+
+  /** A request of the bridge's own to the current session's back-end (see Session.ask). */
+  askBackend<Req, Rep>(spec: MessageSpec<Req, Rep>, req: Req): Promise<Rep> {
+    if (this.active === null) return Promise.reject(new Error(`${this.name}: ${spec.name}: no session`));
+    return this.active.ask(spec, req);
   }
 
   stats(): PassthroughStats {
