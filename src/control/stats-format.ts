@@ -82,7 +82,7 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
     if (f.passthrough !== undefined) {
       const m = f.passthrough;
       out.push(
-        `  mode ${m.mode}, dirty log ${m.logging ? 'on' : 'off'} (kept by the back-end): ` +
+        `  mode ${m.mode}, dirty log ${m.logging ? 'on' : 'off'} (kept by the back-end${m.backendLogs === false ? ', which offers no LOG_ALL/LOG_SHMFD: no migration' : ''}): ` +
           `${m.logBases} log base(s) forwarded, ${m.logSwitches} LOG_ALL switch(es), ${m.logRingAddrs} logged ring address(es)`,
       );
     }

@@ -331,6 +331,7 @@ test('migration, blk passthrough to qemu-storage-daemon: the bridge forwards the
       const m = fx.fnStats('src-data').passthrough;
       assert.ok(m !== undefined, 'passthrough stats');
       assert.equal(m.mode, 'direct');
+      assert.equal(m.backendLogs, null, 'no session once both QEMUs are gone');
       assert.ok(m.logBases >= 2, `SET_LOG_BASE forwarded ${m.logBases} time(s): once per migration at least`);
       // On and off for the cancelled one, on for the real one (the source quits while logging).
       assert.ok(m.logSwitches >= 3, `LOG_ALL switched ${m.logSwitches} time(s)`);

@@ -11,7 +11,7 @@
  * for `vbridge stats` and for the checks below; it changes none of them.
  */
 import type { VringAddr } from '../../vhost-user/messages';
-import { VHOST_F_LOG_ALL, VHOST_VRING_F_LOG } from '../../vhost-user/protocol';
+import { ProtocolFeature, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG } from '../../vhost-user/protocol';
 
 /** How a passthrough function carries the data path: straight between the back-end and the guest. */
 export type PassthroughMode = 'direct';
@@ -20,6 +20,12 @@ export interface PassthroughMigrationStats {
   mode: PassthroughMode;
   /** LOG_ALL is in the features the front-end set last (a migration is logging). */
   logging: boolean;
+  /**
+   * The back-end offers LOG_ALL and LOG_SHMFD, so QEMU can migrate the guest
+   * with the log forwarded; false: QEMU refuses to migrate (the software relay
+   * that would cover it is not wired yet); null until the session asked both.
+   */
+  backendLogs: boolean | null;
   /** SET_LOG_BASE forwarded, cumulative since the function was created. */
   logBases: number;
   /** LOG_ALL turned on or off by SET_FEATURES, cumulative. */
@@ -35,6 +41,7 @@ function hasBit(mask: bigint, b: number): boolean {
 /** The function's counters (they outlive sessions) and the session's logging flag. */
 export class LogForwarding {
   private logging = false;
+  private backendLogs: boolean | null = null;
   private logBases = 0;
   private logSwitches = 0;
   private logRingAddrs = 0;
@@ -56,13 +63,24 @@ export class LogForwarding {
     if ((a.flags & (1 << VHOST_VRING_F_LOG)) !== 0) this.logRingAddrs++;
   }
 
-  /** The session ended or the device was reset: nothing logs any more. */
+  /** The device was reset or the session ended: nothing logs any more. */
   stop(): void {
     if (this.logging) this.logSwitches++;
     this.logging = false;
   }
 
+  /** The session ended: what its back-end offered no longer holds. */
+  ended(): void {
+    this.stop();
+    this.backendLogs = null;
+  }
+
+  /** The back-end's answers to GET_FEATURES / GET_PROTOCOL_FEATURES in the current session (null: not asked, or no session). */
+  backendOffer(features: bigint | null, protocolFeatures: bigint | null): void {
+    this.backendLogs = features === null || protocolFeatures === null ? null : hasBit(features, VHOST_F_LOG_ALL) && hasBit(protocolFeatures, ProtocolFeature.LOG_SHMFD);
+  }
+
   stats(): PassthroughMigrationStats {
-    return { mode: 'direct', logging: this.logging, logBases: this.logBases, logSwitches: this.logSwitches, logRingAddrs: this.logRingAddrs };
+    return { mode: 'direct', logging: this.logging, backendLogs: this.backendLogs, logBases: this.logBases, logSwitches: this.logSwitches, logRingAddrs: this.logRingAddrs };
   }
 }

@@ -707,6 +707,14 @@ class Session {
 
   private mirrorReply(spec: AnyMessageSpec, rep: unknown): void {
     const st = this.state;
+    this.mirrorReplyOf(spec, rep);
+    if (spec.id === Frontend.GET_FEATURES.id || spec.id === Frontend.GET_PROTOCOL_FEATURES.id) {
+      this.hooks.log.backendOffer(st.backendFeatures, st.backendProtocolFeatures);
+    }
+  }
+
+  private mirrorReplyOf(spec: AnyMessageSpec, rep: unknown): void {
+    const st = this.state;
     switch (spec.id) {
       case Frontend.GET_FEATURES.id:
         st.backendFeatures = rep as bigint;
@@ -775,7 +783,7 @@ class Session {
     this.state.log = null;
     const unanswered = this.pending.splice(0);
     for (const p of unanswered) p.claim?.reject(new Error(`${this.label}: ${p.spec.name}: the session ended before the back-end answered`));
-    this.hooks.log.stop();
+    this.hooks.log.ended();
     this.hooks.ended(this);
   }
 }

@@ -1,0 +1,35 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { LogForwarding } from '../../src/links/vhost-user/passthrough-log';
+import { ProtocolFeature, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG } from '../../src/vhost-user/protocol';
+import { bit, F_VERSION_1 } from '../../src/virtio/constants';
+
+const SHMFD = 1n << BigInt(ProtocolFeature.LOG_SHMFD);
+const ADDR = { index: 0, flags: 0, descUserAddr: 0n, usedUserAddr: 0n, availUserAddr: 0n, logGuestAddr: 0n };
+
+test('LogForwarding: whether the back-end can log needs both LOG_ALL and LOG_SHMFD; switches, bases and logged rings are counted across sessions', () => {
+  const l = new LogForwarding();
+  assert.equal(l.stats().backendLogs, null);
+  l.backendOffer(bit(F_VERSION_1) | bit(VHOST_F_LOG_ALL), null);
+  assert.equal(l.stats().backendLogs, null, 'protocol features not asked yet');
+  l.backendOffer(bit(F_VERSION_1) | bit(VHOST_F_LOG_ALL), 0n);
+  assert.equal(l.stats().backendLogs, false, 'LOG_ALL without LOG_SHMFD');
+  l.backendOffer(bit(F_VERSION_1), SHMFD);
+  assert.equal(l.stats().backendLogs, false, 'LOG_SHMFD without LOG_ALL');
+  l.backendOffer(bit(F_VERSION_1) | bit(VHOST_F_LOG_ALL), SHMFD);
+  assert.equal(l.stats().backendLogs, true);
+
+  l.features(bit(F_VERSION_1));
+  l.logBase();
+  l.features(bit(F_VERSION_1) | bit(VHOST_F_LOG_ALL));
+  l.features(bit(F_VERSION_1) | bit(VHOST_F_LOG_ALL)); // the same set again is no switch
+  l.vringAddr(ADDR);
+  l.vringAddr({ ...ADDR, flags: 1 << VHOST_VRING_F_LOG });
+  assert.deepEqual(l.stats(), { mode: 'direct', logging: true, backendLogs: true, logBases: 1, logSwitches: 1, logRingAddrs: 1 });
+  l.stop();
+  l.stop();
+  assert.deepEqual(l.stats(), { mode: 'direct', logging: false, backendLogs: true, logBases: 1, logSwitches: 2, logRingAddrs: 1 });
+  l.features(bit(VHOST_F_LOG_ALL));
+  l.ended();
+  assert.deepEqual(l.stats(), { mode: 'direct', logging: false, backendLogs: null, logBases: 1, logSwitches: 4, logRingAddrs: 1 });
+});
