@@ -53,6 +53,24 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
   assert.doesNotMatch(text.split('relay0')[0] ?? '', /shadow|backend/, 'a local function has no link lines');
 });
 
+test('vbridge stats text shows a passthrough function\'s mode and the dirty log forwarded, and says when its back-end cannot log', () => {
+  const q = { index: 0, descriptors: 0, bytes: 0, kicks: 3, interrupts: 2, drops: 0, errors: 0 };
+  const fn = (name: string, backendLogs: boolean | null) => ({
+    name,
+    type: 'blk',
+    link: 'vhost-user passthrough',
+    socket: `/s/${name}`,
+    connected: true,
+    status: 0xf,
+    needsReset: false,
+    queues: [q],
+    passthrough: { mode: 'direct' as const, logging: backendLogs === true, backendLogs, logBases: 2, logSwitches: 3, logRingAddrs: 1 },
+  });
+  const text = formatStats({ uptimeSeconds: 1, switches: [], functions: [fn('pt0', true), fn('pt1', false)] });
+  assert.match(text, /^ {2}mode direct, dirty log on \(kept by the back-end\): 2 log base\(s\) forwarded, 3 LOG_ALL switch\(es\), 1 logged ring address\(es\)$/m);
+  assert.match(text, /^ {2}mode direct, dirty log off \(kept by the back-end, which offers no LOG_ALL\/LOG_SHMFD: no migration\): 2 log base/m);
+});
+
 test('vbridge stats text shows per switch port the frames over 1514 B and the software offloads done for it', () => {
   const port = { name: 'p', rxFrames: 1, rxBytes: 60, txFrames: 2, txBytes: 120, drops: 0, rxLarge: 0, txLarge: 0, txSegmented: 0, txChecksummed: 0, txMalformed: 0 };
   const text = formatStats({
