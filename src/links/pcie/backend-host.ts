@@ -20,7 +20,8 @@
  * everything is released and onDetach is called.
  */
 import { newQueueStats, type QueueStats, type VirtioDevice } from '../../devices/device';
-import { type HostedQueue, idleQueueState, QueueHost, ringFeaturesMoved } from '../../devices/queue-host';
+import { type HostedQueue, idleQueueState } from '../../devices/queue-host';
+import { type Refusal, VringLifecycle } from '../../devices/vring-lifecycle';
 import { GuestMemory } from '../../memory/guest-memory';
 import { MemoryError } from '../../memory/memory-access';
 import { native, type Addon, type Poller } from '../../native/addon';
@@ -72,6 +73,9 @@ const TRANSPORT_MASK = bit(F_RING_PACKED) | bit(F_ACCESS_PLATFORM);
 
 const POLL_READABLE = 1;
 
+/** How the lifecycle's refusals are answered. */
+const REFUSAL_STATUS: Record<Refusal, number> = { invalid: MboxStatus.EINVAL, fault: MboxStatus.EFAULT, io: MboxStatus.EIO };
+
 /** A request that cannot be honoured: answered with `status` (an MboxStatus code). */
 class MailboxFailure extends Error {
   constructor(
@@ -107,14 +111,11 @@ export class PcieBackendHost {
   private readonly bar2Buffer: ArrayBuffer;
   private readonly mem: GuestMemory;
   private readonly queues: HostQueue[];
-  private readonly rings: QueueHost<HostQueue>;
+  private readonly life: VringLifecycle<HostQueue>;
   private readonly offered: bigint;
   private socketPoller: Poller | null = null;
   private mailboxPoller: Poller | null = null;
   private closed = false;
-  private failed = false;
-  private acked = 0n;
-  private driverStatus = 0;
   /** Seq of the last request taken up (answered, or being answered). */
   private lastSeq = 0;
   /** A request is being answered asynchronously (GET_VRING_BASE waiting for quiesce). */
@@ -124,7 +125,7 @@ export class PcieBackendHost {
   private readonly fatalHandler = (err: Error): void => {
     // Devices report from deep inside their own call stacks: act once that stack has unwound.
     queueMicrotask(() => {
-      if (!this.closed) this.deviceFailed(null, err);
+      if (!this.closed) this.life.fail(null, err);
     });
   };
 
@@ -176,8 +177,13 @@ export class PcieBackendHost {
     }
     this.mem = GuestMemory.fromBuffer(0, this.bar2Buffer);
     this.offered = device.features() & ~TRANSPORT_MASK;
-    this.rings = new QueueHost<HostQueue>(device, this.log, this.label, (v, e) => this.deviceFailed(v, e));
     this.queues = [];
+    this.life = new VringLifecycle<HostQueue>(device, this.log, this.label, this.queues, {
+      refuse: (kind, message) => new MailboxFailure(REFUSAL_STATUS[kind], message),
+      ready: (v) => !this.closed && v.addr !== null,
+      start: (v) => this.startRing(v),
+      failed: () => this.tellFailed(),
+    });
     for (let i = 0; i < device.maxQueues; i++) this.queues.push(this.newQueue(i));
     try {
       this.writeDeviceBlock();
@@ -209,13 +215,13 @@ export class PcieBackendHost {
 
   /** Whether the device waits for RESET_DEVICE after a data-path error. */
   get needsReset(): boolean {
-    return this.failed;
+    return this.life.needsReset;
   }
 
   stats(): BackendHostStats {
     return {
       attached: !this.closed,
-      failed: this.failed,
+      failed: this.life.needsReset,
       queues: this.queues.map((v) => ({ ...v.stats })),
       mailbox: this.mailboxCount,
     };
@@ -349,14 +355,14 @@ export class PcieBackendHost {
 
   private onKick(v: HostQueue, status: number): void {
     if (this.closed) return;
-    const n = this.rings.drainKick(v, this.at.vectors[queueNotifier(v.index)] as number, status, 'vector');
+    const n = this.life.host.drainKick(v, this.at.vectors[queueNotifier(v.index)] as number, status, 'vector');
     if (n === null) {
       v.poller?.close();
       v.poller = null;
       return;
     }
     // A wakeup with nothing in the vector is no kick.
-    if (n > 0) this.rings.kick(v);
+    if (n > 0) this.life.host.kick(v);
   }
 
   // ---- mailbox ---------------------------------------------------------------------
@@ -489,10 +495,10 @@ export class PcieBackendHost {
       case Op.SET_CONFIG:
         return this.setConfig(req as ConfigData);
       case Op.SET_STATUS:
-        this.driverStatus = (req as number) & ~STATUS_NEEDS_RESET;
+        this.life.setStatus(req as number);
         return null;
       case Op.GET_STATUS:
-        return this.driverStatus | (this.failed ? STATUS_NEEDS_RESET : 0);
+        return this.life.status;
       case Op.RESET_DEVICE:
         this.resetDevice();
         return null;
@@ -504,26 +510,13 @@ export class PcieBackendHost {
   // ---- handlers --------------------------------------------------------------------
 
   private setFeatures(f: bigint): null {
-    const extra = f & ~this.offered;
-    if (extra !== 0n) throw new MailboxFailure(MboxStatus.EINVAL, `features 0x${f.toString(16)} include bits never offered: 0x${extra.toString(16)}`);
-    try {
-      this.device.setFeatures(f);
-    } catch (e) {
-      throw new MailboxFailure(MboxStatus.EINVAL, `device refused features 0x${f.toString(16)}: ${asError(e, 'setFeatures').message}`);
-    }
-    if (f !== this.acked) this.log.info(`${this.label}: features 0x${f.toString(16)} negotiated`);
-    this.acked = f;
-    for (const v of this.queues) {
-      if (ringFeaturesMoved(v.queue, f)) this.rings.stop(v);
-      this.evaluate(v);
-    }
+    this.life.negotiate(f, this.offered);
+    this.life.refit();
     return null;
   }
 
   private ring(index: number): HostQueue {
-    const v = this.queues[index];
-    if (v === undefined) throw new MailboxFailure(MboxStatus.EINVAL, `queue index ${index} is out of range (the device has ${this.queues.length})`);
-    return v;
+    return this.life.ring(index);
   }
 
   /** EFAULT unless the three rings of `num` entries at `a` lie in BAR2; EINVAL for misaligned rings. */
@@ -550,15 +543,9 @@ export class PcieBackendHost {
 
   private setVringNum(s: VringState): null {
     const v = this.ring(s.index);
-    const max = this.device.maxQueueSize;
-    if (s.num === 0 || s.num > max || (s.num & (s.num - 1)) !== 0) {
-      throw new MailboxFailure(MboxStatus.EINVAL, `queue ${s.index}: size ${s.num} is not a power of two in [1, ${max}]`);
-    }
+    this.life.checkNum(s.index, s.num);
     if (v.addr !== null) this.checkRings(s.index, s.num, v.addr);
-    this.rings.stop(v);
-    v.num = s.num;
-    if (v.queue !== null && v.queue.size !== s.num) v.baseFresh = true;
-    this.evaluate(v);
+    this.life.setNum(v, s.num);
     return null;
   }
 
@@ -567,20 +554,16 @@ export class PcieBackendHost {
     if (a.flags !== 0) throw new MailboxFailure(MboxStatus.EINVAL, `queue ${a.index}: flags 0x${a.flags.toString(16)} (must be 0)`);
     const addrs: RingAddrs = { desc: a.desc, avail: a.avail, used: a.used };
     this.checkRings(a.index, v.num, addrs);
-    this.rings.stop(v);
+    this.life.stop(v);
     v.addr = addrs;
-    this.evaluate(v);
+    this.life.evaluate(v);
     return null;
   }
 
   private setVringBase(s: VringState): null {
     const v = this.ring(s.index);
     if (s.num > 0xffff) throw new MailboxFailure(MboxStatus.EINVAL, `queue ${s.index}: base ${s.num} is not a 16-bit index`);
-    this.rings.stop(v);
-    v.base = s.num;
-    v.baseFresh = true;
-    v.baseSet = true;
-    this.evaluate(v);
+    this.life.setBase(v, s.num);
     return null;
   }
 
@@ -592,52 +575,34 @@ export class PcieBackendHost {
   private getVringBase(s: VringState): Handled {
     const v = this.ring(s.index);
     const finish = (): VringState => {
-      this.rings.stop(v);
-      if (v.queue !== null && !v.baseFresh) v.base = v.queue.nextAvail;
+      // Unplugged while settling: nothing is stopped any more, report what we have.
+      if (this.closed) return { index: s.index, num: v.base };
+      const num = this.life.takeBase(v);
       v.enabled = false;
-      return { index: s.index, num: v.base };
+      return { index: s.index, num };
     };
-    const quiesce = this.device.quiesce;
-    if (quiesce === undefined || v.dq === null) return finish();
-    return quiesce.call(this.device, s.index).then(finish, (e: unknown) => {
-      this.log.warn(`${this.label}: queue ${s.index} did not settle before GET_VRING_BASE: ${asError(e, 'quiesce').message}`);
-      return this.closed ? { index: s.index, num: v.base } : finish();
-    });
+    const settling = this.life.settle(v, 'GET_VRING_BASE');
+    return settling === null ? finish() : settling.then(finish);
   }
 
   private setVringEnable(s: VringState): null {
     const v = this.ring(s.index);
     if (s.num > 1) throw new MailboxFailure(MboxStatus.EINVAL, `queue ${s.index}: enable ${s.num} is neither 0 nor 1`);
-    if (s.num === 1 && this.failed) throw new MailboxFailure(MboxStatus.EIO, `queue ${s.index}: the device needs a reset`);
-    v.enabled = s.num === 1;
-    this.evaluate(v);
+    if (s.num === 1 && this.life.needsReset) throw new MailboxFailure(MboxStatus.EIO, `queue ${s.index}: the device needs a reset`);
+    this.life.setEnabled(v, s.num === 1);
     return null;
   }
 
   private getConfig(c: ConfigRange): ConfigData {
-    if (c.offset + c.size > Csr.CONFIG_MAX) {
-      throw new MailboxFailure(MboxStatus.EINVAL, `config range [${c.offset}, +${c.size}) is beyond the ${Csr.CONFIG_MAX}-byte config area`);
-    }
-    let data: Uint8Array;
-    try {
-      data = this.device.readConfig(c.offset, c.size);
-    } catch (e) {
-      throw new MailboxFailure(MboxStatus.EINVAL, `device cannot read config [${c.offset}, +${c.size}): ${asError(e, 'readConfig').message}`);
-    }
+    const data = this.life.readConfig(c.offset, c.size, Csr.CONFIG_MAX);
+    // The card reads whole words: what lies past the device's answer reads as 0.
     const out = new Uint8Array(c.size);
     out.set(data.subarray(0, c.size));
     return { offset: c.offset, data: out };
   }
 
   private setConfig(c: ConfigData): null {
-    if (c.offset + c.data.length > Csr.CONFIG_MAX) {
-      throw new MailboxFailure(MboxStatus.EINVAL, `config range [${c.offset}, +${c.data.length}) is beyond the ${Csr.CONFIG_MAX}-byte config area`);
-    }
-    try {
-      this.device.writeConfig(c.offset, c.data);
-    } catch (e) {
-      throw new MailboxFailure(MboxStatus.EINVAL, `device refused config write [${c.offset}, +${c.data.length}): ${asError(e, 'writeConfig').message}`);
-    }
+    this.life.writeConfig(c.offset, c.data, Csr.CONFIG_MAX);
     // The BAR0 copy is what the card reads: keep it true (a driver's own write needs no config interrupt).
     this.writeConfigArea();
     return null;
@@ -647,18 +612,12 @@ export class PcieBackendHost {
   private resetDevice(): void {
     this.log.info(`${this.label}: device reset`);
     for (const v of this.queues) {
-      this.rings.stop(v);
+      this.life.stop(v);
       Object.assign(v, idleQueueState());
       v.addr = null;
     }
-    try {
-      this.device.reset();
-    } catch (e) {
-      this.log.error(`${this.label}: device reset failed: ${asError(e, 'reset').message}`);
-    }
-    this.acked = 0n;
-    this.driverStatus = 0;
-    this.failed = false;
+    this.life.resetDevice();
+    this.life.forget();
     this.bar0.setUint32(Csr.DEVICE_STATUS, 0, true);
   }
 
@@ -674,52 +633,29 @@ export class PcieBackendHost {
       poller: null,
       notify: () => {
         // A device that notifies after we closed is ignored.
-        if (!this.closed) this.rings.interrupt(v, this.mem, doorbell);
+        if (!this.closed) this.life.host.interrupt(v, this.mem, doorbell);
       },
     };
     return v;
   }
 
-  /** Hand the queue to the device when everything it needs is there, take it back when something went away. */
-  private evaluate(v: HostQueue): void {
-    const ready = !this.failed && !this.closed && v.enabled && v.num > 0 && v.addr !== null;
-    if (ready && v.dq === null) this.startRing(v);
-    else if (!ready && v.dq !== null) this.rings.stop(v);
-  }
-
   private startRing(v: HostQueue): void {
     const a = v.addr as RingAddrs;
     this.checkRings(v.index, v.num, a);
-    const q = this.rings.activate(
+    const rings = this.life.host;
+    const q = rings.activate(
       v,
       a,
-      this.acked,
+      this.life.features,
       this.mem,
       (e) => new MailboxFailure(e instanceof MemoryError ? MboxStatus.EFAULT : MboxStatus.EINVAL, `queue ${v.index} cannot start: ${e.message}`),
     );
     this.log.info(`${this.label}: queue ${v.index} started: ${q.size} entries at BAR2 0x${q.descAddr.toString(16)}, avail ${q.nextAvail}, used ${q.nextUsed}`);
-    if (this.rings.handOver(v, this.mem)) this.rings.catchUp(v, this.mem);
+    if (rings.handOver(v, this.mem)) rings.catchUp(v, this.mem);
   }
 
-  /**
-   * The card's rings (or the device) broke something on the data path: the
-   * device is marked NEEDS_RESET, its queues stopped, and the card told
-   * through doorbell 0. The link stays up so that the card can reset it.
-   */
-  private deviceFailed(v: HostQueue | null, e: unknown): void {
-    const err = asError(e, 'data path');
-    if (v !== null) v.stats.errors++;
-    const where = v === null ? 'device' : `queue ${v.index}`;
-    if (this.failed) {
-      this.log.warn(`${this.label}: ${where}: further error after NEEDS_RESET: ${err.name}: ${err.message}`);
-      return;
-    }
-    this.failed = true;
-    const known = err.name === 'QueueError' || err.name === 'MemoryError' || err.name === 'DeviceError';
-    this.log.error(
-      `${this.label}: ${where}: ${known ? '' : 'unexpected '}${err.name}: ${err.message}; device marked NEEDS_RESET, its queues stopped${known ? '' : `\n${err.stack ?? ''}`}`,
-    );
-    for (const r of this.queues) this.rings.stop(r);
+  /** The device failed (its queues are stopped): NEEDS_RESET in DEVICE_STATUS, and the card told through doorbell 0. */
+  private tellFailed(): void {
     const st = this.bar0.getUint32(Csr.DEVICE_STATUS, true);
     this.bar0.setUint32(Csr.DEVICE_STATUS, st | STATUS_NEEDS_RESET, true);
     this.ringMailboxDoorbell();
@@ -752,13 +688,9 @@ export class PcieBackendHost {
   private shutdown(): void {
     this.closed = true;
     this.releasePollers();
-    for (const v of this.queues) this.rings.stop(v);
+    this.life.stopAll();
     if (this.device.onFatal === this.fatalHandler) this.device.onFatal = undefined;
-    try {
-      this.device.reset();
-    } catch (e) {
-      this.log.error(`${this.label}: device reset failed: ${asError(e, 'reset').message}`);
-    }
+    this.life.resetDevice();
     this.mem.clear();
     this.unmapBars();
     detach(this.at);
