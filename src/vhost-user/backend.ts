@@ -19,14 +19,14 @@
  * the process and every other function keep running.
  */
 import { type QueueStats, newQueueStats, type VirtioDevice } from '../devices/device';
-import { type HostedQueue, idleQueueState, QueueHost, ringFeaturesMoved } from '../devices/queue-host';
+import { type HostedQueue, idleQueueState } from '../devices/queue-host';
+import { VringLifecycle } from '../devices/vring-lifecycle';
 import { GuestMemory } from '../memory/guest-memory';
 import { MemoryError } from '../memory/memory-access';
 import { native, type Addon, type Poller } from '../native/addon';
 import {
   F_ACCESS_PLATFORM,
   F_RING_PACKED,
-  STATUS_NEEDS_RESET,
   VIRTIO_ID_NET,
   VRING_DESC_SIZE,
   VRING_PACKED_EVENT_SIZE,
@@ -162,7 +162,7 @@ export class VhostUserBackend {
   private readonly addon: Addon;
   private readonly conn: VhostUserConnection;
   private readonly vrings: Vring[];
-  private readonly rings: QueueHost<Vring>;
+  private readonly life: VringLifecycle<Vring>;
   private readonly offeredProtocol: bigint;
   private readonly maxMemSlots: number;
   private mem: GuestMemory | null = null;
@@ -172,20 +172,15 @@ export class VhostUserBackend {
    * request, so each pair adds the same regions again and removes them again.
    */
   private readonly regionRefs = new Map<string, number>();
-  private ackedFeatures = 0n;
-  private featuresSet = false;
   /** The last SET_LOG_BASE's mapping; guest writes are logged into it while LOG_ALL is acked. */
   private readonly migrationLog: MigrationLog;
   private ackedProtocol = 0n;
   private owner = false;
-  private driverStatus = 0;
-  /** A data-path error stopped the device; cleared by a reset (status 0, RESET_DEVICE) or when the front-end takes every ring back. */
-  private failed = false;
   private backendChannel: VhostUserConnection | null = null;
   private readonly fatalHandler = (err: Error): void => {
     // Devices may report from deep inside their own call stacks: act once that stack has unwound.
     queueMicrotask(() => {
-      if (!this.closed) this.dataPathError(null, err);
+      if (!this.closed) this.life.fail(null, err);
     });
   };
   /** The error that closes the connection was logged already (by the pipeline). */
@@ -209,8 +204,16 @@ export class VhostUserBackend {
     this.maxMemSlots = opts.maxMemSlots ?? VHOST_USER_MAX_MEM_SLOTS;
     this.migrationLog = new MigrationLog(this.addon, logger, this.label);
     this.inflight = new InflightRegions(this.addon, device.maxQueues, logger, this.label);
-    this.rings = new QueueHost<Vring>(device, logger, this.label, (v, e) => this.dataPathError(v, e));
     this.vrings = [];
+    // NEEDS_RESET is cleared by a reset (status 0, RESET_DEVICE) or when the front-end takes every ring back.
+    this.life = new VringLifecycle<Vring>(device, logger, this.label, this.vrings, {
+      // Errors are the front-end's, reported against the message being handled.
+      refuse: (_kind, message) => new ProtocolError((this.current ?? Frontend.SET_VRING_KICK).name, message, false),
+      ready: (v) => v.kickSet && v.addr !== null && this.mem !== null && this.mem.regions.length > 0,
+      start: (v) => this.startRing(v),
+      stopping: (v) => this.stopPolling(v),
+      failed: (v) => this.signalErr(v),
+    });
     for (let i = 0; i < device.maxQueues; i++) {
       const stats = opts.stats?.[i] ?? newQueueStats();
       this.vrings.push(this.newVring(i, stats));
@@ -241,16 +244,16 @@ export class VhostUserBackend {
   }
 
   get status(): number {
-    return this.driverStatus | (this.failed ? STATUS_NEEDS_RESET : 0);
+    return this.life.status;
   }
 
   get needsReset(): boolean {
-    return this.failed;
+    return this.life.needsReset;
   }
 
   /** Virtio features the front-end acknowledged (SET_FEATURES). */
   get features(): bigint {
-    return this.ackedFeatures;
+    return this.life.features;
   }
 
   get protocolFeatures(): bigint {
@@ -266,7 +269,7 @@ export class VhostUserBackend {
     return {
       connected: !this.closed,
       status: this.status,
-      needsReset: this.failed,
+      needsReset: this.life.needsReset,
       queues: this.vrings.map((v) => ({ index: v.index, ...v.stats })),
     };
   }
@@ -329,8 +332,8 @@ export class VhostUserBackend {
    */
   private quiesceFirst(spec: AnyMessageSpec, hdr: MessageHeader, s: VringState): boolean {
     const v = this.vrings[s.index];
-    const quiesce = this.device.quiesce;
-    if (quiesce === undefined || v === undefined || v.dq === null) return false;
+    const settling = v === undefined ? null : this.life.settle(v, spec.name);
+    if (settling === null) return false;
     this.conn.pause();
     const settle = (): void => {
       if (this.conn.closed) return;
@@ -344,10 +347,7 @@ export class VhostUserBackend {
         this.conn.resume();
       }
     };
-    quiesce.call(this.device, s.index).then(settle, (e: unknown) => {
-      this.logger.warn(`${this.label}: queue ${s.index} did not settle before ${spec.name}: ${asError(e, 'quiesce').message}`);
-      settle();
-    });
+    void settling.then(settle);
     return true;
   }
 
@@ -395,7 +395,7 @@ export class VhostUserBackend {
 
   /** Packed rings negotiated: ring sizes and vring bases follow the packed layout. */
   private get packed(): boolean {
-    return hasFeature(this.ackedFeatures, F_RING_PACKED);
+    return hasFeature(this.life.features, F_RING_PACKED);
   }
 
   private hasProtocol(b: number): boolean {
@@ -408,18 +408,15 @@ export class VhostUserBackend {
       case Frontend.GET_FEATURES.id:
         return this.offeredFeatures();
       case Frontend.SET_FEATURES.id:
-        return this.setFeatures(spec, req as bigint);
+        return this.setFeatures(req as bigint);
       case Frontend.SET_OWNER.id:
         if (this.owner) this.logger.warn(`${this.label}: ${spec.name} again on an owned session`);
         this.owner = true;
         return undefined;
       case Frontend.RESET_OWNER.id:
         // Deprecated; the spec recommends treating it as "disable all rings", never as a state reset.
-        for (const v of this.vrings) {
-          v.enabled = false;
-          this.evaluate(v);
-        }
-        this.failed = false;
+        for (const v of this.vrings) this.life.setEnabled(v, false);
+        this.life.clearFailure(`${spec.name}: every ring disabled`);
         return undefined;
       case Frontend.GET_PROTOCOL_FEATURES.id:
         return this.offeredProtocol;
@@ -442,13 +439,13 @@ export class VhostUserBackend {
       case Frontend.SET_VRING_BASE.id:
         return this.setVringBase(spec, req as VringState);
       case Frontend.GET_VRING_BASE.id:
-        return this.getVringBase(spec, req as VringState);
+        return this.getVringBase(req as VringState);
       case Frontend.SET_VRING_KICK.id:
         return this.setVringKick(spec, req as VringFile, fds);
       case Frontend.SET_VRING_CALL.id:
-        return this.setVringFd(spec, req as VringFile, fds, 'call');
+        return this.setVringFd(req as VringFile, fds, 'call');
       case Frontend.SET_VRING_ERR.id:
-        return this.setVringFd(spec, req as VringFile, fds, 'err');
+        return this.setVringFd(req as VringFile, fds, 'err');
       case Frontend.SET_VRING_ENABLE.id:
         return this.setVringEnable(spec, req as VringState);
       case Frontend.GET_CONFIG.id:
@@ -458,7 +455,7 @@ export class VhostUserBackend {
       case Frontend.SET_STATUS.id:
         return this.setStatus(req as number);
       case Frontend.GET_STATUS.id:
-        return this.status;
+        return this.life.status;
       case Frontend.RESET_DEVICE.id:
         this.logger.info(`${this.label}: ${spec.name}`);
         this.resetDevice();
@@ -491,31 +488,12 @@ export class VhostUserBackend {
     return (this.device.features() & ~TRANSPORT_MASK) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL);
   }
 
-  private setFeatures(spec: AnyMessageSpec, f: bigint): undefined {
-    const extra = f & ~this.offeredFeatures();
-    if (extra !== 0n) {
-      throw new ProtocolError(spec.name, `features 0x${f.toString(16)} include bits never offered: 0x${extra.toString(16)}`, false);
-    }
+  private setFeatures(f: bigint): undefined {
     // LOG_ALL comes and goes during a migration: the device never sees it, and its toggling is no renegotiation.
-    const deviceFeatures = f & ~TRANSPORT_ACKED;
-    if (!this.featuresSet || (this.ackedFeatures & ~TRANSPORT_ACKED) !== deviceFeatures) {
-      try {
-        this.device.setFeatures(deviceFeatures);
-      } catch (e) {
-        throw new ProtocolError(spec.name, `device refused features 0x${deviceFeatures.toString(16)}: ${asError(e, 'setFeatures').message}`, false);
-      }
-    }
-    const changed = !this.featuresSet || this.ackedFeatures !== f;
-    this.ackedFeatures = f;
-    this.featuresSet = true;
-    // QEMU repeats SET_FEATURES per queue pair and on every start: log changes only.
-    if (changed) this.logger.info(`${this.label}: features 0x${f.toString(16)} negotiated`);
+    this.life.negotiate(f, this.offeredFeatures(), TRANSPORT_ACKED);
     // Spec: without PROTOCOL_FEATURES there is no SET_VRING_ENABLE, so every ring is enabled now.
     if (!hasFeature(f, VHOST_USER_F_PROTOCOL_FEATURES)) for (const v of this.vrings) v.enabled = true;
-    for (const v of this.vrings) {
-      if (ringFeaturesMoved(v.queue, f) && v.dq !== null) this.stopRing(v);
-      this.evaluate(v);
-    }
+    this.life.refit();
     this.applyLog();
     return undefined;
   }
@@ -601,7 +579,7 @@ export class VhostUserBackend {
       mem.clear();
       throw e;
     }
-    const running = this.stopAllRings();
+    const running = this.life.stopAll();
     const old = this.mem;
     this.mem = mem;
     this.regionRefs.clear();
@@ -611,7 +589,7 @@ export class VhostUserBackend {
     );
     this.applyLog();
     this.restartRings(running);
-    for (const v of this.vrings) this.evaluate(v);
+    for (const v of this.vrings) this.life.evaluate(v);
     return undefined;
   }
 
@@ -637,7 +615,7 @@ export class VhostUserBackend {
     this.applyLog();
     this.logger.info(`${this.label}: memory region added: guest 0x${r.guestAddr.toString(16)} +0x${r.size.toString(16)} (user 0x${r.userAddr.toString(16)})`);
     // Running queues re-validate their ring views themselves (the map's generation moved).
-    for (const v of this.vrings) this.evaluate(v);
+    for (const v of this.vrings) this.life.evaluate(v);
     return undefined;
   }
 
@@ -656,7 +634,7 @@ export class VhostUserBackend {
     }
     this.regionRefs.delete(key);
     // A ring may live in the region: take the rings off the device before their memory goes.
-    const running = this.stopAllRings();
+    const running = this.life.stopAll();
     mem.removeRegion(r.guestAddr, r.size, r.userAddr);
     this.logger.info(`${this.label}: memory region removed: guest 0x${r.guestAddr.toString(16)} +0x${r.size.toString(16)}`);
     this.restartRings(running);
@@ -679,35 +657,25 @@ export class VhostUserBackend {
       errFd: -1,
       onKick: (status) => this.onKick(v, status),
       // After the session ended (no memory) the device's notifies are ignored.
-      notify: () => this.rings.interrupt(v, this.mem, v.callFd),
+      notify: () => this.life.host.interrupt(v, this.mem, v.callFd),
     };
     return v;
   }
 
-  private ring(spec: AnyMessageSpec, index: number): Vring {
-    const v = this.vrings[index];
-    if (v === undefined) {
-      throw new ProtocolError(spec.name, `vring index ${index} is out of range (the device has ${this.vrings.length} queues)`, false);
-    }
-    return v;
+  private ring(index: number): Vring {
+    return this.life.ring(index);
   }
 
   private setVringNum(spec: AnyMessageSpec, s: VringState): undefined {
-    const v = this.ring(spec, s.index);
-    const max = this.device.maxQueueSize;
-    if (s.num === 0 || s.num > max || (s.num & (s.num - 1)) !== 0) {
-      throw new ProtocolError(spec.name, `vring ${s.index} num ${s.num} is not a power of two in [1, ${max}]`, false);
-    }
-    if (v.dq !== null) this.stopRing(v);
-    v.num = s.num;
-    if (v.queue !== null && v.queue.size !== s.num) v.baseFresh = true;
-    this.checkRingAddrs(spec, v);
-    this.evaluate(v);
+    const v = this.ring(s.index);
+    this.life.checkNum(s.index, s.num);
+    this.checkRingAddrs(spec, v, s.num, v.addr);
+    this.life.setNum(v, s.num);
     return undefined;
   }
 
   private setVringAddr(spec: AnyMessageSpec, a: VringAddr): undefined {
-    const v = this.ring(spec, a.index);
+    const v = this.ring(a.index);
     const addrs: RingAddrs = {
       desc: toAddress(spec, 'desc_user_addr', a.descUserAddr, false),
       used: toAddress(spec, 'used_user_addr', a.usedUserAddr, false),
@@ -719,11 +687,11 @@ export class VhostUserBackend {
     if (a.flags & ~(1 << VHOST_VRING_F_LOG)) {
       throw new ProtocolError(spec.name, `vring ${a.index} flags 0x${a.flags.toString(16)} has unknown bits`, false);
     }
-    if (v.dq !== null) this.stopRing(v);
+    this.checkRingAddrs(spec, v, v.num, addrs);
+    this.life.stop(v);
     v.addr = addrs;
-    this.checkRingAddrs(spec, v);
     this.applyLog();
-    this.evaluate(v);
+    this.life.evaluate(v);
     return undefined;
   }
 
@@ -734,21 +702,17 @@ export class VhostUserBackend {
    * The position is checked against the ring when it starts.
    */
   private setVringBase(spec: AnyMessageSpec, s: VringState): undefined {
-    const v = this.ring(spec, s.index);
+    const v = this.ring(s.index);
     if (s.num > 0xffff && !this.packed) {
       throw new ProtocolError(spec.name, `vring ${s.index} num 0x${s.num.toString(16)}: a split ring's next avail index is 16 bits (RING_PACKED was not negotiated)`, false);
     }
-    if (v.dq !== null) this.stopRing(v);
-    v.base = s.num;
-    v.baseFresh = true;
-    v.baseSet = true;
-    this.evaluate(v);
+    this.life.setBase(v, s.num);
     return undefined;
   }
 
   /** Rings tied to the old region are taken off it and start again from the new one. */
   private setInflightFd(spec: AnyMessageSpec, req: Inflight, fds: number[]): undefined {
-    const running = this.stopAllRings();
+    const running = this.life.stopAll();
     for (const v of this.vrings) this.inflight.detach(v.queue);
     this.inflight.adopt(spec, req, fds[0]);
     this.restartRings(running);
@@ -756,28 +720,21 @@ export class VhostUserBackend {
   }
 
   /** Stops the ring (not a reset: addresses, size and position stay) and returns where it stopped. */
-  private getVringBase(spec: AnyMessageSpec, s: VringState): VringState {
-    const v = this.ring(spec, s.index);
-    if (v.dq !== null) this.stopRing(v);
-    if (v.queue !== null && !v.baseFresh) {
-      v.base = v.queue.vringBase();
-      v.baseSet = true;
-    }
+  private getVringBase(s: VringState): VringState {
+    const v = this.ring(s.index);
+    const base = this.life.takeBase(v);
     // Stopped until the next SET_VRING_KICK: QEMU sends one on every restart, and a
     // suspended device must not act on guest kicks in between (migration).
     this.dropKick(v);
     v.kickSet = false;
-    if (this.failed && this.vrings.every((r) => !r.kickSet)) {
-      // The front-end has taken every ring back: it is resetting; the next start is a fresh one.
-      this.failed = false;
-      this.logger.info(`${this.label}: all rings stopped; NEEDS_RESET cleared`);
-    }
-    return { index: s.index, num: v.base };
+    // The front-end has taken every ring back: it is resetting; the next start is a fresh one.
+    if (this.vrings.every((r) => !r.kickSet)) this.life.clearFailure('all rings stopped');
+    return { index: s.index, num: base };
   }
 
   private setVringKick(spec: AnyMessageSpec, f: VringFile, fds: number[]): undefined {
-    const v = this.ring(spec, f.index);
-    if (v.dq !== null) this.stopRing(v);
+    const v = this.ring(f.index);
+    this.life.stop(v);
     this.dropKick(v);
     if (!f.noFd) {
       const fd = fds.shift() as number;
@@ -791,12 +748,12 @@ export class VhostUserBackend {
       }
     }
     v.kickSet = true;
-    this.evaluate(v);
+    this.life.evaluate(v);
     return undefined;
   }
 
-  private setVringFd(spec: AnyMessageSpec, f: VringFile, fds: number[], which: 'call' | 'err'): undefined {
-    const v = this.ring(spec, f.index);
+  private setVringFd(f: VringFile, fds: number[], which: 'call' | 'err'): undefined {
+    const v = this.ring(f.index);
     const fd = f.noFd ? -1 : (fds.shift() as number);
     const old = which === 'call' ? v.callFd : v.errFd;
     if (which === 'call') v.callFd = fd;
@@ -806,27 +763,25 @@ export class VhostUserBackend {
   }
 
   private setVringEnable(spec: AnyMessageSpec, s: VringState): undefined {
-    const v = this.ring(spec, s.index);
+    const v = this.ring(s.index);
     if (s.num > 1) throw new ProtocolError(spec.name, `vring ${s.index} num ${s.num} is neither 0 (disable) nor 1 (enable)`, false);
-    v.enabled = s.num === 1;
-    this.evaluate(v);
+    this.life.setEnabled(v, s.num === 1);
     return undefined;
   }
 
-  /** When size, addresses and memory are all known, name the field that points outside memory. */
-  private checkRingAddrs(spec: AnyMessageSpec, v: Vring): void {
-    if (v.addr === null || v.num === 0 || this.mem === null || this.mem.regions.length === 0) return;
-    this.translateRing(spec, v, v.addr, this.mem);
+  /** When size `num`, addresses `a` and memory are all known, name the field that points outside memory. */
+  private checkRingAddrs(spec: AnyMessageSpec, v: Vring, num: number, a: RingAddrs | null): void {
+    if (a === null || num === 0 || this.mem === null || this.mem.regions.length === 0) return;
+    this.translateRing(spec, v.index, num, a, this.mem);
   }
 
-  private translateRing(spec: AnyMessageSpec, v: Vring, a: RingAddrs, mem: GuestMemory): { desc: number; avail: number; used: number } {
-    const n = v.num;
+  private translateRing(spec: AnyMessageSpec, index: number, n: number, a: RingAddrs, mem: GuestMemory): { desc: number; avail: number; used: number } {
     const t = (field: string, uva: number, len: number): number => {
       try {
         return mem.userToGuest(uva, len);
       } catch (e) {
         if (!(e instanceof MemoryError)) throw e;
-        throw new ProtocolError(spec.name, `vring ${v.index} ${field} 0x${uva.toString(16)} (+0x${len.toString(16)} bytes for ${n} entries) is outside the memory table`, false);
+        throw new ProtocolError(spec.name, `vring ${index} ${field} 0x${uva.toString(16)} (+0x${len.toString(16)} bytes for ${n} entries) is outside the memory table`, false);
       }
     };
     // Packed: avail and used name the driver and device event suppression areas.
@@ -838,49 +793,33 @@ export class VhostUserBackend {
     };
   }
 
-  /**
-   * Hand the queue to the device when everything it needs is there, take it
-   * back when something went away. Errors found here are the front-end's and
-   * are reported against the message being handled.
-   */
-  private evaluate(v: Vring): void {
-    const ready = !this.failed && v.kickSet && v.enabled && v.num > 0 && v.addr !== null && this.mem !== null && this.mem.regions.length > 0;
-    if (ready && v.dq === null) this.startRing(v);
-    else if (!ready && v.dq !== null) this.stopRing(v);
-  }
-
+  /** Errors found here are the front-end's and are reported against the message being handled. */
   private startRing(v: Vring): void {
     const mem = this.mem as GuestMemory;
     const spec = this.current ?? Frontend.SET_VRING_KICK;
-    const g = this.translateRing(spec, v, v.addr as RingAddrs, mem);
+    const g = this.translateRing(spec, v.index, v.num, v.addr as RingAddrs, mem);
     const fresh = v.baseFresh || v.queue === null || v.queue.packed !== this.packed;
-    const q = this.rings.activate(v, g, this.ackedFeatures, mem, (e) => new ProtocolError(spec.name, `vring ${v.index} cannot start: ${e.message}`, false));
+    const rings = this.life.host;
+    const q = rings.activate(v, g, this.life.features, mem, (e) => new ProtocolError(spec.name, `vring ${v.index} cannot start: ${e.message}`, false));
     this.inflight.attach(spec, v.index, q, mem, fresh);
     this.logger.info(
       `${this.label}: queue ${v.index} started: ${q.size} entries${q.packed ? ' (packed)' : ''} at guest 0x${q.descAddr.toString(16)}, avail ${fmtPos(q, q.nextAvail)}, used ${fmtPos(q, q.nextUsed)}${v.kickFd < 0 ? ', polled (no kick fd)' : ''}`,
     );
-    if (!this.rings.handOver(v, mem)) return;
+    if (!rings.handOver(v, mem)) return;
     if (v.kickFd < 0) {
       // NOFD: the front-end will never kick; poll the avail index instead.
       v.pollTimer = setInterval(() => this.pollRing(v), NOFD_POLL_MS);
       v.pollTimer.unref();
     }
     // A kick that came before enable (or before the ring was complete) must not be lost.
-    this.rings.catchUp(v, mem);
+    rings.catchUp(v, mem);
   }
 
-  private stopRing(v: Vring): void {
+  private stopPolling(v: Vring): void {
     if (v.pollTimer !== null) {
       clearInterval(v.pollTimer);
       v.pollTimer = null;
     }
-    this.rings.stop(v);
-  }
-
-  private stopAllRings(): Vring[] {
-    const running = this.vrings.filter((v) => v.dq !== null);
-    for (const v of running) this.stopRing(v);
-    return running;
   }
 
   /** Restart rings taken off the device for a memory change; one that no longer fits fails the current message. */
@@ -888,7 +827,7 @@ export class VhostUserBackend {
     let first: unknown = null;
     for (const v of rings) {
       try {
-        this.evaluate(v);
+        this.life.evaluate(v);
       } catch (e) {
         first ??= e;
       }
@@ -912,8 +851,8 @@ export class VhostUserBackend {
   private onKick(v: Vring, status: number): void {
     if (v.kickFd < 0) return;
     // Every wakeup counts as a kick, even one with nothing in the fd.
-    if (this.rings.drainKick(v, v.kickFd, status, 'kick fd') === null) this.dropKick(v);
-    else this.rings.kick(v);
+    if (this.life.host.drainKick(v, v.kickFd, status, 'kick fd') === null) this.dropKick(v);
+    else this.life.host.kick(v);
   }
 
   private pollRing(v: Vring): void {
@@ -922,32 +861,18 @@ export class VhostUserBackend {
     try {
       if (q.hasAvailable(this.mem as GuestMemory)) this.device.kick(v.index);
     } catch (e) {
-      this.dataPathError(v, e);
+      this.life.fail(v, e);
     }
   }
 
   // ---- data-path errors ------------------------------------------------------
 
   /**
-   * The guest (or the device) broke something on the data path. The device is
-   * marked NEEDS_RESET and taken off all its queues; the front-end hears of it
-   * through the err eventfd (and GET_STATUS). The session stays up so the
-   * front-end can reset the device.
+   * The guest (or the device) broke something on the data path and the device
+   * is marked NEEDS_RESET (VringLifecycle.fail): the front-end hears of it
+   * through the err eventfd of the ring at fault, or of every ring (and GET_STATUS).
    */
-  private dataPathError(v: Vring | null, e: unknown): void {
-    const err = asError(e, 'data path');
-    if (v !== null) v.stats.errors++;
-    const where = v === null ? 'device' : `queue ${v.index}`;
-    const known = err.name === 'QueueError' || err.name === 'MemoryError' || err.name === 'DeviceError';
-    if (this.failed) {
-      this.logger.warn(`${this.label}: ${where}: further error after NEEDS_RESET: ${err.name}: ${err.message}`);
-      return;
-    }
-    this.failed = true;
-    this.logger.error(
-      `${this.label}: ${where}: ${known ? '' : 'unexpected '}${err.name}: ${err.message}; device marked NEEDS_RESET, its queues stopped${known ? '' : `\n${err.stack ?? ''}`}`,
-    );
-    for (const r of this.vrings) this.stopRing(r);
+  private signalErr(v: Vring | null): void {
     const targets = v !== null ? [v] : this.vrings;
     for (const r of targets) {
       if (r.errFd < 0) continue;
@@ -963,7 +888,7 @@ export class VhostUserBackend {
 
   /** LOG_ALL acked: while a log is mapped, every write into guest memory is logged. */
   private get logAll(): boolean {
-    return hasFeature(this.ackedFeatures, VHOST_F_LOG_ALL);
+    return hasFeature(this.life.features, VHOST_F_LOG_ALL);
   }
 
   /** Used rings set up with VHOST_VRING_F_LOG: logged at log_guest_addr. */
@@ -997,24 +922,13 @@ export class VhostUserBackend {
 
   private setStatus(s: number): undefined {
     // QEMU sends 0 when it stops the device, before GET_VRING_BASE: record it, do not reset the rings.
-    if (s === 0 && this.failed) {
-      this.failed = false;
-      this.logger.info(`${this.label}: driver reset the device; NEEDS_RESET cleared`);
-    }
-    this.driverStatus = s & ~STATUS_NEEDS_RESET;
+    if (s === 0) this.life.clearFailure('driver reset the device');
+    this.life.setStatus(s);
     return undefined;
   }
 
   private getConfig(spec: AnyMessageSpec, c: ConfigSpace): ConfigSpace | null {
-    if (c.offset + c.data.length > MAX_CONFIG_SIZE) {
-      throw new ProtocolError(spec.name, `offset ${c.offset} + size ${c.data.length} is beyond the config space`, false);
-    }
-    let data: Uint8Array;
-    try {
-      data = this.device.readConfig(c.offset, c.data.length);
-    } catch (e) {
-      throw new ProtocolError(spec.name, `device cannot read config [${c.offset}, +${c.data.length}): ${asError(e, 'readConfig').message}`, false);
-    }
+    const data = this.life.readConfig(c.offset, c.data.length, MAX_CONFIG_SIZE);
     if (data.length !== c.data.length) {
       throw new ProtocolError(spec.name, `device returned ${data.length} config bytes for a ${c.data.length}-byte request`, false);
     }
@@ -1025,14 +939,7 @@ export class VhostUserBackend {
     if (c.flags !== CONFIG_FLAG_WRITABLE && c.flags !== CONFIG_FLAG_MIGRATION) {
       throw new ProtocolError(spec.name, `flags ${c.flags} is neither 0 (writable fields) nor 1 (migration)`, false);
     }
-    if (c.offset + c.data.length > MAX_CONFIG_SIZE) {
-      throw new ProtocolError(spec.name, `offset ${c.offset} + size ${c.data.length} is beyond the config space`, false);
-    }
-    try {
-      this.device.writeConfig(c.offset, c.data);
-    } catch (e) {
-      throw new ProtocolError(spec.name, `device refused config write [${c.offset}, +${c.data.length}): ${asError(e, 'writeConfig').message}`, false);
-    }
+    this.life.writeConfig(c.offset, c.data, MAX_CONFIG_SIZE);
     return undefined;
   }
 
@@ -1081,19 +988,12 @@ export class VhostUserBackend {
     // Nothing is in flight after a reset; the front-end brings a new region (QEMU frees its own on reset).
     for (const v of this.vrings) this.inflight.detach(v.queue);
     this.inflight.close();
-    try {
-      this.device.reset();
-    } catch (e) {
-      this.logger.error(`${this.label}: device reset failed: ${asError(e, 'reset').message}`);
-    }
+    this.life.resetDevice();
     for (let i = 0; i < this.vrings.length; i++) {
       this.releaseVring(this.vrings[i]);
       this.vrings[i] = this.newVring(i, this.vrings[i].stats);
     }
-    this.ackedFeatures = 0n;
-    this.featuresSet = false;
-    this.driverStatus = 0;
-    this.failed = false;
+    this.life.forget();
     // LOG_ALL went with the features: nothing is logged until the front-end sets it again.
     this.applyLog();
   }
@@ -1118,11 +1018,7 @@ export class VhostUserBackend {
       this.releaseVring(v);
     }
     if (this.device.onFatal === this.fatalHandler) this.device.onFatal = undefined;
-    try {
-      this.device.reset();
-    } catch (e) {
-      this.logger.error(`${this.label}: device reset failed: ${asError(e, 'reset').message}`);
-    }
+    this.life.resetDevice();
     this.backendChannel?.close();
     this.backendChannel = null;
     this.mem?.clear();
