@@ -40,6 +40,7 @@ export class VringLifecycle<Q extends HostedQueue> {
   private driverStatus = 0;
   private acked = 0n;
   private featuresSet = false;
+  private fatalHandler: ((err: Error) => void) | null = null;
 
   constructor(
     private readonly device: VirtioDevice,
@@ -243,6 +244,26 @@ export class VringLifecycle<Q extends HostedQueue> {
     );
     for (const r of this.queues) this.stop(r);
     this.transport.failed(v);
+  }
+
+  /**
+   * From now on the device's own fatal errors (onFatal) fail it like a
+   * data-path error, unless `gone` says the transport has ended meanwhile.
+   */
+  watchDevice(gone: () => boolean): void {
+    this.fatalHandler = (err: Error): void => {
+      // Devices report from deep inside their own call stacks: act once that stack has unwound.
+      queueMicrotask(() => {
+        if (!gone()) this.fail(null, err);
+      });
+    };
+    this.device.onFatal = this.fatalHandler;
+  }
+
+  /** The transport ends: the device's fatal errors are no longer ours (unless another transport took the device since). */
+  unwatchDevice(): void {
+    if (this.fatalHandler !== null && this.device.onFatal === this.fatalHandler) this.device.onFatal = undefined;
+    this.fatalHandler = null;
   }
 
   /** Reset the device (what it does with its queues is its own: VirtioDevice.reset stops them) and log a failure. */

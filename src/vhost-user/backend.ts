@@ -177,12 +177,6 @@ export class VhostUserBackend {
   private ackedProtocol = 0n;
   private owner = false;
   private backendChannel: VhostUserConnection | null = null;
-  private readonly fatalHandler = (err: Error): void => {
-    // Devices may report from deep inside their own call stacks: act once that stack has unwound.
-    queueMicrotask(() => {
-      if (!this.closed) this.life.fail(null, err);
-    });
-  };
   /** The error that closes the connection was logged already (by the pipeline). */
   private closeLogged = false;
   /** The message being handled, to name it in errors found while (re)starting rings. */
@@ -226,7 +220,7 @@ export class VhostUserBackend {
       },
       { incoming: 'request', label: `${this.label}: front-end`, nameOf: frontendReqName },
     );
-    device.onFatal = this.fatalHandler;
+    this.life.watchDevice(() => this.closed);
   }
 
   /** Begin serving the connection. */
@@ -1017,7 +1011,7 @@ export class VhostUserBackend {
       v.dq = null;
       this.releaseVring(v);
     }
-    if (this.device.onFatal === this.fatalHandler) this.device.onFatal = undefined;
+    this.life.unwatchDevice();
     this.life.resetDevice();
     this.backendChannel?.close();
     this.backendChannel = null;

@@ -195,3 +195,25 @@ test('settle waits for a device that quiesces, and not for one that cannot', asy
   await life.settle(v, 'GET_VRING_BASE');
   assert.ok(log.has(/queue 0 did not settle before GET_VRING_BASE: stuck/));
 });
+
+test("the device's own fatal error fails it once its call stack has unwound, only while the transport watches", async () => {
+  const { life, device, failures } = setup();
+  let gone = false;
+  life.watchDevice(() => gone);
+  gone = true;
+  device.onFatal?.(new Error('late'));
+  await Promise.resolve();
+  assert.equal(life.needsReset, false, 'ignored once the transport has ended');
+  gone = false;
+  device.onFatal?.(new Error('broken'));
+  assert.equal(life.needsReset, false, 'not from inside the device');
+  await Promise.resolve();
+  assert.equal(life.needsReset, true);
+  assert.deepEqual(failures, [null], 'the device as a whole');
+  life.unwatchDevice();
+  assert.equal(device.onFatal, undefined);
+  const other = (): void => {};
+  device.onFatal = other;
+  life.unwatchDevice();
+  assert.equal(device.onFatal, other, 'a handler another transport installed stays');
+});

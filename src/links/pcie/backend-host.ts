@@ -122,12 +122,6 @@ export class PcieBackendHost {
   private busy = false;
   private mailboxCount = 0;
   private configGeneration = 0;
-  private readonly fatalHandler = (err: Error): void => {
-    // Devices report from deep inside their own call stacks: act once that stack has unwound.
-    queueMicrotask(() => {
-      if (!this.closed) this.life.fail(null, err);
-    });
-  };
 
   /**
    * Plug into the card listening at `attachPath` and run `device` behind it.
@@ -200,7 +194,7 @@ export class PcieBackendHost {
       this.unmapBars();
       throw e;
     }
-    device.onFatal = this.fatalHandler;
+    this.life.watchDevice(() => this.closed);
     // Complete: tell the card (BACKEND_READY was written last, the doorbell comes after it).
     this.bar0.setUint32(Csr.BACKEND_READY, READY_VALUE, true);
     a.eventfdWrite(at.doorbells[MAILBOX_NOTIFIER] as number, 1);
@@ -689,7 +683,7 @@ export class PcieBackendHost {
     this.closed = true;
     this.releasePollers();
     this.life.stopAll();
-    if (this.device.onFatal === this.fatalHandler) this.device.onFatal = undefined;
+    this.life.unwatchDevice();
     this.life.resetDevice();
     this.mem.clear();
     this.unmapBars();
