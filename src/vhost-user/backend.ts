@@ -1,7 +1,9 @@
 /**
  * The vhost-user back-end: one session per front-end connection, bound to one
- * VirtioDevice. The device knows nothing of vhost-user; this class turns the
- * protocol into DeviceQueue start/stop/kick calls.
+ * VirtioDevice. The device knows nothing of vhost-user; this class decodes the
+ * protocol into the transport-neutral vring and device state
+ * (devices/vring-lifecycle.ts) and keeps what is vhost-user's own: the memory
+ * table, kick/call/err fds, in-flight regions and dirty logging.
  *
  * Every message goes through one pipeline (rust-vmm's backend_req_handler
  * shape): header (connection.ts) -> fd count against the table -> payload

@@ -9,10 +9,12 @@
  * writes a frame at MBOX_REQ and signals vector 0; we answer at MBOX_REPLY and
  * ring doorbell 0. Each request is validated before anything is touched; a bad
  * one is answered with a status code (EINVAL, ENOTSUP, EFAULT, EIO), never
- * with a crash. The semantics mirror src/vhost-user/backend.ts: GET_VRING_BASE
+ * with a crash. The vring and device state is VringLifecycle's, shared with
+ * src/vhost-user/backend.ts, so the semantics are the same: GET_VRING_BASE
  * stops a ring and reports where it stopped without resetting it, a kick that
  * came while a ring was stopped is not lost, the used index of a fresh ring is
- * read from the ring.
+ * read from the ring. What is the link's own stays here: the mailbox, BAR2
+ * bounds of the rings, BAR0's status and config area, vectors and doorbells.
  *
  * Data-path errors (a shadow descriptor outside BAR2, a malformed chain) mark
  * the device NEEDS_RESET in DEVICE_STATUS, stop its queues and ring doorbell 0;
