@@ -40,7 +40,7 @@ import {
   BLK_T_WRITE_ZEROES,
 } from '../../src/virtio/constants';
 import { MockDriver, type SegmentSpec } from '../../src/virtio/mock-driver';
-import { Rng } from './rng';
+import { fuzzBudget, Rng } from './rng';
 
 const SECTOR = 512;
 const SECTORS = 256;
@@ -322,11 +322,7 @@ function count(counts: Map<string, number>, key: string): void {
 }
 
 function main(): number {
-  const seconds = Number(process.env.FUZZ_SECONDS ?? 10);
-  const maxIter = Number(process.env.FUZZ_ITERATIONS ?? 1_000_000);
-  const seed = process.env.FUZZ_SEED !== undefined ? Number(process.env.FUZZ_SEED) : Date.now() >>> 0;
-  const rng = new Rng(seed);
-  const deadline = Date.now() + seconds * 1000;
+  const { maxIter, seed, rng, deadline } = fuzzBudget(1_000_000);
   // os.tmpdir() is a real file system: the file backing punches holes and zeroes ranges.
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blk-fuzz-'));
   const counts = new Map<string, number>();

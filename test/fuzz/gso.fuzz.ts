@@ -24,7 +24,7 @@ import { GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP, HDR_F_DATA_VALID, HDR
 import { bit, F_VERSION_1, NET_F_CSUM, NET_F_HOST_ECN, NET_F_HOST_TSO4, NET_F_HOST_TSO6, NET_F_MRG_RXBUF } from '../../src/virtio/constants';
 import { MockDriver } from '../../src/virtio/mock-driver';
 import { ipv4Verifies, tcpFrame, tcpVerifies } from '../support/tcp-frames';
-import { Rng } from './rng';
+import { fuzzBudget, Rng } from './rng';
 
 class Failure extends Error {}
 
@@ -153,11 +153,7 @@ class TxWorld {
 }
 
 function main(): number {
-  const seconds = Number(process.env.FUZZ_SECONDS ?? 10);
-  const maxIter = Number(process.env.FUZZ_ITERATIONS ?? 5_000_000);
-  const seed = process.env.FUZZ_SEED !== undefined ? Number(process.env.FUZZ_SEED) : Date.now() >>> 0;
-  const rng = new Rng(seed);
-  const deadline = Date.now() + seconds * 1000;
+  const { maxIter, seed, rng, deadline } = fuzzBudget();
   const seg = new Segmenter();
   const eg = new OffloadEgress();
   let world = new TxWorld(rng);

@@ -6,13 +6,12 @@
  * Exits non-zero on the first failure.
  */
 import { fuzzHttpApi } from './http-api-fuzz-lib';
+import { fuzzBudget } from './rng';
 
 async function main(): Promise<number> {
-  const seconds = Number(process.env.FUZZ_SECONDS ?? 10);
-  const iterations = Number(process.env.FUZZ_ITERATIONS ?? 1_000_000);
-  const seed = process.env.FUZZ_SEED !== undefined ? Number(process.env.FUZZ_SEED) : Date.now() >>> 0;
+  const { maxIter, seed, deadline } = fuzzBudget(1_000_000);
   try {
-    const n = await fuzzHttpApi(seed, iterations, Date.now() + seconds * 1000);
+    const n = await fuzzHttpApi(seed, maxIter, deadline);
     console.log(`http-api fuzz: ${n} requests, seed ${seed}: ok`);
     return 0;
   } catch (e) {

@@ -24,7 +24,7 @@ import { QueueError, SplitQueue } from '../../src/virtio/split-queue';
 import { InflightRegions } from '../../src/vhost-user/inflight';
 import { Frontend, ProtocolError } from '../../src/vhost-user/messages';
 import { silentLogger } from '../../src/log';
-import { Rng } from './rng';
+import { fuzzBudget, Rng } from './rng';
 
 const BASE = 0x10000;
 const MEM = 256 * 1024;
@@ -208,10 +208,7 @@ function adoptOnce(rng: Rng, stats: Record<string, number>): void {
 }
 
 function main(): number {
-  const seconds = Number(process.env.FUZZ_SECONDS ?? 10);
-  const seed = process.env.FUZZ_SEED !== undefined ? Number(process.env.FUZZ_SEED) : Date.now() >>> 0;
-  const rng = new Rng(seed);
-  const end = Date.now() + seconds * 1000;
+  const { seed, rng, deadline: end } = fuzzBudget();
   const restoreStats: Record<string, number> = {};
   const adoptStats: Record<string, number> = {};
   let iter = 0;

@@ -29,7 +29,7 @@ import {
 import { MockPackedDriver, type PackedRawDesc } from '../../src/virtio/mock-packed-driver';
 import { PackedQueue } from '../../src/virtio/packed-queue';
 import { QueueError } from '../../src/virtio/virtqueue';
-import { Rng } from './rng';
+import { fuzzBudget, Rng } from './rng';
 
 const NEXT = VRING_DESC_F_NEXT;
 const WRITE = VRING_DESC_F_WRITE;
@@ -336,11 +336,7 @@ function checkChain(w: World, c: DescriptorChain): string | null {
 }
 
 function main(): number {
-  const seconds = Number(process.env.FUZZ_SECONDS ?? 10);
-  const maxIter = Number(process.env.FUZZ_ITERATIONS ?? 5_000_000);
-  const seed = process.env.FUZZ_SEED !== undefined ? Number(process.env.FUZZ_SEED) : Date.now() >>> 0;
-  const rng = new Rng(seed);
-  const deadline = Date.now() + seconds * 1000;
+  const { maxIter, seed, rng, deadline } = fuzzBudget();
   let iter = 0;
   let pops = 0;
   let chains = 0;

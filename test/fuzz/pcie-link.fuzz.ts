@@ -50,7 +50,7 @@ import { MockDriver, ringBytes, type SegmentSpec } from '../../src/virtio/mock-d
 import { QueueError, SplitQueue } from '../../src/virtio/split-queue';
 import type { ShadowRingAddr } from '../../src/bridge/shadow-link';
 import { EchoBackend, LoopbackLink, settle, until } from '../support/loopback-link';
-import { Rng } from './rng';
+import { fuzzBudget, Rng } from './rng';
 import { CaptureLogger } from '../support/capture-logger';
 
 class Violation extends Error {}
@@ -996,8 +996,7 @@ async function relayRound(rng: Rng): Promise<void> {
 }
 
 async function main(): Promise<number> {
-  const seconds = Number(process.env.FUZZ_SECONDS ?? 10);
-  const seed = process.env.FUZZ_SEED !== undefined ? Number(process.env.FUZZ_SEED) : Date.now() >>> 0;
+  const { seconds, seed } = fuzzBudget();
   const start = Date.now();
   const mailboxEnd = start + seconds * 250;
   const end = start + seconds * 1000;

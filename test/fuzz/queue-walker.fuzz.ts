@@ -24,7 +24,7 @@ import {
 } from '../../src/virtio/constants';
 import { MockDriver, type RawDesc } from '../../src/virtio/mock-driver';
 import { QueueError, SplitQueue } from '../../src/virtio/split-queue';
-import { Rng } from './rng';
+import { fuzzBudget, Rng } from './rng';
 
 const NEXT = VRING_DESC_F_NEXT;
 const WRITE = VRING_DESC_F_WRITE;
@@ -295,11 +295,7 @@ function checkChain(w: World, c: DescriptorChain): string | null {
 }
 
 function main(): number {
-  const seconds = Number(process.env.FUZZ_SECONDS ?? 10);
-  const maxIter = Number(process.env.FUZZ_ITERATIONS ?? 5_000_000);
-  const seed = process.env.FUZZ_SEED !== undefined ? Number(process.env.FUZZ_SEED) : Date.now() >>> 0;
-  const rng = new Rng(seed);
-  const deadline = Date.now() + seconds * 1000;
+  const { maxIter, seed, rng, deadline } = fuzzBudget();
   let iter = 0;
   let pops = 0;
   let chains = 0;

@@ -32,3 +32,20 @@ export class Rng {
     return (BigInt(this.u32()) << 32n) | BigInt(this.u32());
   }
 }
+
+/** What every fuzzer reads from its environment: FUZZ_SECONDS, FUZZ_ITERATIONS and FUZZ_SEED (time-based by default; printed on failure so a run can be replayed). */
+export interface FuzzBudget {
+  seconds: number;
+  maxIter: number;
+  seed: number;
+  rng: Rng;
+  /** Date.now() value at which the run stops. */
+  deadline: number;
+}
+
+export function fuzzBudget(defaultIterations = 5_000_000): FuzzBudget {
+  const seconds = Number(process.env.FUZZ_SECONDS ?? 10);
+  const maxIter = Number(process.env.FUZZ_ITERATIONS ?? defaultIterations);
+  const seed = process.env.FUZZ_SEED !== undefined ? Number(process.env.FUZZ_SEED) : Date.now() >>> 0;
+  return { seconds, maxIter, seed, rng: new Rng(seed), deadline: Date.now() + seconds * 1000 };
+}

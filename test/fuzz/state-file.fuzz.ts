@@ -13,7 +13,7 @@
  * Exits non-zero on the first failure.
  */
 import { type ManagerState, parseState, STATE_VERSION, StateError } from '../../src/functions/state-store';
-import { Rng } from './rng';
+import { fuzzBudget, Rng } from './rng';
 
 class Failure extends Error {}
 
@@ -102,11 +102,7 @@ function tryRead(doc: unknown): void {
 }
 
 function main(): number {
-  const seconds = Number(process.env.FUZZ_SECONDS ?? 10);
-  const maxIter = Number(process.env.FUZZ_ITERATIONS ?? 5_000_000);
-  const seed = process.env.FUZZ_SEED !== undefined ? Number(process.env.FUZZ_SEED) : Date.now() >>> 0;
-  const rng = new Rng(seed);
-  const deadline = Date.now() + seconds * 1000;
+  const { maxIter, seed, rng, deadline } = fuzzBudget();
   let iter = 0;
   try {
     for (; iter < maxIter && (iter & 63 || Date.now() < deadline); iter++) {

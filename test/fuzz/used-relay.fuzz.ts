@@ -22,7 +22,7 @@ import type { DescriptorChain } from '../../src/virtio/chain';
 import { VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE } from '../../src/virtio/constants';
 import { MockDriver, type RawDesc } from '../../src/virtio/mock-driver';
 import { SplitQueue } from '../../src/virtio/split-queue';
-import { Rng } from './rng';
+import { fuzzBudget, Rng } from './rng';
 
 const PAGE = 4096;
 const BASE = 2 ** 32;
@@ -93,11 +93,7 @@ function pagesDirty(log: Uint8Array, addr: number, len: number): boolean {
 }
 
 function main(): number {
-  const seconds = Number(process.env.FUZZ_SECONDS ?? 10);
-  const maxIter = Number(process.env.FUZZ_ITERATIONS ?? 5_000_000);
-  const seed = process.env.FUZZ_SEED !== undefined ? Number(process.env.FUZZ_SEED) : Date.now() >>> 0;
-  const rng = new Rng(seed);
-  const deadline = Date.now() + seconds * 1000;
+  const { maxIter, seed, rng, deadline } = fuzzBudget();
   let iter = 0;
   let moved = 0;
   let errors = 0;

@@ -38,7 +38,6 @@ import { splitInflightQueueSize } from '../../src/virtio/split-inflight';
 import { CaptureLogger, EchoDevice, Guest, GUEST_BASE, GUEST_SIZE, openFds, PF_BIT, USER_BASE } from '../unit/vhost-user-harness';
 import { Rng } from './rng';
 
-export { Rng };
 
 const ALL_PROTOCOL = PF_BIT('REPLY_ACK') | PF_BIT('MQ') | PF_BIT('CONFIGURE_MEM_SLOTS') | PF_BIT('STATUS') | PF_BIT('RESET_DEVICE') | PF_BIT('CONFIG') | PF_BIT('BACKEND_REQ') | PF_BIT('INFLIGHT_SHMFD') | PF_BIT('LOG_SHMFD');
 

@@ -6,13 +6,12 @@
  * sessions), FUZZ_SEED (default: time-based; printed so failures can be
  * replayed). Exits non-zero on the first failure.
  */
-import { fuzzCodec, fuzzSessions, Rng } from './vhost-user-fuzz-lib';
+import { fuzzCodec, fuzzSessions } from './vhost-user-fuzz-lib';
+import { fuzzBudget } from './rng';
 
 async function main(): Promise<void> {
-  const seconds = Number(process.env.FUZZ_SECONDS ?? '10');
-  const seed = Number(process.env.FUZZ_SEED ?? Date.now() % 2 ** 32);
+  const { seconds, seed, rng } = fuzzBudget();
   process.stdout.write(`vhost-user fuzz: ${seconds}s, FUZZ_SEED=${seed}\n`);
-  const rng = new Rng(seed);
   const codec = fuzzCodec(seconds * 0.3, rng);
   process.stdout.write(`  codec: ${codec.iterations} payloads ${JSON.stringify(codec.detail)}\n`);
   const sessions = await fuzzSessions(seconds * 0.7, rng);

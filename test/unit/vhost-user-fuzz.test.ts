@@ -1,5 +1,6 @@
 import { test } from 'node:test';
-import { fuzzCodec, fuzzSessions, Rng } from '../fuzz/vhost-user-fuzz-lib';
+import { fuzzCodec, fuzzSessions } from '../fuzz/vhost-user-fuzz-lib';
+import { Rng } from '../fuzz/rng';
 
 // A short, seeded run of the fuzzers so `make unit` catches regressions; `make fuzz` runs them longer.
 const SEED = Number(process.env.FUZZ_SEED ?? 0x5eed);
