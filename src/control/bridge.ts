@@ -14,6 +14,7 @@ import { ControlServer } from './control-server';
 import { claimSocketPath, setSocketAccess } from '../native/socket-guard';
 import { HttpApi } from '../api/http-api';
 import { bridgeOperations } from '../api/bridge-operations';
+import { registerFunctionOperations } from '../api/function-operations';
 import type { Operations } from '../api/operations';
 import { consoleLogger, type Logger } from '../log';
 import type { FunctionStatsRow, StatsReport, SwitchStatsRow } from './stats-format';
@@ -187,6 +188,7 @@ export class Bridge {
       }
       if (topology.pfs.length > 0) {
         bridge.functionManager = FunctionManager.start({ pfs: topology.pfs, stateDir: topology.stateDir, createDevice: (spec) => createDevice(spec, switches), log });
+        registerFunctionOperations(bridge.operations, bridge.functionManager);
       }
       const fm = bridge.functionManager;
       bridge.control = await ControlServer.listen(topology.control, { stats: () => bridge.stats(), routes: fm !== null ? [functionRoutes(fm)] : [] });

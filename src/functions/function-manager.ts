@@ -32,7 +32,8 @@ export class FunctionError extends Error {
   }
 }
 
-export type VfStateName = 'detached' | 'attached' | 'paused';
+export const VF_STATES = ['detached', 'attached', 'paused'] as const;
+export type VfStateName = (typeof VF_STATES)[number];
 
 export interface PfRow {
   name: string;

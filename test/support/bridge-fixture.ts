@@ -24,6 +24,9 @@ export interface FixtureDoc {
   switches?: Record<string, unknown>[];
   /** The HTTP API listener (e.g. "127.0.0.1:0"); off when absent. */
   http?: string;
+  /** PFs and where the manager keeps its state (relative to the fixture's dir). */
+  pfs?: Record<string, unknown>[];
+  'state-dir'?: string;
 }
 
 /** `prepare` runs in the fixture's dir before the bridge opens anything (e.g. to write images). */
