@@ -7,7 +7,7 @@ import { promisify } from 'node:util';
 import { parsePcap, pcapGlobalHeader, pcapRecord, LINKTYPE_ETHERNET } from '../../src/capture/pcap';
 import { activeCaptures, startCapture } from '../../src/capture/frame-capture';
 import { NetDevice } from '../../src/devices/net/net-device';
-import { parseMac } from '../../src/devices/net/port';
+import { ethFrame } from '../support/eth-frame';
 import { startBridgeFixture } from '../support/bridge-fixture';
 import { CaptureLogger } from '../support/capture-logger';
 import { httpRequest } from '../support/http-client';
@@ -15,16 +15,6 @@ import { OpenApiChecker } from '../support/openapi-check';
 import { waitFor } from '../support/wait';
 
 const CLI = path.resolve(__dirname, '../../src/control/cli.js');
-
-function ethFrame(dst: string, src: string, len: number, tag: number): Uint8Array {
-  const f = new Uint8Array(len);
-  f.set(parseMac(dst), 0);
-  f.set(parseMac(src), 6);
-  f[12] = 0x88;
-  f[13] = 0xb5;
-  f[14] = tag;
-  return f;
-}
 
 test('pcap: global header and records read back; bad files are refused', () => {
   const h = pcapGlobalHeader();

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { deleteSwitch, findSwitch, getSwitch, L2Switch, listSwitches } from '../../src/devices/net/l2-switch';
 import { NullPort } from '../../src/devices/net/null-port';
 import { formatMac, macFromName, macKey, parseMac, type Port } from '../../src/devices/net/port';
+import { ethFrame as frame } from '../support/eth-frame';
 import { TapPort } from '../../src/devices/net/tap-port';
 import type { Addon, Poller } from '../../src/native/addon';
 import { GSO_TCPV4, GSO_TCPV6, HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, OFFLOAD_ALL, OFFLOAD_CSUM, readVnetHdr, newVnetHdr, writeVnetHdr, type VnetHdr } from '../../src/devices/net/vnet-hdr';
@@ -24,16 +25,6 @@ class Recorder implements Port {
   flush(): void {
     this.flushes++;
   }
-}
-
-function frame(dst: string, src: string, len = 64, tag = 0): Uint8Array {
-  const f = new Uint8Array(len);
-  f.set(parseMac(dst), 0);
-  f.set(parseMac(src), 6);
-  f[12] = 0x88;
-  f[13] = 0xb5;
-  f[14] = tag;
-  return f;
 }
 
 const A = '02:00:00:00:00:0a';
