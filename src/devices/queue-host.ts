@@ -67,6 +67,8 @@ export function ringFeaturesMoved(q: Virtqueue | null, features: bigint): boolea
 
 export class QueueHost<Q extends HostedQueue> {
   private readonly addon: Addon;
+  /** The queue being taken back: its notify still publishes until stop() returns. */
+  private stopping: Q | null = null;
 
   constructor(
     private readonly device: VirtioDevice,
@@ -178,7 +180,7 @@ export class QueueHost<Q extends HostedQueue> {
    */
   interrupt(v: Q, mem: MemoryAccess | null, fd: number): void {
     const q = v.queue;
-    if (v.dq === null || q === null || mem === null) return;
+    if ((v.dq === null && this.stopping !== v) || q === null || mem === null) return;
     if (q.flush(mem) && fd >= 0) {
       this.addon.eventfdWrite(fd, 1);
       v.stats.interrupts++;
@@ -187,13 +189,28 @@ export class QueueHost<Q extends HostedQueue> {
 
   /** Take queue `v` back from the device (nothing when it does not have it). Not a reset: size, addresses and position stay. */
   stop(v: Q): void {
-    if (v.dq === null) return;
+    const dq = v.dq;
+    if (dq === null) return;
+    // Cleared first so that a device failing inside stopQueue cannot stop the queue again.
     v.dq = null;
-    this.log.info(`${this.label}: queue ${v.index} stopped at avail ${v.queue?.nextAvail ?? v.base}`);
+    // Until stopQueue returns, the device may still publish what it completed
+    // (its stopping notify), and whatever it pushed without a notify is
+    // published after: the position the driver is about to read (GET_VRING_BASE,
+    // a migration's destination reading used.idx from memory) must cover every
+    // used element already written, or those buffers are lost to the guest.
+    this.stopping = v;
     try {
       this.device.stopQueue(v.index);
     } catch (e) {
       this.log.error(`${this.label}: queue ${v.index}: device failed to stop: ${asError(e, 'stopQueue').message}`);
     }
+    try {
+      dq.notify();
+    } catch (e) {
+      this.log.error(`${this.label}: queue ${v.index}: publishing the last used elements failed: ${asError(e, 'notify').message}`);
+    } finally {
+      this.stopping = null;
+    }
+    this.log.info(`${this.label}: queue ${v.index} stopped at avail ${v.queue?.nextAvail ?? v.base}`);
   }
 }

@@ -217,3 +217,37 @@ test("the device's own fatal error fails it once its call stack has unwound, onl
   life.unwatchDevice();
   assert.equal(device.onFatal, other, 'a handler another transport installed stays');
 });
+
+test('stopping a ring publishes the used elements the device wrote: the position the driver reads next covers them', () => {
+  const { life, device, queues, drivers, mem } = setup();
+  const v = queues[0];
+  life.negotiate(bit(F_VERSION_1), ECHO_FEATURES);
+  v.at = ringsOf(drivers[0]);
+  life.setNum(v, 16);
+  life.setEnabled(v, true);
+  // A device that completes chains now and leaves the notify for later (a batch, a microtask).
+  const dq = device.queues[0];
+  assert.ok(dq !== undefined);
+  for (let i = 0; i < 3; i++) drivers[0].addChain([{ data: Uint8Array.of(0x61) }, { writable: true, len: 1 }]);
+  for (let c = dq.queue.pop(mem); c !== null; c = dq.queue.pop(mem)) dq.queue.pushUsed(mem, c.head, 1);
+  assert.equal(drivers[0].popUsed(), null, 'nothing published yet');
+  assert.equal(life.takeBase(v), 3);
+  let seen = 0;
+  while (drivers[0].popUsed() !== null) seen++;
+  assert.equal(seen, 3, 'the three completions were published when the ring stopped');
+  // And a device that notifies from its own stopQueue is heard too.
+  life.evaluate(v);
+  const dq2 = device.queues[0];
+  assert.ok(dq2 !== undefined);
+  drivers[0].addChain([{ data: Uint8Array.of(0x62) }, { writable: true, len: 1 }]);
+  const c = dq2.queue.pop(mem);
+  assert.ok(c !== null);
+  const stopQueue = device.stopQueue.bind(device);
+  device.stopQueue = (index: number): void => {
+    dq2.queue.pushUsed(mem, c.head, 1);
+    dq2.notify();
+    stopQueue(index);
+  };
+  assert.equal(life.takeBase(v), 4);
+  assert.equal(drivers[0].popUsed()?.len, 1, 'the completion made while stopping reached the driver');
+});
