@@ -22,6 +22,7 @@
  */
 import { type QueueStats, newQueueStats, type VirtioDevice } from '../devices/device';
 import { type HostedQueue, idleQueueState } from '../devices/queue-host';
+import { traceEnabled, traceValue } from './trace';
 import { VringLifecycle } from '../devices/vring-lifecycle';
 import { GuestMemory } from '../memory/guest-memory';
 import { MemoryError } from '../memory/memory-access';
@@ -162,6 +163,7 @@ interface Vring extends HostedQueue {
 export class VhostUserBackend {
   readonly label: string;
   private readonly addon: Addon;
+  private readonly trace = traceEnabled('vhost-user');
   private readonly conn: VhostUserConnection;
   private readonly vrings: Vring[];
   private readonly life: VringLifecycle<Vring>;
@@ -298,6 +300,7 @@ export class VhostUserBackend {
       const req = decodeRequest(spec, payload);
       const fdErr = fdProblem(spec.requestFds, req, fds.length);
       if (fdErr !== null) throw new ProtocolError(spec.name, fdErr);
+      if (this.trace) this.logger.info(`${this.label}: <- ${spec.name} ${traceValue(req)}${fds.length > 0 ? ` fds=${fds.length}` : ''}${hdr.flags & FLAG_NEED_REPLY ? ' need-reply' : ''}`);
       this.handle(spec, hdr, req, fds);
     } catch (e) {
       this.reject(spec, hdr, e);
@@ -350,8 +353,10 @@ export class VhostUserBackend {
   private finish(spec: AnyMessageSpec, hdr: MessageHeader, reply: unknown): void {
     if (this.conn.closed) return;
     if (this.hasOwnReply(spec)) {
+      if (this.trace) this.logger.info(`${this.label}: -> ${spec.name} reply ${traceValue(reply)}`);
       this.conn.send(encodeReply(spec, reply), this.replyFds);
     } else if (this.wantsAck(hdr)) {
+      if (this.trace) this.logger.info(`${this.label}: -> ${spec.name} ack`);
       this.conn.send(encodeAck(spec.id, true));
     }
   }

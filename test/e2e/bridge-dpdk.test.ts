@@ -15,6 +15,9 @@ import { startBridgeFixture } from '../support/bridge-fixture';
 import { startTestpmd, type Testpmd } from '../support/testpmd';
 import { waitFor, waitForPath } from '../support/wait';
 
+// Every vhost-user message in the log: when a testpmd stalls in its start-up, the last ones say who owes whom an answer.
+process.env.VBRIDGE_TRACE ??= 'vhost-user';
+
 async function counted(pmd: Testpmd): Promise<{ rxPackets: number; txPackets: number }> {
   return pmd.portStats();
 }

@@ -4,7 +4,8 @@
  * lcore and a forwarding lcore; on this 2-core machine the forwarding lcore is
  * the one that busy-polls, so callers choose it to keep pollers apart.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
 
 export interface TestpmdOptions {
   /** Unique per concurrent instance (DPDK's runtime directory). */
@@ -110,6 +111,8 @@ export async function startTestpmd(o: TestpmdOptions): Promise<Testpmd> {
   try {
     await waitFor(/testpmd> /, 60_000);
   } catch (e) {
+    // Where it waits goes first: a long failure message is cut at its end.
+    if (proc.pid !== undefined && e instanceof Error) e.message = e.message.replace('\n', `\n${whereStuck(proc.pid)}\n--- its output ---\n`);
     // Nobody gets a handle to quit it: a testpmd stuck in its start-up must not outlive the test.
     proc.kill('SIGKILL');
     throw e;
@@ -145,4 +148,39 @@ export async function startTestpmd(o: TestpmdOptions): Promise<Testpmd> {
       clearTimeout(t);
     },
   };
+}
+
+/**
+ * Where a testpmd that stopped making progress is waiting, for the failure
+ * message: each thread's name, kernel wait channel and system call (number and
+ * arguments, from /proc), and its Unix sockets with their queues (`ss`): a
+ * reply sitting unread in its socket and a request the peer never answered
+ * look different here.
+ */
+function whereStuck(pid: number): string {
+  const lines: string[] = [];
+  const read = (p: string): string => {
+    try {
+      return fs.readFileSync(p, 'utf8').trim();
+    } catch (e) {
+      return `(${(e as Error).message})`;
+    }
+  };
+  let tids: string[] = [];
+  try {
+    tids = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return `testpmd ${pid} is gone`;
+  }
+  for (const tid of tids) {
+    const t = `/proc/${pid}/task/${tid}`;
+    lines.push(`thread ${tid} ${read(`${t}/comm`)}: wchan ${read(`${t}/wchan`)}, syscall ${read(`${t}/syscall`)}`);
+  }
+  try {
+    const ss = execFileSync('ss', ['-xp'], { encoding: 'utf8', timeout: 10_000 });
+    for (const l of ss.split('\n')) if (l.includes(`pid=${pid},`)) lines.push(l.replace(/\s+/g, ' '));
+  } catch (e) {
+    lines.push(`ss -xp: ${(e as Error).message}`);
+  }
+  return lines.join('\n');
 }

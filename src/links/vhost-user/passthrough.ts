@@ -80,6 +80,7 @@ import {
 } from '../../vhost-user/messages';
 import { FLAG_NEED_REPLY, frontendReqName, HEADER_SIZE, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../vhost-user/protocol';
 import { STATUS_NEEDS_RESET } from '../../virtio/constants';
+import { traceEnabled, traceValue } from '../../vhost-user/trace';
 import { LogForwarding, type PassthroughMigrationStats } from './passthrough-log';
 
 export interface PassthroughOptions {
@@ -90,7 +91,7 @@ export interface PassthroughOptions {
   /** The existing back-end's socket, connected to once per front-end session. */
   backendSocket: string;
   logger: Logger;
-  /** Log every forwarded request and reply (info level). */
+  /** Log every forwarded request and reply (info level); default: VBRIDGE_TRACE names vhost-user. */
   trace?: boolean;
 }
 
@@ -266,13 +267,6 @@ function frame(request: number, flags: number, payload: Uint8Array): Uint8Array 
   encodeHeader(out, 0, { request, flags, size: payload.length });
   out.set(payload, HEADER_SIZE);
   return out;
-}
-
-function traceValue(v: unknown): string {
-  if (typeof v === 'bigint') return `0x${v.toString(16)}`;
-  if (v === null || v === undefined) return '';
-  if (v instanceof Uint8Array) return `${v.length} bytes`;
-  return JSON.stringify(v, (_k, x: unknown) => (typeof x === 'bigint' ? `0x${x.toString(16)}` : x instanceof Uint8Array ? `${x.length} bytes` : x));
 }
 
 function closePoller(p: Poller | null): void {
@@ -806,7 +800,7 @@ export class PassthroughFunction {
     this.socketPath = opts.socket;
     this.backendSocket = opts.backendSocket;
     this.logger = opts.logger;
-    this.trace = opts.trace ?? false;
+    this.trace = opts.trace ?? traceEnabled('vhost-user');
     this.listener = new UnixListener(this.socketPath, {
       backlog: LISTEN_BACKLOG,
       logger: this.logger,
