@@ -562,8 +562,9 @@ class Session {
         throw new ProtocolError(p.spec.name, `the back-end's reply carries request id ${hdr.request} (${frontendReqName(hdr.request)})`);
       }
       if (p.ack) {
-        decodeAck(p.spec, payload);
+        const ok = decodeAck(p.spec, payload);
         if (fds.length > 0) throw new ProtocolError(p.spec.name, `the back-end's ack carries ${fds.length} fd(s)`);
+        if (this.hooks.trace) this.logger.info(`${this.label}: <- ${p.spec.name} ${ok === 0n ? 'ack' : `nack ${ok}`}`);
       } else {
         const rep = decodeReply(p.spec, payload);
         const problem = fdProblem(p.spec.replyFds, rep, fds.length);
