@@ -83,6 +83,29 @@ export function bridgeMetrics(r: StatsReport, learned: (sw: string) => number): 
     fam('vbridge_shadow_pool_slots', 'gauge', 'BAR buffer-pool slots of the queue.', relayQueues.map(({ f, q }) => ({ labels: rl(f, q.index), value: q.slots }))),
   );
 
+  const logged = r.functions.flatMap((f) => (f.dirtyLog !== undefined ? [{ f, d: f.dirtyLog }] : []));
+  out.push(
+    fam(
+      'vbridge_dirty_logging',
+      'gauge',
+      '1 while a live migration has the function log its writes into guest memory (passthrough: while the back-end is asked to).',
+      r.functions.flatMap((f) => {
+        const on = f.dirtyLog?.logging ?? f.passthrough?.logging;
+        return on === undefined ? [] : [{ labels: { function: f.name }, value: on ? 1 : 0 }];
+      }),
+    ),
+    fam('vbridge_dirty_pages_total', 'counter', "Guest pages the bridge's own writes turned dirty while logging: pages the migration had to send again.", logged.map(({ f, d }) => ({ labels: { function: f.name }, value: d.pagesDirtied }))),
+    fam(
+      'vbridge_dirty_log_bases_total',
+      'counter',
+      'Dirty logs mapped (SET_LOG_BASE): at least one per migration; passthrough counts the ones forwarded to the back-end.',
+      r.functions.flatMap((f) => {
+        const n = f.dirtyLog?.logBases ?? f.passthrough?.logBases;
+        return n === undefined ? [] : [{ labels: { function: f.name }, value: n }];
+      }),
+    ),
+  );
+
   const ports = r.switches.flatMap((s) => s.ports.map((p) => ({ s, p })));
   const pl = (s: string, p: string, direction?: string): Record<string, string> => (direction === undefined ? { switch: s, port: p } : { switch: s, port: p, direction });
   out.push(

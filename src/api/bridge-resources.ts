@@ -26,6 +26,8 @@ export function functionResource(f: FunctionStatsRow, actions: string[]): JsonOb
     actions,
   };
   if (f.backend !== undefined) r.backend = json(f.backend);
+  if (f.passthrough !== undefined) r.passthrough = json(f.passthrough);
+  if (f.dirtyLog !== undefined) r.dirtyLog = json(f.dirtyLog);
   return r;
 }
 

@@ -95,7 +95,7 @@ function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): Running
     device: () => fn.device,
     stats: () => {
       const st = fn.stats();
-      const server = st.server ?? { socket: spec.socket, connected: false, status: 0, needsReset: false, queues: [] };
+      const server = st.server ?? { socket: spec.socket, connected: false, status: 0, needsReset: false, queues: [], dirtyLog: { logging: false, logBases: 0, pagesDirtied: 0 } };
       return {
         name: spec.name,
         type: spec.type,

@@ -2,6 +2,7 @@ import type { QueueStats } from '../devices/device';
 import type { RelayQueueStats } from '../bridge/relay-device';
 import type { ShadowLinkStats } from '../bridge/shadow-link';
 import type { PassthroughMigrationStats } from '../links/vhost-user/passthrough-log';
+import type { DirtyLogStats } from '../vhost-user/migration-log';
 import { decodeStatus, formatDuration, formatRate, queueLabel } from './stats-labels';
 
 /** Shape of GET /stats on the control socket and its text rendering for `vbridge stats`. */
@@ -24,6 +25,8 @@ export interface FunctionStatsRow {
   relay?: RelayQueueStats[];
   /** Passthrough: the data path's mode and the dirty log forwarded to the back-end. */
   passthrough?: PassthroughMigrationStats;
+  /** Functions the bridge serves itself (local, relay): its own dirty logging during live migration. */
+  dirtyLog?: DirtyLogStats;
 }
 
 export interface SwitchPortRow {
@@ -85,6 +88,11 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
         `  mode ${m.mode}, dirty log ${m.logging ? 'on' : 'off'} (kept by the back-end${m.backendLogs === false ? ', which offers no LOG_ALL/LOG_SHMFD: no migration' : ''}): ` +
           `${m.logBases} log base(s) forwarded, ${m.logSwitches} LOG_ALL switch(es), ${m.logRingAddrs} logged ring address(es)`,
       );
+    }
+    const d = f.dirtyLog;
+    // Shown once a migration has happened: before that it is all zeros.
+    if (d !== undefined && (d.logging || d.logBases > 0)) {
+      out.push(`  dirty log ${d.logging ? 'on' : 'off'}: ${d.pagesDirtied} page(s) dirtied by the bridge's writes, ${d.logBases} log base(s) mapped`);
     }
     const head = ['queue', ...COLUMNS, ...(prev !== undefined ? ['desc/s', 'bytes/s'] : [])];
     const cells = (q: QueueStatsRow): string[] => [queueLabel(f.type, q.index, f.queues.length), ...COLUMNS.map((c) => String(q[c])), ...(prev !== undefined ? rateCells(f, q, prev) : [])];

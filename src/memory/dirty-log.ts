@@ -36,9 +36,17 @@ interface Alias {
   readonly target: number;
 }
 
+/** Set bits per byte value. */
+const BITS_SET = Uint8Array.from({ length: 256 }, (_, b) => {
+  let n = 0;
+  for (let x = b; x !== 0; x >>= 1) n += x & 1;
+  return n;
+});
+
 export class DirtyLog {
   private aliases: Alias[] = [];
   private released = false;
+  private fresh = 0;
 
   /**
    * `bytes` is the shared log (a mapping of the front-end's fd, or any buffer
@@ -48,6 +56,15 @@ export class DirtyLog {
     readonly bytes: Uint8Array,
     private readonly release?: () => void,
   ) {}
+
+  /**
+   * Pages this log turned from clean to dirty: what the front-end has to send
+   * again because of our writes (it clears bits as it drains, so a page
+   * written again after a drain counts again).
+   */
+  get pagesDirtied(): number {
+    return this.fresh;
+  }
 
   /** Bytes of guest-physical space covered: [0, coverage). */
   get coverage(): number {
@@ -113,18 +130,22 @@ export class DirtyLog {
     const log = this.bytes;
     let p = Math.floor(start / PAGE_SIZE);
     const last = Math.floor((end - 1) / PAGE_SIZE);
+    let fresh = 0;
     // Page numbers may exceed 2^32 (addresses past 16 TiB): no bit operators on them.
     while (p <= last && p % 8 !== 0) {
-      Atomics.or(log, Math.floor(p / 8), 1 << p % 8);
+      const m = 1 << p % 8;
+      if ((Atomics.or(log, Math.floor(p / 8), m) & m) === 0) fresh++;
       p++;
     }
     while (p + 7 <= last) {
-      Atomics.or(log, p / 8, 0xff);
+      fresh += 8 - BITS_SET[Atomics.or(log, p / 8, 0xff)];
       p += 8;
     }
     while (p <= last) {
-      Atomics.or(log, Math.floor(p / 8), 1 << p % 8);
+      const m = 1 << p % 8;
+      if ((Atomics.or(log, Math.floor(p / 8), m) & m) === 0) fresh++;
       p++;
     }
+    this.fresh += fresh;
   }
 }

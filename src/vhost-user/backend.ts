@@ -39,7 +39,7 @@ import {
 } from '../virtio/constants';
 import type { Virtqueue } from '../virtio/virtqueue';
 import { asError, closeQuietly, ConnectionError, VhostUserConnection } from './connection';
-import { MigrationLog, type RingLogRequest } from './migration-log';
+import { type DirtyLogCounters, type DirtyLogStats, MigrationLog, type RingLogRequest } from './migration-log';
 import { InflightRegions } from './inflight';
 import type { Logger } from '../log';
 import {
@@ -121,6 +121,8 @@ export interface VhostUserBackendOptions {
   protocolFeatures?: bigint;
   /** Answer to GET_MAX_MEM_SLOTS and the cap on ADD_MEM_REG. */
   maxMemSlots?: number;
+  /** Dirty-log counters to add to; the server passes its own so they outlive sessions. */
+  dirtyLog?: DirtyLogCounters;
   /** Names the session in logs. */
   label?: string;
   /** Called once when the session has ended and released everything. */
@@ -200,7 +202,7 @@ export class VhostUserBackend {
     const implemented = defaultProtocolFeatures(device) | bit(PF.CONFIG);
     this.offeredProtocol = (opts.protocolFeatures ?? defaultProtocolFeatures(device)) & implemented;
     this.maxMemSlots = opts.maxMemSlots ?? VHOST_USER_MAX_MEM_SLOTS;
-    this.migrationLog = new MigrationLog(this.addon, logger, this.label);
+    this.migrationLog = new MigrationLog(this.addon, logger, this.label, opts.dirtyLog);
     this.inflight = new InflightRegions(this.addon, device.maxQueues, logger, this.label);
     this.vrings = [];
     // NEEDS_RESET is cleared by a reset (status 0, RESET_DEVICE) or when the front-end takes every ring back.
@@ -282,6 +284,11 @@ export class VhostUserBackend {
    * the back-end channel). Returns false when no channel was set up or CONFIG
    * was not negotiated.
    */
+  /** This session's dirty logging, with the counters it adds to. */
+  dirtyLogStats(): DirtyLogStats {
+    return this.migrationLog.stats();
+  }
+
   notifyConfigChange(): boolean {
     if (this.backendChannel === null || !this.hasProtocol(PF.CONFIG)) return false;
     return this.backendChannel.send(encodeRequest(Backend.CONFIG_CHANGE_MSG, null));

@@ -24,14 +24,41 @@ export interface RingLogRequest {
   readonly logGuestAddr: number;
 }
 
+/** Dirty-log counters of a function, kept across its sessions. */
+export interface DirtyLogCounters {
+  /** SET_LOG_BASE messages that mapped a log. */
+  logBases: number;
+  /** Pages turned from clean to dirty by logs no longer mapped (the live log adds its own). */
+  pagesDirtied: number;
+}
+
+export function newDirtyLogCounters(): DirtyLogCounters {
+  return { logBases: 0, pagesDirtied: 0 };
+}
+
+/** What `vbridge stats` and /metrics show of a function's dirty logging. */
+export interface DirtyLogStats {
+  /** Writes into guest memory are being logged now (LOG_ALL acked with a log mapped). */
+  logging: boolean;
+  logBases: number;
+  /** Guest pages our writes dirtied for the front-end to send again, cumulative. */
+  pagesDirtied: number;
+}
+
 export class MigrationLog {
   private area: DirtyLog | null = null;
+  private logging = false;
 
   constructor(
     private readonly addon: Addon,
     private readonly logger: Logger,
     private readonly label: string,
+    private readonly counters: DirtyLogCounters = newDirtyLogCounters(),
   ) {}
+
+  stats(): DirtyLogStats {
+    return { logging: this.logging, logBases: this.counters.logBases, pagesDirtied: this.counters.pagesDirtied + (this.area?.pagesDirtied ?? 0) };
+  }
 
   /**
    * SET_LOG_BASE: map the log QEMU shares. It may come again (once per queue
@@ -73,8 +100,9 @@ export class MigrationLog {
     }
     const old = this.area;
     this.area = log;
+    this.counters.logBases++;
     this.apply(mem, on, rings);
-    old?.close();
+    if (old !== null) this.retire(old);
     if (old === null || old.bytes.length !== size) this.logger.info(`${this.label}: dirty log of ${size} bytes mapped (covers guest [0, 0x${log.coverage.toString(16)}))`);
   }
 
@@ -115,6 +143,7 @@ export class MigrationLog {
     if (log === null || !on) {
       if (mem.dirtyLog !== null) this.logger.info(`${this.label}: dirty logging off`);
       mem.setDirtyLog(null);
+      this.logging = false;
       return;
     }
     try {
@@ -127,12 +156,19 @@ export class MigrationLog {
     }
     if (mem.dirtyLog !== log) this.logger.info(`${this.label}: dirty logging on`);
     mem.setDirtyLog(log);
+    this.logging = true;
   }
 
   /** Unmap the log (the session ended). */
   close(): void {
-    this.area?.close();
+    if (this.area !== null) this.retire(this.area);
     this.area = null;
+    this.logging = false;
+  }
+
+  private retire(log: DirtyLog): void {
+    this.counters.pagesDirtied += log.pagesDirtied;
+    log.close();
   }
 
   private dropStale(why: string): void {

@@ -8,6 +8,7 @@ import { UnixListener } from '../native/unix-listener';
 import { type QueueStatsRow, VhostUserBackend, type VhostUserBackendOptions } from './backend';
 import { asError, closeQuietly } from './connection';
 import type { Logger } from '../log';
+import { type DirtyLogStats, newDirtyLogCounters } from './migration-log';
 
 export type VhostUserServerOptions = Pick<VhostUserBackendOptions, 'protocolFeatures' | 'maxMemSlots'> & {
   /** Called with each new session (tests wait on it). */
@@ -24,6 +25,8 @@ export interface VhostUserServerStats {
   needsReset: boolean;
   /** Cumulative since the server started: counters never go back on reconnect. */
   queues: QueueStatsRow[];
+  /** Dirty logging for live migration: on now or not, and what it cost so far. */
+  dirtyLog: DirtyLogStats;
 }
 
 const LISTEN_BACKLOG = 4;
@@ -32,6 +35,7 @@ export class VhostUserServer {
   private readonly listener: UnixListener;
   private active: VhostUserBackend | null = null;
   private readonly queueStats: QueueStats[];
+  private readonly dirtyLog = newDirtyLogCounters();
   private sessions = 0;
 
   constructor(
@@ -78,6 +82,7 @@ export class VhostUserServer {
       status: s?.status ?? 0,
       needsReset: s?.needsReset ?? false,
       queues: this.queueStats.map((q, index) => ({ index, ...q })),
+      dirtyLog: s?.dirtyLogStats() ?? { logging: false, ...this.dirtyLog },
     };
   }
 
@@ -104,6 +109,7 @@ export class VhostUserServer {
     try {
       session = new VhostUserBackend(fd, this.device, this.logger, {
         stats: this.queueStats,
+        dirtyLog: this.dirtyLog,
         protocolFeatures: this.opts.protocolFeatures,
         maxMemSlots: this.opts.maxMemSlots,
         label: this.device.name,

@@ -145,3 +145,20 @@ test('SEND_RARP: the device broadcasts a RARP from the MAC; a reset (front-end g
   assert.equal(sw.ports.length, 2, 'the port itself stays');
   assert.throws(() => rarpFrame(parseMac('01:00:5e:00:00:01')), /unicast/);
 });
+
+test('dirty log: pagesDirtied counts the pages our writes turned from clean to dirty, again after the front-end drains them', () => {
+  const { mem } = threeRegions();
+  const log = new DirtyLog(new Uint8Array(logBytesFor(0x100_0000)));
+  mem.setDirtyLog(log);
+  mem.markDirty(0x10_0000 + 100, 3 * PAGE);
+  assert.equal(log.pagesDirtied, 4, 'a range straddling four pages');
+  mem.markDirty(0x10_0000, 10 * PAGE);
+  assert.equal(log.pagesDirtied, 10, 'six more: the first four were dirty already');
+  mem.write(0x10_0000 + 5 * PAGE, Uint8Array.of(1, 2), 0, 2);
+  assert.equal(log.pagesDirtied, 10, 'a page still dirty does not count twice');
+  // The front-end collects the bits (QEMU exchanges each word with zero).
+  log.bytes.fill(0);
+  mem.write(0x10_0000 + 5 * PAGE, Uint8Array.of(1, 2), 0, 2);
+  assert.equal(log.pagesDirtied, 11, 'dirtied again after the drain');
+  assert.equal(bitsOf(log.bytes).size, 1);
+});
