@@ -152,12 +152,14 @@ export async function startTestpmd(o: TestpmdOptions): Promise<Testpmd> {
 
 /**
  * Where a testpmd that stopped making progress is waiting, for the failure
- * message: each thread's name, kernel wait channel and system call (number and
- * arguments, from /proc), and its Unix sockets with their queues (`ss`): a
- * reply sitting unread in its socket and a request the peer never answered
- * look different here.
+ * message: the threads of every testpmd on the machine (its peer may be the
+ * one stuck) with their kernel wait channels and system calls (number and
+ * arguments, from /proc), and the Unix sockets of those processes and of this
+ * one (the bridge runs here) with their queues (`ss`): a reply sitting unread,
+ * a request nobody answered and a connection never accepted (peer inode 0)
+ * look different there.
  */
-function whereStuck(pid: number): string {
+export function whereStuck(stuck: number): string {
   const lines: string[] = [];
   const read = (p: string): string => {
     try {
@@ -166,19 +168,27 @@ function whereStuck(pid: number): string {
       return `(${(e as Error).message})`;
     }
   };
-  let tids: string[] = [];
-  try {
-    tids = fs.readdirSync(`/proc/${pid}/task`);
-  } catch {
-    return `testpmd ${pid} is gone`;
+  const pids = new Set<number>([stuck]);
+  for (const d of fs.readdirSync('/proc')) {
+    if (/^\d+$/.test(d) && read(`/proc/${d}/comm`) === 'dpdk-testpmd') pids.add(Number(d));
   }
-  for (const tid of tids) {
-    const t = `/proc/${pid}/task/${tid}`;
-    lines.push(`thread ${tid} ${read(`${t}/comm`)}: wchan ${read(`${t}/wchan`)}, syscall ${read(`${t}/syscall`)}`);
+  for (const pid of pids) {
+    lines.push(`${pid === stuck ? 'stuck' : 'other'} testpmd ${pid}: ${read(`/proc/${pid}/cmdline`).replace(/\0/g, ' ').slice(0, 160)}`);
+    let tids: string[] = [];
+    try {
+      tids = fs.readdirSync(`/proc/${pid}/task`);
+    } catch {
+      lines.push('  (gone)');
+    }
+    for (const tid of tids) {
+      const t = `/proc/${pid}/task/${tid}`;
+      lines.push(`  thread ${tid} ${read(`${t}/comm`)}: wchan ${read(`${t}/wchan`)}, syscall ${read(`${t}/syscall`)}`);
+    }
   }
   try {
     const ss = execFileSync('ss', ['-xp'], { encoding: 'utf8', timeout: 10_000 });
-    for (const l of ss.split('\n')) if (l.includes(`pid=${pid},`)) lines.push(l.replace(/\s+/g, ' '));
+    const mine = [...pids, process.pid].map((p) => `pid=${p},`);
+    for (const l of ss.split('\n')) if (mine.some((m) => l.includes(m)) && !/ \* 0 +\* 0 /.test(l)) lines.push(l.replace(/\s+/g, ' '));
   } catch (e) {
     lines.push(`ss -xp: ${(e as Error).message}`);
   }
