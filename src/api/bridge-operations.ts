@@ -13,6 +13,8 @@ import { functionResource, linkResource, switchResource } from './bridge-resourc
 import { ApiError, Operations } from './operations';
 import { startCapture } from '../capture/frame-capture';
 import { PCAP_CONTENT_TYPE } from '../capture/pcap';
+import { BlkDevice } from '../devices/blk/blk-device';
+import { startTrace, TRACE_CONTENT_TYPE } from '../trace/blk-trace';
 
 /** What the operations need of a bridge (the Bridge class has it; tests may build one). */
 export interface BridgeSource {
@@ -101,6 +103,32 @@ export function bridgeOperations(bridge: BridgeSource): Operations {
       const count = intParam(params, 'count', 1, 2 ** 31);
       const c = startCapture(dev, sink, { queuePair, count });
       return () => c.close();
+    },
+  });
+
+  const traceable = (id: string): BlkDevice | string => {
+    const spec = bridge.topology.functions.find((f) => f.name === id);
+    if (spec === undefined) return 'no such function in the topology';
+    if (spec.type !== 'blk') return 'it is a net function (trace is for blk functions; capture its frames instead)';
+    const dev = bridge.device(id);
+    if (!(dev instanceof BlkDevice)) return `its requests cross a ${spec.backend.kind} link, and trace sees only devices that run in the bridge (file backends)`;
+    return dev;
+  };
+  ops.addStream('functions', 'trace', {
+    summary: "A blk function's completed requests (queue, type, sector, length, status, latency), one JSON object per line.",
+    contentType: TRACE_CONTENT_TYPE,
+    refusal: (id) => {
+      const d = traceable(id);
+      return typeof d === 'string' ? d : null;
+    },
+    open: (id, params, sink) => {
+      const dev = traceable(id);
+      if (typeof dev === 'string') throw new ApiError(409, `trace does not apply to function ${id}: ${dev}`);
+      for (const k of params.keys()) if (k !== 'queue' && k !== 'count') throw new ApiError(400, `unknown parameter "${k}" (parameters: queue, count)`);
+      const queue = intParam(params, 'queue', 0, dev.maxQueues - 1);
+      const count = intParam(params, 'count', 1, 2 ** 31);
+      const t = startTrace(dev, sink, { queue, count });
+      return () => t.close();
     },
   });
 

@@ -16,6 +16,7 @@ import { ApiError, type JsonObject, type JsonValue, type Operations } from './op
 import { PROMETHEUS_CONTENT_TYPE, renderMetrics } from './prometheus';
 import { checkBearer, newToken, writeTokenFile } from './token';
 import { claimSocketPath } from '../native/socket-guard';
+import { streamToResponse } from './stream-response';
 
 export interface HttpApiOptions {
   listen: ListenAddress;
@@ -246,31 +247,8 @@ export class HttpApi {
 
   private openStream(req: http.IncomingMessage, res: http.ServerResponse, collection: string, id: string, name: string, params: URLSearchParams): void {
     const stream = this.opts.operations.stream(collection, id, name);
-    const backlog = this.opts.maxStreamBacklogBytes ?? 4 * 1024 * 1024;
-    let started = false;
-    const sink = {
-      write: (chunk: Uint8Array): boolean => {
-        if (res.destroyed || res.writableEnded) return false;
-        if (!started) {
-          started = true;
-          res.writeHead(200, { 'content-type': stream.contentType, 'cache-control': 'no-store' });
-        }
-        if (res.writableLength > backlog) return false;
-        res.write(chunk);
-        return true;
-      },
-      end: (): void => {
-        if (!res.writableEnded) res.end();
-      },
-    };
-    // Open for as long as the client wants: a capture may see nothing for minutes.
-    req.socket.setTimeout(0);
-    const stop = stream.open(id, params, sink);
+    streamToResponse(req, res, stream, id, params, this.opts.maxStreamBacklogBytes ?? 4 * 1024 * 1024, () => this.opts.log.info(`http: ${name} of ${collection}/${id} ended`));
     this.opts.log.info(`http: ${name} of ${collection}/${id} started by ${this.peer(req)}`);
-    res.on('close', () => {
-      stop();
-      this.opts.log.info(`http: ${name} of ${collection}/${id} ended`);
-    });
   }
 
   private peer(req: http.IncomingMessage): string {

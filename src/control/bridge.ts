@@ -191,7 +191,11 @@ export class Bridge {
         registerFunctionOperations(bridge.operations, bridge.functionManager);
       }
       const fm = bridge.functionManager;
-      bridge.control = await ControlServer.listen(topology.control, { stats: () => bridge.stats(), routes: fm !== null ? [functionRoutes(fm)] : [] });
+      bridge.control = await ControlServer.listen(topology.control, {
+        stats: () => bridge.stats(),
+        routes: fm !== null ? [functionRoutes(fm)] : [],
+        streams: { operations: bridge.operations, names: ['trace'] },
+      });
       if (topology.http !== undefined) {
         bridge.api = await HttpApi.start({ listen: topology.http, tokenFile: topology.httpTokenFile, operations: bridge.operations, log });
       }

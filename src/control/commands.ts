@@ -6,6 +6,7 @@ import * as path from 'node:path';
 import { UsageError, type CommandSpec, type ParsedArgs } from './args';
 import { backendCommand } from './backend-command';
 import { captureCommand } from './capture-command';
+import { traceCommand } from './trace-command';
 import { parseListenAddress, type ListenAddress } from '../api/listen-address';
 import { pfCommand, vfCommand } from './function-commands';
 import { bashCompletion } from './completion';
@@ -113,4 +114,4 @@ const completionCommand: CommandSpec = {
   },
 };
 
-export const COMMANDS: readonly CommandSpec[] = [serveCommand, validateCommand, statsCommand, qemuArgsCommand, captureCommand, backendCommand, pfCommand, vfCommand, completionCommand];
+export const COMMANDS: readonly CommandSpec[] = [serveCommand, validateCommand, statsCommand, qemuArgsCommand, captureCommand, traceCommand, backendCommand, pfCommand, vfCommand, completionCommand];

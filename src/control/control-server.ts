@@ -7,6 +7,8 @@ import * as http from 'node:http';
 import * as path from 'node:path';
 import type { StatsReport } from './stats-format';
 import { claimSocketPath, explainBindError } from '../native/socket-guard';
+import { ApiError, type Operations } from '../api/operations';
+import { streamToResponse } from '../api/stream-response';
 
 /** An answer from a route: HTTP status and a JSON body. */
 export interface RouteAnswer {
@@ -20,6 +22,38 @@ export type ControlRoute = (method: string, url: URL, body: unknown) => Promise<
 export interface ControlHandlers {
   stats(): StatsReport;
   routes?: ControlRoute[];
+  /**
+   * Operation-layer streams served here as on the HTTP API, at
+   * GET /v1/COLLECTION/ID/NAME, for the names listed: whoever may open the
+   * control socket may already detach functions, so no token is asked.
+   */
+  streams?: { operations: Operations; names: readonly string[] };
+}
+
+/** A lagging `vbridge trace` loses records past this backlog. */
+const STREAM_BACKLOG = 4 * 1024 * 1024;
+
+/** True when the request was a stream's (answered or refused). */
+function serveStream(streams: NonNullable<ControlHandlers['streams']>, req: http.IncomingMessage, res: http.ServerResponse): boolean {
+  if (req.method !== 'GET') return false;
+  const url = new URL(req.url ?? '/', 'http://vbridge');
+  const parts = url.pathname.split('/');
+  if (parts.length !== 5 || parts[0] !== '' || parts[1] !== 'v1' || !streams.names.includes(parts[4] as string)) return false;
+  req.resume();
+  try {
+    const [collection, id] = [decodeURIComponent(parts[2] as string), decodeURIComponent(parts[3] as string)];
+    const name = parts[4] as string;
+    streamToResponse(req, res, streams.operations.stream(collection, id, name), id, url.searchParams, STREAM_BACKLOG, () => undefined);
+  } catch (e) {
+    if (res.headersSent) {
+      res.destroy();
+      return true;
+    }
+    const status = e instanceof ApiError ? e.status : e instanceof URIError ? 400 : 500;
+    res.writeHead(status, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ error: e instanceof Error ? e.message : String(e) }));
+  }
+  return true;
 }
 
 /** Request bodies are small JSON commands; anything bigger is a mistake or an attack. */
@@ -72,6 +106,7 @@ export class ControlServer {
         res.end(body);
         return;
       }
+      if (handlers.streams !== undefined && serveStream(handlers.streams, req, res)) return;
       const routes = handlers.routes ?? [];
       if (routes.length > 0) {
         routeRequest(routes, req, res).then(

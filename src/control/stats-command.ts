@@ -8,10 +8,9 @@ import { formatStats, type StatsReport } from './stats-format';
 import { loadTopology } from './topology';
 
 /** The control socket of the bridge asked for: --control, a topology's, or the only one running. */
-export function findControl(args: ParsedArgs, cmd: string): string {
+export function findControl(args: ParsedArgs, cmd: string, topo: string | undefined = args.positionals[0]): string {
   const explicit = args.string('control');
   if (explicit !== undefined) return explicit;
-  const topo = args.positionals[0];
   if (topo !== undefined) return loadTopology(topo).control;
   const dir = defaultControlDir();
   let found: string[] = [];

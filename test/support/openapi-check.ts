@@ -73,6 +73,11 @@ export class OpenApiChecker {
     this.validate(ref, method, urlPath, status, body);
   }
 
+  /** Throws when value does not match components/schemas/NAME (records of a stream that is not JSON as a whole). */
+  checkSchema(name: string, value: unknown): void {
+    this.validate(`openapi#/components/schemas/${name}`, 'schema', name, 0, value);
+  }
+
   private validate(ref: string, method: string, urlPath: string, status: number, body: unknown): void {
     let v = this.cache.get(ref);
     if (v === undefined) {

@@ -80,6 +80,26 @@ const HDR_SIZE = 16;
 /** virtio_blk_discard_write_zeroes: sector u64, num_sectors u32, flags u32. */
 const DWZ_SIZE = 16;
 const DWZ_F_UNMAP = 1;
+/**
+ * One completed request as a tracer sees it: the header's type and sector as the
+ * driver wrote them, the bytes of data the chain carries between header and
+ * status (for IN and GET_ID the writable buffer, otherwise what follows the
+ * header), the status written back, and how long the device spent on it.
+ * A chain too short for a header is reported with type -1 and its readable length.
+ */
+export interface BlkRequestInfo {
+  readonly queue: number;
+  readonly type: number;
+  readonly sector: number;
+  readonly len: number;
+  readonly status: number;
+  /** performance.now() when the device took the chain and when its status was written. */
+  readonly start: number;
+  readonly end: number;
+}
+
+export type BlkRequestTap = (req: BlkRequestInfo) => void;
+
 /** What the data bytes of a request that wrote less than its buffer are filled with. */
 const ZEROS = new Uint8Array(64 * 1024);
 
@@ -106,6 +126,8 @@ export class BlkDevice extends DeviceBase {
   private readonly dwz: Uint8Array;
   private readonly dwzView: DataView;
   private readonly statusByte = new Uint8Array(1);
+  /** Request tracing (vbridge trace): null unless a tracer is attached, so the data path pays one check. */
+  tap: BlkRequestTap | null = null;
 
   constructor(opts: BlkDeviceOptions) {
     const nq = opts.numQueues ?? 1;
@@ -191,14 +213,18 @@ export class BlkDevice extends DeviceBase {
   /** One request: header, data, status. Returns the used length (bytes written into the chain). */
   private readonly handleRequest = (q: DeviceQueue, chain: DescriptorChain): number => {
     const mem = q.mem;
+    const tap = this.tap;
+    const start = tap === null ? 0 : performance.now();
     if (chain.writableLen < 1) throw new DeviceError(`${this.name}: request ${chain.head} has no status byte`);
     const statusAddr = segmentAddr(chain.writable, chain.writableLen - 1);
     let status: number = BLK_S_IOERR;
     let written = 0;
+    let type = -1;
+    let sector = 0;
     if (chain.readableLen >= HDR_SIZE) {
       readSegments(mem, chain.readable, 0, this.hdr, 0, HDR_SIZE);
-      const type = this.hdrView.getUint32(0, true);
-      const sector = this.hdrView.getUint32(8, true) + this.hdrView.getUint32(12, true) * 2 ** 32;
+      type = this.hdrView.getUint32(0, true);
+      sector = this.hdrView.getUint32(8, true) + this.hdrView.getUint32(12, true) * 2 ** 32;
       try {
         switch (type) {
           case BLK_T_IN: {
@@ -254,6 +280,10 @@ export class BlkDevice extends DeviceBase {
     for (let off = written; off < dataLen; off += ZEROS.length) writeSegments(mem, chain.writable, off, ZEROS, 0, Math.min(ZEROS.length, dataLen - off));
     this.statusByte[0] = status;
     mem.write(statusAddr, this.statusByte, 0, 1);
+    if (tap !== null) {
+      const len = type === BLK_T_IN || type === BLK_T_GET_ID ? dataLen : type < 0 ? chain.readableLen : chain.readableLen - HDR_SIZE;
+      tap({ queue: q.index, type, sector, len, status, start, end: performance.now() });
+    }
     return chain.writableLen;
   };
 

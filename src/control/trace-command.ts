@@ -1,0 +1,122 @@
+/**
+ * `vbridge trace FUNCTION`: a blk function's completed requests, streamed from
+ * a running serve's control socket (the operation layer's `trace` stream, the
+ * same one the HTTP API serves), printed as aligned lines or, with --json, one
+ * JSON object per line, until --count records, the bridge ends it, or
+ * SIGINT/SIGTERM.
+ */
+import * as http from 'node:http';
+import { UsageError, type CommandSpec, type ParsedArgs } from './args';
+import { findControl } from './stats-command';
+import { formatTraceLine, type BlkTraceRecord } from '../trace/blk-trace';
+
+function count(args: ParsedArgs, name: string, min: number): number | undefined {
+  const v = args.string(name);
+  if (v === undefined) return undefined;
+  if (!/^\d+$/.test(v) || Number(v) < min || Number(v) > 2 ** 31) throw new UsageError(`trace: --${name}: expected an integer of at least ${min}, got ${JSON.stringify(v)}`);
+  return Number(v);
+}
+
+/** A JSON line from the bridge, checked enough that a garbled one is an error rather than a crash. */
+function parseRecord(line: string): BlkTraceRecord {
+  const v = JSON.parse(line) as unknown;
+  if (typeof v !== 'object' || v === null) throw new Error(`not a trace record: ${line.slice(0, 200)}`);
+  const r = v as Record<string, unknown>;
+  for (const k of ['time', 'type', 'status'] as const) if (typeof r[k] !== 'string') throw new Error(`trace record without ${k}: ${line.slice(0, 200)}`);
+  for (const k of ['queue', 'sector', 'len', 'latencyUs'] as const) if (typeof r[k] !== 'number') throw new Error(`trace record without ${k}: ${line.slice(0, 200)}`);
+  return v as BlkTraceRecord;
+}
+
+async function runTrace(args: ParsedArgs): Promise<number> {
+  const fn = args.positionals[0] as string;
+  const queue = count(args, 'queue', 0);
+  const records = count(args, 'count', 1);
+  const json = args.flag('json');
+  const control = findControl(args, 'trace', args.positionals[1]);
+  const q = new URLSearchParams();
+  if (queue !== undefined) q.set('queue', String(queue));
+  if (records !== undefined) q.set('count', String(records));
+  const query = q.size > 0 ? `?${q}` : '';
+
+  return new Promise<number>((resolve, reject) => {
+    let finished = false;
+    const finish = (err?: Error): void => {
+      if (finished) return;
+      finished = true;
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+      if (err !== undefined) reject(err);
+      else resolve(0);
+    };
+    // Interrupted: every record printed so far was printed whole.
+    const stop = (): void => {
+      req.destroy();
+      finish();
+    };
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
+    const req = http.get({ socketPath: control, path: `/v1/functions/${encodeURIComponent(fn)}/trace${query}`, agent: false }, (res) => {
+      res.setEncoding('utf8');
+      if (res.statusCode !== 200) {
+        let text = '';
+        res.on('data', (c: string) => (text += c));
+        res.on('end', () => {
+          let msg = text;
+          try {
+            msg = (JSON.parse(text) as { error?: string }).error ?? text;
+          } catch {
+            // Not JSON: show it as it came.
+          }
+          finish(new Error(`trace ${fn}: ${msg.trim()}`));
+        });
+        return;
+      }
+      let pending = '';
+      res.on('data', (c: string) => {
+        pending += c;
+        let nl: number;
+        let out = '';
+        while ((nl = pending.indexOf('\n')) >= 0) {
+          const line = pending.slice(0, nl);
+          pending = pending.slice(nl + 1);
+          if (line === '') continue;
+          try {
+            const r = parseRecord(line);
+            out += json ? JSON.stringify(r) + '\n' : formatTraceLine(r) + '\n';
+          } catch (e) {
+            req.destroy();
+            finish(new Error(`trace ${fn}: bad record from the bridge: ${(e as Error).message}`));
+            return;
+          }
+        }
+        if (out !== '') process.stdout.write(out);
+      });
+      res.on('end', () => finish());
+      res.on('close', () => finish());
+    });
+    req.on('error', (e) => finish(new Error(`trace ${fn}: cannot reach a running "vbridge serve" at ${control}: ${e.message}`)));
+  });
+}
+
+export const traceCommand: CommandSpec = {
+  name: 'trace',
+  summary: "a blk function's requests (type, sector, length, status, latency), from a running serve",
+  synopsis: 'FUNCTION [TOPOLOGY.yaml] [options]',
+  description:
+    'Prints one line per completed request of a blk function whose device runs in the bridge\n' +
+    '(a file backend), time of day in UTC:\n' +
+    '  22:41:07.123456 q0  read         sector       2048 len     4096 ok         85us\n' +
+    'Types: read, write, flush, get-id, discard, write-zeroes (others by their virtio name\n' +
+    'or type-N); status: ok, ioerr, unsupp; latency from the moment the device took the\n' +
+    'request to its completion. --json prints one JSON object per line instead (time,\n' +
+    'queue, type, sector, len, status, latencyUs). The bridge is found by --control, its\n' +
+    'TOPOLOGY.yaml, or as the only one running. Ends after --count records, or on Ctrl-C.',
+  options: {
+    queue: { type: 'string', arg: 'N', help: 'only request queue N' },
+    count: { type: 'string', arg: 'N', help: 'stop after N requests' },
+    json: { type: 'boolean', help: 'one JSON object per line' },
+    control: { type: 'string', arg: 'PATH', help: 'control socket (default: from the topology, or the only bridge running)', complete: 'file' },
+  },
+  positionals: { name: 'FUNCTION [TOPOLOGY.yaml]', min: 1, max: 2 },
+  run: runTrace,
+};

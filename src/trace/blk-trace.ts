@@ -1,0 +1,165 @@
+/**
+ * Request tracing on blk functions (`vbridge trace`): any number of tracers
+ * share the device's one tap; each gets one JSON line per completed request
+ * through its sink, filtered by request queue, until its record count is
+ * reached or it is closed. A sink that cannot keep up loses records (counted),
+ * never the data path's time.
+ */
+import type { BlkDevice, BlkRequestInfo, BlkRequestTap } from '../devices/blk/blk-device';
+import type { CaptureSink } from '../capture/frame-capture';
+
+export const TRACE_CONTENT_TYPE = 'application/x-ndjson';
+
+export type BlkStatusName = 'ok' | 'ioerr' | 'unsupp' | `status-${number}`;
+
+/** One request, as the API streams it (one JSON object per line) and `vbridge trace --json` prints it. */
+export interface BlkTraceRecord {
+  /** Completion time, ISO 8601 UTC with microseconds. */
+  time: string;
+  queue: number;
+  /** read, write, flush, get-id, discard, write-zeroes, ...; type-N for a number virtio does not name, no-header for a chain shorter than a header. */
+  type: string;
+  sector: number;
+  /** Data bytes the chain carries between header and status. */
+  len: number;
+  status: BlkStatusName;
+  /** From the moment the device took the chain to its status written. */
+  latencyUs: number;
+}
+
+/** virtio 1.2 §5.2.6 request types; IN and OUT by what they do for the reader. */
+const TYPE_NAMES: ReadonlyMap<number, string> = new Map([
+  [0, 'read'],
+  [1, 'write'],
+  [4, 'flush'],
+  [8, 'get-id'],
+  [10, 'get-lifetime'],
+  [11, 'discard'],
+  [13, 'write-zeroes'],
+  [14, 'secure-erase'],
+  [15, 'zone-append'],
+  [16, 'zone-report'],
+  [18, 'zone-open'],
+  [20, 'zone-close'],
+  [22, 'zone-finish'],
+  [24, 'zone-reset'],
+  [26, 'zone-reset-all'],
+]);
+
+export function blkTypeName(type: number): string {
+  if (type < 0) return 'no-header';
+  return TYPE_NAMES.get(type) ?? `type-${type}`;
+}
+
+export function blkStatusName(status: number): BlkStatusName {
+  if (status === 0) return 'ok';
+  if (status === 1) return 'ioerr';
+  if (status === 2) return 'unsupp';
+  return `status-${status}`;
+}
+
+/** performance.now() to ISO 8601 with microseconds: Date keeps only milliseconds, and a burst would look simultaneous. */
+function isoMicros(perfMs: number): string {
+  const epochMs = performance.timeOrigin + perfMs;
+  const whole = Math.floor(epochMs);
+  const micros = Math.floor((epochMs - whole) * 1000);
+  const iso = new Date(whole).toISOString(); // 2026-11-30T12:00:00.123Z
+  return `${iso.slice(0, -1)}${String(micros).padStart(3, '0')}Z`;
+}
+
+export function blkTraceRecord(r: BlkRequestInfo): BlkTraceRecord {
+  return {
+    time: isoMicros(r.end),
+    queue: r.queue,
+    type: blkTypeName(r.type),
+    sector: r.sector,
+    len: r.len,
+    status: blkStatusName(r.status),
+    latencyUs: Math.max(0, Math.round((r.end - r.start) * 1000)),
+  };
+}
+
+/** The line `vbridge trace` prints: `12:00:00.123456 q0 read         sector       2048 len     4096 ok      85us` (time of day in UTC). */
+export function formatTraceLine(r: BlkTraceRecord): string {
+  const clock = r.time.slice(11, 26);
+  return (
+    `${clock} q${String(r.queue).padEnd(2)} ${r.type.padEnd(12)} sector ${String(r.sector).padStart(10)} ` +
+    `len ${String(r.len).padStart(8)} ${r.status.padEnd(6)} ${String(r.latencyUs).padStart(6)}us`
+  );
+}
+
+export interface TraceOptions {
+  /** Only this request queue. */
+  queue?: number;
+  /** End after this many records. */
+  count?: number;
+}
+
+export interface Trace {
+  readonly records: number;
+  readonly dropped: number;
+  close(): void;
+}
+
+const encoder = new TextEncoder();
+
+class OneTrace implements Trace {
+  records = 0;
+  dropped = 0;
+  closed = false;
+
+  constructor(
+    readonly sink: CaptureSink,
+    readonly opts: TraceOptions,
+    private readonly detach: (t: OneTrace) => void,
+  ) {}
+
+  offer(r: BlkRequestInfo, line: () => Uint8Array): void {
+    if (this.closed || (this.opts.queue !== undefined && this.opts.queue !== r.queue)) return;
+    if (this.sink.write(line())) this.records++;
+    else this.dropped++;
+    if (this.opts.count !== undefined && this.records >= this.opts.count) this.close();
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.detach(this);
+    this.sink.end();
+  }
+}
+
+const active = new Map<BlkDevice, Set<OneTrace>>();
+
+/** Starts a trace: nothing is written until the first request completes. */
+export function startTrace(dev: BlkDevice, sink: CaptureSink, opts: TraceOptions = {}): Trace {
+  let set = active.get(dev);
+  if (set === undefined) {
+    const s = new Set<OneTrace>();
+    set = s;
+    active.set(dev, s);
+    const tap: BlkRequestTap = (r) => {
+      // Encoded once, and only when some tracer wants this queue.
+      let bytes: Uint8Array | null = null;
+      const line = (): Uint8Array => (bytes ??= encoder.encode(JSON.stringify(blkTraceRecord(r)) + '\n'));
+      for (const t of s) t.offer(r, line);
+    };
+    dev.tap = tap;
+  }
+  const mine = set;
+  const t = new OneTrace(sink, opts, (x) => {
+    mine.delete(x);
+    if (mine.size === 0 && active.get(dev) === mine) {
+      active.delete(dev);
+      dev.tap = null;
+    }
+  });
+  set.add(t);
+  if (opts.count === 0) t.close();
+  return t;
+}
+
+/** Traces running on a device (tests wait on it). */
+export function activeTraces(dev: BlkDevice): number {
+  return active.get(dev)?.size ?? 0;
+}
