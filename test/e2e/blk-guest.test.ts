@@ -6,19 +6,27 @@
  * blkdiscard and fstrim give the space back: the host images' allocated blocks
  * shrink and the discarded ranges read back zeros. A disk with packed=on
  * negotiates VIRTIO_F_RING_PACKED (the guest's features file says so) and
- * carries another ext2 that e2fsck finds clean.
+ * carries another ext2 that e2fsck finds clean. `vbridge trace` (the real CLI,
+ * over the control socket) sees the type, sector and length of O_DIRECT requests
+ * the guest makes at a known point.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { promisify } from 'node:util';
 import { startGuest, kv } from '../support/qemu-guest';
 import { withHeavyLock } from '../support/heavy-lock';
 import { startBridgeFixture } from '../support/bridge-fixture';
 import { md5OfRange } from '../support/storage-daemon';
 import { hostGo, waitForHost } from '../support/blk-scripts';
 import { allocatedBlocks } from '../support/blk-requests';
+import { waitFor } from '../support/wait';
+import { BlkDevice } from '../../src/devices/blk/blk-device';
+import { activeTraces, type BlkTraceRecord } from '../../src/trace/blk-trace';
+
+const CLI = path.resolve(__dirname, '../../src/control/cli.js');
 
 const MiB = 1024 * 1024;
 
@@ -142,6 +150,10 @@ echo SRC_MD5=$(md5sum < /tmp/data | cut -d' ' -f1)
 echo ZERO_MD5=$(dd if=/dev/zero bs=1M count=16 2>/dev/null | md5sum | cut -d' ' -f1)
 dd if=/tmp/data of=/dev/vda bs=1M seek=8 conv=fsync 2>/dev/null && dd if=/tmp/data of=/dev/vda bs=1M seek=32 conv=fsync 2>/dev/null && echo WRITTEN=1
 go GO1
+# Traced by the host's vbridge trace: two O_DIRECT 4 KiB writes putting back the bytes already at
+# 32 MiB + 40 KiB (sector 65616; nothing in the image changes), the flush of conv=fsync, one 8 KiB read.
+dd if=/tmp/data of=/dev/vda bs=4096 count=2 skip=10 seek=8202 oflag=direct conv=fsync 2>/dev/null && echo TRACED_WRITE=1
+dd if=/dev/vda of=/dev/null bs=8192 count=1 skip=4101 iflag=direct 2>/dev/null && echo TRACED_READ=1
 blkdiscard -o $((8 * 1048576)) -l $((16 * 1048576)) /dev/vda && echo BLKDISCARD_OK=1
 echo DISCARDED_MD5=$(dd if=/dev/vda bs=1M skip=8 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
 echo KEPT_MD5=$(dd if=/dev/vda bs=1M skip=32 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
@@ -154,7 +166,7 @@ echo FSTRIM="$(fstrim -v /mnt 2>&1)"
 umount /mnt && echo UMOUNT_OK=1
 `;
 
-test('guest blk: blkdiscard and fstrim punch holes in the host images; discarded ranges read back zeros', { timeout: 600_000 }, async (t) => {
+test('guest blk: blkdiscard and fstrim punch holes in the host images; discarded ranges read back zeros; vbridge trace sees the guest O_DIRECT requests', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
     const fx = await startBridgeFixture({
       functions: [
@@ -179,6 +191,12 @@ test('guest blk: blkdiscard and fstrim punch holes in the host images; discarded
         });
       await reach(/^WRITTEN=1$/m);
       const rawWritten = allocatedBlocks(raw);
+      // The real CLI over the control socket, started before the guest's traced I/O.
+      const rawDev = fx.bridge.device('raw');
+      assert.ok(rawDev instanceof BlkDevice);
+      const trace = promisify(execFile)(process.execPath, [CLI, 'trace', 'raw', '--json', '--count', '4', '--control', path.join(fx.dir, 'control.sock')], { timeout: 300_000 });
+      trace.catch(() => undefined);
+      await Promise.race([waitFor('vbridge trace to start', () => activeTraces(rawDev) === 1, 30_000), trace.then(() => assert.fail('vbridge trace ended before it started'))]);
       hostGo(path.join(fx.dir, 'ctl.img'), 'GO1');
       await reach(/^FILES_WRITTEN=1$/m);
       const rawDiscarded = allocatedBlocks(raw);
@@ -204,6 +222,29 @@ test('guest blk: blkdiscard and fstrim punch holes in the host images; discarded
       assert.equal(v.DISCARDED_MD5, v.ZERO_MD5, 'the guest reads the discarded range as zeros');
       assert.equal(await md5OfRange(raw, 8 * MiB, 16 * MiB), v.ZERO_MD5, 'the host image reads zeros there');
       assert.equal(v.KEPT_MD5, v.SRC_MD5);
+
+      // vbridge trace saw the dd requests as the guest made them, and they took a plausible time.
+      assert.equal(v.TRACED_WRITE, '1');
+      assert.equal(v.TRACED_READ, '1');
+      const records = (await trace).stdout
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as BlkTraceRecord);
+      t.diagnostic(`vbridge trace: ${records.map((r) => `${r.type} ${r.sector}+${r.len} ${r.status} ${r.latencyUs}us`).join(', ')}`);
+      assert.deepEqual(
+        records.map(({ queue, type, sector, len, status }) => ({ queue, type, sector, len, status })),
+        [
+          { queue: 0, type: 'write', sector: 65616, len: 4096, status: 'ok' },
+          { queue: 0, type: 'write', sector: 65624, len: 4096, status: 'ok' },
+          { queue: 0, type: 'flush', sector: 0, len: 0, status: 'ok' },
+          { queue: 0, type: 'read', sector: 65616, len: 8192, status: 'ok' },
+        ],
+      );
+      for (const r of records) assert.ok(Number.isInteger(r.latencyUs) && r.latencyUs >= 0 && r.latencyUs < 2_000_000, `${r.type}: ${r.latencyUs} us`);
+      const times = records.map((r) => Date.parse(r.time));
+      assert.ok(times.every((x, i) => i === 0 || x >= (times[i - 1] as number)), `records out of order: ${records.map((r) => r.time).join(' ')}`);
+      assert.equal(activeTraces(rawDev), 0, 'the trace ended at its count and left no tap');
+      assert.equal(rawDev.tap, null);
       assert.equal(await md5OfRange(raw, 32 * MiB, 16 * MiB), v.SRC_MD5, 'the range not discarded is intact');
 
       // fstrim: the 32 MiB of deleted files (and the never-written free space) go back to the host.
