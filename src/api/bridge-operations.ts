@@ -108,7 +108,7 @@ export function bridgeOperations(bridge: BridgeSource): Operations {
 
   const traceable = (id: string): BlkDevice | string => {
     const spec = bridge.topology.functions.find((f) => f.name === id);
-    if (spec === undefined) return 'no such function in the topology';
+    if (spec === undefined) return 'it is a VF of the function manager, whose requests trace does not see yet';
     if (spec.type !== 'blk') return 'it is a net function (trace is for blk functions; capture its frames instead)';
     const dev = bridge.device(id);
     if (!(dev instanceof BlkDevice)) return `its requests cross a ${spec.backend.kind} link, and trace sees only devices that run in the bridge (file backends)`;

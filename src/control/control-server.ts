@@ -137,6 +137,8 @@ export class ControlServer {
 
   close(): void {
     this.server.close();
+    // A trace streaming to a client would hold the connection, and serve's process, open.
+    this.server.closeAllConnections();
     try {
       fs.unlinkSync(this.socketPath);
     } catch {

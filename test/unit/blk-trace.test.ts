@@ -153,6 +153,7 @@ test('trace over the control socket and the API: vbridge trace prints records, -
   });
   const run = promisify(execFile);
   const control = path.join(fx.dir, 'control.sock');
+  let closed = false;
   try {
     const dev = fx.bridge.device('blk0');
     assert.ok(dev instanceof BlkDevice);
@@ -243,7 +244,16 @@ test('trace over the control socket and the API: vbridge trace prints records, -
     child.kill('SIGINT');
     assert.equal(await exited, 0);
     await waitFor('the tap to go', () => activeTraces(dev) === 0 && dev.tap === null, 5000);
-  } finally {
+
+    // A bridge shutting down ends a running trace (and is not held open by it).
+    const last = spawn(process.execPath, [CLI, 'trace', 'blk0', '--control', control], { stdio: 'ignore' });
+    const lastExit = new Promise<number | null>((resolve) => last.on('exit', (code) => resolve(code)));
+    await waitFor('the last trace to start', () => activeTraces(dev) === 1, 10_000);
+    closed = true;
     await fx.close();
+    assert.equal(await lastExit, 0);
+    assert.equal(activeTraces(dev), 0);
+  } finally {
+    if (!closed) await fx.close();
   }
 });
