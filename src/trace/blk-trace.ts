@@ -142,7 +142,14 @@ export function startTrace(dev: BlkDevice, sink: CaptureSink, opts: TraceOptions
       // Encoded once, and only when some tracer wants this queue.
       let bytes: Uint8Array | null = null;
       const line = (): Uint8Array => (bytes ??= encoder.encode(JSON.stringify(blkTraceRecord(r)) + '\n'));
-      for (const t of s) t.offer(r, line);
+      for (const t of s) {
+        // The tap runs inside the device's request handler: a failing tracer ends, the device goes on.
+        try {
+          t.offer(r, line);
+        } catch {
+          t.close();
+        }
+      }
     };
     dev.tap = tap;
   }

@@ -129,6 +129,18 @@ test('blk request tap: one record per completed request with type, sector, lengt
     assert.ok(all.ended && only1.ended && tight.ended);
     assert.equal(activeTraces(dev), 0);
     assert.equal(dev.tap, null, 'the last tracer removes the tap');
+
+    // A tracer whose sink throws is ended; the request completes and the device keeps working.
+    const broken = startTrace(dev, {
+      write: () => {
+        throw new Error('sink gone');
+      },
+      end: () => undefined,
+    });
+    assert.equal(q0.submit([{ data: blkHeader(BLK_T_IN, 0) }, { writable: true, len: 512 }]), 0);
+    assert.equal(broken.records, 0);
+    assert.equal(activeTraces(dev), 0);
+    assert.equal(q0.submit([{ data: blkHeader(BLK_T_IN, 0) }, { writable: true, len: 512 }]), 0);
   } finally {
     dev.close();
   }
