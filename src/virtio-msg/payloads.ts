@@ -1,0 +1,517 @@
+/**
+ * Payload codecs of the RFC3 messages, one per field table of
+ * transport-msg.tex ("Transport Messages" and "Bus Messages"). Little endian
+ * throughout ("Basic Concepts / Endianness"). Payloads are exact: a payload
+ * longer or shorter than its table says is refused, so whatever decodes
+ * re-encodes to the same bytes.
+ *
+ * u64 addresses decode to bigint: a hostile peer may send values a Number
+ * cannot hold exactly; the layers above decide what they accept.
+ */
+
+/** A payload problem found by a codec; codec.ts turns it into a VirtioMsgError naming the message. */
+export class PayloadError extends Error {
+  constructor(
+    readonly rule: 'payload-size' | 'payload-field',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'PayloadError';
+  }
+}
+
+export interface PayloadCodec<T> {
+  /** What the spec's table describes, for error messages. */
+  readonly describe: string;
+  readonly minSize: number;
+  /** Infinity for variable payloads; the bus's maximum message size bounds them. */
+  readonly maxSize: number;
+  /** bytes.length is already within [minSize, maxSize]. Throws PayloadError. */
+  decode(bytes: Uint8Array): T;
+  /** Throws PayloadError (rule payload-field) for values the layout cannot carry. */
+  encode(value: T): Uint8Array;
+}
+
+// ---------------------------------------------------------------------------
+// Payload types
+
+export type Empty = null;
+
+/** GET_DEVICE_INFO answer. */
+export interface DeviceInfo {
+  deviceId: number;
+  vendorId: number;
+  /** A multiple of 32 ("VIRTIO_MSG_GET_DEVICE_INFO"). */
+  featureBits: number;
+  configSize: number;
+  maxVirtqueues: number;
+  adminVqStart: number;
+  adminVqCount: number;
+}
+
+/** GET_DEVICE_FEATURES request: which 32-bit blocks. */
+export interface FeatureRange {
+  index: number;
+  count: number;
+}
+
+/** GET_DEVICE_FEATURES answer and SET_DRIVER_FEATURES request; the block count on the wire is blocks.length. */
+export interface FeatureBlocks {
+  index: number;
+  blocks: number[];
+}
+
+/** GET_CONFIG request. */
+export interface ConfigRange {
+  offset: number;
+  length: number;
+}
+
+/** GET_CONFIG answer, SET_CONFIG request and answer; the byte count on the wire is data.length (0 in a SET_CONFIG answer = rejected). */
+export interface ConfigData {
+  generation: number;
+  offset: number;
+  data: Uint8Array;
+}
+
+/** GET_VQUEUE answer. */
+export interface VqueueInfo {
+  index: number;
+  maxSize: number;
+  size: number;
+  descAddr: bigint;
+  driverAddr: bigint;
+  deviceAddr: bigint;
+}
+
+/** SET_VQUEUE request. */
+export interface VqueueSetup {
+  index: number;
+  size: number;
+  descAddr: bigint;
+  driverAddr: bigint;
+  deviceAddr: bigint;
+}
+
+/** GET_SHM answer; length 0 = no such region. */
+export interface ShmRegion {
+  index: number;
+  length: number;
+  address: number;
+}
+
+/** EVENT_CONFIG. */
+export interface ConfigEvent {
+  status: number;
+  generation: number;
+  offset: number;
+  /** May be empty: the driver then re-reads with GET_CONFIG. */
+  data: Uint8Array;
+}
+
+/** EVENT_AVAIL: next offset (31 bits) and wrap (the MSB), both 0 without NOTIFICATION_DATA. */
+export interface AvailEvent {
+  index: number;
+  nextOffset: number;
+  nextWrap: boolean;
+}
+
+/** BUS_MSG_GET_DEVICES request: both multiples of 8. */
+export interface DeviceRange {
+  offset: number;
+  count: number;
+}
+
+/** BUS_MSG_GET_DEVICES answer: bit n of the bitmap = device offset+n present; the count on the wire is bitmap.length * 8. */
+export interface DeviceBitmap {
+  offset: number;
+  /** 0 when no device follows. */
+  next: number;
+  bitmap: Uint8Array;
+}
+
+/** BUS_MSG_EVENT_DEVICE. */
+export interface DeviceEvent {
+  devNum: number;
+  state: number;
+}
+
+export const DeviceBusState = { READY: 0x1, REMOVED: 0x2 } as const;
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+function view(bytes: Uint8Array): DataView {
+  return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+function checkUint(v: number, bits: 16 | 32, field: string): void {
+  if (!Number.isInteger(v) || v < 0 || v > 2 ** bits - 1) {
+    throw new PayloadError('payload-field', `${field} ${String(v)} is not a u${bits}`);
+  }
+}
+
+function checkU64(v: bigint, field: string): void {
+  if (typeof v !== 'bigint' || v < 0n || v >= 1n << 64n) throw new PayloadError('payload-field', `${field} ${String(v)} is not a u64`);
+}
+
+function checkBytes(v: Uint8Array, field: string): void {
+  if (!(v instanceof Uint8Array)) throw new PayloadError('payload-field', `${field} is not a byte array`);
+}
+
+function fixed<T>(describe: string, size: number, decode: (dv: DataView) => T, encode: (dv: DataView, v: T) => void): PayloadCodec<T> {
+  return {
+    describe,
+    minSize: size,
+    maxSize: size,
+    decode: (bytes) => decode(view(bytes)),
+    encode(v) {
+      const out = new Uint8Array(size);
+      encode(view(out), v);
+      return out;
+    },
+  };
+}
+
+function mbz(dv: DataView, off: number, field: string): void {
+  const v = dv.getUint32(off, true);
+  if (v !== 0) throw new PayloadError('payload-field', `${field} at offset ${off} is 0x${v.toString(16)}, must be zero`);
+}
+
+function multipleOf8(v: number, field: string): void {
+  if (v % 8 !== 0) throw new PayloadError('payload-field', `${field} ${v} is not a multiple of 8`);
+}
+
+// ---------------------------------------------------------------------------
+// Codecs
+
+export const NONE: PayloadCodec<Empty> = {
+  describe: 'no payload',
+  minSize: 0,
+  maxSize: 0,
+  decode: () => null,
+  encode: () => new Uint8Array(0),
+};
+
+/** One le32 (status, virtqueue index, shm index, PING data). */
+export function u32(field: string): PayloadCodec<number> {
+  return fixed(
+    field,
+    4,
+    (dv) => dv.getUint32(0, true),
+    (dv, v) => {
+      checkUint(v, 32, field);
+      dv.setUint32(0, v, true);
+    },
+  );
+}
+
+export const DEVICE_INFO: PayloadCodec<DeviceInfo> = fixed(
+  'device info',
+  24,
+  (dv) => {
+    const featureBits = dv.getUint32(8, true);
+    if (featureBits % 32 !== 0) throw new PayloadError('payload-field', `number of feature bits ${featureBits} is not a multiple of 32`);
+    return {
+      deviceId: dv.getUint32(0, true),
+      vendorId: dv.getUint32(4, true),
+      featureBits,
+      configSize: dv.getUint32(12, true),
+      maxVirtqueues: dv.getUint32(16, true),
+      adminVqStart: dv.getUint16(20, true),
+      adminVqCount: dv.getUint16(22, true),
+    };
+  },
+  (dv, v) => {
+    checkUint(v.deviceId, 32, 'device ID');
+    checkUint(v.vendorId, 32, 'vendor ID');
+    checkUint(v.featureBits, 32, 'number of feature bits');
+    if (v.featureBits % 32 !== 0) throw new PayloadError('payload-field', `number of feature bits ${v.featureBits} is not a multiple of 32`);
+    checkUint(v.configSize, 32, 'configuration size');
+    checkUint(v.maxVirtqueues, 32, 'maximum number of virtqueues');
+    checkUint(v.adminVqStart, 16, 'admin virtqueue start index');
+    checkUint(v.adminVqCount, 16, 'admin virtqueue count');
+    dv.setUint32(0, v.deviceId, true);
+    dv.setUint32(4, v.vendorId, true);
+    dv.setUint32(8, v.featureBits, true);
+    dv.setUint32(12, v.configSize, true);
+    dv.setUint32(16, v.maxVirtqueues, true);
+    dv.setUint16(20, v.adminVqStart, true);
+    dv.setUint16(22, v.adminVqCount, true);
+  },
+);
+
+export const FEATURE_RANGE: PayloadCodec<FeatureRange> = fixed(
+  'feature block index and count',
+  8,
+  (dv) => ({ index: dv.getUint32(0, true), count: dv.getUint32(4, true) }),
+  (dv, v) => {
+    checkUint(v.index, 32, 'feature block index');
+    checkUint(v.count, 32, 'number of feature blocks');
+    dv.setUint32(0, v.index, true);
+    dv.setUint32(4, v.count, true);
+  },
+);
+
+export const FEATURE_BLOCKS: PayloadCodec<FeatureBlocks> = {
+  describe: 'feature block index, count and count x 32-bit blocks',
+  minSize: 8,
+  maxSize: Infinity,
+  decode(bytes) {
+    const dv = view(bytes);
+    const index = dv.getUint32(0, true);
+    const count = dv.getUint32(4, true);
+    // "The feature data MUST be a multiple of 4 bytes"; we hold it to exactly count blocks.
+    if (bytes.length !== 8 + count * 4) {
+      throw new PayloadError('payload-size', `${count} feature blocks need ${8 + count * 4} payload bytes, got ${bytes.length}`);
+    }
+    const blocks: number[] = [];
+    for (let i = 0; i < count; i++) blocks.push(dv.getUint32(8 + 4 * i, true));
+    return { index, blocks };
+  },
+  encode(v) {
+    checkUint(v.index, 32, 'feature block index');
+    if (!Array.isArray(v.blocks)) throw new PayloadError('payload-field', 'feature blocks is not an array');
+    const out = new Uint8Array(8 + 4 * v.blocks.length);
+    const dv = view(out);
+    dv.setUint32(0, v.index, true);
+    dv.setUint32(4, v.blocks.length, true);
+    v.blocks.forEach((b, i) => {
+      checkUint(b, 32, `feature block ${i}`);
+      dv.setUint32(8 + 4 * i, b, true);
+    });
+    return out;
+  },
+};
+
+export const CONFIG_RANGE: PayloadCodec<ConfigRange> = fixed(
+  'configuration offset and byte count',
+  8,
+  (dv) => ({ offset: dv.getUint32(0, true), length: dv.getUint32(4, true) }),
+  (dv, v) => {
+    checkUint(v.offset, 32, 'configuration offset');
+    checkUint(v.length, 32, 'number of bytes');
+    dv.setUint32(0, v.offset, true);
+    dv.setUint32(4, v.length, true);
+  },
+);
+
+/** le32 fields (named by `fields`), then le32 byte count, then the data; the data is exactly that count. */
+function withData<T extends { data: Uint8Array }>(
+  describe: string,
+  fields: readonly string[],
+  read: (words: number[], data: Uint8Array) => T,
+  write: (v: T) => number[],
+): PayloadCodec<T> {
+  const head = 4 * fields.length + 4;
+  return {
+    describe,
+    minSize: head,
+    maxSize: Infinity,
+    decode(bytes) {
+      const dv = view(bytes);
+      const words = fields.map((_, i) => dv.getUint32(4 * i, true));
+      const n = dv.getUint32(head - 4, true);
+      if (bytes.length !== head + n) {
+        throw new PayloadError('payload-size', `number of bytes ${n} needs ${head + n} payload bytes, got ${bytes.length}`);
+      }
+      return read(words, bytes.slice(head));
+    },
+    encode(v) {
+      checkBytes(v.data, 'configuration data');
+      const words = write(v);
+      const out = new Uint8Array(head + v.data.length);
+      const dv = view(out);
+      words.forEach((w, i) => {
+        checkUint(w, 32, fields[i]);
+        dv.setUint32(4 * i, w, true);
+      });
+      dv.setUint32(head - 4, v.data.length, true);
+      out.set(v.data, head);
+      return out;
+    },
+  };
+}
+
+export const CONFIG_DATA: PayloadCodec<ConfigData> = withData(
+  'generation, offset, byte count and configuration data',
+  ['configuration generation count', 'configuration offset'],
+  ([generation, offset], data) => ({ generation, offset, data }),
+  (v) => [v.generation, v.offset],
+);
+
+export const CONFIG_EVENT: PayloadCodec<ConfigEvent> = withData(
+  'status, generation, offset, byte count and configuration data',
+  ['device status', 'configuration generation count', 'configuration offset'],
+  ([status, generation, offset], data) => ({ status, generation, offset, data }),
+  (v) => [v.status, v.generation, v.offset],
+);
+
+export const VQUEUE_INFO: PayloadCodec<VqueueInfo> = fixed(
+  'virtqueue index, sizes and addresses',
+  40,
+  (dv) => {
+    mbz(dv, 12, 'reserved');
+    return {
+      index: dv.getUint32(0, true),
+      maxSize: dv.getUint32(4, true),
+      size: dv.getUint32(8, true),
+      descAddr: dv.getBigUint64(16, true),
+      driverAddr: dv.getBigUint64(24, true),
+      deviceAddr: dv.getBigUint64(32, true),
+    };
+  },
+  (dv, v) => {
+    checkUint(v.index, 32, 'virtqueue index');
+    checkUint(v.maxSize, 32, 'maximum virtqueue size');
+    checkUint(v.size, 32, 'current virtqueue size');
+    checkU64(v.descAddr, 'descriptor address');
+    checkU64(v.driverAddr, 'driver address');
+    checkU64(v.deviceAddr, 'device address');
+    dv.setUint32(0, v.index, true);
+    dv.setUint32(4, v.maxSize, true);
+    dv.setUint32(8, v.size, true);
+    dv.setBigUint64(16, v.descAddr, true);
+    dv.setBigUint64(24, v.driverAddr, true);
+    dv.setBigUint64(32, v.deviceAddr, true);
+  },
+);
+
+export const VQUEUE_SETUP: PayloadCodec<VqueueSetup> = fixed(
+  'virtqueue index, size and addresses',
+  40,
+  (dv) => {
+    mbz(dv, 4, 'reserved');
+    mbz(dv, 12, 'reserved');
+    return {
+      index: dv.getUint32(0, true),
+      size: dv.getUint32(8, true),
+      descAddr: dv.getBigUint64(16, true),
+      driverAddr: dv.getBigUint64(24, true),
+      deviceAddr: dv.getBigUint64(32, true),
+    };
+  },
+  (dv, v) => {
+    checkUint(v.index, 32, 'virtqueue index');
+    checkUint(v.size, 32, 'current virtqueue size');
+    checkU64(v.descAddr, 'descriptor address');
+    checkU64(v.driverAddr, 'driver address');
+    checkU64(v.deviceAddr, 'device address');
+    dv.setUint32(0, v.index, true);
+    dv.setUint32(8, v.size, true);
+    dv.setBigUint64(16, v.descAddr, true);
+    dv.setBigUint64(24, v.driverAddr, true);
+    dv.setBigUint64(32, v.deviceAddr, true);
+  },
+);
+
+export const SHM_REGION: PayloadCodec<ShmRegion> = fixed(
+  'shared memory region index, length and address',
+  12,
+  (dv) => ({ index: dv.getUint32(0, true), length: dv.getUint32(4, true), address: dv.getUint32(8, true) }),
+  (dv, v) => {
+    checkUint(v.index, 32, 'shared memory region index');
+    checkUint(v.length, 32, 'shared memory region length');
+    checkUint(v.address, 32, 'shared memory region address');
+    dv.setUint32(0, v.index, true);
+    dv.setUint32(4, v.length, true);
+    dv.setUint32(8, v.address, true);
+  },
+);
+
+const WRAP_BIT = 0x80000000;
+
+export const AVAIL_EVENT: PayloadCodec<AvailEvent> = fixed(
+  'virtqueue index, next offset and wrap',
+  8,
+  (dv) => {
+    const next = dv.getUint32(4, true);
+    return { index: dv.getUint32(0, true), nextOffset: next & 0x7fffffff, nextWrap: (next & WRAP_BIT) !== 0 };
+  },
+  (dv, v) => {
+    checkUint(v.index, 32, 'virtqueue index');
+    if (!Number.isInteger(v.nextOffset) || v.nextOffset < 0 || v.nextOffset > 0x7fffffff) {
+      throw new PayloadError('payload-field', `next offset ${String(v.nextOffset)} does not fit 31 bits`);
+    }
+    dv.setUint32(0, v.index, true);
+    dv.setUint32(4, (v.nextOffset | (v.nextWrap ? WRAP_BIT : 0)) >>> 0, true);
+  },
+);
+
+export const DEVICE_RANGE: PayloadCodec<DeviceRange> = fixed(
+  'device number offset and count',
+  4,
+  (dv) => {
+    const offset = dv.getUint16(0, true);
+    const count = dv.getUint16(2, true);
+    multipleOf8(offset, 'offset');
+    multipleOf8(count, 'number of device numbers requested');
+    return { offset, count };
+  },
+  (dv, v) => {
+    checkUint(v.offset, 16, 'offset');
+    checkUint(v.count, 16, 'number of device numbers requested');
+    multipleOf8(v.offset, 'offset');
+    multipleOf8(v.count, 'number of device numbers requested');
+    dv.setUint16(0, v.offset, true);
+    dv.setUint16(2, v.count, true);
+  },
+);
+
+export const DEVICE_BITMAP: PayloadCodec<DeviceBitmap> = {
+  describe: 'offset, count, next offset and a bitmap of count bits',
+  minSize: 6,
+  maxSize: Infinity,
+  decode(bytes) {
+    const dv = view(bytes);
+    const offset = dv.getUint16(0, true);
+    const count = dv.getUint16(2, true);
+    const next = dv.getUint16(4, true);
+    multipleOf8(offset, 'offset');
+    multipleOf8(count, 'number of device numbers in the answer');
+    multipleOf8(next, 'next offset');
+    if (bytes.length !== 6 + count / 8) {
+      throw new PayloadError('payload-size', `${count} device numbers need ${6 + count / 8} payload bytes, got ${bytes.length}`);
+    }
+    return { offset, next, bitmap: bytes.slice(6) };
+  },
+  encode(v) {
+    checkUint(v.offset, 16, 'offset');
+    checkUint(v.next, 16, 'next offset');
+    checkBytes(v.bitmap, 'bitmap');
+    multipleOf8(v.offset, 'offset');
+    multipleOf8(v.next, 'next offset');
+    checkUint(v.bitmap.length * 8, 16, 'number of device numbers in the answer');
+    const out = new Uint8Array(6 + v.bitmap.length);
+    const dv = view(out);
+    dv.setUint16(0, v.offset, true);
+    dv.setUint16(2, v.bitmap.length * 8, true);
+    dv.setUint16(4, v.next, true);
+    out.set(v.bitmap, 6);
+    return out;
+  },
+};
+
+export const DEVICE_EVENT: PayloadCodec<DeviceEvent> = fixed(
+  'device number and bus state',
+  4,
+  (dv) => ({ devNum: dv.getUint16(0, true), state: dv.getUint16(2, true) }),
+  (dv, v) => {
+    checkUint(v.devNum, 16, 'device number');
+    checkUint(v.state, 16, 'device bus state');
+    dv.setUint16(0, v.devNum, true);
+    dv.setUint16(2, v.state, true);
+  },
+);
+
+/** Bus-specific messages whose layout only their bus knows: the payload as bytes. */
+export const RAW: PayloadCodec<Uint8Array> = {
+  describe: 'bus-specific bytes',
+  minSize: 0,
+  maxSize: Infinity,
+  decode: (bytes) => bytes.slice(),
+  encode(v) {
+    checkBytes(v, 'payload');
+    return v.slice();
+  },
+};
