@@ -430,3 +430,14 @@ test('sizes: every message fits a 48-byte bus, a 256-byte config fits 280, the s
   assert.equal(encodeEvent(Transport.EVENT_CONFIG, 1, cfg, busLimits(CONFIG_256_MESSAGE_SIZE)).length, 280);
   expectError(() => encodeEvent(Transport.EVENT_CONFIG, 1, cfg, busLimits(274)), 'VIRTIO_MSG_EVENT_CONFIG', 'msg-size');
 });
+
+test('decoding leaves its input alone and hands out copies, so a bus may reuse its slot at once', () => {
+  const wire = encodeResponse(Transport.GET_CONFIG, { devNum: 1, token: 2 }, { generation: 1, offset: 0, data: Uint8Array.of(1, 2, 3, 4) }, LIMITS);
+  const before = hex(wire);
+  const m = decodeMessage(wire, OPTS);
+  assert.equal(hex(wire), before);
+  wire.fill(0xee);
+  assert.deepEqual(responseOf(m, Transport.GET_CONFIG)?.data, Uint8Array.of(1, 2, 3, 4));
+  // A count that claims 4 GiB of data is refused from the lengths alone.
+  expectDropped(bytes('01 03 0100 0100 1000 00000000 ffffffff'), 'VIRTIO_MSG_GET_DEVICE_FEATURES', 'payload-size', OPTS, /4294967295 feature blocks need/);
+});
