@@ -227,9 +227,10 @@ async function blkMigration(fx: BridgeFixture, name: string, served: (fn: string
     hostGo(path.join(fx.dir, 'ctl.img'), 'chk');
     const r = await d2.g.done;
     const v = kv(r.output);
-    assert.ok(served('dst-data') > dstReqs + 100, 'the destination function served the last pass');
-    const all = src.output() + r.output;
+    // The guest's own account first: a destination that crashed or saw I/O errors says so here, with its console.
     assert.equal(r.rc, 0, `guest failed:\n${r.output.slice(-3000)}`);
+    assert.ok(served('dst-data') > dstReqs + 100, `the destination function served ${served('dst-data') - dstReqs} request(s) of the last pass; the guest said:\n${r.output.slice(-1500)}`);
+    const all = src.output() + r.output;
     assert.doesNotMatch(all, /BADPASS|BADREAD/, 'a pass read back something other than it wrote');
     const srcKv = kv(src.output());
     assert.equal(v.CACHE_MD5, v.CACHE_OF === '0' ? srcKv.WHOLE_0 : srcKv.WHOLE_1, 'the page cache filled by DMA during the migration arrived stale: the writes were not logged');
