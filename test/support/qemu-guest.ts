@@ -63,11 +63,6 @@ export interface GuestOptions {
   memMiB?: number;
   /** vCPUs (default 1). */
   cpus?: number;
-  /**
-   * CPU model (default `max`: every feature TCG emulates). A guest that is
-   * live-migrated takes MIGRATABLE_CPU instead, on both sides.
-   */
-  cpu?: string;
   nets?: readonly GuestNet[];
   blks?: readonly GuestBlk[];
   /** More files put into the guest's root file system. */
@@ -186,18 +181,6 @@ function checkPath(what: string, p: string): void {
 }
 
 /** The QEMU command line for `opts` (without the program name). */
-/**
- * The CPU model of guests that are live-migrated. `max` is not a migratable
- * model (QEMU documents it as such), and under QEMU 7.2's TCG it is not
- * migrated faithfully: a guest with no device of ours at all, migrated while a
- * shell loop forks and sleeps, came up on the destination with its kernel's
- * per-CPU state corrupted in 1 of 20 runs ("BUG: scheduling while atomic:
- * sh/95/0x7fff0001" a second after the move). That is the same failure the
- * migration tests saw now and then (a timer-list poison panic, a destination
- * that died at once), so they migrate a named, baseline model.
- */
-export const MIGRATABLE_CPU = 'qemu64';
-
 export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): string[] {
   const mem = opts.memMiB ?? 256;
   const memory = ['-machine', 'q35,memory-backend=mem', '-object', `memory-backend-memfd,id=mem,size=${mem}M,share=on`, '-m', `${mem}M`];
@@ -205,7 +188,7 @@ export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): st
     '-name', opts.name,
     ...(opts.attachArgs ?? memory),
     '-smp', String(opts.cpus ?? 1),
-    '-cpu', opts.cpu ?? 'max',
+    '-cpu', 'max',
     '-accel', 'tcg',
     '-nographic',
     '-monitor', 'none', // with -nographic: the serial console alone on stdio
