@@ -7,6 +7,7 @@
 import type { StatsReport } from '../control/stats-format';
 import type { MetricFamily, Sample } from './prometheus';
 import { queueDirection, queueName } from './queue-names';
+import { COUNTED_KINDS } from '../faults/function-faults';
 
 const LINK_STATES = ['up', 'down', 'failed'] as const;
 
@@ -103,6 +104,26 @@ export function bridgeMetrics(r: StatsReport, learned: (sw: string) => number): 
         const n = f.dirtyLog?.logBases ?? f.passthrough?.logBases;
         return n === undefined ? [] : [{ labels: { function: f.name }, value: n }];
       }),
+    ),
+  );
+
+  const faulted = r.functions.flatMap((f) => (f.faults !== undefined ? [{ f, x: f.faults }] : []));
+  out.push(
+    fam(
+      'vbridge_faults_injected_total',
+      'counter',
+      'Faults injected with vbridge fault, by kind: link-downs, requests or frames failed (dma-error), used notifications not signalled (drop-interrupt).',
+      faulted.flatMap(({ f, x }) => COUNTED_KINDS.map((kind) => ({ labels: { function: f.name, kind }, value: x.injected[kind] }))),
+    ),
+    fam(
+      'vbridge_faults_armed',
+      'gauge',
+      'Faults armed now, by kind: requests or frames still to fail, interrupts still to drop, 1 while the link is held down.',
+      faulted.flatMap(({ f, x }) => [
+        { labels: { function: f.name, kind: 'dma-error' }, value: x.active.dmaError },
+        { labels: { function: f.name, kind: 'drop-interrupt' }, value: x.active.dropInterrupt },
+        { labels: { function: f.name, kind: 'link-down' }, value: x.active.linkDown ? 1 : 0 },
+      ]),
     ),
   );
 

@@ -10,7 +10,8 @@ import { findSwitch } from '../devices/net/l2-switch';
 import type { Port } from '../devices/net/port';
 import { bridgeMetrics } from './bridge-metrics';
 import { functionResource, linkResource, switchResource } from './bridge-resources';
-import { ApiError, Operations } from './operations';
+import { ApiError, Operations, type JsonObject } from './operations';
+import { AVAILABLE_KINDS, FaultError, type FaultInjector } from '../faults/fault-injector';
 import { startCapture } from '../capture/frame-capture';
 import { PCAP_CONTENT_TYPE } from '../capture/pcap';
 import { BlkDevice } from '../devices/blk/blk-device';
@@ -21,6 +22,8 @@ export interface BridgeSource {
   readonly topology: Topology;
   stats(): StatsReport;
   device(name: string): VirtioDevice | null;
+  /** Fault injection (the Bridge has it); without it the fault action is refused. */
+  readonly faults?: FaultInjector;
 }
 
 export function bridgeOperations(bridge: BridgeSource): Operations {
@@ -129,6 +132,24 @@ export function bridgeOperations(bridge: BridgeSource): Operations {
       const count = intParam(params, 'count', 1, 2 ** 31);
       const t = startTrace(dev, sink, { queue, count });
       return () => t.close();
+    },
+  });
+
+  ops.addAction('functions', 'fault', {
+    summary: 'Inject a fault (body: {"kind": link-down | link-up | dma-error | drop-interrupt | clear, "count": N}), as vbridge fault does.',
+    refusal: () => (bridge.faults === undefined ? 'this bridge has no fault injection' : null),
+    run: (id, args) => {
+      const injector = bridge.faults as FaultInjector;
+      for (const k of Object.keys(args)) if (k !== 'kind' && k !== 'count') throw new ApiError(400, `unknown field "${k}" (fields: kind, count)`);
+      if (typeof args.kind !== 'string') throw new ApiError(400, `"kind" must be a string (kinds: ${AVAILABLE_KINDS.join(', ')})`);
+      if (args.count !== undefined && typeof args.count !== 'number') throw new ApiError(400, '"count" must be a number');
+      try {
+        const r = injector.inject(id, { kind: args.kind, count: args.count });
+        return { function: r.function, kind: r.kind, changed: r.changed, faults: JSON.parse(JSON.stringify(r.faults)) as JsonObject };
+      } catch (e) {
+        if (e instanceof FaultError) throw new ApiError(e.status, e.status === 409 ? `${args.kind} does not apply to function ${id}: ${e.message}` : e.message);
+        throw e;
+      }
     },
   });
 

@@ -28,6 +28,7 @@ export function functionResource(f: FunctionStatsRow, actions: string[]): JsonOb
   if (f.backend !== undefined) r.backend = json(f.backend);
   if (f.passthrough !== undefined) r.passthrough = json(f.passthrough);
   if (f.dirtyLog !== undefined) r.dirtyLog = json(f.dirtyLog);
+  if (f.faults !== undefined) r.faults = json(f.faults);
   return r;
 }
 

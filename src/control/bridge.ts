@@ -27,6 +27,8 @@ import { PassthroughFunction } from '../links/vhost-user/passthrough';
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_NET } from '../virtio/constants';
 import { FunctionManager } from '../functions/function-manager';
 import { functionRoutes } from '../functions/function-routes';
+import { FaultInjector } from '../faults/fault-injector';
+import { actionRoute } from './action-route';
 
 /** One function of the topology, whatever runs its device. */
 interface RunningFunction {
@@ -34,6 +36,8 @@ interface RunningFunction {
   /** The in-bridge device (local functions) or the relay (once a backend is up); null for passthrough. */
   device(): VirtioDevice | null;
   stats(): FunctionStatsRow;
+  /** The vhost-user port the bridge serves for a local function (fault injection takes its link down); null otherwise. */
+  readonly frontend: VhostUserServer | null;
   close(): void;
 }
 
@@ -75,6 +79,7 @@ function localFunction(spec: FunctionSpec, switches: Map<string, L2Switch>, log:
   return {
     spec,
     device: () => device,
+    frontend: server,
     stats: () => ({ name: spec.name, type: spec.type, link: 'local', ...server.stats() }),
     close: () => {
       server.close();
@@ -93,6 +98,7 @@ function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): Running
   return {
     spec,
     device: () => fn.device,
+    frontend: null,
     stats: () => {
       const st = fn.stats();
       const server = st.server ?? { socket: spec.socket, connected: false, status: 0, needsReset: false, queues: [], dirtyLog: { logging: false, logBases: 0, pagesDirtied: 0 } };
@@ -115,6 +121,7 @@ function passthroughFunction(spec: FunctionSpec, b: VhostUserLinkBackend, log: L
   return {
     spec,
     device: () => null,
+    frontend: null,
     stats: () => {
       const st = fn.stats();
       return {
@@ -147,6 +154,11 @@ export class Bridge {
   private control: ControlServer | null = null;
   /** The HTTP API and /metrics, when the topology asks for them. */
   api: HttpApi | null = null;
+  /** Faults injected into the functions (`vbridge fault`); before operations, which act through it. */
+  readonly faults = new FaultInjector((name) => {
+    const f = this.functions.find((x) => x.spec.name === name);
+    return f === undefined ? undefined : { type: f.spec.type, link: f.stats().link, device: () => f.device(), frontend: f.frontend };
+  });
   /**
    * What the HTTP API serves and acts on, kept whether or not it listens: other
    * parts (the PF/VF manager, the CLI, a dashboard) register and use the same operations.
@@ -193,7 +205,7 @@ export class Bridge {
       const fm = bridge.functionManager;
       bridge.control = await ControlServer.listen(topology.control, {
         stats: () => bridge.stats(),
-        routes: fm !== null ? [functionRoutes(fm)] : [],
+        routes: [actionRoute(bridge.operations, ['fault']), ...(fm !== null ? [functionRoutes(fm)] : [])],
         streams: { operations: bridge.operations, names: ['trace'] },
       });
       if (topology.http !== undefined) {
@@ -215,7 +227,11 @@ export class Bridge {
   }
 
   stats(): StatsReport {
-    const functions: FunctionStatsRow[] = [...this.functions.map((f) => f.stats()), ...(this.functionManager?.stats() ?? [])];
+    const withFaults = (r: FunctionStatsRow): FunctionStatsRow => {
+      const faults = this.faults.stats(r.name);
+      return faults === undefined ? r : { ...r, faults };
+    };
+    const functions: FunctionStatsRow[] = [...this.functions.map((f) => withFaults(f.stats())), ...(this.functionManager?.stats() ?? [])];
     const switches: SwitchStatsRow[] = [...this.switches.values()].map((sw) => ({
       name: sw.name,
       dropped: sw.dropped,

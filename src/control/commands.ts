@@ -7,6 +7,7 @@ import { UsageError, type CommandSpec, type ParsedArgs } from './args';
 import { backendCommand } from './backend-command';
 import { captureCommand } from './capture-command';
 import { traceCommand } from './trace-command';
+import { faultCommand } from './fault-command';
 import { parseListenAddress, type ListenAddress } from '../api/listen-address';
 import { pfCommand, vfCommand } from './function-commands';
 import { bashCompletion } from './completion';
@@ -114,4 +115,4 @@ const completionCommand: CommandSpec = {
   },
 };
 
-export const COMMANDS: readonly CommandSpec[] = [serveCommand, validateCommand, statsCommand, qemuArgsCommand, captureCommand, traceCommand, backendCommand, pfCommand, vfCommand, completionCommand];
+export const COMMANDS: readonly CommandSpec[] = [serveCommand, validateCommand, statsCommand, qemuArgsCommand, captureCommand, traceCommand, faultCommand, backendCommand, pfCommand, vfCommand, completionCommand];

@@ -30,7 +30,7 @@ export class ControlRequestError extends Error {
   }
 }
 
-function request<T>(socketPath: string, method: 'GET' | 'POST', urlPath: string, body?: unknown, timeoutMs = 60_000): Promise<T> {
+export function request<T>(socketPath: string, method: 'GET' | 'POST', urlPath: string, body?: unknown, timeoutMs = 60_000): Promise<T> {
   return new Promise((resolve, reject) => {
     const data = body === undefined ? undefined : JSON.stringify(body);
     const req = http.request({ socketPath, method, path: urlPath, timeout: timeoutMs, headers: data ? { 'content-type': 'application/json' } : {} }, (res) => {

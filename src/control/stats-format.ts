@@ -1,6 +1,7 @@
 import type { QueueStats } from '../devices/device';
 import type { RelayQueueStats } from '../bridge/relay-device';
 import type { ShadowLinkStats } from '../bridge/shadow-link';
+import type { FaultStats } from '../faults/function-faults';
 import type { PassthroughMigrationStats } from '../links/vhost-user/passthrough-log';
 import type { DirtyLogStats } from '../vhost-user/migration-log';
 import { decodeStatus, formatDuration, formatRate, queueLabel } from './stats-labels';
@@ -27,6 +28,8 @@ export interface FunctionStatsRow {
   passthrough?: PassthroughMigrationStats;
   /** Functions the bridge serves itself (local, relay): its own dirty logging during live migration. */
   dirtyLog?: DirtyLogStats;
+  /** Once a fault was injected (`vbridge fault`): what is armed and what was injected so far. */
+  faults?: FaultStats;
 }
 
 export interface SwitchPortRow {
@@ -94,6 +97,7 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
     if (d !== undefined && (d.logging || d.logBases > 0)) {
       out.push(`  dirty log ${d.logging ? 'on' : 'off'}: ${d.pagesDirtied} page(s) dirtied by the bridge's writes, ${d.logBases} log base(s) mapped`);
     }
+    if (f.faults !== undefined) out.push(`  ${formatFaults(f.faults)}`);
     const head = ['queue', ...COLUMNS, ...(prev !== undefined ? ['desc/s', 'bytes/s'] : [])];
     const cells = (q: QueueStatsRow): string[] => [queueLabel(f.type, q.index, f.queues.length), ...COLUMNS.map((c) => String(q[c])), ...(prev !== undefined ? rateCells(f, q, prev) : [])];
     const rows = [head, ...f.queues.map(cells)];
@@ -122,4 +126,12 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
     }
   }
   return out.join('\n') + '\n';
+}
+
+/** `faults: dma-error 2 left, link down; injected: link-down 1, dma-error 3, drop-interrupt 0`. */
+export function formatFaults(f: FaultStats): string {
+  const a = f.active;
+  const armed = [...(a.dmaError > 0 ? [`dma-error ${a.dmaError} left`] : []), ...(a.dropInterrupt > 0 ? [`drop-interrupt ${a.dropInterrupt} left`] : []), ...(a.linkDown ? ['link down'] : [])];
+  const injected = Object.entries(f.injected).map(([k, n]) => `${k} ${n}`);
+  return `faults: ${armed.length > 0 ? armed.join(', ') : 'none armed'}; injected: ${injected.join(', ')}`;
 }

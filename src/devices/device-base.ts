@@ -6,6 +6,7 @@
 import type { DescriptorChain } from '../virtio/chain';
 import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1 } from '../virtio/constants';
 import type { DeviceQueue, VirtioDevice } from './device';
+import type { FunctionFaults } from '../faults/function-faults';
 
 /** Used elements published per notify() inside one drain, so a long drain still lets the driver refill early. */
 export const NOTIFY_BATCH = 64;
@@ -41,6 +42,8 @@ export abstract class DeviceBase implements VirtioDevice {
   abstract readonly deviceId: number;
   abstract readonly configSize: number;
   onFatal?: (err: Error) => void;
+  /** See VirtioDevice.faults: null unless a fault is armed. */
+  faults: FunctionFaults | null = null;
 
   /** Started queues by index; null when stopped. */
   protected readonly queues: (DeviceQueue | null)[];

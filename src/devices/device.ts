@@ -1,5 +1,6 @@
 import type { MemoryAccess } from '../memory/memory-access';
 import type { Virtqueue } from '../virtio/virtqueue';
+import type { FunctionFaults } from '../faults/function-faults';
 
 /** Per-queue counters; `vbridge stats` prints them. Plain numbers: cheap to bump on the data path. */
 export interface QueueStats {
@@ -81,6 +82,11 @@ export interface VirtioDevice {
   reset(): void;
   /** Set by the link: called when the device hits a driver error it cannot recover from. */
   onFatal?: (err: Error) => void;
+  /**
+   * Injected faults (`vbridge fault`): set only while one is armed, so the
+   * data path pays a null check otherwise. Absent on devices that take none.
+   */
+  faults?: FunctionFaults | null;
   /**
    * Announce the station with this MAC where it now lives (vhost-user
    * SEND_RARP after a migration): a net device sends a RARP broadcast from it.

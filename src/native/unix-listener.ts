@@ -30,6 +30,8 @@ export interface UnixListenerOptions {
 export class UnixListener {
   private fd = -1;
   private poller: Poller | null = null;
+  /** stopListening() left our socket file in place: close() still removes it. */
+  private fileHeld = false;
 
   constructor(
     readonly socketPath: string,
@@ -62,10 +64,22 @@ export class UnixListener {
       throw e;
     }
     this.fd = fd;
+    this.fileHeld = false;
   }
 
   /** Stop accepting, close the socket and remove its file. Idempotent; accepted connections are not touched. */
   close(): void {
+    const held = this.stopListening() || this.fileHeld;
+    this.fileHeld = false;
+    if (held) unlinkQuietly(this.socketPath);
+  }
+
+  /**
+   * Stop accepting and close the socket but leave its file: a client dialling
+   * it is refused (ECONNREFUSED) as when the server is gone, and listen()
+   * takes the stale file over again. Returns whether it was listening.
+   */
+  stopListening(): boolean {
     if (this.poller !== null) {
       try {
         this.poller.close();
@@ -74,11 +88,11 @@ export class UnixListener {
       }
       this.poller = null;
     }
-    if (this.fd >= 0) {
-      closeQuietly(this.fd);
-      this.fd = -1;
-      unlinkQuietly(this.socketPath);
-    }
+    if (this.fd < 0) return false;
+    closeQuietly(this.fd);
+    this.fd = -1;
+    this.fileHeld = true;
+    return true;
   }
 
   private onAcceptable(status: number): void {

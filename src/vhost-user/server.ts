@@ -86,6 +86,30 @@ export class VhostUserServer {
     };
   }
 
+  /**
+   * An injected link-down: end the session as if the front-end's cable were
+   * pulled and refuse front-ends until linkUp(). The socket file stays, so a
+   * front-end that redials (QEMU's chardev reconnect=N) is refused, not lost:
+   * QEMU takes the guest's link down when the session ends and up when it
+   * connects again. Returns false when the link was down already.
+   */
+  linkDown(): boolean {
+    if (!this.listener.listening) return false;
+    this.listener.stopListening();
+    this.active?.close();
+    this.active = null;
+    this.logger.info(`${this.device.name}: link down (fault injected): session ended, front-ends refused`);
+    return true;
+  }
+
+  /** Ends linkDown(): front-ends connect again. Returns false when the link was up. */
+  linkUp(): boolean {
+    if (this.listener.listening) return false;
+    this.listener.listen();
+    this.logger.info(`${this.device.name}: link up: accepting front-ends at ${this.socketPath}`);
+    return true;
+  }
+
   /** Stop listening, end the session (resetting the device) and remove the socket file. */
   close(): void {
     this.listener.close();

@@ -84,7 +84,7 @@ test('bridge HTTP API: resources match openapi.yaml and the stats, /metrics pass
       fns.items[2].queues.map((q) => q.name),
       ['requestq0'],
     );
-    assert.deepEqual(fns.items[0].actions, ['forget-macs']);
+    assert.deepEqual(fns.items[0].actions, ['forget-macs', 'fault']);
     const stats = fx.bridge.stats();
     for (const [i, f] of stats.functions.entries()) {
       for (const q of f.queues) {
@@ -134,7 +134,7 @@ test('bridge HTTP API: resources match openapi.yaml and the stats, /metrics pass
     const cases: [string, string, { body?: string; token?: string }, number, RegExp][] = [
       ['POST', '/v1/functions/blk0/actions/forget-macs', { token }, 409, /does not apply to function blk0: it is a blk function whose backend is file/],
       ['POST', '/v1/functions/nope/actions/forget-macs', { token }, 404, /no function named "nope"/],
-      ['POST', '/v1/functions/net0/actions/explode', { token }, 404, /no action "explode" \(actions: forget-macs\)/],
+      ['POST', '/v1/functions/net0/actions/explode', { token }, 404, /no action "explode" \(actions: forget-macs, fault\)/],
       ['POST', '/v1/functions/net0/actions/forget-macs', { token, body: '{"a":' }, 400, /not valid JSON/],
       ['POST', '/v1/functions/net0/actions/forget-macs', { token, body: '[1]' }, 400, /must be a JSON object/],
       ['POST', '/v1/functions/net0/actions/forget-macs', { token, body: JSON.stringify({ pad: 'x'.repeat(70_000) }) }, 413, /over 65536 bytes/],

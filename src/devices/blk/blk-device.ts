@@ -225,7 +225,10 @@ export class BlkDevice extends DeviceBase {
       readSegments(mem, chain.readable, 0, this.hdr, 0, HDR_SIZE);
       type = this.hdrView.getUint32(0, true);
       sector = this.hdrView.getUint32(8, true) + this.hdrView.getUint32(12, true) * 2 ** 32;
-      try {
+      const faults = this.faults;
+      // An injected dma-error: the request fails as a DMA fault would, the file untouched.
+      if (faults !== null && faults.takeDmaError()) status = BLK_S_IOERR;
+      else try {
         switch (type) {
           case BLK_T_IN: {
             const len = chain.writableLen - 1;

@@ -334,6 +334,12 @@ export class NetDevice extends DeviceBase implements Endpoint {
 
   /** One TX chain: header, then the frame, all device-readable. Returns the used length (0: nothing written). */
   private readonly handleTx = (q: DeviceQueue, chain: DescriptorChain): number => {
+    const faults = this.faults;
+    // An injected dma-error: the guest's frame is lost on its way out (TX), counted as a drop.
+    if (faults !== null && faults.takeDmaError()) {
+      q.stats.drops++;
+      return 0;
+    }
     const hdr = this.hdrLen;
     const len = chain.readableLen - hdr;
     if (len < 0 || len > MAX_FRAME) {

@@ -1,0 +1,131 @@
+/**
+ * `vbridge fault FUNCTION KIND`: checks whether a fault applies to a function
+ * and arms it, keeping one FunctionFaults per function that ever had one (its
+ * cumulative counts outlive `clear`). The operation layer's `fault` action is
+ * its only caller, so the CLI and the HTTP API refuse alike.
+ */
+import type { VirtioDevice } from '../devices/device';
+import { FAULT_KINDS, FunctionFaults, isFaultKind, type FaultKind, type FaultStats } from './function-faults';
+
+/** What the injector needs of a function. */
+export interface FaultTarget {
+  readonly type: string;
+  /** `local` when the device runs in the bridge; the link ("pcie relay", ...) otherwise. */
+  readonly link: string;
+  /** The in-bridge device; null when it runs elsewhere. */
+  device(): VirtioDevice | null;
+  /** The vhost-user front-end port the bridge serves itself (local functions); null otherwise. */
+  readonly frontend: { linkDown(): boolean; linkUp(): boolean } | null;
+}
+
+/** A fault the client asked for that cannot be had: 400 for a malformed request, 409 for one that does not apply. */
+export class FaultError extends Error {
+  constructor(
+    readonly status: 400 | 409,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'FaultError';
+  }
+}
+
+export interface FaultRequest {
+  kind: string;
+  /** dma-error and drop-interrupt: how many requests, frames or interrupts (default 1). */
+  count?: number;
+}
+
+export interface FaultResult {
+  function: string;
+  kind: FaultKind;
+  /** Whether the request changed anything (link-up on a link that is up does not). */
+  changed: boolean;
+  faults: FaultStats;
+}
+
+/** Kinds that are part of the contract but not built yet: refused, never half done. */
+const ABSENT: ReadonlyMap<FaultKind, string> = new Map([
+  ['delay', 'delay (completions held for a time) is not implemented yet'],
+  ['backend-down', 'backend-down (cutting the link to a backend) is not implemented yet'],
+]);
+
+export const AVAILABLE_KINDS: readonly FaultKind[] = FAULT_KINDS.filter((k) => !ABSENT.has(k));
+
+const MAX_COUNT = 2 ** 31;
+
+export class FaultInjector {
+  private readonly byFunction = new Map<string, FunctionFaults>();
+
+  constructor(private readonly target: (name: string) => FaultTarget | undefined) {}
+
+  /** Null when `kind` applies to function `name`, else why not (FaultError's status says how bad). */
+  check(name: string, kind: string): FaultError | null {
+    if (!isFaultKind(kind)) return new FaultError(400, `unknown fault kind "${kind}" (kinds: ${AVAILABLE_KINDS.join(', ')})`);
+    const absent = ABSENT.get(kind);
+    if (absent !== undefined) return new FaultError(409, `${absent} (kinds: ${AVAILABLE_KINDS.join(', ')})`);
+    const t = this.target(name);
+    if (t === undefined) return new FaultError(409, 'it is a VF of the function manager, which fault injection does not reach yet');
+    if (kind === 'clear') return null;
+    if (t.device() === null || t.link !== 'local' || t.frontend === null) {
+      return new FaultError(409, `its device runs behind a ${t.link} link, and ${kind} applies to functions whose device runs in the bridge (local backends)`);
+    }
+    return null;
+  }
+
+  inject(name: string, req: FaultRequest): FaultResult {
+    const err = this.check(name, req.kind);
+    if (err !== null) throw err;
+    const kind = req.kind as FaultKind;
+    const count = req.count ?? 1;
+    if (!Number.isInteger(count) || count < 1 || count > MAX_COUNT) throw new FaultError(400, `count must be an integer in [1, ${MAX_COUNT}], got ${String(req.count)}`);
+    if (req.count !== undefined && kind !== 'dma-error' && kind !== 'drop-interrupt') throw new FaultError(400, `count applies to dma-error and drop-interrupt, not ${kind}`);
+    const t = this.target(name) as FaultTarget;
+    const f = this.faultsOf(name, t);
+    let changed = true;
+    switch (kind) {
+      case 'dma-error':
+        f.armDmaError(count);
+        break;
+      case 'drop-interrupt':
+        f.armDropInterrupt(count);
+        break;
+      case 'link-down':
+        changed = (t.frontend as NonNullable<FaultTarget['frontend']>).linkDown();
+        if (changed) f.injected['link-down']++;
+        f.linkDown = true;
+        break;
+      case 'link-up':
+        changed = (t.frontend as NonNullable<FaultTarget['frontend']>).linkUp();
+        f.linkDown = false;
+        break;
+      case 'clear': {
+        const s = f.stats().active;
+        changed = s.dmaError > 0 || s.dropInterrupt > 0 || s.linkDown;
+        if (s.linkDown) t.frontend?.linkUp();
+        f.clear();
+        break;
+      }
+      default:
+        throw new FaultError(409, `${kind} is not implemented yet`);
+    }
+    return { function: name, kind, changed, faults: f.stats() };
+  }
+
+  /** The function's fault state, once it has had one. */
+  stats(name: string): FaultStats | undefined {
+    return this.byFunction.get(name)?.stats();
+  }
+
+  private faultsOf(name: string, t: FaultTarget): FunctionFaults {
+    let f = this.byFunction.get(name);
+    if (f === undefined) {
+      const ff = new FunctionFaults((armed) => {
+        const dev = t.device();
+        if (dev !== null) dev.faults = armed ? ff : null;
+      });
+      f = ff;
+      this.byFunction.set(name, f);
+    }
+    return f;
+  }
+}

@@ -1,0 +1,89 @@
+/**
+ * Fault injection state of one function (`vbridge fault`): which faults are
+ * armed, how many events each has left, and how many were injected so far,
+ * per kind. Devices and the queue host hold a reference only while a fault is
+ * armed (`attach`/`detach` below), so a function without faults pays one null
+ * check on its data path.
+ */
+
+/** Every kind `vbridge fault FUNCTION KIND` knows, `clear` included. */
+export const FAULT_KINDS = ['link-down', 'link-up', 'dma-error', 'drop-interrupt', 'delay', 'backend-down', 'clear'] as const;
+export type FaultKind = (typeof FAULT_KINDS)[number];
+
+export function isFaultKind(s: string): s is FaultKind {
+  return (FAULT_KINDS as readonly string[]).includes(s);
+}
+
+/** Kinds counted in stats and metrics (link-up and clear end faults, they are not faults). */
+export const COUNTED_KINDS = ['link-down', 'dma-error', 'drop-interrupt'] as const;
+export type CountedKind = (typeof COUNTED_KINDS)[number];
+
+export interface FaultStats {
+  /** What is armed now: requests/frames and interrupts still to fail or drop, the link held down. */
+  active: { dmaError: number; dropInterrupt: number; linkDown: boolean };
+  /** Cumulative: link-downs done, requests or frames failed, interrupts not signalled. */
+  injected: Record<CountedKind, number>;
+}
+
+export class FunctionFaults {
+  private dmaErrorsLeft = 0;
+  private interruptsLeft = 0;
+  linkDown = false;
+  readonly injected: Record<CountedKind, number> = { 'link-down': 0, 'dma-error': 0, 'drop-interrupt': 0 };
+
+  /**
+   * @param armedChanged called when the data-path faults go from none armed to
+   * some or back, so the owner hands this object to the device or takes it back.
+   */
+  constructor(private readonly armedChanged: (armed: boolean) => void = () => undefined) {}
+
+  /** Data-path faults (those the device and queue host consult) are armed. */
+  get armed(): boolean {
+    return this.dmaErrorsLeft > 0 || this.interruptsLeft > 0;
+  }
+
+  /** The next `count` requests (blk) or frames (net) fail; adds to what is armed. */
+  armDmaError(count: number): void {
+    const was = this.armed;
+    this.dmaErrorsLeft += count;
+    if (!was) this.armedChanged(true);
+  }
+
+  /** The next `count` used notifications are published but not signalled. */
+  armDropInterrupt(count: number): void {
+    const was = this.armed;
+    this.interruptsLeft += count;
+    if (!was) this.armedChanged(true);
+  }
+
+  /** True when this request or frame is to fail (and counts it). */
+  takeDmaError(): boolean {
+    if (this.dmaErrorsLeft === 0) return false;
+    this.dmaErrorsLeft--;
+    this.injected['dma-error']++;
+    if (!this.armed) this.armedChanged(false);
+    return true;
+  }
+
+  /** True when this interrupt is to be swallowed (and counts it). */
+  takeInterrupt(): boolean {
+    if (this.interruptsLeft === 0) return false;
+    this.interruptsLeft--;
+    this.injected['drop-interrupt']++;
+    if (!this.armed) this.armedChanged(false);
+    return true;
+  }
+
+  /** Ends every armed fault; the cumulative counts stay. The link itself is the owner's to bring up. */
+  clear(): void {
+    const was = this.armed;
+    this.dmaErrorsLeft = 0;
+    this.interruptsLeft = 0;
+    this.linkDown = false;
+    if (was) this.armedChanged(false);
+  }
+
+  stats(): FaultStats {
+    return { active: { dmaError: this.dmaErrorsLeft, dropInterrupt: this.interruptsLeft, linkDown: this.linkDown }, injected: { ...this.injected } };
+  }
+}
