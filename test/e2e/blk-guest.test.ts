@@ -8,7 +8,8 @@
  * negotiates VIRTIO_F_RING_PACKED (the guest's features file says so) and
  * carries another ext2 that e2fsck finds clean. `vbridge trace` (the real CLI,
  * over the control socket) sees the type, sector and length of O_DIRECT requests
- * the guest makes at a known point.
+ * the guest makes at a known point. After `vbridge fault raw dma-error --count 3`
+ * exactly three of the guest's O_DIRECT reads fail with I/O errors, then reads work.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -23,6 +24,8 @@ import { md5OfRange } from '../support/storage-daemon';
 import { hostGo, waitForHost } from '../support/blk-scripts';
 import { allocatedBlocks } from '../support/blk-requests';
 import { waitFor } from '../support/wait';
+import { httpRequest } from '../support/http-client';
+import { sampleValue } from '../support/promtool';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
 import { activeTraces, type BlkTraceRecord } from '../../src/trace/blk-trace';
 
@@ -164,11 +167,16 @@ go GO2
 rm /mnt/a.bin /mnt/b.bin && sync && echo REMOVED=1
 echo FSTRIM="$(fstrim -v /mnt 2>&1)"
 umount /mnt && echo UMOUNT_OK=1
+go GO3
+# The host armed vbridge fault raw dma-error --count 3: five O_DIRECT reads of one block each.
+for i in 1 2 3 4 5; do if dd if=/dev/vda of=/dev/null bs=4096 count=1 skip=$i iflag=direct 2>/dev/null; then echo DMAERR_$i=ok; else echo DMAERR_$i=fail; fi; done
+echo DMAERR_KLOG=$(dmesg | grep -c 'I/O error, dev vda')
 `;
 
-test('guest blk: blkdiscard and fstrim punch holes in the host images; discarded ranges read back zeros; vbridge trace sees the guest O_DIRECT requests', { timeout: 600_000 }, async (t) => {
+test('guest blk: blkdiscard and fstrim punch holes in the host images; discarded ranges read back zeros; vbridge trace sees the guest O_DIRECT requests; vbridge fault dma-error --count 3 fails exactly 3 reads', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
     const fx = await startBridgeFixture({
+      http: '127.0.0.1:0',
       functions: [
         { name: 'raw', type: 'blk', socket: 'raw.sock', backend: { file: 'raw.img', size: '64M' } },
         { name: 'fs', type: 'blk', socket: 'fs.sock', backend: { file: 'fs.img', size: '64M' } },
@@ -202,6 +210,10 @@ test('guest blk: blkdiscard and fstrim punch holes in the host images; discarded
       const rawDiscarded = allocatedBlocks(raw);
       const fsWritten = allocatedBlocks(fsImage);
       hostGo(path.join(fx.dir, 'ctl.img'), 'GO2');
+      await reach(/^UMOUNT_OK=1$/m);
+      const fault = await promisify(execFile)(process.execPath, [CLI, 'fault', 'raw', 'dma-error', '--count', '3', '--control', path.join(fx.dir, 'control.sock')], { timeout: 30_000 });
+      assert.match(fault.stdout, /^raw: dma-error; faults: dma-error 3 left;/);
+      hostGo(path.join(fx.dir, 'ctl.img'), 'GO3');
       const r = await g.done;
       const v = kv(r.output);
       const fsTrimmed = allocatedBlocks(fsImage);
@@ -256,7 +268,17 @@ test('guest blk: blkdiscard and fstrim punch holes in the host images; discarded
       assert.ok(fsWritten * 512 >= 32 * MiB, `fs.img holds the 32 MiB of files (${fsWritten} blocks)`);
       assert.ok(fsTrimmed <= fsWritten - (30 * MiB) / 512, `fstrim freed the deleted files: ${fsWritten} -> ${fsTrimmed} blocks`);
       execFileSync('e2fsck', ['-f', '-n', fsImage], { stdio: 'pipe' });
-      assert.ok(fx.queue('raw', 0).drops === 0 && fx.queue('fs', 0).drops === 0, 'no request failed');
+      assert.ok(fx.queue('fs', 0).drops === 0, 'no request failed on fs');
+
+      // dma-error: exactly the three reads after it was armed failed, in the guest's eyes and the kernel's, then reads work.
+      assert.deepEqual([1, 2, 3, 4, 5].map((i) => v[`DMAERR_${i}`]), ['fail', 'fail', 'fail', 'ok', 'ok'], r.output);
+      assert.equal(v.DMAERR_KLOG, '3', 'the guest kernel logged three I/O errors on vda');
+      assert.equal(fx.queue('raw', 0).drops, 3, 'the three failed requests are the only ones counted');
+      assert.deepEqual(fx.fnStats('raw').faults, { active: { dmaError: 0, dropInterrupt: 0, linkDown: false }, injected: { 'link-down': 0, 'dma-error': 3, 'drop-interrupt': 0 } });
+      const api = fx.bridge.api;
+      assert.ok(api !== null);
+      const metrics = await httpRequest(api.address, 'GET', '/metrics');
+      assert.equal(sampleValue(metrics.text, 'vbridge_faults_injected_total', { function: 'raw', kind: 'dma-error' }), 3);
     } finally {
       await fx.close();
     }

@@ -9,18 +9,37 @@
  * The bridge serves its HTTP API meanwhile:
  * /metrics scraped during the traffic passes `promtool check metrics` and its
  * counters move, and the API's functions match what `vbridge stats` reports.
+ * At the end `vbridge fault net1 link-down` then `link-up` shows in guest B's
+ * /sys/class/net/eth0/carrier as 1, 0, 1, and in the fault counters.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { startGuest, kv } from '../support/qemu-guest';
 import { withHeavyLock } from '../support/heavy-lock';
 import { startBridgeFixture } from '../support/bridge-fixture';
-import { runVbridge, shellWords } from '../support/vbridge-cli';
+import * as path from 'node:path';
+import { runVbridge, runVbridgeAsync, shellWords } from '../support/vbridge-cli';
+import { httpRequest } from '../support/http-client';
+import { sampleValue } from '../support/promtool';
 
 import { SCRIPT_B, scriptA } from '../support/net-scripts';
 import { metricsScraper, checkApiMatchesStats, startCaptures } from '../support/api-checks';
 
 const SCRIPT_A = scriptA(true);
+
+// After its traffic, B watches its carrier while the host takes net1's link down and up
+// (vbridge fault): each change is printed, and it stops once it has seen 1, 0, 1.
+const SCRIPT_B_LINK = `${SCRIPT_B}
+echo CARRIER_WATCH=1
+last=x; seq=; n=0
+while [ $n -lt 1200 ]; do
+  c=$(cat /sys/class/net/eth0/carrier 2>/dev/null)
+  if [ "$c" != "$last" ]; then echo CARRIER_NOW=$c; seq=$seq$c; last=$c; fi
+  case $seq in *101) break;; esac
+  usleep 50000; n=$((n+1))
+done
+echo CARRIER_SEQ=$seq
+`;
 
 test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB transfer intact, 2 queue pairs used; /metrics and the API follow', { timeout: 600_000 }, async () => {
   await withHeavyLock(async () => {
@@ -52,14 +71,26 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
       });
       const b = await startGuest({
         name: 'net-b',
-        script: SCRIPT_B,
+        script: SCRIPT_B_LINK,
         attachArgs: attachB,
         timeoutMs: 180_000,
       });
       const api = fx.bridge.api;
       assert.ok(api !== null);
       const scraper = metricsScraper(api.address);
-      const [ra, rb] = await Promise.all([a.done, b.done]).finally(() => scraper.stop());
+      // link-down / link-up through the real CLI once B watches its carrier; QEMU (reconnect=1, from
+      // vbridge qemu-args) takes the guest's link down when the session ends and up when it redials.
+      const control = path.join(fx.dir, 'control.sock');
+      const linkFaults = (async (): Promise<void> => {
+        const seen = (re: RegExp): Promise<unknown> => b.waitFor(re, 150_000).catch((e: Error) => assert.fail(`${e.message}; guest B output:\n${b.output()}`));
+        await seen(/^CARRIER_NOW=1$/m);
+        const down = await runVbridgeAsync(['fault', 'net1', 'link-down', '--control', control]);
+        assert.equal(down.code, 0, down.err);
+        await seen(/^CARRIER_NOW=0$/m);
+        const up = await runVbridgeAsync(['fault', 'net1', 'link-up', '--control', control]);
+        assert.equal(up.code, 0, up.err);
+      })();
+      const [ra, rb] = await Promise.all([a.done, b.done, linkFaults]).finally(() => scraper.stop());
       const va = kv(ra.output);
       const vb = kv(rb.output);
       assert.equal(ra.rc, 0, `guest A failed:\n${ra.output}`);
@@ -75,6 +106,11 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
       assert.match(va.BLOB_MD5, /^[0-9a-f]{32}$/);
       assert.equal(vb.GOT_MD5, va.BLOB_MD5);
       assert.equal(va.A_DONE, '1');
+      assert.equal(vb.CARRIER_SEQ, '101', 'guest B saw its carrier go and come back');
+      assert.deepEqual(fx.fnStats('net1').faults, { active: { dmaError: 0, dropInterrupt: 0, linkDown: false }, injected: { 'link-down': 1, 'dma-error': 0, 'drop-interrupt': 0 } });
+      const metrics = await httpRequest(api.address, 'GET', '/metrics');
+      assert.equal(sampleValue(metrics.text, 'vbridge_faults_injected_total', { function: 'net1', kind: 'link-down' }), 1);
+      assert.equal(sampleValue(metrics.text, 'vbridge_faults_armed', { function: 'net1', kind: 'link-down' }), 0);
       // Both of A's TX queues (1 and 3) carried frames; counters add up on both sides.
       assert.ok(fx.queue('net0', 1).descriptors > 0, 'net0 TX queue 0 unused');
       assert.ok(fx.queue('net0', 3).descriptors > 0, 'net0 TX queue 1 unused');
