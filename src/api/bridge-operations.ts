@@ -136,15 +136,16 @@ export function bridgeOperations(bridge: BridgeSource): Operations {
   });
 
   ops.addAction('functions', 'fault', {
-    summary: 'Inject a fault (body: {"kind": link-down | link-up | dma-error | drop-interrupt | clear, "count": N}), as vbridge fault does.',
+    summary: 'Inject a fault (body: {"kind": link-down | link-up | dma-error | drop-interrupt | delay | clear, "count": N, "ms": MS}), as vbridge fault does.',
     refusal: () => (bridge.faults === undefined ? 'this bridge has no fault injection' : null),
     run: (id, args) => {
       const injector = bridge.faults as FaultInjector;
-      for (const k of Object.keys(args)) if (k !== 'kind' && k !== 'count') throw new ApiError(400, `unknown field "${k}" (fields: kind, count)`);
+      for (const k of Object.keys(args)) if (k !== 'kind' && k !== 'count' && k !== 'ms') throw new ApiError(400, `unknown field "${k}" (fields: kind, count, ms)`);
       if (typeof args.kind !== 'string') throw new ApiError(400, `"kind" must be a string (kinds: ${AVAILABLE_KINDS.join(', ')})`);
       if (args.count !== undefined && typeof args.count !== 'number') throw new ApiError(400, '"count" must be a number');
+      if (args.ms !== undefined && typeof args.ms !== 'number') throw new ApiError(400, '"ms" must be a number');
       try {
-        const r = injector.inject(id, { kind: args.kind, count: args.count });
+        const r = injector.inject(id, { kind: args.kind, count: args.count, ms: args.ms });
         return { function: r.function, kind: r.kind, changed: r.changed, faults: JSON.parse(JSON.stringify(r.faults)) as JsonObject };
       } catch (e) {
         if (e instanceof FaultError) throw new ApiError(e.status, e.status === 409 ? `${args.kind} does not apply to function ${id}: ${e.message}` : e.message);

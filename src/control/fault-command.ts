@@ -10,18 +10,22 @@ import { formatFaults } from './stats-format';
 import { AVAILABLE_KINDS, type FaultResult } from '../faults/fault-injector';
 import { FAULT_KINDS } from '../faults/function-faults';
 
+function positive(args: ParsedArgs, name: string, kind: string, kinds: readonly string[]): number | undefined {
+  const v = args.string(name);
+  if (v === undefined) return undefined;
+  if (!/^\d+$/.test(v) || Number(v) < 1 || Number(v) > 2 ** 31) throw new UsageError(`fault: --${name}: expected an integer of at least 1, got ${JSON.stringify(v)}`);
+  if (!kinds.includes(kind)) throw new UsageError(`fault: --${name} applies to ${kinds.join(', ')}, not ${kind}`);
+  return Number(v);
+}
+
 async function runFault(args: ParsedArgs): Promise<number> {
   const [fn, kind, topology] = args.positionals as [string, string, string | undefined];
   if (!(FAULT_KINDS as readonly string[]).includes(kind)) throw new UsageError(`fault: unknown kind "${kind}" (kinds: ${AVAILABLE_KINDS.join(', ')})`);
-  const c = args.string('count');
-  let count: number | undefined;
-  if (c !== undefined) {
-    if (!/^\d+$/.test(c) || Number(c) < 1 || Number(c) > 2 ** 31) throw new UsageError(`fault: --count: expected an integer of at least 1, got ${JSON.stringify(c)}`);
-    if (kind !== 'dma-error' && kind !== 'drop-interrupt') throw new UsageError(`fault: --count applies to dma-error and drop-interrupt, not ${kind}`);
-    count = Number(c);
-  }
+  const count = positive(args, 'count', kind, ['dma-error', 'drop-interrupt', 'delay']);
+  const ms = positive(args, 'ms', kind, ['delay']);
+  if (kind === 'delay' && ms === undefined) throw new UsageError('fault: delay needs --ms MS (how long each publish is held back)');
   const control = findControl(args, 'fault', topology);
-  const body = count === undefined ? { kind } : { kind, count };
+  const body = { kind, ...(count !== undefined ? { count } : {}), ...(ms !== undefined ? { ms } : {}) };
   const answer = await request<{ result: FaultResult }>(control, 'POST', `/v1/functions/${encodeURIComponent(fn)}/actions/fault`, body);
   const r = answer.result;
   if (args.flag('json')) process.stdout.write(JSON.stringify(r, null, 2) + '\n');
@@ -42,11 +46,15 @@ export const faultCommand: CommandSpec = {
     '                  the file untouched) or the next N frames the guest sends are dropped\n' +
     '                  and counted as drops (net, TX)\n' +
     '  drop-interrupt  the next --count N used notifications are published but not signalled\n' +
+    '  delay           hold each publish of completions back --ms MS (the next --count N\n' +
+    '                  publishes; without --count, until clear): blk requests complete and\n' +
+    '                  net frames reach the guest that much later\n' +
     '  clear           end every fault of the function\n' +
-    'delay and backend-down are not implemented yet and are refused. Faults are counted\n' +
-    'in vbridge stats and in /metrics (vbridge_faults_injected_total, vbridge_faults_armed).',
+    'backend-down is not implemented yet and is refused. Faults are counted in vbridge\n' +
+    'stats and in /metrics (vbridge_faults_injected_total, vbridge_faults_armed).',
   options: {
-    count: { type: 'string', arg: 'N', help: 'dma-error, drop-interrupt: how many (default 1)' },
+    count: { type: 'string', arg: 'N', help: 'dma-error, drop-interrupt: how many (default 1); delay: how many publishes (default: until clear)' },
+    ms: { type: 'string', arg: 'MS', help: 'delay: milliseconds each publish is held back' },
     json: { type: 'boolean', help: 'print the answer as JSON' },
     control: { type: 'string', arg: 'PATH', help: 'control socket (default: from the topology, or the only bridge running)', complete: 'file' },
   },

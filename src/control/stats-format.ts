@@ -131,7 +131,8 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
 /** `faults: dma-error 2 left, link down; injected: link-down 1, dma-error 3, drop-interrupt 0`. */
 export function formatFaults(f: FaultStats): string {
   const a = f.active;
-  const armed = [...(a.dmaError > 0 ? [`dma-error ${a.dmaError} left`] : []), ...(a.dropInterrupt > 0 ? [`drop-interrupt ${a.dropInterrupt} left`] : []), ...(a.linkDown ? ['link down'] : [])];
+  const delay = a.delay === null ? [] : [`delay ${a.delay.ms} ms ${a.delay.count === null ? 'until clear' : `${a.delay.count} left`}`];
+  const armed = [...(a.dmaError > 0 ? [`dma-error ${a.dmaError} left`] : []), ...(a.dropInterrupt > 0 ? [`drop-interrupt ${a.dropInterrupt} left`] : []), ...delay, ...(a.linkDown ? ['link down'] : [])];
   const injected = Object.entries(f.injected).map(([k, n]) => `${k} ${n}`);
   return `faults: ${armed.length > 0 ? armed.join(', ') : 'none armed'}; injected: ${injected.join(', ')}`;
 }

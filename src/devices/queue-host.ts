@@ -16,6 +16,7 @@ import { SplitQueue } from '../virtio/split-queue';
 import { QueueError, type Virtqueue } from '../virtio/virtqueue';
 import { asError } from '../vhost-user/connection';
 import type { Logger } from '../log';
+import type { FunctionFaults } from '../faults/function-faults';
 
 /** One of the device's queues as a link keeps it; links add their own fields. */
 export interface HostedQueue {
@@ -69,6 +70,10 @@ export class QueueHost<Q extends HostedQueue> {
   private readonly addon: Addon;
   /** The queue being taken back: its notify still publishes until stop() returns. */
   private stopping: Q | null = null;
+  /** Queues whose publish an injected delay holds back: their later notifies wait for the same timer. */
+  private readonly held = new Set<Q>();
+  /** The queue whose held publish is going out now: not held again. */
+  private releasing: Q | null = null;
 
   constructor(
     private readonly device: VirtioDevice,
@@ -181,13 +186,36 @@ export class QueueHost<Q extends HostedQueue> {
   interrupt(v: Q, mem: MemoryAccess | null, fd: number): void {
     const q = v.queue;
     if ((v.dq === null && this.stopping !== v) || q === null || mem === null) return;
+    const f = this.device.faults;
+    // An injected delay holds the publish back (never a stopping queue's: its position is about to be read).
+    if (f != null && this.stopping !== v && this.releasing !== v && this.holdBack(v, f)) return;
     if (q.flush(mem) && fd >= 0) {
       // An injected drop-interrupt: the used ring is published, the driver is just not told.
-      const f = this.device.faults;
       if (f != null && f.takeInterrupt()) return;
       this.addon.eventfdWrite(fd, 1);
       v.stats.interrupts++;
     }
+  }
+
+  /** True when an injected delay holds queue `v`'s publish back; the timer's notify publishes what is pending by then. */
+  private holdBack(v: Q, f: FunctionFaults): boolean {
+    if (this.held.has(v)) return true;
+    const ms = f.takeDelay();
+    if (ms === 0) return false;
+    this.held.add(v);
+    setTimeout(() => {
+      this.held.delete(v);
+      // The device's own notify: the queue's memory and call fd as they are now (or nothing, once stopped).
+      this.releasing = v;
+      try {
+        v.notify();
+      } catch (e) {
+        this.log.error(`${this.label}: queue ${v.index}: publishing after an injected delay failed: ${asError(e, 'notify').message}`);
+      } finally {
+        this.releasing = null;
+      }
+    }, ms);
+    return true;
   }
 
   /** Take queue `v` back from the device (nothing when it does not have it). Not a reset: size, addresses and position stay. */

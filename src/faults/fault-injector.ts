@@ -31,8 +31,10 @@ export class FaultError extends Error {
 
 export interface FaultRequest {
   kind: string;
-  /** dma-error and drop-interrupt: how many requests, frames or interrupts (default 1). */
+  /** dma-error and drop-interrupt: how many requests, frames or interrupts (default 1); delay: how many publishes (default: until clear). */
   count?: number;
+  /** delay: how long each publish is held back, in milliseconds. */
+  ms?: number;
 }
 
 export interface FaultResult {
@@ -45,13 +47,14 @@ export interface FaultResult {
 
 /** Kinds that are part of the contract but not built yet: refused, never half done. */
 const ABSENT: ReadonlyMap<FaultKind, string> = new Map([
-  ['delay', 'delay (completions held for a time) is not implemented yet'],
   ['backend-down', 'backend-down (cutting the link to a backend) is not implemented yet'],
 ]);
 
 export const AVAILABLE_KINDS: readonly FaultKind[] = FAULT_KINDS.filter((k) => !ABSENT.has(k));
 
 const MAX_COUNT = 2 ** 31;
+/** A driver whose completions never come is what drop-interrupt is for; a delay stays a delay. */
+const MAX_DELAY_MS = 60_000;
 
 export class FaultInjector {
   private readonly byFunction = new Map<string, FunctionFaults>();
@@ -78,7 +81,11 @@ export class FaultInjector {
     const kind = req.kind as FaultKind;
     const count = req.count ?? 1;
     if (!Number.isInteger(count) || count < 1 || count > MAX_COUNT) throw new FaultError(400, `count must be an integer in [1, ${MAX_COUNT}], got ${String(req.count)}`);
-    if (req.count !== undefined && kind !== 'dma-error' && kind !== 'drop-interrupt') throw new FaultError(400, `count applies to dma-error and drop-interrupt, not ${kind}`);
+    if (req.count !== undefined && kind !== 'dma-error' && kind !== 'drop-interrupt' && kind !== 'delay') throw new FaultError(400, `count applies to dma-error, drop-interrupt and delay, not ${kind}`);
+    if (req.ms !== undefined && kind !== 'delay') throw new FaultError(400, `ms applies to delay, not ${kind}`);
+    if (kind === 'delay' && (req.ms === undefined || !Number.isInteger(req.ms) || req.ms < 1 || req.ms > MAX_DELAY_MS)) {
+      throw new FaultError(400, `delay needs ms, an integer in [1, ${MAX_DELAY_MS}], got ${String(req.ms)}`);
+    }
     const t = this.target(name) as FaultTarget;
     const f = this.faultsOf(name, t);
     let changed = true;
@@ -88,6 +95,9 @@ export class FaultInjector {
         break;
       case 'drop-interrupt':
         f.armDropInterrupt(count);
+        break;
+      case 'delay':
+        f.armDelay(req.ms as number, req.count);
         break;
       case 'link-down':
         changed = (t.frontend as NonNullable<FaultTarget['frontend']>).linkDown();
@@ -100,7 +110,7 @@ export class FaultInjector {
         break;
       case 'clear': {
         const s = f.stats().active;
-        changed = s.dmaError > 0 || s.dropInterrupt > 0 || s.linkDown;
+        changed = s.dmaError > 0 || s.dropInterrupt > 0 || s.delay !== null || s.linkDown;
         if (s.linkDown) t.frontend?.linkUp();
         f.clear();
         break;

@@ -15,21 +15,24 @@ export function isFaultKind(s: string): s is FaultKind {
 }
 
 /** Kinds counted in stats and metrics (link-up and clear end faults, they are not faults). */
-export const COUNTED_KINDS = ['link-down', 'dma-error', 'drop-interrupt'] as const;
+export const COUNTED_KINDS = ['link-down', 'dma-error', 'drop-interrupt', 'delay'] as const;
 export type CountedKind = (typeof COUNTED_KINDS)[number];
 
 export interface FaultStats {
-  /** What is armed now: requests/frames and interrupts still to fail or drop, the link held down. */
-  active: { dmaError: number; dropInterrupt: number; linkDown: boolean };
-  /** Cumulative: link-downs done, requests or frames failed, interrupts not signalled. */
+  /** What is armed now: requests/frames and interrupts still to fail or drop, publishes to hold back and for how long (count null: until clear), the link held down. */
+  active: { dmaError: number; dropInterrupt: number; delay: { ms: number; count: number | null } | null; linkDown: boolean };
+  /** Cumulative: link-downs done, requests or frames failed, interrupts not signalled, publishes held back. */
   injected: Record<CountedKind, number>;
 }
 
 export class FunctionFaults {
   private dmaErrorsLeft = 0;
   private interruptsLeft = 0;
+  private delayMs = 0;
+  /** Publishes still to hold back; Infinity: until clear. */
+  private delaysLeft = 0;
   linkDown = false;
-  readonly injected: Record<CountedKind, number> = { 'link-down': 0, 'dma-error': 0, 'drop-interrupt': 0 };
+  readonly injected: Record<CountedKind, number> = { 'link-down': 0, 'dma-error': 0, 'drop-interrupt': 0, delay: 0 };
 
   /**
    * @param armedChanged called when the data-path faults go from none armed to
@@ -39,7 +42,7 @@ export class FunctionFaults {
 
   /** Data-path faults (those the device and queue host consult) are armed. */
   get armed(): boolean {
-    return this.dmaErrorsLeft > 0 || this.interruptsLeft > 0;
+    return this.dmaErrorsLeft > 0 || this.interruptsLeft > 0 || this.delaysLeft > 0;
   }
 
   /** The next `count` requests (blk) or frames (net) fail; adds to what is armed. */
@@ -54,6 +57,24 @@ export class FunctionFaults {
     const was = this.armed;
     this.interruptsLeft += count;
     if (!was) this.armedChanged(true);
+  }
+
+  /** The next `count` publishes of used elements (every one until clear when undefined) wait `ms` first; replaces an armed delay. */
+  armDelay(ms: number, count?: number): void {
+    const was = this.armed;
+    this.delayMs = ms;
+    this.delaysLeft = count ?? Infinity;
+    if (!was) this.armedChanged(true);
+  }
+
+  /** How long to hold this publish back (0: not at all); counts it. */
+  takeDelay(): number {
+    if (this.delaysLeft === 0) return 0;
+    this.delaysLeft--;
+    this.injected.delay++;
+    const ms = this.delayMs;
+    if (!this.armed) this.armedChanged(false);
+    return ms;
   }
 
   /** True when this request or frame is to fail (and counts it). */
@@ -79,11 +100,14 @@ export class FunctionFaults {
     const was = this.armed;
     this.dmaErrorsLeft = 0;
     this.interruptsLeft = 0;
+    this.delaysLeft = 0;
+    this.delayMs = 0;
     this.linkDown = false;
     if (was) this.armedChanged(false);
   }
 
   stats(): FaultStats {
-    return { active: { dmaError: this.dmaErrorsLeft, dropInterrupt: this.interruptsLeft, linkDown: this.linkDown }, injected: { ...this.injected } };
+    const delay = this.delaysLeft > 0 ? { ms: this.delayMs, count: Number.isFinite(this.delaysLeft) ? this.delaysLeft : null } : null;
+    return { active: { dmaError: this.dmaErrorsLeft, dropInterrupt: this.interruptsLeft, delay, linkDown: this.linkDown }, injected: { ...this.injected } };
   }
 }

@@ -49,11 +49,11 @@ test('fault state: counts down, counts what it injected, says when it becomes ar
   f.armDropInterrupt(5);
   assert.equal(f.takeInterrupt(), true);
   f.linkDown = true;
-  assert.deepEqual(f.stats(), { active: { dmaError: 0, dropInterrupt: 4, linkDown: true }, injected: { 'link-down': 0, 'dma-error': 3, 'drop-interrupt': 1 } });
+  assert.deepEqual(f.stats(), { active: { dmaError: 0, dropInterrupt: 4, delay: null, linkDown: true }, injected: { 'link-down': 0, 'dma-error': 3, 'drop-interrupt': 1, delay: 0 } });
   f.clear();
   assert.deepEqual(changes, [true, false, true, false]);
   assert.equal(f.takeInterrupt(), false);
-  assert.deepEqual(f.stats(), { active: { dmaError: 0, dropInterrupt: 0, linkDown: false }, injected: { 'link-down': 0, 'dma-error': 3, 'drop-interrupt': 1 } });
+  assert.deepEqual(f.stats(), { active: { dmaError: 0, dropInterrupt: 0, delay: null, linkDown: false }, injected: { 'link-down': 0, 'dma-error': 3, 'drop-interrupt': 1, delay: 0 } });
 });
 
 test('dma-error on a real blk device: the next N requests complete with IOERR and leave the file alone, then requests work; the device holds no fault state after', () => {
@@ -65,7 +65,7 @@ test('dma-error on a real blk device: the next N requests complete with IOERR an
     const data = new Uint8Array(512).fill(0xab);
     assert.equal(dev.faults, null, 'no fault: nothing on the data path');
     const r = faults.inject('fb', { kind: 'dma-error', count: 2 });
-    assert.deepEqual(r.faults.active, { dmaError: 2, dropInterrupt: 0, linkDown: false });
+    assert.deepEqual(r.faults.active, { dmaError: 2, dropInterrupt: 0, delay: null, linkDown: false });
     assert.notEqual(dev.faults, null);
     assert.equal(q.submit([{ data: blkHeader(BLK_T_OUT, 8) }, { data }]), BLK_S_IOERR, 'a write fails');
     assert.equal(q.submit([{ data: blkHeader(BLK_T_IN, 0) }, { writable: true, len: 512 }]), BLK_S_IOERR, 'a read fails');
@@ -74,7 +74,7 @@ test('dma-error on a real blk device: the next N requests complete with IOERR an
     assert.equal(q.submit([{ data: blkHeader(BLK_T_OUT, 8) }, { data }]), BLK_S_OK);
     assert.deepEqual([...fs.readFileSync(file).subarray(8 * 512, 9 * 512)], [...data]);
     assert.equal(q.stats.drops, 2, 'failed requests counted as drops');
-    assert.deepEqual(faults.stats('fb')?.injected, { 'link-down': 0, 'dma-error': 2, 'drop-interrupt': 0 });
+    assert.deepEqual(faults.stats('fb')?.injected, { 'link-down': 0, 'dma-error': 2, 'drop-interrupt': 0, delay: 0 });
   } finally {
     dev.close();
   }
@@ -126,7 +126,55 @@ test('drop-interrupt through a real vhost-user session: the used ring is publish
     assert.equal(await read(2), 0, 'second completion: no interrupt');
     assert.equal(await read(3), 1, 'third completion: the interrupt comes again');
     assert.equal(server.stats().queues[0].interrupts, 1);
-    assert.deepEqual(faults.stats('fi')?.injected, { 'link-down': 0, 'dma-error': 0, 'drop-interrupt': 2 });
+    assert.deepEqual(faults.stats('fi')?.injected, { 'link-down': 0, 'dma-error': 0, 'drop-interrupt': 2, delay: 0 });
+  } finally {
+    c.close();
+    server.close();
+    g.close();
+    dev.close();
+  }
+});
+
+test('delay through a real vhost-user session: completions are published no sooner than asked, --count of them, or every one until clear', async () => {
+  const dev = new BlkDevice({ name: 'fd', file: tempDisk(1 << 20, 'fault-'), pollUs: 0 });
+  const log = new CaptureLogger();
+  const sock = tmpSocket('fault-delay');
+  const server = new VhostUserServer(sock, dev, log);
+  server.listen();
+  const g = new Guest(1, 64);
+  const c = FrontendClient.connect(sock);
+  const faults = new FaultInjector(() => ({ type: 'blk', link: 'local', device: () => dev, frontend: server }));
+  try {
+    await bringUp(c, g);
+    const d = g.split(0);
+    let n = 0;
+    // Milliseconds from the kick to the completion in the used ring, and whether the driver was interrupted.
+    const read = async (): Promise<{ ms: number; calls: number }> => {
+      d.addChain([{ data: blkHeader(BLK_T_IN, 0) }, { writable: true, len: 512 }, { writable: true, len: 1 }]);
+      const t0 = performance.now();
+      native().eventfdWrite(g.kick[0], 1);
+      n++;
+      await waitFor(() => d.usedIdx() === n, `request ${n} published in the used ring`, 10_000);
+      const ms = performance.now() - t0;
+      d.drainUsed();
+      await waitFor(() => server.stats().queues[0].interrupts === n, `the interrupt of request ${n}`);
+      return { ms, calls: g.calls(0) };
+    };
+    faults.inject('fd', { kind: 'delay', ms: 150, count: 2 });
+    for (let i = 0; i < 2; i++) {
+      const r = await read();
+      assert.ok(r.ms >= 149, `completion ${n} held ${r.ms.toFixed(1)} ms, asked 150`);
+      assert.equal(r.calls, 1, 'and then signalled');
+    }
+    assert.equal(dev.faults, null, 'both used: off the data path');
+    assert.equal((await read()).calls, 1);
+    const until = faults.inject('fd', { kind: 'delay', ms: 120 });
+    assert.deepEqual(until.faults.active.delay, { ms: 120, count: null });
+    for (let i = 0; i < 2; i++) assert.ok((await read()).ms >= 119, 'without a count, every completion waits');
+    faults.inject('fd', { kind: 'clear' });
+    assert.equal((await read()).calls, 1);
+    assert.equal(faults.stats('fd')?.injected.delay, 4);
+    assert.deepEqual(log.errors(), []);
   } finally {
     c.close();
     server.close();
@@ -164,7 +212,7 @@ test('link-down ends the session and refuses front-ends while the socket file st
     faults.inject('fl', { kind: 'link-down' });
     const cleared = faults.inject('fl', { kind: 'clear' });
     assert.equal(cleared.changed, true);
-    assert.deepEqual(cleared.faults, { active: { dmaError: 0, dropInterrupt: 0, linkDown: false }, injected: { 'link-down': 2, 'dma-error': 0, 'drop-interrupt': 0 } });
+    assert.deepEqual(cleared.faults, { active: { dmaError: 0, dropInterrupt: 0, delay: null, linkDown: false }, injected: { 'link-down': 2, 'dma-error': 0, 'drop-interrupt': 0, delay: 0 } });
     assert.equal(server.listening, true, 'clear brought the link up');
     g.close();
   } finally {
@@ -184,8 +232,7 @@ test('fault refusals: unknown kind (400), kinds not built (409), device outside 
       (e: unknown) => e instanceof FaultError && e.status === status && re.test(e.message),
     );
   };
-  refused('blk1', 'explode', undefined, 400, /^unknown fault kind "explode" \(kinds: link-down, link-up, dma-error, drop-interrupt, clear\)$/);
-  refused('blk1', 'delay', undefined, 409, /^delay \(completions held for a time\) is not implemented yet/);
+  refused('blk1', 'explode', undefined, 400, /^unknown fault kind "explode" \(kinds: link-down, link-up, dma-error, drop-interrupt, delay, clear\)$/);
   refused('blk1', 'backend-down', undefined, 409, /^backend-down .* is not implemented yet/);
   refused('blk1', 'dma-error', 2, 409, /^its device runs behind a pcie relay link, and dma-error applies to functions whose device runs in the bridge \(local backends\)$/);
   refused('vf0', 'link-down', undefined, 409, /VF of the function manager/);
@@ -195,6 +242,6 @@ test('fault refusals: unknown kind (400), kinds not built (409), device outside 
   for (const count of [0, -1, 1.5, 2 ** 31 + 1]) {
     assert.throws(() => local.inject('n', { kind: 'dma-error', count }), (e: unknown) => e instanceof FaultError && e.status === 400 && /count must be an integer/.test(e.message));
   }
-  assert.throws(() => local.inject('n', { kind: 'link-down', count: 2 }), (e: unknown) => e instanceof FaultError && e.status === 400 && /count applies to dma-error and drop-interrupt, not link-down/.test(e.message));
+  assert.throws(() => local.inject('n', { kind: 'link-down', count: 2 }), (e: unknown) => e instanceof FaultError && e.status === 400 && /count applies to dma-error, drop-interrupt and delay, not link-down/.test(e.message));
   assert.equal(dev.faults, null, 'refused faults arm nothing');
 });
