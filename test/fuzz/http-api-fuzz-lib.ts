@@ -21,7 +21,7 @@ function check(cond: boolean, what: string): void {
   if (!cond) throw new Failure(what);
 }
 
-const WORDS = ['v1', 'functions', 'links', 'switches', 'pfs', 'net0', 'blk0', 'sw0', 'actions', 'forget-macs', 'capture', 'trace', 'metrics', 'openapi.yaml', 'stats'];
+const WORDS = ['v1', 'functions', 'links', 'switches', 'pfs', 'net0', 'blk0', 'sw0', 'actions', 'forget-macs', 'fault', 'capture', 'trace', 'metrics', 'openapi.yaml', 'stats'];
 const JUNK = ['', '.', '..', '%2F', '%ZZ', '%', '%00', '%e2%82', 'é', '?', '#', ';x', '{name}', '*'];
 const METHODS = ['GET', 'GET', 'POST', 'POST', 'HEAD', 'PUT', 'DELETE', 'PATCH', 'OPTIONS'];
 
@@ -39,7 +39,14 @@ function randomPath(rng: Rng): string {
 }
 
 function randomBody(rng: Rng): string | undefined {
-  switch (rng.int(6)) {
+  switch (rng.int(7)) {
+    case 6: {
+      // Fault requests, well-formed or nearly: the fault action's own checks.
+      const f: Record<string, unknown> = { kind: rng.pick(['link-down', 'link-up', 'dma-error', 'drop-interrupt', 'delay', 'backend-down', 'clear', 'x', 7]) };
+      if (rng.chance(0.5)) f.count = rng.pick([1, 3, 0, -1, 1.5, 2 ** 31, 2 ** 53, '2', null]);
+      if (rng.chance(0.5)) f.ms = rng.pick([1, 200, 0, 60_001, 'x', null]);
+      return JSON.stringify(f);
+    }
     case 0:
       return undefined;
     case 1:
