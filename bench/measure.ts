@@ -19,7 +19,11 @@ export async function bounded<T>(what: string, ms: number, fn: () => Promise<T>)
   });
   const run = fn().then(
     (value): Outcome<T> => ({ ok: true, value }),
-    (e: unknown): Outcome<T> => ({ ok: false, error: `${what}: ${e instanceof Error ? e.message.split('\n')[0] : String(e)}` }),
+    (e: unknown): Outcome<T> => {
+      // The tables keep one line; the whole story (a stalled peer's threads and sockets) goes to stderr.
+      if (e instanceof Error && e.message.includes('\n')) process.stderr.write(`bench: ${what} failed:\n${e.message}\n`);
+      return { ok: false, error: `${what}: ${e instanceof Error ? e.message.split('\n')[0] : String(e)}` };
+    },
   );
   try {
     const r = await Promise.race([run, timeout]);
