@@ -12,12 +12,12 @@
  * Takes the heavy-run lock for each migration. Exits 1 when a destination crashed.
  */
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { withHeavyLock } from '../test/support/heavy-lock';
 import { QmpClient } from '../test/support/qmp';
 import { startGuest, type GuestResult } from '../test/support/qemu-guest';
+import { freePort } from '../test/support/free-port';
 
 const SCRIPT = `
 i=0
@@ -25,17 +25,6 @@ while [ $i -lt 400 ]; do usleep 20000; dd if=/dev/urandom of=/tmp/x bs=64k count
 echo LOOPDONE
 `;
 const CRASH = /BUG:|Oops|Kernel panic|general protection|recursive fault/;
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      s.close(() => (typeof a === 'object' && a !== null ? resolve(a.port) : reject(new Error('no port'))));
-    });
-  });
-}
 
 async function until(what: string, cond: () => boolean | Promise<boolean>, ms: number): Promise<void> {
   const end = Date.now() + ms;

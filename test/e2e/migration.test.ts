@@ -26,7 +26,6 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { startGuest, kv, type Guest, type GuestOptions } from '../support/qemu-guest';
 import { withHeavyLock } from '../support/heavy-lock';
@@ -38,6 +37,7 @@ import { QmpClient } from '../support/qmp';
 import { findSwitch } from '../../src/devices/net/l2-switch';
 import { parseMac } from '../../src/devices/net/port';
 import { waitFor, waitForPath } from '../support/wait';
+import { freePort } from '../support/free-port';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -91,17 +91,6 @@ echo LAST=$s
 echo DISK_MD5=$(dd if=/dev/vda bs=64k count=$N iflag=direct 2>/dev/null | md5sum | cut -c1-32)
 echo IOERR=$(dmesg | grep -c 'I/O error')
 `;
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      s.close(() => (typeof a === 'object' && a !== null ? resolve(a.port) : reject(new Error('no port'))));
-    });
-  });
-}
 
 interface MigrateInfo {
   status: string;
