@@ -64,3 +64,20 @@ export async function startBridgeFixture(doc: FixtureDoc, prepare?: (dir: string
     },
   };
 }
+
+/**
+ * One function of each kind an operator action has to tell apart, with the
+ * HTTP API on: net0 on switch sw0, blk0 on a local file (its device runs in
+ * the bridge), blk1 relayed over the PCIe link (its requests reach a backend
+ * process the bridge only copies for; no backend attaches here).
+ */
+export function mixedFunctionsDoc(): FixtureDoc {
+  return {
+    http: '127.0.0.1:0',
+    functions: [
+      { name: 'net0', type: 'net', socket: 'net0.sock', backend: { switch: 'sw0' } },
+      { name: 'blk0', type: 'blk', socket: 'blk0.sock', backend: { file: 'disk.img', size: '1M' } },
+      { name: 'blk1', type: 'blk', socket: 'blk1.sock', backend: { link: 'pcie', attach: 'blk1.bar' } },
+    ],
+  };
+}

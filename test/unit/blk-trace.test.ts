@@ -9,7 +9,7 @@ import { BLK_T_DISCARD, BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT } from '.
 import { MockDriver, type SegmentSpec } from '../../src/virtio/mock-driver';
 import { activeTraces, formatTraceLine, startTrace, type BlkTraceRecord } from '../../src/trace/blk-trace';
 import { blkHeader, dwz, tempDisk } from '../support/blk-requests';
-import { startBridgeFixture } from '../support/bridge-fixture';
+import { mixedFunctionsDoc, startBridgeFixture } from '../support/bridge-fixture';
 import { httpRequest } from '../support/http-client';
 import { OpenApiChecker } from '../support/openapi-check';
 import { waitFor } from '../support/wait';
@@ -154,15 +154,7 @@ test('trace lines: fixed columns, UTC time of day with microseconds', () => {
 });
 
 test('trace over the control socket and the API: vbridge trace prints records, --json and lines, refuses what it cannot see, ends on SIGINT', async () => {
-  const fx = await startBridgeFixture({
-    http: '127.0.0.1:0',
-    functions: [
-      { name: 'net0', type: 'net', socket: 'net0.sock', backend: { switch: 'sw0' } },
-      { name: 'blk0', type: 'blk', socket: 'blk0.sock', backend: { file: 'disk.img', size: '1M' } },
-      // A relay function: its requests reach a backend process the bridge only copies for.
-      { name: 'blk1', type: 'blk', socket: 'blk1.sock', backend: { link: 'pcie', attach: 'blk1.bar' } },
-    ],
-  });
+  const fx = await startBridgeFixture(mixedFunctionsDoc());
   const run = promisify(execFile);
   const control = path.join(fx.dir, 'control.sock');
   let closed = false;

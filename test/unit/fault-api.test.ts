@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as path from 'node:path';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
-import { startBridgeFixture } from '../support/bridge-fixture';
+import { mixedFunctionsDoc, startBridgeFixture } from '../support/bridge-fixture';
 import { httpRequest, type HttpAnswer } from '../support/http-client';
 import { OpenApiChecker } from '../support/openapi-check';
 import { promtoolCheck, sampleValue } from '../support/promtool';
@@ -11,14 +11,7 @@ import { runVbridgeAsync } from '../support/vbridge-cli';
 const openapi = new OpenApiChecker();
 
 test('fault over the HTTP API and vbridge fault over the control socket: token, refusals, arming, counts in the resource, stats and /metrics', async () => {
-  const fx = await startBridgeFixture({
-    http: '127.0.0.1:0',
-    functions: [
-      { name: 'net0', type: 'net', socket: 'net0.sock', backend: { switch: 'sw0' } },
-      { name: 'blk0', type: 'blk', socket: 'blk0.sock', backend: { file: 'disk.img', size: '1M' } },
-      { name: 'blk1', type: 'blk', socket: 'blk1.sock', backend: { link: 'pcie', attach: 'blk1.bar' } },
-    ],
-  });
+  const fx = await startBridgeFixture(mixedFunctionsDoc());
   const control = path.join(fx.dir, 'control.sock');
   try {
     const api = fx.bridge.api;
