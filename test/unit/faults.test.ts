@@ -102,85 +102,84 @@ test('dma-error on a real net device: the next N frames the guest sends are drop
   assert.equal(dev.faults, null);
 });
 
-test('drop-interrupt through a real vhost-user session: the used ring is published, the next N call signals are not sent, later ones are', async () => {
-  const dev = new BlkDevice({ name: 'fi', file: tempDisk(1 << 20, 'fault-'), pollUs: 0 });
+/** A blk function on a temp disk served over a real vhost-user socket, a front-end driving one split ring, and the function's fault injector. */
+interface BlkSession {
+  dev: BlkDevice;
+  log: CaptureLogger;
+  server: VhostUserServer;
+  g: Guest;
+  d: ReturnType<Guest['split']>;
+  faults: FaultInjector;
+}
+
+async function withBlkSession(name: string, fn: (s: BlkSession) => Promise<void>): Promise<void> {
+  const dev = new BlkDevice({ name, file: tempDisk(1 << 20, 'fault-'), pollUs: 0 });
   const log = new CaptureLogger();
-  const sock = tmpSocket('fault-irq');
-  const server = new VhostUserServer(sock, dev, log);
+  const server = new VhostUserServer(tmpSocket(`fault-${name}`), dev, log);
   server.listen();
   const g = new Guest(1, 64);
-  const c = FrontendClient.connect(sock);
+  const c = FrontendClient.connect(server.socketPath);
   const faults = new FaultInjector(() => ({ type: 'blk', link: 'local', device: () => dev, frontend: server }));
   try {
     await bringUp(c, g);
-    const d = g.split(0);
-    const read = async (n: number): Promise<number> => {
-      d.addChain([{ data: blkHeader(BLK_T_IN, 0) }, { writable: true, len: 512 }, { writable: true, len: 1 }]);
-      native().eventfdWrite(g.kick[0], 1);
-      await waitFor(() => d.usedIdx() === n, `request ${n} published in the used ring`);
-      d.drainUsed();
-      return g.calls(0);
-    };
-    faults.inject('fi', { kind: 'drop-interrupt', count: 2 });
-    assert.equal(await read(1), 0, 'first completion: no interrupt');
-    assert.equal(await read(2), 0, 'second completion: no interrupt');
-    assert.equal(await read(3), 1, 'third completion: the interrupt comes again');
-    assert.equal(server.stats().queues[0].interrupts, 1);
-    assert.deepEqual(faults.stats('fi')?.injected, { 'link-down': 0, 'dma-error': 0, 'drop-interrupt': 2, delay: 0 });
+    await fn({ dev, log, server, g, d: g.split(0), faults });
   } finally {
     c.close();
     server.close();
     g.close();
     dev.close();
   }
+}
+
+test('drop-interrupt through a real vhost-user session: the used ring is published, the next N call signals are not sent, later ones are', async () => {
+  await withBlkSession('fi', async ({ server, g, d, faults }) => {
+      const read = async (n: number): Promise<number> => {
+        d.addChain([{ data: blkHeader(BLK_T_IN, 0) }, { writable: true, len: 512 }, { writable: true, len: 1 }]);
+        native().eventfdWrite(g.kick[0], 1);
+        await waitFor(() => d.usedIdx() === n, `request ${n} published in the used ring`);
+        d.drainUsed();
+        return g.calls(0);
+      };
+      faults.inject('fi', { kind: 'drop-interrupt', count: 2 });
+      assert.equal(await read(1), 0, 'first completion: no interrupt');
+      assert.equal(await read(2), 0, 'second completion: no interrupt');
+      assert.equal(await read(3), 1, 'third completion: the interrupt comes again');
+      assert.equal(server.stats().queues[0].interrupts, 1);
+      assert.deepEqual(faults.stats('fi')?.injected, { 'link-down': 0, 'dma-error': 0, 'drop-interrupt': 2, delay: 0 });
+  });
 });
 
 test('delay through a real vhost-user session: completions are published no sooner than asked, --count of them, or every one until clear', async () => {
-  const dev = new BlkDevice({ name: 'fd', file: tempDisk(1 << 20, 'fault-'), pollUs: 0 });
-  const log = new CaptureLogger();
-  const sock = tmpSocket('fault-delay');
-  const server = new VhostUserServer(sock, dev, log);
-  server.listen();
-  const g = new Guest(1, 64);
-  const c = FrontendClient.connect(sock);
-  const faults = new FaultInjector(() => ({ type: 'blk', link: 'local', device: () => dev, frontend: server }));
-  try {
-    await bringUp(c, g);
-    const d = g.split(0);
-    let n = 0;
-    // Milliseconds from the kick to the completion in the used ring, and whether the driver was interrupted.
-    const read = async (): Promise<{ ms: number; calls: number }> => {
-      d.addChain([{ data: blkHeader(BLK_T_IN, 0) }, { writable: true, len: 512 }, { writable: true, len: 1 }]);
-      const t0 = performance.now();
-      native().eventfdWrite(g.kick[0], 1);
-      n++;
-      await waitFor(() => d.usedIdx() === n, `request ${n} published in the used ring`, 10_000);
-      const ms = performance.now() - t0;
-      d.drainUsed();
-      await waitFor(() => server.stats().queues[0].interrupts === n, `the interrupt of request ${n}`);
-      return { ms, calls: g.calls(0) };
-    };
-    faults.inject('fd', { kind: 'delay', ms: 150, count: 2 });
-    for (let i = 0; i < 2; i++) {
-      const r = await read();
-      assert.ok(r.ms >= 149, `completion ${n} held ${r.ms.toFixed(1)} ms, asked 150`);
-      assert.equal(r.calls, 1, 'and then signalled');
-    }
-    assert.equal(dev.faults, null, 'both used: off the data path');
-    assert.equal((await read()).calls, 1);
-    const until = faults.inject('fd', { kind: 'delay', ms: 120 });
-    assert.deepEqual(until.faults.active.delay, { ms: 120, count: null });
-    for (let i = 0; i < 2; i++) assert.ok((await read()).ms >= 119, 'without a count, every completion waits');
-    faults.inject('fd', { kind: 'clear' });
-    assert.equal((await read()).calls, 1);
-    assert.equal(faults.stats('fd')?.injected.delay, 4);
-    assert.deepEqual(log.errors(), []);
-  } finally {
-    c.close();
-    server.close();
-    g.close();
-    dev.close();
-  }
+  await withBlkSession('fd', async ({ dev, log, server, g, d, faults }) => {
+      let n = 0;
+      // Milliseconds from the kick to the completion in the used ring, and whether the driver was interrupted.
+      const read = async (): Promise<{ ms: number; calls: number }> => {
+        d.addChain([{ data: blkHeader(BLK_T_IN, 0) }, { writable: true, len: 512 }, { writable: true, len: 1 }]);
+        const t0 = performance.now();
+        native().eventfdWrite(g.kick[0], 1);
+        n++;
+        await waitFor(() => d.usedIdx() === n, `request ${n} published in the used ring`, 10_000);
+        const ms = performance.now() - t0;
+        d.drainUsed();
+        await waitFor(() => server.stats().queues[0].interrupts === n, `the interrupt of request ${n}`);
+        return { ms, calls: g.calls(0) };
+      };
+      faults.inject('fd', { kind: 'delay', ms: 150, count: 2 });
+      for (let i = 0; i < 2; i++) {
+        const r = await read();
+        assert.ok(r.ms >= 149, `completion ${n} held ${r.ms.toFixed(1)} ms, asked 150`);
+        assert.equal(r.calls, 1, 'and then signalled');
+      }
+      assert.equal(dev.faults, null, 'both used: off the data path');
+      assert.equal((await read()).calls, 1);
+      const until = faults.inject('fd', { kind: 'delay', ms: 120 });
+      assert.deepEqual(until.faults.active.delay, { ms: 120, count: null });
+      for (let i = 0; i < 2; i++) assert.ok((await read()).ms >= 119, 'without a count, every completion waits');
+      faults.inject('fd', { kind: 'clear' });
+      assert.equal((await read()).calls, 1);
+      assert.equal(faults.stats('fd')?.injected.delay, 4);
+      assert.deepEqual(log.errors(), []);
+  });
 });
 
 test('link-down ends the session and refuses front-ends while the socket file stays; link-up accepts again; clear brings the link up', async () => {
