@@ -6,6 +6,7 @@
 import type { ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { ChildOutput } from './child-output';
 import { spawnTiedToUs } from './qemu-guest';
 
 const CLI = path.resolve(__dirname, '..', '..', 'src', 'control', 'cli.js');
@@ -26,47 +27,18 @@ export interface BackendProcess {
 /** Start `node cli.js ...args` (or another script with `script`) and wait for `attaches` "attached" lines. */
 export async function startBackendProcess(args: readonly string[], attaches: number, opts: { script?: string; timeoutMs?: number } = {}): Promise<BackendProcess> {
   const proc = spawnTiedToUs(process.execPath, [opts.script ?? CLI, ...args]);
-  let out = '';
-  let exitInfo: { code: number | null; signal: NodeJS.Signals | null } | null = null;
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-    proc.on('exit', (code, signal) => {
-      exitInfo = { code, signal };
-      resolve(exitInfo);
-    }),
-  );
-  const waiters = new Set<() => void>();
-  const onData = (b: Buffer): void => {
-    out += b.toString('utf8');
-    if (process.env.VB_TEST_LOG === '1') process.stderr.write(`[backend ${proc.pid}] ${b.toString('utf8')}`);
-    for (const w of waiters) w();
-  };
-  proc.stdout?.on('data', onData);
-  proc.stderr?.on('data', onData);
-  void exited.then(() => {
-    for (const w of waiters) w();
-  });
-  await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => {
-      waiters.delete(check);
-      proc.kill('SIGKILL');
-      reject(new Error(`backend ${args.join(' ')}: not attached within ${opts.timeoutMs ?? 15000} ms:\n${out}`));
-    }, opts.timeoutMs ?? 15_000);
-    const check = (): void => {
-      if ((out.match(/^attached /gm) ?? []).length >= attaches) {
-        clearTimeout(timer);
-        waiters.delete(check);
-        resolve();
-      } else if (exitInfo !== null) {
-        clearTimeout(timer);
-        waiters.delete(check);
-        reject(new Error(`backend ${args.join(' ')} exited (${JSON.stringify(exitInfo)}) before attaching:\n${out}`));
-      }
-    };
-    waiters.add(check);
-    check();
-  });
+  const out = ChildOutput.of(proc, process.env.VB_TEST_LOG === '1' ? `backend ${proc.pid}` : undefined);
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+  const attachedLines = (): number => (out.text('stdout').match(/^attached /gm) ?? []).length + (out.text('stderr').match(/^attached /gm) ?? []).length;
+  try {
+    await out.waitUntil(() => (attachedLines() >= attaches ? true : null), opts.timeoutMs ?? 15_000, `${attaches} "attached" line(s)`);
+  } catch (e) {
+    proc.kill('SIGKILL');
+    (e as Error).message = `backend ${args.join(' ')}: ${(e as Error).message}`;
+    throw e;
+  }
   const signalAndWait = async (signal: NodeJS.Signals): Promise<void> => {
-    if (exitInfo !== null) return;
+    if (out.exitedHow !== null) return;
     proc.kill(signal);
     await exited;
   };
@@ -74,7 +46,7 @@ export async function startBackendProcess(args: readonly string[], attaches: num
     pid: proc.pid ?? -1,
     proc,
     exited,
-    output: () => out,
+    output: () => out.all(),
     maps: () => fs.readFileSync(`/proc/${proc.pid}/maps`, 'utf8'),
     stop: () => signalAndWait('SIGTERM'),
     kill: (signal = 'SIGKILL') => signalAndWait(signal),

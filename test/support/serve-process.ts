@@ -5,6 +5,7 @@
  */
 import type { ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
+import { ChildOutput } from './child-output';
 import { spawnTiedToUs } from './qemu-guest';
 
 const CLI = path.resolve(__dirname, '..', '..', 'src', 'control', 'cli.js');
@@ -22,49 +23,22 @@ export interface ServeProcess {
 
 export async function startServe(topologyPath: string, timeoutMs = 15_000): Promise<ServeProcess> {
   const proc = spawnTiedToUs(process.execPath, [CLI, 'serve', topologyPath]);
-  let out = '';
-  let exitInfo: { code: number | null; signal: NodeJS.Signals | null } | null = null;
-  let wake: (() => void) | null = null;
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-    proc.on('exit', (code, signal) => {
-      exitInfo = { code, signal };
-      wake?.();
-      resolve(exitInfo);
-    }),
-  );
-  const onData = (b: Buffer): void => {
-    out += b.toString('utf8');
-    if (process.env.VB_TEST_LOG === '1') process.stderr.write(`[serve ${proc.pid}] ${b.toString('utf8')}`);
-    wake?.();
-  };
-  proc.stdout?.on('data', onData);
-  proc.stderr?.on('data', onData);
-  await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => {
-      wake = null;
-      proc.kill('SIGKILL');
-      reject(new Error(`vbridge serve ${topologyPath}: not serving within ${timeoutMs} ms:\n${out}`));
-    }, timeoutMs);
-    wake = (): void => {
-      if (READY.test(out)) {
-        clearTimeout(timer);
-        wake = null;
-        resolve();
-      } else if (exitInfo !== null) {
-        clearTimeout(timer);
-        wake = null;
-        reject(new Error(`vbridge serve exited (${JSON.stringify(exitInfo)}) before serving:\n${out}`));
-      }
-    };
-    wake();
-  });
+  const out = ChildOutput.of(proc, process.env.VB_TEST_LOG === '1' ? `serve ${proc.pid}` : undefined);
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+  try {
+    await out.waitFor(READY, timeoutMs);
+  } catch (e) {
+    proc.kill('SIGKILL');
+    (e as Error).message = `vbridge serve ${topologyPath}: ${(e as Error).message}`;
+    throw e;
+  }
   return {
     pid: proc.pid ?? -1,
     proc,
     exited,
-    output: () => out,
+    output: () => out.all(),
     kill: async (signal = 'SIGKILL') => {
-      if (exitInfo !== null) return;
+      if (out.exitedHow !== null) return;
       proc.kill(signal);
       await exited;
     },

@@ -6,6 +6,7 @@
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
+import { ChildOutput, type OutputMark, type WaitOptions } from './child-output';
 
 export interface TestpmdOptions {
   /** Unique per concurrent instance (DPDK's runtime directory). */
@@ -37,8 +38,8 @@ export interface Testpmd {
   output(): string;
   /** Send one interactive command line. */
   command(line: string): void;
-  /** Wait for text to appear in the output after position `from`. */
-  waitFor(re: RegExp, timeoutMs: number, from?: number): Promise<RegExpMatchArray>;
+  /** Wait for text in one stream's output (either, unless `stream` says which). */
+  waitFor(re: RegExp, timeoutMs: number, opts?: WaitOptions): Promise<RegExpMatchArray>;
   start(): Promise<void>;
   /** `show port stats 0`: cumulative port counters, readable while forwarding runs. */
   portStats(): Promise<{ rxPackets: number; txPackets: number }>;
@@ -66,50 +67,19 @@ export async function startTestpmd(o: TestpmdOptions): Promise<Testpmd> {
   ];
   // testpmd printf()s to a pipe, which libc block-buffers: unbuffer it so each reply arrives now.
   const proc = spawn('stdbuf', ['-o0', '-e0', 'dpdk-testpmd', ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
-  let out = '';
-  let exited = false;
-  const waiters = new Set<() => void>();
-  const onData = (b: Buffer): void => {
-    out += b.toString('utf8');
-    for (const w of waiters) w();
-  };
-  proc.stdout?.on('data', onData);
-  proc.stderr?.on('data', onData);
-  proc.on('exit', () => {
-    exited = true;
-    for (const w of waiters) w();
-  });
-
-  const waitFor = (re: RegExp, timeoutMs: number, from = 0): Promise<RegExpMatchArray> =>
-    new Promise((resolve, reject) => {
-      const check = (): void => {
-        const m = out.slice(from).match(re);
-        if (m !== null) {
-          done();
-          resolve(m);
-        } else if (exited) {
-          done();
-          reject(new Error(`testpmd exited before ${re}:\n${out.slice(-3000)}`));
-        }
-      };
-      const timer = setTimeout(() => {
-        done();
-        reject(new Error(`testpmd: no ${re} within ${timeoutMs} ms:\n${out.slice(-3000)}`));
-      }, timeoutMs);
-      const done = (): void => {
-        clearTimeout(timer);
-        waiters.delete(check);
-      };
-      waiters.add(check);
-      check();
+  const out = ChildOutput.of(proc);
+  // The prompt and the replies to commands are stdout's; warnings and EAL logs come on stderr in between.
+  const replyAfter = (from: OutputMark, re: RegExp, timeoutMs: number): Promise<RegExpMatchArray> =>
+    out.waitFor(re, timeoutMs, { stream: 'stdout', from }).catch((e: Error) => {
+      e.message = `testpmd: ${e.message}`;
+      throw e;
     });
-
   const command = (line: string): void => {
     proc.stdin?.write(line + '\n');
   };
 
   try {
-    await waitFor(/testpmd> /, 60_000);
+    await replyAfter(out.mark(), /testpmd> /, 60_000);
   } catch (e) {
     // Where it waits goes first: a long failure message is cut at its end.
     if (proc.pid !== undefined && e instanceof Error) e.message = e.message.replace('\n', `\n${whereStuck(proc.pid)}\n--- its output ---\n`);
@@ -119,28 +89,28 @@ export async function startTestpmd(o: TestpmdOptions): Promise<Testpmd> {
   }
   return {
     proc,
-    output: () => out,
+    output: () => out.all(),
     command,
-    waitFor,
+    waitFor: (re, timeoutMs, opts) => out.waitFor(re, timeoutMs, opts),
     start: async () => {
-      const from = out.length;
+      const from = out.mark();
       command('start');
-      await waitFor(/testpmd> /, 10_000, from);
+      await replyAfter(from, /testpmd> /, 10_000);
     },
     portStats: async () => {
-      const from = out.length;
+      const from = out.mark();
       command('show port stats 0');
-      const m = await waitFor(/RX-packets:\s*(\d+)[\s\S]*?TX-packets:\s*(\d+)/, 10_000, from);
+      const m = await replyAfter(from, /RX-packets:\s*(\d+)[\s\S]*?TX-packets:\s*(\d+)/, 10_000);
       return { rxPackets: Number(m[1]), txPackets: Number(m[2]) };
     },
     stop: async () => {
-      const from = out.length;
+      const from = out.mark();
       command('stop');
-      await waitFor(/Done\.\s*\n/, 20_000, from);
-      return parseForwardStats(out.slice(from));
+      await replyAfter(from, /Done\.\s*\n/, 20_000);
+      return parseForwardStats(out.text('stdout').slice(from.stdout));
     },
     quit: async () => {
-      if (exited) return;
+      if (out.exitedHow !== null) return;
       const gone = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
       command('quit');
       const t = setTimeout(() => proc.kill('SIGKILL'), 15_000);
