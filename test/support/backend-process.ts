@@ -29,7 +29,8 @@ export async function startBackendProcess(args: readonly string[], attaches: num
   const proc = spawnTiedToUs(process.execPath, [opts.script ?? CLI, ...args]);
   const out = ChildOutput.of(proc, process.env.VB_TEST_LOG === '1' ? `backend ${proc.pid}` : undefined);
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
-  const attachedLines = (): number => (out.text('stdout').match(/^attached /gm) ?? []).length + (out.text('stderr').match(/^attached /gm) ?? []).length;
+  // `vbridge backend` prints its "attached PATH" lines on stdout and only there (backend-command.ts).
+  const attachedLines = (): number => (out.text('stdout').match(/^attached /gm) ?? []).length;
   try {
     await out.waitUntil(() => (attachedLines() >= attaches ? true : null), opts.timeoutMs ?? 15_000, `${attaches} "attached" line(s)`);
   } catch (e) {

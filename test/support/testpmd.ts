@@ -110,7 +110,8 @@ export async function startTestpmd(o: TestpmdOptions): Promise<Testpmd> {
       return parseForwardStats(out.text('stdout').slice(from.stdout));
     },
     quit: async () => {
-      if (out.exitedHow !== null) return;
+      // Not out.exitedHow: that waits for the pipes to close, and 'exit', awaited below, may already be behind us.
+      if (proc.exitCode !== null || proc.signalCode !== null) return;
       const gone = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
       command('quit');
       const t = setTimeout(() => proc.kill('SIGKILL'), 15_000);
