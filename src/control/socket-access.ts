@@ -59,5 +59,3 @@ export function socketAccessFrom(o: Readonly<Record<string, unknown>>, onError: 
   }
   return Object.keys(out).length === 0 ? undefined : out;
 }
-
-export const SOCKET_ACCESS_KEYS = ['socket-mode', 'socket-owner', 'socket-group'] as const;

@@ -2,14 +2,14 @@
  * `vbridge validate`: every problem of a topology file at once, each with its
  * YAML line and the function's name, plus what can be checked without starting
  * anything (images, socket path lengths, writable folders) and warnings for keys
- * that do not apply to a function's backend. The topology parser stops at the
- * first error; this runs it per function to find them all.
+ * that do not apply to a function's backend. The schema reports all its errors
+ * at once; the checks that need the file system run on every function that parsed.
  */
 import { formatListenAddress } from '../api/listen-address';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { LineCounter, parseDocument, stringify, type Document } from 'yaml';
-import { TopologyError, validateTopology, type FunctionSpec, type Topology } from './topology';
+import { checkTopology, fieldName, parseFunctionSpec, type FieldPath, type FunctionSpec, type Topology } from './topology';
 
 /** sun_path holds 108 bytes with the terminating NUL. */
 export const SUN_PATH_MAX = 107;
@@ -30,24 +30,8 @@ export interface CheckResult {
   topology: Topology | null;
 }
 
-type Key = string | number;
-
-/** "functions[2].backend.file" -> ['functions', 2, 'backend', 'file']; "(top level)" -> []. */
-function fieldPath(field: string): Key[] {
-  if (field === '(top level)') return [];
-  const out: Key[] = [];
-  for (const part of field.replace(/^\(top level\)\.?/, '').split('.')) {
-    const m = /^([^[]*)((?:\[\d+\])*)$/.exec(part);
-    if (m === null) return out;
-    if (m[1] !== '') out.push(m[1] as string);
-    for (const idx of (m[2] ?? '').matchAll(/\[(\d+)\]/g)) out.push(Number(idx[1]));
-  }
-  return out;
-}
-
 /** The line of the deepest node of the path that exists (a missing key points at its mapping). */
-function lineOf(doc: Document, lc: LineCounter, field: string): number {
-  const keys = fieldPath(field);
+function lineOf(doc: Document, lc: LineCounter, keys: FieldPath): number {
   for (let n = keys.length; n > 0; n--) {
     const node = doc.getIn(keys.slice(0, n), true) as { range?: [number, number, number] } | undefined;
     if (node?.range !== undefined) return lc.linePos(node.range[0]).line;
@@ -61,17 +45,17 @@ function isObj(v: unknown): v is Obj {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
-/** Keys that parse but do nothing for this function's backend. */
-function inapplicableKeys(raw: Obj, f: FunctionSpec): { key: string; why: string }[] {
-  const out: { key: string; why: string }[] = [];
+/** Keys that parse but do nothing for this function's backend, by their path in the function. */
+function inapplicableKeys(raw: Obj, f: FunctionSpec): { key: FieldPath; why: string }[] {
+  const out: { key: FieldPath; why: string }[] = [];
   const b = f.backend;
   if (b.kind !== 'pcie' && b.kind !== 'vhost-user') return out;
   const backendSays = `the ${b.kind} backend decides it`;
-  for (const key of ['queues', 'mac', 'mtu', 'offloads']) if (raw[key] !== undefined) out.push({ key, why: backendSays });
+  for (const key of ['queues', 'mac', 'mtu', 'offloads']) if (raw[key] !== undefined) out.push({ key: [key], why: backendSays });
   if (b.kind === 'vhost-user' && b.mode === 'passthrough') {
-    if (raw['queue-size'] !== undefined) out.push({ key: 'queue-size', why: 'in passthrough the back-end works on the guest rings as they are' });
+    if (raw['queue-size'] !== undefined) out.push({ key: ['queue-size'], why: 'in passthrough the back-end works on the guest rings as they are' });
     const rb = isObj(raw.backend) ? raw.backend : {};
-    for (const key of ['bar-size', 'slot-size']) if (rb[key] !== undefined) out.push({ key: `backend.${key}`, why: 'passthrough has no BAR: nothing is copied' });
+    for (const key of ['bar-size', 'slot-size']) if (rb[key] !== undefined) out.push({ key: ['backend', key], why: 'passthrough has no BAR: nothing is copied' });
   }
   return out;
 }
@@ -88,29 +72,28 @@ function writableFolder(p: string): { folder: string; ok: boolean } {
   }
 }
 
-/** Checks that need the file system but start nothing. */
-function hostChecks(f: FunctionSpec, where: string): { field: string; message: string }[] {
-  const out: { field: string; message: string }[] = [];
-  const sockets: [string, string][] = [[`${where}.socket`, f.socket]];
-  if (f.backend.kind === 'pcie') sockets.push([`${where}.backend.attach`, f.backend.attach]);
-  if (f.backend.kind === 'vhost-user') sockets.push([`${where}.backend.socket`, f.backend.socket]);
-  for (const [field, p] of sockets) {
+/** Checks that need the file system but start nothing; paths are in the function. */
+function hostChecks(f: FunctionSpec): { at: FieldPath; message: string }[] {
+  const out: { at: FieldPath; message: string }[] = [];
+  const sockets: [FieldPath, string][] = [[['socket'], f.socket]];
+  if (f.backend.kind === 'pcie') sockets.push([['backend', 'attach'], f.backend.attach]);
+  if (f.backend.kind === 'vhost-user') sockets.push([['backend', 'socket'], f.backend.socket]);
+  for (const [at, p] of sockets) {
     const len = Buffer.byteLength(p);
-    if (len > SUN_PATH_MAX) out.push({ field, message: `${p} is ${len} bytes; a Unix socket path may have at most ${SUN_PATH_MAX}` });
+    if (len > SUN_PATH_MAX) out.push({ at, message: `${p} is ${len} bytes; a Unix socket path may have at most ${SUN_PATH_MAX}` });
   }
   // The bridge creates its own listening sockets; a link's back-end socket is someone else's.
-  const own: [string, string][] = [[`${where}.socket`, f.socket]];
-  if (f.backend.kind === 'pcie') own.push([`${where}.backend.attach`, f.backend.attach]);
-  for (const [field, p] of own) {
+  for (const [at, p] of sockets.filter(([at]) => at.join('.') !== 'backend.socket')) {
     const w = writableFolder(p);
-    if (!w.ok) out.push({ field, message: `cannot create ${p}: ${w.folder} is not writable` });
+    if (!w.ok) out.push({ at, message: `cannot create ${p}: ${w.folder} is not writable` });
   }
   if (f.backend.kind === 'file') {
     const b = f.backend;
+    const at = ['backend', 'file'];
     if (!fs.existsSync(b.file)) {
-      if (b.size === undefined) out.push({ field: `${where}.backend.file`, message: `${b.file} does not exist and no size is given to create it` });
-      else if (b.readonly) out.push({ field: `${where}.backend.file`, message: `${b.file} does not exist, and a read-only disk is not created` });
-      else if (!writableFolder(b.file).ok) out.push({ field: `${where}.backend.file`, message: `cannot create ${b.file}: ${writableFolder(b.file).folder} is not writable` });
+      if (b.size === undefined) out.push({ at, message: `${b.file} does not exist and no size is given to create it` });
+      else if (b.readonly) out.push({ at, message: `${b.file} does not exist, and a read-only disk is not created` });
+      else if (!writableFolder(b.file).ok) out.push({ at, message: `cannot create ${b.file}: ${writableFolder(b.file).folder} is not writable` });
     }
   }
   return out;
@@ -138,49 +121,29 @@ export function checkTopologyFile(file: string): CheckResult {
     const f = fnsRaw?.[i];
     return isObj(f) && typeof f.name === 'string' ? f.name : undefined;
   };
-  const add = (severity: Finding['severity'], field: string, message: string): void => {
-    const fnIndex = /^functions\[(\d+)\]/.exec(field);
-    const fn = fnIndex !== null ? nameOf(Number(fnIndex[1])) : undefined;
+  const add = (severity: Finding['severity'], at: FieldPath, message: string): void => {
+    const field = fieldName(at);
+    const fn = at[0] === 'functions' && typeof at[1] === 'number' ? nameOf(at[1]) : undefined;
     if (findings.some((x) => x.field === field && x.message === message)) return;
-    findings.push({ severity, line: lineOf(doc, lc, field), ...(fn !== undefined ? { fn } : {}), field, message });
-  };
-  const fail = (e: unknown, remap?: (field: string) => string): void => {
-    if (!(e instanceof TopologyError)) throw e;
-    const field = remap !== undefined ? remap(e.field) : e.field;
-    add('error', field, e.message.slice(e.field.length + 2));
+    findings.push({ severity, line: lineOf(doc, lc, at), ...(fn !== undefined ? { fn } : {}), field, message });
   };
 
-  // Each function alone (with the file's top-level keys), so one bad function hides no other.
-  const specs: (FunctionSpec | null)[] = [];
-  if (fnsRaw !== null && isObj(raw)) {
-    fnsRaw.forEach((f, i) => {
-      try {
-        specs.push(validateTopology({ ...raw, functions: [f] }, baseDir, file).functions[0] ?? null);
-      } catch (e) {
-        specs.push(null);
-        fail(e, (field) => field.replace(/^functions\[0\]/, `functions[${i}]`));
-      }
-    });
-  }
-  let topology: Topology | null = null;
-  if (findings.length === 0) {
-    try {
-      topology = validateTopology(raw, baseDir, file);
-    } catch (e) {
-      fail(e);
-    }
-  }
+  const checked = checkTopology(raw, baseDir, file);
+  for (const e of checked.errors) add('error', e.path, e.problem);
+  const topology = checked.topology;
+  // Every function that parses on its own gets the host checks and warnings, whatever the others' errors.
+  const specs = topology !== null ? topology.functions : (fnsRaw ?? []).map((f) => parseFunctionSpec(f, baseDir));
   specs.forEach((f, i) => {
     if (f === null) return;
-    const where = `functions[${i}]`;
-    for (const p of hostChecks(f, where)) add('error', p.field, p.message);
+    const where = ['functions', i];
+    for (const p of hostChecks(f)) add('error', [...where, ...p.at], p.message);
     const fr = fnsRaw?.[i];
-    if (isObj(fr)) for (const w of inapplicableKeys(fr, f)) add('warning', `${where}.${w.key}`, `ignored: ${w.why}`);
+    if (isObj(fr)) for (const w of inapplicableKeys(fr, f)) add('warning', [...where, ...w.key], `ignored: ${w.why}`);
   });
   if (topology !== null) {
     const c = topology.control;
-    if (Buffer.byteLength(c) > SUN_PATH_MAX) add('error', 'control', `${c} is ${Buffer.byteLength(c)} bytes; a Unix socket path may have at most ${SUN_PATH_MAX}`);
-    else if (!writableFolder(c).ok) add('error', 'control', `cannot create ${c}: ${writableFolder(c).folder} is not writable`);
+    if (Buffer.byteLength(c) > SUN_PATH_MAX) add('error', ['control'], `${c} is ${Buffer.byteLength(c)} bytes; a Unix socket path may have at most ${SUN_PATH_MAX}`);
+    else if (!writableFolder(c).ok) add('error', ['control'], `cannot create ${c}: ${writableFolder(c).folder} is not writable`);
   }
   const hasErrors = findings.some((x) => x.severity === 'error');
   findings.sort((a, b) => a.line - b.line);

@@ -1,23 +1,42 @@
 /**
  * The topology file `vbridge serve` reads: which functions exist, where their
- * vhost-user sockets are, and what backs them. docs/topology.md documents the
- * schema; every error names the offending field by its path.
+ * vhost-user sockets are, and what backs them. The schema is declared once in
+ * topology-schema.ts (docs/topology.md's tables and docs/topology.schema.json
+ * come from it); this module runs it, adds the checks that span entries, and
+ * names every error's field by its path.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parse as parseYaml } from 'yaml';
-import { parseSize, SIZE_HINT } from './size';
+import type { z } from 'zod';
 import type { SocketAccess } from '../native/socket-guard';
-import { SOCKET_ACCESS_KEYS, socketAccessFrom } from './socket-access';
 import { defaultControlPath } from './control-path';
-import { ListenAddressError, parseListenAddress, type ListenAddress } from '../api/listen-address';
+import type { ListenAddress } from '../api/listen-address';
+import { accessOf, functionSchema, MAC_RE, topologySchema, type FunctionOutput } from './topology-schema';
+
+export { DEFAULT_BAR_SIZE, DEFAULT_SLOT_SIZE, MAX_TOTAL_VFS } from './topology-schema';
+
+/** Where in the document: keys and list indices, as in the YAML. */
+export type FieldPath = readonly (string | number)[];
+
+/** "functions[2].backend.file"; "(top level)" for the document itself. */
+export function fieldName(p: FieldPath): string {
+  let out = '';
+  for (const k of p) out += typeof k === 'number' ? `[${k}]` : out === '' ? k : `.${k}`;
+  return out === '' ? '(top level)' : out;
+}
 
 export class TopologyError extends Error {
+  readonly field: string;
   constructor(
-    readonly field: string,
-    message: string,
+    /** The field's path in the document; empty for the document itself or the file. */
+    readonly path: FieldPath,
+    /** What is wrong with it, without the field's name. */
+    readonly problem: string,
+    field = fieldName(path),
   ) {
-    super(`${field}: ${message}`);
+    super(`${field}: ${problem}`);
+    this.field = field;
     this.name = 'TopologyError';
   }
 }
@@ -63,9 +82,6 @@ export interface VhostUserLinkBackend {
 }
 
 export type LinkBackend = PcieLinkBackend | VhostUserLinkBackend;
-
-export const DEFAULT_BAR_SIZE = 64 * 1024 * 1024;
-export const DEFAULT_SLOT_SIZE = 2048;
 
 export interface NetFunction {
   name: string;
@@ -139,126 +155,37 @@ function isObj(v: unknown): v is Obj {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
-function checkKeys(o: Obj, allowed: readonly string[], where: string): void {
-  for (const k of Object.keys(o)) {
-    if (!allowed.includes(k)) {
-      throw new TopologyError(`${where}.${k}`, `unknown field (allowed: ${allowed.join(', ')})`);
+const quoted = (v: unknown): string => JSON.stringify(v);
+
+/** "a", "b" or "c". */
+function oneOf(values: readonly unknown[]): string {
+  const q = values.filter((v) => typeof v === 'string').map(quoted);
+  return q.length < 2 ? q.join('') : `${q.slice(0, -1).join(', ')} or ${q[q.length - 1]}`;
+}
+
+const NOUNS: Record<string, string> = { object: 'mapping', array: 'list', int: 'integer', number: 'integer', boolean: 'boolean', string: 'string' };
+
+/** The library's issues as the topology's errors: one per unknown key, missing keys and bad discriminators said in our words. */
+function errorsOf(issues: readonly z.core.$ZodIssue[], prefix: FieldPath = []): TopologyError[] {
+  const out: TopologyError[] = [];
+  for (const iss of issues) {
+    const at = [...prefix, ...(iss.path as (string | number)[])];
+    if (iss.code === 'unrecognized_keys') {
+      for (const k of iss.keys) out.push(new TopologyError([...at, k], iss.message));
+    } else if (iss.code === 'invalid_type' && iss.input === undefined) {
+      out.push(new TopologyError(at, `required ${NOUNS[iss.expected] ?? iss.expected} is missing`));
+    } else if (iss.code === 'invalid_type' && iss.expected === 'object') {
+      out.push(new TopologyError(at, 'expected a mapping'));
+    } else if (iss.code === 'invalid_union' && iss.discriminator !== undefined) {
+      // The issue sits at the discriminator's key, with the mapping as its input.
+      const value = isObj(iss.input) ? iss.input[iss.discriminator] : undefined;
+      const options = (iss as { options?: unknown[] }).options ?? [];
+      out.push(new TopologyError(at, value === undefined ? `required: ${oneOf(options)}` : `expected ${oneOf(options)}, got ${quoted(value)}`));
+    } else {
+      out.push(new TopologyError(at, iss.message));
     }
   }
-}
-
-function str(o: Obj, key: string, where: string, required: true): string;
-function str(o: Obj, key: string, where: string, required: false): string | undefined;
-function str(o: Obj, key: string, where: string, required: boolean): string | undefined {
-  const v = o[key];
-  if (v === undefined) {
-    if (required) throw new TopologyError(`${where}.${key}`, 'required string is missing');
-    return undefined;
-  }
-  if (typeof v !== 'string' || v.length === 0) {
-    throw new TopologyError(`${where}.${key}`, `expected a non-empty string, got ${JSON.stringify(v)}`);
-  }
-  return v;
-}
-
-function int(o: Obj, key: string, where: string, dflt: number, min: number, max: number): number {
-  const v = o[key];
-  if (v === undefined) return dflt;
-  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
-    throw new TopologyError(`${where}.${key}`, `expected an integer in [${min}, ${max}], got ${JSON.stringify(v)}`);
-  }
-  return v;
-}
-
-function bool(o: Obj, key: string, where: string, dflt: boolean): boolean {
-  const v = o[key];
-  if (v === undefined) return dflt;
-  if (typeof v !== 'boolean') throw new TopologyError(`${where}.${key}`, `expected true or false, got ${JSON.stringify(v)}`);
-  return v;
-}
-
-/** "64M", "1G", "4096" or a number of bytes. */
-function size(o: Obj, key: string, where: string): number | undefined {
-  const v = o[key];
-  if (v === undefined) return undefined;
-  const bytes = parseSize(v);
-  if (bytes === null) throw new TopologyError(`${where}.${key}`, `expected ${SIZE_HINT}, got ${JSON.stringify(v)}`);
-  return bytes;
-}
-
-function isPowerOfTwo(n: number): boolean {
-  return n > 0 && (n & (n - 1)) === 0;
-}
-
-const MAC_RE = /^([0-9a-f]{2}:){5}[0-9a-f]{2}$/i;
-
-/**
- * `link: pcie | vhost-user` names a backend in another process; no `link` (or
- * `link: local`) keeps the device in the bridge. Returns null for local.
- */
-function parseLinkBackend(b: Obj, where: string, baseDir: string): LinkBackend | null {
-  const link = b.link === undefined ? 'local' : str(b, 'link', where, true);
-  if (link === 'local') return null;
-  const common = (): { barSize: number; slotSize: number } => {
-    const barSize = size(b, 'bar-size', where) ?? DEFAULT_BAR_SIZE;
-    if (barSize % 4096 !== 0 || barSize > 2 ** 31) throw new TopologyError(`${where}.bar-size`, `must be a multiple of 4096 up to 2G, got ${barSize}`);
-    const slotSize = size(b, 'slot-size', where) ?? DEFAULT_SLOT_SIZE;
-    if (!isPowerOfTwo(slotSize) || slotSize < 256 || slotSize > 1 << 20) throw new TopologyError(`${where}.slot-size`, `must be a power of two in [256, 1M], got ${slotSize}`);
-    return { barSize, slotSize };
-  };
-  if (link === 'pcie') {
-    checkKeys(b, ['link', 'attach', 'mode', 'bar-size', 'slot-size'], where);
-    if (b.mode !== undefined && b.mode !== 'relay') throw new TopologyError(`${where}.mode`, 'the PCIe link always relays (the backend never maps guest memory)');
-    return { kind: 'pcie', attach: path.resolve(baseDir, str(b, 'attach', where, true)), ...common() };
-  }
-  if (link === 'vhost-user') {
-    checkKeys(b, ['link', 'socket', 'mode', 'bar-size', 'slot-size'], where);
-    const mode = str(b, 'mode', where, false) ?? 'relay';
-    if (mode !== 'relay' && mode !== 'passthrough') throw new TopologyError(`${where}.mode`, `expected "relay" or "passthrough", got "${mode}"`);
-    return { kind: 'vhost-user', socket: path.resolve(baseDir, str(b, 'socket', where, true)), mode, ...common() };
-  }
-  throw new TopologyError(`${where}.link`, `expected "local", "pcie" or "vhost-user", got "${link}"`);
-}
-
-function parseNetBackend(b: Obj, where: string, baseDir: string): SwitchBackend | SinkBackend | LinkBackend {
-  const linked = parseLinkBackend(b, where, baseDir);
-  if (linked !== null) return linked;
-  checkKeys(b, ['link', 'switch', 'sink'], where);
-  if (b.switch !== undefined && b.sink !== undefined) {
-    throw new TopologyError(where, 'give either "switch" or "sink", not both');
-  }
-  if (b.sink !== undefined) {
-    if (b.sink !== true) throw new TopologyError(`${where}.sink`, 'expected true');
-    return { kind: 'sink' };
-  }
-  const sw = str(b, 'switch', where, false);
-  if (sw === undefined) throw new TopologyError(where, 'a net backend needs "switch: NAME" or "sink: true"');
-  return { kind: 'switch', switch: sw };
-}
-
-function parseBlkBackend(b: Obj, where: string, baseDir: string): FileBackend | LinkBackend {
-  const linked = parseLinkBackend(b, where, baseDir);
-  if (linked !== null) return linked;
-  checkKeys(b, ['link', 'file', 'readonly', 'size', 'block-size', 'blockSize', 'serial'], where);
-  const file = str(b, 'file', where, true);
-  const blockSize = int(b, b['block-size'] !== undefined ? 'block-size' : 'blockSize', where, 512, 512, 65536);
-  if (!isPowerOfTwo(blockSize)) throw new TopologyError(`${where}.block-size`, `must be a power of two, got ${blockSize}`);
-  const sz = size(b, 'size', where);
-  if (sz !== undefined && sz % 512 !== 0) throw new TopologyError(`${where}.size`, `must be a multiple of 512, got ${sz}`);
-  const serial = str(b, 'serial', where, false);
-  if (serial !== undefined && serial.length > 20) throw new TopologyError(`${where}.serial`, 'at most 20 characters');
-  return {
-    kind: 'file',
-    file: path.resolve(baseDir, file),
-    readonly: bool(b, 'readonly', where, false),
-    size: sz,
-    blockSize,
-    serial,
-  };
-}
-
-function accessOf(o: Obj, where: string): SocketAccess | undefined {
-  return socketAccessFrom(o, (key, message) => new TopologyError(`${where}.${key}`, message));
+  return out;
 }
 
 function withAccess<T extends FunctionSpec>(f: T, fnAccess: SocketAccess | undefined, topAccess: SocketAccess | undefined): T {
@@ -266,85 +193,21 @@ function withAccess<T extends FunctionSpec>(f: T, fnAccess: SocketAccess | undef
   return access === undefined ? f : { ...f, socketAccess: access };
 }
 
-function parseFunction(f: unknown, i: number, baseDir: string, topAccess?: SocketAccess): FunctionSpec {
-  const where = `functions[${i}]`;
-  if (!isObj(f)) throw new TopologyError(where, 'expected a mapping');
-  checkKeys(f, ['name', 'type', 'socket', 'queues', 'queue-size', 'mac', 'mtu', 'offloads', 'backend', ...SOCKET_ACCESS_KEYS], where);
-  const fnAccess = accessOf(f, where);
-  const name = str(f, 'name', where, true);
-  if (!/^[A-Za-z0-9_.-]{1,32}$/.test(name)) {
-    throw new TopologyError(`${where}.name`, 'use 1-32 letters, digits, "_", "." or "-"');
-  }
-  const type = str(f, 'type', where, true);
-  const socket = path.resolve(baseDir, str(f, 'socket', where, true));
-  const queueSize = int(f, 'queue-size', where, 1024, 1, 32768);
-  if (!isPowerOfTwo(queueSize)) throw new TopologyError(`${where}.queue-size`, `must be a power of two, got ${queueSize}`);
-  const backend = f.backend;
-  if (!isObj(backend)) throw new TopologyError(`${where}.backend`, 'required mapping is missing');
-  if (type === 'net') {
-    const mac = str(f, 'mac', where, false);
-    if (mac !== undefined && !MAC_RE.test(mac)) throw new TopologyError(`${where}.mac`, `expected xx:xx:xx:xx:xx:xx, got "${mac}"`);
-    const mtu = f.mtu === undefined ? undefined : int(f, 'mtu', where, 1500, 68, 65535);
-    return withAccess({
-      name,
-      type,
-      socket,
-      queues: int(f, 'queues', where, 1, 1, 16),
-      queueSize,
-      mac,
-      mtu,
-      offloads: bool(f, 'offloads', where, true),
-      backend: parseNetBackend(backend, `${where}.backend`, baseDir),
-    }, fnAccess, topAccess);
-  }
-  if (type === 'blk') {
-    if (f.mac !== undefined) throw new TopologyError(`${where}.mac`, 'only net functions have a MAC');
-    if (f.mtu !== undefined) throw new TopologyError(`${where}.mtu`, 'only net functions have an MTU');
-    if (f.offloads !== undefined) throw new TopologyError(`${where}.offloads`, 'only net functions have offloads');
-    return withAccess({
-      name,
-      type,
-      socket,
-      queues: int(f, 'queues', where, 1, 1, 16),
-      queueSize,
-      backend: parseBlkBackend(backend, `${where}.backend`, baseDir),
-    }, fnAccess, topAccess);
-  }
-  throw new TopologyError(`${where}.type`, `expected "net" or "blk", got ${JSON.stringify(type)}`);
+/** The spec of a function the schema passed, its own socket keys merged over the top level's. */
+function specOf(f: FunctionOutput, topAccess: SocketAccess | undefined): FunctionSpec {
+  return withAccess(f.spec, f.access, topAccess);
 }
 
-const PF_FIELDS = ['name', 'type', 'total-vfs', 'num-vfs', 'socket', 'queues', 'queue-size', 'mac', 'mtu', 'offloads', 'backend', ...SOCKET_ACCESS_KEYS];
-/** PCIe SR-IOV allows up to 65535 VFs; a bridge process serving more than this many sockets is not a use case. */
-export const MAX_TOTAL_VFS = 256;
+const schemas = new Map<string, { topology: ReturnType<typeof topologySchema>; fn: ReturnType<typeof functionSchema> }>();
 
-function parsePf(p: unknown, i: number, baseDir: string, topAccess?: SocketAccess): PfSpec {
-  const where = `pfs[${i}]`;
-  if (!isObj(p)) throw new TopologyError(where, 'expected a mapping');
-  checkKeys(p, PF_FIELDS, where);
-  const name = str(p, 'name', where, true);
-  if (!/^[A-Za-z0-9_.-]{1,24}$/.test(name)) throw new TopologyError(`${where}.name`, 'use 1-24 letters, digits, "_", "." or "-"');
-  const type = str(p, 'type', where, true);
-  if (type !== 'net' && type !== 'blk') throw new TopologyError(`${where}.type`, `expected "net" or "blk", got ${JSON.stringify(type)}`);
-  if (p['total-vfs'] === undefined) throw new TopologyError(`${where}.total-vfs`, 'required integer is missing');
-  const totalVfs = int(p, 'total-vfs', where, 0, 1, MAX_TOTAL_VFS);
-  const numVfs = int(p, 'num-vfs', where, 0, 0, MAX_TOTAL_VFS);
-  if (numVfs > totalVfs) throw new TopologyError(`${where}.num-vfs`, `${numVfs} is above total-vfs (${totalVfs})`);
-  const template: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(p)) if (k !== 'name' && k !== 'total-vfs' && k !== 'num-vfs') template[k] = v;
-  const pf: PfSpec = { name, type, totalVfs, numVfs, template, baseDir, topAccess };
-  // Parse the last VF now so that a bad template fails at load time, naming the PF's field.
-  let last: FunctionSpec;
-  try {
-    last = vfSpec(pf, totalVfs - 1);
-  } catch (e) {
-    if (e instanceof TopologyError) throw new TopologyError(e.field.replace(/^functions\[\d+\]/, where), e.message.slice(e.field.length + 2));
-    throw e;
+/** The schema with paths resolving against baseDir; made once per folder (a PF's VFs parse one by one). */
+function schemasFor(baseDir: string): { topology: ReturnType<typeof topologySchema>; fn: ReturnType<typeof functionSchema> } {
+  let s = schemas.get(baseDir);
+  if (s === undefined) {
+    s = { topology: topologySchema(baseDir), fn: functionSchema(baseDir) };
+    schemas.set(baseDir, s);
   }
-  // A VF is paused by handing its rings from one in-bridge device to another; linked backends cannot do that yet.
-  if (last.backend.kind === 'pcie' || last.backend.kind === 'vhost-user') {
-    throw new TopologyError(`${where}.backend.link`, 'VF templates support local backends (file, switch, sink) only for now');
-  }
-  return pf;
+  return s;
 }
 
 function expandVf(v: unknown, n: number): unknown {
@@ -362,77 +225,80 @@ export function macPlus(base: string, n: number): string {
   return v.toString(16).padStart(12, '0').replace(/(..)(?!$)/g, '$1:');
 }
 
-/** The function spec of VF `n` of a PF, with `overrides` (run-time settings) applied to the template first. */
+/**
+ * The function spec of VF `n` of a PF, with `overrides` (run-time settings) applied
+ * to the template first. Errors name the field as `functions[0].KEY`.
+ */
 export function vfSpec(pf: PfSpec, n: number, overrides: Readonly<Record<string, unknown>> = {}): FunctionSpec {
   const raw = expandVf({ ...pf.template, ...overrides }, n) as Obj;
   if (pf.type === 'net' && typeof raw.mac === 'string' && overrides.mac === undefined && MAC_RE.test(raw.mac)) raw.mac = macPlus(raw.mac, n);
   // The name check is for names people write; `pf0/vf1` is built here, in the form `vbridge vf` takes.
-  return { ...parseFunction({ ...raw, name: 'vf', type: pf.type }, 0, pf.baseDir, pf.topAccess), name: `${pf.name}/vf${n}` };
+  const r = schemasFor(pf.baseDir).fn.safeParse({ ...raw, name: 'vf', type: pf.type }, { reportInput: true });
+  if (!r.success) throw errorsOf(r.error.issues, ['functions', 0])[0] as TopologyError;
+  return { ...specOf(r.data, pf.topAccess), name: `${pf.name}/vf${n}` };
 }
 
-function parseSwitch(s: unknown, i: number): SwitchSpec {
-  const where = `switches[${i}]`;
-  if (!isObj(s)) throw new TopologyError(where, 'expected a mapping');
-  checkKeys(s, ['name', 'tap', 'taps'], where);
-  const name = str(s, 'name', where, true);
-  const taps: string[] = [];
-  const one = str(s, 'tap', where, false);
-  if (one !== undefined) taps.push(one);
-  if (s.taps !== undefined) {
-    if (!Array.isArray(s.taps)) throw new TopologyError(`${where}.taps`, 'expected a list of TAP device names');
-    s.taps.forEach((t, j) => {
-      if (typeof t !== 'string' || !/^[A-Za-z0-9_.-]{1,15}$/.test(t)) {
-        throw new TopologyError(`${where}.taps[${j}]`, 'expected a network interface name (at most 15 characters)');
-      }
-      taps.push(t);
-    });
-  }
-  return { name, taps };
+/** One function alone, its paths resolved against baseDir; null when it has errors (the topology's to report). */
+export function parseFunctionSpec(raw: unknown, baseDir: string): FunctionSpec | null {
+  const r = schemasFor(baseDir).fn.safeParse(raw);
+  return r.success ? specOf(r.data, undefined) : null;
 }
 
-/**
- * Validate a parsed document; relative paths resolve against baseDir. The control
- * socket, when the document names none, is derived from sourceFile (or baseDir).
- */
-export function validateTopology(doc: unknown, baseDir: string, sourceFile?: string): Topology {
-  if (!isObj(doc)) throw new TopologyError('(top level)', 'expected a mapping with a "functions" list');
-  checkKeys(doc, ['control', 'functions', 'switches', 'pfs', 'state-dir', ...SOCKET_ACCESS_KEYS, 'http', 'http-token'], '(top level)');
-  const topAccess = accessOf(doc, '(top level)');
-  const pfsRaw = doc.pfs ?? [];
-  if (!Array.isArray(pfsRaw)) throw new TopologyError('pfs', 'expected a list');
-  const functionsRaw = doc.functions ?? (pfsRaw.length > 0 ? [] : undefined);
-  if (!Array.isArray(functionsRaw) || (functionsRaw.length === 0 && pfsRaw.length === 0)) {
-    throw new TopologyError('functions', 'expected a non-empty list');
+/** Fails with the first error of a function the topology will run; the path is made the caller's. */
+function checked<T>(where: FieldPath, make: () => T): T {
+  try {
+    return make();
+  } catch (e) {
+    if (e instanceof TopologyError) throw new TopologyError([...where, ...e.path.slice(2)], e.problem);
+    throw e;
   }
-  const functions = functionsRaw.map((f, i) => parseFunction(f, i, baseDir, topAccess));
-  const pfs = pfsRaw.map((p, i) => parsePf(p, i, baseDir, topAccess));
-  const switchesRaw = doc.switches ?? [];
-  if (!Array.isArray(switchesRaw)) throw new TopologyError('switches', 'expected a list');
-  const switches = switchesRaw.map((s, i) => parseSwitch(s, i));
+}
+
+/** The checks across entries, once every entry is valid on its own; the first failure is thrown. */
+function assemble(doc: z.output<ReturnType<typeof topologySchema>>, raw: Obj, baseDir: string, sourceFile: string | undefined): Topology {
+  const topAccess = accessOf(doc);
+  const functionsIn = doc.functions ?? [];
+  const pfsIn = doc.pfs ?? [];
+  if (functionsIn.length === 0 && pfsIn.length === 0) throw new TopologyError(['functions'], 'expected a non-empty list');
+  const functions = functionsIn.map((f) => specOf(f, topAccess));
+  const rawPfs = Array.isArray(raw.pfs) ? (raw.pfs as Obj[]) : [];
+  const pfs = pfsIn.map((p, i): PfSpec => {
+    const template: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(rawPfs[i] ?? {})) if (k !== 'name' && k !== 'total-vfs' && k !== 'num-vfs') template[k] = v;
+    const pf: PfSpec = { name: p.name, type: p.type, totalVfs: p['total-vfs'], numVfs: p['num-vfs'], template, baseDir, topAccess };
+    // The last VF, {vf} expanded: a template that only fails once expanded fails at load time, naming the PF's field.
+    const last = checked(['pfs', i], () => vfSpec(pf, pf.totalVfs - 1));
+    // A VF is paused by handing its rings from one in-bridge device to another; linked backends cannot do that yet.
+    if (last.backend.kind === 'pcie' || last.backend.kind === 'vhost-user') {
+      throw new TopologyError(['pfs', i, 'backend', 'link'], 'VF templates support local backends (file, switch, sink) only for now');
+    }
+    return pf;
+  });
+  const switches = [...(doc.switches ?? [])];
 
   const names = new Map<string, number>();
   const sockets = new Map<string, number>();
   functions.forEach((f, i) => {
     const dupName = names.get(f.name);
-    if (dupName !== undefined) throw new TopologyError(`functions[${i}].name`, `"${f.name}" is already used by functions[${dupName}]`);
+    if (dupName !== undefined) throw new TopologyError(['functions', i, 'name'], `"${f.name}" is already used by functions[${dupName}]`);
     names.set(f.name, i);
     const dupSock = sockets.get(f.socket);
-    if (dupSock !== undefined) throw new TopologyError(`functions[${i}].socket`, `${f.socket} is already used by functions[${dupSock}]`);
+    if (dupSock !== undefined) throw new TopologyError(['functions', i, 'socket'], `${f.socket} is already used by functions[${dupSock}]`);
     sockets.set(f.socket, i);
   });
   // Every VF a PF can ever have must be distinct from the plain functions and the other VFs.
   pfs.forEach((pf, i) => {
-    if (names.has(pf.name) || pfs.findIndex((q) => q.name === pf.name) !== i) throw new TopologyError(`pfs[${i}].name`, `"${pf.name}" is already used`);
+    if (names.has(pf.name) || pfs.findIndex((q) => q.name === pf.name) !== i) throw new TopologyError(['pfs', i, 'name'], `"${pf.name}" is already used`);
     for (let n = 0; n < pf.totalVfs; n++) {
-      const vf = vfSpec(pf, n);
+      const vf = checked(['pfs', i], () => vfSpec(pf, n));
       const dup = sockets.get(vf.socket);
-      if (dup !== undefined) throw new TopologyError(`pfs[${i}].socket`, `${vf.socket} (VF ${n}) is already used by another function; put {vf} in the path`);
+      if (dup !== undefined) throw new TopologyError(['pfs', i, 'socket'], `${vf.socket} (VF ${n}) is already used by another function; put {vf} in the path`);
       sockets.set(vf.socket, -1);
     }
   });
   const swNames = new Set<string>();
   switches.forEach((s, i) => {
-    if (swNames.has(s.name)) throw new TopologyError(`switches[${i}].name`, `"${s.name}" is declared twice`);
+    if (swNames.has(s.name)) throw new TopologyError(['switches', i, 'name'], `"${s.name}" is declared twice`);
     swNames.add(s.name);
   });
   // A switch named only by functions exists implicitly: the common case needs no switches section.
@@ -442,21 +308,38 @@ export function validateTopology(doc: unknown, baseDir: string, sourceFile?: str
       switches.push({ name: f.backend.switch, taps: [] });
     }
   }
-  const control = doc.control === undefined ? defaultControlPath(sourceFile ?? baseDir) : path.resolve(baseDir, str(doc, 'control', '(top level)', true));
-  let http: ListenAddress | undefined;
-  if (doc.http !== undefined) {
-    const h = typeof doc.http === 'number' ? String(doc.http) : str(doc, 'http', '(top level)', true);
-    try {
-      http = parseListenAddress(h, baseDir);
-    } catch (e) {
-      if (e instanceof ListenAddressError) throw new TopologyError('http', e.message);
-      throw e;
-    }
+  const control = doc.control ?? defaultControlPath(sourceFile ?? baseDir);
+  return { control, functions, switches, http: doc.http, httpTokenFile: doc['http-token'] ?? defaultTokenFile(control), pfs, stateDir: doc['state-dir'] };
+}
+
+/**
+ * Every error of a parsed document (the schema's all at once; then the first of the
+ * checks across entries), or its topology. Relative paths resolve against baseDir.
+ */
+export function checkTopology(doc: unknown, baseDir: string, sourceFile?: string): { topology: Topology; errors: [] } | { topology: null; errors: TopologyError[] } {
+  const r = schemasFor(baseDir).topology.safeParse(doc, { reportInput: true });
+  if (!r.success) {
+    const errors = errorsOf(r.error.issues);
+    // Not a mapping at all: say what the file should be.
+    if (!isObj(doc)) return { topology: null, errors: [new TopologyError([], 'expected a mapping with a "functions" list')] };
+    return { topology: null, errors };
   }
-  const token = str(doc, 'http-token', '(top level)', false);
-  const httpTokenFile = token === undefined ? defaultTokenFile(control) : path.resolve(baseDir, token);
-  const stateDir = doc['state-dir'] === undefined ? undefined : path.resolve(baseDir, str(doc, 'state-dir', '(top level)', true));
-  return { control, functions, switches, http, httpTokenFile, pfs, stateDir };
+  try {
+    return { topology: assemble(r.data, doc as Obj, baseDir, sourceFile), errors: [] };
+  } catch (e) {
+    if (e instanceof TopologyError) return { topology: null, errors: [e] };
+    throw e;
+  }
+}
+
+/**
+ * Validate a parsed document; relative paths resolve against baseDir. The control
+ * socket, when the document names none, is derived from sourceFile (or baseDir).
+ */
+export function validateTopology(doc: unknown, baseDir: string, sourceFile?: string): Topology {
+  const r = checkTopology(doc, baseDir, sourceFile);
+  if (r.topology === null) throw r.errors[0] as TopologyError;
+  return r.topology;
 }
 
 /** Next to the control socket: control.sock -> control.http-token. */
@@ -469,13 +352,13 @@ export function loadTopology(file: string): Topology {
   try {
     text = fs.readFileSync(file, 'utf8');
   } catch (e) {
-    throw new TopologyError(file, `cannot read: ${(e as Error).message}`);
+    throw new TopologyError([], `cannot read: ${(e as Error).message}`, file);
   }
   let doc: unknown;
   try {
     doc = parseYaml(text);
   } catch (e) {
-    throw new TopologyError(file, `not valid YAML: ${(e as Error).message}`);
+    throw new TopologyError([], `not valid YAML: ${(e as Error).message}`, file);
   }
   return validateTopology(doc, path.dirname(path.resolve(file)), file);
 }

@@ -132,7 +132,8 @@ test('socket-mode, -owner and -group: top-level defaults, a function overrides, 
   assert.throws(() => validateTopology(one({ 'socket-mode': 660 }), '/'), /functions\[0\]\.socket-mode: write the mode as a quoted octal string/);
   assert.throws(() => validateTopology(one({ 'socket-mode': '0999' }), '/'), /socket-mode: expected an octal mode/);
   assert.throws(() => validateTopology(one({ 'socket-group': 'no-such-group-here' }), '/'), /functions\[0\]\.socket-group: no group named "no-such-group-here" in \/etc\/group/);
-  assert.throws(() => validateTopology({ 'socket-owner': 'nobody-at-all', ...one({}) }, '/'), /\(top level\)\.socket-owner: no user named/);
+  // A top-level key's path is its name alone, as with `http` and `functions`.
+  assert.throws(() => validateTopology({ 'socket-owner': 'nobody-at-all', ...one({}) }, '/'), /^TopologyError: socket-owner: no user named "nobody-at-all"/);
 });
 
 test('http: the API listener and its token file; off unless asked, errors name the field', () => {
