@@ -3,7 +3,7 @@ SHELL := /bin/bash
 NODE ?= node
 FUZZ_SECONDS ?= 15
 
-.PHONY: all setup deps addon guest build lint unit fuzz e2e test demo bench clean
+.PHONY: all setup deps addon guest build lint unit fuzz e2e test demo bench docs clean
 
 all: build
 
@@ -39,6 +39,11 @@ e2e: build
 	$(NODE) --test --test-concurrency=1 --test-timeout=900000 $$(ls dist/test/e2e/*.test.js)
 
 test: build lint unit fuzz e2e
+
+# docs/topology.md's key tables and docs/topology.schema.json, from src/control/topology-schema.ts.
+docs: deps
+	npx tsc -p tsconfig.json
+	$(NODE) dist/scripts/topology-docs.js
 
 demo: build
 	$(NODE) dist/scripts/demo.js

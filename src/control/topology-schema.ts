@@ -15,6 +15,8 @@ import { parseSocketGroup, parseSocketMode, parseSocketOwner } from './socket-ac
 import type { BlkFunction, FileBackend, LinkBackend, NetFunction, SinkBackend, SwitchBackend, SwitchSpec } from './topology';
 
 export const DEFAULT_BAR_SIZE = 64 * 1024 * 1024;
+/** The default BAR size as a user writes it; parsed like a written one, the output is DEFAULT_BAR_SIZE. */
+const DEFAULT_BAR_SIZE_WRITTEN = '64M';
 export const DEFAULT_SLOT_SIZE = 2048;
 /** PCIe SR-IOV allows up to 65535 VFs; a bridge process serving more than this many sockets is not a use case. */
 export const MAX_TOTAL_VFS = 256;
@@ -88,8 +90,9 @@ function powerOfTwo(min: number, max: number) {
 
 /** "64M", "1G", "4096" or a number of bytes -> bytes. The pattern is for editors; parseSize decides. */
 function size() {
+  const error = (iss: { input?: unknown }): string | undefined => (iss.input === undefined ? undefined : `expected ${SIZE_HINT}, got ${shown(iss.input)}`);
   return z
-    .union([z.int(), z.string().meta({ pattern: SIZE_RE.source })], { error: (iss) => (iss.input === undefined ? undefined : `expected ${SIZE_HINT}, got ${shown(iss.input)}`) })
+    .union([z.int({ error }).positive({ error }), z.string({ error }).meta({ pattern: SIZE_RE.source })], { error })
     .transform(parsedBy((v) => parseSize(v) ?? fail(`expected ${SIZE_HINT}, got ${shown(v)}`)));
 }
 
@@ -139,20 +142,20 @@ export function accessOf(o: AccessKeys): SocketAccess | undefined {
 }
 
 /** `link` absent or `local`: the device runs in the bridge. */
-const localLink = field(z.literal('local').optional(), 'where the device runs (see the table above)', { default: '`local`' });
+const localLink = field(z.literal('local').optional(), 'in the bridge', { default: '`local` (may be left out)' });
 
-function linkBackends(baseDir: string) {
+/** The backends in other processes, which net and blk functions share. */
+export function linkBackends(baseDir: string) {
   const barSize = field(
     size()
       .refine((n) => n % 4096 === 0 && n <= 2 ** 31, { error: (iss) => `must be a multiple of 4096 up to 2G, got ${shown(iss.input)}` })
-      .default(DEFAULT_BAR_SIZE),
+      .prefault(DEFAULT_BAR_SIZE_WRITTEN),
     'BAR2 size (shadow rings and buffer pool), a multiple of 4096, split evenly between the queues',
-    { default: '64M' },
   );
   const slotSize = field(
     size()
       .refine((n) => isPowerOfTwo(n) && n >= 256 && n <= 1 << 20, { error: (iss) => `must be a power of two in [256, 1M], got ${shown(iss.input)}` })
-      .default(DEFAULT_SLOT_SIZE),
+      .prefault(DEFAULT_SLOT_SIZE),
     'buffer-pool slot (power of two, 256 B-1 MiB); a chain takes contiguous slots',
   );
   const pcie = field(
@@ -170,7 +173,7 @@ function linkBackends(baseDir: string) {
       'bar-size': barSize,
       'slot-size': slotSize,
     }).transform((b): LinkBackend => ({ kind: 'pcie', attach: b.attach, barSize: b['bar-size'], slotSize: b['slot-size'] })),
-    'in a backend process that attaches over the PCIe link (`vbridge backend blk\\|net --attach PATH ...`); relay mode only',
+    'in a backend process that attaches over the PCIe link (`vbridge backend blk|net --attach PATH ...`); relay mode only',
   );
   const vhostUser = field(
     strict({
@@ -188,9 +191,9 @@ function linkBackends(baseDir: string) {
   return { pcie, vhostUser };
 }
 
-function netBackend(baseDir: string) {
-  const { pcie, vhostUser } = linkBackends(baseDir);
-  const local = field(
+/** A net function's device in the bridge: a switch port or a sink. */
+export function localNetBackend() {
+  return field(
     strict({
       link: localLink,
       switch: field(text().optional(), 'a port on the in-process L2 learning switch of this name. Functions on one switch reach each other; TAP devices listed under `switches[].taps` join it too', { default: 'one of `switch` and `sink`' }),
@@ -203,13 +206,12 @@ function netBackend(baseDir: string) {
       .transform((b): SwitchBackend | SinkBackend => (b.sink === true ? { kind: 'sink' } : { kind: 'switch', switch: b.switch ?? '' })),
     'in the bridge: a switch port or a sink',
   );
-  return z.discriminatedUnion('link', [local, pcie, vhostUser]);
 }
 
-function blkBackend(baseDir: string) {
-  const { pcie, vhostUser } = linkBackends(baseDir);
-  const blockSize = field(powerOfTwo(512, 65536).optional(), 'logical block size reported to the guest (power of two)', { default: '512' });
-  const file = field(
+/** A blk function's device in the bridge, on a raw image. */
+export function fileBackend(baseDir: string) {
+  const blockSize = (description: string) => field(powerOfTwo(512, 65536).optional(), description, { default: '512' });
+  return field(
     strict({
       link: localLink,
       file: field(pathIn(baseDir), 'a raw image'),
@@ -221,22 +223,31 @@ function blkBackend(baseDir: string) {
         'create the file, or grow it, to this size (bytes, or `K`/`M`/`G` suffix; multiple of 512)',
         { default: 'file\'s size' },
       ),
-      'block-size': blockSize,
+      'block-size': blockSize('logical block size reported to the guest (power of two)'),
       // The spelling of early versions, still read.
-      blockSize: field(powerOfTwo(512, 65536).optional(), 'the same as `block-size` (older spelling; `block-size` wins)', { default: '512' }),
+      blockSize: blockSize('the same as `block-size` (older spelling; `block-size` wins)'),
       serial: field(text().max(20, { error: 'at most 20 characters' }).optional(), 'the GET_ID string (at most 20 characters)', { default: 'the function\'s name' }),
     }).transform(
       (b): FileBackend => ({ kind: 'file', file: b.file, readonly: b.readonly, size: b.size, blockSize: b['block-size'] ?? b.blockSize ?? 512, serial: b.serial }),
     ),
     'in the bridge, on a raw image',
   );
-  return z.discriminatedUnion('link', [file, pcie, vhostUser]);
+}
+
+function netBackend(baseDir: string) {
+  const { pcie, vhostUser } = linkBackends(baseDir);
+  return z.discriminatedUnion('link', [localNetBackend(), pcie, vhostUser]);
+}
+
+function blkBackend(baseDir: string) {
+  const { pcie, vhostUser } = linkBackends(baseDir);
+  return z.discriminatedUnion('link', [fileBackend(baseDir), pcie, vhostUser]);
 }
 
 const BACKEND_DOC = 'where the device runs and what backs it: see below';
 
 /** The fields of a net function, in the order the docs list them. */
-function netShape(baseDir: string) {
+export function netShape(baseDir: string) {
   return {
     name: field(name(32), 'unique name, shown by `vbridge stats`', { type: 'string, 1-32 of `[A-Za-z0-9_.-]`' }),
     type: field(z.literal('net'), 'the virtio device', { type: '`net` or `blk`' }),
@@ -304,7 +315,8 @@ export function functionSchema(baseDir: string) {
   return z.discriminatedUnion('type', [netFunction(baseDir), blkFunction(baseDir)]);
 }
 
-function pfHead(type: 'net' | 'blk') {
+/** A PF's own keys; the rest of a PF is its VF template. */
+export function pfHead(type: 'net' | 'blk') {
   return {
     name: field(name(24), 'VF n is named `NAME/vfN`', { type: 'string, 1-24 of `[A-Za-z0-9_.-]`' }),
     type: field(z.literal(type), 'the virtio device of the VFs', { type: '`blk` or `net`' }),
@@ -326,7 +338,7 @@ function pfSchema(baseDir: string) {
 
 const IFNAME_RE = /^[A-Za-z0-9_.-]{1,15}$/;
 
-function switchSchema() {
+export function switchSchema() {
   const error = 'expected a network interface name (at most 15 characters)';
   return strict({
     name: field(text(), 'switch name'),
@@ -349,9 +361,9 @@ export function topologySchema(baseDir: string) {
     ),
     'http-token': field(pathIn(baseDir).optional(), 'where serve writes the HTTP API\'s bearer token (mode 0600)', { default: 'next to the control socket (control.http-token)' }),
     'state-dir': field(pathIn(baseDir).optional(), 'where the function manager persists run-time state', { default: 'none: changes are lost on restart' }),
-    switches: field(z.array(switchSchema(), { error: 'expected a list' }).optional(), 'switches and the TAP devices they join; a switch named by a function exists implicitly', { default: 'none' }),
-    functions: field(z.array(functionSchema(baseDir), { error: 'expected a non-empty list' }).optional(), 'the functions', { default: 'required unless `pfs` is given' }),
-    pfs: field(z.array(pfSchema(baseDir), { error: 'expected a list' }).optional(), 'SR-IOV-style PFs: VF templates and counts', { default: 'none' }),
+    switches: field(z.array(switchSchema(), { error: 'expected a list' }).optional(), 'switches and the TAP devices they join (`switches[]` below); a switch named by a function exists implicitly', { default: 'none' }),
+    functions: field(z.array(functionSchema(baseDir), { error: 'expected a non-empty list' }).optional(), 'the functions the bridge serves (`functions[]` below)', { default: 'required unless `pfs` is given' }),
+    pfs: field(z.array(pfSchema(baseDir), { error: 'expected a list' }).optional(), 'SR-IOV-style PFs: VF templates and counts (`pfs[]` below)', { default: 'none' }),
   });
 }
 
