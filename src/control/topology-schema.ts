@@ -96,6 +96,7 @@ function size() {
     .transform(parsedBy((v) => parseSize(v) ?? fail(`expected ${SIZE_HINT}, got ${shown(v)}`)));
 }
 
+/** For parsers that say no with null: throws the message parsedBy turns into an issue. */
 function fail(message: string): never {
   throw new Error(message);
 }
@@ -142,7 +143,7 @@ export function accessOf(o: AccessKeys): SocketAccess | undefined {
 }
 
 /** `link` absent or `local`: the device runs in the bridge. */
-const localLink = field(z.literal('local').optional(), 'in the bridge', { default: '`local` (may be left out)' });
+const localLink = field(z.literal('local').optional(), 'in the bridge');
 
 /** The backends in other processes, which net and blk functions share. */
 export function linkBackends(baseDir: string) {
@@ -310,7 +311,7 @@ function blkFunction(baseDir: string) {
   }));
 }
 
-
+/** One function, told apart by its `type`. */
 export function functionSchema(baseDir: string) {
   return z.discriminatedUnion('type', [netFunction(baseDir), blkFunction(baseDir)]);
 }

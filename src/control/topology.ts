@@ -12,7 +12,7 @@ import type { z } from 'zod';
 import type { SocketAccess } from '../native/socket-guard';
 import { defaultControlPath } from './control-path';
 import type { ListenAddress } from '../api/listen-address';
-import { accessOf, functionSchema, MAC_RE, topologySchema, type FunctionOutput } from './topology-schema';
+import { accessOf, functionSchema, MAC_RE, topologySchema, type FunctionOutput, type TopologyDocument } from './topology-schema';
 
 export { DEFAULT_BAR_SIZE, DEFAULT_SLOT_SIZE, MAX_TOTAL_VFS } from './topology-schema';
 
@@ -204,6 +204,8 @@ const schemas = new Map<string, { topology: ReturnType<typeof topologySchema>; f
 function schemasFor(baseDir: string): { topology: ReturnType<typeof topologySchema>; fn: ReturnType<typeof functionSchema> } {
   let s = schemas.get(baseDir);
   if (s === undefined) {
+    // A process sees a few topology folders; a test run sees many: keep it from growing without end.
+    if (schemas.size >= 16) schemas.clear();
     s = { topology: topologySchema(baseDir), fn: functionSchema(baseDir) };
     schemas.set(baseDir, s);
   }
@@ -244,7 +246,7 @@ export function parseFunctionSpec(raw: unknown, baseDir: string): FunctionSpec |
   return r.success ? specOf(r.data, undefined) : null;
 }
 
-/** Fails with the first error of a function the topology will run; the path is made the caller's. */
+/** Runs make (a VF's parse); its error, named `functions[0].KEY`, is renamed to `where`.KEY, the PF's field. */
 function checked<T>(where: FieldPath, make: () => T): T {
   try {
     return make();
@@ -255,7 +257,7 @@ function checked<T>(where: FieldPath, make: () => T): T {
 }
 
 /** The checks across entries, once every entry is valid on its own; the first failure is thrown. */
-function assemble(doc: z.output<ReturnType<typeof topologySchema>>, raw: Obj, baseDir: string, sourceFile: string | undefined): Topology {
+function assemble(doc: TopologyDocument, raw: Obj, baseDir: string, sourceFile: string | undefined): Topology {
   const topAccess = accessOf(doc);
   const functionsIn = doc.functions ?? [];
   const pfsIn = doc.pfs ?? [];
