@@ -18,7 +18,7 @@ export interface Finding {
   severity: 'error' | 'warning';
   /** 1-based line in the YAML file (0 when the file is unreadable). */
   line: number;
-  /** The function's name when the finding is about one. */
+  /** The name of the function or PF the finding is about, if any. */
   fn?: string;
   field: string;
   message: string;
@@ -117,13 +117,15 @@ export function checkTopologyFile(file: string): CheckResult {
   const raw: unknown = doc.toJS();
   const baseDir = path.dirname(path.resolve(file));
   const fnsRaw = isObj(raw) && Array.isArray(raw.functions) ? (raw.functions as unknown[]) : null;
-  const nameOf = (i: number): string | undefined => {
-    const f = fnsRaw?.[i];
+  /** The name of the function (or PF) at functions[i] (pfs[i]), as written. */
+  const nameOf = (list: string | number | undefined, i: string | number | undefined): string | undefined => {
+    const entries = isObj(raw) && (list === 'functions' || list === 'pfs') && Array.isArray(raw[list]) ? (raw[list] as unknown[]) : [];
+    const f = typeof i === 'number' ? entries[i] : undefined;
     return isObj(f) && typeof f.name === 'string' ? f.name : undefined;
   };
   const add = (severity: Finding['severity'], at: FieldPath, message: string): void => {
     const field = fieldName(at);
-    const fn = at[0] === 'functions' && typeof at[1] === 'number' ? nameOf(at[1]) : undefined;
+    const fn = nameOf(at[0], at[1]);
     if (findings.some((x) => x.field === field && x.message === message)) return;
     findings.push({ severity, line: lineOf(doc, lc, at), ...(fn !== undefined ? { fn } : {}), field, message });
   };

@@ -61,6 +61,12 @@ test('validate: cross-function errors, unwritable folders, YAML syntax errors wi
   // /proc/sys refuses new files, even to root.
   const ro = write('functions:\n  - { name: a, type: net, socket: /proc/sys/vb/a.sock, backend: { sink: true } }\n');
   assert.deepEqual(checkTopologyFile(ro.file).findings.map((f) => f.message), ['cannot create /proc/sys/vb/a.sock: /proc/sys is not writable']);
+  // Every error of one function too, not only its first.
+  const two = write('functions:\n  - { name: a, type: net, socket: a.sock, queues: 0, mac: zz, backend: { sink: true } }\n');
+  assert.deepEqual(checkTopologyFile(two.file).findings.map((f) => f.field).sort(), ['functions[0].mac', 'functions[0].queues']);
+  // A PF's errors name the PF, as a function's name the function.
+  const pf = write('pfs:\n  - { name: pf0, type: blk, total-vfs: 2, num-vfs: 3, socket: "s{vf}", backend: { file: "d{vf}", size: 1M } }\n');
+  assert.deepEqual(checkTopologyFile(pf.file).findings.map((f) => formatFinding('t.yaml', f)), ['t.yaml:2: error: pf0: pfs[0].num-vfs: 3 is above total-vfs (2)']);
   const bad = write('functions:\n  - { name: a, type: net\n  - oops: [\n');
   const f = checkTopologyFile(bad.file).findings;
   assert.ok(f.length > 0 && f.every((x) => x.severity === 'error' && x.field === '(yaml)'));
