@@ -112,18 +112,19 @@ export function bridgeMetrics(r: StatsReport, learned: (sw: string) => number): 
     fam(
       'vbridge_faults_injected_total',
       'counter',
-      'Faults injected with vbridge fault, by kind: link-downs, requests or frames failed (dma-error), used notifications not signalled (drop-interrupt), publishes held back (delay).',
+      'Faults injected with vbridge fault, by kind: link-downs, requests or frames failed (dma-error), used notifications not signalled (drop-interrupt), publishes held back (delay), links to the backend cut (backend-down).',
       faulted.flatMap(({ f, x }) => COUNTED_KINDS.map((kind) => ({ labels: { function: f.name, kind }, value: x.injected[kind] }))),
     ),
     fam(
       'vbridge_faults_armed',
       'gauge',
-      'Faults armed now, by kind: requests or frames still to fail, interrupts still to drop, publishes still to hold back (1 for a delay until clear), 1 while the link is held down.',
+      'Faults armed now, by kind: requests or frames still to fail, interrupts still to drop, publishes still to hold back (1 for a delay until clear), 1 while the link is held down, 1 while the link to the backend is held cut.',
       faulted.flatMap(({ f, x }) => [
         { labels: { function: f.name, kind: 'dma-error' }, value: x.active.dmaError },
         { labels: { function: f.name, kind: 'drop-interrupt' }, value: x.active.dropInterrupt },
         { labels: { function: f.name, kind: 'delay' }, value: x.active.delay === null ? 0 : (x.active.delay.count ?? 1) },
         { labels: { function: f.name, kind: 'link-down' }, value: x.active.linkDown ? 1 : 0 },
+        { labels: { function: f.name, kind: 'backend-down' }, value: x.active.backendDown ? 1 : 0 },
       ]),
     ),
   );

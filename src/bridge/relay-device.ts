@@ -27,6 +27,7 @@ import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1
 import { DriverRing, splitRingBytes, splitRingLayout } from '../virtio/driver-ring';
 import { QueueError } from '../virtio/split-queue';
 import { DmaEngine, type DmaCounters, newDmaCounters } from './dma-engine';
+import type { FunctionFaults } from '../faults/function-faults';
 import type { BackendDeviceInfo, ShadowLink, ShadowLinkEvents } from './shadow-link';
 import { SlotPool } from './slot-pool';
 
@@ -127,6 +128,13 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   onFatal?: (err: Error) => void;
   /** Set by the function: tell the driver the config changed (vhost-user CONFIG_CHANGE_MSG). */
   notifyConfigChange?: () => void;
+  /**
+   * Injected faults (VirtioDevice.faults), null unless one is armed. The relay
+   * is the device towards the guest: dma-error fails chains here, and the
+   * frontend port's queue host reads drop-interrupt and delay from it for the
+   * guest-facing used ring, as it does for a device that runs in the bridge.
+   */
+  faults: FunctionFaults | null = null;
 
   private info: BackendDeviceInfo;
   private readonly queues: RelayQueue[] = [];
@@ -380,6 +388,15 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
         for (;;) {
           const chain = rq.pending ?? vq.pop(mem);
           if (chain === null) break;
+          const faults = this.faults;
+          // An injected dma-error: the chain never reaches the BAR or the backend.
+          if (faults !== null && rq.pending === null && this.injectDmaError(rq, g, chain, faults)) {
+            if (++early >= NOTIFY_BATCH) {
+              g.notify();
+              early = 0;
+            }
+            continue;
+          }
           let r = this.post(rq, g, chain);
           if (r === POST_NO_ROOM) {
             const waiting = rq.pending !== null;
@@ -446,6 +463,26 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       this.complete(rq);
     }, ms);
     rq.recheck.unref();
+  }
+
+  /**
+   * Whether an armed dma-error takes this chain (counted), completing it as a
+   * failed DMA would: a blk request with VIRTIO_BLK_S_IOERR, a frame the guest
+   * transmits dropped and counted as a drop (as a net device in the bridge
+   * does; receive buffers are left alone, there is no frame in them yet).
+   */
+  private injectDmaError(rq: RelayQueue, g: DeviceQueue, chain: DescriptorChain, faults: FunctionFaults): boolean {
+    const block = this.deviceId === VIRTIO_ID_BLOCK;
+    // Net queues pair up RX (even) and TX (odd).
+    if (!block && (rq.index & 1) === 0) return false;
+    if (!faults.takeDmaError()) return false;
+    if (block) {
+      this.failChain(g, chain);
+      return true;
+    }
+    g.queue.pushUsed(g.mem, chain.head, 0);
+    g.stats.drops++;
+    return true;
   }
 
   /** Copy a chain's readable bytes into BAR2 and post it; POST_NO_ROOM when there is no room now. */

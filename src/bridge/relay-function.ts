@@ -51,6 +51,11 @@ export class RelayFunction {
     return this.relayDevice;
   }
 
+  /** The vhost-user port the guest connects to; null until the first backend described the device. */
+  get frontend(): VhostUserServer | null {
+    return this.server;
+  }
+
   stats(): RelayFunctionStats {
     return { link: this.link.stats(), relay: this.relayDevice?.relayStats() ?? [], server: this.server?.stats() ?? null };
   }

@@ -75,5 +75,13 @@ export interface ShadowLink {
   kick(q: number): void;
   /** Declare the backend faulty (the relay found it breaking the rings' rules). */
   fail(err: Error): void;
+  /**
+   * An injected backend-down: drop the backend as if the cable were pulled (the
+   * events are those of a backend that went away) and keep it away until
+   * restore(). False when it was cut already.
+   */
+  cut(): boolean;
+  /** Ends cut(): a backend may come back (pcie: attaches again; vhost-user: redialled at once). False when not cut. */
+  restore(): boolean;
   stats(): ShadowLinkStats;
 }

@@ -27,7 +27,7 @@ import { PassthroughFunction } from '../links/vhost-user/passthrough';
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_NET } from '../virtio/constants';
 import { FunctionManager } from '../functions/function-manager';
 import { functionRoutes } from '../functions/function-routes';
-import { FaultInjector } from '../faults/fault-injector';
+import { FaultInjector, type FaultTarget } from '../faults/fault-injector';
 import { actionRoute } from './action-route';
 
 /** One function of the topology, whatever runs its device. */
@@ -36,10 +36,13 @@ interface RunningFunction {
   /** The in-bridge device (local functions) or the relay (once a backend is up); null for passthrough. */
   device(): VirtioDevice | null;
   stats(): FunctionStatsRow;
-  /** The vhost-user port the bridge serves for a local function (fault injection takes its link down); null otherwise. */
-  readonly frontend: VhostUserServer | null;
+  /** What fault injection reaches of it. */
+  faultTarget(): FaultTarget;
   close(): void;
 }
+
+/** Why backend-down does not apply to a function whose device runs in the bridge. */
+const NO_BACKEND_LINK = 'its device runs in the bridge (a local backend): there is no link to a backend to cut';
 
 /** A function's in-bridge device and how to let go of it (the function manager makes VFs with it too). */
 export function createDevice(spec: FunctionSpec, switches: Map<string, L2Switch>): { device: VirtioDevice; release: () => void } {
@@ -79,7 +82,7 @@ function localFunction(spec: FunctionSpec, switches: Map<string, L2Switch>, log:
   return {
     spec,
     device: () => device,
-    frontend: server,
+    faultTarget: () => ({ type: spec.type, link: 'local', device: () => device, frontend: server, refusal: null, backend: NO_BACKEND_LINK }),
     stats: () => ({ name: spec.name, type: spec.type, link: 'local', ...server.stats() }),
     close: () => {
       server.close();
@@ -98,7 +101,14 @@ function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): Running
   return {
     spec,
     device: () => fn.device,
-    frontend: null,
+    faultTarget: () => ({
+      type: spec.type,
+      link: `${b.kind} relay`,
+      device: () => fn.device,
+      frontend: fn.frontend,
+      refusal: fn.device === null ? 'no backend has attached yet, so the bridge serves no guest-facing device for it' : null,
+      backend: fn.link,
+    }),
     stats: () => {
       const st = fn.stats();
       const server = st.server ?? { socket: spec.socket, connected: false, status: 0, needsReset: false, queues: [], dirtyLog: { logging: false, logBases: 0, pagesDirtied: 0 } };
@@ -121,7 +131,14 @@ function passthroughFunction(spec: FunctionSpec, b: VhostUserLinkBackend, log: L
   return {
     spec,
     device: () => null,
-    frontend: null,
+    faultTarget: () => ({
+      type: spec.type,
+      link: 'vhost-user passthrough',
+      device: () => null,
+      frontend: null,
+      refusal: "it is a passthrough function: the back-end works on the guest's rings directly and the data path does not cross the bridge",
+      backend: { cut: () => fn.cutBackend(), restore: () => fn.restoreBackend() },
+    }),
     stats: () => {
       const st = fn.stats();
       return {
@@ -155,10 +172,7 @@ export class Bridge {
   /** The HTTP API and /metrics, when the topology asks for them. */
   api: HttpApi | null = null;
   /** Faults injected into the functions (`vbridge fault`); before operations, which act through it. */
-  readonly faults = new FaultInjector((name) => {
-    const f = this.functions.find((x) => x.spec.name === name);
-    return f === undefined ? undefined : { type: f.spec.type, link: f.stats().link, device: () => f.device(), frontend: f.frontend };
-  });
+  readonly faults = new FaultInjector((name) => this.functions.find((x) => x.spec.name === name)?.faultTarget() ?? this.functionManager?.faultTarget(name));
   /**
    * What the HTTP API serves and acts on, kept whether or not it listens: other
    * parts (the PF/VF manager, the CLI, a dashboard) register and use the same operations.
@@ -199,7 +213,7 @@ export class Bridge {
         functions.push(startFunction(spec, switches, log));
       }
       if (topology.pfs.length > 0) {
-        bridge.functionManager = FunctionManager.start({ pfs: topology.pfs, stateDir: topology.stateDir, createDevice: (spec) => createDevice(spec, switches), log });
+        bridge.functionManager = FunctionManager.start({ pfs: topology.pfs, stateDir: topology.stateDir, createDevice: (spec) => createDevice(spec, switches), log, faults: (name) => bridge.faults.faultsOf(name) });
         registerFunctionOperations(bridge.operations, bridge.functionManager);
       }
       const fm = bridge.functionManager;
@@ -231,7 +245,7 @@ export class Bridge {
       const faults = this.faults.stats(r.name);
       return faults === undefined ? r : { ...r, faults };
     };
-    const functions: FunctionStatsRow[] = [...this.functions.map((f) => withFaults(f.stats())), ...(this.functionManager?.stats() ?? [])];
+    const functions: FunctionStatsRow[] = [...this.functions.map((f) => f.stats()), ...(this.functionManager?.stats() ?? [])].map(withFaults);
     const switches: SwitchStatsRow[] = [...this.switches.values()].map((sw) => ({
       name: sw.name,
       dropped: sw.dropped,

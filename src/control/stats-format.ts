@@ -132,7 +132,7 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
 export function formatFaults(f: FaultStats): string {
   const a = f.active;
   const delay = a.delay === null ? [] : [`delay ${a.delay.ms} ms ${a.delay.count === null ? 'until clear' : `${a.delay.count} left`}`];
-  const armed = [...(a.dmaError > 0 ? [`dma-error ${a.dmaError} left`] : []), ...(a.dropInterrupt > 0 ? [`drop-interrupt ${a.dropInterrupt} left`] : []), ...delay, ...(a.linkDown ? ['link down'] : [])];
+  const armed = [...(a.dmaError > 0 ? [`dma-error ${a.dmaError} left`] : []), ...(a.dropInterrupt > 0 ? [`drop-interrupt ${a.dropInterrupt} left`] : []), ...delay, ...(a.linkDown ? ['link down'] : []), ...(a.backendDown ? ['backend link cut'] : [])];
   const injected = Object.entries(f.injected).map(([k, n]) => `${k} ${n}`);
   return `faults: ${armed.length > 0 ? armed.join(', ') : 'none armed'}; injected: ${injected.join(', ')}`;
 }

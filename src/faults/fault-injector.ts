@@ -7,15 +7,31 @@
 import type { VirtioDevice } from '../devices/device';
 import { FAULT_KINDS, FunctionFaults, isFaultKind, type FaultKind, type FaultStats } from './function-faults';
 
+/** The link between the bridge and a function's backend, as backend-down cuts it. */
+export interface BackendLink {
+  /** Cut it as if the cable were pulled and keep it cut; false when it was cut already. */
+  cut(): boolean;
+  /** Let the backend back (what "back" means is the link's: see README); false when it was not cut. */
+  restore(): boolean;
+}
+
 /** What the injector needs of a function. */
 export interface FaultTarget {
   readonly type: string;
   /** `local` when the device runs in the bridge; the link ("pcie relay", ...) otherwise. */
   readonly link: string;
-  /** The in-bridge device; null when it runs elsewhere. */
+  /**
+   * The device the guest's driver talks to in the bridge: the function's own
+   * (local), the relay that owns the guest-facing rings (relay), the stand-in
+   * of a VF; null when there is none.
+   */
   device(): VirtioDevice | null;
-  /** The vhost-user front-end port the bridge serves itself (local functions); null otherwise. */
+  /** The vhost-user port the bridge serves the guest on; null when it serves none. */
   readonly frontend: { linkDown(): boolean; linkUp(): boolean } | null;
+  /** Why link and data-path faults do not apply to this function now; null when they do. */
+  readonly refusal: string | null;
+  /** The link to the backend backend-down cuts, or why there is none. */
+  readonly backend: BackendLink | string;
 }
 
 /** A fault the client asked for that cannot be had: 400 for a malformed request, 409 for one that does not apply. */
@@ -45,12 +61,7 @@ export interface FaultResult {
   faults: FaultStats;
 }
 
-/** Kinds that are part of the contract but not built yet: refused, never half done. */
-const ABSENT: ReadonlyMap<FaultKind, string> = new Map([
-  ['backend-down', 'backend-down (cutting the link to a backend) is not implemented yet'],
-]);
-
-export const AVAILABLE_KINDS: readonly FaultKind[] = FAULT_KINDS.filter((k) => !ABSENT.has(k));
+export const AVAILABLE_KINDS: readonly FaultKind[] = FAULT_KINDS;
 
 const MAX_COUNT = 2 ** 31;
 /** A driver whose completions never come is what drop-interrupt is for; a delay stays a delay. */
@@ -64,15 +75,18 @@ export class FaultInjector {
   /** Null when `kind` applies to function `name`, else why not (FaultError's status says how bad). */
   check(name: string, kind: string): FaultError | null {
     if (!isFaultKind(kind)) return new FaultError(400, `unknown fault kind "${kind}" (kinds: ${AVAILABLE_KINDS.join(', ')})`);
-    const absent = ABSENT.get(kind);
-    if (absent !== undefined) return new FaultError(409, `${absent} (kinds: ${AVAILABLE_KINDS.join(', ')})`);
     const t = this.target(name);
-    if (t === undefined) return new FaultError(409, 'it is a VF of the function manager, which fault injection does not reach yet');
+    if (t === undefined) return new FaultError(409, 'there is no such function');
     if (kind === 'clear') return null;
-    if (t.device() === null || t.link !== 'local' || t.frontend === null) {
-      return new FaultError(409, `its device runs behind a ${t.link} link, and ${kind} applies to functions whose device runs in the bridge (local backends)`);
-    }
+    if (kind === 'backend-down') return typeof t.backend === 'string' ? new FaultError(409, t.backend) : null;
+    if (t.refusal !== null) return new FaultError(409, t.refusal);
+    if (t.device() === null || t.frontend === null) return new FaultError(409, 'the bridge serves no guest-facing device for it now');
     return null;
+  }
+
+  /** The function's faults when any were ever injected (a VF made again takes them over). */
+  faultsOf(name: string): FunctionFaults | undefined {
+    return this.byFunction.get(name);
   }
 
   inject(name: string, req: FaultRequest): FaultResult {
@@ -87,7 +101,7 @@ export class FaultInjector {
       throw new FaultError(400, `delay needs ms, an integer in [1, ${MAX_DELAY_MS}], got ${String(req.ms)}`);
     }
     const t = this.target(name) as FaultTarget;
-    const f = this.faultsOf(name, t);
+    const f = this.ensure(name);
     let changed = true;
     switch (kind) {
       case 'dma-error':
@@ -108,15 +122,19 @@ export class FaultInjector {
         changed = (t.frontend as NonNullable<FaultTarget['frontend']>).linkUp();
         f.linkDown = false;
         break;
+      case 'backend-down':
+        changed = (t.backend as BackendLink).cut();
+        if (changed) f.injected['backend-down']++;
+        f.backendDown = true;
+        break;
       case 'clear': {
         const s = f.stats().active;
-        changed = s.dmaError > 0 || s.dropInterrupt > 0 || s.delay !== null || s.linkDown;
+        changed = s.dmaError > 0 || s.dropInterrupt > 0 || s.delay !== null || s.linkDown || s.backendDown;
         if (s.linkDown) t.frontend?.linkUp();
+        if (s.backendDown && typeof t.backend !== 'string') t.backend.restore();
         f.clear();
         break;
       }
-      default:
-        throw new FaultError(409, `${kind} is not implemented yet`);
     }
     return { function: name, kind, changed, faults: f.stats() };
   }
@@ -126,11 +144,12 @@ export class FaultInjector {
     return this.byFunction.get(name)?.stats();
   }
 
-  private faultsOf(name: string, t: FaultTarget): FunctionFaults {
+  private ensure(name: string): FunctionFaults {
     let f = this.byFunction.get(name);
     if (f === undefined) {
       const ff = new FunctionFaults((armed) => {
-        const dev = t.device();
+        // Looked up now, not when first armed: a VF's device may have been made again since.
+        const dev = this.target(name)?.device() ?? null;
         if (dev !== null) dev.faults = armed ? ff : null;
       });
       f = ff;

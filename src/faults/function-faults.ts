@@ -15,13 +15,13 @@ export function isFaultKind(s: string): s is FaultKind {
 }
 
 /** Kinds counted in stats and metrics (link-up and clear end faults, they are not faults). */
-export const COUNTED_KINDS = ['link-down', 'dma-error', 'drop-interrupt', 'delay'] as const;
+export const COUNTED_KINDS = ['link-down', 'dma-error', 'drop-interrupt', 'delay', 'backend-down'] as const;
 export type CountedKind = (typeof COUNTED_KINDS)[number];
 
 export interface FaultStats {
-  /** What is armed now: requests/frames and interrupts still to fail or drop, publishes to hold back and for how long (count null: until clear), the link held down. */
-  active: { dmaError: number; dropInterrupt: number; delay: { ms: number; count: number | null } | null; linkDown: boolean };
-  /** Cumulative: link-downs done, requests or frames failed, interrupts not signalled, publishes held back. */
+  /** What is armed now: requests/frames and interrupts still to fail or drop, publishes to hold back and for how long (count null: until clear), the link held down, the link to the backend held cut. */
+  active: { dmaError: number; dropInterrupt: number; delay: { ms: number; count: number | null } | null; linkDown: boolean; backendDown: boolean };
+  /** Cumulative: link-downs done, requests or frames failed, interrupts not signalled, publishes held back, backend links cut. */
   injected: Record<CountedKind, number>;
 }
 
@@ -32,7 +32,9 @@ export class FunctionFaults {
   /** Publishes still to hold back; Infinity: until clear. */
   private delaysLeft = 0;
   linkDown = false;
-  readonly injected: Record<CountedKind, number> = { 'link-down': 0, 'dma-error': 0, 'drop-interrupt': 0, delay: 0 };
+  /** The link to the backend is held cut (relay functions, passthrough); the owner restores it. */
+  backendDown = false;
+  readonly injected: Record<CountedKind, number> = { 'link-down': 0, 'dma-error': 0, 'drop-interrupt': 0, delay: 0, 'backend-down': 0 };
 
   /**
    * @param armedChanged called when the data-path faults go from none armed to
@@ -95,7 +97,7 @@ export class FunctionFaults {
     return true;
   }
 
-  /** Ends every armed fault; the cumulative counts stay. The link itself is the owner's to bring up. */
+  /** Ends every armed fault; the cumulative counts stay. The links themselves are the owner's to bring up. */
   clear(): void {
     const was = this.armed;
     this.dmaErrorsLeft = 0;
@@ -103,11 +105,12 @@ export class FunctionFaults {
     this.delaysLeft = 0;
     this.delayMs = 0;
     this.linkDown = false;
+    this.backendDown = false;
     if (was) this.armedChanged(false);
   }
 
   stats(): FaultStats {
     const delay = this.delaysLeft > 0 ? { ms: this.delayMs, count: Number.isFinite(this.delaysLeft) ? this.delaysLeft : null } : null;
-    return { active: { dmaError: this.dmaErrorsLeft, dropInterrupt: this.interruptsLeft, delay, linkDown: this.linkDown }, injected: { ...this.injected } };
+    return { active: { dmaError: this.dmaErrorsLeft, dropInterrupt: this.interruptsLeft, delay, linkDown: this.linkDown, backendDown: this.backendDown }, injected: { ...this.injected } };
   }
 }

@@ -17,6 +17,8 @@ import type { Logger } from '../log';
 import type { FunctionStatsRow } from '../control/stats-format';
 import { type FunctionSpec, type PfSpec, TopologyError, vfSpec } from '../control/topology';
 import { PausableDevice } from './pausable-device';
+import type { FaultTarget } from '../faults/fault-injector';
+import type { FunctionFaults } from '../faults/function-faults';
 import { QmpClient } from './qmp-client';
 import { type Attachment, type ManagerState, type PfState, readState, STATE_VERSION, type VfOverrides, writeState } from './state-store';
 
@@ -74,7 +76,15 @@ export interface FunctionManagerOptions {
   detachTimeoutMs?: number;
   /** How long a QMP socket has to answer (default 5 s). */
   qmpTimeoutMs?: number;
+  /**
+   * The faults injected into a VF by name (`vbridge fault`), if any: a VF made
+   * again (vf set queues, num-vfs) takes them over, its link held down included.
+   */
+  faults?: (name: string) => FunctionFaults | undefined;
 }
+
+/** Why backend-down does not apply to a VF. */
+const VF_NO_BACKEND_LINK = "a VF's device runs in the bridge (a local backend): there is no link to a backend to cut";
 
 interface Vf {
   readonly pf: Pf;
@@ -157,6 +167,25 @@ export class FunctionManager {
   /** Per-VF counters in the shape of `vbridge stats` rows (link "vf", "vf paused" while paused). */
   stats(): FunctionStatsRow[] {
     return [...this.pfs.values()].flatMap((p) => p.vfs.map((vf) => ({ name: vf.spec.name, type: vf.spec.type, link: vf.release === null ? 'vf paused' : 'vf', ...vf.server.stats() })));
+  }
+
+  /**
+   * What fault injection reaches of VF `name`, undefined when there is none:
+   * the stand-in its session talks to (faults survive pause and resume on it)
+   * and its vhost-user port; both looked up at each use, as a VF may be made again.
+   */
+  faultTarget(name: string): FaultTarget | undefined {
+    const find = (): Vf | undefined => [...this.pfs.values()].flatMap((p) => p.vfs).find((v) => v.spec.name === name);
+    const vf = find();
+    if (vf === undefined) return undefined;
+    return {
+      type: vf.spec.type,
+      link: 'vf',
+      device: () => find()?.proxy ?? null,
+      frontend: vf.server,
+      refusal: null,
+      backend: VF_NO_BACKEND_LINK,
+    };
   }
 
   /** The device a VF serves with now (null while paused); tests read its state. */
@@ -466,6 +495,11 @@ export class FunctionManager {
     } catch (e) {
       made.release();
       throw e;
+    }
+    const f = this.opts.faults?.(spec.name);
+    if (f !== undefined) {
+      if (f.armed) proxy.faults = f;
+      if (f.linkDown) server.linkDown();
     }
     return { pf, index, spec, overrides, proxy, server, release: made.release, attachment: null, userPaused: false };
   }

@@ -11,6 +11,7 @@
  * its eventfds never change: that is what keeps QEMU and the guest unaware.
  */
 import type { DeviceQueue, VirtioDevice } from '../devices/device';
+import type { FunctionFaults } from '../faults/function-faults';
 
 export class PausableDevice implements VirtioDevice {
   readonly name: string;
@@ -26,6 +27,7 @@ export class PausableDevice implements VirtioDevice {
   private readonly offered: bigint;
   /** Kicks that arrived while paused (for tests and stats). */
   heldKicks = 0;
+  private armed: FunctionFaults | null = null;
 
   constructor(device: VirtioDevice) {
     this.inner = device;
@@ -56,12 +58,27 @@ export class PausableDevice implements VirtioDevice {
     if (this.inner !== null) this.inner.onFatal = f;
   }
 
+  /**
+   * Injected faults: the session's queue host reads them here (drop-interrupt,
+   * delay), the device it forwards to reads them itself (dma-error); kept across
+   * pause and handed to the device of each resume.
+   */
+  get faults(): FunctionFaults | null {
+    return this.armed;
+  }
+
+  set faults(f: FunctionFaults | null) {
+    this.armed = f;
+    if (this.inner !== null) this.inner.faults = f;
+  }
+
   /** Stop serving and return the device, which the caller now owns (to close it). Paused twice is an error. */
   pause(): VirtioDevice {
     const d = this.inner;
     if (d === null) throw new Error(`${this.name}: already paused`);
     for (let i = 0; i < this.started.length; i++) if (this.started[i] !== null) d.stopQueue(i);
     d.onFatal = undefined;
+    d.faults = null;
     this.inner = null;
     return d;
   }
@@ -82,6 +99,7 @@ export class PausableDevice implements VirtioDevice {
       device.setFeatures(this.negotiated);
     }
     device.onFatal = this.fatal;
+    device.faults = this.armed;
     this.inner = device;
     for (const q of this.started) if (q !== null) device.startQueue(q);
     // Requests queued while paused came with kicks we did not pass on.

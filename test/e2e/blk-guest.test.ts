@@ -274,7 +274,7 @@ test('guest blk: blkdiscard and fstrim punch holes in the host images; discarded
       assert.deepEqual([1, 2, 3, 4, 5].map((i) => v[`DMAERR_${i}`]), ['fail', 'fail', 'fail', 'ok', 'ok'], r.output);
       assert.equal(v.DMAERR_KLOG, '3', 'the guest kernel logged three I/O errors on vda');
       assert.equal(fx.queue('raw', 0).drops, 3, 'the three failed requests are the only ones counted');
-      assert.deepEqual(fx.fnStats('raw').faults, { active: { dmaError: 0, dropInterrupt: 0, delay: null, linkDown: false }, injected: { 'link-down': 0, 'dma-error': 3, 'drop-interrupt': 0, delay: 0 } });
+      assert.deepEqual(fx.fnStats('raw').faults, { active: { dmaError: 0, dropInterrupt: 0, delay: null, linkDown: false, backendDown: false }, injected: { 'link-down': 0, 'dma-error': 3, 'drop-interrupt': 0, delay: 0, 'backend-down': 0 } });
       const api = fx.bridge.api;
       assert.ok(api !== null);
       const metrics = await httpRequest(api.address, 'GET', '/metrics');

@@ -107,7 +107,7 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
       assert.equal(vb.GOT_MD5, va.BLOB_MD5);
       assert.equal(va.A_DONE, '1');
       assert.equal(vb.CARRIER_SEQ, '101', 'guest B saw its carrier go and come back');
-      assert.deepEqual(fx.fnStats('net1').faults, { active: { dmaError: 0, dropInterrupt: 0, delay: null, linkDown: false }, injected: { 'link-down': 1, 'dma-error': 0, 'drop-interrupt': 0, delay: 0 } });
+      assert.deepEqual(fx.fnStats('net1').faults, { active: { dmaError: 0, dropInterrupt: 0, delay: null, linkDown: false, backendDown: false }, injected: { 'link-down': 1, 'dma-error': 0, 'drop-interrupt': 0, delay: 0, 'backend-down': 0 } });
       const metrics = await httpRequest(api.address, 'GET', '/metrics');
       assert.equal(sampleValue(metrics.text, 'vbridge_faults_injected_total', { function: 'net1', kind: 'link-down' }), 1);
       assert.equal(sampleValue(metrics.text, 'vbridge_faults_armed', { function: 'net1', kind: 'link-down' }), 0);

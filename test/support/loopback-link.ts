@@ -70,6 +70,8 @@ export class LoopbackLink implements ShadowLink {
   failMode: FailMode;
   /** Kicks are recorded in heldKicks instead of being delivered. */
   hold = false;
+  /** cut() holds the backend away. */
+  cutHeld = false;
   /** The backend publishes used elements but does not interrupt. */
   muteInterrupts = false;
   readonly heldKicks: number[] = [];
@@ -226,6 +228,21 @@ export class LoopbackLink implements ShadowLink {
     this.unplug('failed');
     if (this.failMode === 'sync') this.events?.onFailed(err);
     else if (this.failMode === 'async') setImmediate(() => this.events?.onFailed(err));
+  }
+
+  /** backend-down: the backend goes away as in goDown() and stays away until restore(), which brings it back (reset). */
+  cut(): boolean {
+    if (this.cutHeld) return false;
+    this.cutHeld = true;
+    if (this.state === 'up') this.goDown();
+    return true;
+  }
+
+  restore(): boolean {
+    if (!this.cutHeld) return false;
+    this.cutHeld = false;
+    this.comeBack();
+    return true;
   }
 
   stats(): ShadowLinkStats {

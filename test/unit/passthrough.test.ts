@@ -279,6 +279,34 @@ test('passthrough: no back-end closes the front-end with a clear error; a back-e
   }
 });
 
+test('passthrough backend-down: the bridge closes its back-end connection (the session ends on both sides, as when the back-end dies) and refuses front-ends until restored; then a new session reaches the back-end', async () => {
+  const r = rig('pt-cut');
+  const g = new Guest(1);
+  try {
+    const c1 = FrontendClient.connect(r.proxy.socketPath);
+    await bringUp(c1, g, { features: FEATURES });
+    await waitFor(() => r.server.connected, 'the back-end session');
+    assert.equal(r.proxy.cutBackend(), true);
+    assert.equal(r.proxy.cutBackend(), false, 'cut already');
+    await c1.closed;
+    await waitFor(() => !r.server.connected && !r.proxy.connected, 'both sides to end');
+    assert.ok(r.proxyLog.has(/the back-end closed its connection; closing the front-end connection/), r.proxyLog.lines.join('\n'));
+    assert.ok(fs.statSync(r.proxy.socketPath).isSocket(), 'the socket file stays for the front-end to redial');
+    assert.throws(() => native().connect(r.proxy.socketPath), /ECONNREFUSED|refused/i, 'a front-end is refused while cut');
+    assert.equal(r.proxy.restoreBackend(), true);
+    assert.equal(r.proxy.restoreBackend(), false, 'not cut');
+    const c2 = FrontendClient.connect(r.proxy.socketPath);
+    await bringUp(c2, g, { features: FEATURES });
+    await waitFor(() => r.server.connected, 'a new back-end session');
+    const w = await blkRequest(g, BLK_T_IN, 0, 512);
+    assert.equal(w.status, BLK_S_OK);
+    c2.close();
+  } finally {
+    g.close();
+    r.close();
+  }
+});
+
 const PAGE = 4096;
 
 function dirty(log: Uint8Array, addr: number): boolean {

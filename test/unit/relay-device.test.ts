@@ -38,6 +38,7 @@ import type { Virtqueue } from '../../src/virtio/virtqueue';
 import { ECHO_BACKEND_FEATURES, EchoBackend, type FailMode, latin1, LoopbackLink, settle, text, until } from '../support/loopback-link';
 import { allocatedBlocks, blkHeader, dwz, tempDisk } from '../support/blk-requests';
 import { CaptureLogger } from '../support/capture-logger';
+import { FunctionFaults } from '../../src/faults/function-faults';
 
 const PROTOCOL_FEATURES_BIT = 30;
 const CANARY = 0xee;
@@ -1061,4 +1062,34 @@ test('dirty logging: the relay\'s DMA writes into guest memory (read data, statu
   } finally {
     blk.close();
   }
+});
+
+test('an injected dma-error on a net relay: the next N frames the guest transmits are dropped before the BAR and counted, receive buffers are left alone', async () => {
+  const dev = new EchoBackend({ deviceId: VIRTIO_ID_NET, numQueues: 2 });
+  const r = await rig({ device: dev });
+  const [rx, tx] = r.guests as [Guest, Guest];
+  const faults = new FunctionFaults((armed) => {
+    r.relay.faults = armed ? faults : null;
+  });
+  faults.armDmaError(2);
+  rx.post('rx0', { rlen: 0, wlen: 128 });
+  r.relay.kick(0);
+  for (let i = 0; i < 3; i++) tx.post(`tx${i}`, { rlen: 100, wlen: 0 });
+  r.relay.kick(1);
+  assert.deepEqual(
+    tx.collect().map((c) => [c.tag, c.len]),
+    [
+      ['tx0', 0],
+      ['tx1', 0],
+      ['tx2', 0],
+    ],
+    'every frame is returned to the guest',
+  );
+  assert.equal(tx.stats.drops, 2, 'two counted as drops');
+  assert.equal(r.relay.relayStats()[1]?.dma.toBarBytes, 100, 'only the third crossed into the BAR');
+  await until(() => dev.seen[1]?.length === 1, 'the backend got the third frame');
+  assert.match(dev.seen[1]?.[0] ?? '', /^tx2:/);
+  assert.equal(r.relay.relayStats()[0]?.inFlight, 1, 'the receive buffer went to the backend as usual');
+  assert.equal(faults.injected['dma-error'], 2);
+  assert.equal(r.relay.faults, null, 'all used: off the data path');
 });

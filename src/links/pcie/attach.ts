@@ -49,6 +49,7 @@ export class AttachPort {
   private linkPoller: Poller | null = null;
   /** The hello of the backend being plugged in, assembled across reads. */
   private pending: { fd: number; poller: Poller; buf: Uint8Array; got: number; timer: NodeJS.Timeout } | null = null;
+  private holding = false;
 
   constructor(
     readonly socketPath: string,
@@ -63,6 +64,27 @@ export class AttachPort {
 
   get plugged(): boolean {
     return this.linkFd >= 0;
+  }
+
+  /** Whether backends are refused (BUSY) while the card holds its link cut (an injected backend-down). */
+  get held(): boolean {
+    return this.holding;
+  }
+
+  /**
+   * Hold the link cut: unplug the backend (and one in the middle of its hello)
+   * and refuse every attach with BUSY until hold(false). Returns whether the
+   * setting changed.
+   */
+  hold(on: boolean): boolean {
+    if (this.holding === on) return false;
+    this.holding = on;
+    if (on) {
+      this.dropPending();
+      this.unplug();
+    }
+    this.log.info(`${this.label}: ${on ? 'link cut (fault injected): backend unplugged, attaches refused' : 'link restored: backends may attach again'}`);
+    return true;
   }
 
   listen(): void {
@@ -93,6 +115,11 @@ export class AttachPort {
 
   /** One backend at a time: another one is refused (BUSY). */
   private onConnection(fd: number): void {
+    if (this.holding) {
+      this.log.warn(`${this.label}: a backend tried to attach while the link is held cut; refused`);
+      this.refuse(fd, AttachStatus.BUSY);
+      return;
+    }
     if (this.linkFd >= 0 || this.pending !== null) {
       this.log.warn(`${this.label}: a second backend tried to attach while one is plugged in; refused`);
       this.refuse(fd, AttachStatus.BUSY);

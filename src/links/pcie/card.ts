@@ -238,6 +238,16 @@ export class PcieCard {
     this.port.unplug();
   }
 
+  /** Pull the cable and keep it out (backend-down): the backend is unplugged, attaches are refused until restore(). */
+  cut(): boolean {
+    return this.port.hold(true);
+  }
+
+  /** Backends may attach again. */
+  restore(): boolean {
+    return this.port.hold(false);
+  }
+
   close(): void {
     if (this.closed) return;
     this.closed = true;

@@ -131,6 +131,14 @@ export class PcieShadowLink implements ShadowLink {
     this.card.fail(err);
   }
 
+  cut(): boolean {
+    return this.card.cut();
+  }
+
+  restore(): boolean {
+    return this.card.restore();
+  }
+
   stats(): ShadowLinkStats {
     return {
       kind: 'pcie',

@@ -353,6 +353,13 @@ class Session {
     this.end('bridge', undefined);
   }
 
+  /** Hang up on the back-end: the session ends as when the back-end closes its connection. */
+  cutBackend(): void {
+    const back = this.back;
+    if (back !== null && !back.closed) back.close();
+    else this.end('bridge', undefined);
+  }
+
   // ---- front-end -> back-end ----------------------------------------------------
 
   private onRequest(hdr: MessageHeader, payload: Uint8Array, fds: number[]): void {
@@ -826,6 +833,28 @@ export class PassthroughFunction {
 
   get listening(): boolean {
     return this.listener.listening;
+  }
+
+  /**
+   * An injected backend-down: close the bridge's connection to the back-end as
+   * if it died (the session ends on both sides, as then) and, since a session
+   * cannot run without one, refuse front-ends until restoreBackend(); the socket
+   * file stays, so a front-end that redials (QEMU's reconnect=N) gets in then.
+   * False when it was cut already.
+   */
+  cutBackend(): boolean {
+    if (!this.listener.listening) return false;
+    this.listener.stopListening();
+    this.logger.warn(`${this.name}: connection to the back-end at ${this.backendSocket} cut (fault injected); front-ends refused until cleared`);
+    this.active?.cutBackend();
+    return true;
+  }
+
+  /** Ends cutBackend(): front-ends are accepted again, each session connecting to the back-end anew. */
+  restoreBackend(): boolean {
+    if (this.listener.listening) return false;
+    this.listen();
+    return true;
   }
 
   get connected(): boolean {

@@ -3,7 +3,8 @@
  * DPDK's vhost PMD, ...): the bridge is its front-end, and the only memory it
  * shares is the function's BAR2 memfd, where the shadow rings and buffers
  * live. The back-end never sees guest memory, exactly as over the PCIe link.
- * A back-end that goes away is dialled again every RECONNECT_MS.
+ * A back-end that goes away is dialled again every RECONNECT_MS; an injected
+ * backend-down (cut) hangs up and dials nothing until restore(), which dials at once.
  */
 import { native, type Poller } from '../../native/addon';
 import { GuestMemory } from '../../memory/guest-memory';
@@ -40,6 +41,8 @@ export class VhostUserRelayLink implements ShadowLink {
   private messages = 0;
   private timer: NodeJS.Timeout | null = null;
   private closed = false;
+  /** cut() holds the link down: no dialling until restore(). */
+  private held = false;
   private readonly started = new Set<number>();
 
   constructor(
@@ -135,6 +138,28 @@ export class VhostUserRelayLink implements ShadowLink {
     this.scheduleReconnect();
   }
 
+  cut(): boolean {
+    if (this.held) return false;
+    this.held = true;
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.timer = null;
+    const wasUp = this.linkState === 'up';
+    // dropSession first: the close it causes is ours, not the back-end going away.
+    this.dropSession();
+    if (this.linkState !== 'failed') this.linkState = 'down';
+    this.log.warn(`${this.label}: connection to the vhost-user back-end at ${this.socketPath} cut (fault injected); not redialled until cleared`);
+    if (wasUp) this.events?.onDown();
+    return true;
+  }
+
+  restore(): boolean {
+    if (!this.held) return false;
+    this.held = false;
+    this.log.info(`${this.label}: dialling the vhost-user back-end at ${this.socketPath} again`);
+    void this.connect();
+    return true;
+  }
+
   stats(): ShadowLinkStats {
     return { kind: 'vhost-user', endpoint: this.socketPath, state: this.linkState, attaches: this.attaches, controlMessages: this.messages };
   }
@@ -153,7 +178,7 @@ export class VhostUserRelayLink implements ShadowLink {
   }
 
   private async connect(): Promise<void> {
-    if (this.closed || this.client !== null) return;
+    if (this.closed || this.held || this.client !== null) return;
     let c: FrontendClient;
     try {
       c = FrontendClient.connect(this.socketPath, { label: `${this.label} (relay link)` });
@@ -240,7 +265,7 @@ export class VhostUserRelayLink implements ShadowLink {
   }
 
   private scheduleReconnect(): void {
-    if (this.closed || this.timer !== null) return;
+    if (this.closed || this.held || this.timer !== null) return;
     this.timer = setTimeout(() => {
       this.timer = null;
       void this.connect();
