@@ -38,19 +38,28 @@ export const faultCommand: CommandSpec = {
   summary: 'make a function of a running serve misbehave on purpose, for driver developers',
   synopsis: 'FUNCTION KIND [TOPOLOGY.yaml] [options]',
   description:
-    'Kinds, for functions whose device runs in the bridge (local backends):\n' +
+    'Kinds (the guest-facing ones act where the bridge is the device towards the guest:\n' +
+    'local functions, VFs, and relay functions, whose guest-facing rings the relay owns):\n' +
     '  link-down       end the vhost-user session and refuse the front-end until link-up\n' +
     '                  (QEMU with chardev reconnect=N takes the guest\'s link down, then up)\n' +
     '  link-up         accept the front-end again\n' +
     '  dma-error       the next --count N requests fail with VIRTIO_BLK_S_IOERR (blk,\n' +
-    '                  the file untouched) or the next N frames the guest sends are dropped\n' +
-    '                  and counted as drops (net, TX)\n' +
+    '                  the file untouched; a relay never sends them to the backend) or the\n' +
+    '                  next N frames the guest sends are dropped and counted as drops (net, TX)\n' +
     '  drop-interrupt  the next --count N used notifications are published but not signalled\n' +
     '  delay           hold each publish of completions back --ms MS (the next --count N\n' +
     '                  publishes; without --count, until clear): blk requests complete and\n' +
     '                  net frames reach the guest that much later\n' +
-    '  clear           end every fault of the function\n' +
-    'backend-down is not implemented yet and is refused. Faults are counted in vbridge\n' +
+    '  backend-down    cut the link to the backend as if the cable were pulled and keep it\n' +
+    '                  cut until clear (relay and passthrough functions): a pcie card unplugs\n' +
+    '                  the backend and refuses attaches, a vhost-user relay hangs up and does\n' +
+    '                  not redial, passthrough ends its session and refuses front-ends; the\n' +
+    '                  guest\'s requests wait meanwhile\n' +
+    '  clear           end every fault of the function; after backend-down a pcie card takes\n' +
+    '                  the next backend that attaches (start it again), a vhost-user relay\n' +
+    '                  dials at once, passthrough accepts front-ends again\n' +
+    'Passthrough functions take backend-down only (their data path does not cross the bridge);\n' +
+    'local functions and VFs take every kind but backend-down. Faults are counted in vbridge\n' +
     'stats and in /metrics (vbridge_faults_injected_total, vbridge_faults_armed).',
   options: {
     count: { type: 'string', arg: 'N', help: 'dma-error, drop-interrupt: how many (default 1); delay: how many publishes (default: until clear)' },

@@ -1,6 +1,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { createDevice } from '../../src/control/bridge';
+import { validateTopology } from '../../src/control/topology';
+import { FunctionManager } from '../../src/functions/function-manager';
+import { silentLogger } from '../../src/log';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
 import { newQueueStats, type DeviceQueue, type VirtioDevice } from '../../src/devices/device';
 import { NetDevice } from '../../src/devices/net/net-device';
@@ -236,7 +242,7 @@ for (const placement of PLACEMENTS) {
 }
 
 /** One blk request on the session's ring; resolves with its status byte once the used ring has it. */
-async function blkIo(s: BlkSession, n: number, type: number, sector: number, data?: Uint8Array): Promise<number> {
+async function blkIo(s: Pick<BlkSession, 'g' | 'd'>, n: number, type: number, sector: number, data?: Uint8Array): Promise<number> {
   const segs: SegmentSpec[] = [{ data: blkHeader(type, sector) }];
   if (data !== undefined) segs.push({ data });
   else segs.push({ writable: true, len: 512 });
@@ -246,7 +252,7 @@ async function blkIo(s: BlkSession, n: number, type: number, sector: number, dat
   return blkStatus(s, n);
 }
 
-async function blkStatus(s: BlkSession, n: number, ms = 3000): Promise<number> {
+async function blkStatus(s: Pick<BlkSession, 'g' | 'd'>, n: number, ms = 3000): Promise<number> {
   let u: ReturnType<typeof s.d.popUsed> = null;
   await waitFor(() => s.d.usedIdx() >= n && (u ??= s.d.popUsed()) !== null, `request ${n} completed`, ms);
   const w = (u as unknown as { segments: { addr: number; writable: boolean }[] }).segments.filter((x) => x.writable);
@@ -330,6 +336,52 @@ test('link-down on a PCIe relay: the guest-facing session ends and front-ends ar
     assert.equal(s.faults.inject('fk', { kind: 'link-up' }).changed, true);
     assert.equal(s.server.listening, true);
   });
+});
+
+test('faults on a VF reach its device through the stand-in its session talks to: kept across pause and resume, taken over when the VF is made again, link-down included', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbvff-'));
+  const t = validateTopology({ pfs: [{ name: 'pf0', type: 'blk', 'total-vfs': 2, 'num-vfs': 1, socket: 'pf0-vf{vf}.sock', backend: { file: 'pf0-vf{vf}.img', size: '1M' } }] }, dir);
+  let m: FunctionManager | null = null;
+  const faults = new FaultInjector((name) => m?.faultTarget(name));
+  m = FunctionManager.start({ pfs: t.pfs, createDevice: (spec) => createDevice(spec, new Map()), log: silentLogger, faults: (name) => faults.faultsOf(name) });
+  const vf = 'pf0/vf0';
+  const sock = path.join(dir, 'pf0-vf0.sock');
+  const session = async (): Promise<{ c: FrontendClient; g: Guest; d: ReturnType<Guest['split']> }> => {
+    const g = new Guest(1, 64);
+    const c = FrontendClient.connect(sock);
+    await bringUp(c, g);
+    return { c, g, d: g.split(0) };
+  };
+  try {
+    assert.throws(() => faults.inject(vf, { kind: 'backend-down' }), (e: unknown) => e instanceof FaultError && e.status === 409 && /no link to a backend to cut/.test(e.message));
+    const s1 = await session();
+    faults.inject(vf, { kind: 'dma-error', count: 3 });
+    faults.inject(vf, { kind: 'drop-interrupt', count: 1 });
+    assert.equal(await blkIo(s1, 1, BLK_T_IN, 0), BLK_S_IOERR, 'the first fails in the VF device');
+    assert.equal(s1.g.calls(0), 0, 'its interrupt dropped by the queue host, which reads the stand-in');
+    await m.pause(vf);
+    await m.resume(vf);
+    assert.equal(await blkIo(s1, 2, BLK_T_IN, 0), BLK_S_IOERR, 'the device of the resume has the fault too');
+    s1.c.close();
+    s1.g.close();
+    await waitFor(() => m?.vf(vf).connected === false, 'the front-end to go');
+    faults.inject(vf, { kind: 'link-down' });
+    // queues: the VF is made again from scratch (a new stand-in, a new vhost-user port).
+    await m.set(vf, 'queues', '2');
+    assert.throws(() => native().connect(sock), /ECONNREFUSED|refused/i, 'the VF made again keeps its link down');
+    faults.inject(vf, { kind: 'link-up' });
+    const s2 = await session();
+    assert.equal(await blkIo(s2, 1, BLK_T_IN, 0), BLK_S_IOERR, 'the VF made again took the last armed dma-error over');
+    assert.equal(await blkIo(s2, 2, BLK_T_IN, 0), BLK_S_OK);
+    assert.equal(m.vfDevice(vf)?.faults ?? null, null, 'all used: off the data path');
+    const row = m.stats().map((r) => ({ ...r, faults: faults.stats(r.name) })).find((r) => r.name === vf);
+    assert.deepEqual(row?.faults?.injected, { 'link-down': 1, 'dma-error': 3, 'drop-interrupt': 1, delay: 0, 'backend-down': 0 });
+    s2.c.close();
+    s2.g.close();
+  } finally {
+    m.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('link-down ends the session and refuses front-ends while the socket file stays; link-up accepts again; clear brings the link up', async () => {
