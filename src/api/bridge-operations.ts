@@ -14,7 +14,6 @@ import { ApiError, Operations, type JsonObject } from './operations';
 import { AVAILABLE_KINDS, FaultError, type FaultInjector } from '../faults/fault-injector';
 import { startCapture } from '../capture/frame-capture';
 import { PCAP_CONTENT_TYPE } from '../capture/pcap';
-import { BlkDevice } from '../devices/blk/blk-device';
 import { startTrace, TRACE_CONTENT_TYPE } from '../trace/blk-trace';
 
 /** What the operations need of a bridge (the Bridge class has it; tests may build one). */
@@ -83,14 +82,20 @@ export function bridgeOperations(bridge: BridgeSource): Operations {
     },
   });
 
-  const capturable = (id: string): NetDevice | string => {
-    const spec = bridge.topology.functions.find((f) => f.name === id);
-    if (spec === undefined) return 'no such function';
-    if (spec.type !== 'net') return 'it is a blk function (capture is for net functions)';
-    const dev = bridge.device(id);
-    if (!(dev instanceof NetDevice)) return `its frames cross a ${spec.backend.kind} link, and capture sees only devices that run in the bridge (switch or sink backends)`;
-    return dev;
+  // Where a function's frames or requests can be tapped, or why nowhere: the device the guest talks to
+  // in the bridge (a local device, a VF's stand-in, the relay of a relay function) sees them all.
+  const tapPoint = <K extends 'frames' | 'requests'>(id: string, key: K, type: 'net' | 'blk'): NonNullable<VirtioDevice[K]> | string => {
+    const row = bridge.stats().functions.find((f) => f.name === id);
+    if (row === undefined) return 'no such function';
+    if (row.type !== type) return type === 'net' ? 'it is a blk function (capture is for net functions)' : 'it is a net function (trace is for blk functions; capture its frames instead)';
+    const point = bridge.device(id)?.[key];
+    if (point !== undefined) return point as NonNullable<VirtioDevice[K]>;
+    const what = type === 'net' ? 'frames' : 'requests';
+    if (row.link === 'vhost-user passthrough') return `it is a passthrough function: the back-end works on the guest's rings directly and its ${what} do not cross the bridge`;
+    return `no backend has attached yet, so no ${what} cross the bridge`;
   };
+  const capturable = (id: string): NonNullable<VirtioDevice['frames']> | string => tapPoint(id, 'frames', 'net');
+  const maxQueues = (id: string): number => bridge.device(id)?.maxQueues ?? 1;
   ops.addStream('functions', 'capture', {
     summary: 'The frames crossing a net function, both directions, as a pcap stream (link type Ethernet).',
     contentType: PCAP_CONTENT_TYPE,
@@ -102,21 +107,14 @@ export function bridgeOperations(bridge: BridgeSource): Operations {
       const dev = capturable(id);
       if (typeof dev === 'string') throw new ApiError(409, `capture does not apply to function ${id}: ${dev}`);
       for (const k of params.keys()) if (k !== 'queue' && k !== 'count') throw new ApiError(400, `unknown parameter "${k}" (parameters: queue, count)`);
-      const queuePair = intParam(params, 'queue', 0, dev.maxQueues / 2 - 1);
+      const queuePair = intParam(params, 'queue', 0, maxQueues(id) / 2 - 1);
       const count = intParam(params, 'count', 1, 2 ** 31);
       const c = startCapture(dev, sink, { queuePair, count });
       return () => c.close();
     },
   });
 
-  const traceable = (id: string): BlkDevice | string => {
-    const spec = bridge.topology.functions.find((f) => f.name === id);
-    if (spec === undefined) return 'it is a VF of the function manager, whose requests trace does not see yet';
-    if (spec.type !== 'blk') return 'it is a net function (trace is for blk functions; capture its frames instead)';
-    const dev = bridge.device(id);
-    if (!(dev instanceof BlkDevice)) return `its requests cross a ${spec.backend.kind} link, and trace sees only devices that run in the bridge (file backends)`;
-    return dev;
-  };
+  const traceable = (id: string): NonNullable<VirtioDevice['requests']> | string => tapPoint(id, 'requests', 'blk');
   ops.addStream('functions', 'trace', {
     summary: "A blk function's completed requests (queue, type, sector, length, status, latency), one JSON object per line.",
     contentType: TRACE_CONTENT_TYPE,
@@ -128,7 +126,7 @@ export function bridgeOperations(bridge: BridgeSource): Operations {
       const dev = traceable(id);
       if (typeof dev === 'string') throw new ApiError(409, `trace does not apply to function ${id}: ${dev}`);
       for (const k of params.keys()) if (k !== 'queue' && k !== 'count') throw new ApiError(400, `unknown parameter "${k}" (parameters: queue, count)`);
-      const queue = intParam(params, 'queue', 0, dev.maxQueues - 1);
+      const queue = intParam(params, 'queue', 0, maxQueues(id) - 1);
       const count = intParam(params, 'count', 1, 2 ** 31);
       const t = startTrace(dev, sink, { queue, count });
       return () => t.close();

@@ -23,11 +23,15 @@ import type { Logger } from '../log';
 import { MemoryError } from '../memory/memory-access';
 import type { DescriptorChain } from '../virtio/chain';
 import { segmentAddr } from '../virtio/chain-io';
-import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1, VIRTIO_ID_BLOCK, VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
+import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1, NET_F_MRG_RXBUF, NET_HDR_SIZE, VIRTIO_ID_BLOCK, VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
 import { DriverRing, splitRingBytes, splitRingLayout } from '../virtio/driver-ring';
 import { QueueError } from '../virtio/split-queue';
 import { DmaEngine, type DmaCounters, newDmaCounters } from './dma-engine';
 import type { FunctionFaults } from '../faults/function-faults';
+import type { BlkRequestTap } from '../devices/blk/blk-device';
+import type { FrameTap } from '../devices/net/net-device';
+import type { TapPoint } from '../devices/device';
+import { RelayTaps } from './relay-taps';
 import type { BackendDeviceInfo, ShadowLink, ShadowLinkEvents } from './shadow-link';
 import { SlotPool } from './slot-pool';
 
@@ -65,6 +69,8 @@ interface InFlight {
   wOff: number;
   /** Shadow avail index it was posted at. */
   pos: number;
+  /** performance.now() when posted, while a tracer listens (0 otherwise). */
+  start: number;
   /**
    * Already returned to the guest: a chain with nothing device-writable is
    * done for the guest once its bytes are in the BAR (as a NIC completes TX
@@ -148,6 +154,9 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   private ctl: Promise<void> = Promise.resolve();
   private readonly statusByte = new Uint8Array([BLK_S_IOERR]);
   private readonly recheckMs: number;
+  private readonly taps: RelayTaps;
+  /** virtio-net header bytes in front of each frame, as negotiated (net). */
+  private netHdrLen = NET_HDR_SIZE;
 
   constructor(
     private readonly link: ShadowLink,
@@ -181,7 +190,18 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       this.queues.push(new RelayQueue(q, ring, new SlotPool(base + ringArea, region - ringArea, slot)));
     }
     this.linkUp = link.up;
+    this.taps = new RelayTaps(info.numQueues);
     link.events = this;
+  }
+
+  /** Where `vbridge trace` attaches (blk): the relay sees each request complete to the guest. */
+  get requests(): TapPoint<BlkRequestTap> | undefined {
+    return this.deviceId === VIRTIO_ID_BLOCK ? this.taps.requests : undefined;
+  }
+
+  /** Where `vbridge capture` attaches (net): the relay copies each frame between the guest and the BAR. */
+  get frames(): TapPoint<FrameTap> | undefined {
+    return this.deviceId === VIRTIO_ID_BLOCK ? undefined : this.taps.frames;
   }
 
   // ---- VirtioDevice ---------------------------------------------------------------
@@ -194,6 +214,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   setFeatures(features: bigint): void {
     this.negotiated = features & this.features();
     this.featuresSet = true;
+    // virtio_net_hdr_v1 (12 bytes) with VERSION_1 or mergeable buffers; a legacy driver without either has 10.
+    this.netHdrLen = (this.negotiated & (bit(F_VERSION_1) | bit(NET_F_MRG_RXBUF))) !== 0n ? NET_HDR_SIZE : NET_HDR_SIZE - 2;
     if (this.linkUp) this.control('SET_FEATURES', () => this.link.setFeatures(this.shadowFeatures()));
   }
 
@@ -268,6 +290,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     for (const rq of this.queues) {
       rq.guest = null;
       rq.pending = null;
+      this.taps.forget(rq.index);
       // The ring is zeroed when it is programmed again, after the backend answered RESET_DEVICE.
       this.forgetInflight(rq);
       rq.shadow = 'idle';
@@ -506,10 +529,13 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       pool.free(off);
       throw e;
     }
+    const frames = this.taps.frames.tap;
+    // Net queues pair up RX (even) and TX (odd): a TX chain holds a frame the guest sends.
+    if (frames !== null && (rq.index & 1) === 1) this.taps.tx(frames, this.link.bar2Bytes, rq.index, off, r, this.netHdrLen);
     const pos = rq.ring.nextAvailIdx;
     const head = rq.ring.addPair(off, r, wOff, w);
     const done = w === 0;
-    rq.inflight[head] = { chain, off, wOff, pos, done };
+    rq.inflight[head] = { chain, off, wOff, pos, done, start: this.taps.requests.tap === null ? 0 : performance.now() };
     rq.count++;
     if (!done) return POST_QUEUED;
     g.queue.pushUsed(g.mem, chain.head, 0);
@@ -557,6 +583,11 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     g.queue.pushUsed(g.mem, f.chain.head, len);
     g.stats.descriptors++;
     g.stats.bytes += f.chain.readableLen + len;
+    const requests = this.taps.requests.tap;
+    if (requests !== null) this.taps.request(requests, g, f.chain, f.start);
+    const frames = this.taps.frames.tap;
+    // The BAR run was freed above but nothing reuses it before this returns.
+    if (frames !== null && (rq.index & 1) === 0) this.taps.rx(frames, this.link.bar2Bytes, rq.index, f.wOff, len, this.netHdrLen);
   }
 
   /**
@@ -630,6 +661,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       }
       g.queue.pushUsed(g.mem, chain.head, len);
       g.stats.errors++;
+      const requests = this.taps.requests.tap;
+      if (requests !== null) this.taps.request(requests, g, chain, 0);
     } catch (e) {
       this.guestFault(e);
     }

@@ -4,7 +4,8 @@
  * its frame count is reached or it is closed. A sink that cannot keep up loses
  * frames (counted), never the data path's time.
  */
-import type { FrameTap, NetDevice } from '../devices/net/net-device';
+import type { FrameTap } from '../devices/net/net-device';
+import type { TapPoint } from '../devices/device';
 import { pcapGlobalHeader, pcapRecord } from './pcap';
 
 export interface CaptureSink {
@@ -52,10 +53,13 @@ class OneCapture implements Capture {
   }
 }
 
-const active = new Map<NetDevice, Set<OneCapture>>();
+const active = new Map<TapPoint<FrameTap>, Set<OneCapture>>();
 
-/** Starts a capture: the pcap global header goes to the sink at once. */
-export function startCapture(dev: NetDevice, sink: CaptureSink, opts: CaptureOptions = {}): Capture {
+/**
+ * Starts a capture on a device's frame tap point (a NetDevice, the relay of a
+ * net relay function, a VF's stand-in): the pcap global header goes to the sink at once.
+ */
+export function startCapture(dev: TapPoint<FrameTap>, sink: CaptureSink, opts: CaptureOptions = {}): Capture {
   let set = active.get(dev);
   if (set === undefined) {
     const s = new Set<OneCapture>();
@@ -83,6 +87,6 @@ export function startCapture(dev: NetDevice, sink: CaptureSink, opts: CaptureOpt
 }
 
 /** Captures running on a device (tests wait on it). */
-export function activeCaptures(dev: NetDevice): number {
+export function activeCaptures(dev: TapPoint<FrameTap>): number {
   return active.get(dev)?.size ?? 0;
 }

@@ -233,11 +233,14 @@ export class Bridge {
     return bridge;
   }
 
-  /** The function's device: in-bridge for local functions, the relay for linked ones (null until a backend is up, and for passthrough). */
+  /** The function's device: in-bridge for local functions, the relay for linked ones (null until a backend is up, and for passthrough), a VF's stand-in. */
   device(name: string): VirtioDevice | null {
     const f = this.functions.find((x) => x.spec.name === name);
-    if (f === undefined) throw new Error(`no function named ${name}`);
-    return f.device();
+    if (f !== undefined) return f.device();
+    // A VF: the stand-in its session talks to (its device comes and goes with pause and resume).
+    const vf = this.functionManager?.vfStandIn(name);
+    if (vf === undefined) throw new Error(`no function named ${name}`);
+    return vf;
   }
 
   stats(): StatsReport {

@@ -1,6 +1,16 @@
 import type { MemoryAccess } from '../memory/memory-access';
 import type { Virtqueue } from '../virtio/virtqueue';
 import type { FunctionFaults } from '../faults/function-faults';
+import type { BlkRequestTap } from './blk/blk-device';
+import type { FrameTap } from './net/net-device';
+
+/**
+ * Where tracers or captures attach: the one field the data path reads, null
+ * while nobody listens (so it pays a null check).
+ */
+export interface TapPoint<T> {
+  tap: T | null;
+}
 
 /** Per-queue counters; `vbridge stats` prints them. Plain numbers: cheap to bump on the data path. */
 export interface QueueStats {
@@ -87,6 +97,10 @@ export interface VirtioDevice {
    * data path pays a null check otherwise. Absent on devices that take none.
    */
   faults?: FunctionFaults | null;
+  /** Where `vbridge trace` attaches: devices that see each blk request complete. Absent on others. */
+  readonly requests?: TapPoint<BlkRequestTap>;
+  /** Where `vbridge capture` attaches: devices that see each frame cross. Absent on others. */
+  readonly frames?: TapPoint<FrameTap>;
   /**
    * Announce the station with this MAC where it now lives (vhost-user
    * SEND_RARP after a migration): a net device sends a RARP broadcast from it.

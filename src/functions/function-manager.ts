@@ -175,17 +175,29 @@ export class FunctionManager {
    * and its vhost-user port; both looked up at each use, as a VF may be made again.
    */
   faultTarget(name: string): FaultTarget | undefined {
-    const find = (): Vf | undefined => [...this.pfs.values()].flatMap((p) => p.vfs).find((v) => v.spec.name === name);
-    const vf = find();
+    const vf = this.vfNamed(name);
     if (vf === undefined) return undefined;
     return {
       type: vf.spec.type,
       link: 'vf',
-      device: () => find()?.proxy ?? null,
+      device: () => this.vfNamed(name)?.proxy ?? null,
       frontend: vf.server,
       refusal: null,
       backend: VF_NO_BACKEND_LINK,
     };
+  }
+
+  /**
+   * The stand-in VF `name`'s session talks to, undefined when there is no such
+   * VF: traces and captures attach to it and follow the VF across pause and resume.
+   */
+  vfStandIn(name: string): PausableDevice | undefined {
+    return this.vfNamed(name)?.proxy;
+  }
+
+  private vfNamed(name: string): Vf | undefined {
+    for (const p of this.pfs.values()) for (const v of p.vfs) if (v.spec.name === name) return v;
+    return undefined;
   }
 
   /** The device a VF serves with now (null while paused); tests read its state. */

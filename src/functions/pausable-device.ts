@@ -10,8 +10,33 @@
  * every queue so that what waited is served. The session, its memory table and
  * its eventfds never change: that is what keeps QEMU and the guest unaware.
  */
-import type { DeviceQueue, VirtioDevice } from '../devices/device';
+import type { DeviceQueue, TapPoint, VirtioDevice } from '../devices/device';
+import type { BlkRequestTap } from '../devices/blk/blk-device';
+import type { FrameTap } from '../devices/net/net-device';
 import type { FunctionFaults } from '../faults/function-faults';
+
+/** A tap point that outlives the device behind it: what is attached is handed to each device the stand-in serves with. */
+class ForwardedTap<T> implements TapPoint<T> {
+  private attached: T | null = null;
+
+  constructor(private readonly point: () => TapPoint<T> | undefined) {}
+
+  get tap(): T | null {
+    return this.attached;
+  }
+
+  set tap(t: T | null) {
+    this.attached = t;
+    const p = this.point();
+    if (p !== undefined) p.tap = t;
+  }
+
+  /** The device behind changed: give the new one what is attached. */
+  apply(): void {
+    const p = this.point();
+    if (p !== undefined) p.tap = this.attached;
+  }
+}
 
 export class PausableDevice implements VirtioDevice {
   readonly name: string;
@@ -28,6 +53,9 @@ export class PausableDevice implements VirtioDevice {
   /** Kicks that arrived while paused (for tests and stats). */
   heldKicks = 0;
   private armed: FunctionFaults | null = null;
+  /** Traces and captures attach here and follow the VF from device to device; absent when its device has no such tap. */
+  readonly requests?: ForwardedTap<BlkRequestTap>;
+  readonly frames?: ForwardedTap<FrameTap>;
 
   constructor(device: VirtioDevice) {
     this.inner = device;
@@ -38,6 +66,8 @@ export class PausableDevice implements VirtioDevice {
     this.configSize = device.configSize;
     this.offered = device.features();
     this.started = new Array<DeviceQueue | null>(device.maxQueues).fill(null);
+    if (device.requests !== undefined) this.requests = new ForwardedTap(() => this.inner?.requests);
+    if (device.frames !== undefined) this.frames = new ForwardedTap(() => this.inner?.frames);
   }
 
   get paused(): boolean {
@@ -79,6 +109,8 @@ export class PausableDevice implements VirtioDevice {
     for (let i = 0; i < this.started.length; i++) if (this.started[i] !== null) d.stopQueue(i);
     d.onFatal = undefined;
     d.faults = null;
+    if (d.requests !== undefined) d.requests.tap = null;
+    if (d.frames !== undefined) d.frames.tap = null;
     this.inner = null;
     return d;
   }
@@ -101,6 +133,8 @@ export class PausableDevice implements VirtioDevice {
     device.onFatal = this.fatal;
     device.faults = this.armed;
     this.inner = device;
+    this.requests?.apply();
+    this.frames?.apply();
     for (const q of this.started) if (q !== null) device.startQueue(q);
     // Requests queued while paused came with kicks we did not pass on.
     for (const q of this.started) if (q !== null && this.inner === device) device.kick(q.index);

@@ -5,7 +5,8 @@
  * reached or it is closed. A sink that cannot keep up loses records (counted),
  * never the data path's time.
  */
-import type { BlkDevice, BlkRequestInfo, BlkRequestTap } from '../devices/blk/blk-device';
+import type { BlkRequestInfo, BlkRequestTap } from '../devices/blk/blk-device';
+import type { TapPoint } from '../devices/device';
 import type { CaptureSink } from '../capture/frame-capture';
 
 export const TRACE_CONTENT_TYPE = 'application/x-ndjson';
@@ -129,10 +130,14 @@ class OneTrace implements Trace {
   }
 }
 
-const active = new Map<BlkDevice, Set<OneTrace>>();
+const active = new Map<TapPoint<BlkRequestTap>, Set<OneTrace>>();
 
-/** Starts a trace: nothing is written until the first request completes. */
-export function startTrace(dev: BlkDevice, sink: CaptureSink, opts: TraceOptions = {}): Trace {
+/**
+ * Starts a trace on a device's request tap point (a BlkDevice, the relay of a
+ * blk relay function, a VF's stand-in): nothing is written until the first
+ * request completes.
+ */
+export function startTrace(dev: TapPoint<BlkRequestTap>, sink: CaptureSink, opts: TraceOptions = {}): Trace {
   let set = active.get(dev);
   if (set === undefined) {
     const s = new Set<OneTrace>();
@@ -167,6 +172,6 @@ export function startTrace(dev: BlkDevice, sink: CaptureSink, opts: TraceOptions
 }
 
 /** Traces running on a device (tests wait on it). */
-export function activeTraces(dev: BlkDevice): number {
+export function activeTraces(dev: TapPoint<BlkRequestTap>): number {
   return active.get(dev)?.size ?? 0;
 }

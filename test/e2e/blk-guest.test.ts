@@ -27,7 +27,8 @@ import { waitFor } from '../support/wait';
 import { httpRequest } from '../support/http-client';
 import { sampleValue } from '../support/promtool';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
-import { activeTraces, type BlkTraceRecord } from '../../src/trace/blk-trace';
+import { activeTraces } from '../../src/trace/blk-trace';
+import { parseTraceLines, requestsOf } from '../support/trace-records';
 
 const CLI = path.resolve(__dirname, '../../src/control/cli.js');
 
@@ -238,13 +239,10 @@ test('guest blk: blkdiscard and fstrim punch holes in the host images; discarded
       // vbridge trace saw the dd requests as the guest made them, and they took a plausible time.
       assert.equal(v.TRACED_WRITE, '1');
       assert.equal(v.TRACED_READ, '1');
-      const records = (await trace).stdout
-        .trim()
-        .split('\n')
-        .map((l) => JSON.parse(l) as BlkTraceRecord);
+      const records = parseTraceLines((await trace).stdout);
       t.diagnostic(`vbridge trace: ${records.map((r) => `${r.type} ${r.sector}+${r.len} ${r.status} ${r.latencyUs}us`).join(', ')}`);
       assert.deepEqual(
-        records.map(({ queue, type, sector, len, status }) => ({ queue, type, sector, len, status })),
+        requestsOf(records),
         [
           { queue: 0, type: 'write', sector: 65616, len: 4096, status: 'ok' },
           { queue: 0, type: 'write', sector: 65624, len: 4096, status: 'ok' },

@@ -233,7 +233,7 @@ test('trace over the control socket and the API: vbridge trace prints records, -
       assert.match(e.stderr ?? '', re);
     };
     await refused(['net0'], /trace net0: trace does not apply to function net0: it is a net function/);
-    await refused(['blk1'], /trace blk1: trace does not apply to function blk1: its requests cross a pcie link, and trace sees only devices that run in the bridge/);
+    await refused(['blk1'], /trace blk1: trace does not apply to function blk1: no backend has attached yet, so no requests cross the bridge/);
     await refused(['nope'], /trace nope: no function named "nope"/);
     await refused(['blk0', '--queue', '3'], /queue must be an integer in \[0, 0\]/);
 

@@ -7,6 +7,7 @@ import { createDevice } from '../../src/control/bridge';
 import { validateTopology } from '../../src/control/topology';
 import { FunctionManager } from '../../src/functions/function-manager';
 import { silentLogger } from '../../src/log';
+import { startTrace } from '../../src/trace/blk-trace';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
 import { newQueueStats, type DeviceQueue, type VirtioDevice } from '../../src/devices/device';
 import { NetDevice } from '../../src/devices/net/net-device';
@@ -338,7 +339,7 @@ test('link-down on a PCIe relay: the guest-facing session ends and front-ends ar
   });
 });
 
-test('faults on a VF reach its device through the stand-in its session talks to: kept across pause and resume, taken over when the VF is made again, link-down included', async () => {
+test('faults and a trace on a VF reach its device through the stand-in its session talks to: kept across pause and resume, faults taken over when the VF is made again, link-down included', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbvff-'));
   const t = validateTopology({ pfs: [{ name: 'pf0', type: 'blk', 'total-vfs': 2, 'num-vfs': 1, socket: 'pf0-vf{vf}.sock', backend: { file: 'pf0-vf{vf}.img', size: '1M' } }] }, dir);
   let m: FunctionManager | null = null;
@@ -355,6 +356,10 @@ test('faults on a VF reach its device through the stand-in its session talks to:
   try {
     assert.throws(() => faults.inject(vf, { kind: 'backend-down' }), (e: unknown) => e instanceof FaultError && e.status === 409 && /no link to a backend to cut/.test(e.message));
     const s1 = await session();
+    const point = m.vfStandIn(vf)?.requests;
+    assert.ok(point !== undefined, 'a blk VF has a request tap point');
+    const lines: string[] = [];
+    const trace = startTrace(point, { write: (c) => lines.push(Buffer.from(c).toString()) > 0, end: () => undefined });
     faults.inject(vf, { kind: 'dma-error', count: 3 });
     faults.inject(vf, { kind: 'drop-interrupt', count: 1 });
     assert.equal(await blkIo(s1, 1, BLK_T_IN, 0), BLK_S_IOERR, 'the first fails in the VF device');
@@ -362,6 +367,9 @@ test('faults on a VF reach its device through the stand-in its session talks to:
     await m.pause(vf);
     await m.resume(vf);
     assert.equal(await blkIo(s1, 2, BLK_T_IN, 0), BLK_S_IOERR, 'the device of the resume has the fault too');
+    assert.deepEqual(lines.map((l) => (JSON.parse(l) as { status: string }).status), ['ioerr', 'ioerr'], 'the trace follows the VF across pause and resume');
+    trace.close();
+    assert.equal(m.vfDevice(vf)?.requests?.tap ?? null, null, 'the trace gone: the device has no tap');
     s1.c.close();
     s1.g.close();
     await waitFor(() => m?.vf(vf).connected === false, 'the front-end to go');

@@ -29,7 +29,7 @@ import {
   VIRTIO_ID_BLOCK,
 } from '../../virtio/constants';
 import { QueueError } from '../../virtio/split-queue';
-import { DeviceError, type DeviceQueue } from '../device';
+import { DeviceError, type DeviceQueue, type TapPoint } from '../device';
 import { COMMON_FEATURES, DeviceBase } from '../device-base';
 import { RawFile } from './raw-file';
 
@@ -128,6 +128,8 @@ export class BlkDevice extends DeviceBase {
   private readonly statusByte = new Uint8Array(1);
   /** Request tracing (vbridge trace): null unless a tracer is attached, so the data path pays one check. */
   tap: BlkRequestTap | null = null;
+  /** The device is its own tap point (the field above). */
+  readonly requests: TapPoint<BlkRequestTap> = this;
 
   constructor(opts: BlkDeviceOptions) {
     const nq = opts.numQueues ?? 1;

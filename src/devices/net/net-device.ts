@@ -31,7 +31,7 @@ import {
   NET_S_LINK_UP,
   VIRTIO_ID_NET,
 } from '../../virtio/constants';
-import type { DeviceQueue } from '../device';
+import type { DeviceQueue, TapPoint } from '../device';
 import { COMMON_FEATURES, DeviceBase, NOTIFY_BATCH } from '../device-base';
 import { newEgressCounters, OffloadEgress, type EgressCounters } from './offload-egress';
 import { ETH_HLEN, MAX_FRAME, macFromName, parseMac, type Endpoint, type Port } from './port';
@@ -135,6 +135,8 @@ export class NetDevice extends DeviceBase implements Endpoint {
    * into guest memory or a reused buffer. Null costs the data path one test.
    */
   tap: FrameTap | null = null;
+  /** The device is its own tap point (the field above). */
+  readonly frames: TapPoint<FrameTap> = this;
   private hdrLen = NET_HDR_SIZE;
   private mergeable = false;
   /** OFFLOAD_* bits the driver may use on TX / takes on RX. */
