@@ -103,7 +103,8 @@ export const captureCommand: CommandSpec = {
   synopsis: 'FUNCTION [TOPOLOGY.yaml] [options]',
   description:
     'Writes the frames crossing a net function (both directions, without the virtio-net\n' +
-    'header) as pcap, link type Ethernet, to -w FILE or to stdout (-w -, the default):\n' +
+    'header; local functions, VFs and relay functions, not passthrough) as pcap, link type\n' +
+    'Ethernet, to -w FILE or to stdout (-w -, the default):\n' +
     '  vbridge capture net0 topology.yaml -w - | tcpdump -n -r -\n' +
     "The bridge's API address and token file come from its TOPOLOGY.yaml (http, http-token)\n" +
     'or from --http and --token-file. Ends after --count frames, or on Ctrl-C.',

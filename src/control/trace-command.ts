@@ -103,14 +103,16 @@ export const traceCommand: CommandSpec = {
   summary: "a blk function's requests (type, sector, length, status, latency), from a running serve",
   synopsis: 'FUNCTION [TOPOLOGY.yaml] [options]',
   description:
-    'Prints one line per completed request of a blk function whose device runs in the bridge\n' +
-    '(a file backend), time of day in UTC:\n' +
+    'Prints one line per completed request of a blk function whose requests cross the bridge\n' +
+    '(a local function, a VF, or a relay function, whose relay reports them; not passthrough),\n' +
+    'time of day in UTC:\n' +
     '  22:41:07.123456 q0  read         sector       2048 len     4096 ok         85us\n' +
     'Types: read, write, flush, get-id, discard, write-zeroes (others by their virtio name\n' +
-    'or type-N); status: ok, ioerr, unsupp; latency from the moment the device took the\n' +
-    'request to its completion. --json prints one JSON object per line instead (time,\n' +
-    'queue, type, sector, len, status, latencyUs). The bridge is found by --control, its\n' +
-    'TOPOLOGY.yaml, or as the only one running. Ends after --count records, or on Ctrl-C.',
+    'or type-N); status: ok, ioerr, unsupp; latency from the moment the device (or the\n' +
+    'relay) took the request to its completion. --json prints one JSON object per line\n' +
+    'instead (time, queue, type, sector, len, status, latencyUs). The bridge is found by\n' +
+    '--control, its TOPOLOGY.yaml, or as the only one running. Ends after --count records,\n' +
+    'or on Ctrl-C.',
   options: {
     queue: { type: 'string', arg: 'N', help: 'only request queue N' },
     count: { type: 'string', arg: 'N', help: 'stop after N requests' },

@@ -7,7 +7,8 @@
  * to an error state: the guest's next requests there fail with I/O errors
  * rather than hang; a third function with a well-behaved backend keeps working.
  * Then the well-behaved one takes injected faults through the relay: `vbridge
- * fault good dma-error --count 3` fails exactly three guest reads, and
+ * fault good dma-error --count 3` fails exactly three guest reads (which
+ * `vbridge trace good` sees from the relay), and
  * `backend-down` unplugs its backend (the process exits) with a guest write
  * waiting until `clear` and a backend started again let it complete.
  */
@@ -21,7 +22,11 @@ import { startBridgeFixture } from '../support/bridge-fixture';
 import { startBackendProcess, type BackendProcess } from '../support/backend-process';
 import { waitFor, waitForPath } from '../support/wait';
 import { hostGo, waitForHost } from '../support/blk-scripts';
-import { runVbridgeAsync } from '../support/vbridge-cli';
+import { CLI, runVbridgeAsync } from '../support/vbridge-cli';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { activeTraces } from '../../src/trace/blk-trace';
+import { parseTraceLines, requestsOf } from '../support/trace-records';
 
 const ROGUE = path.resolve(__dirname, '..', 'support', 'rogue-backend.js');
 
@@ -90,6 +95,11 @@ test('backends that write garbage into the mailbox, return a chain never posted 
       assert.match(await fault('dma-error', '--count', '3'), /^good: dma-error; faults: dma-error 3 left;/);
       const barBytes = (): number => fx.fnStats('good').relay?.[0]?.dma.toBarBytes ?? 0;
       const barBefore = barBytes();
+      // The relay reports the requests it completes: the five reads, failed ones included.
+      const point = fx.bridge.device('good')?.requests;
+      assert.ok(point !== undefined, 'a blk relay has a request tap point');
+      const trace = promisify(execFile)(process.execPath, [CLI, 'trace', 'good', '--json', '--count', '5', '--control', path.join(fx.dir, 'control.sock')], { timeout: 300_000 });
+      await Promise.race([waitFor('vbridge trace to start', () => activeTraces(point) === 1, 30_000), trace.then(() => assert.fail('vbridge trace ended before it started'))]);
       hostGo(path.join(fx.dir, 'ctl.img'), 'GO1');
       await g.waitFor(/^BDOWN_NOW/m, 200_000);
       const toBar = barBytes() - barBefore;
@@ -130,6 +140,12 @@ test('backends that write garbage into the mailbox, return a chain never posted 
       // dma-error: exactly the three reads after it was armed failed, and none of them crossed into the BAR.
       assert.deepEqual([1, 2, 3, 4, 5].map((i) => v[`DMAERR_${i}`]), ['fail', 'fail', 'fail', 'ok', 'ok'], r.output);
       assert.equal(toBar, 2 * 16, 'only the two reads that worked crossed into the BAR (a 16-byte header each)');
+      assert.deepEqual(
+        requestsOf(parseTraceLines((await trace).stdout)),
+        [1, 2, 3, 4, 5].map((i) => ({ queue: 0, type: 'read', sector: 8 * i, len: 4096, status: i <= 3 ? 'ioerr' : 'ok' })),
+        'vbridge trace on the relay saw the five reads',
+      );
+      assert.equal(activeTraces(point), 0, 'the trace ended at its count and left no tap');
       // backend-down: the write that waited completed once a backend attached again, and it is on the disk.
       assert.equal(v.BDOWN_WRITE, 'ok', r.output);
       assert.equal(v.BDOWN_MD5, v.SRC_MD5);

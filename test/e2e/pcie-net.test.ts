@@ -5,7 +5,8 @@
  * crosses guest memory -> BAR -> backend switch -> the other function's BAR ->
  * the other guest's memory. Meanwhile /metrics shows the DMA, the backend
  * notifications and the shadow rings move (promtool passes on every scrape),
- * and the API's link resources show the PCIe links up.
+ * and the API's link resources show the PCIe links up. A capture on guest B's
+ * relay sees its frames both ways, Ethernet first (no virtio-net header).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -20,6 +21,8 @@ import { checkApiMatchesStats, metricsScraper } from '../support/api-checks';
 import { httpRequest } from '../support/http-client';
 import { OpenApiChecker } from '../support/openapi-check';
 import { sampleValue } from '../support/promtool';
+import { startCapture } from '../../src/capture/frame-capture';
+import { parsePcap } from '../../src/capture/pcap';
 
 test('two guests bridged to one backend process hosting their switch: pings 56/1400 B without loss, 8 MiB intact', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
@@ -36,12 +39,19 @@ test('two guests bridged to one backend process hosting their switch: pings 56/1
       backend = await startBackendProcess(['backend', 'net', '--attach', path.join(fx.dir, 'net0.bar'), '--attach', path.join(fx.dir, 'net1.bar'), '--switch', 'sw0', '--queues', '2'], 2);
       await waitForPath(fx.socket('net0'), 10_000);
       await waitForPath(fx.socket('net1'), 10_000);
+      const point = fx.bridge.device('net1')?.frames;
+      assert.ok(point !== undefined, 'a net relay has a frame tap point');
+      const pcap: Uint8Array[] = [];
+      const capture = startCapture(point, { write: (c) => pcap.push(c.slice()) > 0, end: () => undefined });
       const a = await startGuest({ name: 'pcie-net-a', script: scriptA(true), cpus: 2, memMiB: 256, nets: [{ socket: fx.socket('net0'), mac: '52:54:00:00:01:0a', queues: 2 }], timeoutMs: 240_000 });
       const b = await startGuest({ name: 'pcie-net-b', script: SCRIPT_B, memMiB: 256, nets: [{ socket: fx.socket('net1'), mac: '52:54:00:00:01:0b' }], timeoutMs: 240_000 });
       const api = fx.bridge.api;
       assert.ok(api !== null);
       const scraper = metricsScraper(api.address);
-      const [ra, rb] = await Promise.all([a.done, b.done]).finally(() => scraper.stop());
+      const [ra, rb] = await Promise.all([a.done, b.done]).finally(() => {
+        scraper.stop();
+        capture.close();
+      });
       const va = kv(ra.output);
       const vb = kv(rb.output);
       assert.equal(ra.rc, 0, `guest A failed:\n${ra.output}\n${backend.output()}`);
@@ -55,6 +65,14 @@ test('two guests bridged to one backend process hosting their switch: pings 56/1
       assert.equal(vb.GOT_MD5, va.BLOB_MD5);
       assert.equal(va.A_DONE, '1');
       assert.equal(va.QUEUES, '2', 'guest A sees the backend device\'s 2 queue pairs');
+      // The relay's capture: B's frames both ways, each an Ethernet frame (IPv4, ARP or IPv6 after the MACs).
+      const frames = parsePcap(Buffer.concat(pcap)).frames.map((f) => f.frame);
+      const hex = (b: Uint8Array): string => Buffer.from(b).toString('hex');
+      const fromB = frames.filter((f) => hex(f.subarray(6, 12)) === '52540000010b').length;
+      const toB = frames.filter((f) => hex(f.subarray(0, 6)) === '52540000010b').length;
+      t.diagnostic(`capture on net1: ${frames.length} frames, ${fromB} from B, ${toB} to B, ${capture.dropped} dropped`);
+      assert.ok(fromB >= 200 && toB >= 200, 'both directions of the 2 x 100 pings at least');
+      assert.deepEqual(frames.filter((f) => ![0x0800, 0x0806, 0x86dd].includes((f[12]! << 8) | f[13]!)).length, 0, 'every frame starts with its Ethernet header');
       // Both of A's TX queues carried frames through their own shadow rings.
       for (const q of [1, 3]) assert.ok((fx.fnStats('net0').relay?.[q]?.dma.toBarOps ?? 0) > 0, `net0 TX queue ${q} unused`);
       for (const name of ['net0', 'net1']) {
