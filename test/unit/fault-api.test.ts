@@ -98,3 +98,32 @@ test('fault over the HTTP API and vbridge fault over the control socket: token, 
     await fx.close();
   }
 });
+
+test('vbridge fault and trace reach a VF of the function manager through a running bridge; backend-down on it is refused with the reason', async () => {
+  const fx = await startBridgeFixture({
+    http: '127.0.0.1:0',
+    functions: [],
+    'state-dir': 'state',
+    pfs: [{ name: 'pf0', type: 'blk', 'total-vfs': 2, 'num-vfs': 1, socket: 'pf0-vf{vf}.sock', backend: { file: 'pf0-vf{vf}.img', size: '1M' } }],
+  });
+  const control = path.join(fx.dir, 'control.sock');
+  try {
+    const armed = await runVbridgeAsync(['fault', 'pf0/vf0', 'dma-error', '--count', '2', '--control', control]);
+    assert.equal(armed.code, 0, armed.err);
+    assert.match(armed.out, /^pf0\/vf0: dma-error; faults: dma-error 2 left;/);
+    assert.notEqual(fx.bridge.device('pf0/vf0')?.faults ?? null, null, "armed on the VF's stand-in");
+    const refused = await runVbridgeAsync(['fault', 'pf0/vf0', 'backend-down', '--control', control]);
+    assert.notEqual(refused.code, 0);
+    assert.match(refused.err, /backend-down does not apply to function pf0\/vf0: a VF's device runs in the bridge \(a local backend\): there is no link to a backend to cut/);
+    const stats = await runVbridgeAsync(['stats', '--control', control]);
+    assert.match(stats.out, /faults: dma-error 2 left; injected: link-down 0, dma-error 0/);
+    const api = fx.bridge.api;
+    assert.ok(api !== null);
+    const fn = await httpRequest(api.address, 'GET', '/v1/functions/pf0%2Fvf0');
+    openapi.check('GET', '/v1/functions/pf0%2Fvf0', fn.status, fn.body);
+    assert.deepEqual((fn.body as { faults?: { active: { dmaError: number } } }).faults?.active.dmaError, 2);
+    assert.ok(fx.bridge.device('pf0/vf0')?.requests !== undefined, 'trace has a tap point on the VF');
+  } finally {
+    await fx.close();
+  }
+});

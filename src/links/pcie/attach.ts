@@ -49,6 +49,7 @@ export class AttachPort {
   private linkPoller: Poller | null = null;
   /** The hello of the backend being plugged in, assembled across reads. */
   private pending: { fd: number; poller: Poller; buf: Uint8Array; got: number; timer: NodeJS.Timeout } | null = null;
+  /** Backends are refused (BUSY) while the card holds its link cut (an injected backend-down). */
   private holding = false;
 
   constructor(
@@ -64,11 +65,6 @@ export class AttachPort {
 
   get plugged(): boolean {
     return this.linkFd >= 0;
-  }
-
-  /** Whether backends are refused (BUSY) while the card holds its link cut (an injected backend-down). */
-  get held(): boolean {
-    return this.holding;
   }
 
   /**
