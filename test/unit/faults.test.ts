@@ -25,7 +25,7 @@ import type { RelayDevice } from '../../src/bridge/relay-device';
 import { PcieShadowLink } from '../../src/links/pcie/pcie-shadow-link';
 import { PcieBackendHost } from '../../src/links/pcie/backend-host';
 import { VhostUserRelayLink } from '../../src/links/vhost-user/relay-link';
-import { bringUp, CaptureLogger, Guest, sleep, tmpSocket, waitFor } from './vhost-user-harness';
+import { bringUp, CaptureLogger, Guest, tmpSocket, waitFor } from './vhost-user-harness';
 
 /** What a function whose device runs in the bridge says to backend-down. */
 const LOCAL = 'its device runs in the bridge';
@@ -317,8 +317,9 @@ test('backend-down on a vhost-user relay: the bridge hangs up on the back-end an
     assert.equal(r.fn.stats().link.state, 'down');
     s.d.addChain([{ data: blkHeader(BLK_T_IN, 0) }, { writable: true, len: 512 }, { writable: true, len: 1 }]);
     native().eventfdWrite(s.g.kick[0], 1);
-    // Longer than the redial interval (500 ms) of a back-end that went away on its own.
-    await sleep(800);
+    await waitFor(() => s.server.stats().queues[0].kicks >= 2, 'the kick to reach the relay');
+    // A back-end that went away on its own is redialled on a timer; a cut one must have none pending.
+    assert.equal((r.fn.link as VhostUserRelayLink).redialScheduled, false, 'no redial while cut');
     assert.equal(backend.connected, false, 'not redialled while cut');
     assert.equal(s.d.usedIdx(), 1, 'nothing completes without a back-end');
     assert.equal(s.faults.inject('fv', { kind: 'clear' }).changed, true);

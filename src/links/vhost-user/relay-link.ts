@@ -138,6 +138,11 @@ export class VhostUserRelayLink implements ShadowLink {
     this.scheduleReconnect();
   }
 
+  /** A redial is pending (the back-end went away and the link will dial again on its own). */
+  get redialScheduled(): boolean {
+    return this.timer !== null;
+  }
+
   cut(): boolean {
     if (this.held) return false;
     this.held = true;
