@@ -73,6 +73,23 @@ export class CpuWindow<K extends string> {
   }
 }
 
+/** The spread of repeated measurements of one figure. */
+export interface Spread {
+  n: number;
+  min: number;
+  median: number;
+  max: number;
+}
+
+/** min / median / max of the finite values of `xs` (a sample may lack a figure); NaN for none, which the tables print as '-'. */
+export function spread(xs: readonly number[]): Spread {
+  const s = xs.filter(Number.isFinite).sort((a, b) => a - b);
+  if (s.length === 0) return { n: 0, min: NaN, median: NaN, max: NaN };
+  const mid = s.length >> 1;
+  const median = s.length % 2 === 1 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
+  return { n: s.length, min: s[0], median, max: s[s.length - 1] };
+}
+
 /** A figure for a table: fixed decimals, or '-' when there is none. */
 export function fmt(v: number | undefined, decimals: number, width: number): string {
   return (v === undefined || !Number.isFinite(v) ? '-' : v.toFixed(decimals)).padStart(width);
