@@ -8,7 +8,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { netBench, type NetResult } from './net';
 import { blkBench, type BlkResult } from './blk';
-import { fmt, type Outcome } from './measure';
+import { vfBench, type VfResult } from './vf';
+import { fmt, type Outcome, type Spread } from './measure';
 import { withHeavyLock } from '../test/support/heavy-lock';
 
 const out = (s: string): boolean => process.stdout.write(s);
@@ -82,6 +83,43 @@ function printBlk(blk: BlkResult): void {
   failures([blk.anchor, blk.direct, blk.relay]);
 }
 
+/** One row of min / median / max. */
+function spreadRow(label: string, s: Spread | undefined, decimals: number): string {
+  return ` ${label.padEnd(44)} ${fmt(s?.min, decimals, 9)} ${fmt(s?.median, decimals, 9)} ${fmt(s?.max, decimals, 9)} ${String(s?.n ?? '-').padStart(3)}\n`;
+}
+
+function printVf(vf: VfResult): void {
+  const p = value(vf.pause);
+  const r = value(vf.reattach);
+  const a = value(vf.attach);
+  out('\nvf: a guest\'s I/O stall while its PF changes num-vfs (VF paused) against detach + attach again (ms)\n');
+  out(` ${''.padEnd(44)} ${'min'.padStart(9)} ${'median'.padStart(9)} ${'max'.padStart(9)}   n\n`);
+  out(spreadRow('pause stall (num-vfs 2 <-> 4)', p?.stallMs, 2));
+  out(spreadRow('  num-vfs operation (call .. return)', p?.opMs, 2));
+  out(spreadRow('    call -> waiting read served (the pause)', p?.callToServedMs, 2));
+  out(spreadRow('    served -> return (state persisted)', p?.servedToReturnMs, 2));
+  out(spreadRow('    devices made and released, inside', p?.devicesMs, 2));
+  out(spreadRow('    state write + 2 fsyncs, timed apart', p?.persistApartMs, 2));
+  out(spreadRow('  operation done -> next loop read', p?.opToIoMs, 2));
+  out(spreadRow('  no change: longest gap, same window', p?.quietMaxGapMs, 2));
+  out(spreadRow('  no change: median gap (one read)', p?.quietMedianGapMs, 3));
+  out(spreadRow('detach + attach stall', r?.stallMs, 0));
+  out(spreadRow('  detach operation (device_del .. DELETED)', r?.detachOpMs, 0));
+  out(spreadRow('  loop still reading after device_del', r?.ioAfterDeviceDelMs, 0));
+  out(spreadRow('  attach operation (QMP)', r?.attachOpMs, 1));
+  out(spreadRow('  attach done -> first request (probe)', r?.attachToFirstRequestMs, 0));
+  out(spreadRow('  first request -> loop read', r?.firstRequestToLoopMs, 0));
+  out(spreadRow('attach -> first completed request', a?.toFirstRequestMs, 0));
+  out(spreadRow('attach -> first read of the guest loop', a?.toLoopIoMs, 0));
+  out(spreadRow('  attach operation (QMP)', a?.attachOpMs, 1));
+  // The worst case too: the shortest anchor against our longest stall.
+  out(
+    ` detach + attach / pause: ${fmt(ratio(r?.stallMs.median, p?.stallMs.median), 0, 0)} (medians), ${fmt(ratio(r?.stallMs.min, p?.stallMs.max), 0, 0)} (shortest / longest);` +
+      ` target: pause under 50 ms and at least 10 times shorter\n`,
+  );
+  failures([vf.pause, vf.reattach, vf.attach]);
+}
+
 async function main(): Promise<void> {
   const seconds = Number(process.env.BENCH_SECONDS ?? 5);
   const runs = Number(process.env.BENCH_RUNS ?? 1);
@@ -93,10 +131,10 @@ async function main(): Promise<void> {
       node: process.version,
       seconds,
     };
-    const all: { net?: NetResult[]; blk?: BlkResult }[] = [];
+    const all: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult }[] = [];
     for (let run = 1; run <= runs; run++) {
       if (runs > 1) out(`\n=== run ${run} of ${runs} ===\n`);
-      const r: { net?: NetResult[]; blk?: BlkResult } = {};
+      const r: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult } = {};
       if (only === undefined || only === 'net') {
         r.net = await netBench([64, 1500], seconds);
         printNet(r.net);
@@ -105,13 +143,23 @@ async function main(): Promise<void> {
         r.blk = await blkBench(Number(process.env.BENCH_BLK_SECONDS ?? 10));
         printBlk(r.blk);
       }
+      if (only === undefined || only === 'vf') {
+        r.vf = await vfBench(Number(process.env.BENCH_VF_REPS ?? 5));
+        printVf(r.vf);
+      }
       all.push(r);
     }
     report.runs = all;
     const dir = path.resolve(__dirname, '..', '..', 'bench', 'results');
     fs.mkdirSync(dir, { recursive: true });
     fs.writeFileSync(path.join(dir, 'latest.json'), JSON.stringify(report, null, 2) + '\n');
-    const failed = all.flatMap((r) => [...(r.net ?? []).flatMap((n) => [n.anchor, n.direct, n.packed, n.relay]), ...(r.blk !== undefined ? [r.blk.anchor, r.blk.direct, r.blk.relay] : [])]).filter((o) => !o.ok);
+    const failed = all
+      .flatMap((r) => [
+        ...(r.net ?? []).flatMap((n) => [n.anchor, n.direct, n.packed, n.relay]),
+        ...(r.blk !== undefined ? [r.blk.anchor, r.blk.direct, r.blk.relay] : []),
+        ...(r.vf !== undefined ? [r.vf.pause, r.vf.reattach, r.vf.attach] : []),
+      ])
+      .filter((o) => !o.ok);
     if (failed.length > 0) {
       out(`\n${failed.length} measurement(s) failed; every other figure above stands.\n`);
       process.exitCode = 1;
