@@ -92,7 +92,8 @@ function printVf(vf: VfResult): void {
   const p = value(vf.pause);
   const r = value(vf.reattach);
   const a = value(vf.attach);
-  out('\nvf: a guest\'s I/O stall while its PF changes num-vfs (VF paused) against detach + attach again (ms)\n');
+  out('\nvf: a guest\'s I/O stall while its PF changes num-vfs (VF paused) against detach + attach again\n');
+  out('(ms; a stall is the longest gap between the guest loop\'s 4 KiB reads that spans the operation)\n');
   out(` ${''.padEnd(44)} ${'min'.padStart(9)} ${'median'.padStart(9)} ${'max'.padStart(9)}   n\n`);
   out(spreadRow('pause stall (num-vfs 2 <-> 4)', p?.stallMs, 2));
   out(spreadRow('  num-vfs operation (call .. return)', p?.opMs, 2));
@@ -101,7 +102,8 @@ function printVf(vf: VfResult): void {
   out(spreadRow('    devices made and released, inside', p?.devicesMs, 2));
   out(spreadRow('    state write + 2 fsyncs, timed apart', p?.persistApartMs, 2));
   out(spreadRow('  operation done -> next loop read', p?.opToIoMs, 2));
-  out(spreadRow('  no change: longest gap, same window', p?.quietMaxGapMs, 2));
+  out(spreadRow('  longest gap, 100 ms before .. 500 ms after', p?.windowMaxGapMs, 2));
+  out(spreadRow('  no change: longest gap, as long a window', p?.quietMaxGapMs, 2));
   out(spreadRow('  no change: median gap (one read)', p?.quietMedianGapMs, 3));
   out(spreadRow('detach + attach stall', r?.stallMs, 0));
   out(spreadRow('  detach operation (device_del .. DELETED)', r?.detachOpMs, 0));

@@ -11,7 +11,7 @@
  * measured on the host: the function manager runs in this process, and every
  * device it makes for a VF gets the blk request tap, which gives the completion
  * time (performance.now(), microseconds) of every request. A stall is the
- * longest gap between two completions of the guest's loop around the
+ * longest gap between two completions of the guest's loop that spans the
  * operation. Under TCG the guest's own time per request is a few hundred
  * microseconds, so that is the resolution; the gaps of the same loop without
  * any change are reported beside it.
@@ -33,8 +33,10 @@ import { bounded, spread, type Outcome, type Spread } from './measure';
 export interface PauseSample {
   /** e.g. "2 -> 4". */
   change: string;
-  /** Longest gap between the loop's completions from 100 ms before the operation to 500 ms after it. */
+  /** The guest's stall: the longest gap between the loop's completions that spans (overlaps) the operation. */
   stallMs: number;
+  /** Longest gap from 100 ms before the operation to 500 ms after its return: the operation's and any after-effect, and the machine's own hiccups too. */
+  windowMaxGapMs: number;
   /** The manager's num-vfs operation, call to return: pause, through zero VFs, resume, state persisted. */
   opMs: number;
   /**
@@ -51,6 +53,8 @@ export interface PauseSample {
   persistApartMs: number;
   /** From the operation's return to the next completion of the loop. */
   opToIoMs: number;
+  /** Every gap of the loop over 1 ms in the window: where it starts (ms from the call; negative: before it) and how long it is. Shows whether the longest one is the operation's or the machine's. */
+  longGaps: { atMs: number; ms: number }[];
   /** The same loop in a window of the same length just before, without any change: its longest gap, and its median gap (one request's time). */
   quietMaxGapMs: number;
   quietMedianGapMs: number;
@@ -86,6 +90,7 @@ export interface AttachSample {
 export interface PauseFigures {
   samples: PauseSample[];
   stallMs: Spread;
+  windowMaxGapMs: Spread;
   opMs: Spread;
   callToServedMs: Spread;
   servedToReturnMs: Spread;
@@ -222,12 +227,19 @@ class Completions {
 
   /** Gaps between consecutive loop completions that overlap [from, to] (the ones crossing its edges too). */
   gaps(from: number, to: number): number[] {
+    return this.gapsAt(from, to).map((g) => g.ms);
+  }
+
+  /** The same gaps with the time each starts at. */
+  gapsAt(from: number, to: number): { at: number; ms: number }[] {
     const a = this.loop;
-    const out: number[] = [];
-    for (let i = Math.max(0, upper(a, from) - 1); i + 1 < a.length && a[i] < to; i++) out.push(a[i + 1] - a[i]);
+    const out: { at: number; ms: number }[] = [];
+    for (let i = Math.max(0, upper(a, from) - 1); i + 1 < a.length && a[i] < to; i++) out.push({ at: a[i], ms: a[i + 1] - a[i] });
     return out;
   }
 }
+
+const round3 = (x: number): number => Math.round(x * 1000) / 1000;
 
 function spreads<S, K extends keyof S>(samples: readonly S[], keys: readonly K[]): Record<K, Spread> {
   const out = {} as Record<K, Spread>;
@@ -310,24 +322,31 @@ async function measurePause(b: Bench, stop: Stop, reps: number): Promise<PauseFi
     const next = await b.rec.next('loop', t1, `after ${what}`);
     const from0 = t0 - BEFORE_MS;
     const to0 = t1 + AFTER_MS;
-    const stall = Math.max(...b.rec.gaps(from0, to0));
+    // The operation blocks this process's event loop, the device's too: no completion falls inside it but
+    // the one resume makes by replaying the held kick, so one or two gaps overlap it.
+    const stall = Math.max(...b.rec.gaps(t0, t1));
     const quiet = b.rec.gaps(from0 - (to0 - from0), from0);
     const served = b.rec.firstBetween(t0, t1) ?? NaN;
     samples.push({
       change: `${from} -> ${to}`,
       stallMs: stall,
+      windowMaxGapMs: Math.max(...b.rec.gaps(from0, to0)),
       opMs: t1 - t0,
       callToServedMs: served - t0,
       servedToReturnMs: t1 - served,
       devicesMs,
       persistApartMs,
       opToIoMs: next - t1,
+      longGaps: b.rec
+        .gapsAt(from0, to0)
+        .filter((g) => g.ms > 1)
+        .map((g) => ({ atMs: round3(g.at - t0), ms: round3(g.ms) })),
       quietMaxGapMs: Math.max(...quiet),
       quietMedianGapMs: spread(quiet).median,
     });
     since = t1;
   }
-  return { samples, ...spreads(samples, ['stallMs', 'opMs', 'callToServedMs', 'servedToReturnMs', 'devicesMs', 'persistApartMs', 'opToIoMs', 'quietMaxGapMs', 'quietMedianGapMs'] as const) };
+  return { samples, ...spreads(samples, ['stallMs', 'windowMaxGapMs', 'opMs', 'callToServedMs', 'servedToReturnMs', 'devicesMs', 'persistApartMs', 'opToIoMs', 'quietMaxGapMs', 'quietMedianGapMs'] as const) };
 }
 
 async function measureReattach(b: Bench, stop: Stop, reps: number, attaches: AttachSample[]): Promise<ReattachFigures> {
