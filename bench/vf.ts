@@ -139,6 +139,8 @@ const WAIT_MS = 60_000;
 
 // A sparse 4 GiB disk: the loop reads about a million blocks before it starts over,
 // so a restart of dd (a gap of its own) does not fall inside a pause measurement.
+// The guest's shell cannot wait on a device node (no inotify in busybox sh): it looks
+// every millisecond, which adds about that (and a fork under TCG) to the anchor only.
 const DISK = '4G';
 const SCRIPT = `
 echo STEP=ready
