@@ -156,6 +156,7 @@ interface Waiter {
   kind: Kind;
   after: number;
   done: (t: number) => void;
+  fail: (e: Error) => void;
 }
 
 /** Index of the first element of sorted `a` greater than `t` (a.length if none). */
@@ -179,6 +180,7 @@ class Completions {
   readonly all: number[] = [];
   readonly loop: number[] = [];
   private readonly waiters = new Set<Waiter>();
+  private gone: Error | null = null;
 
   readonly tap = (r: BlkRequestInfo): void => {
     this.all.push(r.end);
@@ -197,22 +199,36 @@ class Completions {
     const a = this.times(kind);
     const i = upper(a, after);
     if (i < a.length) return Promise.resolve(a[i]);
+    if (this.gone !== null) return Promise.reject(new Error(`${what}: ${this.gone.message}`));
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
+      const end = (): void => {
+        clearTimeout(timer);
         this.waiters.delete(w);
+      };
+      const timer = setTimeout(() => {
+        end();
         reject(new Error(`${what}: no ${kind === 'loop' ? 'read of the guest loop' : 'request'} completed within ${timeoutMs} ms`));
       }, timeoutMs);
       const w: Waiter = {
         kind,
         after,
         done: (t) => {
-          clearTimeout(timer);
-          this.waiters.delete(w);
+          end();
           resolve(t);
+        },
+        fail: (e) => {
+          end();
+          reject(new Error(`${what}: ${e.message}`));
         },
       };
       this.waiters.add(w);
     });
+  }
+
+  /** No more completions will come (the guest is gone): every wait, now and later, fails at once rather than at its timeout. */
+  end(reason: Error): void {
+    this.gone ??= reason;
+    for (const w of [...this.waiters]) w.fail(reason);
   }
 
   /** The first completion of any kind in (from, to), if there is one. */
@@ -433,6 +449,10 @@ export async function vfBench(reps: number): Promise<VfResult> {
       // The guest lives as long as the whole bench may; it is killed at the end.
       const guest = await startGuest({ name: 'bench-vf', script: SCRIPT, hotplugPorts: 2, qmpSocket: qmp, memMiB: 256, timeoutMs: setupBound + pauseBound + reattachBound });
       live.guest = guest;
+      void guest.done.then(
+        (r) => rec.end(new Error(`the guest's QEMU exited (${r.qemuExit.signal ?? `code ${r.qemuExit.code}`})`)),
+        (e: unknown) => rec.end(e instanceof Error ? e : new Error(String(e))),
+      );
       await guest.waitFor(/STEP=ready/, 3 * WAIT_MS);
       const stateDir = topology.stateDir ?? path.join(root, 'state');
       const b: Bench = { manager, qmp, rec, devices, stateDir, scratchDir: path.join(root, 'state-scratch'), numVfs: 2 };
