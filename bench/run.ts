@@ -102,6 +102,8 @@ function printVf(vf: VfResult): void {
   out(spreadRow('    devices made and released, inside', p?.devicesMs, 2));
   out(spreadRow('    state write + 2 fsyncs, timed apart', p?.persistApartMs, 2));
   out(spreadRow('  operation done -> next loop read', p?.opToIoMs, 2));
+  out(spreadRow('  control, loop held as long: stall', p?.heldStallMs, 2));
+  out(spreadRow('    held -> next loop read', p?.heldToIoMs, 2));
   out(spreadRow('  longest gap, 100 ms before .. 500 ms after', p?.windowMaxGapMs, 2));
   out(spreadRow('  no change: longest gap, as long a window', p?.quietMaxGapMs, 2));
   out(spreadRow('  no change: median gap (one read)', p?.quietMedianGapMs, 3));

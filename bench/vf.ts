@@ -53,6 +53,13 @@ export interface PauseSample {
   persistApartMs: number;
   /** From the operation's return to the next completion of the loop. */
   opToIoMs: number;
+  /**
+   * The control: this process's event loop held (a spin) as long as the operation took, with no
+   * pause, started the same way (right after a completion): the stall that holding the bridge for
+   * that long causes by itself, and its return to the loop's next read.
+   */
+  heldStallMs: number;
+  heldToIoMs: number;
   /** Every gap of the loop over 1 ms in the window: where it starts (ms from the call; negative: before it) and how long it is. Shows whether the longest one is the operation's or the machine's. */
   longGaps: { atMs: number; ms: number }[];
   /** The same loop in a window of the same length just before, without any change: its longest gap, and its median gap (one request's time). */
@@ -97,6 +104,8 @@ export interface PauseFigures {
   devicesMs: Spread;
   persistApartMs: Spread;
   opToIoMs: Spread;
+  heldStallMs: Spread;
+  heldToIoMs: Spread;
   quietMaxGapMs: Spread;
   quietMedianGapMs: Spread;
 }
@@ -320,6 +329,19 @@ function timePersist(b: Bench): number {
   return performance.now() - t0;
 }
 
+/** The control of one pause: the event loop held for `ms` with nothing else done, once the loop has settled after `since`. */
+async function holdLoop(b: Bench, stop: Stop, since: number, ms: number, what: string): Promise<{ heldStallMs: number; heldToIoMs: number }> {
+  await settle(b, stop, since, `${what}: control`);
+  const c0 = performance.now();
+  while (performance.now() - c0 < ms) {
+    // Spin: the point is to hold the event loop, as the synchronous operation does.
+  }
+  const c1 = performance.now();
+  await b.rec.next('loop', c1 + AFTER_MS, `${what}: control`);
+  const next = await b.rec.next('loop', c1, `${what}: control`);
+  return { heldStallMs: Math.max(...b.rec.gaps(c0, c1)), heldToIoMs: next - c1 };
+}
+
 async function measurePause(b: Bench, stop: Stop, reps: number): Promise<PauseFigures> {
   const samples: PauseSample[] = [];
   let since = performance.now();
@@ -334,9 +356,10 @@ async function measurePause(b: Bench, stop: Stop, reps: number): Promise<PauseFi
     const t1 = performance.now();
     const devicesMs = b.devices.ms - d0;
     b.numVfs = to;
-    const persistApartMs = timePersist(b);
     // The window closes AFTER_MS past the return: wait until the loop has completed a read beyond it.
     await b.rec.next('loop', t1 + AFTER_MS, `after ${what}`);
+    // Only now: timed right after the return, this synchronous write held the loop and lengthened the stall it measures.
+    const persistApartMs = timePersist(b);
     const next = await b.rec.next('loop', t1, `after ${what}`);
     const from0 = t0 - BEFORE_MS;
     const to0 = t1 + AFTER_MS;
@@ -361,10 +384,14 @@ async function measurePause(b: Bench, stop: Stop, reps: number): Promise<PauseFi
         .map((g) => ({ atMs: round3(g.at - t0), ms: round3(g.ms) })),
       quietMaxGapMs: Math.max(...quiet),
       quietMedianGapMs: spread(quiet).median,
+      ...(await holdLoop(b, stop, t1, t1 - t0, what)),
     });
-    since = t1;
+    since = performance.now();
   }
-  return { samples, ...spreads(samples, ['stallMs', 'windowMaxGapMs', 'opMs', 'callToServedMs', 'servedToReturnMs', 'devicesMs', 'persistApartMs', 'opToIoMs', 'quietMaxGapMs', 'quietMedianGapMs'] as const) };
+  return {
+    samples,
+    ...spreads(samples, ['stallMs', 'windowMaxGapMs', 'opMs', 'callToServedMs', 'servedToReturnMs', 'devicesMs', 'persistApartMs', 'opToIoMs', 'heldStallMs', 'heldToIoMs', 'quietMaxGapMs', 'quietMedianGapMs'] as const),
+  };
 }
 
 async function measureReattach(b: Bench, stop: Stop, reps: number, attaches: AttachSample[]): Promise<ReattachFigures> {
