@@ -14,7 +14,9 @@
  * longest gap between two completions of the guest's loop that spans the
  * operation. Under TCG the guest's own time per request is a few hundred
  * microseconds, so that is the resolution; the gaps of the same loop without
- * any change are reported beside it.
+ * any change are reported beside it, and so is a control: the event loop held
+ * (a spin) as long as the operation took, with no pause, which tells what of
+ * the stall is the pause and what is only the bridge being busy that long.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
