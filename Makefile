@@ -25,6 +25,7 @@ guest: setup
 
 build: setup deps addon guest
 	npx tsc -p tsconfig.json
+	npx tsc -p tsconfig.dashboard.json
 
 lint: deps
 	npx eslint src test bench scripts

@@ -33,7 +33,8 @@ export function functionResource(f: FunctionStatsRow, actions: string[]): JsonOb
 }
 
 function linkKind(f: FunctionStatsRow): { kind: string; mode: string } {
-  if (f.link === 'local') return { kind: 'local', mode: 'local' };
+  // A VF's device runs in the bridge like a local function's ("vf paused" is its state, not a link).
+  if (f.link === 'local' || f.link === 'vf' || f.link === 'vf paused') return { kind: 'local', mode: 'local' };
   const [kind, mode] = f.link.split(' ');
   return { kind, mode: mode ?? 'relay' };
 }

@@ -1,7 +1,8 @@
 /**
  * The bridge's HTTP API and /metrics on one listener (Node's own http server):
  * JSON resources and actions from the operation layer, the Prometheus text on
- * /metrics, and docs/openapi.yaml at /openapi.yaml. Reading is open; every
+ * /metrics, docs/openapi.yaml at /openapi.yaml, the web dashboard at / and
+ * its live snapshots at /v1/events (server-sent events). Reading is open; every
  * action needs the bearer token from the token file (missing: 401, wrong: 403,
  * both logged). Timeouts and a body limit keep a slow or silent client from
  * holding the listener.
@@ -17,6 +18,8 @@ import { PROMETHEUS_CONTENT_TYPE, renderMetrics } from './prometheus';
 import { checkBearer, newToken, writeTokenFile } from './token';
 import { claimSocketPath } from '../native/socket-guard';
 import { streamToResponse } from './stream-response';
+import { serveEvents } from './event-stream';
+import { DASHBOARD_ASSETS, DASHBOARD_HEADERS, readAsset } from '../dashboard/dashboard-assets';
 
 export interface HttpApiOptions {
   listen: ListenAddress;
@@ -36,6 +39,8 @@ export interface HttpApiOptions {
   maxStreamBacklogBytes?: number;
   /** Connections beyond this are refused (default 64). */
   maxConnections?: number;
+  /** Between two snapshots on /v1/events (default 1000 ms). */
+  eventIntervalMs?: number;
 }
 
 const OPENAPI_FILE = path.resolve(__dirname, '../../../docs/openapi.yaml');
@@ -44,6 +49,8 @@ type Route =
   | { kind: 'metrics' }
   | { kind: 'openapi' }
   | { kind: 'index' }
+  | { kind: 'asset'; path: string }
+  | { kind: 'events' }
   | { kind: 'list'; collection: string }
   | { kind: 'get'; collection: string; id: string }
   | { kind: 'action'; collection: string; id: string; action: string }
@@ -54,6 +61,9 @@ function route(pathname: string): { r: Route; methods: string[] } | null {
   if (pathname === '/metrics') return { r: { kind: 'metrics' }, methods: ['GET'] };
   if (pathname === '/openapi.yaml') return { r: { kind: 'openapi' }, methods: ['GET'] };
   if (pathname === '/v1') return { r: { kind: 'index' }, methods: ['GET'] };
+  // Before the collections: `events` is the dashboard's stream, not a collection.
+  if (pathname === '/v1/events') return { r: { kind: 'events' }, methods: ['GET'] };
+  if (DASHBOARD_ASSETS.has(pathname)) return { r: { kind: 'asset', path: pathname }, methods: ['GET'] };
   const parts = pathname.split('/').slice(1);
   if (parts[0] !== 'v1' || parts.length < 2 || parts.some((p) => p === '')) return null;
   let seg: string[];
@@ -79,6 +89,7 @@ export class HttpApi {
   private readonly server: http.Server;
   readonly token: string;
   private bound: ListenAddress;
+  private events = 0;
 
   private constructor(private readonly opts: HttpApiOptions) {
     this.token = newToken();
@@ -189,7 +200,7 @@ export class HttpApi {
       return;
     }
     // HEAD on a stream would start one whose bytes nobody reads.
-    const allowed = found.methods.includes('GET') && found.r.kind !== 'stream' ? [...found.methods, 'HEAD'] : found.methods;
+    const allowed = found.methods.includes('GET') && found.r.kind !== 'stream' && found.r.kind !== 'events' ? [...found.methods, 'HEAD'] : found.methods;
     if (!allowed.includes(method)) {
       req.resume();
       send(res, 405, { error: `${method} is not allowed on ${url.pathname} (allowed: ${found.methods.join(', ')})` }, { allow: allowed.join(', ') });
@@ -213,6 +224,20 @@ export class HttpApi {
       }
       req.resume();
       switch (r.kind) {
+        case 'events':
+          this.openEvents(req, res);
+          return;
+        case 'asset': {
+          const asset = DASHBOARD_ASSETS.get(r.path);
+          const bytes = asset === undefined ? null : readAsset(asset);
+          if (asset === undefined || bytes === null) {
+            send(res, 503, { error: `the dashboard is not built (${r.path}): run make build` });
+            return;
+          }
+          res.writeHead(200, { 'content-type': asset.contentType, 'content-length': bytes.length, ...DASHBOARD_HEADERS });
+          res.end(method === 'HEAD' ? undefined : bytes);
+          return;
+        }
         case 'metrics': {
           const text = renderMetrics(this.opts.operations.metrics());
           res.writeHead(200, { 'content-type': PROMETHEUS_CONTENT_TYPE, 'content-length': Buffer.byteLength(text) });
@@ -226,7 +251,7 @@ export class HttpApi {
           return;
         }
         case 'index':
-          send(res, 200, { collections: this.opts.operations.collectionNames(), metrics: '/metrics', openapi: '/openapi.yaml' });
+          send(res, 200, { collections: this.opts.operations.collectionNames(), metrics: '/metrics', openapi: '/openapi.yaml', events: '/v1/events', dashboard: '/' });
           return;
         case 'list':
           send(res, 200, { items: this.opts.operations.list(r.collection) });
@@ -249,6 +274,32 @@ export class HttpApi {
     const stream = this.opts.operations.stream(collection, id, name);
     streamToResponse(req, res, stream, id, params, this.opts.maxStreamBacklogBytes ?? 4 * 1024 * 1024, () => this.opts.log.info(`http: ${name} of ${collection}/${id} ended`));
     this.opts.log.info(`http: ${name} of ${collection}/${id} started by ${this.peer(req)}`);
+  }
+
+  /** Dashboards following /v1/events now. */
+  get eventClients(): number {
+    return this.events;
+  }
+
+  private openEvents(req: http.IncomingMessage, res: http.ServerResponse): void {
+    const who = this.peer(req);
+    this.events++;
+    serveEvents(
+      req,
+      res,
+      this.opts.operations,
+      {
+        intervalMs: this.opts.eventIntervalMs ?? 1000,
+        stallTimeoutMs: this.opts.idleTimeoutMs ?? 30_000,
+        onStall: () => this.opts.log.warn(`http: events to ${who} cut off: the client took nothing for ${this.opts.idleTimeoutMs ?? 30_000} ms`),
+        onError: (e) => this.opts.log.error(`http: events to ${who}: ${e instanceof Error ? e.stack ?? e.message : String(e)}`),
+      },
+      () => {
+        this.events--;
+        this.opts.log.info(`http: events to ${who} ended`);
+      },
+    );
+    this.opts.log.info(`http: events started by ${who}`);
   }
 
   private peer(req: http.IncomingMessage): string {

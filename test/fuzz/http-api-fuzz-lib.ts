@@ -21,7 +21,7 @@ function check(cond: boolean, what: string): void {
   if (!cond) throw new Failure(what);
 }
 
-const WORDS = ['v1', 'functions', 'links', 'switches', 'pfs', 'net0', 'blk0', 'sw0', 'actions', 'forget-macs', 'fault', 'capture', 'trace', 'metrics', 'openapi.yaml', 'stats'];
+const WORDS = ['v1', 'functions', 'links', 'switches', 'pfs', 'net0', 'blk0', 'sw0', 'actions', 'forget-macs', 'fault', 'capture', 'trace', 'metrics', 'openapi.yaml', 'stats', 'events', 'dashboard.js', 'dashboard.css', 'index.html'];
 const JUNK = ['', '.', '..', '%2F', '%ZZ', '%', '%00', '%e2%82', 'é', '?', '#', ';x', '{name}', '*'];
 const METHODS = ['GET', 'GET', 'POST', 'POST', 'HEAD', 'PUT', 'DELETE', 'PATCH', 'OPTIONS'];
 
@@ -68,12 +68,12 @@ interface Answer {
   body: unknown;
 }
 
-/** One request; a stream (pcap, trace records) is checked by its headers and then dropped. */
+/** One request; a stream (pcap, trace records, the dashboard's events) is checked by its headers and then dropped. */
 function request(port: number, method: string, p: string, headers: http.OutgoingHttpHeaders, body: string | undefined): Promise<Answer | null> {
   return new Promise((resolve, reject) => {
     const req = http.request({ host: '127.0.0.1', port, method, path: p, headers, agent: false, timeout: 10_000 }, (res) => {
       const contentType = res.headers['content-type'] ?? '';
-      if (contentType === 'application/vnd.tcpdump.pcap' || contentType === 'application/x-ndjson') {
+      if (contentType === 'application/vnd.tcpdump.pcap' || contentType === 'application/x-ndjson' || contentType === 'text/event-stream') {
         res.destroy();
         resolve({ status: res.statusCode ?? 0, contentType, body: '' });
         return;

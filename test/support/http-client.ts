@@ -32,7 +32,8 @@ export function httpRequest(
         const raw = Buffer.concat(chunks);
         const text = raw.toString('utf8');
         let body: unknown = text;
-        if ((res.headers['content-type'] ?? '').startsWith('application/json')) body = JSON.parse(text);
+        // An answer to HEAD has the headers of a JSON answer and no body.
+        if (method !== 'HEAD' && (res.headers['content-type'] ?? '').startsWith('application/json')) body = JSON.parse(text);
         resolve({ status: res.statusCode ?? 0, headers: res.headers, text, raw, body });
       });
       res.on('error', reject);

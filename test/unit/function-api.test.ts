@@ -42,7 +42,7 @@ test('PFs and VFs over the HTTP API: the same operations as vbridge pf/vf, refus
     const token = fs.readFileSync(path.join(fx.dir, 'control.http-token'), 'utf8').trim();
     const act = (urlPath: string, body: unknown = {}): Promise<HttpAnswer> => call(at, 'POST', urlPath, { token, body: JSON.stringify(body) });
 
-    assert.deepEqual((await call(at, 'GET', '/v1')).body, { collections: ['functions', 'links', 'switches', 'pfs', 'vfs'], metrics: '/metrics', openapi: '/openapi.yaml' });
+    assert.deepEqual((await call(at, 'GET', '/v1')).body, { collections: ['functions', 'links', 'switches', 'pfs', 'vfs'], metrics: '/metrics', openapi: '/openapi.yaml', events: '/v1/events', dashboard: '/' });
     assert.deepEqual((await call(at, 'GET', '/v1/pfs/pf0')).body, { name: 'pf0', type: 'blk', totalVfs: 4, numVfs: 2 });
     const vfs = (await call(at, 'GET', '/v1/vfs')).body as { items: Vf[] };
     assert.deepEqual(
