@@ -378,7 +378,8 @@ function createFunctionCard(v: FnView, actions: Record<string, string[]>): HTMLE
     }
   } else {
     const have = actions.functions ?? [];
-    if (have.includes('forget-macs')) buttons.appendChild(actionButton('Forget MACs', 'forget-macs', (b) => void act(`Forget MACs of ${name}`, path('functions', name, 'forget-macs'), {}, b)));
+    // Only a net function has a switch port whose MACs could be forgotten.
+    if (have.includes('forget-macs') && v.fn.type === 'net') buttons.appendChild(actionButton('Forget MACs', 'forget-macs', (b) => void act(`Forget MACs of ${name}`, path('functions', name, 'forget-macs'), {}, b)));
     if (have.includes('fault')) {
       const kind = el('select', { 'data-input': 'fault-kind' });
       for (const k of FAULT_KINDS) kind.appendChild(el('option', { value: k }, k));
@@ -481,7 +482,7 @@ function updateFunctionCard(card: HTMLElement, v: FnView, time: number): void {
     );
     setText(
       field(card, 'dma'),
-      shadow.length === 0 ? 'DMA: none (the device runs in the bridge)' : `DMA ${fmtCount(last(sumSeries(...ops)))}, ${fmtBytes(last(sumSeries(...bytes)))}`,
+      shadow.length === 0 ? (link === undefined || link.kind === 'local' ? 'DMA: none (the device runs in the bridge)' : 'DMA: no shadow queues yet') : `DMA ${fmtCount(last(sumSeries(...ops)))}, ${fmtBytes(last(sumSeries(...bytes)))}`,
     );
   }
 }
