@@ -12,6 +12,7 @@ PACKAGES=(
   qemu-system-x86   # qemu-system-x86_64 (guests under TCG)
   qemu-utils        # qemu-img
   busybox-static    # the guest initramfs userland
+  chromium          # the dashboard test's browser (headless, driven by puppeteer-core, which downloads none)
   cpio              # initramfs archives
   dpdk              # DPDK runtime
   dpdk-dev          # dpdk-testpmd and friends
