@@ -11,6 +11,9 @@
  * counters move, and the API's functions match what `vbridge stats` reports.
  * At the end `vbridge fault net1 link-down` then `link-up` shows in guest B's
  * /sys/class/net/eth0/carrier as 1, 0, 1, and in the fault counters.
+ * The web dashboard, open in headless Chromium from before the guests boot,
+ * shows both functions connected with non-zero rates on their queues and on
+ * their switch ports while the guests ping (vf-net.test.ts clicks its buttons).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -24,6 +27,9 @@ import { sampleValue } from '../support/promtool';
 
 import { SCRIPT_B, scriptA } from '../support/net-scripts';
 import { metricsScraper, checkApiMatchesStats, startCaptures } from '../support/api-checks';
+import { launchChromium } from '../support/browser';
+import { fnField, fnRate, portRate, sparkPeak, waitForNonZeroRate, waitForText } from '../support/dashboard-page';
+import type { Page } from 'puppeteer-core';
 
 const SCRIPT_A = scriptA(true);
 
@@ -55,7 +61,13 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
     assert.equal(printed.code, 0, printed.err);
     const attachB = shellWords(printed.out);
     assert.ok(attachB.includes('-netdev') && attachB.some((a) => a.startsWith('virtio-net-pci,') && a.includes('packed=on')), printed.out);
+    const chromium = await launchChromium();
     try {
+      const at = fx.bridge.api?.address;
+      assert.ok(at !== undefined && at.kind === 'tcp');
+      // Open before the guests boot, so that the page has counters to take rates from when the pings start.
+      const page = await chromium.open(`http://127.0.0.1:${at.port}/`);
+      await waitForText(page, '[data-group=""] h2', "t === 'Functions'");
       // Captured through the real CLI, one to a file, one piped into tcpdump -r -, from before the guests boot.
       const captures = await startCaptures(fx, [
         { fn: 'net1', count: 60 },
@@ -90,7 +102,8 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
         const up = await runVbridgeAsync(['fault', 'net1', 'link-up', '--control', control]);
         assert.equal(up.code, 0, up.err);
       })();
-      const [ra, rb] = await Promise.all([a.done, b.done, linkFaults]).finally(() => scraper.stop());
+      const dashboard = dashboardShowsBoth(page);
+      const [ra, rb] = await Promise.all([a.done, b.done, linkFaults, dashboard]).finally(() => scraper.stop());
       const va = kv(ra.output);
       const vb = kv(rb.output);
       assert.equal(ra.rc, 0, `guest A failed:\n${ra.output}`);
@@ -132,8 +145,23 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
         assert.match(out, /IP 198\.18\.0\.2 > 198\.18\.0\.1: ICMP echo request/);
         assert.match(out, /IP 198\.18\.0\.1 > 198\.18\.0\.2: ICMP echo reply/);
       }
+      assert.deepEqual(chromium.problems, []);
     } finally {
+      await chromium.close();
       await fx.close();
     }
   });
 });
+
+/** Both functions in the plain group, connected, and their queues and switch ports moving, as the page shows them. */
+async function dashboardShowsBoth(page: Page): Promise<void> {
+  for (const fn of ['net0', 'net1']) {
+    await page.waitForSelector(`[data-group=""] [data-fn="${fn}"]`);
+    await waitForText(page, fnField(fn, 'state'), "t === 'connected'", 150_000);
+  }
+  for (const fn of ['net0', 'net1']) {
+    for (const q of ['rx0', 'tx0']) await waitForNonZeroRate(page, fnRate(fn, q, 'descriptors'), 150_000);
+    await waitForNonZeroRate(page, portRate('sw0', fn, 'rxFrames'), 150_000);
+    assert.ok((await sparkPeak(page, `[data-fn="${fn}"] tr[data-queue="tx0"]`)) > 0, `the chart of ${fn} tx0 stayed flat`);
+  }
+}
