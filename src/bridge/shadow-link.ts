@@ -44,7 +44,7 @@ export interface ShadowLinkEvents {
 }
 
 export interface ShadowLinkStats {
-  kind: 'pcie' | 'vhost-user';
+  kind: 'pcie' | 'vhost-user' | 'virtio-msg';
   /** Where the backend attaches (pcie) or where we connect (vhost-user). */
   endpoint: string;
   state: 'down' | 'up' | 'failed';

@@ -10,7 +10,7 @@
 import type { DeviceQueue, QueueStats, VirtioDevice } from './device';
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
 import { native, type Addon } from '../native/addon';
-import { F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, hasFeature } from '../virtio/constants';
+import { F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, hasFeature, VRING_DESC_SIZE, VRING_USED_ELEM_SIZE } from '../virtio/constants';
 import { PACKED_FRESH_BASE, PackedQueue } from '../virtio/packed-queue';
 import { SplitQueue } from '../virtio/split-queue';
 import { QueueError, type Virtqueue } from '../virtio/virtqueue';
@@ -179,20 +179,22 @@ export class QueueHost<Q extends HostedQueue> {
 
   /**
    * The device's notify for queue `v`: publish the used entries and, when the
-   * driver wants an interrupt, signal eventfd `fd` (none when < 0). The kick
-   * path: no allocation. Ignored while the device does not have the queue
-   * (a device that notifies after stopQueue) or without memory (`mem` null).
+   * driver wants an interrupt, signal eventfd `fd` (none when < 0), or call it
+   * (a message bus sends its used-buffer event). The kick path: no allocation.
+   * Ignored while the device does not have the queue (a device that notifies
+   * after stopQueue) or without memory (`mem` null).
    */
-  interrupt(v: Q, mem: MemoryAccess | null, fd: number): void {
+  interrupt(v: Q, mem: MemoryAccess | null, fd: number | (() => void)): void {
     const q = v.queue;
     if ((v.dq === null && this.stopping !== v) || q === null || mem === null) return;
     const f = this.device.faults;
     // An injected delay holds the publish back (never a stopping queue's: its position is about to be read).
     if (f != null && this.stopping !== v && this.releasing !== v && this.holdBack(v, f)) return;
-    if (q.flush(mem) && fd >= 0) {
+    if (q.flush(mem) && (typeof fd !== 'number' || fd >= 0)) {
       // An injected drop-interrupt: the used ring is published, the driver is just not told.
       if (f != null && f.takeInterrupt()) return;
-      this.addon.eventfdWrite(fd, 1);
+      if (typeof fd === 'number') this.addon.eventfdWrite(fd, 1);
+      else fd();
       v.stats.interrupts++;
     }
   }
@@ -244,4 +246,32 @@ export class QueueHost<Q extends HostedQueue> {
     }
     this.log.info(`${this.label}: queue ${v.index} stopped at avail ${v.queue?.nextAvail ?? v.base}`);
   }
+}
+
+/**
+ * Why the three rings of queue `index` with `num` entries at `a` cannot live in
+ * a device memory of `size` bytes (addressed from 0), or null when they can:
+ * 'fault' for a ring past the end, 'invalid' for a misaligned one. Links whose
+ * rings sit in one shared segment (the PCIe BAR, a virtio-msg segment) check
+ * this before a ring is taken.
+ */
+export function ringBoundsProblem(index: number, num: number, a: RingLocation, size: number): { kind: 'fault' | 'invalid'; message: string } | null {
+  const n = Math.max(1, num);
+  const spans: [string, number, number, number][] = [
+    ['descriptor table', a.desc, VRING_DESC_SIZE * n, 16],
+    ['avail ring', a.avail, 6 + 2 * n, 2],
+    ['used ring', a.used, 6 + VRING_USED_ELEM_SIZE * n, 4],
+  ];
+  for (const [what, off, len] of spans) {
+    if (off + len > size) {
+      return {
+        kind: 'fault',
+        message: `queue ${index}: ${what} at 0x${off.toString(16)} (+0x${len.toString(16)} bytes for ${n} entries) is outside the ${size === 0 ? 'empty' : `0x${size.toString(16)}-byte`} segment`,
+      };
+    }
+  }
+  for (const [what, off, , align] of spans) {
+    if (off % align !== 0) return { kind: 'invalid', message: `queue ${index}: ${what} at 0x${off.toString(16)} is not ${align}-byte aligned` };
+  }
+  return null;
 }

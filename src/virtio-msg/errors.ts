@@ -25,7 +25,9 @@ export type MsgRule =
   | 'unexpected-response'
   | 'response-mismatch'
   | 'token-in-use'
-  | 'value-range';
+  | 'value-range'
+  /** A stream bus: a message that came with fds it does not take, or without the fds it needs. */
+  | 'fds';
 
 export const MSG_RULES: readonly MsgRule[] = [
   'truncated',
@@ -43,6 +45,7 @@ export const MSG_RULES: readonly MsgRule[] = [
   'response-mismatch',
   'token-in-use',
   'value-range',
+  'fds',
 ];
 
 /**

@@ -145,13 +145,13 @@ function view(bytes: Uint8Array): DataView {
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
-function checkUint(v: number, bits: 16 | 32, field: string): void {
+export function checkUint(v: number, bits: 16 | 32, field: string): void {
   if (!Number.isInteger(v) || v < 0 || v > 2 ** bits - 1) {
     throw new PayloadError('payload-field', `${field} ${String(v)} is not a u${bits}`);
   }
 }
 
-function checkU64(v: bigint, field: string): void {
+export function checkU64(v: bigint, field: string): void {
   if (typeof v !== 'bigint' || v < 0n || v >= 1n << 64n) throw new PayloadError('payload-field', `${field} ${String(v)} is not a u64`);
 }
 
@@ -159,7 +159,7 @@ function checkBytes(v: Uint8Array, field: string): void {
   if (!(v instanceof Uint8Array)) throw new PayloadError('payload-field', `${field} is not a byte array`);
 }
 
-function fixed<T>(describe: string, size: number, decode: (dv: DataView) => T, encode: (dv: DataView, v: T) => void): PayloadCodec<T> {
+export function fixed<T>(describe: string, size: number, decode: (dv: DataView) => T, encode: (dv: DataView, v: T) => void): PayloadCodec<T> {
   return {
     describe,
     minSize: size,
@@ -173,7 +173,7 @@ function fixed<T>(describe: string, size: number, decode: (dv: DataView) => T, e
   };
 }
 
-function mbz(dv: DataView, off: number, field: string): void {
+export function mbz(dv: DataView, off: number, field: string): void {
   const v = dv.getUint32(off, true);
   if (v !== 0) throw new PayloadError('payload-field', `${field} at offset ${off} is 0x${v.toString(16)}, must be zero`);
 }

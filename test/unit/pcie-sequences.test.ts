@@ -20,6 +20,7 @@ import { VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
 import { blkHeader, tempDisk } from '../support/blk-requests';
 import { SpecChecker } from '../support/spec-checker';
 import { bringUp, CaptureLogger, Guest, tmpSocket, waitFor } from './vhost-user-harness';
+import { collect, io } from './blk-guest-io';
 
 const FEATURES = bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(VHOST_USER_F_PROTOCOL_FEATURES);
 const DRIVER_OK = 0x0f;
@@ -61,28 +62,6 @@ async function close(r: Rig): Promise<void> {
   r.fn.close();
   r.dev.close();
   r.g.close();
-}
-
-/** One blk request on guest queue 0: OUT writes `data`, IN reads `len` bytes. Resolves with the status and bytes read. */
-async function io(g: Guest, type: number, sector: number, o: { data?: Uint8Array; len?: number; kick?: boolean }): Promise<{ status: number; data: Uint8Array }> {
-  const d = g.split(0);
-  const segs = [{ data: blkHeader(type, sector) }];
-  if (o.data !== undefined) segs.push({ data: o.data });
-  const head = d.addChain([...segs, ...(o.len !== undefined ? [{ writable: true, len: o.len }] : []), { writable: true, len: 1 }]);
-  if (o.kick !== false) native().eventfdWrite(g.kick[0], 1);
-  return collect(g, head);
-}
-
-async function collect(g: Guest, head: number): Promise<{ status: number; data: Uint8Array }> {
-  const d = g.split(0);
-  let u = null;
-  await waitFor(() => (u ??= d.popUsed()) !== null, `request ${head} to complete`);
-  const used = u as unknown as { id: number; segments?: { addr: number; len: number; writable: boolean }[] };
-  assert.equal(used.id, head);
-  const w = (used.segments ?? []).filter((s) => s.writable);
-  const status = d.readBytes((w[w.length - 1] as { addr: number }).addr, 1)[0] as number;
-  const data = w.length > 1 ? d.readBytes((w[0] as { addr: number }).addr, (w[0] as { len: number }).len) : new Uint8Array(0);
-  return { status, data };
 }
 
 /** QEMU 7.2's vhost_dev_start for one queue: features, memory, the ring, enable, then DRIVER_OK. */

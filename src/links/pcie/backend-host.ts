@@ -22,7 +22,7 @@
  * everything is released and onDetach is called.
  */
 import { newQueueStats, type QueueStats, type VirtioDevice } from '../../devices/device';
-import { type HostedQueue, idleQueueState } from '../../devices/queue-host';
+import { type HostedQueue, idleQueueState, ringBoundsProblem } from '../../devices/queue-host';
 import { type Refusal, VringLifecycle } from '../../devices/vring-lifecycle';
 import { GuestMemory } from '../../memory/guest-memory';
 import { MemoryError } from '../../memory/memory-access';
@@ -33,8 +33,6 @@ import {
   F_RING_PACKED,
   STATUS_NEEDS_RESET,
   VIRTQUEUE_MAX_SIZE,
-  VRING_DESC_SIZE,
-  VRING_USED_ELEM_SIZE,
   bit,
 } from '../../virtio/constants';
 import { asError, closeQuietly } from '../../vhost-user/connection';
@@ -517,24 +515,8 @@ export class PcieBackendHost {
 
   /** EFAULT unless the three rings of `num` entries at `a` lie in BAR2; EINVAL for misaligned rings. */
   private checkRings(index: number, num: number, a: RingAddrs): void {
-    const n = Math.max(1, num);
-    const size = this.at.bar2Size;
-    const spans: [string, number, number, number][] = [
-      ['descriptor table', a.desc, VRING_DESC_SIZE * n, 16],
-      ['avail ring', a.avail, 6 + 2 * n, 2],
-      ['used ring', a.used, 6 + VRING_USED_ELEM_SIZE * n, 4],
-    ];
-    for (const [what, off, len] of spans) {
-      if (off + len > size) {
-        throw new MailboxFailure(
-          MboxStatus.EFAULT,
-          `queue ${index}: ${what} at 0x${off.toString(16)} (+0x${len.toString(16)} bytes for ${n} entries) is outside BAR2 (0x${size.toString(16)} bytes)`,
-        );
-      }
-    }
-    for (const [what, off, , align] of spans) {
-      if (off % align !== 0) throw new MailboxFailure(MboxStatus.EINVAL, `queue ${index}: ${what} at 0x${off.toString(16)} is not ${align}-byte aligned`);
-    }
+    const p = ringBoundsProblem(index, num, a, this.at.bar2Size);
+    if (p !== null) throw new MailboxFailure(REFUSAL_STATUS[p.kind], p.message.replace('segment', 'BAR2'));
   }
 
   private setVringNum(s: VringState): null {

@@ -1,0 +1,370 @@
+/**
+ * The relay's link to a virtio-msg device on a socket bus (the driver side,
+ * "the proxy"): the function's BAR2 is a memfd handed to the device with
+ * BUS_MSG_SOCKET_SET_SHM, the only memory the device ever sees; each control
+ * call is a transport request, ring addresses are offsets in that segment,
+ * kicks go out as EVENT_AVAIL and EVENT_USED comes back as the used
+ * notification. docs/virtio-msg.md, "Driver side".
+ *
+ * Failure, as the other links have it: a bus connection that ends is the
+ * backend going away (its chains are held for the next one; the socket is
+ * dialled again every REDIAL_MS); a device removed (EVENT_DEVICE REMOVED),
+ * one that answers nothing within the request timeout, or one that goes
+ * NEEDS_RESET fails the function (blk requests complete with an I/O error).
+ * A removed device that comes back (EVENT_DEVICE READY) is used again; after
+ * a timeout or NEEDS_RESET the link hangs up and dials again.
+ */
+import { native } from '../../native/addon';
+import { GuestMemory } from '../../memory/guest-memory';
+import type { MemoryAccess } from '../../memory/memory-access';
+import type { Logger } from '../../log';
+import type { BackendDeviceInfo, ShadowLink, ShadowLinkEvents, ShadowLinkStats, ShadowRingAddr } from '../../bridge/shadow-link';
+import { asError, closeQuietly } from '../../vhost-user/connection';
+import { STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET } from '../../virtio/constants';
+import { type Decoded, requestOf } from '../../virtio-msg/codec';
+import { Bus, type MsgSpec, Transport } from '../../virtio-msg/messages';
+import { DeviceBusState } from '../../virtio-msg/payloads';
+import { MsgChannel } from '../../virtio-msg/bus/socket-channel';
+import { ShmStatus, SocketBus, SOCKET_BUS_MAX_MESSAGE_SIZE } from '../../virtio-msg/bus/socket-messages';
+import { MessageStats } from '../../virtio-msg/errors';
+
+export const REDIAL_MS = 500;
+export const DEFAULT_REQUEST_TIMEOUT_MS = 5000;
+/** GET_CONFIG's answer carries 20 bytes besides the data. */
+const MAX_CONFIG_READ = SOCKET_BUS_MAX_MESSAGE_SIZE - 20;
+const STARTED = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+
+export interface MsgLinkOptions {
+  /** How long a request may go unanswered before the device counts as dead (default DEFAULT_REQUEST_TIMEOUT_MS). */
+  requestTimeoutMs?: number;
+}
+
+export interface MsgLinkStats extends ShadowLinkStats {
+  /** What this side dropped of what the device sent (all connections so far). */
+  dropped: number;
+}
+
+/** "socket:PATH" -> PATH; null for any other bus. */
+export function socketBusPath(bus: string): string | null {
+  return bus.startsWith('socket:') && bus.length > 'socket:'.length ? bus.slice('socket:'.length) : null;
+}
+
+export class MsgShadowLink implements ShadowLink {
+  events: ShadowLinkEvents | null = null;
+  readonly bar2: MemoryAccess;
+  readonly bar2Bytes: Uint8Array;
+  private readonly barFd: number;
+  private readonly timeoutMs: number;
+  private ch: MsgChannel | null = null;
+  private linkState: 'down' | 'up' | 'failed' = 'down';
+  /** Bringing the device up on the current connection. */
+  private attaching = false;
+  private config: Uint8Array = new Uint8Array(0);
+  private configGeneration = 0;
+  private readonly rings = new Map<number, ShadowRingAddr>();
+  private attaches = 0;
+  private messages = 0;
+  private timer: NodeJS.Timeout | null = null;
+  private closed = false;
+  private held = false;
+  /** Counters of connections that ended. */
+  private readonly gone = new MessageStats();
+
+  constructor(
+    readonly socketPath: string,
+    readonly devNum: number,
+    readonly bar2Size: number,
+    private readonly log: Logger,
+    readonly label: string,
+    opts: MsgLinkOptions = {},
+  ) {
+    this.timeoutMs = opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+    const a = native();
+    this.barFd = a.memfd(`vbridge-${label}-bar2`, bar2Size);
+    const buf = a.mmap(this.barFd, bar2Size, 0);
+    this.bar2 = GuestMemory.fromBuffer(0, buf);
+    this.bar2Bytes = new Uint8Array(buf);
+  }
+
+  get up(): boolean {
+    return this.linkState === 'up';
+  }
+
+  /** The bus connection's receive counters (null while not connected): tests and `stats` read drops here. */
+  get busStats(): MessageStats | null {
+    return this.ch?.stats ?? null;
+  }
+
+  get redialScheduled(): boolean {
+    return this.timer !== null;
+  }
+
+  open(): void {
+    this.dial();
+  }
+
+  close(): void {
+    this.closed = true;
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.timer = null;
+    this.hangUp();
+    closeQuietly(this.barFd);
+  }
+
+  readConfig(offset: number, len: number): Uint8Array {
+    const out = new Uint8Array(len);
+    if (offset < this.config.length) out.set(this.config.subarray(offset, Math.min(this.config.length, offset + len)));
+    return out;
+  }
+
+  async writeConfig(offset: number, data: Uint8Array): Promise<void> {
+    const r = await this.call(Transport.SET_CONFIG, { generation: this.configGeneration, offset, data });
+    if (r.data.length === 0) throw new Error(`the device rejected a config write at ${offset} (generation ${this.configGeneration}, device at ${r.generation})`);
+    if (offset + data.length <= this.config.length) this.config.set(data, offset);
+  }
+
+  /** As over PCIe: SET_DEVICE_STATUS follows with DRIVER_OK kept while a queue runs, so the last status says whether the device runs. */
+  async setFeatures(f: bigint): Promise<void> {
+    await this.call(Transport.SET_DRIVER_FEATURES, { index: 0, blocks: [Number(f & 0xffffffffn), Number((f >> 32n) & 0xffffffffn)] });
+    const status = await this.call(Transport.SET_DEVICE_STATUS, STARTED | (this.rings.size > 0 ? STATUS_DRIVER_OK : 0));
+    if ((status & STATUS_FEATURES_OK) === 0) throw new Error(`the device refused features 0x${f.toString(16)} (status 0x${status.toString(16)})`);
+  }
+
+  async startQueue(a: ShadowRingAddr): Promise<void> {
+    await this.call(Transport.SET_VQUEUE, { index: a.index, size: a.size, descAddr: BigInt(a.desc), driverAddr: BigInt(a.avail), deviceAddr: BigInt(a.used) });
+    this.rings.set(a.index, a);
+    await this.call(Transport.SET_DEVICE_STATUS, STARTED | STATUS_DRIVER_OK);
+  }
+
+  /**
+   * RESET_VQUEUE has no answer payload: the device settles before it answers,
+   * so what it consumed is in the used ring, and used.idx is where it stopped.
+   */
+  async stopQueue(index: number): Promise<number> {
+    const a = this.rings.get(index);
+    this.rings.delete(index);
+    await this.call(Transport.RESET_VQUEUE, index);
+    if (a === undefined) return 0;
+    return new DataView(this.bar2Bytes.buffer, this.bar2Bytes.byteOffset).getUint16(a.used + 2, true);
+  }
+
+  async reset(): Promise<void> {
+    this.rings.clear();
+    await this.call(Transport.SET_DEVICE_STATUS, 0);
+  }
+
+  kick(q: number): void {
+    // next offset only means something with NOTIFICATION_DATA, which the shadow rings never negotiate.
+    if (this.up) this.ch?.event(Transport.EVENT_AVAIL, this.devNum, { index: q, nextOffset: 0, nextWrap: false });
+  }
+
+  fail(err: Error): void {
+    this.failed(err, true);
+  }
+
+  cut(): boolean {
+    if (this.held) return false;
+    this.held = true;
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.timer = null;
+    const wasUp = this.up;
+    this.hangUp();
+    if (this.linkState !== 'failed') this.linkState = 'down';
+    this.log.warn(`${this.label}: bus connection to ${this.socketPath} cut (fault injected); not redialled until cleared`);
+    if (wasUp) this.events?.onDown();
+    return true;
+  }
+
+  restore(): boolean {
+    if (!this.held) return false;
+    this.held = false;
+    this.dial();
+    return true;
+  }
+
+  stats(): MsgLinkStats {
+    return {
+      kind: 'virtio-msg',
+      endpoint: `socket:${this.socketPath} device ${this.devNum}`,
+      state: this.linkState,
+      attaches: this.attaches,
+      controlMessages: this.messages,
+      dropped: this.gone.droppedTotal + (this.ch?.stats.droppedTotal ?? 0),
+    };
+  }
+
+  // ---- session ----------------------------------------------------------------------------
+
+  private dial(): void {
+    if (this.closed || this.held || this.ch !== null) return;
+    let fd: number;
+    try {
+      fd = native().connect(this.socketPath);
+    } catch {
+      this.scheduleRedial();
+      return;
+    }
+    const ch: MsgChannel = new MsgChannel(fd, 'driver', { onMessage: (m) => this.onMessage(ch, m), onClose: (err) => this.onClosed(ch, err) }, `${this.label} (virtio-msg)`);
+    this.ch = ch;
+    this.attaching = false;
+    void this.probe(ch);
+  }
+
+  /** Is our device on the bus? Asked rather than waited for: an EVENT_DEVICE that went by before we listened is not lost. */
+  private async probe(ch: MsgChannel): Promise<void> {
+    try {
+      const base = this.devNum & ~7;
+      const r = await ch.request(Bus.GET_DEVICES, 0, { offset: base, count: 8 }, this.timeoutMs);
+      const i = this.devNum - r.offset;
+      const present = i >= 0 && i < r.bitmap.length * 8 && ((r.bitmap[i >> 3] ?? 0) & (1 << (i & 7))) !== 0;
+      if (present) await this.attach(ch);
+      else this.log.info(`${this.label}: no device ${this.devNum} on ${this.socketPath} yet; waiting for it to appear`);
+    } catch (e) {
+      this.sessionError(ch, e, 'GET_DEVICES');
+    }
+  }
+
+  /** Hand the segment over and read what the device is; then up. */
+  private async attach(ch: MsgChannel): Promise<void> {
+    if (this.attaching || this.up || this.ch !== ch) return;
+    this.attaching = true;
+    let info: BackendDeviceInfo;
+    try {
+      const shm = await ch.request(SocketBus.SET_SHM, 0, { devNum: this.devNum, size: BigInt(this.bar2Size) }, this.timeoutMs, [this.barFd]);
+      if (shm.status !== ShmStatus.OK) throw new Error(`the device refused the segment (SET_SHM status ${shm.status}: ${shmStatusName(shm.status)})`);
+      const d = await ch.request(Transport.GET_DEVICE_INFO, this.devNum, null, this.timeoutMs);
+      const blocks = Math.min(d.featureBits / 32, 2);
+      const f = blocks === 0 ? { blocks: [] } : await ch.request(Transport.GET_DEVICE_FEATURES, this.devNum, { index: 0, count: blocks }, this.timeoutMs);
+      const features = f.blocks.reduce((acc, w, i) => acc | (BigInt(w >>> 0) << BigInt(32 * i)), 0n);
+      const size = Math.min(d.configSize, MAX_CONFIG_READ);
+      const cfg = await ch.request(Transport.GET_CONFIG, this.devNum, { offset: 0, length: size }, this.timeoutMs);
+      const vq = await ch.request(Transport.GET_VQUEUE, this.devNum, 0, this.timeoutMs);
+      // A fresh device: whatever a driver before us left, and the status a driver sets first.
+      await ch.request(Transport.SET_DEVICE_STATUS, this.devNum, 0, this.timeoutMs);
+      await ch.request(Transport.SET_DEVICE_STATUS, this.devNum, STATUS_ACKNOWLEDGE | STATUS_DRIVER, this.timeoutMs);
+      this.messages += 8;
+      this.config = cfg.data.slice();
+      this.configGeneration = cfg.generation;
+      info = { deviceId: d.deviceId, numQueues: d.maxVirtqueues, maxQueueSize: vq.maxSize, features, configSize: this.config.length };
+    } catch (e) {
+      this.attaching = false;
+      this.sessionError(ch, e, 'attaching');
+      return;
+    }
+    this.attaching = false;
+    if (this.ch !== ch) return;
+    this.rings.clear();
+    this.linkState = 'up';
+    this.attaches++;
+    this.log.info(`${this.label}: relaying to virtio-msg device ${this.devNum} on ${this.socketPath} (device id ${info.deviceId}, ${info.numQueues} queue(s))`);
+    this.events?.onUp(info);
+  }
+
+  private async call<Req, Resp>(spec: MsgSpec<Req, Resp>, payload: Req): Promise<Resp> {
+    const ch = this.ch;
+    if (ch === null || !this.up) throw new Error(`${this.label}: virtio-msg device ${this.devNum} is not attached`);
+    this.messages++;
+    try {
+      return await ch.request(spec, this.devNum, payload, this.timeoutMs);
+    } catch (e) {
+      this.sessionError(ch, e, spec.name);
+      throw e;
+    }
+  }
+
+  /** A request failed: a timeout is a dead device (fail, hang up, dial again); a closed connection is handled by onClosed. */
+  private sessionError(ch: MsgChannel, e: unknown, what: string): void {
+    if (this.ch !== ch || ch.closed) return;
+    const err = asError(e, what);
+    if (err.name === 'RequestTimeout') this.failed(err, true);
+    else this.log.warn(`${this.label}: ${what}: ${err.message}`);
+  }
+
+  private onMessage(ch: MsgChannel, m: Decoded): void {
+    if (this.ch !== ch) return;
+    const used = requestOf(m, Transport.EVENT_USED);
+    if (used !== undefined) {
+      if (this.up && m.header.devNum === this.devNum) this.events?.onUsed(used);
+      return;
+    }
+    const cfg = requestOf(m, Transport.EVENT_CONFIG);
+    if (cfg !== undefined) {
+      if (m.header.devNum !== this.devNum || !this.up) return;
+      if (cfg.status & STATUS_NEEDS_RESET) {
+        this.failed(new Error(`virtio-msg device ${this.devNum} is NEEDS_RESET (status 0x${cfg.status.toString(16)})`), true);
+        return;
+      }
+      if (cfg.data.length > 0) {
+        const end = cfg.offset + cfg.data.length;
+        if (end > this.config.length) {
+          const grown = new Uint8Array(Math.min(end, MAX_CONFIG_READ));
+          grown.set(this.config);
+          this.config = grown;
+        }
+        this.config.set(cfg.data.subarray(0, this.config.length - cfg.offset), cfg.offset);
+        this.configGeneration = cfg.generation;
+        this.events?.onConfigChange?.();
+      }
+      return;
+    }
+    const dev = requestOf(m, Bus.EVENT_DEVICE);
+    if (dev !== undefined && dev.devNum === this.devNum) {
+      if (dev.state === DeviceBusState.READY) void this.attach(ch);
+      else if (dev.state === DeviceBusState.REMOVED) this.failed(new Error(`virtio-msg device ${this.devNum} was removed from ${this.socketPath}`), false);
+      return;
+    }
+    const ping = requestOf(m, Bus.PING);
+    if (ping !== undefined) ch.respond(Bus.PING, m.header, ping);
+  }
+
+  /** The device failed: the function hears it; `hangUp` ends the connection and dials again, else the link waits for EVENT_DEVICE READY. */
+  private failed(err: Error, hangUp: boolean): void {
+    if (this.linkState === 'failed' && !hangUp) return;
+    const wasFailed = this.linkState === 'failed';
+    this.linkState = 'failed';
+    this.rings.clear();
+    if (hangUp) {
+      this.log.error(`${this.label}: virtio-msg device ${this.devNum} on ${this.socketPath}: ${err.message}; hanging up`);
+      this.hangUp();
+      this.scheduleRedial();
+    } else {
+      this.log.error(`${this.label}: ${err.message}; waiting for it to come back`);
+    }
+    if (!wasFailed) this.events?.onFailed(err);
+  }
+
+  private onClosed(ch: MsgChannel, err: Error | undefined): void {
+    this.gone.received += ch.stats.received;
+    for (const [rule, n] of ch.stats.dropped) this.gone.dropped.set(rule, (this.gone.dropped.get(rule) ?? 0) + n);
+    if (this.ch !== ch) return;
+    this.ch = null;
+    this.rings.clear();
+    if (this.closed) return;
+    const wasUp = this.up;
+    if (this.linkState !== 'failed') this.linkState = 'down';
+    this.log.warn(`${this.label}: the virtio-msg bus at ${this.socketPath} went away${err ? `: ${err.message}` : ''}`);
+    if (wasUp) this.events?.onDown();
+    this.scheduleRedial();
+  }
+
+  /** Our own hang-up: not the device going away, so no onDown from it. */
+  private hangUp(): void {
+    const ch = this.ch;
+    this.ch = null;
+    this.attaching = false;
+    ch?.close();
+  }
+
+  private scheduleRedial(): void {
+    if (this.closed || this.held || this.timer !== null) return;
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.dial();
+    }, REDIAL_MS);
+    this.timer.unref();
+  }
+}
+
+function shmStatusName(s: number): string {
+  return Object.entries(ShmStatus).find(([, v]) => v === s)?.[0] ?? 'unknown';
+}
