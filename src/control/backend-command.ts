@@ -16,6 +16,8 @@ import { NullPort } from '../devices/net/null-port';
 import { TapPort } from '../devices/net/tap-port';
 import { LINK_MAX_QUEUES } from '../links/pcie/layout';
 import { PcieBackendHost } from '../links/pcie/backend-host';
+import { MsgBusServer } from '../links/virtio-msg/msg-bus-server';
+import { socketBusPath } from '../links/virtio-msg/msg-shadow-link';
 import { consoleLogger, type Logger } from '../log';
 import { VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
 import { parseCommand, UsageError, type CommandSpec, type OptionTable, type ParsedArgs } from './args';
@@ -24,9 +26,17 @@ import { parseSize, SIZE_HINT } from './size';
 export const BACKEND_USAGE = `usage: vbridge backend <blk|net> [options]
 
 Run a backend host: plug virtio devices into bridge functions over the PCIe
-link (the function's attach socket) and serve them until SIGTERM or SIGINT.
-Prints "attached PATH" on stdout for each attachment once it is up; logs go to
-stderr. Exits 0 on SIGTERM/SIGINT, 1 when a card unplugs the backend.
+link (the function's attach socket), or serve them as virtio-msg devices on a
+socket bus, until SIGTERM or SIGINT. Prints "attached PATH" on stdout for each
+attachment once it is up, or "listening socket:PATH devices N[,M...]" once the
+bus is; logs go to stderr. Exits 0 on SIGTERM/SIGINT, 1 when a card unplugs
+the backend.
+
+  --bus socket:PATH [--device-number N]   instead of --attach: listen at PATH as
+      the device side of a virtio-msg socket bus (docs/virtio-msg.md); the
+      device is number N (default 1); bridge functions with
+      backend: { link: virtio-msg, bus: "socket:PATH", device: N } dial it.
+      Net takes --devices K: K devices numbered N.. on the one switch.
 
   vbridge backend blk --attach PATH --file DISK.img [--size BYTES|64M] [--readonly]
                       [--queues N] [--queue-size N] [--serial S]
@@ -44,9 +54,19 @@ stderr. Exits 0 on SIGTERM/SIGINT, 1 when a card unplugs the backend.
       and receives nothing (benchmarks).
 `;
 
+/** Where the devices are served: the PCIe link's attach sockets, or one virtio-msg socket bus. */
+export interface BusArgs {
+  /** The socket bus's path. */
+  path: string;
+  /** The first device's number. */
+  firstDevice: number;
+}
+
 export interface BlkBackendArgs {
   kind: 'blk';
+  /** The attach socket; '' when served on a bus. */
   attach: string;
+  bus: BusArgs | null;
   file: string;
   size: number | undefined;
   readonly: boolean;
@@ -57,7 +77,9 @@ export interface BlkBackendArgs {
 
 export interface NetBackendArgs {
   kind: 'net';
+  /** Attach sockets; with a bus, one name per device (deviceName of each is the device's name). */
   attach: string[];
+  bus: BusArgs | null;
   /** null: every device on its own null sink. */
   switch: string | null;
   queues: number;
@@ -73,6 +95,9 @@ function usage(message: string): UsageError {
 
 const BACKEND_OPTIONS: OptionTable = {
   attach: { type: 'string', multiple: true, arg: 'PATH', help: "a bridge function's attach socket", complete: 'file' },
+  bus: { type: 'string', arg: 'socket:PATH', help: 'serve the devices on a virtio-msg socket bus listening at PATH (instead of --attach)' },
+  'device-number': { type: 'string', arg: 'N', help: 'with --bus: the (first) device number, 1..65535 (default 1)' },
+  devices: { type: 'string', arg: 'K', help: 'net with --bus: how many devices (default 1)' },
   file: { type: 'string', arg: 'DISK.img', help: 'blk: the raw image', complete: 'file' },
   size: { type: 'string', arg: 'BYTES', help: 'blk: create or grow the image to this size' },
   readonly: { type: 'boolean', help: 'blk: refuse writes' },
@@ -88,7 +113,7 @@ const BACKEND_OPTIONS: OptionTable = {
 export const backendCommand: CommandSpec = {
   name: 'backend',
   summary: "run a backend host: plug virtio-blk or virtio-net devices into bridge functions' PCIe links",
-  synopsis: 'blk|net --attach PATH [options]',
+  synopsis: 'blk|net --attach PATH | --bus socket:PATH [options]',
   options: BACKEND_OPTIONS,
   positionals: { name: 'device type (blk or net)', min: 1, max: 1, complete: ['blk', 'net'] },
   help: BACKEND_USAGE,
@@ -117,10 +142,11 @@ function backendArgs(args: ParsedArgs): BackendArgs {
   for (const [opt, only] of Object.entries(ONLY)) {
     if (only !== kind && (args.string(opt) !== undefined || args.flag(opt))) throw usage(`--${opt} applies to backend ${only}, not ${kind}`);
   }
-  const attach = args.strings('attach');
+  const bus = busArgs(args);
+  const attach = bus === null ? args.strings('attach') : busDeviceNames(kind, bus, args);
   const queueSize = parseQueueSize(args.string('queue-size'));
   if (kind === 'blk') {
-    if (attach.length !== 1) throw usage('backend blk needs exactly one --attach PATH');
+    if (attach.length !== 1) throw usage('backend blk needs exactly one --attach PATH (or --bus socket:PATH)');
     const file = args.string('file');
     if (file === undefined) throw usage('backend blk needs --file DISK.img');
     const sizeArg = args.string('size');
@@ -130,6 +156,7 @@ function backendArgs(args: ParsedArgs): BackendArgs {
     return {
       kind,
       attach: attach[0] as string,
+      bus,
       file,
       size,
       readonly: args.flag('readonly'),
@@ -138,7 +165,7 @@ function backendArgs(args: ParsedArgs): BackendArgs {
       serial: args.string('serial'),
     };
   }
-  if (attach.length === 0) throw usage('backend net needs at least one --attach PATH');
+  if (attach.length === 0) throw usage('backend net needs at least one --attach PATH (or --bus socket:PATH)');
   const sw = args.string('switch');
   const sink = args.flag('sink');
   if ((sw === undefined) === !sink) throw usage('backend net needs either --switch NAME or --sink');
@@ -147,7 +174,30 @@ function backendArgs(args: ParsedArgs): BackendArgs {
   const names = attach.map(deviceName);
   const dup = names.find((n, i) => names.indexOf(n) !== i);
   if (dup !== undefined) throw usage(`two --attach paths give the device name ${dup}: name the attach files differently`);
-  return { kind, attach, switch: sw ?? null, queues: parseInteger('--queues', args.string('queues'), 1, LINK_MAX_QUEUES / 2) ?? 1, queueSize, tap };
+  return { kind, attach, bus, switch: sw ?? null, queues: parseInteger('--queues', args.string('queues'), 1, LINK_MAX_QUEUES / 2) ?? 1, queueSize, tap };
+}
+
+function busArgs(args: ParsedArgs): BusArgs | null {
+  const bus = args.string('bus');
+  if (bus === undefined) {
+    for (const opt of ['device-number', 'devices']) if (args.string(opt) !== undefined) throw usage(`--${opt} goes with --bus`);
+    return null;
+  }
+  if (args.strings('attach').length > 0) throw usage('give either --attach (PCIe link) or --bus (virtio-msg), not both');
+  const path = socketBusPath(bus);
+  if (path === null) throw usage(`--bus: expected socket:PATH (shm: and ivshmem: buses are not built yet), got ${JSON.stringify(bus)}`);
+  return { path, firstDevice: parseInteger('--device-number', args.string('device-number'), 1, 0xffff) ?? 1 };
+}
+
+/** With a bus, a device is named after the bus socket (and its number, for net): one name per device, as --attach gives. */
+function busDeviceNames(kind: 'blk' | 'net', bus: BusArgs, args: ParsedArgs): string[] {
+  if (kind === 'blk') {
+    if (args.string('devices') !== undefined) throw usage('--devices applies to backend net');
+    return [bus.path];
+  }
+  const n = parseInteger('--devices', args.string('devices'), 1, 0xffff - bus.firstDevice + 1) ?? 1;
+  const base = deviceName(bus.path);
+  return Array.from({ length: n }, (_, i) => `${base}-${bus.firstDevice + i}`);
 }
 
 /** Parse `blk ...` or `net ...` (the words after `vbridge backend`); null for --help. Throws UsageError. */
@@ -255,6 +305,19 @@ function createDevices(a: BackendArgs, proc: BackendProcess, log: Logger): Plugg
   });
 }
 
+/** The devices as virtio-msg devices numbered from bus.firstDevice on a socket bus listening at bus.path. */
+function serveBus(bus: BusArgs, devices: Plugged[], proc: BackendProcess, log: Logger): void {
+  const server = new MsgBusServer(bus.path, log);
+  // Released first (releases run in reverse): drivers are hung up on before their devices go.
+  proc.addRelease(() => server.close());
+  const numbers = devices.map((p, i) => {
+    server.addDevice(bus.firstDevice + i, p.device);
+    return bus.firstDevice + i;
+  });
+  server.listen();
+  process.stdout.write(`listening socket:${bus.path} devices ${numbers.join(',')}\n`);
+}
+
 /**
  * Run the backend until SIGTERM/SIGINT (resolves 0) or until a card unplugs
  * one of its devices (resolves 1). Setup failures reject after undoing
@@ -263,7 +326,9 @@ function createDevices(a: BackendArgs, proc: BackendProcess, log: Logger): Plugg
 export async function runBackend(a: BackendArgs, log: Logger = consoleLogger('vbridge-backend')): Promise<number> {
   const proc = new BackendProcess(log);
   try {
-    for (const p of createDevices(a, proc, log)) await proc.plug(p);
+    const devices = createDevices(a, proc, log);
+    if (a.bus === null) for (const p of devices) await proc.plug(p);
+    else serveBus(a.bus, devices, proc, log);
   } catch (e) {
     proc.close();
     throw e;

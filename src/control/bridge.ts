@@ -18,11 +18,13 @@ import { registerFunctionOperations } from '../api/function-operations';
 import type { Operations } from '../api/operations';
 import { consoleLogger, type Logger } from '../log';
 import type { FunctionStatsRow, StatsReport, SwitchStatsRow } from './stats-format';
-import type { FunctionSpec, LinkBackend, Topology, VhostUserLinkBackend } from './topology';
+import { isLinkBackend, type FunctionSpec, type LinkBackend, type Topology, type VhostUserLinkBackend } from './topology';
 import { newQueueStats } from '../devices/device';
 import { RelayFunction } from '../bridge/relay-function';
 import { PcieShadowLink } from '../links/pcie/pcie-shadow-link';
 import { VhostUserRelayLink } from '../links/vhost-user/relay-link';
+import { MsgShadowLink } from '../links/virtio-msg/msg-shadow-link';
+import type { ShadowLink } from '../bridge/shadow-link';
 import { PassthroughFunction } from '../links/vhost-user/passthrough';
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_NET } from '../virtio/constants';
 import { FunctionManager } from '../functions/function-manager';
@@ -91,11 +93,19 @@ function localFunction(spec: FunctionSpec, switches: Map<string, L2Switch>, log:
   };
 }
 
+function relayLink(spec: FunctionSpec, b: LinkBackend, log: Logger): ShadowLink {
+  switch (b.kind) {
+    case 'pcie':
+      return new PcieShadowLink(b.attach, b.barSize, log, spec.name);
+    case 'vhost-user':
+      return new VhostUserRelayLink(b.socket, spec.type === 'blk' ? VIRTIO_ID_BLOCK : VIRTIO_ID_NET, b.barSize, log, spec.name);
+    case 'virtio-msg':
+      return new MsgShadowLink(b.busPath, b.device, b.barSize, log, spec.name);
+  }
+}
+
 function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): RunningFunction {
-  const link =
-    b.kind === 'pcie'
-      ? new PcieShadowLink(b.attach, b.barSize, log, spec.name)
-      : new VhostUserRelayLink(b.socket, spec.type === 'blk' ? VIRTIO_ID_BLOCK : VIRTIO_ID_NET, b.barSize, log, spec.name);
+  const link = relayLink(spec, b, log);
   const fn = new RelayFunction({ name: spec.name, type: spec.type, socket: spec.socket, queueSize: spec.queueSize, slotSize: b.slotSize }, link, log);
   fn.start();
   return {
@@ -160,7 +170,7 @@ function passthroughFunction(spec: FunctionSpec, b: VhostUserLinkBackend, log: L
 
 function startFunction(spec: FunctionSpec, switches: Map<string, L2Switch>, log: Logger): RunningFunction {
   const b = spec.backend;
-  if (b.kind === 'pcie' || b.kind === 'vhost-user') {
+  if (isLinkBackend(b)) {
     return b.kind === 'vhost-user' && b.mode === 'passthrough' ? passthroughFunction(spec, b, log) : relayFunction(spec, b, log);
   }
   return localFunction(spec, switches, log);

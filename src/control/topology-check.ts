@@ -9,7 +9,7 @@ import { formatListenAddress } from '../api/listen-address';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { LineCounter, parseDocument, stringify, type Document } from 'yaml';
-import { checkTopology, fieldName, parseFunctionSpec, type FieldPath, type FunctionSpec, type Topology } from './topology';
+import { checkTopology, fieldName, isLinkBackend, parseFunctionSpec, type FieldPath, type FunctionSpec, type Topology } from './topology';
 
 /** sun_path holds 108 bytes with the terminating NUL. */
 export const SUN_PATH_MAX = 107;
@@ -49,7 +49,7 @@ function isObj(v: unknown): v is Obj {
 function inapplicableKeys(raw: Obj, f: FunctionSpec): { key: FieldPath; why: string }[] {
   const out: { key: FieldPath; why: string }[] = [];
   const b = f.backend;
-  if (b.kind !== 'pcie' && b.kind !== 'vhost-user') return out;
+  if (!isLinkBackend(b)) return out;
   const backendSays = `the ${b.kind} backend decides it`;
   for (const key of ['queues', 'mac', 'mtu', 'offloads']) if (raw[key] !== undefined) out.push({ key: [key], why: backendSays });
   if (b.kind === 'vhost-user' && b.mode === 'passthrough') {
@@ -78,12 +78,13 @@ function hostChecks(f: FunctionSpec): { at: FieldPath; message: string }[] {
   const sockets: [FieldPath, string][] = [[['socket'], f.socket]];
   if (f.backend.kind === 'pcie') sockets.push([['backend', 'attach'], f.backend.attach]);
   if (f.backend.kind === 'vhost-user') sockets.push([['backend', 'socket'], f.backend.socket]);
+  if (f.backend.kind === 'virtio-msg') sockets.push([['backend', 'bus'], f.backend.busPath]);
   for (const [at, p] of sockets) {
     const len = Buffer.byteLength(p);
     if (len > SUN_PATH_MAX) out.push({ at, message: `${p} is ${len} bytes; a Unix socket path may have at most ${SUN_PATH_MAX}` });
   }
   // The bridge creates its own listening sockets; a link's back-end socket is someone else's.
-  for (const [at, p] of sockets.filter(([at]) => at.join('.') !== 'backend.socket')) {
+  for (const [at, p] of sockets.filter(([at]) => at.join('.') !== 'backend.socket' && at.join('.') !== 'backend.bus')) {
     const w = writableFolder(p);
     if (!w.ok) out.push({ at, message: `cannot create ${p}: ${w.folder} is not writable` });
   }
@@ -166,7 +167,7 @@ function octal(n: number): string {
 export function functionAsWritten(f: FunctionSpec): Record<string, unknown> {
   const out: Record<string, unknown> = { name: f.name, type: f.type, socket: f.socket };
   const b = f.backend;
-  const linked = b.kind === 'pcie' || b.kind === 'vhost-user';
+  const linked = isLinkBackend(b);
   if (!linked) out.queues = f.queues;
   if (!(b.kind === 'vhost-user' && b.mode === 'passthrough')) out['queue-size'] = f.queueSize;
   if (f.type === 'net' && !linked) {
@@ -193,6 +194,9 @@ export function functionAsWritten(f: FunctionSpec): Record<string, unknown> {
       break;
     case 'vhost-user':
       out.backend = { link: 'vhost-user', socket: b.socket, mode: b.mode, ...(b.mode === 'relay' ? { 'bar-size': b.barSize, 'slot-size': b.slotSize } : {}) };
+      break;
+    case 'virtio-msg':
+      out.backend = { link: 'virtio-msg', bus: b.bus, device: b.device, 'bar-size': b.barSize, 'slot-size': b.slotSize };
       break;
   }
   return out;

@@ -49,11 +49,10 @@ function shapeOf(schema: z.ZodType): Shape {
 
 /** The `link` values: where the device runs, and the keys each takes. */
 function linkTable(): string {
-  const { pcie, vhostUser } = linkBackends('/');
   const local = shapeOf(fileBackend('/')).link as z.ZodType;
   const rows: [string, string, string][] = [
     [`\`local\` (default, may be left out)`, local.description ?? '', 'the net or blk fields below'],
-    ...[pcie, vhostUser].map((b): [string, string, string] => {
+    ...Object.values(linkBackends('/')).map((b): [string, string, string] => {
       const value = z.toJSONSchema(shapeOf(b).link as z.ZodType).const;
       return [`\`${String(value)}\``, b.description ?? '', Object.keys(withoutLink(shapeOf(b))).map((k) => `\`${k}\``).join(', ')];
     }),
@@ -61,13 +60,16 @@ function linkTable(): string {
   return ['| `link` | the device runs | fields |', '|---|---|---|', ...rows.map((r) => `| ${r.map(cell).join(' | ')} |`)].join('\n');
 }
 
-/** The keys of the linked backends: each one's own first, then the ones they share (said as vhost-user says them). */
+/** The keys of the linked backends: each one's own first, then the ones several share (said as vhost-user says them). */
 function linkFields(): Shape {
-  const { pcie, vhostUser } = linkBackends('/');
-  const p = withoutLink(shapeOf(pcie));
+  const { vhostUser, ...others } = linkBackends('/');
   const v = withoutLink(shapeOf(vhostUser));
-  const own = (a: Shape, b: Shape): Shape => Object.fromEntries(Object.entries(a).filter(([k]) => !(k in b)));
-  return { ...own(p, v), ...own(v, p), ...Object.fromEntries(Object.entries(v).filter(([k]) => k in p)) };
+  const shapes = [...Object.values(others).map((b) => withoutLink(shapeOf(b))), v];
+  const holders = (k: string): number => shapes.filter((s) => k in s).length;
+  const own = shapes.flatMap((s) => Object.entries(s).filter(([k]) => holders(k) === 1));
+  const shared = new Map<string, z.ZodType>();
+  for (const s of shapes) for (const [k, t] of Object.entries(s)) if (holders(k) > 1 && (!shared.has(k) || k in v)) shared.set(k, k in v ? (v[k] as z.ZodType) : t);
+  return { ...Object.fromEntries(own), ...Object.fromEntries(shared) };
 }
 
 function withoutLink(shape: Shape): Shape {

@@ -189,7 +189,31 @@ export function linkBackends(baseDir: string) {
     }).transform((b): LinkBackend => ({ kind: 'vhost-user', socket: b.socket, mode: b.mode, barSize: b['bar-size'], slotSize: b['slot-size'] })),
     'in an existing vhost-user back-end (qemu-storage-daemon, DPDK\'s vhost PMD, another vbridge) that the bridge drives as front-end',
   );
-  return { pcie, vhostUser };
+  const virtioMsg = field(
+    strict({
+      link: z.literal('virtio-msg'),
+      bus: field(
+        text()
+          .refine((b) => /^socket:./.test(b), {
+            error: (iss) => `expected "socket:PATH" (the socket bus; shm: and ivshmem: buses are not built yet), got ${shown(iss.input)}`,
+          })
+          .transform((b) => `socket:${path.resolve(baseDir, b.slice('socket:'.length))}`),
+        'the virtio-msg bus: `socket:PATH`, the Unix socket a device side (`vbridge backend blk|net --bus socket:PATH`) listens at; the bridge dials it, and dials again every 0.5 s after it went away. The protocol: [virtio-msg.md](virtio-msg.md)',
+        { default: 'required for `virtio-msg`' },
+      ),
+      device: field(
+        int(1, 0xffff).default(1),
+        'the device number on the bus',
+        { default: '1' },
+      ),
+      'bar-size': barSize,
+      'slot-size': slotSize,
+    }).transform(
+      (b): LinkBackend => ({ kind: 'virtio-msg', bus: b.bus, busPath: b.bus.slice('socket:'.length), device: b.device, barSize: b['bar-size'], slotSize: b['slot-size'] }),
+    ),
+    'in a virtio-msg device on a bus (`vbridge backend blk|net --bus socket:PATH`); relay mode only: the device sees the function\'s shared segment, never guest memory',
+  );
+  return { pcie, vhostUser, virtioMsg };
 }
 
 /** A net function's device in the bridge: a switch port or a sink. */
@@ -236,13 +260,13 @@ export function fileBackend(baseDir: string) {
 }
 
 function netBackend(baseDir: string) {
-  const { pcie, vhostUser } = linkBackends(baseDir);
-  return z.discriminatedUnion('link', [localNetBackend(), pcie, vhostUser]);
+  const { pcie, vhostUser, virtioMsg } = linkBackends(baseDir);
+  return z.discriminatedUnion('link', [localNetBackend(), pcie, vhostUser, virtioMsg]);
 }
 
 function blkBackend(baseDir: string) {
-  const { pcie, vhostUser } = linkBackends(baseDir);
-  return z.discriminatedUnion('link', [fileBackend(baseDir), pcie, vhostUser]);
+  const { pcie, vhostUser, virtioMsg } = linkBackends(baseDir);
+  return z.discriminatedUnion('link', [fileBackend(baseDir), pcie, vhostUser, virtioMsg]);
 }
 
 const BACKEND_DOC = 'where the device runs and what backs it: see below';

@@ -81,7 +81,25 @@ export interface VhostUserLinkBackend {
   slotSize: number;
 }
 
-export type LinkBackend = PcieLinkBackend | VhostUserLinkBackend;
+/** A virtio-msg device on a bus (the socket bus for now); the bridge is its driver and relays the guest's rings to it. */
+export interface VirtioMsgLinkBackend {
+  kind: 'virtio-msg';
+  /** The bus as written: "socket:PATH" (PATH resolved against the topology's folder). */
+  bus: string;
+  /** The socket bus's path. */
+  busPath: string;
+  /** Device number on the bus (1..65535). */
+  device: number;
+  barSize: number;
+  slotSize: number;
+}
+
+export type LinkBackend = PcieLinkBackend | VhostUserLinkBackend | VirtioMsgLinkBackend;
+
+/** Whether the function's device runs in another process, behind a link. */
+export function isLinkBackend(b: { kind: string }): b is LinkBackend {
+  return b.kind === 'pcie' || b.kind === 'vhost-user' || b.kind === 'virtio-msg';
+}
 
 export interface NetFunction {
   name: string;
@@ -271,7 +289,7 @@ function assemble(doc: TopologyDocument, raw: Obj, baseDir: string, sourceFile: 
     // The last VF, {vf} expanded: a template that only fails once expanded fails at load time, naming the PF's field.
     const last = checked(['pfs', i], () => vfSpec(pf, pf.totalVfs - 1));
     // A VF is paused by handing its rings from one in-bridge device to another; linked backends cannot do that yet.
-    if (last.backend.kind === 'pcie' || last.backend.kind === 'vhost-user') {
+    if (isLinkBackend(last.backend)) {
       throw new TopologyError(['pfs', i, 'backend', 'link'], 'VF templates support local backends (file, switch, sink) only for now');
     }
     return pf;

@@ -100,15 +100,28 @@ test('one size parser: the topology and `vbridge backend` agree on what a size i
   assert.equal(parseSize(512), 512);
   for (const bad of ['', '0', '-1', '1X', '1.5G', 0, 1.5, true, null, '99999999999T']) assert.equal(parseSize(bad), null, JSON.stringify(bad));
   const blk = parseBackendArgs(['blk', '--attach', 'a.bar', '--file', 'd.img', '--size', '1M', '--readonly', '--queues', '2']);
-  assert.deepEqual(blk, { kind: 'blk', attach: 'a.bar', file: 'd.img', size: 1 << 20, readonly: true, queues: 2, queueSize: undefined, serial: undefined });
+  assert.deepEqual(blk, { kind: 'blk', attach: 'a.bar', bus: null, file: 'd.img', size: 1 << 20, readonly: true, queues: 2, queueSize: undefined, serial: undefined });
   assert.throws(() => parseBackendArgs(['blk', '--attach', 'a', '--file', 'd', '--size', '1.5G']), /--size: expected a size such as 4096, 64M or 1G, got "1\.5G"/);
   assert.throws(() => parseBackendArgs(['blk', '--attach', 'a', '--file', 'd', '--size', '1000']), /--size: must be a multiple of 512/);
   const net = parseBackendArgs(['net', '--attach', '/r/n0.sock', '--attach', '/r/n1.sock', '--sink']);
-  assert.deepEqual(net, { kind: 'net', attach: ['/r/n0.sock', '/r/n1.sock'], switch: null, queues: 1, queueSize: undefined, tap: undefined });
+  assert.deepEqual(net, { kind: 'net', attach: ['/r/n0.sock', '/r/n1.sock'], bus: null, switch: null, queues: 1, queueSize: undefined, tap: undefined });
   assert.throws(() => parseBackendArgs(['blk', '--attach', 'a', '--file', 'd', '--sink']), /--sink applies to backend net, not blk/);
   assert.throws(() => parseBackendArgs(['net', '--attach', 'a', '--switch', 's', '--sink']), /either --switch NAME or --sink/);
   assert.throws(() => parseBackendArgs(['net', '--attach', '/x/n0.sock', '--attach', '/y/n0.bar', '--sink']), /two --attach paths give the device name n0/);
   assert.equal(parseBackendArgs(['net', '--help']), null);
+});
+
+test('vbridge backend --bus: a virtio-msg socket bus instead of --attach, device numbers from --device-number', () => {
+  const blk = parseBackendArgs(['blk', '--bus', 'socket:/r/msg.sock', '--device-number', '3', '--file', 'd.img']);
+  assert.equal(blk?.kind, 'blk');
+  assert.deepEqual(blk?.bus, { path: '/r/msg.sock', firstDevice: 3 });
+  const net = parseBackendArgs(['net', '--bus', 'socket:/r/msg.sock', '--devices', '2', '--sink']);
+  assert.deepEqual(net?.attach, ['msg-1', 'msg-2']);
+  assert.deepEqual(net?.bus, { path: '/r/msg.sock', firstDevice: 1 });
+  assert.throws(() => parseBackendArgs(['blk', '--bus', 'shm:/x', '--file', 'd']), /--bus: expected socket:PATH/);
+  assert.throws(() => parseBackendArgs(['blk', '--bus', 'socket:/x', '--attach', 'a', '--file', 'd']), /either --attach .* or --bus/);
+  assert.throws(() => parseBackendArgs(['blk', '--attach', 'a', '--device-number', '2', '--file', 'd']), /--device-number goes with --bus/);
+  assert.throws(() => parseBackendArgs(['blk', '--bus', 'socket:/x', '--device-number', '0', '--file', 'd']), /--device-number: expected an integer in \[1, 65535\]/);
 });
 
 /** Run the generated completion in bash as a shell would, for the words typed so far. */

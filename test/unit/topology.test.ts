@@ -112,6 +112,30 @@ test('backends in other processes: pcie and vhost-user links with their modes', 
   bad({ link: 'pcie', attach: 'p', file: 'x' }, 'functions[0].backend.file');
 });
 
+test('a virtio-msg link: the socket bus path resolved, device 1 by default; other buses and bad numbers refused', () => {
+  const t = validateTopology(
+    {
+      functions: [
+        { name: 'a', type: 'blk', socket: 'a.sock', backend: { link: 'virtio-msg', bus: 'socket:msg.sock' } },
+        { name: 'b', type: 'net', socket: 'b.sock', backend: { link: 'virtio-msg', bus: 'socket:/run/vbridge/msg.sock', device: 7, 'bar-size': '1M' } },
+      ],
+    },
+    '/tmp',
+  );
+  assert.deepEqual(t.functions[0].backend, { kind: 'virtio-msg', bus: 'socket:/tmp/msg.sock', busPath: '/tmp/msg.sock', device: 1, barSize: 64 << 20, slotSize: 2048 });
+  assert.deepEqual(t.functions[1].backend, { kind: 'virtio-msg', bus: 'socket:/run/vbridge/msg.sock', busPath: '/run/vbridge/msg.sock', device: 7, barSize: 1 << 20, slotSize: 2048 });
+  const bad = (backend: Record<string, unknown>, field: string, re: RegExp): void => {
+    assert.throws(
+      () => validateTopology({ functions: [{ name: 'x', type: 'blk', socket: 's', backend }] }, '/tmp'),
+      (e: Error) => e.message.startsWith(field) && re.test(e.message),
+    );
+  };
+  bad({ link: 'virtio-msg' }, 'functions[0].backend.bus', /./);
+  bad({ link: 'virtio-msg', bus: 'shm:/x' }, 'functions[0].backend.bus', /expected "socket:PATH"/);
+  bad({ link: 'virtio-msg', bus: 'socket:/x', device: 0 }, 'functions[0].backend.device', /1, 65535/);
+  bad({ link: 'virtio-msg', bus: 'socket:/x', mode: 'relay' }, 'functions[0].backend.mode', /./);
+});
+
 test('socket-mode, -owner and -group: top-level defaults, a function overrides, bad values name their key', () => {
   const t = validateTopology(
     {
