@@ -32,6 +32,9 @@ const TRANSPORT_MASK = bit(F_RING_PACKED) | bit(F_ACCESS_PLATFORM);
 /** Feature bits this device side describes: two 32-bit blocks. */
 const FEATURE_BITS = 64;
 
+/** Requests that change nothing: answered to any connection, not only the one driving the device. */
+const READ_ONLY = new Set([Transport.GET_DEVICE_INFO.id, Transport.GET_DEVICE_FEATURES.id, Transport.GET_CONFIG.id, Transport.GET_DEVICE_STATUS.id, Transport.GET_VQUEUE.id, Transport.GET_SHM.id]);
+
 /** A request refused by the lifecycle; answered as the message allows (see the header comment). */
 class Refused extends Error {
   constructor(message: string) {
@@ -129,7 +132,7 @@ export class MsgDevice {
 
   /** A transport message for this device from `ch` (the server checked dev_num). */
   handle(ch: MsgChannel, m: Decoded): void {
-    if (this.owner !== null && this.owner !== ch) {
+    if (!this.mayAsk(ch, m)) {
       this.log.warn(`${this.label}: ${m.spec.name} from ${ch.label}, which does not drive device ${this.devNum}: dropped`);
       return;
     }
@@ -169,8 +172,13 @@ export class MsgDevice {
 
   // ---- requests ----------------------------------------------------------------------
 
+  /** Anyone may read what the device is (a probe); only the connection that drives it may change it. */
+  private mayAsk(ch: MsgChannel, m: Decoded): boolean {
+    return this.owner === null || this.owner === ch || READ_ONLY.has(m.spec.id);
+  }
+
   private async answer(ch: MsgChannel, m: Decoded): Promise<void> {
-    if (ch.closed || (this.owner !== null && this.owner !== ch)) return;
+    if (ch.closed || !this.mayAsk(ch, m)) return;
     this.requests++;
     const h = m.header;
     const T = Transport;
@@ -238,12 +246,13 @@ export class MsgDevice {
   }
 
   private setStatus(s: number): number {
-    if (s === 0) {
+    if ((s & 0xff) === 0) {
       this.resetDevice();
       return 0;
     }
-    let status = s;
-    if (s & STATUS_FEATURES_OK) {
+    // The device status is a byte (virtio 1.2 §2.1); the message's u32 carries nothing above it.
+    let status = s & 0xff;
+    if (status & STATUS_FEATURES_OK) {
       try {
         this.life.negotiate(this.driverFeatures, this.offered);
         this.life.refit();
@@ -365,7 +374,8 @@ export class MsgDevice {
     const ch = this.owner;
     if (ch === null) return;
     const data = withConfig ? this.device.readConfig(0, this.device.configSize) : new Uint8Array(0);
-    ch.event(Transport.EVENT_CONFIG, this.devNum, { status: this.life.status | (this.life.needsReset ? STATUS_NEEDS_RESET : 0), generation: this.configGeneration, offset: 0, data });
+    const status = (this.life.status | (this.life.needsReset ? STATUS_NEEDS_RESET : 0)) & 0xff;
+    ch.event(Transport.EVENT_CONFIG, this.devNum, { status, generation: this.configGeneration, offset: 0, data });
   }
 
   private unmap(): void {
