@@ -3,7 +3,9 @@
  * the bridge, the bridge relays every request through the function's BAR to a
  * `vbridge backend blk` process, which never maps guest memory. Then the
  * backend is killed in the middle of the guest's writes and started again: the
- * guest's I/O waits, goes on, and nothing it completed is lost.
+ * guest's I/O waits, goes on, and nothing it completed is lost. The same guest
+ * has a second disk over a virtio-msg link (the socket bus) to a `vbridge
+ * backend blk --bus` process, which maps nothing of the guest either.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -28,6 +30,9 @@ echo SRC_MD5=$(md5sum < /tmp/data | cut -d' ' -f1)
 dd if=/tmp/data of=/dev/vda bs=1M seek=64 conv=fsync 2>/dev/null && echo WRITE_OK=1
 sync; echo 3 > /proc/sys/vm/drop_caches
 echo READ_MD5=$(dd if=/dev/vda bs=1M skip=64 count=32 2>/dev/null | md5sum | cut -d' ' -f1)
+echo MSG_SECTORS=$(cat /sys/block/vdb/size)
+dd if=/tmp/data of=/dev/vdb bs=1M seek=8 conv=fsync 2>/dev/null && echo MSG_WRITE_OK=1
+echo MSG_READ_MD5=$(dd if=/dev/vdb bs=1M skip=8 count=32 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
 mke2fs -q /dev/vda 65536 && mkdir -p /mnt && mount -t ext2 /dev/vda /mnt && echo MOUNT_OK=1
 mkdir -p /mnt/dir/sub
 cp /tmp/data /mnt/dir/data.bin
@@ -54,27 +59,50 @@ function memfdsOf(pid: number): string[] {
   return [...found].sort();
 }
 
-test('guest blk over the PCIe link to a backend process: 32 MiB round trip, clean ext2, no guest memory in the backend', { timeout: 600_000 }, async (t) => {
+/** Samples a process's memfds while a guest runs (what it mapped only briefly counts too). */
+function watchMemfds(pid: number): { stop(): Set<string> } {
+  const seen = new Set<string>();
+  const sample = (): void => {
+    try {
+      for (const m of memfdsOf(pid)) seen.add(m);
+    } catch {
+      // Sampling only.
+    }
+  };
+  const peek = setInterval(sample, 100);
+  return {
+    stop: () => {
+      clearInterval(peek);
+      sample();
+      return seen;
+    },
+  };
+}
+
+test('guest blk over the PCIe link and over a virtio-msg socket bus to backend processes: 32 MiB round trips, clean ext2, no guest memory in either backend', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
-    const fx = await startBridgeFixture({ functions: [{ name: 'blk0', type: 'blk', socket: 'blk0.sock', backend: { link: 'pcie', attach: 'blk0.bar', 'bar-size': '32M' } }] });
+    const fx = await startBridgeFixture({
+      functions: [
+        { name: 'blk0', type: 'blk', socket: 'blk0.sock', backend: { link: 'pcie', attach: 'blk0.bar', 'bar-size': '32M' } },
+        { name: 'msg0', type: 'blk', socket: 'msg0.sock', backend: { link: 'virtio-msg', bus: 'socket:msg.sock', device: 1, 'bar-size': '32M' } },
+      ],
+    });
     let backend: BackendProcess | null = null;
+    let msgBackend: BackendProcess | null = null;
     try {
       const image = path.join(fx.dir, 'disk.img');
+      const msgImage = path.join(fx.dir, 'msg.img');
       backend = await startBackendProcess(['backend', 'blk', '--attach', path.join(fx.dir, 'blk0.bar'), '--file', image, '--size', '128M'], 1);
+      msgBackend = await startBackendProcess(['backend', 'blk', '--bus', `socket:${path.join(fx.dir, 'msg.sock')}`, '--file', msgImage, '--size', '64M'], 1);
       await waitForPath(fx.socket('blk0'), 10_000);
-      const g = await startGuest({ name: 'pcie-blk', script: SCRIPT, cpus: 1, memMiB: 256, blks: [{ socket: fx.socket('blk0') }], timeoutMs: 500_000 });
-      const seen = new Set<string>();
+      await waitForPath(fx.socket('msg0'), 10_000);
+      const g = await startGuest({ name: 'pcie-blk', script: SCRIPT, cpus: 1, memMiB: 256, blks: [{ socket: fx.socket('blk0') }, { socket: fx.socket('msg0') }], timeoutMs: 500_000 });
       const pid = backend.pid;
-      const peek = setInterval(() => {
-        try {
-          for (const m of memfdsOf(pid)) seen.add(m);
-        } catch {
-          // Sampling only.
-        }
-      }, 100);
+      const watch = watchMemfds(pid);
+      const msgWatch = watchMemfds(msgBackend.pid);
       const r = await g.done;
-      clearInterval(peek);
-      for (const m of memfdsOf(pid)) seen.add(m);
+      const seen = watch.stop();
+      const msgSeen = msgWatch.stop();
       const v = kv(r.output);
       assert.equal(r.rc, 0, `guest failed:\n${r.output}\n${r.stderr}\n${backend.output()}`);
       assert.equal(v.DISK_SECTORS, String((128 * MiB) / 512));
@@ -86,6 +114,16 @@ test('guest blk over the PCIe link to a backend process: 32 MiB round trip, clea
       assert.equal(v.EXT2_MD5, v.SRC_MD5);
       assert.equal(v.UMOUNT_OK, '1');
       execFileSync('e2fsck', ['-fn', image], { stdio: 'pipe' });
+      assert.equal(v.MSG_SECTORS, String((64 * MiB) / 512));
+      assert.equal(v.MSG_WRITE_OK, '1', `the virtio-msg disk refused the write:\n${msgBackend.output()}`);
+      assert.equal(v.MSG_READ_MD5, v.SRC_MD5, 'the virtio-msg disk reads back something else');
+      assert.equal(await md5OfRange(msgImage, 8 * MiB, 32 * MiB), v.SRC_MD5, 'the virtio-msg backend file differs from what the guest wrote');
+      t.diagnostic(`virtio-msg backend memfds: ${[...msgSeen].join(', ')}`);
+      assert.ok([...msgSeen].some((m) => m.includes('vbridge-msg0-bar')), 'the virtio-msg backend never mapped the segment');
+      assert.deepEqual([...msgSeen].filter((m) => !m.includes('vbridge-msg0-bar')), [], 'the virtio-msg backend holds memory other than the segment');
+      const ms = fx.fnStats('msg0');
+      assert.equal(ms.backend?.kind, 'virtio-msg');
+      assert.ok((ms.relay?.[0]?.dma.toBarBytes ?? 0) >= 32 * MiB);
 
       // The isolation BM-Hive sells: the backend sees the BAR and nothing of the guest.
       t.diagnostic(`backend memfds: ${[...seen].join(', ')}`);
@@ -128,6 +166,7 @@ test('guest blk over the PCIe link to a backend process: 32 MiB round trip, clea
       assert.ok((st.backend?.controlMessages ?? 0) > 5);
     } finally {
       await backend?.stop();
+      await msgBackend?.stop();
       await fx.close();
     }
   });

@@ -1,7 +1,8 @@
 /**
  * `vbridge backend ...` as a separate OS process (the "second host"), for the
- * PCIe link's end-to-end tests: started with the compiled CLI, tied to the
- * test process, ready once it printed one `attached PATH` line per attachment.
+ * PCIe link's and the virtio-msg bus's end-to-end tests: started with the
+ * compiled CLI, tied to the test process, ready once it printed one `attached
+ * PATH` line per attachment (or its `listening socket:PATH ...` line).
  */
 import type { ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -24,13 +25,13 @@ export interface BackendProcess {
   kill(signal?: NodeJS.Signals): Promise<void>;
 }
 
-/** Start `node cli.js ...args` (or another script with `script`) and wait for `attaches` "attached" lines. */
+/** Start `node cli.js ...args` (or another script with `script`) and wait for `attaches` "attached" (or "listening") lines. */
 export async function startBackendProcess(args: readonly string[], attaches: number, opts: { script?: string; timeoutMs?: number } = {}): Promise<BackendProcess> {
   const proc = spawnTiedToUs(process.execPath, [opts.script ?? CLI, ...args]);
   const out = ChildOutput.of(proc, process.env.VB_TEST_LOG === '1' ? `backend ${proc.pid}` : undefined);
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
-  // `vbridge backend` prints its "attached PATH" lines on stdout and only there (backend-command.ts).
-  const attachedLines = (): number => (out.text('stdout').match(/^attached /gm) ?? []).length;
+  // `vbridge backend` prints its "attached PATH" / "listening socket:PATH" lines on stdout and only there (backend-command.ts).
+  const attachedLines = (): number => (out.text('stdout').match(/^(attached|listening) /gm) ?? []).length;
   try {
     await out.waitUntil(() => (attachedLines() >= attaches ? true : null), opts.timeoutMs ?? 15_000, `${attaches} "attached" line(s)`);
   } catch (e) {
