@@ -85,3 +85,10 @@ export interface ShadowLink {
   restore(): boolean;
   stats(): ShadowLinkStats;
 }
+
+/** `len` bytes of a config space cached at the link from `offset`; what lies past the cache reads as 0. */
+export function readCachedConfig(config: Uint8Array, offset: number, len: number): Uint8Array {
+  const out = new Uint8Array(len);
+  if (offset < config.length) out.set(config.subarray(offset, Math.min(config.length, offset + len)));
+  return out;
+}

@@ -13,7 +13,7 @@
  */
 import type { VirtioDevice } from './device';
 import type { HostedQueue } from './queue-host';
-import { QueueHost, ringFeaturesMoved } from './queue-host';
+import { idleQueueState, QueueHost, ringFeaturesMoved } from './queue-host';
 import { STATUS_NEEDS_RESET } from '../virtio/constants';
 import { asError } from '../vhost-user/connection';
 import type { Logger } from '../log';
@@ -273,6 +273,21 @@ export class VringLifecycle<Q extends HostedQueue> {
     } catch (e) {
       this.log.error(`${this.label}: device reset failed: ${asError(e, 'reset').message}`);
     }
+  }
+
+  /**
+   * A whole-device reset as a transport's reset request asks it: every ring
+   * stopped and forgotten (`forgetRing` clears what the transport keeps per
+   * ring, such as its addresses), the device reset, then forget().
+   */
+  resetAll(forgetRing: (v: Q) => void): void {
+    for (const v of this.queues) {
+      this.stop(v);
+      Object.assign(v, idleQueueState());
+      forgetRing(v);
+    }
+    this.resetDevice();
+    this.forget();
   }
 
   /** Back to a fresh device: negotiated features, status and NEEDS_RESET forgotten. The transport resets its queues. */

@@ -12,9 +12,10 @@ import * as fs from 'node:fs';
 import { RelayFunction } from '../../src/bridge/relay-function';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
 import { MsgBusServer } from '../../src/links/virtio-msg/msg-bus-server';
+import type { MsgDevice } from '../../src/links/virtio-msg/msg-device';
 import { MsgShadowLink } from '../../src/links/virtio-msg/msg-shadow-link';
 import { native } from '../../src/native/addon';
-import { BLK_S_OK, BLK_T_IN, BLK_T_OUT, bit, F_RING_EVENT_IDX, F_VERSION_1 } from '../../src/virtio/constants';
+import { BLK_S_IOERR, BLK_S_OK, BLK_T_IN, BLK_T_OUT, bit, F_RING_EVENT_IDX, F_VERSION_1 } from '../../src/virtio/constants';
 import { FrontendClient } from '../../src/vhost-user/frontend-client';
 import { VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
 import { encodeEvent, encodeRequest, encodeResponse } from '../../src/virtio-msg/codec';
@@ -26,7 +27,6 @@ import { bringUp, CaptureLogger, Guest, tmpSocket, waitFor } from './vhost-user-
 
 const FEATURES = bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(VHOST_USER_F_PROTOCOL_FEATURES);
 const DRIVER_OK = 0x0f;
-const BLK_S_IOERR = 1;
 
 interface Fn {
   fn: RelayFunction;
@@ -60,15 +60,28 @@ function blkDevice(name: string, file: string): BlkDevice {
   return new BlkDevice({ name, file });
 }
 
+interface BusRig {
+  log: CaptureLogger;
+  bus: string;
+  server: MsgBusServer;
+  dev: BlkDevice;
+}
+
+/** A socket bus listening with one blk device (number 1) on `file` (a fresh disk by default). */
+function busWithBlk(name: string, file = tempDisk(1 << 20, 'msg-')): BusRig {
+  const log = new CaptureLogger();
+  const bus = tmpSocket(name);
+  const server = new MsgBusServer(bus, log);
+  const dev = blkDevice(`${name}-blk`, file);
+  server.addDevice(1, dev);
+  server.listen();
+  return { log, bus, server, dev };
+}
+
 const sectors = (n: number, seed: number): Uint8Array => Uint8Array.from({ length: 512 * n }, (_, i) => (i * 13 + seed) & 0xff);
 
 test('blk over the socket bus: writes and reads back through the relay; the device side maps only the segment it was handed', async () => {
-  const log = new CaptureLogger();
-  const bus = tmpSocket('msg-bus');
-  const server = new MsgBusServer(bus, log);
-  const dev = blkDevice('msg-blk', tempDisk(1 << 20, 'msg-'));
-  server.addDevice(1, dev);
-  server.listen();
+  const { log, bus, server, dev } = busWithBlk('msg-bus');
   const f = await blkFunction('msg-fn', bus, 1, log);
   try {
     const data = sectors(16, 3);
@@ -159,13 +172,8 @@ test('malformed traffic on the bus is dropped and counted; another function on t
 });
 
 test('a device removed from the bus fails its function (blk: I/O errors), the bridge side keeps running, and the device back is used again', async () => {
-  const log = new CaptureLogger();
-  const bus = tmpSocket('msg-rm');
-  const server = new MsgBusServer(bus, log);
   const file = tempDisk(1 << 20, 'msg-');
-  const dev = blkDevice('blk-rm', file);
-  server.addDevice(1, dev);
-  server.listen();
+  const { log, bus, server, dev } = busWithBlk('msg-rm', file);
   const f = await blkFunction('msg-rm', bus, 1, log);
   const again = blkDevice('blk-rm2', file);
   try {
@@ -189,13 +197,10 @@ test('a device removed from the bus fails its function (blk: I/O errors), the br
 });
 
 test('the backend dies mid-I/O: the request waits and completes on the backend that comes back', async () => {
-  const log = new CaptureLogger();
-  const bus = tmpSocket('msg-die');
   const file = tempDisk(1 << 20, 'msg-');
-  let server = new MsgBusServer(bus, log);
-  const dev = blkDevice('blk-die', file);
-  server.addDevice(1, dev);
-  server.listen();
+  const first = busWithBlk('msg-die', file);
+  const { log, bus, dev } = first;
+  let server = first.server;
   const f = await blkFunction('msg-die', bus, 1, log);
   const dev2 = blkDevice('blk-die2', file);
   try {
@@ -217,12 +222,8 @@ test('the backend dies mid-I/O: the request waits and completes on the backend t
 });
 
 test('a device that stops answering fails its function after the request timeout; the link hangs up and the device answering again is used again', async () => {
-  const log = new CaptureLogger();
-  const bus = tmpSocket('msg-mute');
-  const server = new MsgBusServer(bus, log);
-  const dev = blkDevice('blk-mute', tempDisk(1 << 20, 'msg-'));
-  const d = server.addDevice(1, dev);
-  server.listen();
+  const { log, bus, server, dev } = busWithBlk('msg-mute');
+  const d = server.device(1) as MsgDevice;
   const f = await blkFunction('msg-mute', bus, 1, log, 300);
   const handle = d.handle.bind(d);
   try {

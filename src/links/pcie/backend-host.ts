@@ -589,13 +589,9 @@ export class PcieBackendHost {
   /** RESET_DEVICE: every ring forgotten, the device reset, NEEDS_RESET cleared. */
   private resetDevice(): void {
     this.log.info(`${this.label}: device reset`);
-    for (const v of this.queues) {
-      this.life.stop(v);
-      Object.assign(v, idleQueueState());
+    this.life.resetAll((v) => {
       v.addr = null;
-    }
-    this.life.resetDevice();
-    this.life.forget();
+    });
     this.bar0.setUint32(Csr.DEVICE_STATUS, 0, true);
   }
 

@@ -7,7 +7,7 @@
  * backend-down (cut) hangs up and dials nothing until restore(), which dials at once.
  */
 import { native, type Poller } from '../../native/addon';
-import { GuestMemory } from '../../memory/guest-memory';
+import { memfdBar } from '../memfd-bar';
 import type { MemoryAccess } from '../../memory/memory-access';
 import type { Logger } from '../../log';
 import type { BackendDeviceInfo, ShadowLink, ShadowLinkEvents, ShadowLinkStats, ShadowRingAddr } from '../../bridge/shadow-link';
@@ -15,6 +15,8 @@ import { FrontendClient, memRegion } from '../../vhost-user/frontend-client';
 import { asError, closeQuietly } from '../../vhost-user/connection';
 import { ProtocolFeature as PF, VHOST_USER_F_PROTOCOL_FEATURES } from '../../vhost-user/protocol';
 import { bit, VIRTIO_ID_BLOCK, VIRTIO_ID_NET } from '../../virtio/constants';
+import { Redial } from '../redial';
+import { readCachedConfig } from '../../bridge/shadow-link';
 
 const RECONNECT_MS = 500;
 /** Where the BAR appears in our (pretend) address space: ring addresses are front-end virtual addresses. */
@@ -39,10 +41,8 @@ export class VhostUserRelayLink implements ShadowLink {
   private linkState: 'down' | 'up' | 'failed' = 'down';
   private attaches = 0;
   private messages = 0;
-  private timer: NodeJS.Timeout | null = null;
+  private readonly redial = new Redial(RECONNECT_MS, () => void this.connect());
   private closed = false;
-  /** cut() holds the link down: no dialling until restore(). */
-  private held = false;
   private readonly started = new Set<number>();
 
   constructor(
@@ -52,11 +52,10 @@ export class VhostUserRelayLink implements ShadowLink {
     private readonly log: Logger,
     readonly label: string,
   ) {
-    const a = native();
-    this.barFd = a.memfd(`vbridge-${label}-bar2`, bar2Size);
-    const buf = a.mmap(this.barFd, bar2Size, 0);
-    this.bar2 = GuestMemory.fromBuffer(0, buf);
-    this.bar2Bytes = new Uint8Array(buf);
+    const bar = memfdBar(label, bar2Size);
+    this.barFd = bar.fd;
+    this.bar2 = bar.bar2;
+    this.bar2Bytes = bar.bytes;
   }
 
   get up(): boolean {
@@ -69,7 +68,7 @@ export class VhostUserRelayLink implements ShadowLink {
 
   close(): void {
     this.closed = true;
-    if (this.timer !== null) clearTimeout(this.timer);
+    this.redial.close();
     this.dropSession();
     for (const fd of [...this.kickFds, ...this.callFds]) closeQuietly(fd);
     this.kickFds.length = 0;
@@ -78,9 +77,7 @@ export class VhostUserRelayLink implements ShadowLink {
   }
 
   readConfig(offset: number, len: number): Uint8Array {
-    const out = new Uint8Array(len);
-    if (offset < this.config.length) out.set(this.config.subarray(offset, Math.min(this.config.length, offset + len)));
-    return out;
+    return readCachedConfig(this.config, offset, len);
   }
 
   async writeConfig(offset: number, data: Uint8Array): Promise<void> {
@@ -140,14 +137,11 @@ export class VhostUserRelayLink implements ShadowLink {
 
   /** A redial is pending (the back-end went away and the link will dial again on its own). */
   get redialScheduled(): boolean {
-    return this.timer !== null;
+    return this.redial.scheduled;
   }
 
   cut(): boolean {
-    if (this.held) return false;
-    this.held = true;
-    if (this.timer !== null) clearTimeout(this.timer);
-    this.timer = null;
+    if (!this.redial.hold()) return false;
     const wasUp = this.linkState === 'up';
     // dropSession first: the close it causes is ours, not the back-end going away.
     this.dropSession();
@@ -158,10 +152,8 @@ export class VhostUserRelayLink implements ShadowLink {
   }
 
   restore(): boolean {
-    if (!this.held) return false;
-    this.held = false;
+    if (!this.redial.release()) return false;
     this.log.info(`${this.label}: dialling the vhost-user back-end at ${this.socketPath} again`);
-    void this.connect();
     return true;
   }
 
@@ -183,7 +175,7 @@ export class VhostUserRelayLink implements ShadowLink {
   }
 
   private async connect(): Promise<void> {
-    if (this.closed || this.held || this.client !== null) return;
+    if (!this.redial.allowed || this.client !== null) return;
     let c: FrontendClient;
     try {
       c = FrontendClient.connect(this.socketPath, { label: `${this.label} (relay link)` });
@@ -270,11 +262,6 @@ export class VhostUserRelayLink implements ShadowLink {
   }
 
   private scheduleReconnect(): void {
-    if (this.closed || this.held || this.timer !== null) return;
-    this.timer = setTimeout(() => {
-      this.timer = null;
-      void this.connect();
-    }, RECONNECT_MS);
-    this.timer.unref();
+    this.redial.schedule();
   }
 }

@@ -338,13 +338,9 @@ export class MsgDevice {
   }
 
   private resetDevice(): void {
-    for (const v of this.queues) {
-      this.life.stop(v);
-      Object.assign(v, idleQueueState());
+    this.life.resetAll((v) => {
       v.addr = null;
-    }
-    this.life.resetDevice();
-    this.life.forget();
+    });
     this.driverFeatures = 0n;
   }
 

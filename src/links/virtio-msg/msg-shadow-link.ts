@@ -15,10 +15,11 @@
  * a timeout or NEEDS_RESET the link hangs up and dials again.
  */
 import { native } from '../../native/addon';
-import { GuestMemory } from '../../memory/guest-memory';
+import { type MemfdBar, memfdBar } from '../memfd-bar';
 import type { MemoryAccess } from '../../memory/memory-access';
 import type { Logger } from '../../log';
-import type { BackendDeviceInfo, ShadowLink, ShadowLinkEvents, ShadowLinkStats, ShadowRingAddr } from '../../bridge/shadow-link';
+import { type BackendDeviceInfo, readCachedConfig, type ShadowLink, type ShadowLinkEvents, type ShadowLinkStats, type ShadowRingAddr } from '../../bridge/shadow-link';
+import { Redial } from '../redial';
 import { asError, closeQuietly } from '../../vhost-user/connection';
 import { STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET } from '../../virtio/constants';
 import { type Decoded, requestOf } from '../../virtio-msg/codec';
@@ -51,9 +52,8 @@ export function socketBusPath(bus: string): string | null {
 
 export class MsgShadowLink implements ShadowLink {
   events: ShadowLinkEvents | null = null;
-  readonly bar2: MemoryAccess;
-  readonly bar2Bytes: Uint8Array;
-  private readonly barFd: number;
+  /** The segment the device is handed; it never moves (no onRemap). */
+  private readonly bar: MemfdBar;
   private readonly timeoutMs: number;
   private ch: MsgChannel | null = null;
   private linkState: 'down' | 'up' | 'failed' = 'down';
@@ -64,9 +64,8 @@ export class MsgShadowLink implements ShadowLink {
   private readonly rings = new Map<number, ShadowRingAddr>();
   private attaches = 0;
   private messages = 0;
-  private timer: NodeJS.Timeout | null = null;
+  private readonly redial = new Redial(REDIAL_MS, () => this.dial());
   private closed = false;
-  private held = false;
   /** Counters of connections that ended. */
   private readonly gone = new MessageStats();
 
@@ -79,11 +78,15 @@ export class MsgShadowLink implements ShadowLink {
     opts: MsgLinkOptions = {},
   ) {
     this.timeoutMs = opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
-    const a = native();
-    this.barFd = a.memfd(`vbridge-${label}-bar2`, bar2Size);
-    const buf = a.mmap(this.barFd, bar2Size, 0);
-    this.bar2 = GuestMemory.fromBuffer(0, buf);
-    this.bar2Bytes = new Uint8Array(buf);
+    this.bar = memfdBar(label, bar2Size);
+  }
+
+  get bar2(): MemoryAccess {
+    return this.bar.bar2;
+  }
+
+  get bar2Bytes(): Uint8Array {
+    return this.bar.bytes;
   }
 
   get up(): boolean {
@@ -96,7 +99,7 @@ export class MsgShadowLink implements ShadowLink {
   }
 
   get redialScheduled(): boolean {
-    return this.timer !== null;
+    return this.redial.scheduled;
   }
 
   open(): void {
@@ -105,16 +108,13 @@ export class MsgShadowLink implements ShadowLink {
 
   close(): void {
     this.closed = true;
-    if (this.timer !== null) clearTimeout(this.timer);
-    this.timer = null;
+    this.redial.close();
     this.hangUp();
-    closeQuietly(this.barFd);
+    closeQuietly(this.bar.fd);
   }
 
   readConfig(offset: number, len: number): Uint8Array {
-    const out = new Uint8Array(len);
-    if (offset < this.config.length) out.set(this.config.subarray(offset, Math.min(this.config.length, offset + len)));
-    return out;
+    return readCachedConfig(this.config, offset, len);
   }
 
   async writeConfig(offset: number, data: Uint8Array): Promise<void> {
@@ -163,10 +163,7 @@ export class MsgShadowLink implements ShadowLink {
   }
 
   cut(): boolean {
-    if (this.held) return false;
-    this.held = true;
-    if (this.timer !== null) clearTimeout(this.timer);
-    this.timer = null;
+    if (!this.redial.hold()) return false;
     const wasUp = this.up;
     this.hangUp();
     if (this.linkState !== 'failed') this.linkState = 'down';
@@ -176,10 +173,7 @@ export class MsgShadowLink implements ShadowLink {
   }
 
   restore(): boolean {
-    if (!this.held) return false;
-    this.held = false;
-    this.dial();
-    return true;
+    return this.redial.release();
   }
 
   stats(): MsgLinkStats {
@@ -196,7 +190,7 @@ export class MsgShadowLink implements ShadowLink {
   // ---- session ----------------------------------------------------------------------------
 
   private dial(): void {
-    if (this.closed || this.held || this.ch !== null) return;
+    if (!this.redial.allowed || this.ch !== null) return;
     let fd: number;
     try {
       fd = native().connect(this.socketPath);
@@ -230,7 +224,7 @@ export class MsgShadowLink implements ShadowLink {
     this.attaching = true;
     let info: BackendDeviceInfo;
     try {
-      const shm = await ch.request(SocketBus.SET_SHM, 0, { devNum: this.devNum, size: BigInt(this.bar2Size) }, this.timeoutMs, [this.barFd]);
+      const shm = await ch.request(SocketBus.SET_SHM, 0, { devNum: this.devNum, size: BigInt(this.bar2Size) }, this.timeoutMs, [this.bar.fd]);
       if (shm.status !== ShmStatus.OK) throw new Error(`the device refused the segment (SET_SHM status ${shm.status}: ${shmStatusName(shm.status)})`);
       const d = await ch.request(Transport.GET_DEVICE_INFO, this.devNum, null, this.timeoutMs);
       const blocks = Math.min(d.featureBits / 32, 2);
@@ -356,12 +350,7 @@ export class MsgShadowLink implements ShadowLink {
   }
 
   private scheduleRedial(): void {
-    if (this.closed || this.held || this.timer !== null) return;
-    this.timer = setTimeout(() => {
-      this.timer = null;
-      this.dial();
-    }, REDIAL_MS);
-    this.timer.unref();
+    this.redial.schedule();
   }
 }
 
