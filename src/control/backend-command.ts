@@ -1,11 +1,13 @@
 /**
- * `vbridge backend blk|net`: a backend host process (the "second host" of the
- * PCIe link). It plugs devices into bridge functions' attach sockets with the
- * backend SDK (src/links/pcie/backend-host.ts) and runs them until SIGTERM or
- * SIGINT (exit 0) or until a card unplugs it (exit 1).
+ * `vbridge backend blk|net`: a backend host process (the "second host"). It
+ * plugs devices into bridge functions' attach sockets with the PCIe backend
+ * SDK (src/links/pcie/backend-host.ts), or serves them as virtio-msg devices
+ * on a socket bus (--bus, src/links/virtio-msg/msg-bus-server.ts), and runs
+ * them until SIGTERM or SIGINT (exit 0) or until a card unplugs it (exit 1).
  *
  * stdout carries exactly one line per attachment, `attached PATH`, once the
- * card has the device block (tests and scripts wait for it); logs go to stderr.
+ * card has the device block, or one `listening socket:PATH devices N,...`
+ * once the bus listens (tests and scripts wait for them); logs go to stderr.
  */
 import * as path from 'node:path';
 import { BlkDevice } from '../devices/blk/blk-device';
@@ -112,7 +114,7 @@ const BACKEND_OPTIONS: OptionTable = {
 /** `vbridge backend`: parsed by the same table as every command; its help is written by hand because blk and net differ. */
 export const backendCommand: CommandSpec = {
   name: 'backend',
-  summary: "run a backend host: plug virtio-blk or virtio-net devices into bridge functions' PCIe links",
+  summary: "run a backend host: virtio-blk or virtio-net devices for bridge functions' PCIe links or a virtio-msg socket bus",
   synopsis: 'blk|net --attach PATH | --bus socket:PATH [options]',
   options: BACKEND_OPTIONS,
   positionals: { name: 'device type (blk or net)', min: 1, max: 1, complete: ['blk', 'net'] },
