@@ -160,7 +160,7 @@ class Hostile {
 }
 
 async function main(): Promise<number> {
-  const { maxIter, seed, rng, deadline, seconds } = fuzzBudget(200_000);
+  const { maxIter, seed, rng, deadline, seconds } = fuzzBudget();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vb-msgfuzz-'));
   const bus = path.join(dir, 'bus.sock');
   const disk = path.join(dir, 'disk.img');

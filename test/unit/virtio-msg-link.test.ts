@@ -241,3 +241,22 @@ test('a device that stops answering fails its function after the request timeout
     dev.close();
   }
 });
+
+test('two functions on one device: the second waits (SET_SHM BUSY, asked again) and takes the device over when the first goes', async () => {
+  const { log, bus, server, dev } = busWithBlk('msg-busy');
+  const a = await blkFunction('msg-busy-a', bus, 1, log);
+  const link = new MsgShadowLink(bus, 1, 1 << 20, log, 'msg-busy-b');
+  const b = new RelayFunction({ name: 'msg-busy-b', type: 'blk', socket: tmpSocket('msg-busy-b'), queueSize: 64 }, link, log);
+  try {
+    b.start();
+    await waitFor(() => log.lines.some((l) => /msg-busy-b: device 1 .* refused the segment \(SET_SHM status 2: BUSY\)/.test(l)), 'the second function to be refused');
+    assert.equal(link.stats().state, 'down');
+    await closeFn(a);
+    await waitFor(() => link.stats().state === 'up', 'the second function to take the device over', 5000);
+    assert.equal(log.lines.filter((l) => /msg-busy-b: .*refused the segment/.test(l)).length, 1, 'the refusal is logged once');
+  } finally {
+    b.close();
+    server.close();
+    dev.close();
+  }
+});

@@ -66,6 +66,8 @@ export class MsgShadowLink implements ShadowLink {
   private messages = 0;
   private readonly redial = new Redial(REDIAL_MS, () => this.dial());
   private closed = false;
+  /** The last SET_SHM refusal logged (null once attached). */
+  private lastRefusal: string | null = null;
   /** Counters of connections that ended. */
   private readonly gone = new MessageStats();
 
@@ -225,7 +227,11 @@ export class MsgShadowLink implements ShadowLink {
     let info: BackendDeviceInfo;
     try {
       const shm = await ch.request(SocketBus.SET_SHM, 0, { devNum: this.devNum, size: BigInt(this.bar2Size) }, this.timeoutMs, [this.bar.fd]);
-      if (shm.status !== ShmStatus.OK) throw new Error(`the device refused the segment (SET_SHM status ${shm.status}: ${shmStatusName(shm.status)})`);
+      if (shm.status !== ShmStatus.OK) {
+        this.attaching = false;
+        this.refused(ch, `device ${this.devNum} on ${this.socketPath} refused the segment (SET_SHM status ${shm.status}: ${shmStatusName(shm.status)})`);
+        return;
+      }
       const d = await ch.request(Transport.GET_DEVICE_INFO, this.devNum, null, this.timeoutMs);
       const blocks = Math.min(d.featureBits / 32, 2);
       const f = blocks === 0 ? { blocks: [] } : await ch.request(Transport.GET_DEVICE_FEATURES, this.devNum, { index: 0, count: blocks }, this.timeoutMs);
@@ -247,6 +253,7 @@ export class MsgShadowLink implements ShadowLink {
     }
     this.attaching = false;
     if (this.ch !== ch) return;
+    this.lastRefusal = null;
     this.rings.clear();
     this.linkState = 'up';
     this.attaches++;
@@ -264,6 +271,19 @@ export class MsgShadowLink implements ShadowLink {
       this.sessionError(ch, e, spec.name);
       throw e;
     }
+  }
+
+  /**
+   * The device will not take us now (another connection drives it, most
+   * often): hang up and ask again after REDIAL_MS, saying so once, not at
+   * every try.
+   */
+  private refused(ch: MsgChannel, why: string): void {
+    if (this.ch !== ch) return;
+    if (why !== this.lastRefusal) this.log.warn(`${this.label}: ${why}; asking again every ${REDIAL_MS} ms`);
+    this.lastRefusal = why;
+    this.hangUp();
+    this.scheduleRedial();
   }
 
   /** A request failed: a timeout is a dead device (fail, hang up, dial again); a closed connection is handled by onClosed. */
