@@ -6,17 +6,13 @@
  */
 import type { Logger } from '../log';
 import { VhostUserServer, type VhostUserServerStats } from '../vhost-user/server';
-import { VIRTIO_ID_BLOCK, VIRTIO_ID_NET } from '../virtio/constants';
-import { RelayDevice, type RelayQueueStats } from './relay-device';
-import type { BackendDeviceInfo, ShadowLink, ShadowLinkStats } from './shadow-link';
+import { RelayBinding, type RelayBindingSpec } from './relay-binding';
+import type { RelayDevice, RelayQueueStats } from './relay-device';
+import type { ShadowLink, ShadowLinkStats } from './shadow-link';
 
-export interface RelayFunctionSpec {
-  name: string;
-  type: 'net' | 'blk';
+export interface RelayFunctionSpec extends RelayBindingSpec {
   /** The frontend port's vhost-user socket. */
   socket: string;
-  queueSize: number;
-  slotSize?: number;
 }
 
 export interface RelayFunctionStats {
@@ -27,28 +23,24 @@ export interface RelayFunctionStats {
 }
 
 export class RelayFunction {
-  private relayDevice: RelayDevice | null = null;
+  private readonly binding: RelayBinding;
   private server: VhostUserServer | null = null;
 
   constructor(
     readonly spec: RelayFunctionSpec,
     readonly link: ShadowLink,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.binding = new RelayBinding(spec, link, log, (device) => this.serve(device));
+  }
 
   /** Open the link; the frontend socket follows when a backend is up. */
   start(): void {
-    this.link.events = {
-      onUp: (info) => this.firstUp(info),
-      onDown: () => {},
-      onFailed: () => {},
-      onUsed: () => {},
-    };
-    this.link.open();
+    this.binding.open();
   }
 
   get device(): RelayDevice | null {
-    return this.relayDevice;
+    return this.binding.device;
   }
 
   /** The vhost-user port the guest connects to; null until the first backend described the device. */
@@ -57,33 +49,20 @@ export class RelayFunction {
   }
 
   stats(): RelayFunctionStats {
-    return { link: this.link.stats(), relay: this.relayDevice?.relayStats() ?? [], server: this.server?.stats() ?? null };
+    return { link: this.link.stats(), relay: this.binding.device?.relayStats() ?? [], server: this.server?.stats() ?? null };
   }
 
   close(): void {
     this.server?.close();
-    this.link.close();
+    this.binding.close();
   }
 
-  private firstUp(info: BackendDeviceInfo): void {
-    const want = this.spec.type === 'blk' ? VIRTIO_ID_BLOCK : VIRTIO_ID_NET;
-    if (info.deviceId !== want) {
-      this.link.fail(new Error(`the backend runs device id ${info.deviceId}; function ${this.spec.name} is ${this.spec.type} (id ${want})`));
-      return;
-    }
-    let device: RelayDevice;
-    try {
-      device = new RelayDevice(this.link, info, { name: this.spec.name, queueSize: this.spec.queueSize, slotSize: this.spec.slotSize, logger: this.log });
-    } catch (e) {
-      this.link.fail(e instanceof Error ? e : new Error(String(e)));
-      return;
-    }
-    this.relayDevice = device;
-    this.server = new VhostUserServer(this.spec.socket, device, this.log);
-    const server = this.server;
+  private serve(device: RelayDevice): void {
+    const server = new VhostUserServer(this.spec.socket, device, this.log);
     device.notifyConfigChange = () => {
       server.session?.notifyConfigChange();
     };
-    this.server.listen();
+    server.listen();
+    this.server = server;
   }
 }
