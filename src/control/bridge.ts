@@ -9,7 +9,7 @@ import { NetDevice } from '../devices/net/net-device';
 import { NullPort } from '../devices/net/null-port';
 import { deleteSwitch, getSwitch, type L2Switch } from '../devices/net/l2-switch';
 import { TapPort } from '../devices/net/tap-port';
-import { VhostUserServer } from '../vhost-user/server';
+import { idleServerStats, VhostUserServer } from '../vhost-user/server';
 import { ControlServer } from './control-server';
 import { claimSocketPath, setSocketAccess } from '../native/socket-guard';
 import { HttpApi } from '../api/http-api';
@@ -27,7 +27,8 @@ import { MsgShadowLink } from '../links/virtio-msg/msg-shadow-link';
 import type { ShadowLink } from '../bridge/shadow-link';
 import { PassthroughFunction } from '../links/vhost-user/passthrough';
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_NET } from '../virtio/constants';
-import { FunctionManager } from '../functions/function-manager';
+import { FunctionManager, type VfBackend } from '../functions/function-manager';
+import { RelayBinding } from '../bridge/relay-binding';
 import { functionRoutes } from '../functions/function-routes';
 import { FaultInjector, type FaultTarget } from '../faults/fault-injector';
 import { actionRoute } from './action-route';
@@ -104,6 +105,26 @@ function relayLink(spec: FunctionSpec, b: LinkBackend, log: Logger): ShadowLink 
   }
 }
 
+/**
+ * A VF's backend (the function manager's factory): a device in the bridge, or a
+ * relay over a link of its own, whose device comes once a backend attached and
+ * described it; releasing it closes the link (the backend is unplugged).
+ */
+export function createVfBackend(spec: FunctionSpec, switches: Map<string, L2Switch>, log: Logger, ready: (device: VirtioDevice) => void): VfBackend {
+  const b = spec.backend;
+  if (!isLinkBackend(b)) return createDevice(spec, switches);
+  // The topology refuses it already; a VF's pause could not take a passthrough back-end's rings back.
+  if (b.kind === 'vhost-user' && b.mode === 'passthrough') throw new Error(`${spec.name}: a VF cannot use passthrough`);
+  const binding = new RelayBinding({ name: spec.name, type: spec.type, queueSize: spec.queueSize, slotSize: b.slotSize }, relayLink(spec, b, log), log, ready);
+  binding.open();
+  return {
+    get device() {
+      return binding.device;
+    },
+    release: () => binding.close(),
+  };
+}
+
 function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): RunningFunction {
   const link = relayLink(spec, b, log);
   const fn = new RelayFunction({ name: spec.name, type: spec.type, socket: spec.socket, queueSize: spec.queueSize, slotSize: b.slotSize }, link, log);
@@ -121,7 +142,7 @@ function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): Running
     }),
     stats: () => {
       const st = fn.stats();
-      const server = st.server ?? { socket: spec.socket, connected: false, status: 0, needsReset: false, queues: [], dirtyLog: { logging: false, logBases: 0, pagesDirtied: 0 } };
+      const server = st.server ?? idleServerStats(spec.socket);
       return {
         name: spec.name,
         type: spec.type,
@@ -223,7 +244,13 @@ export class Bridge {
         functions.push(startFunction(spec, switches, log));
       }
       if (topology.pfs.length > 0) {
-        bridge.functionManager = FunctionManager.start({ pfs: topology.pfs, stateDir: topology.stateDir, createDevice: (spec) => createDevice(spec, switches), log, faults: (name) => bridge.faults.faultsOf(name) });
+        bridge.functionManager = FunctionManager.start({
+          pfs: topology.pfs,
+          stateDir: topology.stateDir,
+          createDevice: (spec, ready) => createVfBackend(spec, switches, log, ready),
+          log,
+          faults: (name) => bridge.faults.faultsOf(name),
+        });
         registerFunctionOperations(bridge.operations, bridge.functionManager);
       }
       const fm = bridge.functionManager;

@@ -74,7 +74,7 @@ export function formatVfs(vfs: readonly VfRow[]): string {
   if (vfs.length === 0) return 'no VFs\n';
   return formatTable(
     ['VF', 'STATE', 'SOCKET', 'GUEST (QMP)', 'BUS', 'BACKEND'],
-    vfs.map((v) => [v.name, v.state, v.socket, v.qmp ?? '-', v.bus ?? '-', v.file ?? v.mac ?? '-']),
+    vfs.map((v) => [v.name, v.state, v.socket, v.qmp ?? '-', v.bus ?? '-', [v.backend, ...(v.mac !== undefined ? [`mac ${v.mac}`] : []), ...(v.waiting ? ['(waiting for the backend)'] : [])].join(' ')]),
   );
 }
 

@@ -246,6 +246,14 @@ export function macPlus(base: string, n: number): string {
 }
 
 /**
+ * Why a VF cannot be a passthrough function: pausing a VF takes its rings from
+ * one backend and hands them to the next, which a relay can do unseen; a
+ * passthrough back-end works on the guest's memory and rings themselves.
+ */
+const PASSTHROUGH_VF =
+  'a VF cannot use passthrough: passthrough hands the guest\'s memory and rings to the back-end, and a pause cannot take them back without the guest noticing; use mode: relay';
+
+/**
  * The function spec of VF `n` of a PF, with `overrides` (run-time settings) applied
  * to the template first. Errors name the field as `functions[0].KEY`.
  */
@@ -255,6 +263,8 @@ export function vfSpec(pf: PfSpec, n: number, overrides: Readonly<Record<string,
   // The name check is for names people write; `pf0/vf1` is built here, in the form `vbridge vf` takes.
   const r = schemasFor(pf.baseDir).fn.safeParse({ ...raw, name: 'vf', type: pf.type }, { reportInput: true });
   if (!r.success) throw errorsOf(r.error.issues, ['functions', 0])[0] as TopologyError;
+  const b = r.data.spec.backend;
+  if (b.kind === 'vhost-user' && b.mode === 'passthrough') throw new TopologyError(['functions', 0, 'backend', 'mode'], PASSTHROUGH_VF);
   return { ...specOf(r.data, pf.topAccess), name: `${pf.name}/vf${n}` };
 }
 
@@ -287,11 +297,7 @@ function assemble(doc: TopologyDocument, raw: Obj, baseDir: string, sourceFile: 
     for (const [k, v] of Object.entries(rawPfs[i] ?? {})) if (k !== 'name' && k !== 'total-vfs' && k !== 'num-vfs') template[k] = v;
     const pf: PfSpec = { name: p.name, type: p.type, totalVfs: p['total-vfs'], numVfs: p['num-vfs'], template, baseDir, topAccess };
     // The last VF, {vf} expanded: a template that only fails once expanded fails at load time, naming the PF's field.
-    const last = checked(['pfs', i], () => vfSpec(pf, pf.totalVfs - 1));
-    // A VF is paused by handing its rings from one in-bridge device to another; linked backends cannot do that yet.
-    if (isLinkBackend(last.backend)) {
-      throw new TopologyError(['pfs', i, 'backend', 'link'], 'VF templates support local backends (file, switch, sink) only for now');
-    }
+    checked(['pfs', i], () => vfSpec(pf, pf.totalVfs - 1));
     return pf;
   });
   const switches = [...(doc.switches ?? [])];
@@ -314,6 +320,13 @@ function assemble(doc: TopologyDocument, raw: Obj, baseDir: string, sourceFile: 
       const dup = sockets.get(vf.socket);
       if (dup !== undefined) throw new TopologyError(['pfs', i, 'socket'], `${vf.socket} (VF ${n}) is already used by another function; put {vf} in the path`);
       sockets.set(vf.socket, -1);
+      // Each VF's link is its own: an attach socket has one listener, a vhost-user back-end serves one front-end.
+      const b = vf.backend;
+      if (b.kind === 'pcie' || b.kind === 'vhost-user') {
+        const [key, endpoint] = b.kind === 'pcie' ? ['attach', b.attach] : ['socket', b.socket];
+        if (sockets.has(endpoint)) throw new TopologyError(['pfs', i, 'backend', key], `${endpoint} (VF ${n}) is already used by another function; put {vf} in the path`);
+        sockets.set(endpoint, -1);
+      }
     }
   });
   const swNames = new Set<string>();

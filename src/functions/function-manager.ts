@@ -11,11 +11,12 @@
  * Linux SR-IOV does, and the VF comes back with a new device and is resumed.
  */
 import type { VirtioDevice } from '../devices/device';
-import { VhostUserServer } from '../vhost-user/server';
+import { idleServerStats, VhostUserServer } from '../vhost-user/server';
 import { setSocketAccess } from '../native/socket-guard';
 import type { Logger } from '../log';
 import type { FunctionStatsRow } from '../control/stats-format';
 import { type FunctionSpec, type PfSpec, TopologyError, vfSpec } from '../control/topology';
+import { describeBackend } from './backend-setting';
 import { PausableDevice } from './pausable-device';
 import type { FaultTarget } from '../faults/fault-injector';
 import type { FunctionFaults } from '../faults/function-faults';
@@ -60,12 +61,28 @@ export interface VfRow {
   mac?: string;
   file?: string;
   queues: number;
+  /** Where its device runs: `file PATH`, `switch NAME`, `sink`, `pcie ATTACH`, `vhost-user SOCKET`. */
+  backend: string;
+  /** Bound to a linked backend that has not attached yet: the guest's requests wait. */
+  waiting: boolean;
 }
 
-export type VfSetting = 'file' | 'mac' | 'queues';
+export const VF_SETTINGS = ['file', 'mac', 'queues'] as const;
+export type VfSetting = (typeof VF_SETTINGS)[number];
 
-/** Makes a VF's device from its spec, and how to let go of it. */
-export type DeviceFactory = (spec: FunctionSpec) => { device: VirtioDevice; release: () => void };
+/** A VF's backend, made from its spec: a device in the bridge, or a link to a backend elsewhere. */
+export interface VfBackend {
+  /** The device now; null while a linked backend has not attached yet (the factory's `ready` brings it). */
+  readonly device: VirtioDevice | null;
+  release(): void;
+}
+
+/**
+ * Makes a VF's backend from its spec. A linked backend's device exists once the
+ * backend attached and described it: the factory calls `ready` with it then, and
+ * a throw from `ready` refuses that backend (it does not fit the guest's device).
+ */
+export type DeviceFactory = (spec: FunctionSpec, ready: (device: VirtioDevice) => void) => VfBackend;
 
 export interface FunctionManagerOptions {
   pfs: readonly PfSpec[];
@@ -85,16 +102,21 @@ export interface FunctionManagerOptions {
 
 /** Why backend-down does not apply to a VF. */
 const VF_NO_BACKEND_LINK = "a VF's device runs in the bridge (a local backend): there is no link to a backend to cut";
+/** Why backend-down does not apply to a VF on a link (yet): its link is made again at each resume. */
+const VF_LINK_NOT_CUT = "backend-down does not reach a VF's link, which each resume makes anew; vbridge vf pause releases its backend";
 
 interface Vf {
   readonly pf: Pf;
   readonly index: number;
   spec: FunctionSpec;
   overrides: VfOverrides;
-  proxy: PausableDevice;
-  server: VhostUserServer;
-  /** Releases the device the proxy serves with; null while paused. */
-  release: (() => void) | null;
+  /**
+   * Its vhost-user port, made with its first device: a VF on a link listens once
+   * the backend has described the device the guest will see (as a relay function does).
+   */
+  port: { proxy: PausableDevice; server: VhostUserServer } | null;
+  /** The backend it serves with, or waits for (a link not attached yet); null while paused. */
+  backend: VfBackend | null;
   attachment: Attachment | null;
   /** Paused by `vf pause` (a pause inside num-vfs or set is not this). */
   userPaused: boolean;
@@ -136,9 +158,8 @@ export class FunctionManager {
         for (let i = 0; i < n; i++) {
           const vs = s?.vfs[String(i)];
           if (vs !== undefined) pf.overrides.set(i, vs.overrides);
-          const vf = m.createVf(pf, i);
+          const vf = m.createVf(pf, i, undefined, vs?.paused === true);
           vf.attachment = vs?.attachment ?? null;
-          if (vs?.paused === true) m.pauseVf(vf, true);
           pf.vfs.push(vf);
         }
         pf.numVfs = n;
@@ -166,7 +187,7 @@ export class FunctionManager {
 
   /** Per-VF counters in the shape of `vbridge stats` rows (link "vf", "vf paused" while paused). */
   stats(): FunctionStatsRow[] {
-    return [...this.pfs.values()].flatMap((p) => p.vfs.map((vf) => ({ name: vf.spec.name, type: vf.spec.type, link: vf.release === null ? 'vf paused' : 'vf', ...vf.server.stats() })));
+    return [...this.pfs.values()].flatMap((p) => p.vfs.map((vf) => ({ name: vf.spec.name, type: vf.spec.type, link: vf.backend === null ? 'vf paused' : vf.port === null || vf.port.proxy.paused ? 'vf waiting' : 'vf', ...(vf.port?.server.stats() ?? idleServerStats(vf.spec.socket)) })));
   }
 
   /**
@@ -177,13 +198,14 @@ export class FunctionManager {
   faultTarget(name: string): FaultTarget | undefined {
     const vf = this.vfNamed(name);
     if (vf === undefined) return undefined;
+    const linked = vf.spec.backend.kind === 'pcie' || vf.spec.backend.kind === 'vhost-user';
     return {
       type: vf.spec.type,
       link: 'vf',
-      device: () => this.vfNamed(name)?.proxy ?? null,
-      frontend: vf.server,
-      refusal: null,
-      backend: VF_NO_BACKEND_LINK,
+      device: () => this.vfNamed(name)?.port?.proxy ?? null,
+      frontend: vf.port?.server ?? null,
+      refusal: vf.port === null ? 'its linked backend has not attached yet, so the bridge serves no guest-facing device for it' : null,
+      backend: linked ? VF_LINK_NOT_CUT : VF_NO_BACKEND_LINK,
     };
   }
 
@@ -191,8 +213,10 @@ export class FunctionManager {
    * The stand-in VF `name`'s session talks to, undefined when there is no such
    * VF: traces and captures attach to it and follow the VF across pause and resume.
    */
-  vfStandIn(name: string): PausableDevice | undefined {
-    return this.vfNamed(name)?.proxy;
+  vfStandIn(name: string): PausableDevice | null | undefined {
+    const vf = this.vfNamed(name);
+    // Null: a VF on a link whose backend has not described its device yet.
+    return vf === undefined ? undefined : (vf.port?.proxy ?? null);
   }
 
   private vfNamed(name: string): Vf | undefined {
@@ -202,7 +226,7 @@ export class FunctionManager {
 
   /** The device a VF serves with now (null while paused); tests read its state. */
   vfDevice(name: string): VirtioDevice | null {
-    return this.findVf(name).proxy.current;
+    return this.findVf(name).port?.proxy.current ?? null;
   }
 
   /**
@@ -210,7 +234,7 @@ export class FunctionManager {
    * VFs plugged into guests are paused across it and keep their sessions.
    */
   setNumVfs(pfName: string, n: number): Promise<PfRow> {
-    return this.serial(() => {
+    return this.serial(async () => {
       const pf = this.pf(pfName);
       if (!Number.isInteger(n) || n < 0) throw new FunctionError(`num-vfs must be a non-negative integer, got ${n}`, 400);
       if (n > pf.spec.totalVfs) throw new FunctionError(`${pfName}: num-vfs ${n} is above total-vfs (${pf.spec.totalVfs}); nothing changed`, 400);
@@ -221,7 +245,7 @@ export class FunctionManager {
       if (n === pf.numVfs) return this.pfRow(pf);
       const t0 = performance.now();
       const kept = pf.vfs.filter((v) => v.attachment !== null);
-      for (const vf of kept) if (vf.release !== null) this.pauseVf(vf, false);
+      for (const vf of kept) await this.pauseVf(vf, false);
       for (const vf of pf.vfs) if (vf.attachment === null) this.destroyVf(vf);
       const from = pf.numVfs;
       pf.numVfs = 0;
@@ -331,10 +355,10 @@ export class FunctionManager {
 
   /** Freeze a VF host-side: its guest keeps the device, requests wait in the rings, the backend is released. */
   pause(name: string): Promise<VfRow> {
-    return this.serial(() => {
+    return this.serial(async () => {
       const vf = this.findVf(name);
       if (vf.userPaused) throw new FunctionError(`${name} is already paused`, 409);
-      this.pauseVf(vf, true);
+      await this.pauseVf(vf, true);
       this.persist();
       return this.row(vf);
     });
@@ -353,7 +377,7 @@ export class FunctionManager {
 
   /** Change one setting of a VF; a running VF is paused across the change, so its guest sees no removal. */
   set(name: string, key: string, value: string): Promise<VfRow> {
-    return this.serial(() => {
+    return this.serial(async () => {
       const vf = this.findVf(name);
       const next: VfOverrides = { ...vf.overrides };
       if (key === 'file') {
@@ -368,14 +392,14 @@ export class FunctionManager {
         if (vf.attachment !== null && q !== vf.spec.queues) throw new FunctionError(`${name}: the guest cannot change its queue count; detach, set queues, attach again`, 409);
         next.queues = q;
       } else {
-        throw new FunctionError(`unknown VF setting "${key}" (settable: file, mac, queues)`, 400);
+        throw new FunctionError(`unknown VF setting "${key}" (settable: ${VF_SETTINGS.join(', ')})`, 400);
       }
       const spec = this.specOf(vf.pf, vf.index, next);
       if (spec.queues !== vf.spec.queues) return this.recreate(vf, next);
-      const running = vf.release !== null;
+      const running = vf.backend !== null;
       // Open the new backend first: a file that cannot be opened leaves the VF as it was.
-      const made = this.make(spec);
-      if (running) this.pauseVf(vf, false);
+      const made = this.make(vf, spec);
+      if (running) await this.pauseVf(vf, false);
       vf.overrides = next;
       vf.spec = spec;
       vf.pf.overrides.set(vf.index, next);
@@ -439,33 +463,44 @@ export class FunctionManager {
    */
   private recreate(vf: Vf, next: VfOverrides): VfRow {
     const name = vf.spec.name;
-    if (vf.server.connected) throw new FunctionError(`${name}: a front-end is connected and cannot see its queue count change; disconnect it first`, 409);
+    if (vf.port?.server.connected === true) throw new FunctionError(`${name}: a front-end is connected and cannot see its queue count change; disconnect it first`, 409);
     const pf = vf.pf;
     const old = pf.overrides.get(vf.index);
     pf.overrides.set(vf.index, next);
     this.destroyVf(vf);
     let fresh: Vf;
     try {
-      fresh = this.createVf(pf, vf.index);
+      fresh = this.createVf(pf, vf.index, next, vf.userPaused);
     } catch (e) {
       if (old !== undefined) pf.overrides.set(vf.index, old);
       else pf.overrides.delete(vf.index);
-      pf.vfs[vf.index] = this.createVf(pf, vf.index);
+      pf.vfs[vf.index] = this.createVf(pf, vf.index, old, vf.userPaused);
       throw e;
     }
-    if (vf.userPaused) this.pauseVf(fresh, true);
     pf.vfs[vf.index] = fresh;
     this.persist();
     return this.row(fresh);
   }
 
-  /** The factory's errors (a file that cannot be opened, ...) are bad input: nothing has changed yet. */
-  private make(spec: FunctionSpec): { device: VirtioDevice; release: () => void } {
+  /**
+   * The VF's backend for `spec`. The factory's errors (a file that cannot be
+   * opened, an attach socket that cannot be bound) are bad input: nothing has
+   * changed yet. A linked backend's device comes later, and is plugged in only
+   * if this backend is still the VF's by then.
+   */
+  private make(vf: Vf, spec: FunctionSpec): VfBackend {
+    let made: VfBackend | null = null;
+    const ready = (device: VirtioDevice): void => {
+      if (made === null || vf.backend !== made) return;
+      this.plug(vf, device);
+      this.opts.log.info(`${vf.spec.name}: its backend attached; serving`);
+    };
     try {
-      return this.opts.createDevice(spec);
+      made = this.opts.createDevice(spec, ready);
     } catch (e) {
       throw new FunctionError(`${spec.name}: cannot open its backend: ${(e as Error).message}`, 400);
     }
+    return made;
   }
 
   /**
@@ -496,55 +531,79 @@ export class FunctionManager {
     return vfs;
   }
 
-  private createVf(pf: Pf, index: number, overrides: VfOverrides = pf.overrides.get(index) ?? {}): Vf {
+  /** A VF made from its settings; `paused`: its backend is let go at once (a linked one is not waited for). */
+  private createVf(pf: Pf, index: number, overrides: VfOverrides = pf.overrides.get(index) ?? {}, paused = false): Vf {
     const spec = this.specOf(pf, index, overrides);
-    const made = this.make(spec);
-    const proxy = new PausableDevice(made.device);
-    setSocketAccess(spec.socket, spec.socketAccess);
-    const server = new VhostUserServer(spec.socket, proxy, this.opts.log);
+    const vf: Vf = { pf, index, spec, overrides, port: null, backend: null, attachment: null, userPaused: paused };
+    const made = this.make(vf, spec);
+    if (paused) {
+      // A device in the bridge describes the VF, so its port listens as before the restart.
+      if (made.device !== null) this.openPort(vf, made.device, true);
+      made.release();
+      return vf;
+    }
     try {
-      server.listen();
+      this.bind(vf, made);
     } catch (e) {
+      vf.port?.server.close();
+      vf.backend = null;
       made.release();
       throw e;
     }
-    const f = this.opts.faults?.(spec.name);
-    if (f !== undefined) {
-      if (f.armed) proxy.faults = f;
-      if (f.linkDown) server.linkDown();
-    }
-    return { pf, index, spec, overrides, proxy, server, release: made.release, attachment: null, userPaused: false };
+    return vf;
   }
 
   private destroyVf(vf: Vf): void {
-    vf.server.close();
-    vf.release?.();
-    vf.release = null;
+    vf.port?.server.close();
+    vf.backend?.release();
+    vf.backend = null;
   }
 
-  private pauseVf(vf: Vf, byUser: boolean): void {
+  private async pauseVf(vf: Vf, byUser: boolean): Promise<void> {
     if (byUser) vf.userPaused = true;
-    if (vf.release === null) return;
-    const release = vf.release;
-    vf.proxy.pause();
-    vf.release = null;
-    release();
+    const backend = vf.backend;
+    if (backend === null) return;
+    // First: a linked backend attaching while the queues settle is not plugged in.
+    vf.backend = null;
+    if (vf.port !== null && !vf.port.proxy.paused) await vf.port.proxy.pause();
+    backend.release();
   }
 
   private resumeVf(vf: Vf): void {
     vf.userPaused = false;
-    if (vf.release !== null) return;
-    this.bind(vf, this.make(vf.spec));
+    if (vf.backend !== null) return;
+    this.bind(vf, this.make(vf, vf.spec));
   }
 
-  private bind(vf: Vf, made: { device: VirtioDevice; release: () => void }): void {
+  /** Serve the VF with `made`: now, or once its linked backend attached (the guest's kicks wait meanwhile). */
+  private bind(vf: Vf, made: VfBackend): void {
     try {
-      vf.proxy.resume(made.device);
+      if (made.device !== null) this.plug(vf, made.device);
     } catch (e) {
       made.release();
       throw e;
     }
-    vf.release = made.release;
+    vf.backend = made;
+  }
+
+  /** The VF's device is there: its first one opens the port, a later one resumes the paused queues. Throws when it does not fit. */
+  private plug(vf: Vf, device: VirtioDevice): void {
+    if (vf.port === null) this.openPort(vf, device, false);
+    else vf.port.proxy.resume(device);
+  }
+
+  private openPort(vf: Vf, device: VirtioDevice, paused: boolean): void {
+    const proxy = new PausableDevice(device, { paused });
+    setSocketAccess(vf.spec.socket, vf.spec.socketAccess);
+    const server = new VhostUserServer(vf.spec.socket, proxy, this.opts.log);
+    server.listen();
+    // Faults injected into the VF before it was made (again) hold on the new port too.
+    const f = this.opts.faults?.(vf.spec.name);
+    if (f !== undefined) {
+      if (f.armed) proxy.faults = f;
+      if (f.linkDown) server.linkDown();
+    }
+    vf.port = { proxy, server };
   }
 
   private async qmp(path: string): Promise<QmpClient> {
@@ -611,7 +670,7 @@ export class FunctionManager {
   }
 
   private row(vf: Vf): VfRow {
-    const state: VfStateName = vf.userPaused || vf.release === null ? 'paused' : vf.attachment !== null ? 'attached' : 'detached';
+    const state: VfStateName = vf.userPaused || vf.backend === null ? 'paused' : vf.attachment !== null ? 'attached' : 'detached';
     const spec = vf.spec;
     return {
       name: spec.name,
@@ -621,7 +680,9 @@ export class FunctionManager {
       socket: spec.socket,
       qmp: vf.attachment?.qmp ?? null,
       bus: vf.attachment?.bus ?? null,
-      connected: vf.server.connected,
+      connected: vf.port?.server.connected ?? false,
+      backend: describeBackend(spec),
+      waiting: vf.backend !== null && (vf.port === null || vf.port.proxy.paused),
       ...(spec.type === 'net' ? { mac: spec.mac ?? defaultMac(vf) } : {}),
       ...(spec.type === 'blk' && spec.backend.kind === 'file' ? { file: spec.backend.file } : {}),
       queues: spec.queues,

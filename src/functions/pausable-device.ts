@@ -2,8 +2,9 @@
  * The device a VF's vhost-user session talks to: a stand-in that forwards to
  * the VF's current device and can let go of it without the front-end noticing.
  *
- * Pause stops every started queue of the device (a device completes or gives
- * back what it took before stopQueue returns) and releases it; kicks that come
+ * Pause settles every started queue of the device (a relay waits for its backend
+ * to return what it took; a device in the bridge completes or gives back what it
+ * took before stopQueue returns) and releases it; kicks that come
  * meanwhile are only remembered, so new requests wait in the guest's rings.
  * Resume hands the same queues (ring positions kept) to a device that may be a
  * new one with another backend, replays the negotiated features, and kicks
@@ -47,6 +48,8 @@ export class PausableDevice implements VirtioDevice {
   private inner: VirtioDevice | null;
   private readonly started: (DeviceQueue | null)[];
   private negotiated: bigint | null = null;
+  /** A pause settling the device's queues: a GET_VRING_BASE meanwhile must read the positions it leaves. */
+  private settling: Promise<void> | null = null;
   private fatal: ((err: Error) => void) | undefined;
   /** What the first device offered: a front-end that reconnects while paused still gets an answer. */
   private readonly offered: bigint;
@@ -57,8 +60,9 @@ export class PausableDevice implements VirtioDevice {
   readonly requests?: ForwardedTap<BlkRequestTap>;
   readonly frames?: ForwardedTap<FrameTap>;
 
-  constructor(device: VirtioDevice) {
-    this.inner = device;
+  /** `paused`: the device only describes the function (features, queues); it is not served with and stays the caller's. */
+  constructor(device: VirtioDevice, opts: { paused?: boolean } = {}) {
+    this.inner = opts.paused === true ? null : device;
     this.name = device.name;
     this.deviceId = device.deviceId;
     this.maxQueues = device.maxQueues;
@@ -102,16 +106,31 @@ export class PausableDevice implements VirtioDevice {
     if (this.inner !== null) this.inner.faults = f;
   }
 
-  /** Stop serving and return the device, which the caller now owns (to close it). Paused twice is an error. */
-  pause(): VirtioDevice {
+  /**
+   * Stop serving and return the device, which the caller now owns (to close it).
+   * Kicks are held from the call on; a device that hands chains further on (a
+   * relay: its backend) settles them first (quiesce): what it took completes,
+   * what it never passed on goes back to the guest's rings to wait. Paused twice
+   * is an error.
+   */
+  async pause(): Promise<VirtioDevice> {
     const d = this.inner;
     if (d === null) throw new Error(`${this.name}: already paused`);
+    this.inner = null;
+    const settle = (async (): Promise<void> => {
+      for (const q of this.started) if (q !== null) await d.quiesce?.(q.index);
+    })();
+    this.settling = settle;
+    try {
+      await settle;
+    } finally {
+      this.settling = null;
+    }
     for (let i = 0; i < this.started.length; i++) if (this.started[i] !== null) d.stopQueue(i);
     d.onFatal = undefined;
     d.faults = null;
     if (d.requests !== undefined) d.requests.tap = null;
     if (d.frames !== undefined) d.frames.tap = null;
-    this.inner = null;
     return d;
   }
 
@@ -121,7 +140,7 @@ export class PausableDevice implements VirtioDevice {
    * will not negotiate again.
    */
   resume(device: VirtioDevice): void {
-    if (this.inner !== null) throw new Error(`${this.name}: not paused`);
+    if (this.inner !== null || this.settling !== null) throw new Error(`${this.name}: not paused`);
     if (device.deviceId !== this.deviceId || device.maxQueues !== this.maxQueues) {
       throw new Error(`${this.name}: the new device (id ${device.deviceId}, ${device.maxQueues} queues) does not match the one the guest knows (id ${this.deviceId}, ${this.maxQueues} queues)`);
     }
@@ -170,6 +189,7 @@ export class PausableDevice implements VirtioDevice {
   }
 
   async quiesce(index: number): Promise<void> {
+    await this.settling;
     await this.inner?.quiesce?.(index);
   }
 

@@ -31,6 +31,11 @@ export interface VhostUserServerStats {
 
 const LISTEN_BACKLOG = 4;
 
+/** The stats of a port that does not listen yet (its device waits for a backend to describe it). */
+export function idleServerStats(socket: string): VhostUserServerStats {
+  return { socket, connected: false, status: 0, needsReset: false, queues: [], dirtyLog: { logging: false, ...newDirtyLogCounters() } };
+}
+
 export class VhostUserServer {
   private readonly listener: UnixListener;
   private active: VhostUserBackend | null = null;

@@ -5,7 +5,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { UsageError } from '../../src/control/args';
 import { ControlServer } from '../../src/control/control-server';
-import { createDevice } from '../../src/control/bridge';
+import { createVfBackend } from '../../src/control/bridge';
 import { validateTopology } from '../../src/control/topology';
 import { formatPfs, formatVfs, runFunctionCommand } from '../../src/control/function-commands';
 import { FunctionManager } from '../../src/functions/function-manager';
@@ -36,7 +36,7 @@ test('malformed command lines are usage errors before anything is sent', async (
 test('the commands drive a manager over a real control socket; refusals come back as errors', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbcli-'));
   const t = validateTopology({ pfs: [{ name: 'pf0', type: 'blk', 'total-vfs': 3, 'num-vfs': 1, socket: 'v{vf}.sock', backend: { file: 'v{vf}.img', size: '1M' } }] }, dir);
-  const m = FunctionManager.start({ pfs: t.pfs, createDevice: (s) => createDevice(s, new Map()), log: silentLogger });
+  const m = FunctionManager.start({ pfs: t.pfs, createDevice: (s, ready) => createVfBackend(s, new Map(), silentLogger, ready), log: silentLogger });
   const control = path.join(dir, 'ctl.sock');
   const cs = await ControlServer.listen(control, { stats: () => ({ uptimeSeconds: 0, functions: [], switches: [] }), routes: [functionRoutes(m)] });
   let out = '';
@@ -64,6 +64,6 @@ test('the commands drive a manager over a real control socket; refusals come bac
 test('tables: a header and one line per row', () => {
   assert.equal(formatPfs([]), 'no PFs\n');
   assert.equal(formatPfs([{ name: 'pf0', type: 'blk', totalVfs: 8, numVfs: 2 }]), 'PF   TYPE  NUM-VFS  TOTAL-VFS\npf0  blk   2        8\n');
-  const t = formatVfs([{ name: 'pf0/vf0', pf: 'pf0', index: 0, state: 'attached', socket: '/s', qmp: '/q', bus: 'rp1', connected: true, file: '/f', queues: 1 }]);
-  assert.equal(t.split('\n')[1].split(/ +/).join(' '), 'pf0/vf0 attached /s /q rp1 /f');
+  const t = formatVfs([{ name: 'pf0/vf0', pf: 'pf0', index: 0, state: 'attached', socket: '/s', qmp: '/q', bus: 'rp1', connected: true, file: '/f', queues: 1, backend: 'file /f', waiting: false }]);
+  assert.equal(t.split('\n')[1].split(/ +/).join(' '), 'pf0/vf0 attached /s /q rp1 file /f');
 });

@@ -26,7 +26,7 @@ function write(driver: MockDriver, sector: number, data: Uint8Array): number {
   return driver.addChain([{ data: blkHeader(BLK_T_OUT, sector) }, { data }, { writable: true, len: 1 }]);
 }
 
-test('pause: requests wait in the ring, the device is released; resume on another image serves them there', () => {
+test('pause: requests wait in the ring, the device is released; resume on another image serves them there', async () => {
   const a = tempDisk(DISK);
   const b = tempDisk(DISK);
   const r = rig(a);
@@ -34,7 +34,7 @@ test('pause: requests wait in the ring, the device is released; resume on anothe
   r.proxy.kick(0);
   assert.ok(r.driver.popUsed() !== null, 'served before the pause');
 
-  const released = r.proxy.pause();
+  const released = await r.proxy.pause();
   assert.equal(released, r.first);
   assert.equal(r.proxy.paused, true);
   (released as BlkDevice).close();
@@ -62,20 +62,20 @@ test('pause: requests wait in the ring, the device is released; resume on anothe
   assert.deepEqual(r.driver.readBytes(seg.addr, 512), new Uint8Array(fs.readFileSync(b).subarray(0, 512)));
 });
 
-test('pause twice, resume when running, and a device of another kind are refused', () => {
+test('pause twice, resume when running, and a device of another kind are refused', async () => {
   const r = rig(tempDisk(DISK));
   assert.throws(() => r.proxy.resume(new BlkDevice({ name: 'x', file: tempDisk(DISK) })), /not paused/);
-  r.proxy.pause();
-  assert.throws(() => r.proxy.pause(), /already paused/);
+  await r.proxy.pause();
+  await assert.rejects(r.proxy.pause(), /already paused/);
   assert.throws(() => r.proxy.resume(new NetDevice({ name: 'n' })), /does not match/);
   assert.equal(r.proxy.paused, true, 'a refused resume leaves it paused');
   assert.throws(() => r.proxy.readConfig(0, 8), /paused/);
   assert.equal(r.proxy.features(), r.first.features(), 'features are still answered while paused');
 });
 
-test('a reset while paused forgets the queues: resume starts none', () => {
+test('a reset while paused forgets the queues: resume starts none', async () => {
   const r = rig(tempDisk(DISK));
-  r.proxy.pause();
+  await r.proxy.pause();
   r.proxy.reset();
   const next = new BlkDevice({ name: 'vf', file: tempDisk(DISK) });
   r.proxy.resume(next);

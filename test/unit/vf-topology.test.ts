@@ -36,6 +36,28 @@ test('pfs and state-dir load beside plain functions; {vf} expands; net VFs count
   assert.equal(o.type === 'net' ? o.mac : undefined, '02:00:00:00:00:01', 'an override MAC is taken as is');
 });
 
+test('VF templates on links: pcie and vhost-user relay load with {vf} expanded; passthrough is refused, saying why', () => {
+  const t = validateTopology(
+    {
+      pfs: [
+        { ...BLK_PF, backend: { link: 'pcie', attach: 'pf0-vf{vf}.attach', 'bar-size': '4M' } },
+        { ...BLK_PF, name: 'pf2', socket: '/run/vb/pf2-vf{vf}.sock', backend: { link: 'vhost-user', socket: '/run/qsd-vf{vf}.sock', mode: 'relay' } },
+      ],
+    },
+    '/base',
+  );
+  const p = vfSpec(t.pfs[0], 3);
+  assert.ok(p.backend.kind === 'pcie');
+  assert.equal(p.backend.attach, '/base/pf0-vf3.attach');
+  assert.equal(p.backend.barSize, 4 << 20);
+  const v = vfSpec(t.pfs[1], 1);
+  assert.ok(v.backend.kind === 'vhost-user');
+  assert.deepEqual([v.backend.socket, v.backend.mode], ['/run/qsd-vf1.sock', 'relay']);
+  const pt = { pfs: [{ ...BLK_PF, backend: { link: 'vhost-user', socket: '/run/qsd-vf{vf}.sock', mode: 'passthrough' } }] };
+  assert.equal(fieldOf(pt), 'pfs[0].backend.mode');
+  assert.throws(() => validateTopology(pt, '/base'), /pfs\[0\]\.backend\.mode: a VF cannot use passthrough: passthrough hands the guest's memory and rings to the back-end, and a pause cannot take them back without the guest noticing; use mode: relay/);
+});
+
 test('a topology with only pfs is valid; neither functions nor pfs is not', () => {
   assert.equal(validateTopology({ pfs: [BLK_PF] }, '/base').functions.length, 0);
   assert.equal(fieldOf({ pfs: [] }), 'functions');
@@ -49,7 +71,10 @@ test('bad PFs are refused naming the field', () => {
   assert.equal(fieldOf({ pfs: [{ ...BLK_PF, colour: 'red' }] }), 'pfs[0].colour');
   assert.equal(fieldOf({ pfs: [{ ...BLK_PF, socket: '/run/vb/same.sock' }] }), 'pfs[0].socket', 'every VF needs its own socket');
   assert.equal(fieldOf({ pfs: [{ ...BLK_PF, backend: { size: '1M' } }] }), 'pfs[0].backend.file');
-  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, backend: { link: 'pcie', attach: '/run/x' } }] }), 'pfs[0].backend.link');
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, backend: { link: 'pcie', attach: '/run/x' } }] }), 'pfs[0].backend.attach', 'every VF needs its own attach socket');
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, backend: { link: 'vhost-user', socket: '/run/qsd.sock' } }] }), 'pfs[0].backend.socket', 'every VF needs its own back-end');
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, backend: { link: 'pcie', attach: '/run/vb/pf0-vf{vf}.sock' } }] }), 'pfs[0].backend.attach', 'an attach socket is not a VF socket');
+  assert.equal(fieldOf({ pfs: [{ ...BLK_PF, backend: { link: 'pcie', attach: '/run/x{vf}', colour: 1 } }] }), 'pfs[0].backend.colour');
   assert.equal(fieldOf({ pfs: [BLK_PF, { ...NET_PF, name: 'pf0' }] }), 'pfs[1].name');
   assert.equal(fieldOf({ pfs: [{ ...NET_PF, mac: 'nope' }] }), 'pfs[0].mac');
   assert.equal(fieldOf({ pfs: 'pf0' }), 'pfs');
