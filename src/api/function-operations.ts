@@ -5,7 +5,7 @@
  * FunctionError carries the HTTP status), so every refusal reads the same on
  * the control socket and over HTTP.
  */
-import { FunctionError, type FunctionManager, type PfRow, type VfRow, VF_STATES } from '../functions/function-manager';
+import { FunctionError, type FunctionManager, type PfRow, type VfRow, VF_SETTINGS, VF_STATES } from '../functions/function-manager';
 import { ApiError, type JsonObject, type JsonValue, type Operations } from './operations';
 import type { MetricFamily } from './prometheus';
 
@@ -35,8 +35,6 @@ function noArgs(action: string, args: JsonObject): void {
   const keys = Object.keys(args);
   if (keys.length > 0) throw new ApiError(400, `${action} takes no arguments (got ${keys.join(', ')})`);
 }
-
-const VF_SETTINGS = ['file', 'mac', 'queues'] as const;
 
 export function registerFunctionOperations(ops: Operations, fm: FunctionManager): void {
   const vf = (id: string): VfRow | undefined => fm.listVfs().find((v) => v.name === id);
@@ -91,7 +89,8 @@ export function registerFunctionOperations(ops: Operations, fm: FunctionManager)
     });
   }
   ops.addAction('vfs', 'set', {
-    summary: 'Change one setting of the VF ({"file": PATH} | {"mac": MAC} | {"queues": N}); a running VF is paused across it.',
+    summary:
+      'Change one setting of the VF ({"file": PATH} | {"mac": MAC} | {"queues": N} | {"backend": MAPPING}); a running VF is paused across it. MAPPING is a backend as the topology writes it: a JSON object, or a string in YAML flow syntax.',
     refusal: () => null,
     run: (id, args) => {
       const keys = Object.keys(args);
@@ -100,7 +99,9 @@ export function registerFunctionOperations(ops: Operations, fm: FunctionManager)
         throw new ApiError(400, `expected exactly one of ${VF_SETTINGS.join(', ')}`);
       }
       const v = args[key];
-      if (typeof v !== 'string' && typeof v !== 'number') throw new ApiError(400, `"${key}" must be a string or a number`);
+      // A mapping in JSON is one in YAML flow syntax too: the manager parses both alike.
+      if (key === 'backend' && typeof v === 'object' && v !== null && !Array.isArray(v)) return managed(() => fm.set(id, key, JSON.stringify(v)));
+      if (typeof v !== 'string' && typeof v !== 'number') throw new ApiError(400, `"${key}" must be a ${key === 'backend' ? 'mapping or a string' : 'string or a number'}`);
       return managed(() => fm.set(id, key, String(v)));
     },
   });

@@ -17,7 +17,12 @@ export const FUNCTION_USAGE = `usage:
   vbridge vf detach PF/VFn
   vbridge vf pause PF/VFn
   vbridge vf resume PF/VFn
-  vbridge vf set PF/VFn file PATH | mac MAC | queues N
+  vbridge vf set PF/VFn file PATH | mac MAC | queues N | backend SPEC
+      SPEC: a backend mapping in YAML flow syntax, as the topology writes it
+      (quote it for the shell), e.g. '{ file: /img/b.img }',
+      '{ link: pcie, attach: /run/vb/pf0-vf1.attach }', '{ switch: sw1 }';
+      {vf} expands to the VF index (quote a value holding it: "vf{vf}.img");
+      relative paths resolve against the topology file's folder, as there
 
 options: --control PATH (default: the only bridge running), --json
 `;
@@ -191,8 +196,7 @@ async function runGroup(group: 'pf' | 'vf', args: ParsedArgs, out: (s: string) =
     case 'set': {
       const name = vfArg(rest[0], verb);
       const [key, value] = rest.slice(1);
-      if (key === 'backend') throw new UsageError('vf set ... backend is not supported yet (settable: file, mac, queues)', FUNCTION_USAGE);
-      if (key === undefined || value === undefined) throw new UsageError('usage: vbridge vf set PF/VFn file PATH | mac MAC | queues N', FUNCTION_USAGE);
+      if (key === undefined || value === undefined) throw new UsageError('usage: vbridge vf set PF/VFn file PATH | mac MAC | queues N | backend SPEC', FUNCTION_USAGE);
       extra(3);
       return showVf(await request<VfRow>(control(), 'POST', vfPath(name, 'set'), { key, value: key === 'file' ? path.resolve(value) : value }));
     }

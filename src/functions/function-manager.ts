@@ -16,7 +16,7 @@ import { setSocketAccess } from '../native/socket-guard';
 import type { Logger } from '../log';
 import type { FunctionStatsRow } from '../control/stats-format';
 import { type FunctionSpec, type PfSpec, TopologyError, vfSpec } from '../control/topology';
-import { describeBackend } from './backend-setting';
+import { describeBackend, parseBackendSetting } from './backend-setting';
 import { PausableDevice } from './pausable-device';
 import type { FaultTarget } from '../faults/fault-injector';
 import type { FunctionFaults } from '../faults/function-faults';
@@ -67,7 +67,7 @@ export interface VfRow {
   waiting: boolean;
 }
 
-export const VF_SETTINGS = ['file', 'mac', 'queues'] as const;
+export const VF_SETTINGS = ['file', 'mac', 'queues', 'backend'] as const;
 export type VfSetting = (typeof VF_SETTINGS)[number];
 
 /** A VF's backend, made from its spec: a device in the bridge, or a link to a backend elsewhere. */
@@ -375,7 +375,11 @@ export class FunctionManager {
     });
   }
 
-  /** Change one setting of a VF; a running VF is paused across the change, so its guest sees no removal. */
+  /**
+   * Change one setting of a VF; a running VF is paused across the change, so its
+   * guest sees no removal. `backend` takes a backend mapping in YAML flow syntax,
+   * as the topology writes it, and replaces the template's backend (and a `file` set before).
+   */
   set(name: string, key: string, value: string): Promise<VfRow> {
     return this.serial(async () => {
       const vf = this.findVf(name);
@@ -383,6 +387,13 @@ export class FunctionManager {
       if (key === 'file') {
         if (vf.pf.spec.type !== 'blk') throw new FunctionError(`${name}: only blk VFs have a file`, 400);
         next.file = value;
+      } else if (key === 'backend') {
+        try {
+          next.backend = parseBackendSetting(value);
+        } catch (e) {
+          throw new FunctionError(`${name}: ${(e as Error).message}`, 400);
+        }
+        delete next.file;
       } else if (key === 'mac') {
         if (vf.pf.spec.type !== 'net') throw new FunctionError(`${name}: only net VFs have a MAC`, 400);
         next.mac = value;
@@ -446,7 +457,8 @@ export class FunctionManager {
   private specOf(pf: Pf, index: number, o: VfOverrides): FunctionSpec {
     const t = pf.spec.template;
     const raw: Record<string, unknown> = {};
-    if (o.file !== undefined) raw.backend = { ...(t.backend as Record<string, unknown>), file: o.file };
+    if (o.backend !== undefined) raw.backend = o.backend;
+    if (o.file !== undefined) raw.backend = { ...((o.backend ?? t.backend) as Record<string, unknown>), file: o.file };
     if (o.mac !== undefined) raw.mac = o.mac;
     if (o.queues !== undefined) raw.queues = o.queues;
     try {

@@ -7,7 +7,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-export const STATE_VERSION = 1;
+/** 2: a VF's settings may hold `backend` (a backend mapping); version 1 files still load. */
+export const STATE_VERSION = 2;
 export const STATE_FILE = 'functions.json';
 
 export class StateError extends Error {
@@ -32,6 +33,8 @@ export interface VfOverrides {
   file?: string;
   mac?: string;
   queues?: number;
+  /** A backend mapping as the topology writes it (`vf set backend`); the topology schema checks it when the VF is made. */
+  backend?: Record<string, unknown>;
 }
 
 export interface VfState {
@@ -69,8 +72,12 @@ function parseVf(file: string, v: unknown, where: string): VfState {
   if (!isObj(v.overrides)) fail(file, `${where}.overrides`, 'expected an object');
   const overrides: VfOverrides = {};
   const o = v.overrides;
-  for (const k of Object.keys(o)) if (!['file', 'mac', 'queues'].includes(k)) fail(file, `${where}.overrides.${k}`, 'unknown setting');
+  for (const k of Object.keys(o)) if (!['file', 'mac', 'queues', 'backend'].includes(k)) fail(file, `${where}.overrides.${k}`, 'unknown setting');
   if (o.file !== undefined) overrides.file = checkString(file, o, 'file', `${where}.overrides`);
+  if (o.backend !== undefined) {
+    if (!isObj(o.backend)) fail(file, `${where}.overrides.backend`, 'expected a backend mapping');
+    overrides.backend = o.backend;
+  }
   if (o.mac !== undefined) overrides.mac = checkString(file, o, 'mac', `${where}.overrides`);
   if (o.queues !== undefined) {
     if (typeof o.queues !== 'number' || !Number.isInteger(o.queues) || o.queues < 1 || o.queues > 16) fail(file, `${where}.overrides.queues`, 'expected an integer in [1, 16]');

@@ -57,7 +57,7 @@ function mutate(rng: Rng, node: unknown, depth = 0): unknown {
   const o = { ...(node as Record<string, unknown>) };
   const keys = Object.keys(o);
   if (keys.length > 0 && rng.chance(0.2)) delete o[rng.pick(keys)];
-  else if (rng.chance(0.15)) o[rng.pick(['extra', 'version', 'pfs', 'numVfs', 'vfs', '7', 'file', 'queues', 'attachment', 'paused', '__proto__', 'pf 0'])] = randomValue(rng);
+  else if (rng.chance(0.15)) o[rng.pick(['extra', 'version', 'pfs', 'numVfs', 'vfs', '7', 'file', 'queues', 'backend', 'attachment', 'paused', '__proto__', 'pf 0'])] = randomValue(rng);
   else if (keys.length > 0) {
     const k = rng.pick(keys);
     o[k] = mutate(rng, o[k], depth + 1);
@@ -80,7 +80,9 @@ function checkAccepted(s: ManagerState): void {
     for (const [idx, v] of Object.entries(p.vfs)) {
       check(/^\d+$/.test(idx), `${name}: VF index ${idx} accepted`);
       check(typeof v.paused === 'boolean', `${name}/${idx}: paused not a boolean`);
-      for (const k of Object.keys(v.overrides)) check(['file', 'mac', 'queues'].includes(k), `${name}/${idx}: override ${k} accepted`);
+      for (const k of Object.keys(v.overrides)) check(['file', 'mac', 'queues', 'backend'].includes(k), `${name}/${idx}: override ${k} accepted`);
+      const b = v.overrides.backend;
+      if (b !== undefined) check(typeof b === 'object' && b !== null && !Array.isArray(b), `${name}/${idx}: a backend that is no mapping accepted`);
       if (v.overrides.queues !== undefined) check(Number.isInteger(v.overrides.queues) && v.overrides.queues >= 1 && v.overrides.queues <= 16, 'bad queues accepted');
       if (v.attachment !== undefined) for (const f of ['qmp', 'bus', 'device', 'chardev'] as const) check(typeof v.attachment[f] === 'string' && v.attachment[f].length > 0, `attachment.${f} accepted`);
     }

@@ -21,6 +21,8 @@ interface Vf {
   name: string;
   state: string;
   file?: string;
+  backend: string;
+  waiting: boolean;
 }
 
 test('PFs and VFs over the HTTP API: the same operations as vbridge pf/vf, refusals as the manager words them, VF states in /metrics', async () => {
@@ -68,6 +70,12 @@ test('PFs and VFs over the HTTP API: the same operations as vbridge pf/vf, refus
     fs.writeFileSync(other, Buffer.alloc(1 << 20));
     const set = await act('/v1/vfs/pf0%2Fvf1/actions/set', { file: other });
     assert.equal((set.body as { result: Vf }).result.file, other);
+    // A backend as a JSON object, or as the YAML flow text the CLI sends.
+    const viaObject = await act('/v1/vfs/pf0%2Fvf1/actions/set', { backend: { file: other, readonly: true } });
+    assert.equal(viaObject.status, 200);
+    assert.deepEqual([(viaObject.body as { result: Vf }).result.backend, (viaObject.body as { result: Vf }).result.waiting], [`file ${other}`, false]);
+    const viaText = await act('/v1/vfs/pf0%2Fvf1/actions/set', { backend: `{ file: ${other} }` });
+    assert.equal((viaText.body as { result: Vf }).result.backend, `file ${other}`);
     assert.equal((await act('/v1/vfs/pf0%2Fvf1/actions/resume')).status, 200);
 
     const grown = await act('/v1/pfs/pf0/actions/set', { 'num-vfs': 3 });
@@ -78,7 +86,10 @@ test('PFs and VFs over the HTTP API: the same operations as vbridge pf/vf, refus
     for (const [urlPath, body, re] of [
       ['/v1/pfs/pf0/actions/set', { 'num-vfs': 9 }, /above total-vfs/],
       ['/v1/pfs/pf0/actions/set', { vfs: 2 }, /expected \{"num-vfs": N\}/],
-      ['/v1/vfs/pf0%2Fvf0/actions/set', { colour: 'red' }, /exactly one of file, mac, queues/],
+      ['/v1/vfs/pf0%2Fvf0/actions/set', { colour: 'red' }, /exactly one of file, mac, queues, backend/],
+      ['/v1/vfs/pf0%2Fvf0/actions/set', { backend: { file: 'x.img', colour: 'red' } }, /backend\.colour: unknown field/],
+      ['/v1/vfs/pf0%2Fvf0/actions/set', { backend: [1] }, /"backend" must be a mapping or a string/],
+      ['/v1/vfs/pf0%2Fvf0/actions/set', { backend: 7 }, /backend: expected a mapping such as/],
       ['/v1/vfs/pf0%2Fvf0/actions/pause', { now: true }, /takes no arguments/],
       ['/v1/vfs/pf0%2Fvf0/actions/attach', {}, /"qmp" must be a non-empty string/],
     ] as const) {

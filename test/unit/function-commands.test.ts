@@ -25,7 +25,7 @@ test('malformed command lines are usage errors before anything is sent', async (
     ['vf', ['pause', 'pf0/vf0', 'extra'], /unexpected argument: extra/],
     ['vf', ['detach', 'pf0/vf0', '--qmp', 'q'], /--qmp is only for "vf attach"/],
     ['vf', ['set', 'pf0/vf0', 'file'], /vf set PF\/VFn file PATH/],
-    ['vf', ['set', 'pf0/vf0', 'backend', 'x'], /not supported yet/],
+    ['vf', ['set', 'pf0/vf0', 'backend'], /backend SPEC/],
     ['vf', ['list', '--colour'], /unknown option --colour/],
   ];
   for (const [group, args, re] of bad) {
@@ -51,6 +51,10 @@ test('the commands drive a manager over a real control socket; refusals come bac
     await run('vf', 'pause', 'pf0/vf2');
     assert.match(out, /^VF +STATE/);
     assert.match(out, /pf0\/vf2 +paused/);
+    out = '';
+    await run('vf', 'set', 'pf0/vf1', 'backend', `{ link: pcie, attach: "${path.join(dir, 'vf{vf}.attach')}" }`);
+    assert.match(out, new RegExp(`pf0/vf1 +detached .* pcie ${path.join(dir, 'vf1.attach')} \\(waiting for the backend\\)`));
+    await assert.rejects(run('vf', 'set', 'pf0/vf1', 'backend', '{ link: vhost-user, socket: /q.sock, mode: passthrough }'), /backend\.mode: a VF cannot use passthrough/);
     await assert.rejects(run('pf', 'set', 'pf0', 'num-vfs', '4'), /above total-vfs \(3\)/);
     await assert.rejects(run('vf', 'resume', 'pf0/vf9'), /no VF pf0\/vf9/);
     await assert.rejects(run('vf', 'attach', 'pf0/vf0', '--qmp', path.join(dir, 'none')), /QMP socket does not answer/);

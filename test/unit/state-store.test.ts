@@ -7,7 +7,7 @@ import { type ManagerState, readState, STATE_FILE, STATE_VERSION, StateError, wr
 
 const STATE: ManagerState = {
   version: STATE_VERSION,
-  pfs: { pf0: { numVfs: 2, vfs: { '0': { overrides: { file: '/x.img' }, paused: false, attachment: { qmp: '/q.sock', bus: 'rp1', device: 'd', chardev: 'c' } }, '1': { overrides: {}, paused: true } } } },
+  pfs: { pf0: { numVfs: 2, vfs: { '0': { overrides: { file: '/x.img' }, paused: false, attachment: { qmp: '/q.sock', bus: 'rp1', device: 'd', chardev: 'c' } }, '1': { overrides: { backend: { link: 'pcie', attach: '/run/vf1.attach' } }, paused: true } } } },
 };
 
 function dir(): string {
@@ -38,4 +38,5 @@ test('corrupt, newer or ill-formed state files are refused with a clear message'
   refused(JSON.stringify({ version: 1, pfs: { pf0: { numVfs: 1, vfs: { '0': { overrides: { colour: 1 }, paused: false } } } } }), /unknown setting/);
   refused(JSON.stringify({ version: 1, pfs: { pf0: { numVfs: 1, vfs: { '0': { overrides: {}, paused: false, attachment: { qmp: '/q' } } } } } }), /attachment\.bus/);
   refused(JSON.stringify({ version: 1, pfs: { pf0: { numVfs: 1, vfs: { '0': { overrides: { queues: 99 }, paused: false } } } } }), /queues/);
+  refused(JSON.stringify({ version: 2, pfs: { pf0: { numVfs: 1, vfs: { '0': { overrides: { backend: 'file.img' }, paused: false } } } } }), /overrides\.backend: expected a backend mapping/);
 });

@@ -11,10 +11,16 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { createVfBackend } from '../../src/control/bridge';
 import { validateTopology } from '../../src/control/topology';
+import { BlkDevice } from '../../src/devices/blk/blk-device';
 import type { VirtioDevice } from '../../src/devices/device';
-import { FunctionManager } from '../../src/functions/function-manager';
+import { FunctionError, FunctionManager } from '../../src/functions/function-manager';
+import { readState, STATE_FILE } from '../../src/functions/state-store';
 import { PcieBackendHost } from '../../src/links/pcie/backend-host';
+import { native } from '../../src/native/addon';
 import { FrontendClient } from '../../src/vhost-user/frontend-client';
+import { BLK_S_OK, BLK_T_IN, BLK_T_OUT } from '../../src/virtio/constants';
+import type { UsedElem } from '../../src/virtio/mock-driver';
+import { blkHeader } from '../support/blk-requests';
 import { CaptureLogger } from '../support/capture-logger';
 import { EchoBackend } from '../support/loopback-link';
 import { bringUp, Guest, waitFor } from './vhost-user-harness';
@@ -42,6 +48,10 @@ function rig(backend: Record<string, unknown>): Rig {
   };
 }
 
+async function rejects(p: Promise<unknown>, status: number, re: RegExp): Promise<void> {
+  await assert.rejects(p, (e: unknown) => e instanceof FunctionError && e.status === status && re.test(e.message));
+}
+
 /** A backend host of the link serving `device` at `attach`; `detached` is set when the card unplugs it. */
 async function plugBackend(attach: string, device: VirtioDevice, log: CaptureLogger): Promise<{ host: PcieBackendHost; detached: string[] }> {
   const detached: string[] = [];
@@ -58,6 +68,10 @@ async function connect(socket: string): Promise<{ g: Guest; c: FrontendClient }>
   return { g, c };
 }
 
+function kick(g: Guest): void {
+  native().eventfdWrite(g.kick[0] as number, 1);
+}
+
 /** A backend device that holds chains elsewhere, as one doing asynchronous I/O does: a stop waits until the test lets it settle. */
 class SettlingEcho extends EchoBackend {
   settling: (() => void) | null = null;
@@ -65,6 +79,45 @@ class SettlingEcho extends EchoBackend {
     return new Promise((resolve) => {
       this.settling = resolve;
     });
+  }
+}
+
+class BlkGuest {
+  private readonly used: UsedElem[] = [];
+  constructor(readonly g: Guest) {}
+
+  write(sector: number, fill: number): number {
+    const head = this.g.split(0).addChain([{ data: blkHeader(BLK_T_OUT, sector) }, { data: new Uint8Array(512).fill(fill) }, { writable: true, len: 1 }]);
+    kick(this.g);
+    return head;
+  }
+
+  read(sector: number): number {
+    const head = this.g.split(0).addChain([{ data: blkHeader(BLK_T_IN, sector) }, { writable: true, len: 512 }, { writable: true, len: 1 }]);
+    kick(this.g);
+    return head;
+  }
+
+  /** The request's data bytes (reads) once it completed with BLK_S_OK. */
+  async done(head: number, what: string): Promise<Uint8Array> {
+    const d = this.g.split(0);
+    let u: UsedElem | undefined;
+    await waitFor(() => {
+      this.used.push(...d.drainUsed());
+      u = this.used.find((x) => x.id === head);
+      return u !== undefined;
+    }, what);
+    this.used.splice(this.used.indexOf(u as UsedElem), 1);
+    const w = (u as UsedElem).segments?.filter((s) => s.writable) ?? [];
+    const status = w[w.length - 1];
+    assert.ok(status !== undefined);
+    assert.equal(d.readBytes(status.addr, 1)[0], BLK_S_OK, `${what}: status`);
+    return w.length > 1 ? d.readBytes((w[0] as { addr: number }).addr, 512) : new Uint8Array(0);
+  }
+
+  pending(): number {
+    this.used.push(...this.g.split(0).drainUsed());
+    return this.used.length;
   }
 }
 
@@ -122,5 +175,92 @@ test('a VF on a PCIe link: its socket appears when the backend attaches; pause s
     m.close();
     for (const h of hosts) h.close();
     g?.close();
+  }
+});
+
+test('vf set backend: from a file to a PCIe link and back, the guest keeps its device and the data lands where the backend says', async () => {
+  const r = rig({ file: 'pf0-vf{vf}.img', size: '1M' });
+  const m = r.start();
+  const linkImage = path.join(r.dir, 'link.img');
+  fs.writeFileSync(linkImage, new Uint8Array(1 << 20).fill(7));
+  let c: FrontendClient | null = null;
+  let g: Guest | null = null;
+  let host: PcieBackendHost | null = null;
+  const linkDevice = new BlkDevice({ name: 'backend', file: linkImage });
+  try {
+    ({ g, c } = await connect(r.socketPath(0)));
+    const bg = new BlkGuest(g);
+    await bg.done(bg.write(0, 0xa1), 'a write to the file');
+
+    const attach = path.join(r.dir, 'x.attach');
+    let row = await m.set('pf0/vf0', 'backend', `{ link: pcie, attach: ${attach}, bar-size: 1M }`);
+    assert.deepEqual([row.backend, row.waiting, row.connected], [`pcie ${attach}`, true, true]);
+    const w = bg.write(1, 0xb2);
+    const b = await plugBackend(attach, linkDevice, r.log);
+    host = b.host;
+    await bg.done(w, 'a write that waited for the backend');
+    assert.deepEqual([...(await bg.done(bg.read(0), 'a read over the link'))].slice(0, 4), [7, 7, 7, 7], 'the read came from the link backend\'s image');
+    assert.equal(fs.readFileSync(linkImage)[512], 0xb2, 'the write went to the link backend\'s image');
+    assert.equal(readState(path.join(r.dir, 'state'))?.pfs.pf0?.vfs['0']?.overrides.backend?.link, 'pcie');
+
+    row = await m.set('pf0/vf0', 'backend', '{ file: pf0-vf0.img }');
+    assert.deepEqual([row.backend, row.waiting, row.file], [`file ${path.join(r.dir, 'pf0-vf0.img')}`, false, path.join(r.dir, 'pf0-vf0.img')]);
+    await waitFor(() => b.detached.length === 1, 'the link backend to be unplugged');
+    assert.equal((await bg.done(bg.read(0), 'a read from the file again'))[0], 0xa1);
+    assert.equal((await bg.done(bg.read(1), 'sector 1 of the file'))[0], 0, 'the file did not get the write made over the link');
+    assert.equal(bg.pending(), 0);
+  } finally {
+    c?.close();
+    m.close();
+    host?.close();
+    linkDevice.close();
+    g?.close();
+  }
+});
+
+test('vf set backend refuses what cannot be, naming the field, and changes nothing; the setting survives a restart', async () => {
+  const r = rig({ file: 'pf0-vf{vf}.img', size: '1M' });
+  const m = r.start();
+  const before = m.vf('pf0/vf0');
+  try {
+    await rejects(m.set('pf0/vf0', 'backend', '{ link: vhost-user, socket: /run/q.sock, mode: passthrough }'), 400, /pf0\/vf0: backend\.mode: a VF cannot use passthrough: .*a pause cannot take them back/);
+    await rejects(m.set('pf0/vf0', 'backend', '{ file: x.img, colour: red }'), 400, /pf0\/vf0: backend\.colour: unknown field/);
+    await rejects(m.set('pf0/vf0', 'backend', '{ link: pci, attach: x }'), 400, /backend\.link: expected .*"pcie"/);
+    await rejects(m.set('pf0/vf0', 'backend', '{ file: '), 400, /backend: not YAML/);
+    await rejects(m.set('pf0/vf0', 'backend', '[1, 2]'), 400, /backend: expected a mapping such as/);
+    await rejects(m.set('pf0/vf0', 'backend', `{ file: ${path.join(r.dir, 'no', 'dir', 'x.img')} }`), 400, /cannot open its backend/);
+    assert.deepEqual(m.vf('pf0/vf0'), before, 'a refused setting changed the VF');
+    assert.deepEqual(readState(path.join(r.dir, 'state'))?.pfs.pf0?.vfs['0']?.overrides ?? {}, {});
+
+    // {vf} expands in a backend set at run time, as in the template.
+    const row = await m.set('pf0/vf0', 'backend', '{ link: pcie, attach: "vf{vf}.attach" }');
+    assert.equal(row.backend, `pcie ${path.join(r.dir, 'vf0.attach')}`);
+    await m.pause('pf0/vf0');
+  } finally {
+    m.close();
+  }
+  const again = r.start();
+  try {
+    const row = again.vf('pf0/vf0');
+    assert.deepEqual([row.backend, row.state], [`pcie ${path.join(r.dir, 'vf0.attach')}`, 'paused'], 'the backend and the pause came back');
+    assert.equal(JSON.parse(fs.readFileSync(path.join(r.dir, 'state', STATE_FILE), 'utf8')).version, 2);
+    await again.resume('pf0/vf0');
+    assert.equal(again.vf('pf0/vf0').waiting, true);
+  } finally {
+    again.close();
+  }
+});
+
+test('a version 1 state file (before backends could be set) still loads', () => {
+  const r = rig({ file: 'pf0-vf{vf}.img', size: '1M' });
+  const other = path.join(r.dir, 'other.img');
+  fs.writeFileSync(other, new Uint8Array(4096));
+  fs.mkdirSync(path.join(r.dir, 'state'));
+  fs.writeFileSync(path.join(r.dir, 'state', STATE_FILE), JSON.stringify({ version: 1, pfs: { pf0: { numVfs: 2, vfs: { '1': { overrides: { file: other }, paused: false } } } } }));
+  const m = r.start();
+  try {
+    assert.deepEqual(m.listVfs().map((v) => [v.name, v.file]), [['pf0/vf0', path.join(r.dir, 'pf0-vf0.img')], ['pf0/vf1', other]]);
+  } finally {
+    m.close();
   }
 });
