@@ -18,6 +18,7 @@ import { readState, STATE_FILE } from '../../src/functions/state-store';
 import { PcieBackendHost } from '../../src/links/pcie/backend-host';
 import { native } from '../../src/native/addon';
 import { FrontendClient } from '../../src/vhost-user/frontend-client';
+import { VhostUserServer } from '../../src/vhost-user/server';
 import { BLK_S_OK, BLK_T_IN, BLK_T_OUT } from '../../src/virtio/constants';
 import type { UsedElem } from '../../src/virtio/mock-driver';
 import { blkHeader } from '../support/blk-requests';
@@ -262,5 +263,43 @@ test('a version 1 state file (before backends could be set) still loads', () => 
     assert.deepEqual(m.listVfs().map((v) => [v.name, v.file]), [['pf0/vf0', path.join(r.dir, 'pf0-vf0.img')], ['pf0/vf1', other]]);
   } finally {
     m.close();
+  }
+});
+
+test('a VF relayed to a vhost-user back-end: served through it, paused (the back-end sees its front-end go, what waited stays in the ring), resumed on a new connection', async () => {
+  const r = rig({ link: 'vhost-user', socket: 'be{vf}.sock', mode: 'relay', 'bar-size': '1M' });
+  const image = path.join(r.dir, 'be0.img');
+  fs.writeFileSync(image, new Uint8Array(1 << 20));
+  const backendDevice = new BlkDevice({ name: 'be0', file: image });
+  // The back-end: a vhost-user server over a blk device, as qemu-storage-daemon's export would be.
+  const be = new VhostUserServer(path.join(r.dir, 'be0.sock'), backendDevice, r.log);
+  be.listen();
+  const m = r.start();
+  let c: FrontendClient | null = null;
+  let g: Guest | null = null;
+  try {
+    await waitFor(() => fs.existsSync(r.socketPath(0)), 'the VF to listen once the back-end described its device');
+    assert.equal(m.vf('pf0/vf0').backend, `vhost-user ${path.join(r.dir, 'be0.sock')}`);
+    ({ g, c } = await connect(r.socketPath(0)));
+    const bg = new BlkGuest(g);
+    await bg.done(bg.write(2, 0xc3), 'a write through the relay');
+    assert.equal(fs.readFileSync(image)[2 * 512], 0xc3);
+
+    await m.pause('pf0/vf0');
+    await waitFor(() => !be.connected, 'the back-end to see its front-end go');
+    const w = bg.write(3, 0xd4);
+    await waitFor(() => m.stats()[0]?.queues[0]?.kicks === 2, 'the kick to reach the VF');
+    assert.equal(bg.pending(), 0, 'a request was served while paused');
+
+    await m.resume('pf0/vf0');
+    await bg.done(w, 'the write that waited, through a new connection');
+    assert.equal(fs.readFileSync(image)[3 * 512], 0xd4);
+    assert.equal(be.connected, true);
+  } finally {
+    c?.close();
+    m.close();
+    be.close();
+    backendDevice.close();
+    g?.close();
   }
 });
