@@ -6,7 +6,9 @@
  * - the guest writes with O_DIRECT, 1 MiB at a time, while the PF goes from 2 to 4 VFs
  *   (its VF is paused across it): no I/O error, the data reads back intact, and
  *   the kernel probed the disk exactly once;
- * - the VF set to another image while the guest is idle: re-reading shows it;
+ * - the VF's backend set, while the guest is idle, to a `vbridge backend blk` process over the
+ *   PCIe link on another image (`vf set backend`): re-reading shows that image, a write lands in it;
+ *   then set back to a file in the bridge (the backend process is unplugged): the write reads back;
  * - `vbridge serve` killed with SIGKILL while the guest writes (in rounds until the host says
  *   it is done), started again: the
  *   VF count, setting and attachment come back from the state dir, no write is lost;
@@ -23,6 +25,7 @@ import { kv, repoRoot, startGuest } from '../support/qemu-guest';
 import { withHeavyLock } from '../support/heavy-lock';
 import { waitFor } from '../support/wait';
 import { md5OfRange } from '../support/storage-daemon';
+import { startBackendProcess } from '../support/backend-process';
 
 const MiB = 1024 * 1024;
 const CLI = path.join(repoRoot(), 'dist', 'src', 'control', 'cli.js');
@@ -54,6 +57,13 @@ echo STEP=idle
 while [ "$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 3)" != "NEW" ]; do usleep 20000; done
 sync; echo 3 > /proc/sys/vm/drop_caches
 echo NEW_MD5=$(dd if=/dev/vda bs=1M count=4 2>/dev/null | md5sum | cut -d' ' -f1)
+dd if=/dev/urandom of=/tmp/d1 bs=1M count=1 2>/dev/null
+echo LINK_W_MD5=$(md5sum < /tmp/d1 | cut -d' ' -f1)
+dd if=/tmp/d1 of=/dev/vda bs=64k seek=128 oflag=direct 2>/tmp/dd1.err && echo LINK_WRITE_OK=1
+echo DD1_ERR="$(tr '\\n' ' ' < /tmp/dd1.err)"
+echo STEP=linked
+while [ "$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 3)" != "BAK" ]; do usleep 20000; done
+echo LINK_R_MD5=$(dd if=/dev/vda bs=1M skip=8 count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
 dd if=/dev/urandom of=/tmp/d2 bs=1M count=16 2>/dev/null
 echo SRC2_MD5=$(md5sum < /tmp/d2 | cut -d' ' -f1)
 echo STEP=restart
@@ -125,7 +135,7 @@ function stamp(image: string, word: string, fill: number): Buffer {
   return data;
 }
 
-test('a blk VF hot-plugged into a running guest, written through a PF 2 -> 4 change, re-pointed at another image, kept across a SIGKILL of serve mid-write, detached', { timeout: 600_000 }, async () => {
+test('a blk VF hot-plugged into a running guest, written through a PF 2 -> 4 change, switched to a backend process over the PCIe link and back to a file, kept across a SIGKILL of serve mid-write, detached', { timeout: 600_000 }, async () => {
   await withHeavyLock(async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-vf-'));
     const topology = path.join(dir, 'topology.yaml');
@@ -186,13 +196,33 @@ test('a blk VF hot-plugged into a running guest, written through a PF 2 -> 4 cha
       assert.ok(row !== undefined && row.link === 'vf', 'vbridge stats has no row for the VF');
       assert.ok(row.queues[0].descriptors >= 64, `vbridge stats counts ${row.queues[0].descriptors} requests on the VF`);
 
-      await ok('vf', 'set', 'pf0/vf0', 'file', other, '--control', control);
+      // The VF's device becomes a relay over the PCIe link to a backend process serving the other image.
+      const attach = path.join(dir, 'vf0-link.attach');
+      const linked = JSON.parse(await ok('vf', 'set', 'pf0/vf0', 'backend', `{ link: pcie, attach: ${attach} }`, '--control', control, '--json')) as Record<string, unknown>;
+      assert.deepEqual([linked.backend, linked.waiting, linked.state], [`pcie ${attach}`, true, 'attached']);
+      const backend = await startBackendProcess(['backend', 'blk', '--attach', attach, '--file', other], 1);
+      try {
+        await g.waitFor(/STEP=linked/, 120_000);
+        v = kv(g.output());
+        assert.equal(v.NEW_MD5, createHash('md5').update(newData).digest('hex'), 'the guest did not see the image behind the link');
+        assert.equal(v.LINK_WRITE_OK, '1', `the write over the link failed: ${v.DD1_ERR}`);
+        assert.equal(await md5OfRange(other, 8 * MiB, MiB), v.LINK_W_MD5, 'the write over the link did not reach the backend\'s image');
+        const relayed = JSON.parse(await ok('stats', '--control', control, '--json')) as { functions: { name: string; link: string }[] };
+        assert.equal(relayed.functions.find((f) => f.name === 'pf0/vf0')?.link, 'vf');
+        // And back to a file in the bridge, the same image: the backend process is unplugged (it exits 1, as documented).
+        const back = JSON.parse(await ok('vf', 'set', 'pf0/vf0', 'backend', `{ file: ${other} }`, '--control', control, '--json')) as Record<string, unknown>;
+        assert.deepEqual([back.backend, back.waiting, back.file], [`file ${other}`, false, other]);
+        assert.deepEqual(await backend.exited, { code: 1, signal: null }, `the backend process was not unplugged: ${backend.output()}`);
+      } finally {
+        await backend.kill();
+      }
+      stamp(other, 'BAK', 0x6b);
       await g.waitFor(/STEP=restart/, 120_000);
       v = kv(g.output());
-      assert.equal(v.NEW_MD5, createHash('md5').update(newData).digest('hex'), 'the guest did not see the new image');
+      assert.equal(v.LINK_R_MD5, v.LINK_W_MD5, 'what the guest wrote over the link reads back different from the file');
 
       // Kill the bridge once the guest's second write has reached the image: mid-write.
-      await waitFor('the guest to start writing', () => !fs.readFileSync(other).subarray(0, 3).equals(Buffer.from('NEW')), 60_000);
+      await waitFor('the guest to start writing', () => !fs.readFileSync(other).subarray(0, 3).equals(Buffer.from('BAK')), 60_000);
       serve.child.kill('SIGKILL');
       await new Promise((r) => serve.child.once('exit', r));
       assert.doesNotMatch(g.output(), /WRITE2_OK=1/, 'the guest finished writing before the kill: nothing was tested');
