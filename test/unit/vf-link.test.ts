@@ -303,3 +303,45 @@ test('a VF relayed to a vhost-user back-end: served through it, paused (the back
     g?.close();
   }
 });
+
+test('a backend that does not fit what the guest knows is refused at attach, and the VF waits for one that does', async () => {
+  const r = rig(LINK_TEMPLATE);
+  const m = r.start();
+  let c: FrontendClient | null = null;
+  let g: Guest | null = null;
+  const hosts: PcieBackendHost[] = [];
+  try {
+    hosts.push((await plugBackend(r.attachPath(0), new EchoBackend(), r.log)).host);
+    await waitFor(() => !m.vf('pf0/vf0').waiting, 'the VF to take the backend');
+    ({ g, c } = await connect(r.socketPath(0)));
+    g.post(0, 'one');
+    await waitFor(() => (g as Guest).collect(0).length === 1, 'the first request');
+    await m.pause('pf0/vf0');
+    g.post(0, 'two');
+    await m.resume('pf0/vf0');
+
+    // Two queues where the guest's device has one: the relay is made, the VF refuses it.
+    const wrong = await plugBackend(r.attachPath(0), new EchoBackend({ numQueues: 2 }), r.log);
+    hosts.push(wrong.host);
+    await waitFor(() => r.log.lines.some((l) => /pf0\/vf0: the backend that attached cannot serve: .*does not match the one the guest knows .*waiting for another/.test(l)), 'the refusal');
+    assert.equal(m.vf('pf0/vf0').waiting, true);
+    assert.equal(m.vfDevice('pf0/vf0'), null);
+    wrong.host.close();
+
+    const right = new EchoBackend();
+    hosts.push((await plugBackend(r.attachPath(0), right, r.log)).host);
+    await waitFor(() => right.seen[0]?.length === 1, 'the request that waited to reach the backend that fits');
+    const got: string[] = [];
+    await waitFor(() => {
+      got.push(...(g as Guest).collect(0));
+      return got.length === 1;
+    }, 'the request that waited');
+    assert.deepEqual(got, ['TWO']);
+    assert.equal(m.vf('pf0/vf0').waiting, false);
+  } finally {
+    c?.close();
+    m.close();
+    for (const h of hosts) h.close();
+    g?.close();
+  }
+});
