@@ -115,14 +115,18 @@ export function createVfBackend(spec: FunctionSpec, switches: Map<string, L2Swit
   if (!isLinkBackend(b)) return createDevice(spec, switches);
   // The topology refuses it already; a VF's pause could not take a passthrough back-end's rings back.
   if (b.kind === 'vhost-user' && b.mode === 'passthrough') throw new Error(`${spec.name}: a VF cannot use passthrough`);
-  const binding = new RelayBinding({ name: spec.name, type: spec.type, queueSize: spec.queueSize, slotSize: b.slotSize }, relayLink(spec, b, log), log, ready);
-  binding.open();
-  return {
+  const backend: VfBackend = {
     get device() {
       return binding.device;
     },
     release: () => binding.close(),
   };
+  const binding = new RelayBinding({ name: spec.name, type: spec.type, queueSize: spec.queueSize, slotSize: b.slotSize }, relayLink(spec, b, log), log, (device) => {
+    device.notifyConfigChange = () => backend.onConfigChange?.();
+    ready(device);
+  });
+  binding.open();
+  return backend;
 }
 
 function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): RunningFunction {

@@ -74,6 +74,8 @@ export type VfSetting = (typeof VF_SETTINGS)[number];
 export interface VfBackend {
   /** The device now; null while a linked backend has not attached yet (the factory's `ready` brings it). */
   readonly device: VirtioDevice | null;
+  /** Set by the manager: a linked backend changed its device's config space; the guest is to be told. */
+  onConfigChange?: () => void;
   release(): void;
 }
 
@@ -512,6 +514,9 @@ export class FunctionManager {
     } catch (e) {
       throw new FunctionError(`${spec.name}: cannot open its backend: ${(e as Error).message}`, 400);
     }
+    made.onConfigChange = () => {
+      if (vf.backend === made) vf.port?.server.session?.notifyConfigChange();
+    };
     return made;
   }
 

@@ -345,3 +345,28 @@ test('a backend that does not fit what the guest knows is refused at attach, and
     g?.close();
   }
 });
+
+test('a config change of a linked backend reaches the guest of the VF (vhost-user CONFIG_CHANGE_MSG)', async () => {
+  const r = rig(LINK_TEMPLATE);
+  const m = r.start();
+  let c: FrontendClient | null = null;
+  let g: Guest | null = null;
+  let host: PcieBackendHost | null = null;
+  try {
+    host = (await plugBackend(r.attachPath(0), new EchoBackend(), r.log)).host;
+    await waitFor(() => !m.vf('pf0/vf0').waiting, 'the VF to take the backend');
+    ({ g, c } = await connect(r.socketPath(0)));
+    const got: string[] = [];
+    await c.openBackendChannel((req) => {
+      got.push(req.spec.name);
+    });
+    host.configChanged();
+    await waitFor(() => got.length === 1, 'the config change message');
+    assert.deepEqual(got, ['VHOST_USER_BACKEND_CONFIG_CHANGE_MSG']);
+  } finally {
+    c?.close();
+    m.close();
+    host?.close();
+    g?.close();
+  }
+});
