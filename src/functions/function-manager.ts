@@ -281,11 +281,14 @@ export class FunctionManager {
       const vf = this.findVf(name);
       if (vf.attachment !== null) throw new FunctionError(`${name} is already attached (to ${vf.attachment.qmp}, bus ${vf.attachment.bus})`, 409);
       if (bus !== undefined && !/^[A-Za-z0-9_.-]{1,64}$/.test(bus)) throw new FunctionError(`bad bus id ${JSON.stringify(bus)}`, 400);
+      // QEMU reads the device's features and config as it plugs it: a linked backend must have described it.
+      if (vf.port === null) throw new FunctionError(`${name}: its backend (${describeBackend(vf.spec)}) has not attached yet; the VF's socket appears once it has`, 409);
+      const port = vf.port;
       const client = await this.qmp(qmp);
       try {
-        const port = await this.pickPort(client, qmp, bus);
+        const rootPort = await this.pickPort(client, qmp, bus);
         const ids = qemuIds(vf);
-        const a: Attachment = { qmp, bus: port, device: ids.device, chardev: ids.chardev };
+        const a: Attachment = { qmp, bus: rootPort, device: ids.device, chardev: ids.chardev };
         await this.qmpStep(client, 'chardev-add', {
           id: ids.chardev,
           backend: { type: 'socket', data: { addr: { type: 'unix', data: { path: vf.spec.socket } }, server: false, reconnect: 1 } },
@@ -294,9 +297,10 @@ export class FunctionManager {
           if (vf.spec.type === 'net') {
             await this.qmpStep(client, 'netdev_add', { type: 'vhost-user', id: ids.netdev, chardev: ids.chardev });
             // vectors=0: QEMU 7.2 under TCG crashes when vhost-user-net enables MSI-X (DESIGN.md).
-            await this.qmpStep(client, 'device_add', { driver: 'virtio-net-pci', id: ids.device, netdev: ids.netdev, mac: vf.spec.mac ?? defaultMac(vf), vectors: 0, bus: port });
+            await this.qmpStep(client, 'device_add', { driver: 'virtio-net-pci', id: ids.device, netdev: ids.netdev, mac: vf.spec.mac ?? defaultMac(vf), vectors: 0, bus: rootPort });
           } else {
-            await this.qmpStep(client, 'device_add', { driver: 'vhost-user-blk-pci', id: ids.device, chardev: ids.chardev, 'num-queues': vf.spec.queues, bus: port });
+            // The device's queue count: a linked backend's own may differ from the template's.
+            await this.qmpStep(client, 'device_add', { driver: 'vhost-user-blk-pci', id: ids.device, chardev: ids.chardev, 'num-queues': port.proxy.maxQueues, bus: rootPort });
           }
         } catch (e) {
           // Undo what was added so a retry starts clean; failures here change nothing more.
@@ -306,7 +310,7 @@ export class FunctionManager {
         }
         vf.attachment = a;
         this.persist();
-        this.opts.log.info(`${name}: attached to ${qmp} on ${port}`);
+        this.opts.log.info(`${name}: attached to ${qmp} on ${rootPort}`);
         return this.row(vf);
       } finally {
         client.close();

@@ -133,6 +133,7 @@ test('a VF on a PCIe link: its socket appears when the backend attaches; pause s
     assert.deepEqual([row.state, row.waiting, row.backend, row.connected], ['detached', true, `pcie ${r.attachPath(0)}`, false]);
     assert.ok(!fs.existsSync(r.socketPath(0)), 'the VF listens before a backend described its device');
     assert.equal(m.stats()[0]?.link, 'vf waiting');
+    await rejects(m.attach('pf0/vf0', path.join(r.dir, 'qmp.sock')), 409, /pf0\/vf0: its backend \(pcie .*\) has not attached yet/);
 
     const first = new SettlingEcho({ mode: 'manual' });
     const b1 = await plugBackend(r.attachPath(0), first, r.log);
