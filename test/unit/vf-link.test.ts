@@ -73,6 +73,46 @@ function kick(g: Guest): void {
   native().eventfdWrite(g.kick[0] as number, 1);
 }
 
+/** The texts of the next n chains the guest gets back on queue 0. */
+async function collected(g: Guest, n: number, what: string): Promise<string[]> {
+  const got: string[] = [];
+  await waitFor(() => {
+    got.push(...g.collect(0));
+    return got.length >= n;
+  }, what);
+  return got;
+}
+
+/** A manager with VF pf0/vf0 on a PCIe link, and what the test opened, closed in an order that lets each go cleanly. */
+interface LinkedVf {
+  r: Rig;
+  m: FunctionManager;
+  hosts: PcieBackendHost[];
+  session: { g: Guest; c: FrontendClient } | null;
+}
+
+async function withLinkedVf(fn: (v: LinkedVf) => Promise<void>): Promise<void> {
+  const r = rig(LINK_TEMPLATE);
+  const v: LinkedVf = { r, m: r.start(), hosts: [], session: null };
+  try {
+    await fn(v);
+  } finally {
+    v.session?.c.close();
+    v.m.close();
+    for (const h of v.hosts) h.close();
+    v.session?.g.close();
+  }
+}
+
+/** `device` served by a backend host at VF 0's attach socket; the guest's driver set up once the VF took it. */
+async function plugAndConnect(v: LinkedVf, device: VirtioDevice): Promise<{ g: Guest; c: FrontendClient; detached: string[]; host: PcieBackendHost }> {
+  const b = await plugBackend(v.r.attachPath(0), device, v.r.log);
+  v.hosts.push(b.host);
+  await waitFor(() => !v.m.vf('pf0/vf0').waiting, 'the VF to take the backend');
+  v.session = await connect(v.r.socketPath(0));
+  return { ...v.session, ...b };
+}
+
 /** A backend device that holds chains elsewhere, as one doing asynchronous I/O does: a stop waits until the test lets it settle. */
 class SettlingEcho extends EchoBackend {
   settling: (() => void) | null = null;
@@ -123,12 +163,8 @@ class BlkGuest {
 }
 
 test('a VF on a PCIe link: its socket appears when the backend attaches; pause settles what the backend took and releases it; resume serves what waited on a new backend', async () => {
-  const r = rig(LINK_TEMPLATE);
-  const m = r.start();
-  let c: FrontendClient | null = null;
-  let g: Guest | null = null;
-  const hosts: PcieBackendHost[] = [];
-  try {
+  await withLinkedVf(async (v) => {
+    const { r, m } = v;
     let row = m.vf('pf0/vf0');
     assert.deepEqual([row.state, row.waiting, row.backend, row.connected], ['detached', true, `pcie ${r.attachPath(0)}`, false]);
     assert.ok(!fs.existsSync(r.socketPath(0)), 'the VF listens before a backend described its device');
@@ -136,10 +172,8 @@ test('a VF on a PCIe link: its socket appears when the backend attaches; pause s
     await rejects(m.attach('pf0/vf0', path.join(r.dir, 'qmp.sock')), 409, /pf0\/vf0: its backend \(pcie .*\) has not attached yet/);
 
     const first = new SettlingEcho({ mode: 'manual' });
-    const b1 = await plugBackend(r.attachPath(0), first, r.log);
-    hosts.push(b1.host);
-    await waitFor(() => !m.vf('pf0/vf0').waiting, 'the VF to take the backend');
-    ({ g, c } = await connect(r.socketPath(0)));
+    const b1 = await plugAndConnect(v, first);
+    const g = b1.g;
     const d = g.split(0);
 
     g.post(0, 'taken');
@@ -162,22 +196,12 @@ test('a VF on a PCIe link: its socket appears when the backend attaches; pause s
     row = await m.resume('pf0/vf0');
     assert.deepEqual([row.state, row.waiting], ['detached', true], 'resumed, waiting for a backend to attach');
     const second = new EchoBackend({ mode: 'auto' });
-    hosts.push((await plugBackend(r.attachPath(0), second, r.log)).host);
-    const got: string[] = [];
-    await waitFor(() => {
-      got.push(...(g as Guest).collect(0));
-      return got.length === 1;
-    }, 'the request that waited to be served by the new backend');
-    assert.deepEqual(got, ['WAITED']);
+    v.hosts.push((await plugBackend(r.attachPath(0), second, r.log)).host);
+    assert.deepEqual(await collected(g, 1, 'the request that waited to be served by the new backend'), ['WAITED']);
     assert.deepEqual(second.seen[0], ['waited']);
     assert.deepEqual(first.seen[0], ['taken'], 'the first backend saw only what it took');
     assert.equal(m.vf('pf0/vf0').waiting, false);
-  } finally {
-    c?.close();
-    m.close();
-    for (const h of hosts) h.close();
-    g?.close();
-  }
+  });
 });
 
 test('vf set backend: from a file to a PCIe link and back, the guest keeps its device and the data lands where the backend says', async () => {
@@ -306,57 +330,34 @@ test('a VF relayed to a vhost-user back-end: served through it, paused (the back
 });
 
 test('a backend that does not fit what the guest knows is refused at attach, and the VF waits for one that does', async () => {
-  const r = rig(LINK_TEMPLATE);
-  const m = r.start();
-  let c: FrontendClient | null = null;
-  let g: Guest | null = null;
-  const hosts: PcieBackendHost[] = [];
-  try {
-    hosts.push((await plugBackend(r.attachPath(0), new EchoBackend(), r.log)).host);
-    await waitFor(() => !m.vf('pf0/vf0').waiting, 'the VF to take the backend');
-    ({ g, c } = await connect(r.socketPath(0)));
+  await withLinkedVf(async (v) => {
+    const { r, m } = v;
+    const { g } = await plugAndConnect(v, new EchoBackend());
     g.post(0, 'one');
-    await waitFor(() => (g as Guest).collect(0).length === 1, 'the first request');
+    assert.deepEqual(await collected(g, 1, 'the first request'), ['ONE']);
     await m.pause('pf0/vf0');
     g.post(0, 'two');
     await m.resume('pf0/vf0');
 
     // Two queues where the guest's device has one: the relay is made, the VF refuses it.
     const wrong = await plugBackend(r.attachPath(0), new EchoBackend({ numQueues: 2 }), r.log);
-    hosts.push(wrong.host);
+    v.hosts.push(wrong.host);
     await waitFor(() => r.log.lines.some((l) => /pf0\/vf0: the backend that attached cannot serve: .*does not match the one the guest knows .*waiting for another/.test(l)), 'the refusal');
     assert.equal(m.vf('pf0/vf0').waiting, true);
     assert.equal(m.vfDevice('pf0/vf0'), null);
     wrong.host.close();
 
     const right = new EchoBackend();
-    hosts.push((await plugBackend(r.attachPath(0), right, r.log)).host);
-    await waitFor(() => right.seen[0]?.length === 1, 'the request that waited to reach the backend that fits');
-    const got: string[] = [];
-    await waitFor(() => {
-      got.push(...(g as Guest).collect(0));
-      return got.length === 1;
-    }, 'the request that waited');
-    assert.deepEqual(got, ['TWO']);
+    v.hosts.push((await plugBackend(r.attachPath(0), right, r.log)).host);
+    assert.deepEqual(await collected(g, 1, 'the request that waited, served by the backend that fits'), ['TWO']);
+    assert.deepEqual(right.seen[0], ['two']);
     assert.equal(m.vf('pf0/vf0').waiting, false);
-  } finally {
-    c?.close();
-    m.close();
-    for (const h of hosts) h.close();
-    g?.close();
-  }
+  });
 });
 
 test('a config change of a linked backend reaches the guest of the VF (vhost-user CONFIG_CHANGE_MSG)', async () => {
-  const r = rig(LINK_TEMPLATE);
-  const m = r.start();
-  let c: FrontendClient | null = null;
-  let g: Guest | null = null;
-  let host: PcieBackendHost | null = null;
-  try {
-    host = (await plugBackend(r.attachPath(0), new EchoBackend(), r.log)).host;
-    await waitFor(() => !m.vf('pf0/vf0').waiting, 'the VF to take the backend');
-    ({ g, c } = await connect(r.socketPath(0)));
+  await withLinkedVf(async (v) => {
+    const { c, host } = await plugAndConnect(v, new EchoBackend());
     const got: string[] = [];
     await c.openBackendChannel((req) => {
       got.push(req.spec.name);
@@ -364,10 +365,5 @@ test('a config change of a linked backend reaches the guest of the VF (vhost-use
     host.configChanged();
     await waitFor(() => got.length === 1, 'the config change message');
     assert.deepEqual(got, ['VHOST_USER_BACKEND_CONFIG_CHANGE_MSG']);
-  } finally {
-    c?.close();
-    m.close();
-    host?.close();
-    g?.close();
-  }
+  });
 });
