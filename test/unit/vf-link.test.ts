@@ -170,6 +170,9 @@ test('a VF on a PCIe link: its socket appears when the backend attaches; pause s
     assert.ok(!fs.existsSync(r.socketPath(0)), 'the VF listens before a backend described its device');
     assert.equal(m.stats()[0]?.link, 'vf waiting');
     await rejects(m.attach('pf0/vf0', path.join(r.dir, 'qmp.sock')), 409, /pf0\/vf0: its backend \(pcie .*\) has not attached yet/);
+    // Fault injection: nothing guest-facing to inject into yet, and backend-down does not reach a VF's link.
+    assert.match(m.faultTarget('pf0/vf0')?.refusal ?? '', /linked backend has not attached yet/);
+    assert.match(String(m.faultTarget('pf0/vf0')?.backend), /each resume makes anew/);
 
     const first = new SettlingEcho({ mode: 'manual' });
     const b1 = await plugAndConnect(v, first);
