@@ -38,5 +38,7 @@ export function describeBackend(spec: FunctionSpec): string {
       return `pcie ${b.attach}`;
     case 'vhost-user':
       return `vhost-user ${b.socket}`;
+    case 'virtio-msg':
+      return `virtio-msg ${b.bus} device ${b.device}`;
   }
 }

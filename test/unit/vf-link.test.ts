@@ -19,6 +19,7 @@ import { PcieBackendHost } from '../../src/links/pcie/backend-host';
 import { native } from '../../src/native/addon';
 import { FrontendClient } from '../../src/vhost-user/frontend-client';
 import { VhostUserServer } from '../../src/vhost-user/server';
+import { MsgBusServer } from '../../src/links/virtio-msg/msg-bus-server';
 import { BLK_S_OK, BLK_T_IN, BLK_T_OUT } from '../../src/virtio/constants';
 import type { UsedElem } from '../../src/virtio/mock-driver';
 import { blkHeader } from '../support/blk-requests';
@@ -328,6 +329,46 @@ test('a VF relayed to a vhost-user back-end: served through it, paused (the back
     m.close();
     be.close();
     backendDevice.close();
+    g?.close();
+  }
+});
+
+test('a VF on a virtio-msg link (socket bus): served by the device on the bus, paused (the device is let go, what waited stays in the ring), resumed by taking the device again', async () => {
+  const r = rig({ link: 'virtio-msg', bus: 'socket:bus{vf}.sock', device: 1, 'bar-size': '1M' });
+  const image = path.join(r.dir, 'msg0.img');
+  fs.writeFileSync(image, new Uint8Array(1 << 20));
+  const busDevice = new BlkDevice({ name: 'msg0', file: image });
+  const bus = new MsgBusServer(path.join(r.dir, 'bus0.sock'), r.log);
+  bus.addDevice(1, busDevice);
+  bus.listen();
+  const owned = (): boolean => bus.device(1)?.stats().owned === true;
+  const m = r.start();
+  let c: FrontendClient | null = null;
+  let g: Guest | null = null;
+  try {
+    await waitFor(() => fs.existsSync(r.socketPath(0)), 'the VF to listen once the bus device described itself');
+    assert.match(m.vf('pf0/vf0').backend ?? '', /^virtio-msg socket:/);
+    ({ g, c } = await connect(r.socketPath(0)));
+    const bg = new BlkGuest(g);
+    await bg.done(bg.write(2, 0xa5), 'a write through the relay and the bus');
+    assert.equal(fs.readFileSync(image)[2 * 512], 0xa5);
+    assert.equal(owned(), true);
+
+    await m.pause('pf0/vf0');
+    await waitFor(() => !owned(), 'the bus device to be let go');
+    const w = bg.write(3, 0xb6);
+    await waitFor(() => m.stats()[0]?.queues[0]?.kicks === 2, 'the kick to reach the VF');
+    assert.equal(bg.pending(), 0, 'a request was served while paused');
+
+    await m.resume('pf0/vf0');
+    await bg.done(w, 'the write that waited, through the device taken again');
+    assert.equal(fs.readFileSync(image)[3 * 512], 0xb6);
+    assert.equal(owned(), true);
+  } finally {
+    c?.close();
+    m.close();
+    bus.close();
+    busDevice.close();
     g?.close();
   }
 });
