@@ -8,8 +8,9 @@
  * One TCG guest (q35, two free PCIe root ports, QMP) is booted once and shared
  * by every measurement. A shell loop in it reads 4 KiB with O_DIRECT back to
  * back from /dev/vda, opening it again whenever it reappears. The stall is
- * measured on the host: the function manager runs in this process, and every
- * device it makes for a VF gets the blk request tap, which gives the completion
+ * measured on the host: the function manager runs in this process, and the VF's
+ * blk request tap (attached to its stand-in, as `vbridge trace` does, so every
+ * device the VF is served by feeds it) gives the completion
  * time (performance.now(), microseconds) of every request. A stall is the
  * longest gap between two completions of the guest's loop that spans the
  * operation. Under TCG the guest's own time per request is a few hundred
@@ -21,7 +22,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { BlkDevice, type BlkRequestInfo } from '../src/devices/blk/blk-device';
+import type { BlkRequestInfo } from '../src/devices/blk/blk-device';
 import { BLK_T_IN } from '../src/virtio/constants';
 import { createDevice } from '../src/control/bridge';
 import { validateTopology } from '../src/control/topology';
@@ -453,7 +454,7 @@ export async function vfBench(reps: number): Promise<VfResult> {
         },
         root,
       );
-      // As `vbridge serve` makes VF devices, plus the tap on each: a pause releases the device and makes a new one.
+      // As `vbridge serve` makes VF devices, timed: a pause releases the device and makes a new one.
       const manager = FunctionManager.start({
         pfs: topology.pfs,
         stateDir: topology.stateDir,
@@ -461,7 +462,6 @@ export async function vfBench(reps: number): Promise<VfResult> {
         createDevice: (spec) => {
           const t0 = performance.now();
           const made = createDevice(spec, new Map());
-          if (spec.name === VF && made.device instanceof BlkDevice) made.device.tap = rec.tap;
           devices.ms += performance.now() - t0;
           return {
             device: made.device,
@@ -474,6 +474,10 @@ export async function vfBench(reps: number): Promise<VfResult> {
         },
       });
       live.manager = manager;
+      // The request tap attaches where `vbridge trace` does, to the VF's stand-in, which hands it to every device the VF is served by.
+      const requests = manager.vfStandIn(VF)?.requests;
+      if (requests === undefined) throw new Error(`${VF} has no request tap point`);
+      requests.tap = rec.tap;
       const qmp = path.join(root, 'qmp.sock');
       // The guest lives as long as the whole bench may; it is killed at the end.
       const guest = await startGuest({ name: 'bench-vf', script: SCRIPT, hotplugPorts: 2, qmpSocket: qmp, memMiB: 256, timeoutMs: setupBound + pauseBound + reattachBound });
