@@ -428,11 +428,7 @@ function updateFunctionCard(card: HTMLElement, v: FnView, time: number): void {
       'data-queue',
       fn.queues,
       (q) => q.name,
-      (q) => {
-        const tr = el('tr');
-        tr.appendChild(el('td', {}, q.name));
-        return tr;
-      },
+      (q) => namedRow(q.name),
       (tr, q) => {
         const k = `${key}:${q.name}`;
         const d = rate(`${k}:descriptors`, q.descriptors, time);
@@ -464,11 +460,7 @@ function updateFunctionCard(card: HTMLElement, v: FnView, time: number): void {
       'data-shadow',
       shadow,
       (q) => q.name,
-      (q) => {
-        const tr = el('tr');
-        tr.appendChild(el('td', {}, q.name));
-        return tr;
-      },
+      (q) => namedRow(q.name),
       (tr, q) => {
         const k = `link:${fn.name}:${q.name}`;
         const o = rate(`${k}:ops`, q.dma.toBarOps + q.dma.toGuestOps, time);
@@ -562,6 +554,13 @@ function createSwitch(sw: Switch, actions: Record<string, string[]>): HTMLElemen
   return card;
 }
 
+/** A table row that starts with its name's cell; sync() fills in the rest. */
+function namedRow(name: string): HTMLElement {
+  const tr = el('tr');
+  tr.appendChild(el('td', {}, name));
+  return tr;
+}
+
 function updateSwitch(card: HTMLElement, sw: Switch, time: number): void {
   setText(field(card, 'learned'), `${sw.learned} MACs learned`);
   setText(field(card, 'dropped'), `${sw.dropped} dropped`);
@@ -572,11 +571,7 @@ function updateSwitch(card: HTMLElement, sw: Switch, time: number): void {
     'data-port',
     sw.ports,
     (p) => p.name,
-    (p) => {
-      const tr = el('tr');
-      tr.appendChild(el('td', {}, p.name));
-      return tr;
-    },
+    (p) => namedRow(p.name),
     (tr, p) => {
       const k = `sw:${sw.name}:${p.name}`;
       const rin = rate(`${k}:rxFrames`, p.rxFrames, time);
