@@ -8,6 +8,7 @@ import { backendCommand } from './backend-command';
 import { captureCommand } from './capture-command';
 import { traceCommand } from './trace-command';
 import { faultCommand } from './fault-command';
+import { msgCommand } from './msg-command';
 import { parseListenAddress, type ListenAddress } from '../api/listen-address';
 import { pfCommand, vfCommand } from './function-commands';
 import { bashCompletion } from './completion';
@@ -115,4 +116,4 @@ const completionCommand: CommandSpec = {
   },
 };
 
-export const COMMANDS: readonly CommandSpec[] = [serveCommand, validateCommand, statsCommand, qemuArgsCommand, captureCommand, traceCommand, faultCommand, backendCommand, pfCommand, vfCommand, completionCommand];
+export const COMMANDS: readonly CommandSpec[] = [serveCommand, validateCommand, statsCommand, qemuArgsCommand, captureCommand, traceCommand, faultCommand, backendCommand, msgCommand, pfCommand, vfCommand, completionCommand];
