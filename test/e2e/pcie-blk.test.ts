@@ -10,7 +10,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { withHeavyLock } from '../support/heavy-lock';
 import { kv, startGuest } from '../support/qemu-guest';
@@ -20,6 +19,7 @@ import { startBackendProcess, type BackendProcess } from '../support/backend-pro
 import { waitFor, waitForPath } from '../support/wait';
 import { DIRECT_WRITES_32M } from '../support/blk-scripts';
 import { allocatedBlocks } from '../support/blk-requests';
+import { watchMemfds } from '../support/memfds';
 
 const MiB = 1024 * 1024;
 
@@ -40,44 +40,6 @@ i=0; while [ $i -lt 50 ]; do echo "file $i" > /mnt/dir/sub/f$i; i=$((i+1)); done
 echo EXT2_MD5=$(md5sum < /mnt/dir/data.bin | cut -d' ' -f1)
 umount /mnt && echo UMOUNT_OK=1
 `;
-
-/** What a process has mapped or open that is backed by a memfd. */
-function memfdsOf(pid: number): string[] {
-  const found = new Set<string>();
-  for (const line of fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
-    const m = /(\/memfd:\S+)/.exec(line);
-    if (m) found.add(`map ${m[1]}`);
-  }
-  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
-    try {
-      const target = fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
-      if (target.startsWith('/memfd:')) found.add(`fd ${target.replace(/ \(deleted\)$/, '')}`);
-    } catch {
-      // Closed meanwhile.
-    }
-  }
-  return [...found].sort();
-}
-
-/** Samples a process's memfds while a guest runs (what it mapped only briefly counts too). */
-function watchMemfds(pid: number): { stop(): Set<string> } {
-  const seen = new Set<string>();
-  const sample = (): void => {
-    try {
-      for (const m of memfdsOf(pid)) seen.add(m);
-    } catch {
-      // Sampling only.
-    }
-  };
-  const peek = setInterval(sample, 100);
-  return {
-    stop: () => {
-      clearInterval(peek);
-      sample();
-      return seen;
-    },
-  };
-}
 
 test('guest blk over the PCIe link and over a virtio-msg socket bus to backend processes: 32 MiB round trips, clean ext2, no guest memory in either backend', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
