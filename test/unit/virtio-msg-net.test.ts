@@ -4,7 +4,8 @@
  * its guest) drive MsgShadowLinks to one MsgBusServer whose two NetDevices
  * share an L2 switch, as `vbridge backend net --bus socket:PATH --devices 2
  * --switch X` serves them. Frames cross in both directions byte for byte; a
- * device taken off the bus fails only its own function.
+ * device taken off the bus fails only its own function; a backend that dies
+ * leaves the guests' frames and buffers held for the next one.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -258,5 +259,58 @@ test("net over the socket bus: a device taken off the bus fails only its functio
     await closeFn(a);
     if (b !== null) await closeFn(b);
     closeRig(r);
+  }
+});
+
+test('net over the socket bus: the backend dies and another starts; what the guests posted meanwhile (TX frames, RX buffers) goes to the new devices, in order', async () => {
+  const r = busWithSwitch('msgnet-die');
+  const a = await netFunction('msgnet-die-a', r.bus, 1, r.log);
+  let b: NetFn | null = null;
+  let server2: MsgBusServer | null = null;
+  const sw2 = 'msgnet-die-sw2';
+  try {
+    b = await netFunction('msgnet-die-b', r.bus, 2, r.log);
+    const fb = b;
+    await waitFor(() => r.server.device(1)?.queueRunning(RX) === true && r.server.device(2)?.queueRunning(RX) === true, 'both RX queues to run on the device side');
+    const [devA, devB] = r.devs as [NetDevice, NetDevice];
+    const first = frames(macOf(devB), macOf(devA), 3, 7);
+    transmit(a.g, first);
+    await txDone(a.g, first.length, "a's first frames to be sent");
+    sameFrames(await received(fb.g, first.length, 'b to receive from the first backend'), first, 'b to receive from the first backend');
+
+    r.server.close();
+    await waitFor(() => a.link.stats().state === 'down' && fb.link.stats().state === 'down', 'both links to see the bus go');
+    // Sent while no backend runs: held in the relay, not completed, not lost.
+    const held = frames(macOf(devB), macOf(devA), 10, 8);
+    transmit(a.g, held);
+    assert.equal(a.g.split(TX).popUsed(), null, 'no TX completion while no backend runs');
+
+    // The new backend process: new devices (same MACs, as the same command line gives) on a new switch.
+    // b's device comes first, so that its RX queue runs before a's held frames cross.
+    server2 = new MsgBusServer(r.bus, r.log);
+    const s2 = server2;
+    const sw = getSwitch(sw2);
+    const [devA2, devB2] = [devA, devB].map((d) => new NetDevice({ name: d.name, queueSize: 256 })) as [NetDevice, NetDevice];
+    sw.plug(devB2);
+    sw.plug(devA2);
+    s2.addDevice(2, devB2);
+    s2.listen();
+    await waitFor(() => s2.device(2)?.queueRunning(RX) === true, "b's RX queue to run on the new backend");
+    s2.addDevice(1, devA2);
+    await txDone(a.g, held.length, "a's held frames to be sent by the new backend");
+    sameFrames(await received(fb.g, held.length, 'b to receive the held frames'), held, 'b to receive the held frames');
+    const back = frames(macOf(devA), macOf(devB), 10, 9);
+    transmit(fb.g, back);
+    sameFrames(await received(a.g, back.length, 'a to receive through the new backend'), back, 'a to receive through the new backend');
+    for (const f of [a, fb]) assert.equal(f.link.stats().attaches, 2);
+    assert.equal(devA2.counters.rxNoQueue + devB2.counters.rxNoQueue, 0);
+    assert.equal(fb.fn.stats().server?.needsReset, false);
+    assert.equal(a.fn.stats().server?.needsReset, false);
+  } finally {
+    await closeFn(a);
+    if (b !== null) await closeFn(b);
+    server2?.close();
+    closeRig(r);
+    deleteSwitch(sw2);
   }
 });
