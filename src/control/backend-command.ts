@@ -2,11 +2,11 @@
  * `vbridge backend blk|net`: a backend host process (the "second host"). It
  * plugs devices into bridge functions' attach sockets with the PCIe backend
  * SDK (src/links/pcie/backend-host.ts), or serves them as virtio-msg devices
- * on a socket bus (--bus, src/links/virtio-msg/msg-bus-server.ts), and runs
+ * on a socket, shm or IVSHMEM bus (--bus, src/links/virtio-msg/msg-bus-server.ts), and runs
  * them until SIGTERM or SIGINT (exit 0) or until a card unplugs it (exit 1).
  *
  * stdout carries exactly one line per attachment, `attached PATH`, once the
- * card has the device block, or one `listening socket:PATH devices N,...`
+ * card has the device block, or one `listening KIND:PATH devices N,...`
  * once the bus listens (tests and scripts wait for them); logs go to stderr.
  */
 import * as path from 'node:path';
@@ -19,7 +19,7 @@ import { TapPort } from '../devices/net/tap-port';
 import { LINK_MAX_QUEUES } from '../links/pcie/layout';
 import { PcieBackendHost } from '../links/pcie/backend-host';
 import { MsgBusServer } from '../links/virtio-msg/msg-bus-server';
-import { socketBusPath } from '../links/virtio-msg/msg-shadow-link';
+import { BUS_ADDRESS_HINT, type BusKind, parseBusAddress } from '../virtio-msg/bus/bus-address';
 import { consoleLogger, type Logger } from '../log';
 import { VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
 import { parseCommand, UsageError, type CommandSpec, type OptionTable, type ParsedArgs } from './args';
@@ -29,15 +29,17 @@ export const BACKEND_USAGE = `usage: vbridge backend <blk|net> [options]
 
 Run a backend host: plug virtio devices into bridge functions over the PCIe
 link (the function's attach socket), or serve them as virtio-msg devices on a
-socket bus, until SIGTERM or SIGINT. Prints "attached PATH" on stdout for each
-attachment once it is up, or "listening socket:PATH devices N[,M...]" once the
+bus, until SIGTERM or SIGINT. Prints "attached PATH" on stdout for each
+attachment once it is up, or "listening KIND:PATH devices N[,M...]" once the
 bus is; logs go to stderr. Exits 0 on SIGTERM/SIGINT, 1 when a card unplugs
 the backend.
 
-  --bus socket:PATH [--device-number N]   instead of --attach: listen at PATH as
-      the device side of a virtio-msg socket bus (docs/virtio-msg.md); the
+  --bus socket:PATH|shm:PATH|ivshmem:PATH [--device-number N]   instead of
+      --attach: listen at PATH as the device side of a virtio-msg bus
+      (docs/virtio-msg.md: socket carries messages on the stream, shm and
+      ivshmem on shared-memory rings with eventfd doorbells); the
       device is number N (default 1); bridge functions with
-      backend: { link: virtio-msg, bus: "socket:PATH", device: N } dial it.
+      backend: { link: virtio-msg, bus: "KIND:PATH", device: N } dial it.
       Net takes --devices K: K devices numbered N.. on the one switch.
 
   vbridge backend blk --attach PATH --file DISK.img [--size BYTES|64M] [--readonly]
@@ -56,9 +58,10 @@ the backend.
       and receives nothing (benchmarks).
 `;
 
-/** Where the devices are served: the PCIe link's attach sockets, or one virtio-msg socket bus. */
+/** Where the devices are served: the PCIe link's attach sockets, or one virtio-msg bus. */
 export interface BusArgs {
-  /** The socket bus's path. */
+  /** socket:, shm: or ivshmem:, and the Unix socket the bus listens at. */
+  kind: BusKind;
   path: string;
   /** The first device's number. */
   firstDevice: number;
@@ -97,7 +100,7 @@ function usage(message: string): UsageError {
 
 const BACKEND_OPTIONS: OptionTable = {
   attach: { type: 'string', multiple: true, arg: 'PATH', help: "a bridge function's attach socket", complete: 'file' },
-  bus: { type: 'string', arg: 'socket:PATH', help: 'serve the devices on a virtio-msg socket bus listening at PATH (instead of --attach)' },
+  bus: { type: 'string', arg: 'KIND:PATH', help: 'serve the devices on a virtio-msg bus (socket:, shm: or ivshmem:) listening at PATH (instead of --attach)' },
   'device-number': { type: 'string', arg: 'N', help: 'with --bus: the (first) device number, 1..65535 (default 1)' },
   devices: { type: 'string', arg: 'K', help: 'net with --bus: how many devices (default 1)' },
   file: { type: 'string', arg: 'DISK.img', help: 'blk: the raw image', complete: 'file' },
@@ -114,8 +117,8 @@ const BACKEND_OPTIONS: OptionTable = {
 /** `vbridge backend`: parsed by the same table as every command; its help is written by hand because blk and net differ. */
 export const backendCommand: CommandSpec = {
   name: 'backend',
-  summary: "run a backend host: virtio-blk or virtio-net devices for bridge functions' PCIe links or a virtio-msg socket bus",
-  synopsis: 'blk|net --attach PATH | --bus socket:PATH [options]',
+  summary: "run a backend host: virtio-blk or virtio-net devices for bridge functions' PCIe links or a virtio-msg bus",
+  synopsis: 'blk|net --attach PATH | --bus socket:PATH|shm:PATH|ivshmem:PATH [options]',
   options: BACKEND_OPTIONS,
   positionals: { name: 'device type (blk or net)', min: 1, max: 1, complete: ['blk', 'net'] },
   help: BACKEND_USAGE,
@@ -148,7 +151,7 @@ function backendArgs(args: ParsedArgs): BackendArgs {
   const attach = bus === null ? args.strings('attach') : busDeviceNames(kind, bus, args);
   const queueSize = parseQueueSize(args.string('queue-size'));
   if (kind === 'blk') {
-    if (attach.length !== 1) throw usage('backend blk needs exactly one --attach PATH (or --bus socket:PATH)');
+    if (attach.length !== 1) throw usage('backend blk needs exactly one --attach PATH (or --bus KIND:PATH)');
     const file = args.string('file');
     if (file === undefined) throw usage('backend blk needs --file DISK.img');
     const sizeArg = args.string('size');
@@ -167,7 +170,7 @@ function backendArgs(args: ParsedArgs): BackendArgs {
       serial: args.string('serial'),
     };
   }
-  if (attach.length === 0) throw usage('backend net needs at least one --attach PATH (or --bus socket:PATH)');
+  if (attach.length === 0) throw usage('backend net needs at least one --attach PATH (or --bus KIND:PATH)');
   const sw = args.string('switch');
   const sink = args.flag('sink');
   if ((sw === undefined) === !sink) throw usage('backend net needs either --switch NAME or --sink');
@@ -186,9 +189,9 @@ function busArgs(args: ParsedArgs): BusArgs | null {
     return null;
   }
   if (args.strings('attach').length > 0) throw usage('give either --attach (PCIe link) or --bus (virtio-msg), not both');
-  const path = socketBusPath(bus);
-  if (path === null) throw usage(`--bus: expected socket:PATH (shm: and ivshmem: buses are not built yet), got ${JSON.stringify(bus)}`);
-  return { path, firstDevice: parseInteger('--device-number', args.string('device-number'), 1, 0xffff) ?? 1 };
+  const address = parseBusAddress(bus);
+  if (address === null) throw usage(`--bus: expected ${BUS_ADDRESS_HINT}, got ${JSON.stringify(bus)}`);
+  return { ...address, firstDevice: parseInteger('--device-number', args.string('device-number'), 1, 0xffff) ?? 1 };
 }
 
 /** With a bus, a device is named after the bus socket (and its number, for net): one name per device, as --attach gives. */
@@ -307,9 +310,9 @@ function createDevices(a: BackendArgs, proc: BackendProcess, log: Logger): Plugg
   });
 }
 
-/** The devices as virtio-msg devices numbered from bus.firstDevice on a socket bus listening at bus.path. */
+/** The devices as virtio-msg devices numbered from bus.firstDevice on a bus listening at bus.path. */
 function serveBus(bus: BusArgs, devices: Plugged[], proc: BackendProcess, log: Logger): void {
-  const server = new MsgBusServer(bus.path, log);
+  const server = new MsgBusServer({ kind: bus.kind, path: bus.path }, log);
   // Released first (releases run in reverse): drivers are hung up on before their devices go.
   proc.addRelease(() => server.close());
   const numbers = devices.map((p, i) => {
@@ -317,7 +320,7 @@ function serveBus(bus: BusArgs, devices: Plugged[], proc: BackendProcess, log: L
     return bus.firstDevice + i;
   });
   server.listen();
-  process.stdout.write(`listening socket:${bus.path} devices ${numbers.join(',')}\n`);
+  process.stdout.write(`listening ${bus.kind}:${bus.path} devices ${numbers.join(',')}\n`);
 }
 
 /**

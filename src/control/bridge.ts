@@ -101,7 +101,7 @@ function relayLink(spec: FunctionSpec, b: LinkBackend, log: Logger): ShadowLink 
     case 'vhost-user':
       return new VhostUserRelayLink(b.socket, spec.type === 'blk' ? VIRTIO_ID_BLOCK : VIRTIO_ID_NET, b.barSize, log, spec.name);
     case 'virtio-msg':
-      return new MsgShadowLink(b.busPath, b.device, b.barSize, log, spec.name);
+      return new MsgShadowLink(b.bus, b.device, b.barSize, log, spec.name);
   }
 }
 

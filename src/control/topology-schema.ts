@@ -6,6 +6,7 @@
  * (src/control/topology-docs.ts). Checks that span several entries (unique names
  * and sockets, a PF's VFs) are topology.ts's, run once this schema passes.
  */
+import { BUS_ADDRESS_HINT, formatBusAddress, parseBusAddress } from '../virtio-msg/bus/bus-address';
 import * as path from 'node:path';
 import { z } from 'zod';
 import { parseListenAddress, type ListenAddress } from '../api/listen-address';
@@ -194,11 +195,14 @@ export function linkBackends(baseDir: string) {
       link: z.literal('virtio-msg'),
       bus: field(
         text()
-          .refine((b) => /^socket:./.test(b), {
-            error: (iss) => `expected "socket:PATH" (the socket bus; shm: and ivshmem: buses are not built yet), got ${shown(iss.input)}`,
+          .refine((b) => parseBusAddress(b) !== null, {
+            error: (iss) => `expected ${BUS_ADDRESS_HINT} (a virtio-msg bus), got ${shown(iss.input)}`,
           })
-          .transform((b) => `socket:${path.resolve(baseDir, b.slice('socket:'.length))}`),
-        'the virtio-msg bus: `socket:PATH`, the Unix socket a device side (`vbridge backend blk|net --bus socket:PATH`) listens at; the bridge dials it, and dials again every 0.5 s after it went away. The protocol: [virtio-msg.md](virtio-msg.md)',
+          .transform((b) => {
+            const a = parseBusAddress(b)!;
+            return formatBusAddress({ kind: a.kind, path: path.resolve(baseDir, a.path) });
+          }),
+        'the virtio-msg bus: `socket:PATH` (messages on the stream), `shm:PATH` (shared-memory rings with eventfd doorbells) or `ivshmem:PATH` (the same rings behind ivshmem-style doorbell registers); PATH is the Unix socket a device side (`vbridge backend blk|net --bus KIND:PATH`) listens at; the bridge dials it, and dials again every 0.5 s after it went away. The protocol: [virtio-msg.md](virtio-msg.md)',
         { default: 'required for `virtio-msg`' },
       ),
       device: field(
@@ -209,9 +213,9 @@ export function linkBackends(baseDir: string) {
       'bar-size': barSize,
       'slot-size': slotSize,
     }).transform(
-      (b): LinkBackend => ({ kind: 'virtio-msg', bus: b.bus, busPath: b.bus.slice('socket:'.length), device: b.device, barSize: b['bar-size'], slotSize: b['slot-size'] }),
+      (b): LinkBackend => ({ kind: 'virtio-msg', bus: b.bus, busPath: parseBusAddress(b.bus)!.path, device: b.device, barSize: b['bar-size'], slotSize: b['slot-size'] }),
     ),
-    'in a virtio-msg device on a bus (`vbridge backend blk|net --bus socket:PATH`); relay mode only: the device sees the function\'s shared segment, never guest memory',
+    'in a virtio-msg device on a bus (`vbridge backend blk|net --bus KIND:PATH`); relay mode only: the device sees the function\'s shared segment, never guest memory',
   );
   return { pcie, vhostUser, virtioMsg };
 }

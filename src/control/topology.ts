@@ -81,12 +81,12 @@ export interface VhostUserLinkBackend {
   slotSize: number;
 }
 
-/** A virtio-msg device on a bus (the socket bus for now); the bridge is its driver and relays the guest's rings to it. */
+/** A virtio-msg device on a bus (socket, shm or IVSHMEM); the bridge is its driver and relays the guest's rings to it. */
 export interface VirtioMsgLinkBackend {
   kind: 'virtio-msg';
-  /** The bus as written: "socket:PATH" (PATH resolved against the topology's folder). */
+  /** The bus as written: "socket:PATH", "shm:PATH" or "ivshmem:PATH" (PATH resolved against the topology's folder). */
   bus: string;
-  /** The socket bus's path. */
+  /** The Unix socket the bus listens at. */
   busPath: string;
   /** Device number on the bus (1..65535). */
   device: number;

@@ -21,7 +21,8 @@ import { MsgBusServer } from '../../src/links/virtio-msg/msg-bus-server';
 import { native } from '../../src/native/addon';
 import { encodeEvent, encodeRequest } from '../../src/virtio-msg/codec';
 import { Bus, Transport } from '../../src/virtio-msg/messages';
-import { MsgChannel } from '../../src/virtio-msg/bus/socket-channel';
+import { MsgChannel } from '../../src/virtio-msg/bus/msg-channel';
+import { SocketTransport } from '../../src/virtio-msg/bus/socket-transport';
 import { SOCKET_BUS_LIMITS as L, SocketBus } from '../../src/virtio-msg/bus/socket-messages';
 import { fuzzBudget, type Rng } from './rng';
 
@@ -170,7 +171,7 @@ async function main(): Promise<number> {
   server.addDevice(1, device);
   server.listen();
   // The well-behaved driver: its PINGs and GET_DEVICE_INFOs must be answered throughout.
-  const probe = new MsgChannel(native().connect(bus), 'driver', { onMessage: () => {}, onClose: () => {} }, 'probe');
+  const probe = new MsgChannel(new SocketTransport(native().connect(bus), 'probe'), 'driver', { onMessage: () => {}, onClose: () => {} }, 'probe');
   let iter = 0;
   let sessions = 0;
   let failure: string | null = null;

@@ -112,7 +112,7 @@ test('backends in other processes: pcie and vhost-user links with their modes', 
   bad({ link: 'pcie', attach: 'p', file: 'x' }, 'functions[0].backend.file');
 });
 
-test('a virtio-msg link: the socket bus path resolved, device 1 by default; other buses and bad numbers refused', () => {
+test('a virtio-msg link: the bus path resolved on every bus kind, device 1 by default; unknown buses and bad numbers refused', () => {
   const t = validateTopology(
     {
       functions: [
@@ -131,7 +131,12 @@ test('a virtio-msg link: the socket bus path resolved, device 1 by default; othe
     );
   };
   bad({ link: 'virtio-msg' }, 'functions[0].backend.bus', /./);
-  bad({ link: 'virtio-msg', bus: 'shm:/x' }, 'functions[0].backend.bus', /expected "socket:PATH"/);
+  bad({ link: 'virtio-msg', bus: 'pipe:/x' }, 'functions[0].backend.bus', /expected socket:PATH, shm:PATH or ivshmem:PATH/);
+  bad({ link: 'virtio-msg', bus: 'shm:' }, 'functions[0].backend.bus', /expected socket:PATH/);
+  for (const kind of ['shm', 'ivshmem']) {
+    const u = validateTopology({ functions: [{ name: 'x', type: 'blk', socket: 's', backend: { link: 'virtio-msg', bus: `${kind}:rel/bus.sock` } }] }, '/tmp');
+    assert.deepEqual(u.functions[0].backend, { kind: 'virtio-msg', bus: `${kind}:/tmp/rel/bus.sock`, busPath: '/tmp/rel/bus.sock', device: 1, barSize: 64 << 20, slotSize: 2048 });
+  }
   bad({ link: 'virtio-msg', bus: 'socket:/x', device: 0 }, 'functions[0].backend.device', /1, 65535/);
   bad({ link: 'virtio-msg', bus: 'socket:/x', mode: 'relay' }, 'functions[0].backend.mode', /./);
 });

@@ -21,6 +21,7 @@ import { VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
 import { encodeEvent, encodeRequest, encodeResponse } from '../../src/virtio-msg/codec';
 import { Bus, Transport } from '../../src/virtio-msg/messages';
 import { SOCKET_BUS_LIMITS, SocketBus } from '../../src/virtio-msg/bus/socket-messages';
+import type { BusKind } from '../../src/virtio-msg/bus/bus-address';
 import { tempDisk } from '../support/blk-requests';
 import { io } from './blk-guest-io';
 import { bringUp, CaptureLogger, Guest, tmpSocket, waitFor } from './vhost-user-harness';
@@ -67,10 +68,10 @@ interface BusRig {
   dev: BlkDevice;
 }
 
-/** A socket bus listening with one blk device (number 1) on `file` (a fresh disk by default). */
-function busWithBlk(name: string, file = tempDisk(1 << 20, 'msg-')): BusRig {
+/** A bus (the socket bus unless `kind` says) listening with one blk device (number 1) on `file` (a fresh disk by default). */
+function busWithBlk(name: string, file = tempDisk(1 << 20, 'msg-'), kind: BusKind = 'socket'): BusRig {
   const log = new CaptureLogger();
-  const bus = tmpSocket(name);
+  const bus = `${kind}:${tmpSocket(name)}`;
   const server = new MsgBusServer(bus, log);
   const dev = blkDevice(`${name}-blk`, file);
   server.addDevice(1, dev);
@@ -260,3 +261,47 @@ test('two functions on one device: the second waits (SET_SHM BUSY, asked again) 
     dev.close();
   }
 });
+
+for (const kind of ['shm', 'ivshmem'] as const) {
+  test(`blk over the ${kind} bus: 200 writes and reads through the relay, in-band events on the rings; the bus going away and coming back is redialled`, async () => {
+    const file = tempDisk(1 << 20, 'msg-');
+    let rig = busWithBlk(`msg-${kind}`, file, kind);
+    const f = await blkFunction(`msg-${kind}-fn`, rig.bus, 1, rig.log);
+    try {
+      for (let i = 0; i < 100; i++) {
+        const data = sectors(1 + (i % 8), i);
+        assert.equal((await io(f.g, BLK_T_OUT, i * 8, { data })).status, BLK_S_OK, `write ${i}`);
+        const back = await io(f.g, BLK_T_IN, i * 8, { len: data.length });
+        assert.equal(back.status, BLK_S_OK);
+        assert.deepEqual(back.data, data, `read ${i}`);
+      }
+      assert.equal(f.link.stats().endpoint, `${rig.bus} device 1`);
+      assert.equal(f.link.busStats?.droppedTotal, 0);
+      assert.equal(rig.server.stats().dropped, 0);
+      // The device side goes away and another listens at the same path: the link dials it and I/O goes on.
+      rig.server.close();
+      rig.dev.close();
+      await waitFor(() => !f.link.up, 'the link to see the bus go');
+      rig = { ...busWithBlkAt(rig.bus, file, rig.log) };
+      await waitFor(() => f.link.up, 'the link to attach again', 5000);
+      const data = sectors(4, 77);
+      assert.equal((await io(f.g, BLK_T_OUT, 1000, { data })).status, BLK_S_OK);
+      assert.deepEqual((await io(f.g, BLK_T_IN, 1000, { len: data.length })).data, data);
+      assert.equal(f.link.stats().attaches, 2);
+      assert.deepEqual(rig.log.errors(), []);
+    } finally {
+      await closeFn(f);
+      rig.server.close();
+      rig.dev.close();
+    }
+  });
+}
+
+/** A bus listening again at `bus` (an address as written) with a blk device on `file`. */
+function busWithBlkAt(bus: string, file: string, log: CaptureLogger): BusRig {
+  const server = new MsgBusServer(bus, log);
+  const dev = blkDevice('again-blk', file);
+  server.addDevice(1, dev);
+  server.listen();
+  return { log, bus, server, dev };
+}

@@ -15,7 +15,10 @@ import { type Decoded, requestOf } from '../../virtio-msg/codec';
 import { MessageStats } from '../../virtio-msg/errors';
 import { Bus } from '../../virtio-msg/messages';
 import { DeviceBusState } from '../../virtio-msg/payloads';
-import { MsgChannel } from '../../virtio-msg/bus/socket-channel';
+import { MsgChannel } from '../../virtio-msg/bus/msg-channel';
+import { type BusAddress, toBusAddress } from '../../virtio-msg/bus/bus-address';
+import { deviceTransport } from '../../virtio-msg/bus/bus-transports';
+import type { MsgTransport } from '../../virtio-msg/bus/transport';
 import { ShmStatus, SocketBus } from '../../virtio-msg/bus/socket-messages';
 import { MsgDevice } from './msg-device';
 
@@ -42,10 +45,19 @@ export class MsgBusServer {
   private readonly gone = new MessageStats();
   private unknownDevice = 0;
 
+  readonly bus: BusAddress;
+
   constructor(
-    readonly path: string,
+    bus: string | BusAddress,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.bus = toBusAddress(bus);
+  }
+
+  /** The Unix socket the bus listens at. */
+  get path(): string {
+    return this.bus.path;
+  }
 
   /** Serve `device` as device number `devNum` (1..65535); announced to connected drivers with EVENT_DEVICE READY. */
   addDevice(devNum: number, device: VirtioDevice, label = device.name): MsgDevice {
@@ -77,7 +89,7 @@ export class MsgBusServer {
     this.listenFd = a.listen(this.path, 16);
     this.poller = new a.Poller(this.listenFd, (status) => this.onAccept(status));
     this.poller.start(READABLE);
-    this.log.info(`${this.path}: virtio-msg socket bus listening (${this.devices.size} device(s): ${[...this.devices.keys()].join(', ')})`);
+    this.log.info(`${this.path}: virtio-msg ${this.bus.kind} bus listening (${this.devices.size} device(s): ${[...this.devices.keys()].join(', ')})`);
   }
 
   stats(): MsgBusServerStats {
@@ -116,7 +128,15 @@ export class MsgBusServer {
       }
       if (fd < 0) return;
       const label = `${this.path}#${this.nextConn++}`;
-      const ch: MsgChannel = new MsgChannel(fd, 'device', { onMessage: (m, fds) => this.onMessage(ch, m, fds), onClose: (err) => this.onClose(ch, err) }, label);
+      let transport: MsgTransport;
+      try {
+        transport = deviceTransport(this.bus.kind, fd, label);
+      } catch (e) {
+        closeQuietly(fd);
+        this.log.warn(`${label}: ${asError(e, 'transport').message}`);
+        continue;
+      }
+      const ch: MsgChannel = new MsgChannel(transport, 'device', { onMessage: (m, fds) => this.onMessage(ch, m, fds), onClose: (err) => this.onClose(ch, err) }, label);
       this.channels.add(ch);
       this.log.info(`${label}: a driver connected`);
       for (const devNum of this.devices.keys()) ch.event(Bus.EVENT_DEVICE, 0, { devNum, state: DeviceBusState.READY });

@@ -24,7 +24,7 @@ import { asError, closeQuietly } from '../../vhost-user/connection';
 import { type Decoded, requestOf } from '../../virtio-msg/codec';
 import { Transport } from '../../virtio-msg/messages';
 import type { ConfigData, ConfigRange, FeatureBlocks, FeatureRange, VqueueInfo, VqueueSetup } from '../../virtio-msg/payloads';
-import type { MsgChannel } from '../../virtio-msg/bus/socket-channel';
+import type { MsgChannel } from '../../virtio-msg/bus/msg-channel';
 import { ShmStatus } from '../../virtio-msg/bus/socket-messages';
 
 /** Packed rings (the shadow rings are split) and IOMMU translation (addresses are segment offsets) never cross this bus. */

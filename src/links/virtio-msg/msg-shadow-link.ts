@@ -25,7 +25,10 @@ import { STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK
 import { type Decoded, requestOf } from '../../virtio-msg/codec';
 import { Bus, type MsgSpec, Transport } from '../../virtio-msg/messages';
 import { DeviceBusState } from '../../virtio-msg/payloads';
-import { MsgChannel } from '../../virtio-msg/bus/socket-channel';
+import { MsgChannel } from '../../virtio-msg/bus/msg-channel';
+import { type BusAddress, formatBusAddress, toBusAddress } from '../../virtio-msg/bus/bus-address';
+import { driverTransport } from '../../virtio-msg/bus/bus-transports';
+import type { MsgTransport } from '../../virtio-msg/bus/transport';
 import { ShmStatus, SocketBus, SOCKET_BUS_MAX_MESSAGE_SIZE } from '../../virtio-msg/bus/socket-messages';
 import { MessageStats } from '../../virtio-msg/errors';
 
@@ -45,10 +48,6 @@ export interface MsgLinkStats extends ShadowLinkStats {
   dropped: number;
 }
 
-/** "socket:PATH" -> PATH; null for any other bus. */
-export function socketBusPath(bus: string): string | null {
-  return bus.startsWith('socket:') && bus.length > 'socket:'.length ? bus.slice('socket:'.length) : null;
-}
 
 export class MsgShadowLink implements ShadowLink {
   events: ShadowLinkEvents | null = null;
@@ -71,14 +70,18 @@ export class MsgShadowLink implements ShadowLink {
   /** Counters of connections that ended. */
   private readonly gone = new MessageStats();
 
+  /** Where the device's bus is. */
+  readonly bus: BusAddress;
+
   constructor(
-    readonly socketPath: string,
+    bus: string | BusAddress,
     readonly devNum: number,
     readonly bar2Size: number,
     private readonly log: Logger,
     readonly label: string,
     opts: MsgLinkOptions = {},
   ) {
+    this.bus = toBusAddress(bus);
     this.timeoutMs = opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
     this.bar = memfdBar(label, bar2Size);
   }
@@ -98,6 +101,11 @@ export class MsgShadowLink implements ShadowLink {
   /** The bus connection's receive counters (null while not connected): tests and `stats` read drops here. */
   get busStats(): MessageStats | null {
     return this.ch?.stats ?? null;
+  }
+
+  /** The bus as written ("shm:/run/...") for log lines. */
+  private get busName(): string {
+    return formatBusAddress(this.bus);
   }
 
   get redialScheduled(): boolean {
@@ -169,7 +177,7 @@ export class MsgShadowLink implements ShadowLink {
     const wasUp = this.up;
     this.hangUp();
     if (this.linkState !== 'failed') this.linkState = 'down';
-    this.log.warn(`${this.label}: bus connection to ${this.socketPath} cut (fault injected); not redialled until cleared`);
+    this.log.warn(`${this.label}: bus connection to ${this.busName} cut (fault injected); not redialled until cleared`);
     if (wasUp) this.events?.onDown();
     return true;
   }
@@ -181,7 +189,7 @@ export class MsgShadowLink implements ShadowLink {
   stats(): MsgLinkStats {
     return {
       kind: 'virtio-msg',
-      endpoint: `socket:${this.socketPath} device ${this.devNum}`,
+      endpoint: `${formatBusAddress(this.bus)} device ${this.devNum}`,
       state: this.linkState,
       attaches: this.attaches,
       controlMessages: this.messages,
@@ -193,14 +201,20 @@ export class MsgShadowLink implements ShadowLink {
 
   private dial(): void {
     if (!this.redial.allowed || this.ch !== null) return;
-    let fd: number;
+    let transport: MsgTransport;
     try {
-      fd = native().connect(this.socketPath);
+      const fd = native().connect(this.bus.path);
+      try {
+        transport = driverTransport(this.bus.kind, fd, `${this.label} (virtio-msg)`, this.label);
+      } catch (e) {
+        closeQuietly(fd);
+        throw e;
+      }
     } catch {
       this.scheduleRedial();
       return;
     }
-    const ch: MsgChannel = new MsgChannel(fd, 'driver', { onMessage: (m) => this.onMessage(ch, m), onClose: (err) => this.onClosed(ch, err) }, `${this.label} (virtio-msg)`);
+    const ch: MsgChannel = new MsgChannel(transport, 'driver', { onMessage: (m) => this.onMessage(ch, m), onClose: (err) => this.onClosed(ch, err) }, `${this.label} (virtio-msg)`);
     this.ch = ch;
     this.attaching = false;
     void this.probe(ch);
@@ -214,7 +228,7 @@ export class MsgShadowLink implements ShadowLink {
       const i = this.devNum - r.offset;
       const present = i >= 0 && i < r.bitmap.length * 8 && ((r.bitmap[i >> 3] ?? 0) & (1 << (i & 7))) !== 0;
       if (present) await this.attach(ch);
-      else this.log.info(`${this.label}: no device ${this.devNum} on ${this.socketPath} yet; waiting for it to appear`);
+      else this.log.info(`${this.label}: no device ${this.devNum} on ${this.busName} yet; waiting for it to appear`);
     } catch (e) {
       this.sessionError(ch, e, 'GET_DEVICES');
     }
@@ -229,7 +243,7 @@ export class MsgShadowLink implements ShadowLink {
       const shm = await ch.request(SocketBus.SET_SHM, 0, { devNum: this.devNum, size: BigInt(this.bar2Size) }, this.timeoutMs, [this.bar.fd]);
       if (shm.status !== ShmStatus.OK) {
         this.attaching = false;
-        this.refused(ch, `device ${this.devNum} on ${this.socketPath} refused the segment (SET_SHM status ${shm.status}: ${shmStatusName(shm.status)})`);
+        this.refused(ch, `device ${this.devNum} on ${this.busName} refused the segment (SET_SHM status ${shm.status}: ${shmStatusName(shm.status)})`);
         return;
       }
       const d = await ch.request(Transport.GET_DEVICE_INFO, this.devNum, null, this.timeoutMs);
@@ -257,7 +271,7 @@ export class MsgShadowLink implements ShadowLink {
     this.rings.clear();
     this.linkState = 'up';
     this.attaches++;
-    this.log.info(`${this.label}: relaying to virtio-msg device ${this.devNum} on ${this.socketPath} (device id ${info.deviceId}, ${info.numQueues} queue(s))`);
+    this.log.info(`${this.label}: relaying to virtio-msg device ${this.devNum} on ${this.busName} (device id ${info.deviceId}, ${info.numQueues} queue(s))`);
     this.events?.onUp(info);
   }
 
@@ -324,7 +338,7 @@ export class MsgShadowLink implements ShadowLink {
     const dev = requestOf(m, Bus.EVENT_DEVICE);
     if (dev !== undefined && dev.devNum === this.devNum) {
       if (dev.state === DeviceBusState.READY) void this.attach(ch);
-      else if (dev.state === DeviceBusState.REMOVED) this.failed(new Error(`virtio-msg device ${this.devNum} was removed from ${this.socketPath}`), false);
+      else if (dev.state === DeviceBusState.REMOVED) this.failed(new Error(`virtio-msg device ${this.devNum} was removed from ${this.busName}`), false);
       return;
     }
     const ping = requestOf(m, Bus.PING);
@@ -338,7 +352,7 @@ export class MsgShadowLink implements ShadowLink {
     this.linkState = 'failed';
     this.rings.clear();
     if (hangUp) {
-      this.log.error(`${this.label}: virtio-msg device ${this.devNum} on ${this.socketPath}: ${err.message}; hanging up`);
+      this.log.error(`${this.label}: virtio-msg device ${this.devNum} on ${this.busName}: ${err.message}; hanging up`);
       this.hangUp();
       this.scheduleRedial();
     } else {
@@ -356,7 +370,7 @@ export class MsgShadowLink implements ShadowLink {
     if (this.closed) return;
     const wasUp = this.up;
     if (this.linkState !== 'failed') this.linkState = 'down';
-    this.log.warn(`${this.label}: the virtio-msg bus at ${this.socketPath} went away${err ? `: ${err.message}` : ''}`);
+    this.log.warn(`${this.label}: the virtio-msg bus at ${this.busName} went away${err ? `: ${err.message}` : ''}`);
     if (wasUp) this.events?.onDown();
     this.scheduleRedial();
   }

@@ -70,14 +70,69 @@ const SHM_ATTACH_RESULT: PayloadCodec<ShmAttachResult> = fixed(
   },
 );
 
+/** The ring buses' set-up (docs/virtio-msg.md, "The shm bus"): what kind of rings, and how many slots each. */
+export interface RingsHello {
+  /** RingsKind: shm (fds: queues memfd, device doorbell, driver doorbell) or IVSHMEM (fds: registers memfd, queues memfd, device interrupt, driver interrupt). */
+  kind: number;
+  /** Slots of each ring (a power of two, 32..4096). */
+  slots: number;
+  /** Bytes of the queues memfd. */
+  size: bigint;
+}
+
+export const RingsKind = { SHM: 1, IVSHMEM: 2 } as const;
+
+/** What a device answers RINGS_HELLO with; anything but OK ends the connection. */
+export const HelloStatus = {
+  OK: 0,
+  /** Wrong kind for this bus, slots not allowed, or fds that do not map at the sizes given. */
+  BAD_RINGS: 1,
+} as const;
+
+const RINGS_HELLO: PayloadCodec<RingsHello> = fixed(
+  'rings kind, MBZ, slots, queues size',
+  16,
+  (dv) => {
+    const kind = dv.getUint16(0, true);
+    if (dv.getUint16(2, true) !== 0) throw new PayloadError('payload-field', 'MBZ u16 at offset 2 is not zero');
+    return { kind, slots: dv.getUint32(4, true), size: dv.getBigUint64(8, true) };
+  },
+  (dv, v) => {
+    checkUint(v.kind, 16, 'rings kind');
+    checkUint(v.slots, 32, 'slots');
+    checkU64(v.size, 'queues size');
+    dv.setUint16(0, v.kind, true);
+    dv.setUint32(4, v.slots, true);
+    dv.setBigUint64(8, v.size, true);
+  },
+);
+
+const HELLO_STATUS: PayloadCodec<number> = fixed(
+  'status, MBZ',
+  4,
+  (dv) => {
+    if (dv.getUint16(2, true) !== 0) throw new PayloadError('payload-field', 'MBZ u16 at offset 2 is not zero');
+    return dv.getUint16(0, true);
+  },
+  (dv, v) => {
+    checkUint(v, 16, 'status');
+    dv.setUint16(0, v, true);
+  },
+);
+
 export const SocketBus = {
   /** Driver -> device, with exactly one fd (a memfd of `size` bytes) attached to the message's bytes. */
   SET_SHM: busSpecific(0x80, 'BUS_MSG_SOCKET_SET_SHM', 'request', 'driver', SHM_ATTACH, SHM_ATTACH_RESULT),
+  /** Driver -> device on the shm and IVSHMEM buses, first on the socket, with the rings' memfds and doorbell eventfds. */
+  RINGS_HELLO: busSpecific(0x81, 'BUS_MSG_RINGS_HELLO', 'request', 'driver', RINGS_HELLO, HELLO_STATUS),
 };
 
-export const SOCKET_TABLE = new MessageTable([SocketBus.SET_SHM]);
+/** The bus-specific messages of every bus kind: the socket bus never sees RINGS_HELLO (it would drop it as unexpected). */
+export const SOCKET_TABLE = new MessageTable([SocketBus.SET_SHM, SocketBus.RINGS_HELLO]);
 
-/** How many fds a message carries on this bus: SET_SHM's request one, everything else none. */
+/** How many fds a message carries: SET_SHM's request one, RINGS_HELLO's request 3 or 4 (checked by the ring transport), everything else none. */
 export function fdsCarried(spec: AnyMsgSpec, response: boolean): number {
-  return spec === (SocketBus.SET_SHM as AnyMsgSpec) && !response ? 1 : 0;
+  if (response) return 0;
+  if (spec === (SocketBus.SET_SHM as AnyMsgSpec)) return 1;
+  return 0;
 }
