@@ -1,10 +1,12 @@
 /**
  * Fuzzer for a live virtio-msg device side: a MsgBusServer serving a real
- * BlkDevice on a socket bus, and a hostile driver that hands it a segment
- * and then sends valid requests with random fields (SET_VQUEUE at random
- * offsets, rings filled with random bytes, kicks), mutated copies of them,
- * random bytes, random splits of the stream, stray fds and connections cut in
- * the middle of a message.
+ * BlkDevice on each bus kind in turn (socket, shm, IVSHMEM; a third of the
+ * time each), and a hostile driver that hands it a segment and then sends
+ * valid requests with random fields (SET_VQUEUE at random offsets, rings
+ * filled with random bytes, kicks), mutated copies of them, random bytes,
+ * stray fds, and on the socket bus random splits of the stream and
+ * connections cut in the middle of a message; on the ring buses a mutated
+ * msg_size disagrees with the slots the message was published in.
  *
  * A failure is: anything thrown out of the bus (an uncaught exception ends
  * the process), or a well-behaved second connection whose PING goes
@@ -22,7 +24,9 @@ import { native } from '../../src/native/addon';
 import { encodeEvent, encodeRequest } from '../../src/virtio-msg/codec';
 import { Bus, Transport } from '../../src/virtio-msg/messages';
 import { MsgChannel } from '../../src/virtio-msg/bus/msg-channel';
-import { SocketTransport } from '../../src/virtio-msg/bus/socket-transport';
+import { BUS_KINDS, type BusAddress, type BusKind } from '../../src/virtio-msg/bus/bus-address';
+import { driverTransport } from '../../src/virtio-msg/bus/bus-transports';
+import { RingTransport } from '../../src/virtio-msg/bus/ring-transport';
 import { SOCKET_BUS_LIMITS as L, SocketBus } from '../../src/virtio-msg/bus/socket-messages';
 import { fuzzBudget, type Rng } from './rng';
 
@@ -104,16 +108,40 @@ class Hostile {
   private readonly seg: Uint8Array;
   private readonly memfd: number;
   private token = 1;
+  /** On the ring buses: our end of the rings (what it delivers is thrown away). */
+  private readonly rings: RingTransport | null = null;
+  private ended = false;
 
-  constructor(bus: string) {
+  constructor(bus: BusAddress) {
     const a = native();
-    this.fd = a.connect(bus);
+    this.fd = a.connect(bus.path);
     this.memfd = a.memfd('fuzz-segment', SEGMENT);
     this.seg = new Uint8Array(a.mmap(this.memfd, SEGMENT, 0));
+    if (bus.kind !== 'socket') {
+      this.rings = RingTransport.driver(bus.kind, this.fd, 'hostile', 'fuzz', 32);
+      this.rings.start({
+        frame: (_b, fds) => fds.forEach((f) => a.close(f)),
+        dropped: (_e, fds) => fds.forEach((f) => a.close(f)),
+        ended: () => {
+          this.ended = true;
+        },
+      });
+    }
   }
 
   async attach(): Promise<void> {
-    await writeAll(this.fd, encodeRequest(SocketBus.SET_SHM, 0, this.nextToken(), { devNum: 1, size: BigInt(SEGMENT) }, L), [this.memfd]);
+    await this.write(encodeRequest(SocketBus.SET_SHM, 0, this.nextToken(), { devNum: 1, size: BigInt(SEGMENT) }, L), [this.memfd]);
+  }
+
+  private async write(bytes: Uint8Array, fds: number[] = []): Promise<boolean> {
+    if (this.rings === null) return writeAll(this.fd, bytes, fds);
+    if (this.ended) return false;
+    try {
+      this.rings.send(bytes, fds);
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   nextToken(): number {
@@ -122,6 +150,7 @@ class Hostile {
   }
 
   drain(): void {
+    if (this.rings !== null) return;
     const buf = new Uint8Array(4096);
     try {
       while (native().recvmsg(this.fd, buf, 0, buf.length).n > 0);
@@ -136,6 +165,11 @@ class Hostile {
     let msg = rng.chance(0.02) ? rng.bytes(rng.int(64)) : request(rng, this.nextToken());
     if (rng.chance(0.3)) msg = mutate(rng, msg);
     const fds = rng.chance(0.02) ? [this.memfd] : [];
+    if (this.rings !== null) {
+      if (!(await this.write(msg, fds))) return false;
+      await tick();
+      return !this.ended;
+    }
     // Random splits: the bus must reassemble whatever the reads cut.
     let off = 0;
     while (off < msg.length) {
@@ -150,20 +184,33 @@ class Hostile {
   }
 
   async close(cutMidMessage: Uint8Array | null): Promise<void> {
-    if (cutMidMessage !== null) await writeAll(this.fd, cutMidMessage);
-    // Answers left unread would make our close a reset, and the server would lose what we sent last.
-    await tick();
-    this.drain();
-    native().close(this.fd);
+    if (this.rings !== null) {
+      await tick();
+      this.rings.close();
+    } else {
+      if (cutMidMessage !== null) await writeAll(this.fd, cutMidMessage);
+      // Answers left unread would make our close a reset, and the server would lose what we sent last.
+      await tick();
+      this.drain();
+      native().close(this.fd);
+    }
     native().unmap(this.seg.buffer as ArrayBuffer);
     native().close(this.memfd);
   }
 }
 
-async function main(): Promise<number> {
-  const { maxIter, seed, rng, deadline, seconds } = fuzzBudget();
+interface Phase {
+  iter: number;
+  sessions: number;
+  received: number;
+  dropped: number;
+  failure: string | null;
+}
+
+/** One bus kind until `deadline`: a server, the hostile driver reconnecting, and a well-behaved probe that must be answered throughout. */
+async function fuzzBus(kind: BusKind, rng: Rng, maxIter: number, deadline: number): Promise<Phase> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vb-msgfuzz-'));
-  const bus = path.join(dir, 'bus.sock');
+  const bus: BusAddress = { kind, path: path.join(dir, 'bus.sock') };
   const disk = path.join(dir, 'disk.img');
   fs.writeFileSync(disk, new Uint8Array(1 << 20));
   const device = new BlkDevice({ name: 'fuzz-blk', file: disk });
@@ -171,7 +218,7 @@ async function main(): Promise<number> {
   server.addDevice(1, device);
   server.listen();
   // The well-behaved driver: its PINGs and GET_DEVICE_INFOs must be answered throughout.
-  const probe = new MsgChannel(new SocketTransport(native().connect(bus), 'probe'), 'driver', { onMessage: () => {}, onClose: () => {} }, 'probe');
+  const probe = new MsgChannel(driverTransport(kind, native().connect(bus.path), 'probe', 'fuzz-probe'), 'driver', { onMessage: () => {}, onClose: () => {} }, 'probe');
   let iter = 0;
   let sessions = 0;
   let failure: string | null = null;
@@ -199,18 +246,30 @@ async function main(): Promise<number> {
     const got = await probe.request(Bus.PING, 0, 7, 5000);
     if (got !== 7) throw new Error('the last PING went unanswered');
   } catch (e) {
-    failure = e instanceof Error ? (e.stack ?? e.message) : String(e);
+    failure = `${kind} bus: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`;
   }
   const st = server.stats();
   probe.close();
   server.close();
   device.close();
   fs.rmSync(dir, { recursive: true, force: true });
-  if (failure !== null) {
-    console.error(`virtio-msg bus fuzz: FAILED at iteration ${iter}, seed ${seed} (replay with FUZZ_SEED=${seed}): ${failure}`);
-    return 1;
+  return { iter, sessions, received: st.received, dropped: st.dropped, failure };
+}
+
+async function main(): Promise<number> {
+  const { maxIter, seed, rng, deadline, seconds } = fuzzBudget();
+  const start = Date.now();
+  const lines: string[] = [];
+  for (const [i, kind] of BUS_KINDS.entries()) {
+    const until = start + ((deadline - start) * (i + 1)) / BUS_KINDS.length;
+    const p = await fuzzBus(kind, rng, maxIter, until);
+    if (p.failure !== null) {
+      console.error(`virtio-msg bus fuzz: FAILED at iteration ${p.iter}, seed ${seed} (replay with FUZZ_SEED=${seed}): ${p.failure}`);
+      return 1;
+    }
+    lines.push(`${kind}: ${p.iter} messages over ${p.sessions} connection(s), received ${p.received}, dropped ${p.dropped}`);
   }
-  console.log(`virtio-msg bus fuzz: ${iter} messages over ${sessions} connection(s) in ${seconds}s, received ${st.received}, dropped ${st.dropped}, seed ${seed}: ok`);
+  console.log(`virtio-msg bus fuzz in ${seconds}s, seed ${seed}: ${lines.join('; ')}: ok`);
   return 0;
 }
 

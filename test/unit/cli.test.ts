@@ -111,14 +111,16 @@ test('one size parser: the topology and `vbridge backend` agree on what a size i
   assert.equal(parseBackendArgs(['net', '--help']), null);
 });
 
-test('vbridge backend --bus: a virtio-msg socket bus instead of --attach, device numbers from --device-number', () => {
+test('vbridge backend --bus: a virtio-msg bus (socket, shm or ivshmem) instead of --attach, device numbers from --device-number', () => {
   const blk = parseBackendArgs(['blk', '--bus', 'socket:/r/msg.sock', '--device-number', '3', '--file', 'd.img']);
   assert.equal(blk?.kind, 'blk');
-  assert.deepEqual(blk?.bus, { path: '/r/msg.sock', firstDevice: 3 });
+  assert.deepEqual(blk?.bus, { kind: 'socket', path: '/r/msg.sock', firstDevice: 3 });
   const net = parseBackendArgs(['net', '--bus', 'socket:/r/msg.sock', '--devices', '2', '--sink']);
   assert.deepEqual(net?.attach, ['msg-1', 'msg-2']);
-  assert.deepEqual(net?.bus, { path: '/r/msg.sock', firstDevice: 1 });
-  assert.throws(() => parseBackendArgs(['blk', '--bus', 'shm:/x', '--file', 'd']), /--bus: expected socket:PATH/);
+  assert.deepEqual(net?.bus, { kind: 'socket', path: '/r/msg.sock', firstDevice: 1 });
+  assert.deepEqual(parseBackendArgs(['blk', '--bus', 'shm:/r/q.sock', '--file', 'd'])?.bus, { kind: 'shm', path: '/r/q.sock', firstDevice: 1 });
+  assert.deepEqual(parseBackendArgs(['net', '--bus', 'ivshmem:/r/iv.sock', '--sink'])?.bus, { kind: 'ivshmem', path: '/r/iv.sock', firstDevice: 1 });
+  assert.throws(() => parseBackendArgs(['blk', '--bus', 'pipe:/x', '--file', 'd']), /--bus: expected socket:PATH, shm:PATH or ivshmem:PATH/);
   assert.throws(() => parseBackendArgs(['blk', '--bus', 'socket:/x', '--attach', 'a', '--file', 'd']), /either --attach .* or --bus/);
   assert.throws(() => parseBackendArgs(['blk', '--attach', 'a', '--device-number', '2', '--file', 'd']), /--device-number goes with --bus/);
   assert.throws(() => parseBackendArgs(['blk', '--bus', 'socket:/x', '--device-number', '0', '--file', 'd']), /--device-number: expected an integer in \[1, 65535\]/);
