@@ -3,7 +3,8 @@
  * `msg probe BUS` lists the devices on a bus as lspci would (msg-probe.ts).
  */
 import { UsageError, type CommandSpec, type ParsedArgs } from './args';
-import { BUS_ADDRESS_HINT, BusConnectError, connectBus, type BusClient } from '../virtio-msg/bus/connect';
+import { BUS_ADDRESS_HINT } from '../virtio-msg/bus/bus-address';
+import { BusConnectError, connectBus, type BusClient } from '../virtio-msg/bus/connect';
 import { DEFAULT_PROBE_TIMEOUT_MS, formatProbe, ProbeError, probeBus } from './msg-probe';
 
 export const MSG_USAGE = `usage: vbridge msg probe BUS [--json] [--timeout MS]

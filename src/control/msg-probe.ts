@@ -6,7 +6,7 @@
  * device a bridge function drives goes on undisturbed (the device side
  * answers reads from any connection; docs/virtio-msg.md, "The socket bus").
  */
-import { RequestTimeout } from '../virtio-msg/bus/socket-channel';
+import { RequestTimeout } from '../virtio-msg/bus/msg-channel';
 import type { BusClient } from '../virtio-msg/bus/connect';
 import { effectiveMax, HEADER_SIZE } from '../virtio-msg/header';
 import { Bus, Transport, type MsgSpec } from '../virtio-msg/messages';

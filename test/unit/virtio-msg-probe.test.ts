@@ -19,7 +19,7 @@ import { MsgShadowLink } from '../../src/links/virtio-msg/msg-shadow-link';
 import { native } from '../../src/native/addon';
 import { formatProbe, probeBus, ProbeError, type ProbeReport } from '../../src/control/msg-probe';
 import { BusConnectError, connectBus } from '../../src/virtio-msg/bus/connect';
-import { RequestTimeout } from '../../src/virtio-msg/bus/socket-channel';
+import { RequestTimeout } from '../../src/virtio-msg/bus/msg-channel';
 import { Transport } from '../../src/virtio-msg/messages';
 import { BLK_S_OK, BLK_T_IN, BLK_T_OUT, bit, F_ACCESS_PLATFORM, F_RING_EVENT_IDX, F_RING_PACKED, F_VERSION_1 } from '../../src/virtio/constants';
 import { FrontendClient } from '../../src/vhost-user/frontend-client';
@@ -294,7 +294,8 @@ test('a device that does not answer is shown with what was read and the error; t
 test('errors: nothing listening, a stale socket, not a bus address, a peer that is no virtio-msg bus, a silent peer', async () => {
   assert.throws(() => connectBus('socket:/nonexistent/bus.sock'), (e: unknown) => e instanceof BusConnectError && /nothing listening: no such socket/.test(e.message));
   assert.throws(() => connectBus('/tmp/bus.sock'), /not a bus address \(expected socket:PATH/);
-  assert.throws(() => connectBus('socket:'), /no socket path/);
+  assert.throws(() => connectBus('socket:'), /not a bus address/);
+  assert.throws(() => connectBus('shm:/nonexistent/bus.sock'), /nothing listening: no such socket/);
 
   const stale = tmpSocket('probe-stale');
   native().close(native().listen(stale, 1));
@@ -329,7 +330,7 @@ test('errors: nothing listening, a stale socket, not a bus address, a peer that 
   assert.equal(cli.err, 'vbridge: msg probe: socket:/nonexistent/bus.sock: nothing listening: no such socket\n');
   const bad = await runVbridgeAsync(['msg', 'probe']);
   assert.equal(bad.code, 2);
-  assert.match(bad.err, /^vbridge: msg probe needs a BUS \(socket:PATH\)/);
+  assert.match(bad.err, /^vbridge: msg probe needs a BUS \(socket:PATH, shm:PATH or ivshmem:PATH\)/);
 });
 
 test('vbridge msg probe, text and --json, against a bus in this process', async () => {

@@ -1,16 +1,17 @@
 /**
- * A driver's connection to a bus named by its address ("socket:PATH"), for
- * tools that talk to a bus without being a bridge function (`vbridge msg
- * probe`). Each bus kind is one case of connectBus; what comes back is the
- * same small interface whatever carries the messages, so a tool written
- * against it works on the shm and IVSHMEM buses once they have a case here.
+ * A driver's connection to a bus named by its address ("socket:PATH",
+ * "shm:PATH", "ivshmem:PATH"), for tools that talk to a bus without being a
+ * bridge function (`vbridge msg probe`): the same small interface whatever
+ * carries the messages.
  */
 import { native } from '../../native/addon';
 import type { Decoded } from '../codec';
 import type { MessageStats } from '../errors';
 import type { BusLimits } from '../header';
 import type { MsgSpec } from '../messages';
-import { MsgChannel } from './socket-channel';
+import { BUS_ADDRESS_HINT, parseBusAddress } from './bus-address';
+import { driverTransport } from './bus-transports';
+import { MsgChannel } from './msg-channel';
 import { SOCKET_BUS_LIMITS } from './socket-messages';
 
 /** The bus could not be reached: nothing listens there, or the address names no bus kind we know. */
@@ -38,27 +39,13 @@ export interface BusClientHandlers {
   onClose?(err: Error | undefined): void;
 }
 
-/** The bus kinds an address may name, for error messages. */
-export const BUS_ADDRESS_HINT = 'socket:PATH';
-
 /** Connect as a driver to the bus at `address`. Throws BusConnectError when nothing can be reached there. */
 export function connectBus(address: string, handlers: BusClientHandlers = {}): BusClient {
-  const colon = address.indexOf(':');
-  const kind = colon < 0 ? '' : address.slice(0, colon);
-  const where = address.slice(colon + 1);
-  switch (kind) {
-    case 'socket':
-      if (where === '') throw new BusConnectError(`${address}: no socket path after "socket:"`);
-      return connectSocketBus(address, where, handlers);
-    default:
-      throw new BusConnectError(`${address}: not a bus address (expected ${BUS_ADDRESS_HINT}; shm: and ivshmem: buses are not built yet)`);
-  }
-}
-
-function connectSocketBus(address: string, path: string, handlers: BusClientHandlers): BusClient {
+  const bus = parseBusAddress(address);
+  if (bus === null) throw new BusConnectError(`${address}: not a bus address (expected ${BUS_ADDRESS_HINT})`);
   let fd: number;
   try {
-    fd = native().connect(path);
+    fd = native().connect(bus.path);
   } catch (e) {
     const code = (e as { code?: unknown }).code;
     const why =
@@ -73,7 +60,14 @@ function connectSocketBus(address: string, path: string, handlers: BusClientHand
               : (e as Error).message;
     throw new BusConnectError(`${address}: nothing listening: ${why}`);
   }
-  const ch = new MsgChannel(fd, 'driver', { onMessage: (m) => handlers.onMessage?.(m), onClose: (err) => handlers.onClose?.(err) }, address);
+  let transport;
+  try {
+    transport = driverTransport(bus.kind, fd, address, 'probe');
+  } catch (e) {
+    native().close(fd);
+    throw new BusConnectError(`${address}: ${(e as Error).message}`);
+  }
+  const ch = new MsgChannel(transport, 'driver', { onMessage: (m) => handlers.onMessage?.(m), onClose: (err) => handlers.onClose?.(err) }, address);
   return {
     address,
     limits: SOCKET_BUS_LIMITS,
