@@ -47,6 +47,17 @@ async function guestOn(socket: string, rxBuffers: number): Promise<{ c: Frontend
   return { c, g };
 }
 
+/**
+ * Wait until a new driver's `n` RX buffers are on the shadow ring and the
+ * device runs the queue. The device's queue alone could still be the one from
+ * before a reset that has not reached the bus yet (a frame for it would be
+ * dropped by that reset); the relay posts the new driver's buffers only after
+ * its earlier control calls, the reset among them, were answered.
+ */
+async function rxReady(f: NetFn, server: MsgBusServer, devNum: number, n: number, what: string): Promise<void> {
+  await waitFor(() => f.fn.stats().relay[RX]?.inFlight === n && server.device(devNum)?.queueRunning(RX) === true, what);
+}
+
 /** A relay net function on device `devNum` of the bus at `bus`, with a guest driving it. */
 async function netFunction(name: string, bus: string, devNum: number, log: CaptureLogger, rxBuffers = 48): Promise<NetFn> {
   const socket = tmpSocket(name);
@@ -249,7 +260,7 @@ test("net over the socket bus: a device taken off the bus fails only its functio
     await closeGuest(fb);
     const fresh = await guestOn(fb.fn.spec.socket, 8);
     Object.assign(fb, fresh);
-    await waitFor(() => r.server.device(2)?.queueRunning(RX) === true, "b's RX queue to run again");
+    await rxReady(fb, r.server, 2, 8, "b's new driver's RX buffers to reach the device");
     const again = frames(macOf(devB), macOf(devA), 6, 6);
     transmit(a.g, again);
     sameFrames(await received(fb.g, again.length, 'b to receive after coming back'), again, 'b to receive after coming back');
@@ -312,5 +323,60 @@ test('net over the socket bus: the backend dies and another starts; what the gue
     server2?.close();
     closeRig(r);
     deleteSwitch(sw2);
+  }
+});
+
+test('net over the socket bus: a guest that stops its queues and starts them where they stopped gets its unused RX buffers back, and frames flow again both ways; so they do for a new driver after the front-end went', async () => {
+  const r = busWithSwitch('msgnet-stop');
+  const [devA, devB] = r.devs as [NetDevice, NetDevice];
+  const a = await netFunction('msgnet-stop-a', r.bus, 1, r.log);
+  let b: NetFn | null = null;
+  try {
+    b = await netFunction('msgnet-stop-b', r.bus, 2, r.log, 48);
+    const fb = b;
+    await waitFor(() => r.server.device(1)?.queueRunning(RX) === true && r.server.device(2)?.queueRunning(RX) === true, 'both RX queues to run on the device side');
+    const first = frames(macOf(devB), macOf(devA), 5, 10);
+    transmit(a.g, first);
+    await txDone(a.g, first.length, "a's first frames to be sent");
+    sameFrames(await received(fb.g, first.length, 'b to receive before the stop'), first, 'b to receive before the stop');
+
+    // What QEMU does around a device stop: GET_VRING_BASE on each queue, later the start sequence from that base.
+    const rxBase = await fb.c.getVringBase(RX);
+    const txBase = await fb.c.getVringBase(TX);
+    assert.equal(rxBase, first.length, 'the 43 RX buffers the device did not fill are handed back, not counted consumed');
+    assert.equal(txBase, 0);
+    assert.equal(r.server.device(2)?.queueRunning(RX), false, 'the device stopped the queue (RESET_VQUEUE)');
+    for (const [i, base] of [[RX, rxBase], [TX, txBase]] as const) {
+      await fb.c.setVringNum(i, fb.g.size);
+      await fb.c.setVringBase(i, base);
+      await fb.c.setVringAddr(fb.g.vringAddr(i));
+      await fb.c.setVringKick(i, fb.g.kick[i] as number);
+      await fb.c.setVringCall(i, fb.g.call[i] as number);
+      await fb.c.setVringEnable(i, true);
+    }
+    await waitFor(() => r.server.device(2)?.queueRunning(RX) === true, "b's RX queue to run again");
+    const after = frames(macOf(devB), macOf(devA), 20, 11);
+    transmit(a.g, after);
+    sameFrames(await received(fb.g, after.length, 'b to receive after the restart'), after, 'b to receive after the restart');
+    const back = frames(macOf(devA), macOf(devB), 20, 12);
+    transmit(fb.g, back);
+    await txDone(fb.g, back.length, "b's frames to be sent after the restart");
+    sameFrames(await received(a.g, back.length, 'a to receive from the restarted b'), back, 'a to receive from the restarted b');
+    assert.equal(devB.counters.rxNoQueue, 0);
+    assert.equal(fb.fn.stats().server?.needsReset, false);
+
+    // The VM restarted: its front-end goes (the relay resets the device over the bus) and a new driver starts afresh.
+    await closeGuest(fb);
+    Object.assign(fb, await guestOn(fb.fn.spec.socket, 8));
+    await rxReady(fb, r.server, 2, 8, "the new driver's RX buffers to reach the device");
+    const fresh = frames(macOf(devB), macOf(devA), 8, 13);
+    transmit(a.g, fresh);
+    sameFrames(await received(fb.g, fresh.length, 'the new driver to receive'), fresh, 'the new driver to receive');
+    assert.equal(fb.link.stats().state, 'up');
+    assert.equal(fb.link.stats().attaches, 1, 'the link never went down');
+  } finally {
+    await closeFn(a);
+    if (b !== null) await closeFn(b);
+    closeRig(r);
   }
 });
