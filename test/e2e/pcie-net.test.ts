@@ -9,7 +9,8 @@
  * relay sees its frames both ways, Ethernet first (no virtio-net header).
  * Each guest has a second NIC on another subnet whose function is relayed over
  * a virtio-msg link (the socket bus) to a second backend process hosting both
- * devices and their own switch (`vbridge backend net --bus ... --devices 2`):
+ * devices (two queue pairs each, guest A uses both) and their own switch
+ * (`vbridge backend net --bus ... --devices 2`):
  * pings without loss and the same 8 MiB with an equal checksum cross it too,
  * and that backend maps nothing but the two functions' segments.
  */
@@ -33,7 +34,8 @@ import { parsePcap } from '../../src/capture/pcap';
 // The virtio-msg NICs (eth1) on a subnet of their own, so that the kernel routes this traffic through them.
 const MSG_IP_A = '198.18.1.1';
 const MSG_IP_B = '198.18.1.2';
-const MSG_A = `ip link set eth1 up && ip addr add ${MSG_IP_A}/24 dev eth1`;
+const MSG_A = `ip link set eth1 up && ip addr add ${MSG_IP_A}/24 dev eth1
+echo MSG_QUEUES=$(ls -d /sys/class/net/eth1/queues/tx-* | wc -l)`;
 const MSG_B = `
 ip link set eth1 up && ip addr add ${MSG_IP_B}/24 dev eth1
 until ping -c1 -W1 ${MSG_IP_A} >/dev/null 2>&1; do sleep 0.2; done
@@ -60,14 +62,14 @@ test('two guests bridged to one backend process hosting their switch: pings 56/1
     try {
       // Two queue pairs per device: guest A uses both (2 vCPUs), guest B one.
       backend = await startBackendProcess(['backend', 'net', '--attach', path.join(fx.dir, 'net0.bar'), '--attach', path.join(fx.dir, 'net1.bar'), '--switch', 'sw0', '--queues', '2'], 2);
-      msgBackend = await startBackendProcess(['backend', 'net', '--bus', `socket:${path.join(fx.dir, 'msg.sock')}`, '--devices', '2', '--switch', 'sw1'], 1);
+      msgBackend = await startBackendProcess(['backend', 'net', '--bus', `socket:${path.join(fx.dir, 'msg.sock')}`, '--devices', '2', '--switch', 'sw1', '--queues', '2'], 1);
       const msgWatch = watchMemfds(msgBackend.pid);
       for (const fn of ['net0', 'net1', 'msg0', 'msg1']) await waitForPath(fx.socket(fn), 10_000);
       const point = fx.bridge.device('net1')?.frames;
       assert.ok(point !== undefined, 'a net relay has a frame tap point');
       const pcap: Uint8Array[] = [];
       const capture = startCapture(point, { write: (c) => pcap.push(c.slice()) > 0, end: () => undefined });
-      const a = await startGuest({ name: 'pcie-net-a', script: scriptA(true, MSG_A), cpus: 2, memMiB: 256, nets: [{ socket: fx.socket('net0'), mac: '52:54:00:00:01:0a', queues: 2 }, { socket: fx.socket('msg0'), mac: '52:54:00:00:02:0a' }], timeoutMs: 240_000 });
+      const a = await startGuest({ name: 'pcie-net-a', script: scriptA(true, MSG_A), cpus: 2, memMiB: 256, nets: [{ socket: fx.socket('net0'), mac: '52:54:00:00:01:0a', queues: 2 }, { socket: fx.socket('msg0'), mac: '52:54:00:00:02:0a', queues: 2 }], timeoutMs: 240_000 });
       const b = await startGuest({ name: 'pcie-net-b', script: scriptB(MSG_B), memMiB: 256, nets: [{ socket: fx.socket('net1'), mac: '52:54:00:00:01:0b' }, { socket: fx.socket('msg1'), mac: '52:54:00:00:02:0b' }], timeoutMs: 240_000 });
       const api = fx.bridge.api;
       assert.ok(api !== null);
@@ -103,7 +105,10 @@ test('two guests bridged to one backend process hosting their switch: pings 56/1
         assert.equal(st.needsReset, false);
       }
       assert.ok((fx.fnStats('msg1').relay?.[0]?.dma.toGuestBytes ?? 0) >= 8 * 1024 * 1024, 'B received the blob through its virtio-msg RX shadow ring');
-      assert.ok((fx.fnStats('msg0').relay?.[1]?.dma.toBarBytes ?? 0) >= 8 * 1024 * 1024, 'A sent the blob through its virtio-msg TX shadow ring');
+      // A's second NIC has two queue pairs too: the device's queues 2 and 3 are set up over the bus like 0 and 1.
+      assert.equal(va.MSG_QUEUES, '2', "guest A sees the virtio-msg device's 2 queue pairs");
+      const msgTx = [1, 3].reduce((n, q) => n + (fx.fnStats('msg0').relay?.[q]?.dma.toBarBytes ?? 0), 0);
+      assert.ok(msgTx >= 8 * 1024 * 1024, `A's virtio-msg TX queues moved ${msgTx} bytes to the segment`);
       // Relay mode's isolation over virtio-msg too: the backend maps the two segments and nothing of either guest.
       t.diagnostic(`virtio-msg backend memfds: ${[...msgSeen].join(', ')}`);
       for (const fn of ['msg0', 'msg1']) assert.ok([...msgSeen].some((m) => m.includes(`vbridge-${fn}-bar`)), `the virtio-msg backend never mapped ${fn}'s segment`);
