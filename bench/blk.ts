@@ -14,6 +14,7 @@ import { stopChild } from './net';
 import { bounded, type Outcome } from './measure';
 import { fetchJson } from '../src/control/control-server';
 import type { StatsReport } from '../src/control/stats-format';
+import type { BusKind } from '../src/virtio-msg/bus/bus-address';
 
 export type BlkJob = 'randread' | 'randwrite';
 const JOBS: readonly BlkJob[] = ['randwrite', 'randread'];
@@ -23,7 +24,13 @@ export interface BlkFigures {
   iops: number;
   kicksPerReq?: number;
   interruptsPerReq?: number;
+  /** virtio-msg links: messages on the bus (both ways) and doorbells rung by the bridge, per request. */
+  busMessagesPerReq?: number;
+  doorbellsPerReq?: number;
 }
+
+/** What carries a relay function to its backend process: the PCIe link, or a virtio-msg bus of that kind. */
+export type RelayVia = 'pcie' | BusKind;
 
 /** Each back-end on its own: one that failed or hung says so, and the others stand. */
 export interface BlkResult {
@@ -64,22 +71,34 @@ interface Counted {
   requests: number;
   kicks: number;
   interrupts: number;
+  busMessages: number;
+  doorbells: number;
 }
 
 /** The function's guest-side queue counters, summed over its queues. */
 async function counted(control: string): Promise<Counted> {
   const r = await fetchJson<StatsReport>(control, '/stats');
   const qs = r.functions[0]?.queues ?? [];
+  const bus = r.functions[0]?.backend?.busMessages;
   return {
     requests: qs.reduce((n, q) => n + q.descriptors, 0),
     kicks: qs.reduce((n, q) => n + q.kicks, 0),
     interrupts: qs.reduce((n, q) => n + q.interrupts, 0),
+    busMessages: bus === undefined ? NaN : bus.sent + bus.received,
+    doorbells: bus?.doorbells ?? NaN,
   };
 }
 
-function perRequest(a: Counted, b: Counted): Pick<BlkFigures, 'kicksPerReq' | 'interruptsPerReq'> {
+function perRequest(a: Counted, b: Counted): Omit<BlkFigures, 'iops'> {
   const n = b.requests - a.requests;
-  return n > 0 ? { kicksPerReq: (b.kicks - a.kicks) / n, interruptsPerReq: (b.interrupts - a.interrupts) / n } : {};
+  if (n <= 0) return {};
+  const per = (x: number, y: number): number | undefined => (Number.isNaN(x) || Number.isNaN(y) ? undefined : (y - x) / n);
+  return {
+    kicksPerReq: (b.kicks - a.kicks) / n,
+    interruptsPerReq: (b.interrupts - a.interrupts) / n,
+    busMessagesPerReq: per(a.busMessages, b.busMessages),
+    doorbellsPerReq: per(a.doorbells, b.doorbells),
+  };
 }
 
 /** Both fio jobs in one guest; with `control`, the function's counters are read around each job. */
@@ -147,22 +166,42 @@ export async function blkBench(seconds: number): Promise<BlkResult> {
       const sock = path.join(dir, 'blk.sock');
       return underServe(dir, `{ name: blk, type: blk, socket: ${sock}, backend: { file: ${image} } }`, sock, () => runGuest(sock, files, seconds, path.join(dir, 'control.sock')));
     });
-    const relay = await bounded('blk relay', bound, () => {
-      const dir = fs.mkdtempSync(path.join(root, 'r-'));
-      const bar = path.join(dir, 'relay.bar');
-      const sock = path.join(dir, 'relay.sock');
-      return underServe(dir, `{ name: relay, type: blk, socket: ${sock}, backend: { link: pcie, attach: ${bar} } }`, bar, async () => {
-        const backend = spawn(process.execPath, [CLI, 'backend', 'blk', '--attach', bar, '--file', image], { stdio: ['ignore', 'ignore', 'inherit'] });
-        try {
-          await waitPath(sock, 'the blk backend did not attach');
-          return await runGuest(sock, files, seconds, path.join(dir, 'control.sock'));
-        } finally {
-          await stopChild(backend);
-        }
-      });
-    });
+    const relay = await bounded('blk relay', bound, () => relayBlk(root, image, files, seconds, 'pcie'));
     return { anchor, direct, relay };
   } finally {
     fs.rmSync(root, { recursive: true, force: true });
   }
 }
+
+/**
+ * fio through a relay function whose backend is `vbridge backend blk` on
+ * `image`, over the PCIe link or a virtio-msg bus (the backend listens
+ * first; the bridge dials it).
+ */
+export async function relayBlk(root: string, image: string, files: GuestFile[], seconds: number, via: RelayVia): Promise<Record<BlkJob, BlkFigures>> {
+  const dir = fs.mkdtempSync(path.join(root, `r-${via}-`));
+  const sock = path.join(dir, 'relay.sock');
+  const control = path.join(dir, 'control.sock');
+  if (via === 'pcie') {
+    const bar = path.join(dir, 'relay.bar');
+    return underServe(dir, `{ name: relay, type: blk, socket: ${sock}, backend: { link: pcie, attach: ${bar} } }`, bar, async () => {
+      const backend = spawn(process.execPath, [CLI, 'backend', 'blk', '--attach', bar, '--file', image], { stdio: ['ignore', 'ignore', 'inherit'] });
+      try {
+        await waitPath(sock, 'the blk backend did not attach');
+        return await runGuest(sock, files, seconds, control);
+      } finally {
+        await stopChild(backend);
+      }
+    });
+  }
+  const bus = `${via}:${path.join(dir, 'bus.sock')}`;
+  const backend = spawn(process.execPath, [CLI, 'backend', 'blk', '--bus', bus, '--file', image], { stdio: ['ignore', 'ignore', 'inherit'] });
+  try {
+    await waitPath(path.join(dir, 'bus.sock'), `the blk backend did not listen on ${bus}`);
+    return await underServe(dir, `{ name: relay, type: blk, socket: ${sock}, backend: { link: virtio-msg, bus: "${bus}" } }`, sock, () => runGuest(sock, files, seconds, control));
+  } finally {
+    await stopChild(backend);
+  }
+}
+
+export { fioFiles };

@@ -12,6 +12,7 @@ import * as path from 'node:path';
 import { startTestpmd, type Testpmd } from '../test/support/testpmd';
 import { fetchJson } from '../src/control/control-server';
 import type { StatsReport } from '../src/control/stats-format';
+import type { RelayVia } from './blk';
 import { bounded, CpuWindow, type Outcome } from './measure';
 
 /** Each measurement on its own: one that failed or hung says so, and the others stand. */
@@ -48,6 +49,9 @@ export interface RelayNetResult {
   notificationsPerPkt: number;
   /** Times a guest chain found the shadow ring or the BAR's pool full, per packet. */
   waitsPerPkt: number;
+  /** virtio-msg links: messages on the bus (both ways) and doorbells rung by the bridge, per packet. */
+  busMessagesPerPkt?: number;
+  doorbellsPerPkt?: number;
 }
 
 const CLI = path.resolve(__dirname, '..', 'src', 'control', 'cli.js');
@@ -163,58 +167,84 @@ function spawnCli(args: readonly string[]): { child: ChildProcess; log: () => st
   return { child, log: () => log };
 }
 
-/** testpmd -> bridge (relay) -> PCIe link -> `vbridge backend net --sink`; the bridge and the backend share core 1. */
-async function relay(size: number, seconds: number, dir: string): Promise<RelayNetResult> {
+/**
+ * testpmd -> bridge (relay) -> PCIe link or a virtio-msg bus -> `vbridge
+ * backend net --sink`; the bridge and the backend share core 1.
+ */
+export async function relay(size: number, seconds: number, dir: string, via: RelayVia = 'pcie'): Promise<RelayNetResult> {
   const sock = path.join(dir, 'relay.sock');
   const bar = path.join(dir, 'relay.bar');
+  const busSock = path.join(dir, 'bus.sock');
+  const bus = `${via}:${busSock}`;
   const control = path.join(dir, 'relay-control.sock');
   const topo = path.join(dir, 'relay.yaml');
-  fs.writeFileSync(
-    topo,
-    `control: ${control}\nfunctions:\n  - { name: relay, type: net, socket: ${sock}, backend: { link: pcie, attach: ${bar}, bar-size: 64M } }\n`,
-  );
-  const serve = spawnCli(['serve', topo]);
+  const link = via === 'pcie' ? `{ link: pcie, attach: ${bar}, bar-size: 64M }` : `{ link: virtio-msg, bus: "${bus}", bar-size: 64M }`;
+  fs.writeFileSync(topo, `control: ${control}\nfunctions:\n  - { name: relay, type: net, socket: ${sock}, backend: ${link} }\n`);
+  let serve: { child: ChildProcess; log: () => string } | null = null;
   let backend: { child: ChildProcess; log: () => string } | null = null;
+  const waitFile = async (p: string, what: () => string): Promise<void> => {
+    for (let i = 0; !fs.existsSync(p); i++) {
+      if (i > 100) throw new Error(what());
+      await sleep(100);
+    }
+  };
   try {
-    for (let i = 0; !fs.existsSync(bar); i++) {
-      if (i > 100) throw new Error(`vbridge serve did not start: ${serve.log()}`);
-      await sleep(100);
+    if (via === 'pcie') {
+      serve = spawnCli(['serve', topo]);
+      const s = serve;
+      await waitFile(bar, () => `vbridge serve did not start: ${s.log()}`);
+      backend = spawnCli(['backend', 'net', '--attach', bar, '--sink']);
+    } else {
+      // The device side listens and the bridge dials it.
+      backend = spawnCli(['backend', 'net', '--bus', bus, '--sink']);
+      const b = backend;
+      await waitFile(busSock, () => `the backend did not listen on ${bus}: ${b.log()}`);
+      serve = spawnCli(['serve', topo]);
     }
-    backend = spawnCli(['backend', 'net', '--attach', bar, '--sink']);
-    for (let i = 0; !fs.existsSync(sock); i++) {
-      if (i > 100) throw new Error(`the backend did not attach: ${backend.log()}`);
-      await sleep(100);
-    }
+    const [srv, be] = [serve, backend];
+    await waitFile(sock, () => `the backend did not attach: ${be.log()}\n${srv.log()}`);
     const tx = await startSender(prefix('vu'), sock, size);
     try {
-      const q = async (): Promise<{ d: number; n: number; dma: number; w: number; t: number }> => {
+      const q = async (): Promise<{ d: number; n: number; dma: number; w: number; m: number; bells: number; t: number }> => {
         const r = await fetchJson<StatsReport>(control, '/stats');
         const f = r.functions[0];
         const txq = f.queues.find((x) => x.index === 1);
         const sh = f.relay?.find((x) => x.index === 1);
         if (txq === undefined || sh === undefined) throw new Error('no TX queue stats');
-        return { d: txq.descriptors, n: txq.kicks + txq.interrupts + sh.backendKicks + sh.backendInterrupts, dma: sh.dma.toBarBytes, w: sh.waits, t: Date.now() };
+        const bm = f.backend?.busMessages;
+        return {
+          d: txq.descriptors,
+          n: txq.kicks + txq.interrupts + sh.backendKicks + sh.backendInterrupts,
+          dma: sh.dma.toBarBytes,
+          w: sh.waits,
+          m: bm === undefined ? NaN : bm.sent + bm.received,
+          bells: bm?.doorbells ?? NaN,
+          t: Date.now(),
+        };
       };
       const a = await q();
-      const cpu = new CpuWindow({ sender: tx.proc.pid, bridge: serve.child.pid, backend: backend.child.pid });
+      const cpu = new CpuWindow({ sender: tx.proc.pid, bridge: srv.child.pid, backend: be.child.pid });
       await sleep(seconds * 1000);
       const b = await q();
       const pkts = b.d - a.d;
       const cpuNsPerPkt = cpu.perUnit(pkts);
       await tx.stop();
+      const per = (x: number, y: number): number | undefined => (pkts > 0 && !Number.isNaN(x) && !Number.isNaN(y) ? (y - x) / pkts : undefined);
       return {
         mpps: pkts / ((b.t - a.t) / 1000) / 1e6,
         cpuNsPerPkt,
         dmaBytesPerPkt: pkts > 0 ? (b.dma - a.dma) / pkts : 0,
         notificationsPerPkt: pkts > 0 ? (b.n - a.n) / pkts : 0,
         waitsPerPkt: pkts > 0 ? (b.w - a.w) / pkts : 0,
+        busMessagesPerPkt: per(a.m, b.m),
+        doorbellsPerPkt: per(a.bells, b.bells),
       };
     } finally {
       await tx.quit();
     }
   } finally {
     if (backend !== null) await stopChild(backend.child);
-    await stopChild(serve.child);
+    if (serve !== null) await stopChild(serve.child);
   }
 }
 

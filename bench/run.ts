@@ -9,6 +9,7 @@ import * as path from 'node:path';
 import { netBench, type NetResult } from './net';
 import { blkBench, type BlkResult } from './blk';
 import { vfBench, type VfResult } from './vf';
+import { msgBench, type MsgResult, VIAS } from './msg';
 import { fmt, type Outcome, type Spread } from './measure';
 import { withHeavyLock } from '../test/support/heavy-lock';
 
@@ -83,6 +84,33 @@ function printBlk(blk: BlkResult): void {
   failures([blk.anchor, blk.direct, blk.relay]);
 }
 
+function printMsg(m: MsgResult): void {
+  const pcie = value(m.blk.pcie);
+  out('\nvirtio-msg: the relay over the PCIe link and over each virtio-msg bus to the same backend process\n');
+  out('blk: fio 4 KiB, iodepth 16, in a TCG guest (IOPS; ratio to the PCIe link; bus messages and doorbells per request)\n');
+  out(' link       randwrite  ratio  msgs/req  bells/req   randread  ratio  msgs/req  bells/req\n');
+  for (const via of VIAS) {
+    const r = value(m.blk[via]);
+    const cell = (job: 'randwrite' | 'randread'): string =>
+      `${fmt(r?.[job].iops, 0, 9)}  ${fmt(ratio(r?.[job].iops, pcie?.[job].iops), 2, 5)}  ${fmt(r?.[job].busMessagesPerReq, 2, 8)}  ${fmt(r?.[job].doorbellsPerReq, 3, 9)}`;
+    out(` ${via.padEnd(8)}  ${cell('randwrite')}  ${cell('randread')}\n`);
+  }
+  failures(VIAS.map((v) => m.blk[v]));
+  out('net: testpmd txonly -> relay -> backend --sink (Mpps; ratio to the PCIe link; per packet: bus messages, doorbells, CPU ns of the bridge and the backend)\n');
+  out(' size  link        Mpps  ratio  msgs/pkt  bells/pkt  cpu bridge  cpu backend\n');
+  for (const n of m.net) {
+    const base = value(n.by.pcie);
+    for (const via of VIAS) {
+      const r = value(n.by[via]);
+      out(
+        `${String(n.size).padStart(5)}  ${via.padEnd(8)}  ${fmt(r?.mpps, 2, 6)}  ${fmt(ratio(r?.mpps, base?.mpps), 2, 5)}  ${fmt(r?.busMessagesPerPkt, 4, 8)}  ${fmt(r?.doorbellsPerPkt, 4, 9)}` +
+          `  ${fmt(r?.cpuNsPerPkt.bridge, 1, 10)}  ${fmt(r?.cpuNsPerPkt.backend, 1, 11)}\n`,
+      );
+    }
+    failures(VIAS.map((v) => n.by[v]));
+  }
+}
+
 /** One row of min / median / max. */
 function spreadRow(label: string, s: Spread | undefined, decimals: number): string {
   return ` ${label.padEnd(44)} ${fmt(s?.min, decimals, 9)} ${fmt(s?.median, decimals, 9)} ${fmt(s?.max, decimals, 9)} ${String(s?.n ?? '-').padStart(3)}\n`;
@@ -137,10 +165,10 @@ async function main(): Promise<void> {
       loadAverage: os.loadavg().map((x) => Math.round(x * 100) / 100),
       seconds,
     };
-    const all: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult }[] = [];
+    const all: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult }[] = [];
     for (let run = 1; run <= runs; run++) {
       if (runs > 1) out(`\n=== run ${run} of ${runs} ===\n`);
-      const r: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult } = {};
+      const r: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult } = {};
       if (only === undefined || only === 'net') {
         r.net = await netBench([64, 1500], seconds);
         printNet(r.net);
@@ -153,6 +181,10 @@ async function main(): Promise<void> {
         r.vf = await vfBench(Number(process.env.BENCH_VF_REPS ?? 5));
         printVf(r.vf);
       }
+      if (only === undefined || only === 'msg') {
+        r.msg = await msgBench(Number(process.env.BENCH_BLK_SECONDS ?? 10), seconds, [64, 1500]);
+        printMsg(r.msg);
+      }
       all.push(r);
     }
     report.runs = all;
@@ -164,6 +196,7 @@ async function main(): Promise<void> {
         ...(r.net ?? []).flatMap((n) => [n.anchor, n.direct, n.packed, n.relay]),
         ...(r.blk !== undefined ? [r.blk.anchor, r.blk.direct, r.blk.relay] : []),
         ...(r.vf !== undefined ? [r.vf.pause, r.vf.reattach, r.vf.attach] : []),
+        ...(r.msg !== undefined ? [...VIAS.map((v) => r.msg!.blk[v]), ...r.msg.net.flatMap((n) => VIAS.map((v) => n.by[v]))] : []),
       ])
       .filter((o) => !o.ok);
     if (failed.length > 0) {

@@ -52,6 +52,8 @@ export interface ShadowLinkStats {
   attaches: number;
   /** Control round trips (mailbox messages / vhost-user requests). */
   controlMessages: number;
+  /** virtio-msg links: every message on the bus both ways (events included) and the doorbells rung, over every connection so far. */
+  busMessages?: { sent: number; received: number; doorbells: number };
 }
 
 export interface ShadowLink {

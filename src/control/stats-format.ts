@@ -84,6 +84,7 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
     if (f.backend !== undefined) {
       const b = f.backend;
       out.push(`  backend ${b.kind} ${b.endpoint}: ${b.state}, ${b.attaches} attach(es), ${b.controlMessages} control message(s)`);
+      if (b.busMessages !== undefined) out.push(`    bus: ${b.busMessages.sent} message(s) sent, ${b.busMessages.received} received, ${b.busMessages.doorbells} doorbell(s) rung`);
     }
     if (f.passthrough !== undefined) {
       const m = f.passthrough;

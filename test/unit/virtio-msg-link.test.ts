@@ -276,6 +276,10 @@ for (const kind of ['shm', 'ivshmem'] as const) {
         assert.deepEqual(back.data, data, `read ${i}`);
       }
       assert.equal(f.link.stats().endpoint, `${rig.bus} device 1`);
+      const bm = f.link.stats().busMessages!;
+      // Each request is an EVENT_AVAIL one way and an EVENT_USED back, at least.
+      assert.ok(bm.sent >= 200 && bm.received >= 200, `bus messages sent ${bm.sent}, received ${bm.received}`);
+      assert.ok(bm.doorbells <= bm.sent, `doorbells ${bm.doorbells} for ${bm.sent} messages sent`);
       assert.equal(f.link.busStats?.droppedTotal, 0);
       assert.equal(rig.server.stats().dropped, 0);
       // The device side goes away and another listens at the same path: the link dials it and I/O goes on.

@@ -46,6 +46,7 @@ export interface MsgLinkOptions {
 export interface MsgLinkStats extends ShadowLinkStats {
   /** What this side dropped of what the device sent (all connections so far). */
   dropped: number;
+  busMessages: { sent: number; received: number; doorbells: number };
 }
 
 
@@ -69,6 +70,8 @@ export class MsgShadowLink implements ShadowLink {
   private lastRefusal: string | null = null;
   /** Counters of connections that ended. */
   private readonly gone = new MessageStats();
+  private goneSent = 0;
+  private goneDoorbells = 0;
 
   /** Where the device's bus is. */
   readonly bus: BusAddress;
@@ -194,6 +197,11 @@ export class MsgShadowLink implements ShadowLink {
       attaches: this.attaches,
       controlMessages: this.messages,
       dropped: this.gone.droppedTotal + (this.ch?.stats.droppedTotal ?? 0),
+      busMessages: {
+        sent: this.goneSent + (this.ch?.sent ?? 0),
+        received: this.gone.received + (this.ch?.stats.received ?? 0),
+        doorbells: this.goneDoorbells + (this.ch?.doorbells ?? 0),
+      },
     };
   }
 
@@ -363,6 +371,8 @@ export class MsgShadowLink implements ShadowLink {
 
   private onClosed(ch: MsgChannel, err: Error | undefined): void {
     this.gone.received += ch.stats.received;
+    this.goneSent += ch.sent;
+    this.goneDoorbells += ch.doorbells;
     for (const [rule, n] of ch.stats.dropped) this.gone.dropped.set(rule, (this.gone.dropped.get(rule) ?? 0) + n);
     if (this.ch !== ch) return;
     this.ch = null;

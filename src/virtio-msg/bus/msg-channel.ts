@@ -44,6 +44,8 @@ function key(devNum: number, token: number): number {
 
 export class MsgChannel {
   readonly stats = new MessageStats();
+  /** Messages handed to the transport. */
+  sent = 0;
   private readonly pending = new PendingRequests();
   private readonly waiters = new Map<number, Waiter>();
   private closedFlag = false;
@@ -60,6 +62,11 @@ export class MsgChannel {
       dropped: (err, fds) => this.dropFrame(err, fds),
       ended: (err) => this.close(err),
     });
+  }
+
+  /** Doorbells this end rang (the ring buses' eventfd writes). */
+  get doorbells(): number {
+    return this.transport.doorbells;
   }
 
   /** The bus kind under this connection. */
@@ -116,6 +123,7 @@ export class MsgChannel {
     if (this.closedFlag) return false;
     try {
       this.transport.send(bytes, fds);
+      this.sent++;
       return true;
     } catch (e) {
       this.close(asError(e, 'send'));

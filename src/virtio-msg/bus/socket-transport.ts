@@ -17,6 +17,7 @@ const WRITABLE = 2;
 
 export class SocketTransport implements MsgTransport {
   readonly kind: BusKind = 'socket';
+  readonly doorbells = 0;
   private readonly framer = new StreamFramer(SOCKET_BUS_MAX_MESSAGE_SIZE);
   private readonly readBuf = new Uint8Array(SOCKET_BUS_MAX_MESSAGE_SIZE);
   private poller: Poller | null = null;

@@ -18,6 +18,8 @@ export interface TransportSink {
 
 export interface MsgTransport {
   readonly kind: BusKind;
+  /** Doorbells (eventfd writes) this end rang; 0 on a bus without them. */
+  readonly doorbells: number;
   /**
    * Begin delivering to `sink`. Nothing is delivered before start() returns:
    * the owner is usually still being constructed (its handlers name it), so a
