@@ -1,11 +1,12 @@
 /**
- * Net functions whose links are virtio-msg over one socket bus, end to end in
+ * Net functions whose links are virtio-msg over one bus, end to end in
  * one process: two relay functions (each with a vhost-user front-end playing
  * its guest) drive MsgShadowLinks to one MsgBusServer whose two NetDevices
  * share an L2 switch, as `vbridge backend net --bus socket:PATH --devices 2
- * --switch X` serves them. Frames cross in both directions byte for byte; a
- * device taken off the bus fails only its own function; a backend that dies
- * leaves the guests' frames and buffers held for the next one.
+ * --switch X` serves them. Frames cross in both directions byte for byte
+ * (over the socket, shm and IVSHMEM buses alike); a device taken off the bus
+ * fails only its own function; a backend that dies leaves the guests' frames
+ * and buffers held for the next one.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -16,6 +17,7 @@ import { NetDevice } from '../../src/devices/net/net-device';
 import { type Endpoint, type Port } from '../../src/devices/net/port';
 import { MsgBusServer } from '../../src/links/virtio-msg/msg-bus-server';
 import { MsgShadowLink } from '../../src/links/virtio-msg/msg-shadow-link';
+import type { BusKind } from '../../src/virtio-msg/bus/bus-address';
 import { native } from '../../src/native/addon';
 import { bit, F_RING_EVENT_IDX, F_VERSION_1, NET_F_MAC, NET_HDR_SIZE } from '../../src/virtio/constants';
 import { FrontendClient } from '../../src/vhost-user/frontend-client';
@@ -160,9 +162,9 @@ interface Rig {
 }
 
 /** A socket bus with two net devices (numbers 1 and 2) on one switch: what `vbridge backend net --bus ... --devices 2 --switch` builds. */
-function busWithSwitch(name: string): Rig {
+function busWithSwitch(name: string, kind: BusKind = 'socket'): Rig {
   const log = new CaptureLogger();
-  const bus = tmpSocket(name);
+  const bus = `${kind}:${tmpSocket(name)}`;
   const server = new MsgBusServer(bus, log);
   const swName = `${name}-sw`;
   const sw = getSwitch(swName);
@@ -181,45 +183,47 @@ function closeRig(r: Rig): void {
   deleteSwitch(r.swName);
 }
 
-test('net over the socket bus: two functions on one backend switch carry frames both ways, every one and every byte', async () => {
-  const r = busWithSwitch('msgnet');
-  const [devA, devB] = r.devs as [NetDevice, NetDevice];
-  const a = await netFunction('msgnet-a', r.bus, 1, r.log);
-  let b: NetFn | null = null;
-  try {
-    b = await netFunction('msgnet-b', r.bus, 2, r.log);
-    const fb = b;
-    // Until the device has its RX queue, a frame for it is dropped (rxNoQueue), not kept.
-    await waitFor(() => r.server.device(1)?.queueRunning(RX) === true && r.server.device(2)?.queueRunning(RX) === true, 'both RX queues to run on the device side');
-    const aToB = frames(macOf(devB), macOf(devA), 30, 1);
-    transmit(a.g, aToB);
-    await txDone(a.g, aToB.length, "a's frames to be sent");
-    sameFrames(await received(fb.g, aToB.length, 'b to receive them'), aToB, 'b to receive them');
+for (const kind of ['socket', 'shm', 'ivshmem'] as const) {
+  test(`net over the ${kind} bus: two functions on one backend switch carry frames both ways, every one and every byte`, async () => {
+    const r = busWithSwitch(`msgnet-${kind}`, kind);
+    const [devA, devB] = r.devs as [NetDevice, NetDevice];
+    const a = await netFunction(`msgnet-${kind}-a`, r.bus, 1, r.log);
+    let b: NetFn | null = null;
+    try {
+      b = await netFunction(`msgnet-${kind}-b`, r.bus, 2, r.log);
+      const fb = b;
+      // Until the device has its RX queue, a frame for it is dropped (rxNoQueue), not kept.
+      await waitFor(() => r.server.device(1)?.queueRunning(RX) === true && r.server.device(2)?.queueRunning(RX) === true, 'both RX queues to run on the device side');
+      const aToB = frames(macOf(devB), macOf(devA), 30, 1);
+      transmit(a.g, aToB);
+      await txDone(a.g, aToB.length, "a's frames to be sent");
+      sameFrames(await received(fb.g, aToB.length, 'b to receive them'), aToB, 'b to receive them');
 
-    const bToA = frames(macOf(devA), macOf(devB), 30, 2);
-    transmit(fb.g, bToA);
-    await txDone(fb.g, bToA.length, "b's frames to be sent");
-    sameFrames(await received(a.g, bToA.length, 'a to receive them'), bToA, 'a to receive them');
-    // Nothing more arrived on either side: b's answer crossed after all of a's frames.
-    assert.equal(fb.g.split(RX).popUsed(), null);
+      const bToA = frames(macOf(devA), macOf(devB), 30, 2);
+      transmit(fb.g, bToA);
+      await txDone(fb.g, bToA.length, "b's frames to be sent");
+      sameFrames(await received(a.g, bToA.length, 'a to receive them'), bToA, 'a to receive them');
+      // Nothing more arrived on either side: b's answer crossed after all of a's frames.
+      assert.equal(fb.g.split(RX).popUsed(), null);
 
-    for (const f of [a, fb]) {
-      const st = f.link.stats();
-      assert.equal(st.state, 'up');
-      assert.equal(st.attaches, 1);
-      assert.equal(st.dropped, 0);
+      for (const f of [a, fb]) {
+        const st = f.link.stats();
+        assert.equal(st.state, 'up');
+        assert.equal(st.attaches, 1);
+        assert.equal(st.dropped, 0);
+      }
+      assert.equal(devA.counters.rxNoQueue + devB.counters.rxNoQueue, 0);
+      assert.equal(devA.counters.txBadHeader + devB.counters.txBadHeader, 0);
+      assert.equal(r.server.stats().dropped, 0);
+      assert.equal(r.server.stats().unknownDevice, 0);
+      assert.deepEqual(r.log.errors(), []);
+    } finally {
+      await closeFn(a);
+      if (b !== null) await closeFn(b);
+      closeRig(r);
     }
-    assert.equal(devA.counters.rxNoQueue + devB.counters.rxNoQueue, 0);
-    assert.equal(devA.counters.txBadHeader + devB.counters.txBadHeader, 0);
-    assert.equal(r.server.stats().dropped, 0);
-    assert.equal(r.server.stats().unknownDevice, 0);
-    assert.deepEqual(r.log.errors(), []);
-  } finally {
-    await closeFn(a);
-    if (b !== null) await closeFn(b);
-    closeRig(r);
-  }
-});
+  });
+}
 
 test("net over the socket bus: a device taken off the bus fails only its function; the other's frames still cross the switch, and the device back serves a fresh driver", async () => {
   const r = busWithSwitch('msgnet-rm');
