@@ -51,6 +51,7 @@ export function linkResource(f: FunctionStatsRow): JsonObject {
     state: f.backend?.state ?? 'up',
     attaches: f.backend?.attaches ?? 0,
     controlMessages: f.backend?.controlMessages ?? 0,
+    ...(f.backend?.failure !== undefined ? { failure: f.backend.failure } : {}),
     queues,
   };
 }

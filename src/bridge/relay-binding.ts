@@ -21,6 +21,8 @@ export interface RelayBindingSpec {
   type: 'net' | 'blk';
   queueSize: number;
   slotSize?: number;
+  /** How long the relay holds chains for a backend that went away (RelayOptions.backendGraceMs). */
+  backendGraceMs?: number;
 }
 
 export class RelayBinding {
@@ -54,6 +56,7 @@ export class RelayBinding {
   close(): void {
     this.link.events = null;
     this.link.close();
+    this.relay?.close();
   }
 
   private firstUp(info: BackendDeviceInfo): void {
@@ -64,7 +67,7 @@ export class RelayBinding {
     }
     try {
       // The RelayDevice takes the link's events over as it is made.
-      this.relay = new RelayDevice(this.link, info, { name: this.spec.name, queueSize: this.spec.queueSize, slotSize: this.spec.slotSize, logger: this.log });
+      this.relay = new RelayDevice(this.link, info, { name: this.spec.name, queueSize: this.spec.queueSize, slotSize: this.spec.slotSize, backendGraceMs: this.spec.backendGraceMs, logger: this.log });
       this.onDevice(this.relay);
     } catch (e) {
       const err = e instanceof Error ? e : new Error(String(e));

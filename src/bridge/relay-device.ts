@@ -15,6 +15,12 @@
  * with an I/O error until a backend attaches again; net goes NEEDS_RESET).
  * A backend that goes away holds its chains: they are posted again, in order,
  * when a backend attaches again, after the completions it left are taken.
+ * It has a grace period to come back in (`backendGraceMs`); after that the
+ * function fails as for a broken backend, but gently enough for a guest to
+ * ride it out: blk requests held and new complete with an I/O error, net frames
+ * the guest sends are dropped and counted (its receive buffers wait), and a
+ * backend that attaches later is used again. Holding forever would hang a
+ * guest whose backend never returns; failing at once would lose the restart.
  */
 import type { DeviceQueue, VirtioDevice } from '../devices/device';
 import { DeviceError } from '../devices/device';
@@ -32,7 +38,7 @@ import type { BlkRequestTap } from '../devices/blk/blk-device';
 import type { FrameTap } from '../devices/net/net-device';
 import type { TapPoint } from '../devices/device';
 import { RelayTaps } from './relay-taps';
-import type { BackendDeviceInfo, ShadowLink, ShadowLinkEvents } from './shadow-link';
+import { type BackendDeviceInfo, DEFAULT_BACKEND_GRACE_MS, type ShadowLink, type ShadowLinkEvents } from './shadow-link';
 import { SlotPool } from './slot-pool';
 
 /** Feature bits that belong to the device type (virtio 1.2 §6: 0-23 and 50-63 here). */
@@ -59,6 +65,8 @@ export interface RelayOptions {
   slotSize?: number;
   /** Shortest last-resort re-check of the used ring (default DEFAULT_RECHECK_MS). */
   recheckMs?: number;
+  /** How long held chains wait for a backend that went away (default DEFAULT_BACKEND_GRACE_MS). */
+  backendGraceMs?: number;
   logger: Logger;
 }
 
@@ -150,6 +158,11 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   private featuresSet = false;
   private linkUp: boolean;
   private linkFailed = false;
+  /** Why the function failed (the link's error, or the backend staying away past the grace); null while it has not. */
+  private failure: string | null = null;
+  private readonly graceMs: number;
+  /** Armed while the backend is away within its grace. */
+  private grace: NodeJS.Timeout | null = null;
   /** Control calls to the backend, one after another. */
   private ctl: Promise<void> = Promise.resolve();
   private readonly statusByte = new Uint8Array([BLK_S_IOERR]);
@@ -170,6 +183,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     this.maxQueues = info.numQueues;
     this.configSize = info.configSize;
     this.recheckMs = opts.recheckMs ?? DEFAULT_RECHECK_MS;
+    this.graceMs = opts.backendGraceMs ?? DEFAULT_BACKEND_GRACE_MS;
     this.maxQueueSize = Math.min(opts.queueSize, VIRTQUEUE_MAX_SIZE);
     this.dma = new DmaEngine(link.bar2Bytes);
     const slot = opts.slotSize ?? DEFAULT_SLOT_SIZE;
@@ -312,6 +326,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     this.info = info;
     this.linkUp = true;
     this.linkFailed = false;
+    this.failure = null;
+    this.cancelGrace();
     // What the previous backend finished before it went is done: take it first.
     for (const rq of this.queues) {
       const g = rq.guest;
@@ -328,26 +344,35 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   onDown(): void {
     if (!this.linkUp) return;
     this.linkUp = false;
-    this.log.warn(`${this.name}: backend gone; ${this.queues.reduce((n, q) => n + q.count, 0)} chain(s) held until one attaches again`);
+    this.log.warn(`${this.name}: backend gone; ${this.queues.reduce((n, q) => n + q.count, 0)} chain(s) held for ${this.graceMs} ms for one to attach again`);
+    if (this.linkFailed || this.grace !== null) return;
+    this.grace = setTimeout(() => {
+      this.grace = null;
+      if (!this.linkUp && !this.linkFailed) this.backendLost();
+    }, this.graceMs);
+    // The bridge must not stay alive for a timer of a function nobody serves.
+    this.grace.unref();
   }
 
   onFailed(err: Error): void {
     this.linkUp = false;
+    this.cancelGrace();
     if (this.linkFailed) return;
     this.linkFailed = true;
+    this.failure = err.message;
     if (this.deviceId !== VIRTIO_ID_BLOCK) {
       this.guestFault(new DeviceError(`backend failed: ${err.message}`));
       return;
     }
-    // Block requests end with an I/O error rather than hang while no backend works.
+    this.failBlkHeld();
+  }
+
+  /** The owner lets go of the device (the function closes, a VF is paused): nothing of it may fire later. */
+  close(): void {
+    this.cancelGrace();
     for (const rq of this.queues) {
-      const g = rq.guest;
-      if (g === null) continue;
-      for (const f of this.inflightInOrder(rq)) if (!f.done) this.failChain(g, f.chain);
-      g.notify();
-      this.dropInflight(rq);
-      rq.shadow = 'idle';
-      this.pump(rq);
+      if (rq.recheck !== null) clearTimeout(rq.recheck);
+      rq.recheck = null;
     }
   }
 
@@ -389,6 +414,68 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     return this.linkFailed ? 'failed' : this.linkUp ? 'up' : 'down';
   }
 
+  /** Why the function is failed (null while it is not). */
+  get failedBecause(): string | null {
+    return this.linkFailed ? this.failure : null;
+  }
+
+  // ---- a backend that went away ------------------------------------------------------
+
+  private cancelGrace(): void {
+    if (this.grace !== null) clearTimeout(this.grace);
+    this.grace = null;
+  }
+
+  /**
+   * The grace ran out: fail without touching the link, which goes on looking
+   * for a backend (the next one that attaches is used). Net gets no
+   * NEEDS_RESET here: its guest keeps its driver, and frames it sends are
+   * dropped until then.
+   */
+  private backendLost(): void {
+    this.linkFailed = true;
+    this.failure = `the backend went away and did not come back within ${this.graceMs} ms`;
+    this.log.error(`${this.name}: ${this.failure}; failing its requests until one attaches`);
+    // What the backend finished before it went is done: the guest gets it, not an error.
+    for (const rq of this.queues) {
+      const g = rq.guest;
+      if (g !== null && rq.shadow !== 'idle' && this.harvest(rq, g) > 0) g.notify();
+    }
+    if (this.deviceId === VIRTIO_ID_BLOCK) {
+      this.failBlkHeld();
+      return;
+    }
+    for (const rq of this.queues) {
+      // Receive buffers stay held (posted again to the next backend); what was sent is lost.
+      if ((rq.index & 1) === 0) continue;
+      const g = rq.guest;
+      const lost = rq.count + (rq.pending !== null ? 1 : 0);
+      if (g !== null) {
+        g.stats.drops += rq.count;
+        if (rq.pending !== null) this.dropFrame(g, rq.pending);
+        g.notify();
+      }
+      rq.pending = null;
+      this.dropInflight(rq);
+      rq.shadow = 'idle';
+      if (lost > 0) this.log.warn(`${this.name}: queue ${rq.index}: ${lost} frame(s) the guest sent dropped`);
+      this.pump(rq);
+    }
+  }
+
+  /** Block requests end with an I/O error rather than hang while no backend works. */
+  private failBlkHeld(): void {
+    for (const rq of this.queues) {
+      const g = rq.guest;
+      if (g === null) continue;
+      for (const f of this.inflightInOrder(rq)) if (!f.done) this.failChain(g, f.chain);
+      g.notify();
+      this.dropInflight(rq);
+      rq.shadow = 'idle';
+      this.pump(rq);
+    }
+  }
+
   // ---- data path ----------------------------------------------------------------------
 
   /** Move the guest's available chains to the shadow ring while there is room. */
@@ -397,6 +484,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     if (g === null) return;
     if (this.linkFailed) {
       if (this.deviceId === VIRTIO_ID_BLOCK) this.failAll(rq, g);
+      else if ((rq.index & 1) === 1) this.dropAll(rq, g);
       return;
     }
     if (!this.linkUp || rq.shadow !== 'up') return;
@@ -682,6 +770,36 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
         vq.disableNotification(g.mem);
         for (let c = vq.pop(g.mem); c !== null; c = vq.pop(g.mem)) {
           this.failChain(g, c);
+          n++;
+        }
+        if (!vq.enableNotification(g.mem)) break;
+      }
+    } catch (e) {
+      this.guestFault(e);
+    }
+    if (n > 0) g.notify();
+  }
+
+  /** A frame the guest sent, gone nowhere: done for the guest, counted as a drop (as dma-error does). */
+  private dropFrame(g: DeviceQueue, chain: DescriptorChain): void {
+    g.queue.pushUsed(g.mem, chain.head, 0);
+    g.stats.drops++;
+  }
+
+  /** Net TX while failed: the guest's frames are dropped, so its transmit ring never fills up and stalls. */
+  private dropAll(rq: RelayQueue, g: DeviceQueue): void {
+    const vq = g.queue;
+    let n = 0;
+    try {
+      if (rq.pending !== null) {
+        this.dropFrame(g, rq.pending);
+        rq.pending = null;
+        n++;
+      }
+      for (;;) {
+        vq.disableNotification(g.mem);
+        for (let c = vq.pop(g.mem); c !== null; c = vq.pop(g.mem)) {
+          this.dropFrame(g, c);
           n++;
         }
         if (!vq.enableNotification(g.mem)) break;

@@ -6,6 +6,13 @@
  */
 import type { MemoryAccess } from '../memory/memory-access';
 
+/**
+ * How long chains wait for a backend that went away before the function fails:
+ * long enough for a backend process to be restarted on a loaded host, short of
+ * what makes a guest's own watchdogs (hung tasks, TX timeouts) fire.
+ */
+export const DEFAULT_BACKEND_GRACE_MS = 10_000;
+
 export interface BackendDeviceInfo {
   deviceId: number;
   numQueues: number;
@@ -54,6 +61,8 @@ export interface ShadowLinkStats {
   controlMessages: number;
   /** virtio-msg links: every message on the bus both ways (events included) and the doorbells rung, over every connection so far. */
   busMessages?: { sent: number; received: number; doorbells: number };
+  /** Why the function is failed, while it is. */
+  failure?: string;
 }
 
 export interface ShadowLink {

@@ -121,7 +121,7 @@ export function createVfBackend(spec: FunctionSpec, switches: Map<string, L2Swit
     },
     release: () => binding.close(),
   };
-  const binding = new RelayBinding({ name: spec.name, type: spec.type, queueSize: spec.queueSize, slotSize: b.slotSize }, relayLink(spec, b, log), log, (device) => {
+  const binding = new RelayBinding({ name: spec.name, type: spec.type, queueSize: spec.queueSize, slotSize: b.slotSize, backendGraceMs: b.graceMs }, relayLink(spec, b, log), log, (device) => {
     device.notifyConfigChange = () => backend.onConfigChange?.();
     ready(device);
   });
@@ -131,7 +131,7 @@ export function createVfBackend(spec: FunctionSpec, switches: Map<string, L2Swit
 
 function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): RunningFunction {
   const link = relayLink(spec, b, log);
-  const fn = new RelayFunction({ name: spec.name, type: spec.type, socket: spec.socket, queueSize: spec.queueSize, slotSize: b.slotSize }, link, log);
+  const fn = new RelayFunction({ name: spec.name, type: spec.type, socket: spec.socket, queueSize: spec.queueSize, slotSize: b.slotSize, backendGraceMs: b.graceMs }, link, log);
   fn.start();
   return {
     spec,
@@ -152,7 +152,7 @@ function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): Running
         type: spec.type,
         link: `${b.kind} relay`,
         ...server,
-        backend: { ...st.link, state: fn.device?.state ?? st.link.state },
+        backend: { ...st.link, state: fn.device?.state ?? st.link.state, ...(fn.device?.failedBecause ? { failure: fn.device.failedBecause } : {}) },
         relay: st.relay,
       };
     },

@@ -54,7 +54,8 @@ export const faultCommand: CommandSpec = {
     '                  cut until clear (relay and passthrough functions): a pcie card unplugs\n' +
     '                  the backend and refuses attaches, a vhost-user relay hangs up and does\n' +
     '                  not redial, passthrough ends its session and refuses front-ends; the\n' +
-    '                  guest\'s requests wait meanwhile\n' +
+    '                  guest\'s requests wait meanwhile (a relay: up to the link\'s grace-ms,\n' +
+    '                  then they fail as when a backend never comes back)\n' +
     '  clear           end every fault of the function; after backend-down a pcie card takes\n' +
     '                  the next backend that attaches (start it again), a vhost-user relay\n' +
     '                  dials at once, passthrough accepts front-ends again\n' +

@@ -83,7 +83,8 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
     out.push(`${f.name} (${f.type}, ${f.link}) ${f.socket} ${state} status=0x${f.status.toString(16)} (${decodeStatus(f.status)})`);
     if (f.backend !== undefined) {
       const b = f.backend;
-      out.push(`  backend ${b.kind} ${b.endpoint}: ${b.state}, ${b.attaches} attach(es), ${b.controlMessages} control message(s)`);
+      const why = b.failure !== undefined ? ` (${b.failure})` : '';
+      out.push(`  backend ${b.kind} ${b.endpoint}: ${b.state}${why}, ${b.attaches} attach(es), ${b.controlMessages} control message(s)`);
       if (b.busMessages !== undefined) out.push(`    bus: ${b.busMessages.sent} message(s) sent, ${b.busMessages.received} received, ${b.busMessages.doorbells} doorbell(s) rung`);
     }
     if (f.passthrough !== undefined) {

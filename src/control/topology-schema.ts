@@ -12,6 +12,7 @@ import { z } from 'zod';
 import { parseListenAddress, type ListenAddress } from '../api/listen-address';
 import type { SocketAccess } from '../native/socket-guard';
 import { parseSize, SIZE_HINT, SIZE_RE } from './size';
+import { DEFAULT_BACKEND_GRACE_MS } from '../bridge/shadow-link';
 import { parseSocketGroup, parseSocketMode, parseSocketOwner } from './socket-access';
 import type { BlkFunction, FileBackend, LinkBackend, NetFunction, SinkBackend, SwitchBackend, SwitchSpec } from './topology';
 
@@ -160,6 +161,11 @@ export function linkBackends(baseDir: string) {
       .prefault(DEFAULT_SLOT_SIZE),
     'buffer-pool slot (power of two, 256 B-1 MiB); a chain takes contiguous slots',
   );
+  const graceMs = field(
+    int(0, 3_600_000).default(DEFAULT_BACKEND_GRACE_MS),
+    'relay mode: how long (ms) the guest\'s requests wait for a backend that went away (killed, crashed, unplugged) to come back. One that comes back within it gets them again and nothing is lost; after it the function fails (`vbridge stats` says why): blk requests, held and new, complete with an I/O error and net frames the guest sends are dropped and counted, until a backend attaches again and is used as before',
+    { default: String(DEFAULT_BACKEND_GRACE_MS) },
+  );
   const pcie = field(
     strict({
       link: z.literal('pcie'),
@@ -174,7 +180,8 @@ export function linkBackends(baseDir: string) {
       ),
       'bar-size': barSize,
       'slot-size': slotSize,
-    }).transform((b): LinkBackend => ({ kind: 'pcie', attach: b.attach, barSize: b['bar-size'], slotSize: b['slot-size'] })),
+      'grace-ms': graceMs,
+    }).transform((b): LinkBackend => ({ kind: 'pcie', attach: b.attach, barSize: b['bar-size'], slotSize: b['slot-size'], graceMs: b['grace-ms'] })),
     'in a backend process that attaches over the PCIe link (`vbridge backend blk|net --attach PATH ...`); relay mode only',
   );
   const vhostUser = field(
@@ -187,7 +194,8 @@ export function linkBackends(baseDir: string) {
       ),
       'bar-size': barSize,
       'slot-size': slotSize,
-    }).transform((b): LinkBackend => ({ kind: 'vhost-user', socket: b.socket, mode: b.mode, barSize: b['bar-size'], slotSize: b['slot-size'] })),
+      'grace-ms': graceMs,
+    }).transform((b): LinkBackend => ({ kind: 'vhost-user', socket: b.socket, mode: b.mode, barSize: b['bar-size'], slotSize: b['slot-size'], graceMs: b['grace-ms'] })),
     'in an existing vhost-user back-end (qemu-storage-daemon, DPDK\'s vhost PMD, another vbridge) that the bridge drives as front-end',
   );
   const virtioMsg = field(
@@ -212,8 +220,17 @@ export function linkBackends(baseDir: string) {
       ),
       'bar-size': barSize,
       'slot-size': slotSize,
+      'grace-ms': graceMs,
     }).transform(
-      (b): LinkBackend => ({ kind: 'virtio-msg', bus: b.bus, busPath: parseBusAddress(b.bus)!.path, device: b.device, barSize: b['bar-size'], slotSize: b['slot-size'] }),
+      (b): LinkBackend => ({
+        kind: 'virtio-msg',
+        bus: b.bus,
+        busPath: parseBusAddress(b.bus)!.path,
+        device: b.device,
+        barSize: b['bar-size'],
+        slotSize: b['slot-size'],
+        graceMs: b['grace-ms'],
+      }),
     ),
     'in a virtio-msg device on a bus (`vbridge backend blk|net --bus KIND:PATH`); relay mode only: the device sees the function\'s shared segment, never guest memory',
   );

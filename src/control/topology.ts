@@ -70,6 +70,8 @@ export interface PcieLinkBackend {
   /** BAR2 bytes (shadow rings and buffer pool). */
   barSize: number;
   slotSize: number;
+  /** Relay mode: ms the guest's requests wait for a backend that went away before the function fails. */
+  graceMs: number;
 }
 
 /** An existing vhost-user back-end the bridge drives as front-end. */
@@ -79,6 +81,8 @@ export interface VhostUserLinkBackend {
   mode: 'relay' | 'passthrough';
   barSize: number;
   slotSize: number;
+  /** Relay mode: ms the guest's requests wait for a backend that went away before the function fails. */
+  graceMs: number;
 }
 
 /** A virtio-msg device on a bus (socket, shm or IVSHMEM); the bridge is its driver and relays the guest's rings to it. */
@@ -92,6 +96,8 @@ export interface VirtioMsgLinkBackend {
   device: number;
   barSize: number;
   slotSize: number;
+  /** Relay mode: ms the guest's requests wait for a backend that went away before the function fails. */
+  graceMs: number;
 }
 
 export type LinkBackend = PcieLinkBackend | VhostUserLinkBackend | VirtioMsgLinkBackend;

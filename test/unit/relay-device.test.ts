@@ -177,12 +177,13 @@ interface RigOptions {
   guestSize?: number;
   guestEventIdx?: boolean;
   guestPacked?: boolean;
+  backendGraceMs?: number;
 }
 
 async function rig(o: RigOptions): Promise<Rig> {
   const link = new LoopbackLink({ bar2Size: o.bar2Size ?? 256 * 1024, device: o.device, info: o.info, failMode: o.failMode });
   const log = new CaptureLogger();
-  const relay = new RelayDevice(link, link.info, { name: 'relay-test', queueSize: o.queueSize ?? 32, slotSize: o.slotSize, logger: log });
+  const relay = new RelayDevice(link, link.info, { name: 'relay-test', queueSize: o.queueSize ?? 32, slotSize: o.slotSize, backendGraceMs: o.backendGraceMs, logger: log });
   const fatal: Error[] = [];
   relay.onFatal = (e) => fatal.push(e);
   relay.setFeatures(relay.features());
@@ -727,6 +728,65 @@ test('backend down with chains in flight: held, nothing completes; on return its
   await settle();
   assert.deepEqual(g.collect(), [], 'no second completion');
   assert.ok(r.log.has(/2 chain\(s\) posted again/));
+});
+
+test('net, backend gone past the grace: frames the guest sent are dropped and counted (held and new), receive buffers wait, no NEEDS_RESET; a backend back later gets traffic again', async () => {
+  const old = new EchoBackend({ deviceId: VIRTIO_ID_NET, numQueues: 2, mode: 'manual' });
+  const r = await rig({ device: old, backendGraceMs: 100 });
+  const [rx, tx] = r.guests as [Guest, Guest];
+  for (const t of ['rx0', 'rx1']) rx.post(t, { rlen: 0, wlen: 200 });
+  r.relay.kick(0);
+  for (const t of ['tx0', 'tx1']) tx.post(t, { rlen: 100, wlen: 0 });
+  r.relay.kick(1);
+  assert.equal(tx.collect().length, 2, 'sent as far as the guest knows');
+  await until(() => old.held[1]?.length === 2 && old.held[0]?.length === 2, 'the backend to take them');
+  r.link.goDown();
+  tx.post('tx2', { rlen: 100, wlen: 0 });
+  r.relay.kick(1);
+  await settle();
+  assert.deepEqual(tx.collect(), [], 'within the grace a new frame waits');
+  await until(() => r.relay.state === 'failed', 'the grace to run out');
+  assert.match(r.relay.failedBecause ?? '', /did not come back within 100 ms/);
+  await settle();
+  assert.deepEqual(tx.collect().map((c) => [c.tag, c.len]), [['tx2', 0]], 'the waiting frame is let go');
+  assert.equal(tx.stats.drops, 3, 'the two the backend held and the one that waited');
+  tx.post('tx3', { rlen: 100, wlen: 0 });
+  r.relay.kick(1);
+  assert.deepEqual(tx.collect().map((c) => c.tag), ['tx3'], 'a new frame is dropped at once');
+  assert.equal(tx.stats.drops, 4);
+  assert.deepEqual(rx.collect(), [], 'receive buffers are not returned empty');
+  assert.equal(r.relay.relayStats()[0]?.inFlight, 2, 'they are held for the next backend');
+  assert.deepEqual(r.fatal, [], 'the guest driver is not reset');
+
+  const fresh = new EchoBackend({ deviceId: VIRTIO_ID_NET, numQueues: 2, mode: 'manual' });
+  r.link.comeBack(fresh);
+  await until(() => r.relay.state === 'up', 'the function to recover');
+  assert.equal(r.relay.failedBecause, null);
+  await until(() => fresh.held[0]?.length === 2, 'the held receive buffers to reach the new backend');
+  tx.post('tx4', { rlen: 100, wlen: 0 });
+  r.relay.kick(1);
+  await until(() => fresh.held[1]?.length === 1, 'the new backend to get the next frame');
+  assert.deepEqual(fresh.held[1]?.map((p) => p.data), [payload('tx4', 100)], 'only frames sent after it came back');
+  assert.equal(tx.stats.drops, 4);
+});
+
+test('blk, backend gone past the grace: what it completed before going reaches the guest as done; the rest fails with IOERR', async () => {
+  const old = new EchoBackend({ mode: 'manual' });
+  const r = await rig({ device: old, backendGraceMs: 50 });
+  const g = r.guests[0] as Guest;
+  for (const t of ['c0', 'c1', 'c2']) g.post(t, { rlen: 100, wlen: 100 });
+  r.relay.kick(0);
+  await until(() => old.held[0]?.length === 3, 'the backend to take three');
+  r.link.muteInterrupts = true;
+  old.complete(0, [0]);
+  r.link.goDown();
+  await until(() => r.relay.state === 'failed', 'the grace to run out');
+  await settle();
+  const done = g.collect();
+  assert.deepEqual(done.map((c) => c.tag), ['c0', 'c1', 'c2']);
+  assert.deepEqual(done[0]?.data, echoOf('c0', 100, 100), 'c0 was done by the backend');
+  assert.deepEqual(done.slice(1).map((c) => c.len), [1, 1], 'the others end with a status byte only');
+  assert.equal(g.stats.errors, 2);
 });
 
 test('backend down after completing everything it had: the completions reach the guest when one attaches', async () => {

@@ -21,7 +21,7 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
         status: 0,
         needsReset: true,
         queues: [q],
-        backend: { kind: 'pcie', endpoint: '/s/r.bar', state: 'failed', attaches: 2, controlMessages: 17 },
+        backend: { kind: 'pcie', endpoint: '/s/r.bar', state: 'failed', attaches: 2, controlMessages: 17, failure: 'the backend went away and did not come back within 10000 ms' },
         relay: [
           {
             index: 0,
@@ -48,7 +48,7 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
   assert.match(text, /^relay0 \(blk, pcie relay\) \/s\/r NEEDS_RESET status=0x0 \(reset\)$/m);
   assert.match(text, /^uptime 5s\n/);
   assert.match(text, /^ {2}requestq0 +10 +640 +3 +2 +0 +1$/m, 'blk queues are named as in the spec');
-  assert.match(text, /backend pcie \/s\/r\.bar: failed, 2 attach\(es\), 17 control message\(s\)/);
+  assert.match(text, /backend pcie \/s\/r\.bar: failed \(the backend went away and did not come back within 10000 ms\), 2 attach\(es\), 17 control message\(s\)/);
   assert.match(text, /shadow 0 \(up\): 9\/512 in flight, 11\/4082 slots; DMA to BAR 4 ops 4096 B, to guest 5 ops 8193 B; kicks 6, interrupts 7, waits 8, re-checks 12/);
   assert.doesNotMatch(text.split('relay0')[0] ?? '', /shadow|backend/, 'a local function has no link lines');
 });

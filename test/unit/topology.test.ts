@@ -86,7 +86,7 @@ test('backends in other processes: pcie and vhost-user links with their modes', 
   const t = validateTopology(
     {
       functions: [
-        { name: 'a', type: 'blk', socket: 'a.sock', backend: { link: 'pcie', attach: 'a.bar', 'bar-size': '16M' } },
+        { name: 'a', type: 'blk', socket: 'a.sock', backend: { link: 'pcie', attach: 'a.bar', 'bar-size': '16M', 'grace-ms': 2500 } },
         { name: 'b', type: 'blk', socket: 'b.sock', backend: { link: 'vhost-user', socket: 'qsd.sock', mode: 'passthrough' } },
         { name: 'c', type: 'net', socket: 'c.sock', backend: { link: 'vhost-user', socket: 'vhost.sock' } },
         { name: 'd', type: 'net', socket: 'd.sock', backend: { link: 'local', sink: true } },
@@ -94,8 +94,8 @@ test('backends in other processes: pcie and vhost-user links with their modes', 
     },
     '/tmp',
   );
-  assert.deepEqual(t.functions[0].backend, { kind: 'pcie', attach: '/tmp/a.bar', barSize: 16 << 20, slotSize: 2048 });
-  assert.deepEqual(t.functions[1].backend, { kind: 'vhost-user', socket: '/tmp/qsd.sock', mode: 'passthrough', barSize: 64 << 20, slotSize: 2048 });
+  assert.deepEqual(t.functions[0].backend, { kind: 'pcie', attach: '/tmp/a.bar', barSize: 16 << 20, slotSize: 2048, graceMs: 2500 });
+  assert.deepEqual(t.functions[1].backend, { kind: 'vhost-user', socket: '/tmp/qsd.sock', mode: 'passthrough', barSize: 64 << 20, slotSize: 2048, graceMs: 10_000 });
   assert.equal(t.functions[2].backend.kind === 'vhost-user' && t.functions[2].backend.mode, 'relay');
   assert.equal(t.functions[3].backend.kind, 'sink');
   const bad = (backend: Record<string, unknown>, field: string): void => {
@@ -110,6 +110,8 @@ test('backends in other processes: pcie and vhost-user links with their modes', 
   bad({ link: 'vhost-user', socket: 's', mode: 'copy' }, 'functions[0].backend.mode');
   bad({ link: 'pcie', attach: 'p', 'bar-size': 1000 }, 'functions[0].backend.bar-size');
   bad({ link: 'pcie', attach: 'p', file: 'x' }, 'functions[0].backend.file');
+  bad({ link: 'pcie', attach: 'p', 'grace-ms': -1 }, 'functions[0].backend.grace-ms');
+  bad({ link: 'vhost-user', socket: 's', 'grace-ms': '5s' }, 'functions[0].backend.grace-ms');
 });
 
 test('a virtio-msg link: the bus path resolved on every bus kind, device 1 by default; unknown buses and bad numbers refused', () => {
@@ -122,8 +124,8 @@ test('a virtio-msg link: the bus path resolved on every bus kind, device 1 by de
     },
     '/tmp',
   );
-  assert.deepEqual(t.functions[0].backend, { kind: 'virtio-msg', bus: 'socket:/tmp/msg.sock', busPath: '/tmp/msg.sock', device: 1, barSize: 64 << 20, slotSize: 2048 });
-  assert.deepEqual(t.functions[1].backend, { kind: 'virtio-msg', bus: 'socket:/run/vbridge/msg.sock', busPath: '/run/vbridge/msg.sock', device: 7, barSize: 1 << 20, slotSize: 2048 });
+  assert.deepEqual(t.functions[0].backend, { kind: 'virtio-msg', bus: 'socket:/tmp/msg.sock', busPath: '/tmp/msg.sock', device: 1, barSize: 64 << 20, slotSize: 2048, graceMs: 10_000 });
+  assert.deepEqual(t.functions[1].backend, { kind: 'virtio-msg', bus: 'socket:/run/vbridge/msg.sock', busPath: '/run/vbridge/msg.sock', device: 7, barSize: 1 << 20, slotSize: 2048, graceMs: 10_000 });
   const bad = (backend: Record<string, unknown>, field: string, re: RegExp): void => {
     assert.throws(
       () => validateTopology({ functions: [{ name: 'x', type: 'blk', socket: 's', backend }] }, '/tmp'),
@@ -135,7 +137,7 @@ test('a virtio-msg link: the bus path resolved on every bus kind, device 1 by de
   bad({ link: 'virtio-msg', bus: 'shm:' }, 'functions[0].backend.bus', /expected socket:PATH/);
   for (const kind of ['shm', 'ivshmem']) {
     const u = validateTopology({ functions: [{ name: 'x', type: 'blk', socket: 's', backend: { link: 'virtio-msg', bus: `${kind}:rel/bus.sock` } }] }, '/tmp');
-    assert.deepEqual(u.functions[0].backend, { kind: 'virtio-msg', bus: `${kind}:/tmp/rel/bus.sock`, busPath: '/tmp/rel/bus.sock', device: 1, barSize: 64 << 20, slotSize: 2048 });
+    assert.deepEqual(u.functions[0].backend, { kind: 'virtio-msg', bus: `${kind}:/tmp/rel/bus.sock`, busPath: '/tmp/rel/bus.sock', device: 1, barSize: 64 << 20, slotSize: 2048, graceMs: 10_000 });
   }
   bad({ link: 'virtio-msg', bus: 'socket:/x', device: 0 }, 'functions[0].backend.device', /1, 65535/);
   bad({ link: 'virtio-msg', bus: 'socket:/x', mode: 'relay' }, 'functions[0].backend.mode', /./);

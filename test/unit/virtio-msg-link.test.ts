@@ -24,6 +24,7 @@ import { SOCKET_BUS_LIMITS, SocketBus } from '../../src/virtio-msg/bus/socket-me
 import type { BusKind } from '../../src/virtio-msg/bus/bus-address';
 import { tempDisk } from '../support/blk-requests';
 import { io } from './blk-guest-io';
+import { blkHeader } from '../support/blk-requests';
 import { bringUp, CaptureLogger, Guest, tmpSocket, waitFor } from './vhost-user-harness';
 
 const FEATURES = bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(VHOST_USER_F_PROTOCOL_FEATURES);
@@ -37,10 +38,10 @@ interface Fn {
 }
 
 /** A relay function on device `devNum` of the bus at `bus`, with a guest that has started its queue. */
-async function blkFunction(name: string, bus: string, devNum: number, log: CaptureLogger, requestTimeoutMs?: number): Promise<Fn> {
+async function blkFunction(name: string, bus: string, devNum: number, log: CaptureLogger, o: { requestTimeoutMs?: number; backendGraceMs?: number } = {}): Promise<Fn> {
   const socket = tmpSocket(name);
-  const link = new MsgShadowLink(bus, devNum, 1 << 20, log, name, { requestTimeoutMs });
-  const fn = new RelayFunction({ name, type: 'blk', socket, queueSize: 64 }, link, log);
+  const link = new MsgShadowLink(bus, devNum, 1 << 20, log, name, { requestTimeoutMs: o.requestTimeoutMs });
+  const fn = new RelayFunction({ name, type: 'blk', socket, queueSize: 64, backendGraceMs: o.backendGraceMs }, link, log);
   fn.start();
   await waitFor(() => fs.existsSync(socket), `${name}: the function to open its vhost-user port`);
   const g = new Guest(1, 64, true);
@@ -225,7 +226,7 @@ test('the backend dies mid-I/O: the request waits and completes on the backend t
 test('a device that stops answering fails its function after the request timeout; the link hangs up and the device answering again is used again', async () => {
   const { log, bus, server, dev } = busWithBlk('msg-mute');
   const d = server.device(1) as MsgDevice;
-  const f = await blkFunction('msg-mute', bus, 1, log, 300);
+  const f = await blkFunction('msg-mute', bus, 1, log, { requestTimeoutMs: 300 });
   const handle = d.handle.bind(d);
   try {
     d.handle = () => {};
@@ -309,3 +310,138 @@ function busWithBlkAt(bus: string, file: string, log: CaptureLogger): BusRig {
   server.listen();
   return { log, bus, server, dev };
 }
+
+/** One write request per sector in `at` (of `data(sector)`), one kick for all; resolves with their heads. */
+function submitWrites(g: Guest, at: number[], data: (sector: number) => Uint8Array): number[] {
+  const d = g.split(0);
+  const heads = at.map((sector) => d.addChain([{ data: blkHeader(BLK_T_OUT, sector) }, { data: data(sector) }, { writable: true, len: 1 }]));
+  native().eventfdWrite(g.kick[0], 1);
+  return heads;
+}
+
+/** Waits for every request in `heads` to complete, in whatever order the device finishes them; their statuses, in the order of `heads`. */
+async function statuses(g: Guest, heads: number[], ms: number): Promise<number[]> {
+  const d = g.split(0);
+  const status = new Map<number, number>();
+  await waitFor(
+    () => {
+      for (let u = d.popUsed(); u !== null; u = d.popUsed()) {
+        const w = (u.segments ?? []).filter((x) => x.writable);
+        status.set(u.id, d.readBytes((w[w.length - 1] as { addr: number }).addr, 1)[0] as number);
+      }
+      return heads.every((h) => status.has(h));
+    },
+    `${heads.length} request(s) to complete`,
+    ms,
+  );
+  return heads.map((h) => status.get(h) as number);
+}
+
+/** The device on `rig`'s bus stops looking at anything (kicks included): what the relay posts stays on the shadow ring, unconsumed. */
+function mute(rig: BusRig): void {
+  const d = rig.server.device(1) as MsgDevice;
+  d.handle = () => {};
+}
+
+const relayInFlight = (f: Fn): number => f.fn.stats().relay[0]?.inFlight ?? 0;
+
+/** A write and a read back on another function, which must not notice what happens to its neighbour. */
+async function stillWorks(other: Fn, sector: number): Promise<void> {
+  const data = sectors(1, sector);
+  assert.equal((await io(other.g, BLK_T_OUT, sector, { data })).status, BLK_S_OK, 'the other function writes');
+  assert.deepEqual((await io(other.g, BLK_T_IN, sector, { len: data.length })).data, data, 'the other function reads back');
+}
+
+test('a backend that dies with requests in flight and comes back within the grace: every one completes on it, nothing lost, the function never fails', async () => {
+  const file = tempDisk(1 << 20, 'msg-');
+  const first = busWithBlk('msg-grace', file);
+  const { log, bus } = first;
+  const f = await blkFunction('msg-grace', bus, 1, log, { backendGraceMs: 5000 });
+  const bystander = busWithBlk('msg-grace-other');
+  const other = await blkFunction('msg-grace-other', bystander.bus, 1, bystander.log);
+  let again: { server: MsgBusServer; dev: BlkDevice } | null = null;
+  try {
+    const pattern = (sector: number): Uint8Array => sectors(1, sector);
+    mute(first);
+    const heads = submitWrites(f.g, [10, 11, 12], pattern);
+    await waitFor(() => relayInFlight(f) === 3, 'the three writes to be on the shadow ring');
+    first.server.close();
+    first.dev.close();
+    await waitFor(() => f.link.stats().state === 'down', 'the link to see the bus go');
+    await stillWorks(other, 3);
+    // One more while no backend is there: held with the others.
+    const kicks = f.fn.stats().server?.queues[0]?.kicks ?? 0;
+    heads.push(...submitWrites(f.g, [13], pattern));
+    await waitFor(() => (f.fn.stats().server?.queues[0]?.kicks ?? 0) > kicks, 'the relay to see the late write');
+    again = { server: new MsgBusServer(bus, log), dev: blkDevice('blk-grace2', file) };
+    again.server.addDevice(1, again.dev);
+    again.server.listen();
+    assert.deepEqual(await statuses(f.g, heads, 5000), [BLK_S_OK, BLK_S_OK, BLK_S_OK, BLK_S_OK], 'the held writes complete on the backend that came back');
+    for (const sector of [10, 11, 12, 13]) assert.deepEqual((await io(f.g, BLK_T_IN, sector, { len: 512 })).data, pattern(sector), `sector ${sector} is on the disk`);
+    assert.equal(f.fn.device?.state, 'up');
+    assert.equal(f.fn.device?.failedBecause, null);
+    assert.equal(f.fn.stats().server?.queues[0]?.errors, 0, 'no request failed');
+    assert.ok(!log.lines.some((l) => /did not come back/.test(l)), 'the grace never ran out');
+    await stillWorks(other, 4);
+  } finally {
+    await closeFn(f);
+    await closeFn(other);
+    again?.server.close();
+    again?.dev.close();
+    bystander.server.close();
+    bystander.dev.close();
+  }
+});
+
+test('a backend that dies for good: after the grace its held requests and new ones complete with IOERR, stats say why; one that comes back later is used again; a neighbour works throughout', async () => {
+  const GRACE = 400;
+  const file = tempDisk(1 << 20, 'msg-');
+  const first = busWithBlk('msg-gone', file);
+  const { log, bus } = first;
+  const f = await blkFunction('msg-gone', bus, 1, log, { backendGraceMs: GRACE });
+  const bystander = busWithBlk('msg-gone-other');
+  const other = await blkFunction('msg-gone-other', bystander.bus, 1, bystander.log);
+  let again: { server: MsgBusServer; dev: BlkDevice } | null = null;
+  try {
+    mute(first);
+    const held = statuses(f.g, submitWrites(f.g, [20, 21], (s) => sectors(1, s)), 10_000);
+    await waitFor(() => relayInFlight(f) === 2, 'the two writes to be on the shadow ring');
+    const t0 = performance.now();
+    first.server.close();
+    first.dev.close();
+    await waitFor(() => f.link.stats().state === 'down', 'the link to see the bus go');
+    await stillWorks(other, 5);
+    assert.deepEqual(await held, [BLK_S_IOERR, BLK_S_IOERR], 'the held writes end with an I/O error');
+    const waited = performance.now() - t0;
+    assert.ok(waited >= GRACE - 2, `held for the grace first (${waited.toFixed(0)} ms, grace ${GRACE})`);
+    assert.equal(f.fn.device?.state, 'failed');
+    assert.match(f.fn.device?.failedBecause ?? '', new RegExp(`the backend went away and did not come back within ${GRACE} ms`));
+    // New requests fail at once, and none reaches a disk.
+    const t1 = performance.now();
+    assert.equal((await io(f.g, BLK_T_OUT, 22, { data: sectors(1, 22) })).status, BLK_S_IOERR);
+    assert.equal((await io(f.g, BLK_T_IN, 20, { len: 512 })).status, BLK_S_IOERR);
+    assert.ok(performance.now() - t1 < GRACE, 'failed without another wait');
+    assert.equal(f.fn.stats().server?.queues[0]?.errors, 4);
+    await stillWorks(other, 6);
+    // The link went on dialling all along: a backend that comes back long after is taken.
+    assert.equal(f.link.redialScheduled || f.link.stats().state !== 'down', true, 'the link still looks for a backend');
+    again = { server: new MsgBusServer(bus, log), dev: blkDevice('blk-gone2', file) };
+    again.server.addDevice(1, again.dev);
+    again.server.listen();
+    await waitFor(() => f.fn.device?.state === 'up', 'the function to recover on the backend that came back', 5000);
+    assert.equal(f.fn.device?.failedBecause, null);
+    const data = sectors(2, 9);
+    assert.equal((await io(f.g, BLK_T_OUT, 30, { data })).status, BLK_S_OK);
+    assert.deepEqual((await io(f.g, BLK_T_IN, 30, { len: data.length })).data, data);
+    assert.deepEqual((await io(f.g, BLK_T_IN, 22, { len: 512 })).data, new Uint8Array(512), 'the write failed while no backend was there is not on the disk');
+    assert.equal(f.link.stats().attaches, 2);
+    await stillWorks(other, 7);
+  } finally {
+    await closeFn(f);
+    await closeFn(other);
+    again?.server.close();
+    again?.dev.close();
+    bystander.server.close();
+    bystander.dev.close();
+  }
+});

@@ -7,8 +7,9 @@
  * notification. docs/virtio-msg.md, "Driver side".
  *
  * Failure, as the other links have it: a bus connection that ends is the
- * backend going away (its chains are held for the next one; the socket is
- * dialled again every REDIAL_MS); a device removed (EVENT_DEVICE REMOVED),
+ * backend going away (the relay holds its chains for the next one, for the
+ * link's grace; the socket is dialled again every REDIAL_MS, also after the
+ * grace ran out); a device removed (EVENT_DEVICE REMOVED),
  * one that answers nothing within the request timeout, or one that goes
  * NEEDS_RESET fails the function (blk requests complete with an I/O error).
  * A removed device that comes back (EVENT_DEVICE READY) is used again; after
