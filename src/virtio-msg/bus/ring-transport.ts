@@ -11,10 +11,11 @@
  *   per sleep);
  * - IVSHMEM: each side has the register block of an ivshmem BAR0 (IntrMask,
  *   IntrStatus, IVPosition, Doorbell) in a shared register file; a sender sets
- *   the receiver's IntrStatus, writes its own Doorbell register with the
- *   receiver's position, and raises the receiver's interrupt eventfd unless
- *   its IntrMask is set; a receiver masks while it drains and unmasks, then
- *   looks once more, before it sleeps.
+ *   the receiver's IntrStatus and, if it was clear, writes its own Doorbell
+ *   register with the receiver's position and raises the receiver's
+ *   interrupt eventfd unless its IntrMask is set; a receiver masks and clears
+ *   IntrStatus while it drains and unmasks, then looks once more, before it
+ *   sleeps.
  * Either way a timer looks at the rings every RECHECK_MS, so no message
  * waits on one lost doorbell for longer than that.
  *
@@ -237,7 +238,8 @@ export class RingTransport implements MsgTransport {
     const reg = (pos: number, r: number): number => (pos * REG_BLOCK) / 4 + r;
     return {
       ring: () => {
-        Atomics.or(regs, reg(peer, INTR_STATUS), 1);
+        // An interrupt still pending (IntrStatus set and not yet cleared by a drain) is not raised again: that drain is still to come, after our publish.
+        if ((Atomics.or(regs, reg(peer, INTR_STATUS), 1) & 1) !== 0) return;
         Atomics.store(regs, reg(me, DOORBELL), peer << 16);
         if ((Atomics.load(regs, reg(peer, INTR_MASK)) & 1) === 0) this.signal(peerFd);
       },
