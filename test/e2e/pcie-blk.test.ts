@@ -4,8 +4,11 @@
  * `vbridge backend blk` process, which never maps guest memory. Then the
  * backend is killed in the middle of the guest's writes and started again: the
  * guest's I/O waits, goes on, and nothing it completed is lost. The same guest
- * has a second disk over a virtio-msg link (the socket bus) to a `vbridge
- * backend blk --bus` process, which maps nothing of the guest either.
+ * has disks over virtio-msg links (MSG_DISKS) to `vbridge backend blk --bus`
+ * processes, which map nothing of the guest either; each such backend is then
+ * killed for good while the guest writes: past the link's grace the writes
+ * fail with an I/O error instead of hanging, the PCIe disk works on, and a
+ * backend started again serves the next write.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -17,75 +20,149 @@ import { md5OfRange } from '../support/storage-daemon';
 import { startBridgeFixture } from '../support/bridge-fixture';
 import { startBackendProcess, type BackendProcess } from '../support/backend-process';
 import { waitFor, waitForPath } from '../support/wait';
-import { DIRECT_WRITES_32M } from '../support/blk-scripts';
+import { DIRECT_WRITES_32M, hostGo, waitForHost } from '../support/blk-scripts';
 import { allocatedBlocks } from '../support/blk-requests';
 import { watchMemfds } from '../support/memfds';
 
 const MiB = 1024 * 1024;
+/** The msg disks' grace-ms: how long the guest's writes wait for a killed backend before they fail. */
+const MSG_GRACE_MS = 2000;
+
+/**
+ * The guest's disks behind virtio-msg links, each with its own `vbridge
+ * backend blk --bus` process: another bus is one more entry. Each gets the
+ * PCIe disk's checks (a raw round trip, a clean ext2) and then loses its
+ * backend for good while the guest writes, and gets one back.
+ */
+interface MsgDisk {
+  fn: string;
+  /** Prefix of its KEY=value lines in the guest's output. */
+  key: string;
+  /** As the topology writes it (relative to the fixture's dir). */
+  bus: string;
+  /** As `vbridge backend --bus` takes it. */
+  busArg(dir: string): string;
+}
+const MSG_DISKS: readonly MsgDisk[] = [{ fn: 'msg0', key: 'MSG', bus: 'socket:msg.sock', busArg: (dir) => `socket:${path.join(dir, 'msg.sock')}` }];
+
+/** vda is the PCIe disk, vdb the control disk of `go` (waitForHost), then the msg disks in table order. */
+const msgDev = (i: number): string => `vd${String.fromCharCode('c'.charCodeAt(0) + i)}`;
 
 const SCRIPT = `
-echo DISK_SECTORS=$(cat /sys/block/vda/size)
+${waitForHost('/dev/vdb')}
 dd if=/dev/urandom of=/tmp/data bs=1M count=32 2>/dev/null
 echo SRC_MD5=$(md5sum < /tmp/data | cut -d' ' -f1)
-dd if=/tmp/data of=/dev/vda bs=1M seek=64 conv=fsync 2>/dev/null && echo WRITE_OK=1
-sync; echo 3 > /proc/sys/vm/drop_caches
-echo READ_MD5=$(dd if=/dev/vda bs=1M skip=64 count=32 2>/dev/null | md5sum | cut -d' ' -f1)
-echo MSG_SECTORS=$(cat /sys/block/vdb/size)
-dd if=/tmp/data of=/dev/vdb bs=1M seek=8 conv=fsync 2>/dev/null && echo MSG_WRITE_OK=1
-echo MSG_READ_MD5=$(dd if=/dev/vdb bs=1M skip=8 count=32 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
-mke2fs -q /dev/vda 65536 && mkdir -p /mnt && mount -t ext2 /dev/vda /mnt && echo MOUNT_OK=1
-mkdir -p /mnt/dir/sub
-cp /tmp/data /mnt/dir/data.bin
-i=0; while [ $i -lt 50 ]; do echo "file $i" > /mnt/dir/sub/f$i; i=$((i+1)); done
-echo EXT2_MD5=$(md5sum < /mnt/dir/data.bin | cut -d' ' -f1)
-umount /mnt && echo UMOUNT_OK=1
+echo MIB_MD5=$(head -c 1048576 /tmp/data | md5sum | cut -d' ' -f1)
+mkdir -p /mnt
+# DEV KEY: 32 MiB written at 64 MiB and read back past the page cache, then ext2 over the first 64 MiB.
+disk() {
+  echo $2_SECTORS=$(cat /sys/block/$1/size)
+  dd if=/tmp/data of=/dev/$1 bs=1M seek=64 conv=fsync 2>/dev/null && echo $2_WRITE_OK=1
+  echo $2_READ_MD5=$(dd if=/dev/$1 bs=1M skip=64 count=32 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+  mke2fs -q /dev/$1 65536 && mount -t ext2 /dev/$1 /mnt && echo $2_MOUNT_OK=1
+  mkdir -p /mnt/dir/sub
+  cp /tmp/data /mnt/dir/data.bin
+  i=0; while [ $i -lt 50 ]; do echo "file $i" > /mnt/dir/sub/f$i; i=$((i+1)); done
+  echo $2_EXT2_MD5=$(md5sum < /mnt/dir/data.bin | cut -d' ' -f1)
+  umount /mnt && echo $2_UMOUNT_OK=1
+}
+# DEV KEY WORD: write 1 MiB at 100 MiB until a write fails (the host kills the backend), the PCIe disk meanwhile, the same again once the host says WORD.
+gone() {
+  echo $2_WRITING
+  while dd if=/tmp/data of=/dev/$1 bs=64k count=16 seek=1600 oflag=direct 2>/dev/null; do :; done
+  echo $2_FAILED
+  dd if=/tmp/data of=/dev/vda bs=64k count=16 seek=1600 oflag=direct 2>/dev/null && echo $2_PCIE_MEANWHILE=ok
+  go $3
+  dd if=/tmp/data of=/dev/$1 bs=64k count=16 seek=1600 oflag=direct 2>/dev/null && echo $2_BACK_WRITE=ok
+  echo $2_BACK_MD5=$(dd if=/dev/$1 bs=64k count=16 skip=1600 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+}
+disk vda PCIE
+${MSG_DISKS.map((d, i) => `disk ${msgDev(i)} ${d.key}`).join('\n')}
+${MSG_DISKS.map((d, i) => `gone ${msgDev(i)} ${d.key} G${String(i).padStart(2, '0')}`).join('\n')}
 `;
 
-test('guest blk over the PCIe link and over a virtio-msg socket bus to backend processes: 32 MiB round trips, clean ext2, no guest memory in either backend', { timeout: 600_000 }, async (t) => {
+/** The checks of the script's `disk DEV KEY` on a disk of 128 MiB whose image is `image`. */
+async function checkDisk(v: Record<string, string>, key: string, image: string, out: () => string): Promise<void> {
+  assert.equal(v[`${key}_SECTORS`], String((128 * MiB) / 512), key);
+  assert.equal(v[`${key}_WRITE_OK`], '1', `${key}: the write failed:\n${out()}`);
+  assert.equal(v[`${key}_READ_MD5`], v.SRC_MD5, `${key}: reads back something else`);
+  assert.equal(await md5OfRange(image, 64 * MiB, 32 * MiB), v.SRC_MD5, `${key}: the backend file differs from what the guest wrote`);
+  assert.equal(v[`${key}_MOUNT_OK`], '1', key);
+  assert.equal(v[`${key}_EXT2_MD5`], v.SRC_MD5, key);
+  assert.equal(v[`${key}_UMOUNT_OK`], '1', key);
+  execFileSync('e2fsck', ['-fn', image], { stdio: 'pipe' });
+}
+
+test('guest blk over the PCIe link and over virtio-msg buses to backend processes: 32 MiB round trips, clean ext2, no guest memory in any backend; a msg backend killed for good fails the guest writes after its grace, the PCIe disk unharmed, and one started again serves', { timeout: 600_000 }, async (t) => {
   await withHeavyLock(async () => {
     const fx = await startBridgeFixture({
       functions: [
         { name: 'blk0', type: 'blk', socket: 'blk0.sock', backend: { link: 'pcie', attach: 'blk0.bar', 'bar-size': '32M' } },
-        { name: 'msg0', type: 'blk', socket: 'msg0.sock', backend: { link: 'virtio-msg', bus: 'socket:msg.sock', device: 1, 'bar-size': '32M' } },
+        { name: 'ctl', type: 'blk', socket: 'ctl.sock', backend: { file: 'ctl.img', size: '1M' } },
+        ...MSG_DISKS.map((d) => ({ name: d.fn, type: 'blk', socket: `${d.fn}.sock`, backend: { link: 'virtio-msg', bus: d.bus, device: 1, 'bar-size': '32M', 'grace-ms': MSG_GRACE_MS } })),
       ],
     });
     let backend: BackendProcess | null = null;
-    let msgBackend: BackendProcess | null = null;
+    const msgImage = (d: MsgDisk): string => path.join(fx.dir, `${d.fn}.img`);
+    const msgArgs = (d: MsgDisk): string[] => ['backend', 'blk', '--bus', d.busArg(fx.dir), '--file', msgImage(d), '--size', '128M'];
+    const msgBackends = new Map<string, BackendProcess>();
     try {
       const image = path.join(fx.dir, 'disk.img');
-      const msgImage = path.join(fx.dir, 'msg.img');
       backend = await startBackendProcess(['backend', 'blk', '--attach', path.join(fx.dir, 'blk0.bar'), '--file', image, '--size', '128M'], 1);
-      msgBackend = await startBackendProcess(['backend', 'blk', '--bus', `socket:${path.join(fx.dir, 'msg.sock')}`, '--file', msgImage, '--size', '64M'], 1);
-      await waitForPath(fx.socket('blk0'), 10_000);
-      await waitForPath(fx.socket('msg0'), 10_000);
-      const g = await startGuest({ name: 'pcie-blk', script: SCRIPT, cpus: 1, memMiB: 256, blks: [{ socket: fx.socket('blk0') }, { socket: fx.socket('msg0') }], timeoutMs: 500_000 });
-      const pid = backend.pid;
-      const watch = watchMemfds(pid);
-      const msgWatch = watchMemfds(msgBackend.pid);
+      for (const d of MSG_DISKS) msgBackends.set(d.fn, await startBackendProcess(msgArgs(d), 1));
+      for (const name of ['blk0', 'ctl', ...MSG_DISKS.map((d) => d.fn)]) await waitForPath(fx.socket(name), 10_000);
+      const g = await startGuest({
+        name: 'pcie-blk',
+        script: SCRIPT,
+        cpus: 1,
+        memMiB: 256,
+        blks: ['blk0', 'ctl', ...MSG_DISKS.map((d) => d.fn)].map((name) => ({ socket: fx.socket(name) })),
+        timeoutMs: 500_000,
+      });
+      const watch = watchMemfds(backend.pid);
+      const msgWatches = MSG_DISKS.map((d) => watchMemfds((msgBackends.get(d.fn) as BackendProcess).pid));
+      const failedAfter: number[] = [];
+      for (const [i, d] of MSG_DISKS.entries()) {
+        await g.waitFor(new RegExp(`^${d.key}_WRITING`, 'm'), 400_000);
+        const msgSeen = (msgWatches[i] as { stop(): Set<string> }).stop();
+        t.diagnostic(`${d.fn} backend memfds: ${[...msgSeen].join(', ')}`);
+        assert.ok([...msgSeen].some((m) => m.includes(`vbridge-${d.fn}-bar`)), `${d.fn}: the backend never mapped the segment`);
+        assert.deepEqual([...msgSeen].filter((m) => !m.includes(`vbridge-${d.fn}-bar`)), [], `${d.fn}: the backend holds memory other than the segment`);
+        const written = fx.queue(d.fn, 0).descriptors;
+        await waitFor(`${d.fn}: the guest's writes to go on`, () => fx.queue(d.fn, 0).descriptors > written + 2, 60_000, 5);
+        await (msgBackends.get(d.fn) as BackendProcess).kill('SIGKILL');
+        const killed = Date.now();
+        await g.waitFor(new RegExp(`^${d.key}_FAILED`, 'm'), MSG_GRACE_MS + 60_000);
+        failedAfter.push(Date.now() - killed);
+        const st = fx.fnStats(d.fn).backend;
+        assert.equal(st?.state, 'failed', `${d.fn}: failed once its grace ran out`);
+        assert.match(st?.failure ?? '', new RegExp(`did not come back within ${MSG_GRACE_MS} ms`));
+        await g.waitFor(new RegExp(`^${d.key}_PCIE_MEANWHILE=ok`, 'm'), 60_000);
+        msgBackends.set(d.fn, await startBackendProcess(msgArgs(d), 1));
+        await waitFor(`${d.fn}: the function to recover`, () => fx.fnStats(d.fn).backend?.state === 'up', 10_000);
+        hostGo(path.join(fx.dir, 'ctl.img'), `G${String(i).padStart(2, '0')}`);
+      }
       const r = await g.done;
       const seen = watch.stop();
-      const msgSeen = msgWatch.stop();
       const v = kv(r.output);
       assert.equal(r.rc, 0, `guest failed:\n${r.output}\n${r.stderr}\n${backend.output()}`);
-      assert.equal(v.DISK_SECTORS, String((128 * MiB) / 512));
-      assert.equal(v.WRITE_OK, '1');
-      assert.match(v.SRC_MD5, /^[0-9a-f]{32}$/);
-      assert.equal(v.READ_MD5, v.SRC_MD5);
-      assert.equal(await md5OfRange(image, 64 * MiB, 32 * MiB), v.SRC_MD5, 'the backend file differs from what the guest wrote');
-      assert.equal(v.MOUNT_OK, '1');
-      assert.equal(v.EXT2_MD5, v.SRC_MD5);
-      assert.equal(v.UMOUNT_OK, '1');
-      execFileSync('e2fsck', ['-fn', image], { stdio: 'pipe' });
-      assert.equal(v.MSG_SECTORS, String((64 * MiB) / 512));
-      assert.equal(v.MSG_WRITE_OK, '1', `the virtio-msg disk refused the write:\n${msgBackend.output()}`);
-      assert.equal(v.MSG_READ_MD5, v.SRC_MD5, 'the virtio-msg disk reads back something else');
-      assert.equal(await md5OfRange(msgImage, 8 * MiB, 32 * MiB), v.SRC_MD5, 'the virtio-msg backend file differs from what the guest wrote');
-      t.diagnostic(`virtio-msg backend memfds: ${[...msgSeen].join(', ')}`);
-      assert.ok([...msgSeen].some((m) => m.includes('vbridge-msg0-bar')), 'the virtio-msg backend never mapped the segment');
-      assert.deepEqual([...msgSeen].filter((m) => !m.includes('vbridge-msg0-bar')), [], 'the virtio-msg backend holds memory other than the segment');
-      const ms = fx.fnStats('msg0');
-      assert.equal(ms.backend?.kind, 'virtio-msg');
-      assert.ok((ms.relay?.[0]?.dma.toBarBytes ?? 0) >= 32 * MiB);
+      await checkDisk(v, 'PCIE', image, () => backend?.output() ?? '');
+      for (const [i, d] of MSG_DISKS.entries()) {
+        await checkDisk(v, d.key, msgImage(d), () => msgBackends.get(d.fn)?.output() ?? '');
+        t.diagnostic(`${d.fn}: the guest's write failed ${failedAfter[i]} ms after the backend was killed (grace ${MSG_GRACE_MS} ms)`);
+        assert.ok((failedAfter[i] as number) >= MSG_GRACE_MS, `${d.fn}: the writes waited for the grace before failing`);
+        assert.equal(v[`${d.key}_PCIE_MEANWHILE`], 'ok', `${d.fn}: the PCIe disk works while its backend is gone`);
+        assert.equal(v[`${d.key}_BACK_WRITE`], 'ok', `${d.fn}: the write after the backend came back`);
+        assert.equal(v[`${d.key}_BACK_MD5`], v.MIB_MD5, `${d.fn}: reads back what it wrote after the backend came back`);
+        assert.equal(await md5OfRange(msgImage(d), 100 * MiB, MiB), v.MIB_MD5, `${d.fn}: the write after the backend came back is in its file`);
+        const ms = fx.fnStats(d.fn);
+        assert.equal(ms.backend?.kind, 'virtio-msg');
+        assert.equal(ms.backend?.attaches, 2);
+        assert.ok((ms.relay?.[0]?.dma.toBarBytes ?? 0) >= 32 * MiB);
+        assert.ok((ms.queues[0]?.errors ?? 0) > 0, `${d.fn}: the failed writes are counted`);
+      }
+      assert.equal(await md5OfRange(image, 100 * MiB, MiB), v.MIB_MD5, 'the PCIe disk took the writes made while a msg backend was gone');
+      assert.equal(fx.fnStats('blk0').queues[0]?.errors, 0, 'no PCIe request failed');
 
       // The isolation BM-Hive sells: the backend sees the BAR and nothing of the guest.
       t.diagnostic(`backend memfds: ${[...seen].join(', ')}`);
@@ -128,7 +205,7 @@ test('guest blk over the PCIe link and over a virtio-msg socket bus to backend p
       assert.ok((st.backend?.controlMessages ?? 0) > 5);
     } finally {
       await backend?.stop();
-      await msgBackend?.stop();
+      for (const b of msgBackends.values()) await b.stop();
       await fx.close();
     }
   });
