@@ -4,7 +4,8 @@
  * `vbridge backend blk` process, which never maps guest memory. Then the
  * backend is killed in the middle of the guest's writes and started again: the
  * guest's I/O waits, goes on, and nothing it completed is lost. The same guest
- * has disks over virtio-msg links (MSG_DISKS) to `vbridge backend blk --bus`
+ * has disks over virtio-msg links (MSG_DISKS: the socket, shm and IVSHMEM
+ * buses) to `vbridge backend blk --bus`
  * processes, which map nothing of the guest either; each such backend is then
  * killed for good while the guest writes: past the link's grace the writes
  * fail with an I/O error instead of hanging, the PCIe disk works on, and a
@@ -42,8 +43,21 @@ interface MsgDisk {
   bus: string;
   /** As `vbridge backend --bus` takes it. */
   busArg(dir: string): string;
+  /** The function's memfds the backend maps (vbridge-FN-WHAT): the segment, and on the ring buses the rings (and IVSHMEM's registers); nothing else. */
+  maps: readonly string[];
 }
-const MSG_DISKS: readonly MsgDisk[] = [{ fn: 'msg0', key: 'MSG', bus: 'socket:msg.sock', busArg: (dir) => `socket:${path.join(dir, 'msg.sock')}` }];
+const msgDisk = (fn: string, key: string, kind: string, maps: readonly string[]): MsgDisk => ({
+  fn,
+  key,
+  bus: `${kind}:${fn}-bus.sock`,
+  busArg: (dir) => `${kind}:${path.join(dir, `${fn}-bus.sock`)}`,
+  maps,
+});
+const MSG_DISKS: readonly MsgDisk[] = [
+  msgDisk('msg0', 'MSG', 'socket', ['bar2']),
+  msgDisk('shm0', 'SHM', 'shm', ['bar2', 'msg-rings']),
+  msgDisk('iv0', 'IVSHMEM', 'ivshmem', ['bar2', 'msg-rings', 'ivshmem-regs']),
+];
 
 /** vda is the PCIe disk, vdb the control disk of `go` (waitForHost), then the msg disks in table order. */
 const msgDev = (i: number): string => `vd${String.fromCharCode('c'.charCodeAt(0) + i)}`;
@@ -126,8 +140,12 @@ test('guest blk over the PCIe link and over virtio-msg buses to backend processe
         await g.waitFor(new RegExp(`^${d.key}_WRITING`, 'm'), 400_000);
         const msgSeen = (msgWatches[i] as { stop(): Set<string> }).stop();
         t.diagnostic(`${d.fn} backend memfds: ${[...msgSeen].join(', ')}`);
-        assert.ok([...msgSeen].some((m) => m.includes(`vbridge-${d.fn}-bar`)), `${d.fn}: the backend never mapped the segment`);
-        assert.deepEqual([...msgSeen].filter((m) => !m.includes(`vbridge-${d.fn}-bar`)), [], `${d.fn}: the backend holds memory other than the segment`);
+        for (const what of d.maps) assert.ok([...msgSeen].some((m) => m.includes(`vbridge-${d.fn}-${what}`)), `${d.fn}: the backend never mapped its ${what}`);
+        assert.deepEqual(
+          [...msgSeen].filter((m) => !d.maps.some((what) => m.includes(`vbridge-${d.fn}-${what}`))),
+          [],
+          `${d.fn}: the backend holds memory other than the segment and the bus`,
+        );
         const written = fx.queue(d.fn, 0).descriptors;
         await waitFor(`${d.fn}: the guest's writes to go on`, () => fx.queue(d.fn, 0).descriptors > written + 2, 60_000, 5);
         await (msgBackends.get(d.fn) as BackendProcess).kill('SIGKILL');
