@@ -15,6 +15,9 @@ import { AVAILABLE_KINDS, FaultError, type FaultInjector } from '../faults/fault
 import { startCapture } from '../capture/frame-capture';
 import { PCAP_CONTENT_TYPE } from '../capture/pcap';
 import { startTrace, TRACE_CONTENT_TYPE } from '../trace/blk-trace';
+import { MSG_TRACE_CONTENT_TYPE, startMsgTrace } from '../trace/msg-trace';
+import type { TapPoint } from '../devices/device';
+import type { ChannelTap } from '../virtio-msg/bus/msg-channel';
 
 /** What the operations need of a bridge (the Bridge class has it; tests may build one). */
 export interface BridgeSource {
@@ -23,6 +26,8 @@ export interface BridgeSource {
   device(name: string): VirtioDevice | null;
   /** Fault injection (the Bridge has it); without it the fault action is refused. */
   readonly faults?: FaultInjector;
+  /** A function's virtio-msg bus traffic, or why it has none (the Bridge has it); without it msg-trace is refused. */
+  busTraffic?(name: string): TapPoint<ChannelTap> | string;
 }
 
 export function bridgeOperations(bridge: BridgeSource): Operations {
@@ -129,6 +134,24 @@ export function bridgeOperations(bridge: BridgeSource): Operations {
       const queue = intParam(params, 'queue', 0, maxQueues(id) - 1);
       const count = intParam(params, 'count', 1, 2 ** 31);
       const t = startTrace(dev, sink, { queue, count });
+      return () => t.close();
+    },
+  });
+
+  const busTraffic = (id: string): TapPoint<ChannelTap> | string => bridge.busTraffic?.(id) ?? 'this bridge has no bus tracing';
+  ops.addStream('functions', 'msg-trace', {
+    summary: "The virtio-msg messages a function on a virtio-msg link sends and receives on its bus (time, sender, dev_num, token, message, decoded fields; dropped frames with their rule), one JSON object per line.",
+    contentType: MSG_TRACE_CONTENT_TYPE,
+    refusal: (id) => {
+      const p = busTraffic(id);
+      return typeof p === 'string' ? p : null;
+    },
+    open: (id, params, sink) => {
+      const point = busTraffic(id);
+      if (typeof point === 'string') throw new ApiError(409, `msg-trace does not apply to function ${id}: ${point}`);
+      for (const k of params.keys()) if (k !== 'count') throw new ApiError(400, `unknown parameter "${k}" (parameters: count)`);
+      const count = intParam(params, 'count', 1, 2 ** 31);
+      const t = startMsgTrace(point, { source: id, side: 'driver' }, sink, { count });
       return () => t.close();
     },
   });

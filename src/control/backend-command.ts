@@ -21,6 +21,7 @@ import { PcieBackendHost } from '../links/pcie/backend-host';
 import { MsgBusServer } from '../links/virtio-msg/msg-bus-server';
 import { BUS_ADDRESS_HINT, type BusKind, parseBusAddress } from '../virtio-msg/bus/bus-address';
 import { consoleLogger, type Logger } from '../log';
+import { formatMsgTraceLine, msgTraceRecord } from '../trace/msg-trace';
 import { VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
 import { parseCommand, UsageError, type CommandSpec, type OptionTable, type ParsedArgs } from './args';
 import { parseSize, SIZE_HINT } from './size';
@@ -34,13 +35,15 @@ attachment once it is up, or "listening KIND:PATH devices N[,M...]" once the
 bus is; logs go to stderr. Exits 0 on SIGTERM/SIGINT, 1 when a card unplugs
 the backend.
 
-  --bus socket:PATH|shm:PATH|ivshmem:PATH [--device-number N]   instead of
+  --bus socket:PATH|shm:PATH|ivshmem:PATH [--device-number N] [--trace]   instead of
       --attach: listen at PATH as the device side of a virtio-msg bus
       (docs/virtio-msg.md: socket carries messages on the stream, shm and
       ivshmem on shared-memory rings with eventfd doorbells); the
       device is number N (default 1); bridge functions with
       backend: { link: virtio-msg, bus: "KIND:PATH", device: N } dial it.
       Net takes --devices K: K devices numbered N.. on the one switch.
+      --trace: every message on the bus, decoded, one line each on stderr
+      (the format of vbridge msg trace; the source is the connection).
 
   vbridge backend blk --attach PATH --file DISK.img [--size BYTES|64M] [--readonly]
                       [--queues N] [--queue-size N] [--serial S]
@@ -65,6 +68,8 @@ export interface BusArgs {
   path: string;
   /** The first device's number. */
   firstDevice: number;
+  /** Every message on the bus, decoded, to stderr. */
+  trace: boolean;
 }
 
 export interface BlkBackendArgs {
@@ -103,6 +108,7 @@ const BACKEND_OPTIONS: OptionTable = {
   bus: { type: 'string', arg: 'KIND:PATH', help: 'serve the devices on a virtio-msg bus (socket:, shm: or ivshmem:) listening at PATH (instead of --attach)' },
   'device-number': { type: 'string', arg: 'N', help: 'with --bus: the (first) device number, 1..65535 (default 1)' },
   devices: { type: 'string', arg: 'K', help: 'net with --bus: how many devices (default 1)' },
+  trace: { type: 'boolean', help: 'with --bus: every message on the bus, decoded, one line each on stderr' },
   file: { type: 'string', arg: 'DISK.img', help: 'blk: the raw image', complete: 'file' },
   size: { type: 'string', arg: 'BYTES', help: 'blk: create or grow the image to this size' },
   readonly: { type: 'boolean', help: 'blk: refuse writes' },
@@ -186,12 +192,13 @@ function busArgs(args: ParsedArgs): BusArgs | null {
   const bus = args.string('bus');
   if (bus === undefined) {
     for (const opt of ['device-number', 'devices']) if (args.string(opt) !== undefined) throw usage(`--${opt} goes with --bus`);
+    if (args.flag('trace')) throw usage('--trace goes with --bus');
     return null;
   }
   if (args.strings('attach').length > 0) throw usage('give either --attach (PCIe link) or --bus (virtio-msg), not both');
   const address = parseBusAddress(bus);
   if (address === null) throw usage(`--bus: expected ${BUS_ADDRESS_HINT}, got ${JSON.stringify(bus)}`);
-  return { ...address, firstDevice: parseInteger('--device-number', args.string('device-number'), 1, 0xffff) ?? 1 };
+  return { ...address, firstDevice: parseInteger('--device-number', args.string('device-number'), 1, 0xffff) ?? 1, trace: args.flag('trace') };
 }
 
 /** With a bus, a device is named after the bus socket (and its number, for net): one name per device, as --attach gives. */
@@ -313,6 +320,11 @@ function createDevices(a: BackendArgs, proc: BackendProcess, log: Logger): Plugg
 /** The devices as virtio-msg devices numbered from bus.firstDevice on a bus listening at bus.path. */
 function serveBus(bus: BusArgs, devices: Plugged[], proc: BackendProcess, log: Logger): void {
   const server = new MsgBusServer({ kind: bus.kind, path: bus.path }, log);
+  if (bus.trace) {
+    server.tapConnections = (label) => (dir, bytes, dropped) => {
+      process.stderr.write(formatMsgTraceLine(msgTraceRecord({ source: label, side: 'device' }, dir, bytes, dropped)) + '\n');
+    };
+  }
   // Released first (releases run in reverse): drivers are hung up on before their devices go.
   proc.addRelease(() => server.close());
   const numbers = devices.map((p, i) => {

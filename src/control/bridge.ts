@@ -25,6 +25,8 @@ import { PcieShadowLink } from '../links/pcie/pcie-shadow-link';
 import { VhostUserRelayLink } from '../links/vhost-user/relay-link';
 import { MsgShadowLink } from '../links/virtio-msg/msg-shadow-link';
 import type { ShadowLink } from '../bridge/shadow-link';
+import type { TapPoint } from '../devices/device';
+import type { ChannelTap } from '../virtio-msg/bus/msg-channel';
 import { PassthroughFunction } from '../links/vhost-user/passthrough';
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_NET } from '../virtio/constants';
 import { FunctionManager, type VfBackend } from '../functions/function-manager';
@@ -41,6 +43,8 @@ interface RunningFunction {
   stats(): FunctionStatsRow;
   /** What fault injection reaches of it. */
   faultTarget(): FaultTarget;
+  /** The bus traffic of a function on a virtio-msg link (`vbridge msg trace`); absent on others. */
+  busTraffic?: TapPoint<ChannelTap>;
   close(): void;
 }
 
@@ -135,6 +139,7 @@ function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): Running
   fn.start();
   return {
     spec,
+    ...(link instanceof MsgShadowLink ? { busTraffic: link.busTraffic } : {}),
     device: () => fn.device,
     faultTarget: () => ({
       type: spec.type,
@@ -261,7 +266,7 @@ export class Bridge {
       bridge.control = await ControlServer.listen(topology.control, {
         stats: () => bridge.stats(),
         routes: [actionRoute(bridge.operations, ['fault']), ...(fm !== null ? [functionRoutes(fm)] : [])],
-        streams: { operations: bridge.operations, names: ['trace'] },
+        streams: { operations: bridge.operations, names: ['trace', 'msg-trace'] },
       });
       if (topology.http !== undefined) {
         bridge.api = await HttpApi.start({ listen: topology.http, tokenFile: topology.httpTokenFile, operations: bridge.operations, log });
@@ -282,6 +287,15 @@ export class Bridge {
     const vf = this.functionManager?.vfStandIn(name);
     if (vf === undefined) throw new Error(`no function named ${name}`);
     return vf;
+  }
+
+  /** Where a function's virtio-msg bus traffic can be tapped, or why it cannot. */
+  busTraffic(name: string): TapPoint<ChannelTap> | string {
+    const f = this.functions.find((x) => x.spec.name === name);
+    if (f === undefined) return this.functionManager?.vfStandIn(name) !== undefined ? 'it is a VF: msg trace follows the functions of the topology, not VFs yet' : 'no such function';
+    if (f.busTraffic !== undefined) return f.busTraffic;
+    const b = f.spec.backend;
+    return isLinkBackend(b) ? `its backend is on a ${b.kind} link, not a virtio-msg bus` : `its device runs in the bridge (a ${b.kind} backend), not on a virtio-msg bus`;
   }
 
   stats(): StatsReport {

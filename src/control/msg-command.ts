@@ -1,13 +1,22 @@
 /**
  * `vbridge msg ...`: tools for people debugging a virtio-msg bus.
- * `msg probe BUS` lists the devices on a bus as lspci would (msg-probe.ts).
+ * `msg probe BUS` lists the devices on a bus as lspci would (msg-probe.ts);
+ * `msg trace [FUNCTION ...]` prints the bus traffic of a running serve's
+ * virtio-msg functions, one decoded line per message (src/trace/msg-trace.ts),
+ * from the control socket's `msg-trace` streams.
  */
+import * as http from 'node:http';
 import { UsageError, type CommandSpec, type ParsedArgs } from './args';
 import { BUS_ADDRESS_HINT } from '../virtio-msg/bus/bus-address';
 import { BusConnectError, connectBus, type BusClient } from '../virtio-msg/bus/connect';
 import { DEFAULT_PROBE_TIMEOUT_MS, formatProbe, ProbeError, probeBus } from './msg-probe';
+import { fetchJson } from './control-server';
+import { findControl } from './stats-command';
+import type { StatsReport } from './stats-format';
+import { formatMsgTraceLine, type MsgTraceRecord } from '../trace/msg-trace';
 
 export const MSG_USAGE = `usage: vbridge msg probe BUS [--json] [--timeout MS]
+       vbridge msg trace [FUNCTION ...] [TOPOLOGY.yaml] [--count N] [--json] [--control PATH]
 
 Tools for debugging a virtio-msg bus (docs/virtio-msg.md).
 
@@ -23,10 +32,27 @@ Tools for debugging a virtio-msg bus (docs/virtio-msg.md).
       --timeout ms (default ${DEFAULT_PROBE_TIMEOUT_MS}) is shown with what was read and
       the error, and the exit status is 1.
 
+  vbridge msg trace [FUNCTION ...] [TOPOLOGY.yaml] [--count N] [--json] [--control PATH]
+      the bus traffic of a running serve's functions on virtio-msg links (all
+      of them when none is named), one line per message as the bridge sends or
+      receives it, time of day in UTC:
+        10:41:07.123456 msg0 drv>dev dev 1   tok 5     GET_DEVICE_INFO      req
+        10:41:07.123612 msg0 dev>drv dev 1   tok 5     GET_DEVICE_INFO      resp  device=blk(2) ...
+        10:41:07.130020 msg0 drv>dev dev 1             EVENT_AVAIL          event index=0 nextOffset=0
+      and a frame the bridge dropped as DROPPED [rule] with the codec's words.
+      --json prints one JSON object per line instead (time, source, from,
+      devNum, token, msg, kind, size, fields; rule and error when dropped).
+      The bridge is found by --control, its TOPOLOGY.yaml, or as the only one
+      running. Ends after --count messages, or on Ctrl-C.
+      vbridge backend ... --bus socket:PATH --trace prints the same lines for
+      the device side.
+
 options:
   -h, --help          show this help
-      --json          one JSON object instead of text
-      --timeout MS    how long a request may go unanswered
+      --json          probe: one JSON object; trace: one per line
+      --timeout MS    probe: how long a request may go unanswered
+      --count N       trace: stop after N messages
+      --control PATH  trace: the bridge's control socket
 `;
 
 function usage(message: string): UsageError {
@@ -63,6 +89,111 @@ async function runProbe(args: ParsedArgs, rest: readonly string[]): Promise<numb
   }
 }
 
+/** A JSON line from the bridge, checked enough that a garbled one is an error rather than a crash. */
+function parseRecord(line: string): MsgTraceRecord {
+  const v = JSON.parse(line) as unknown;
+  if (typeof v !== 'object' || v === null) throw new Error(`not a trace record: ${line.slice(0, 200)}`);
+  const r = v as Record<string, unknown>;
+  for (const k of ['time', 'source', 'from', 'msg', 'kind'] as const) if (typeof r[k] !== 'string') throw new Error(`trace record without ${k}: ${line.slice(0, 200)}`);
+  if (typeof r.fields !== 'object' || r.fields === null) throw new Error(`trace record without fields: ${line.slice(0, 200)}`);
+  return v as MsgTraceRecord;
+}
+
+function countArg(args: ParsedArgs): number | undefined {
+  const v = args.string('count');
+  if (v === undefined) return undefined;
+  if (!/^\d+$/.test(v) || Number(v) < 1 || Number(v) > 2 ** 31) throw usage(`msg trace: --count: expected an integer of at least 1, got ${JSON.stringify(v)}`);
+  return Number(v);
+}
+
+/** The bridge's error text of a refused stream ({"error": ...}), or the body as it came. */
+function errorText(body: string): string {
+  try {
+    return ((JSON.parse(body) as { error?: string }).error ?? body).trim();
+  } catch {
+    return body.trim();
+  }
+}
+
+async function runTrace(args: ParsedArgs, rest: readonly string[]): Promise<number> {
+  const topology = rest.find((a) => /\.ya?ml$/.test(a));
+  const named = rest.filter((a) => a !== topology);
+  const count = countArg(args);
+  const json = args.flag('json');
+  const control = findControl(args, 'msg trace', topology);
+  let names = named;
+  if (names.length === 0) {
+    const report = await fetchJson<StatsReport>(control, '/stats');
+    names = report.functions.filter((f) => f.backend?.kind === 'virtio-msg').map((f) => f.name);
+    if (names.length === 0) throw new Error(`msg trace: the bridge at ${control} has no function on a virtio-msg link`);
+  }
+  const query = count !== undefined ? `?count=${count}` : '';
+
+  return new Promise<number>((resolve, reject) => {
+    const reqs: http.ClientRequest[] = [];
+    let open = names.length;
+    let printed = 0;
+    let finished = false;
+    const finish = (err?: Error): void => {
+      if (finished) return;
+      finished = true;
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+      for (const r of reqs) r.destroy();
+      if (err !== undefined) reject(err);
+      else resolve(0);
+    };
+    // Interrupted: every line printed so far was printed whole.
+    const stop = (): void => finish();
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
+    const ended = (): void => {
+      if (--open === 0) finish();
+    };
+    for (const fn of names) {
+      const req = http.get({ socketPath: control, path: `/v1/functions/${encodeURIComponent(fn)}/msg-trace${query}`, agent: false }, (res) => {
+        res.setEncoding('utf8');
+        if (res.statusCode !== 200) {
+          let text = '';
+          res.on('data', (c: string) => (text += c));
+          res.on('end', () => finish(new Error(`msg trace ${fn}: ${errorText(text)}`)));
+          return;
+        }
+        let pending = '';
+        res.on('data', (c: string) => {
+          pending += c;
+          let nl: number;
+          let out = '';
+          while ((nl = pending.indexOf('\n')) >= 0 && !finished) {
+            const line = pending.slice(0, nl);
+            pending = pending.slice(nl + 1);
+            if (line === '') continue;
+            try {
+              const r = parseRecord(line);
+              out += json ? JSON.stringify(r) + '\n' : formatMsgTraceLine(r) + '\n';
+            } catch (e) {
+              finish(new Error(`msg trace ${fn}: bad record from the bridge: ${(e as Error).message}`));
+              return;
+            }
+            if (count !== undefined && ++printed >= count) {
+              process.stdout.write(out);
+              finish();
+              return;
+            }
+          }
+          if (out !== '') process.stdout.write(out);
+        });
+        res.on('end', ended);
+        res.on('close', () => {
+          if (!res.complete) ended();
+        });
+      });
+      req.on('error', (e) => finish(new Error(`msg trace ${fn}: cannot reach a running "vbridge serve" at ${control}: ${e.message}`)));
+      reqs.push(req);
+    }
+  });
+}
+
 async function runMsg(args: ParsedArgs): Promise<number> {
   const [verb, ...rest] = args.positionals;
   for (const [opt, verbs] of Object.entries(OPTION_VERBS)) {
@@ -71,23 +202,27 @@ async function runMsg(args: ParsedArgs): Promise<number> {
   switch (verb) {
     case 'probe':
       return runProbe(args, rest);
+    case 'trace':
+      return runTrace(args, rest);
     default:
-      throw usage(`msg: unknown verb ${verb ?? ''} (probe)`);
+      throw usage(`msg: unknown verb ${verb ?? ''} (probe or trace)`);
   }
 }
 
 /** Which verbs take which option. */
-const OPTION_VERBS: Record<string, readonly string[]> = { json: ['probe'], timeout: ['probe'] };
+const OPTION_VERBS: Record<string, readonly string[]> = { json: ['probe', 'trace'], timeout: ['probe'], count: ['trace'], control: ['trace'] };
 
 export const msgCommand: CommandSpec = {
   name: 'msg',
-  summary: 'debug a virtio-msg bus: list its devices (probe)',
-  synopsis: 'probe BUS [options]',
+  summary: "debug a virtio-msg bus: list its devices (probe), decode a serve's bus traffic (trace)",
+  synopsis: 'probe BUS | trace [FUNCTION ...] [options]',
   options: {
-    json: { type: 'boolean', help: 'one JSON object instead of text' },
+    json: { type: 'boolean', help: 'probe: one JSON object; trace: one per line' },
     timeout: { type: 'string', arg: 'MS', help: 'probe: how long a request may go unanswered' },
+    count: { type: 'string', arg: 'N', help: 'trace: stop after N messages' },
+    control: { type: 'string', arg: 'PATH', help: "trace: the bridge's control socket", complete: 'file' },
   },
-  positionals: { name: 'probe BUS', min: 1, max: 2, complete: ['probe'] },
+  positionals: { name: 'probe BUS | trace [FUNCTION ...]', min: 1, max: 64, complete: ['probe', 'trace'] },
   help: MSG_USAGE,
   run: runMsg,
 };

@@ -60,7 +60,7 @@ export function blkStatusName(status: number): BlkStatusName {
 }
 
 /** performance.now() to ISO 8601 with microseconds: Date keeps only milliseconds, and a burst would look simultaneous. */
-function isoMicros(perfMs: number): string {
+export function isoMicros(perfMs: number): string {
   const epochMs = performance.timeOrigin + perfMs;
   const whole = Math.floor(epochMs);
   const micros = Math.floor((epochMs - whole) * 1000);

@@ -111,15 +111,38 @@ test('one size parser: the topology and `vbridge backend` agree on what a size i
   assert.equal(parseBackendArgs(['net', '--help']), null);
 });
 
+test('vbridge msg: its verbs and their options, completion of the verbs', () => {
+  const cases: [string[], RegExp][] = [
+    [['msg', 'frob'], /^vbridge: msg: unknown verb frob \(probe or trace\)/],
+    [['msg', 'probe', 'socket:/x', 'extra'], /^vbridge: msg probe: unexpected argument extra/],
+    [['msg', 'probe', 'socket:/x', '--count', '3'], /^vbridge: msg: --count is for msg trace/],
+    [['msg', 'trace', '--timeout', '3'], /^vbridge: msg: --timeout is for msg probe/],
+    [['msg', 'probe', 'socket:/x', '--timeout', 'soon'], /^vbridge: msg probe: --timeout: expected milliseconds/],
+    [['msg', 'trace', 'f', '--count', '0', '--control', '/nonexistent/c.sock'], /^vbridge: msg trace: --count: expected an integer of at least 1/],
+  ];
+  for (const [args, re] of cases) {
+    const r = vbridge(args);
+    assert.equal(r.code, 2, `${args.join(' ')}: ${r.err}`);
+    assert.match(r.err, re, args.join(' '));
+  }
+  const unreachable = vbridge(['msg', 'trace', 'f', '--control', '/nonexistent/c.sock']);
+  assert.equal(unreachable.code, 1);
+  assert.match(unreachable.err, /^vbridge: msg trace f: cannot reach a running "vbridge serve" at \/nonexistent\/c\.sock/);
+  assert.deepEqual(complete(['vbridge', 'msg', '']), ['probe', 'trace']);
+  assert.ok(complete(['vbridge', 'msg', '--']).includes('--count'));
+});
+
 test('vbridge backend --bus: a virtio-msg bus (socket, shm or ivshmem) instead of --attach, device numbers from --device-number', () => {
   const blk = parseBackendArgs(['blk', '--bus', 'socket:/r/msg.sock', '--device-number', '3', '--file', 'd.img']);
   assert.equal(blk?.kind, 'blk');
-  assert.deepEqual(blk?.bus, { kind: 'socket', path: '/r/msg.sock', firstDevice: 3 });
+  assert.deepEqual(blk?.bus, { kind: 'socket', path: '/r/msg.sock', firstDevice: 3, trace: false });
   const net = parseBackendArgs(['net', '--bus', 'socket:/r/msg.sock', '--devices', '2', '--sink']);
   assert.deepEqual(net?.attach, ['msg-1', 'msg-2']);
-  assert.deepEqual(net?.bus, { kind: 'socket', path: '/r/msg.sock', firstDevice: 1 });
-  assert.deepEqual(parseBackendArgs(['blk', '--bus', 'shm:/r/q.sock', '--file', 'd'])?.bus, { kind: 'shm', path: '/r/q.sock', firstDevice: 1 });
-  assert.deepEqual(parseBackendArgs(['net', '--bus', 'ivshmem:/r/iv.sock', '--sink'])?.bus, { kind: 'ivshmem', path: '/r/iv.sock', firstDevice: 1 });
+  assert.deepEqual(net?.bus, { kind: 'socket', path: '/r/msg.sock', firstDevice: 1, trace: false });
+  assert.equal(parseBackendArgs(['blk', '--bus', 'socket:/r/msg.sock', '--trace', '--file', 'd.img'])?.bus?.trace, true);
+  assert.throws(() => parseBackendArgs(['blk', '--attach', 'a', '--trace', '--file', 'd']), /--trace goes with --bus/);
+  assert.deepEqual(parseBackendArgs(['blk', '--bus', 'shm:/r/q.sock', '--file', 'd'])?.bus, { kind: 'shm', path: '/r/q.sock', firstDevice: 1, trace: false });
+  assert.deepEqual(parseBackendArgs(['net', '--bus', 'ivshmem:/r/iv.sock', '--sink'])?.bus, { kind: 'ivshmem', path: '/r/iv.sock', firstDevice: 1, trace: false });
   assert.throws(() => parseBackendArgs(['blk', '--bus', 'pipe:/x', '--file', 'd']), /--bus: expected socket:PATH, shm:PATH or ivshmem:PATH/);
   assert.throws(() => parseBackendArgs(['blk', '--bus', 'socket:/x', '--attach', 'a', '--file', 'd']), /either --attach .* or --bus/);
   assert.throws(() => parseBackendArgs(['blk', '--attach', 'a', '--device-number', '2', '--file', 'd']), /--device-number goes with --bus/);

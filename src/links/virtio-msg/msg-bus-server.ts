@@ -15,7 +15,7 @@ import { type Decoded, requestOf } from '../../virtio-msg/codec';
 import { MessageStats } from '../../virtio-msg/errors';
 import { Bus } from '../../virtio-msg/messages';
 import { DeviceBusState } from '../../virtio-msg/payloads';
-import { MsgChannel } from '../../virtio-msg/bus/msg-channel';
+import { type ChannelTap, MsgChannel } from '../../virtio-msg/bus/msg-channel';
 import { type BusAddress, toBusAddress } from '../../virtio-msg/bus/bus-address';
 import { deviceTransport } from '../../virtio-msg/bus/bus-transports';
 import type { MsgTransport } from '../../virtio-msg/bus/transport';
@@ -44,6 +44,8 @@ export class MsgBusServer {
   /** Counters of connections that closed already. */
   private readonly gone = new MessageStats();
   private unknownDevice = 0;
+  /** Each connection accepted from now on gets the tap this makes for it (`vbridge backend --bus --trace`). */
+  tapConnections: ((label: string) => ChannelTap) | null = null;
 
   readonly bus: BusAddress;
 
@@ -137,6 +139,7 @@ export class MsgBusServer {
         continue;
       }
       const ch: MsgChannel = new MsgChannel(transport, 'device', { onMessage: (m, fds) => this.onMessage(ch, m, fds), onClose: (err) => this.onClose(ch, err) }, label);
+      if (this.tapConnections !== null) ch.setTap(this.tapConnections(label));
       this.channels.add(ch);
       this.log.info(`${label}: a driver connected`);
       for (const devNum of this.devices.keys()) ch.event(Bus.EVENT_DEVICE, 0, { devNum, state: DeviceBusState.READY });

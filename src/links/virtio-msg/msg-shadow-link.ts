@@ -26,7 +26,8 @@ import { STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK
 import { type Decoded, requestOf } from '../../virtio-msg/codec';
 import { Bus, type MsgSpec, Transport } from '../../virtio-msg/messages';
 import { DeviceBusState } from '../../virtio-msg/payloads';
-import { MsgChannel } from '../../virtio-msg/bus/msg-channel';
+import { type ChannelTap, MsgChannel } from '../../virtio-msg/bus/msg-channel';
+import type { TapPoint } from '../../devices/device';
 import { type BusAddress, formatBusAddress, toBusAddress } from '../../virtio-msg/bus/bus-address';
 import { driverTransport } from '../../virtio-msg/bus/bus-transports';
 import type { MsgTransport } from '../../virtio-msg/bus/transport';
@@ -73,6 +74,17 @@ export class MsgShadowLink implements ShadowLink {
   private readonly gone = new MessageStats();
   private goneSent = 0;
   private goneDoorbells = 0;
+  private trafficTap: ChannelTap | null = null;
+  /** Where `vbridge msg trace` hangs: the tap follows the link onto each connection it dials. */
+  readonly busTraffic: TapPoint<ChannelTap> = ((link: MsgShadowLink) => ({
+    get tap(): ChannelTap | null {
+      return link.trafficTap;
+    },
+    set tap(t: ChannelTap | null) {
+      link.trafficTap = t;
+      link.ch?.setTap(t);
+    },
+  }))(this);
 
   /** Where the device's bus is. */
   readonly bus: BusAddress;
@@ -224,6 +236,7 @@ export class MsgShadowLink implements ShadowLink {
       return;
     }
     const ch: MsgChannel = new MsgChannel(transport, 'driver', { onMessage: (m) => this.onMessage(ch, m), onClose: (err) => this.onClosed(ch, err) }, `${this.label} (virtio-msg)`);
+    ch.setTap(this.trafficTap);
     this.ch = ch;
     this.attaching = false;
     void this.probe(ch);

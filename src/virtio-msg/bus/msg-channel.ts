@@ -32,6 +32,13 @@ export interface ChannelHandlers {
   onClose(err: Error | undefined): void;
 }
 
+/**
+ * Sees every message this end sends ('out') and every frame it receives
+ * ('in'), dropped ones with the rule that dropped them (`bytes` is empty when
+ * the framer threw them away unread). `vbridge msg trace` hangs here.
+ */
+export type ChannelTap = (dir: 'in' | 'out', bytes: Uint8Array, dropped: VirtioMsgError | null) => void;
+
 interface Waiter {
   resolve(v: unknown): void;
   reject(e: Error): void;
@@ -49,6 +56,7 @@ export class MsgChannel {
   private readonly pending = new PendingRequests();
   private readonly waiters = new Map<number, Waiter>();
   private closedFlag = false;
+  private tap: ChannelTap | null = null;
 
   constructor(
     private readonly transport: MsgTransport,
@@ -72,6 +80,11 @@ export class MsgChannel {
   /** The bus kind under this connection. */
   get kind(): MsgTransport['kind'] {
     return this.transport.kind;
+  }
+
+  /** One tap at a time (null removes it); a tap must not throw. */
+  setTap(tap: ChannelTap | null): void {
+    this.tap = tap;
   }
 
   get closed(): boolean {
@@ -121,6 +134,7 @@ export class MsgChannel {
   /** Raw bytes (tests and fuzzers send malformed traffic with this). The caller keeps its fds. */
   send(bytes: Uint8Array, fds: readonly number[] = []): boolean {
     if (this.closedFlag) return false;
+    this.tap?.('out', bytes, null);
     try {
       this.transport.send(bytes, fds);
       this.sent++;
@@ -149,12 +163,14 @@ export class MsgChannel {
     for (const f of fds) closeQuietly(f);
     this.stats.received++;
     this.stats.drop(e);
+    this.tap?.('in', new Uint8Array(0), e);
   }
 
   private deliver(bytes: Uint8Array, fds: number[]): void {
     const m = receive(bytes, { limits: SOCKET_BUS_LIMITS, table: SOCKET_TABLE, receiver: this.side, pending: this.pending }, this.stats);
     if (m === null) {
       for (const f of fds) closeQuietly(f);
+      this.tap?.('in', bytes, this.stats.lastError);
       return;
     }
     const want = fdsCarried(m.spec, m.header.response);
@@ -162,9 +178,12 @@ export class MsgChannel {
       for (const f of fds) closeQuietly(f);
       // receive() counted it accepted; it is not.
       this.stats.accepted--;
-      this.stats.drop(new VirtioMsgError(m.spec.name, 'fds', `came with ${fds.length} fd(s), takes ${want}`));
+      const e = new VirtioMsgError(m.spec.name, 'fds', `came with ${fds.length} fd(s), takes ${want}`);
+      this.stats.drop(e);
+      this.tap?.('in', bytes, e);
       return;
     }
+    this.tap?.('in', bytes, null);
     if (m.header.response) {
       const k = key(m.header.devNum, m.header.token);
       const w = this.waiters.get(k);
