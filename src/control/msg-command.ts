@@ -21,16 +21,16 @@ export const MSG_USAGE = `usage: vbridge msg probe BUS [--json] [--timeout MS]
 Tools for debugging a virtio-msg bus (docs/virtio-msg.md).
 
   vbridge msg probe BUS [--json] [--timeout MS]
-      connect to the bus BUS (${BUS_ADDRESS_HINT}) as a driver and list its devices
-      as lspci -v would: number, device type, offered features (named where
-      virtio names them), device status, queues (max size, and size once a
-      driver set one up), config space (decoded for net and blk). Read-only: it
-      sends GET_DEVICES, GET_DEVICE_INFO, GET_DEVICE_FEATURES,
-      GET_DEVICE_STATUS, GET_VQUEUE and GET_CONFIG and nothing else, so a
-      device a bridge function drives goes on undisturbed. --json prints the
-      same as one JSON object. A device that leaves a request unanswered for
-      --timeout ms (default ${DEFAULT_PROBE_TIMEOUT_MS}) is shown with what was read and
-      the error, and the exit status is 1.
+      connect to the bus BUS (${BUS_ADDRESS_HINT}) as a driver
+      and list its devices as lspci -v would: number, device type, offered
+      features (named where virtio names them), device status, queues (max
+      size, and size once a driver set one up), config space (decoded for net
+      and blk). Read-only: it sends GET_DEVICES, GET_DEVICE_INFO,
+      GET_DEVICE_FEATURES, GET_DEVICE_STATUS, GET_VQUEUE and GET_CONFIG and
+      nothing else, so a device a bridge function drives goes on undisturbed.
+      --json prints the same as one JSON object. A device that leaves a
+      request unanswered for --timeout ms (default ${DEFAULT_PROBE_TIMEOUT_MS}) is shown with what
+      was read and the error, and the exit status is 1.
 
   vbridge msg trace [FUNCTION ...] [TOPOLOGY.yaml] [--count N] [--json] [--control PATH]
       the bus traffic of a running serve's functions on virtio-msg links (all
@@ -44,7 +44,7 @@ Tools for debugging a virtio-msg bus (docs/virtio-msg.md).
       devNum, token, msg, kind, size, fields; rule and error when dropped).
       The bridge is found by --control, its TOPOLOGY.yaml, or as the only one
       running. Ends after --count messages, or on Ctrl-C.
-      vbridge backend ... --bus socket:PATH --trace prints the same lines for
+      vbridge backend ... --bus KIND:PATH --trace prints the same lines for
       the device side.
 
 options:
