@@ -349,7 +349,8 @@ export class RingTransport implements MsgTransport {
 
   /** Drain our ring and flush what waits for room in theirs; sleep only after one more look with interrupts on. */
   private service(): void {
-    if (this.closed || this.servicing || this.in === null || this.bells === null) return;
+    // Before start() there is no one to deliver to: what is in the ring waits for the first turn after it.
+    if (this.closed || this.servicing || this.sink === null || this.in === null || this.bells === null) return;
     this.servicing = true;
     try {
       for (;;) {
