@@ -16,6 +16,8 @@ import { RingTransport, queuesBytes } from '../../src/virtio-msg/bus/ring-transp
 import { RingConsumer, RingCorrupt, RingProducer, ringBytes, SLOT_SIZE } from '../../src/virtio-msg/bus/shm-ring';
 import { RingsKind, SOCKET_BUS_LIMITS as L, SocketBus } from '../../src/virtio-msg/bus/socket-messages';
 import type { TransportSink } from '../../src/virtio-msg/bus/transport';
+import { deviceTransport, driverTransport } from '../../src/virtio-msg/bus/bus-transports';
+import { MsgChannel } from '../../src/virtio-msg/bus/msg-channel';
 import { waitFor } from './vhost-user-harness';
 
 const SLOTS = 32;
@@ -247,3 +249,31 @@ test('a device transport refuses rings of the wrong kind, bad slot counts and a 
     else native().close(a);
   }
 });
+
+for (const kind of ['socket', 'shm', 'ivshmem'] as const) {
+  test(`a handler that throws ends only its own connection, with the reason, on the ${kind} bus; the driver's request fails, nothing escapes`, async () => {
+    const [a, b] = native().socketpair();
+    const closes: (Error | undefined)[] = [];
+    const device = new MsgChannel(
+      deviceTransport(kind, b, `dev-${kind}`),
+      'device',
+      {
+        onMessage: () => {
+          throw new Error('a bug in the handler');
+        },
+        onClose: (err) => closes.push(err),
+      },
+      `dev-${kind}`,
+    );
+    const driver = new MsgChannel(driverTransport(kind, a, `drv-${kind}`, `throw-${kind}`), 'driver', { onMessage: () => {}, onClose: () => {} }, `drv-${kind}`);
+    try {
+      await assert.rejects(driver.request(Bus.PING, 0, 5, 5000), /closed/);
+      assert.equal(closes.length, 1);
+      assert.match(closes[0]?.message ?? '', /message handler failed: a bug in the handler/);
+      assert.ok(device.closed);
+    } finally {
+      driver.close();
+      device.close();
+    }
+  });
+}

@@ -198,7 +198,7 @@ export class MsgChannel {
       this.handlers.onMessage(m, fds);
     } catch (e) {
       // A handler bug ends this connection (onClose says why), never the process.
-      this.close(asError(e, `${this.label}: message handler failed`));
+      this.close(new Error(`${this.label}: message handler failed: ${asError(e, "handler").message}`));
     }
   }
 }
