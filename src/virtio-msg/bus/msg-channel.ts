@@ -198,7 +198,7 @@ export class MsgChannel {
       this.handlers.onMessage(m, fds);
     } catch (e) {
       // A handler bug ends this connection (onClose says why), never the process.
-      this.close(new Error(`${this.label}: message handler failed: ${asError(e, "handler").message}`));
+      this.close(new Error(`${this.label}: message handler failed: ${asError(e, 'handler').message}`));
     }
   }
 }
