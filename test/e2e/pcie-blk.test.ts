@@ -9,11 +9,14 @@
  * processes, which map nothing of the guest either; each such backend is then
  * killed for good while the guest writes: past the link's grace the writes
  * fail with an I/O error instead of hanging, the PCIe disk works on, and a
- * backend started again serves the next write.
+ * backend started again serves the next write. Throughout, `vbridge msg
+ * trace` prints the msg functions' bus traffic (the guest's I/O, the link
+ * attaching again to the new backend), and `vbridge msg probe` reads each msg
+ * device while the guest writes to it, without disturbing it.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import * as path from 'node:path';
 import { withHeavyLock } from '../support/heavy-lock';
 import { kv, startGuest } from '../support/qemu-guest';
@@ -24,6 +27,11 @@ import { waitFor, waitForPath } from '../support/wait';
 import { DIRECT_WRITES_32M, hostGo, waitForHost } from '../support/blk-scripts';
 import { allocatedBlocks } from '../support/blk-requests';
 import { watchMemfds } from '../support/memfds';
+import { CLI, runVbridgeAsync } from '../support/vbridge-cli';
+import { activeMsgTraces } from '../../src/trace/msg-trace';
+import type { TapPoint } from '../../src/devices/device';
+import type { ChannelTap } from '../../src/virtio-msg/bus/msg-channel';
+import type { ProbeReport } from '../../src/control/msg-probe';
 
 const MiB = 1024 * 1024;
 /** The msg disks' grace-ms: how long the guest's writes wait for a killed backend before they fail. */
@@ -125,6 +133,17 @@ test('guest blk over the PCIe link and over virtio-msg buses to backend processe
       backend = await startBackendProcess(['backend', 'blk', '--attach', path.join(fx.dir, 'blk0.bar'), '--file', image, '--size', '128M'], 1);
       for (const d of MSG_DISKS) msgBackends.set(d.fn, await startBackendProcess(msgArgs(d), 1));
       for (const name of ['blk0', 'ctl', ...MSG_DISKS.map((d) => d.fn)]) await waitForPath(fx.socket(name), 10_000);
+      // The msg functions' bus traffic for the whole first guest, from the bridge's control socket (all of them: none named).
+      const trace = spawn(process.execPath, [CLI, 'msg', 'trace', '--control', path.join(fx.dir, 'control.sock')], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let traced = '';
+      let traceErr = '';
+      trace.stdout.setEncoding('utf8').on('data', (d: string) => (traced += d));
+      trace.stderr.setEncoding('utf8').on('data', (d: string) => (traceErr += d));
+      const traceExit = new Promise<number | null>((resolve) => trace.on('close', (code) => resolve(code)));
+      for (const d of MSG_DISKS) {
+        const point = fx.bridge.busTraffic(d.fn) as TapPoint<ChannelTap>;
+        await waitFor(`${d.fn}: msg trace to start`, () => activeMsgTraces(point) === 1, 10_000);
+      }
       const g = await startGuest({
         name: 'pcie-blk',
         script: SCRIPT,
@@ -148,6 +167,13 @@ test('guest blk over the PCIe link and over virtio-msg buses to backend processe
         );
         const written = fx.queue(d.fn, 0).descriptors;
         await waitFor(`${d.fn}: the guest's writes to go on`, () => fx.queue(d.fn, 0).descriptors > written + 2, 60_000, 5);
+        // Read the device the function drives, from another connection, while the guest writes to it.
+        const probe = await runVbridgeAsync(['msg', 'probe', d.busArg(fx.dir), '--json']);
+        assert.equal(probe.code, 0, `${d.fn}: msg probe: ${probe.err}`);
+        const dev1 = (JSON.parse(probe.out) as ProbeReport).devices[0];
+        assert.deepEqual([dev1?.devNum, dev1?.type, dev1?.configFields.capacity, dev1?.status, dev1?.error], [1, 'blk', (128 * MiB) / 512, 0x0f, null], `${d.fn}: msg probe`);
+        assert.ok((dev1?.queues[0]?.size ?? 0) > 0, `${d.fn}: msg probe sees the queue the function set up`);
+        await waitFor(`${d.fn}: the guest's writes to go on after the probe`, () => fx.queue(d.fn, 0).descriptors > written + 4, 60_000, 5);
         await (msgBackends.get(d.fn) as BackendProcess).kill('SIGKILL');
         const killed = Date.now();
         await g.waitFor(new RegExp(`^${d.key}_FAILED`, 'm'), MSG_GRACE_MS + 60_000);
@@ -162,6 +188,22 @@ test('guest blk over the PCIe link and over virtio-msg buses to backend processe
       }
       const r = await g.done;
       const seen = watch.stop();
+      trace.kill('SIGINT');
+      assert.equal(await traceExit, 0, traceErr);
+      const lines = traced.split('\n').filter((l) => l !== '');
+      t.diagnostic(`msg trace: ${lines.length} lines, from ${lines[0] ?? ''}`);
+      for (const d of MSG_DISKS) {
+        const mine = lines.filter((l) => l.includes(` ${d.fn} `));
+        const at = (re: RegExp): number => mine.findIndex((l) => re.test(l));
+        for (const re of [/ drv>dev dev 1 +tok \d+ +SET_VQUEUE +req +index=0 /, / drv>dev dev 1 +tok \d+ +SET_DEVICE_STATUS +req +status=0x0f/, / drv>dev dev 1 +EVENT_AVAIL +event index=0/, / dev>drv dev 1 +EVENT_USED +event index=0/]) {
+          assert.ok(at(re) >= 0, `${d.fn}: msg trace shows ${re}`);
+        }
+        // The backend killed and started again: the link's attach sequence to the new one.
+        const shm = at(/ drv>dev bus +tok \d+ +SOCKET_SET_SHM +req +device=1 /);
+        assert.ok(shm > at(/ drv>dev dev 1 +EVENT_AVAIL /), `${d.fn}: msg trace shows the link attaching to the backend started again`);
+        assert.ok(mine.slice(shm).some((l) => / dev>drv dev 1 +tok \d+ +GET_DEVICE_INFO +resp +device=blk\(2\)/.test(l)), `${d.fn}: the new device described`);
+      }
+      assert.ok(lines.every((l) => !l.includes('GET_DEVICE_STATUS')), "the probes' traffic is their own connections', not the functions'");
       const v = kv(r.output);
       assert.equal(r.rc, 0, `guest failed:\n${r.output}\n${r.stderr}\n${backend.output()}`);
       await checkDisk(v, 'PCIE', image, () => backend?.output() ?? '');
