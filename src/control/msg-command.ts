@@ -122,7 +122,8 @@ async function runTrace(args: ParsedArgs, rest: readonly string[]): Promise<numb
   const json = args.flag('json');
   const control = findControl(args, 'msg trace', topology);
   let names = named;
-  if (names.length === 0) {
+  const auto = names.length === 0;
+  if (auto) {
     const report = await fetchJson<StatsReport>(control, '/stats');
     names = report.functions.filter((f) => f.backend?.kind === 'virtio-msg').map((f) => f.name);
     if (names.length === 0) throw new Error(`msg trace: the bridge at ${control} has no function on a virtio-msg link`);
@@ -132,6 +133,7 @@ async function runTrace(args: ParsedArgs, rest: readonly string[]): Promise<numb
   return new Promise<number>((resolve, reject) => {
     const reqs: http.ClientRequest[] = [];
     let open = names.length;
+    let skipped = 0;
     let printed = 0;
     let finished = false;
     const finish = (err?: Error): void => {
@@ -148,7 +150,8 @@ async function runTrace(args: ParsedArgs, rest: readonly string[]): Promise<numb
     process.on('SIGINT', stop);
     process.on('SIGTERM', stop);
     const ended = (): void => {
-      if (--open === 0) finish();
+      if (--open > 0) return;
+      finish(skipped === names.length ? new Error(`msg trace: none of the bridge's virtio-msg functions can be traced (${names.join(', ')})`) : undefined);
     };
     for (const fn of names) {
       const req = http.get({ socketPath: control, path: `/v1/functions/${encodeURIComponent(fn)}/msg-trace${query}`, agent: false }, (res) => {
@@ -156,7 +159,16 @@ async function runTrace(args: ParsedArgs, rest: readonly string[]): Promise<numb
         if (res.statusCode !== 200) {
           let text = '';
           res.on('data', (c: string) => (text += c));
-          res.on('end', () => finish(new Error(`msg trace ${fn}: ${errorText(text)}`)));
+          res.on('end', () => {
+            // Found by looking, not named: one the bridge cannot trace (a VF) is passed over, the others go on.
+            if (auto && res.statusCode === 409) {
+              process.stderr.write(`vbridge: msg trace: not tracing ${fn}: ${errorText(text)}\n`);
+              skipped++;
+              ended();
+              return;
+            }
+            finish(new Error(`msg trace ${fn}: ${errorText(text)}`));
+          });
           return;
         }
         let pending = '';

@@ -240,6 +240,9 @@ test('vbridge msg trace through a running bridge: the attach sequence of a funct
       { name: 'blk0', type: 'blk', socket: 'blk0.sock', backend: { file: 'disk.img', size: '1M' } },
     ],
     http: '127.0.0.1:0',
+    // A VF on a virtio-msg link: not traced yet (named, it is refused; unnamed, it is not looked for).
+    pfs: [{ name: 'pf0', type: 'blk', 'total-vfs': 1, 'num-vfs': 1, socket: 'pf0-vf{vf}.sock', backend: { link: 'virtio-msg', bus: 'socket:vfbus.sock', device: 1 } }],
+    'state-dir': 'state',
   });
   const control = path.join(fx.dir, 'control.sock');
   const point = fx.bridge.busTraffic('msg0') as TapPoint<ChannelTap>;
@@ -269,6 +272,9 @@ test('vbridge msg trace through a running bridge: the attach sequence of a funct
     const refused = await runVbridgeAsync(['msg', 'trace', 'blk0', '--control', control]);
     assert.equal(refused.code, 1);
     assert.match(refused.err, /^vbridge: msg trace blk0: msg-trace does not apply to function blk0: its device runs in the bridge \(a file backend\), not on a virtio-msg bus\n$/);
+    const vf = await runVbridgeAsync(['msg', 'trace', 'pf0/vf0', '--control', control]);
+    assert.equal(vf.code, 1);
+    assert.match(vf.err, /^vbridge: msg trace pf0\/vf0: msg-trace does not apply to function pf0\/vf0: it is a VF: msg trace follows the functions of the topology, not VFs yet\n$/);
     const json = runVbridgeAsync(['msg', 'trace', 'msg0', '--control', control, '--json', '--count', '2']);
     await waitFor(() => activeMsgTraces(point) === 1, 'the second trace to start', 10_000);
     // The function's traffic: what a guest's bring-up makes it send.
