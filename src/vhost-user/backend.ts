@@ -471,7 +471,7 @@ export class VhostUserBackend {
       case Frontend.SET_BACKEND_REQ_FD.id:
         return this.setBackendReqFd(spec, fds);
       case Frontend.GET_INFLIGHT_FD.id: {
-        const made = this.inflight.create(spec, req as Inflight);
+        const made = this.inflight.create(spec, req as Inflight, this.packed);
         this.replyFds.push(made.fd);
         return made.reply;
       }
@@ -722,7 +722,7 @@ export class VhostUserBackend {
   private setInflightFd(spec: AnyMessageSpec, req: Inflight, fds: number[]): undefined {
     const running = this.life.stopAll();
     for (const v of this.vrings) this.inflight.detach(v.queue);
-    this.inflight.adopt(spec, req, fds[0]);
+    this.inflight.adopt(spec, req, fds[0], this.packed);
     this.restartRings(running);
     return undefined;
   }

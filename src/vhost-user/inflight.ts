@@ -2,8 +2,11 @@
  * The vhost-user side of in-flight tracking (protocol feature INFLIGHT_SHMFD):
  * GET_INFLIGHT_FD makes a blank shared region for num_queues x queue_size,
  * the front-end keeps it and hands it back with SET_INFLIGHT_FD, on every
- * start and after we died, and each split ring is tied to its part of it when
- * it starts (split-inflight.ts does the per-queue bookkeeping).
+ * start and after we died, and each ring is tied to its part of it when it
+ * starts (split-inflight.ts and packed-inflight.ts do the per-queue
+ * bookkeeping). The layout follows the ring format the features negotiated
+ * when the region is made or handed over: QEMU sends SET_FEATURES before
+ * GET_INFLIGHT_FD and SET_INFLIGHT_FD (vhost_dev_prepare_inflight) for that.
  *
  * What comes back with SET_INFLIGHT_FD is checked whole before it replaces
  * anything: sizes against the fd, every queue's header and entries. A region
@@ -16,8 +19,10 @@ import type { Addon } from '../native/addon';
 import type { MemoryAccess } from '../memory/memory-access';
 import type { Logger } from '../log';
 import { InflightError, SplitInflight, splitInflightQueueSize } from '../virtio/split-inflight';
+import { PackedInflight, packedInflightQueueSize } from '../virtio/packed-inflight';
 import { SplitQueue } from '../virtio/split-queue';
-import type { Virtqueue } from '../virtio/virtqueue';
+import { PackedQueue } from '../virtio/packed-queue';
+import { QueueError, type Virtqueue } from '../virtio/virtqueue';
 
 const PAGE_SIZE = 4096;
 const MAX_SPLIT_SIZE = 32768;
@@ -27,7 +32,9 @@ const MAX_REGION = 2 ** 32;
 export class InflightRegions {
   private buffer: ArrayBuffer | null = null;
   private queues: SplitInflight[] = [];
-  private packedWarned = false;
+  private packedQueues: PackedInflight[] = [];
+  /** The region's layout: packed rings' (QueueRegionPacked) or split rings'. */
+  private packed = false;
 
   constructor(
     private readonly addon: Addon,
@@ -41,24 +48,28 @@ export class InflightRegions {
     return this.buffer !== null;
   }
 
-  /** GET_INFLIGHT_FD: a blank region (a fresh memfd reads as zeros) and the reply describing it. The caller sends, then closes, the fd. */
-  create(spec: AnyMessageSpec, req: Inflight): { reply: Inflight; fd: number } {
+  /**
+   * GET_INFLIGHT_FD: a blank region (a fresh memfd reads as zeros), laid out
+   * for packed rings when `packed` (RING_PACKED negotiated), and the reply
+   * describing it. The caller sends, then closes, the fd.
+   */
+  create(spec: AnyMessageSpec, req: Inflight, packed: boolean): { reply: Inflight; fd: number } {
     this.checkShape(spec, req);
-    const size = req.numQueues * splitInflightQueueSize(req.queueSize);
+    const size = req.numQueues * queueRegionSize(req.queueSize, packed);
     let fd: number;
     try {
       fd = this.addon.memfd(`vbridge-inflight-${this.label}`, size);
     } catch (e) {
       throw new ProtocolError(spec.name, `cannot create a ${size}-byte region: ${(e as Error).message}`, false);
     }
-    this.logger.info(`${this.label}: in-flight region created: ${req.numQueues} queue(s) of ${req.queueSize}, ${size} bytes`);
+    this.logger.info(`${this.label}: in-flight region created: ${req.numQueues} ${packed ? 'packed' : 'split'} queue(s) of ${req.queueSize}, ${size} bytes`);
     return { reply: { mmapSize: BigInt(size), mmapOffset: 0n, numQueues: req.numQueues, queueSize: req.queueSize }, fd };
   }
 
-  /** SET_INFLIGHT_FD: map and check the region; it replaces the old one only when every queue's part holds up. */
-  adopt(spec: AnyMessageSpec, req: Inflight, fd: number): void {
+  /** SET_INFLIGHT_FD: map and check the region (laid out for packed rings when `packed`); it replaces the old one only when every queue's part holds up. */
+  adopt(spec: AnyMessageSpec, req: Inflight, fd: number, packed: boolean): void {
     this.checkShape(spec, req);
-    const per = splitInflightQueueSize(req.queueSize);
+    const per = queueRegionSize(req.queueSize, packed);
     const need = req.numQueues * per;
     if (req.mmapSize < BigInt(need)) {
       throw new ProtocolError(spec.name, `mmap_size ${req.mmapSize} is smaller than the ${need} bytes ${req.numQueues} queue(s) of ${req.queueSize} take`);
@@ -84,17 +95,19 @@ export class InflightRegions {
       throw new ProtocolError(spec.name, `cannot map the region: ${(e as Error).message}`);
     }
     const queues: SplitInflight[] = [];
+    const packedQueues: PackedInflight[] = [];
     try {
       if (delta % 8 !== 0) throw new InflightError(`mmap_offset ${offset} is not 8-byte aligned`);
       for (let i = 0; i < req.numQueues; i++) {
-        const q = new SplitInflight(buffer, delta + i * per, req.queueSize);
+        const q = packed ? new PackedInflight(buffer, delta + i * per, req.queueSize) : new SplitInflight(buffer, delta + i * per, req.queueSize);
         try {
           q.validate();
         } catch (e) {
           if (e instanceof InflightError) throw new InflightError(`queue ${i}: ${e.message}`);
           throw e;
         }
-        queues.push(q);
+        if (q instanceof PackedInflight) packedQueues.push(q);
+        else queues.push(q);
       }
     } catch (e) {
       this.addon.unmap(buffer);
@@ -104,7 +117,9 @@ export class InflightRegions {
     this.close();
     this.buffer = buffer;
     this.queues = queues;
-    this.logger.info(`${this.label}: in-flight region set: ${req.numQueues} queue(s) of ${req.queueSize}`);
+    this.packedQueues = packedQueues;
+    this.packed = packed;
+    this.logger.info(`${this.label}: in-flight region set: ${req.numQueues} ${packed ? 'packed' : 'split'} queue(s) of ${req.queueSize}`);
   }
 
   /**
@@ -115,13 +130,15 @@ export class InflightRegions {
    * tracker. A region that contradicts the ring fails the connection.
    */
   attach(spec: AnyMessageSpec, index: number, q: Virtqueue, mem: MemoryAccess, fresh: boolean): void {
-    if (!(q instanceof SplitQueue)) {
-      if (this.buffer !== null && !this.packedWarned) {
-        this.packedWarned = true;
-        this.logger.warn(`${this.label}: packed rings are not tracked in the in-flight region; requests in flight when the bridge dies are lost`);
-      }
+    if (this.buffer !== null && q.packed !== this.packed) {
+      if (q instanceof SplitQueue || q instanceof PackedQueue) q.inflight = null;
+      throw new ProtocolError(spec.name, `vring ${index} is ${q.packed ? 'packed' : 'split'}, the in-flight region was laid out for ${this.packed ? 'packed' : 'split'} rings (features changed after SET_INFLIGHT_FD)`);
+    }
+    if (q instanceof PackedQueue) {
+      this.attachPacked(spec, index, q, mem, fresh);
       return;
     }
+    if (!(q instanceof SplitQueue)) return;
     const t = this.buffer === null ? undefined : this.queues[index];
     if (t === undefined) {
       q.inflight = null;
@@ -146,9 +163,47 @@ export class InflightRegions {
     }
   }
 
+  /**
+   * A packed ring keeps no position in memory and QEMU's base is stale after
+   * our death (it has nothing to restore a packed ring's from), so a region
+   * in use gives the position: used as it says, avail past what is in flight.
+   */
+  private attachPacked(spec: AnyMessageSpec, index: number, q: PackedQueue, mem: MemoryAccess, fresh: boolean): void {
+    const t = this.buffer === null ? undefined : this.packedQueues[index];
+    if (t === undefined) {
+      q.inflight = null;
+      return;
+    }
+    if (!fresh && q.inflight === t) return;
+    const base = { avail: q.nextAvail, used: q.nextUsed };
+    let r;
+    try {
+      r = t.restore(q.size, base.used, (slot) => q.descFlagsAt(mem, slot));
+      if (!r.fresh) {
+        q.nextAvail = r.avail;
+        q.nextUsed = r.used;
+        q.activate(mem);
+      }
+    } catch (e) {
+      q.inflight = null;
+      if (e instanceof InflightError || e instanceof QueueError) throw new ProtocolError(spec.name, `vring ${index}: in-flight region refused: ${e.message}`);
+      throw e;
+    }
+    q.inflight = t;
+    const pos = (p: number): string => `${p & 0x7fff}/${p >>> 15}`;
+    if (r.fresh && base.avail !== base.used) {
+      this.logger.warn(`${this.label}: queue ${index}: a blank in-flight region for a ring with ${pos(base.avail)} avail and ${pos(base.used)} used: the chains between are not tracked`);
+    }
+    if (!r.fresh && (r.resubmit.length > 0 || r.batch !== null || r.avail !== base.avail || r.used !== base.used)) {
+      this.logger.info(
+        `${this.label}: queue ${index}: ${r.resubmit.length} request(s) in flight resubmitted (buffer ids ${r.ids.slice(0, 16).join(', ')}${r.ids.length > 16 ? ', ...' : ''})${r.batch === null ? '' : `, last batch ${r.batch}`}; ring resumes at avail ${pos(r.avail)}, used ${pos(r.used)} (index/wrap; the front-end's base said ${pos(base.avail)}, ${pos(base.used)})`,
+      );
+    }
+  }
+
   /** Untie a (stopped) ring from the region before the region goes. */
   detach(q: Virtqueue | null): void {
-    if (q instanceof SplitQueue) q.inflight = null;
+    if (q instanceof SplitQueue || q instanceof PackedQueue) q.inflight = null;
   }
 
   /** Unmap the region (session end); rings tied to it must be stopped first. */
@@ -156,6 +211,7 @@ export class InflightRegions {
     if (this.buffer !== null) this.addon.unmap(this.buffer);
     this.buffer = null;
     this.queues = [];
+    this.packedQueues = [];
   }
 
   private checkShape(spec: AnyMessageSpec, req: Inflight): void {
@@ -166,4 +222,8 @@ export class InflightRegions {
       throw new ProtocolError(spec.name, `queue_size ${req.queueSize} is not in [1, ${MAX_SPLIT_SIZE}]`);
     }
   }
+}
+
+function queueRegionSize(queueSize: number, packed: boolean): number {
+  return packed ? packedInflightQueueSize(queueSize) : splitInflightQueueSize(queueSize);
 }

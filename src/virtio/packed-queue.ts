@@ -14,6 +14,7 @@ import {
   VRING_PACKED_EVENT_SIZE,
 } from './constants';
 import { vringNeedEvent } from './split-queue';
+import type { PackedInflight } from './packed-inflight';
 import { hex, IndirectTables, QueueError, type QueueState, ringSpan, type Virtqueue } from './virtqueue';
 
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
@@ -95,10 +96,20 @@ export class PackedQueue implements Virtqueue {
   /** Descriptor count of each outstanding buffer id; 0: not outstanding. */
   private readonly outstanding: Uint16Array;
   /** Descriptors popped and not yet completed: the ring space the device owns. */
-  private inflight = 0;
+  private owned = 0;
+  /**
+   * In-flight tracking (vhost-user INFLIGHT_SHMFD), set by the link after
+   * restoring it: pops record chains in the region and hand out its
+   * resubmissions first, flushes publish completions in the spec's order.
+   */
+  inflight: PackedInflight | null = null;
+  /** A chain's descriptors as popped (4 ring words each), for the tracker. */
+  private scratch = new Uint32Array(0);
   /** Recently popped chains, newest last (a ring of maxSize entries), for unpop(). */
   private readonly histId: Uint16Array;
   private readonly histCount: Uint16Array;
+  /** 1: the chain came from the tracker's resubmissions (it holds no ring space of its own). */
+  private readonly histResubmit: Uint8Array;
   private histTop = 0;
   private histLen = 0;
   /** Ring slot of the first used descriptor whose flags flush() has yet to store; -1 none. */
@@ -116,6 +127,7 @@ export class PackedQueue implements Virtqueue {
     this.outstanding = new Uint16Array(maxSize);
     this.histId = new Uint16Array(maxSize);
     this.histCount = new Uint16Array(maxSize);
+    this.histResubmit = new Uint8Array(maxSize);
   }
 
   get active(): boolean {
@@ -209,7 +221,7 @@ export class PackedQueue implements Virtqueue {
       // Chains outstanding before these positions were set are not ours to complete.
       this.outstanding.fill(0);
       this.histLen = 0;
-      this.inflight = ahead;
+      this.owned = ahead;
       this.positionsSet = false;
       this.heldSlot = -1;
       this.sinceFlush = 0;
@@ -221,6 +233,7 @@ export class PackedQueue implements Virtqueue {
   }
 
   reset(): void {
+    this.inflight = null;
     this.size = 0;
     this.descAddr = 0;
     this.availAddr = 0;
@@ -241,7 +254,7 @@ export class PackedQueue implements Virtqueue {
     this.dev = new Uint16Array(0);
     this.outstanding.fill(0);
     this.histLen = 0;
-    this.inflight = 0;
+    this.owned = 0;
     this.heldSlot = -1;
     this.tables.reset();
   }
@@ -254,6 +267,7 @@ export class PackedQueue implements Virtqueue {
 
   hasAvailable(mem: MemoryAccess): boolean {
     this.check(mem);
+    if (this.inflight !== null && this.inflight.resubmitPending > 0) return true;
     return packedAvail(Atomics.load(this.desc16, 8 * this.availIdx + 7), this.availWrap);
   }
 
@@ -265,7 +279,14 @@ export class PackedQueue implements Virtqueue {
    */
   pop(mem: MemoryAccess): DescriptorChain | null {
     this.check(mem);
+    const t = this.inflight;
+    if (t !== null && t.resubmitPending > 0) return this.popResubmitted(mem, t);
     const size = this.qsize;
+    let scratch: Uint32Array | null = null;
+    if (t !== null) {
+      if (this.scratch.length < 4 * size) this.scratch = new Uint32Array(4 * size);
+      scratch = this.scratch;
+    }
     const d32 = this.desc32;
     const start = this.availIdx;
     let wrap = this.availWrap;
@@ -289,6 +310,13 @@ export class PackedQueue implements Virtqueue {
       id = idFlags & 0xffff;
       if (!packedAvail(flags, wrap)) {
         throw this.error(start, count, `not marked available for wrap counter ${wrap ? 1 : 0} (flags ${hex(flags)}) in the middle of a chain`);
+      }
+      if (scratch !== null) {
+        // The words checked, not the ring read again: the driver may rewrite it meanwhile.
+        scratch[4 * count] = lo;
+        scratch[4 * count + 1] = hi;
+        scratch[4 * count + 2] = len;
+        scratch[4 * count + 3] = idFlags;
       }
       count++;
       if ((flags & VRING_DESC_F_INDIRECT) !== 0) {
@@ -321,23 +349,88 @@ export class PackedQueue implements Virtqueue {
     }
     if (id >= size) throw this.error(start, count - 1, `buffer id ${id} outside queue of ${size}`);
     if (this.outstanding[id] !== 0) throw this.error(start, count - 1, `buffer id ${id} is already outstanding`);
-    if (this.inflight + count > size) {
-      throw this.error(start, 0, `${count} descriptor(s) made available while the device holds ${this.inflight} of ${size}: the driver overran the ring`);
+    if (this.owned + count > size || (t !== null && t.freeEntries < count)) {
+      throw this.error(start, 0, `${count} descriptor(s) made available while the device holds ${this.owned} of ${size}: the driver overran the ring`);
     }
     // Committed only on success: after a QueueError, state() still names the offending chain.
     this.outstanding[id] = count;
-    this.inflight += count;
+    this.owned += count;
     this.availIdx = pos;
     this.availWrap = wrap;
     this.histTop = this.histTop + 1 === this.maxSize ? 0 : this.histTop + 1;
     this.histId[this.histTop] = id;
     this.histCount[this.histTop] = count;
+    this.histResubmit[this.histTop] = 0;
+    if (this.histLen < this.maxSize) this.histLen++;
+    if (t !== null && scratch !== null) t.taken(scratch, count);
+    return { head: id, readable, writable, readableLen, writableLen };
+  }
+
+  /**
+   * The tracker's next chain in flight, from the descriptors it recorded (the
+   * ring may hold used descriptors there by now), checked as pop() checks the
+   * ring's. Its ring space is already counted: restore put avail past it.
+   */
+  private popResubmitted(mem: MemoryAccess, t: PackedInflight): DescriptorChain {
+    const words = t.peekResubmit();
+    const count = words.length / 4;
+    const readable: ChainSegment[] = [];
+    const writable: ChainSegment[] = [];
+    let readableLen = 0;
+    let writableLen = 0;
+    let id = 0;
+    // Errors name no ring slot (-1): the chain's slots may hold used descriptors by now.
+    const start = -1;
+    for (let k = 0; k < count; k++) {
+      const w = 4 * k;
+      const lo = words[w];
+      const hi = words[w + 1];
+      const len = words[w + 2];
+      const flags = words[w + 3] >>> 16;
+      id = words[w + 3] & 0xffff;
+      if ((flags & VRING_DESC_F_INDIRECT) !== 0) {
+        if (count > 1) throw this.error(start, k, 'indirect descriptor inside a chain');
+        if (!this.indirect) throw this.error(start, 0, 'indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC');
+        this.walkIndirect(mem, start, lo, hi, len, readable, writable);
+        for (const s of readable) readableLen += s.len;
+        for (const s of writable) writableLen += s.len;
+        continue;
+      }
+      if (len === 0) continue;
+      if (hi >= HI_LIMIT) throw this.error(start, k, 'buffer address beyond 2^53');
+      const addr = lo + hi * TWO_32;
+      this.checkMapped(mem, addr, len, start, k, false);
+      if ((flags & VRING_DESC_F_WRITE) !== 0) {
+        writable.push({ addr, len });
+        writableLen += len;
+      } else {
+        if (writable.length !== 0) throw this.error(start, k, 'device-readable buffer after a writable one');
+        readable.push({ addr, len });
+        readableLen += len;
+      }
+    }
+    if (id >= this.qsize) throw this.error(start, count - 1, `buffer id ${id} outside queue of ${this.qsize}`);
+    if (this.outstanding[id] !== 0) throw this.error(start, count - 1, `buffer id ${id} is already outstanding`);
+    this.outstanding[id] = count;
+    t.resubmitTaken();
+    this.histTop = this.histTop + 1 === this.maxSize ? 0 : this.histTop + 1;
+    this.histId[this.histTop] = id;
+    this.histCount[this.histTop] = count;
+    this.histResubmit[this.histTop] = 1;
     if (this.histLen < this.maxSize) this.histLen++;
     return { head: id, readable, writable, readableLen, writableLen };
   }
 
+  /** The flags of ring descriptor `slot` as the ring holds them now (in-flight restore reads where a batch was published). */
+  descFlagsAt(mem: MemoryAccess, slot: number): number {
+    this.check(mem);
+    if (!Number.isInteger(slot) || slot < 0 || slot >= this.qsize) throw new RangeError(`ring slot ${slot} outside queue of ${this.qsize}`);
+    return Atomics.load(this.desc16, 8 * slot + 7);
+  }
+
   unpop(n: number): void {
     if (!Number.isInteger(n) || n < 0 || n > this.histLen) throw new RangeError(`cannot give back ${n} chains: ${this.histLen} known popped`);
+    if (this.inflight !== null && n > this.inflight.handedOut) throw new RangeError(`cannot give back ${n} chains: ${this.inflight.handedOut} known to the in-flight tracker`);
     // Each entry's buffer is taken off the outstanding table as it is checked, so
     // that an older entry of a reused id (completed since) is caught; a refused
     // unpop puts them back and leaves the queue as it was.
@@ -350,9 +443,16 @@ export class PackedQueue implements Virtqueue {
       }
       this.outstanding[id] = 0;
     }
+    this.inflight?.giveBack(n);
     for (let k = 0; k < n; k++) {
       const count = this.histCount[this.histTop];
-      this.inflight -= count;
+      if (this.histResubmit[this.histTop] !== 0) {
+        // Back to the tracker's list; it never took ring space of its own.
+        this.histTop = this.histTop === 0 ? this.maxSize - 1 : this.histTop - 1;
+        this.histLen--;
+        continue;
+      }
+      this.owned -= count;
       this.availIdx -= count;
       if (this.availIdx < 0) {
         this.availIdx += this.qsize;
@@ -372,7 +472,8 @@ export class PackedQueue implements Virtqueue {
     if (!Number.isInteger(len) || len < 0 || len >= TWO_32) throw new RangeError(`used len ${len} is not a u32`);
     const count = this.outstanding[head];
     this.outstanding[head] = 0;
-    this.inflight -= count;
+    this.owned -= count;
+    this.inflight?.completed(head);
     const slot = this.usedIdx;
     this.desc32[4 * slot + 2] = len;
     this.desc16[8 * slot + 6] = head;
@@ -396,9 +497,12 @@ export class PackedQueue implements Virtqueue {
   flush(mem: MemoryAccess): boolean {
     this.check(mem);
     if (this.heldSlot < 0) return false;
+    const t = this.inflight;
+    t?.prepare(this.nextUsed);
     // Sequentially consistent: the batch's other descriptors are visible before
     // this one, and this one before we read the driver's event area below.
     Atomics.store(this.desc16, 8 * this.heldSlot + 7, this.heldFlags);
+    t?.published();
     this.heldSlot = -1;
     const moved = this.sinceFlush;
     this.sinceFlush = 0;
@@ -424,6 +528,7 @@ export class PackedQueue implements Virtqueue {
     }
     // The stores are the fence: a chain made available before the driver could
     // see them is caught here, one made available after will be kicked.
+    if (this.inflight !== null && this.inflight.resubmitPending > 0) return true;
     return packedAvail(Atomics.load(this.desc16, 8 * this.availIdx + 7), this.availWrap);
   }
 
@@ -510,7 +615,8 @@ export class PackedQueue implements Virtqueue {
 
   /** Built only on the error path. */
   private error(start: number, i: number, msg: string, inIndirect = false): QueueError {
-    const where = inIndirect ? `indirect entry ${i} of the chain at ring slot ${start}` : `descriptor ${i} of the chain at ring slot ${start}`;
+    const chain = start < 0 ? 'a chain resubmitted from the in-flight region' : `the chain at ring slot ${start}`;
+    const where = inIndirect ? `indirect entry ${i} of ${chain}` : `descriptor ${i} of ${chain}`;
     return new QueueError(`${where}: ${msg}`);
   }
 }

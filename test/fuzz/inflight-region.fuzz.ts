@@ -191,7 +191,7 @@ function adoptOnce(rng: Rng, stats: Record<string, number>): void {
     const mmapOffset = rng.pick([0n, 8n, 4096n, 4100n, BigInt(fileSize), 2n ** 64n - 1n, BigInt(rng.int(fileSize))]);
     const regions = new InflightRegions(a, 4, silentLogger, 'fuzz');
     try {
-      regions.adopt(Frontend.SET_INFLIGHT_FD, { mmapSize, mmapOffset, numQueues, queueSize }, fd);
+      regions.adopt(Frontend.SET_INFLIGHT_FD, { mmapSize, mmapOffset, numQueues, queueSize }, fd, false);
       check(regions.active, 'adopt returned without a region');
       check(numQueues >= 1 && numQueues <= 4 && queueSize >= 1 && queueSize <= 32768, `adopted num_queues ${numQueues} queue_size ${queueSize}`);
       stats.adopted = (stats.adopted ?? 0) + 1;
