@@ -10,7 +10,8 @@ import { netBench, type NetResult } from './net';
 import { blkBench, type BlkResult } from './blk';
 import { vfBench, type VfResult } from './vf';
 import { msgBench, type MsgResult, VIAS } from './msg';
-import { fmt, type Outcome, type Spread } from './measure';
+import { BLK_MIG_DISKS, MIG_LOADS, migrationBench, type MigrationResult, type MigrationSample } from './migration';
+import { fmt, spread, type Outcome, type Spread } from './measure';
 import { withHeavyLock } from '../test/support/heavy-lock';
 
 const out = (s: string): boolean => process.stdout.write(s);
@@ -152,6 +153,36 @@ function printVf(vf: VfResult): void {
   failures([vf.pause, vf.reattach, vf.attach]);
 }
 
+function printMigration(m: MigrationResult): void {
+  const runs = (xs: readonly Outcome<MigrationSample>[]): MigrationSample[] => xs.flatMap((o) => (o.ok ? [o.value] : []));
+  const cell = (xs: readonly number[], d: number): string => {
+    const s = spread(xs);
+    return `${fmt(s.min, d, 6)} ${fmt(s.median, d, 6)} ${fmt(s.max, d, 6)}`;
+  };
+  const med = (xs: readonly number[], d: number, w: number): string => fmt(spread(xs).median, d, w);
+  out(`\nmigration: a ${m.guestMiB} MiB TCG guest with one blk disk, migrated over tcp:127.0.0.1 (max-bandwidth ${m.maxBandwidthMiBs} MiB/s), back and forth\n`);
+  out('(ms from the source\'s query-migrate, min / median / max of the runs; then medians: STOP -> RESUME from QMP events, RAM sent,\n');
+  out(' pages sent in full and found zero, dirty-bitmap syncs, pages the source function dirtied, requests it served meanwhile)\n');
+  out(' load  disk        downtime (ms)          total (ms)      stop>resume  MiB sent  full pg  zero pg  syncs  bridge pg  reqs  ok\n');
+  for (const load of MIG_LOADS) {
+    for (const disk of BLK_MIG_DISKS) {
+      const all = m.blk[load][disk];
+      const r = runs(all);
+      out(
+        ` ${load.padEnd(4)}  ${disk.padEnd(8)} ${cell(r.map((x) => x.downtimeMs), 0)}  ${cell(r.map((x) => x.totalMs), 0)}` +
+          `  ${med(r.map((x) => x.stopToResumeMs ?? NaN), 0, 11)}  ${med(r.map((x) => x.transferredMiB), 1, 8)}  ${med(r.map((x) => x.normalPages), 0, 7)}` +
+          `  ${med(r.map((x) => x.zeroPages), 0, 7)}  ${med(r.map((x) => x.dirtySyncs), 0, 5)}  ${med(r.map((x) => x.bridgePagesDirtied ?? NaN), 0, 9)}` +
+          `  ${med(r.map((x) => x.requests ?? NaN), 0, 4)}  ${r.length}/${all.length}\n`,
+      );
+    }
+    const median = (disk: (typeof BLK_MIG_DISKS)[number]): number => spread(runs(m.blk[load][disk]).map((x) => x.downtimeMs)).median;
+    out(
+      `   ${load} downtime, medians: vbridge - qsd ${fmt(median('vbridge') - median('qsd'), 0, 0)} ms (target: <= 0), relay - qsd ${fmt(median('relay') - median('qsd'), 0, 0)} ms (target: < 10)\n`,
+    );
+    failures(BLK_MIG_DISKS.flatMap((d) => m.blk[load][d]));
+  }
+}
+
 async function main(): Promise<void> {
   const seconds = Number(process.env.BENCH_SECONDS ?? 5);
   const runs = Number(process.env.BENCH_RUNS ?? 1);
@@ -165,10 +196,10 @@ async function main(): Promise<void> {
       loadAverage: os.loadavg().map((x) => Math.round(x * 100) / 100),
       seconds,
     };
-    const all: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult }[] = [];
+    const all: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult; migration?: MigrationResult }[] = [];
     for (let run = 1; run <= runs; run++) {
       if (runs > 1) out(`\n=== run ${run} of ${runs} ===\n`);
-      const r: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult } = {};
+      const r: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult; migration?: MigrationResult } = {};
       if (only === undefined || only === 'net') {
         r.net = await netBench([64, 1500], seconds);
         printNet(r.net);
@@ -185,6 +216,10 @@ async function main(): Promise<void> {
         r.msg = await msgBench(Number(process.env.BENCH_BLK_SECONDS ?? 10), seconds, [64, 1500]);
         printMsg(r.msg);
       }
+      if (only === undefined || only === 'migration') {
+        r.migration = await migrationBench(Number(process.env.BENCH_MIGRATION_RUNS ?? 3));
+        printMigration(r.migration);
+      }
       all.push(r);
     }
     report.runs = all;
@@ -197,6 +232,7 @@ async function main(): Promise<void> {
         ...(r.blk !== undefined ? [r.blk.anchor, r.blk.direct, r.blk.relay] : []),
         ...(r.vf !== undefined ? [r.vf.pause, r.vf.reattach, r.vf.attach] : []),
         ...(r.msg !== undefined ? [...VIAS.map((v) => r.msg!.blk[v]), ...r.msg.net.flatMap((n) => VIAS.map((v) => n.by[v]))] : []),
+        ...(r.migration !== undefined ? MIG_LOADS.flatMap((l) => BLK_MIG_DISKS.flatMap((d) => r.migration!.blk[l][d])) : []),
       ])
       .filter((o) => !o.ok);
     if (failed.length > 0) {

@@ -9,6 +9,8 @@ import { waitFor } from './wait';
 export interface QmpEvent {
   event: string;
   data?: unknown;
+  /** When QEMU emitted it (host clock): two QEMUs' events on one host can be set against each other. */
+  timestamp?: { seconds: number; microseconds: number };
 }
 
 export class QmpError extends Error {
@@ -86,9 +88,16 @@ export class QmpClient {
       const line = this.buf.slice(0, nl).trim();
       this.buf = this.buf.slice(nl + 1);
       if (line === '') continue;
-      const msg = JSON.parse(line) as { QMP?: unknown; event?: string; data?: unknown; return?: unknown; error?: { class: string; desc: string } };
+      const msg = JSON.parse(line) as {
+        QMP?: unknown;
+        event?: string;
+        data?: unknown;
+        timestamp?: { seconds: number; microseconds: number };
+        return?: unknown;
+        error?: { class: string; desc: string };
+      };
       if (msg.QMP !== undefined) this.greeted = true;
-      else if (msg.event !== undefined) this.events.push({ event: msg.event, data: msg.data });
+      else if (msg.event !== undefined) this.events.push({ event: msg.event, data: msg.data, timestamp: msg.timestamp });
       else {
         const p = this.pending.shift();
         if (p === undefined) continue;

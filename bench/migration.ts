@@ -1,0 +1,317 @@
+/**
+ * Migration benchmark (issue 9): QEMU's total time and downtime (query-migrate)
+ * of the same guest, idle and busy, live-migrated on one host between two
+ * QEMUs whose disk is served by
+ *   - qsd: qemu-storage-daemon's vhost-user-blk export, a daemon per side (the anchor);
+ *   - vbridge: a local vbridge blk function per side;
+ *   - relay: a vbridge relay function per side, each relaying to its own qemu-storage-daemon
+ *     (the software relay: the bridge copies every request and logs its DMA itself),
+ * all on one shared raw image, in one run. The guest is booted once per load and
+ * disk and then moved back and forth (A -> B, then B -> a fresh QEMU on A, ...):
+ * a migrated-away QEMU cannot take the guest back, but a new incoming one on the
+ * same back-end can, so no run pays for a boot.
+ *
+ * Each migration is bounded and checked: the destination must run and the guest
+ * must go on (a heartbeat on its console after the switch-over, and no I/O
+ * error when busy). One that fails is reported as failed, not retried; the
+ * guest is then booted again for the runs left.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { startGuest, type Guest, type GuestOptions } from '../test/support/qemu-guest';
+import { createRawImage, startStorageDaemon, type StorageDaemon } from '../test/support/storage-daemon';
+import { QmpClient, type QmpEvent } from '../test/support/qmp';
+import { freePort } from '../test/support/free-port';
+import { fetchJson } from '../src/control/control-server';
+import type { StatsReport } from '../src/control/stats-format';
+import { stopChild } from './net';
+import { bounded, type Outcome } from './measure';
+
+export type MigLoad = 'idle' | 'busy';
+export const MIG_LOADS: readonly MigLoad[] = ['idle', 'busy'];
+export type BlkMigDisk = 'qsd' | 'vbridge' | 'relay';
+export const BLK_MIG_DISKS: readonly BlkMigDisk[] = ['qsd', 'vbridge', 'relay'];
+
+/** One migration, as the source's query-migrate reports it once completed, and what explains it. */
+export interface MigrationSample {
+  totalMs: number;
+  downtimeMs: number;
+  setupMs: number;
+  /** The source's STOP to the destination's RESUME, from the two QEMUs' QMP event timestamps (one host clock). */
+  stopToResumeMs?: number;
+  transferredMiB: number;
+  /** Pages sent in full, pages found all zero (QEMU's "duplicate"), and dirty-bitmap syncs (one per pass over RAM). */
+  normalPages: number;
+  zeroPages: number;
+  dirtySyncs: number;
+  /** Ours only: guest pages the source function's writes marked in QEMU's dirty log during the migration. */
+  bridgePagesDirtied?: number;
+  /** Ours only: requests the source function completed from `migrate` to completion. */
+  requests?: number;
+}
+
+export interface MigrationResult {
+  guestMiB: number;
+  maxBandwidthMiBs: number;
+  blk: Record<MigLoad, Record<BlkMigDisk, Outcome<MigrationSample>[]>>;
+}
+
+const CLI = path.resolve(__dirname, '..', 'src', 'control', 'cli.js');
+const MiB = 1024 * 1024;
+const GUEST_MIB = 256;
+/** As the e2e test lets its migration through: loopback TCP is not the limit QEMU's default of 128 MiB/s assumes. */
+const MAX_BANDWIDTH_MIBS = 1024;
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** A heartbeat a second: the idle guest's whole work, and how the bench sees it alive after each switch-over. */
+const IDLE_SCRIPT = `
+i=0; while :; do sleep 1; i=$((i+1)); echo TICK=$i; done
+`;
+
+/**
+ * 1 MiB written with O_DIRECT then read back with O_DIRECT, over 32 MiB of the
+ * disk, without end. The reads are what the dirty log is for: the device writes
+ * them into guest memory behind the CPU's back.
+ */
+const BUSY_SCRIPT = `
+dd if=/dev/urandom of=/tmp/w bs=64k count=16 2>/dev/null
+k=0
+while :; do
+  o=$(( (k % 32) * 16 ))
+  dd if=/tmp/w of=/dev/vda bs=64k seek=$o count=16 oflag=direct 2>/dev/null || echo WERR=$k
+  dd if=/dev/vda of=/dev/null bs=64k skip=$o count=16 iflag=direct 2>/dev/null || echo RERR=$k
+  k=$((k+1))
+  [ $((k % 4)) -eq 0 ] && echo TICK=$k
+done
+`;
+
+interface MigrateInfo {
+  status: string;
+  'total-time'?: number;
+  downtime?: number;
+  'setup-time'?: number;
+  ram?: { transferred: number; normal: number; duplicate: number; 'dirty-sync-count': number };
+  'error-desc'?: string;
+}
+
+async function migrationStatus(qmp: QmpClient, timeoutMs: number): Promise<MigrateInfo> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const m = await qmp.execute<MigrateInfo>('query-migrate');
+    if (m.status === 'completed') return m;
+    if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`migration ${m.status}: ${m['error-desc'] ?? JSON.stringify(m)}`);
+    if (Date.now() > end) throw new Error(`migration still ${m.status} after ${timeoutMs} ms: ${JSON.stringify(m)}`);
+    await sleep(50);
+  }
+}
+
+function eventMs(events: readonly QmpEvent[], from: number, name: string): number | undefined {
+  const e = events.slice(from).find((x) => x.event === name);
+  return e?.timestamp === undefined ? undefined : e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000;
+}
+
+async function waitPath(p: string, ms: number, what: () => string): Promise<void> {
+  const end = Date.now() + ms;
+  while (!fs.existsSync(p)) {
+    if (Date.now() > end) throw new Error(what());
+    await sleep(100);
+  }
+}
+
+/** The two back-ends a guest moves between, and (ours) the source function's counters. */
+interface Backends {
+  sockets: readonly [string, string];
+  counters?: (side: 0 | 1) => Promise<{ requests: number; pagesDirtied: number }>;
+  close(): Promise<void>;
+}
+
+async function startBackends(disk: BlkMigDisk, dir: string, image: string): Promise<Backends> {
+  const daemons: StorageDaemon[] = [];
+  let serve: ChildProcess | undefined;
+  const close = async (): Promise<void> => {
+    if (serve !== undefined) await stopChild(serve);
+    for (const d of daemons) await d.stop();
+  };
+  try {
+    if (disk !== 'vbridge') {
+      // Two daemons on one image: each side's own, as two hosts on shared storage would have.
+      for (const side of ['a', 'b']) daemons.push(await startStorageDaemon({ image, socket: path.join(dir, `qsd-${side}.sock`), locking: false }));
+      if (disk === 'qsd') return { sockets: [daemons[0].socket, daemons[1].socket], close };
+    }
+    const control = path.join(dir, 'control.sock');
+    const fn = (side: string): string =>
+      disk === 'vbridge'
+        ? `{ name: ${side}, type: blk, socket: ${dir}/${side}.sock, backend: { file: ${image} } }`
+        : `{ name: ${side}, type: blk, socket: ${dir}/${side}.sock, backend: { link: vhost-user, socket: ${dir}/qsd-${side}.sock, bar-size: 16M } }`;
+    const topo = path.join(dir, 'bench.yaml');
+    fs.writeFileSync(topo, `control: ${control}\nfunctions:\n  - ${fn('a')}\n  - ${fn('b')}\n`);
+    let log = '';
+    serve = spawn(process.execPath, [CLI, 'serve', topo], { stdio: ['ignore', 'ignore', 'pipe'] });
+    serve.stderr?.on('data', (b: Buffer) => (log += b.toString()));
+    // A relay function listens once its link to the daemon is up.
+    for (const side of ['a', 'b']) await waitPath(path.join(dir, `${side}.sock`), 20_000, () => `vbridge serve did not open ${side}.sock: ${log}`);
+    const counters = async (side: 0 | 1): Promise<{ requests: number; pagesDirtied: number }> => {
+      const f = (await fetchJson<StatsReport>(control, '/stats')).functions.find((x) => x.name === (side === 0 ? 'a' : 'b'));
+      if (f === undefined) throw new Error('no function stats');
+      return { requests: f.queues.reduce((n, q) => n + q.descriptors, 0), pagesDirtied: f.dirtyLog?.pagesDirtied ?? NaN };
+    };
+    return { sockets: [path.join(dir, 'a.sock'), path.join(dir, 'b.sock')], counters, close };
+  } catch (e) {
+    await close();
+    throw e;
+  }
+}
+
+interface Running {
+  g: Guest;
+  qmp: QmpClient;
+  side: 0 | 1;
+}
+
+/**
+ * One guest moved back and forth between the two back-ends. A failure ends the
+ * guest (its state is unknown: a crash, a half-done switch-over); the next run
+ * boots a new one. `epoch` keeps a migration that outlived its bound from
+ * installing its guest after that.
+ */
+class PingPong {
+  private cur: Running | null = null;
+  private readonly all = new Set<Guest>();
+  private readonly qmps = new Set<QmpClient>();
+  private n = 0;
+  private epoch = 0;
+
+  constructor(
+    private readonly name: string,
+    private readonly dir: string,
+    private readonly script: string,
+    private readonly be: Backends,
+  ) {}
+
+  private opts(side: 0 | 1, qmpSocket: string, extraArgs: string[] = []): GuestOptions {
+    // The bench's bounds end a guest that stops; its own timeout only catches one left behind.
+    return { name: `${this.name}-${++this.n}`, script: this.script, memMiB: GUEST_MIB, blks: [{ socket: this.be.sockets[side] }], qmpSocket, extraArgs, timeoutMs: 3_600_000 };
+  }
+
+  private track(g: Guest, qmp?: QmpClient): void {
+    this.all.add(g);
+    if (qmp !== undefined) this.qmps.add(qmp);
+  }
+
+  /** The running guest, booted on side A when there is none (a heartbeat says it runs its script). */
+  async guest(): Promise<Running> {
+    if (this.cur !== null) return this.cur;
+    const epoch = this.epoch;
+    const qmpSocket = path.join(this.dir, `qmp-${this.n + 1}`);
+    const g = await startGuest(this.opts(0, qmpSocket));
+    this.track(g);
+    const qmp = await QmpClient.connect(qmpSocket);
+    this.track(g, qmp);
+    await g.waitFor(/^TICK=\d+$/m, 300_000);
+    if (epoch !== this.epoch) throw new Error('boot outlived its bound');
+    this.cur = { g, qmp, side: 0 };
+    return this.cur;
+  }
+
+  async migrate(): Promise<MigrationSample> {
+    const epoch = this.epoch;
+    const src = await this.guest();
+    const to: 0 | 1 = src.side === 0 ? 1 : 0;
+    const port = await freePort();
+    const qmpSocket = path.join(this.dir, `qmp-${this.n + 1}`);
+    const dst = await startGuest(this.opts(to, qmpSocket, ['-incoming', `tcp:127.0.0.1:${port}`]));
+    this.track(dst);
+    // QMP answers once QEMU's main loop runs, after the incoming listener is up.
+    const dqmp = await QmpClient.connect(qmpSocket);
+    this.track(dst, dqmp);
+    const st = await dqmp.execute<{ status: string }>('query-status');
+    if (st.status !== 'inmigrate') throw new Error(`destination is ${st.status}, not inmigrate`);
+    await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': MAX_BANDWIDTH_MIBS * MiB });
+    const srcEvents = src.qmp.events.length;
+    const before = await this.be.counters?.(src.side);
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    const done = await migrationStatus(src.qmp, 120_000);
+    const after = await this.be.counters?.(src.side);
+    // The guest goes on at the destination: it runs, and its script prints again there (a crashed guest does not).
+    for (let i = 0; (await dqmp.execute<{ status: string }>('query-status')).status !== 'running'; i++) {
+      if (i > 100) throw new Error('the destination did not run after the migration completed');
+      await sleep(100);
+    }
+    await dst.waitFor(/^TICK=\d+$/m, 60_000);
+    const errs = /^[WR]ERR=\d+$/m.exec(src.g.output() + dst.output());
+    if (errs !== null) throw new Error(`the guest's I/O failed around the migration: ${errs[0]}`);
+    const stop = eventMs(src.qmp.events, srcEvents, 'STOP');
+    const resume = eventMs(dqmp.events, 0, 'RESUME');
+    // As libvirt does; QEMU may close QMP before it answers.
+    await src.qmp.execute('quit').catch(() => undefined);
+    src.qmp.close();
+    await src.g.done;
+    if (epoch !== this.epoch) throw new Error('migration outlived its bound');
+    this.cur = { g: dst, qmp: dqmp, side: to };
+    const ram = done.ram;
+    return {
+      totalMs: done['total-time'] ?? NaN,
+      downtimeMs: done.downtime ?? NaN,
+      setupMs: done['setup-time'] ?? NaN,
+      stopToResumeMs: stop !== undefined && resume !== undefined ? resume - stop : undefined,
+      transferredMiB: (ram?.transferred ?? NaN) / MiB,
+      normalPages: ram?.normal ?? NaN,
+      zeroPages: ram?.duplicate ?? NaN,
+      dirtySyncs: ram?.['dirty-sync-count'] ?? NaN,
+      bridgePagesDirtied: before !== undefined && after !== undefined ? after.pagesDirtied - before.pagesDirtied : undefined,
+      requests: before !== undefined && after !== undefined ? after.requests - before.requests : undefined,
+    };
+  }
+
+  /** After a failure: every QEMU of this pair ends, and the next run boots the guest again. */
+  async reset(): Promise<void> {
+    this.epoch++;
+    this.cur = null;
+    for (const q of this.qmps) q.close();
+    this.qmps.clear();
+    for (const g of this.all) await g.kill();
+    this.all.clear();
+  }
+}
+
+/** `runs` migrations of one guest on one kind of disk; every one its own outcome. */
+async function series(disk: BlkMigDisk, load: MigLoad, runs: number, root: string, image: string): Promise<Outcome<MigrationSample>[]> {
+  const dir = fs.mkdtempSync(path.join(root, `${disk}-${load}-`));
+  const what = `migration blk ${disk} ${load}`;
+  const started = await bounded(`${what}: back-ends`, 60_000, () => startBackends(disk, dir, image));
+  if (!started.ok) return Array.from({ length: runs }, () => ({ ok: false, error: started.error }));
+  const be = started.value;
+  const pp = new PingPong(`mig-${disk}-${load}`, dir, load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, be);
+  const out: Outcome<MigrationSample>[] = [];
+  try {
+    for (let i = 1; i <= runs; i++) {
+      // Boot first and apart, so that a boot that fails is said to be one, and a migration's bound holds the migration alone.
+      const booted = await bounded(`${what} ${i}: boot`, 330_000, () => pp.guest());
+      const r: Outcome<MigrationSample> = booted.ok ? await bounded(`${what} ${i}`, 180_000, () => pp.migrate()) : { ok: false, error: booted.error };
+      out.push(r);
+      if (!r.ok) await pp.reset();
+    }
+  } finally {
+    await pp.reset();
+    await be.close();
+  }
+  return out;
+}
+
+export async function migrationBench(runs: number): Promise<MigrationResult> {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-bench-mig-'));
+  try {
+    const image = path.join(root, 'disk.img');
+    await createRawImage(image, 64 * MiB);
+    const blk = {} as MigrationResult['blk'];
+    for (const load of MIG_LOADS) {
+      blk[load] = {} as Record<BlkMigDisk, Outcome<MigrationSample>[]>;
+      for (const disk of BLK_MIG_DISKS) blk[load][disk] = await series(disk, load, runs, root, image);
+    }
+    return { guestMiB: GUEST_MIB, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, blk };
+  } finally {
+    fs.rmSync(root, { recursive: true, force: true });
+  }
+}
