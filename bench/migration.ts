@@ -50,6 +50,67 @@ export interface MigrationSample {
   bridgePagesDirtied?: number;
   /** Ours only: requests the source function completed from `migrate` to completion. */
   requests?: number;
+  /** From the source's trace: the RAM QEMU still had to send when it decided to stop the guest (its estimate: it fits in downtime-limit). */
+  pendingAtStopMiB?: number;
+  /** From that decision to the guest stopped: the vCPU stopped and the vhost-user device stopped (GET_VRING_BASE...). */
+  vmStopMs?: number;
+  /** The device's part of it: vhost_dev_stop to the guest stopped. */
+  deviceStopMs?: number;
+  /** The guest stopped to completed: the RAM left and the devices' state sent. */
+  finalCopyMs?: number;
+  /** From the destination's trace: vhost_dev_start to the last vhost-user message of the start (after RESUME: the guest runs, its disk waits). */
+  dstDeviceStartMs?: number;
+}
+
+interface TraceLine {
+  t: number;
+  event: string;
+  args: string;
+}
+
+/** QEMU's log trace backend: "TID@SECONDS.MICROS:event args". */
+function readTrace(file: string): TraceLine[] {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch {
+    return [];
+  }
+  const lines: TraceLine[] = [];
+  for (const l of text.split('\n')) {
+    const m = /^\d+@(\d+\.\d+):(\w+) ?(.*)$/.exec(l);
+    if (m !== null) lines.push({ t: Number(m[1]) * 1000, event: m[2], args: m[3] });
+  }
+  return lines;
+}
+
+/** The source's switch-over, split: the last decision to stop, the device stop, the final copy. */
+function switchOver(tr: readonly TraceLine[]): Pick<MigrationSample, 'pendingAtStopMiB' | 'vmStopMs' | 'deviceStopMs' | 'finalCopyMs'> {
+  const last = (pred: (l: TraceLine) => boolean, before = tr.length): number => {
+    for (let i = before - 1; i >= 0; i--) if (pred(tr[i])) return i;
+    return -1;
+  };
+  const stop = last((l) => l.event === 'migration_completion_vm_stop');
+  const decision = last((l) => l.event === 'migrate_pending', stop);
+  const dev = last((l) => l.event === 'vhost_dev_stop', stop);
+  const done = tr.findIndex((l, i) => i > stop && l.event === 'migrate_set_state' && l.args.includes('completed'));
+  if (stop < 0 || decision < 0 || done < 0) return {};
+  const pending = /pending size (\d+)/.exec(tr[decision].args);
+  return {
+    pendingAtStopMiB: pending === null ? undefined : Number(pending[1]) / MiB,
+    vmStopMs: tr[stop].t - tr[decision].t,
+    deviceStopMs: dev > decision ? tr[stop].t - tr[dev].t : undefined,
+    finalCopyMs: tr[done].t - tr[stop].t,
+  };
+}
+
+/** The destination's device start: vhost_dev_start and the vhost-user messages right after it. */
+function deviceStart(tr: readonly TraceLine[]): number | undefined {
+  const i = tr.findIndex((l) => l.event === 'vhost_dev_start');
+  if (i < 0) return undefined;
+  let j = i;
+  while (j + 1 < tr.length && tr[j + 1].event.startsWith('vhost_user_')) j++;
+  return tr[j].t - tr[i].t;
 }
 
 export interface MigrationResult {
@@ -63,6 +124,7 @@ const MiB = 1024 * 1024;
 const GUEST_MIB = 256;
 /** As the e2e test lets its migration through: loopback TCP is not the limit QEMU's default of 128 MiB/s assumes. */
 const MAX_BANDWIDTH_MIBS = 1024;
+const TRACED = ['migrate_pending', 'migration_completion_vm_stop', 'savevm_state_complete_precopy', 'migrate_set_state', 'vhost_dev_stop', 'vhost_dev_start', 'vhost_user_read', 'vhost_user_write', 'migration_bitmap_sync_*'];
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** A heartbeat a second: the idle guest's whole work, and how the bench sees it alive after each switch-over. */
@@ -192,7 +254,15 @@ class PingPong {
 
   private opts(side: 0 | 1, qmpSocket: string, extraArgs: string[] = []): GuestOptions {
     // The bench's bounds end a guest that stops; its own timeout only catches one left behind.
-    return { name: `${this.name}-${++this.n}`, script: this.script, memMiB: GUEST_MIB, blks: [{ socket: this.be.sockets[side] }], qmpSocket, extraArgs, timeoutMs: 3_600_000 };
+    const name = `${this.name}-${++this.n}`;
+    // QEMU's own trace of the migration and its vhost-user messages says where a downtime goes (a few hundred lines a migration).
+    const trace = ['-msg', 'timestamp=on', '-D', this.traceFile(name), ...TRACED.flatMap((t) => ['-trace', t])];
+    return { name, script: this.script, memMiB: GUEST_MIB, blks: [{ socket: this.be.sockets[side] }], qmpSocket, extraArgs: [...trace, ...extraArgs], timeoutMs: 3_600_000 };
+  }
+
+  /** BENCH_MIGRATION_TRACE=DIR keeps the traces there; otherwise they go with the bench's temp dir. */
+  private traceFile(name: string): string {
+    return path.join(process.env.BENCH_MIGRATION_TRACE ?? this.dir, `${name}.trace`);
   }
 
   private track(g: Guest, qmp?: QmpClient): void {
@@ -240,6 +310,8 @@ class PingPong {
       await sleep(100);
     }
     await dst.waitFor(/^TICK=\d+$/m, 60_000);
+    // The destination started its device at RESUME, before the guest's heartbeat: its trace holds the start by now.
+    const started = deviceStart(readTrace(this.traceFile(dst.name)));
     const errs = /^[WR]ERR=\d+$/m.exec(src.g.output() + dst.output());
     if (errs !== null) throw new Error(`the guest's I/O failed around the migration: ${errs[0]}`);
     const stop = eventMs(src.qmp.events, srcEvents, 'STOP');
@@ -248,6 +320,7 @@ class PingPong {
     await src.qmp.execute('quit').catch(() => undefined);
     src.qmp.close();
     await src.g.done;
+    const stopped = switchOver(readTrace(this.traceFile(src.g.name)));
     if (epoch !== this.epoch) throw new Error('migration outlived its bound');
     this.cur = { g: dst, qmp: dqmp, side: to };
     const ram = done.ram;
@@ -262,6 +335,8 @@ class PingPong {
       dirtySyncs: ram?.['dirty-sync-count'] ?? NaN,
       bridgePagesDirtied: before !== undefined && after !== undefined ? after.pagesDirtied - before.pagesDirtied : undefined,
       requests: before !== undefined && after !== undefined ? after.requests - before.requests : undefined,
+      ...stopped,
+      dstDeviceStartMs: started,
     };
   }
 

@@ -157,27 +157,31 @@ function printMigration(m: MigrationResult): void {
   const runs = (xs: readonly Outcome<MigrationSample>[]): MigrationSample[] => xs.flatMap((o) => (o.ok ? [o.value] : []));
   const cell = (xs: readonly number[], d: number): string => {
     const s = spread(xs);
-    return `${fmt(s.min, d, 6)} ${fmt(s.median, d, 6)} ${fmt(s.max, d, 6)}`;
+    return `${fmt(s.min, d, 5)} ${fmt(s.median, d, 5)} ${fmt(s.max, d, 5)}`;
   };
-  const med = (xs: readonly number[], d: number, w: number): string => fmt(spread(xs).median, d, w);
+  const med = (xs: readonly (number | undefined)[], d: number, w: number): string => fmt(spread(xs.map((x) => x ?? NaN)).median, d, w);
   out(`\nmigration: a ${m.guestMiB} MiB TCG guest with one blk disk, migrated over tcp:127.0.0.1 (max-bandwidth ${m.maxBandwidthMiBs} MiB/s), back and forth\n`);
-  out('(ms from the source\'s query-migrate, min / median / max of the runs; then medians: STOP -> RESUME from QMP events, RAM sent,\n');
-  out(' pages sent in full and found zero, dirty-bitmap syncs, pages the source function dirtied, requests it served meanwhile)\n');
-  out(' load  disk        downtime (ms)          total (ms)      stop>resume  MiB sent  full pg  zero pg  syncs  bridge pg  reqs  ok\n');
+  out('(downtime and total from the source\'s query-migrate, ms, min / median / max; then medians, from QEMU\'s traces: the RAM left when QEMU\n');
+  out(' stopped the guest, the stop (of which the vhost-user device stop), the final copy, STOP -> RESUME (QMP events), the destination\'s\n');
+  out(' device start after RESUME; RAM sent; pages the source function dirtied and requests it served during the migration)\n');
+  out(' load  disk     downtime (ms)      total (ms)         left MiB  stop  dev stop  final  stop>resume  dst start  MiB sent  bridge pg  reqs   ok\n');
   for (const load of MIG_LOADS) {
     for (const disk of BLK_MIG_DISKS) {
       const all = m.blk[load][disk];
       const r = runs(all);
       out(
-        ` ${load.padEnd(4)}  ${disk.padEnd(8)} ${cell(r.map((x) => x.downtimeMs), 0)}  ${cell(r.map((x) => x.totalMs), 0)}` +
-          `  ${med(r.map((x) => x.stopToResumeMs ?? NaN), 0, 11)}  ${med(r.map((x) => x.transferredMiB), 1, 8)}  ${med(r.map((x) => x.normalPages), 0, 7)}` +
-          `  ${med(r.map((x) => x.zeroPages), 0, 7)}  ${med(r.map((x) => x.dirtySyncs), 0, 5)}  ${med(r.map((x) => x.bridgePagesDirtied ?? NaN), 0, 9)}` +
-          `  ${med(r.map((x) => x.requests ?? NaN), 0, 4)}  ${r.length}/${all.length}\n`,
+        ` ${load.padEnd(4)}  ${disk.padEnd(7)} ${cell(r.map((x) => x.downtimeMs), 0)}  ${cell(r.map((x) => x.totalMs), 0)}` +
+          `  ${med(r.map((x) => x.pendingAtStopMiB), 1, 8)}  ${med(r.map((x) => x.vmStopMs), 1, 4)}  ${med(r.map((x) => x.deviceStopMs), 1, 8)}` +
+          `  ${med(r.map((x) => x.finalCopyMs), 0, 5)}  ${med(r.map((x) => x.stopToResumeMs), 0, 11)}  ${med(r.map((x) => x.dstDeviceStartMs), 1, 9)}` +
+          `  ${med(r.map((x) => x.transferredMiB), 1, 8)}  ${med(r.map((x) => x.bridgePagesDirtied), 0, 9)}  ${med(r.map((x) => x.requests), 0, 4)}  ${r.length}/${all.length}\n`,
       );
     }
-    const median = (disk: (typeof BLK_MIG_DISKS)[number]): number => spread(runs(m.blk[load][disk]).map((x) => x.downtimeMs)).median;
+    const median = (disk: (typeof BLK_MIG_DISKS)[number], f: (x: MigrationSample) => number | undefined): number =>
+      spread(runs(m.blk[load][disk]).map((x) => f(x) ?? NaN)).median;
+    const diff = (disk: 'vbridge' | 'relay', f: (x: MigrationSample) => number | undefined, d: number): string => fmt(median(disk, f) - median('qsd', f), d, 0);
     out(
-      `   ${load} downtime, medians: vbridge - qsd ${fmt(median('vbridge') - median('qsd'), 0, 0)} ms (target: <= 0), relay - qsd ${fmt(median('relay') - median('qsd'), 0, 0)} ms (target: < 10)\n`,
+      `   ${load}, medians against qsd: downtime vbridge ${diff('vbridge', (x) => x.downtimeMs, 0)} ms (target: <= 0), relay ${diff('relay', (x) => x.downtimeMs, 0)} ms (target: < 10);` +
+        ` device stop vbridge ${diff('vbridge', (x) => x.deviceStopMs, 1)} ms, relay ${diff('relay', (x) => x.deviceStopMs, 1)} ms\n`,
     );
     failures(BLK_MIG_DISKS.flatMap((d) => m.blk[load][d]));
   }
