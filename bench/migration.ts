@@ -62,6 +62,12 @@ export interface MigrationSample {
   dstDeviceStartMs?: number;
 }
 
+/** What the destination's console says of a guest that died there (QEMU 7.2 TCG crashes a migrated guest now and then). */
+function crashed(g: Guest): string | undefined {
+  const oops = /^\[\s*[\d.]+\] (BUG: .*|Oops: .*|general protection fault.*|Kernel panic.*|RIP: .*)$/m.exec(g.output());
+  return oops === null ? undefined : `the guest crashed at the destination after the switch-over (${oops[1].trim()})`;
+}
+
 interface TraceLine {
   t: number;
   event: string;
@@ -210,7 +216,10 @@ async function startBackends(disk: BlkMigDisk, dir: string, image: string): Prom
     const topo = path.join(dir, 'bench.yaml');
     fs.writeFileSync(topo, `control: ${control}\nfunctions:\n  - ${fn('a')}\n  - ${fn('b')}\n`);
     let log = '';
-    serve = spawn(process.execPath, [CLI, 'serve', topo], { stdio: ['ignore', 'ignore', 'pipe'] });
+    // With BENCH_MIGRATION_TRACE, the bridge's garbage collections too (mapping guest RAM is external memory to V8).
+    const traceDir = process.env.BENCH_MIGRATION_TRACE;
+    const gc = traceDir === undefined ? [] : ['--trace-gc'];
+    serve = spawn(process.execPath, [...gc, CLI, 'serve', topo], { stdio: ['ignore', traceDir === undefined ? 'ignore' : fs.openSync(path.join(traceDir, `serve-${path.basename(dir)}.log`), 'w'), 'pipe'] });
     serve.stderr?.on('data', (b: Buffer) => (log += b.toString()));
     // A relay function listens once its link to the daemon is up.
     for (const side of ['a', 'b']) await waitPath(path.join(dir, `${side}.sock`), 20_000, () => `vbridge serve did not open ${side}.sock: ${log}`);
@@ -305,11 +314,15 @@ class PingPong {
     const done = await migrationStatus(src.qmp, 120_000);
     const after = await this.be.counters?.(src.side);
     // The guest goes on at the destination: it runs, and its script prints again there (a crashed guest does not).
-    for (let i = 0; (await dqmp.execute<{ status: string }>('query-status')).status !== 'running'; i++) {
-      if (i > 100) throw new Error('the destination did not run after the migration completed');
-      await sleep(100);
+    try {
+      for (let i = 0; (await dqmp.execute<{ status: string }>('query-status')).status !== 'running'; i++) {
+        if (i > 100) throw new Error('the destination did not run after the migration completed');
+        await sleep(100);
+      }
+      await dst.waitFor(/^TICK=\d+$/m, 60_000);
+    } catch (e) {
+      throw new Error(`${crashed(dst) ?? 'the guest did not go on at the destination'}: ${e instanceof Error ? e.message : String(e)}`);
     }
-    await dst.waitFor(/^TICK=\d+$/m, 60_000);
     // The destination started its device at RESUME, before the guest's heartbeat: its trace holds the start by now.
     const started = deviceStart(readTrace(this.traceFile(dst.name)));
     const errs = /^[WR]ERR=\d+$/m.exec(src.g.output() + dst.output());
