@@ -63,9 +63,12 @@ export interface MigrationSample {
 }
 
 /** What the destination's console says of a guest that died there (QEMU 7.2 TCG crashes a migrated guest now and then). */
-function crashed(g: Guest): string | undefined {
-  const oops = /^\[\s*[\d.]+\] (BUG: .*|Oops: .*|general protection fault.*|Kernel panic.*|RIP: .*)$/m.exec(g.output());
-  return oops === null ? undefined : `the guest crashed at the destination after the switch-over (${oops[1].trim()})`;
+function crashed(g: Guest, traceFile: string): string | undefined {
+  const oops = /^\[\s*[\d.]+\] ((?:watchdog: )?BUG: .*|Oops: .*|general protection fault.*|Kernel panic.*|RIP: .*|rcu: INFO: .*stall.*)$/m.exec(g.output());
+  if (oops !== null) return `the guest crashed or hung at the destination after the switch-over (${oops[1].trim()})`;
+  // Silence: say whether the destination's device got started, from its trace's last lines.
+  const tr = readTrace(traceFile).slice(-1);
+  return g.output() === '' ? `the destination's console stayed silent${tr.length > 0 ? `; its trace ends with ${tr[0].event} ${tr[0].args}` : ''}` : undefined;
 }
 
 interface TraceLine {
@@ -168,7 +171,8 @@ async function migrationStatus(qmp: QmpClient, timeoutMs: number): Promise<Migra
   const end = Date.now() + timeoutMs;
   for (;;) {
     const m = await qmp.execute<MigrateInfo>('query-migrate');
-    if (m.status === 'completed') return m;
+    // QEMU 7.2 says completed before it has computed total-time and downtime (both read 0 until then).
+    if (m.status === 'completed' && (m['total-time'] ?? 0) > 0) return m;
     if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`migration ${m.status}: ${m['error-desc'] ?? JSON.stringify(m)}`);
     if (Date.now() > end) throw new Error(`migration still ${m.status} after ${timeoutMs} ms: ${JSON.stringify(m)}`);
     await sleep(50);
@@ -321,7 +325,7 @@ class PingPong {
       }
       await dst.waitFor(/^TICK=\d+$/m, 60_000);
     } catch (e) {
-      throw new Error(`${crashed(dst) ?? 'the guest did not go on at the destination'}: ${e instanceof Error ? e.message : String(e)}`);
+      throw new Error(`${crashed(dst, this.traceFile(dst.name)) ?? 'the guest did not go on at the destination'}: ${e instanceof Error ? e.message : String(e)}`);
     }
     // The destination started its device at RESUME, before the guest's heartbeat: its trace holds the start by now.
     const started = deviceStart(readTrace(this.traceFile(dst.name)));
