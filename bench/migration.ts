@@ -21,6 +21,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { startGuest, type Guest, type GuestOptions } from '../test/support/qemu-guest';
+import { startTestpmd, type Testpmd } from '../test/support/testpmd';
 import { createRawImage, startStorageDaemon, type StorageDaemon } from '../test/support/storage-daemon';
 import { QmpClient, type QmpEvent } from '../test/support/qmp';
 import { freePort } from '../test/support/free-port';
@@ -33,6 +34,9 @@ export type MigLoad = 'idle' | 'busy';
 export const MIG_LOADS: readonly MigLoad[] = ['idle', 'busy'];
 export type BlkMigDisk = 'qsd' | 'vbridge' | 'relay';
 export const BLK_MIG_DISKS: readonly BlkMigDisk[] = ['qsd', 'vbridge', 'relay'];
+/** dpdk: testpmd's vhost PMD, a port per side (the anchor); vbridge: a net function per side whose port is the null sink. */
+export type NetMigBackend = 'dpdk' | 'vbridge';
+export const NET_MIG_BACKENDS: readonly NetMigBackend[] = ['dpdk', 'vbridge'];
 
 /** One migration, as the source's query-migrate reports it once completed, and what explains it. */
 export interface MigrationSample {
@@ -126,6 +130,7 @@ export interface MigrationResult {
   guestMiB: number;
   maxBandwidthMiBs: number;
   blk: Record<MigLoad, Record<BlkMigDisk, Outcome<MigrationSample>[]>>;
+  net: Record<MigLoad, Record<NetMigBackend, Outcome<MigrationSample>[]>>;
 }
 
 const CLI = path.resolve(__dirname, '..', 'src', 'control', 'cli.js');
@@ -157,6 +162,21 @@ while :; do
   [ $((k % 4)) -eq 0 ] && echo TICK=$k
 done
 `;
+
+const NET_IDLE_SCRIPT = `ip link set eth0 up\n${IDLE_SCRIPT}`;
+
+/**
+ * 1400-byte pings every millisecond (as fast as the TCG guest goes) to a
+ * neighbour that never answers (its MAC set by hand): a guest that sends
+ * without end; both back-ends only count and drop.
+ */
+const NET_BUSY_SCRIPT = `
+ip link set eth0 up && ip addr add 198.18.0.1/24 dev eth0
+arp -i eth0 -s 198.18.0.2 02:00:00:00:00:02
+ping -q -s 1400 -i 0.001 198.18.0.2 > /dev/null 2>&1 &
+i=0; while :; do sleep 1; i=$((i+1)); echo TICK=$i; done
+`;
+const NET_MAC = '52:54:00:00:09:1a';
 
 interface MigrateInfo {
   status: string;
@@ -194,7 +214,8 @@ async function waitPath(p: string, ms: number, what: () => string): Promise<void
 
 /** The two back-ends a guest moves between, and (ours) the source function's counters. */
 interface Backends {
-  sockets: readonly [string, string];
+  /** The guest's devices on side A (0) or B (1). */
+  devices(side: 0 | 1): Pick<GuestOptions, 'blks' | 'nets'>;
   counters?: (side: 0 | 1) => Promise<{ requests: number; pagesDirtied: number }>;
   close(): Promise<void>;
 }
@@ -210,33 +231,78 @@ async function startBackends(disk: BlkMigDisk, dir: string, image: string): Prom
     if (disk !== 'vbridge') {
       // Two daemons on one image: each side's own, as two hosts on shared storage would have.
       for (const side of ['a', 'b']) daemons.push(await startStorageDaemon({ image, socket: path.join(dir, `qsd-${side}.sock`), locking: false }));
-      if (disk === 'qsd') return { sockets: [daemons[0].socket, daemons[1].socket], close };
+      if (disk === 'qsd') return { devices: (side) => ({ blks: [{ socket: daemons[side].socket }] }), close };
     }
-    const control = path.join(dir, 'control.sock');
     const fn = (side: string): string =>
       disk === 'vbridge'
         ? `{ name: ${side}, type: blk, socket: ${dir}/${side}.sock, backend: { file: ${image} } }`
         : `{ name: ${side}, type: blk, socket: ${dir}/${side}.sock, backend: { link: vhost-user, socket: ${dir}/qsd-${side}.sock, bar-size: 16M } }`;
-    const topo = path.join(dir, 'bench.yaml');
-    fs.writeFileSync(topo, `control: ${control}\nfunctions:\n  - ${fn('a')}\n  - ${fn('b')}\n`);
-    let log = '';
-    // With BENCH_MIGRATION_TRACE, the bridge's garbage collections too (mapping guest RAM is external memory to V8).
-    const traceDir = process.env.BENCH_MIGRATION_TRACE;
-    const gc = traceDir === undefined ? [] : ['--trace-gc'];
-    serve = spawn(process.execPath, [...gc, CLI, 'serve', topo], { stdio: ['ignore', traceDir === undefined ? 'ignore' : fs.openSync(path.join(traceDir, `serve-${path.basename(dir)}.log`), 'w'), 'pipe'] });
-    serve.stderr?.on('data', (b: Buffer) => (log += b.toString()));
-    // A relay function listens once its link to the daemon is up.
-    for (const side of ['a', 'b']) await waitPath(path.join(dir, `${side}.sock`), 20_000, () => `vbridge serve did not open ${side}.sock: ${log}`);
-    const counters = async (side: 0 | 1): Promise<{ requests: number; pagesDirtied: number }> => {
-      const f = (await fetchJson<StatsReport>(control, '/stats')).functions.find((x) => x.name === (side === 0 ? 'a' : 'b'));
-      if (f === undefined) throw new Error('no function stats');
-      return { requests: f.queues.reduce((n, q) => n + q.descriptors, 0), pagesDirtied: f.dirtyLog?.pagesDirtied ?? NaN };
-    };
-    return { sockets: [path.join(dir, 'a.sock'), path.join(dir, 'b.sock')], counters, close };
+    const b = await startServe(dir, fn);
+    serve = b.serve;
+    return { devices: (side) => ({ blks: [{ socket: path.join(dir, side === 0 ? 'a.sock' : 'b.sock') }] }), counters: b.counters, close };
   } catch (e) {
     await close();
     throw e;
   }
+}
+
+/** `vbridge serve` with functions a and b (YAML flow mappings from `fn`), up once both sockets are there. */
+async function startServe(dir: string, fn: (side: string) => string): Promise<{ serve: ChildProcess; counters: NonNullable<Backends['counters']> }> {
+  const control = path.join(dir, 'control.sock');
+  const topo = path.join(dir, 'bench.yaml');
+  fs.writeFileSync(topo, `control: ${control}\nfunctions:\n  - ${fn('a')}\n  - ${fn('b')}\n`);
+  let log = '';
+  // With BENCH_MIGRATION_TRACE, the bridge's garbage collections too (mapping guest RAM is external memory to V8).
+  const traceDir = process.env.BENCH_MIGRATION_TRACE;
+  const gc = traceDir === undefined ? [] : ['--trace-gc'];
+  const serve = spawn(process.execPath, [...gc, CLI, 'serve', topo], { stdio: ['ignore', traceDir === undefined ? 'ignore' : fs.openSync(path.join(traceDir, `serve-${path.basename(dir)}.log`), 'w'), 'pipe'] });
+  serve.stderr?.on('data', (b: Buffer) => (log += b.toString()));
+  // A relay function listens once its link to the daemon is up.
+  try {
+    for (const side of ['a', 'b']) await waitPath(path.join(dir, `${side}.sock`), 20_000, () => `vbridge serve did not open ${side}.sock: ${log}`);
+  } catch (e) {
+    await stopChild(serve);
+    throw e;
+  }
+  const counters = async (side: 0 | 1): Promise<{ requests: number; pagesDirtied: number }> => {
+    const f = (await fetchJson<StatsReport>(control, '/stats')).functions.find((x) => x.name === (side === 0 ? 'a' : 'b'));
+    if (f === undefined) throw new Error('no function stats');
+    return { requests: f.queues.reduce((n, q) => n + q.descriptors, 0), pagesDirtied: f.dirtyLog?.pagesDirtied ?? NaN };
+  };
+  return { serve, counters };
+}
+
+let testpmds = 0;
+
+async function startNetBackends(kind: NetMigBackend, dir: string): Promise<Backends> {
+  const sock = (side: 0 | 1): string => path.join(dir, side === 0 ? 'a.sock' : 'b.sock');
+  const devices = (side: 0 | 1): Pick<GuestOptions, 'nets'> => ({ nets: [{ socket: sock(side), mac: NET_MAC }] });
+  if (kind === 'vbridge') {
+    const b = await startServe(dir, (side) => `{ name: ${side}, type: net, socket: ${dir}/${side}.sock, backend: { sink: true } }`);
+    return { devices, counters: b.counters, close: () => stopChild(b.serve) };
+  }
+  // One testpmd, a vhost PMD port per side, rxonly: its forwarding lcore polls both on core 1.
+  const pmd: Testpmd = await startTestpmd({
+    prefix: `vbb-mig-${process.pid}-${++testpmds}`,
+    vdev: `net_vhost0,iface=${sock(0)},queues=1`,
+    extraEal: ['--vdev', `net_vhost1,iface=${sock(1)},queues=1`],
+    fwdCore: 1,
+    mode: 'rxonly',
+  });
+  try {
+    await pmd.start();
+    for (const side of [0, 1] as const) await waitPath(sock(side), 20_000, () => `testpmd did not listen on ${sock(side)}`);
+  } catch (e) {
+    await pmd.quit();
+    throw e;
+  }
+  return {
+    devices,
+    close: async () => {
+      await pmd.stop().catch(() => undefined);
+      await pmd.quit();
+    },
+  };
 }
 
 interface Running {
@@ -270,7 +336,7 @@ class PingPong {
     const name = `${this.name}-${++this.n}`;
     // QEMU's own trace of the migration and its vhost-user messages says where a downtime goes (a few hundred lines a migration).
     const trace = ['-msg', 'timestamp=on', '-D', this.traceFile(name), ...TRACED.flatMap((t) => ['-trace', t])];
-    return { name, script: this.script, memMiB: GUEST_MIB, blks: [{ socket: this.be.sockets[side] }], qmpSocket, extraArgs: [...trace, ...extraArgs], timeoutMs: 3_600_000 };
+    return { name, script: this.script, memMiB: GUEST_MIB, ...this.be.devices(side), qmpSocket, extraArgs: [...trace, ...extraArgs], timeoutMs: 3_600_000 };
   }
 
   /** BENCH_MIGRATION_TRACE=DIR keeps the traces there; otherwise they go with the bench's temp dir. */
@@ -368,14 +434,20 @@ class PingPong {
   }
 }
 
-/** `runs` migrations of one guest on one kind of disk; every one its own outcome. */
-async function series(disk: BlkMigDisk, load: MigLoad, runs: number, root: string, image: string): Promise<Outcome<MigrationSample>[]> {
-  const dir = fs.mkdtempSync(path.join(root, `${disk}-${load}-`));
-  const what = `migration blk ${disk} ${load}`;
-  const started = await bounded(`${what}: back-ends`, 60_000, () => startBackends(disk, dir, image));
+/** `runs` migrations of one guest on one kind of back-end; every one its own outcome. */
+async function series(
+  what: string,
+  name: string,
+  script: string,
+  runs: number,
+  root: string,
+  start: (dir: string) => Promise<Backends>,
+): Promise<Outcome<MigrationSample>[]> {
+  const dir = fs.mkdtempSync(path.join(root, `${name}-`));
+  const started = await bounded(`${what}: back-ends`, 90_000, () => start(dir));
   if (!started.ok) return Array.from({ length: runs }, () => ({ ok: false, error: started.error }));
   const be = started.value;
-  const pp = new PingPong(`mig-${disk}-${load}`, dir, load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, be);
+  const pp = new PingPong(`mig-${name}`, dir, script, be);
   const out: Outcome<MigrationSample>[] = [];
   try {
     for (let i = 1; i <= runs; i++) {
@@ -397,12 +469,23 @@ export async function migrationBench(runs: number): Promise<MigrationResult> {
   try {
     const image = path.join(root, 'disk.img');
     await createRawImage(image, 64 * MiB);
+    // BENCH_MIGRATION_ONLY=blk|net: one half alone; the other's cells read '-'.
+    const only = process.env.BENCH_MIGRATION_ONLY;
     const blk = {} as MigrationResult['blk'];
     for (const load of MIG_LOADS) {
       blk[load] = {} as Record<BlkMigDisk, Outcome<MigrationSample>[]>;
-      for (const disk of BLK_MIG_DISKS) blk[load][disk] = await series(disk, load, runs, root, image);
+      for (const disk of BLK_MIG_DISKS) {
+        blk[load][disk] = only === 'net' ? [] : await series(`migration blk ${disk} ${load}`, `${disk}-${load}`, load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, runs, root, (dir) => startBackends(disk, dir, image));
+      }
     }
-    return { guestMiB: GUEST_MIB, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, blk };
+    const net = {} as MigrationResult['net'];
+    for (const load of MIG_LOADS) {
+      net[load] = {} as Record<NetMigBackend, Outcome<MigrationSample>[]>;
+      for (const kind of NET_MIG_BACKENDS) {
+        net[load][kind] = only === 'blk' ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT, runs, root, (dir) => startNetBackends(kind, dir));
+      }
+    }
+    return { guestMiB: GUEST_MIB, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, blk, net };
   } finally {
     fs.rmSync(root, { recursive: true, force: true });
   }

@@ -10,7 +10,7 @@ import { netBench, type NetResult } from './net';
 import { blkBench, type BlkResult } from './blk';
 import { vfBench, type VfResult } from './vf';
 import { msgBench, type MsgResult, VIAS } from './msg';
-import { BLK_MIG_DISKS, MIG_LOADS, migrationBench, type MigrationResult, type MigrationSample } from './migration';
+import { BLK_MIG_DISKS, MIG_LOADS, NET_MIG_BACKENDS, migrationBench, type MigLoad, type MigrationResult, type MigrationSample } from './migration';
 import { fmt, spread, type Outcome, type Spread } from './measure';
 import { withHeavyLock } from '../test/support/heavy-lock';
 
@@ -160,31 +160,35 @@ function printMigration(m: MigrationResult): void {
     return `${fmt(s.min, d, 5)} ${fmt(s.median, d, 5)} ${fmt(s.max, d, 5)}`;
   };
   const med = (xs: readonly (number | undefined)[], d: number, w: number): string => fmt(spread(xs.map((x) => x ?? NaN)).median, d, w);
-  out(`\nmigration: a ${m.guestMiB} MiB TCG guest with one blk disk, migrated over tcp:127.0.0.1 (max-bandwidth ${m.maxBandwidthMiBs} MiB/s), back and forth\n`);
+  out(`\nmigration: a ${m.guestMiB} MiB TCG guest with one blk disk (then one NIC), migrated over tcp:127.0.0.1 (max-bandwidth ${m.maxBandwidthMiBs} MiB/s), back and forth\n`);
   out('(downtime and total from the source\'s query-migrate, ms, min / median / max; then medians, from QEMU\'s traces: the RAM left when QEMU\n');
   out(' stopped the guest, the stop (of which the vhost-user device stop), the final copy, STOP -> RESUME (QMP events), the destination\'s\n');
-  out(' device start after RESUME; RAM sent; pages the source function dirtied and requests it served during the migration)\n');
-  out(' load  disk     downtime (ms)      total (ms)         left MiB  stop  dev stop  final  stop>resume  dst start  MiB sent  bridge pg  reqs   ok\n');
-  for (const load of MIG_LOADS) {
-    for (const disk of BLK_MIG_DISKS) {
-      const all = m.blk[load][disk];
-      const r = runs(all);
+  out(' device start after RESUME; RAM sent; pages the source function dirtied and requests (descriptors) it served during the migration)\n');
+  out(' load  back-end downtime (ms)      total (ms)         left MiB  stop  dev stop  final  stop>resume  dst start  MiB sent  bridge pg  reqs   ok\n');
+  const table = <K extends string>(kind: string, by: Record<MigLoad, Record<K, Outcome<MigrationSample>[]>>, keys: readonly K[], anchor: K, ours: readonly K[], targets: Partial<Record<K, string>>): void => {
+    out(` ${kind}\n`);
+    for (const load of MIG_LOADS) {
+      for (const k of keys) {
+        const all = by[load][k];
+        const r = runs(all);
+        out(
+          ` ${load.padEnd(4)}  ${k.padEnd(7)} ${cell(r.map((x) => x.downtimeMs), 0)}  ${cell(r.map((x) => x.totalMs), 0)}` +
+            `  ${med(r.map((x) => x.pendingAtStopMiB), 1, 8)}  ${med(r.map((x) => x.vmStopMs), 1, 4)}  ${med(r.map((x) => x.deviceStopMs), 1, 8)}` +
+            `  ${med(r.map((x) => x.finalCopyMs), 0, 5)}  ${med(r.map((x) => x.stopToResumeMs), 0, 11)}  ${med(r.map((x) => x.dstDeviceStartMs), 1, 9)}` +
+            `  ${med(r.map((x) => x.transferredMiB), 1, 8)}  ${med(r.map((x) => x.bridgePagesDirtied), 0, 9)}  ${med(r.map((x) => x.requests), 0, 4)}  ${r.length}/${all.length}\n`,
+        );
+      }
+      const median = (k: K, f: (x: MigrationSample) => number | undefined): number => spread(runs(by[load][k]).map((x) => f(x) ?? NaN)).median;
+      const diff = (k: K, f: (x: MigrationSample) => number | undefined, d: number): string => fmt(median(k, f) - median(anchor, f), d, 0);
       out(
-        ` ${load.padEnd(4)}  ${disk.padEnd(7)} ${cell(r.map((x) => x.downtimeMs), 0)}  ${cell(r.map((x) => x.totalMs), 0)}` +
-          `  ${med(r.map((x) => x.pendingAtStopMiB), 1, 8)}  ${med(r.map((x) => x.vmStopMs), 1, 4)}  ${med(r.map((x) => x.deviceStopMs), 1, 8)}` +
-          `  ${med(r.map((x) => x.finalCopyMs), 0, 5)}  ${med(r.map((x) => x.stopToResumeMs), 0, 11)}  ${med(r.map((x) => x.dstDeviceStartMs), 1, 9)}` +
-          `  ${med(r.map((x) => x.transferredMiB), 1, 8)}  ${med(r.map((x) => x.bridgePagesDirtied), 0, 9)}  ${med(r.map((x) => x.requests), 0, 4)}  ${r.length}/${all.length}\n`,
+        `   ${load}, medians against ${anchor}: downtime ${ours.map((k) => `${k} ${diff(k, (x) => x.downtimeMs, 0)} ms (target: ${targets[k] ?? '-'})`).join(', ')};` +
+          ` device stop ${ours.map((k) => `${k} ${diff(k, (x) => x.deviceStopMs, 1)} ms`).join(', ')}\n`,
       );
+      failures(keys.flatMap((k) => by[load][k]));
     }
-    const median = (disk: (typeof BLK_MIG_DISKS)[number], f: (x: MigrationSample) => number | undefined): number =>
-      spread(runs(m.blk[load][disk]).map((x) => f(x) ?? NaN)).median;
-    const diff = (disk: 'vbridge' | 'relay', f: (x: MigrationSample) => number | undefined, d: number): string => fmt(median(disk, f) - median('qsd', f), d, 0);
-    out(
-      `   ${load}, medians against qsd: downtime vbridge ${diff('vbridge', (x) => x.downtimeMs, 0)} ms (target: <= 0), relay ${diff('relay', (x) => x.downtimeMs, 0)} ms (target: < 10);` +
-        ` device stop vbridge ${diff('vbridge', (x) => x.deviceStopMs, 1)} ms, relay ${diff('relay', (x) => x.deviceStopMs, 1)} ms\n`,
-    );
-    failures(BLK_MIG_DISKS.flatMap((d) => m.blk[load][d]));
-  }
+  };
+  table('blk', m.blk, BLK_MIG_DISKS, 'qsd', ['vbridge', 'relay'], { vbridge: '<= 0', relay: '< 10' });
+  table('net', m.net, NET_MIG_BACKENDS, 'dpdk', ['vbridge'], { vbridge: '<= 0' });
 }
 
 async function main(): Promise<void> {
@@ -236,7 +240,9 @@ async function main(): Promise<void> {
         ...(r.blk !== undefined ? [r.blk.anchor, r.blk.direct, r.blk.relay] : []),
         ...(r.vf !== undefined ? [r.vf.pause, r.vf.reattach, r.vf.attach] : []),
         ...(r.msg !== undefined ? [...VIAS.map((v) => r.msg!.blk[v]), ...r.msg.net.flatMap((n) => VIAS.map((v) => n.by[v]))] : []),
-        ...(r.migration !== undefined ? MIG_LOADS.flatMap((l) => BLK_MIG_DISKS.flatMap((d) => r.migration!.blk[l][d])) : []),
+        ...(r.migration !== undefined
+          ? MIG_LOADS.flatMap((l) => [...BLK_MIG_DISKS.flatMap((d) => r.migration!.blk[l][d]), ...NET_MIG_BACKENDS.flatMap((k) => r.migration!.net[l][k])])
+          : []),
       ])
       .filter((o) => !o.ok);
     if (failed.length > 0) {
