@@ -140,6 +140,7 @@ export class PackedInflight {
   /** Resubmitted chains handed out and not completed: their checked descriptors, should they be given back. */
   private readonly resubmitted = new Map<number, Uint32Array>();
   /** What prepare() made of the batch, for published(). */
+  private pending = false;
   private pendingFree = 0;
   private pendingUsed = 0;
   /** Head entries completed since the last flush, in completion order. */
@@ -252,9 +253,15 @@ export class PackedInflight {
     if (this.batchLen < this.batch.length) this.batch[this.batchLen++] = head;
   }
 
-  /** Before the ring's publishing store: the batch is prepared in the region, the used position moves to `used`. */
+  /**
+   * Before the ring's publishing store: the batch is prepared in the region,
+   * the used position moves to `used`. The position moves even for chains the
+   * region never had (taken before it was tied to the ring): it must follow
+   * what the driver sees.
+   */
   prepare(used: number): void {
-    if (this.batchLen === 0) return;
+    this.pending = this.batchLen > 0 || used !== this.usedPos;
+    if (!this.pending) return;
     let free = this.freeHead;
     for (let i = 0; i < this.batchLen; i++) {
       const h = this.batch[i];
@@ -270,7 +277,8 @@ export class PackedInflight {
 
   /** After the ring's publishing store: the batch is no longer in flight. */
   published(): void {
-    if (this.batchLen === 0) return;
+    if (!this.pending) return;
+    this.pending = false;
     for (let i = 0; i < this.batchLen; i++) {
       Atomics.store(this.u8, inflightAt(this.batch[i]), 0);
       this.freeCount += this.numOf[this.batch[i]];

@@ -434,3 +434,21 @@ test('a guest that overruns the region (posts into slots whose completion is not
   driver.writeDesc(0, { addr: HEAP, len: 4, id: held[0], flags: 0x8000 });
   assert.throws(() => q.pop(mem), (e: unknown) => e instanceof QueueError && /overran/.test(e.message));
 });
+
+test("a completion of a chain taken before the region was tied to the ring still moves the region's used position with the ring", () => {
+  const mem = GuestMemory.fromBuffer(BASE, new ArrayBuffer(MEM));
+  const driver = new MockPackedDriver(mem, { size: SIZE, descAddr: BASE, heapAddr: HEAP, heapSize: BASE + MEM - HEAP });
+  const q = driver.newQueue();
+  const id = driver.addChain([{ len: 4 }, { len: 4, writable: true }]);
+  assert.equal(q.pop(mem)?.head, id);
+  const region = new ArrayBuffer(packedInflightQueueSize(SIZE));
+  const t = new PackedInflight(region, 0, SIZE);
+  assert.equal(t.restore(SIZE, q.nextUsed, (slot) => q.descFlagsAt(mem, slot)).fresh, true);
+  q.inflight = t;
+  q.pushUsed(mem, id, 0);
+  q.flush(mem);
+  assert.equal(driver.drainUsed().length, 1);
+  const again = new PackedInflight(region.slice(0), 0, SIZE).restore(SIZE, 0x8000, () => 0);
+  assert.equal(again.used, 0x8000 | 2, 'the region says where the driver reads next');
+  assert.equal(again.avail, 0x8000 | 2);
+});
