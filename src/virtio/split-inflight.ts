@@ -283,8 +283,15 @@ export class SplitInflight {
     const lastBatch = this.u16[H16_LAST_BATCH];
     const usedIdx = this.u16[H16_USED_IDX];
     if (version === 0) {
-      // Blank as GET_INFLIGHT_FD made it: anything else is a region of some other writer we cannot read.
-      for (let i = 8; i < this.u8.length; i++) {
+      // Blank as GET_INFLIGHT_FD made it, or as restore() leaves it when the back-end dies before the
+      // version store that ends its initialisation (desc_num and used_idx written); anything else is a
+      // region of some other writer we cannot read.
+      if (descNum > this.capacity || (ringSize !== 0 && descNum !== 0 && descNum !== ringSize)) {
+        throw new InflightError(`version 0 (blank) region has desc_num ${descNum}`);
+      }
+      for (let i = 0; i < this.u8.length; i++) {
+        if (i >= 10 && i < 12) continue;
+        if (i >= 14 && i < 16) continue;
         if (this.u8[i] !== 0) throw new InflightError(`version 0 (blank) region has non-zero byte at offset ${i}`);
       }
       return { version, usedIdx, lastBatch, inflight: 0 };

@@ -360,3 +360,20 @@ test('chains given back go where they came from: resubmitted ones to the front o
   assert.deepEqual([requestOf(w.mem, q)?.id, requestOf(w.mem, q)?.id, requestOf(w.mem, q)?.id], [1, 2, 3]);
   assert.throws(() => q.unpop(SIZE + 1), RangeError);
 });
+
+test('a region the back-end died initialising (desc_num and used_idx written, not yet the version) is blank, not refused', () => {
+  const r = new ArrayBuffer(splitInflightQueueSize(SIZE));
+  const full = new SplitInflight(r, 0, SIZE);
+  full.restore(SIZE, 9);
+  const half = new ArrayBuffer(splitInflightQueueSize(SIZE));
+  new Uint16Array(half).set(new Uint16Array(r).subarray(5, 8), 5);
+  assert.equal(new Uint16Array(half)[4], 0);
+  const t = new SplitInflight(half, 0, SIZE);
+  t.validate();
+  const got = t.restore(SIZE, 9);
+  assert.equal(got.fresh, true);
+  assert.equal(got.nextAvail, 9);
+  const features = new ArrayBuffer(splitInflightQueueSize(SIZE));
+  new Uint8Array(features)[0] = 1;
+  assert.throws(() => new SplitInflight(features, 0, SIZE).validate(), /non-zero byte at offset 0/);
+});
