@@ -60,9 +60,9 @@ function script(seconds: number): string {
 }
 
 /** terse v3: field 8 is read IOPS, field 49 write IOPS (1-based, ';'-separated). */
-function iops(output: string, job: BlkJob): number {
-  const line = new RegExp(`FIO_${job}=(.*)`).exec(output)?.[1];
-  if (line === undefined) throw new Error(`no fio ${job} result in guest output:\n${output.slice(-3000)}`);
+function iops(output: string, job: BlkJob, key: string = job): number {
+  const line = new RegExp(`FIO_${key}=(.*)`).exec(output)?.[1];
+  if (line === undefined) throw new Error(`no fio ${key} result in guest output:\n${output.slice(-3000)}`);
   const f = line.split(';');
   return Number(job === 'randread' ? f[7] : f[48]);
 }
@@ -75,11 +75,12 @@ interface Counted {
   doorbells: number;
 }
 
-/** The function's guest-side queue counters, summed over its queues. */
-async function counted(control: string): Promise<Counted> {
+/** The function's guest-side queue counters, summed over its queues (the first function, or the one named). */
+async function counted(control: string, name?: string): Promise<Counted> {
   const r = await fetchJson<StatsReport>(control, '/stats');
-  const qs = r.functions[0]?.queues ?? [];
-  const bus = r.functions[0]?.backend?.busMessages;
+  const f = name === undefined ? r.functions[0] : r.functions.find((x) => x.name === name);
+  const qs = f?.queues ?? [];
+  const bus = f?.backend?.busMessages;
   return {
     requests: qs.reduce((n, q) => n + q.descriptors, 0),
     kicks: qs.reduce((n, q) => n + q.kicks, 0),
@@ -166,42 +167,27 @@ export async function blkBench(seconds: number): Promise<BlkResult> {
       const sock = path.join(dir, 'blk.sock');
       return underServe(dir, `{ name: blk, type: blk, socket: ${sock}, backend: { file: ${image} } }`, sock, () => runGuest(sock, files, seconds, path.join(dir, 'control.sock')));
     });
-    const relay = await bounded('blk relay', bound, () => relayBlk(root, image, files, seconds, 'pcie'));
+    const relay = await bounded('blk relay', bound, () => relayBlk(root, image, files, seconds));
     return { anchor, direct, relay };
   } finally {
     fs.rmSync(root, { recursive: true, force: true });
   }
 }
 
-/**
- * fio through a relay function whose backend is `vbridge backend blk` on
- * `image`, over the PCIe link or a virtio-msg bus (the backend listens
- * first; the bridge dials it).
- */
-export async function relayBlk(root: string, image: string, files: GuestFile[], seconds: number, via: RelayVia): Promise<Record<BlkJob, BlkFigures>> {
-  const dir = fs.mkdtempSync(path.join(root, `r-${via}-`));
+/** fio through a relay function whose backend is `vbridge backend blk` on `image` over the PCIe link. */
+async function relayBlk(root: string, image: string, files: GuestFile[], seconds: number): Promise<Record<BlkJob, BlkFigures>> {
+  const dir = fs.mkdtempSync(path.join(root, 'r-'));
   const sock = path.join(dir, 'relay.sock');
-  const control = path.join(dir, 'control.sock');
-  if (via === 'pcie') {
-    const bar = path.join(dir, 'relay.bar');
-    return underServe(dir, `{ name: relay, type: blk, socket: ${sock}, backend: { link: pcie, attach: ${bar} } }`, bar, async () => {
-      const backend = spawn(process.execPath, [CLI, 'backend', 'blk', '--attach', bar, '--file', image], { stdio: ['ignore', 'ignore', 'inherit'] });
-      try {
-        await waitPath(sock, 'the blk backend did not attach');
-        return await runGuest(sock, files, seconds, control);
-      } finally {
-        await stopChild(backend);
-      }
-    });
-  }
-  const bus = `${via}:${path.join(dir, 'bus.sock')}`;
-  const backend = spawn(process.execPath, [CLI, 'backend', 'blk', '--bus', bus, '--file', image], { stdio: ['ignore', 'ignore', 'inherit'] });
-  try {
-    await waitPath(path.join(dir, 'bus.sock'), `the blk backend did not listen on ${bus}`);
-    return await underServe(dir, `{ name: relay, type: blk, socket: ${sock}, backend: { link: virtio-msg, bus: "${bus}" } }`, sock, () => runGuest(sock, files, seconds, control));
-  } finally {
-    await stopChild(backend);
-  }
+  const bar = path.join(dir, 'relay.bar');
+  return underServe(dir, `{ name: relay, type: blk, socket: ${sock}, backend: { link: pcie, attach: ${bar} } }`, bar, async () => {
+    const backend = spawn(process.execPath, [CLI, 'backend', 'blk', '--attach', bar, '--file', image], { stdio: ['ignore', 'ignore', 'inherit'] });
+    try {
+      await waitPath(sock, 'the blk backend did not attach');
+      return await runGuest(sock, files, seconds, path.join(dir, 'control.sock'));
+    } finally {
+      await stopChild(backend);
+    }
+  });
 }
 
-export { fioFiles };
+export { counted, fioFiles, iops, perRequest, waitPath };

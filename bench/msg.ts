@@ -4,14 +4,24 @@
  * link (the anchor) and over each virtio-msg bus (socket, shm, IVSHMEM), in
  * one run, with the bus messages and doorbells per request beside the rates.
  * Target (issue 11): the shm bus within 10 % of the PCIe link.
+ *
+ * Blk runs in ONE guest with a disk per link: a TCG guest's IOPS move by
+ * half from one boot to the next, which would drown the links' difference;
+ * within one boot the disks take turns (writes in one order, reads in the
+ * reverse), each with its own backend process and image.
  */
+import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { startGuest, type GuestFile } from '../test/support/qemu-guest';
 import { createRawImage } from '../test/support/storage-daemon';
-import { type BlkFigures, type BlkJob, fioFiles, relayBlk, type RelayVia } from './blk';
+import { type BlkFigures, type BlkJob, counted, fioFiles, iops, perRequest, type RelayVia, waitPath } from './blk';
 import { bounded, type Outcome } from './measure';
-import { relay, type RelayNetResult } from './net';
+import { relay, type RelayNetResult, stopChild } from './net';
+
+const CLI = path.resolve(__dirname, '..', 'src', 'control', 'cli.js');
+const DEVS = ['vda', 'vdb', 'vdc', 'vdd'];
 
 export const VIAS: readonly RelayVia[] = ['pcie', 'socket', 'shm', 'ivshmem'];
 
@@ -23,11 +33,10 @@ export interface MsgResult {
 export async function msgBench(blkSeconds: number, netSeconds: number, sizes: readonly number[]): Promise<MsgResult> {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-bench-msg-'));
   try {
-    const image = path.join(root, 'disk.img');
-    await createRawImage(image, 64 * 1024 * 1024);
     const files = fioFiles();
     const blk = {} as MsgResult['blk'];
-    for (const via of VIAS) blk[via] = await bounded(`blk relay over ${via}`, (2 * blkSeconds + 180) * 1000, () => relayBlk(root, image, files, blkSeconds, via));
+    const one = await bounded(`blk relay over every link, one guest`, (8 * blkSeconds + 240) * 1000, () => oneGuest(fs.mkdtempSync(path.join(root, 'blk-')), files, blkSeconds));
+    for (const via of VIAS) blk[via] = one.ok ? { ok: true, value: one.value[via] } : one;
     const net: MsgResult['net'] = [];
     for (const size of sizes) {
       const by = {} as Record<RelayVia, Outcome<RelayNetResult>>;
@@ -37,5 +46,66 @@ export async function msgBench(blkSeconds: number, netSeconds: number, sizes: re
     return { blk, net };
   } finally {
     fs.rmSync(root, { recursive: true, force: true });
+  }
+}
+
+/** fio on each disk in turn: writes in link order, reads in the reverse, one KEY=terse line per job and disk. */
+function script(seconds: number): string {
+  const job = (rw: BlkJob, dev: string): string =>
+    `fio --name=${rw} --filename=/dev/${dev} --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=${rw} --time_based --runtime=${seconds} --size=48M --output-format=terse --terse-version=3 | sed 's/^/FIO_${rw}_${dev}=/'`;
+  return [...DEVS.map((d) => job('randwrite', d)), ...[...DEVS].reverse().map((d) => job('randread', d))].join('\n') + '\n';
+}
+
+/** One serve with a relay function per link, each to its own `vbridge backend blk` on its own image, and one guest with a disk on each. */
+async function oneGuest(dir: string, files: GuestFile[], seconds: number): Promise<Record<RelayVia, Record<BlkJob, BlkFigures>>> {
+  const control = path.join(dir, 'control.sock');
+  const children: ChildProcess[] = [];
+  const backend = (args: string[]): void => {
+    children.push(spawn(process.execPath, [CLI, 'backend', 'blk', ...args], { stdio: ['ignore', 'ignore', 'inherit'] }));
+  };
+  try {
+    const image = (via: RelayVia): string => path.join(dir, `${via}.img`);
+    for (const via of VIAS) await createRawImage(image(via), 64 * 1024 * 1024);
+    for (const via of VIAS) {
+      if (via === 'pcie') continue;
+      backend(['--bus', `${via}:${path.join(dir, `${via}-bus.sock`)}`, '--file', image(via)]);
+      await waitPath(path.join(dir, `${via}-bus.sock`), `the ${via} backend did not listen`);
+    }
+    const fns = VIAS.map((via) => {
+      const link = via === 'pcie' ? `{ link: pcie, attach: ${path.join(dir, 'pcie.bar')} }` : `{ link: virtio-msg, bus: "${via}:${path.join(dir, `${via}-bus.sock`)}" }`;
+      return `  - { name: ${via}, type: blk, socket: ${path.join(dir, `${via}.sock`)}, backend: ${link} }`;
+    });
+    const topo = path.join(dir, 'bench.yaml');
+    fs.writeFileSync(topo, `control: ${control}\nfunctions:\n${fns.join('\n')}\n`);
+    children.push(spawn(process.execPath, [CLI, 'serve', topo], { stdio: ['ignore', 'ignore', 'inherit'] }));
+    await waitPath(path.join(dir, 'pcie.bar'), 'vbridge serve did not start');
+    backend(['--attach', path.join(dir, 'pcie.bar'), '--file', image('pcie')]);
+    for (const via of VIAS) await waitPath(path.join(dir, `${via}.sock`), `the ${via} function did not come up`);
+    const g = await startGuest({
+      name: 'bench-msg-blk',
+      script: script(seconds),
+      memMiB: 512,
+      blks: VIAS.map((via) => ({ socket: path.join(dir, `${via}.sock`) })),
+      files,
+      timeoutMs: (8 * seconds + 180) * 1000,
+    });
+    const out = {} as Record<RelayVia, Record<BlkJob, BlkFigures>>;
+    for (const via of VIAS) out[via] = {} as Record<BlkJob, BlkFigures>;
+    const order: [BlkJob, number][] = [...DEVS.map((_, i): [BlkJob, number] => ['randwrite', i]), ...DEVS.map((_, i): [BlkJob, number] => ['randread', DEVS.length - 1 - i])];
+    // Only the disk whose job runs moves: its counters between the line before and its own line are that job's.
+    let marks = new Map(await Promise.all(VIAS.map(async (via) => [via, await counted(control, via)] as const)));
+    for (const [job, i] of order) {
+      const via = VIAS[i] as RelayVia;
+      await g.waitFor(new RegExp(`FIO_${job}_${DEVS[i]}=.*\n`), (seconds + 120) * 1000);
+      const after = await counted(control, via);
+      out[via][job] = { iops: 0, ...perRequest(marks.get(via)!, after) };
+      marks = new Map(marks).set(via, after);
+    }
+    const r = await g.done;
+    if (r.rc !== 0) throw new Error(`fio guest failed:\n${r.output.slice(-3000)}`);
+    for (const [job, i] of order) out[VIAS[i] as RelayVia][job].iops = iops(r.output, job, `${job}_${DEVS[i]}`);
+    return out;
+  } finally {
+    for (const c of children.reverse()) await stopChild(c);
   }
 }
