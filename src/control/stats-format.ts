@@ -89,10 +89,17 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
     }
     if (f.passthrough !== undefined) {
       const m = f.passthrough;
-      out.push(
-        `  mode ${m.mode}, dirty log ${m.logging ? 'on' : 'off'} (kept by the back-end${m.backendLogs === false ? ', which offers no LOG_ALL/LOG_SHMFD: no migration' : ''}): ` +
-          `${m.logBases} log base(s) forwarded, ${m.logSwitches} LOG_ALL switch(es), ${m.logRingAddrs} logged ring address(es)`,
-      );
+      if (m.softwareLogging === true) {
+        out.push(
+          `  mode ${m.mode}, dirty log ${m.logging ? 'on' : 'off'} (kept by the bridge's software relay): ${m.relaySwitches} switch(es) between direct and sw-relay, ` +
+            `${m.relayed} used element(s) relayed, ${m.pagesLogged} page(s) logged, ${m.logBases} log base(s)`,
+        );
+      } else {
+        out.push(
+          `  mode ${m.mode}, dirty log ${m.logging ? 'on' : 'off'} (kept by the back-end${m.backendLogs === false ? ', which offers no LOG_ALL/LOG_SHMFD: no migration' : ''}): ` +
+            `${m.logBases} log base(s) forwarded, ${m.logSwitches} LOG_ALL switch(es), ${m.logRingAddrs} logged ring address(es)`,
+        );
+      }
     }
     const d = f.dirtyLog;
     // Shown once a migration has happened: before that it is all zeros.

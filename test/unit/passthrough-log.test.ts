@@ -16,6 +16,7 @@ test('LogForwarding: whether the back-end can log needs both LOG_ALL and LOG_SHM
   assert.equal(l.stats().backendLogs, false, 'LOG_ALL without LOG_SHMFD');
   l.backendOffer(bit(F_VERSION_1), SHMFD);
   assert.equal(l.stats().backendLogs, false, 'LOG_SHMFD without LOG_ALL');
+  assert.equal(l.stats().softwareLogging, true, 'a back-end without LOG_ALL: the software relay logs');
   l.backendOffer(bit(F_VERSION_1) | bit(VHOST_F_LOG_ALL), SHMFD);
   assert.equal(l.stats().backendLogs, true);
 
@@ -25,11 +26,28 @@ test('LogForwarding: whether the back-end can log needs both LOG_ALL and LOG_SHM
   l.features(bit(F_VERSION_1) | bit(VHOST_F_LOG_ALL)); // the same set again is no switch
   l.vringAddr(ADDR);
   l.vringAddr({ ...ADDR, flags: 1 << VHOST_VRING_F_LOG });
-  assert.deepEqual(l.stats(), { mode: 'direct', logging: true, backendLogs: true, logBases: 1, logSwitches: 1, logRingAddrs: 1 });
+  assert.deepEqual(l.stats(), { mode: 'direct', logging: true, backendLogs: true, logBases: 1, logSwitches: 1, logRingAddrs: 1, softwareLogging: false, relaySwitches: 0, relayed: 0, pagesLogged: 0 });
   l.stop();
   l.stop();
-  assert.deepEqual(l.stats(), { mode: 'direct', logging: false, backendLogs: true, logBases: 1, logSwitches: 2, logRingAddrs: 1 });
+  assert.deepEqual(l.stats(), { mode: 'direct', logging: false, backendLogs: true, logBases: 1, logSwitches: 2, logRingAddrs: 1, softwareLogging: false, relaySwitches: 0, relayed: 0, pagesLogged: 0 });
   l.features(bit(VHOST_F_LOG_ALL));
   l.ended();
-  assert.deepEqual(l.stats(), { mode: 'direct', logging: false, backendLogs: null, logBases: 1, logSwitches: 4, logRingAddrs: 1 });
+  assert.deepEqual(l.stats(), { mode: 'direct', logging: false, backendLogs: null, logBases: 1, logSwitches: 4, logRingAddrs: 1, softwareLogging: null, relaySwitches: 0, relayed: 0, pagesLogged: 0 });
+});
+
+test('LogForwarding with sw-live-migration: the software relay logs whatever the back-end offers; its mode switches and counts add up across relays', () => {
+  const l = new LogForwarding(true);
+  assert.equal(l.stats().softwareLogging, null, 'not asked yet');
+  l.backendOffer(bit(F_VERSION_1) | bit(VHOST_F_LOG_ALL), SHMFD);
+  assert.equal(l.stats().softwareLogging, true);
+  let live = { relayed: 5, pagesLogged: 7 };
+  l.relayAttached(() => live);
+  l.relayMode('sw-relay');
+  l.relayMode('sw-relay');
+  assert.deepEqual([l.stats().mode, l.stats().relaySwitches, l.stats().relayed, l.stats().pagesLogged], ['sw-relay', 1, 5, 7]);
+  live = { relayed: 6, pagesLogged: 9 };
+  l.relayDetached(live);
+  l.relayMode('direct');
+  l.relayAttached(() => ({ relayed: 1, pagesLogged: 1 }));
+  assert.deepEqual([l.stats().mode, l.stats().relaySwitches, l.stats().relayed, l.stats().pagesLogged], ['direct', 2, 7, 10]);
 });

@@ -330,7 +330,7 @@ test('passthrough forwards the dirty log: LOG_ALL and LOG_SHMFD offered as the b
     assert.notEqual((await c.getProtocolFeatures()) & (1n << BigInt(ProtocolFeature.LOG_SHMFD)), 0n, 'LOG_SHMFD offered through the proxy');
     await bringUp(c, g, { features: FEATURES });
     await waitFor(() => r.server.connected, 'the back-end session');
-    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: false, backendLogs: true, logBases: 0, logSwitches: 0, logRingAddrs: 0 });
+    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: false, backendLogs: true, logBases: 0, logSwitches: 0, logRingAddrs: 0, softwareLogging: false, relaySwitches: 0, relayed: 0, pagesLogged: 0 });
 
     // Before logging: a read marks nothing.
     assert.equal((await blkRequest(g, BLK_T_IN, 0, 4096)).status, BLK_S_OK);
@@ -344,7 +344,7 @@ test('passthrough forwards the dirty log: LOG_ALL and LOG_SHMFD offered as the b
     await c.setVringAddr({ ...g.vringAddr(0), flags: 1 << VHOST_VRING_F_LOG, logGuestAddr: BigInt(usedGpa) });
     await c.setVringKick(0, g.kick[0]);
     assert.equal(r.proxy.state?.log?.area.mmapSize, BigInt(need), 'the mirror keeps the log');
-    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: true, backendLogs: true, logBases: 1, logSwitches: 1, logRingAddrs: 1 });
+    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: true, backendLogs: true, logBases: 1, logSwitches: 1, logRingAddrs: 1, softwareLogging: false, relaySwitches: 0, relayed: 0, pagesLogged: 0 });
 
     // The back-end writes the guest's buffer and used ring straight away, and logs both into the forwarded log.
     const d = g.split(0);
@@ -363,7 +363,7 @@ test('passthrough forwards the dirty log: LOG_ALL and LOG_SHMFD offered as the b
     log.fill(0);
     assert.equal((await blkRequest(g, BLK_T_IN, 0, 4096)).status, BLK_S_OK);
     assert.ok(log.every((b) => b === 0), 'logged after LOG_ALL was cleared');
-    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: false, backendLogs: true, logBases: 1, logSwitches: 2, logRingAddrs: 1 });
+    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: false, backendLogs: true, logBases: 1, logSwitches: 2, logRingAddrs: 1, softwareLogging: false, relaySwitches: 0, relayed: 0, pagesLogged: 0 });
     assert.deepEqual(r.proxyLog.errors(), []);
     assert.deepEqual(r.backLog.errors(), []);
 
@@ -372,7 +372,7 @@ test('passthrough forwards the dirty log: LOG_ALL and LOG_SHMFD offered as the b
     c.close();
     await c.closed;
     await waitFor(() => !r.proxy.connected, 'the proxy session to end');
-    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: false, backendLogs: null, logBases: 1, logSwitches: 4, logRingAddrs: 1 });
+    assert.deepEqual(r.proxy.stats().migration, { mode: 'direct', logging: false, backendLogs: null, logBases: 1, logSwitches: 4, logRingAddrs: 1, softwareLogging: null, relaySwitches: 0, relayed: 0, pagesLogged: 0 });
   } finally {
     c?.close();
     a.unmap(logBuf);

@@ -64,9 +64,23 @@ test('vbridge stats text shows a passthrough function\'s mode and the dirty log 
     status: 0xf,
     needsReset: false,
     queues: [q],
-    passthrough: { mode: 'direct' as const, logging: backendLogs === true, backendLogs, logBases: 2, logSwitches: 3, logRingAddrs: 1 },
+    passthrough: {
+      mode: 'direct' as 'direct' | 'sw-relay',
+      logging: backendLogs === true,
+      backendLogs,
+      logBases: 2,
+      logSwitches: 3,
+      logRingAddrs: 1,
+      softwareLogging: false as boolean | null,
+      relaySwitches: 0,
+      relayed: 0,
+      pagesLogged: 0,
+    },
   });
-  const text = formatStats({ uptimeSeconds: 1, switches: [], functions: [fn('pt0', true), fn('pt1', false)] });
+  const sw = fn('pt2', true);
+  sw.passthrough = { ...sw.passthrough, mode: 'sw-relay', softwareLogging: true, relaySwitches: 1, relayed: 40, pagesLogged: 90 };
+  const text = formatStats({ uptimeSeconds: 1, switches: [], functions: [fn('pt0', true), fn('pt1', false), sw] });
+  assert.match(text, /^ {2}mode sw-relay, dirty log on \(kept by the bridge's software relay\): 1 switch\(es\) between direct and sw-relay, 40 used element\(s\) relayed, 90 page\(s\) logged, 2 log base\(s\)$/m);
   assert.match(text, /^ {2}mode direct, dirty log on \(kept by the back-end\): 2 log base\(s\) forwarded, 3 LOG_ALL switch\(es\), 1 logged ring address\(es\)$/m);
   assert.match(text, /^ {2}mode direct, dirty log off \(kept by the back-end, which offers no LOG_ALL\/LOG_SHMFD: no migration\): 2 log base/m);
 });

@@ -9,12 +9,18 @@
  * LOG_SHMFD whether or not it asked with NEED_REPLY, and takes an empty
  * payload or a u64 alike). This module only watches those messages go by,
  * for `vbridge stats` and for the checks below; it changes none of them.
+ * With the software relay (passthrough.ts) the log is the bridge's instead;
+ * the mode, its switches and the relay's counts are kept here too.
  */
 import type { VringAddr } from '../../vhost-user/messages';
 import { ProtocolFeature, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG } from '../../vhost-user/protocol';
 
-/** How a passthrough function carries the data path: straight between the back-end and the guest. */
-export type PassthroughMode = 'direct';
+/**
+ * How a passthrough function carries the data path: straight between the
+ * back-end and the guest, or (while the bridge logs for a migration) with the
+ * back-end's used elements copied by the bridge's software relay.
+ */
+export type PassthroughMode = 'direct' | 'sw-relay';
 
 export interface PassthroughMigrationStats {
   mode: PassthroughMode;
@@ -32,6 +38,18 @@ export interface PassthroughMigrationStats {
   logSwitches: number;
   /** SET_VRING_ADDR forwarded with the LOG flag (the back-end logs that used ring), cumulative. */
   logRingAddrs: number;
+  /**
+   * The dirty log is the bridge's (software relay: configured, or the
+   * back-end offers no LOG_ALL) rather than the back-end's; null until the
+   * session asked GET_FEATURES.
+   */
+  softwareLogging: boolean | null;
+  /** Switches between direct and sw-relay, cumulative. */
+  relaySwitches: number;
+  /** Used elements the software relay copied to the guest, cumulative. */
+  relayed: number;
+  /** Pages the software relay marked dirty for the buffers the back-end wrote, cumulative (the used ring's own pages not included). */
+  pagesLogged: number;
 }
 
 function hasBit(mask: bigint, b: number): boolean {
@@ -45,6 +63,34 @@ export class LogForwarding {
   private logBases = 0;
   private logSwitches = 0;
   private logRingAddrs = 0;
+  private mode: PassthroughMode = 'direct';
+  private relaySwitches = 0;
+  private softwareLogging: boolean | null = null;
+  private readonly swConfigured: boolean;
+  /** Counts of relays gone; the live one's are read from it. */
+  private relayedBefore = 0;
+  private pagesBefore = 0;
+  private live: (() => { relayed: number; pagesLogged: number }) | null = null;
+
+  constructor(swLiveMigration = false) {
+    this.swConfigured = swLiveMigration;
+  }
+
+  /** A software relay started (its counts are read live until relayDetached). */
+  relayAttached(get: () => { relayed: number; pagesLogged: number }): void {
+    this.live = get;
+  }
+
+  relayDetached(final: { relayed: number; pagesLogged: number }): void {
+    this.relayedBefore += final.relayed;
+    this.pagesBefore += final.pagesLogged;
+    this.live = null;
+  }
+
+  relayMode(m: PassthroughMode): void {
+    if (m !== this.mode) this.relaySwitches++;
+    this.mode = m;
+  }
 
   /** SET_LOG_BASE forwarded (the back-end checks the log against its memory and answers). */
   logBase(): void {
@@ -73,14 +119,28 @@ export class LogForwarding {
   ended(): void {
     this.stop();
     this.backendLogs = null;
+    this.softwareLogging = null;
   }
 
   /** The back-end's answers to GET_FEATURES / GET_PROTOCOL_FEATURES in the current session (null: not asked, or no session). */
   backendOffer(features: bigint | null, protocolFeatures: bigint | null): void {
     this.backendLogs = features === null || protocolFeatures === null ? null : hasBit(features, VHOST_F_LOG_ALL) && hasBit(protocolFeatures, ProtocolFeature.LOG_SHMFD);
+    this.softwareLogging = features === null ? null : this.swConfigured || !hasBit(features, VHOST_F_LOG_ALL);
   }
 
   stats(): PassthroughMigrationStats {
-    return { mode: 'direct', logging: this.logging, backendLogs: this.backendLogs, logBases: this.logBases, logSwitches: this.logSwitches, logRingAddrs: this.logRingAddrs };
+    const live = this.live?.() ?? { relayed: 0, pagesLogged: 0 };
+    return {
+      mode: this.mode,
+      logging: this.logging,
+      backendLogs: this.backendLogs,
+      logBases: this.logBases,
+      logSwitches: this.logSwitches,
+      logRingAddrs: this.logRingAddrs,
+      softwareLogging: this.softwareLogging,
+      relaySwitches: this.relaySwitches,
+      relayed: this.relayedBefore + live.relayed,
+      pagesLogged: this.pagesBefore + live.pagesLogged,
+    };
   }
 }

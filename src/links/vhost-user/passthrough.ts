@@ -28,26 +28,39 @@
  * front-end asked for), except for the answers only the back-end knows
  * (GET_VRING_BASE's position, GET_STATUS).
  *
- * What the mirror is for: the switch of a running function to relay mode
- * during live migration (DPDK IFCVF's sw-live-migration design). The switch,
- * a later piece of work, goes:
- *   1. stop relaying kicks for the ring (the guest's kick eventfd stays
- *      readable: a kick arriving now is held by the kernel, not lost);
- *   2. ask the back-end for GET_VRING_BASE on the ring (the bridge injects it
- *      between front-end requests; the expected-reply queue lets it claim its
- *      own answer): the back-end stops the ring and reports the next avail
- *      index it would have processed;
- *   3. map the regions from the mirrored fds and take over the guest's ring
- *      at the mirrored addresses and size from that base (used.idx is in
- *      guest memory), with the dirty log from the mirrored log area;
- *   4. serve the ring itself (the bridge's shadow ring towards the back-end,
- *      or a local device), then poll the guest's kick eventfd again: the kick
- *      held in step 1 is seen then. Interrupts go to the mirrored guest call
- *      eventfd, which the bridge has held all along.
- * Because the bridge owns every eventfd the back-end sees, neither the
- * front-end nor the back-end notices the hand-over in the notification path,
- * and switching back is the same steps in the other direction
- * (SET_VRING_BASE / SET_VRING_ADDR / SET_VRING_KICK to the back-end).
+ * What the mirror is for: the software relay that covers a live migration
+ * (DPDK IFCVF's sw-live-migration design), used when the function is told to
+ * (swLiveMigration) or the back-end offers no LOG_ALL. The front-end is then
+ * offered LOG_ALL and LOG_SHMFD (and no packed rings: the relay copies split
+ * used rings); the back-end never sees the log, LOG_ALL or the rings' LOG
+ * flag, and SET_LOG_BASE is answered by the bridge. When SET_FEATURES turns
+ * LOG_ALL on, before it goes on (QEMU starts copying RAM only once it is
+ * answered, so whatever the back-end wrote until then is in the bulk copy),
+ * the function reads no more front-end requests and, for every started ring:
+ *   1. asks the back-end GET_VRING_BASE (injected; the expected-reply queue
+ *      lets it claim its own answer): the ring stops at avail B. Guest kicks
+ *      meanwhile wait in the bridge's kick eventfd, which the back-end gets
+ *      again;
+ *   2. waits for the guest's used.idx to reach B (requests in flight done);
+ *   3. maps the guest's memory from the mirrored fds with the mirrored log,
+ *      and adds a mediated region of its own to the back-end's memory table
+ *      (ADD_MEM_REG with CONFIGURE_MEM_SLOTS, else the whole table again with
+ *      SET_MEM_TABLE), at a guest-physical address the guest cannot use;
+ *   4. primes the ring's mediated used ring with idx B and gives it to the
+ *      back-end: SET_VRING_BASE B, SET_VRING_ADDR (the guest's descriptor
+ *      table and avail ring, the mediated used ring), SET_VRING_CALL and
+ *      SET_VRING_KICK with the bridge's eventfds, and a kick.
+ * From then on a back-end interrupt makes UsedRelay copy the new used
+ * elements to the guest's used ring, logging their device-writable buffers
+ * and the used ring, and interrupt the guest as its suppression asks; guest
+ * kicks keep the guest's avail_event current (the back-end's is in the
+ * mediated ring). SET_FEATURES without LOG_ALL (migration cancelled) runs the
+ * same steps back: stop, relay what is left, the used ring at the guest's
+ * address from the relayed position, the mediated region removed. A front-end
+ * GET_VRING_BASE of a relayed ring (the end of a migration) is answered once
+ * every element is in the guest's used ring; a ring QEMU starts again while
+ * logging is relayed from its start. SET_MEM_TABLE, RESET_DEVICE and
+ * RESET_OWNER while relaying are not supported and end the session.
  *
  * Not modelled: postcopy (PAGEFAULT's SET_MEM_TABLE reply) and in-band
  * notifications (INBAND_NOTIFICATIONS, which bypass the counters); both pass
@@ -62,7 +75,9 @@ import {
   decodeAck,
   decodeReply,
   decodeRequest,
+  encodeAck,
   encodeHeader,
+  encodeReply,
   encodeRequest,
   fdProblem,
   Frontend,
@@ -78,8 +93,9 @@ import {
   type VringFile,
   type VringState,
 } from '../../vhost-user/messages';
-import { FLAG_NEED_REPLY, frontendReqName, HEADER_SIZE, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../vhost-user/protocol';
-import { STATUS_NEEDS_RESET } from '../../virtio/constants';
+import { FLAG_NEED_REPLY, frontendReqName, HEADER_SIZE, ProtocolFeature, VERSION, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG } from '../../vhost-user/protocol';
+import { bit, F_RING_PACKED, STATUS_NEEDS_RESET } from '../../virtio/constants';
+import { SoftwareRelay } from './sw-relay';
 import { traceEnabled, traceValue } from '../../vhost-user/trace';
 import { LogForwarding, type PassthroughMigrationStats } from './passthrough-log';
 
@@ -93,6 +109,12 @@ export interface PassthroughOptions {
   logger: Logger;
   /** Log every forwarded request and reply (info level); default: VBRIDGE_TRACE names vhost-user. */
   trace?: boolean;
+  /**
+   * While QEMU logs dirty pages, the bridge takes the used rings over (the
+   * software relay) and logs, instead of forwarding the log to the back-end.
+   * Also used, whatever this says, with a back-end that offers no LOG_ALL.
+   */
+  swLiveMigration?: boolean;
 }
 
 export interface PassthroughQueueStats {
@@ -239,6 +261,8 @@ interface PendingReply {
   spec: AnyMessageSpec;
   /** A REPLY_ACK u64 rather than the message's own reply. */
   ack: boolean;
+  /** A reply the bridge made itself (the request never went to the back-end): sent when its turn comes. */
+  local?: Uint8Array;
   /** A request of the bridge's own: the reply is settled here, not relayed. */
   claim?: { resolve(rep: unknown): void; reject(err: Error): void };
 }
@@ -256,6 +280,22 @@ interface SessionHooks {
   /** Called once, after everything was released. */
   ended(s: Session): void;
   trace: boolean;
+  /** PassthroughOptions.swLiveMigration. */
+  swLiveMigration: boolean;
+}
+
+/** How long a stopped ring's requests in flight may take to complete before a switch gives up (the session fails). */
+const SETTLE_MS = 10_000;
+/**
+ * While relaying, the mediated rings are also polled this often: the
+ * back-end reads the guest's interrupt suppression (used_event, NO_INTERRUPT)
+ * and may leave an element unsignalled that the guest, having looked at its
+ * own used ring before the bridge copied it, now waits for.
+ */
+const BACKSTOP_MS = 1;
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
 }
 
 function hasBit(mask: bigint, b: number): boolean {
@@ -282,6 +322,10 @@ function sameRegion(a: MemRegion, b: MemRegion): boolean {
   return a.guestAddr === b.guestAddr && a.size === b.size && a.userAddr === b.userAddr;
 }
 
+function plainRegion(r: MemRegion): MemRegion {
+  return { guestAddr: r.guestAddr, size: r.size, userAddr: r.userAddr, mmapOffset: r.mmapOffset };
+}
+
 /** One front-end connection and the back-end connection made for it. */
 class Session {
   readonly front: VhostUserConnection;
@@ -301,6 +345,12 @@ class Session {
   private readonly relays = new Map<number, Relay>();
   private readonly pending: PendingReply[] = [];
   private ended = false;
+  /** The software relay's memory while the used rings are the bridge's (mode sw-relay), else null. */
+  private sw: SoftwareRelay | null = null;
+  private mode: 'direct' | 'sw-relay' = 'direct';
+  private backstop: NodeJS.Timeout | null = null;
+  /** A reply held until a relayed ring drained (drainThenReply): the bridge's own replies wait behind it. */
+  private holding = false;
   private readonly label: string;
 
   constructor(
@@ -396,17 +446,355 @@ class Session {
     const ownReply = spec.reply !== null && (spec.replyOnlyWith === undefined || hasBit(st.protocolFeatures, spec.replyOnlyWith));
     const ack = !ownReply && (flags & FLAG_NEED_REPLY) !== 0;
 
+    let out: Uint8Array = frame(hdr.request, flags, payload);
+    let then: (() => Promise<void>) | null = null;
+    if (this.softwareLogging) {
+      const sw = this.softwareRewrite(spec, req, flags, ownReply, ack, fds);
+      if (sw === 'handled') return;
+      if (sw !== null) {
+        out = sw.out ?? out;
+        then = sw.before ?? null;
+      }
+    }
+
     let sendFds: readonly number[] = fds;
     if (spec.id === Frontend.SET_VRING_KICK.id) sendFds = this.takeKick(req as VringFile, fds);
     else if (spec.id === Frontend.SET_VRING_CALL.id) sendFds = this.takeCall(req as VringFile, fds);
 
-    if (ownReply || ack) this.pending.push({ spec, ack });
-    this.hooks.forwarded();
-    if (this.hooks.trace) {
-      this.logger.info(`${this.label}: -> ${spec.name} ${traceValue(req)}${sendFds.length > 0 ? ` fds=${sendFds.length}` : ''}${flags & FLAG_NEED_REPLY ? ' need-reply' : ''}`);
+    const send = (): void => {
+      if (this.ended || back.closed) return;
+      if (ownReply || ack) this.pending.push({ spec, ack });
+      this.hooks.forwarded();
+      if (this.hooks.trace) {
+        this.logger.info(`${this.label}: -> ${spec.name} ${traceValue(req)}${sendFds.length > 0 ? ` fds=${sendFds.length}` : ''}${flags & FLAG_NEED_REPLY ? ' need-reply' : ''}`);
+      }
+      if (!back.send(out, sendFds)) return;
+      this.mirrorRequest(spec, req, fds);
+    };
+    if (then === null) {
+      send();
+      return;
     }
-    if (!back.send(frame(hdr.request, flags, payload), sendFds)) return;
-    this.mirrorRequest(spec, req, fds);
+    // The bridge's own requests go first; the front-end's wait in the socket meanwhile (none of them carries fds kept here).
+    this.front.pause();
+    then().then(
+      () => {
+        send();
+        if (!this.ended) this.front.resume();
+      },
+      (e: unknown) => this.end('bridge', asError(e, spec.name)),
+    );
+  }
+
+  // ---- the software relay -------------------------------------------------------
+
+  /**
+   * Logging is the bridge's (the software relay), not the back-end's: the
+   * function was told so, or the back-end offers no LOG_ALL.
+   */
+  private get softwareLogging(): boolean {
+    const bf = this.state.backendFeatures;
+    return this.hooks.swLiveMigration || (bf !== null && !hasBit(bf, VHOST_F_LOG_ALL));
+  }
+
+  /**
+   * What the back-end gets instead of a front-end request while logging is
+   * the bridge's: null as it is; 'handled' when the bridge answered it
+   * itself; otherwise the request re-encoded (out) and/or work of the bridge's
+   * own to do before it is sent (before).
+   */
+  private softwareRewrite(
+    spec: AnyMessageSpec,
+    req: unknown,
+    flags: number,
+    ownReply: boolean,
+    ack: boolean,
+    fds: number[],
+  ): 'handled' | { out?: Uint8Array; before?: () => Promise<void> } | null {
+    const st = this.state;
+    const sw = this.sw;
+    switch (spec.id) {
+      case Frontend.SET_PROTOCOL_FEATURES.id: {
+        const bp = st.backendProtocolFeatures ?? 0n;
+        if (hasBit(bp, ProtocolFeature.LOG_SHMFD)) return null;
+        return { out: encodeRequest(Frontend.SET_PROTOCOL_FEATURES, (req as bigint) & ~bit(ProtocolFeature.LOG_SHMFD), flags) };
+      }
+      case Frontend.SET_LOG_BASE.id: {
+        // The log is the bridge's: the back-end never sees it (nor has to offer LOG_SHMFD).
+        this.hooks.forwarded();
+        if (this.hooks.trace) this.logger.info(`${this.label}: -> ${spec.name} ${traceValue(req)} (kept by the bridge)`);
+        this.mirrorRequest(spec, req, fds);
+        if (sw !== null && this.state.log !== null) sw.setLog(this.state.log);
+        if (ownReply) this.replyLocally(spec, encodeReply(Frontend.SET_LOG_BASE, null));
+        else if (ack) this.replyLocally(spec, encodeAck(spec.id, true));
+        return 'handled';
+      }
+      case Frontend.SET_FEATURES.id: {
+        const f = req as bigint;
+        const out = encodeRequest(Frontend.SET_FEATURES, f & ~bit(VHOST_F_LOG_ALL), flags);
+        const on = hasBit(f, VHOST_F_LOG_ALL);
+        if (on && this.mode === 'direct') return { out, before: () => this.toRelay() };
+        if (!on && this.mode === 'sw-relay') return { out, before: () => this.toDirect() };
+        return { out };
+      }
+      case Frontend.SET_VRING_ADDR.id: {
+        const a = req as VringAddr;
+        const stripped: VringAddr = { ...a, flags: a.flags & ~(1 << VHOST_VRING_F_LOG), logGuestAddr: 0n };
+        const ring = sw?.ring(a.index);
+        if (sw === null || ring === undefined) return { out: encodeRequest(Frontend.SET_VRING_ADDR, stripped, flags) };
+        const was = ring.addr;
+        if (was.descUserAddr !== a.descUserAddr || was.availUserAddr !== a.availUserAddr || was.usedUserAddr !== a.usedUserAddr) {
+          throw new ProtocolError(spec.name, `queue ${a.index} moved its rings while the software relay serves it (not supported)`);
+        }
+        return { out: encodeRequest(Frontend.SET_VRING_ADDR, { ...stripped, usedUserAddr: sw.mediatedAddr(a.index) }, flags) };
+      }
+      case Frontend.SET_VRING_KICK.id: {
+        const f = req as VringFile;
+        if (sw === null || sw.ring(f.index) !== undefined) return null;
+        // A ring started while the relay runs (QEMU restarting the device under logging): relayed from the start.
+        return { before: () => this.relayStartingRing(f.index) };
+      }
+      case Frontend.SET_MEM_TABLE.id:
+      case Frontend.RESET_DEVICE.id:
+      case Frontend.RESET_OWNER.id:
+        if (sw !== null) throw new ProtocolError(spec.name, 'while the software relay serves the rings (not supported: the mediated region and rings would be lost)');
+        return null;
+      case Frontend.ADD_MEM_REG.id:
+        if (sw !== null) {
+          const r = (req as MemRegionMsg).region;
+          if (this.state.regions.find((x) => sameRegion(x, r)) === undefined && fds.length > 0) sw.addGuestRegion({ ...r, fd: fds[0] });
+        }
+        return null;
+      case Frontend.REM_MEM_REG.id:
+        if (sw !== null) {
+          const r = (req as MemRegionMsg).region;
+          const m = this.state.regions.find((x) => sameRegion(x, r));
+          if (m !== undefined && m.refs === 1) sw.removeGuestRegion(r);
+        }
+        return null;
+      default:
+        return null;
+    }
+  }
+
+  /** A reply the bridge makes itself, after the back-end's replies still due (the front-end reads them in order). */
+  private replyLocally(spec: AnyMessageSpec, bytes: Uint8Array): void {
+    if (this.pending.length === 0) this.front.send(bytes);
+    else this.pending.push({ spec, ack: false, local: bytes });
+  }
+
+  private flushLocal(): void {
+    if (this.holding) return;
+    while (this.pending.length > 0 && this.pending[0].local !== undefined) {
+      const p = this.pending.shift() as PendingReply;
+      this.front.send(p.local as Uint8Array);
+    }
+  }
+
+  /**
+   * A request of the bridge's own without a reply of its own: with REPLY_ACK
+   * it asks for the ack and a nack fails it; without, the socket's order is
+   * all there is (the front-end's next request goes after it).
+   */
+  private tell<Req, Rep>(spec: MessageSpec<Req, Rep>, req: Req, fds: readonly number[] = []): Promise<void> {
+    const back = this.back;
+    if (this.ended || back === null || back.closed) return Promise.reject(new Error(`${this.label}: ${spec.name}: no back-end connection`));
+    const acked = hasBit(this.state.protocolFeatures, ProtocolFeature.REPLY_ACK);
+    return new Promise<void>((resolve, reject) => {
+      let entry: PendingReply | null = null;
+      if (acked) {
+        entry = {
+          spec: spec as AnyMessageSpec,
+          ack: true,
+          claim: {
+            resolve: (ok) => (ok === 0n ? resolve() : reject(new Error(`${this.label}: ${spec.name}: the back-end refused it`))),
+            reject,
+          },
+        };
+        this.pending.push(entry);
+      }
+      if (this.hooks.trace) this.logger.info(`${this.label}: => ${spec.name} ${traceValue(req)}${fds.length > 0 ? ` fds=${fds.length}` : ''} (the bridge's own)`);
+      if (!back.send(encodeRequest(spec, req, VERSION | (acked ? FLAG_NEED_REPLY : 0)), fds)) {
+        if (entry !== null) this.pending.splice(this.pending.indexOf(entry), 1);
+        reject(new Error(`${this.label}: ${spec.name}: the back-end connection closed`));
+        return;
+      }
+      if (!acked) resolve();
+    });
+  }
+
+  /** Wait until `read()` reaches `target` (16-bit indices): the requests a stopped ring had in flight completed. */
+  private async settle(index: number, target: number, what: string, read: () => number): Promise<void> {
+    const end = Date.now() + SETTLE_MS;
+    for (let now = read(); now !== target; now = read()) {
+      if (this.ended) throw new Error(`${this.label}: the session ended`);
+      if (Date.now() > end) {
+        throw new Error(`queue ${index}: the back-end stopped at avail ${target} but ${what} stays at ${now} after ${SETTLE_MS} ms (requests it took never completed)`);
+      }
+      await sleep(1);
+    }
+  }
+
+  /** Give the back-end its ring again from `base`, with its used ring at `usedUser`; the bridge's eventfds as before. */
+  private async restartRing(v: MutVring, base: number, usedUser: bigint): Promise<void> {
+    const addr = v.addr as VringAddr;
+    const r = this.relays.get(v.index);
+    await this.tell(Frontend.SET_VRING_BASE, { index: v.index, num: base });
+    await this.tell(Frontend.SET_VRING_ADDR, { ...addr, flags: addr.flags & ~(1 << VHOST_VRING_F_LOG), logGuestAddr: 0n, usedUserAddr: usedUser });
+    // libvhost-user closes the call and kick fds at GET_VRING_BASE: both go again.
+    if (r !== undefined && r.backCall >= 0) await this.tell(Frontend.SET_VRING_CALL, { index: v.index, noFd: false }, [r.backCall]);
+    else if (v.call === 'nofd') await this.tell(Frontend.SET_VRING_CALL, { index: v.index, noFd: true });
+    if (r !== undefined && r.backKick >= 0) await this.tell(Frontend.SET_VRING_KICK, { index: v.index, noFd: false }, [r.backKick]);
+    else await this.tell(Frontend.SET_VRING_KICK, { index: v.index, noFd: true });
+    v.base = base;
+    v.started = true;
+  }
+
+  /** Put the mediated region into the back-end's memory table (ADD_MEM_REG when it has slots, else the whole table again). */
+  private async installMediated(sw: SoftwareRelay): Promise<void> {
+    const st = this.state;
+    if (hasBit(st.protocolFeatures, ProtocolFeature.CONFIGURE_MEM_SLOTS)) {
+      await this.tell(Frontend.ADD_MEM_REG, { region: sw.region }, [sw.fd]);
+      return;
+    }
+    await this.tell(Frontend.SET_MEM_TABLE, { regions: [...st.regions.map(plainRegion), sw.region] }, [...st.regions.map((r) => r.fd), sw.fd]);
+  }
+
+  private async removeMediated(sw: SoftwareRelay): Promise<void> {
+    const st = this.state;
+    if (hasBit(st.protocolFeatures, ProtocolFeature.CONFIGURE_MEM_SLOTS)) {
+      await this.tell(Frontend.REM_MEM_REG, { region: sw.region });
+      return;
+    }
+    await this.tell(Frontend.SET_MEM_TABLE, { regions: st.regions.map(plainRegion) }, st.regions.map((r) => r.fd));
+  }
+
+  /**
+   * Direct to sw-relay (LOG_ALL turned on): every started ring is stopped
+   * (GET_VRING_BASE), its requests in flight complete in the guest's used
+   * ring, the mediated region joins the back-end's memory table and the ring
+   * starts again from the same position with its used ring there.
+   */
+  private async toRelay(): Promise<void> {
+    const st = this.state;
+    if (hasBit(st.features, F_RING_PACKED)) throw new Error('LOG_ALL on packed rings: the software relay copies split used rings only');
+    if (st.log === null) throw new Error('LOG_ALL without a log (SET_LOG_BASE)');
+    const started = st.vrings.filter((v) => v.started && v.addr !== null && v.num > 0);
+    const sw = new SoftwareRelay(
+      st.regions,
+      st.vrings.filter((v) => v.num > 0).map((v) => ({ index: v.index, num: v.num })),
+      st.log,
+    );
+    this.sw = sw;
+    this.hooks.log.relayAttached(() => sw.stats());
+    this.logger.info(`${this.label}: dirty logging on: the software relay takes the used rings of queue(s) ${started.map((v) => v.index).join(', ') || 'none'} (mediated region at guest 0x${sw.region.guestAddr.toString(16)})`);
+    const bases = new Map<number, number>();
+    for (const v of started) bases.set(v.index, (await this.ask(Frontend.GET_VRING_BASE, { index: v.index, num: 0 })).num);
+    for (const v of started) {
+      const addr = v.addr as VringAddr;
+      await this.settle(v.index, (bases.get(v.index) as number) & 0xffff, "the guest's used.idx", () => sw.guestUsed(addr.usedUserAddr));
+    }
+    await this.installMediated(sw);
+    for (const v of started) {
+      sw.attach(v.index, v.num, v.addr as VringAddr, st.features);
+      await this.restartRing(v, bases.get(v.index) as number, sw.mediatedAddr(v.index));
+    }
+    this.mode = 'sw-relay';
+    this.hooks.log.relayMode('sw-relay');
+    this.backstop = setInterval(() => this.relayAll(), BACKSTOP_MS);
+    this.backstop.unref();
+    for (const v of started) this.kickRelayed(v.index);
+  }
+
+  /** sw-relay to direct (LOG_ALL turned off): the reverse, from the position the relay reached. */
+  private async toDirect(): Promise<void> {
+    const sw = this.sw;
+    if (sw === null) return;
+    const rings = sw.relayed.map((r) => r.index);
+    this.stopBackstop();
+    const bases = new Map<number, number>();
+    for (const i of rings) bases.set(i, (await this.ask(Frontend.GET_VRING_BASE, { index: i, num: 0 })).num);
+    for (const i of rings) await this.drainRing(i, bases.get(i) as number);
+    for (const i of rings) {
+      sw.markUsedRing(i);
+      sw.retire(i);
+      const v = this.vring(i);
+      if (v !== null && v.addr !== null) await this.restartRing(v, bases.get(i) as number, v.addr.usedUserAddr);
+    }
+    await this.removeMediated(sw);
+    this.dropRelay();
+    this.logger.info(`${this.label}: dirty logging off: queue(s) ${rings.join(', ') || 'none'} back to direct`);
+  }
+
+  /** The back-end stopped ring `index` at avail `base`: relay until every request it took is in the guest's used ring. */
+  private async drainRing(index: number, base: number): Promise<void> {
+    const sw = this.sw as SoftwareRelay;
+    await this.settle(index, base & 0xffff, 'the relayed used.idx', () => {
+      this.relayRing(index);
+      return sw.ring(index)?.relay.position ?? base & 0xffff;
+    });
+  }
+
+  /** A ring QEMU starts while the relay runs: primed and given the mediated used ring before its kick goes. */
+  private async relayStartingRing(index: number): Promise<void> {
+    const sw = this.sw as SoftwareRelay;
+    const v = this.vring(index);
+    if (v === null || v.addr === null || v.num === 0) throw new Error(`queue ${index} started without its size and addresses`);
+    sw.attach(index, v.num, v.addr, this.state.features);
+    await this.tell(Frontend.SET_VRING_ADDR, { ...v.addr, flags: v.addr.flags & ~(1 << VHOST_VRING_F_LOG), logGuestAddr: 0n, usedUserAddr: sw.mediatedAddr(index) });
+    queueMicrotask(() => this.kickRelayed(index));
+  }
+
+  /** Keep the guest kicking (the back-end's suppression fields are in the mediated ring now) and kick the back-end. */
+  private kickRelayed(index: number): void {
+    const sw = this.sw;
+    const ring = sw?.ring(index);
+    const r = this.relays.get(index);
+    if (sw === null || ring === undefined || r === undefined) return;
+    try {
+      ring.relay.keepKicking(sw.mem);
+    } catch (e) {
+      this.end('bridge', new Error(`queue ${index}: the guest's avail ring: ${asError(e, 'avail').message}`));
+      return;
+    }
+    if (r.backKick >= 0) native().eventfdWrite(r.backKick, 1);
+  }
+
+  /** Copy what the back-end used in ring `index`'s mediated ring to the guest; interrupt it when it wants one. */
+  private relayRing(index: number): void {
+    const sw = this.sw;
+    if (sw === null || this.ended) return;
+    const res = sw.relay(index);
+    if (res.notify) {
+      const r = this.relays.get(index);
+      if (r !== undefined) {
+        if (r.guestCall < 0) r.pendingCall = true;
+        else this.signalGuest(r);
+      }
+    }
+    if (res.error !== null) this.end('bridge', new Error(`queue ${index}: the back-end's mediated used ring: ${res.error.message}`));
+  }
+
+  private relayAll(): void {
+    const sw = this.sw;
+    if (sw === null) return;
+    for (const r of sw.relayed) this.relayRing(r.index);
+  }
+
+  private stopBackstop(): void {
+    if (this.backstop !== null) clearInterval(this.backstop);
+    this.backstop = null;
+  }
+
+  private dropRelay(): void {
+    this.stopBackstop();
+    const sw = this.sw;
+    if (sw === null) return;
+    this.hooks.log.relayDetached(sw.stats());
+    sw.close();
+    this.sw = null;
+    if (this.mode !== 'direct') this.hooks.log.relayMode('direct');
+    this.mode = 'direct';
   }
 
   /** SET_VRING_KICK: keep the guest's eventfd, poll it; the back-end gets the bridge's. */
@@ -493,6 +881,10 @@ class Session {
     }
     if (n === 0) return;
     r.counters.kicks++;
+    if (this.sw?.ring(r.index) !== undefined) {
+      this.kickRelayed(r.index);
+      return;
+    }
     try {
       a.eventfdWrite(r.backKick, 1);
     } catch (e) {
@@ -520,6 +912,10 @@ class Session {
     }
     if (n === 0) return;
     r.counters.interrupts++;
+    if (this.sw?.ring(r.index) !== undefined) {
+      this.relayRing(r.index);
+      return;
+    }
     if (r.guestCall < 0) {
       r.pendingCall = true;
       return;
@@ -568,10 +964,15 @@ class Session {
       if (hdr.request !== p.spec.id) {
         throw new ProtocolError(p.spec.name, `the back-end's reply carries request id ${hdr.request} (${frontendReqName(hdr.request)})`);
       }
+      let out = frame(hdr.request, hdr.flags, payload);
       if (p.ack) {
         const ok = decodeAck(p.spec, payload);
         if (fds.length > 0) throw new ProtocolError(p.spec.name, `the back-end's ack carries ${fds.length} fd(s)`);
         if (this.hooks.trace) this.logger.info(`${this.label}: <- ${p.spec.name} ${ok === 0n ? 'ack' : `nack ${ok}`}`);
+        if (p.claim !== undefined) {
+          p.claim.resolve(ok);
+          return;
+        }
       } else {
         const rep = decodeReply(p.spec, payload);
         const problem = fdProblem(p.spec.replyFds, rep, fds.length);
@@ -582,8 +983,13 @@ class Session {
           p.claim.resolve(rep);
           return;
         }
+        if (this.softwareLogging) out = this.offerLogging(p.spec, rep) ?? out;
+        if (p.spec.id === Frontend.GET_VRING_BASE.id && this.sw?.ring((rep as VringState).index) !== undefined) {
+          this.drainThenReply(rep as VringState, out);
+          return;
+        }
       }
-      this.front.send(frame(hdr.request, hdr.flags, payload), fds);
+      this.front.send(out, fds);
     } catch (e) {
       // The session ends on this error; the bridge's own request learns why.
       p?.claim?.reject(asError(e, 'reply'));
@@ -591,7 +997,45 @@ class Session {
     } finally {
       for (const fd of fds) closeQuietly(fd);
       fds.length = 0;
+      if (!this.ended) this.flushLocal();
     }
+  }
+
+  /**
+   * The offer the front-end sees when logging is the bridge's: LOG_ALL and
+   * LOG_SHMFD whatever the back-end offers, and no packed rings (the relay
+   * copies split used rings). Null: the reply as it is.
+   */
+  private offerLogging(spec: AnyMessageSpec, rep: unknown): Uint8Array | null {
+    if (spec.id === Frontend.GET_FEATURES.id) return encodeReply(Frontend.GET_FEATURES, ((rep as bigint) | bit(VHOST_F_LOG_ALL)) & ~bit(F_RING_PACKED));
+    if (spec.id === Frontend.GET_PROTOCOL_FEATURES.id) return encodeReply(Frontend.GET_PROTOCOL_FEATURES, (rep as bigint) | bit(ProtocolFeature.LOG_SHMFD));
+    return null;
+  }
+
+  /**
+   * The front-end stopped a relayed ring (QEMU at the end of a migration):
+   * its answer waits until the back-end's last used elements are in the
+   * guest's used ring, logged, so that the position QEMU reads and the final
+   * log sync both cover them. Neither side is read meanwhile.
+   */
+  private drainThenReply(s: VringState, out: Uint8Array): void {
+    const back = this.back as VhostUserConnection;
+    back.pause();
+    this.front.pause();
+    this.holding = true;
+    this.drainRing(s.index, s.num).then(
+      () => {
+        if (this.ended) return;
+        this.holding = false;
+        this.sw?.markUsedRing(s.index);
+        this.sw?.retire(s.index);
+        this.front.send(out);
+        this.flushLocal();
+        back.resume();
+        this.front.resume();
+      },
+      (e: unknown) => this.end('bridge', asError(e, 'GET_VRING_BASE')),
+    );
   }
 
   // ---- the mirror ---------------------------------------------------------------
@@ -780,6 +1224,7 @@ class Session {
       r.backKick = -1;
       r.backCall = -1;
     }
+    this.dropRelay();
     this.releaseRegions();
     if (this.state.log !== null && this.state.log.fd >= 0) closeQuietly(this.state.log.fd);
     this.state.log = null;
@@ -801,10 +1246,13 @@ export class PassthroughFunction {
   private readonly counters = new Map<number, Counters>();
   private messages = 0;
   private sessions = 0;
-  private readonly log = new LogForwarding();
+  private readonly log: LogForwarding;
+  private readonly swLiveMigration: boolean;
 
   constructor(opts: PassthroughOptions) {
     this.name = opts.name;
+    this.swLiveMigration = opts.swLiveMigration ?? false;
+    this.log = new LogForwarding(this.swLiveMigration);
     this.socketPath = opts.socket;
     this.backendSocket = opts.backendSocket;
     this.logger = opts.logger;
@@ -921,6 +1369,7 @@ export class PassthroughFunction {
           if (this.active === ended) this.active = null;
         },
         trace: this.trace,
+        swLiveMigration: this.swLiveMigration,
       });
     } catch (e) {
       closeQuietly(fd);
