@@ -166,7 +166,7 @@ function relayFunction(spec: FunctionSpec, b: LinkBackend, log: Logger): Running
 }
 
 function passthroughFunction(spec: FunctionSpec, b: VhostUserLinkBackend, log: Logger): RunningFunction {
-  const fn = new PassthroughFunction({ name: spec.name, socket: spec.socket, backendSocket: b.socket, logger: log });
+  const fn = new PassthroughFunction({ name: spec.name, socket: spec.socket, backendSocket: b.socket, logger: log, swLiveMigration: b.swLiveMigration });
   fn.listen();
   return {
     spec,

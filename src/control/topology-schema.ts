@@ -192,10 +192,31 @@ export function linkBackends(baseDir: string) {
         z.enum(['relay', 'passthrough'], { error: (iss) => `expected "relay" or "passthrough", got ${shown(iss.input)}` }).default('relay'),
         '`relay`: every chain is copied (DMA) between guest memory and the function\'s BAR, where the backend works on shadow rings; the backend never maps guest memory. `passthrough` (vhost-user only, vDPA-style): the back-end gets the guest\'s memory table and rings; the bridge relays only the control messages and the notifications',
       ),
+      'sw-live-migration': field(
+        flag().optional(),
+        'passthrough only: while QEMU logs dirty pages for a live migration, the bridge takes the data path over as DPDK IFCVF\'s sw-live-migration does: the back-end keeps reading the guest\'s rings but writes its used elements to a mediated ring that the bridge copies to the guest, logging every page the back-end wrote and the used ring; the function goes back to direct when logging stops (migration cancelled). The back-end\'s own logging is not used. Always on with a back-end that offers no LOG_ALL. Split rings only: the function then offers no packed rings',
+        { default: 'false' },
+      ),
       'bar-size': barSize,
       'slot-size': slotSize,
       'grace-ms': graceMs,
-    }).transform((b): LinkBackend => ({ kind: 'vhost-user', socket: b.socket, mode: b.mode, barSize: b['bar-size'], slotSize: b['slot-size'], graceMs: b['grace-ms'] })),
+    })
+      .superRefine((b, ctx) => {
+        if (b['sw-live-migration'] !== undefined && b.mode !== 'passthrough') {
+          ctx.addIssue({ code: 'custom', path: ['sw-live-migration'], message: 'only a passthrough function (mode: passthrough) has a software relay to switch to' });
+        }
+      })
+      .transform(
+        (b): LinkBackend => ({
+          kind: 'vhost-user',
+          socket: b.socket,
+          mode: b.mode,
+          swLiveMigration: b['sw-live-migration'] ?? false,
+          barSize: b['bar-size'],
+          slotSize: b['slot-size'],
+          graceMs: b['grace-ms'],
+        }),
+      ),
     'in an existing vhost-user back-end (qemu-storage-daemon, DPDK\'s vhost PMD, another vbridge) that the bridge drives as front-end',
   );
   const virtioMsg = field(

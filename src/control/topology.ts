@@ -79,6 +79,8 @@ export interface VhostUserLinkBackend {
   kind: 'vhost-user';
   socket: string;
   mode: 'relay' | 'passthrough';
+  /** Passthrough: the bridge logs for a migration through its software relay, whatever the back-end offers. */
+  swLiveMigration: boolean;
   barSize: number;
   slotSize: number;
   /** Relay mode: ms the guest's requests wait for a backend that went away before the function fails. */

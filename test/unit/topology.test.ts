@@ -88,6 +88,7 @@ test('backends in other processes: pcie and vhost-user links with their modes', 
       functions: [
         { name: 'a', type: 'blk', socket: 'a.sock', backend: { link: 'pcie', attach: 'a.bar', 'bar-size': '16M', 'grace-ms': 2500 } },
         { name: 'b', type: 'blk', socket: 'b.sock', backend: { link: 'vhost-user', socket: 'qsd.sock', mode: 'passthrough' } },
+        { name: 'e', type: 'blk', socket: 'e.sock', backend: { link: 'vhost-user', socket: 'qsd2.sock', mode: 'passthrough', 'sw-live-migration': true } },
         { name: 'c', type: 'net', socket: 'c.sock', backend: { link: 'vhost-user', socket: 'vhost.sock' } },
         { name: 'd', type: 'net', socket: 'd.sock', backend: { link: 'local', sink: true } },
       ],
@@ -95,9 +96,10 @@ test('backends in other processes: pcie and vhost-user links with their modes', 
     '/tmp',
   );
   assert.deepEqual(t.functions[0].backend, { kind: 'pcie', attach: '/tmp/a.bar', barSize: 16 << 20, slotSize: 2048, graceMs: 2500 });
-  assert.deepEqual(t.functions[1].backend, { kind: 'vhost-user', socket: '/tmp/qsd.sock', mode: 'passthrough', barSize: 64 << 20, slotSize: 2048, graceMs: 10_000 });
-  assert.equal(t.functions[2].backend.kind === 'vhost-user' && t.functions[2].backend.mode, 'relay');
-  assert.equal(t.functions[3].backend.kind, 'sink');
+  assert.deepEqual(t.functions[1].backend, { kind: 'vhost-user', socket: '/tmp/qsd.sock', mode: 'passthrough', swLiveMigration: false, barSize: 64 << 20, slotSize: 2048, graceMs: 10_000 });
+  assert.deepEqual(t.functions[2].backend, { kind: 'vhost-user', socket: '/tmp/qsd2.sock', mode: 'passthrough', swLiveMigration: true, barSize: 64 << 20, slotSize: 2048, graceMs: 10_000 });
+  assert.equal(t.functions[3].backend.kind === 'vhost-user' && t.functions[3].backend.mode, 'relay');
+  assert.equal(t.functions[4].backend.kind, 'sink');
   const bad = (backend: Record<string, unknown>, field: string): void => {
     assert.throws(
       () => validateTopology({ functions: [{ name: 'x', type: 'blk', socket: 's', backend }] }, '/tmp'),
@@ -108,6 +110,8 @@ test('backends in other processes: pcie and vhost-user links with their modes', 
   bad({ link: 'pcie' }, 'functions[0].backend.attach');
   bad({ link: 'pcie', attach: 'p', mode: 'passthrough' }, 'functions[0].backend.mode');
   bad({ link: 'vhost-user', socket: 's', mode: 'copy' }, 'functions[0].backend.mode');
+  bad({ link: 'vhost-user', socket: 's', 'sw-live-migration': true }, 'functions[0].backend.sw-live-migration');
+  bad({ link: 'vhost-user', socket: 's', mode: 'passthrough', 'sw-live-migration': 'yes' }, 'functions[0].backend.sw-live-migration');
   bad({ link: 'pcie', attach: 'p', 'bar-size': 1000 }, 'functions[0].backend.bar-size');
   bad({ link: 'pcie', attach: 'p', file: 'x' }, 'functions[0].backend.file');
   bad({ link: 'pcie', attach: 'p', 'grace-ms': -1 }, 'functions[0].backend.grace-ms');
