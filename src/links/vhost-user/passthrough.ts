@@ -663,7 +663,8 @@ class Session {
   private async removeMediated(sw: SoftwareRelay): Promise<void> {
     const st = this.state;
     if (hasBit(st.protocolFeatures, ProtocolFeature.CONFIGURE_MEM_SLOTS)) {
-      await this.tell(Frontend.REM_MEM_REG, { region: sw.region });
+      // With its fd, as QEMU sends it: libvhost-user before QEMU 8.1 refuses REM_MEM_REG without one.
+      await this.tell(Frontend.REM_MEM_REG, { region: sw.region }, [sw.fd]);
       return;
     }
     await this.tell(Frontend.SET_MEM_TABLE, { regions: st.regions.map(plainRegion) }, st.regions.map((r) => r.fd));
