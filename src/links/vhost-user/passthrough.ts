@@ -704,7 +704,24 @@ class Session {
     this.hooks.log.relayMode('sw-relay');
     this.backstop = setInterval(() => this.relayAll(), BACKSTOP_MS);
     this.backstop.unref();
-    for (const v of started) this.kickRelayed(v.index);
+    for (const v of started) {
+      this.kickRelayed(v.index);
+      this.interruptAfterSwitch(v.index);
+    }
+  }
+
+  /**
+   * libvhost-user closes its call fd at GET_VRING_BASE, so requests it
+   * completes between that and the restart reach the guest's used ring
+   * without an interrupt (seen: a guest waiting on its one request in flight
+   * forever). An interrupt after each switch covers them; a spurious one
+   * only makes the guest look at its used ring.
+   */
+  private interruptAfterSwitch(index: number): void {
+    const r = this.relays.get(index);
+    if (r === undefined) return;
+    if (r.guestCall < 0) r.pendingCall = true;
+    else this.signalGuest(r);
   }
 
   /** sw-relay to direct (LOG_ALL turned off): the reverse, from the position the relay reached. */
@@ -721,6 +738,7 @@ class Session {
       sw.retire(i);
       const v = this.vring(i);
       if (v !== null && v.addr !== null) await this.restartRing(v, bases.get(i) as number, v.addr.usedUserAddr);
+      this.interruptAfterSwitch(i);
     }
     await this.removeMediated(sw);
     this.dropRelay();
