@@ -277,3 +277,25 @@ for (const kind of ['socket', 'shm', 'ivshmem'] as const) {
     }
   });
 }
+
+for (const kind of ['shm', 'ivshmem'] as const) {
+  test(`a ${kind} driver that hangs up right after its hello: the device's answer fails (EPIPE) and ends that connection; nothing escapes (the CI fuzzer's crash)`, async () => {
+    const a = native();
+    for (const good of [true, false]) {
+      const [drv, devFd] = a.socketpair();
+      const slots = good ? 32 : 33;
+      const ivshmem = kind === 'ivshmem';
+      const fds = [...(ivshmem ? [a.memfd('regs', 4096)] : []), a.memfd('q', queuesBytes(32)), a.eventfd(0), a.eventfd(0)];
+      const hello = encodeRequest(SocketBus.RINGS_HELLO, 0, 1, { kind: ivshmem ? RingsKind.IVSHMEM : RingsKind.SHM, slots, size: BigInt(queuesBytes(32)) }, L);
+      assert.equal(a.sendmsg(drv, hello, 0, hello.length, fds), hello.length);
+      for (const f of fds) a.close(f);
+      a.close(drv);
+      const dev = RingTransport.device(kind, devFd, `dev-gone-${kind}`);
+      const s = collector();
+      dev.start(s);
+      await waitFor(() => s.endedWith.length === 1, `the device end to end (${good ? 'good' : 'bad'} rings)`);
+      assert.match(s.endedWith[0]?.message ?? '', good ? /EPIPE|Broken pipe|ECONNRESET/ : /refused the rings: 33 ring slots/);
+      dev.close();
+    }
+  });
+}

@@ -307,14 +307,31 @@ export class RingTransport implements MsgTransport {
       }
     }
     if (why !== null) {
-      for (const f of fds) closeQuietly(f);
-      this.socket.send(encodeResponse(SocketBus.RINGS_HELLO, m.header, HelloStatus.BAD_RINGS, SOCKET_BUS_LIMITS), []);
+      // Once map() took them they are closed with the mapping (release), and only then.
+      if (this.mapped.fds !== fds) for (const f of fds) closeQuietly(f);
+      // The refusal is the reason this connection ends, whether or not the driver is still there to read it.
+      this.answerHello(m, HelloStatus.BAD_RINGS, false);
       this.end(new Error(`${this.label}: refused the rings: ${why}`));
       return;
     }
     this.ready = true;
-    this.socket.send(encodeResponse(SocketBus.RINGS_HELLO, m.header, HelloStatus.OK, SOCKET_BUS_LIMITS), []);
+    if (!this.answerHello(m, HelloStatus.OK)) return;
     this.service();
+  }
+
+  /**
+   * Answer from inside the socket's poll callback: a driver that hung up
+   * right after its hello makes the send fail (EPIPE), and that ends this
+   * connection; nothing may throw out of the callback into the process.
+   */
+  private answerHello(m: Decoded, status: number, endOnFailure = true): boolean {
+    try {
+      this.socket.send(encodeResponse(SocketBus.RINGS_HELLO, m.header, status, SOCKET_BUS_LIMITS), []);
+      return true;
+    } catch (e) {
+      if (endOnFailure) this.end(asError(e, 'send'));
+      return false;
+    }
   }
 
   private onHelloAnswer(m: Decoded, fds: number[]): void {
