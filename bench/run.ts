@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { netBench, type NetResult } from './net';
 import { blkBench, type BlkResult } from './blk';
 import { vfBench, type VfResult } from './vf';
-import { msgBench, type MsgResult, VIAS } from './msg';
+import { msgBench, type MsgResult, roundMedian, roundRatios, VIAS } from './msg';
 import { BLK_MIG_DISKS, MIG_LOADS, NET_MIG_BACKENDS, migrationBench, type MigLoad, type MigrationResult, type MigrationSample } from './migration';
 import { fmt, spread, type Outcome, type Spread } from './measure';
 import { withHeavyLock } from '../test/support/heavy-lock';
@@ -87,13 +87,20 @@ function printBlk(blk: BlkResult): void {
 
 function printMsg(m: MsgResult): void {
   const pcie = value(m.blk.pcie);
+  const rounds = pcie?.randwrite.rounds.length ?? 0;
   out('\nvirtio-msg: the relay over the PCIe link and over each virtio-msg bus to the same backend process\n');
-  out('blk: fio 4 KiB, iodepth 16, in a TCG guest (IOPS; ratio to the PCIe link; bus messages and doorbells per request)\n');
-  out(' link       randwrite  ratio  msgs/req  bells/req   randread  ratio  msgs/req  bells/req\n');
+  out(`blk: fio 4 KiB, iodepth 16, in a TCG guest, the disks in turn over ${rounds} rounds (IOPS, median of the rounds; ratio to the PCIe link,\n`);
+  out(' median of the rounds\' ratios, then their lowest and highest; bus messages and doorbells per request)\n');
+  out(' link       randwrite  ratio  (min-max)    msgs/req  bells/req   randread  ratio  (min-max)    msgs/req  bells/req\n');
   for (const via of VIAS) {
     const r = value(m.blk[via]);
-    const cell = (job: 'randwrite' | 'randread'): string =>
-      `${fmt(r?.[job].iops, 0, 9)}  ${fmt(ratio(r?.[job].iops, pcie?.[job].iops), 2, 5)}  ${fmt(r?.[job].busMessagesPerReq, 2, 8)}  ${fmt(r?.[job].doorbellsPerReq, 3, 9)}`;
+    const cell = (job: 'randwrite' | 'randread'): string => {
+      const q = spread(roundRatios(r?.[job], pcie?.[job]));
+      return (
+        `${fmt(roundMedian(r?.[job], (x) => x.iops), 0, 9)}  ${fmt(q.median, 2, 5)}  (${fmt(q.min, 2, 4)}-${fmt(q.max, 2, 4)})` +
+        `  ${fmt(roundMedian(r?.[job], (x) => x.busMessagesPerReq), 2, 8)}  ${fmt(roundMedian(r?.[job], (x) => x.doorbellsPerReq), 3, 9)}`
+      );
+    };
     out(` ${via.padEnd(8)}  ${cell('randwrite')}  ${cell('randread')}\n`);
   }
   failures(VIAS.map((v) => m.blk[v]));
@@ -160,7 +167,7 @@ function printMigration(m: MigrationResult): void {
     return `${fmt(s.min, d, 5)} ${fmt(s.median, d, 5)} ${fmt(s.max, d, 5)}`;
   };
   const med = (xs: readonly (number | undefined)[], d: number, w: number): string => fmt(spread(xs.map((x) => x ?? NaN)).median, d, w);
-  out(`\nmigration: a ${m.guestMiB} MiB TCG guest with one blk disk (then one NIC), migrated over tcp:127.0.0.1 (max-bandwidth ${m.maxBandwidthMiBs} MiB/s), back and forth\n`);
+  out(`\nmigration: a ${m.guestMiB} MiB TCG guest with one blk disk (then one NIC), migrated over tcp:127.0.0.1 (max-bandwidth ${m.maxBandwidthMiBs} MiB/s, downtime-limit ${m.downtimeLimitMs} ms), back and forth\n`);
   out('(downtime and total from the source\'s query-migrate, ms, min / median / max; then medians, from QEMU\'s traces: the RAM left when QEMU\n');
   out(' stopped the guest, the stop (of which the vhost-user device stop), the final copy, STOP -> RESUME (QMP events), the destination\'s\n');
   out(' device start after RESUME; RAM sent; pages the source function dirtied and requests (descriptors) it served during the migration)\n');
@@ -187,7 +194,7 @@ function printMigration(m: MigrationResult): void {
       failures(keys.flatMap((k) => by[load][k]));
     }
   };
-  table('blk', m.blk, BLK_MIG_DISKS, 'qsd', ['vbridge', 'relay'], { vbridge: '<= 0', relay: '< 10' });
+  table('blk', m.blk, BLK_MIG_DISKS, 'qsd', ['vbridge', 'relay', 'swrelay'], { vbridge: '<= 0', relay: '<= 0', swrelay: '< 10' });
   table('net', m.net, NET_MIG_BACKENDS, 'dpdk', ['vbridge'], { vbridge: '<= 0' });
 }
 
@@ -221,7 +228,8 @@ async function main(): Promise<void> {
         printVf(r.vf);
       }
       if (only === undefined || only === 'msg') {
-        r.msg = await msgBench(Number(process.env.BENCH_BLK_SECONDS ?? 10), seconds, [64, 1500]);
+        // Shorter fio jobs than the blk bench's, in rounds (BENCH_MSG_ROUNDS): the links are compared within each round.
+        r.msg = await msgBench(Number(process.env.BENCH_MSG_BLK_SECONDS ?? 5), seconds, [64, 1500], Number(process.env.BENCH_MSG_ROUNDS ?? 3));
         printMsg(r.msg);
       }
       if (only === undefined || only === 'migration') {

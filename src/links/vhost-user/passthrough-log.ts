@@ -28,8 +28,8 @@ export interface PassthroughMigrationStats {
   logging: boolean;
   /**
    * The back-end offers LOG_ALL and LOG_SHMFD, so QEMU can migrate the guest
-   * with the log forwarded; false: QEMU refuses to migrate (the software relay
-   * that would cover it is not wired yet); null until the session asked both.
+   * with the log forwarded; false: the bridge keeps the log itself through
+   * the software relay (see softwareLogging); null until the session asked both.
    */
   backendLogs: boolean | null;
   /** SET_LOG_BASE forwarded, cumulative since the function was created. */
