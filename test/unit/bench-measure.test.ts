@@ -2,6 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { bounded, cpuSeconds, CpuWindow, fmt } from '../../bench/measure';
+import { jobOrder, roundMedian, roundRatios, VIAS } from '../../bench/msg';
 
 test('bounded: a result, a failure and a hang each come back as an outcome, the hang within its bound', async () => {
   assert.deepEqual(await bounded('ok', 1000, () => Promise.resolve(42)), { ok: true, value: 42 });
@@ -34,4 +35,22 @@ test('cpuSeconds: this process uses CPU and the figure grows with work; a proces
   assert.ok(Number.isNaN(cpuSeconds(undefined)));
   assert.equal(fmt(NaN, 2, 5), '    -');
   assert.equal(fmt(1.234, 2, 5), ' 1.23');
+});
+
+test('bench msg rounds: every disk runs each job once a round, from a start that rotates; ratios are taken within a round', () => {
+  const order = jobOrder(3);
+  assert.equal(order.length, 3 * 2 * VIAS.length);
+  for (let round = 0; round < 3; round++) {
+    const mine = order.filter((x) => x.round === round);
+    for (const job of ['randwrite', 'randread'] as const) assert.deepEqual(mine.filter((x) => x.job === job).map((x) => x.disk).sort(), [0, 1, 2, 3]);
+    assert.equal(mine[0].job, 'randwrite');
+    assert.equal(mine[0].disk, round, 'each round starts one disk on');
+    assert.equal(mine[mine.length - 1].disk, round, 'reads go back the way writes came');
+  }
+  const f = (xs: number[]): { rounds: { iops: number }[] } => ({ rounds: xs.map((iops) => ({ iops })) });
+  // The guest slows down over the run: the ratio within each round stays at 0.9 while the raw rates halve.
+  assert.deepEqual(roundRatios(f([900, 675, 450]), f([1000, 750, 500])).map((x) => x.toFixed(2)), ['0.90', '0.90', '0.90']);
+  assert.deepEqual(roundRatios(f([900, 675]), f([1000, 0, 500])).length, 1, 'a round without an anchor figure gives no ratio');
+  assert.equal(roundMedian(f([3, 1, 2]), (x) => x.iops), 2);
+  assert.equal(roundMedian(undefined, (x) => x.iops), undefined);
 });
