@@ -490,20 +490,21 @@ export async function migrationBench(runs: number): Promise<MigrationResult> {
   try {
     const image = path.join(root, 'disk.img');
     await createRawImage(image, 64 * MiB);
-    // BENCH_MIGRATION_ONLY=blk|net: one half alone; the other's cells read '-'.
-    const only = process.env.BENCH_MIGRATION_ONLY;
+    // BENCH_MIGRATION_ONLY=blk|net, or a comma-separated list of back-ends (qsd,swrelay): those alone; the others' cells read '-'.
+    const only = (process.env.BENCH_MIGRATION_ONLY ?? '').split(',').filter((x) => x !== '');
+    const wanted = (half: 'blk' | 'net', name: string): boolean => only.length === 0 || only.includes(half) || only.includes(name);
     const blk = {} as MigrationResult['blk'];
     for (const load of MIG_LOADS) {
       blk[load] = {} as Record<BlkMigDisk, Outcome<MigrationSample>[]>;
       for (const disk of BLK_MIG_DISKS) {
-        blk[load][disk] = only === 'net' ? [] : await series(`migration blk ${disk} ${load}`, `${disk}-${load}`, load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, runs, root, (dir) => startBackends(disk, dir, image));
+        blk[load][disk] = !wanted('blk', disk) ? [] : await series(`migration blk ${disk} ${load}`, `${disk}-${load}`, load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, runs, root, (dir) => startBackends(disk, dir, image));
       }
     }
     const net = {} as MigrationResult['net'];
     for (const load of MIG_LOADS) {
       net[load] = {} as Record<NetMigBackend, Outcome<MigrationSample>[]>;
       for (const kind of NET_MIG_BACKENDS) {
-        net[load][kind] = only === 'blk' ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT, runs, root, (dir) => startNetBackends(kind, dir));
+        net[load][kind] = !wanted('net', kind) ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT, runs, root, (dir) => startNetBackends(kind, dir));
       }
     }
     return { guestMiB: GUEST_MIB, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), blk, net };
