@@ -9,7 +9,8 @@ import * as path from 'node:path';
 import { netBench, type NetResult } from './net';
 import { blkBench, type BlkResult } from './blk';
 import { vfBench, type VfResult } from './vf';
-import { msgBench, type MsgResult, roundMedian, roundRatios, VIAS } from './msg';
+import { msgBench, type MsgResult, VIAS } from './msg';
+import { type RoundFigures, roundMedian, roundRatios } from './disk-rounds';
 import { BLK_MIG_DISKS, MIG_LOADS, NET_MIG_BACKENDS, migrationBench, type MigLoad, type MigrationResult, type MigrationSample } from './migration';
 import { fmt, spread, type Outcome, type Spread } from './measure';
 import { withHeavyLock } from '../test/support/heavy-lock';
@@ -67,22 +68,22 @@ function printNet(net: readonly NetResult[]): void {
 }
 
 function printBlk(blk: BlkResult): void {
-  out('\nblk: fio 4 KiB, iodepth 16, in a TCG guest (IOPS; guest kicks and interrupts per request)\n');
-  out(' job          qsd  vbridge  ratio  kicks/req  irqs/req    relay  relay/qsd  kicks/req  irqs/req\n');
-  const a = value(blk.anchor);
-  const d = value(blk.direct);
-  const x = value(blk.relay);
+  const d = value(blk.disks);
+  out(`\nblk: fio 4 KiB, iodepth 16, in ONE TCG guest with three disks taking turns over ${blk.rounds} rounds (IOPS, median of the rounds;\n`);
+  out(' ratio to qemu-storage-daemon: median of the rounds\' ratios, then their lowest and highest; guest kicks and interrupts per request)\n');
+  out(' job          qsd  vbridge  ratio (min-max)    kicks/req  irqs/req    relay  relay/qsd (min-max)  kicks/req  irqs/req\n');
   for (const job of ['randread', 'randwrite'] as const) {
-    const qa = a?.[job];
-    const qd = d?.[job];
-    const qx = x?.[job];
-    out(
-      ` ${job.padEnd(10)} ${fmt(qa?.iops, 0, 6)}  ${fmt(qd?.iops, 0, 7)}  ${fmt(ratio(qd?.iops, qa?.iops), 2, 5)}` +
-        `  ${fmt(qd?.kicksPerReq, 3, 9)}  ${fmt(qd?.interruptsPerReq, 3, 8)}  ${fmt(qx?.iops, 0, 7)}  ${fmt(ratio(qx?.iops, qa?.iops), 2, 9)}` +
-        `  ${fmt(qx?.kicksPerReq, 3, 9)}  ${fmt(qx?.interruptsPerReq, 3, 8)}\n`,
-    );
+    const qa = d?.anchor[job];
+    const side = (f: RoundFigures | undefined, w: number): string => {
+      const q = spread(roundRatios(f, qa));
+      return (
+        `${fmt(roundMedian(f, (x) => x.iops), 0, 7)}  ${fmt(q.median, 2, w)} (${fmt(q.min, 2, 4)}-${fmt(q.max, 2, 4)})` +
+        `  ${fmt(roundMedian(f, (x) => x.kicksPerReq), 3, 9)}  ${fmt(roundMedian(f, (x) => x.interruptsPerReq), 3, 8)}`
+      );
+    };
+    out(` ${job.padEnd(10)} ${fmt(roundMedian(qa, (x) => x.iops), 0, 6)}  ${side(d?.direct[job], 5)}  ${side(d?.relay[job], 9)}\n`);
   }
-  failures([blk.anchor, blk.direct, blk.relay]);
+  failures([blk.disks]);
 }
 
 function printMsg(m: MsgResult): void {
@@ -220,7 +221,8 @@ async function main(): Promise<void> {
         printNet(r.net);
       }
       if (only === undefined || only === 'blk') {
-        r.blk = await blkBench(Number(process.env.BENCH_BLK_SECONDS ?? 10));
+        // BENCH_BLK_ROUNDS rounds of BENCH_BLK_SECONDS jobs, the three disks in turn.
+        r.blk = await blkBench(Number(process.env.BENCH_BLK_SECONDS ?? 5), Number(process.env.BENCH_BLK_ROUNDS ?? 3));
         printBlk(r.blk);
       }
       if (only === undefined || only === 'vf') {
@@ -245,7 +247,7 @@ async function main(): Promise<void> {
     const failed = all
       .flatMap((r) => [
         ...(r.net ?? []).flatMap((n) => [n.anchor, n.direct, n.packed, n.relay]),
-        ...(r.blk !== undefined ? [r.blk.anchor, r.blk.direct, r.blk.relay] : []),
+        ...(r.blk !== undefined ? [r.blk.disks] : []),
         ...(r.vf !== undefined ? [r.vf.pause, r.vf.reattach, r.vf.attach] : []),
         ...(r.msg !== undefined ? [...VIAS.map((v) => r.msg!.blk[v]), ...r.msg.net.flatMap((n) => VIAS.map((v) => n.by[v]))] : []),
         ...(r.migration !== undefined

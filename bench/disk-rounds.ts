@@ -1,0 +1,163 @@
+/**
+ * fio in ONE TCG guest over several disks that take turns, in rounds. A TCG
+ * guest's IOPS move by up to half from one boot to the next and drift within
+ * one, which drowns what two back-ends differ by when each gets its own boot
+ * or its own stretch of the run. Here every disk runs each job once a round
+ * (writes from a start that rotates each round, then reads back the other
+ * way), and a disk's ratio to another is taken within each round: the drift
+ * falls on both sides of every ratio.
+ */
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import { startGuest, type GuestFile } from '../test/support/qemu-guest';
+import { fetchJson } from '../src/control/control-server';
+import type { StatsReport } from '../src/control/stats-format';
+import { spread } from './measure';
+
+export type BlkJob = 'randread' | 'randwrite';
+
+/** One fio job's figures; the notifications are the guest's kicks and the interrupts it got, per request (ours only: qsd does not count them). */
+export interface BlkFigures {
+  iops: number;
+  kicksPerReq?: number;
+  interruptsPerReq?: number;
+  /** virtio-msg links: messages on the bus (both ways) and doorbells rung by the bridge, per request. */
+  busMessagesPerReq?: number;
+  doorbellsPerReq?: number;
+}
+
+/** fio and every shared library it loads, at their host paths. */
+export function fioFiles(): GuestFile[] {
+  const libs = execFileSync('ldd', ['/usr/bin/fio'])
+    .toString()
+    .split('\n')
+    .map((l) => /(?:=>\s*)?(\/\S+)\s+\(0x/.exec(l)?.[1])
+    .filter((p): p is string => p !== undefined);
+  return ['/usr/bin/fio', ...libs].map((p) => ({ path: p, data: fs.readFileSync(p), mode: 0o755 }));
+}
+
+/** terse v3: field 8 is read IOPS, field 49 write IOPS (1-based, ';'-separated). */
+function iops(output: string, job: BlkJob, key: string): number {
+  const line = new RegExp(`FIO_${key}=(.*)`).exec(output)?.[1];
+  if (line === undefined) throw new Error(`no fio ${key} result in guest output:\n${output.slice(-3000)}`);
+  const f = line.split(';');
+  return Number(job === 'randread' ? f[7] : f[48]);
+}
+
+interface Counted {
+  requests: number;
+  kicks: number;
+  interrupts: number;
+  busMessages: number;
+  doorbells: number;
+}
+
+/** The function's guest-side queue counters, summed over its queues. */
+async function counted(control: string, name: string): Promise<Counted> {
+  const r = await fetchJson<StatsReport>(control, '/stats');
+  const f = r.functions.find((x) => x.name === name);
+  if (f === undefined) throw new Error(`no function ${name} in the bridge's stats`);
+  const bus = f.backend?.busMessages;
+  return {
+    requests: f.queues.reduce((n, q) => n + q.descriptors, 0),
+    kicks: f.queues.reduce((n, q) => n + q.kicks, 0),
+    interrupts: f.queues.reduce((n, q) => n + q.interrupts, 0),
+    busMessages: bus === undefined ? NaN : bus.sent + bus.received,
+    doorbells: bus?.doorbells ?? NaN,
+  };
+}
+
+function perRequest(a: Counted, b: Counted): Omit<BlkFigures, 'iops'> {
+  const n = b.requests - a.requests;
+  if (n <= 0) return {};
+  const per = (x: number, y: number): number | undefined => (Number.isNaN(x) || Number.isNaN(y) ? undefined : (y - x) / n);
+  return {
+    kicksPerReq: (b.kicks - a.kicks) / n,
+    interruptsPerReq: (b.interrupts - a.interrupts) / n,
+    busMessagesPerReq: per(a.busMessages, b.busMessages),
+    doorbellsPerReq: per(a.doorbells, b.doorbells),
+  };
+}
+
+/** A disk of the guest, in the order the guest sees them (vda, vdb, ...). */
+export interface RoundDisk {
+  socket: string;
+  /** A vbridge function's control socket and name: its counters give the per-request figures (the anchor has none). */
+  counters?: { control: string; fn: string };
+}
+
+/** One disk's job over the rounds: each round's figures, in round order. */
+export interface RoundFigures {
+  rounds: BlkFigures[];
+}
+
+export interface RoundJob {
+  job: BlkJob;
+  disk: number;
+  round: number;
+}
+
+const dev = (disk: number): string => `vd${String.fromCharCode(0x61 + disk)}`;
+const key = ({ job, disk, round }: RoundJob): string => `${job}_${dev(disk)}_${round}`;
+
+/** The jobs in the order they run. */
+export function jobOrder(disks: number, rounds: number): RoundJob[] {
+  const out: RoundJob[] = [];
+  for (let round = 0; round < rounds; round++) {
+    const order = Array.from({ length: disks }, (_, i) => (i + round) % disks);
+    for (const disk of order) out.push({ job: 'randwrite', disk, round });
+    for (const disk of [...order].reverse()) out.push({ job: 'randread', disk, round });
+  }
+  return out;
+}
+
+/** One KEY=terse line per job, disk and round. */
+function script(disks: number, seconds: number, rounds: number): string {
+  const line = (j: RoundJob): string =>
+    `fio --name=${j.job} --filename=/dev/${dev(j.disk)} --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=${j.job} --time_based --runtime=${seconds} --size=48M --output-format=terse --terse-version=3 | sed 's/^/FIO_${key(j)}=/'`;
+  return jobOrder(disks, rounds).map(line).join('\n') + '\n';
+}
+
+/** Boots the guest on `disks`, runs the rounds and gives each disk's figures, in the disks' order. */
+export async function diskRounds(name: string, disks: readonly RoundDisk[], files: GuestFile[], seconds: number, rounds: number): Promise<Record<BlkJob, RoundFigures>[]> {
+  const jobs = jobOrder(disks.length, rounds);
+  const g = await startGuest({
+    name,
+    script: script(disks.length, seconds, rounds),
+    memMiB: 512,
+    blks: disks.map((d) => ({ socket: d.socket })),
+    files,
+    timeoutMs: (jobs.length * seconds + 180) * 1000,
+  });
+  const out = disks.map((): Record<BlkJob, RoundFigures> => ({ randwrite: { rounds: [] }, randread: { rounds: [] } }));
+  const read = (d: RoundDisk) => (d.counters === undefined ? undefined : counted(d.counters.control, d.counters.fn));
+  // Only the disk whose job runs moves: its counters between the line before and its own line are that job's.
+  const marks = await Promise.all(disks.map(read));
+  for (const j of jobs) {
+    await g.waitFor(new RegExp(`FIO_${key(j)}=.*\n`), (seconds + 120) * 1000);
+    const after = await read(disks[j.disk]);
+    const before = marks[j.disk];
+    out[j.disk][j.job].rounds[j.round] = { iops: 0, ...(before !== undefined && after !== undefined ? perRequest(before, after) : {}) };
+    marks[j.disk] = after;
+  }
+  const r = await g.done;
+  if (r.rc !== 0) throw new Error(`fio guest failed:\n${r.output.slice(-3000)}`);
+  for (const j of jobs) out[j.disk][j.job].rounds[j.round].iops = iops(r.output, j.job, key(j));
+  return out;
+}
+
+/** The median over rounds of one figure. */
+export function roundMedian(f: RoundFigures | undefined, pick: (x: BlkFigures) => number | undefined): number | undefined {
+  if (f === undefined) return undefined;
+  const xs = f.rounds.map(pick).filter((x): x is number => x !== undefined && Number.isFinite(x));
+  return xs.length === 0 ? undefined : spread(xs).median;
+}
+
+/** A disk's IOPS over another's, round by round (a round where the other has no figure gives none). */
+export function roundRatios(f: RoundFigures | undefined, anchor: RoundFigures | undefined): number[] {
+  if (f === undefined || anchor === undefined) return [];
+  return f.rounds.flatMap((x, i) => {
+    const a = anchor.rounds[i]?.iops;
+    return a !== undefined && a > 0 ? [x.iops / a] : [];
+  });
+}
