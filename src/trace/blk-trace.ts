@@ -8,6 +8,7 @@
 import type { BlkRequestInfo, BlkRequestTap } from '../devices/blk/blk-device';
 import type { TapPoint } from '../devices/device';
 import type { CaptureSink } from '../capture/frame-capture';
+import { TapTracers, type Tracer } from './tap-tracers';
 
 export const TRACE_CONTENT_TYPE = 'application/x-ndjson';
 
@@ -96,41 +97,9 @@ export interface TraceOptions {
   count?: number;
 }
 
-export interface Trace {
-  readonly records: number;
-  readonly dropped: number;
-  close(): void;
-}
+export type Trace = Tracer;
 
-const encoder = new TextEncoder();
-
-class OneTrace implements Trace {
-  records = 0;
-  dropped = 0;
-  closed = false;
-
-  constructor(
-    readonly sink: CaptureSink,
-    readonly opts: TraceOptions,
-    private readonly detach: (t: OneTrace) => void,
-  ) {}
-
-  offer(r: BlkRequestInfo, line: () => Uint8Array): void {
-    if (this.closed || (this.opts.queue !== undefined && this.opts.queue !== r.queue)) return;
-    if (this.sink.write(line())) this.records++;
-    else this.dropped++;
-    if (this.opts.count !== undefined && this.records >= this.opts.count) this.close();
-  }
-
-  close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    this.detach(this);
-    this.sink.end();
-  }
-}
-
-const active = new Map<TapPoint<BlkRequestTap>, Set<OneTrace>>();
+const tracers = new TapTracers<BlkRequestTap, BlkRequestInfo>();
 
 /**
  * Starts a trace on a device's request tap point (a BlkDevice, the relay of a
@@ -138,40 +107,12 @@ const active = new Map<TapPoint<BlkRequestTap>, Set<OneTrace>>();
  * request completes.
  */
 export function startTrace(dev: TapPoint<BlkRequestTap>, sink: CaptureSink, opts: TraceOptions = {}): Trace {
-  let set = active.get(dev);
-  if (set === undefined) {
-    const s = new Set<OneTrace>();
-    set = s;
-    active.set(dev, s);
-    const tap: BlkRequestTap = (r) => {
-      // Encoded once, and only when some tracer wants this queue.
-      let bytes: Uint8Array | null = null;
-      const line = (): Uint8Array => (bytes ??= encoder.encode(JSON.stringify(blkTraceRecord(r)) + '\n'));
-      for (const t of s) {
-        // The tap runs inside the device's request handler: a failing tracer ends, the device goes on.
-        try {
-          t.offer(r, line);
-        } catch {
-          t.close();
-        }
-      }
-    };
-    dev.tap = tap;
-  }
-  const mine = set;
-  const t = new OneTrace(sink, opts, (x) => {
-    mine.delete(x);
-    if (mine.size === 0 && active.get(dev) === mine) {
-      active.delete(dev);
-      dev.tap = null;
-    }
-  });
-  set.add(t);
-  if (opts.count === 0) t.close();
-  return t;
+  const { queue, count } = opts;
+  const accepts = queue === undefined ? undefined : (r: BlkRequestInfo): boolean => r.queue === queue;
+  return tracers.start(dev, sink, { count, accepts }, (deliver) => (r) => deliver(() => blkTraceRecord(r), r));
 }
 
 /** Traces running on a device (tests wait on it). */
 export function activeTraces(dev: TapPoint<BlkRequestTap>): number {
-  return active.get(dev)?.size ?? 0;
+  return tracers.on(dev);
 }

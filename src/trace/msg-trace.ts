@@ -34,6 +34,7 @@ import { HelloStatus, type RingsHello, RingsKind, type ShmAttach, type ShmAttach
 import type { TapPoint } from '../devices/device';
 import type { CaptureSink } from '../capture/frame-capture';
 import { isoMicros } from './blk-trace';
+import { TapTracers, type Tracer } from './tap-tracers';
 
 export const MSG_TRACE_CONTENT_TYPE = 'application/x-ndjson';
 
@@ -261,80 +262,20 @@ export interface MsgTraceOptions {
   count?: number;
 }
 
-export interface MsgTrace {
-  readonly records: number;
-  readonly dropped: number;
-  close(): void;
-}
+export type MsgTrace = Tracer;
 
-const encoder = new TextEncoder();
-
-class OneMsgTrace implements MsgTrace {
-  records = 0;
-  dropped = 0;
-  closed = false;
-
-  constructor(
-    readonly sink: CaptureSink,
-    readonly opts: MsgTraceOptions,
-    private readonly detach: (t: OneMsgTrace) => void,
-  ) {}
-
-  offer(line: () => Uint8Array): void {
-    if (this.closed) return;
-    if (this.sink.write(line())) this.records++;
-    else this.dropped++;
-    if (this.opts.count !== undefined && this.records >= this.opts.count) this.close();
-  }
-
-  close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    this.detach(this);
-    this.sink.end();
-  }
-}
-
-const active = new Map<TapPoint<ChannelTap>, Set<OneMsgTrace>>();
+const tracers = new TapTracers<ChannelTap>();
 
 /**
  * Starts a trace on a bus tap point (a virtio-msg link: it moves the tap to
- * each connection it makes): one JSON line per message through `sink`.
+ * each connection it makes): one JSON line per message through `sink`. The
+ * records carry the `ctx` of the point's first trace, whose tap later ones share.
  */
 export function startMsgTrace(point: TapPoint<ChannelTap>, ctx: MsgTraceContext, sink: CaptureSink, opts: MsgTraceOptions = {}): MsgTrace {
-  let set = active.get(point);
-  if (set === undefined) {
-    const s = new Set<OneMsgTrace>();
-    set = s;
-    active.set(point, s);
-    point.tap = (dir, bytes, dropped) => {
-      let line: Uint8Array | null = null;
-      // Encoded once, when some tracer is there to take it.
-      const encoded = (): Uint8Array => (line ??= encoder.encode(JSON.stringify(msgTraceRecord(ctx, dir, bytes, dropped)) + '\n'));
-      for (const t of s) {
-        // The tap runs inside the connection's send and receive paths: a failing tracer ends, the bus goes on.
-        try {
-          t.offer(encoded);
-        } catch {
-          t.close();
-        }
-      }
-    };
-  }
-  const mine = set;
-  const t = new OneMsgTrace(sink, opts, (x) => {
-    mine.delete(x);
-    if (mine.size === 0 && active.get(point) === mine) {
-      active.delete(point);
-      point.tap = null;
-    }
-  });
-  set.add(t);
-  if (opts.count === 0) t.close();
-  return t;
+  return tracers.start(point, sink, { count: opts.count }, (deliver) => (dir, bytes, dropped) => deliver(() => msgTraceRecord(ctx, dir, bytes, dropped)));
 }
 
 /** Traces running on a tap point (tests wait on it). */
 export function activeMsgTraces(point: TapPoint<ChannelTap>): number {
-  return active.get(point)?.size ?? 0;
+  return tracers.on(point);
 }
