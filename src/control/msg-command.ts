@@ -14,6 +14,7 @@ import { fetchJson } from './control-server';
 import { findControl } from './stats-command';
 import type { StatsReport } from './stats-format';
 import { formatMsgTraceLine, type MsgTraceRecord } from '../trace/msg-trace';
+import { printRecordLines, readRefusal, unreachable } from './record-stream';
 
 export const MSG_USAGE = `usage: vbridge msg probe BUS [--json] [--timeout MS]
        vbridge msg trace [FUNCTION ...] [TOPOLOGY.yaml] [--count N] [--json] [--control PATH]
@@ -106,15 +107,6 @@ function countArg(args: ParsedArgs): number | undefined {
   return Number(v);
 }
 
-/** The bridge's error text of a refused stream ({"error": ...}), or the body as it came. */
-function errorText(body: string): string {
-  try {
-    return ((JSON.parse(body) as { error?: string }).error ?? body).trim();
-  } catch {
-    return body.trim();
-  }
-}
-
 async function runTrace(args: ParsedArgs, rest: readonly string[]): Promise<number> {
   const topology = rest.find((a) => /\.ya?ml$/.test(a));
   const named = rest.filter((a) => a !== topology);
@@ -154,53 +146,38 @@ async function runTrace(args: ParsedArgs, rest: readonly string[]): Promise<numb
       finish(skipped === names.length ? new Error(`msg trace: none of the bridge's virtio-msg functions can be traced (${names.join(', ')})`) : undefined);
     };
     for (const fn of names) {
+      const what = `msg trace ${fn}`;
       const req = http.get({ socketPath: control, path: `/v1/functions/${encodeURIComponent(fn)}/msg-trace${query}`, agent: false }, (res) => {
         res.setEncoding('utf8');
         if (res.statusCode !== 200) {
-          let text = '';
-          res.on('data', (c: string) => (text += c));
-          res.on('end', () => {
+          readRefusal(res, (text) => {
             // Found by looking, not named: one the bridge cannot trace (a VF) is passed over, the others go on.
             if (auto && res.statusCode === 409) {
-              process.stderr.write(`vbridge: msg trace: not tracing ${fn}: ${errorText(text)}\n`);
+              process.stderr.write(`vbridge: msg trace: not tracing ${fn}: ${text}\n`);
               skipped++;
               ended();
               return;
             }
-            finish(new Error(`msg trace ${fn}: ${errorText(text)}`));
+            finish(new Error(`${what}: ${text}`));
           });
           return;
         }
-        let pending = '';
-        res.on('data', (c: string) => {
-          pending += c;
-          let nl: number;
-          let out = '';
-          while ((nl = pending.indexOf('\n')) >= 0 && !finished) {
-            const line = pending.slice(0, nl);
-            pending = pending.slice(nl + 1);
-            if (line === '') continue;
-            try {
-              const r = parseRecord(line);
-              out += json ? JSON.stringify(r) + '\n' : formatMsgTraceLine(r) + '\n';
-            } catch (e) {
-              finish(new Error(`msg trace ${fn}: bad record from the bridge: ${(e as Error).message}`));
-              return;
-            }
-            if (count !== undefined && ++printed >= count) {
-              process.stdout.write(out);
-              finish();
-              return;
-            }
-          }
-          if (out !== '') process.stdout.write(out);
+        printRecordLines(res, what, {
+          render: (line) => {
+            const r = parseRecord(line);
+            return json ? JSON.stringify(r) + '\n' : formatMsgTraceLine(r) + '\n';
+          },
+          over: () => finished,
+          // The bridge ends each stream at --count; the count here is over all of them.
+          last: () => count !== undefined && ++printed >= count,
+          end: finish,
         });
         res.on('end', ended);
         res.on('close', () => {
           if (!res.complete) ended();
         });
       });
-      req.on('error', (e) => finish(new Error(`msg trace ${fn}: cannot reach a running "vbridge serve" at ${control}: ${e.message}`)));
+      req.on('error', (e) => finish(unreachable(what, control, e)));
       reqs.push(req);
     }
   });

@@ -9,6 +9,7 @@ import * as http from 'node:http';
 import { UsageError, type CommandSpec, type ParsedArgs } from './args';
 import { findControl } from './stats-command';
 import { formatTraceLine, type BlkTraceRecord } from '../trace/blk-trace';
+import { printRecordLines, readRefusal, unreachable } from './record-stream';
 
 function count(args: ParsedArgs, name: string, min: number): number | undefined {
   const v = args.string(name);
@@ -55,46 +56,28 @@ async function runTrace(args: ParsedArgs): Promise<number> {
     };
     process.on('SIGINT', stop);
     process.on('SIGTERM', stop);
+    const what = `trace ${fn}`;
     const req = http.get({ socketPath: control, path: `/v1/functions/${encodeURIComponent(fn)}/trace${query}`, agent: false }, (res) => {
       res.setEncoding('utf8');
       if (res.statusCode !== 200) {
-        let text = '';
-        res.on('data', (c: string) => (text += c));
-        res.on('end', () => {
-          let msg = text;
-          try {
-            msg = (JSON.parse(text) as { error?: string }).error ?? text;
-          } catch {
-            // Not JSON: show it as it came.
-          }
-          finish(new Error(`trace ${fn}: ${msg.trim()}`));
-        });
+        readRefusal(res, (text) => finish(new Error(`${what}: ${text}`)));
         return;
       }
-      let pending = '';
-      res.on('data', (c: string) => {
-        pending += c;
-        let nl: number;
-        let out = '';
-        while ((nl = pending.indexOf('\n')) >= 0) {
-          const line = pending.slice(0, nl);
-          pending = pending.slice(nl + 1);
-          if (line === '') continue;
-          try {
-            const r = parseRecord(line);
-            out += json ? JSON.stringify(r) + '\n' : formatTraceLine(r) + '\n';
-          } catch (e) {
-            req.destroy();
-            finish(new Error(`trace ${fn}: bad record from the bridge: ${(e as Error).message}`));
-            return;
-          }
-        }
-        if (out !== '') process.stdout.write(out);
+      printRecordLines(res, what, {
+        render: (line) => {
+          const r = parseRecord(line);
+          return json ? JSON.stringify(r) + '\n' : formatTraceLine(r) + '\n';
+        },
+        over: () => finished,
+        end: (err) => {
+          req.destroy();
+          finish(err);
+        },
       });
       res.on('end', () => finish());
       res.on('close', () => finish());
     });
-    req.on('error', (e) => finish(new Error(`trace ${fn}: cannot reach a running "vbridge serve" at ${control}: ${e.message}`)));
+    req.on('error', (e) => finish(unreachable(what, control, e)));
   });
 }
 
