@@ -47,15 +47,23 @@
  * and chains do not account for every entry exactly once. Nothing is written
  * until everything has been checked.
  */
-import { InflightError } from './split-inflight';
+import {
+  checkDescNum,
+  checkedCounter,
+  checkVersion,
+  H16_DESC_NUM,
+  H16_VERSION,
+  INFLIGHT_VERSION,
+  InflightError,
+  inflightQueueSize,
+  regionViews,
+  writeCounter,
+} from './inflight-region';
 
-export const PACKED_INFLIGHT_VERSION = 1;
+export const PACKED_INFLIGHT_VERSION = INFLIGHT_VERSION;
 export const PACKED_INFLIGHT_HEADER_SIZE = 32;
 export const DESC_STATE_PACKED_SIZE = 32;
-const INFLIGHT_ALIGNMENT = 64;
-const MAX_PACKED_SIZE = 32768;
-const COUNTER_HI_LIMIT = 2 ** 21;
-const TWO_32 = 2 ** 32;
+const LAYOUT = { headerSize: PACKED_INFLIGHT_HEADER_SIZE, entrySize: DESC_STATE_PACKED_SIZE };
 const WRAP = 0x8000;
 const F_NEXT = 1;
 const F_INDIRECT = 4;
@@ -64,8 +72,7 @@ const F_USED = 1 << 15;
 
 /** Bytes of one queue's region for a queue of up to `queueSize` entries. */
 export function packedInflightQueueSize(queueSize: number): number {
-  const raw = PACKED_INFLIGHT_HEADER_SIZE + DESC_STATE_PACKED_SIZE * queueSize;
-  return Math.ceil(raw / INFLIGHT_ALIGNMENT) * INFLIGHT_ALIGNMENT;
+  return inflightQueueSize(LAYOUT, queueSize);
 }
 
 /** What restore() found. Positions are ring index | wrap counter << 15. */
@@ -84,9 +91,7 @@ export interface PackedInflightRestore {
   fresh: boolean;
 }
 
-// u16 indices of the header fields.
-const H16_VERSION = 4;
-const H16_DESC_NUM = 5;
+// u16 indices of the header fields after version and desc_num.
 const H16_FREE_HEAD = 6;
 const H16_OLD_FREE_HEAD = 7;
 const H16_USED_IDX = 8;
@@ -160,17 +165,11 @@ export class PackedInflight {
     readonly byteOffset: number,
     readonly capacity: number,
   ) {
-    if (!Number.isInteger(capacity) || capacity < 1 || capacity > MAX_PACKED_SIZE) {
-      throw new RangeError(`in-flight region capacity ${capacity} is not in [1, ${MAX_PACKED_SIZE}]`);
-    }
-    const bytes = PACKED_INFLIGHT_HEADER_SIZE + DESC_STATE_PACKED_SIZE * capacity;
-    if (byteOffset % 8 !== 0 || byteOffset + bytes > buffer.byteLength) {
-      throw new RangeError(`in-flight queue region [${byteOffset}, +${bytes}) does not fit an aligned ${buffer.byteLength}-byte buffer`);
-    }
-    this.u8 = new Uint8Array(buffer, byteOffset, bytes);
-    this.u16 = new Uint16Array(buffer, byteOffset, bytes / 2);
-    this.u32 = new Uint32Array(buffer, byteOffset, bytes / 4);
-    this.u64 = new BigUint64Array(buffer, byteOffset, bytes / 8);
+    const v = regionViews(buffer, byteOffset, capacity, LAYOUT);
+    this.u8 = v.u8;
+    this.u16 = v.u16;
+    this.u32 = v.u32;
+    this.u64 = new BigUint64Array(buffer, byteOffset, v.bytes / 8);
   }
 
   get ringSize(): number {
@@ -229,8 +228,7 @@ export class PackedInflight {
     const c = this.counter++;
     this.u16[numAt16(head)] = count;
     this.u16[lastAt16(head)] = e;
-    this.u32[counterAt32(head)] = c >>> 0;
-    this.u32[counterAt32(head) + 1] = Math.floor(c / TWO_32);
+    writeCounter(this.u32, counterAt32(head), c);
     Atomics.store(this.u8, inflightAt(head), 1);
     this.u16[H16_FREE_HEAD] = after;
     Atomics.store(this.u16, H16_OLD_FREE_HEAD, after);
@@ -332,8 +330,8 @@ export class PackedInflight {
       this.checkBlank(0);
       return;
     }
-    if (version !== PACKED_INFLIGHT_VERSION) throw new InflightError(`version ${version}, expected ${PACKED_INFLIGHT_VERSION}`);
-    if (descNum === 0 || descNum > this.capacity) throw new InflightError(`desc_num ${descNum} is not in [1, ${this.capacity}]`);
+    checkVersion(version);
+    checkDescNum(descNum, this.capacity);
     this.readHeader(descNum);
   }
 
@@ -359,7 +357,7 @@ export class PackedInflight {
       this.initialise(ringSize, ringUsed);
       return { resubmit: [], ids: [], used: ringUsed, avail: ringUsed, batch: null, fresh: true };
     }
-    if (version !== PACKED_INFLIGHT_VERSION) throw new InflightError(`version ${version}, expected ${PACKED_INFLIGHT_VERSION}`);
+    checkVersion(version);
     const descNum = this.u16[H16_DESC_NUM];
     if (descNum !== ringSize) throw new InflightError(`desc_num ${descNum} differs from the ring size ${ringSize}`);
     const h = this.readHeader(descNum);
@@ -439,9 +437,7 @@ export class PackedInflight {
       if (id >= descNum) throw new InflightError(`chain of entry ${e}: buffer id ${id} is outside the ring of ${descNum}`);
       if (ids.has(id)) throw new InflightError(`buffer id ${id} is in flight twice`);
       ids.add(id);
-      const hi = this.u32[counterAt32(e) + 1];
-      if (hi >= COUNTER_HI_LIMIT) throw new InflightError(`desc[${e}].counter is 2^53 or more`);
-      const c = this.u32[counterAt32(e)] + hi * TWO_32;
+      const c = checkedCounter(this.u32, counterAt32(e), e);
       if (counters.has(c)) throw new InflightError(`desc[${e}].counter ${c} is shared with another chain in flight: the order is lost`);
       counters.add(c);
       live.push({ entry: e, counter: c, id, words });

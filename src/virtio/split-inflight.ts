@@ -24,30 +24,30 @@
  * before using it as an index, and refuses regions that contradict themselves.
  */
 
-export const INFLIGHT_VERSION = 1;
+import {
+  checkDescNum,
+  checkedCounter,
+  checkVersion,
+  H16_DESC_NUM,
+  H16_VERSION,
+  INFLIGHT_VERSION,
+  InflightError,
+  inflightQueueSize,
+  readCounter,
+  regionViews,
+  writeCounter,
+} from './inflight-region';
+
+// Kept here too: the split layout was the first, and callers import them from it.
+export { INFLIGHT_ALIGNMENT, INFLIGHT_VERSION, InflightError } from './inflight-region';
 /** features (8) + version, desc_num, last_batch_head, used_idx (2 each). */
 export const INFLIGHT_HEADER_SIZE = 16;
 export const DESC_STATE_SPLIT_SIZE = 16;
-/** Per-queue regions start on this boundary (DPDK and libvhost-user size them so). */
-export const INFLIGHT_ALIGNMENT = 64;
-/** Largest split ring. */
-const MAX_SPLIT_SIZE = 32768;
-/** Counters are kept as doubles on the data path: exact below 2^53 (hi word below 2^21). */
-const COUNTER_HI_LIMIT = 2 ** 21;
-const TWO_32 = 2 ** 32;
+const LAYOUT = { headerSize: INFLIGHT_HEADER_SIZE, entrySize: DESC_STATE_SPLIT_SIZE };
 
 /** Bytes of one queue's region for a queue of up to `queueSize` entries. */
 export function splitInflightQueueSize(queueSize: number): number {
-  const raw = INFLIGHT_HEADER_SIZE + DESC_STATE_SPLIT_SIZE * queueSize;
-  return Math.ceil(raw / INFLIGHT_ALIGNMENT) * INFLIGHT_ALIGNMENT;
-}
-
-/** The region contradicts itself or the ring; the front-end handed us something we must not act on. */
-export class InflightError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'InflightError';
-  }
+  return inflightQueueSize(LAYOUT, queueSize);
 }
 
 /** What restore() found: the chains to process again (oldest first) and where the avail ring resumes. */
@@ -62,9 +62,7 @@ export interface InflightRestore {
   fresh: boolean;
 }
 
-/** Word offsets inside one queue region (u16 index / u32 index). */
-const H16_VERSION = 4;
-const H16_DESC_NUM = 5;
+/** Word offsets inside one queue region (u16 index / u32 index), after version and desc_num. */
 const H16_LAST_BATCH = 6;
 const H16_USED_IDX = 7;
 const flagAt = (i: number): number => INFLIGHT_HEADER_SIZE + DESC_STATE_SPLIT_SIZE * i;
@@ -98,16 +96,10 @@ export class SplitInflight {
     readonly byteOffset: number,
     readonly capacity: number,
   ) {
-    if (!Number.isInteger(capacity) || capacity < 1 || capacity > MAX_SPLIT_SIZE) {
-      throw new RangeError(`in-flight region capacity ${capacity} is not in [1, ${MAX_SPLIT_SIZE}]`);
-    }
-    const bytes = INFLIGHT_HEADER_SIZE + DESC_STATE_SPLIT_SIZE * capacity;
-    if (byteOffset % 8 !== 0 || byteOffset + bytes > buffer.byteLength) {
-      throw new RangeError(`in-flight queue region [${byteOffset}, +${bytes}) does not fit an aligned ${buffer.byteLength}-byte buffer`);
-    }
-    this.u8 = new Uint8Array(buffer, byteOffset, bytes);
-    this.u16 = new Uint16Array(buffer, byteOffset, bytes / 2);
-    this.u32 = new Uint32Array(buffer, byteOffset, bytes / 4);
+    const v = regionViews(buffer, byteOffset, capacity, LAYOUT);
+    this.u8 = v.u8;
+    this.u16 = v.u16;
+    this.u32 = v.u32;
   }
 
   /** Chains waiting to be handed out again. */
@@ -138,8 +130,7 @@ export class SplitInflight {
   /** Head `head` was taken from the avail ring: mark it in flight. */
   taken(head: number): void {
     const c = this.counter++;
-    this.u32[counterAt32(head)] = c >>> 0;
-    this.u32[counterAt32(head) + 1] = Math.floor(c / TWO_32);
+    writeCounter(this.u32, counterAt32(head), c);
     Atomics.store(this.u8, flagAt(head), 1);
     this.remember(head);
   }
@@ -224,7 +215,7 @@ export class SplitInflight {
     // Gathered after the batch fix-up: it may have cleared some.
     const live: { head: number; counter: number }[] = [];
     for (let i = 0; i < ringSize; i++) {
-      if (this.u8[flagAt(i)] === 1) live.push({ head: i, counter: this.u32[counterAt32(i)] + this.u32[counterAt32(i) + 1] * TWO_32 });
+      if (this.u8[flagAt(i)] === 1) live.push({ head: i, counter: readCounter(this.u32, counterAt32(i)) });
     }
     live.sort((a, b) => a.counter - b.counter);
     this.size = ringSize;
@@ -296,8 +287,8 @@ export class SplitInflight {
       }
       return { version, usedIdx, lastBatch, inflight: 0 };
     }
-    if (version !== INFLIGHT_VERSION) throw new InflightError(`version ${version}, expected ${INFLIGHT_VERSION}`);
-    if (descNum === 0 || descNum > this.capacity) throw new InflightError(`desc_num ${descNum} is not in [1, ${this.capacity}]`);
+    checkVersion(version);
+    checkDescNum(descNum, this.capacity);
     if (ringSize !== 0 && descNum !== ringSize) throw new InflightError(`desc_num ${descNum} differs from the ring size ${ringSize}`);
     if (lastBatch >= descNum) throw new InflightError(`last_batch_head ${lastBatch} is outside desc_num ${descNum}`);
     const counters = new Set<number>();
@@ -307,9 +298,7 @@ export class SplitInflight {
       const next = this.u16[nextAt16(i)];
       if (next >= descNum) throw new InflightError(`desc[${i}].next ${next} is outside desc_num ${descNum}`);
       if (f === 0) continue;
-      const hi = this.u32[counterAt32(i) + 1];
-      if (hi >= COUNTER_HI_LIMIT) throw new InflightError(`desc[${i}].counter is 2^53 or more`);
-      const c = this.u32[counterAt32(i)] + hi * TWO_32;
+      const c = checkedCounter(this.u32, counterAt32(i), i);
       if (counters.has(c)) throw new InflightError(`desc[${i}].counter ${c} is shared with another entry in flight: the order is lost`);
       counters.add(c);
     }
