@@ -96,3 +96,46 @@ export function checkedCounter(u32: Uint32Array, at32: number, entry: number): n
   if (hi >= COUNTER_HI_LIMIT) throw new InflightError(`desc[${entry}].counter is 2^53 or more`);
   return u32[at32] + hi * TWO_32;
 }
+
+/** Marks a history entry as a resubmitted chain; heads and entries are below 2^16. */
+const FROM_RESUBMIT = 0x10000;
+const HEAD_MASK = 0xffff;
+
+/**
+ * The last chains handed out, a ring's worth (older ones are forgotten), so
+ * that the newest can be given back unprocessed (unpop). Each is its head
+ * (entry) and whether it was a resubmission: one goes back to the
+ * resubmission list, the other to the ring.
+ */
+export class HandOutHistory {
+  private hist = new Uint32Array(0);
+  private top = 0;
+  private len = 0;
+
+  /** Chains that can be given back. */
+  get length(): number {
+    return this.len;
+  }
+
+  /** Forgets every chain; keeps the last `size` from now on (none for 0). */
+  reset(size: number): void {
+    this.hist = new Uint32Array(size);
+    this.top = 0;
+    this.len = 0;
+  }
+
+  push(head: number, resubmitted: boolean): void {
+    if (this.hist.length === 0) return;
+    this.hist[this.top] = resubmitted ? head | FROM_RESUBMIT : head;
+    this.top = (this.top + 1) % this.hist.length;
+    if (this.len < this.hist.length) this.len++;
+  }
+
+  /** Takes the newest chain off; call only while length > 0. */
+  pop(): { head: number; resubmitted: boolean } {
+    this.top = (this.top - 1 + this.hist.length) % this.hist.length;
+    this.len--;
+    const e = this.hist[this.top];
+    return { head: e & HEAD_MASK, resubmitted: (e & FROM_RESUBMIT) !== 0 };
+  }
+}

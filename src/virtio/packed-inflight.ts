@@ -47,18 +47,7 @@
  * and chains do not account for every entry exactly once. Nothing is written
  * until everything has been checked.
  */
-import {
-  checkDescNum,
-  checkedCounter,
-  checkVersion,
-  H16_DESC_NUM,
-  H16_VERSION,
-  INFLIGHT_VERSION,
-  InflightError,
-  inflightQueueSize,
-  regionViews,
-  writeCounter,
-} from './inflight-region';
+import { checkDescNum, checkedCounter, checkVersion, H16_DESC_NUM, H16_VERSION, HandOutHistory, INFLIGHT_VERSION, InflightError, inflightQueueSize, regionViews, writeCounter } from './inflight-region';
 
 export const PACKED_INFLIGHT_VERSION = INFLIGHT_VERSION;
 export const PACKED_INFLIGHT_HEADER_SIZE = 32;
@@ -151,10 +140,8 @@ export class PackedInflight {
   /** Head entries completed since the last flush, in completion order. */
   private batch = new Uint16Array(0);
   private batchLen = 0;
-  /** The last takes, newest at histTop-1: head entry | FROM_RESUBMIT. */
-  private hist = new Uint32Array(0);
-  private histTop = 0;
-  private histLen = 0;
+  /** The last takes (head entries), for giving chains back. */
+  private readonly history = new HandOutHistory();
 
   /**
    * `capacity`: DescStatePacked entries the region has room for. The memory
@@ -187,7 +174,7 @@ export class PackedInflight {
 
   /** Chains handed out that giveBack() can take back. */
   get handedOut(): number {
-    return this.histLen;
+    return this.history.length;
   }
 
   /** Entries free for the descriptors of new chains. */
@@ -199,7 +186,7 @@ export class PackedInflight {
   resubmitTaken(): void {
     const r = this.resubmit[this.resubmitAt++];
     this.resubmitted.set(r.entry, r.words);
-    this.remember(r.entry | FROM_RESUBMIT);
+    this.history.push(r.entry, true);
     if (this.resubmitAt === this.resubmit.length) {
       this.resubmit = [];
       this.resubmitAt = 0;
@@ -239,7 +226,7 @@ export class PackedInflight {
     this.numOf[head] = count;
     this.idOf[head] = id;
     this.entryOfId[id] = head;
-    this.remember(head);
+    this.history.push(head, false);
   }
 
   /** Buffer `id`'s used descriptor was written (not yet published). */
@@ -295,14 +282,11 @@ export class PackedInflight {
    * RangeError when fewer were handed out.
    */
   giveBack(n: number): void {
-    if (!Number.isInteger(n) || n < 0 || n > this.histLen) throw new RangeError(`cannot give back ${n} chains: ${this.histLen} known handed out`);
+    if (!Number.isInteger(n) || n < 0 || n > this.history.length) throw new RangeError(`cannot give back ${n} chains: ${this.history.length} known handed out`);
     const again: { entry: number; words: Uint32Array }[] = [];
     for (let k = 0; k < n; k++) {
-      this.histTop = (this.histTop - 1 + this.hist.length) % this.hist.length;
-      this.histLen--;
-      const e = this.hist[this.histTop];
-      const head = e & HEAD_MASK;
-      if ((e & FROM_RESUBMIT) !== 0) {
+      const { head, resubmitted } = this.history.pop();
+      if (resubmitted) {
         again.push({ entry: head, words: this.resubmitted.get(head) ?? new Uint32Array(0) });
         this.resubmitted.delete(head);
         continue;
@@ -488,9 +472,7 @@ export class PackedInflight {
     this.entryOfId = new Int32Array(size).fill(-1);
     this.batch = new Uint16Array(size);
     this.batchLen = 0;
-    this.hist = new Uint32Array(size);
-    this.histTop = 0;
-    this.histLen = 0;
+    this.history.reset(size);
     this.resubmit = [];
     this.resubmitAt = 0;
     this.counter = 0;
@@ -549,12 +531,6 @@ export class PackedInflight {
     return { freeHead, oldFreeHead, used: usedIdx | (usedWrap << 15), oldUsed: oldUsedIdx | (oldUsedWrap << 15) };
   }
 
-  private remember(e: number): void {
-    if (this.hist.length === 0) return;
-    this.hist[this.histTop] = e;
-    this.histTop = (this.histTop + 1) % this.hist.length;
-    if (this.histLen < this.hist.length) this.histLen++;
-  }
 }
 
 /** Position `pos` (index | wrap << 15) moved `n` descriptors forward in a ring of `size`. */
@@ -567,6 +543,3 @@ function advance(pos: number, n: number, size: number): number {
   }
   return idx | (wrap ? WRAP : 0);
 }
-
-const FROM_RESUBMIT = 0x10000;
-const HEAD_MASK = 0xffff;

@@ -24,19 +24,7 @@
  * before using it as an index, and refuses regions that contradict themselves.
  */
 
-import {
-  checkDescNum,
-  checkedCounter,
-  checkVersion,
-  H16_DESC_NUM,
-  H16_VERSION,
-  INFLIGHT_VERSION,
-  InflightError,
-  inflightQueueSize,
-  readCounter,
-  regionViews,
-  writeCounter,
-} from './inflight-region';
+import { checkDescNum, checkedCounter, checkVersion, H16_DESC_NUM, H16_VERSION, HandOutHistory, INFLIGHT_VERSION, InflightError, inflightQueueSize, readCounter, regionViews, writeCounter } from './inflight-region';
 
 // Kept here too: the split layout was the first, and callers import them from it.
 export { INFLIGHT_ALIGNMENT, INFLIGHT_VERSION, InflightError } from './inflight-region';
@@ -82,10 +70,8 @@ export class SplitInflight {
   /** Heads completed since the last publish (the batch the spec links through desc[].next). */
   private batch = new Uint16Array(0);
   private batchLen = 0;
-  /** The last pops, newest at histTop-1, for giving chains back (unpop): head | FROM_RESUBMIT. */
-  private hist = new Uint32Array(0);
-  private histTop = 0;
-  private histLen = 0;
+  /** The last pops, for giving chains back (unpop). */
+  private readonly history = new HandOutHistory();
 
   /**
    * `capacity`: DescStateSplit entries the region has room for (the queue_size
@@ -115,7 +101,7 @@ export class SplitInflight {
   /** The head peekResubmit() named was handed out (it stays in flight: the region already says so). */
   resubmitTaken(): void {
     const h = this.resubmit[this.resubmitAt++];
-    this.remember(h | FROM_RESUBMIT);
+    this.history.push(h, true);
     if (this.resubmitAt === this.resubmit.length) {
       this.resubmit = [];
       this.resubmitAt = 0;
@@ -132,7 +118,7 @@ export class SplitInflight {
     const c = this.counter++;
     writeCounter(this.u32, counterAt32(head), c);
     Atomics.store(this.u8, flagAt(head), 1);
-    this.remember(head);
+    this.history.push(head, false);
   }
 
   /** Head `head`'s used element was written (not yet published): link it into the batch. */
@@ -156,15 +142,12 @@ export class SplitInflight {
    * resubmission list, still in flight. RangeError when fewer were handed out.
    */
   giveBack(n: number): number {
-    if (!Number.isInteger(n) || n < 0 || n > this.histLen) throw new RangeError(`cannot give back ${n} chains: ${this.histLen} known handed out`);
+    if (!Number.isInteger(n) || n < 0 || n > this.history.length) throw new RangeError(`cannot give back ${n} chains: ${this.history.length} known handed out`);
     let fromAvail = 0;
     const again: number[] = [];
     for (let k = 0; k < n; k++) {
-      this.histTop = (this.histTop - 1 + this.hist.length) % this.hist.length;
-      this.histLen--;
-      const e = this.hist[this.histTop];
-      const head = e & HEAD_MASK;
-      if ((e & FROM_RESUBMIT) !== 0) {
+      const { head, resubmitted } = this.history.pop();
+      if (resubmitted) {
         again.push(head);
       } else {
         Atomics.store(this.u8, flagAt(head), 0);
@@ -224,22 +207,13 @@ export class SplitInflight {
     this.resubmitAt = 0;
     this.batch = new Uint16Array(ringSize);
     this.batchLen = 0;
-    this.hist = new Uint32Array(ringSize);
-    this.histTop = 0;
-    this.histLen = 0;
+    this.history.reset(ringSize);
     return { resubmit: [...this.resubmit], nextAvail: (ringUsedIdx + live.length) & 0xffff, batchFixed, fresh };
   }
 
   /** Ring size as of the last restore() (0 before). */
   get ringSize(): number {
     return this.size;
-  }
-
-  private remember(e: number): void {
-    if (this.hist.length === 0) return;
-    this.hist[this.histTop] = e;
-    this.histTop = (this.histTop + 1) % this.hist.length;
-    if (this.histLen < this.hist.length) this.histLen++;
   }
 
   /**
@@ -305,6 +279,3 @@ export class SplitInflight {
     return { version, usedIdx, lastBatch, inflight: counters.size };
   }
 }
-
-const FROM_RESUBMIT = 0x10000;
-const HEAD_MASK = 0xffff;
