@@ -14,7 +14,7 @@ import { fetchJson } from './control-server';
 import { findControl } from './stats-command';
 import type { StatsReport } from './stats-format';
 import { formatMsgTraceLine, type MsgTraceRecord } from '../trace/msg-trace';
-import { printRecordLines, readRefusal, unreachable } from './record-stream';
+import { checkedRecord, printRecordLines, readRefusal, recordText, unreachable } from './record-stream';
 
 export const MSG_USAGE = `usage: vbridge msg probe BUS [--json] [--timeout MS]
        vbridge msg trace [FUNCTION ...] [TOPOLOGY.yaml] [--count N] [--json] [--control PATH]
@@ -90,14 +90,8 @@ async function runProbe(args: ParsedArgs, rest: readonly string[]): Promise<numb
   }
 }
 
-/** A JSON line from the bridge, checked enough that a garbled one is an error rather than a crash. */
 function parseRecord(line: string): MsgTraceRecord {
-  const v = JSON.parse(line) as unknown;
-  if (typeof v !== 'object' || v === null) throw new Error(`not a trace record: ${line.slice(0, 200)}`);
-  const r = v as Record<string, unknown>;
-  for (const k of ['time', 'source', 'from', 'msg', 'kind'] as const) if (typeof r[k] !== 'string') throw new Error(`trace record without ${k}: ${line.slice(0, 200)}`);
-  if (typeof r.fields !== 'object' || r.fields === null) throw new Error(`trace record without fields: ${line.slice(0, 200)}`);
-  return v as MsgTraceRecord;
+  return checkedRecord(line, { strings: ['time', 'source', 'from', 'msg', 'kind'], objects: ['fields'] });
 }
 
 function countArg(args: ParsedArgs): number | undefined {
@@ -163,10 +157,7 @@ async function runTrace(args: ParsedArgs, rest: readonly string[]): Promise<numb
           return;
         }
         printRecordLines(res, what, {
-          render: (line) => {
-            const r = parseRecord(line);
-            return json ? JSON.stringify(r) + '\n' : formatMsgTraceLine(r) + '\n';
-          },
+          render: recordText(parseRecord, formatMsgTraceLine, json),
           over: () => finished,
           // The bridge ends each stream at --count; the count here is over all of them.
           last: () => count !== undefined && ++printed >= count,

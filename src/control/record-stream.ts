@@ -68,3 +68,26 @@ export function printRecordLines(res: IncomingMessage, what: string, p: RecordLi
     if (out !== '') process.stdout.write(out);
   });
 }
+
+/**
+ * A record line from the bridge, checked enough that a garbled one is an
+ * error rather than a crash: a JSON object with these fields of these types.
+ */
+export function checkedRecord<R>(line: string, fields: { strings: readonly string[]; numbers?: readonly string[]; objects?: readonly string[] }): R {
+  const v = JSON.parse(line) as unknown;
+  if (typeof v !== 'object' || v === null) throw new Error(`not a trace record: ${line.slice(0, 200)}`);
+  const r = v as Record<string, unknown>;
+  const without = (k: string): Error => new Error(`trace record without ${k}: ${line.slice(0, 200)}`);
+  for (const k of fields.strings) if (typeof r[k] !== 'string') throw without(k);
+  for (const k of fields.numbers ?? []) if (typeof r[k] !== 'number') throw without(k);
+  for (const k of fields.objects ?? []) if (typeof r[k] !== 'object' || r[k] === null) throw without(k);
+  return v as R;
+}
+
+/** printRecordLines' render for a command that prints a record as its line, or with --json as JSON again (after `parse` checked it). */
+export function recordText<R>(parse: (line: string) => R, format: (r: R) => string, json: boolean): (line: string) => string {
+  return (line) => {
+    const r = parse(line);
+    return json ? JSON.stringify(r) + '\n' : format(r) + '\n';
+  };
+}

@@ -9,7 +9,7 @@ import * as http from 'node:http';
 import { UsageError, type CommandSpec, type ParsedArgs } from './args';
 import { findControl } from './stats-command';
 import { formatTraceLine, type BlkTraceRecord } from '../trace/blk-trace';
-import { printRecordLines, readRefusal, unreachable } from './record-stream';
+import { checkedRecord, printRecordLines, readRefusal, recordText, unreachable } from './record-stream';
 
 function count(args: ParsedArgs, name: string, min: number): number | undefined {
   const v = args.string(name);
@@ -18,14 +18,8 @@ function count(args: ParsedArgs, name: string, min: number): number | undefined 
   return Number(v);
 }
 
-/** A JSON line from the bridge, checked enough that a garbled one is an error rather than a crash. */
 function parseRecord(line: string): BlkTraceRecord {
-  const v = JSON.parse(line) as unknown;
-  if (typeof v !== 'object' || v === null) throw new Error(`not a trace record: ${line.slice(0, 200)}`);
-  const r = v as Record<string, unknown>;
-  for (const k of ['time', 'type', 'status'] as const) if (typeof r[k] !== 'string') throw new Error(`trace record without ${k}: ${line.slice(0, 200)}`);
-  for (const k of ['queue', 'sector', 'len', 'latencyUs'] as const) if (typeof r[k] !== 'number') throw new Error(`trace record without ${k}: ${line.slice(0, 200)}`);
-  return v as BlkTraceRecord;
+  return checkedRecord(line, { strings: ['time', 'type', 'status'], numbers: ['queue', 'sector', 'len', 'latencyUs'] });
 }
 
 async function runTrace(args: ParsedArgs): Promise<number> {
@@ -64,10 +58,7 @@ async function runTrace(args: ParsedArgs): Promise<number> {
         return;
       }
       printRecordLines(res, what, {
-        render: (line) => {
-          const r = parseRecord(line);
-          return json ? JSON.stringify(r) + '\n' : formatTraceLine(r) + '\n';
-        },
+        render: recordText(parseRecord, formatTraceLine, json),
         over: () => finished,
         end: (err) => {
           req.destroy();
