@@ -30,7 +30,7 @@ import { MemoryError } from '../memory/memory-access';
 import type { DescriptorChain } from '../virtio/chain';
 import { segmentAddr } from '../virtio/chain-io';
 import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1, NET_F_MRG_RXBUF, NET_HDR_SIZE, VIRTIO_ID_BLOCK, VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
-import { DriverRing, splitRingBytes, splitRingLayout } from '../virtio/driver-ring';
+import { DriverRing, type DriverRingSnapshot, splitRingBytes, splitRingLayout } from '../virtio/driver-ring';
 import { QueueError } from '../virtio/split-queue';
 import { DmaEngine, type DmaCounters, newDmaCounters } from './dma-engine';
 import type { FunctionFaults } from '../faults/function-faults';
@@ -105,6 +105,52 @@ export interface RelayQueueStats {
   slots: number;
   /** idle | up | stopped: the shadow ring's state at the backend. */
   shadow: string;
+  /** Why a stall would be: where the shadow ring's indexes and suppression fields stand, both sides. */
+  shadowRing: DriverRingSnapshot;
+  /** The same for the guest's ring (split only; null without a guest queue or packed). */
+  guestRing: GuestRingSnapshot | null;
+  /** Chain held at the head of the line waiting for room (a count: 0 or 1), and whether a re-check timer is armed and its delay. */
+  pending: number;
+  recheckArmedMs: number | null;
+}
+
+/** A guest split ring as its memory says, and the relay's (the device's) positions in it. */
+export interface GuestRingSnapshot {
+  size: number;
+  nextAvail: number;
+  nextUsed: number;
+  availFlags: number;
+  availIdx: number;
+  usedEvent: number;
+  usedFlags: number;
+  usedIdx: number;
+  availEvent: number;
+}
+
+/** Read the guest ring's index and suppression words (diagnostics only: plain reads, no checks beyond the memory map's). */
+function guestRingSnapshot(g: DeviceQueue): GuestRingSnapshot | null {
+  const q = g.queue;
+  if (q.packed || !q.active) return null;
+  const b = new Uint8Array(2);
+  const u16 = (addr: number): number => {
+    g.mem.read(addr, b, 0, 2);
+    return b[0]! | (b[1]! << 8);
+  };
+  try {
+    return {
+      size: q.size,
+      nextAvail: q.nextAvail,
+      nextUsed: q.nextUsed,
+      availFlags: u16(q.availAddr),
+      availIdx: u16(q.availAddr + 2),
+      usedEvent: u16(q.availAddr + 4 + 2 * q.size),
+      usedFlags: u16(q.usedAddr),
+      usedIdx: u16(q.usedAddr + 2),
+      availEvent: u16(q.usedAddr + 4 + 8 * q.size),
+    };
+  } catch {
+    return null;
+  }
 }
 
 class RelayQueue {
@@ -407,6 +453,10 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       slotsInUse: rq.pool.slotsInUse,
       slots: rq.pool.slots,
       shadow: rq.shadow,
+      shadowRing: rq.ring.snapshot(),
+      guestRing: rq.guest === null ? null : guestRingSnapshot(rq.guest),
+      pending: rq.pending === null ? 0 : 1,
+      recheckArmedMs: rq.recheck === null ? null : rq.armedMs,
     }));
   }
 

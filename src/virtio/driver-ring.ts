@@ -35,6 +35,20 @@ export function splitRingLayout(base: number, size: number): RingLayout {
   return { size, descAddr: base, availAddr, usedAddr: Math.ceil((availAddr + 6 + 2 * size) / 4) * 4 };
 }
 
+/** DriverRing.snapshot(): indexes are free-running 16-bit values. */
+export interface DriverRingSnapshot {
+  nextAvail: number;
+  lastUsed: number;
+  lastKick: number;
+  outstanding: number;
+  availIdx: number;
+  availFlags: number;
+  usedEvent: number;
+  usedIdx: number;
+  usedFlags: number;
+  availEvent: number;
+}
+
 export class DriverRingError extends Error {
   constructor(message: string) {
     super(message);
@@ -256,6 +270,26 @@ export class DriverRing {
     if (this.eventIdx) Atomics.store(this.availU16, 2 + this.size, this.lastUsed);
     else Atomics.store(this.availU16, 0, 0);
     return this.usedPending() > 0;
+  }
+
+  /**
+   * Both sides' view of the ring, for diagnosing a stall: this side's
+   * positions and what the shared memory says now (the device's used.idx,
+   * avail_event and flags, our published avail.idx and used_event).
+   */
+  snapshot(): DriverRingSnapshot {
+    return {
+      nextAvail: this.nextAvail,
+      lastUsed: this.lastUsed,
+      lastKick: this.lastKick,
+      outstanding: this.outstanding,
+      availIdx: Atomics.load(this.availIdx, 0),
+      availFlags: Atomics.load(this.availU16, 0),
+      usedEvent: Atomics.load(this.availU16, 2 + this.size),
+      usedIdx: Atomics.load(this.usedIdx, 0),
+      usedFlags: this.used.getUint16(0, true),
+      availEvent: this.used.getUint16(4 + VRING_USED_ELEM_SIZE * this.size, true),
+    };
   }
 
   /** Ask the device not to interrupt (a hint; with event idx the used_event simply stays behind). */

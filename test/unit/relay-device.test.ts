@@ -362,6 +362,20 @@ async function backpressure(eventIdx: boolean): Promise<void> {
   assert.equal(s.slotsInUse, 16);
   assert.equal(s.waits, 1, 'the fifth chain waits');
   assert.equal(g.driver.usedIdx(), 0);
+  // What a stall report reads: four chains out on the shadow ring, none used, the fifth held; the guest's ring has 12 posted, 5 taken.
+  assert.deepEqual(
+    { nextAvail: s.shadowRing.nextAvail, availIdx: s.shadowRing.availIdx, outstanding: s.shadowRing.outstanding, usedIdx: s.shadowRing.usedIdx, lastUsed: s.shadowRing.lastUsed },
+    { nextAvail: 4, availIdx: 4, outstanding: 4, usedIdx: 0, lastUsed: 0 },
+  );
+  assert.equal(s.pending, 1);
+  assert.notEqual(s.recheckArmedMs, null, 'a blocked queue has its re-check armed');
+  if (g.ring instanceof MockDriver) {
+    assert.ok(s.guestRing !== null);
+    assert.deepEqual(
+      { size: s.guestRing.size, availIdx: s.guestRing.availIdx, nextAvail: s.guestRing.nextAvail, usedIdx: s.guestRing.usedIdx, nextUsed: s.guestRing.nextUsed },
+      { size: 64, availIdx: N, nextAvail: 5, usedIdx: 0, nextUsed: 0 },
+    );
+  }
 
   // The backend completes each batch backwards: the guest must see that order, and every chain once.
   const order: string[] = [];
