@@ -111,15 +111,45 @@ export function jobOrder(disks: number, rounds: number): RoundJob[] {
   return out;
 }
 
-/** One KEY=terse line per job, disk and round. */
+/**
+ * A guest-side watchdog, silent unless I/O stops: every 5 s it samples each
+ * disk's completed reads and writes and requests in flight (/sys/block/vdX/stat)
+ * and prints them when three samples in a row (10 s) are the same with
+ * requests in flight, so a stall names the disk and what the guest's block
+ * layer still waits for (and a guest that prints nothing is not running it).
+ */
+export function stallWatchdog(disks: number): string {
+  const devs = Array.from({ length: disks }, (_, i) => dev(i)).join(' ');
+  return (
+    `( prev=; same=0; while sleep 5; do s=; busy=0; for d in ${devs}; do read r f1 f2 f3 w f5 f6 f7 q rest < /sys/block/$d/stat; s="$s $d=$r/$w/$q"; [ "$q" != 0 ] && busy=1; done; ` +
+    `if [ $busy = 1 ] && [ "$s" = "$prev" ]; then same=$((same+1)); else same=0; fi; prev=$s; ` +
+    `[ $same -ge 2 ] && echo "GUEST-STALL uptime=$(cut -d' ' -f1 /proc/uptime) reads/writes/inflight:$s"; done ) &`
+  );
+}
+
+/** The watchdog, then one KEY=terse line per job, disk and round. */
 function script(disks: number, seconds: number, rounds: number): string {
   const line = (j: RoundJob): string =>
     `fio --name=${j.job} --filename=/dev/${dev(j.disk)} --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=${j.job} --time_based --runtime=${seconds} --size=48M --output-format=terse --terse-version=3 | sed 's/^/FIO_${key(j)}=/'`;
-  return jobOrder(disks, rounds).map(line).join('\n') + '\n';
+  return [stallWatchdog(disks), ...jobOrder(disks, rounds).map(line)].join('\n') + '\n';
 }
 
+/**
+ * Called when a job's line does not come in time, before anything is torn
+ * down: returns the message to fail with (what the back-ends can tell of
+ * the stall). `what` names the job; the guest's console and QEMU's pid come along.
+ */
+export type StallHook = (what: string, guestOutput: string, qemuPid: number) => Promise<string>;
+
 /** Boots the guest on `disks`, runs the rounds and gives each disk's figures, in the disks' order. */
-export async function diskRounds(name: string, disks: readonly RoundDisk[], files: GuestFile[], seconds: number, rounds: number): Promise<Record<BlkJob, RoundFigures>[]> {
+export async function diskRounds(
+  name: string,
+  disks: readonly RoundDisk[],
+  files: GuestFile[],
+  seconds: number,
+  rounds: number,
+  onStall?: StallHook,
+): Promise<Record<BlkJob, RoundFigures>[]> {
   const jobs = jobOrder(disks.length, rounds);
   const g = await startGuest({
     name,
@@ -134,7 +164,12 @@ export async function diskRounds(name: string, disks: readonly RoundDisk[], file
   // Only the disk whose job runs moves: its counters between the line before and its own line are that job's.
   const marks = await Promise.all(disks.map(read));
   for (const j of jobs) {
-    await g.waitFor(new RegExp(`FIO_${key(j)}=.*\n`), (seconds + 120) * 1000);
+    try {
+      await g.waitFor(new RegExp(`FIO_${key(j)}=.*\n`), (seconds + 120) * 1000);
+    } catch (e) {
+      if (onStall === undefined) throw e;
+      throw new Error(await onStall(`FIO_${key(j)}: ${(e as Error).message.split('\n')[0]}`, g.output(), g.pid));
+    }
     const after = await read(disks[j.disk]);
     const before = marks[j.disk];
     out[j.disk][j.job].rounds[j.round] = { iops: 0, ...(before !== undefined && after !== undefined ? perRequest(before, after) : {}) };
