@@ -116,7 +116,7 @@ export function stallPids(qemuPid: number, children: readonly ChildProcess[], lo
 }
 
 /** One serve with a relay function per link, each to its own `vbridge backend blk` on its own image, and one guest with a disk on each. */
-async function oneGuest(dir: string, files: GuestFile[], seconds: number, rounds: number): Promise<Record<RelayVia, Record<BlkJob, RoundFigures>>> {
+export async function oneGuest(dir: string, files: GuestFile[], seconds: number, rounds: number): Promise<Record<RelayVia, Record<BlkJob, RoundFigures>>> {
   const control = path.join(dir, 'control.sock');
   const children: ChildProcess[] = [];
   const logs: string[] = [];

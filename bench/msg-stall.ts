@@ -1,0 +1,34 @@
+/**
+ * Hunting the blk stall of the virtio-msg benchmark (docs/BENCHMARKS.md: a
+ * guest's last fio job on the PCIe-link disk never ended): the bench's blk
+ * set-up alone (msg.ts oneGuest: one serve, a relay function per link, a
+ * backend process each, one guest with a disk per link taking turns) for
+ * ROUNDS rounds of SECONDS-long jobs in one boot, without the net part. A job
+ * that overruns fails the run with the bench's stall report (its file is
+ * named on the first line); the run's directory is kept either way, with the
+ * whole stderr of serve and of each backend.
+ *
+ *   flock /tmp/vbridge-heavy.lock node dist/bench/msg-stall.js [ROUNDS] [SECONDS]
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { fioFiles } from './disk-rounds';
+import { oneGuest } from './msg';
+
+async function main(): Promise<void> {
+  const rounds = Number(process.argv[2] ?? 10);
+  const seconds = Number(process.argv[3] ?? 10);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-stall-'));
+  process.stdout.write(`${rounds} rounds of ${seconds} s jobs; logs in ${dir}\n`);
+  try {
+    const r = await oneGuest(dir, fioFiles(), seconds, rounds);
+    const pcie = r.pcie.randread.rounds.map((x) => Math.round(x.iops)).join(' ');
+    process.stdout.write(`no stall: ${rounds * 8} jobs; PCIe disk randread IOPS by round: ${pcie}\n`);
+  } catch (e) {
+    process.stdout.write(`STALLED: ${(e as Error).message.split('\n')[0]}\n`);
+    process.exitCode = 1;
+  }
+}
+
+void main();
