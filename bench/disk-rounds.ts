@@ -9,7 +9,10 @@
  */
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import { startGuest, type GuestFile } from '../test/support/qemu-guest';
+import { QmpClient } from '../test/support/qmp';
 import { fetchJson } from '../src/control/control-server';
 import type { StatsReport } from '../src/control/stats-format';
 import { spread } from './measure';
@@ -137,9 +140,49 @@ function script(disks: number, seconds: number, rounds: number): string {
 /**
  * Called when a job's line does not come in time, before anything is torn
  * down: returns the message to fail with (what the back-ends can tell of
- * the stall). `what` names the job; the guest's console and QEMU's pid come along.
+ * the stall). `what` names the job; the guest's console, QEMU's pid and
+ * QEMU's own view (qemuView) come along.
  */
-export type StallHook = (what: string, guestOutput: string, qemuPid: number) => Promise<string>;
+export type StallHook = (what: string, guestOutput: string, qemuPid: number, qemu: string) => Promise<string>;
+
+/**
+ * QEMU's side of a stall, over QMP: whether the guest runs, each virtio
+ * device's status and interrupt state and the vhost view of its first queue
+ * (x-query-virtio-*, QEMU 7.2), and the local APIC (pending and in-service
+ * vectors: an interrupt QEMU delivered that the guest never took shows
+ * there). What QEMU refuses is said, not thrown.
+ */
+export async function qemuView(qmpSocket: string): Promise<string> {
+  const out: string[] = [];
+  let q: QmpClient;
+  try {
+    q = await QmpClient.connect(qmpSocket, 5000);
+  } catch (e) {
+    return `QMP: ${(e as Error).message}`;
+  }
+  const ask = async (label: string, cmd: string, args?: Record<string, unknown>): Promise<unknown> => {
+    try {
+      const r = await q.execute(cmd, args);
+      out.push(`${label}: ${typeof r === 'string' ? r : JSON.stringify(r)}`);
+      return r;
+    } catch (e) {
+      out.push(`${label}: ${(e as Error).message}`);
+      return undefined;
+    }
+  };
+  try {
+    await ask('query-status', 'query-status');
+    const devs = ((await ask('x-query-virtio', 'x-query-virtio')) ?? []) as { path: string; name: string }[];
+    for (const d of devs) {
+      await ask(`${d.path} status`, 'x-query-virtio-status', { path: d.path });
+      await ask(`${d.path} vhost queue 0`, 'x-query-virtio-vhost-queue-status', { path: d.path, queue: 0 });
+    }
+    await ask('info lapic', 'human-monitor-command', { 'command-line': 'info lapic' });
+  } finally {
+    q.close();
+  }
+  return out.join('\n');
+}
 
 /** Boots the guest on `disks`, runs the rounds and gives each disk's figures, in the disks' order. */
 export async function diskRounds(
@@ -151,34 +194,43 @@ export async function diskRounds(
   onStall?: StallHook,
 ): Promise<Record<BlkJob, RoundFigures>[]> {
   const jobs = jobOrder(disks.length, rounds);
-  const g = await startGuest({
-    name,
-    script: script(disks.length, seconds, rounds),
-    memMiB: 512,
-    blks: disks.map((d) => ({ socket: d.socket })),
-    files,
-    timeoutMs: (jobs.length * seconds + 180) * 1000,
-  });
-  const out = disks.map((): Record<BlkJob, RoundFigures> => ({ randwrite: { rounds: [] }, randread: { rounds: [] } }));
-  const read = (d: RoundDisk) => (d.counters === undefined ? undefined : counted(d.counters.control, d.counters.fn));
-  // Only the disk whose job runs moves: its counters between the line before and its own line are that job's.
-  const marks = await Promise.all(disks.map(read));
-  for (const j of jobs) {
-    try {
-      await g.waitFor(new RegExp(`FIO_${key(j)}=.*\n`), (seconds + 120) * 1000);
-    } catch (e) {
-      if (onStall === undefined) throw e;
-      throw new Error(await onStall(`FIO_${key(j)}: ${(e as Error).message.split('\n')[0]}`, g.output(), g.pid));
+  const qmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-rounds-'));
+  const qmpSocket = path.join(qmpDir, 'qmp.sock');
+  try {
+    const g = await startGuest({
+      name,
+      qmpSocket,
+      script: script(disks.length, seconds, rounds),
+      memMiB: 512,
+      blks: disks.map((d) => ({ socket: d.socket })),
+      files,
+      timeoutMs: (jobs.length * seconds + 180) * 1000,
+    });
+    const out = disks.map((): Record<BlkJob, RoundFigures> => ({ randwrite: { rounds: [] }, randread: { rounds: [] } }));
+    const read = (d: RoundDisk) => (d.counters === undefined ? undefined : counted(d.counters.control, d.counters.fn));
+    // Only the disk whose job runs moves: its counters between the line before and its own line are that job's.
+    const marks = await Promise.all(disks.map(read));
+    for (const j of jobs) {
+      try {
+        await g.waitFor(new RegExp(`FIO_${key(j)}=.*\n`), (seconds + 120) * 1000);
+      } catch (e) {
+        const what = `FIO_${key(j)}: ${(e as Error).message.split('\n')[0]}`;
+        const qemu = await qemuView(qmpSocket);
+        if (onStall === undefined) throw new Error(`${what}\n--- QEMU:\n${qemu}\n--- guest console (end):\n${g.output().slice(-4000)}`);
+        throw new Error(await onStall(what, g.output(), g.pid, qemu));
+      }
+      const after = await read(disks[j.disk]);
+      const before = marks[j.disk];
+      out[j.disk][j.job].rounds[j.round] = { iops: 0, ...(before !== undefined && after !== undefined ? perRequest(before, after) : {}) };
+      marks[j.disk] = after;
     }
-    const after = await read(disks[j.disk]);
-    const before = marks[j.disk];
-    out[j.disk][j.job].rounds[j.round] = { iops: 0, ...(before !== undefined && after !== undefined ? perRequest(before, after) : {}) };
-    marks[j.disk] = after;
+    const r = await g.done;
+    if (r.rc !== 0) throw new Error(`fio guest failed:\n${r.output.slice(-3000)}`);
+    for (const j of jobs) out[j.disk][j.job].rounds[j.round].iops = iops(r.output, j.job, key(j));
+    return out;
+  } finally {
+    fs.rmSync(qmpDir, { recursive: true, force: true });
   }
-  const r = await g.done;
-  if (r.rc !== 0) throw new Error(`fio guest failed:\n${r.output.slice(-3000)}`);
-  for (const j of jobs) out[j.disk][j.job].rounds[j.round].iops = iops(r.output, j.job, key(j));
-  return out;
 }
 
 /** The median over rounds of one figure. */

@@ -57,12 +57,13 @@ export async function msgBench(blkSeconds: number, netSeconds: number, sizes: re
  * apart (the relay's queues with both rings' indexes and suppression fields,
  * the links, the faults, the re-check counters: whether anything still
  * moves), the processes' CPU seconds (a guest spinning in a lockup and one
- * asleep waiting for an interrupt look alike on the console), the guest's
+ * asleep waiting for an interrupt look alike on the console), QEMU's view
+ * (disk-rounds qemuView: its virtio devices, the local APIC), the guest's
  * console (its GUEST-STALL lines name the disk and its requests in flight),
  * and the end of each process's stderr. Returns the message to fail with:
  * `what` and the file on the first line, then the report.
  */
-export async function stallReport(what: string, control: string, guestOutput: string, logs: readonly string[], pids: Record<string, number | undefined>): Promise<string> {
+export async function stallReport(what: string, control: string, guestOutput: string, qemu: string, logs: readonly string[], pids: Record<string, number | undefined>): Promise<string> {
   const parts: string[] = [];
   const stats = async (label: string): Promise<void> => {
     parts.push(`--- CPU seconds ${label}: ${Object.entries(pids).map(([k, pid]) => `${k} ${cpuSeconds(pid)}`).join(', ')}`);
@@ -77,7 +78,7 @@ export async function stallReport(what: string, control: string, guestOutput: st
   await stats('at the overrun');
   await new Promise((r) => setTimeout(r, 5000));
   await stats('5 s later');
-  parts.push('--- guest console (end):', guestOutput.slice(-6000));
+  parts.push('--- QEMU (QMP):', qemu, '--- guest console (end):', guestOutput.slice(-6000));
   for (const log of logs) {
     let text: string;
     try {
@@ -142,8 +143,8 @@ export async function oneGuest(dir: string, files: GuestFile[], seconds: number,
     backend('pcie', ['--attach', path.join(dir, 'pcie.bar'), '--file', image('pcie')]);
     for (const via of VIAS) await waitPath(path.join(dir, `${via}.sock`), `the ${via} function did not come up`);
     const disks = VIAS.map((via) => ({ socket: path.join(dir, `${via}.sock`), counters: { control, fn: via } }));
-    const figures = await diskRounds('bench-msg-blk', disks, files, seconds, rounds, (what, guestOutput, qemuPid) =>
-      stallReport(what, control, guestOutput, logs, stallPids(qemuPid, children, logs)),
+    const figures = await diskRounds('bench-msg-blk', disks, files, seconds, rounds, (what, guestOutput, qemuPid, qemu) =>
+      stallReport(what, control, guestOutput, qemu, logs, stallPids(qemuPid, children, logs)),
     );
     const out = {} as Record<RelayVia, Record<BlkJob, RoundFigures>>;
     VIAS.forEach((via, i) => (out[via] = figures[i]));
