@@ -6,7 +6,7 @@
  * ROUNDS rounds of SECONDS-long jobs in one boot, without the net part. A job
  * that overruns fails the run with the bench's stall report (its file is
  * named on the first line); the run's directory is kept either way, with the
- * whole stderr of serve and of each backend.
+ * whole stderr of serve and of each backend (the disk images are removed).
  *
  *   flock /tmp/vbridge-heavy.lock node dist/bench/msg-stall.js [ROUNDS] [SECONDS]
  */
@@ -28,6 +28,9 @@ async function main(): Promise<void> {
   } catch (e) {
     process.stdout.write(`STALLED: ${(e as Error).message.split('\n')[0]}\n`);
     process.exitCode = 1;
+  } finally {
+    // The logs stay; the four 64 MiB images would fill /tmp over a few runs.
+    for (const f of fs.readdirSync(dir)) if (f.endsWith('.img')) fs.rmSync(path.join(dir, f), { force: true });
   }
 }
 
