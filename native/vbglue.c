@@ -1,8 +1,8 @@
 /*
  * vbglue: the only C in virtio-bridge. Syscall glue for Node-API (version 8),
  * nothing else: Unix sockets with fd passing, mmap of an fd into an external
- * ArrayBuffer, memfd, eventfd, TAP, fallocate, and a uv_poll watcher on the
- * calling thread's own loop. Protocol and ring logic live in TypeScript.
+ * ArrayBuffer, sealed memfds and F_GET_SEALS, eventfd, TAP, fallocate, and a
+ * uv_poll watcher on the calling thread's own loop. Protocol and ring logic live in TypeScript.
  *
  * The typed face of this file is src/native/addon.ts; keep them in step.
  *
@@ -636,7 +636,8 @@ static napi_value vb_mmap(napi_env env, napi_callback_info info) {
                        page);
   /* Touching a page past the end of a file is SIGBUS, which kills the whole
    * process: refuse what is certain to fault. (Devices report no size; a
-   * later truncation by a peer still faults, see pitfall 7.) */
+   * later truncation by a peer still faults, see pitfall 7: callers mapping
+   * a peer's memfd check seals() for F_SEAL_SHRINK first.) */
   if (fstat(fd, &st) < 0)
     return throw_errno(env, "mmap", "(fstat)", errno);
   if (S_ISREG(st.st_mode) && off + size > (double)st.st_size) {
@@ -721,7 +722,7 @@ static napi_value vb_memfd(napi_env env, napi_callback_info info) {
   }
   if (!arg_int(env, argv[1], "size", 0, MAX_SAFE, &size))
     return NULL;
-  fd = memfd_create(name, MFD_CLOEXEC);
+  fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (fd < 0)
     return throw_errno(env, "memfd_create", NULL, errno);
   RETRY_EINTR(r, ftruncate(fd, (off_t)size));
@@ -730,7 +731,32 @@ static napi_value vb_memfd(napi_env env, napi_callback_info info) {
     close(fd);
     return throw_errno(env, "ftruncate", NULL, err);
   }
+  /* Every memfd we make is handed to a peer. Sealed, that peer can no longer
+   * shrink it under our mappings (SIGBUS, pitfall 7), grow it, or undo the
+   * seals; the size is fixed from here on. */
+  if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+    err = errno;
+    close(fd);
+    return throw_errno(env, "fcntl", "(F_ADD_SEALS)", err);
+  }
   return num(env, fd);
+}
+
+/* F_GET_SEALS; 0 when the fd cannot carry seals (EINVAL: not a tmpfs or
+ * hugetlbfs file). Any other tmpfs file, e.g. in /dev/shm, or a memfd made
+ * without MFD_ALLOW_SEALING reports just F_SEAL_SEAL. */
+static napi_value vb_seals(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd, s;
+  if (!get_args(env, info, 1, argv, NULL) || !arg_fd(env, argv[0], "fd", &fd))
+    return NULL;
+  s = fcntl(fd, F_GET_SEALS);
+  if (s < 0) {
+    if (errno == EINVAL)
+      return num(env, 0);
+    return throw_errno(env, "fcntl", "(F_GET_SEALS)", errno);
+  }
+  return num(env, s);
 }
 
 static napi_value vb_eventfd(napi_env env, napi_callback_info info) {
@@ -1083,6 +1109,7 @@ NAPI_MODULE_INIT() {
       FN("mmap", vb_mmap),
       FN("unmap", vb_unmap),
       FN("memfd", vb_memfd),
+      FN("seals", vb_seals),
       FN("eventfd", vb_eventfd),
       FN("eventfdRead", vb_eventfd_read),
       FN("eventfdWrite", vb_eventfd_write),

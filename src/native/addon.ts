@@ -67,8 +67,19 @@ export interface Addon {
   mmap(fd: number, size: number, offset: number): ArrayBuffer;
   /** Detach the ArrayBuffer (views become length 0) and munmap now; a no-op when already detached. TypeError unless from mmap(). */
   unmap(buf: ArrayBuffer): void;
-  /** memfd_create(name, MFD_CLOEXEC) then ftruncate(size). */
+  /**
+   * memfd_create(name, MFD_CLOEXEC|MFD_ALLOW_SEALING), ftruncate(size), then sealed with
+   * F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL: every memfd we make goes to a peer, and sealed the
+   * peer cannot truncate it under our mapping (SIGBUS). Its size is fixed for good.
+   */
   memfd(name: string, size: number): number;
+  /**
+   * fcntl(F_GET_SEALS): the F_SEAL_* bits of fd; 0 for an fd that cannot carry seals (EINVAL:
+   * a socket, an ext4 file). A /dev/shm file, or a memfd made without MFD_ALLOW_SEALING,
+   * reports F_SEAL_SEAL alone. Other errors (EBADF) throw. Check F_SEAL_SHRINK before mapping
+   * a memfd a peer handed over (src/native/sealed.ts).
+   */
+  seals(fd: number): number;
   /** eventfd(initval, EFD_NONBLOCK|EFD_CLOEXEC). */
   eventfd(initval: number): number;
   /** Read and clear the counter; 0 when it was 0 (EAGAIN). */
@@ -97,6 +108,12 @@ export interface Addon {
   fallocate(fd: number, mode: number, offset: number, len: number): void;
   Poller: PollerConstructor;
 }
+
+/** fcntl(2) seal bits (linux/fcntl.h), as seals() reports them. */
+export const F_SEAL_SEAL = 0x01;
+export const F_SEAL_SHRINK = 0x02;
+export const F_SEAL_GROW = 0x04;
+export const F_SEAL_WRITE = 0x08;
 
 /** fallocate(2) mode bits (linux/falloc.h). */
 export const FALLOC_FL_KEEP_SIZE = 0x01;

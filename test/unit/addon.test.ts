@@ -12,7 +12,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, native, type Addon } from '../../src/native/addon';
+import { F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, native, type Addon } from '../../src/native/addon';
 import type { AddonWorkerJob } from '../support/addon-worker';
 
 // dist/test/unit -> repo root
@@ -610,6 +610,69 @@ test('dup, setNonBlocking, fdSize, memfd, close', () => {
   assertSysError(() => addon.eventfdRead(efd), 'EBADF', 'read');
 });
 
+test('memfd is sealed against shrinking, growing and new seals; seals() reports the bits', () => {
+  const m = addon.memfd('vbseal', 2 * PAGE);
+  assert.equal(addon.seals(m), F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW, 'no F_SEAL_WRITE: the memory stays writable');
+  const buf = new Uint8Array(addon.mmap(m, 2 * PAGE, 0));
+  buf[2 * PAGE - 1] = 0x5a;
+  assert.throws(() => fs.ftruncateSync(m, PAGE), { code: 'EPERM' }, 'shrink');
+  assert.throws(() => fs.ftruncateSync(m, 0), { code: 'EPERM' }, 'truncate to 0');
+  assert.throws(() => fs.ftruncateSync(m, 4 * PAGE), { code: 'EPERM' }, 'grow');
+  // A write past the end would grow it too.
+  assert.throws(() => fs.writeSync(m, Buffer.from([1]), 0, 1, 2 * PAGE), { code: 'EPERM' }, 'grow by write');
+  assert.equal(addon.fdSize(m), 2 * PAGE);
+  assert.equal(buf[2 * PAGE - 1], 0x5a, 'the last page is still mapped and readable');
+  // Writing within the size is still allowed (the peer needs that).
+  fs.writeSync(m, Buffer.from([0x6b]), 0, 1, 0);
+  assert.equal(buf[0], 0x6b);
+  addon.unmap(buf.buffer as ArrayBuffer);
+  addon.close(m);
+  const empty = addon.memfd('vbseal0', 0);
+  assert.equal(addon.seals(empty), F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW, 'a 0-byte memfd is sealed too');
+  addon.close(empty);
+});
+
+test('seals(): a /dev/shm file carries no F_SEAL_SHRINK, fds that cannot carry seals report 0, EBADF throws', () => {
+  const file = path.join('/dev/shm', `vbseal-${process.pid}`);
+  const shm = fs.openSync(file, 'w+');
+  try {
+    fs.ftruncateSync(shm, PAGE);
+    assert.equal(addon.seals(shm) & F_SEAL_SHRINK, 0, 'a tmpfs file is not sealed');
+    fs.ftruncateSync(shm, 0); // and can be truncated under a mapping: what the receivers refuse
+  } finally {
+    fs.closeSync(shm);
+    fs.rmSync(file, { force: true });
+  }
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbseal-'));
+  const disk = fs.openSync(path.join(dir, 'f'), 'w+');
+  assert.equal(addon.seals(disk), 0, 'a regular file on disk (EINVAL)');
+  fs.closeSync(disk);
+  fs.rmSync(dir, { recursive: true });
+  const [a, b] = addon.socketpair();
+  assert.equal(addon.seals(a), 0, 'a socket (EINVAL)');
+  addon.close(a);
+  addon.close(b);
+  assertSysError(() => addon.seals(a), 'EBADF', 'fcntl');
+});
+
+test('a peer process holding our memfd cannot truncate it (EPERM), so it cannot SIGBUS us', { timeout: 20000 }, async () => {
+  const m = addon.memfd('vbpeer', 2 * PAGE);
+  const buf = new Uint8Array(addon.mmap(m, 2 * PAGE, 0));
+  // The peer gets the fd as its fd 3 (the same open file, as SCM_RIGHTS would give it).
+  const peer = `const fs = require('node:fs'); const r = [];
+for (const n of [0, ${PAGE}, ${8 * PAGE}]) { try { fs.ftruncateSync(3, n); r.push('ok'); } catch (e) { r.push(e.code); } }
+process.stdout.write(JSON.stringify(r));`;
+  const { code, signal, out, err } = await capture(spawn(process.execPath, ['-e', peer], { stdio: ['ignore', 'pipe', 'pipe', m] }));
+  assert.equal(signal, null, err);
+  assert.equal(code, 0, err);
+  assert.deepEqual(JSON.parse(out) as unknown, ['EPERM', 'EPERM', 'EPERM']);
+  buf[2 * PAGE - 1] = 1; // still backed: this would be SIGBUS had the truncation worked
+  assert.equal(buf[2 * PAGE - 1], 1);
+  assert.equal(addon.fdSize(m), 2 * PAGE);
+  addon.unmap(buf.buffer as ArrayBuffer);
+  addon.close(m);
+});
+
 test('fallocate: punching a hole frees blocks and reads back zeros; zero range keeps the size; errors carry errno', () => {
   // os.tmpdir() is a real file system here (ext4), where both modes work.
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbfalloc-'));
@@ -741,6 +804,9 @@ test('argument validation: wrong or missing arguments throw before any syscall',
     ['memfd(name)', () => loose.memfd('x'), T],
     ['memfd(1, 1)', () => loose.memfd(1, 1), T],
     ['memfd size -1', () => loose.memfd('x', -1), R],
+    ['seals()', () => loose.seals(), T],
+    ['seals("3")', () => loose.seals('3'), T],
+    ['seals(-1)', () => loose.seals(-1), R],
     ['eventfd()', () => loose.eventfd(), T],
     ['eventfd(2**32)', () => loose.eventfd(2 ** 32), R],
     ['eventfdWrite(fd)', () => loose.eventfdWrite(efd), T],
