@@ -548,6 +548,9 @@ export class VhostUserBackend {
       throw new ProtocolError(spec.name, `${field}: cannot stat its fd: ${asError(e, 'fstat').message}`, false);
     }
     // Some fds (hugetlbfs files, device memory) may report 0; only a known-too-small file is refused here.
+    // Unlike the segments of our own links, guest memory is taken unsealed (no F_SEAL_SHRINK check):
+    // QEMU's memory-backend-file is a plain file that cannot carry seals (its memfd backend seals by default),
+    // and refusing it would refuse QEMU. A front-end that truncates it can still SIGBUS us: a known limit.
     if (fileSize > 0 && r.mmapOffset + r.size > fileSize) {
       throw new ProtocolError(spec.name, `${field}: mmap_offset 0x${r.mmapOffset.toString(16)} + memory_size 0x${r.size.toString(16)} runs past the end of its fd (0x${fileSize.toString(16)} bytes)`, false);
     }

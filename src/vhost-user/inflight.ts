@@ -87,6 +87,9 @@ export class InflightRegions {
     if (offset + need > fileSize) {
       throw new ProtocolError(spec.name, `region [${offset}, +${need}) runs past the end of its fd (${fileSize} bytes)`);
     }
+    // No F_SEAL_SHRINK check, as for guest memory: the front-end hands back a region some back-end
+    // made (ours are sealed; one of an earlier back-end, or another implementation's, may not be),
+    // and refusing it would lose the in-flight state it exists to keep.
     const delta = offset % PAGE_SIZE;
     let buffer: ArrayBuffer;
     try {

@@ -9,10 +9,12 @@ import type { VirtioDevice } from '../../src/devices/device';
 import { deleteSwitch, getSwitch } from '../../src/devices/net/l2-switch';
 import { NetDevice } from '../../src/devices/net/net-device';
 import { NullPort } from '../../src/devices/net/null-port';
+import { AttachPort, attach, detach } from '../../src/links/pcie/attach';
 import { PcieBackendHost } from '../../src/links/pcie/backend-host';
 import { type CardEvents, type DeviceInfo, MailboxError, PcieCard } from '../../src/links/pcie/card';
-import { MboxStatus, type Opcode } from '../../src/links/pcie/layout';
-import { Mbox, type MboxSpec } from '../../src/links/pcie/mailbox';
+import { BAR2_OFFSET, MboxStatus, NUM_NOTIFIERS, type Opcode } from '../../src/links/pcie/layout';
+import { LinkProtocolError, Mbox, type MboxSpec } from '../../src/links/pcie/mailbox';
+import { F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, native } from '../../src/native/addon';
 import {
   BLK_S_OK,
   BLK_T_IN,
@@ -420,6 +422,108 @@ test('a device that does not fit the card is refused with a clear error and noth
     card.close();
   }
   assert.equal(openFds(), fds0);
+});
+
+/** An fd of `size` bytes that is not a sealed memfd: a /dev/shm file (already unlinked), which whoever holds it may truncate. */
+function unsealedShm(size: number): number {
+  const file = `/dev/shm/vbseal-${process.pid}-${Math.random().toString(36).slice(2)}`;
+  const fd = fs.openSync(file, 'w+');
+  fs.rmSync(file);
+  fs.ftruncateSync(fd, size);
+  return fd;
+}
+
+test('a card whose BAR memfd is not sealed against shrinking is refused with a clear error, nothing leaks, and another backend in the process keeps working', async () => {
+  const file = tempDisk(1 << 20, 'pcie-seal-');
+  const dev = new BlkDevice({ name: 'pseal-ok', file });
+  const r = await plug('pseal-ok', dev);
+  try {
+    await refusedBesideWorking(r);
+  } finally {
+    unplug(r);
+    dev.close();
+  }
+});
+
+/** Attach to a card that hands over an unsealed BAR, then show `r` still does blk I/O. */
+async function refusedBesideWorking(r: Rig): Promise<void> {
+  const a = native();
+  const fds0 = openFds();
+  // A card that hands over a BAR it could truncate (a /dev/shm file); its notifiers are real eventfds.
+  const log = new CaptureLogger();
+  const bar = unsealedShm(BAR2_OFFSET + BAR2_SIZE);
+  const notifiers = Array.from({ length: 2 * NUM_NOTIFIERS }, () => a.eventfd(0));
+  const unplugged: number[] = [];
+  const sock = tmpSocket('pseal-bad');
+  const port = new AttachPort(
+    sock,
+    () => ({ barFd: bar, bar2Size: BAR2_SIZE, doorbells: notifiers.slice(0, NUM_NOTIFIERS), vectors: notifiers.slice(NUM_NOTIFIERS) }),
+    { onPlug: () => {}, onUnplug: () => unplugged.push(1) },
+    log,
+    'pseal-bad-card',
+  );
+  port.listen();
+  try {
+    const other = new BlkDevice({ name: 'pseal-bad', file: tempDisk(1 << 20, 'pcie-seal-') });
+    try {
+      await assert.rejects(
+        PcieBackendHost.attach(sock, other, { logger: log, label: 'pseal-bad-host' }),
+        (e: unknown) => {
+          assert.ok(e instanceof LinkProtocolError, String(e));
+          assert.match(e.message, /^pseal-bad-host: attach to .*: the card's BAR memfd is not a memfd sealed against shrinking \(F_SEAL_SHRINK\): .*SIGBUS/);
+          return true;
+        },
+      );
+    } finally {
+      other.close();
+    }
+    await waitFor(() => unplugged.length === 1, 'the bad card to see the backend go');
+    // The working backend in this process is untouched: a blk write and read through its card.
+    await r.card.request(Mbox.SET_FEATURES, BLK_FEATURES);
+    await r.card.request(Mbox.SET_STATUS, 0x0f);
+    const d = await startQueue(r, 0, { eventIdx: true });
+    const data = pattern(4096, 9);
+    assert.equal((await blkRequest(r, d, BLK_T_OUT, 16, { out: data })).status, BLK_S_OK);
+    const rd = await blkRequest(r, d, BLK_T_IN, 16, { inLen: 4096 });
+    assert.equal(rd.status, BLK_S_OK);
+    assert.deepEqual(rd.data, data);
+    assert.ok(r.host.attached);
+    assert.deepEqual(r.log.errors(), []);
+  } finally {
+    port.close();
+    for (const fd of [bar, ...notifiers]) a.close(fd);
+  }
+  // Everything the refused attach received (socket, BAR, 2 x NUM_NOTIFIERS eventfds) was closed.
+  assert.equal(openFds(), fds0);
+}
+
+test('the BAR memfd our card hands over is sealed: a backend cannot truncate or grow it (EPERM), so it cannot SIGBUS the card', async () => {
+  const a = native();
+  const sock = tmpSocket('pseal-card');
+  const events = new Events();
+  const log = new CaptureLogger();
+  const card = new PcieCard(sock, BAR2_SIZE, events, log, 'pseal-card');
+  card.listen();
+  try {
+    const at = await attach(sock);
+    try {
+      assert.equal(a.seals(at.barFd), F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW);
+      const size = a.fdSize(at.barFd);
+      assert.throws(() => fs.ftruncateSync(at.barFd, 0), { code: 'EPERM' });
+      assert.throws(() => fs.ftruncateSync(at.barFd, BAR2_OFFSET), { code: 'EPERM' });
+      assert.throws(() => fs.ftruncateSync(at.barFd, size * 2), { code: 'EPERM' });
+      assert.equal(a.fdSize(at.barFd), size);
+    } finally {
+      detach(at);
+    }
+    await waitFor(() => !card.plugged, 'the card to see the backend go');
+    // The card's own mapping of the whole BAR is still backed: reading its last byte is no SIGBUS.
+    const last = new Uint8Array(1);
+    card.bar2.read(BAR2_SIZE - 1, last, 0, 1);
+    assert.equal(last[0], 0);
+  } finally {
+    card.close();
+  }
 });
 
 /** An echo device that, like a relay, must settle before GET_VRING_BASE reads a ring's position. */

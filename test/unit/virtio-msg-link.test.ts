@@ -20,7 +20,10 @@ import { FrontendClient } from '../../src/vhost-user/frontend-client';
 import { VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
 import { encodeEvent, encodeRequest, encodeResponse } from '../../src/virtio-msg/codec';
 import { Bus, Transport } from '../../src/virtio-msg/messages';
-import { SOCKET_BUS_LIMITS, SocketBus } from '../../src/virtio-msg/bus/socket-messages';
+import { RingsKind, ShmStatus, SOCKET_BUS_LIMITS, SocketBus } from '../../src/virtio-msg/bus/socket-messages';
+import { DEFAULT_RING_SLOTS, IVSHMEM_REGS_SIZE, queuesBytes } from '../../src/virtio-msg/bus/ring-transport';
+import { driverTransport } from '../../src/virtio-msg/bus/bus-transports';
+import { MsgChannel } from '../../src/virtio-msg/bus/msg-channel';
 import type { BusKind } from '../../src/virtio-msg/bus/bus-address';
 import { tempDisk } from '../support/blk-requests';
 import { io } from './blk-guest-io';
@@ -172,6 +175,86 @@ test('malformed traffic on the bus is dropped and counted; another function on t
     dev2.close();
   }
 });
+
+/** An fd of `size` bytes that is not a sealed memfd: a /dev/shm file (already unlinked), which whoever holds it may truncate. */
+function unsealedShm(size: number): number {
+  const file = `/dev/shm/vbseal-${process.pid}-${Math.random().toString(36).slice(2)}`;
+  const fd = fs.openSync(file, 'w+');
+  fs.rmSync(file);
+  fs.ftruncateSync(fd, size);
+  return fd;
+}
+
+test('SET_SHM with a segment not sealed against shrinking is refused (BAD_SEGMENT, logged with the reason); a sealed one is taken; another function on the bus keeps working', async () => {
+  const log = new CaptureLogger();
+  const bus = tmpSocket('msg-unsealed');
+  const server = new MsgBusServer(bus, log);
+  const dev1 = blkDevice('blk1', tempDisk(1 << 20, 'msg-'));
+  const dev2 = blkDevice('blk2', tempDisk(1 << 20, 'msg-'));
+  server.addDevice(1, dev1);
+  server.addDevice(2, dev2);
+  server.listen();
+  const f = await blkFunction('msg-sealed-good', bus, 2, log);
+  const ch = new MsgChannel(driverTransport('socket', native().connect(bus), 'raw', 'raw'), 'driver', { onMessage: () => {}, onClose: () => {} }, 'raw');
+  const a = native();
+  try {
+    const unsealed = unsealedShm(1 << 20);
+    const refused = await ch.request(SocketBus.SET_SHM, 0, { devNum: 1, size: BigInt(1 << 20) }, 5000, [unsealed]);
+    a.close(unsealed);
+    assert.deepEqual(refused, { devNum: 1, status: ShmStatus.BAD_SEGMENT });
+    assert.ok(log.has(/warn .*SET_SHM: the SET_SHM segment from .* is not a memfd sealed against shrinking \(F_SEAL_SHRINK\).*SIGBUS/), log.lines.join('\n'));
+    assert.equal(server.device(1)?.stats().owned, false, 'the device took nothing');
+    assert.ok(!ch.closed, 'only the attach failed; the connection stays');
+    // The other function's I/O is untouched.
+    const data = sectors(4, 5);
+    assert.equal((await io(f.g, BLK_T_OUT, 0, { data })).status, BLK_S_OK);
+    assert.deepEqual((await io(f.g, BLK_T_IN, 0, { len: data.length })).data, data);
+    // The same connection with a sealed memfd (ours) is taken.
+    const sealed = a.memfd('raw-seg', 1 << 20);
+    const taken = await ch.request(SocketBus.SET_SHM, 0, { devNum: 1, size: BigInt(1 << 20) }, 5000, [sealed]);
+    a.close(sealed);
+    assert.deepEqual(taken, { devNum: 1, status: ShmStatus.OK });
+    assert.equal(server.device(1)?.stats().owned, true);
+    assert.deepEqual(log.errors(), []);
+  } finally {
+    ch.close();
+    await closeFn(f);
+    server.close();
+    dev1.close();
+    dev2.close();
+  }
+});
+
+for (const kind of ['shm', 'ivshmem'] as const) {
+  test(`the ${kind} bus refuses a RINGS_HELLO whose rings memfd is not sealed against shrinking, ending that connection with the reason; a function on the same bus keeps working`, async () => {
+    const rig = busWithBlk(`msg-unsealed-${kind}`, tempDisk(1 << 20, 'msg-'), kind);
+    const f = await blkFunction(`msg-unsealed-${kind}-fn`, rig.bus, 1, rig.log);
+    const a = native();
+    const raw = a.connect(rig.server.path);
+    try {
+      await waitFor(() => rig.server.stats().connections === 2, 'the raw driver to be accepted');
+      const ivshmem = kind === 'ivshmem';
+      const fds = [...(ivshmem ? [a.memfd('regs', IVSHMEM_REGS_SIZE)] : []), unsealedShm(queuesBytes(DEFAULT_RING_SLOTS)), a.eventfd(0), a.eventfd(0)];
+      const hello = encodeRequest(SocketBus.RINGS_HELLO, 0, 1, { kind: ivshmem ? RingsKind.IVSHMEM : RingsKind.SHM, slots: DEFAULT_RING_SLOTS, size: BigInt(queuesBytes(DEFAULT_RING_SLOTS)) }, SOCKET_BUS_LIMITS);
+      send(raw, hello, fds);
+      for (const fd of fds) a.close(fd);
+      await waitFor(() => rig.server.stats().connections === 1, 'the bus to end the refused connection');
+      const why = `refused the rings: the rings memfd \\(fd ${ivshmem ? 1 : 0}\\) of BUS_MSG_RINGS_HELLO is not a memfd sealed against shrinking \\(F_SEAL_SHRINK\\).*SIGBUS`;
+      assert.ok(rig.log.has(new RegExp(`the driver went away: .*${why}`)), rig.log.lines.join('\n'));
+      // Our function on the same bus (its rings are sealed memfds) keeps working.
+      assert.equal(f.link.stats().state, 'up');
+      const data = sectors(4, 11);
+      assert.equal((await io(f.g, BLK_T_OUT, 16, { data })).status, BLK_S_OK);
+      assert.deepEqual((await io(f.g, BLK_T_IN, 16, { len: data.length })).data, data);
+      assert.deepEqual(rig.log.errors(), []);
+    } finally {
+      a.close(raw);
+      await closeFn(f);
+      rig.server.close();
+      rig.dev.close();
+    }
+  });
+}
 
 test('a device removed from the bus fails its function (blk: I/O errors), the bridge side keeps running, and the device back is used again', async () => {
   const file = tempDisk(1 << 20, 'msg-');

@@ -7,14 +7,15 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { native } from '../../src/native/addon';
+import * as fs from 'node:fs';
+import { F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, native } from '../../src/native/addon';
 import { encodeEvent, encodeRequest } from '../../src/virtio-msg/codec';
 import type { VirtioMsgError } from '../../src/virtio-msg/errors';
 import { Bus, Transport } from '../../src/virtio-msg/messages';
 import type { BusKind } from '../../src/virtio-msg/bus/bus-address';
-import { RingTransport, queuesBytes } from '../../src/virtio-msg/bus/ring-transport';
+import { IVSHMEM_REGS_SIZE, RingTransport, queuesBytes } from '../../src/virtio-msg/bus/ring-transport';
 import { RingConsumer, RingCorrupt, RingProducer, ringBytes, SLOT_SIZE } from '../../src/virtio-msg/bus/shm-ring';
-import { RingsKind, SOCKET_BUS_LIMITS as L, SocketBus } from '../../src/virtio-msg/bus/socket-messages';
+import { HelloStatus, RingsKind, SOCKET_BUS_LIMITS as L, SocketBus } from '../../src/virtio-msg/bus/socket-messages';
 import type { TransportSink } from '../../src/virtio-msg/bus/transport';
 import { deviceTransport, driverTransport } from '../../src/virtio-msg/bus/bus-transports';
 import { MsgChannel } from '../../src/virtio-msg/bus/msg-channel';
@@ -249,6 +250,68 @@ test('a device transport refuses rings of the wrong kind, bad slot counts and a 
     else native().close(a);
   }
 });
+
+/** An fd of `size` bytes that is not a sealed memfd: a /dev/shm file (already unlinked), which its holder may truncate at will. */
+function unsealedShm(size: number): number {
+  const file = `/dev/shm/vbseal-${process.pid}-${Math.random().toString(36).slice(2)}`;
+  const fd = fs.openSync(file, 'w+');
+  fs.rmSync(file);
+  fs.ftruncateSync(fd, size);
+  return fd;
+}
+
+for (const kind of ['shm', 'ivshmem'] as const) {
+  test(`a ${kind} device transport refuses RINGS_HELLO memfds not sealed against shrinking (each in turn), naming which and why`, async () => {
+    const a = native();
+    const ivshmem = kind === 'ivshmem';
+    const sizes = ivshmem ? [IVSHMEM_REGS_SIZE, queuesBytes(32)] : [queuesBytes(32)];
+    for (let bad = 0; bad < sizes.length; bad++) {
+      const [drv, devFd] = a.socketpair();
+      const dev = RingTransport.device(kind, devFd, `dev-unsealed-${kind}`);
+      const s = collector();
+      dev.start(s);
+      const mem = sizes.map((n, i) => (i === bad ? unsealedShm(n) : a.memfd('sealed', n)));
+      const fds = [...mem, a.eventfd(0), a.eventfd(0)];
+      const hello = encodeRequest(SocketBus.RINGS_HELLO, 0, 1, { kind: ivshmem ? RingsKind.IVSHMEM : RingsKind.SHM, slots: 32, size: BigInt(queuesBytes(32)) }, L);
+      assert.equal(a.sendmsg(drv, hello, 0, hello.length, fds), hello.length);
+      for (const f of fds) a.close(f);
+      await waitFor(() => s.endedWith.length === 1, 'the device end to end');
+      const which = ivshmem ? ['the IVSHMEM register memfd \\(fd 0\\)', 'the rings memfd \\(fd 1\\)'][bad]! : 'the rings memfd \\(fd 0\\)';
+      assert.match(s.endedWith[0]?.message ?? '', new RegExp(`refused the rings: ${which} of BUS_MSG_RINGS_HELLO is not a memfd sealed against shrinking \\(F_SEAL_SHRINK\\).*SIGBUS`));
+      assert.deepEqual(s.got, []);
+      // The driver got the refusal (BAD_RINGS) before the hang-up.
+      const buf = new Uint8Array(64);
+      await waitFor(() => a.recvmsg(drv, buf, 0, buf.length).n > 0, 'the refusal');
+      assert.equal(new DataView(buf.buffer).getUint16(8, true), HelloStatus.BAD_RINGS);
+      dev.close();
+      a.close(drv);
+    }
+  });
+
+  test(`the ${kind} driver's RINGS_HELLO memfds are sealed: the device end cannot truncate or grow them (EPERM), so it cannot SIGBUS the driver`, async () => {
+    const a = native();
+    const [drvFd, peer] = a.socketpair();
+    const drv = RingTransport.driver(kind, drvFd, `drv-sealed-${kind}`, `sealed-${kind}`, 32);
+    drv.start(collector());
+    try {
+      const buf = new Uint8Array(64);
+      let got: { n: number; fds: number[] } = { n: -1, fds: [] };
+      await waitFor(() => (got = a.recvmsg(peer, buf, 0, buf.length)).n > 0, 'the hello');
+      const mem = got.fds.slice(0, kind === 'ivshmem' ? 2 : 1);
+      for (const fd of mem) {
+        assert.equal(a.seals(fd), F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW);
+        const size = a.fdSize(fd);
+        assert.throws(() => fs.ftruncateSync(fd, 0), { code: 'EPERM' });
+        assert.throws(() => fs.ftruncateSync(fd, size + 4096), { code: 'EPERM' });
+        assert.equal(a.fdSize(fd), size);
+      }
+      for (const f of got.fds) a.close(f);
+    } finally {
+      drv.close();
+      a.close(peer);
+    }
+  });
+}
 
 for (const kind of ['socket', 'shm', 'ivshmem'] as const) {
   test(`a handler that throws ends only its own connection, with the reason, on the ${kind} bus; the driver's request fails, nothing escapes`, async () => {

@@ -27,6 +27,7 @@ import { type Refusal, VringLifecycle } from '../../devices/vring-lifecycle';
 import { GuestMemory } from '../../memory/guest-memory';
 import { MemoryError } from '../../memory/memory-access';
 import { native, type Addon, type Poller } from '../../native/addon';
+import { requireShrinkSealed } from '../../native/sealed';
 import type { Logger } from '../../log';
 import {
   F_ACCESS_PLATFORM,
@@ -154,6 +155,12 @@ export class PcieBackendHost {
     if (at.bar0Size < BAR0_SIZE) throw new LinkProtocolError(`${where}: BAR0 is ${at.bar0Size} bytes, the link needs ${BAR0_SIZE}`);
     if (!Number.isSafeInteger(at.bar2Size) || at.bar2Size <= 0 || at.bar2Size > 2 ** 32) {
       throw new LinkProtocolError(`${where}: BAR2 size ${at.bar2Size} is not in (0, 4 GiB]`);
+    }
+    // The card keeps the BAR memfd: unsealed, it could shrink it under our mapping (SIGBUS). Our card always seals it.
+    try {
+      requireShrinkSealed(at.barFd, "the card's BAR memfd");
+    } catch (e) {
+      throw new LinkProtocolError(`${where}: ${asError(e, 'fcntl').message}`);
     }
     try {
       this.bar0Bytes = new Uint8Array(a.mmap(at.barFd, at.bar0Size, 0));

@@ -98,7 +98,10 @@ export class SoftwareRelay {
     }
   }
 
-  /** A region the front-end added while the relay runs (ADD_MEM_REG). */
+  /**
+   * A region the front-end added while the relay runs (ADD_MEM_REG). Guest memory is mapped
+   * unsealed, as the vhost-user backend does (QEMU's memory-backend-file cannot carry seals).
+   */
   addGuestRegion(r: GuestRegionSource): void {
     const a = native();
     const fd = r.fd;

@@ -18,6 +18,7 @@ import { type HostedQueue, idleQueueState, ringBoundsProblem, type RingLocation 
 import { VringLifecycle } from '../../devices/vring-lifecycle';
 import { GuestMemory } from '../../memory/guest-memory';
 import { native } from '../../native/addon';
+import { requireShrinkSealed } from '../../native/sealed';
 import type { Logger } from '../../log';
 import { F_ACCESS_PLATFORM, F_RING_PACKED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, bit } from '../../virtio/constants';
 import { asError, closeQuietly } from '../../vhost-user/connection';
@@ -115,6 +116,9 @@ export class MsgDevice {
         this.log.warn(`${this.label}: SET_SHM of ${size} bytes on an fd of ${a.fdSize(fd)}: refused`);
         return ShmStatus.BAD_SEGMENT;
       }
+      // The driver keeps the segment's memfd: unsealed, it could shrink it under our mapping (SIGBUS), killing every device on the bus.
+      // Thrown, it is logged and answered BAD_SEGMENT below; a session already running stays.
+      requireShrinkSealed(fd, `the SET_SHM segment from ${ch.label}`);
       if (this.owner !== null) this.endSession('the driver handed over a new segment');
       this.segment = a.mmap(fd, Number(size), 0);
       this.segmentSize = Number(size);

@@ -19,12 +19,13 @@
  * Either way a timer looks at the rings every RECHECK_MS, so no message
  * waits on one lost doorbell for longer than that.
  *
- * The driver side creates the memory and eventfds and sends RINGS_HELLO
- * first; it may put messages on its ring at once (the device reads them once
+ * The driver side creates the memory (sealed memfds) and eventfds and sends
+ * RINGS_HELLO first; it may put messages on its ring at once (the device reads them once
  * it has the ring). The device side takes nothing but RINGS_HELLO before the
  * rings exist.
  */
 import { native, type Poller } from '../../native/addon';
+import { requireShrinkSealed } from '../../native/sealed';
 import { asError, closeQuietly } from '../../vhost-user/connection';
 import { type Decoded, encodeRequest, encodeResponse, receive, requestOf, responseOf } from '../codec';
 import { MessageStats } from '../errors';
@@ -293,6 +294,15 @@ export class RingTransport implements MsgTransport {
     else if (hello.kind !== kindWanted) why = `rings kind ${hello.kind} on a ${this.kind} bus (wants ${kindWanted})`;
     else if (!validRingSlots(hello.slots)) why = `${hello.slots} ring slots (a power of two in 32..4096)`;
     else if (hello.size !== BigInt(queuesBytes(hello.slots))) why = `queues size ${hello.size}, not the ${queuesBytes(hello.slots)} bytes ${hello.slots} slots take`;
+    if (why === null) {
+      // The driver keeps these memfds: unsealed, it could shrink them under our mappings (SIGBUS). Ours are always sealed (create).
+      const names = ivshmem ? ['the IVSHMEM register memfd (fd 0)', 'the rings memfd (fd 1)'] : ['the rings memfd (fd 0)'];
+      try {
+        names.forEach((name, i) => requireShrinkSealed(fds[i]!, `${name} of BUS_MSG_RINGS_HELLO`));
+      } catch (e) {
+        why = asError(e, 'fcntl').message;
+      }
+    }
     if (why === null) {
       try {
         const a = native();

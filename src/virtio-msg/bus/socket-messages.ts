@@ -37,7 +37,7 @@ export const ShmStatus = {
   NO_DEVICE: 1,
   /** Another connection drives the device. */
   BUSY: 2,
-  /** No fd came with the request, or it cannot be mapped at the size given. */
+  /** No fd came with the request, it is not a memfd sealed against shrinking, or it cannot be mapped at the size given. */
   BAD_SEGMENT: 3,
 } as const;
 
@@ -85,7 +85,7 @@ export const RingsKind = { SHM: 1, IVSHMEM: 2 } as const;
 /** What a device answers RINGS_HELLO with; anything but OK ends the connection. */
 export const HelloStatus = {
   OK: 0,
-  /** Wrong kind for this bus, slots not allowed, or fds that do not map at the sizes given. */
+  /** Wrong kind for this bus, slots not allowed, memfds not sealed against shrinking, or fds that do not map at the sizes given. */
   BAD_RINGS: 1,
 } as const;
 
