@@ -4,9 +4,11 @@
  * time each), and a hostile driver that hands it a segment and then sends
  * valid requests with random fields (SET_VQUEUE at random offsets, rings
  * filled with random bytes, kicks), mutated copies of them, random bytes,
- * stray fds, and on the socket bus random splits of the stream and
- * connections cut in the middle of a message; on the ring buses a mutated
- * msg_size disagrees with the slots the message was published in.
+ * stray fds, SET_SHM with an unsealed segment it then truncates (which the
+ * device must refuse, or die of SIGBUS), and on the socket bus random
+ * splits of the stream and connections cut in the middle of a message; on
+ * the ring buses a mutated msg_size disagrees with the slots the message was
+ * published in.
  *
  * A failure is: anything thrown out of the bus (an uncaught exception ends
  * the process), or a well-behaved second connection whose PING goes
@@ -159,7 +161,32 @@ class Hostile {
     }
   }
 
+  /**
+   * SET_SHM with a segment the device must refuse: a /dev/shm file, not sealed, truncated to nothing
+   * once the device had its turn. Had the device mapped it, its next look at a ring would be SIGBUS,
+   * which ends this whole process.
+   */
+  private async offerUnsealed(): Promise<boolean> {
+    const file = path.join('/dev/shm', `vbfuzz-unsealed-${process.pid}`);
+    const fd = fs.openSync(file, 'w+');
+    fs.rmSync(file);
+    try {
+      fs.ftruncateSync(fd, SEGMENT);
+      const sent = await this.write(encodeRequest(SocketBus.SET_SHM, 0, this.nextToken(), { devNum: 1, size: BigInt(SEGMENT) }, L), [fd]);
+      await tick();
+      fs.ftruncateSync(fd, 0);
+      return sent;
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
   async step(rng: Rng): Promise<boolean> {
+    if (rng.chance(0.01)) {
+      const ok = await this.offerUnsealed();
+      this.drain();
+      return ok && !this.ended;
+    }
     // Rings full of random bytes: descriptors anywhere, chains of any shape.
     if (rng.chance(0.3)) this.seg.set(rng.bytes(512), rng.int(SEGMENT - 512));
     let msg = rng.chance(0.02) ? rng.bytes(rng.int(64)) : request(rng, this.nextToken());
