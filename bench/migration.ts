@@ -35,8 +35,9 @@ import { bounded, type Outcome } from './measure';
 
 export type MigLoad = 'idle' | 'busy';
 export const MIG_LOADS: readonly MigLoad[] = ['idle', 'busy'];
-export type BlkMigDisk = 'qsd' | 'vbridge' | 'relay' | 'swrelay';
-export const BLK_MIG_DISKS: readonly BlkMigDisk[] = ['qsd', 'vbridge', 'relay', 'swrelay'];
+export type BlkMigDisk = 'qsd' | 'vbridge' | 'relay' | 'swrelay' | 'qemu';
+/** qemu (QEMU's own virtio-blk on the image, no vhost-user back-end at all) is a control, run only when asked for by BENCH_MIGRATION_ONLY. */
+export const BLK_MIG_DISKS: readonly BlkMigDisk[] = ['qsd', 'vbridge', 'relay', 'swrelay', 'qemu'];
 /** dpdk: testpmd's vhost PMD, a port per side (the anchor); vbridge: a net function per side whose port is the null sink. */
 export type NetMigBackend = 'dpdk' | 'vbridge';
 export const NET_MIG_BACKENDS: readonly NetMigBackend[] = ['dpdk', 'vbridge'];
@@ -231,7 +232,7 @@ async function waitPath(p: string, ms: number, what: () => string): Promise<void
 /** The two back-ends a guest moves between, and (ours) the source function's counters. */
 interface Backends {
   /** The guest's devices on side A (0) or B (1). */
-  devices(side: 0 | 1): Pick<GuestOptions, 'blks' | 'nets'>;
+  devices(side: 0 | 1): Pick<GuestOptions, 'blks' | 'nets' | 'extraArgs'>;
   counters?: (side: 0 | 1) => Promise<{ requests: number; pagesDirtied: number }>;
   close(): Promise<void>;
 }
@@ -244,6 +245,11 @@ async function startBackends(disk: BlkMigDisk, dir: string, image: string): Prom
     for (const d of daemons) await d.stop();
   };
   try {
+    if (disk === 'qemu') {
+      // Both QEMUs open the image; the destination only once the stream is in, as on shared storage.
+      const drive = ['-drive', `file=${image},format=raw,if=none,id=d0,file.locking=off`, '-device', 'virtio-blk-pci,drive=d0'];
+      return { devices: () => ({ extraArgs: drive }), close };
+    }
     if (disk !== 'vbridge') {
       // Two daemons on one image: each side's own, as two hosts on shared storage would have.
       for (const side of ['a', 'b']) daemons.push(await startStorageDaemon({ image, socket: path.join(dir, `qsd-${side}.sock`), locking: false }));
@@ -357,7 +363,8 @@ class PingPong {
     const name = `${this.name}-${++this.n}`;
     // QEMU's own trace of the migration and its vhost-user messages says where a downtime goes (a few hundred lines a migration).
     const trace = ['-msg', 'timestamp=on', '-D', this.traceFile(name), ...TRACED.flatMap((t) => ['-trace', t])];
-    return { name, script: this.script, memMiB: GUEST_MIB, ...this.be.devices(side), qmpSocket, extraArgs: [...trace, ...extraArgs], timeoutMs: 3_600_000 };
+    const dev = this.be.devices(side);
+    return { name, script: this.script, memMiB: GUEST_MIB, blks: dev.blks, nets: dev.nets, qmpSocket, extraArgs: [...trace, ...(dev.extraArgs ?? []), ...extraArgs], timeoutMs: 3_600_000 };
   }
 
   /** BENCH_MIGRATION_TRACE=DIR keeps the traces there; otherwise they go with the bench's temp dir. */
@@ -492,7 +499,7 @@ export async function migrationBench(runs: number): Promise<MigrationResult> {
     await createRawImage(image, 64 * MiB);
     // BENCH_MIGRATION_ONLY=blk|net, or a comma-separated list of back-ends (qsd,swrelay): those alone; the others' cells read '-'.
     const only = (process.env.BENCH_MIGRATION_ONLY ?? '').split(',').filter((x) => x !== '');
-    const wanted = (half: 'blk' | 'net', name: string): boolean => only.length === 0 || only.includes(half) || only.includes(name);
+    const wanted = (half: 'blk' | 'net', name: string): boolean => only.includes(name) || (name !== 'qemu' && (only.length === 0 || only.includes(half)));
     const blk = {} as MigrationResult['blk'];
     for (const load of MIG_LOADS) {
       blk[load] = {} as Record<BlkMigDisk, Outcome<MigrationSample>[]>;
