@@ -66,6 +66,20 @@ export function ringFeaturesMoved(q: Virtqueue | null, features: bigint): boolea
   );
 }
 
+/**
+ * A driver's re-arm can reach memory after the device has read it. Virtio
+ * drivers store used_event (or publish a chain), issue a full barrier, then
+ * re-read used.idx (or avail_event); QEMU 7.2's TCG drops that barrier for a
+ * guest with one vCPU (upstream restored it in 8.0, "tcg: Do not elide memory
+ * barriers for !CF_PARALLEL in system mode"), so the guest's re-read can pass
+ * its own store and both sides read the other's old value and wait. Seen: a
+ * guest's fio waiting on 16 completions the bridge had published, its
+ * used_event 16 behind used.idx, no interrupt pending in QEMU. So this long
+ * after a queue's last notify, the host reads the driver's side again: an
+ * interrupt it asks for by now, a chain it posted without a kick.
+ */
+export const LATE_CHECK_MS = 1;
+
 export class QueueHost<Q extends HostedQueue> {
   private readonly addon: Addon;
   /** The queue being taken back: its notify still publishes until stop() returns. */
@@ -74,6 +88,10 @@ export class QueueHost<Q extends HostedQueue> {
   private readonly held = new Set<Q>();
   /** The queue whose held publish is going out now: not held again. */
   private releasing: Q | null = null;
+  /** Per queue, the late check due LATE_CHECK_MS after its last notify. */
+  private readonly late = new Map<Q, NodeJS.Timeout>();
+  /** The queue whose late check runs now: its notify reads the driver's suppression again. */
+  private lateChecking: Q | null = null;
 
   constructor(
     private readonly device: VirtioDevice,
@@ -187,15 +205,58 @@ export class QueueHost<Q extends HostedQueue> {
   interrupt(v: Q, mem: MemoryAccess | null, fd: number | (() => void)): void {
     const q = v.queue;
     if ((v.dq === null && this.stopping !== v) || q === null || mem === null) return;
+    if (this.lateChecking === v) {
+      // Only what was published already: what the device holds back (an injected delay) stays held.
+      if (q.lateInterrupt(mem) && (typeof fd !== 'number' || fd >= 0)) {
+        if (typeof fd === 'number') this.addon.eventfdWrite(fd, 1);
+        else fd();
+        v.stats.interrupts++;
+      }
+      return;
+    }
     const f = this.device.faults;
     // An injected delay holds the publish back (never a stopping queue's: its position is about to be read).
     if (f != null && this.stopping !== v && this.releasing !== v && this.holdBack(v, f)) return;
     if (q.flush(mem) && (typeof fd !== 'number' || fd >= 0)) {
-      // An injected drop-interrupt: the used ring is published, the driver is just not told.
+      // An injected drop-interrupt: the used ring is published, the driver is just not told (nor by the late check: the flush wanted it).
       if (f != null && f.takeInterrupt()) return;
       if (typeof fd === 'number') this.addon.eventfdWrite(fd, 1);
       else fd();
       v.stats.interrupts++;
+    }
+    if (v.dq !== null) this.armLateCheck(v);
+  }
+
+  /** The late check of queue `v`, LATE_CHECK_MS after this notify (one timer per queue, pushed back by each notify). */
+  private armLateCheck(v: Q): void {
+    const t = this.late.get(v);
+    if (t !== undefined) {
+      t.refresh();
+      return;
+    }
+    const timer = setTimeout(() => this.lateCheck(v), LATE_CHECK_MS);
+    timer.unref();
+    this.late.set(v, timer);
+  }
+
+  private lateCheck(v: Q): void {
+    this.late.delete(v);
+    const dq = v.dq;
+    if (dq === null) return;
+    this.lateChecking = v;
+    try {
+      v.notify();
+    } catch (e) {
+      this.log.error(`${this.label}: queue ${v.index}: the late check's publish failed: ${asError(e, 'notify').message}`);
+      return;
+    } finally {
+      this.lateChecking = null;
+    }
+    // A chain the driver posted while it read an old avail_event (no kick came): the device takes it as a kick.
+    try {
+      if (v.dq === dq && dq.queue.notificationsEnabled && dq.queue.hasAvailable(dq.mem)) this.device.kick(v.index);
+    } catch (e) {
+      this.fail(v, e);
     }
   }
 

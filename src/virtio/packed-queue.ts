@@ -117,6 +117,9 @@ export class PackedQueue implements Virtqueue {
   private heldFlags = 0;
   /** Used descriptors (ring positions) moved past since the last flush. */
   private sinceFlush = 0;
+  /** Used descriptors flushes published without an interrupt since the last one that sent one (or the last lateInterrupt). */
+  private lateCount = 0;
+  notificationsEnabled = true;
 
   private readonly tables = new IndirectTables();
 
@@ -226,6 +229,8 @@ export class PackedQueue implements Virtqueue {
       this.heldSlot = -1;
       this.sinceFlush = 0;
     }
+    this.lateCount = 0;
+    this.notificationsEnabled = true;
     this.qsize = size;
     this.evActive = this.eventIdx;
     this.mem = mem;
@@ -506,6 +511,22 @@ export class PackedQueue implements Virtqueue {
     this.heldSlot = -1;
     const moved = this.sinceFlush;
     this.sinceFlush = 0;
+    const want = this.driverWants(moved);
+    // Up to a ring's worth: past that the driver's event offset was crossed whatever it is.
+    this.lateCount = want ? 0 : Math.min(this.lateCount + moved, this.qsize);
+    return want;
+  }
+
+  lateInterrupt(mem: MemoryAccess): boolean {
+    this.check(mem);
+    const n = this.lateCount;
+    this.lateCount = 0;
+    if (n === 0) return false;
+    return n >= this.qsize || this.driverWants(n);
+  }
+
+  /** Whether the driver's event suppression asks for an interrupt for the last `moved` descriptors made used. */
+  private driverWants(moved: number): boolean {
     const flags = Atomics.load(this.drv, 1);
     if (flags === VRING_PACKED_EVENT_FLAG_DISABLE) return false;
     if (flags !== VRING_PACKED_EVENT_FLAG_DESC || !this.evActive) return true;
@@ -514,11 +535,13 @@ export class PackedQueue implements Virtqueue {
 
   disableNotification(mem: MemoryAccess): void {
     this.check(mem);
+    this.notificationsEnabled = false;
     this.setDevFlags(mem, VRING_PACKED_EVENT_FLAG_DISABLE);
   }
 
   enableNotification(mem: MemoryAccess): boolean {
     this.check(mem);
+    this.notificationsEnabled = true;
     if (this.evActive) {
       Atomics.store(this.dev, 0, this.nextAvail);
       mem.markDirty(this.usedAddr, 2);

@@ -89,6 +89,9 @@ export class SplitQueue implements Virtqueue {
   private publishedUsed = 0;
   /** False until the first flush after activate: the driver's view of old used.idx is unknown. */
   private publishedValid = false;
+  /** Entries flushes published without an interrupt since the last one that sent one (or the last lateInterrupt). */
+  private lateCount = 0;
+  notificationsEnabled = true;
   /** Last buffer an indirect table was read from, and a view over all of it. */
   private readonly tables = new IndirectTables();
 
@@ -140,6 +143,8 @@ export class SplitQueue implements Virtqueue {
     this.mask = size - 1;
     this.publishedUsed = this.nextUsed;
     this.publishedValid = false;
+    this.lateCount = 0;
+    this.notificationsEnabled = true;
     this.tables.reset();
     this.evActive = this.eventIdx;
     this.mem = mem;
@@ -178,6 +183,7 @@ export class SplitQueue implements Virtqueue {
     this.nextUsed = idx;
     this.publishedUsed = idx;
     this.publishedValid = false;
+    this.lateCount = 0;
     return idx;
   }
 
@@ -258,18 +264,32 @@ export class SplitQueue implements Virtqueue {
     if (next === old) return false;
     const valid = this.publishedValid;
     this.publishedValid = true;
+    let want: boolean;
     if (this.evActive) {
       // Without a known previous index we cannot tell whether used_event was crossed: notify.
-      if (!valid) return true;
-      const usedEvent = Atomics.load(this.avail, 2 + this.qsize);
-      return vringNeedEvent(usedEvent, next, old);
+      want = !valid || vringNeedEvent(Atomics.load(this.avail, 2 + this.qsize), next, old);
+    } else {
+      want = (Atomics.load(this.avail, 0) & VRING_AVAIL_F_NO_INTERRUPT) === 0;
     }
+    // Bounded so that the range stays within vring_need_event's half of the index space.
+    this.lateCount = want ? 0 : Math.min(this.lateCount + ((next - old) & 0xffff), 0x8000);
+    return want;
+  }
+
+  lateInterrupt(mem: MemoryAccess): boolean {
+    this.check(mem);
+    const n = this.lateCount;
+    this.lateCount = 0;
+    if (n === 0) return false;
+    const next = this.publishedUsed;
+    if (this.evActive) return vringNeedEvent(Atomics.load(this.avail, 2 + this.qsize), next, (next - n) & 0xffff);
     return (Atomics.load(this.avail, 0) & VRING_AVAIL_F_NO_INTERRUPT) === 0;
   }
 
   /** Ask the driver not to kick (used.flags NO_NOTIFY, or avail_event under EVENT_IDX). */
   disableNotification(mem: MemoryAccess): void {
     this.check(mem);
+    this.notificationsEnabled = false;
     // Under EVENT_IDX there is nothing to write: avail_event stays where
     // enableNotification() put it, the driver kicks once when crossing it and
     // then no more until we move it again (the driver ignores used.flags then).
@@ -281,6 +301,7 @@ export class SplitQueue implements Virtqueue {
   /** Ask for kicks again; returns true if chains arrived meanwhile (caller must drain again). */
   enableNotification(mem: MemoryAccess): boolean {
     this.check(mem);
+    this.notificationsEnabled = true;
     if (this.evActive) {
       Atomics.store(this.usedU16, 2 + 4 * this.qsize, this.next);
       mem.markDirty(this.usedAddr + 4 + VRING_USED_ELEM_SIZE * this.qsize, 2);

@@ -76,6 +76,16 @@ export interface Virtqueue {
   pushUsed(mem: MemoryAccess, head: number, len: number): void;
   /** Publish completions; true when the driver wants an interrupt. */
   flush(mem: MemoryAccess): boolean;
+  /**
+   * Read the driver's interrupt suppression again for what flushes published
+   * without an interrupt since the last one that sent one (or the last call):
+   * true when the driver now asks for an interrupt for entries already there.
+   * A driver's re-arm that reached memory after flush read it (see
+   * QueueHost's late check) is caught here.
+   */
+  lateInterrupt(mem: MemoryAccess): boolean;
+  /** Whether the device last asked for kicks (enableNotification, or never asked not to): a device that waits for one. */
+  readonly notificationsEnabled: boolean;
   /** Ask the driver not to kick. */
   disableNotification(mem: MemoryAccess): void;
   /** Ask for kicks again; true when chains arrived meanwhile (drain again). */

@@ -133,8 +133,12 @@ test('passthrough: a blk write and read go through the guest rings; kicks and in
     assert.deepEqual(rd.data, payload, 'the read returns what was written');
     await waitFor(() => g.calls(0) > 0, "an interrupt on the guest's call eventfd");
 
-    // The guest may see the used ring before the relayed interrupt: wait for the relay to catch up.
-    await waitFor(() => r.proxy.stats().queues[0]?.interrupts === r.server.stats().queues[0].interrupts, 'every back-end interrupt relayed');
+    // The guest may see the used ring before the relayed interrupt: wait for the relay to catch up. Writes
+    // to an eventfd the relay has not read yet are one wake-up to it (the back-end's late check may serve
+    // the second request before its relayed kick arrives, so the two interrupts can come close together):
+    // it relays at most as many as the back-end sent.
+    await waitFor(() => (r.proxy.stats().queues[0]?.interrupts ?? 0) >= 1, 'a back-end interrupt relayed');
+    assert.ok((r.proxy.stats().queues[0]?.interrupts ?? 0) <= r.server.stats().queues[0].interrupts);
     const q = r.proxy.stats().queues;
     assert.equal(q.length, 1);
     assert.equal(q[0].index, 0);
