@@ -5,7 +5,13 @@
  */
 import * as fs from 'node:fs';
 
-export type Outcome<T> = { ok: true; value: T } | { ok: false; error: string };
+/** `skipped`: not measured on purpose (BENCH_NET_ONLY): not a failure. */
+export type Outcome<T> = { ok: true; value: T } | { ok: false; error: string; skipped?: boolean };
+
+/** A measurement left out on purpose. */
+export function skipped<T>(what: string): Outcome<T> {
+  return { ok: false, error: `${what}: skipped`, skipped: true };
+}
 
 /**
  * Run `fn` for at most `ms`. A failure or a timeout becomes an Outcome that

@@ -13,7 +13,7 @@ import { startTestpmd, type Testpmd } from '../test/support/testpmd';
 import { fetchJson } from '../src/control/control-server';
 import type { StatsReport } from '../src/control/stats-format';
 import type { RelayVia } from './blk';
-import { bounded, CpuWindow, type Outcome } from './measure';
+import { bounded, CpuWindow, type Outcome, skipped } from './measure';
 
 /** Each measurement on its own: one that failed or hung says so, and the others stand. */
 export interface NetResult {
@@ -43,8 +43,9 @@ export interface DirectNetResult {
 export interface RelayNetResult {
   mpps: number;
   cpuNsPerPkt: { sender: number; bridge: number; backend: number };
-  /** Bytes the DMA engine copied into the BAR per packet (virtio-net header included). */
+  /** Bytes the DMA engine copied into the BAR per packet (virtio-net header included), and its segment copies per packet (guest descriptors). */
   dmaBytesPerPkt: number;
+  dmaOpsPerPkt: number;
   /** Guest kicks + guest interrupts + backend kicks + backend interrupts, per packet. */
   notificationsPerPkt: number;
   /** Times a guest chain found the shadow ring or the BAR's pool full, per packet. */
@@ -160,6 +161,8 @@ async function direct(size: number, seconds: number, dir: string, packed = false
 function spawnCli(args: readonly string[]): { child: ChildProcess; log: () => string } {
   // BENCH_PROFILE=DIR: V8 CPU profiles of the bridge and the backend, to see where a packet's time goes.
   const prof = process.env.BENCH_PROFILE !== undefined ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_PROFILE}`] : [];
+  // BENCH_PERF=DIR: `perf record` of the bridge over the relay window; the JIT's symbols come from --perf-basic-prof.
+  if (process.env.BENCH_PERF !== undefined) prof.push(process.env.BENCH_PERF_JIT !== undefined ? '--perf-prof' : '--perf-basic-prof');
   const child = spawn('taskset', ['-c', '1', process.execPath, ...prof, CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let log = '';
   child.stdout?.on('data', (b: Buffer) => (log += b.toString()));
@@ -205,7 +208,7 @@ export async function relay(size: number, seconds: number, dir: string, via: Rel
     await waitFile(sock, () => `the backend did not attach: ${be.log()}\n${srv.log()}`);
     const tx = await startSender(prefix('vu'), sock, size);
     try {
-      const q = async (): Promise<{ d: number; n: number; dma: number; w: number; m: number; bells: number; t: number }> => {
+      const q = async (): Promise<{ d: number; n: number; dma: number; ops: number; w: number; m: number; bells: number; t: number }> => {
         const r = await fetchJson<StatsReport>(control, '/stats');
         const f = r.functions[0];
         const txq = f.queues.find((x) => x.index === 1);
@@ -216,6 +219,7 @@ export async function relay(size: number, seconds: number, dir: string, via: Rel
           d: txq.descriptors,
           n: txq.kicks + txq.interrupts + sh.backendKicks + sh.backendInterrupts,
           dma: sh.dma.toBarBytes,
+          ops: sh.dma.toBarOps,
           w: sh.waits,
           m: bm === undefined ? NaN : bm.sent + bm.received,
           bells: bm?.doorbells ?? NaN,
@@ -224,7 +228,13 @@ export async function relay(size: number, seconds: number, dir: string, via: Rel
       };
       const a = await q();
       const cpu = new CpuWindow({ sender: tx.proc.pid, bridge: srv.child.pid, backend: be.child.pid });
+      const perfDir = process.env.BENCH_PERF;
+      const perf =
+        perfDir !== undefined && srv.child.pid !== undefined
+          ? spawn('perf', ['record', '-q', ...(process.env.BENCH_PERF_JIT !== undefined ? ['-k', 'mono'] : []), '-e', 'cpu-clock', '-F', '4000', '-g', '-p', String(srv.child.pid), '-o', path.join(perfDir, `bridge-${srv.child.pid}.data`), '--', 'sleep', String(seconds)], { stdio: 'ignore' })
+          : null;
       await sleep(seconds * 1000);
+      if (perf !== null) await new Promise((r) => (perf.exitCode !== null ? r(null) : perf.once('exit', r)));
       const b = await q();
       const pkts = b.d - a.d;
       const cpuNsPerPkt = cpu.perUnit(pkts);
@@ -234,6 +244,7 @@ export async function relay(size: number, seconds: number, dir: string, via: Rel
         mpps: pkts / ((b.t - a.t) / 1000) / 1e6,
         cpuNsPerPkt,
         dmaBytesPerPkt: pkts > 0 ? (b.dma - a.dma) / pkts : 0,
+        dmaOpsPerPkt: pkts > 0 ? (b.ops - a.ops) / pkts : 0,
         notificationsPerPkt: pkts > 0 ? (b.n - a.n) / pkts : 0,
         waitsPerPkt: pkts > 0 ? (b.w - a.w) / pkts : 0,
         busMessagesPerPkt: per(a.m, b.m),
@@ -248,19 +259,22 @@ export async function relay(size: number, seconds: number, dir: string, via: Rel
   }
 }
 
-export async function netBench(sizes: readonly number[], seconds: number): Promise<NetResult[]> {
+/** `only`: the measurements to run (anchor, direct, packed, relay); the rest are reported skipped. Default all. */
+export async function netBench(sizes: readonly number[], seconds: number, only?: readonly string[]): Promise<NetResult[]> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-bench-'));
   const results: NetResult[] = [];
   // Start-up (testpmd, hugepages, a 1 s warm-up) plus the window, with room to spare; a hang beyond it is a failure.
   const bound = (seconds + 90) * 1000;
+  const run = <T>(what: string, key: string, fn: () => Promise<T>): Promise<Outcome<T>> =>
+    only === undefined || only.includes(key) ? bounded(what, bound, fn) : Promise.resolve(skipped<T>(what));
   try {
     for (const size of sizes) {
       results.push({
         size,
-        anchor: await bounded(`net ${size} B anchor`, bound, () => anchor(size, seconds, fs.mkdtempSync(path.join(dir, 'a-')))),
-        direct: await bounded(`net ${size} B direct`, bound, () => direct(size, seconds, fs.mkdtempSync(path.join(dir, 'd-')))),
-        packed: await bounded(`net ${size} B direct, packed ring`, bound, () => direct(size, seconds, fs.mkdtempSync(path.join(dir, 'p-')), true)),
-        relay: await bounded(`net ${size} B relay`, bound, () => relay(size, seconds, fs.mkdtempSync(path.join(dir, 'r-')))),
+        anchor: await run(`net ${size} B anchor`, 'anchor', () => anchor(size, seconds, fs.mkdtempSync(path.join(dir, 'a-')))),
+        direct: await run(`net ${size} B direct`, 'direct', () => direct(size, seconds, fs.mkdtempSync(path.join(dir, 'd-')))),
+        packed: await run(`net ${size} B direct, packed ring`, 'packed', () => direct(size, seconds, fs.mkdtempSync(path.join(dir, 'p-')), true)),
+        relay: await run(`net ${size} B relay`, 'relay', () => relay(size, seconds, fs.mkdtempSync(path.join(dir, 'r-')))),
       });
     }
   } finally {

@@ -27,7 +27,7 @@ function ratio(n: number | undefined, d: number | undefined): number | undefined
 }
 
 function failures(os: readonly Outcome<unknown>[]): void {
-  for (const o of os) if (!o.ok) out(`  FAILED: ${o.error}\n`);
+  for (const o of os) if (!o.ok && o.skipped !== true) out(`  FAILED: ${o.error}\n`);
 }
 
 function printNet(net: readonly NetResult[]): void {
@@ -217,7 +217,9 @@ async function main(): Promise<void> {
       if (runs > 1) out(`\n=== run ${run} of ${runs} ===\n`);
       const r: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult; migration?: MigrationResult } = {};
       if (only === undefined || only === 'net') {
-        r.net = await netBench([64, 1500], seconds);
+        // BENCH_NET_SIZES=64 and BENCH_NET_ONLY=anchor,relay narrow the net set (profiling one path).
+        const sizes = (process.env.BENCH_NET_SIZES ?? '64,1500').split(',').map(Number);
+        r.net = await netBench(sizes, seconds, process.env.BENCH_NET_ONLY?.split(','));
         printNet(r.net);
       }
       if (only === undefined || only === 'blk') {
@@ -254,7 +256,7 @@ async function main(): Promise<void> {
           ? MIG_LOADS.flatMap((l) => [...BLK_MIG_DISKS.flatMap((d) => r.migration!.blk[l][d]), ...NET_MIG_BACKENDS.flatMap((k) => r.migration!.net[l][k])])
           : []),
       ])
-      .filter((o) => !o.ok);
+      .filter((o) => !o.ok && o.skipped !== true);
     if (failed.length > 0) {
       out(`\n${failed.length} measurement(s) failed; every other figure above stands.\n`);
       process.exitCode = 1;
