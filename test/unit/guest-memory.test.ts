@@ -316,3 +316,30 @@ test('argument validation: bad addresses are MemoryError, bad local buffers Rang
   assert.ok(mem.span(0x1000, 0) !== null);
   assert.throws(() => mem.span(0x2000, 0), MemoryError);
 });
+
+test('copies of every small length and alignment move exactly their bytes, both ways (the word-copy path and its byte tail)', () => {
+  const buf = new ArrayBuffer(8192);
+  const mem = GuestMemory.fromBuffer(0x1000, buf);
+  const guest = new Uint8Array(buf);
+  // A device-side array that starts 4-aligned and one that does not (no 32-bit view of it).
+  const aligned = new Uint8Array(1024);
+  const odd = new Uint8Array(new ArrayBuffer(1028), 1, 1024);
+  for (const side of [aligned, odd]) {
+    for (const len of [0, 1, 3, 16, 17, 20, 63, 76, 255, 256, 257, 1000]) {
+      for (const gOff of [0, 1, 4, 6, 116]) {
+        for (const dOff of [0, 2, 4, 8]) {
+          guest.set(pattern(2048, len + gOff));
+          side.fill(0xee);
+          mem.read(0x1000 + gOff, side, dOff, len);
+          assert.deepEqual(side.subarray(dOff, dOff + len), guest.subarray(gOff, gOff + len));
+          assert.ok(side.subarray(0, dOff).every((b) => b === 0xee) && side.subarray(dOff + len).every((b) => b === 0xee), 'nothing around the copy changes');
+          side.set(pattern(1024, dOff + 7));
+          guest.fill(0xdd);
+          mem.write(0x1000 + gOff, side, dOff, len);
+          assert.deepEqual(guest.subarray(gOff, gOff + len), side.subarray(dOff, dOff + len));
+          assert.ok(guest.subarray(0, gOff).every((b) => b === 0xdd) && guest.subarray(gOff + len, 4096).every((b) => b === 0xdd));
+        }
+      }
+    }
+  }
+});
