@@ -65,6 +65,9 @@ function ringView(mem: MemoryAccess, addr: number, len: number): DataView {
 export class DriverRing {
   readonly size: number;
   private desc!: DataView;
+  /** The descriptor table as 32- and 16-bit words: the data path's stores, inlined where DataView's are not always. */
+  private desc32!: Uint32Array;
+  private desc16!: Uint16Array;
   private avail!: DataView;
   /** The avail ring as 16-bit words (flags, idx, ring[], used_event), for the stores the device must see in order. */
   private availU16!: Uint16Array;
@@ -79,6 +82,8 @@ export class DriverRing {
   private readonly next: Uint16Array;
   private nextAvail = 0;
   private lastUsed = 0;
+  /** used.idx as last read: read again only when the elements known from it are taken (a batch per load). */
+  private knownUsed = 0;
   private lastKick = 0;
   private outstanding = 0;
   private usedLen = 0;
@@ -90,6 +95,7 @@ export class DriverRing {
   ) {
     const n = layout.size;
     if (!Number.isInteger(n) || n < 1 || n > 32768 || (n & (n - 1)) !== 0) throw new RangeError(`ring size ${n} is not a power of two <= 32768`);
+    if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) throw new Error('DriverRing needs a little-endian host');
     this.size = n;
     this.rebind(mem);
     this.free = new Uint16Array(n);
@@ -105,6 +111,8 @@ export class DriverRing {
     this.avail = ringView(mem, this.layout.availAddr, 6 + 2 * n);
     this.used = ringView(mem, this.layout.usedAddr, 6 + VRING_USED_ELEM_SIZE * n);
     this.availU16 = new Uint16Array(this.avail.buffer, this.avail.byteOffset, 3 + n);
+    this.desc32 = new Uint32Array(this.desc.buffer, this.desc.byteOffset, 4 * n);
+    this.desc16 = new Uint16Array(this.desc.buffer, this.desc.byteOffset, 8 * n);
     this.availIdx = this.availU16.subarray(1, 2);
     this.usedIdx = new Uint16Array(this.used.buffer, this.used.byteOffset + 2, 1);
   }
@@ -119,6 +127,7 @@ export class DriverRing {
     this.chainLen.fill(0);
     this.nextAvail = 0;
     this.lastUsed = 0;
+    this.knownUsed = 0;
     this.lastKick = 0;
     this.outstanding = 0;
   }
@@ -175,25 +184,25 @@ export class DriverRing {
   }
 
   private writeDesc(d: number, addr: number, len: number, writable: boolean): void {
-    const o = d * VRING_DESC_SIZE;
-    this.desc.setUint32(o, addr >>> 0, true);
-    this.desc.setUint32(o + 4, Math.floor(addr / 2 ** 32), true);
-    this.desc.setUint32(o + 8, len, true);
-    this.desc.setUint16(o + 12, writable ? VRING_DESC_F_WRITE : 0, true);
-    this.desc.setUint16(o + 14, 0, true);
+    // Host-order words: little-endian hosts only, as SplitQueue.
+    const w = 4 * d;
+    this.desc32[w] = addr >>> 0;
+    this.desc32[w + 1] = Math.floor(addr / 2 ** 32);
+    this.desc32[w + 2] = len;
+    this.desc32[w + 3] = writable ? VRING_DESC_F_WRITE : 0;
   }
 
   /** prev -> d: NEXT in prev's flags and next field, and in our own copy of the chain. */
   private link(prev: number, d: number): void {
-    const o = prev * VRING_DESC_SIZE;
-    this.desc.setUint16(o + 12, this.desc.getUint16(o + 12, true) | VRING_DESC_F_NEXT, true);
-    this.desc.setUint16(o + 14, d, true);
+    const h = 8 * prev;
+    this.desc16[h + 6] = (this.desc16[h + 6] as number) | VRING_DESC_F_NEXT;
+    this.desc16[h + 7] = d;
     this.next[prev] = d;
   }
 
   private offer(head: number, n: number): number {
     this.chainLen[head] = n;
-    this.avail.setUint16(4 + 2 * (this.nextAvail & (this.size - 1)), head, true);
+    this.availU16[2 + (this.nextAvail & (this.size - 1))] = head;
     this.nextAvail = (this.nextAvail + 1) & 0xffff;
     this.outstanding++;
     return head;
@@ -233,9 +242,16 @@ export class DriverRing {
 
   /** takeUsed() without an object per element (the relay's hot path): the id, or -1; the length is in lastUsedLen. */
   takeUsedId(): number {
-    const pending = this.usedPending();
-    if (pending === 0) return -1;
-    if (pending > this.outstanding) throw new DriverRingError(`device published ${pending} used elements with ${this.outstanding} chains outstanding`);
+    let pending = (this.knownUsed - this.lastUsed) & 0xffff;
+    if (pending === 0) {
+      // The device's elements are written before its used.idx store; this load orders our reads of them after it.
+      const known = Atomics.load(this.usedIdx, 0);
+      pending = (known - this.lastUsed) & 0xffff;
+      if (pending === 0) return -1;
+      // Kept only when believable: a bad index is read (and refused) again next time.
+      if (pending > this.outstanding) throw new DriverRingError(`device published ${pending} used elements with ${this.outstanding} chains outstanding`);
+      this.knownUsed = known;
+    }
     const o = 4 + VRING_USED_ELEM_SIZE * (this.lastUsed & (this.size - 1));
     const id = this.used.getUint32(o, true);
     const len = this.used.getUint32(o + 4, true);
