@@ -6,7 +6,7 @@
  * through MemoryAccess.write, so dirty logging sees them.
  */
 import type { MemoryAccess } from '../memory/memory-access';
-import type { ChainSegment } from '../virtio/chain';
+import type { ChainScratch, ChainSegment } from '../virtio/chain';
 
 /** Operations are segment copies; bytes are payload bytes moved. */
 export interface DmaCounters {
@@ -38,6 +38,23 @@ export class DmaEngine {
       if (s.len === 0) continue;
       mem.read(s.addr, this.bar, o, s.len);
       o += s.len;
+      c.toBarOps++;
+    }
+    c.toBarBytes += o - off;
+    return o - off;
+  }
+
+  /** toBar() for a chain held in a ChainScratch: its readable segments. */
+  toBarFrom(mem: MemoryAccess, s: ChainScratch, total: number, off: number, c: DmaCounters): number {
+    this.checkBar(off, total);
+    const addr = s.addr;
+    const len = s.len;
+    let o = off;
+    for (let i = 0; i < s.nr; i++) {
+      const n = len[i] as number;
+      if (n === 0) continue;
+      mem.read(addr[i] as number, this.bar, o, n);
+      o += n;
       c.toBarOps++;
     }
     c.toBarBytes += o - off;

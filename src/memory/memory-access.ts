@@ -41,6 +41,16 @@ export interface MemoryAccess {
    */
   check?(addr: number, len: number): void;
   /**
+   * Read one word of each 64-byte line of [addr, addr+len) so that the lines
+   * are in this core's cache before they are needed: JavaScript has no
+   * prefetch instruction, and independent loads issued together overlap their
+   * misses where the copy that needs them later would take them one by one.
+   * Returns a value of no meaning (keep it, so the loads are not optimised
+   * away). Never throws; does nothing for a range it cannot reach cheaply.
+   * Optional: a hint.
+   */
+  touch?(addr: number, len: number): number;
+  /**
    * Bumped whenever the mapping changes (regions added, removed, cleared), so
    * that holders of views into spans (the queues) know to re-validate: a
    * removed region's buffers are detached and views over them read nothing.

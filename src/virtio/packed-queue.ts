@@ -1,5 +1,5 @@
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
-import type { ChainSegment, DescriptorChain } from './chain';
+import type { ChainScratch, ChainSegment, DescriptorChain } from './chain';
 import {
   VIRTQUEUE_MAX_SIZE,
   VRING_DESC_F_INDIRECT,
@@ -274,6 +274,14 @@ export class PackedQueue implements Virtqueue {
     this.check(mem);
     if (this.inflight !== null && this.inflight.resubmitPending > 0) return true;
     return packedAvail(Atomics.load(this.desc16, 8 * this.availIdx + 7), this.availWrap);
+  }
+
+  popInto(mem: MemoryAccess, s: ChainScratch): boolean {
+    // The packed walk builds objects; the split ring is the relay's fast path.
+    const c = this.pop(mem);
+    if (c === null) return false;
+    s.load(c);
+    return true;
   }
 
   /**

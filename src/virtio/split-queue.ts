@@ -1,5 +1,5 @@
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
-import type { ChainSegment, DescriptorChain } from './chain';
+import { ChainScratch, type DescriptorChain } from './chain';
 import type { SplitInflight } from './split-inflight';
 import { hex, IndirectTables, QueueError, type QueueState, ringSpan, type Virtqueue } from './virtqueue';
 import {
@@ -94,6 +94,11 @@ export class SplitQueue implements Virtqueue {
   notificationsEnabled = true;
   /** Last buffer an indirect table was read from, and a view over all of it. */
   private readonly tables = new IndirectTables();
+  /** warm()'s buffer ranges (address, length pairs), and where its loads' results go so that they stay loads. */
+  private readonly warmAddr = new Float64Array(256);
+  private warmSink = 0;
+  /** Where pop() and chainAt() walk a chain before it becomes objects. */
+  private readonly own = new ChainScratch();
 
   constructor(readonly maxSize: number) {
     if (!isPowerOfTwo(maxSize) || maxSize > VIRTQUEUE_MAX_SIZE) {
@@ -203,23 +208,61 @@ export class SplitQueue implements Virtqueue {
    * Zero-length descriptors carry no data and are left out of the chain.
    */
   pop(mem: MemoryAccess): DescriptorChain | null {
+    return this.popInto(mem, this.own) ? this.own.toChain() : null;
+  }
+
+  /** pop() into `s` rather than new objects; false when no chain is available. Throws QueueError as pop() does. */
+  popInto(mem: MemoryAccess, s: ChainScratch): boolean {
     this.check(mem);
     const t = this.inflight;
     if (t !== null && t.resubmitPending > 0) {
-      const chain = this.walk(mem, t.peekResubmit());
+      this.walk(mem, t.peekResubmit(), s);
       t.resubmitTaken();
-      return chain;
+      return true;
     }
-    if (this.pending() === 0) return null;
+    if (this.pending() === 0) return false;
     const head = this.avail[2 + (this.next & this.mask)];
     if (t !== null && head < this.qsize && t.isInflight(head)) {
       throw new QueueError(`avail ring names head ${head}, which is still in flight`);
     }
-    const chain = this.walk(mem, head);
+    this.walk(mem, head, s);
     // Advanced only on success: after a QueueError, state() still names the offending chain.
     this.next = (this.next + 1) & 0xffff;
     if (t !== null) t.taken(head);
-    return chain;
+    return true;
+  }
+
+  /**
+   * Virtqueue.warm: only what the last avail.idx read made known, only direct
+   * descriptors (the head and the one it chains to), 128 bytes of each buffer.
+   * Values read here are never used for anything but addresses to touch: pop
+   * reads and checks the ring again.
+   */
+  warm(mem: MemoryAccess, from: number, n: number): void {
+    if (mem !== this.mem || mem.touch === undefined) return;
+    const known = (this.knownAvail - this.next) & 0xffff;
+    if (known > this.qsize) return;
+    const end = Math.min(from + n, known);
+    const d = this.desc;
+    const mask = this.mask;
+    let x = 0;
+    // One pass for the descriptors (independent loads, their misses overlap), one for the buffers.
+    const wa = this.warmAddr;
+    let k = 0;
+    for (let i = from; i < end; i++) {
+      const w = 4 * ((this.avail[2 + ((this.next + i) & mask)] as number) & mask);
+      const fn = d[w + 3] as number;
+      if ((fn & VRING_DESC_F_INDIRECT) !== 0 || k + 2 > wa.length) continue;
+      wa[k++] = (d[w] as number) + (d[w + 1] as number) * TWO_32;
+      wa[k++] = Math.min(d[w + 2] as number, 128);
+      if ((fn & VRING_DESC_F_NEXT) !== 0 && k + 2 <= wa.length) {
+        const v = 4 * ((fn >>> 16) & mask);
+        wa[k++] = (d[v] as number) + (d[v + 1] as number) * TWO_32;
+        wa[k++] = Math.min(d[v + 2] as number, 128);
+      }
+    }
+    for (let j = 0; j < k; j += 2) x ^= mem.touch(wa[j] as number, wa[j + 1] as number);
+    this.warmSink ^= x;
   }
 
   /**
@@ -230,7 +273,8 @@ export class SplitQueue implements Virtqueue {
   chainAt(mem: MemoryAccess, head: number): DescriptorChain {
     this.check(mem);
     if (!Number.isInteger(head) || head < 0) throw new QueueError(`chain head ${head} is not an index`);
-    return this.walk(mem, head);
+    this.walk(mem, head, this.own);
+    return this.own.toChain();
   }
 
   /** Write a used element (not yet visible to the driver until flush). */
@@ -365,13 +409,11 @@ export class SplitQueue implements Virtqueue {
     return n;
   }
 
-  private walk(mem: MemoryAccess, head: number): DescriptorChain {
+  /** Validate the chain at `head` into `s`. */
+  private walk(mem: MemoryAccess, head: number, s: ChainScratch): void {
     const size = this.qsize;
     if (head >= size) throw new QueueError(`avail ring names head ${head} outside queue of ${size}`);
-    const readable: ChainSegment[] = [];
-    const writable: ChainSegment[] = [];
-    let readableLen = 0;
-    let writableLen = 0;
+    s.begin(head);
     // Descriptors are read from `table` at word index `base + 4 * i`; each field once,
     // into locals, so a driver rewriting the table under us cannot change what we checked.
     let table: Uint32Array = this.desc;
@@ -422,14 +464,12 @@ export class SplitQueue implements Virtqueue {
         const addr = lo + hi * TWO_32;
         checkMapped(mem, addr, len, inIndirect, idx, head);
         if ((flags & VRING_DESC_F_WRITE) !== 0) {
-          writable.push({ addr, len });
-          writableLen += len;
+          s.add(addr, len, true);
         } else {
-          if (writable.length !== 0) {
+          if (s.nw !== 0) {
             throw chainError(inIndirect, idx, head, `device-readable buffer after a writable one`);
           }
-          readable.push({ addr, len });
-          readableLen += len;
+          s.add(addr, len, false);
         }
       }
 
@@ -440,7 +480,6 @@ export class SplitQueue implements Virtqueue {
       }
       idx = next;
     }
-    return { head, readable, writable, readableLen, writableLen };
   }
 
   /** Map an indirect table for reading, validated to lie inside memory. */

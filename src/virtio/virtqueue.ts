@@ -4,7 +4,7 @@
  * Queue objects hold ring state only; memory is passed to every operation.
  */
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
-import type { DescriptorChain } from './chain';
+import type { ChainScratch, DescriptorChain } from './chain';
 
 /** A malformed ring or chain posted by the driver; the link marks the device NEEDS_RESET. */
 export class QueueError extends Error {
@@ -67,6 +67,15 @@ export interface Virtqueue {
   hasAvailable(mem: MemoryAccess): boolean;
   /** Pop and validate the next chain, or null when none is available. Throws QueueError. */
   pop(mem: MemoryAccess): DescriptorChain | null;
+  /** pop() into reusable arrays (no objects for a chain used and forgotten at once); false when none is available. */
+  popInto(mem: MemoryAccess, s: ChainScratch): boolean;
+  /**
+   * A hint: bring into cache the descriptors and first buffer bytes of the
+   * available chains `from` to `from + n` past the next one, so that popping
+   * and copying them later does not wait for each miss in turn. Validates,
+   * consumes and throws nothing. Optional.
+   */
+  warm?(mem: MemoryAccess, from: number, n: number): void;
   /**
    * Give back the last n chains popped and not completed, as if never popped
    * (a device that took buffers it cannot use). RangeError if they are not that.

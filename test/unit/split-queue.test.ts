@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { GuestMemory } from '../../src/memory/guest-memory';
 import { MemoryError, type MemoryAccess, type MemorySpan } from '../../src/memory/memory-access';
 import { MockDriver, ringBytes } from '../../src/virtio/mock-driver';
+import { ChainScratch } from '../../src/virtio/chain';
 import { QueueError, SplitQueue, vringNeedEvent } from '../../src/virtio/split-queue';
 import {
   VRING_AVAIL_F_NO_INTERRUPT,
@@ -667,4 +668,51 @@ test('MemoryError never escapes pop(): it becomes QueueError', () => {
     () => queue.pop(mem),
     (e: unknown) => e instanceof QueueError && !(e instanceof MemoryError),
   );
+});
+
+test('popInto gives what pop gives, into reused arrays (long and indirect chains grow them); warm changes nothing', () => {
+  const a = setup({ size: 64, indirect: true });
+  const b = setup({ size: 64, indirect: true });
+  const s = new ChainScratch();
+  let seed = 7;
+  const rnd = (n: number): number => ((seed = (seed * 1103515245 + 12345) & 0x7fffffff) % n);
+  for (let round = 0; round < 200; round++) {
+    const n = 1 + rnd(20);
+    const segs = Array.from({ length: n }, (_, i) => ({ len: 1 + rnd(300), writable: i >= n / 2 }));
+    const indirect = rnd(3) === 0;
+    a.driver.addChain(segs, { indirect });
+    b.driver.addChain(segs, { indirect });
+    const before = b.queue.state();
+    b.queue.warm(b.mem, 0, 64);
+    b.queue.warm(b.mem, 1000, 5);
+    assert.deepEqual(b.queue.state(), before, 'warm consumes nothing');
+    const c = a.queue.pop(a.mem);
+    assert.ok(c !== null);
+    assert.equal(b.queue.popInto(b.mem, s), true);
+    assert.deepEqual(s.toChain(), c);
+    assert.equal(s.nr, c.readable.length);
+    assert.equal(s.nw, c.writable.length);
+    a.queue.pushUsed(a.mem, c.head, 0);
+    b.queue.pushUsed(b.mem, s.head, 0);
+    a.queue.flush(a.mem);
+    b.queue.flush(b.mem);
+    a.driver.popUsed();
+    b.driver.popUsed();
+  }
+  assert.equal(b.queue.popInto(b.mem, s), false);
+  // A scratch loaded from a chain object holds the same chain.
+  const t = new ChainScratch();
+  t.load(s.toChain());
+  assert.deepEqual(t.toChain(), s.toChain());
+});
+
+test('warm on a ring full of garbage neither throws nor moves the queue', () => {
+  const { mem, driver, queue } = setup({ size: 16 });
+  for (let i = 0; i < 4; i++) driver.addChain([{ len: 64 }]);
+  queue.available(mem);
+  // Descriptors pointing anywhere, with any flags: the hint reads them, pop still refuses them.
+  for (let i = 0; i < 16; i++) driver.writeDesc(i, { addr: 2 ** 52 + i, len: 0x7fff_ffff, flags: 0xffff, next: 0xffff });
+  queue.warm(mem, 0, 16);
+  assert.deepEqual(queue.state(), { nextAvail: 0, nextUsed: 0 });
+  assert.throws(() => queue.pop(mem), QueueError);
 });
