@@ -130,7 +130,8 @@ export class UsedRelay {
     } catch (e) {
       error = asQueueError(e);
     }
-    return { moved, notify: moved > 0 && this.guest.flush(mem), error };
+    // Nothing new (the backstop's turn): the guest may have re-armed after the last flush read its used_event (see QueueHost's late check).
+    return { moved, notify: moved > 0 ? this.guest.flush(mem) : this.guest.lateInterrupt(mem), error };
   }
 
   /**

@@ -170,3 +170,25 @@ test('used relay: keepKicking keeps a guest under EVENT_IDX kicking although the
     if (eventIdx) assert.equal(r.driver.availEvent(), r.driver.availIdx());
   }
 });
+
+test('used relay: a guest that re-armed used_event after the relay\'s flush read it is told on the next turn with nothing new (the backstop\'s), once', () => {
+  const r = rig(true);
+  const chain = (): number => r.driver.addChain([{ writable: true, len: 16, addr: at(2) }]);
+  // A first element: always signalled (no known previous index).
+  const a = chain();
+  r.back.pop(r.backMem);
+  r.back.pushUsed(r.backMem, a, 16);
+  r.back.flush(r.backMem);
+  assert.equal(r.relay.relay(r.mem).notify, true);
+  // The guest's callbacks are off as far as the relay's flush can see.
+  r.driver.setUsedEvent(0x8000);
+  const b = chain();
+  r.back.pop(r.backMem);
+  r.back.pushUsed(r.backMem, b, 16);
+  r.back.flush(r.backMem);
+  assert.deepEqual(r.relay.relay(r.mem), { moved: 1, notify: false, error: null });
+  // Its re-arm lands now: an interrupt as used.idx passes 1, which it already has.
+  r.driver.setUsedEvent(1);
+  assert.deepEqual(r.relay.relay(r.mem), { moved: 0, notify: true, error: null }, 'told on the next turn');
+  assert.deepEqual(r.relay.relay(r.mem), { moved: 0, notify: false, error: null }, 'once');
+});
