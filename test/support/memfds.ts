@@ -42,3 +42,12 @@ export function watchMemfds(pid: number): { stop(): Set<string> } {
     },
   };
 }
+
+/** An fd of `size` bytes that is not a sealed memfd: a /dev/shm file (already unlinked), which whoever holds it may truncate. */
+export function unsealedShm(size: number): number {
+  const file = `/dev/shm/vbseal-${process.pid}-${Math.random().toString(36).slice(2)}`;
+  const fd = fs.openSync(file, 'w+');
+  fs.rmSync(file);
+  fs.ftruncateSync(fd, size);
+  return fd;
+}

@@ -2,6 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
+import { unsealedShm } from '../support/memfds';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
@@ -424,14 +425,6 @@ test('a device that does not fit the card is refused with a clear error and noth
   assert.equal(openFds(), fds0);
 });
 
-/** An fd of `size` bytes that is not a sealed memfd: a /dev/shm file (already unlinked), which whoever holds it may truncate. */
-function unsealedShm(size: number): number {
-  const file = `/dev/shm/vbseal-${process.pid}-${Math.random().toString(36).slice(2)}`;
-  const fd = fs.openSync(file, 'w+');
-  fs.rmSync(file);
-  fs.ftruncateSync(fd, size);
-  return fd;
-}
 
 test('a card whose BAR memfd is not sealed against shrinking is refused with a clear error, nothing leaks, and another backend in the process keeps working', async () => {
   const file = tempDisk(1 << 20, 'pcie-seal-');

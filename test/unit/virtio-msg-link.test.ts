@@ -9,6 +9,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
+import { unsealedShm } from '../support/memfds';
 import { RelayFunction } from '../../src/bridge/relay-function';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
 import { MsgBusServer } from '../../src/links/virtio-msg/msg-bus-server';
@@ -176,14 +177,6 @@ test('malformed traffic on the bus is dropped and counted; another function on t
   }
 });
 
-/** An fd of `size` bytes that is not a sealed memfd: a /dev/shm file (already unlinked), which whoever holds it may truncate. */
-function unsealedShm(size: number): number {
-  const file = `/dev/shm/vbseal-${process.pid}-${Math.random().toString(36).slice(2)}`;
-  const fd = fs.openSync(file, 'w+');
-  fs.rmSync(file);
-  fs.ftruncateSync(fd, size);
-  return fd;
-}
 
 test('SET_SHM with a segment not sealed against shrinking is refused (BAD_SEGMENT, logged with the reason); a sealed one is taken; another function on the bus keeps working', async () => {
   const log = new CaptureLogger();

@@ -8,6 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
+import { unsealedShm } from '../support/memfds';
 import { F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, native } from '../../src/native/addon';
 import { encodeEvent, encodeRequest } from '../../src/virtio-msg/codec';
 import type { VirtioMsgError } from '../../src/virtio-msg/errors';
@@ -251,14 +252,6 @@ test('a device transport refuses rings of the wrong kind, bad slot counts and a 
   }
 });
 
-/** An fd of `size` bytes that is not a sealed memfd: a /dev/shm file (already unlinked), which its holder may truncate at will. */
-function unsealedShm(size: number): number {
-  const file = `/dev/shm/vbseal-${process.pid}-${Math.random().toString(36).slice(2)}`;
-  const fd = fs.openSync(file, 'w+');
-  fs.rmSync(file);
-  fs.ftruncateSync(fd, size);
-  return fd;
-}
 
 for (const kind of ['shm', 'ivshmem'] as const) {
   test(`a ${kind} device transport refuses RINGS_HELLO memfds not sealed against shrinking (each in turn), naming which and why`, async () => {
