@@ -14,7 +14,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fioFiles } from './disk-rounds';
-import { oneGuest } from './msg';
+import { oneGuest, VIAS } from './msg';
 
 async function main(): Promise<void> {
   const rounds = Number(process.argv[2] ?? 10);
@@ -23,8 +23,17 @@ async function main(): Promise<void> {
   process.stdout.write(`${rounds} rounds of ${seconds} s jobs; logs in ${dir}\n`);
   try {
     const r = await oneGuest(dir, fioFiles(), seconds, rounds);
-    const pcie = r.pcie.randread.rounds.map((x) => Math.round(x.iops)).join(' ');
-    process.stdout.write(`no stall: ${rounds * 8} jobs; PCIe disk randread IOPS by round: ${pcie}\n`);
+    process.stdout.write(`no stall: ${rounds * 8} jobs\n`);
+    // Each link's IOPS as a share of the PCIe link's in the same round: the figure the bench's target is about.
+    for (const job of ['randwrite', 'randread'] as const) {
+      const anchor = r.pcie[job].rounds.map((x) => x.iops);
+      process.stdout.write(`${job} PCIe IOPS by round: ${anchor.map((x) => Math.round(x)).join(' ')}\n`);
+      for (const via of VIAS.filter((v) => v !== 'pcie')) {
+        const ratios = r[via][job].rounds.map((x, i) => x.iops / anchor[i]!);
+        const sorted = [...ratios].sort((a, b) => a - b);
+        process.stdout.write(`  ${via}: median ${sorted[Math.floor(sorted.length / 2)]!.toFixed(2)}; by round ${ratios.map((x) => x.toFixed(2)).join(' ')}\n`);
+      }
+    }
   } catch (e) {
     process.stdout.write(`STALLED: ${(e as Error).message.split('\n')[0]}\n`);
     process.exitCode = 1;
