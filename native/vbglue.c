@@ -1,5 +1,6 @@
 /*
- * vbglue: the only C in virtio-bridge. Syscall glue for Node-API (version 8),
+ * vbglue: the only C in virtio-bridge (with native/unaccounted-buffer.cc,
+ * the one call that needs V8's own API). Syscall glue for Node-API (version 8),
  * nothing else: Unix sockets with fd passing, mmap of an fd into an external
  * ArrayBuffer, sealed memfds and F_GET_SEALS, eventfd, TAP, fallocate, and a
  * uv_poll watcher on the calling thread's own loop. Protocol and ring logic live in TypeScript.
@@ -595,11 +596,10 @@ static napi_value vb_fallocate(napi_env env, napi_callback_info info) {
 /* -------------------------------------------------------------------- mmap */
 
 /*
- * One record per mapping, owned by the ArrayBuffer's finalizer (which always
- * frees it). unmap() munmaps early and clears addr so the finalizer, which
- * Node runs later, does not munmap a range that may by then belong to a new
- * mapping. The record is also napi_wrap'ed onto the ArrayBuffer (without a
- * finalizer) so unmap() can find it.
+ * One record per mapping, napi_wrap'ed onto its ArrayBuffer, so unmap() can
+ * find it, and owned by the wrap's finalizer (which always frees it). unmap()
+ * munmaps early and clears addr so the finalizer, which Node runs later, does
+ * not munmap a range that may by then belong to a new mapping.
  */
 typedef struct {
   void *addr; /* NULL once unmap() released the range */
@@ -610,10 +610,15 @@ typedef struct {
 static const napi_type_tag mapping_tag = {0x766267c7565d6d6dULL,
                                           0x6170000000000001ULL};
 
+/* native/unaccounted-buffer.cc: an ArrayBuffer over addr that V8 neither
+ * frees nor counts as external memory (why: there). */
+napi_value vb_unaccounted_arraybuffer(void *data, size_t len);
+
+/* The wrap's finalizer: runs once the ArrayBuffer is collected. */
 static void mapping_finalize(napi_env env, void *data, void *hint) {
-  mapping *m = hint;
+  mapping *m = data;
   (void)env;
-  (void)data;
+  (void)hint;
   if (m->addr != NULL)
     munmap(m->addr, m->len);
   free(m);
@@ -657,14 +662,15 @@ static napi_value vb_mmap(napi_env env, napi_callback_info info) {
   }
   m->addr = addr;
   m->len = (size_t)size;
-  /* From here the finalizer owns addr and m. If the create fails, Node has
-   * already run (or queued) the finalizer (pitfall 1): touch neither. */
-  if (napi_create_external_arraybuffer(env, addr, (size_t)size, mapping_finalize,
-                                       m, &ab) != napi_ok)
-    return fail_napi(env, "napi_create_external_arraybuffer");
-  /* If these fail, GC still unmaps via the finalizer. */
+  ab = vb_unaccounted_arraybuffer(addr, (size_t)size);
+  /* Once wrapped, the finalizer owns addr and m; until then, nothing does. */
+  if (napi_wrap(env, ab, m, mapping_finalize, NULL, NULL) != napi_ok) {
+    munmap(addr, (size_t)size);
+    free(m);
+    return fail_napi(env, "napi_wrap");
+  }
+  /* If this fails, GC still unmaps via the finalizer. */
   NAPI(napi_type_tag_object(env, ab, &mapping_tag));
-  NAPI(napi_wrap(env, ab, m, NULL, NULL, NULL));
   return ab;
 }
 

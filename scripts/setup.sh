@@ -9,6 +9,8 @@
 set -euo pipefail
 
 PACKAGES=(
+  gcc               # the addon, native/vbglue.c
+  g++               # the addon's one V8 call, native/unaccounted-buffer.cc
   qemu-system-x86   # qemu-system-x86_64 (guests under TCG)
   qemu-utils        # qemu-img
   busybox-static    # the guest initramfs userland

@@ -325,6 +325,20 @@ test('unmap: detaches every view, munmaps at once, is idempotent; the memory sta
   addon.close(memfd);
 });
 
+test('mmap: a mapping is not external memory to V8, so mapping guest RAM starts no collection', () => {
+  // Counted, 256 MiB over V8's 64 MiB slack made it mark-compact the whole heap inside mmap(): 10-160 ms on a migration's destination.
+  const size = 256 * 1024 * 1024;
+  const memfd = addon.memfd('vbuncounted', size);
+  const before = process.memoryUsage().external;
+  const ab = addon.mmap(memfd, size, 0);
+  const mapped = process.memoryUsage().external;
+  addon.unmap(ab);
+  const after = process.memoryUsage().external;
+  addon.close(memfd);
+  assert.ok(Math.abs(mapped - before) < 1024 * 1024, `V8's external memory moved ${mapped - before} bytes for a ${size}-byte mapping`);
+  assert.ok(Math.abs(after - before) < 1024 * 1024, `and ${after - before} bytes once unmapped`);
+});
+
 test('GC: munmaps a dropped buffer, never munmaps an unmap()ed range twice, keeps started Pollers', { timeout: 20000 }, async () => {
   const { code, signal, out, err } = await capture(
     spawn(process.execPath, ['--expose-gc', path.join(SUPPORT, 'addon-gc.js')], {
