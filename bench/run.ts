@@ -105,18 +105,20 @@ function printMsg(m: MsgResult): void {
     out(` ${via.padEnd(8)}  ${cell('randwrite')}  ${cell('randread')}\n`);
   }
   failures(VIAS.map((v) => m.blk[v]));
-  out('net: testpmd txonly -> relay -> backend --sink (Mpps; ratio to the PCIe link; per packet: bus messages, doorbells, CPU ns of the bridge and the backend)\n');
-  out(' size  link        Mpps  ratio  msgs/pkt  bells/pkt  cpu bridge  cpu backend\n');
+  out(`net: testpmd txonly -> relay -> backend --sink, ${m.net[0]?.rounds.length ?? 0} rounds of fresh processes, the links in turn (Mpps of the median round;\n`);
+  out(' ratio to the PCIe link, median of the rounds\' ratios, then their lowest and highest; per packet in the median round:\n');
+  out(' bus messages, doorbells, CPU ns of the bridge and the backend)\n');
+  out(' size  link        Mpps  ratio  (min-max)    msgs/pkt  bells/pkt  cpu bridge  cpu backend\n');
   for (const n of m.net) {
-    const base = value(n.by.pcie);
     for (const via of VIAS) {
       const r = value(n.by[via]);
+      const q = spread(n.rounds.map((round) => ratio(value(round[via])?.mpps, value(round.pcie)?.mpps) ?? NaN));
       out(
-        `${String(n.size).padStart(5)}  ${via.padEnd(8)}  ${fmt(r?.mpps, 2, 6)}  ${fmt(ratio(r?.mpps, base?.mpps), 2, 5)}  ${fmt(r?.busMessagesPerPkt, 4, 8)}  ${fmt(r?.doorbellsPerPkt, 4, 9)}` +
+        `${String(n.size).padStart(5)}  ${via.padEnd(8)}  ${fmt(r?.mpps, 2, 6)}  ${fmt(q.median, 2, 5)}  (${fmt(q.min, 2, 4)}-${fmt(q.max, 2, 4)})  ${fmt(r?.busMessagesPerPkt, 4, 8)}  ${fmt(r?.doorbellsPerPkt, 4, 9)}` +
           `  ${fmt(r?.cpuNsPerPkt.bridge, 1, 10)}  ${fmt(r?.cpuNsPerPkt.backend, 1, 11)}\n`,
       );
     }
-    failures(VIAS.map((v) => n.by[v]));
+    failures(n.rounds.flatMap((round) => VIAS.map((v) => round[v])));
   }
 }
 
@@ -168,7 +170,8 @@ function printMigration(m: MigrationResult): void {
     return `${fmt(s.min, d, 5)} ${fmt(s.median, d, 5)} ${fmt(s.max, d, 5)}`;
   };
   const med = (xs: readonly (number | undefined)[], d: number, w: number): string => fmt(spread(xs.map((x) => x ?? NaN)).median, d, w);
-  out(`\nmigration: a ${m.guestMiB} MiB TCG guest with one blk disk (then one NIC), migrated over tcp:127.0.0.1 (max-bandwidth ${m.maxBandwidthMiBs} MiB/s, downtime-limit ${m.downtimeLimitMs} ms), back and forth\n`);
+  out(`\nmigration: a ${m.guestMiB} MiB TCG guest with one blk disk (then one NIC), migrated over tcp:127.0.0.1 (max-bandwidth ${m.maxBandwidthMiBs} MiB/s, downtime-limit ${m.downtimeLimitMs} ms` +
+      `${m.convergeSyncs > 0 ? `, 1 ms until ${m.convergeSyncs} dirty syncs` : ''}), back and forth\n`);
   out('(downtime and total from the source\'s query-migrate, ms, min / median / max; then medians, from QEMU\'s traces: the RAM left when QEMU\n');
   out(' stopped the guest, the stop (of which the vhost-user device stop), the final copy, STOP -> RESUME (QMP events), the destination\'s\n');
   out(' device start after RESUME; RAM sent; pages the source function dirtied and requests (descriptors) it served during the migration)\n');
@@ -233,7 +236,8 @@ async function main(): Promise<void> {
       }
       if (only === undefined || only === 'msg') {
         // Shorter fio jobs than the blk bench's, in rounds (BENCH_MSG_ROUNDS): the links are compared within each round.
-        r.msg = await msgBench(Number(process.env.BENCH_MSG_BLK_SECONDS ?? 5), seconds, [64, 1500], Number(process.env.BENCH_MSG_ROUNDS ?? 3));
+        // 3 rounds could not tell a 10 % difference on this machine (one round's ratio 0.46, another's 1.25 in one boot); 10 can.
+        r.msg = await msgBench(Number(process.env.BENCH_MSG_BLK_SECONDS ?? 5), seconds, [64, 1500], Number(process.env.BENCH_MSG_ROUNDS ?? 10), Number(process.env.BENCH_MSG_NET_ROUNDS ?? 3));
         printMsg(r.msg);
       }
       if (only === undefined || only === 'migration') {
@@ -251,7 +255,7 @@ async function main(): Promise<void> {
         ...(r.net ?? []).flatMap((n) => [n.anchor, n.direct, n.packed, n.relay]),
         ...(r.blk !== undefined ? [r.blk.disks] : []),
         ...(r.vf !== undefined ? [r.vf.pause, r.vf.reattach, r.vf.attach] : []),
-        ...(r.msg !== undefined ? [...VIAS.map((v) => r.msg!.blk[v]), ...r.msg.net.flatMap((n) => VIAS.map((v) => n.by[v]))] : []),
+        ...(r.msg !== undefined ? [...VIAS.map((v) => r.msg!.blk[v]), ...r.msg.net.flatMap((n) => n.rounds.flatMap((round) => VIAS.map((v) => round[v])))] : []),
         ...(r.migration !== undefined
           ? MIG_LOADS.flatMap((l) => [...BLK_MIG_DISKS.flatMap((d) => r.migration!.blk[l][d]), ...NET_MIG_BACKENDS.flatMap((k) => r.migration!.net[l][k])])
           : []),
