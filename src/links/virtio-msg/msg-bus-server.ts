@@ -150,7 +150,9 @@ export class MsgBusServer {
     this.channels.delete(ch);
     this.gone.received += ch.stats.received;
     for (const [rule, n] of ch.stats.dropped) this.gone.dropped.set(rule, (this.gone.dropped.get(rule) ?? 0) + n);
-    this.log.info(`${ch.label}: the driver went away${err ? `: ${err.message}` : ''}`);
+    // An error here is the connection refused or broken (bad rings, a malformed stream): an operator should see it.
+    if (err !== undefined) this.log.warn(`${ch.label}: the driver went away: ${err.message}`);
+    else this.log.info(`${ch.label}: the driver went away`);
     for (const d of this.devices.values()) if (d.ownedBy === ch) d.endSession('its driver went away');
   }
 
