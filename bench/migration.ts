@@ -134,8 +134,9 @@ export interface MigrationResult {
   guestMiB: number;
   maxBandwidthMiBs: number;
   downtimeLimitMs: number;
-  /** downtime-limit was 1 ms until this many dirty syncs (0: QEMU decided from the start). */
+  /** downtime-limit was 1 ms until this many dirty syncs, for the loads listed (none: QEMU decided from the start). */
   convergeSyncs: number;
+  convergeLoads: MigLoad[];
   blk: Record<MigLoad, Record<BlkMigDisk, Outcome<MigrationSample>[]>>;
   net: Record<MigLoad, Record<NetMigBackend, Outcome<MigrationSample>[]>>;
 }
@@ -162,13 +163,18 @@ function downtimeLimitMs(): number {
  * under way, from a bandwidth estimate of its first 100 ms: whether it stops
  * there with 60 MiB left or a pass later with 1 MiB is chance, and it decides
  * the downtime (idle guests, same machine: 3 ms and 400 ms in one cell). As
- * libvirt does with migrate-set-downtime, the bench by default starts with a
- * 1 ms limit and sets the real one only after CONVERGE_SYNCS dirty-bitmap
- * syncs, so that every back-end's guest stops from the same place: what one
- * pass dirtied. BENCH_MIGRATION_CONVERGE=0 lets QEMU decide from the start.
+ * libvirt does with migrate-set-downtime, the bench can start with a 1 ms limit
+ * and set the real one only after CONVERGE_SYNCS dirty-bitmap syncs, so that
+ * every back-end's guest stops from the same place: what one pass dirtied.
+ * It does so for idle guests only by default: QEMU 7.2 under TCG corrupts the
+ * memory of a busy blk guest that migrates over several passes, on every
+ * back-end including qemu-storage-daemon (docs/BENCHMARKS.md).
+ * BENCH_MIGRATION_CONVERGE=all does it for busy guests too, =0 for none.
  */
-function convergeFirst(): boolean {
-  return process.env.BENCH_MIGRATION_CONVERGE !== '0';
+function convergeFor(load: MigLoad): boolean {
+  const v = process.env.BENCH_MIGRATION_CONVERGE ?? 'idle';
+  if (v !== 'idle' && v !== 'all' && v !== '0') throw new Error(`BENCH_MIGRATION_CONVERGE: idle, all or 0, not ${v}`);
+  return v === 'all' || (v === 'idle' && load === 'idle');
 }
 const CONVERGE_SYNCS = 3;
 const TRACED = ['migrate_pending', 'migration_completion_vm_stop', 'savevm_state_complete_precopy', 'migrate_set_state', 'vhost_dev_stop', 'vhost_dev_start', 'vhost_user_read', 'vhost_user_write', 'migration_bitmap_sync_*'];
@@ -388,6 +394,7 @@ class PingPong {
     private readonly dir: string,
     private readonly script: string,
     private readonly be: Backends,
+    private readonly converge: boolean,
   ) {}
 
   private opts(side: 0 | 1, qmpSocket: string, extraArgs: string[] = []): GuestOptions {
@@ -437,7 +444,7 @@ class PingPong {
     this.track(dst, dqmp);
     const st = await dqmp.execute<{ status: string }>('query-status');
     if (st.status !== 'inmigrate') throw new Error(`destination is ${st.status}, not inmigrate`);
-    const converge = convergeFirst();
+    const converge = this.converge;
     await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': MAX_BANDWIDTH_MIBS * MiB, 'downtime-limit': converge ? 1 : downtimeLimitMs() });
     const srcEvents = src.qmp.events.length;
     const before = await this.be.counters?.(src.side);
@@ -500,6 +507,7 @@ class PingPong {
 async function series(
   what: string,
   name: string,
+  load: MigLoad,
   script: string,
   runs: number,
   root: string,
@@ -509,7 +517,7 @@ async function series(
   const started = await bounded(`${what}: back-ends`, 90_000, () => start(dir));
   if (!started.ok) return Array.from({ length: runs }, () => ({ ok: false, error: started.error }));
   const be = started.value;
-  const pp = new PingPong(`mig-${name}`, dir, script, be);
+  const pp = new PingPong(`mig-${name}`, dir, script, be, convergeFor(load));
   const out: Outcome<MigrationSample>[] = [];
   try {
     for (let i = 1; i <= runs; i++) {
@@ -538,17 +546,17 @@ export async function migrationBench(runs: number): Promise<MigrationResult> {
     for (const load of MIG_LOADS) {
       blk[load] = {} as Record<BlkMigDisk, Outcome<MigrationSample>[]>;
       for (const disk of BLK_MIG_DISKS) {
-        blk[load][disk] = !wanted('blk', disk) ? [] : await series(`migration blk ${disk} ${load}`, `${disk}-${load}`, load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, runs, root, (dir) => startBackends(disk, dir, image));
+        blk[load][disk] = !wanted('blk', disk) ? [] : await series(`migration blk ${disk} ${load}`, `${disk}-${load}`, load, load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, runs, root, (dir) => startBackends(disk, dir, image));
       }
     }
     const net = {} as MigrationResult['net'];
     for (const load of MIG_LOADS) {
       net[load] = {} as Record<NetMigBackend, Outcome<MigrationSample>[]>;
       for (const kind of NET_MIG_BACKENDS) {
-        net[load][kind] = !wanted('net', kind) ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT, runs, root, (dir) => startNetBackends(kind, dir));
+        net[load][kind] = !wanted('net', kind) ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, load, load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT, runs, root, (dir) => startNetBackends(kind, dir));
       }
     }
-    return { guestMiB: GUEST_MIB, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), convergeSyncs: convergeFirst() ? CONVERGE_SYNCS : 0, blk, net };
+    return { guestMiB: GUEST_MIB, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), convergeSyncs: CONVERGE_SYNCS, convergeLoads: MIG_LOADS.filter(convergeFor), blk, net };
   } finally {
     fs.rmSync(root, { recursive: true, force: true });
   }
