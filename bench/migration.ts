@@ -171,10 +171,10 @@ function downtimeLimitMs(): number {
  * back-end including qemu-storage-daemon (docs/BENCHMARKS.md).
  * BENCH_MIGRATION_CONVERGE=all does it for busy guests too, =0 for none.
  */
-function convergeFor(load: MigLoad): boolean {
+function convergeLoads(): MigLoad[] {
   const v = process.env.BENCH_MIGRATION_CONVERGE ?? 'idle';
   if (v !== 'idle' && v !== 'all' && v !== '0') throw new Error(`BENCH_MIGRATION_CONVERGE: idle, all or 0, not ${v}`);
-  return v === 'all' || (v === 'idle' && load === 'idle');
+  return MIG_LOADS.filter((load) => v === 'all' || (v === 'idle' && load === 'idle'));
 }
 const CONVERGE_SYNCS = 3;
 const TRACED = ['migrate_pending', 'migration_completion_vm_stop', 'savevm_state_complete_precopy', 'migrate_set_state', 'vhost_dev_stop', 'vhost_dev_start', 'vhost_user_read', 'vhost_user_write', 'migration_bitmap_sync_*'];
@@ -226,12 +226,18 @@ interface MigrateInfo {
   'error-desc'?: string;
 }
 
+/** query-migrate, throwing if the migration failed or was cancelled. */
+async function queryMigrate(qmp: QmpClient): Promise<MigrateInfo> {
+  const m = await qmp.execute<MigrateInfo>('query-migrate');
+  if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`migration ${m.status}: ${m['error-desc'] ?? JSON.stringify(m)}`);
+  return m;
+}
+
 /** Raise downtime-limit to `limitMs` once the migration has synced its dirty bitmap `syncs` times (or ended on its own). */
 async function raiseWhenConverged(qmp: QmpClient, syncs: number, limitMs: number, timeoutMs: number): Promise<void> {
   const end = Date.now() + timeoutMs;
   for (;;) {
-    const m = await qmp.execute<MigrateInfo>('query-migrate');
-    if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`migration ${m.status}: ${m['error-desc'] ?? JSON.stringify(m)}`);
+    const m = await queryMigrate(qmp);
     if (m.status !== 'active' && m.status !== 'setup') return;
     if ((m.ram?.['dirty-sync-count'] ?? 0) >= syncs) {
       await qmp.execute('migrate-set-parameters', { 'downtime-limit': limitMs });
@@ -245,10 +251,9 @@ async function raiseWhenConverged(qmp: QmpClient, syncs: number, limitMs: number
 async function migrationStatus(qmp: QmpClient, timeoutMs: number): Promise<MigrateInfo> {
   const end = Date.now() + timeoutMs;
   for (;;) {
-    const m = await qmp.execute<MigrateInfo>('query-migrate');
+    const m = await queryMigrate(qmp);
     // QEMU 7.2 says completed before it has computed total-time and downtime (both read 0 until then).
     if (m.status === 'completed' && (m['total-time'] ?? 0) > 0) return m;
-    if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`migration ${m.status}: ${m['error-desc'] ?? JSON.stringify(m)}`);
     if (Date.now() > end) throw new Error(`migration still ${m.status} after ${timeoutMs} ms: ${JSON.stringify(m)}`);
     await sleep(50);
   }
@@ -507,7 +512,7 @@ class PingPong {
 async function series(
   what: string,
   name: string,
-  load: MigLoad,
+  converge: boolean,
   script: string,
   runs: number,
   root: string,
@@ -517,7 +522,7 @@ async function series(
   const started = await bounded(`${what}: back-ends`, 90_000, () => start(dir));
   if (!started.ok) return Array.from({ length: runs }, () => ({ ok: false, error: started.error }));
   const be = started.value;
-  const pp = new PingPong(`mig-${name}`, dir, script, be, convergeFor(load));
+  const pp = new PingPong(`mig-${name}`, dir, script, be, converge);
   const out: Outcome<MigrationSample>[] = [];
   try {
     for (let i = 1; i <= runs; i++) {
@@ -535,6 +540,8 @@ async function series(
 }
 
 export async function migrationBench(runs: number): Promise<MigrationResult> {
+  // Read (and refused, if wrong) before any guest boots.
+  const converging = convergeLoads();
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-bench-mig-'));
   try {
     const image = path.join(root, 'disk.img');
@@ -546,17 +553,17 @@ export async function migrationBench(runs: number): Promise<MigrationResult> {
     for (const load of MIG_LOADS) {
       blk[load] = {} as Record<BlkMigDisk, Outcome<MigrationSample>[]>;
       for (const disk of BLK_MIG_DISKS) {
-        blk[load][disk] = !wanted('blk', disk) ? [] : await series(`migration blk ${disk} ${load}`, `${disk}-${load}`, load, load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, runs, root, (dir) => startBackends(disk, dir, image));
+        blk[load][disk] = !wanted('blk', disk) ? [] : await series(`migration blk ${disk} ${load}`, `${disk}-${load}`, converging.includes(load), load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, runs, root, (dir) => startBackends(disk, dir, image));
       }
     }
     const net = {} as MigrationResult['net'];
     for (const load of MIG_LOADS) {
       net[load] = {} as Record<NetMigBackend, Outcome<MigrationSample>[]>;
       for (const kind of NET_MIG_BACKENDS) {
-        net[load][kind] = !wanted('net', kind) ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, load, load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT, runs, root, (dir) => startNetBackends(kind, dir));
+        net[load][kind] = !wanted('net', kind) ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, converging.includes(load), load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT, runs, root, (dir) => startNetBackends(kind, dir));
       }
     }
-    return { guestMiB: GUEST_MIB, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), convergeSyncs: CONVERGE_SYNCS, convergeLoads: MIG_LOADS.filter(convergeFor), blk, net };
+    return { guestMiB: GUEST_MIB, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), convergeSyncs: CONVERGE_SYNCS, convergeLoads: converging, blk, net };
   } finally {
     fs.rmSync(root, { recursive: true, force: true });
   }

@@ -13,7 +13,8 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { fioFiles } from './disk-rounds';
+import { fioFiles, roundRatios } from './disk-rounds';
+import { spread } from './measure';
 import { oneGuest, VIAS } from './msg';
 
 async function main(): Promise<void> {
@@ -29,9 +30,8 @@ async function main(): Promise<void> {
       const anchor = r.pcie[job].rounds.map((x) => x.iops);
       process.stdout.write(`${job} PCIe IOPS by round: ${anchor.map((x) => Math.round(x)).join(' ')}\n`);
       for (const via of VIAS.filter((v) => v !== 'pcie')) {
-        const ratios = r[via][job].rounds.map((x, i) => x.iops / anchor[i]!);
-        const sorted = [...ratios].sort((a, b) => a - b);
-        process.stdout.write(`  ${via}: median ${sorted[Math.floor(sorted.length / 2)]!.toFixed(2)}; by round ${ratios.map((x) => x.toFixed(2)).join(' ')}\n`);
+        const ratios = roundRatios(r[via][job], r.pcie[job]);
+        process.stdout.write(`  ${via}: median ${spread(ratios).median.toFixed(2)}; by round ${ratios.map((x) => x.toFixed(2)).join(' ')}\n`);
       }
     }
   } catch (e) {
