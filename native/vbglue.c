@@ -697,15 +697,15 @@ static napi_value vb_unmap(napi_env env, napi_callback_info info) {
   m = rec;
   addr = m->addr;
   len = m->len;
-  /* Clear first: should detaching free the backing store and run the
-   * finalizer at once, it must find nothing left to munmap. */
+  /* Clear first: the wrap's finalizer, whenever the buffer is collected,
+   * must find nothing left to munmap. */
   m->addr = NULL;
   if (napi_detach_arraybuffer(env, argv[0]) != napi_ok) {
-    m->addr = addr; /* still attached, so the finalizer has not run */
+    m->addr = addr;
     return fail_napi(env, "napi_detach_arraybuffer");
   }
-  /* Views now have length 0, so no JS access can reach the range. From here
-   * m may be freed by the finalizer at any time: use the copies. */
+  /* Views now have length 0, so no JS access can reach the range. (The
+   * backing store's deleter is empty: detaching freed nothing.) */
   if (munmap(addr, len) < 0)
     return throw_errno(env, "munmap", NULL, errno);
   return undef(env);
