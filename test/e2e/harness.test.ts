@@ -12,6 +12,7 @@ import { buildCpio } from '../support/guest-cpio';
 import { acquireHeavyLock, withHeavyLock } from '../support/heavy-lock';
 import { kv, qemuArgs, startGuest } from '../support/qemu-guest';
 import { createRawImage, md5OfRange, startStorageDaemon } from '../support/storage-daemon';
+import { tempDir } from '../support/temp-dir';
 import { startTestpmd } from '../support/testpmd';
 
 const MiB = 1024 * 1024;
@@ -188,7 +189,7 @@ test('ext2: the guest kernel mounts a host-made ext2 image over vhost-user-blk',
   // make test installs e2fsprogs: its absence is a set-up failure, never a skip.
   assert.equal(spawnSync('mkfs.ext2', ['-V'], { stdio: 'ignore' }).error, undefined, 'mkfs.ext2 missing (e2fsprogs)');
   await withHeavyLock(async () => {
-    const dir = await mkdtemp(join(tmpdir(), 'vbridge-harness-ext2-'));
+    const dir = tempDir('vbridge-harness-ext2-');
     const image = join(dir, 'fs.raw');
     const socket = join(dir, 'blk.sock');
     const content = join(dir, 'content');
@@ -219,7 +220,6 @@ umount /mnt
     // The guest's write landed in the image (debugfs reads it without mounting).
     const cat = spawnSync('debugfs', ['-R', 'cat /from-guest.txt', image], { encoding: 'utf8' });
     assert.equal(cat.stdout.trim(), 'written', cat.stderr);
-    await rm(dir, { recursive: true, force: true });
   });
 });
 

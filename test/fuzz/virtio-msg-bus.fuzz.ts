@@ -16,7 +16,6 @@
  *
  * Environment: FUZZ_SECONDS (default 10), FUZZ_ITERATIONS, FUZZ_SEED.
  */
-import * as os from 'node:os';
 import * as path from 'node:path';
 import * as fs from 'node:fs';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
@@ -31,6 +30,7 @@ import { driverTransport } from '../../src/virtio-msg/bus/bus-transports';
 import { RingTransport } from '../../src/virtio-msg/bus/ring-transport';
 import { SOCKET_BUS_LIMITS as L, SocketBus } from '../../src/virtio-msg/bus/socket-messages';
 import { fuzzBudget, type Rng } from './rng';
+import { tempDir } from '../support/temp-dir';
 
 const SEGMENT = 64 * 1024;
 const quiet: Logger = { info: () => {}, warn: () => {}, error: () => {} };
@@ -236,7 +236,7 @@ interface Phase {
 
 /** One bus kind until `deadline`: a server, the hostile driver reconnecting, and a well-behaved probe that must be answered throughout. */
 async function fuzzBus(kind: BusKind, rng: Rng, maxIter: number, deadline: number): Promise<Phase> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vb-msgfuzz-'));
+  const dir = tempDir('vb-msgfuzz-');
   const bus: BusAddress = { kind, path: path.join(dir, 'bus.sock') };
   const disk = path.join(dir, 'disk.img');
   fs.writeFileSync(disk, new Uint8Array(1 << 20));
@@ -279,7 +279,6 @@ async function fuzzBus(kind: BusKind, rng: Rng, maxIter: number, deadline: numbe
   probe.close();
   server.close();
   device.close();
-  fs.rmSync(dir, { recursive: true, force: true });
   return { iter, sessions, received: st.received, dropped: st.dropped, failure };
 }
 

@@ -1,11 +1,10 @@
 /** What the blk tests build requests from: a zeroed temp disk, a virtio_blk_outhdr, discard/write-zeroes segments. */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
+import { tempDir } from './temp-dir';
 
 export function tempDisk(bytes: number, prefix = 'blk-'): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  const file = path.join(dir, 'disk.img');
+  const file = path.join(tempDir(prefix), 'disk.img');
   fs.writeFileSync(file, new Uint8Array(bytes));
   return file;
 }

@@ -1,11 +1,11 @@
 /** Runs a bridge in the test process from a topology given as an object, in a temp dir. */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { Bridge } from '../../src/control/bridge';
 import { loadTopology } from '../../src/control/topology';
 import type { Logger } from '../../src/log';
 import type { FunctionStatsRow, QueueStatsRow } from '../../src/control/stats-format';
+import { tempDir } from './temp-dir';
 
 export interface BridgeFixture {
   readonly dir: string;
@@ -31,7 +31,7 @@ export interface FixtureDoc {
 
 /** `prepare` runs in the fixture's dir before the bridge opens anything (e.g. to write images). */
 export async function startBridgeFixture(doc: FixtureDoc, prepare?: (dir: string) => void, log?: Logger): Promise<BridgeFixture> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-test-'));
+  const dir = tempDir('vbridge-test-');
   prepare?.(dir);
   // The file too, for the CLI (vbridge qemu-args); JSON is YAML.
   const topologyFile = path.join(dir, 'topology.yaml');

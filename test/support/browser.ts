@@ -5,9 +5,8 @@
  * runs apart, and close() takes it away.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
 import puppeteer, { type Browser, type Page } from 'puppeteer-core';
+import { tempDir } from './temp-dir';
 
 export const CHROMIUM = process.env.VBRIDGE_CHROMIUM ?? '/usr/bin/chromium';
 
@@ -22,7 +21,7 @@ export interface HeadlessBrowser {
 
 export async function launchChromium(): Promise<HeadlessBrowser> {
   if (!fs.existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: scripts/setup.sh installs Debian's chromium`);
-  const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-chromium-'));
+  const profile = tempDir('vbridge-chromium-');
   const browser = await puppeteer.launch({
     executablePath: CHROMIUM,
     headless: true,

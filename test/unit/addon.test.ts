@@ -14,6 +14,7 @@ import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, native, type Addon } from '../../src/native/addon';
 import type { AddonWorkerJob } from '../support/addon-worker';
+import { tempDir } from '../support/temp-dir';
 
 // dist/test/unit -> repo root
 const ROOT = path.resolve(__dirname, '..', '..', '..');
@@ -657,11 +658,10 @@ test('seals(): a /dev/shm file carries no F_SEAL_SHRINK, fds that cannot carry s
     fs.closeSync(shm);
     fs.rmSync(file, { force: true });
   }
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbseal-'));
+  const dir = tempDir('vbseal-');
   const disk = fs.openSync(path.join(dir, 'f'), 'w+');
   assert.equal(addon.seals(disk), 0, 'a regular file on disk (EINVAL)');
   fs.closeSync(disk);
-  fs.rmSync(dir, { recursive: true });
   const [a, b] = addon.socketpair();
   assert.equal(addon.seals(a), 0, 'a socket (EINVAL)');
   addon.close(a);
@@ -689,7 +689,7 @@ process.stdout.write(JSON.stringify(r));`;
 
 test('fallocate: punching a hole frees blocks and reads back zeros; zero range keeps the size; errors carry errno', () => {
   // os.tmpdir() is a real file system here (ext4), where both modes work.
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbfalloc-'));
+  const dir = tempDir('vbfalloc-');
   const file = path.join(dir, 'f');
   const MiB = 1 << 20;
   fs.writeFileSync(file, Buffer.alloc(MiB, 0xa7));
@@ -726,7 +726,6 @@ test('fallocate: punching a hole frees blocks and reads back zeros; zero range k
   fs.closeSync(fd);
   assertSysError(() => addon.fallocate(fd, 0, 0, 4096), 'EBADF', 'fallocate');
   assert.equal(fs.readFileSync(file)[0], 0xa7, 'refused calls changed nothing');
-  fs.rmSync(dir, { recursive: true });
 });
 
 test('tapOpen: a TAP device appears while the fd is open', () => {

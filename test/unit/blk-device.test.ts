@@ -1,7 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { BlkDevice, type BlkDeviceOptions } from '../../src/devices/blk/blk-device';
 import { RawFile } from '../../src/devices/blk/raw-file';
@@ -33,11 +32,12 @@ import {
 import { MockDriver, type SegmentSpec } from '../../src/virtio/mock-driver';
 import { native } from '../../src/native/addon';
 import { allocatedBlocks, dwz } from '../support/blk-requests';
+import { tempDir } from '../support/temp-dir';
 
 const DISK = 1 << 20;
 
 function tempDisk(): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blk-'));
+  const dir = tempDir('blk-');
   const file = path.join(dir, 'disk.img');
   const data = new Uint8Array(DISK);
   for (let i = 0; i < DISK; i++) data[i] = (i * 31 + (i >> 9)) & 0xff;
@@ -433,7 +433,7 @@ test('buffers that cross memory windows use the bounce path; every guest write i
 });
 
 test('a path with size creates or grows the file; a shared RawFile stays open', () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blk-'));
+  const dir = tempDir('blk-');
   const p = path.join(dir, 'new.img');
   const dev = new BlkDevice({ name: 'n', file: p, size: 8192 });
   assert.equal(dev.capacity, 16);

@@ -2,16 +2,16 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { commandHelp, parseCommand, UsageError, type CommandSpec } from '../../src/control/args';
 import { parseBackendArgs } from '../../src/control/backend-command';
 import { COMMANDS } from '../../src/control/commands';
 import { parseSize } from '../../src/control/size';
 import { runVbridge as vbridge } from '../support/vbridge-cli';
+import { tempDir } from '../support/temp-dir';
 
 test('--help on every subcommand prints its usage and exits 0, the same text as `vbridge help CMD`', () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cli-help-'));
+  const dir = tempDir('cli-help-');
   for (const c of COMMANDS) {
     const r = vbridge([c.name, '--help'], dir);
     assert.equal(r.code, 0, `${c.name} --help: ${r.err}`);
@@ -165,7 +165,7 @@ test('bash completion: commands, each command\'s options, and option values, fro
   assert.deepEqual(complete(['vbridge', 'backend', '']), ['blk', 'net']);
   assert.deepEqual(complete(['vbridge', 'help', 'st']), ['stats']);
   assert.deepEqual(complete(['vbridge', 'serve', '--socket-']).sort(), ['--socket-group', '--socket-mode', '--socket-owner']);
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cli-comp-'));
+  const dir = tempDir('cli-comp-');
   fs.writeFileSync(path.join(dir, 'topo.yaml'), '');
   assert.deepEqual(complete(['vbridge', 'serve', path.join(dir, 'to')]), [path.join(dir, 'topo.yaml')]);
 });

@@ -1,7 +1,5 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { UsageError } from '../../src/control/args';
 import { ControlServer } from '../../src/control/control-server';
@@ -11,6 +9,7 @@ import { formatPfs, formatVfs, runFunctionCommand } from '../../src/control/func
 import { FunctionManager } from '../../src/functions/function-manager';
 import { functionRoutes } from '../../src/functions/function-routes';
 import { silentLogger } from '../../src/log';
+import { tempDir } from '../support/temp-dir';
 
 test('malformed command lines are usage errors before anything is sent', async () => {
   const bad: [('pf' | 'vf'), string[], RegExp][] = [
@@ -34,7 +33,7 @@ test('malformed command lines are usage errors before anything is sent', async (
 });
 
 test('the commands drive a manager over a real control socket; refusals come back as errors', async () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbcli-'));
+  const dir = tempDir('vbcli-');
   const t = validateTopology({ pfs: [{ name: 'pf0', type: 'blk', 'total-vfs': 3, 'num-vfs': 1, socket: 'v{vf}.sock', backend: { file: 'v{vf}.img', size: '1M' } }] }, dir);
   const m = FunctionManager.start({ pfs: t.pfs, createDevice: (s, ready) => createVfBackend(s, new Map(), silentLogger, ready), log: silentLogger });
   const control = path.join(dir, 'ctl.sock');

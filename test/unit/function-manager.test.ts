@@ -2,16 +2,16 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { createDevice } from '../../src/control/bridge';
 import { validateTopology } from '../../src/control/topology';
 import { FunctionError, FunctionManager, freeRootPorts } from '../../src/functions/function-manager';
 import { readState, STATE_FILE } from '../../src/functions/state-store';
 import { silentLogger } from '../../src/log';
+import { tempDir } from '../support/temp-dir';
 
 function setup(numVfs = 2): { dir: string; start: () => FunctionManager } {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbfm-'));
+  const dir = tempDir('vbfm-');
   const t = validateTopology(
     { 'state-dir': 'state', pfs: [{ name: 'pf0', type: 'blk', 'total-vfs': 4, 'num-vfs': numVfs, socket: 'pf0-vf{vf}.sock', backend: { file: 'pf0-vf{vf}.img', size: '1M' } }] },
     dir,

@@ -3,7 +3,6 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import { unsealedShm } from '../support/memfds';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { BlkDevice } from '../../src/devices/blk/blk-device';
 import type { VirtioDevice } from '../../src/devices/device';
@@ -34,6 +33,7 @@ import {
 import { MockDriver, type SegmentSpec } from '../../src/virtio/mock-driver';
 import { CaptureLogger, EchoDevice, openFds, tmpSocket, waitFor } from './vhost-user-harness';
 import { blkHeader, tempDisk } from '../support/blk-requests';
+import { tempDir } from '../support/temp-dir';
 
 const BAR2_SIZE = 1 << 20;
 /** Per queue: rings at q * RING_STRIDE, a heap after all the rings. */
@@ -630,7 +630,7 @@ test('vbridge backend net: prints "attached PATH" per attachment, exits 0 on SIG
   }
 
   const c = await cardFor('cli-blk');
-  const disk = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'pcie-cli-')), 'disk.img');
+  const disk = path.join(tempDir('pcie-cli-'), 'disk.img');
   const child2 = spawnBackend(['blk', '--attach', c.sock, '--file', disk, '--size', '1M', '--serial', 'abc']);
   try {
     await waitFor(() => child2.stdout.join('') === `attached ${c.sock}\n`, 'the attached line', 10000);

@@ -2,14 +2,14 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { DEFAULT_ATTACH, dpdkArgs, formatShellArgs, libvirtXml, qemuArgs } from '../../src/control/qemu-args';
 import { loadTopology } from '../../src/control/topology';
 import { runVbridge as vbridge, shellWords } from '../support/vbridge-cli';
+import { tempDir } from '../support/temp-dir';
 
 function topology(): { file: string; dir: string } {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qemu args '));
+  const dir = tempDir('qemu args ');
   const file = path.join(dir, 't.yaml');
   fs.writeFileSync(
     file,
@@ -97,7 +97,7 @@ test('qemu-args --libvirt: the elements in a domain pass libvirt\'s own schema (
   const memoryBacking = (domainPart ?? '').replace('<!-- in <domain> -->\n', '');
   const domain = (devs: string): string =>
     `<domain type='qemu'>\n<name>vb</name>\n<memory unit='MiB'>256</memory>\n${memoryBacking}<os><type arch='x86_64' machine='q35'>hvm</type></os>\n<devices>\n${devs}</devices>\n</domain>\n`;
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'libvirt-xml-'));
+  const dir = tempDir('libvirt-xml-');
   const validate = (xml: string): { status: number | null; text: string } => {
     const f = path.join(dir, 'domain.xml');
     fs.writeFileSync(f, xml);

@@ -3,15 +3,15 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { claimSocketPath, probeSocket, setSocketAccess, SocketInUseError, type SocketAccess } from '../../src/native/socket-guard';
 import { UnixListener } from '../../src/native/unix-listener';
 import { native } from '../../src/native/addon';
 import { CaptureLogger } from '../support/capture-logger';
+import { tempDir } from '../support/temp-dir';
 
 function tmpDir(): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), 'sockguard-'));
+  return tempDir('sockguard-');
 }
 
 async function listening(p: string): Promise<net.Server> {

@@ -1,9 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { type ManagerState, readState, STATE_FILE, STATE_VERSION, StateError, writeState } from '../../src/functions/state-store';
+import { tempDir } from '../support/temp-dir';
 
 const STATE: ManagerState = {
   version: STATE_VERSION,
@@ -11,7 +11,7 @@ const STATE: ManagerState = {
 };
 
 function dir(): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), 'vbstate-'));
+  return tempDir('vbstate-');
 }
 
 test('a written state reads back equal, and no temp file is left', () => {

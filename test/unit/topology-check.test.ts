@@ -1,15 +1,15 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { checkTopologyFile, formatFinding, SUN_PATH_MAX, topologyAsWritten } from '../../src/control/topology-check';
 import { validateTopology } from '../../src/control/topology';
 import { runVbridge } from '../support/vbridge-cli';
+import { tempDir } from '../support/temp-dir';
 
 function write(text: string): { file: string; dir: string } {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'validate-'));
+  const dir = tempDir('validate-');
   const file = path.join(dir, 't.yaml');
   fs.writeFileSync(file, text);
   return { file, dir };

@@ -1,12 +1,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { topologyAsWritten } from '../../src/control/topology-check';
 import { loadTopology, TopologyError, validateTopology } from '../../src/control/topology';
 import { defaultControlPath } from '../../src/control/control-path';
+import { tempDir } from '../support/temp-dir';
 
 const ISSUE_EXAMPLE = `
 functions:
@@ -27,7 +27,7 @@ function fieldOf(fn: () => unknown): string {
 }
 
 test('the shape from the README loads, with implicit switch and resolved paths', () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'topo-'));
+  const dir = tempDir('topo-');
   const file = path.join(dir, 'topology.yaml');
   fs.writeFileSync(file, ISSUE_EXAMPLE);
   const t = loadTopology(file);

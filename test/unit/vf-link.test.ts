@@ -7,7 +7,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { createVfBackend } from '../../src/control/bridge';
 import { validateTopology } from '../../src/control/topology';
@@ -25,6 +24,7 @@ import type { UsedElem } from '../../src/virtio/mock-driver';
 import { blkHeader } from '../support/blk-requests';
 import { CaptureLogger } from '../support/capture-logger';
 import { EchoBackend } from '../support/loopback-link';
+import { tempDir } from '../support/temp-dir';
 import { bringUp, Guest, waitFor } from './vhost-user-harness';
 
 const LINK_TEMPLATE = { link: 'pcie', attach: 'pf0-vf{vf}.attach', 'bar-size': '1M' };
@@ -38,7 +38,7 @@ interface Rig {
 }
 
 function rig(backend: Record<string, unknown>): Rig {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbvfl-'));
+  const dir = tempDir('vbvfl-');
   const t = validateTopology({ 'state-dir': 'state', pfs: [{ name: 'pf0', type: 'blk', 'total-vfs': 2, 'num-vfs': 1, socket: 'pf0-vf{vf}.sock', backend }] }, dir);
   const log = new CaptureLogger();
   return {

@@ -4,7 +4,6 @@
  * and hands to the back-end like QEMU does, and a full front-end bring-up.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { DeviceError, type DeviceQueue, type VirtioDevice } from '../../src/devices/device';
 import { GuestMemory } from '../../src/memory/guest-memory';
@@ -23,6 +22,7 @@ import { MockPackedDriver } from '../../src/virtio/mock-packed-driver';
 import { FrontendClient, memRegion } from '../../src/vhost-user/frontend-client';
 import { ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/vhost-user/protocol';
 import { CaptureLogger } from '../support/capture-logger';
+import { tempDir } from '../support/temp-dir';
 
 export { CaptureLogger };
 
@@ -131,8 +131,7 @@ export function sleep(ms: number): Promise<void> {
 }
 
 export function tmpSocket(name: string): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbvu-'));
-  return path.join(dir, `${name}.sock`);
+  return path.join(tempDir('vbvu-'), `${name}.sock`);
 }
 
 export function openFds(): number {
