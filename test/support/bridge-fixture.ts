@@ -58,10 +58,8 @@ export async function startBridgeFixture(doc: FixtureDoc, prepare?: (dir: string
       if (q === undefined) throw new Error(`${name} has no queue ${index}`);
       return q;
     },
-    close: async () => {
-      await bridge.close();
-      fs.rmSync(dir, { recursive: true, force: true });
-    },
+    // The dir stays until the process exits (tempDir): a test may check what the bridge left in it.
+    close: () => bridge.close(),
   };
 }
 
