@@ -8,11 +8,51 @@ export interface Logger {
   error(msg: string): void;
 }
 
-/** One line per event on stderr (stdout stays free for command output). */
+/** A logged line waiting for the end of the event-loop turn. */
+interface QueuedLine {
+  at: number;
+  level: string;
+  prefix: string;
+  msg: string;
+}
+
+const queued: QueuedLine[] = [];
+let flushPending = false;
+let hooked = false;
+
+/**
+ * Write every line logged so far. Lines otherwise go out once the current
+ * event-loop turn is over: a process that has been idle pays 0.1-0.2 ms for a
+ * line to stderr (formatting the time and the write; 15 us when warm), and a
+ * reply on the control path (a migration's GET_VRING_BASE, whose wait is the
+ * guest's downtime) must not wait behind its log line. Call before writing to
+ * stderr directly, so that the lines stay in order.
+ */
+export function flushLog(): void {
+  flushPending = false;
+  if (queued.length === 0) return;
+  let text = '';
+  for (const l of queued) text += `${new Date(l.at).toISOString()} ${l.level} [${l.prefix}] ${l.msg}\n`;
+  queued.length = 0;
+  process.stderr.write(text);
+}
+
+function queue(line: QueuedLine): void {
+  queued.push(line);
+  if (!hooked) {
+    hooked = true;
+    // A process that exits, or dies of an exception, says what it logged first.
+    process.on('exit', flushLog);
+    process.on('uncaughtExceptionMonitor', flushLog);
+  }
+  if (flushPending) return;
+  flushPending = true;
+  setImmediate(flushLog);
+}
+
+/** One line per event on stderr (stdout stays free for command output), timed when logged, written at the end of the turn. */
 export function consoleLogger(prefix: string): Logger {
-  const line = (level: string, msg: string): void => {
-    process.stderr.write(`${new Date().toISOString()} ${level} [${prefix}] ${msg}\n`);
-  };
+  const line = (level: string, msg: string): void => queue({ at: Date.now(), level, prefix, msg });
   return {
     info: (m) => line('info', m),
     warn: (m) => line('warn', m),

@@ -20,7 +20,7 @@ import { LINK_MAX_QUEUES } from '../links/pcie/layout';
 import { PcieBackendHost } from '../links/pcie/backend-host';
 import { MsgBusServer } from '../links/virtio-msg/msg-bus-server';
 import { BUS_ADDRESS_HINT, type BusKind, parseBusAddress } from '../virtio-msg/bus/bus-address';
-import { consoleLogger, type Logger } from '../log';
+import { consoleLogger, flushLog, type Logger } from '../log';
 import { formatMsgTraceLine, msgTraceRecord } from '../trace/msg-trace';
 import { VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
 import { parseCommand, UsageError, type CommandSpec, type OptionTable, type ParsedArgs } from './args';
@@ -322,6 +322,8 @@ function serveBus(bus: BusArgs, devices: Plugged[], proc: BackendProcess, log: L
   const server = new MsgBusServer({ kind: bus.kind, path: bus.path }, log);
   if (bus.trace) {
     server.tapConnections = (label) => (dir, bytes, dropped) => {
+      // In order with the log's lines, which wait for the end of the turn.
+      flushLog();
       process.stderr.write(formatMsgTraceLine(msgTraceRecord({ source: label, side: 'device' }, dir, bytes, dropped)) + '\n');
     };
   }

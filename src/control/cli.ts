@@ -4,6 +4,7 @@ import { commandHelp, parseCommand, UsageError, type CommandSpec } from './args'
 import { COMMANDS } from './commands';
 import { TopologyError } from './topology';
 import { packageVersion } from './version';
+import { flushLog } from '../log';
 
 function topUsage(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length)) + 2;
@@ -66,6 +67,8 @@ main(process.argv.slice(2)).then(
     if (code !== 0) process.exitCode = code;
   },
   (err: unknown) => {
+    // What the command logged before it failed comes first.
+    flushLog();
     if (err instanceof UsageError) {
       // The synopsis line is enough next to the error; the whole help is one --help away.
       const synopsis = (err.usage ?? topUsage()).split('\n')[0] ?? '';
