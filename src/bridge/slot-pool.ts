@@ -1,8 +1,12 @@
 /**
  * The buffer pool of one shadow queue: a stretch of BAR2 cut into fixed slots,
  * handed out as contiguous runs so that a chain's readable and writable bytes
- * each take one shadow descriptor. Next-fit from a rotating cursor: chains
- * mostly complete in order, so the cursor usually finds free slots at once.
+ * each take one shadow descriptor. Runs come next-fit from a rotating cursor:
+ * chains mostly complete in order, so the cursor usually finds free slots at
+ * once. A single slot comes first from those freed last, still in cache and in
+ * the TLB: a cursor sweeping the whole pool (tens of MiB) made every small
+ * frame a miss on both sides of the link (the bridge's copy, the backend's
+ * read), 20 % of the bridge's CPU per 64-byte frame (docs/BENCHMARKS.md).
  */
 export class SlotPool {
   readonly slots: number;
@@ -11,6 +15,9 @@ export class SlotPool {
   private readonly used: Uint8Array;
   private cursor = 0;
   private inUse = 0;
+  /** Single slots in the order they were freed (the last on top); a slot a run took since is skipped. */
+  private readonly freed: Uint32Array;
+  private nFreed = 0;
 
   constructor(
     /** BAR2 offset of slot 0. */
@@ -22,6 +29,7 @@ export class SlotPool {
     if (this.slots < 1) throw new RangeError(`pool of ${bytes} bytes holds no ${slotSize}-byte slot`);
     this.runAt = new Uint32Array(this.slots);
     this.used = new Uint8Array(this.slots);
+    this.freed = new Uint32Array(this.slots);
   }
 
   get slotsInUse(): number {
@@ -35,6 +43,16 @@ export class SlotPool {
   /** BAR2 offset of a run of n free slots, or -1 when there is none now. */
   alloc(n: number): number {
     if (n < 1 || n > this.slots - this.inUse) return -1;
+    if (n === 1) {
+      while (this.nFreed > 0) {
+        const s = this.freed[--this.nFreed] as number;
+        if (this.used[s] !== 0) continue;
+        this.used[s] = 1;
+        this.runAt[s] = 1;
+        this.inUse++;
+        return this.base + s * this.slotSize;
+      }
+    }
     let start = this.cursor;
     if (n === 1 && this.used[start] === 0) {
       // The common case (one packet, one slot, completions in order): no scan, no fill.
@@ -82,8 +100,11 @@ export class SlotPool {
     const n = Number.isInteger(s) && s >= 0 && s < this.slots ? (this.runAt[s] as number) : 0;
     if (n === 0) throw new RangeError(`free of 0x${offset.toString(16)}: not the start of an allocated run`);
     this.runAt[s] = 0;
-    if (n === 1) this.used[s] = 0;
-    else this.used.fill(0, s, s + n);
+    if (n === 1) {
+      this.used[s] = 0;
+      // Taken by a run and freed again since: the stack may hold it twice, never more than slots entries.
+      if (this.nFreed < this.freed.length) this.freed[this.nFreed++] = s;
+    } else this.used.fill(0, s, s + n);
     this.inUse -= n;
   }
 
@@ -93,5 +114,6 @@ export class SlotPool {
     this.used.fill(0);
     this.inUse = 0;
     this.cursor = 0;
+    this.nFreed = 0;
   }
 }

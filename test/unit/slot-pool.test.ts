@@ -51,12 +51,37 @@ test('wrap-around: a run that does not fit before the end starts over at slot 0'
   assert.equal(p.alloc(1), at(7));
   p.free(at(7));
   p.free(at(0));
-  // Cursor wrapped to 0: the free slots are 0..3 and 7.
+  // The free slots are 0..3 and 7; 7 was freed as a single slot and comes back first, then the cursor (wrapped to 0) goes on.
+  assert.equal(p.alloc(1), at(7), 'the single slot freed last');
   assert.equal(p.alloc(1), at(0), 'one-slot fast path at the cursor');
   assert.equal(p.alloc(1), at(1));
   assert.equal(p.alloc(2), at(2));
-  assert.equal(p.alloc(1), at(7));
   assert.equal(p.slotsInUse, 8);
+});
+
+test('single slots come back from those freed last, so that a small working set stays in cache; one a run took since is skipped', () => {
+  const p = new SlotPool(BASE, 64 * SLOT, SLOT);
+  const first = Array.from({ length: 8 }, () => p.alloc(1));
+  assert.deepEqual(first, [0, 1, 2, 3, 4, 5, 6, 7].map(at), 'a fresh pool goes in order');
+  for (const off of first.slice(0, 4)) p.free(off);
+  // Freed 0, 1, 2, 3: handed out again 3, 2, 1, 0, never the untouched slots further on.
+  assert.deepEqual([p.alloc(1), p.alloc(1), p.alloc(1), p.alloc(1)], [3, 2, 1, 0].map(at));
+  assert.equal(p.alloc(1), at(8), 'then the cursor');
+
+  // Slots 5 and 6 freed, then taken by a run of two through the cursor's scan: not handed out again while the run holds them.
+  p.free(at(5));
+  p.free(at(6));
+  const q = new SlotPool(BASE, 4 * SLOT, SLOT);
+  const a = [q.alloc(1), q.alloc(1), q.alloc(1), q.alloc(1)];
+  q.free(a[1] as number);
+  q.free(a[2] as number);
+  assert.equal(q.alloc(2), at(1), 'the run takes slots 1-2, which the freed stack still lists');
+  assert.equal(q.alloc(1), -1, 'full: the stale entries are skipped, not handed out');
+  q.free(at(1));
+  assert.equal(q.alloc(1), at(2), 'a listed slot is good again once the run that took it is freed');
+  assert.equal(q.alloc(1), at(1));
+  assert.equal(q.alloc(1), -1);
+  assert.equal(p.slotsInUse, 7);
 });
 
 test('fragmentation: enough free slots, but no run long enough', () => {
