@@ -17,7 +17,6 @@ interface QueuedLine {
 }
 
 const queued: QueuedLine[] = [];
-let flushPending = false;
 let hooked = false;
 
 /**
@@ -29,7 +28,6 @@ let hooked = false;
  * stderr directly, so that the lines stay in order.
  */
 export function flushLog(): void {
-  flushPending = false;
   if (queued.length === 0) return;
   let text = '';
   for (const l of queued) text += `${new Date(l.at).toISOString()} ${l.level} [${l.prefix}] ${l.msg}\n`;
@@ -38,15 +36,14 @@ export function flushLog(): void {
 }
 
 function queue(line: QueuedLine): void {
-  queued.push(line);
+  // Lines already waiting have their flush due at the end of this turn.
+  if (queued.push(line) > 1) return;
   if (!hooked) {
     hooked = true;
     // A process that exits, or dies of an exception, says what it logged first.
     process.on('exit', flushLog);
     process.on('uncaughtExceptionMonitor', flushLog);
   }
-  if (flushPending) return;
-  flushPending = true;
   setImmediate(flushLog);
 }
 
