@@ -13,6 +13,7 @@ import { startTestpmd, type Testpmd } from '../test/support/testpmd';
 import { fetchJson } from '../src/control/control-server';
 import type { StatsReport } from '../src/control/stats-format';
 import type { RelayVia } from './blk';
+import { coreLinkNs } from './core-link';
 import { bounded, CpuWindow, type Outcome, skipped } from './measure';
 
 /** Each measurement on its own: one that failed or hung says so, and the others stand. */
@@ -24,7 +25,15 @@ export interface NetResult {
   packed: Outcome<DirectNetResult>;
   /** Relay mode: the bridge copies each packet into the function's BAR for a backend process's null sink over the PCIe link. */
   relay: Outcome<RelayNetResult>;
+  /**
+   * The core 0 -> core 1 cache-line transfer (ns) just before and just after
+   * each measurement that ran: the host's placement of the two vCPUs, which
+   * moves every figure (core-link.ts).
+   */
+  coreLink: Partial<Record<NetMeasurement, [number, number]>>;
 }
+
+export type NetMeasurement = 'anchor' | 'direct' | 'packed' | 'relay';
 
 export interface AnchorNetResult {
   mpps: number;
@@ -265,16 +274,23 @@ export async function netBench(sizes: readonly number[], seconds: number, only?:
   const results: NetResult[] = [];
   // Start-up (testpmd, hugepages, a 1 s warm-up) plus the window, with room to spare; a hang beyond it is a failure.
   const bound = (seconds + 90) * 1000;
-  const run = <T>(what: string, key: string, fn: () => Promise<T>): Promise<Outcome<T>> =>
-    only === undefined || only.includes(key) ? bounded(what, bound, fn) : Promise.resolve(skipped<T>(what));
   try {
     for (const size of sizes) {
+      const coreLink: NetResult['coreLink'] = {};
+      const run = async <T>(what: string, key: NetMeasurement, fn: () => Promise<T>): Promise<Outcome<T>> => {
+        if (only !== undefined && !only.includes(key)) return skipped<T>(what);
+        const before = await coreLinkNs();
+        const r = await bounded(what, bound, fn);
+        coreLink[key] = [before, await coreLinkNs()];
+        return r;
+      };
       results.push({
         size,
         anchor: await run(`net ${size} B anchor`, 'anchor', () => anchor(size, seconds, fs.mkdtempSync(path.join(dir, 'a-')))),
         direct: await run(`net ${size} B direct`, 'direct', () => direct(size, seconds, fs.mkdtempSync(path.join(dir, 'd-')))),
         packed: await run(`net ${size} B direct, packed ring`, 'packed', () => direct(size, seconds, fs.mkdtempSync(path.join(dir, 'p-')), true)),
         relay: await run(`net ${size} B relay`, 'relay', () => relay(size, seconds, fs.mkdtempSync(path.join(dir, 'r-')))),
+        coreLink,
       });
     }
   } finally {

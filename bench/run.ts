@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { netBench, type NetResult } from './net';
+import { type NetMeasurement, netBench, type NetResult } from './net';
 import { blkBench, type BlkResult } from './blk';
 import { vfBench, type VfResult } from './vf';
 import { msgBench, type MsgResult, VIAS } from './msg';
@@ -30,15 +30,24 @@ function failures(os: readonly Outcome<unknown>[]): void {
   for (const o of os) if (!o.ok && o.skipped !== true) out(`  FAILED: ${o.error}\n`);
 }
 
+/** A measurement's core link before/after it (ns), or '-' when it did not run. */
+function link(r: NetResult, k: NetMeasurement): string {
+  const l = r.coreLink[k];
+  return l === undefined ? '-' : `${fmt(l[0], 0, 0)}/${fmt(l[1], 0, 0)}`;
+}
+
 function printNet(net: readonly NetResult[]): void {
+  out('\nEach net measurement is framed by the one-way time of a cache line from core 0 to core 1, before/after (ns): the host\n');
+  out('places the two vCPUs near (about 65) or far (about 240), and the figures follow; compare only within one placement.\n');
   out('\nnet: testpmd virtio-user txonly -> receiver (Mpps; CPU ns per packet of each receiver process)\n');
-  out(' size  dpdk-vhost  vbridge-null  ratio  kicks/pkt  irqs/pkt  cpu vhost-pmd  cpu bridge\n');
+  out(' size  dpdk-vhost  vbridge-null  ratio  kicks/pkt  irqs/pkt  cpu vhost-pmd  cpu bridge  line ns: vhost-pmd  vbridge\n');
   for (const r of net) {
     const a = value(r.anchor);
     const d = value(r.direct);
     out(
       `${String(r.size).padStart(5)}  ${fmt(a?.mpps, 2, 10)}  ${fmt(d?.mpps, 2, 12)}  ${fmt(ratio(d?.mpps, a?.mpps), 2, 5)}` +
-        `  ${fmt(d?.kicksPerPkt, 4, 9)}  ${fmt(d?.interruptsPerPkt, 4, 8)}  ${fmt(a?.cpuNsPerPkt.receiver, 1, 13)}  ${fmt(d?.cpuNsPerPkt.bridge, 1, 10)}\n`,
+        `  ${fmt(d?.kicksPerPkt, 4, 9)}  ${fmt(d?.interruptsPerPkt, 4, 8)}  ${fmt(a?.cpuNsPerPkt.receiver, 1, 13)}  ${fmt(d?.cpuNsPerPkt.bridge, 1, 10)}` +
+        `  ${link(r, 'anchor').padStart(18)}  ${link(r, 'direct').padStart(7)}\n`,
     );
     failures([r.anchor, r.direct]);
   }
@@ -54,14 +63,15 @@ function printNet(net: readonly NetResult[]): void {
     failures([r.packed]);
   }
   out('\nnet relay: testpmd -> bridge (relay) -> PCIe link -> backend process null sink (Mpps; CPU ns per packet)\n');
-  out(' size  dpdk-vhost  relay  ratio  DMA B/pkt  notif/pkt  waits/pkt  cpu bridge  cpu backend  bridge/vhost-pmd\n');
+  out(' size  dpdk-vhost  relay  ratio  DMA B/pkt  notif/pkt  waits/pkt  cpu bridge  cpu backend  bridge/vhost-pmd  line ns: vhost-pmd  relay\n');
   for (const r of net) {
     const a = value(r.anchor);
     const x = value(r.relay);
     out(
       `${String(r.size).padStart(5)}  ${fmt(a?.mpps, 2, 10)}  ${fmt(x?.mpps, 2, 5)}  ${fmt(ratio(x?.mpps, a?.mpps), 2, 5)}` +
         `  ${fmt(x?.dmaBytesPerPkt, 1, 9)}  ${fmt(x?.notificationsPerPkt, 4, 9)}  ${fmt(x?.waitsPerPkt, 4, 9)}  ${fmt(x?.cpuNsPerPkt.bridge, 1, 10)}` +
-        `  ${fmt(x?.cpuNsPerPkt.backend, 1, 11)}  ${fmt(ratio(x?.cpuNsPerPkt.bridge, a?.cpuNsPerPkt.receiver), 2, 16)}\n`,
+        `  ${fmt(x?.cpuNsPerPkt.backend, 1, 11)}  ${fmt(ratio(x?.cpuNsPerPkt.bridge, a?.cpuNsPerPkt.receiver), 2, 16)}` +
+        `  ${link(r, 'anchor').padStart(18)}  ${link(r, 'relay').padStart(5)}\n`,
     );
     failures([r.relay]);
   }
