@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { type NetMeasurement, netBench, type NetResult } from './net';
+import { stopPathBench, type StopPathResult } from './stop-path';
 import { blkBench, type BlkResult } from './blk';
 import { vfBench, type VfResult } from './vf';
 import { msgBench, type MsgResult, VIAS } from './msg';
@@ -212,6 +213,19 @@ function printMigration(m: MigrationResult): void {
   table('net', m.net, NET_MIG_BACKENDS, 'dpdk', ['vbridge'], { vbridge: '<= 0' });
 }
 
+function printStop(s: StopPathResult): void {
+  out(`\nstop path: QEMU 7.2's blk device stop (SET_STATUS 0 if negotiated, SET_VRING_ENABLE 0, GET_VRING_BASE, sent together) after ${s.idleMs} ms idle, ${s.stops} stops\n`);
+  out(' (client write to GET_VRING_BASE reply, and the back-end\'s CPU over the stop, us: min / median / max)\n');
+  out(' back-end     SET_STATUS  reply min  median     max  cpu min  median     max\n');
+  for (const [name, o] of [['qsd', s.qsd], ['vbridge', s.vbridge]] as const) {
+    const v = value(o);
+    const sp = (x: Spread | undefined): string => `${fmt(x?.min, 0, 9)}  ${fmt(x?.median, 0, 6)}  ${fmt(x?.max, 0, 6)}`;
+    out(`${name.padEnd(12)} ${(v === undefined ? '-' : v.status ? 'yes' : 'no').padStart(10)}  ${sp(v?.replyUs)}  ${sp(v?.cpuUs).slice(1)}\n`);
+  }
+  out(`  vbridge / qsd, medians: reply ${fmt(ratio(value(s.vbridge)?.replyUs.median, value(s.qsd)?.replyUs.median), 2, 0)}, cpu ${fmt(ratio(value(s.vbridge)?.cpuUs.median, value(s.qsd)?.cpuUs.median), 2, 0)}\n`);
+  failures([s.qsd, s.vbridge]);
+}
+
 async function main(): Promise<void> {
   const seconds = Number(process.env.BENCH_SECONDS ?? 5);
   const runs = Number(process.env.BENCH_RUNS ?? 1);
@@ -225,10 +239,10 @@ async function main(): Promise<void> {
       loadAverage: os.loadavg().map((x) => Math.round(x * 100) / 100),
       seconds,
     };
-    const all: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult; migration?: MigrationResult }[] = [];
+    const all: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult; migration?: MigrationResult; stop?: StopPathResult }[] = [];
     for (let run = 1; run <= runs; run++) {
       if (runs > 1) out(`\n=== run ${run} of ${runs} ===\n`);
-      const r: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult; migration?: MigrationResult } = {};
+      const r: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult; migration?: MigrationResult; stop?: StopPathResult } = {};
       if (only === undefined || only === 'net') {
         // BENCH_NET_SIZES=64 and BENCH_NET_ONLY=anchor,relay narrow the net set (profiling one path).
         const sizes = (process.env.BENCH_NET_SIZES ?? '64,1500').split(',').map(Number);
@@ -254,6 +268,10 @@ async function main(): Promise<void> {
         r.migration = await migrationBench(Number(process.env.BENCH_MIGRATION_RUNS ?? 3));
         printMigration(r.migration);
       }
+      if (only === undefined || only === 'stop') {
+        r.stop = await stopPathBench(Number(process.env.BENCH_STOP_COUNT ?? 40), Number(process.env.BENCH_STOP_IDLE_MS ?? 200));
+        printStop(r.stop);
+      }
       all.push(r);
     }
     report.runs = all;
@@ -269,6 +287,7 @@ async function main(): Promise<void> {
         ...(r.migration !== undefined
           ? MIG_LOADS.flatMap((l) => [...BLK_MIG_DISKS.flatMap((d) => r.migration!.blk[l][d]), ...NET_MIG_BACKENDS.flatMap((k) => r.migration!.net[l][k])])
           : []),
+        ...(r.stop !== undefined ? [r.stop.qsd, r.stop.vbridge] : []),
       ])
       .filter((o) => !o.ok && o.skipped !== true);
     if (failed.length > 0) {

@@ -1,0 +1,147 @@
+/**
+ * The device stop's control path alone, against qemu-storage-daemon (issue 9's
+ * blk downtime): a front-end client does what QEMU 7.2 does when a migration
+ * stops a vhost-user-blk device, SET_STATUS 0 (only when F_STATUS is
+ * negotiated: we offer it, qemu-storage-daemon does not), SET_VRING_ENABLE 0
+ * and GET_VRING_BASE written together, and times the answer. Before each stop
+ * the back-end has been idle for a while, as it is during a migration's RAM
+ * passes; after it, the ring is started again as vhost_dev_start does. Figures
+ * per stop: from the client's write to the GET_VRING_BASE reply, and the
+ * back-end's CPU time over that stop (/proc/PID/task/STAR/schedstat, in ns).
+ *
+ * A proxy measured in seconds for what a migration shows in minutes, without
+ * QEMU's RAM stream through the caches: the migration's own figures stay the
+ * judge (bench/migration.ts).
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { FrontendClient, memRegion } from '../src/vhost-user/frontend-client';
+import { encodeRequest, Frontend } from '../src/vhost-user/messages';
+import { ProtocolFeature } from '../src/vhost-user/protocol';
+import { native } from '../src/native/addon';
+import { bit, F_VERSION_1 } from '../src/virtio/constants';
+import { startServe } from '../test/support/serve-process';
+import { startStorageDaemon } from '../test/support/storage-daemon';
+import { bounded, type Outcome, type Spread, spread } from './measure';
+
+const F_PROTOCOL_FEATURES = 30;
+const MEM = 1 << 20;
+const USER_ADDR = 0x7f00_0000_0000;
+const RING = 256;
+
+export interface StopPathSide {
+  /** Whether SET_STATUS was part of the stop (F_STATUS negotiated). */
+  status: boolean;
+  /** Client write to GET_VRING_BASE reply, us. */
+  replyUs: Spread;
+  /** The back-end's CPU time over one stop, us. */
+  cpuUs: Spread;
+}
+
+export interface StopPathResult {
+  stops: number;
+  idleMs: number;
+  qsd: Outcome<StopPathSide>;
+  vbridge: Outcome<StopPathSide>;
+}
+
+/** CPU ns of every thread of pid so far. */
+function threadsCpuNs(pid: number): number {
+  let ns = 0;
+  for (const t of fs.readdirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(fs.readFileSync(`/proc/${pid}/task/${t}/schedstat`, 'utf8').split(' ')[0]);
+    } catch {
+      // A thread that ended between the listing and the read.
+    }
+  }
+  return ns;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+async function measure(socket: string, pid: number, stops: number, idleMs: number): Promise<StopPathSide> {
+  const a = native();
+  const c = FrontendClient.connect(socket, { autoNeedReply: false });
+  const memfd = a.memfd('stop-path-guest', MEM);
+  const fds: number[] = [];
+  try {
+    const offered = await c.getFeatures();
+    const pf = (await c.getProtocolFeatures()) & bit(ProtocolFeature.STATUS);
+    const status = pf !== 0n;
+    await c.setProtocolFeatures(pf);
+    await c.setOwner();
+    const features = offered & (bit(F_VERSION_1) | bit(F_PROTOCOL_FEATURES));
+    await c.setMemTable([memRegion(0, MEM, USER_ADDR)], [memfd]);
+    const start = async (base: number): Promise<void> => {
+      await c.setFeatures(features);
+      await c.setVringNum(0, RING);
+      await c.setVringBase(0, base);
+      await c.setVringAddr({ index: 0, flags: 0, descUserAddr: BigInt(USER_ADDR + 0x1000), usedUserAddr: BigInt(USER_ADDR + 0x3000), availUserAddr: BigInt(USER_ADDR + 0x2000), logGuestAddr: 0n });
+      for (const fd of fds.splice(0)) a.close(fd);
+      const kick = a.eventfd(0);
+      const call = a.eventfd(0);
+      fds.push(kick, call);
+      await c.setVringKick(0, kick);
+      await c.setVringCall(0, call);
+      await c.setVringEnable(0, true);
+      if (status) await c.setStatus(0xf);
+    };
+    await start(0);
+    const stopBytes = [
+      ...(status ? [encodeRequest(Frontend.SET_STATUS, 0)] : []),
+      encodeRequest(Frontend.SET_VRING_ENABLE, { index: 0, num: 0 }),
+    ];
+    const reply: number[] = [];
+    const cpu: number[] = [];
+    for (let i = 0; i < stops; i++) {
+      await sleep(idleMs);
+      const c0 = threadsCpuNs(pid);
+      const t0 = process.hrtime.bigint();
+      for (const b of stopBytes) c.sendRaw(b);
+      const base = await c.getVringBase(0);
+      reply.push(Number(process.hrtime.bigint() - t0) / 1000);
+      // What the back-end does right after its answer (log lines) belongs to the stop too.
+      await sleep(3);
+      cpu.push((threadsCpuNs(pid) - c0) / 1000);
+      await start(base);
+    }
+    return { status, replyUs: spread(reply), cpuUs: spread(cpu) };
+  } finally {
+    c.close();
+    for (const fd of [memfd, ...fds]) a.close(fd);
+  }
+}
+
+export async function stopPathBench(stops: number, idleMs: number): Promise<StopPathResult> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-stop-'));
+  const image = path.join(dir, 'disk.img');
+  fs.writeFileSync(image, '');
+  fs.truncateSync(image, 16 << 20);
+  const bound = (stops * (idleMs + 50) + 30_000) * 1.5;
+  try {
+    const qsd = await bounded('stop path, qemu-storage-daemon', bound, async () => {
+      const d = await startStorageDaemon({ image, socket: path.join(dir, 'qsd.sock') });
+      try {
+        return await measure(d.socket, d.pid, stops, idleMs);
+      } finally {
+        await d.stop();
+      }
+    });
+    const vbridge = await bounded('stop path, vbridge', bound, async () => {
+      const topo = path.join(dir, 'stop.yaml');
+      const sock = path.join(dir, 'vb.sock');
+      fs.writeFileSync(topo, `control: ${path.join(dir, 'control.sock')}\nfunctions:\n  - { name: a, type: blk, socket: ${sock}, backend: { file: ${image} } }\n`);
+      const s = await startServe(topo);
+      try {
+        return await measure(sock, s.pid, stops, idleMs);
+      } finally {
+        await s.kill('SIGTERM');
+      }
+    });
+    return { stops, idleMs, qsd, vbridge };
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
