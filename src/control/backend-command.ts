@@ -26,6 +26,14 @@ import { VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
 import { parseCommand, UsageError, type CommandSpec, type OptionTable, type ParsedArgs } from './args';
 import { parseSize, SIZE_HINT } from './size';
 
+/**
+ * The largest ring a backend accepts unless told: twice a function's default
+ * queue-size, so that a shadow ring (two descriptors per guest chain at most)
+ * holds as many chains as the guest's ring, blk requests included. A net relay
+ * then also waits for room half as often as with 1024 (docs/BENCHMARKS.md).
+ */
+export const DEFAULT_BACKEND_QUEUE_SIZE = 2048;
+
 export const BACKEND_USAGE = `usage: vbridge backend <blk|net> [options]
 
 Run a backend host: plug virtio devices into bridge functions over the PCIe
@@ -49,7 +57,8 @@ the backend.
                       [--queues N] [--queue-size N] [--serial S]
       one virtio-blk device on a raw image. --size creates or grows the file
       (a multiple of 512; K, M, G suffixes); --queues 1..${LINK_MAX_QUEUES} (default 1);
-      --queue-size is the largest ring accepted (power of two, default 1024).
+      --queue-size is the largest ring accepted (power of two, default ${DEFAULT_BACKEND_QUEUE_SIZE}:
+      a function's shadow rings are twice its queue-size, default 1024, up to this).
 
   vbridge backend net --attach PATH [--attach PATH2 ...] (--switch NAME | --sink) [--queues N]
                       [--queue-size N] [--tap IFNAME]
@@ -81,7 +90,7 @@ export interface BlkBackendArgs {
   size: number | undefined;
   readonly: boolean;
   queues: number;
-  queueSize: number | undefined;
+  queueSize: number;
   serial: string | undefined;
 }
 
@@ -93,7 +102,7 @@ export interface NetBackendArgs {
   /** null: every device on its own null sink. */
   switch: string | null;
   queues: number;
-  queueSize: number | undefined;
+  queueSize: number;
   tap: string | undefined;
 }
 
@@ -138,10 +147,10 @@ function parseInteger(name: string, v: string | undefined, min: number, max: num
   return n;
 }
 
-function parseQueueSize(v: string | undefined): number | undefined {
+function parseQueueSize(v: string | undefined): number {
   const n = parseInteger('--queue-size', v, 1, VIRTQUEUE_MAX_SIZE);
   if (n !== undefined && (n & (n - 1)) !== 0) throw usage(`--queue-size: must be a power of two, got ${n}`);
-  return n;
+  return n ?? DEFAULT_BACKEND_QUEUE_SIZE;
 }
 
 /** Options that only one device type takes. */
