@@ -3,10 +3,13 @@
  * notification-suppression drain loop, and the "one driver error stops the
  * device" rule. Nothing here knows which link delivers kicks or owns memory.
  */
-import type { DescriptorChain } from '../virtio/chain';
+import { ChainScratch } from '../virtio/chain';
 import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1 } from '../virtio/constants';
 import type { DeviceQueue, VirtioDevice } from './device';
 import type { FunctionFaults } from '../faults/function-faults';
+
+/** A device's handling of one chain popped by drain(): returns the used length. */
+export type ChainHandler = (q: DeviceQueue, s: ChainScratch) => number;
 
 /** Used elements published per notify() inside one drain, so a long drain still lets the driver refill early. */
 export const NOTIFY_BATCH = 64;
@@ -54,6 +57,8 @@ export abstract class DeviceBase implements VirtioDevice {
   lastError: Error | null = null;
   private readonly pollMaxNs: number;
   private readonly polls: PollState[];
+  /** Where drain() pops each queue's chains: a handler that keeps one makes it objects (ChainScratch.toChain), one that does not allocates nothing. */
+  private readonly scratch: ChainScratch[];
 
   constructor(
     readonly name: string,
@@ -64,6 +69,7 @@ export abstract class DeviceBase implements VirtioDevice {
     this.queues = new Array<DeviceQueue | null>(maxQueues).fill(null);
     this.pollMaxNs = Math.max(0, poll.maxUs) * 1000;
     this.polls = Array.from({ length: maxQueues }, () => ({ active: false, windowNs: this.pollMaxNs, lastWork: 0, expiredAt: 0 }));
+    this.scratch = Array.from({ length: maxQueues }, () => new ChainScratch());
   }
 
   abstract features(): bigint;
@@ -137,21 +143,23 @@ export abstract class DeviceBase implements VirtioDevice {
    * The virtio drain loop: with driver kicks suppressed, pop and handle every
    * available chain, publish used entries in batches, then re-enable kicks and
    * drain again if chains slipped in meanwhile (otherwise they would sit there
-   * with no kick ever coming). `handle` returns the used length.
+   * with no kick ever coming). `handle` returns the used length; the chain it
+   * gets is valid until it returns.
    */
-  protected drain(q: DeviceQueue, handle: (q: DeviceQueue, chain: DescriptorChain) => number): void {
+  protected drain(q: DeviceQueue, handle: ChainHandler): void {
     const vq = q.queue;
     const mem = q.mem;
     const stats = q.stats;
     const poll = this.polls[q.index] as PollState;
+    const s = this.scratch[q.index] as ChainScratch;
     if (!poll.active) this.adaptPoll(poll);
     let pending = 0;
     try {
       for (;;) {
         vq.disableNotification(mem);
-        for (let chain = vq.pop(mem); chain !== null; chain = vq.pop(mem)) {
-          const len = handle(q, chain);
-          vq.pushUsed(mem, chain.head, len);
+        while (vq.popInto(mem, s)) {
+          const len = handle(q, s);
+          vq.pushUsed(mem, s.head, len);
           stats.descriptors++;
           if (++pending === NOTIFY_BATCH) {
             this.drainBatchDone(q);
@@ -189,7 +197,7 @@ export abstract class DeviceBase implements VirtioDevice {
     if (poll.windowNs < 10_000) poll.windowNs = 0;
   }
 
-  private keepPolling(q: DeviceQueue, poll: PollState, handle: (q: DeviceQueue, chain: DescriptorChain) => number): void {
+  private keepPolling(q: DeviceQueue, poll: PollState, handle: ChainHandler): void {
     poll.lastWork = now();
     if (poll.active) return;
     poll.active = true;

@@ -8,7 +8,7 @@
  * span, in which case it must call mem.markDirty itself.
  */
 import type { MemoryAccess } from '../memory/memory-access';
-import type { ChainSegment } from './chain';
+import type { ChainScratch, ChainSegment } from './chain';
 
 /**
  * The chain walk behind readSegments and writeSegments: copy between buf and
@@ -89,6 +89,46 @@ export function segmentView(mem: MemoryAccess, segs: readonly ChainSegment[], of
     }
     if (s.len - skip < len) return null;
     const sp = mem.span(s.addr + skip, len);
+    return sp === null ? null : new Uint8Array(sp.buffer, sp.byteOffset, len);
+  }
+  return len === 0 ? new Uint8Array(0) : null;
+}
+
+/**
+ * readSegments for the readable segments of a chain popped into a ChainScratch
+ * (a frame the guest sends, handled without objects).
+ */
+export function readScratch(mem: MemoryAccess, s: ChainScratch, offset: number, dst: Uint8Array, dstOff: number, len: number): number {
+  const addr = s.addr;
+  const lens = s.len;
+  let done = 0;
+  let skip = offset;
+  for (let i = 0; i < s.nr && done < len; i++) {
+    const sl = lens[i] as number;
+    if (skip >= sl) {
+      skip -= sl;
+      continue;
+    }
+    const n = Math.min(sl - skip, len - done);
+    mem.read((addr[i] as number) + skip, dst, dstOff + done, n);
+    done += n;
+    skip = 0;
+  }
+  return done;
+}
+
+/** segmentView for the readable segments of a chain popped into a ChainScratch. */
+export function scratchView(mem: MemoryAccess, s: ChainScratch, offset: number, len: number): Uint8Array | null {
+  const lens = s.len;
+  let skip = offset;
+  for (let i = 0; i < s.nr; i++) {
+    const sl = lens[i] as number;
+    if (skip >= sl) {
+      skip -= sl;
+      continue;
+    }
+    if (sl - skip < len) return null;
+    const sp = mem.span((s.addr[i] as number) + skip, len);
     return sp === null ? null : new Uint8Array(sp.buffer, sp.byteOffset, len);
   }
   return len === 0 ? new Uint8Array(0) : null;

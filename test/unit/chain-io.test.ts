@@ -1,7 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { GuestMemory } from '../../src/memory/guest-memory';
-import { forEachPiece, readSegments, segmentAddr, segmentView, writeSegments } from '../../src/virtio/chain-io';
+import { ChainScratch } from '../../src/virtio/chain';
+import { forEachPiece, readScratch, readSegments, scratchView, segmentAddr, segmentView, writeSegments } from '../../src/virtio/chain-io';
 
 const BASE = 0x10000;
 const WIN = 64 * 1024;
@@ -67,4 +68,25 @@ test('segmentAddr and forEachPiece', () => {
   ]);
   const stopped = forEachPiece(mem, SEGS, 0, 47, () => false);
   assert.equal(stopped, 0);
+});
+
+test('readScratch and scratchView: the same bytes and views as readSegments and segmentView, from a ChainScratch\'s readable segments only', () => {
+  const mem = setup();
+  const s = new ChainScratch();
+  s.begin(3);
+  for (const g of SEGS) s.add(g.addr, g.len, false);
+  // A writable segment after them: never part of what these read.
+  s.add(BASE + 900, 64, true);
+  for (const [off, len] of [[0, 47], [8, 30], [9, 1], [10, 32], [40, 40], [47, 1], [100, 4], [0, 0]] as const) {
+    const a = new Uint8Array(80).fill(0xee);
+    const b = new Uint8Array(80).fill(0xee);
+    assert.equal(readScratch(mem, s, off, a, 3, len), readSegments(mem, SEGS, off, b, 3, len), `read ${off}+${len}`);
+    assert.deepEqual(a, b, `bytes ${off}+${len}`);
+  }
+  for (const [off, len] of [[2, 8], [2, 9], [10, 32], [10, 16], [47, 1], [47, 0], [0, 10], [42, 5]] as const) {
+    const v = scratchView(mem, s, off, len);
+    const w = segmentView(mem, SEGS, off, len);
+    assert.equal(v === null, w === null, `view ${off}+${len}`);
+    if (v !== null && w !== null) assert.deepEqual([...v], [...w]);
+  }
 });

@@ -3,7 +3,7 @@
  * discard and write-zeroes, any number of request queues over one file.
  */
 import { MemoryError } from '../../memory/memory-access';
-import type { DescriptorChain } from '../../virtio/chain';
+import type { ChainScratch, DescriptorChain } from '../../virtio/chain';
 import { readSegments, segmentAddr, writeSegments } from '../../virtio/chain-io';
 import {
   bit,
@@ -213,7 +213,8 @@ export class BlkDevice extends DeviceBase {
   }
 
   /** One request: header, data, status. Returns the used length (bytes written into the chain). */
-  private readonly handleRequest = (q: DeviceQueue, chain: DescriptorChain): number => {
+  private readonly handleRequest = (q: DeviceQueue, s: ChainScratch): number => {
+    const chain = s.toChain();
     const mem = q.mem;
     const tap = this.tap;
     const start = tap === null ? 0 : performance.now();

@@ -7,8 +7,8 @@
  * vhost-user the VMM owns it and tells us which pairs to use by
  * starting/stopping queues).
  */
-import type { DescriptorChain } from '../../virtio/chain';
-import { readSegments, segmentView, writeSegments } from '../../virtio/chain-io';
+import type { ChainScratch, DescriptorChain } from '../../virtio/chain';
+import { readScratch, scratchView, writeSegments } from '../../virtio/chain-io';
 import {
   bit,
   F_VERSION_1,
@@ -335,7 +335,7 @@ export class NetDevice extends DeviceBase implements Endpoint {
   // ---- TX --------------------------------------------------------------------
 
   /** One TX chain: header, then the frame, all device-readable. Returns the used length (0: nothing written). */
-  private readonly handleTx = (q: DeviceQueue, chain: DescriptorChain): number => {
+  private readonly handleTx = (q: DeviceQueue, chain: ChainScratch): number => {
     const faults = this.faults;
     // An injected dma-error: the guest's frame is lost on its way out (TX), counted as a drop.
     if (faults !== null && faults.takeDmaError()) {
@@ -358,12 +358,12 @@ export class NetDevice extends DeviceBase implements Endpoint {
     const mem = q.mem;
     const hb = this.txHdrBytes;
     // Flags and gso_type first (a copy: a view would allocate per frame).
-    readSegments(mem, chain.readable, 0, hb, 0, 2);
+    readScratch(mem, chain, 0, hb, 0, 2);
     let meta: VnetHdr | undefined;
     // NEEDS_CSUM and gso_type both clear: a finished frame, the rest of the header
     // means nothing (DATA_VALID is not the driver's to set on TX).
     if (((hb[0] & HDR_F_NEEDS_CSUM) | hb[1]) !== 0) {
-      readSegments(mem, chain.readable, 2, hb, 2, VNET_HDR_BASE - 2);
+      readScratch(mem, chain, 2, hb, 2, VNET_HDR_BASE - 2);
       meta = readVnetHdr(hb, 0, this.txHdr);
       meta.flags &= HDR_F_NEEDS_CSUM;
       if (checkVnetHdr(meta, len, this.txOffloads) !== null) {
@@ -372,9 +372,9 @@ export class NetDevice extends DeviceBase implements Endpoint {
         return 0;
       }
     }
-    let frame = segmentView(mem, chain.readable, hdr, len);
+    let frame = scratchView(mem, chain, hdr, len);
     if (frame === null) {
-      readSegments(mem, chain.readable, hdr, this.txBuf, 0, len);
+      readScratch(mem, chain, hdr, this.txBuf, 0, len);
       frame = this.txBuf.subarray(0, len);
     }
     q.stats.bytes += len;
