@@ -1,5 +1,5 @@
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
-import type { ChainScratch, ChainSegment, DescriptorChain } from './chain';
+import { ChainScratch, type DescriptorChain } from './chain';
 import {
   VIRTQUEUE_MAX_SIZE,
   VRING_DESC_F_INDIRECT,
@@ -122,6 +122,8 @@ export class PackedQueue implements Virtqueue {
   notificationsEnabled = true;
 
   private readonly tables = new IndirectTables();
+  /** Where pop() walks a chain before it becomes objects. */
+  private readonly own = new ChainScratch();
 
   constructor(readonly maxSize: number) {
     if (!Number.isInteger(maxSize) || maxSize < 1 || maxSize > VIRTQUEUE_MAX_SIZE) {
@@ -276,13 +278,6 @@ export class PackedQueue implements Virtqueue {
     return packedAvail(Atomics.load(this.desc16, 8 * this.availIdx + 7), this.availWrap);
   }
 
-  popInto(mem: MemoryAccess, s: ChainScratch): boolean {
-    // The packed walk builds objects; the split ring is the relay's fast path.
-    const c = this.pop(mem);
-    if (c === null) return false;
-    s.load(c);
-    return true;
-  }
 
   /**
    * Pop and validate the next chain (descriptors not marked available
@@ -291,9 +286,17 @@ export class PackedQueue implements Virtqueue {
    * QueueError), or null if none. The chain's head is its buffer id.
    */
   pop(mem: MemoryAccess): DescriptorChain | null {
+    return this.popInto(mem, this.own) ? this.own.toChain() : null;
+  }
+
+  /** pop() into `s` rather than new objects; false when no chain is available. Throws QueueError as pop() does. */
+  popInto(mem: MemoryAccess, s: ChainScratch): boolean {
     this.check(mem);
     const t = this.inflight;
-    if (t !== null && t.resubmitPending > 0) return this.popResubmitted(mem, t);
+    if (t !== null && t.resubmitPending > 0) {
+      this.popResubmitted(mem, t, s);
+      return true;
+    }
     const size = this.qsize;
     let scratch: Uint32Array | null = null;
     if (t !== null) {
@@ -304,11 +307,9 @@ export class PackedQueue implements Virtqueue {
     const start = this.availIdx;
     let wrap = this.availWrap;
     // The driver stores the first descriptor's flags last: this load orders the rest after it.
-    if (!packedAvail(Atomics.load(this.desc16, 8 * start + 7), wrap)) return null;
-    const readable: ChainSegment[] = [];
-    const writable: ChainSegment[] = [];
-    let readableLen = 0;
-    let writableLen = 0;
+    if (!packedAvail(Atomics.load(this.desc16, 8 * start + 7), wrap)) return false;
+    // The buffer id is the last descriptor's: set once the walk is done.
+    s.begin(0);
     let pos = start;
     let count = 0;
     let id = 0;
@@ -336,22 +337,15 @@ export class PackedQueue implements Virtqueue {
         if (count > 1) throw this.error(start, count - 1, 'indirect descriptor inside a chain');
         if (!this.indirect) throw this.error(start, 0, 'indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC');
         if ((flags & VRING_DESC_F_NEXT) !== 0) throw this.error(start, 0, 'INDIRECT together with NEXT');
-        this.walkIndirect(mem, start, lo, hi, len, readable, writable);
-        for (const s of readable) readableLen += s.len;
-        for (const s of writable) writableLen += s.len;
+        this.walkIndirect(mem, start, lo, hi, len, s);
       } else {
         if (len !== 0) {
           if (hi >= HI_LIMIT) throw this.error(start, count - 1, 'buffer address beyond 2^53');
           const addr = lo + hi * TWO_32;
           this.checkMapped(mem, addr, len, start, count - 1, false);
-          if ((flags & VRING_DESC_F_WRITE) !== 0) {
-            writable.push({ addr, len });
-            writableLen += len;
-          } else {
-            if (writable.length !== 0) throw this.error(start, count - 1, 'device-readable buffer after a writable one');
-            readable.push({ addr, len });
-            readableLen += len;
-          }
+          const writable = (flags & VRING_DESC_F_WRITE) !== 0;
+          if (!writable && s.nw !== 0) throw this.error(start, count - 1, 'device-readable buffer after a writable one');
+          s.add(addr, len, writable);
         }
       }
       if (++pos === size) {
@@ -376,7 +370,8 @@ export class PackedQueue implements Virtqueue {
     this.histResubmit[this.histTop] = 0;
     if (this.histLen < this.maxSize) this.histLen++;
     if (t !== null && scratch !== null) t.taken(scratch, count);
-    return { head: id, readable, writable, readableLen, writableLen };
+    s.head = id;
+    return true;
   }
 
   /**
@@ -384,13 +379,10 @@ export class PackedQueue implements Virtqueue {
    * ring may hold used descriptors there by now), checked as pop() checks the
    * ring's. Its ring space is already counted: restore put avail past it.
    */
-  private popResubmitted(mem: MemoryAccess, t: PackedInflight): DescriptorChain {
+  private popResubmitted(mem: MemoryAccess, t: PackedInflight, s: ChainScratch): void {
     const words = t.peekResubmit();
     const count = words.length / 4;
-    const readable: ChainSegment[] = [];
-    const writable: ChainSegment[] = [];
-    let readableLen = 0;
-    let writableLen = 0;
+    s.begin(0);
     let id = 0;
     // Errors name no ring slot (-1): the chain's slots may hold used descriptors by now.
     const start = -1;
@@ -404,23 +396,16 @@ export class PackedQueue implements Virtqueue {
       if ((flags & VRING_DESC_F_INDIRECT) !== 0) {
         if (count > 1) throw this.error(start, k, 'indirect descriptor inside a chain');
         if (!this.indirect) throw this.error(start, 0, 'indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC');
-        this.walkIndirect(mem, start, lo, hi, len, readable, writable);
-        for (const s of readable) readableLen += s.len;
-        for (const s of writable) writableLen += s.len;
+        this.walkIndirect(mem, start, lo, hi, len, s);
         continue;
       }
       if (len === 0) continue;
       if (hi >= HI_LIMIT) throw this.error(start, k, 'buffer address beyond 2^53');
       const addr = lo + hi * TWO_32;
       this.checkMapped(mem, addr, len, start, k, false);
-      if ((flags & VRING_DESC_F_WRITE) !== 0) {
-        writable.push({ addr, len });
-        writableLen += len;
-      } else {
-        if (writable.length !== 0) throw this.error(start, k, 'device-readable buffer after a writable one');
-        readable.push({ addr, len });
-        readableLen += len;
-      }
+      const writable = (flags & VRING_DESC_F_WRITE) !== 0;
+      if (!writable && s.nw !== 0) throw this.error(start, k, 'device-readable buffer after a writable one');
+      s.add(addr, len, writable);
     }
     if (id >= this.qsize) throw this.error(start, count - 1, `buffer id ${id} outside queue of ${this.qsize}`);
     if (this.outstanding[id] !== 0) throw this.error(start, count - 1, `buffer id ${id} is already outstanding`);
@@ -431,7 +416,7 @@ export class PackedQueue implements Virtqueue {
     this.histCount[this.histTop] = count;
     this.histResubmit[this.histTop] = 1;
     if (this.histLen < this.maxSize) this.histLen++;
-    return { head: id, readable, writable, readableLen, writableLen };
+    s.head = id;
   }
 
   /** The flags of ring descriptor `slot` as the ring holds them now (in-flight restore reads where a batch was published). */
@@ -594,8 +579,7 @@ export class PackedQueue implements Virtqueue {
     lo: number,
     hi: number,
     len: number,
-    readable: ChainSegment[],
-    writable: ChainSegment[],
+    s: ChainScratch,
   ): void {
     if (len === 0 || len % VRING_DESC_SIZE !== 0) {
       throw this.error(start, 0, `indirect table length ${len} is not a non-zero multiple of 16`);
@@ -623,12 +607,9 @@ export class PackedQueue implements Virtqueue {
       if (ehi >= HI_LIMIT) throw this.error(start, i, 'buffer address beyond 2^53', true);
       const a = elo + ehi * TWO_32;
       this.checkMapped(mem, a, elen, start, i, true);
-      if ((flags & VRING_DESC_F_WRITE) !== 0) {
-        writable.push({ addr: a, len: elen });
-      } else {
-        if (writable.length !== 0) throw this.error(start, i, 'device-readable buffer after a writable one', true);
-        readable.push({ addr: a, len: elen });
-      }
+      const writable = (flags & VRING_DESC_F_WRITE) !== 0;
+      if (!writable && s.nw !== 0) throw this.error(start, i, 'device-readable buffer after a writable one', true);
+      s.add(a, elen, writable);
     }
   }
 
