@@ -41,8 +41,12 @@ export class ChainScratch {
     this.writableLen = 0;
   }
 
-  /** Append a segment (the caller keeps readable ones before writable ones). */
-  add(addr: number, len: number, writable: boolean): void {
+  /**
+   * Append a segment; false, appending nothing, for a device-readable one after
+   * a writable one, which a chain may not have (the walker says where).
+   */
+  add(addr: number, len: number, writable: boolean): boolean {
+    if (!writable && this.nw !== 0) return false;
     const i = this.nr + this.nw;
     if (i === this.addr.length) this.grow();
     this.addr[i] = addr;
@@ -54,6 +58,7 @@ export class ChainScratch {
       this.nr++;
       this.readableLen += len;
     }
+    return true;
   }
 
   /** The same chain as a DescriptorChain (objects: for a chain that is kept). */

@@ -278,7 +278,6 @@ export class PackedQueue implements Virtqueue {
     return packedAvail(Atomics.load(this.desc16, 8 * this.availIdx + 7), this.availWrap);
   }
 
-
   /**
    * Pop and validate the next chain (descriptors not marked available
    * mid-chain, chains longer than the ring or past the ring space the driver
@@ -343,9 +342,7 @@ export class PackedQueue implements Virtqueue {
           if (hi >= HI_LIMIT) throw this.error(start, count - 1, 'buffer address beyond 2^53');
           const addr = lo + hi * TWO_32;
           this.checkMapped(mem, addr, len, start, count - 1, false);
-          const writable = (flags & VRING_DESC_F_WRITE) !== 0;
-          if (!writable && s.nw !== 0) throw this.error(start, count - 1, 'device-readable buffer after a writable one');
-          s.add(addr, len, writable);
+          if (!s.add(addr, len, (flags & VRING_DESC_F_WRITE) !== 0)) throw this.error(start, count - 1, 'device-readable buffer after a writable one');
         }
       }
       if (++pos === size) {
@@ -403,9 +400,7 @@ export class PackedQueue implements Virtqueue {
       if (hi >= HI_LIMIT) throw this.error(start, k, 'buffer address beyond 2^53');
       const addr = lo + hi * TWO_32;
       this.checkMapped(mem, addr, len, start, k, false);
-      const writable = (flags & VRING_DESC_F_WRITE) !== 0;
-      if (!writable && s.nw !== 0) throw this.error(start, k, 'device-readable buffer after a writable one');
-      s.add(addr, len, writable);
+      if (!s.add(addr, len, (flags & VRING_DESC_F_WRITE) !== 0)) throw this.error(start, k, 'device-readable buffer after a writable one');
     }
     if (id >= this.qsize) throw this.error(start, count - 1, `buffer id ${id} outside queue of ${this.qsize}`);
     if (this.outstanding[id] !== 0) throw this.error(start, count - 1, `buffer id ${id} is already outstanding`);
@@ -607,9 +602,7 @@ export class PackedQueue implements Virtqueue {
       if (ehi >= HI_LIMIT) throw this.error(start, i, 'buffer address beyond 2^53', true);
       const a = elo + ehi * TWO_32;
       this.checkMapped(mem, a, elen, start, i, true);
-      const writable = (flags & VRING_DESC_F_WRITE) !== 0;
-      if (!writable && s.nw !== 0) throw this.error(start, i, 'device-readable buffer after a writable one', true);
-      s.add(a, elen, writable);
+      if (!s.add(a, elen, (flags & VRING_DESC_F_WRITE) !== 0)) throw this.error(start, i, 'device-readable buffer after a writable one', true);
     }
   }
 

@@ -463,13 +463,8 @@ export class SplitQueue implements Virtqueue {
         if (hi >= HI_LIMIT) throw chainError(inIndirect, idx, head, `buffer address beyond 2^53`);
         const addr = lo + hi * TWO_32;
         checkMapped(mem, addr, len, inIndirect, idx, head);
-        if ((flags & VRING_DESC_F_WRITE) !== 0) {
-          s.add(addr, len, true);
-        } else {
-          if (s.nw !== 0) {
-            throw chainError(inIndirect, idx, head, `device-readable buffer after a writable one`);
-          }
-          s.add(addr, len, false);
+        if (!s.add(addr, len, (flags & VRING_DESC_F_WRITE) !== 0)) {
+          throw chainError(inIndirect, idx, head, `device-readable buffer after a writable one`);
         }
       }
 
