@@ -274,14 +274,17 @@ export async function netBench(sizes: readonly number[], seconds: number, only?:
   const results: NetResult[] = [];
   // Start-up (testpmd, hugepages, a 1 s warm-up) plus the window, with room to spare; a hang beyond it is a failure.
   const bound = (seconds + 90) * 1000;
+  // The probe after one measurement is the probe before the next: nothing runs in between.
+  let lastLink: number | undefined;
   try {
     for (const size of sizes) {
       const coreLink: NetResult['coreLink'] = {};
       const run = async <T>(what: string, key: NetMeasurement, fn: () => Promise<T>): Promise<Outcome<T>> => {
         if (only !== undefined && !only.includes(key)) return skipped<T>(what);
-        const before = await coreLinkNs();
+        const before = lastLink ?? (await coreLinkNs());
         const r = await bounded(what, bound, fn);
-        coreLink[key] = [before, await coreLinkNs()];
+        lastLink = await coreLinkNs();
+        coreLink[key] = [before, lastLink];
         return r;
       };
       results.push({

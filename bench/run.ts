@@ -39,7 +39,7 @@ function link(r: NetResult, k: NetMeasurement): string {
 
 function printNet(net: readonly NetResult[]): void {
   out('\nEach net measurement is framed by the one-way time of a cache line from core 0 to core 1, before/after (ns): the host\n');
-  out('places the two vCPUs near (about 65) or far (about 240), and the figures follow; compare only within one placement.\n');
+  out('places the two vCPUs near (about 65), in between (90-140) or far (240-300), and the figures follow; compare only within one placement.\n');
   out('\nnet: testpmd virtio-user txonly -> receiver (Mpps; CPU ns per packet of each receiver process)\n');
   out(' size  dpdk-vhost  vbridge-null  ratio  kicks/pkt  irqs/pkt  cpu vhost-pmd  cpu bridge  line ns: vhost-pmd  vbridge\n');
   for (const r of net) {
@@ -53,13 +53,13 @@ function printNet(net: readonly NetResult[]): void {
     failures([r.anchor, r.direct]);
   }
   out('\nnet: the same into the null sink, split ring against packed ring (Mpps; CPU ns per packet of the bridge)\n');
-  out(' size  split  packed  packed/split  cpu split  cpu packed\n');
+  out(' size  split  packed  packed/split  cpu split  cpu packed  line ns: split  packed\n');
   for (const r of net) {
     const d = value(r.direct);
     const p = value(r.packed);
     out(
       `${String(r.size).padStart(5)}  ${fmt(d?.mpps, 2, 5)}  ${fmt(p?.mpps, 2, 6)}  ${fmt(ratio(p?.mpps, d?.mpps), 2, 12)}` +
-        `  ${fmt(d?.cpuNsPerPkt.bridge, 1, 9)}  ${fmt(p?.cpuNsPerPkt.bridge, 1, 10)}\n`,
+        `  ${fmt(d?.cpuNsPerPkt.bridge, 1, 9)}  ${fmt(p?.cpuNsPerPkt.bridge, 1, 10)}  ${link(r, 'direct').padStart(14)}  ${link(r, 'packed').padStart(6)}\n`,
     );
     failures([r.packed]);
   }
@@ -226,6 +226,16 @@ function printStop(s: StopPathResult): void {
   failures([s.qsd, s.vbridge]);
 }
 
+/** What one run of the set measured (a benchmark left out by BENCH_ONLY is absent). */
+interface RunResult {
+  net?: NetResult[];
+  blk?: BlkResult;
+  vf?: VfResult;
+  msg?: MsgResult;
+  migration?: MigrationResult;
+  stop?: StopPathResult;
+}
+
 async function main(): Promise<void> {
   const seconds = Number(process.env.BENCH_SECONDS ?? 5);
   const runs = Number(process.env.BENCH_RUNS ?? 1);
@@ -239,10 +249,10 @@ async function main(): Promise<void> {
       loadAverage: os.loadavg().map((x) => Math.round(x * 100) / 100),
       seconds,
     };
-    const all: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult; migration?: MigrationResult; stop?: StopPathResult }[] = [];
+    const all: RunResult[] = [];
     for (let run = 1; run <= runs; run++) {
       if (runs > 1) out(`\n=== run ${run} of ${runs} ===\n`);
-      const r: { net?: NetResult[]; blk?: BlkResult; vf?: VfResult; msg?: MsgResult; migration?: MigrationResult; stop?: StopPathResult } = {};
+      const r: RunResult = {};
       if (only === undefined || only === 'net') {
         // BENCH_NET_SIZES=64 and BENCH_NET_ONLY=anchor,relay narrow the net set (profiling one path).
         const sizes = (process.env.BENCH_NET_SIZES ?? '64,1500').split(',').map(Number);
