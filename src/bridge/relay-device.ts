@@ -405,10 +405,13 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     rq.guest = null;
   }
 
-  async quiesce(index: number): Promise<void> {
+  quiesce(index: number): Promise<void> | null {
     const rq = this.queues[index];
-    if (rq === undefined || rq.guest === null) return;
-    const guest = rq.guest;
+    if (rq === undefined || rq.guest === null) return null;
+    return this.settleQueue(index, rq, rq.guest);
+  }
+
+  private async settleQueue(index: number, rq: RelayQueue, guest: DeviceQueue): Promise<void> {
     // No new guest chains from here: the queue is being stopped.
     rq.guest = null;
     try {

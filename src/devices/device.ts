@@ -83,9 +83,12 @@ export interface VirtioDevice {
    * Optional: bring queue `index` to a stop point before GET_VRING_BASE reads
    * its position: chains handed further on (a relay's backend) are completed or
    * returned to the avail ring. The link holds later messages until it settles;
-   * stopQueue follows. Devices that never hold chains across calls need not have it.
+   * stopQueue follows. Null when the queue holds nothing elsewhere: the link
+   * goes on at once, without a turn of the event loop (a guest's stop is three
+   * messages in a row, and every turn of cold code is downtime). Devices that
+   * never hold chains across calls need not have it.
    */
-  quiesce?(index: number): Promise<void>;
+  quiesce?(index: number): Promise<void> | null;
   /** The driver kicked queue `index` (the queue was started). */
   kick(index: number): void;
   /** Stop all queues and forget negotiated state. */

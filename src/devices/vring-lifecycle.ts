@@ -168,9 +168,17 @@ export class VringLifecycle<Q extends HostedQueue> {
   settle(v: Q, what: string): Promise<void> | null {
     const quiesce = this.device.quiesce;
     if (quiesce === undefined || v.dq === null) return null;
-    return quiesce.call(this.device, v.index).catch((e: unknown) => {
+    const failed = (e: unknown): void => {
       this.log.warn(`${this.label}: queue ${v.index} did not settle before ${what}: ${asError(e, 'quiesce').message}`);
-    });
+    };
+    let settling: Promise<void> | null;
+    try {
+      settling = quiesce.call(this.device, v.index);
+    } catch (e) {
+      failed(e);
+      return null;
+    }
+    return settling === null ? null : settling.catch(failed);
   }
 
   setEnabled(v: Q, on: boolean): void {

@@ -188,9 +188,10 @@ export class PausableDevice implements VirtioDevice {
     this.inner?.stopQueue(index);
   }
 
-  async quiesce(index: number): Promise<void> {
-    await this.settling;
-    await this.inner?.quiesce?.(index);
+  quiesce(index: number): Promise<void> | null {
+    const settling = this.settling;
+    if (settling === null) return this.inner?.quiesce?.(index) ?? null;
+    return settling.then(() => this.inner?.quiesce?.(index) ?? undefined);
   }
 
   kick(index: number): void {

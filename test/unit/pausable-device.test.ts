@@ -83,3 +83,29 @@ test('a reset while paused forgets the queues: resume starts none', async () => 
   r.proxy.kick(0);
   assert.equal(r.driver.popUsed(), null, 'a stopped queue was served');
 });
+
+test('quiesce: null over a device that holds nothing; while a pause settles, a promise that waits for it', async () => {
+  const r = rig(tempDisk(DISK));
+  assert.equal(r.proxy.quiesce(0), null, 'a local blk device holds no chain elsewhere: nothing to wait for');
+  let release = (): void => {};
+  const held = new Promise<void>((res) => (release = res));
+  const asked: number[] = [];
+  const inner = r.first as BlkDevice & { quiesce?: (i: number) => Promise<void> | null };
+  inner.quiesce = (i) => {
+    asked.push(i);
+    return held;
+  };
+  const pausing = r.proxy.pause();
+  assert.deepEqual(asked, [0], 'the pause settles the started queue');
+  const q = r.proxy.quiesce(0);
+  assert.ok(q !== null, 'a stop during the pause waits for it');
+  let done = false;
+  void q.then(() => (done = true));
+  await Promise.resolve();
+  assert.equal(done, false);
+  release();
+  await pausing;
+  await q;
+  assert.equal(done, true);
+  assert.equal(r.proxy.quiesce(0), null, 'paused: no device to settle');
+});

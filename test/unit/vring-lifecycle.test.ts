@@ -196,6 +196,28 @@ test('settle waits for a device that quiesces, and not for one that cannot', asy
   assert.ok(log.has(/queue 0 did not settle before GET_VRING_BASE: stuck/));
 });
 
+test('settle goes on at once when the device holds nothing (quiesce returns null) or cannot even start to settle', () => {
+  const { life, device, queues, drivers, log } = setup();
+  const v = queues[0];
+  life.negotiate(bit(F_VERSION_1), ECHO_FEATURES);
+  v.at = ringsOf(drivers[0]);
+  life.setNum(v, 16);
+  life.setEnabled(v, true);
+  const asked: number[] = [];
+  const dev: EchoDevice & { quiesce?: (i: number) => Promise<void> | null } = device;
+  dev.quiesce = (i) => {
+    asked.push(i);
+    return null;
+  };
+  assert.equal(life.settle(v, 'SET_VRING_ENABLE'), null, 'nothing held: no promise, no turn of the event loop');
+  assert.deepEqual(asked, [0], 'the device was asked');
+  dev.quiesce = () => {
+    throw new Error('broken');
+  };
+  assert.equal(life.settle(v, 'GET_VRING_BASE'), null, 'a device that throws does not hold the ring');
+  assert.ok(log.has(/queue 0 did not settle before GET_VRING_BASE: broken/));
+});
+
 test("the device's own fatal error fails it once its call stack has unwound, only while the transport watches", async () => {
   const { life, device, failures } = setup();
   let gone = false;
