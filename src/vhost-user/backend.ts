@@ -189,6 +189,8 @@ export class VhostUserBackend {
   private current: AnyMessageSpec | null = null;
   /** Fds to send with the reply being built (GET_INFLIGHT_FD); closed once sent. */
   private replyFds: number[] = [];
+  /** Rings GET_VRING_BASE stopped whose kick fds are closed once its reply is sent. */
+  private readonly kicksAfterReply: Vring[] = [];
   private readonly inflight: InflightRegions;
 
   constructor(
@@ -358,14 +360,17 @@ export class VhostUserBackend {
   }
 
   private finish(spec: AnyMessageSpec, hdr: MessageHeader, reply: unknown): void {
-    if (this.conn.closed) return;
-    if (this.hasOwnReply(spec)) {
-      if (this.trace) this.logger.info(`${this.label}: -> ${spec.name} reply ${traceValue(reply)}`);
-      this.conn.send(encodeReply(spec, reply), this.replyFds);
-    } else if (this.wantsAck(hdr)) {
-      if (this.trace) this.logger.info(`${this.label}: -> ${spec.name} ack`);
-      this.conn.send(encodeAck(spec.id, true));
+    if (!this.conn.closed) {
+      if (this.hasOwnReply(spec)) {
+        if (this.trace) this.logger.info(`${this.label}: -> ${spec.name} reply ${traceValue(reply)}`);
+        this.conn.send(encodeReply(spec, reply), this.replyFds);
+      } else if (this.wantsAck(hdr)) {
+        if (this.trace) this.logger.info(`${this.label}: -> ${spec.name} ack`);
+        this.conn.send(encodeAck(spec.id, true));
+      }
     }
+    for (const v of this.kicksAfterReply) if (!v.kickSet) this.dropKick(v);
+    this.kicksAfterReply.length = 0;
   }
 
   private reject(spec: AnyMessageSpec | undefined, hdr: MessageHeader, e: unknown): void {
@@ -735,9 +740,11 @@ export class VhostUserBackend {
     const v = this.ring(s.index);
     const base = this.life.takeBase(v);
     // Stopped until the next SET_VRING_KICK: QEMU sends one on every restart, and a
-    // suspended device must not act on guest kicks in between (migration).
-    this.dropKick(v);
+    // suspended device must not act on guest kicks in between (migration). The
+    // ring is off the device already; its kick fd is closed once the reply is
+    // out, since QEMU's wait for the reply is the guest's downtime.
     v.kickSet = false;
+    this.kicksAfterReply.push(v);
     // The front-end has taken every ring back: it is resetting; the next start is a fresh one.
     if (this.vrings.every((r) => !r.kickSet)) this.life.clearFailure('all rings stopped');
     return { index: s.index, num: base };

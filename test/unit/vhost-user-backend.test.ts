@@ -144,7 +144,9 @@ test('GET_VRING_BASE stops the ring and returns the position; it is not a reset'
       await waitFor(() => g.split(0).usedIdx() === 3, 'three chains');
       assert.deepEqual(g.collect(0), ['A', 'B', 'C']);
 
+      const fds = openFds();
       assert.equal(await c.getVringBase(0), 3);
+      assert.equal(openFds(), fds - 1, "the ring's kick fd is closed, right after the reply");
       assert.ok(f.dev.events.includes('stop 0'), 'the device was told to stop the queue first');
       assert.equal(f.server.session?.queueRunning(0), false);
 
