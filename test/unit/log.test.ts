@@ -1,7 +1,7 @@
 /**
- * consoleLogger: lines are timed when logged and written once the event-loop
- * turn is over, in order; flushLog() writes them at once; a process that exits
- * or dies of an exception writes them first.
+ * consoleLogger: lines are timed when logged and written once the callback
+ * that logged them is over, in order; flushLog() writes them at once; a process
+ * that exits or dies of an exception writes them first.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -30,7 +30,7 @@ async function captureStderr(fn: (writes: string[]) => Promise<void>): Promise<s
 
 const nextTurn = (): Promise<void> => new Promise((r) => setImmediate(r));
 
-test('lines wait for the end of the turn, then go out in order with the time they were logged at', async () => {
+test('lines wait for the end of the callback that logged them, then go out in order with the time they were logged at', async () => {
   const a = consoleLogger('alpha');
   const b = consoleLogger('beta');
   const writes = await captureStderr(async (w) => {

@@ -59,6 +59,13 @@ function ringsOf(d: MockDriver): RingLocation {
   return { desc: d.descAddr, avail: d.availAddr, used: d.usedAddr };
 }
 
+/** Queue `v` on its mock driver's rings, 16 entries, enabled: running once features are negotiated. */
+function startRing(life: VringLifecycle<TestQueue>, v: TestQueue, drivers: MockDriver[]): void {
+  v.at = ringsOf(drivers[v.index] as MockDriver);
+  life.setNum(v, 16);
+  life.setEnabled(v, true);
+}
+
 function refusedAs(kind: Refusal, re: RegExp): (e: unknown) => boolean {
   return (e) => e instanceof Refused && e.kind === kind && re.test(e.message);
 }
@@ -86,9 +93,7 @@ test('takeBase stops the ring where it is; the ring resumes from there, and from
   const { life, queues, drivers } = setup();
   const v = queues[0];
   life.negotiate(bit(F_VERSION_1), ECHO_FEATURES);
-  v.at = ringsOf(drivers[0]);
-  life.setNum(v, 16);
-  life.setEnabled(v, true);
+  startRing(life, v, drivers);
   for (let i = 0; i < 3; i++) drivers[0].addChain([{ data: Uint8Array.of(0x61) }, { writable: true, len: 1 }]);
   life.host.kick(v);
   assert.equal(life.takeBase(v), 3, 'three chains taken');
@@ -126,9 +131,7 @@ test('the device sees features only when its own bits change; a ring whose ring 
   life.negotiate(bit(F_VERSION_1), offered, transportBit);
   life.negotiate(bit(F_VERSION_1) | transportBit, offered, transportBit);
   assert.deepEqual(device.events, [`features ${bit(F_VERSION_1).toString(16)}`], 'a transport bit toggling is no renegotiation');
-  v.at = ringsOf(drivers[0]);
-  life.setNum(v, 16);
-  life.setEnabled(v, true);
+  startRing(life, v, drivers);
   assert.equal(v.queue?.eventIdx, false);
   life.negotiate(bit(F_VERSION_1) | bit(F_RING_EVENT_IDX), offered, transportBit);
   life.refit();
@@ -139,11 +142,7 @@ test('the device sees features only when its own bits change; a ring whose ring 
 test('a data-path failure stops every queue, tells the transport once, and holds the rings until cleared', () => {
   const { life, queues, drivers, failures, log } = setup();
   life.negotiate(bit(F_VERSION_1), ECHO_FEATURES);
-  for (const v of queues) {
-    v.at = ringsOf(drivers[v.index]);
-    life.setNum(v, 16);
-    life.setEnabled(v, true);
-  }
+  for (const v of queues) startRing(life, v, drivers);
   life.setStatus(0x0f | STATUS_NEEDS_RESET);
   assert.equal(life.status, 0x0f, 'NEEDS_RESET is not the driver\'s to set');
   drivers[1].addChain([{ data: new TextEncoder().encode('FAIL') }, { writable: true, len: 4 }]);
@@ -171,9 +170,7 @@ test('settle waits for a device that quiesces, and not for one that cannot', asy
   const v = queues[0];
   assert.equal(life.settle(v, 'GET'), null, 'no quiesce, nothing to wait for');
   life.negotiate(bit(F_VERSION_1), ECHO_FEATURES);
-  v.at = ringsOf(drivers[0]);
-  life.setNum(v, 16);
-  life.setEnabled(v, true);
+  startRing(life, v, drivers);
   let release = (): void => {};
   const settled: string[] = [];
   const dev: EchoDevice & { quiesce?: (i: number) => Promise<void> } = device;
@@ -200,9 +197,7 @@ test('settle goes on at once when the device holds nothing (quiesce returns null
   const { life, device, queues, drivers, log } = setup();
   const v = queues[0];
   life.negotiate(bit(F_VERSION_1), ECHO_FEATURES);
-  v.at = ringsOf(drivers[0]);
-  life.setNum(v, 16);
-  life.setEnabled(v, true);
+  startRing(life, v, drivers);
   const asked: number[] = [];
   const dev: EchoDevice & { quiesce?: (i: number) => Promise<void> | null } = device;
   dev.quiesce = (i) => {
@@ -244,9 +239,7 @@ test('stopping a ring publishes the used elements the device wrote: the position
   const { life, device, queues, drivers, mem } = setup();
   const v = queues[0];
   life.negotiate(bit(F_VERSION_1), ECHO_FEATURES);
-  v.at = ringsOf(drivers[0]);
-  life.setNum(v, 16);
-  life.setEnabled(v, true);
+  startRing(life, v, drivers);
   // A device that completes chains now and leaves the notify for later (a batch, a microtask).
   const dq = device.queues[0];
   assert.ok(dq !== undefined);
