@@ -7,7 +7,8 @@
  * the back-end has been idle for a while, as it is during a migration's RAM
  * passes; after it, the ring is started again as vhost_dev_start does. Figures
  * per stop: from the client's write to the GET_VRING_BASE reply, and the
- * back-end's CPU time over that stop (/proc/PID/task/STAR/schedstat, in ns).
+ * back-end's CPU time over that stop (/proc/PID/task/STAR/schedstat, in ns)
+ * and its page faults (/proc/PID/stat).
  *
  * A proxy measured in seconds for what a migration shows in minutes, without
  * QEMU's RAM stream through the caches: the migration's own figures stay the
@@ -37,6 +38,8 @@ export interface StopPathSide {
   replyUs: Spread;
   /** The back-end's CPU time over one stop, us. */
   cpuUs: Spread;
+  /** The back-end's page faults (minor and major) over one stop. */
+  faults: Spread;
 }
 
 export interface StopPathResult {
@@ -57,6 +60,13 @@ function threadsCpuNs(pid: number): number {
     }
   }
   return ns;
+}
+
+/** Page faults, minor and major, of pid so far (/proc/PID/stat fields 10 and 12). */
+function faults(pid: number): number {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return Number(f[7]) + Number(f[9]);
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -95,8 +105,10 @@ async function measure(socket: string, pid: number, stops: number, idleMs: numbe
     ];
     const reply: number[] = [];
     const cpu: number[] = [];
+    const faulted: number[] = [];
     for (let i = 0; i < stops; i++) {
       await sleep(idleMs);
+      const f0 = faults(pid);
       const c0 = threadsCpuNs(pid);
       const t0 = process.hrtime.bigint();
       for (const b of stopBytes) c.sendRaw(b);
@@ -105,9 +117,10 @@ async function measure(socket: string, pid: number, stops: number, idleMs: numbe
       // What the back-end does right after its answer (log lines) belongs to the stop too.
       await sleep(3);
       cpu.push((threadsCpuNs(pid) - c0) / 1000);
+      faulted.push(faults(pid) - f0);
       await start(base);
     }
-    return { status, replyUs: spread(reply), cpuUs: spread(cpu) };
+    return { status, replyUs: spread(reply), cpuUs: spread(cpu), faults: spread(faulted) };
   } finally {
     c.close();
     for (const fd of [memfd, ...fds]) a.close(fd);
