@@ -11,7 +11,7 @@ import { COUNTED_KINDS } from '../faults/function-faults';
 
 const LINK_STATES = ['up', 'down', 'failed'] as const;
 
-type QueueCounter = 'descriptors' | 'bytes' | 'kicks' | 'interrupts' | 'drops' | 'errors';
+type QueueCounter = 'descriptors' | 'bytes' | 'kicks' | 'interrupts' | 'drops' | 'errors' | 'lateInterrupts' | 'lateKicks';
 
 const QUEUE_COUNTERS: [QueueCounter, string, string][] = [
   ['descriptors', 'vbridge_queue_descriptors_total', 'Descriptor chains completed (used elements written) on the queue.'],
@@ -20,6 +20,8 @@ const QUEUE_COUNTERS: [QueueCounter, string, string][] = [
   ['interrupts', 'vbridge_queue_interrupts_total', 'Used-buffer notifications (interrupts) sent to the driver.'],
   ['drops', 'vbridge_queue_drops_total', 'Frames dropped for lack of receive buffers (net) or requests failed (blk).'],
   ['errors', 'vbridge_queue_errors_total', 'Malformed chains or failed operations on the queue.'],
+  ['lateInterrupts', 'vbridge_queue_late_interrupts_total', 'Interrupts only the late check sent: the driver asked for them after the device read its used_event (a re-arm without a working barrier).'],
+  ['lateKicks', 'vbridge_queue_late_kicks_total', 'Chains only the late check served: the driver posted them without the kick that was due.'],
 ];
 
 export function bridgeMetrics(r: StatsReport, learned: (sw: string) => number): MetricFamily[] {

@@ -62,7 +62,8 @@ export interface StatsReport {
   switches: SwitchStatsRow[];
 }
 
-const COLUMNS: (keyof QueueStatsRow)[] = ['descriptors', 'bytes', 'kicks', 'interrupts', 'drops', 'errors'];
+const COLUMNS: (keyof QueueStatsRow)[] = ['descriptors', 'bytes', 'kicks', 'interrupts', 'drops', 'errors', 'lateInterrupts', 'lateKicks'];
+const HEADERS: Partial<Record<keyof QueueStatsRow, string>> = { lateInterrupts: 'late-irqs', lateKicks: 'late-kicks' };
 
 /** An earlier report of the same bridge and how long before: rates are the differences over that time. */
 export interface PreviousReport {
@@ -107,7 +108,7 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
       out.push(`  dirty log ${d.logging ? 'on' : 'off'}: ${d.pagesDirtied} page(s) dirtied by the bridge's writes, ${d.logBases} log base(s) mapped`);
     }
     if (f.faults !== undefined) out.push(`  ${formatFaults(f.faults)}`);
-    const head = ['queue', ...COLUMNS, ...(prev !== undefined ? ['desc/s', 'bytes/s'] : [])];
+    const head = ['queue', ...COLUMNS.map((c) => HEADERS[c] ?? c), ...(prev !== undefined ? ['desc/s', 'bytes/s'] : [])];
     const cells = (q: QueueStatsRow): string[] => [queueLabel(f.type, q.index, f.queues.length), ...COLUMNS.map((c) => String(q[c])), ...(prev !== undefined ? rateCells(f, q, prev) : [])];
     const rows = [head, ...f.queues.map(cells)];
     const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)));

@@ -25,10 +25,17 @@ export interface QueueStats {
   /** Packets dropped for lack of RX buffers (net) or requests failed (blk). */
   drops: number;
   errors: number;
+  /**
+   * Interrupts only the late check sent: the driver asked for them after the
+   * device had read its used_event (a re-arm whose barrier did not hold).
+   */
+  lateInterrupts: number;
+  /** Chains only the late check served: the driver posted them without the kick that was due. */
+  lateKicks: number;
 }
 
 export function newQueueStats(): QueueStats {
-  return { descriptors: 0, bytes: 0, kicks: 0, interrupts: 0, drops: 0, errors: 0 };
+  return { descriptors: 0, bytes: 0, kicks: 0, interrupts: 0, drops: 0, errors: 0, lateInterrupts: 0, lateKicks: 0 };
 }
 
 /**

@@ -31,6 +31,7 @@ import { RelayDevice } from '../../src/bridge/relay-device';
 import { LinkProtocolError, Mbox, mboxSpec, opName, readFrame, readSeq, writeFrame } from '../../src/links/pcie/mailbox';
 import { BAR0_SIZE, Csr, MBOX_HEADER, MBOX_MAX_PAYLOAD, MboxHdr } from '../../src/links/pcie/layout';
 import { GuestMemory } from '../../src/memory/guest-memory';
+import { newQueueStats } from '../../src/devices/device';
 import type { ChainSegment } from '../../src/virtio/chain';
 import { readSegments, writeSegments } from '../../src/virtio/chain-io';
 import {
@@ -425,7 +426,7 @@ class World {
       ringSize: S,
     });
     relay.setFeatures(relay.features());
-    const stats = { descriptors: 0, bytes: 0, kicks: 0, interrupts: 0, drops: 0, errors: 0 };
+    const stats = newQueueStats();
     relay.startQueue({ index: 0, queue, mem, stats, notify: () => void queue.flush(mem) });
     await until(() => relay.relayStats()[0]?.shadow === 'up' && link.running(0), 'shadow ring up', 5000);
     await settle(5);

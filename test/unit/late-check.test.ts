@@ -78,6 +78,8 @@ test('a used_event the driver stored after the device read it still gets its int
   await sleep(10 * LATE_CHECK_MS);
   assert.equal(interrupts(), 1, 'no interrupt the driver did not ask for');
   assert.equal(v.stats.interrupts, 2, 'the first completion\'s and the late one');
+  assert.equal(v.stats.lateInterrupts, 1, 'the late one counted as such');
+  assert.equal(v.stats.lateKicks, 0);
 });
 
 test('a chain the driver posted without a kick (it read an old avail_event) is served by the late check', async () => {
@@ -94,6 +96,23 @@ test('a chain the driver posted without a kick (it read an old avail_event) is s
   assert.equal(driver.usedIdx(), 2, 'nothing serves it yet');
   await waitFor('the chain served without a kick', () => driver.usedIdx() === 3, 1000, 1);
   assert.equal(v.stats.kicks, 2, 'the kicks the driver sent');
+  await waitFor('the chain counted late, no kick having followed', () => v.stats.lateKicks === 1, 1000, 1);
   await sleep(10 * LATE_CHECK_MS);
   assert.equal(driver.usedIdx(), 3);
+  assert.equal(v.stats.lateKicks, 1, 'once');
+});
+
+test('a chain whose kick comes just after the late check served it is not counted late', async () => {
+  const { v, life, driver } = setup();
+  driver.setUsedEvent(NOT_NOW);
+  driver.addChain([{ data: Uint8Array.of(0x61) }, { writable: true, len: 1 }]);
+  life.host.kick(v);
+  // Posted, its kick still on the way (the driver between its avail.idx store and its notify).
+  driver.addChain([{ data: Uint8Array.of(0x62) }, { writable: true, len: 1 }]);
+  await waitFor('the chain served by the late check', () => driver.usedIdx() === 3, 1000, 1);
+  life.host.kick(v);
+  assert.equal(v.stats.kicks, 3);
+  await sleep(10 * LATE_CHECK_MS);
+  assert.equal(v.stats.lateKicks, 0, 'its kick came: not a lost one');
+  assert.equal(driver.usedIdx(), 3, 'served once');
 });

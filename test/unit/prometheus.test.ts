@@ -63,15 +63,15 @@ const REPORT: StatsReport = {
       status: 15,
       needsReset: false,
       queues: [
-        { index: 0, descriptors: 5, bytes: 500, kicks: 1, interrupts: 2, drops: 0, errors: 0 },
-        { index: 1, descriptors: 7, bytes: 700, kicks: 3, interrupts: 4, drops: 1, errors: 0 },
+        { index: 0, descriptors: 5, bytes: 500, kicks: 1, interrupts: 2, drops: 0, errors: 0, lateInterrupts: 0, lateKicks: 0 },
+        { index: 1, descriptors: 7, bytes: 700, kicks: 3, interrupts: 4, drops: 1, errors: 0, lateInterrupts: 0, lateKicks: 0 },
       ],
       backend: { kind: 'pcie', endpoint: '/tmp/a.bar', state: 'up', attaches: 1, controlMessages: 9 },
       relay: [
         { index: 1, dma: { toBarOps: 7, toBarBytes: 712, toGuestOps: 0, toGuestBytes: 0 }, backendKicks: 3, backendInterrupts: 3, waits: 0, rechecks: 0, inFlight: 2, ringSize: 256, slotsInUse: 2, slots: 128, shadow: 'up', shadowRing: { nextAvail: 0, lastUsed: 0, lastKick: 0, outstanding: 0, availIdx: 0, availFlags: 0, usedEvent: 0, usedIdx: 0, usedFlags: 0, availEvent: 0 }, guestRing: null, pending: 0, recheckArmedMs: null },
       ],
     },
-    { name: 'blk0', type: 'blk', link: 'local', socket: '/tmp/blk0.sock', connected: false, status: 0, needsReset: false, queues: [{ index: 0, descriptors: 1, bytes: 512, kicks: 1, interrupts: 1, drops: 0, errors: 2 }] },
+    { name: 'blk0', type: 'blk', link: 'local', socket: '/tmp/blk0.sock', connected: false, status: 0, needsReset: false, queues: [{ index: 0, descriptors: 1, bytes: 512, kicks: 1, interrupts: 1, drops: 0, errors: 2, lateInterrupts: 3, lateKicks: 4 }] },
   ],
   switches: [
     {
@@ -90,6 +90,8 @@ test('bridge metrics: queue names and directions as labels, DMA by direction, li
   assert.equal(sampleValue(text, 'vbridge_queue_descriptors_total', { function: 'net0', queue: 'tx0', direction: 'tx' }), 7);
   assert.equal(sampleValue(text, 'vbridge_queue_bytes_total', { function: 'net0', queue: 'rx0', direction: 'rx' }), 500);
   assert.equal(sampleValue(text, 'vbridge_queue_errors_total', { function: 'blk0', queue: 'requestq0', direction: 'request' }), 2);
+  assert.equal(sampleValue(text, 'vbridge_queue_late_interrupts_total', { function: 'blk0', queue: 'requestq0', direction: 'request' }), 3);
+  assert.equal(sampleValue(text, 'vbridge_queue_late_kicks_total', { function: 'blk0', queue: 'requestq0', direction: 'request' }), 4);
   assert.equal(sampleValue(text, 'vbridge_dma_bytes_total', { function: 'net0', queue: 'tx0', direction: 'to_bar' }), 712);
   assert.equal(sampleValue(text, 'vbridge_dma_operations_total', { function: 'net0', queue: 'tx0', direction: 'to_guest' }), 0);
   assert.equal(sampleValue(text, 'vbridge_shadow_ring_in_flight', { function: 'net0', queue: 'tx0' }), 2);

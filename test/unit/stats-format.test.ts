@@ -6,7 +6,7 @@ import { startBridgeFixture } from '../support/bridge-fixture';
 import { runVbridgeAsync } from '../support/vbridge-cli';
 
 test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy of a relayed function', () => {
-  const q = { index: 0, descriptors: 10, bytes: 640, kicks: 3, interrupts: 2, drops: 0, errors: 1 };
+  const q = { index: 0, descriptors: 10, bytes: 640, kicks: 3, interrupts: 2, drops: 0, errors: 1, lateInterrupts: 4, lateKicks: 5 };
   const r: StatsReport = {
     uptimeSeconds: 5,
     switches: [],
@@ -51,14 +51,15 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
   assert.match(text, /^local0 \(blk, local\) \/s\/l connected status=0xf \(ACKNOWLEDGE\|DRIVER\|FEATURES_OK\|DRIVER_OK\)$/m);
   assert.match(text, /^relay0 \(blk, pcie relay\) \/s\/r NEEDS_RESET status=0x0 \(reset\)$/m);
   assert.match(text, /^uptime 5s\n/);
-  assert.match(text, /^ {2}requestq0 +10 +640 +3 +2 +0 +1$/m, 'blk queues are named as in the spec');
+  assert.match(text, /^ {2}queue +descriptors +bytes +kicks +interrupts +drops +errors +late-irqs +late-kicks$/m);
+  assert.match(text, /^ {2}requestq0 +10 +640 +3 +2 +0 +1 +4 +5$/m, 'blk queues are named as in the spec');
   assert.match(text, /backend pcie \/s\/r\.bar: failed \(the backend went away and did not come back within 10000 ms\), 2 attach\(es\), 17 control message\(s\)/);
   assert.match(text, /shadow 0 \(up\): 9\/512 in flight, 11\/4082 slots; DMA to BAR 4 ops 4096 B, to guest 5 ops 8193 B; kicks 6, interrupts 7, waits 8, re-checks 12/);
   assert.doesNotMatch(text.split('relay0')[0] ?? '', /shadow|backend/, 'a local function has no link lines');
 });
 
 test('vbridge stats text shows a passthrough function\'s mode and the dirty log forwarded, and says when its back-end cannot log', () => {
-  const q = { index: 0, descriptors: 0, bytes: 0, kicks: 3, interrupts: 2, drops: 0, errors: 0 };
+  const q = { index: 0, descriptors: 0, bytes: 0, kicks: 3, interrupts: 2, drops: 0, errors: 0, lateInterrupts: 0, lateKicks: 0 };
   const fn = (name: string, backendLogs: boolean | null) => ({
     name,
     type: 'blk',
@@ -118,7 +119,7 @@ test('queue labels, status bits, durations and rates read as the spec and a pers
 });
 
 test('with an earlier report, each queue shows descriptors and bytes per second', () => {
-  const q = (index: number, descriptors: number, bytes: number) => ({ index, descriptors, bytes, kicks: 0, interrupts: 0, drops: 0, errors: 0 });
+  const q = (index: number, descriptors: number, bytes: number) => ({ index, descriptors, bytes, kicks: 0, interrupts: 0, drops: 0, errors: 0, lateInterrupts: 0, lateKicks: 0 });
   const report = (rx: number, tx: number): StatsReport => ({
     uptimeSeconds: 65,
     switches: [],
@@ -126,9 +127,9 @@ test('with an earlier report, each queue shows descriptors and bytes per second'
   });
   const text = formatStats(report(300, 5000), { report: report(100, 1000), seconds: 2 });
   assert.match(text, /^uptime 1m05s$/m);
-  assert.match(text, /^ {2}queue +descriptors +bytes +kicks +interrupts +drops +errors +desc\/s +bytes\/s$/m);
-  assert.match(text, /^ {2}rx0 +300 +30000 +0 +0 +0 +0 +100 +10\.0K$/m);
-  assert.match(text, /^ {2}tx0 +5000 +5000000 +0 +0 +0 +0 +2\.0K +2\.0M$/m);
+  assert.match(text, /^ {2}queue +descriptors +bytes +kicks +interrupts +drops +errors +late-irqs +late-kicks +desc\/s +bytes\/s$/m);
+  assert.match(text, /^ {2}rx0 +300 +30000 +0 +0 +0 +0 +0 +0 +100 +10\.0K$/m);
+  assert.match(text, /^ {2}tx0 +5000 +5000000 +0 +0 +0 +0 +0 +0 +2\.0K +2\.0M$/m);
   // A counter that went back (the function was reset) has no rate.
   assert.match(formatStats(report(1, 1), { report: report(100, 1000), seconds: 2 }), /^ {2}rx0 .* -  +-$/m);
 });
@@ -143,7 +144,7 @@ test('vbridge stats --watch prints reports with rates from a running bridge, --c
     assert.equal(reports.length, 2, r.out);
     assert.match(reports[0] ?? '', /^w0 \(net, local\) \S+w0\.sock waiting status=0x0 \(reset\)$/m);
     assert.doesNotMatch(reports[0] ?? '', /desc\/s/, 'the first report has nothing to take a rate from');
-    for (const label of ['rx0', 'tx0', 'rx1', 'tx1']) assert.match(reports[1] ?? '', new RegExp(`^ {2}${label} +0 +0 +0 +0 +0 +0 +0 +0$`, 'm'));
+    for (const label of ['rx0', 'tx0', 'rx1', 'tx1']) assert.match(reports[1] ?? '', new RegExp(`^ {2}${label} +0 +0 +0 +0 +0 +0 +0 +0 +0 +0$`, 'm'));
     const bad = await runVbridgeAsync(['stats', '--control', control, '--count', '2']);
     assert.equal(bad.code, 2);
     assert.match(bad.err, /--interval and --count go with --watch/);
