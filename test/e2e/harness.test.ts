@@ -107,6 +107,7 @@ test('guest boots, runs the script, reports its exit code and files', async (t) 
         'echo "LO=$(cat /sys/class/net/lo/operstate)"',
         'echo "FIXTURE=$(cat /etc/fixture.txt)"',
         'echo "CPUS=$(nproc)"',
+        'echo "POSSIBLE=$(cat /sys/devices/system/cpu/possible)"',
         'exit 3',
       ].join('\n'),
       files: [{ path: '/etc/fixture.txt', data: 'hello-from-host\n' }],
@@ -126,6 +127,8 @@ test('guest boots, runs the script, reports its exit code and files', async (t) 
     assert.equal(v.LO, 'unknown'); // lo is up (its operstate is always "unknown")
     assert.equal(v.FIXTURE, 'hello-from-host');
     assert.equal(v.CPUS, '1');
+    // maxcpus=2: the TCG guest's barriers are real ones (qemuArgs).
+    assert.equal(v.POSSIBLE, '0-1');
   });
 });
 

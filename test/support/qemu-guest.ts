@@ -184,10 +184,16 @@ function checkPath(what: string, p: string): void {
 export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): string[] {
   const mem = opts.memMiB ?? 256;
   const memory = ['-machine', 'q35,memory-backend=mem', '-object', `memory-backend-memfd,id=mem,size=${mem}M,share=on`, '-m', `${mem}M`];
+  const cpus = opts.cpus ?? 1;
   const args: string[] = [
     '-name', opts.name,
     ...(opts.attachArgs ?? memory),
-    '-smp', String(opts.cpus ?? 1),
+    // maxcpus 2 or more even for one vCPU: only then does QEMU 7.2's TCG translate the guest's
+    // barriers and locked instructions into the host's (CF_PARALLEL). A vhost-user back-end is
+    // another process on another core: without them Linux's re-arm of a queue (store used_event,
+    // barrier, re-read used.idx) can miss the back-end's publish, and the queue waits for an
+    // interrupt nobody sends (docs/BENCHMARKS.md, "QEMU 7.2's TCG and memory barriers").
+    '-smp', `cpus=${cpus},maxcpus=${Math.max(cpus, 2)}`,
     '-cpu', 'max',
     '-accel', 'tcg',
     '-nographic',
