@@ -261,8 +261,9 @@ export class QueueHost<Q extends HostedQueue> {
         const kicks = v.stats.kicks;
         this.device.kick(v.index);
         // Late only if no kick follows: a driver caught between its avail.idx store and its kick sends that within microseconds.
+        // One that never kicked (a ring polled for want of a kick fd) has none to lose.
         setTimeout(() => {
-          if (v.stats.kicks === kicks) v.stats.lateKicks++;
+          if (v.stats.kicks === kicks && kicks > 0) v.stats.lateKicks++;
         }, LATE_CHECK_MS).unref();
       } catch (e) {
         this.fail(v, e);
