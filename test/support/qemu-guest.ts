@@ -63,6 +63,14 @@ export interface GuestOptions {
   memMiB?: number;
   /** vCPUs (default 1). */
   cpus?: number;
+  /**
+   * vCPUs the guest may have (-smp maxcpus; default cpus). Above 1, QEMU 7.2's TCG translates the
+   * guest's barriers and locked instructions into the host's (CF_PARALLEL) even with one vCPU
+   * running: without them Linux's re-arm of a queue (store used_event, barrier, re-read used.idx)
+   * can miss a back-end's publish in another process, and a back-end that does not look again
+   * waits for good (docs/BENCHMARKS.md, "QEMU 7.2's TCG and memory barriers").
+   */
+  maxCpus?: number;
   nets?: readonly GuestNet[];
   blks?: readonly GuestBlk[];
   /** More files put into the guest's root file system. */
@@ -188,12 +196,7 @@ export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): st
   const args: string[] = [
     '-name', opts.name,
     ...(opts.attachArgs ?? memory),
-    // maxcpus 2 or more even for one vCPU: only then does QEMU 7.2's TCG translate the guest's
-    // barriers and locked instructions into the host's (CF_PARALLEL). A vhost-user back-end is
-    // another process on another core: without them Linux's re-arm of a queue (store used_event,
-    // barrier, re-read used.idx) can miss the back-end's publish, and the queue waits for an
-    // interrupt nobody sends (docs/BENCHMARKS.md, "QEMU 7.2's TCG and memory barriers").
-    '-smp', `cpus=${cpus},maxcpus=${Math.max(cpus, 2)}`,
+    '-smp', `cpus=${cpus},maxcpus=${Math.max(cpus, opts.maxCpus ?? cpus)}`,
     '-cpu', 'max',
     '-accel', 'tcg',
     '-nographic',
