@@ -132,6 +132,8 @@ function deviceStart(tr: readonly TraceLine[]): number | undefined {
 
 export interface MigrationResult {
   guestMiB: number;
+  /** -smp maxcpus of every guest (one vCPU runs). */
+  maxCpus: number;
   maxBandwidthMiBs: number;
   downtimeLimitMs: number;
   /** downtime-limit was 1 ms until this many dirty syncs, for the loads listed (none: QEMU decided from the start). */
@@ -177,6 +179,25 @@ function convergeLoads(): MigLoad[] {
   return MIG_LOADS.filter((load) => v === 'all' || (v === 'idle' && load === 'idle'));
 }
 const CONVERGE_SYNCS = 3;
+
+/** BENCH_MIGRATION_LOADS=idle|busy runs those guests alone (both by default). */
+function wantedLoads(): MigLoad[] {
+  const v = (process.env.BENCH_MIGRATION_LOADS ?? 'idle,busy').split(',').filter((x) => x !== '');
+  for (const l of v) if (!(MIG_LOADS as readonly string[]).includes(l)) throw new Error(`BENCH_MIGRATION_LOADS: idle, busy or both, not ${l}`);
+  return MIG_LOADS.filter((l) => v.includes(l));
+}
+
+/**
+ * BENCH_MIGRATION_MAXCPUS: the vCPUs each guest may have (one runs). 1 by
+ * default: whether QEMU 7.2's TCG, which emits the guest's barriers only above
+ * 1 (docs/BENCHMARKS.md), also loses busy guests' pages more often then is
+ * what this knob is for.
+ */
+function maxCpus(): number {
+  const v = Number(process.env.BENCH_MIGRATION_MAXCPUS ?? 1);
+  if (!Number.isInteger(v) || v < 1 || v > 8) throw new Error(`BENCH_MIGRATION_MAXCPUS: 1 to 8, not ${process.env.BENCH_MIGRATION_MAXCPUS}`);
+  return v;
+}
 const TRACED = ['migrate_pending', 'migration_completion_vm_stop', 'savevm_state_complete_precopy', 'migrate_set_state', 'vhost_dev_stop', 'vhost_dev_start', 'vhost_user_read', 'vhost_user_write', 'migration_bitmap_sync_*'];
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
@@ -408,7 +429,7 @@ class PingPong {
     // QEMU's own trace of the migration and its vhost-user messages says where a downtime goes (a few hundred lines a migration).
     const trace = ['-msg', 'timestamp=on', '-D', this.traceFile(name), ...TRACED.flatMap((t) => ['-trace', t])];
     const dev = this.be.devices(side);
-    return { name, script: this.script, memMiB: GUEST_MIB, blks: dev.blks, nets: dev.nets, qmpSocket, extraArgs: [...trace, ...(dev.extraArgs ?? []), ...extraArgs], timeoutMs: 3_600_000 };
+    return { name, script: this.script, memMiB: GUEST_MIB, maxCpus: maxCpus(), blks: dev.blks, nets: dev.nets, qmpSocket, extraArgs: [...trace, ...(dev.extraArgs ?? []), ...extraArgs], timeoutMs: 3_600_000 };
   }
 
   /** BENCH_MIGRATION_TRACE=DIR keeps the traces there; otherwise they go with the bench's temp dir. */
@@ -542,6 +563,8 @@ async function series(
 export async function migrationBench(runs: number): Promise<MigrationResult> {
   // Read (and refused, if wrong) before any guest boots.
   const converging = convergeLoads();
+  const loads = wantedLoads();
+  const cpus = maxCpus();
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-bench-mig-'));
   try {
     const image = path.join(root, 'disk.img');
@@ -553,17 +576,17 @@ export async function migrationBench(runs: number): Promise<MigrationResult> {
     for (const load of MIG_LOADS) {
       blk[load] = {} as Record<BlkMigDisk, Outcome<MigrationSample>[]>;
       for (const disk of BLK_MIG_DISKS) {
-        blk[load][disk] = !wanted('blk', disk) ? [] : await series(`migration blk ${disk} ${load}`, `${disk}-${load}`, converging.includes(load), load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, runs, root, (dir) => startBackends(disk, dir, image));
+        blk[load][disk] = !wanted('blk', disk) || !loads.includes(load) ? [] : await series(`migration blk ${disk} ${load}`, `${disk}-${load}`, converging.includes(load), load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, runs, root, (dir) => startBackends(disk, dir, image));
       }
     }
     const net = {} as MigrationResult['net'];
     for (const load of MIG_LOADS) {
       net[load] = {} as Record<NetMigBackend, Outcome<MigrationSample>[]>;
       for (const kind of NET_MIG_BACKENDS) {
-        net[load][kind] = !wanted('net', kind) ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, converging.includes(load), load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT, runs, root, (dir) => startNetBackends(kind, dir));
+        net[load][kind] = !wanted('net', kind) || !loads.includes(load) ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, converging.includes(load), load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT, runs, root, (dir) => startNetBackends(kind, dir));
       }
     }
-    return { guestMiB: GUEST_MIB, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), convergeSyncs: CONVERGE_SYNCS, convergeLoads: converging, blk, net };
+    return { guestMiB: GUEST_MIB, maxCpus: cpus, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), convergeSyncs: CONVERGE_SYNCS, convergeLoads: converging, blk, net };
   } finally {
     fs.rmSync(root, { recursive: true, force: true });
   }
