@@ -202,8 +202,6 @@ export async function diskRounds(
       qmpSocket,
       script: script(disks.length, seconds, rounds),
       memMiB: 512,
-      // Real barriers in the guest: qemu-storage-daemon's disk stalled for good without them.
-      maxCpus: 2,
       blks: disks.map((d) => ({ socket: d.socket })),
       files,
       timeoutMs: (jobs.length * seconds + 180) * 1000,

@@ -188,13 +188,12 @@ function wantedLoads(): MigLoad[] {
 }
 
 /**
- * BENCH_MIGRATION_MAXCPUS: the vCPUs each guest may have (one runs). 1 by
- * default: whether QEMU 7.2's TCG, which emits the guest's barriers only above
- * 1 (docs/BENCHMARKS.md), also loses busy guests' pages more often then is
- * what this knob is for.
+ * BENCH_MIGRATION_MAXCPUS: the vCPUs each guest may have (one runs), 2 by
+ * default as every test guest; 1 gives a TCG guest without barriers
+ * (docs/BENCHMARKS.md, "QEMU 7.2's TCG and memory barriers").
  */
 function maxCpus(): number {
-  const v = Number(process.env.BENCH_MIGRATION_MAXCPUS ?? 1);
+  const v = Number(process.env.BENCH_MIGRATION_MAXCPUS ?? 2);
   if (!Number.isInteger(v) || v < 1 || v > 8) throw new Error(`BENCH_MIGRATION_MAXCPUS: 1 to 8, not ${process.env.BENCH_MIGRATION_MAXCPUS}`);
   return v;
 }

@@ -101,7 +101,6 @@ test('guest boots, runs the script, reports its exit code and files', async (t) 
   await withHeavyLock(async () => {
     const guest = await startGuest({
       name: 'harness-basic',
-      maxCpus: 2,
       script: [
         'echo "KERNEL=$(uname -r)"',
         'echo "MODULES=$(cut -d" " -f1 /proc/modules | sort | tr "\\n" ",")"',
@@ -128,7 +127,7 @@ test('guest boots, runs the script, reports its exit code and files', async (t) 
     assert.equal(v.LO, 'unknown'); // lo is up (its operstate is always "unknown")
     assert.equal(v.FIXTURE, 'hello-from-host');
     assert.equal(v.CPUS, '1');
-    // maxCpus 2: one vCPU runs, a second may be plugged (the TCG guest's barriers are then real ones).
+    // maxcpus 2 by default: one vCPU runs, a second may be plugged (the TCG guest's barriers are then real ones).
     assert.equal(v.POSSIBLE, '0-1');
   });
 });

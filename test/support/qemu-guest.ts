@@ -64,11 +64,12 @@ export interface GuestOptions {
   /** vCPUs (default 1). */
   cpus?: number;
   /**
-   * vCPUs the guest may have (-smp maxcpus; default cpus). Above 1, QEMU 7.2's TCG translates the
-   * guest's barriers and locked instructions into the host's (CF_PARALLEL) even with one vCPU
-   * running: without them Linux's re-arm of a queue (store used_event, barrier, re-read used.idx)
-   * can miss a back-end's publish in another process, and a back-end that does not look again
-   * waits for good (docs/BENCHMARKS.md, "QEMU 7.2's TCG and memory barriers").
+   * vCPUs the guest may have (-smp maxcpus; default 2, or cpus if more). Above 1, QEMU 7.2's TCG
+   * translates the guest's barriers and locked instructions into the host's (CF_PARALLEL) even
+   * with one vCPU running: without them Linux's re-arm of a queue (store used_event, barrier,
+   * re-read used.idx) can miss a back-end's publish in another process, and a back-end that does
+   * not look again waits for good (docs/BENCHMARKS.md, "QEMU 7.2's TCG and memory barriers").
+   * 1 gives the guest of before, whose barriers are no-ops.
    */
   maxCpus?: number;
   nets?: readonly GuestNet[];
@@ -196,7 +197,7 @@ export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): st
   const args: string[] = [
     '-name', opts.name,
     ...(opts.attachArgs ?? memory),
-    '-smp', `cpus=${cpus},maxcpus=${Math.max(cpus, opts.maxCpus ?? cpus)}`,
+    '-smp', `cpus=${cpus},maxcpus=${Math.max(cpus, opts.maxCpus ?? 2)}`,
     '-cpu', 'max',
     '-accel', 'tcg',
     '-nographic',
