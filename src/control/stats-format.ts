@@ -62,8 +62,17 @@ export interface StatsReport {
   switches: SwitchStatsRow[];
 }
 
-const COLUMNS: (keyof QueueStatsRow)[] = ['descriptors', 'bytes', 'kicks', 'interrupts', 'drops', 'errors', 'lateInterrupts', 'lateKicks'];
-const HEADERS: Partial<Record<keyof QueueStatsRow, string>> = { lateInterrupts: 'late-irqs', lateKicks: 'late-kicks' };
+/** The queue table's counters and their headers. */
+const COLUMNS: readonly (readonly [keyof QueueStatsRow, string])[] = [
+  ['descriptors', 'descriptors'],
+  ['bytes', 'bytes'],
+  ['kicks', 'kicks'],
+  ['interrupts', 'interrupts'],
+  ['drops', 'drops'],
+  ['errors', 'errors'],
+  ['lateInterrupts', 'late-irqs'],
+  ['lateKicks', 'late-kicks'],
+];
 
 /** An earlier report of the same bridge and how long before: rates are the differences over that time. */
 export interface PreviousReport {
@@ -108,8 +117,8 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
       out.push(`  dirty log ${d.logging ? 'on' : 'off'}: ${d.pagesDirtied} page(s) dirtied by the bridge's writes, ${d.logBases} log base(s) mapped`);
     }
     if (f.faults !== undefined) out.push(`  ${formatFaults(f.faults)}`);
-    const head = ['queue', ...COLUMNS.map((c) => HEADERS[c] ?? c), ...(prev !== undefined ? ['desc/s', 'bytes/s'] : [])];
-    const cells = (q: QueueStatsRow): string[] => [queueLabel(f.type, q.index, f.queues.length), ...COLUMNS.map((c) => String(q[c])), ...(prev !== undefined ? rateCells(f, q, prev) : [])];
+    const head = ['queue', ...COLUMNS.map(([, h]) => h), ...(prev !== undefined ? ['desc/s', 'bytes/s'] : [])];
+    const cells = (q: QueueStatsRow): string[] => [queueLabel(f.type, q.index, f.queues.length), ...COLUMNS.map(([c]) => String(q[c])), ...(prev !== undefined ? rateCells(f, q, prev) : [])];
     const rows = [head, ...f.queues.map(cells)];
     const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)));
     for (const row of rows) out.push('  ' + row.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  '));
