@@ -35,7 +35,8 @@ export const qemuArgsCommand: CommandSpec = {
   description:
     'Without FUNCTION names, every function of the topology. QEMU gets a shared memfd\n' +
     'memory backend (the bridge maps guest memory), a chardev that redials a restarted\n' +
-    'bridge, and the device; libvirt gets the <memoryBacking> and the <interface> or\n' +
+    'bridge, and the device (with --tcg, one vCPU of two possible); libvirt gets the\n' +
+    '<memoryBacking> (with --tcg, the <vcpu>) and the <interface> or\n' +
     '<disk> elements; DPDK gets virtio-user --vdev arguments (net functions only).',
   options: {
     libvirt: { type: 'boolean', help: 'print libvirt domain XML instead' },
@@ -43,7 +44,7 @@ export const qemuArgsCommand: CommandSpec = {
     memory: { type: 'string', arg: 'SIZE', help: 'guest RAM (default 256M)' },
     machine: { type: 'string', arg: 'TYPE', help: 'QEMU machine type with PCI (default q35)', complete: ['q35', 'pc'] },
     packed: { type: 'boolean', help: 'offer packed virtqueues' },
-    tcg: { type: 'boolean', help: 'no MSI-X on net devices (QEMU 7.2 TCG crashes with it on vhost-user-net)' },
+    tcg: { type: 'boolean', help: 'a TCG guest: one vCPU of maxcpus=2 (QEMU 7.2 TCG emits the guest\'s barriers only then), no MSI-X on net devices (it crashes with it on vhost-user-net)' },
   },
   positionals: { name: 'TOPOLOGY.yaml', min: 1, max: Number.MAX_SAFE_INTEGER, complete: 'file' },
   run: async (args) => {
@@ -53,7 +54,7 @@ export const qemuArgsCommand: CommandSpec = {
     const fns = pickFunctions(t, args.positionals.slice(1));
     if (args.flag('libvirt')) {
       const x = libvirtXml(fns, o);
-      process.stdout.write(`<!-- in <domain> -->\n${x.memoryBacking}\n<!-- in <devices> -->\n${x.devices}\n`);
+      process.stdout.write(`<!-- in <domain> -->\n${x.domain}\n<!-- in <devices> -->\n${x.devices}\n`);
     } else if (args.flag('dpdk')) {
       process.stdout.write(formatShellArgs(dpdkArgs(fns, o)));
     } else {

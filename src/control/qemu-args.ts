@@ -13,7 +13,12 @@ export interface AttachOptions {
   machine: string;
   /** Offer packed virtqueues (QEMU packed=on, DPDK packed_vq=1, libvirt packed='on'). */
   packed: boolean;
-  /** No MSI-X on net devices: QEMU 7.2 under TCG crashes when vhost-user-net enables it. */
+  /**
+   * A guest under TCG: no MSI-X on net devices (QEMU 7.2 crashes when vhost-user-net enables it), and
+   * one vCPU of two possible, as only then does QEMU 7.2's TCG give the guest's barriers and locked
+   * instructions to the host (without them its virtio driver and the bridge can miss each other's
+   * notifications; docs/BENCHMARKS.md, "QEMU 7.2's TCG and memory barriers").
+   */
   tcg: boolean;
   /** Seconds between QEMU's redials when the bridge restarts. */
   reconnect: number;
@@ -23,9 +28,10 @@ export const DEFAULT_ATTACH: AttachOptions = { memMiB: 256, machine: 'q35', pack
 
 const MEM_ID = 'vbridge-mem';
 
-/** The options that give a guest memory the bridge can map; once per guest. */
+/** The options that give a guest memory the bridge can map (and, under TCG, its barriers); once per guest. */
 export function qemuMemoryArgs(o: AttachOptions): string[] {
-  return ['-object', `memory-backend-memfd,id=${MEM_ID},size=${o.memMiB}M,share=on`, '-machine', `${o.machine},memory-backend=${MEM_ID}`, '-m', `${o.memMiB}M`];
+  const memory = ['-object', `memory-backend-memfd,id=${MEM_ID},size=${o.memMiB}M,share=on`, '-machine', `${o.machine},memory-backend=${MEM_ID}`, '-m', `${o.memMiB}M`];
+  return o.tcg ? [...memory, '-smp', '1,maxcpus=2'] : memory;
 }
 
 /** QEMU's option syntax doubles a comma inside a value. */
@@ -91,9 +97,10 @@ function diskTarget(i: number): string {
   return `vd${s}`;
 }
 
-/** The <memoryBacking> a domain needs and the device elements for <devices>. */
-export function libvirtXml(fns: readonly FunctionSpec[], o: AttachOptions): { memoryBacking: string; devices: string } {
-  const memoryBacking = ['<memoryBacking>', "  <source type='memfd'/>", "  <access mode='shared'/>", '</memoryBacking>'].join('\n');
+/** The elements for <domain> (its <memoryBacking>; under TCG, its <vcpu> too) and for <devices>. */
+export function libvirtXml(fns: readonly FunctionSpec[], o: AttachOptions): { domain: string; devices: string } {
+  const backing = ['<memoryBacking>', "  <source type='memfd'/>", "  <access mode='shared'/>", '</memoryBacking>'];
+  const domain = (o.tcg ? [...backing, "<vcpu placement='static' current='1'>2</vcpu>"] : backing).join('\n');
   const out: string[] = [];
   let disks = 0;
   for (const f of fns) {
@@ -112,7 +119,7 @@ export function libvirtXml(fns: readonly FunctionSpec[], o: AttachOptions): { me
       out.push(`  <target dev='${diskTarget(disks++)}' bus='virtio'/>`, '</disk>');
     }
   }
-  return { memoryBacking, devices: out.join('\n') };
+  return { domain, devices: out.join('\n') };
 }
 
 /** DPDK EAL arguments for virtio-user on net functions (virtio-user has no blk driver). */

@@ -70,6 +70,12 @@ test('qemuArgs() follows the measured quirks', () => {
   assert.match(a, /-netdev vhost-user,id=n0,chardev=c0,queues=2/);
   assert.match(a, /virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,vectors=0,.*mq=on/);
   assert.match(a, /-chardev socket,id=b0,path=\/tmp\/b\.sock,reconnect=1 -device vhost-user-blk-pci,chardev=b0,num-queues=2/);
+  assert.match(a, /-smp cpus=1,maxcpus=2 /);
+  // What `vbridge qemu-args` printed decides the CPUs: no -smp of the harness's beside it.
+  const attached = qemuArgs({ name: 'y', script: '', timeoutMs: 1, maxCpus: 4, attachArgs: ['-m', '256M', '-smp', '1,maxcpus=2'] }, '/k', '/i');
+  assert.equal(attached.filter((x) => x === '-smp').length, 1);
+  assert.equal(attached[attached.indexOf('-smp') + 1], '1,maxcpus=2');
+  assert.ok(!qemuArgs({ name: 'z', script: '', timeoutMs: 1, attachArgs: ['-m', '256M'] }, '/k', '/i').includes('-smp'));
 });
 
 test('heavy lock excludes another process and is freed when its holder dies', async () => {

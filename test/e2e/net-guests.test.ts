@@ -5,7 +5,7 @@
  * Both run packed rings (packed=on; the split rings of the same scripts are
  * the PCIe net test's guests), and each proves from its features file that
  * VIRTIO_F_RING_PACKED was negotiated. Guest B is attached with the options
- * `vbridge qemu-args` prints, so they are proven against a real QEMU and kernel.
+ * `vbridge qemu-args --tcg` prints (its CPUs too), so they are proven against a real QEMU and kernel.
  * The bridge serves its HTTP API meanwhile:
  * /metrics scraped during the traffic passes `promtool check metrics` and its
  * counters move, and the API's functions match what `vbridge stats` reports.
@@ -36,6 +36,7 @@ const SCRIPT_A = scriptA(true);
 // After its traffic, B watches its carrier while the host takes net1's link down and up
 // (vbridge fault): each change is printed, and it stops once it has seen 1, 0, 1.
 const SCRIPT_B_LINK = `${SCRIPT_B}
+echo POSSIBLE=$(cat /sys/devices/system/cpu/possible)
 echo CARRIER_WATCH=1
 last=x; seq=; n=0
 while [ $n -lt 1200 ]; do
@@ -120,6 +121,8 @@ test('two packed-ring guests on one switch: ping 56/1400 B without loss, 8 MiB t
       assert.equal(vb.GOT_MD5, va.BLOB_MD5);
       assert.equal(va.A_DONE, '1');
       assert.equal(vb.CARRIER_SEQ, '101', 'guest B saw its carrier go and come back');
+      // Its CPUs are what qemu-args --tcg printed: one vCPU of two possible.
+      assert.equal(vb.POSSIBLE, '0-1', 'guest B runs with maxcpus=2 from vbridge qemu-args --tcg');
       assert.deepEqual(fx.fnStats('net1').faults, { active: { dmaError: 0, dropInterrupt: 0, delay: null, linkDown: false, backendDown: false }, injected: { 'link-down': 1, 'dma-error': 0, 'drop-interrupt': 0, delay: 0, 'backend-down': 0 } });
       const metrics = await httpRequest(api.address, 'GET', '/metrics');
       assert.equal(sampleValue(metrics.text, 'vbridge_faults_injected_total', { function: 'net1', kind: 'link-down' }), 1);

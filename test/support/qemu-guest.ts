@@ -84,7 +84,7 @@ export interface GuestOptions {
   append?: string;
   /** More QEMU arguments, appended last. */
   extraArgs?: readonly string[];
-  /** What `vbridge qemu-args` printed: replaces the default memory and machine options, goes before extraArgs. */
+  /** What `vbridge qemu-args` printed: replaces the default memory, machine and CPU options (cpus and maxCpus are ignored), goes before extraArgs. */
   attachArgs?: readonly string[];
   /** Rejects `done` after this long (QEMU is killed first). */
   timeoutMs: number;
@@ -196,8 +196,8 @@ export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): st
   const cpus = opts.cpus ?? 1;
   const args: string[] = [
     '-name', opts.name,
-    ...(opts.attachArgs ?? memory),
-    '-smp', `cpus=${cpus},maxcpus=${Math.max(cpus, opts.maxCpus ?? 2)}`,
+    // A guest attached with what `vbridge qemu-args` printed runs on that alone, its CPUs included.
+    ...(opts.attachArgs ?? [...memory, '-smp', `cpus=${cpus},maxcpus=${Math.max(cpus, opts.maxCpus ?? 2)}`]),
     '-cpu', 'max',
     '-accel', 'tcg',
     '-nographic',

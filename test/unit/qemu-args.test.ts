@@ -31,6 +31,7 @@ test('qemu-args: shared memfd memory once, a reconnecting chardev and the right 
     '-object', 'memory-backend-memfd,id=vbridge-mem,size=256M,share=on',
     '-machine', 'q35,memory-backend=vbridge-mem',
     '-m', '256M',
+    '-smp', '1,maxcpus=2',
     '-chardev', `socket,id=vbridge-net0,path=${sock('net0.sock')},reconnect=1`,
     '-netdev', 'vhost-user,id=vbridge-net0,chardev=vbridge-net0',
     '-device', 'virtio-net-pci,netdev=vbridge-net0,mac=52:54:00:12:34:01,vectors=0',
@@ -43,6 +44,7 @@ test('qemu-args: shared memfd memory once, a reconnecting chardev and the right 
   // Without --tcg a multiqueue net device gets a vector per queue, config and control; packed where asked.
   const msix = qemuArgs([t.functions[1]], { ...DEFAULT_ATTACH, packed: true, memMiB: 1024 });
   assert.equal(msix[1], 'memory-backend-memfd,id=vbridge-mem,size=1024M,share=on');
+  assert.ok(!msix.includes('-smp'), 'the CPUs are the user\'s own without --tcg');
   assert.equal(msix.at(-1), 'virtio-net-pci,netdev=vbridge-net1,mq=on,vectors=6,packed=on');
 
   // The printed text, pasted into a shell, is exactly that argv (the folder name has a space).
@@ -76,14 +78,14 @@ test('qemu-args --dpdk: virtio-user devargs for net functions, a clear refusal f
 test('qemu-args --libvirt: shared memfd memory backing, vhostuser interface and disk elements', () => {
   const { file, dir } = topology();
   const x = libvirtXml(loadTopology(file).functions, DEFAULT_ATTACH);
-  assert.equal(x.memoryBacking, "<memoryBacking>\n  <source type='memfd'/>\n  <access mode='shared'/>\n</memoryBacking>");
+  assert.equal(x.domain, "<memoryBacking>\n  <source type='memfd'/>\n  <access mode='shared'/>\n</memoryBacking>");
   assert.match(x.devices, new RegExp(`<interface type='vhostuser'>\\n  <mac address='52:54:00:12:34:01'/>\\n  <source type='unix' path='${path.join(dir, 'net0.sock')}' mode='client'>\\n    <reconnect enabled='yes' timeout='1'/>`));
   assert.match(x.devices, /<driver queues='2'\/>\n<\/interface>/);
   assert.match(x.devices, /<disk type='vhostuser' device='disk'>\n {2}<driver name='qemu' type='raw' queues='2'\/>\n {2}<source type='unix' path='[^']*blk0\.sock'>/);
   assert.match(x.devices, /<target dev='vda' bus='virtio'\/>/);
   const r = vbridge(['qemu-args', file, '--libvirt']);
   assert.equal(r.code, 0, r.err);
-  assert.equal(r.out, `<!-- in <domain> -->\n${x.memoryBacking}\n<!-- in <devices> -->\n${x.devices}\n`);
+  assert.equal(r.out, `<!-- in <domain> -->\n${x.domain}\n<!-- in <devices> -->\n${x.devices}\n`);
   // Paths are attribute values: quotes and ampersands are escaped.
   const odd = libvirtXml([{ ...loadTopology(file).functions[2], socket: "/r/a'b&c.sock" }], DEFAULT_ATTACH);
   assert.match(odd.devices, /path='\/r\/a&apos;b&amp;c\.sock'/);
@@ -91,12 +93,14 @@ test('qemu-args --libvirt: shared memfd memory backing, vhostuser interface and 
 
 test('qemu-args --libvirt: the elements in a domain pass libvirt\'s own schema (virt-xml-validate)', () => {
   const { file } = topology();
-  const r = vbridge(['qemu-args', file, '--libvirt', '--packed']);
+  const r = vbridge(['qemu-args', file, '--libvirt', '--packed', '--tcg']);
   assert.equal(r.code, 0, r.err);
   const [domainPart, devices] = r.out.split('<!-- in <devices> -->\n');
-  const memoryBacking = (domainPart ?? '').replace('<!-- in <domain> -->\n', '');
+  const domainElements = (domainPart ?? '').replace('<!-- in <domain> -->\n', '');
+  // Under TCG, one vCPU of two possible (QEMU's maxcpus=2).
+  assert.match(domainElements, /<vcpu placement='static' current='1'>2<\/vcpu>/);
   const domain = (devs: string): string =>
-    `<domain type='qemu'>\n<name>vb</name>\n<memory unit='MiB'>256</memory>\n${memoryBacking}<os><type arch='x86_64' machine='q35'>hvm</type></os>\n<devices>\n${devs}</devices>\n</domain>\n`;
+    `<domain type='qemu'>\n<name>vb</name>\n<memory unit='MiB'>256</memory>\n${domainElements}<os><type arch='x86_64' machine='q35'>hvm</type></os>\n<devices>\n${devs}</devices>\n</domain>\n`;
   const dir = tempDir('libvirt-xml-');
   const validate = (xml: string): { status: number | null; text: string } => {
     const f = path.join(dir, 'domain.xml');
