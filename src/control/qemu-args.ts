@@ -28,8 +28,8 @@ export const DEFAULT_ATTACH: AttachOptions = { memMiB: 256, machine: 'q35', pack
 
 const MEM_ID = 'vbridge-mem';
 
-/** The options that give a guest memory the bridge can map (and, under TCG, its barriers); once per guest. */
-export function qemuMemoryArgs(o: AttachOptions): string[] {
+/** The options once per guest: memory the bridge can map and, under TCG, the CPUs that give it barriers. */
+export function qemuGuestArgs(o: AttachOptions): string[] {
   const memory = ['-object', `memory-backend-memfd,id=${MEM_ID},size=${o.memMiB}M,share=on`, '-machine', `${o.machine},memory-backend=${MEM_ID}`, '-m', `${o.memMiB}M`];
   return o.tcg ? [...memory, '-smp', '1,maxcpus=2'] : memory;
 }
@@ -58,7 +58,7 @@ export function qemuDeviceArgs(f: FunctionSpec, o: AttachOptions): string[] {
 }
 
 export function qemuArgs(fns: readonly FunctionSpec[], o: AttachOptions): string[] {
-  return [...qemuMemoryArgs(o), ...fns.flatMap((f) => qemuDeviceArgs(f, o))];
+  return [...qemuGuestArgs(o), ...fns.flatMap((f) => qemuDeviceArgs(f, o))];
 }
 
 /** Words a POSIX shell keeps as they are; anything else is single-quoted. */
