@@ -29,6 +29,7 @@ import { createRawImage, startStorageDaemon, type StorageDaemon } from '../test/
 import { QmpClient, type QmpEvent } from '../test/support/qmp';
 import { freePort } from '../test/support/free-port';
 import { fetchJson } from '../src/control/control-server';
+import { TCG_MAX_CPUS } from '../src/control/qemu-args';
 import type { StatsReport } from '../src/control/stats-format';
 import { stopChild } from './net';
 import { bounded, type Outcome } from './measure';
@@ -188,12 +189,11 @@ function wantedLoads(): MigLoad[] {
 }
 
 /**
- * BENCH_MIGRATION_MAXCPUS: the vCPUs each guest may have (one runs), 2 by
- * default as every test guest; 1 gives a TCG guest without barriers
- * (docs/BENCHMARKS.md, "QEMU 7.2's TCG and memory barriers").
+ * BENCH_MIGRATION_MAXCPUS: the vCPUs each guest may have (one runs), TCG_MAX_CPUS
+ * by default as every test guest; 1 gives a TCG guest without barriers.
  */
 function maxCpus(): number {
-  const v = Number(process.env.BENCH_MIGRATION_MAXCPUS ?? 2);
+  const v = Number(process.env.BENCH_MIGRATION_MAXCPUS ?? TCG_MAX_CPUS);
   if (!Number.isInteger(v) || v < 1 || v > 8) throw new Error(`BENCH_MIGRATION_MAXCPUS: 1 to 8, not ${process.env.BENCH_MIGRATION_MAXCPUS}`);
   return v;
 }
@@ -395,6 +395,14 @@ async function startNetBackends(kind: NetMigBackend, dir: string): Promise<Backe
   };
 }
 
+/** What a series' guest is: the same for every migration of it. */
+interface GuestPlan {
+  script: string;
+  /** downtime-limit 1 ms until CONVERGE_SYNCS dirty syncs. */
+  converge: boolean;
+  maxCpus: number;
+}
+
 interface Running {
   g: Guest;
   qmp: QmpClient;
@@ -417,9 +425,8 @@ class PingPong {
   constructor(
     private readonly name: string,
     private readonly dir: string,
-    private readonly script: string,
+    private readonly plan: GuestPlan,
     private readonly be: Backends,
-    private readonly converge: boolean,
   ) {}
 
   private opts(side: 0 | 1, qmpSocket: string, extraArgs: string[] = []): GuestOptions {
@@ -428,7 +435,7 @@ class PingPong {
     // QEMU's own trace of the migration and its vhost-user messages says where a downtime goes (a few hundred lines a migration).
     const trace = ['-msg', 'timestamp=on', '-D', this.traceFile(name), ...TRACED.flatMap((t) => ['-trace', t])];
     const dev = this.be.devices(side);
-    return { name, script: this.script, memMiB: GUEST_MIB, maxCpus: maxCpus(), blks: dev.blks, nets: dev.nets, qmpSocket, extraArgs: [...trace, ...(dev.extraArgs ?? []), ...extraArgs], timeoutMs: 3_600_000 };
+    return { name, script: this.plan.script, memMiB: GUEST_MIB, maxCpus: this.plan.maxCpus, blks: dev.blks, nets: dev.nets, qmpSocket, extraArgs: [...trace, ...(dev.extraArgs ?? []), ...extraArgs], timeoutMs: 3_600_000 };
   }
 
   /** BENCH_MIGRATION_TRACE=DIR keeps the traces there; otherwise they go with the bench's temp dir. */
@@ -469,7 +476,7 @@ class PingPong {
     this.track(dst, dqmp);
     const st = await dqmp.execute<{ status: string }>('query-status');
     if (st.status !== 'inmigrate') throw new Error(`destination is ${st.status}, not inmigrate`);
-    const converge = this.converge;
+    const converge = this.plan.converge;
     await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': MAX_BANDWIDTH_MIBS * MiB, 'downtime-limit': converge ? 1 : downtimeLimitMs() });
     const srcEvents = src.qmp.events.length;
     const before = await this.be.counters?.(src.side);
@@ -532,8 +539,7 @@ class PingPong {
 async function series(
   what: string,
   name: string,
-  converge: boolean,
-  script: string,
+  plan: GuestPlan,
   runs: number,
   root: string,
   start: (dir: string) => Promise<Backends>,
@@ -542,7 +548,7 @@ async function series(
   const started = await bounded(`${what}: back-ends`, 90_000, () => start(dir));
   if (!started.ok) return Array.from({ length: runs }, () => ({ ok: false, error: started.error }));
   const be = started.value;
-  const pp = new PingPong(`mig-${name}`, dir, script, be, converge);
+  const pp = new PingPong(`mig-${name}`, dir, plan, be);
   const out: Outcome<MigrationSample>[] = [];
   try {
     for (let i = 1; i <= runs; i++) {
@@ -564,6 +570,7 @@ export async function migrationBench(runs: number): Promise<MigrationResult> {
   const converging = convergeLoads();
   const loads = wantedLoads();
   const cpus = maxCpus();
+  const plan = (load: MigLoad, script: string): GuestPlan => ({ script, converge: converging.includes(load), maxCpus: cpus });
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'vbridge-bench-mig-'));
   try {
     const image = path.join(root, 'disk.img');
@@ -575,14 +582,14 @@ export async function migrationBench(runs: number): Promise<MigrationResult> {
     for (const load of MIG_LOADS) {
       blk[load] = {} as Record<BlkMigDisk, Outcome<MigrationSample>[]>;
       for (const disk of BLK_MIG_DISKS) {
-        blk[load][disk] = !wanted('blk', disk) || !loads.includes(load) ? [] : await series(`migration blk ${disk} ${load}`, `${disk}-${load}`, converging.includes(load), load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT, runs, root, (dir) => startBackends(disk, dir, image));
+        blk[load][disk] = !wanted('blk', disk) || !loads.includes(load) ? [] : await series(`migration blk ${disk} ${load}`, `${disk}-${load}`, plan(load, load === 'idle' ? IDLE_SCRIPT : BUSY_SCRIPT), runs, root, (dir) => startBackends(disk, dir, image));
       }
     }
     const net = {} as MigrationResult['net'];
     for (const load of MIG_LOADS) {
       net[load] = {} as Record<NetMigBackend, Outcome<MigrationSample>[]>;
       for (const kind of NET_MIG_BACKENDS) {
-        net[load][kind] = !wanted('net', kind) || !loads.includes(load) ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, converging.includes(load), load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT, runs, root, (dir) => startNetBackends(kind, dir));
+        net[load][kind] = !wanted('net', kind) || !loads.includes(load) ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, plan(load, load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT), runs, root, (dir) => startNetBackends(kind, dir));
       }
     }
     return { guestMiB: GUEST_MIB, maxCpus: cpus, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), convergeSyncs: CONVERGE_SYNCS, convergeLoads: converging, blk, net };

@@ -13,12 +13,7 @@ export interface AttachOptions {
   machine: string;
   /** Offer packed virtqueues (QEMU packed=on, DPDK packed_vq=1, libvirt packed='on'). */
   packed: boolean;
-  /**
-   * A guest under TCG: no MSI-X on net devices (QEMU 7.2 crashes when vhost-user-net enables it), and
-   * one vCPU of two possible, as only then does QEMU 7.2's TCG give the guest's barriers and locked
-   * instructions to the host (without them its virtio driver and the bridge can miss each other's
-   * notifications; docs/BENCHMARKS.md, "QEMU 7.2's TCG and memory barriers").
-   */
+  /** A guest under TCG: no MSI-X on net devices (QEMU 7.2 crashes when vhost-user-net enables it), and one vCPU of TCG_MAX_CPUS possible. */
   tcg: boolean;
   /** Seconds between QEMU's redials when the bridge restarts. */
   reconnect: number;
@@ -26,12 +21,22 @@ export interface AttachOptions {
 
 export const DEFAULT_ATTACH: AttachOptions = { memMiB: 256, machine: 'q35', packed: false, tcg: false, reconnect: 1 };
 
+/**
+ * The vCPUs a one-vCPU TCG guest is told it may have. Only above one does QEMU
+ * 7.2's TCG translate the guest's barriers and locked instructions into the
+ * host's (CF_PARALLEL): without them Linux's re-arm of a queue (store
+ * used_event, barrier, re-read used.idx) can miss a back-end's publish in
+ * another process, and a back-end that does not look again waits for good
+ * (docs/BENCHMARKS.md, "QEMU 7.2's TCG and memory barriers").
+ */
+export const TCG_MAX_CPUS = 2;
+
 const MEM_ID = 'vbridge-mem';
 
 /** The options once per guest: memory the bridge can map and, under TCG, the CPUs that give it barriers. */
 export function qemuGuestArgs(o: AttachOptions): string[] {
   const memory = ['-object', `memory-backend-memfd,id=${MEM_ID},size=${o.memMiB}M,share=on`, '-machine', `${o.machine},memory-backend=${MEM_ID}`, '-m', `${o.memMiB}M`];
-  return o.tcg ? [...memory, '-smp', '1,maxcpus=2'] : memory;
+  return o.tcg ? [...memory, '-smp', `1,maxcpus=${TCG_MAX_CPUS}`] : memory;
 }
 
 /** QEMU's option syntax doubles a comma inside a value. */
@@ -100,7 +105,7 @@ function diskTarget(i: number): string {
 /** The elements for <domain> (its <memoryBacking>; under TCG, its <vcpu> too) and for <devices>. */
 export function libvirtXml(fns: readonly FunctionSpec[], o: AttachOptions): { domain: string; devices: string } {
   const backing = ['<memoryBacking>', "  <source type='memfd'/>", "  <access mode='shared'/>", '</memoryBacking>'];
-  const domain = (o.tcg ? [...backing, "<vcpu placement='static' current='1'>2</vcpu>"] : backing).join('\n');
+  const domain = (o.tcg ? [...backing, `<vcpu placement='static' current='1'>${TCG_MAX_CPUS}</vcpu>`] : backing).join('\n');
   const out: string[] = [];
   let disks = 0;
   for (const f of fns) {

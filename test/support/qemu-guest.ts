@@ -19,6 +19,7 @@ import { copyFile, mkdtemp, appendFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { buildCpio, type CpioEntry } from './guest-cpio';
+import { TCG_MAX_CPUS } from '../../src/control/qemu-args';
 
 export interface GuestNet {
   /** vhost-user socket of the back-end (QEMU connects to it unless `server`). */
@@ -63,14 +64,7 @@ export interface GuestOptions {
   memMiB?: number;
   /** vCPUs (default 1). */
   cpus?: number;
-  /**
-   * vCPUs the guest may have (-smp maxcpus; default 2, or cpus if more). Above 1, QEMU 7.2's TCG
-   * translates the guest's barriers and locked instructions into the host's (CF_PARALLEL) even
-   * with one vCPU running: without them Linux's re-arm of a queue (store used_event, barrier,
-   * re-read used.idx) can miss a back-end's publish in another process, and a back-end that does
-   * not look again waits for good (docs/BENCHMARKS.md, "QEMU 7.2's TCG and memory barriers").
-   * 1 gives the guest of before, whose barriers are no-ops.
-   */
+  /** vCPUs the guest may have (-smp maxcpus; default TCG_MAX_CPUS, or cpus if more); 1 gives a guest whose barriers are no-ops. */
   maxCpus?: number;
   nets?: readonly GuestNet[];
   blks?: readonly GuestBlk[];
@@ -197,7 +191,7 @@ export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): st
   const args: string[] = [
     '-name', opts.name,
     // A guest attached with what `vbridge qemu-args` printed runs on that alone, its CPUs included.
-    ...(opts.attachArgs ?? [...memory, '-smp', `cpus=${cpus},maxcpus=${Math.max(cpus, opts.maxCpus ?? 2)}`]),
+    ...(opts.attachArgs ?? [...memory, '-smp', `cpus=${cpus},maxcpus=${Math.max(cpus, opts.maxCpus ?? TCG_MAX_CPUS)}`]),
     '-cpu', 'max',
     '-accel', 'tcg',
     '-nographic',
