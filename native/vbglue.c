@@ -359,28 +359,32 @@ static napi_value vb_connect(napi_env env, napi_callback_info info) {
   return num(env, fd);
 }
 
-static napi_value recv_result(napi_env env, double n, const int *fds,
-                              size_t nfds) {
-  napi_value res, arr, v;
-  if (napi_create_object(env, &res) != napi_ok ||
-      napi_create_array_with_length(env, nfds, &arr) != napi_ok)
-    goto fail;
-  for (size_t i = 0; i < nfds; i++)
-    if (napi_create_int32(env, fds[i], &v) != napi_ok ||
-        napi_set_element(env, arr, (uint32_t)i, v) != napi_ok)
-      goto fail;
-  if (napi_create_double(env, n, &v) != napi_ok ||
-      napi_set_named_property(env, res, "n", v) != napi_ok ||
-      napi_set_named_property(env, res, "fds", arr) != napi_ok)
-    goto fail;
-  return res;
-fail:
-  close_all(fds, nfds); /* JS never saw them: don't leak */
-  return fail_napi(env, "recvmsg result");
+/* recvmsg's fds go onto the caller's array and its result is the count alone:
+ * a result object cost a property-name lookup and a shape transition per
+ * message, a tenth of a cold vhost-user device stop (docs/BENCHMARKS.md). */
+static bool push_fds(napi_env env, napi_value arr, const int *fds, size_t nfds) {
+  uint32_t at = 0, len = 0;
+  napi_value v;
+  size_t i = 0;
+  /* An fd counts as handed over once the array's length shows it: a frozen
+   * or sealed array ignores the store without an error. */
+  if (nfds > 0 && napi_get_array_length(env, arr, &at) == napi_ok)
+    for (; i < nfds; i++)
+      if (napi_create_int32(env, fds[i], &v) != napi_ok ||
+          napi_set_element(env, arr, at + (uint32_t)i, v) != napi_ok ||
+          napi_get_array_length(env, arr, &len) != napi_ok ||
+          len != at + (uint32_t)i + 1)
+        break;
+  if (i == nfds)
+    return true;
+  close_all(fds + i, nfds - i); /* JS never saw these: don't leak */
+  fail_napi(env, "recvmsg fds");
+  return false;
 }
 
 static napi_value vb_recvmsg(napi_env env, napi_callback_info info) {
-  napi_value argv[4];
+  napi_value argv[5];
+  bool is_arr = false;
   int fd;
   uint8_t *p;
   size_t len;
@@ -396,9 +400,12 @@ static napi_value vb_recvmsg(napi_env env, napi_callback_info info) {
   size_t nfds = 0;
 
   /* len >= 1: a 0-byte read would be indistinguishable from EOF. */
-  if (!get_args(env, info, 4, argv, NULL) || !arg_fd(env, argv[0], "fd", &fd) ||
+  if (!get_args(env, info, 5, argv, NULL) || !arg_fd(env, argv[0], "fd", &fd) ||
       !arg_bytes(env, argv[1], argv[2], argv[3], 1, &p, &len))
     return NULL;
+  /* Checked before the syscall: nothing read is ever dropped for a bad argument. */
+  if (napi_is_array(env, argv[4], &is_arr) != napi_ok || !is_arr)
+    return throw_type(env, "fds must be an array");
   iov.iov_base = p;
   iov.iov_len = len;
   memset(&msg, 0, sizeof msg);
@@ -409,7 +416,7 @@ static napi_value vb_recvmsg(napi_env env, napi_callback_info info) {
   RETRY_EINTR(n, recvmsg(fd, &msg, MSG_CMSG_CLOEXEC));
   if (n < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK)
-      return recv_result(env, -1, NULL, 0);
+      return num(env, -1);
     return throw_errno(env, "recvmsg", NULL, errno);
   }
   for (c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
@@ -427,7 +434,9 @@ static napi_value vb_recvmsg(napi_env env, napi_callback_info info) {
     return throw_errno(env, "recvmsg", "(control data truncated, fds lost)",
                        EMSGSIZE);
   }
-  return recv_result(env, (double)n, fds, nfds);
+  if (!push_fds(env, argv[4], fds, nfds))
+    return NULL;
+  return num(env, (double)n);
 }
 
 static napi_value vb_sendmsg(napi_env env, napi_callback_info info) {
@@ -889,6 +898,9 @@ typedef struct {
   napi_env env;
   napi_ref self; /* weak while stopped; strong while started, so a watching
                     poller is not collected and its callback stays reachable */
+  napi_ref cb;   /* weak: the object's read-only "callback" holds it; looked up
+                    by name on every poll, it cost a string-table probe each
+                    time, which a cold control message pays in cache misses */
   napi_async_context actx;
   bool active;      /* started; self is strong */
   bool wrapped;     /* the JS object still points at us */
@@ -924,9 +936,12 @@ static void poller_release_js(poller *p, bool from_hook) {
     napi_remove_env_cleanup_hook(p->env, poller_cleanup_hook, p);
   if (p->self != NULL)
     napi_delete_reference(p->env, p->self);
+  if (p->cb != NULL)
+    napi_delete_reference(p->env, p->cb);
   if (p->actx != NULL)
     napi_async_destroy(p->env, p->actx);
   p->self = NULL;
+  p->cb = NULL;
   p->actx = NULL;
 }
 
@@ -967,7 +982,7 @@ static void poller_on_poll(uv_poll_t *h, int status, int events) {
   if (napi_open_handle_scope(env, &scope) != napi_ok)
     return;
   if (napi_get_reference_value(env, p->self, &self) == napi_ok && self != NULL &&
-      napi_get_named_property(env, self, "callback", &cb) == napi_ok &&
+      napi_get_reference_value(env, p->cb, &cb) == napi_ok && cb != NULL &&
       napi_create_int32(env, status, &argv[0]) == napi_ok &&
       napi_create_int32(env, events, &argv[1]) == napi_ok) {
     /* napi_make_callback (not napi_call_function): runs async hooks and
@@ -1038,6 +1053,7 @@ static napi_value poller_new(napi_env env, napi_callback_info info) {
   if (napi_create_string_utf8(env, "vbglue.Poller", NAPI_AUTO_LENGTH,
                               &name) != napi_ok ||
       napi_create_reference(env, self, 0, &p->self) != napi_ok ||
+      napi_create_reference(env, argv[1], 0, &p->cb) != napi_ok ||
       napi_async_init(env, self, name, &p->actx) != napi_ok ||
       napi_add_env_cleanup_hook(env, poller_cleanup_hook, p) != napi_ok ||
       napi_wrap(env, self, p, poller_finalize, NULL, NULL) != napi_ok) {

@@ -8,13 +8,6 @@
  */
 import * as path from 'node:path';
 
-export interface RecvResult {
-  /** Bytes read; 0 means the peer closed; -1 means EAGAIN (nothing to read now). */
-  n: number;
-  /** File descriptors received with these bytes (already O_CLOEXEC). */
-  fds: number[];
-}
-
 /**
  * A uv_poll watcher on the creating thread's own event loop (main thread or
  * worker). While started it keeps itself (and the loop) alive even without a
@@ -44,8 +37,12 @@ export interface Addon {
   accept(fd: number): number;
   /** Connected Unix stream socket (blocking connect, then non-blocking), CLOEXEC. */
   connect(path: string): number;
-  /** recvmsg into buf[off..off+len) (len >= 1) with MSG_CMSG_CLOEXEC; collects SCM_RIGHTS fds. */
-  recvmsg(fd: number, buf: Uint8Array, off: number, len: number): RecvResult;
+  /**
+   * recvmsg into buf[off..off+len) (len >= 1) with MSG_CMSG_CLOEXEC: bytes read, 0
+   * when the peer closed, -1 on EAGAIN. SCM_RIGHTS fds that came with the bytes
+   * (already O_CLOEXEC) are appended to `fds`, which the caller then owns.
+   */
+  recvmsg(fd: number, buf: Uint8Array, off: number, len: number, fds: number[]): number;
   /**
    * sendmsg of buf[off..off+len) with fds (at most 253; then len >= 1) as SCM_RIGHTS,
    * MSG_NOSIGNAL; returns bytes sent or -1 on EAGAIN (then no fd was passed).

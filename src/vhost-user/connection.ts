@@ -210,27 +210,25 @@ export class VhostUserConnection {
   private readMessages(): void {
     const a = native();
     while (!this.isClosed && !this.paused) {
-      let r: { n: number; fds: number[] };
+      let n: number;
       try {
-        r = a.recvmsg(this.fd, this.buf, this.got, this.need - this.got);
+        // The message's fds go straight onto this.fds (close() closes them on any failure).
+        n = a.recvmsg(this.fd, this.buf, this.got, this.need - this.got, this.fds);
       } catch (e) {
         this.close(new ConnectionError(`${this.label}: receive failed: ${asError(e, 'recvmsg').message}`));
         return;
       }
-      if (r.fds.length > 0) {
-        for (const fd of r.fds) this.fds.push(fd);
-        if (this.fds.length > MAX_FDS_PER_MESSAGE) {
-          this.close(this.protocolError(`carries ${this.fds.length} fds; no message takes more than ${MAX_FDS_PER_MESSAGE}`));
-          return;
-        }
+      if (this.fds.length > MAX_FDS_PER_MESSAGE) {
+        this.close(this.protocolError(`carries ${this.fds.length} fds; no message takes more than ${MAX_FDS_PER_MESSAGE}`));
+        return;
       }
-      if (r.n < 0) return;
-      if (r.n === 0) {
+      if (n < 0) return;
+      if (n === 0) {
         const mid = this.got > 0 || this.fds.length > 0;
         this.close(mid ? this.protocolError(`peer closed in the middle of a message (${this.got} of ${this.need} bytes)`) : undefined);
         return;
       }
-      this.got += r.n;
+      this.got += n;
       if (this.got < this.need) continue;
       if (this.hdr === null) {
         const h = decodeHeader(this.buf, 0);

@@ -155,7 +155,7 @@ class Hostile {
     if (this.rings !== null) return;
     const buf = new Uint8Array(4096);
     try {
-      while (native().recvmsg(this.fd, buf, 0, buf.length).n > 0);
+      while (native().recvmsg(this.fd, buf, 0, buf.length, []) > 0);
     } catch {
       // Reset by the server: the next step reconnects.
     }

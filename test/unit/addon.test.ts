@@ -111,11 +111,13 @@ function passMemfdAndEventfd(from: number, to: number, marker: number): void {
   const payload = Buffer.from('fds!');
   assert.equal(addon.sendmsg(from, payload, 0, payload.length, [memfd, efd]), payload.length);
   const buf = Buffer.alloc(16);
-  const r = addon.recvmsg(to, buf, 0, buf.length);
-  assert.equal(r.n, payload.length);
-  assert.equal(buf.subarray(0, r.n).toString(), 'fds!');
-  assert.equal(r.fds.length, 2);
-  const [rmem, refd] = r.fds;
+  const got = [-1];
+  const n = addon.recvmsg(to, buf, 0, buf.length, got);
+  assert.equal(n, payload.length);
+  assert.equal(buf.subarray(0, n).toString(), 'fds!');
+  assert.equal(got.length, 3, 'the fds are appended to what the array held');
+  assert.equal(got[0], -1);
+  const [rmem, refd] = got.slice(1);
   assert.notEqual(rmem, memfd, 'received fd is a new descriptor');
   assert.ok(fdFlags(rmem) & O_CLOEXEC, 'received memfd is O_CLOEXEC (MSG_CMSG_CLOEXEC)');
   assert.ok(fdFlags(refd) & O_CLOEXEC, 'received eventfd is O_CLOEXEC');
@@ -159,14 +161,37 @@ test('socketpair: each message keeps its own fds when read with exact lengths', 
   assert.equal(addon.sendmsg(a, hdr, 0, 12, [m2, m3]), 12);
 
   const buf = new Uint8Array(12);
-  const r1 = addon.recvmsg(b, buf, 0, 12);
-  const r2 = addon.recvmsg(b, buf, 0, 12);
-  const r3 = addon.recvmsg(b, buf, 0, 12);
-  assert.deepEqual([r1.n, r2.n, r3.n], [12, 12, 12]);
-  assert.deepEqual(r1.fds.map((fd) => addon.fdSize(fd)), [PAGE]);
-  assert.deepEqual(r2.fds, []);
-  assert.deepEqual(r3.fds.map((fd) => addon.fdSize(fd)), [2 * PAGE, 3 * PAGE]);
-  for (const fd of [a, b, m1, m2, m3, ...r1.fds, ...r3.fds]) addon.close(fd);
+  const f1: number[] = [];
+  const f2: number[] = [];
+  const f3: number[] = [];
+  const ns = [addon.recvmsg(b, buf, 0, 12, f1), addon.recvmsg(b, buf, 0, 12, f2), addon.recvmsg(b, buf, 0, 12, f3)];
+  assert.deepEqual(ns, [12, 12, 12]);
+  assert.deepEqual(f1.map((fd) => addon.fdSize(fd)), [PAGE]);
+  assert.deepEqual(f2, []);
+  assert.deepEqual(f3.map((fd) => addon.fdSize(fd)), [2 * PAGE, 3 * PAGE]);
+  for (const fd of [a, b, m1, m2, m3, ...f1, ...f3]) addon.close(fd);
+});
+
+test('recvmsg: a bad fds argument reads nothing; fds the array cannot take are closed, not leaked', () => {
+  const [a, b] = addon.socketpair();
+  const m = addon.memfd('vbkeep', PAGE);
+  const hdr = Buffer.from('0123456789ab');
+  assert.equal(addon.sendmsg(a, hdr, 0, 12, [m]), 12);
+  const buf = new Uint8Array(12);
+  const loose = addon as unknown as Record<string, (...args: unknown[]) => unknown>;
+  assert.throws(() => loose.recvmsg(b, buf, 0, 12, null), { name: 'TypeError' });
+  // The message is still there, with its fd.
+  const fds: number[] = [];
+  assert.equal(addon.recvmsg(b, buf, 0, 12, fds), 12);
+  assert.deepEqual(fds.map((fd) => addon.fdSize(fd)), [PAGE]);
+  addon.close(fds[0] as number);
+
+  const open = (): number => fs.readdirSync('/proc/self/fd').length;
+  assert.equal(addon.sendmsg(a, hdr, 0, 12, [m, m]), 12);
+  const before = open();
+  assert.throws(() => addon.recvmsg(b, buf, 0, 12, Object.freeze([]) as unknown as number[]), /recvmsg fds/);
+  assert.equal(open(), before, 'both received fds closed');
+  for (const fd of [a, b, m]) addon.close(fd);
 });
 
 test('listen/connect/accept: Poller sees the connection, fds pass both ways, EOF reads 0', { timeout: 20000 }, async () => {
@@ -194,7 +219,9 @@ test('listen/connect/accept: Poller sees the connection, fds pass both ways, EOF
 
     addon.close(cfd);
     const buf = new Uint8Array(8);
-    assert.deepEqual(addon.recvmsg(sfd, buf, 0, 8), { n: 0, fds: [] });
+    const fds: number[] = [];
+    assert.equal(addon.recvmsg(sfd, buf, 0, 8, fds), 0);
+    assert.deepEqual(fds, []);
     addon.close(sfd);
 
     // The socket file outlives the listener; listen() must replace the stale one.
@@ -533,7 +560,7 @@ test('worker_thread: an exception thrown by a Poller callback is not swallowed',
 test('EAGAIN: empty reads and a full socket return -1; the fds of a refused sendmsg stay ours', () => {
   const [a, b] = addon.socketpair();
   const buf = Buffer.alloc(65536, 7);
-  assert.deepEqual(addon.recvmsg(b, buf, 0, 16), { n: -1, fds: [] });
+  assert.equal(addon.recvmsg(b, buf, 0, 16, []), -1);
   assert.equal(addon.read(b, buf, 0, 16), -1);
 
   let total = 0;
@@ -590,8 +617,7 @@ test('read/write honour off, len and the view byteOffset; EOF reads 0', () => {
   assert.deepEqual([...into], [0, 0, 0, 0, 12, 13, 14, 0]);
 
   assert.equal(addon.sendmsg(a, view, 9, 1, []), 1); // last byte of the view: 19
-  const r = addon.recvmsg(b, into.subarray(1), 0, 1);
-  assert.equal(r.n, 1);
+  assert.equal(addon.recvmsg(b, into.subarray(1), 0, 1, []), 1);
   assert.equal(into[1], 19);
 
   addon.close(a);
@@ -785,14 +811,16 @@ test('argument validation: wrong or missing arguments throw before any syscall',
     ['listen("", 1)', () => loose.listen('', 1), R],
     ['connect()', () => loose.connect(), T],
     ['connect("a\\0b")', () => loose.connect('/tmp/a\0b'), R],
-    ['recvmsg(fd, buf, 0)', () => loose.recvmsg(b, buf, 0), T],
-    ['recvmsg(fd, [], 0, 1)', () => loose.recvmsg(b, [0], 0, 1), T],
-    ['recvmsg(fd, Uint16Array)', () => loose.recvmsg(b, new Uint16Array(4), 0, 1), T],
-    ['recvmsg(fd, DataView)', () => loose.recvmsg(b, new DataView(new ArrayBuffer(4)), 0, 1), T],
-    ['recvmsg(fd, ArrayBuffer)', () => loose.recvmsg(b, new ArrayBuffer(4), 0, 1), T],
-    ['recvmsg len 0', () => loose.recvmsg(b, buf, 0, 0), R],
-    ['recvmsg off+len > length', () => loose.recvmsg(b, buf, 10, 7), R],
-    ['recvmsg off > length', () => loose.recvmsg(b, buf, 17, 0), R],
+    ['recvmsg(fd, buf, 0, 1)', () => loose.recvmsg(b, buf, 0, 1), T],
+    ['recvmsg(fd, buf, 0, 1, {})', () => loose.recvmsg(b, buf, 0, 1, {}), T],
+    ['recvmsg(fd, buf, 0, 1, Int32Array)', () => loose.recvmsg(b, buf, 0, 1, new Int32Array(4)), T],
+    ['recvmsg(fd, [], 0, 1)', () => loose.recvmsg(b, [0], 0, 1, []), T],
+    ['recvmsg(fd, Uint16Array)', () => loose.recvmsg(b, new Uint16Array(4), 0, 1, []), T],
+    ['recvmsg(fd, DataView)', () => loose.recvmsg(b, new DataView(new ArrayBuffer(4)), 0, 1, []), T],
+    ['recvmsg(fd, ArrayBuffer)', () => loose.recvmsg(b, new ArrayBuffer(4), 0, 1, []), T],
+    ['recvmsg len 0', () => loose.recvmsg(b, buf, 0, 0, []), R],
+    ['recvmsg off+len > length', () => loose.recvmsg(b, buf, 10, 7, []), R],
+    ['recvmsg off > length', () => loose.recvmsg(b, buf, 17, 0, []), R],
     ['sendmsg no fds', () => loose.sendmsg(a, buf, 0, 1), T],
     ['sendmsg fds not array', () => loose.sendmsg(a, buf, 0, 1, efd), T],
     ['sendmsg fds [undefined]', () => loose.sendmsg(a, buf, 0, 1, [undefined]), T],
@@ -846,7 +874,7 @@ test('argument validation: wrong or missing arguments throw before any syscall',
   }
 
   // None of the refused calls touched the fds: nothing was sent to b, efd is still open and 0.
-  assert.deepEqual(addon.recvmsg(b, buf, 0, 16), { n: -1, fds: [] });
+  assert.equal(addon.recvmsg(b, buf, 0, 16, []), -1);
   assert.equal(addon.eventfdRead(efd), 0);
   assert.equal(mappingsOf('vbvalid'), 0);
 

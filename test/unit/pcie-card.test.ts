@@ -133,10 +133,9 @@ async function hello(sock: string, bytes: Uint8Array | null, fd?: number): Promi
     let eof = false;
     await waitFor(
       () => {
-        const r = a.recvmsg(s, buf, got, buf.length - got);
-        fds.push(...r.fds);
-        if (r.n === 0) eof = true;
-        else if (r.n > 0) got += r.n;
+        const n = a.recvmsg(s, buf, got, buf.length - got, fds);
+        if (n === 0) eof = true;
+        else if (n > 0) got += n;
         return eof || got === buf.length;
       },
       'an attach reply or EOF',

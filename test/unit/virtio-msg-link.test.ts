@@ -162,7 +162,7 @@ test('malformed traffic on the bus is dropped and counted; another function on t
     // (What the bus sent the raw client is read first: closing on unread data would reset the connection, and the
     // kernel then drops what the client wrote last.)
     const sink = new Uint8Array(4096);
-    while (native().recvmsg(raw, sink, 0, sink.length).n > 0);
+    while (native().recvmsg(raw, sink, 0, sink.length, []) > 0);
     send(raw, ping.subarray(0, 5));
     native().close(raw);
     await waitFor(() => server.stats().connections === 1, 'the raw client to go');

@@ -274,7 +274,7 @@ for (const kind of ['shm', 'ivshmem'] as const) {
       assert.deepEqual(s.got, []);
       // The driver got the refusal (BAD_RINGS) before the hang-up.
       const buf = new Uint8Array(64);
-      await waitFor(() => a.recvmsg(drv, buf, 0, buf.length).n > 0, 'the refusal');
+      await waitFor(() => a.recvmsg(drv, buf, 0, buf.length, []) > 0, 'the refusal');
       assert.equal(new DataView(buf.buffer).getUint16(8, true), HelloStatus.BAD_RINGS);
       dev.close();
       a.close(drv);
@@ -288,9 +288,9 @@ for (const kind of ['shm', 'ivshmem'] as const) {
     drv.start(collector());
     try {
       const buf = new Uint8Array(64);
-      let got: { n: number; fds: number[] } = { n: -1, fds: [] };
-      await waitFor(() => (got = a.recvmsg(peer, buf, 0, buf.length)).n > 0, 'the hello');
-      const mem = got.fds.slice(0, kind === 'ivshmem' ? 2 : 1);
+      const fds: number[] = [];
+      await waitFor(() => a.recvmsg(peer, buf, 0, buf.length, fds) > 0, 'the hello');
+      const mem = fds.slice(0, kind === 'ivshmem' ? 2 : 1);
       for (const fd of mem) {
         assert.equal(a.seals(fd), F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW);
         const size = a.fdSize(fd);
@@ -298,7 +298,7 @@ for (const kind of ['shm', 'ivshmem'] as const) {
         assert.throws(() => fs.ftruncateSync(fd, size + 4096), { code: 'EPERM' });
         assert.equal(a.fdSize(fd), size);
       }
-      for (const f of got.fds) a.close(f);
+      for (const f of fds) a.close(f);
     } finally {
       drv.close();
       a.close(peer);

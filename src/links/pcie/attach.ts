@@ -137,21 +137,22 @@ export class AttachPort {
     const p = this.pending;
     if (p === null) return;
     const a = native();
-    let r;
+    const stray: number[] = [];
+    let n;
     try {
-      r = a.recvmsg(p.fd, p.buf, p.got, HELLO_SIZE - p.got);
+      n = a.recvmsg(p.fd, p.buf, p.got, HELLO_SIZE - p.got, stray);
     } catch (e) {
       this.log.warn(`${this.label}: attach: ${asError(e, 'recvmsg').message}`);
       this.dropPending();
       return;
     }
-    for (const fd of r.fds) closeQuietly(fd);
-    if (r.n < 0) return;
-    if (r.n === 0) {
+    for (const fd of stray) closeQuietly(fd);
+    if (n < 0) return;
+    if (n === 0) {
       this.dropPending();
       return;
     }
-    p.got += r.n;
+    p.got += n;
     if (p.got < HELLO_SIZE) return;
     const dv = new DataView(p.buf.buffer);
     const magic = dv.getUint32(0, true);
@@ -201,14 +202,14 @@ export class AttachPort {
   private onLinkEvent(): void {
     const a = native();
     const buf = new Uint8Array(64);
+    const fds: number[] = [];
     let n = 0;
     try {
-      const r = a.recvmsg(this.linkFd, buf, 0, buf.length);
-      for (const fd of r.fds) closeQuietly(fd);
-      n = r.n;
+      n = a.recvmsg(this.linkFd, buf, 0, buf.length, fds);
     } catch {
       n = 0;
     }
+    for (const fd of fds) closeQuietly(fd);
     if (n < 0) return;
     this.log.warn(`${this.label}: backend ${n === 0 ? 'unplugged' : 'sent bytes on the link socket after attach'}; link down`);
     this.unplug();
@@ -287,18 +288,17 @@ export function attach(socketPath: string, timeoutMs = 5000): Promise<Attachment
     const poller = new a.Poller(fd, () => {
       let r;
       try {
-        r = a.recvmsg(fd, buf, got, ATTACH_REPLY_SIZE - got);
+        r = a.recvmsg(fd, buf, got, ATTACH_REPLY_SIZE - got, fds);
       } catch (e) {
         fail(asError(e, 'recvmsg'));
         return;
       }
-      fds.push(...r.fds);
-      if (r.n < 0) return;
-      if (r.n === 0) {
+      if (r < 0) return;
+      if (r === 0) {
         fail(new LinkProtocolError(`attach to ${socketPath}: the card closed the socket`));
         return;
       }
-      got += r.n;
+      got += r;
       if (got < ATTACH_REPLY_SIZE) return;
       const dv = new DataView(buf.buffer);
       const status = dv.getUint32(8, true);

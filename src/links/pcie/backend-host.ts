@@ -330,14 +330,14 @@ export class PcieBackendHost {
       return;
     }
     let n: number;
+    const fds: number[] = [];
     try {
-      const buf = new Uint8Array(64);
-      const r = this.addon.recvmsg(this.at.socket, buf, 0, buf.length);
-      for (const fd of r.fds) closeQuietly(fd);
-      n = r.n;
+      n = this.addon.recvmsg(this.at.socket, new Uint8Array(64), 0, 64, fds);
     } catch (e) {
       this.lost(`link socket: ${asError(e, 'recvmsg').message}`);
       return;
+    } finally {
+      for (const fd of fds) closeQuietly(fd);
     }
     if (n < 0) return;
     this.lost(n === 0 ? 'the card unplugged (EOF on the link socket)' : 'the card sent bytes on the link socket after attach');

@@ -108,23 +108,24 @@ export class SocketTransport implements MsgTransport {
     const sink = this.sink!;
     // A bounded batch per wakeup: one peer flooding the bus cannot starve the loop (the poll is level-triggered).
     for (let i = 0; i < 256 && !this.closed; i++) {
-      let r: { n: number; fds: number[] };
+      const fds: number[] = [];
+      let n: number;
       try {
-        r = a.recvmsg(this.fd, this.readBuf, 0, Math.min(this.framer.need, this.readBuf.length));
+        n = a.recvmsg(this.fd, this.readBuf, 0, Math.min(this.framer.need, this.readBuf.length), fds);
       } catch (e) {
         // A peer that closes with our messages unread resets the connection: the stream ends there too.
         this.endOfStream(new Error(`${this.label}: receive failed: ${asError(e, 'recvmsg').message}`));
         return;
       }
-      if (r.n < 0) {
-        for (const f of r.fds) closeQuietly(f);
+      if (n < 0) {
+        for (const f of fds) closeQuietly(f);
         return;
       }
-      if (r.n === 0) {
+      if (n === 0) {
         this.endOfStream(undefined);
         return;
       }
-      for (const f of this.framer.push(this.readBuf.subarray(0, r.n), r.fds)) {
+      for (const f of this.framer.push(this.readBuf.subarray(0, n), fds)) {
         if (f.kind === 'message') {
           sink.frame(f.bytes, f.fds);
         } else {
