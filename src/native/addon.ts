@@ -40,7 +40,8 @@ export interface Addon {
   /**
    * recvmsg into buf[off..off+len) (len >= 1) with MSG_CMSG_CLOEXEC: bytes read, 0
    * when the peer closed, -1 on EAGAIN. SCM_RIGHTS fds that came with the bytes
-   * (already O_CLOEXEC) are appended to `fds`, which the caller then owns.
+   * (already O_CLOEXEC) are appended to `fds`; whatever was appended is the
+   * caller's to close, even when the call throws.
    */
   recvmsg(fd: number, buf: Uint8Array, off: number, len: number, fds: number[]): number;
   /**

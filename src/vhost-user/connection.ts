@@ -284,6 +284,16 @@ export function closeQuietly(fd: number): void {
   }
 }
 
+/** recvmsg on a socket whose peer has no fds to send: any that come are closed, the call's throw included. */
+export function recvClosingFds(fd: number, buf: Uint8Array, off: number, len: number): number {
+  const fds: number[] = [];
+  try {
+    return native().recvmsg(fd, buf, off, len, fds);
+  } finally {
+    for (const f of fds) closeQuietly(f);
+  }
+}
+
 /** Duplicates of fds (all or none: a failure closes the ones made). */
 function dupAll(fds: readonly number[]): number[] {
   const out: number[] = [];

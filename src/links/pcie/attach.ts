@@ -7,7 +7,7 @@
  */
 import { native, type Poller } from '../../native/addon';
 import { UnixListener } from '../../native/unix-listener';
-import { asError, closeQuietly } from '../../vhost-user/connection';
+import { asError, closeQuietly, recvClosingFds } from '../../vhost-user/connection';
 import type { Logger } from '../../log';
 import { ATTACH_REPLY_SIZE, AttachStatus, BAR0_SIZE, BAR2_OFFSET, HELLO_SIZE, LINK_MAGIC, LINK_VERSION, NUM_NOTIFIERS } from './layout';
 import { LinkProtocolError } from './mailbox';
@@ -137,16 +137,14 @@ export class AttachPort {
     const p = this.pending;
     if (p === null) return;
     const a = native();
-    const stray: number[] = [];
     let n;
     try {
-      n = a.recvmsg(p.fd, p.buf, p.got, HELLO_SIZE - p.got, stray);
+      n = recvClosingFds(p.fd, p.buf, p.got, HELLO_SIZE - p.got);
     } catch (e) {
       this.log.warn(`${this.label}: attach: ${asError(e, 'recvmsg').message}`);
       this.dropPending();
       return;
     }
-    for (const fd of stray) closeQuietly(fd);
     if (n < 0) return;
     if (n === 0) {
       this.dropPending();
@@ -200,16 +198,12 @@ export class AttachPort {
 
   /** The backend sends nothing after the hello: readability means EOF (or junk, which is an unplug too). */
   private onLinkEvent(): void {
-    const a = native();
-    const buf = new Uint8Array(64);
-    const fds: number[] = [];
     let n = 0;
     try {
-      n = a.recvmsg(this.linkFd, buf, 0, buf.length, fds);
+      n = recvClosingFds(this.linkFd, new Uint8Array(64), 0, 64);
     } catch {
       n = 0;
     }
-    for (const fd of fds) closeQuietly(fd);
     if (n < 0) return;
     this.log.warn(`${this.label}: backend ${n === 0 ? 'unplugged' : 'sent bytes on the link socket after attach'}; link down`);
     this.unplug();

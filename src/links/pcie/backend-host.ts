@@ -36,7 +36,7 @@ import {
   VIRTQUEUE_MAX_SIZE,
   bit,
 } from '../../virtio/constants';
-import { asError, closeQuietly } from '../../vhost-user/connection';
+import { asError, recvClosingFds } from '../../vhost-user/connection';
 import { attach, detach, type Attachment } from './attach';
 import { BAR0_SIZE, Csr, INT_MAILBOX, LINK_MAGIC, LINK_VERSION, MAILBOX_NOTIFIER, MboxHdr, MboxStatus, Op, queueNotifier, READY_VALUE } from './layout';
 import { type ConfigData, type ConfigRange, LinkProtocolError, mboxSpec, opName, readFrame, readSeq, type VringAddr, type VringState, writeFrame } from './mailbox';
@@ -330,14 +330,11 @@ export class PcieBackendHost {
       return;
     }
     let n: number;
-    const fds: number[] = [];
     try {
-      n = this.addon.recvmsg(this.at.socket, new Uint8Array(64), 0, 64, fds);
+      n = recvClosingFds(this.at.socket, new Uint8Array(64), 0, 64);
     } catch (e) {
       this.lost(`link socket: ${asError(e, 'recvmsg').message}`);
       return;
-    } finally {
-      for (const fd of fds) closeQuietly(fd);
     }
     if (n < 0) return;
     this.lost(n === 0 ? 'the card unplugged (EOF on the link socket)' : 'the card sent bytes on the link socket after attach');

@@ -113,6 +113,7 @@ export class SocketTransport implements MsgTransport {
       try {
         n = a.recvmsg(this.fd, this.readBuf, 0, Math.min(this.framer.need, this.readBuf.length), fds);
       } catch (e) {
+        for (const f of fds) closeQuietly(f);
         // A peer that closes with our messages unread resets the connection: the stream ends there too.
         this.endOfStream(new Error(`${this.label}: receive failed: ${asError(e, 'recvmsg').message}`));
         return;
