@@ -22,6 +22,8 @@ export type BlkJob = 'randread' | 'randwrite';
 /** One fio job's figures; the notifications are the guest's kicks and the interrupts it got, per request (ours only: qsd does not count them). */
 export interface BlkFigures {
   iops: number;
+  /** The interrupts the guest took for the disk's requests, per request it completed: /proc/interrupts against /sys/block/vdX/stat, every disk (the anchor's too). */
+  guestIrqsPerReq?: number;
   kicksPerReq?: number;
   interruptsPerReq?: number;
   /** virtio-msg links: messages on the bus (both ways) and doorbells rung by the bridge, per request. */
@@ -130,11 +132,34 @@ export function stallWatchdog(disks: number): string {
   );
 }
 
-/** The watchdog, then one KEY=terse line per job, disk and round. */
+/**
+ * Shell functions of the guest: `irqs vdX`, the interrupts its request queues
+ * took (the virtioN-req.* lines of /proc/interrupts, every CPU's column);
+ * `ios vdX`, the reads and writes it completed.
+ */
+const COUNTERS =
+  `irqs() { v=$(basename $(readlink /sys/block/$1/device)); awk -v d="^$v-req" '$NF ~ d { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) t += $i } END { print t + 0 }' /proc/interrupts; }\n` +
+  'ios() { read r x x x w x < /sys/block/$1/stat; echo $((r + w)); }';
+
+/** The watchdog, then per job, disk and round one FIO_KEY=terse line and one IRQ_KEY=interrupts requests line. */
 function script(disks: number, seconds: number, rounds: number): string {
-  const line = (j: RoundJob): string =>
-    `fio --name=${j.job} --filename=/dev/${dev(j.disk)} --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=${j.job} --time_based --runtime=${seconds} --size=48M --output-format=terse --terse-version=3 | sed 's/^/FIO_${key(j)}=/'`;
-  return [stallWatchdog(disks), ...jobOrder(disks, rounds).map(line)].join('\n') + '\n';
+  const line = (j: RoundJob): string => {
+    const d = dev(j.disk);
+    return (
+      `i=$(irqs ${d}); n=$(ios ${d}); ` +
+      `fio --name=${j.job} --filename=/dev/${d} --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=${j.job} --time_based --runtime=${seconds} --size=48M --output-format=terse --terse-version=3 | sed 's/^/FIO_${key(j)}=/'; ` +
+      `echo "IRQ_${key(j)}=$(($(irqs ${d}) - i)) $(($(ios ${d}) - n))"`
+    );
+  };
+  return [COUNTERS, stallWatchdog(disks), ...jobOrder(disks, rounds).map(line)].join('\n') + '\n';
+}
+
+/** The job's guest interrupts per request, from its IRQ_ line (undefined without one, or without requests). */
+export function guestIrqs(output: string, j: RoundJob): number | undefined {
+  const m = new RegExp(`IRQ_${key(j)}=(\\d+) (\\d+)`).exec(output);
+  if (m === null) return undefined;
+  const n = Number(m[2]);
+  return n > 0 ? Number(m[1]) / n : undefined;
 }
 
 /**
@@ -226,7 +251,11 @@ export async function diskRounds(
     }
     const r = await g.done;
     if (r.rc !== 0) throw new Error(`fio guest failed:\n${r.output.slice(-3000)}`);
-    for (const j of jobs) out[j.disk][j.job].rounds[j.round].iops = iops(r.output, j.job, key(j));
+    for (const j of jobs) {
+      const f = out[j.disk][j.job].rounds[j.round];
+      f.iops = iops(r.output, j.job, key(j));
+      f.guestIrqsPerReq = guestIrqs(r.output, j);
+    }
     return out;
   } finally {
     fs.rmSync(qmpDir, { recursive: true, force: true });

@@ -81,18 +81,21 @@ function printNet(net: readonly NetResult[]): void {
 function printBlk(blk: BlkResult): void {
   const d = value(blk.disks);
   out(`\nblk: fio 4 KiB, iodepth 16, in ONE TCG guest with three disks taking turns over ${blk.rounds} rounds (IOPS, median of the rounds;\n`);
-  out(' ratio to qemu-storage-daemon: median of the rounds\' ratios, then their lowest and highest; guest kicks and interrupts per request)\n');
-  out(' job          qsd  vbridge  ratio (min-max)    kicks/req  irqs/req    relay  relay/qsd (min-max)  kicks/req  irqs/req\n');
+  out(' ratio to qemu-storage-daemon: median of the rounds\' ratios, then their lowest and highest; guest kicks and interrupts per request,\n');
+  out(' as the function counts them, and g-irqs: the interrupts the guest took per request it completed, from its /proc/interrupts)\n');
+  out(' job          qsd  g-irqs  vbridge  ratio (min-max)    kicks/req  irqs/req  g-irqs    relay  relay/qsd (min-max)  kicks/req  irqs/req  g-irqs\n');
   for (const job of ['randread', 'randwrite'] as const) {
     const qa = d?.anchor[job];
     const side = (f: RoundFigures | undefined, w: number): string => {
       const q = spread(roundRatios(f, qa));
       return (
         `${fmt(roundMedian(f, (x) => x.iops), 0, 7)}  ${fmt(q.median, 2, w)} (${fmt(q.min, 2, 4)}-${fmt(q.max, 2, 4)})` +
-        `  ${fmt(roundMedian(f, (x) => x.kicksPerReq), 3, 9)}  ${fmt(roundMedian(f, (x) => x.interruptsPerReq), 3, 8)}`
+        `  ${fmt(roundMedian(f, (x) => x.kicksPerReq), 3, 9)}  ${fmt(roundMedian(f, (x) => x.interruptsPerReq), 3, 8)}  ${fmt(roundMedian(f, (x) => x.guestIrqsPerReq), 3, 6)}`
       );
     };
-    out(` ${job.padEnd(10)} ${fmt(roundMedian(qa, (x) => x.iops), 0, 6)}  ${side(d?.direct[job], 5)}  ${side(d?.relay[job], 9)}\n`);
+    out(
+      ` ${job.padEnd(10)} ${fmt(roundMedian(qa, (x) => x.iops), 0, 6)}  ${fmt(roundMedian(qa, (x) => x.guestIrqsPerReq), 3, 6)}  ${side(d?.direct[job], 5)}  ${side(d?.relay[job], 9)}\n`,
+    );
   }
   failures([blk.disks]);
 }

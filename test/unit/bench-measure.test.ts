@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { bounded, cpuSeconds, CpuWindow, fmt } from '../../bench/measure';
-import { jobOrder, roundMedian, roundRatios } from '../../bench/disk-rounds';
+import { guestIrqs, jobOrder, roundMedian, roundRatios } from '../../bench/disk-rounds';
 
 test('bounded: a result, a failure and a hang each come back as an outcome, the hang within its bound', async () => {
   assert.deepEqual(await bounded('ok', 1000, () => Promise.resolve(42)), { ok: true, value: 42 });
@@ -53,4 +53,12 @@ test('disk rounds: every disk runs each job once a round, from a start that rota
   assert.deepEqual(roundRatios(f([900, 675]), f([1000, 0, 500])).length, 1, 'a round without an anchor figure gives no ratio');
   assert.equal(roundMedian(f([3, 1, 2]), (x) => x.iops), 2);
   assert.equal(roundMedian(undefined, (x) => x.iops), undefined);
+});
+
+test('disk rounds: a job\'s guest interrupts per request come from its own IRQ_ line; none without one or without requests', () => {
+  const out = 'FIO_randwrite_vdb_0=3;x\nIRQ_randwrite_vdb_0=300 1200\nIRQ_randread_vdb_0=5 0\nIRQ_randwrite_vdb_1=12 24\n';
+  assert.equal(guestIrqs(out, { job: 'randwrite', disk: 1, round: 0 }), 0.25);
+  assert.equal(guestIrqs(out, { job: 'randwrite', disk: 1, round: 1 }), 0.5);
+  assert.equal(guestIrqs(out, { job: 'randread', disk: 1, round: 0 }), undefined, 'no requests');
+  assert.equal(guestIrqs(out, { job: 'randwrite', disk: 0, round: 0 }), undefined, 'no line for vda');
 });
