@@ -24,6 +24,13 @@ export const NOTIFY_BATCH = 64;
 export interface PollOptions {
   /** Longest window, in microseconds (0: never poll). */
   maxUs: number;
+  /**
+   * Interrupt coalescing while polling: the longest time a completion waits
+   * for others to share its interrupt, in microseconds (0: never). The hold
+   * adapts per queue: it doubles, up to this, while requests arrive during it,
+   * halves when none does, and is off below 20 us until a probe tries it again.
+   */
+  holdUs?: number;
 }
 
 /** Per queue: whether a poll loop runs, its window and where it stands. */
@@ -34,9 +41,28 @@ interface PollState {
   lastWork: number;
   /** hrtime (ns) the last window ended with nothing, 0 when none since. */
   expiredAt: number;
+  /** Completions pushed but not yet notified (held for company), and since when (hrtime ns). */
+  held: number;
+  heldSince: number;
+  /** Whether a chain arrived while completions were held: the hold paid. */
+  joined: boolean;
+  /** How long completions are held now (ns, adaptive, 0: not at all), and releases since it fell to 0. */
+  holdNs: number;
+  unheld: number;
+  /** Bumped when the queue stops: a poll loop of the queue before ends without touching the state of the one after. */
+  gen: number;
 }
 
 const now = (): number => Number(process.hrtime.bigint());
+
+/**
+ * The shortest hold worth keeping, and how many releases without one pass
+ * before a hold is tried again (at the shortest): a driver that waits for each
+ * completion before it posts the next (queue depth 1) pays that hold once in
+ * HOLD_PROBE requests, and once more at half of it.
+ */
+const HOLD_MIN_NS = 20_000;
+const HOLD_PROBE = 32;
 
 /** Transport features every device here offers (a link masks what it cannot carry, such as packed rings). */
 export const COMMON_FEATURES = bit(F_VERSION_1) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC) | bit(F_RING_PACKED);
@@ -56,6 +82,7 @@ export abstract class DeviceBase implements VirtioDevice {
   /** The error that stopped the device, for diagnostics. */
   lastError: Error | null = null;
   private readonly pollMaxNs: number;
+  private readonly holdMaxNs: number;
   private readonly polls: PollState[];
   /** Where drain() pops each queue's chains: a handler that keeps one makes it objects (ChainScratch.toChain), one that does not allocates nothing. */
   private readonly scratch: ChainScratch[];
@@ -68,7 +95,19 @@ export abstract class DeviceBase implements VirtioDevice {
   ) {
     this.queues = new Array<DeviceQueue | null>(maxQueues).fill(null);
     this.pollMaxNs = Math.max(0, poll.maxUs) * 1000;
-    this.polls = Array.from({ length: maxQueues }, () => ({ active: false, windowNs: this.pollMaxNs, lastWork: 0, expiredAt: 0 }));
+    this.holdMaxNs = this.pollMaxNs === 0 ? 0 : Math.max(0, poll.holdUs ?? 0) * 1000;
+    this.polls = Array.from({ length: maxQueues }, () => ({
+      active: false,
+      windowNs: this.pollMaxNs,
+      lastWork: 0,
+      expiredAt: 0,
+      held: 0,
+      heldSince: 0,
+      joined: false,
+      holdNs: 0,
+      unheld: 0,
+      gen: 0,
+    }));
     this.scratch = Array.from({ length: maxQueues }, () => new ChainScratch());
   }
 
@@ -112,6 +151,13 @@ export abstract class DeviceBase implements VirtioDevice {
     const q = this.queues[index];
     if (q === null || q === undefined) return;
     this.queueStopping(q);
+    const poll = this.polls[index] as PollState;
+    poll.gen++;
+    poll.active = false;
+    // Completions held for company go out now: a paused or stopped queue must not keep them from the driver.
+    if (poll.held > 0 && !this.failed) this.release(q, poll);
+    poll.held = 0;
+    poll.joined = false;
     this.queues[index] = null;
   }
 
@@ -153,11 +199,13 @@ export abstract class DeviceBase implements VirtioDevice {
     const poll = this.polls[q.index] as PollState;
     const s = this.scratch[q.index] as ChainScratch;
     if (!poll.active) this.adaptPoll(poll);
-    let pending = 0;
+    let pending = poll.held;
+    let hold = false;
     try {
       for (;;) {
         vq.disableNotification(mem);
         while (vq.popInto(mem, s)) {
+          if (poll.held > 0) poll.joined = true;
           const len = handle(q, s);
           vq.pushUsed(mem, s.head, len);
           stats.descriptors++;
@@ -165,11 +213,13 @@ export abstract class DeviceBase implements VirtioDevice {
             this.drainBatchDone(q);
             q.notify();
             pending = 0;
+            poll.held = 0;
           }
         }
         // Polling: kicks stay off, the poll loop looks again on the next turns.
         if (poll.windowNs > 0) {
           this.keepPolling(q, poll, handle);
+          hold = poll.holdNs > 0;
           break;
         }
         if (!vq.enableNotification(mem)) break;
@@ -177,13 +227,33 @@ export abstract class DeviceBase implements VirtioDevice {
       // Not polling now: the gap to the next kick tells whether polling would have paid.
       if (this.pollMaxNs > 0 && !poll.active) poll.expiredAt = now();
     } finally {
-      // Publish what was completed even when a later chain was malformed: the
-      // driver may still reap those before the link resets the device.
-      if (pending > 0 && !this.failed) {
-        this.drainBatchDone(q);
-        q.notify();
+      if (hold && pending > 0 && !this.failed) {
+        // Held while the poll loop runs: a request the driver posts meanwhile shares the interrupt.
+        if (poll.held === 0) poll.heldSince = now();
+        poll.held = pending;
+      } else if (pending > 0 && !this.failed) {
+        // Publish what was completed even when a later chain was malformed: the
+        // driver may still reap those before the link resets the device.
+        this.release(q, poll);
       }
     }
+  }
+
+  /** Publish what drain() completed and adapt the hold to whether a request joined it. */
+  private release(q: DeviceQueue, poll: PollState): void {
+    if (this.holdMaxNs > 0) {
+      if (poll.held > 0) {
+        if (poll.joined) poll.holdNs = Math.min(this.holdMaxNs, Math.max(2 * poll.holdNs, HOLD_MIN_NS));
+        else if ((poll.holdNs >>= 1) < HOLD_MIN_NS) poll.holdNs = 0;
+      } else if (poll.holdNs === 0 && ++poll.unheld >= HOLD_PROBE) {
+        poll.unheld = 0;
+        poll.holdNs = HOLD_MIN_NS;
+      }
+    }
+    poll.held = 0;
+    poll.joined = false;
+    this.drainBatchDone(q);
+    q.notify();
   }
 
   /** A kick after a drain that did not poll, or whose window ended with nothing: would a (longer) window have caught it? */
@@ -201,24 +271,27 @@ export abstract class DeviceBase implements VirtioDevice {
     poll.lastWork = now();
     if (poll.active) return;
     poll.active = true;
+    const gen = poll.gen;
     const tick = (): void => {
-      // A stop, a restart or a failure ends the loop: the new queue starts with kicks on.
+      // A stop or a restart ended the loop already (the new queue starts with kicks on); a failure ends it here.
+      if (poll.gen !== gen) return;
       if (this.queues[q.index] !== q || this.failed) {
         poll.active = false;
+        poll.held = 0;
         return;
       }
       try {
-        if (q.queue.hasAvailable(q.mem)) {
-          this.drain(q, handle);
-          setImmediate(tick);
-          return;
-        }
-        if (now() - poll.lastWork < poll.windowNs) {
+        const found = q.queue.hasAvailable(q.mem);
+        if (found) this.drain(q, handle);
+        const t = now();
+        if (poll.held > 0 && t - poll.heldSince >= poll.holdNs) this.release(q, poll);
+        if (found || t - poll.lastWork < poll.windowNs) {
           setImmediate(tick);
           return;
         }
         poll.active = false;
-        poll.expiredAt = now();
+        poll.expiredAt = t;
+        if (poll.held > 0) this.release(q, poll);
         if (q.queue.enableNotification(q.mem)) this.drain(q, handle);
       } catch (err) {
         poll.active = false;

@@ -70,6 +70,8 @@ class World {
   readonly dq: DeviceQueue;
   readonly readOnly: boolean;
   readonly limits: Limits;
+  /** The device's interrupt hold (us): with one, a completion the fuzzer cannot wait for comes out with a stop. */
+  readonly holdUs: number;
   readonly fatal: Error[] = [];
   readonly backing: string;
   private readonly file: RawFile;
@@ -101,7 +103,8 @@ class World {
       maxWriteZeroesSectors: rng.pick([1, 8, 64, 32768]),
       maxWriteZeroesSegments: rng.pick([1, 3, 32]),
     };
-    this.dev = new BlkDevice({ name: ID, file: this.file, readOnly: this.readOnly, queueSize: 64, ...this.limits });
+    this.holdUs = rng.pick([0, 100]);
+    this.dev = new BlkDevice({ name: ID, file: this.file, readOnly: this.readOnly, queueSize: 64, holdUs: this.holdUs, ...this.limits });
     this.dev.setFeatures(this.dev.features());
     const m = MockDriver.create({ size: 64, indirect: true, memSize: 1 << 20 });
     this.driver = m.driver;
@@ -290,7 +293,13 @@ function runOne(r: Rng, w: World, counts: Map<string, number>): void {
   // What the buffers held before must not show through: every byte up to the status is the device's.
   for (const s of (w.driver.segmentsOf(head) ?? []).filter((x) => x.writable)) w.driver.writeBytes(s.addr, new Uint8Array(s.len).fill(0xa5));
   w.dev.kick(0);
-  const u = w.driver.popUsed();
+  let u = w.driver.popUsed();
+  if (u === null && w.holdUs > 0) {
+    // Held for company (the poll loop never runs here): stopping the queue must publish it.
+    w.dev.stopQueue(0);
+    w.dev.startQueue(w.dq);
+    u = w.driver.popUsed();
+  }
   if (u === null) fail('request not completed');
   if (w.fatal.length > 0) fail(`onFatal: ${w.fatal[0].message}`);
   const posted = u.segments ?? [];

@@ -65,6 +65,8 @@ export interface BlkDeviceOptions {
   maxWriteZeroesSegments?: number;
   /** Longest adaptive polling window after a drain, in microseconds (0: none). Default BLK_POLL_US. */
   pollUs?: number;
+  /** Longest adaptive interrupt hold while polling, in microseconds (0: none; PollOptions.holdUs). Default BLK_HOLD_US. */
+  holdUs?: number;
 }
 
 /**
@@ -73,6 +75,15 @@ export interface BlkDeviceOptions {
  * TCG; VBRIDGE_BLK_POLL_US overrides it for such measurements.
  */
 export const BLK_POLL_US = Number(process.env.VBRIDGE_BLK_POLL_US ?? 200);
+
+/**
+ * See PollOptions.holdUs. Measured with `BENCH_ONLY=blk` (docs/BENCHMARKS.md,
+ * ten alternating pairs against 0): randwrite 1.19 -> 1.37 of
+ * qemu-storage-daemon (medians; higher in 9 pairs of 10), guest interrupts
+ * 0.38 -> 0.32 a request; randread 1.14 -> 1.09, higher in 4 of 10 (no
+ * difference shown). VBRIDGE_BLK_HOLD_US overrides it.
+ */
+export const BLK_HOLD_US = Number(process.env.VBRIDGE_BLK_HOLD_US ?? 100);
 
 /** virtio_blk_config up to write_zeroes_may_unmap and its padding (secure erase / zoned not offered). */
 const CONFIG_SIZE = 60;
@@ -135,7 +146,7 @@ export class BlkDevice extends DeviceBase {
     const nq = opts.numQueues ?? 1;
     if (!Number.isInteger(nq) || nq < 1 || nq > 0xffff) throw new RangeError(`${opts.name}: numQueues must be 1..65535, got ${nq}`);
     const qsize = opts.queueSize ?? 1024;
-    super(opts.name, nq, qsize, { maxUs: opts.pollUs ?? BLK_POLL_US });
+    super(opts.name, nq, qsize, { maxUs: opts.pollUs ?? BLK_POLL_US, holdUs: opts.holdUs ?? BLK_HOLD_US });
     const bs = opts.blockSize ?? BLK_SECTOR_SIZE;
     if (!Number.isInteger(bs) || bs < BLK_SECTOR_SIZE || (bs & (bs - 1)) !== 0) {
       throw new RangeError(`${opts.name}: blockSize must be a power of two >= 512, got ${bs}`);
