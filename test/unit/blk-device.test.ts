@@ -583,3 +583,24 @@ test('interrupt hold: a driver that waits for each completion (queue depth 1) lo
   r.dev.stopQueue(0);
   assert.deepEqual(r.fatal, []);
 });
+
+test('polling: a stop and a start in one turn leave the new queue polled, not with kicks off and no loop', async () => {
+  const r = rig({ pollUs: 10_000_000 }, MockDriver.create({ size: 64, indirect: true, eventIdx: true }));
+  postRead(r, 0);
+  r.dev.kick(0);
+  assert.equal(r.driver.usedIdx(), 1);
+  // The link takes the ring back and hands it over again (a new DeviceQueue, as QueueHost.handOver makes), then catches up.
+  r.dev.stopQueue(0);
+  const again: DeviceQueue = { ...r.dq };
+  r.dev.startQueue(again);
+  postRead(r, 1);
+  r.driver.kickNeeded();
+  r.dev.kick(0);
+  assert.equal(r.driver.usedIdx(), 2);
+  // Kicks stay off (the device polls), so the driver posts without one, and only a live poll loop finds it.
+  postRead(r, 2);
+  assert.equal(r.driver.kickNeeded(), false, 'the driver sees no need to kick');
+  await until(() => r.driver.usedIdx() === 3, 'the request posted without a kick, found by polling');
+  r.dev.stopQueue(0);
+  assert.deepEqual(r.fatal, []);
+});
