@@ -210,10 +210,9 @@ export abstract class DeviceBase implements VirtioDevice {
           vq.pushUsed(mem, s.head, len);
           stats.descriptors++;
           if (++pending === NOTIFY_BATCH) {
-            this.drainBatchDone(q);
-            q.notify();
+            // A full batch goes out now; completions held before it were joined by it, so the hold grows.
+            this.release(q, poll);
             pending = 0;
-            poll.held = 0;
           }
         }
         // Polling: kicks stay off, the poll loop looks again on the next turns.
@@ -275,7 +274,7 @@ export abstract class DeviceBase implements VirtioDevice {
     const tick = (): void => {
       // A stop or a restart ended the loop already (the new queue starts with kicks on); a failure ends it here.
       if (poll.gen !== gen) return;
-      if (this.queues[q.index] !== q || this.failed) {
+      if (this.failed) {
         poll.active = false;
         poll.held = 0;
         return;

@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import { BlkDevice, type BlkDeviceOptions } from '../../src/devices/blk/blk-device';
 import { RawFile } from '../../src/devices/blk/raw-file';
 import { newQueueStats, type DeviceQueue } from '../../src/devices/device';
+import { NOTIFY_BATCH } from '../../src/devices/device-base';
 import { GuestMemory } from '../../src/memory/guest-memory';
 import {
   BLK_F_BLK_SIZE,
@@ -580,6 +581,29 @@ test('interrupt hold: a driver that waits for each completion (queue depth 1) lo
   // A probe every 33 requests: tried at 20 us, then 10 (under the floor: off).
   assert.ok(held >= 5 && held <= 7, `${held} of 200 held`);
   assert.equal(r.dq.stats.interrupts, 200, 'each alone: one interrupt each');
+  r.dev.stopQueue(0);
+  assert.deepEqual(r.fatal, []);
+});
+
+test('interrupt hold: a burst of more than a batch publishes the held completion with the first batch, and the rest when its hold ends', async () => {
+  const r = rig({ pollUs: 10_000_000, holdUs: 10_000_000 }, MockDriver.create({ size: 256, indirect: true }));
+  for (let i = 0; i < 32; i++) {
+    postRead(r, i);
+    r.dev.kick(0);
+    reap(r);
+  }
+  postRead(r, 32);
+  r.dev.kick(0);
+  assert.equal(r.driver.usedIdx(), 32, 'request 32 held (the probe)');
+  const irqs = r.dq.stats.interrupts;
+  // Three descriptors a request: the held one and 80 more fit the 256-entry ring.
+  for (let i = 33; i < 113; i++) postRead(r, i);
+  r.dev.kick(0);
+  assert.equal(r.driver.usedIdx(), 32 + NOTIFY_BATCH, 'the held one and the first 63 of the burst, published as one batch');
+  assert.equal(r.dq.stats.interrupts, irqs + 1);
+  await until(() => r.driver.usedIdx() === 113, 'the rest of the burst, released when its hold ends');
+  assert.equal(r.dq.stats.interrupts, irqs + 2, 'two interrupts for the 81 completions');
+  assert.equal(r.dq.stats.descriptors, 113);
   r.dev.stopQueue(0);
   assert.deepEqual(r.fatal, []);
 });
