@@ -1,5 +1,7 @@
 #!/usr/bin/env node
 /** `vbridge`: the command line of virtio-bridge. The subcommands are the table in commands.ts. */
+// First: the V8 settings must be in place before the rest is loaded and run.
+import './v8-flags';
 import { commandHelp, parseCommand, UsageError, type CommandSpec } from './args';
 import { COMMANDS } from './commands';
 import { TopologyError } from './topology';
