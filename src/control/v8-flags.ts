@@ -7,8 +7,8 @@
  * the generic path (LoadIC_NoFeedback in a profile of the stop). With the
  * vectors made at the first call, the next stop finds its inline caches
  * filled: `BENCH_ONLY=stop`, nine alternating pairs, the back-end's CPU per
- * stop 672 -> 545 us (medians; lower in 8 pairs of 9), reply 716 -> 645 us
- * (docs/BENCHMARKS.md, 2026-12-02 18:50 UTC).
+ * stop 672 -> 545 us (medians; lower in 7 pairs of 9); net's idle device stop
+ * in migrations 2.9-3.7 -> 2.0-2.4 ms (docs/BENCHMARKS.md, 2026-12-02 18:50 UTC).
  */
 import { setFlagsFromString } from 'node:v8';
 
