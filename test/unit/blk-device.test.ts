@@ -532,18 +532,22 @@ function reap(r: Rig): void {
   while (r.driver.popUsed() !== null);
 }
 
-test('interrupt hold: tried after 32 releases; a request posted while a completion is held shares its interrupt; a stop publishes what is held', async () => {
-  const r = rig({ pollUs: 10_000_000, holdUs: 10_000_000 }, MockDriver.create({ size: 64, indirect: true }));
+/** Requests 0-31 go out at once, one by one; request 32 is the first hold tried (the probe): it waits for company. */
+function reachProbe(r: Rig): void {
   for (let i = 0; i < 32; i++) {
     postRead(r, i);
     r.dev.kick(0);
     assert.equal(r.driver.usedIdx(), i + 1, `request ${i} published at once: no hold before the probe`);
     reap(r);
   }
-  // The probe: this completion waits for company.
   postRead(r, 32);
   r.dev.kick(0);
-  assert.equal(r.driver.usedIdx(), 32, 'request 32 held');
+  assert.equal(r.driver.usedIdx(), 32, 'request 32 held (the probe)');
+}
+
+test('interrupt hold: tried after 32 releases; a request posted while a completion is held shares its interrupt; a stop publishes what is held', async () => {
+  const r = rig({ pollUs: 10_000_000, holdUs: 10_000_000 }, MockDriver.create({ size: 64, indirect: true }));
+  reachProbe(r);
   const irqs = r.dq.stats.interrupts;
   postRead(r, 33);
   await until(() => r.driver.usedIdx() === 34, 'both, found by polling and released together');
@@ -587,14 +591,7 @@ test('interrupt hold: a driver that waits for each completion (queue depth 1) lo
 
 test('interrupt hold: a burst of more than a batch publishes the held completion with the first batch, and the rest when its hold ends', async () => {
   const r = rig({ pollUs: 10_000_000, holdUs: 10_000_000 }, MockDriver.create({ size: 256, indirect: true }));
-  for (let i = 0; i < 32; i++) {
-    postRead(r, i);
-    r.dev.kick(0);
-    reap(r);
-  }
-  postRead(r, 32);
-  r.dev.kick(0);
-  assert.equal(r.driver.usedIdx(), 32, 'request 32 held (the probe)');
+  reachProbe(r);
   const irqs = r.dq.stats.interrupts;
   // Three descriptors a request: the held one and 80 more fit the 256-entry ring.
   for (let i = 33; i < 113; i++) postRead(r, i);
