@@ -12,6 +12,7 @@ import { MemoryError } from '../memory/memory-access';
 import type { Addon } from '../native/addon';
 import { asError } from './connection';
 import { type AnyMessageSpec, type LogArea, ProtocolError, toAddress } from './messages';
+import { warmLoop } from './warm-loop';
 
 const PAGE_SIZE = 4096;
 /** A log this big covers 64 TiB of guest-physical space; anything larger is a mistake. */
@@ -144,6 +145,7 @@ export class MigrationLog {
       if (mem.dirtyLog !== null) this.logger.info(`${this.label}: dirty logging off`);
       mem.setDirtyLog(null);
       this.logging = false;
+      warmLoop.release(this);
       return;
     }
     try {
@@ -157,6 +159,7 @@ export class MigrationLog {
     if (mem.dirtyLog !== log) this.logger.info(`${this.label}: dirty logging on`);
     mem.setDirtyLog(log);
     this.logging = true;
+    warmLoop.hold(this);
   }
 
   /** Unmap the log (the session ended). */
@@ -164,6 +167,7 @@ export class MigrationLog {
     if (this.area !== null) this.retire(this.area);
     this.area = null;
     this.logging = false;
+    warmLoop.release(this);
   }
 
   private retire(log: DirtyLog): void {

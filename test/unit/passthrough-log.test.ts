@@ -2,6 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { LogForwarding } from '../../src/links/vhost-user/passthrough-log';
 import { ProtocolFeature, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG } from '../../src/vhost-user/protocol';
+import { warmLoop } from '../../src/vhost-user/warm-loop';
 import { bit, F_VERSION_1 } from '../../src/virtio/constants';
 
 const SHMFD = 1n << BigInt(ProtocolFeature.LOG_SHMFD);
@@ -27,8 +28,10 @@ test('LogForwarding: whether the back-end can log needs both LOG_ALL and LOG_SHM
   l.vringAddr(ADDR);
   l.vringAddr({ ...ADDR, flags: 1 << VHOST_VRING_F_LOG });
   assert.deepEqual(l.stats(), { mode: 'direct', logging: true, backendLogs: true, logBases: 1, logSwitches: 1, logRingAddrs: 1, softwareLogging: false, relaySwitches: 0, relayed: 0, pagesLogged: 0 });
+  assert.equal(warmLoop.running, true, 'the loop ticks while a migration logs');
   l.stop();
   l.stop();
+  assert.equal(warmLoop.running, false);
   assert.deepEqual(l.stats(), { mode: 'direct', logging: false, backendLogs: true, logBases: 1, logSwitches: 2, logRingAddrs: 1, softwareLogging: false, relaySwitches: 0, relayed: 0, pagesLogged: 0 });
   l.features(bit(VHOST_F_LOG_ALL));
   l.ended();

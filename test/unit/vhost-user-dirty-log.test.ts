@@ -10,6 +10,7 @@ import { FrontendClient, memRegion, RequestFailedError } from '../../src/vhost-u
 import { Frontend } from '../../src/vhost-user/messages';
 import { VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG } from '../../src/vhost-user/protocol';
 import { VhostUserServer } from '../../src/vhost-user/server';
+import { warmLoop } from '../../src/vhost-user/warm-loop';
 import { bringUp, CaptureLogger, EchoDevice, Guest, GUEST_BASE, GUEST_SIZE, PF_BIT, tmpSocket, USER_BASE, waitFor } from './vhost-user-harness';
 
 const PAGE = 4096;
@@ -55,7 +56,9 @@ test('migration over vhost-user: LOG_ALL and LOG_SHMFD offered; SET_LOG_BASE is 
     assert.equal(r1.reply, null, 'an empty reply, as QEMU expects');
     // Once per queue pair: a second log replaces the first.
     await c.callWithFds(Frontend.SET_LOG_BASE, { mmapSize: BigInt(need), mmapOffset: 0n }, [second.fd]);
+    assert.equal(warmLoop.running, false, 'no tick before logging');
     await c.setFeatures(BASE_FEATURES | bit(VHOST_F_LOG_ALL));
+    assert.equal(warmLoop.running, true, 'the loop ticks while logging, for the device stop to come');
     const usedGpa = g.split(0).usedAddr;
     await c.setVringAddr({ ...g.vringAddr(0), flags: 1 << VHOST_VRING_F_LOG, logGuestAddr: BigInt(usedGpa) });
     await c.setVringKick(0, g.kick[0]);
@@ -79,6 +82,7 @@ test('migration over vhost-user: LOG_ALL and LOG_SHMFD offered; SET_LOG_BASE is 
       // Migration over: LOG_ALL cleared, writes are no longer logged.
       second.log.fill(0);
       await c.setFeatures(BASE_FEATURES);
+      assert.equal(warmLoop.running, false, 'no tick once logging is off');
       // QEMU freed its log without a word: the stale one gives way to memory that grows.
       await c.addMemReg(more, moreFd);
       assert.ok(logger.has(/unmapping the dirty log of the last migration/));

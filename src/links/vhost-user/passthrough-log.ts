@@ -14,6 +14,7 @@
  */
 import type { VringAddr } from '../../vhost-user/messages';
 import { ProtocolFeature, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG } from '../../vhost-user/protocol';
+import { warmLoop } from '../../vhost-user/warm-loop';
 
 /**
  * How a passthrough function carries the data path: straight between the
@@ -102,6 +103,8 @@ export class LogForwarding {
     const on = hasBit(f, VHOST_F_LOG_ALL);
     if (on !== this.logging) this.logSwitches++;
     this.logging = on;
+    if (on) warmLoop.hold(this);
+    else warmLoop.release(this);
   }
 
   /** SET_VRING_ADDR forwarded. */
@@ -113,6 +116,7 @@ export class LogForwarding {
   stop(): void {
     if (this.logging) this.logSwitches++;
     this.logging = false;
+    warmLoop.release(this);
   }
 
   /** The session ended: what its back-end offered no longer holds. */
