@@ -217,13 +217,13 @@ function printMigration(m: MigrationResult): void {
 }
 
 function printStop(s: StopPathResult): void {
-  out(`\nstop path: QEMU 7.2's blk device stop (SET_STATUS 0 if negotiated, SET_VRING_ENABLE 0, GET_VRING_BASE, sent together) after ${s.idleMs} ms idle, ${s.stops} stops\n`);
+  out(`\nstop path: QEMU 7.2's blk device stop (SET_STATUS 0 if negotiated, SET_VRING_ENABLE 0, GET_VRING_BASE, sent together) after ${s.idleMs} ms idle, ${s.stops} stops, the dirty log on where offered\n`);
   out(' (client write to GET_VRING_BASE reply, and the back-end\'s CPU over the stop, us: min / median / max)\n');
-  out(' back-end     SET_STATUS  reply min  median     max  cpu min  median     max  faults min  median  max\n');
+  out(' back-end     SET_STATUS  logged  reply min  median     max  cpu min  median     max  faults min  median  max\n');
   for (const [name, o] of [['qsd', s.qsd], ['vbridge', s.vbridge]] as const) {
     const v = value(o);
     const sp = (x: Spread | undefined): string => `${fmt(x?.min, 0, 9)}  ${fmt(x?.median, 0, 6)}  ${fmt(x?.max, 0, 6)}`;
-    out(`${name.padEnd(12)} ${(v === undefined ? '-' : v.status ? 'yes' : 'no').padStart(10)}  ${sp(v?.replyUs)}  ${sp(v?.cpuUs).slice(1)}  ${fmt(v?.faults.min, 0, 10)}  ${fmt(v?.faults.median, 0, 6)}  ${fmt(v?.faults.max, 0, 4)}\n`);
+    out(`${name.padEnd(12)} ${(v === undefined ? '-' : v.status ? 'yes' : 'no').padStart(10)}  ${(v === undefined ? '-' : v.logged ? 'yes' : 'no').padStart(6)}  ${sp(v?.replyUs)}  ${sp(v?.cpuUs).slice(1)}  ${fmt(v?.faults.min, 0, 10)}  ${fmt(v?.faults.median, 0, 6)}  ${fmt(v?.faults.max, 0, 4)}\n`);
   }
   out(`  vbridge / qsd, medians: reply ${fmt(ratio(value(s.vbridge)?.replyUs.median, value(s.qsd)?.replyUs.median), 2, 0)}, cpu ${fmt(ratio(value(s.vbridge)?.cpuUs.median, value(s.qsd)?.cpuUs.median), 2, 0)}\n`);
   failures([s.qsd, s.vbridge]);

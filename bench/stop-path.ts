@@ -5,7 +5,9 @@
  * negotiated: we offer it, qemu-storage-daemon does not), SET_VRING_ENABLE 0
  * and GET_VRING_BASE written together, and times the answer. Before each stop
  * the back-end has been idle for a while, as it is during a migration's RAM
- * passes; after it, the ring is started again as vhost_dev_start does. Figures
+ * passes, with the dirty log on as QEMU sets it when a migration starts
+ * (SET_LOG_BASE, LOG_ALL, the used ring's LOG flag); after it, the ring is
+ * started again as vhost_dev_start does. Figures
  * per stop: from the client's write to the GET_VRING_BASE reply, and the
  * back-end's CPU time over that stop (/proc/PID/task/STAR/schedstat, in ns)
  * and its page faults (/proc/PID/stat).
@@ -19,7 +21,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { FrontendClient, memRegion } from '../src/vhost-user/frontend-client';
 import { encodeRequest, Frontend } from '../src/vhost-user/messages';
-import { ProtocolFeature } from '../src/vhost-user/protocol';
+import { ProtocolFeature, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG } from '../src/vhost-user/protocol';
+import { logBytesFor } from '../src/memory/dirty-log';
 import { native } from '../src/native/addon';
 import { bit, F_VERSION_1 } from '../src/virtio/constants';
 import { startServe } from '../test/support/serve-process';
@@ -34,6 +37,8 @@ const RING = 256;
 export interface StopPathSide {
   /** Whether SET_STATUS was part of the stop (F_STATUS negotiated). */
   status: boolean;
+  /** Whether the dirty log was on (LOG_ALL and LOG_SHMFD offered), as in a migration. */
+  logged: boolean;
   /** Client write to GET_VRING_BASE reply, us. */
   replyUs: Spread;
   /** The back-end's CPU time over one stop, us. */
@@ -75,20 +80,24 @@ async function measure(socket: string, pid: number, stops: number, idleMs: numbe
   const a = native();
   const c = FrontendClient.connect(socket, { autoNeedReply: false });
   const memfd = a.memfd('stop-path-guest', MEM);
+  const logBytes = logBytesFor(MEM);
+  const logfd = a.memfd('stop-path-log', 4096);
   const fds: number[] = [];
   try {
     const offered = await c.getFeatures();
-    const pf = (await c.getProtocolFeatures()) & bit(ProtocolFeature.STATUS);
-    const status = pf !== 0n;
+    const pf = (await c.getProtocolFeatures()) & (bit(ProtocolFeature.STATUS) | bit(ProtocolFeature.LOG_SHMFD));
+    const status = (pf & bit(ProtocolFeature.STATUS)) !== 0n;
+    const logged = (pf & bit(ProtocolFeature.LOG_SHMFD)) !== 0n && (offered & bit(VHOST_F_LOG_ALL)) !== 0n;
     await c.setProtocolFeatures(pf);
     await c.setOwner();
-    const features = offered & (bit(F_VERSION_1) | bit(F_PROTOCOL_FEATURES));
+    const features = (offered & (bit(F_VERSION_1) | bit(F_PROTOCOL_FEATURES))) | (logged ? bit(VHOST_F_LOG_ALL) : 0n);
     await c.setMemTable([memRegion(0, MEM, USER_ADDR)], [memfd]);
+    if (logged) await c.callWithFds(Frontend.SET_LOG_BASE, { mmapSize: BigInt(logBytes), mmapOffset: 0n }, [logfd]);
     const start = async (base: number): Promise<void> => {
       await c.setFeatures(features);
       await c.setVringNum(0, RING);
       await c.setVringBase(0, base);
-      await c.setVringAddr({ index: 0, flags: 0, descUserAddr: BigInt(USER_ADDR + 0x1000), usedUserAddr: BigInt(USER_ADDR + 0x3000), availUserAddr: BigInt(USER_ADDR + 0x2000), logGuestAddr: 0n });
+      await c.setVringAddr({ index: 0, flags: logged ? 1 << VHOST_VRING_F_LOG : 0, descUserAddr: BigInt(USER_ADDR + 0x1000), usedUserAddr: BigInt(USER_ADDR + 0x3000), availUserAddr: BigInt(USER_ADDR + 0x2000), logGuestAddr: logged ? 0x3000n : 0n });
       for (const fd of fds.splice(0)) a.close(fd);
       const kick = a.eventfd(0);
       const call = a.eventfd(0);
@@ -120,10 +129,10 @@ async function measure(socket: string, pid: number, stops: number, idleMs: numbe
       faulted.push(faults(pid) - f0);
       await start(base);
     }
-    return { status, replyUs: spread(reply), cpuUs: spread(cpu), faults: spread(faulted) };
+    return { status, logged, replyUs: spread(reply), cpuUs: spread(cpu), faults: spread(faulted) };
   } finally {
     c.close();
-    for (const fd of [memfd, ...fds]) a.close(fd);
+    for (const fd of [memfd, logfd, ...fds]) a.close(fd);
   }
 }
 
