@@ -9,9 +9,9 @@
  * 1 s, where qemu-storage-daemon's, a far smaller process, grew from 56 to 201
  * (docs/BENCHMARKS.md, "A tick while the dirty log is on"). Waking every
  * millisecond keeps the loop's own path (epoll, libuv, the process's
- * mappings) in reach: over eight alternating pairs of idle migrations, the blk
- * device stop's median went from 1.75 to 1.3 ms (lower in 6 pairs of 8), net's
- * from 1.75 to 1.55 (lower in 6, one tie). Small against the noise, but one-sided. It
+ * mappings) in reach: over twelve alternating pairs of idle migrations, the
+ * blk device stop's median went from 1.75 to 1.35 ms (lower in 10 pairs of 12),
+ * net's from 1.85 to 1.55 (lower in 9, one tie). Small against the noise. It
  * costs 2 % of a core, and only while some function logs dirty pages.
  */
 
