@@ -284,7 +284,7 @@ async function main(): Promise<void> {
         printMigration(r.migration);
       }
       if (only === undefined || only === 'stop') {
-        r.stop = await stopPathBench(Number(process.env.BENCH_STOP_COUNT ?? 40), Number(process.env.BENCH_STOP_IDLE_MS ?? 200));
+        r.stop = await stopPathBench(Number(process.env.BENCH_STOP_COUNT ?? 20), Number(process.env.BENCH_STOP_IDLE_MS ?? 1000));
         printStop(r.stop);
       }
       all.push(r);
