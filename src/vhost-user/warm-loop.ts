@@ -29,7 +29,7 @@ export class WarmLoop {
   /** `who` (a function's migration log) started logging; the first holder starts the tick. Idempotent. */
   hold(who: object): void {
     this.holders.add(who);
-    if (this.timer !== null || this.periodMs <= 0) return;
+    if (this.timer !== null) return;
     // Unref'd: a process that has nothing else to do still exits.
     this.timer = setInterval(() => this.ticks++, this.periodMs).unref();
   }

@@ -26,9 +26,3 @@ test('WarmLoop: the first holder starts the tick, the last one to release stops 
   await new Promise((r) => setTimeout(r, 5));
   assert.equal(w.count, stopped, 'no tick after the last release');
 });
-
-test('WarmLoop with a period of 0 never starts a timer', () => {
-  const w = new WarmLoop(0);
-  w.hold({});
-  assert.equal(w.running, false);
-});
