@@ -33,6 +33,10 @@ const F_PROTOCOL_FEATURES = 30;
 const MEM = 1 << 20;
 const USER_ADDR = 0x7f00_0000_0000;
 const RING = 256;
+/** Where the ring's parts sit in the one region, which starts at guest address 0. */
+const DESC = 0x1000;
+const AVAIL = 0x2000;
+const USED = 0x3000;
 
 export interface StopPathSide {
   /** Whether SET_STATUS was part of the stop (F_STATUS negotiated). */
@@ -97,7 +101,7 @@ async function measure(socket: string, pid: number, stops: number, idleMs: numbe
       await c.setFeatures(features);
       await c.setVringNum(0, RING);
       await c.setVringBase(0, base);
-      await c.setVringAddr({ index: 0, flags: logged ? 1 << VHOST_VRING_F_LOG : 0, descUserAddr: BigInt(USER_ADDR + 0x1000), usedUserAddr: BigInt(USER_ADDR + 0x3000), availUserAddr: BigInt(USER_ADDR + 0x2000), logGuestAddr: logged ? 0x3000n : 0n });
+      await c.setVringAddr({ index: 0, flags: logged ? 1 << VHOST_VRING_F_LOG : 0, descUserAddr: BigInt(USER_ADDR + DESC), usedUserAddr: BigInt(USER_ADDR + USED), availUserAddr: BigInt(USER_ADDR + AVAIL), logGuestAddr: logged ? BigInt(USED) : 0n });
       for (const fd of fds.splice(0)) a.close(fd);
       const kick = a.eventfd(0);
       const call = a.eventfd(0);
