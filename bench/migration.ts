@@ -69,6 +69,8 @@ export interface MigrationSample {
   finalCopyMs?: number;
   /** From the destination's trace: vhost_dev_start to the last vhost-user message of the start (after RESUME: the guest runs, its disk waits). */
   dstDeviceStartMs?: number;
+  /** With BENCH_MIGRATION_RAMCHECK: guest pages whose bytes differ between the stopped source and the destination before it runs. */
+  ramPagesDiffering?: number;
 }
 
 /** What the destination's console says of a guest that died there (QEMU 7.2 TCG crashes a migrated guest now and then). */
@@ -156,6 +158,39 @@ const MAX_BANDWIDTH_MIBS = 1024;
  * BENCH_MIGRATION_DOWNTIME_LIMIT (ms) sets it lower, so that what is left is
  * small and the devices' part shows.
  */
+/**
+ * BENCH_MIGRATION_RAMCHECK: the destination waits paused (-S) once the stream
+ * is in, both QEMUs dump the guest's RAM (pmemsave), and the pages that differ
+ * are printed before the destination goes on. Nothing runs on either side
+ * between the dumps, so any difference is a page the migration did not carry:
+ * a write the dirty log missed, or one that came after the last sync. The
+ * destination's STOP -> RESUME and device start then include the check.
+ */
+const RAM_CHECK = process.env.BENCH_MIGRATION_RAMCHECK !== undefined;
+/** The legacy VGA window and BIOS shadow: device memory under both QEMUs, not RAM the stream carries. */
+const RAM_CHECK_SKIP: readonly [number, number] = [0xa0000, 0x100000];
+
+/** Pages of the guest's first `bytes` that differ between two QEMUs, as "0xADDR(bytes differing)". */
+async function ramDifferences(src: QmpClient, dst: QmpClient, dir: string, bytes: number): Promise<string[]> {
+  const files = [path.join(dir, 'ram-src'), path.join(dir, 'ram-dst')];
+  try {
+    await src.execute('pmemsave', { val: 0, size: bytes, filename: files[0] });
+    await dst.execute('pmemsave', { val: 0, size: bytes, filename: files[1] });
+    const [a, b] = files.map((f) => fs.readFileSync(f));
+    const diff: string[] = [];
+    for (let off = 0; off < bytes; off += 4096) {
+      if (off >= RAM_CHECK_SKIP[0] && off < RAM_CHECK_SKIP[1]) continue;
+      if (a.compare(b, off, off + 4096, off, off + 4096) === 0) continue;
+      let n = 0;
+      for (let k = off; k < off + 4096; k++) if (a[k] !== b[k]) n++;
+      diff.push(`0x${off.toString(16)}(${n})`);
+    }
+    return diff;
+  } finally {
+    for (const f of files) fs.rmSync(f, { force: true });
+  }
+}
+
 function downtimeLimitMs(): number {
   const v = Number(process.env.BENCH_MIGRATION_DOWNTIME_LIMIT ?? 300);
   if (!Number.isInteger(v) || v < 1) throw new Error(`BENCH_MIGRATION_DOWNTIME_LIMIT: a whole number of ms, not ${process.env.BENCH_MIGRATION_DOWNTIME_LIMIT}`);
@@ -469,7 +504,7 @@ class PingPong {
     const to: 0 | 1 = src.side === 0 ? 1 : 0;
     const port = await freePort();
     const qmpSocket = path.join(this.dir, `qmp-${this.n + 1}`);
-    const dst = await startGuest(this.opts(to, qmpSocket, ['-incoming', `tcp:127.0.0.1:${port}`]));
+    const dst = await startGuest(this.opts(to, qmpSocket, ['-incoming', `tcp:127.0.0.1:${port}`, ...(RAM_CHECK ? ['-S'] : [])]));
     this.track(dst);
     // QMP answers once QEMU's main loop runs, after the incoming listener is up.
     const dqmp = await QmpClient.connect(qmpSocket);
@@ -484,6 +519,17 @@ class PingPong {
     if (converge) await raiseWhenConverged(src.qmp, CONVERGE_SYNCS, downtimeLimitMs(), 120_000);
     const done = await migrationStatus(src.qmp, 120_000);
     const after = await this.be.counters?.(src.side);
+    let ramPagesDiffering: number | undefined;
+    if (RAM_CHECK) {
+      for (let i = 0; (await dqmp.execute<{ status: string }>('query-status')).status === 'inmigrate'; i++) {
+        if (i > 500) throw new Error('the destination did not take in the stream after the migration completed');
+        await sleep(20);
+      }
+      const diff = await ramDifferences(src.qmp, dqmp, this.dir, GUEST_MIB * MiB);
+      ramPagesDiffering = diff.length;
+      process.stderr.write(`bench: ${dst.name}: ${diff.length} guest page(s) differ between the source and the destination${diff.length > 0 ? ` (address(bytes)): ${diff.join(' ')}` : ''}\n`);
+      await dqmp.execute('cont');
+    }
     // The guest goes on at the destination: it runs, and its script prints again there (a crashed guest does not).
     try {
       for (let i = 0; (await dqmp.execute<{ status: string }>('query-status')).status !== 'running'; i++) {
@@ -521,6 +567,7 @@ class PingPong {
       requests: before !== undefined && after !== undefined ? after.requests - before.requests : undefined,
       ...stopped,
       dstDeviceStartMs: started,
+      ramPagesDiffering,
     };
   }
 
