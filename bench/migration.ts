@@ -152,13 +152,6 @@ const GUEST_MIB = 256;
 /** As the e2e test lets its migration through: loopback TCP is not the limit QEMU's default of 128 MiB/s assumes. */
 const MAX_BANDWIDTH_MIBS = 1024;
 /**
- * QEMU stops the guest once its bandwidth estimate times downtime-limit covers
- * the RAM left; at its default (300 ms) on a loaded machine it stops with up to
- * 60 MiB left, and that RAM, not the back-end, makes the downtime.
- * BENCH_MIGRATION_DOWNTIME_LIMIT (ms) sets it lower, so that what is left is
- * small and the devices' part shows.
- */
-/**
  * BENCH_MIGRATION_RAMCHECK: the destination waits paused (-S) once the stream
  * is in, both QEMUs dump the guest's RAM (pmemsave), and the pages that differ
  * are printed before the destination goes on. Nothing runs on either side
@@ -191,6 +184,21 @@ async function ramDifferences(src: QmpClient, dst: QmpClient, dir: string, bytes
   }
 }
 
+/** Polls the QEMU's run state every `stepMs` until `done` accepts it; after `tries` more polls, fails with `what`. */
+async function untilStatus(qmp: QmpClient, done: (status: string) => boolean, tries: number, stepMs: number, what: string): Promise<void> {
+  for (let i = 0; !done((await qmp.execute<{ status: string }>('query-status')).status); i++) {
+    if (i > tries) throw new Error(what);
+    await sleep(stepMs);
+  }
+}
+
+/**
+ * QEMU stops the guest once its bandwidth estimate times downtime-limit covers
+ * the RAM left; at its default (300 ms) on a loaded machine it stops with up to
+ * 60 MiB left, and that RAM, not the back-end, makes the downtime.
+ * BENCH_MIGRATION_DOWNTIME_LIMIT (ms) sets it lower, so that what is left is
+ * small and the devices' part shows.
+ */
 function downtimeLimitMs(): number {
   const v = Number(process.env.BENCH_MIGRATION_DOWNTIME_LIMIT ?? 300);
   if (!Number.isInteger(v) || v < 1) throw new Error(`BENCH_MIGRATION_DOWNTIME_LIMIT: a whole number of ms, not ${process.env.BENCH_MIGRATION_DOWNTIME_LIMIT}`);
@@ -521,10 +529,7 @@ class PingPong {
     const after = await this.be.counters?.(src.side);
     let ramPagesDiffering: number | undefined;
     if (RAM_CHECK) {
-      for (let i = 0; (await dqmp.execute<{ status: string }>('query-status')).status === 'inmigrate'; i++) {
-        if (i > 500) throw new Error('the destination did not take in the stream after the migration completed');
-        await sleep(20);
-      }
+      await untilStatus(dqmp, (st) => st !== 'inmigrate', 500, 20, 'the destination did not take in the stream after the migration completed');
       const diff = await ramDifferences(src.qmp, dqmp, this.dir, GUEST_MIB * MiB);
       ramPagesDiffering = diff.length;
       process.stderr.write(`bench: ${dst.name}: ${diff.length} guest page(s) differ between the source and the destination${diff.length > 0 ? ` (address(bytes)): ${diff.join(' ')}` : ''}\n`);
@@ -532,10 +537,7 @@ class PingPong {
     }
     // The guest goes on at the destination: it runs, and its script prints again there (a crashed guest does not).
     try {
-      for (let i = 0; (await dqmp.execute<{ status: string }>('query-status')).status !== 'running'; i++) {
-        if (i > 100) throw new Error('the destination did not run after the migration completed');
-        await sleep(100);
-      }
+      await untilStatus(dqmp, (st) => st === 'running', 100, 100, 'the destination did not run after the migration completed');
       await dst.waitFor(/^TICK=\d+$/m, 60_000);
     } catch (e) {
       throw new Error(`${crashed(dst, this.traceFile(dst.name)) ?? 'the guest did not go on at the destination'}: ${e instanceof Error ? e.message : String(e)}`);
