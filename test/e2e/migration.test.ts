@@ -181,7 +181,7 @@ async function blkMigration(
     // init_on_alloc=0: Debian's kernel otherwise zeroes every page it allocates, and that CPU
     // write puts fresh page-cache pages in QEMU's own dirty bitmap, hiding a device that
     // forgets to log the DMA that fills them.
-    const base: GuestOptions = { name: `${name}-src`, script: BLK_SCRIPT, memMiB: 256, append: 'init_on_alloc=0', timeoutMs: 800_000 };
+    const base: GuestOptions = { name: `${name}-src`, script: BLK_SCRIPT, memMiB: 256, migrates: true, append: 'init_on_alloc=0', timeoutMs: 800_000 };
     const srcQmpPath = path.join(fx.dir, 'src.qmp');
     const src = await startGuest({ ...base, blks: [{ socket: fx.socket('src-data') }, { socket: fx.socket('src-ctl') }], qmpSocket: srcQmpPath });
     guests.push(src);
@@ -451,7 +451,7 @@ test('migration, net: a guest streaming TCP to a peer and pinged by it moves bet
     const guests: Guest[] = [];
     const qmps: QmpClient[] = [];
     try {
-      const base: GuestOptions = { name: 'mig-net-a', script: NET_A, memMiB: 256, files: [{ path: '/send.sh', data: SEND, mode: 0o755 }], timeoutMs: 600_000 };
+      const base: GuestOptions = { name: 'mig-net-a', script: NET_A, memMiB: 256, migrates: true, files: [{ path: '/send.sh', data: SEND, mode: 0o755 }], timeoutMs: 600_000 };
       const srcQmpPath = path.join(fx.dir, 'a.qmp');
       const a = await startGuest({ ...base, nets: [{ socket: fx.socket('a-src'), mac: MAC_A }], qmpSocket: srcQmpPath });
       guests.push(a);
