@@ -184,7 +184,7 @@ function printMigration(m: MigrationResult): void {
     return `${fmt(s.min, d, 5)} ${fmt(s.median, d, 5)} ${fmt(s.max, d, 5)}`;
   };
   const med = (xs: readonly (number | undefined)[], d: number, w: number): string => fmt(spread(xs.map((x) => x ?? NaN)).median, d, w);
-  out(`\nmigration: a ${m.guestMiB} MiB TCG guest, one vCPU of maxcpus=${m.maxCpus}, with one blk disk (then one NIC), migrated over tcp:127.0.0.1 (max-bandwidth ${m.maxBandwidthMiBs} MiB/s, downtime-limit ${m.downtimeLimitMs} ms` +
+  out(`\nmigration: a ${m.guestMiB} MiB${m.ramPadKiB > 0 ? ` + ${m.ramPadKiB} KiB` : ''} TCG guest, one vCPU of maxcpus=${m.maxCpus}, with one blk disk (then one NIC), migrated over tcp:127.0.0.1 (max-bandwidth ${m.maxBandwidthMiBs} MiB/s, downtime-limit ${m.downtimeLimitMs} ms` +
       `${m.convergeLoads.length > 0 ? `; ${m.convergeLoads.join(' and ')} guests: 1 ms until ${m.convergeSyncs} dirty syncs` : ''}), back and forth\n`);
   out('(downtime and total from the source\'s query-migrate, ms, min / median / max; then medians, from QEMU\'s traces: the RAM left when QEMU\n');
   out(' stopped the guest, the stop (of which the vhost-user device stop), the final copy, STOP -> RESUME (QMP events), the destination\'s\n');
