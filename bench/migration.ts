@@ -23,13 +23,13 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { MIGRATION_RAM_PAD_KIB, startGuest, type Guest, type GuestOptions } from '../test/support/qemu-guest';
+import { startGuest, type Guest, type GuestOptions } from '../test/support/qemu-guest';
 import { startTestpmd, type Testpmd } from '../test/support/testpmd';
 import { createRawImage, startStorageDaemon, type StorageDaemon } from '../test/support/storage-daemon';
 import { QmpClient, type QmpEvent } from '../test/support/qmp';
 import { freePort } from '../test/support/free-port';
 import { fetchJson } from '../src/control/control-server';
-import { TCG_MAX_CPUS } from '../src/control/qemu-args';
+import { TCG_MAX_CPUS, TCG_MIGRATION_RAM_PAD_KIB } from '../src/control/qemu-args';
 import type { StatsReport } from '../src/control/stats-format';
 import { stopChild } from './net';
 import { bounded, type Outcome } from './measure';
@@ -135,7 +135,7 @@ function deviceStart(tr: readonly TraceLine[]): number | undefined {
 
 export interface MigrationResult {
   guestMiB: number;
-  /** KiB of RAM past guestMiB (test/support/qemu-guest.ts, MIGRATION_RAM_PAD_KIB); 0 with BENCH_MIGRATION_QEMU_FAST_SYNC. */
+  /** KiB of RAM past guestMiB (TCG_MIGRATION_RAM_PAD_KIB, src/control/qemu-args.ts); 0 with BENCH_MIGRATION_QEMU_FAST_SYNC. */
   ramPadKiB: number;
   /** -smp maxcpus of every guest (one vCPU runs). */
   maxCpus: number;
@@ -216,7 +216,7 @@ function downtimeLimitMs(): number {
  * every back-end's guest stops from the same place: what one pass dirtied.
  * It does so for every guest by default. Busy guests that iterated crashed at
  * the destination on every back-end until their RAM was sized off QEMU 7.2's
- * lossy 64-page dirty sync (MIGRATION_RAM_PAD_KIB); =idle converges idle
+ * lossy 64-page dirty sync (TCG_MIGRATION_RAM_PAD_KIB); =idle converges idle
  * guests alone, =0 none.
  */
 function convergeLoads(): MigLoad[] {
@@ -248,7 +248,7 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 /**
  * BENCH_MIGRATION_QEMU_FAST_SYNC=1 gives the guests a RAM of whole 64-page
  * words again, so QEMU 7.2 syncs the dirty bitmap the fast way that loses TCG
- * writes (MIGRATION_RAM_PAD_KIB says how); BENCH_MIGRATION_SPIN=1 adds a shell
+ * writes (TCG_MIGRATION_RAM_PAD_KIB says how); BENCH_MIGRATION_SPIN=1 adds a shell
  * spinning in the idle guests, which writes without a context switch to flush
  * the vCPU's TLB. Together they show QEMU's loss on its own virtio-blk
  * (BENCH_MIGRATION_ONLY=qemu BENCH_MIGRATION_RAMCHECK=1).
@@ -654,7 +654,7 @@ export async function migrationBench(runs: number): Promise<MigrationResult> {
         net[load][kind] = !wanted('net', kind) || !loads.includes(load) ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, plan(load, load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT), runs, root, (dir) => startNetBackends(kind, dir));
       }
     }
-    return { guestMiB: GUEST_MIB, ramPadKiB: QEMU_FAST_SYNC ? 0 : MIGRATION_RAM_PAD_KIB, maxCpus: cpus, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), convergeSyncs: CONVERGE_SYNCS, convergeLoads: converging, blk, net };
+    return { guestMiB: GUEST_MIB, ramPadKiB: QEMU_FAST_SYNC ? 0 : TCG_MIGRATION_RAM_PAD_KIB, maxCpus: cpus, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), convergeSyncs: CONVERGE_SYNCS, convergeLoads: converging, blk, net };
   } finally {
     fs.rmSync(root, { recursive: true, force: true });
   }

@@ -5,7 +5,7 @@
  * a kernel crash. Under QEMU 7.2 TCG on a 2-core VM the destination came up
  * with corrupted kernel memory in about 1 of 20 migrations (-cpu max) and 1 of
  * 3 (-cpu qemu64): QEMU's 64-page dirty sync loses TCG writes. The guest is
- * sized as the tests size a guest that migrates (MIGRATION_RAM_PAD_KIB), which
+ * sized as the tests size a guest that migrates (TCG_MIGRATION_RAM_PAD_KIB), which
  * avoids it; --fast-sync gives it 256 MiB, the size that shows the loss.
  *
  *   node dist/scripts/qemu-migration-check.js [RUNS] [CPU] [--fast-sync]     (defaults: 20, max)

@@ -35,8 +35,8 @@ export const qemuArgsCommand: CommandSpec = {
   description:
     'Without FUNCTION names, every function of the topology. QEMU gets a shared memfd\n' +
     'memory backend (the bridge maps guest memory), a chardev that redials a restarted\n' +
-    'bridge, and the device (with --tcg, one vCPU of two possible); libvirt gets the\n' +
-    '<memoryBacking> (with --tcg, the <vcpu>) and the <interface> or\n' +
+    'bridge, and the device (with --tcg, one vCPU of two possible and 8 KiB more RAM);\n' +
+    'libvirt gets the <memoryBacking> (with --tcg, the <vcpu>) and the <interface> or\n' +
     '<disk> elements; DPDK gets virtio-user --vdev arguments (net functions only).',
   options: {
     libvirt: { type: 'boolean', help: 'print libvirt domain XML instead' },
@@ -44,7 +44,7 @@ export const qemuArgsCommand: CommandSpec = {
     memory: { type: 'string', arg: 'SIZE', help: 'guest RAM (default 256M)' },
     machine: { type: 'string', arg: 'TYPE', help: 'QEMU machine type with PCI (default q35)', complete: ['q35', 'pc'] },
     packed: { type: 'boolean', help: 'offer packed virtqueues' },
-    tcg: { type: 'boolean', help: 'a TCG guest: one vCPU of maxcpus=2 (QEMU 7.2 TCG emits the guest\'s barriers only then), no MSI-X on net devices (it crashes with it on vhost-user-net)' },
+    tcg: { type: 'boolean', help: 'a TCG guest: one vCPU of maxcpus=2 (QEMU 7.2 TCG emits the guest\'s barriers only then), no MSI-X on net devices (it crashes with it on vhost-user-net), 8 KiB more RAM (QEMU before 9.0 loses TCG writes in a migration of a RAM that is a multiple of 256 KiB)' },
   },
   positionals: { name: 'TOPOLOGY.yaml', min: 1, max: Number.MAX_SAFE_INTEGER, complete: 'file' },
   run: async (args) => {

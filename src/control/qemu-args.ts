@@ -13,7 +13,7 @@ export interface AttachOptions {
   machine: string;
   /** Offer packed virtqueues (QEMU packed=on, DPDK packed_vq=1, libvirt packed='on'). */
   packed: boolean;
-  /** A guest under TCG: no MSI-X on net devices (QEMU 7.2 crashes when vhost-user-net enables it), and one vCPU of TCG_MAX_CPUS possible. */
+  /** A guest under TCG: no MSI-X on net devices (QEMU 7.2 crashes when vhost-user-net enables it), one vCPU of TCG_MAX_CPUS possible, and TCG_MIGRATION_RAM_PAD_KIB more RAM. */
   tcg: boolean;
   /** Seconds between QEMU's redials when the bridge restarts. */
   reconnect: number;
@@ -31,11 +31,31 @@ export const DEFAULT_ATTACH: AttachOptions = { memMiB: 256, machine: 'q35', pack
  */
 export const TCG_MAX_CPUS = 2;
 
+/**
+ * QEMU before 9.0 (Debian 12 ships 7.2) loses guest writes when it migrates a
+ * TCG guest: its dirty-bitmap sync clears a RAM block 64 pages at a time
+ * without resetting the vCPUs' TLBs, and stores through the entries they keep
+ * are not tracked, so the destination gets stale pages and the guest may oops
+ * there. Upstream fixed it in 03bfc2188f ("physmem: Fix migration dirty bitmap
+ * coherency with TCG memory access"), which Debian's 7.2.19 does not carry. A
+ * RAM size that is not a multiple of 64 pages sends every sync down the
+ * page-at-a-time path, which resets the TLBs; on a 256 MiB guest it costs the
+ * final copy about 2 ms of downtime (docs/BENCHMARKS.md, "The guests lost were
+ * QEMU's").
+ */
+export const TCG_MIGRATION_RAM_PAD_KIB = 8;
+
+/** The guest's RAM in QEMU's syntax: whole MiB, or with `pad` TCG_MIGRATION_RAM_PAD_KIB more. */
+export function guestRamSize(memMiB: number, pad: boolean): string {
+  return pad ? `${memMiB * 1024 + TCG_MIGRATION_RAM_PAD_KIB}K` : `${memMiB}M`;
+}
+
 const MEM_ID = 'vbridge-mem';
 
-/** The options once per guest: memory the bridge can map and, under TCG, the CPUs that give it barriers. */
+/** The options once per guest: memory the bridge can map and, under TCG, the CPUs that give it barriers and a RAM that migrates whole. */
 export function qemuGuestArgs(o: AttachOptions): string[] {
-  const memory = ['-object', `memory-backend-memfd,id=${MEM_ID},size=${o.memMiB}M,share=on`, '-machine', `${o.machine},memory-backend=${MEM_ID}`, '-m', `${o.memMiB}M`];
+  const size = guestRamSize(o.memMiB, o.tcg);
+  const memory = ['-object', `memory-backend-memfd,id=${MEM_ID},size=${size},share=on`, '-machine', `${o.machine},memory-backend=${MEM_ID}`, '-m', size];
   return o.tcg ? [...memory, '-smp', `1,maxcpus=${TCG_MAX_CPUS}`] : memory;
 }
 

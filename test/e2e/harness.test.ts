@@ -10,7 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { buildCpio } from '../support/guest-cpio';
 import { acquireHeavyLock, withHeavyLock } from '../support/heavy-lock';
-import { kv, MIGRATION_RAM_PAD_KIB, qemuArgs, startGuest } from '../support/qemu-guest';
+import { kv, qemuArgs, startGuest } from '../support/qemu-guest';
+import { TCG_MIGRATION_RAM_PAD_KIB } from '../../src/control/qemu-args';
 import { createRawImage, md5OfRange, startStorageDaemon } from '../support/storage-daemon';
 import { tempDir } from '../support/temp-dir';
 import { startTestpmd } from '../support/testpmd';
@@ -79,9 +80,9 @@ test('qemuArgs() follows the measured quirks', () => {
   // A guest that migrates gets a RAM QEMU 7.2 cannot sync 64 pages at a time.
   const m = qemuArgs({ name: 'm', script: '', timeoutMs: 1, memMiB: 256, migrates: true }, '/k', '/i');
   const size = m[m.indexOf('-m') + 1];
-  assert.equal(size, `${256 * 1024 + MIGRATION_RAM_PAD_KIB}K`);
+  assert.equal(size, `${256 * 1024 + TCG_MIGRATION_RAM_PAD_KIB}K`);
   assert.ok(m.includes(`memory-backend-memfd,id=mem,size=${size},share=on`));
-  assert.notEqual(((256 * 1024 + MIGRATION_RAM_PAD_KIB) * 1024) % (64 * 4096), 0);
+  assert.notEqual(((256 * 1024 + TCG_MIGRATION_RAM_PAD_KIB) * 1024) % (64 * 4096), 0);
 });
 
 test('heavy lock excludes another process and is freed when its holder dies', async () => {

@@ -19,7 +19,7 @@ import { copyFile, mkdtemp, appendFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { buildCpio, type CpioEntry } from './guest-cpio';
-import { TCG_MAX_CPUS } from '../../src/control/qemu-args';
+import { guestRamSize, TCG_MAX_CPUS } from '../../src/control/qemu-args';
 
 export interface GuestNet {
   /** vhost-user socket of the back-end (QEMU connects to it unless `server`). */
@@ -62,7 +62,7 @@ export interface GuestOptions {
   script: string;
   /** Guest RAM (default 256). */
   memMiB?: number;
-  /** The guest will be live-migrated: its RAM is memMiB plus MIGRATION_RAM_PAD_KIB (see there). */
+  /** The guest will be live-migrated: its RAM is memMiB plus TCG_MIGRATION_RAM_PAD_KIB (src/control/qemu-args.ts says why). */
   migrates?: boolean;
   /** vCPUs (default 1). */
   cpus?: number;
@@ -185,23 +185,9 @@ function checkPath(what: string, p: string): void {
   if (p.includes(',')) throw new Error(`${what}: QEMU option values cannot contain commas: ${p}`);
 }
 
-/**
- * QEMU before 9.0 (Debian 12 ships 7.2) loses guest writes when it migrates a
- * TCG guest: its dirty-bitmap sync clears a RAM block 64 pages at a time
- * without resetting the vCPUs' TLBs, and stores through the entries they keep
- * are not tracked, so the destination gets stale pages and the guest may oops
- * there. Upstream fixed it in 03bfc2188f ("physmem: Fix migration dirty bitmap
- * coherency with TCG memory access"), which Debian's 7.2.19 does not carry. A
- * RAM size that is not a multiple of 64 pages sends every sync down the
- * page-at-a-time path, which resets the TLBs; on a 256 MiB guest it costs the
- * final copy about 2 ms of downtime, on every back-end alike (docs/BENCHMARKS.md,
- * "The guests lost were QEMU's").
- */
-export const MIGRATION_RAM_PAD_KIB = 8;
-
 /** The QEMU command line for `opts` (without the program name). */
 export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): string[] {
-  const mem = opts.migrates === true ? `${(opts.memMiB ?? 256) * 1024 + MIGRATION_RAM_PAD_KIB}K` : `${opts.memMiB ?? 256}M`;
+  const mem = guestRamSize(opts.memMiB ?? 256, opts.migrates === true);
   const memory = ['-machine', 'q35,memory-backend=mem', '-object', `memory-backend-memfd,id=mem,size=${mem},share=on`, '-m', mem];
   const cpus = opts.cpus ?? 1;
   const args: string[] = [
