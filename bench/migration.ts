@@ -253,7 +253,7 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
  * the vCPU's TLB. Together they show QEMU's loss on its own virtio-blk
  * (BENCH_MIGRATION_ONLY=qemu BENCH_MIGRATION_RAMCHECK=1).
  */
-const QEMU_FAST_SYNC = process.env.BENCH_MIGRATION_QEMU_FAST_SYNC === '1';
+const RAM_PAD_KIB = process.env.BENCH_MIGRATION_QEMU_FAST_SYNC === '1' ? 0 : TCG_MIGRATION_RAM_PAD_KIB;
 const SPIN = process.env.BENCH_MIGRATION_SPIN === '1' ? '(j=0; while :; do j=$((j+1)); done) &\n' : '';
 
 /** A heartbeat a second: the idle guest's whole work, and how the bench sees it alive after each switch-over. */
@@ -491,7 +491,7 @@ class PingPong {
     // QEMU's own trace of the migration and its vhost-user messages says where a downtime goes (a few hundred lines a migration).
     const trace = ['-msg', 'timestamp=on', '-D', this.traceFile(name), ...TRACED.flatMap((t) => ['-trace', t])];
     const dev = this.be.devices(side);
-    return { name, script: this.plan.script, memMiB: GUEST_MIB, migrates: !QEMU_FAST_SYNC, maxCpus: this.plan.maxCpus, blks: dev.blks, nets: dev.nets, qmpSocket, extraArgs: [...trace, ...(dev.extraArgs ?? []), ...extraArgs], timeoutMs: 3_600_000 };
+    return { name, script: this.plan.script, memMiB: GUEST_MIB, migrates: RAM_PAD_KIB > 0, maxCpus: this.plan.maxCpus, blks: dev.blks, nets: dev.nets, qmpSocket, extraArgs: [...trace, ...(dev.extraArgs ?? []), ...extraArgs], timeoutMs: 3_600_000 };
   }
 
   /** BENCH_MIGRATION_TRACE=DIR keeps the traces there; otherwise they go with the bench's temp dir. */
@@ -543,7 +543,7 @@ class PingPong {
     let ramPagesDiffering: number | undefined;
     if (RAM_CHECK) {
       await untilStatus(dqmp, (st) => st !== 'inmigrate', 500, 20, 'the destination did not take in the stream after the migration completed');
-      const diff = await ramDifferences(src.qmp, dqmp, this.dir, GUEST_MIB * MiB);
+      const diff = await ramDifferences(src.qmp, dqmp, this.dir, GUEST_MIB * MiB + RAM_PAD_KIB * 1024);
       ramPagesDiffering = diff.length;
       process.stderr.write(`bench: ${dst.name}: ${diff.length} guest page(s) differ between the source and the destination${diff.length > 0 ? ` (address(bytes)): ${diff.join(' ')}` : ''}\n`);
       await dqmp.execute('cont');
@@ -654,7 +654,7 @@ export async function migrationBench(runs: number): Promise<MigrationResult> {
         net[load][kind] = !wanted('net', kind) || !loads.includes(load) ? [] : await series(`migration net ${kind} ${load}`, `net-${kind}-${load}`, plan(load, load === 'idle' ? NET_IDLE_SCRIPT : NET_BUSY_SCRIPT), runs, root, (dir) => startNetBackends(kind, dir));
       }
     }
-    return { guestMiB: GUEST_MIB, ramPadKiB: QEMU_FAST_SYNC ? 0 : TCG_MIGRATION_RAM_PAD_KIB, maxCpus: cpus, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), convergeSyncs: CONVERGE_SYNCS, convergeLoads: converging, blk, net };
+    return { guestMiB: GUEST_MIB, ramPadKiB: RAM_PAD_KIB, maxCpus: cpus, maxBandwidthMiBs: MAX_BANDWIDTH_MIBS, downtimeLimitMs: downtimeLimitMs(), convergeSyncs: CONVERGE_SYNCS, convergeLoads: converging, blk, net };
   } finally {
     fs.rmSync(root, { recursive: true, force: true });
   }
