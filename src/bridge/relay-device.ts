@@ -65,6 +65,16 @@ const QUIESCE_WAIT_MS = 2000;
  */
 export const DEFAULT_RECHECK_MS = 1;
 const RECHECK_MAX_MS = 1000;
+/**
+ * How long the backend's stop of a queue that had nothing out waits behind the
+ * front-end's answer, unless another control call comes first. The answer
+ * ends the device stop of a migration, and what the bridge and the backend do
+ * next competes for the CPU with QEMU's last copy (the guest's downtime):
+ * waking the backend there put about 0.3 ms on an idle relay's device stop
+ * (docs/BENCHMARKS.md, "The relay's idle stop"). An idle guest's downtime is
+ * a few milliseconds.
+ */
+export const DEFAULT_STOP_BEHIND_MS = 50;
 
 export interface RelayOptions {
   name: string;
@@ -75,6 +85,8 @@ export interface RelayOptions {
   recheckMs?: number;
   /** How long held chains wait for a backend that went away (default DEFAULT_BACKEND_GRACE_MS). */
   backendGraceMs?: number;
+  /** How long an idle queue's backend stop waits behind the front-end's answer (default DEFAULT_STOP_BEHIND_MS). */
+  stopBehindMs?: number;
   logger: Logger;
 }
 
@@ -305,6 +317,10 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   private grace: NodeJS.Timeout | null = null;
   /** Control calls to the backend, one after another. */
   private ctl: Promise<void> = Promise.resolve();
+  /** Queues whose backend stop waits behind the front-end's answer (settledAtOnce), and its timer. */
+  private stopsBehind: number[] = [];
+  private stopsTimer: NodeJS.Timeout | null = null;
+  private readonly stopBehindMs: number;
   private readonly statusByte = new Uint8Array([BLK_S_IOERR]);
   private readonly recheckMs: number;
   private readonly taps: RelayTaps;
@@ -324,6 +340,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     this.configSize = info.configSize;
     this.recheckMs = opts.recheckMs ?? DEFAULT_RECHECK_MS;
     this.graceMs = opts.backendGraceMs ?? DEFAULT_BACKEND_GRACE_MS;
+    this.stopBehindMs = opts.stopBehindMs ?? DEFAULT_STOP_BEHIND_MS;
     this.maxQueueSize = Math.min(opts.queueSize, VIRTQUEUE_MAX_SIZE);
     this.dma = new DmaEngine(link.bar2Bytes);
     const slot = opts.slotSize ?? DEFAULT_SLOT_SIZE;
@@ -408,12 +425,70 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   quiesce(index: number): Promise<void> | null {
     const rq = this.queues[index];
     if (rq === undefined || rq.guest === null) return null;
+    if (this.settledAtOnce(index, rq, rq.guest)) return null;
     return this.settleQueue(index, rq, rq.guest);
+  }
+
+  /**
+   * A queue with nothing out at the backend is settled as it stands: the
+   * guest's position accounts for every chain without the backend's word, so
+   * the front-end is answered now, and the backend's ring is stopped behind
+   * the answer (DEFAULT_STOP_BEHIND_MS), before any later control call (a
+   * restart waits for it). False when chains are out: settleQueue.
+   */
+  private settledAtOnce(index: number, rq: RelayQueue, guest: DeviceQueue): boolean {
+    if (!this.linkUp || rq.shadow !== 'up' || rq.pending !== null) return false;
+    if (rq.count > 0 && this.harvest(rq, guest) > 0) guest.notify();
+    if (rq.count > 0 || rq.guest !== guest || !this.linkUp) return false;
+    rq.guest = null;
+    rq.shadow = 'stopped';
+    this.stopsBehind.push(index);
+    if (this.stopsTimer === null) {
+      this.stopsTimer = setTimeout(() => {
+        this.stopsTimer = null;
+        this.sendStopsBehind();
+      }, this.stopBehindMs);
+      this.stopsTimer.unref();
+    }
+    return true;
+  }
+
+  /** The backend stops held behind an answer go out now, ahead of whatever control call comes next. */
+  private sendStopsBehind(): void {
+    this.cancelStopsTimer();
+    const todo = this.stopsBehind;
+    this.stopsBehind = [];
+    for (const index of todo) {
+      const rq = this.queues[index] as RelayQueue;
+      this.enqueue(`stop queue ${index}`, async () => {
+        try {
+          await this.link.stopQueue(index);
+        } catch (e) {
+          if (this.linkUp) this.log.warn(`${this.name}: queue ${index}: stopping the shadow ring: ${(e as Error).message}`);
+        }
+        // Zeroed only now: the backend read this ring until it answered.
+        if (rq.shadow === 'stopped' && rq.count === 0) rq.ring.reset();
+      });
+    }
+  }
+
+  /** The timer only: the stops listed are sent (sendStopsBehind) or forgotten (forgetStopsBehind) by the caller. */
+  private cancelStopsTimer(): void {
+    if (this.stopsTimer === null) return;
+    clearTimeout(this.stopsTimer);
+    this.stopsTimer = null;
+  }
+
+  /** The backend that held those rings is gone: the next one programs them from scratch. */
+  private forgetStopsBehind(): void {
+    this.cancelStopsTimer();
+    this.stopsBehind = [];
   }
 
   private async settleQueue(index: number, rq: RelayQueue, guest: DeviceQueue): Promise<void> {
     // No new guest chains from here: the queue is being stopped.
     rq.guest = null;
+    this.sendStopsBehind();
     try {
       await this.ctl;
       if (this.linkUp && rq.shadow === 'up') {
@@ -487,6 +562,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   onDown(): void {
     if (!this.linkUp) return;
     this.linkUp = false;
+    this.forgetStopsBehind();
     this.log.warn(`${this.name}: backend gone; ${this.queues.reduce((n, q) => n + q.count, 0)} chain(s) held for ${this.graceMs} ms for one to attach again`);
     if (this.linkFailed || this.grace !== null) return;
     this.grace = setTimeout(() => {
@@ -499,6 +575,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
 
   onFailed(err: Error): void {
     this.linkUp = false;
+    this.forgetStopsBehind();
     this.cancelGrace();
     if (this.linkFailed) return;
     this.linkFailed = true;
@@ -513,6 +590,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   /** The owner lets go of the device (the function closes, a VF is paused): nothing of it may fire later. */
   close(): void {
     this.cancelGrace();
+    this.forgetStopsBehind();
     for (const rq of this.queues) {
       if (rq.recheck !== null) clearTimeout(rq.recheck);
       rq.recheck = null;
@@ -1013,6 +1091,11 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   }
 
   private control(what: string, fn: () => Promise<void>): void {
+    this.sendStopsBehind();
+    this.enqueue(what, fn);
+  }
+
+  private enqueue(what: string, fn: () => Promise<void>): void {
     this.ctl = this.ctl.then(fn).catch((e: unknown) => {
       const err = e instanceof Error ? e : new Error(String(e));
       if (!this.linkUp) {

@@ -74,6 +74,8 @@ export class LoopbackLink implements ShadowLink {
   cutHeld = false;
   /** The backend publishes used elements but does not interrupt. */
   muteInterrupts = false;
+  /** While set, GET_VRING_BASE is answered only once it resolves (a slow backend). */
+  stopGate: Promise<void> | null = null;
   readonly heldKicks: number[] = [];
   /** Every fail() call, in order (also the ones ignored because the link had failed already). */
   readonly failures: Error[] = [];
@@ -191,7 +193,9 @@ export class LoopbackLink implements ShadowLink {
 
   async stopQueue(index: number): Promise<number> {
     this.controlMessages++;
+    this.calls.push(`GET_VRING_BASE ${index}`);
     await tick();
+    if (this.stopGate !== null) await this.stopGate;
     this.checkUp('GET_VRING_BASE');
     const b = this.queues[index];
     this.device.stopQueue(index);

@@ -178,12 +178,13 @@ interface RigOptions {
   guestEventIdx?: boolean;
   guestPacked?: boolean;
   backendGraceMs?: number;
+  stopBehindMs?: number;
 }
 
 async function rig(o: RigOptions): Promise<Rig> {
   const link = new LoopbackLink({ bar2Size: o.bar2Size ?? 256 * 1024, device: o.device, info: o.info, failMode: o.failMode });
   const log = new CaptureLogger();
-  const relay = new RelayDevice(link, link.info, { name: 'relay-test', queueSize: o.queueSize ?? 32, slotSize: o.slotSize, backendGraceMs: o.backendGraceMs, logger: log });
+  const relay = new RelayDevice(link, link.info, { name: 'relay-test', queueSize: o.queueSize ?? 32, slotSize: o.slotSize, backendGraceMs: o.backendGraceMs, stopBehindMs: o.stopBehindMs, logger: log });
   const fatal: Error[] = [];
   relay.onFatal = (e) => fatal.push(e);
   relay.setFeatures(relay.features());
@@ -548,6 +549,92 @@ test('quiesce gives chains the backend never saw back to the guest; they run aft
   for (const c of g.completed) assert.deepEqual(c.data, echoOf(c.tag, 64, 64));
   assert.deepEqual(dev.seen[0]?.map((t) => t.split(':')[0]), ['a', 'b', 'c', 'd', 'e'], 'the backend ran each once');
   assert.equal(r.relay.relayStats()[0]?.shadow, 'up');
+  assert.deepEqual(r.fatal, []);
+});
+
+test('quiesce of a queue with nothing out answers at once; the backend stop waits behind the answer, goes before the restart, and the ring is zeroed only after it', async () => {
+  const dev = new EchoBackend();
+  const r = await rig({ device: dev });
+  const g = r.guests[0] as Guest;
+  g.post('a');
+  g.post('b');
+  r.relay.kick(0);
+  await until(() => g.collect().length >= 0 && g.completed.length === 2, 'a and b');
+  await settle();
+  assert.equal(r.relay.relayStats()[0]?.inFlight, 0);
+
+  let answer = (): void => {};
+  r.link.stopGate = new Promise((res) => (answer = res));
+  const bar = r.link.bar2Bytes.slice();
+  assert.equal(r.relay.quiesce(0), null, 'nothing to wait for: the front-end is answered now');
+  assert.equal(r.relay.relayStats()[0]?.shadow, 'stopped');
+  r.relay.stopQueue(0);
+  assert.deepEqual(g.queue.state(), { nextAvail: 2, nextUsed: 2 }, 'GET_VRING_BASE reads 2');
+  await settle();
+  assert.ok(!r.link.calls.includes('GET_VRING_BASE 0'), `the backend is not woken inside the stop: ${r.link.calls.join(', ')}`);
+  assert.deepEqual(r.link.bar2Bytes, bar, 'the ring the backend still reads is left as it is');
+
+  // The guest restarts the queue (a cancelled migration): the stop goes first, and the start waits for its answer.
+  g.post('c');
+  r.relay.startQueue(g.dq);
+  await settle();
+  assert.ok(r.link.calls.includes('GET_VRING_BASE 0'), `the stop is sent ahead of the start: ${r.link.calls.join(', ')}`);
+  assert.equal(r.link.calls.filter((c) => c.startsWith('start 0')).length, 1, 'no start while the stop is out');
+  assert.deepEqual(r.link.bar2Bytes, bar, 'nor is the ring zeroed');
+  answer();
+  await until(() => g.collect().length >= 0 && g.completed.length === 3, 'c after the restart');
+  const calls = r.link.calls.slice(r.link.calls.indexOf('GET_VRING_BASE 0')).map((c) => c.replace(/ size \d+$/, ''));
+  assert.deepEqual(calls.slice(0, 3), ['GET_VRING_BASE 0', 'stop 0 -> 2', 'start 0'], 'stop answered, then the start');
+  assert.deepEqual(dev.seen[0]?.map((t) => t.split(':')[0]), ['a', 'b', 'c'], 'each ran once');
+  assert.deepEqual(r.fatal, []);
+});
+
+test('an idle queue stopped and left stopped: its backend stop goes out on its own after stopBehindMs', async () => {
+  const dev = new EchoBackend();
+  const r = await rig({ device: dev, stopBehindMs: 5 });
+  const g = r.guests[0] as Guest;
+  g.post('a');
+  r.relay.kick(0);
+  await until(() => g.collect().length >= 0 && g.completed.length === 1, 'a');
+  assert.equal(r.relay.quiesce(0), null);
+  r.relay.stopQueue(0);
+  await until(() => r.link.calls.includes('stop 0 -> 1'), 'the backend stopped at 1');
+  assert.equal(r.link.running(0), false);
+  assert.deepEqual(r.fatal, []);
+});
+
+test('an idle queue whose backend goes away before its stop went out: the stop is forgotten, the next backend gets a fresh start', async () => {
+  const dev = new EchoBackend();
+  const r = await rig({ device: dev });
+  const g = r.guests[0] as Guest;
+  assert.equal(r.relay.quiesce(0), null);
+  r.relay.stopQueue(0);
+  assert.ok(r.link.cut());
+  const from = r.link.calls.length;
+  assert.ok(r.link.restore());
+  r.relay.startQueue(g.dq);
+  g.post('b');
+  r.relay.kick(0);
+  await until(() => g.collect().length >= 0 && g.completed.length === 1, 'b on the new backend');
+  assert.ok(!r.link.calls.slice(from).some((c) => c.startsWith('GET_VRING_BASE')), `no stop to the new backend: ${r.link.calls.slice(from).join(', ')}`);
+  assert.deepEqual(r.fatal, []);
+});
+
+test('an idle queue whose backend fails the stop: a warning, the function stays up', async () => {
+  const dev = new EchoBackend();
+  const r = await rig({ device: dev, stopBehindMs: 1 });
+  const g = r.guests[0] as Guest;
+  r.link.stopGate = Promise.reject(new Error('GET_VRING_BASE refused'));
+  r.link.stopGate.catch(() => {});
+  assert.equal(r.relay.quiesce(0), null);
+  r.relay.stopQueue(0);
+  await until(() => r.log.lines.some((l) => l.includes('GET_VRING_BASE refused')), 'the warning');
+  r.link.stopGate = null;
+  r.relay.startQueue(g.dq);
+  g.post('d');
+  r.relay.kick(0);
+  await until(() => g.collect().length >= 0 && g.completed.length === 1, 'd after the restart');
+  assert.equal(r.relay.state, 'up');
   assert.deepEqual(r.fatal, []);
 });
 
