@@ -52,10 +52,14 @@ export function guestRamSize(memMiB: number, pad: boolean): string {
 
 const MEM_ID = 'vbridge-mem';
 
+/** A guest RAM of `size` (QEMU's syntax) that a vhost-user back-end can map: a shared memfd backend named `id`. */
+export function sharedMemoryArgs(size: string, machine: string, id: string = MEM_ID): string[] {
+  return ['-object', `memory-backend-memfd,id=${id},size=${size},share=on`, '-machine', `${machine},memory-backend=${id}`, '-m', size];
+}
+
 /** The options once per guest: memory the bridge can map and, under TCG, the CPUs that give it barriers and a RAM that migrates whole. */
 export function qemuGuestArgs(o: AttachOptions): string[] {
-  const size = guestRamSize(o.memMiB, o.tcg);
-  const memory = ['-object', `memory-backend-memfd,id=${MEM_ID},size=${size},share=on`, '-machine', `${o.machine},memory-backend=${MEM_ID}`, '-m', size];
+  const memory = sharedMemoryArgs(guestRamSize(o.memMiB, o.tcg), o.machine);
   return o.tcg ? [...memory, '-smp', `1,maxcpus=${TCG_MAX_CPUS}`] : memory;
 }
 

@@ -19,7 +19,7 @@ import { copyFile, mkdtemp, appendFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { buildCpio, type CpioEntry } from './guest-cpio';
-import { guestRamSize, TCG_MAX_CPUS } from '../../src/control/qemu-args';
+import { guestRamSize, sharedMemoryArgs, TCG_MAX_CPUS } from '../../src/control/qemu-args';
 
 export interface GuestNet {
   /** vhost-user socket of the back-end (QEMU connects to it unless `server`). */
@@ -187,8 +187,7 @@ function checkPath(what: string, p: string): void {
 
 /** The QEMU command line for `opts` (without the program name). */
 export function qemuArgs(opts: GuestOptions, kernel: string, initrd: string): string[] {
-  const mem = guestRamSize(opts.memMiB ?? 256, opts.migrates === true);
-  const memory = ['-machine', 'q35,memory-backend=mem', '-object', `memory-backend-memfd,id=mem,size=${mem},share=on`, '-m', mem];
+  const memory = sharedMemoryArgs(guestRamSize(opts.memMiB ?? 256, opts.migrates === true), 'q35', 'mem');
   const cpus = opts.cpus ?? 1;
   const args: string[] = [
     '-name', opts.name,
