@@ -18,19 +18,30 @@ interface QueuedLine {
 
 const queued: QueuedLine[] = [];
 let hooked = false;
-/** The flush is a microtask: a settled promise's then() costs about 2 us in a process that has been idle, setImmediate() about 28. */
-const settled = Promise.resolve();
+let timer: NodeJS.Timeout | null = null;
 
 /**
- * Write every line logged so far. Lines otherwise go out once the code that
- * logged them returns to the event loop (the microtasks after its callback): a
- * process that has been idle pays 0.1-0.2 ms for a line to stderr (formatting
- * the time and the write; 15 us when warm), and a reply on the control path (a
- * migration's GET_VRING_BASE, whose wait is the guest's downtime) must not
- * wait behind its log line. Call before writing to stderr directly, so that
- * the lines stay in order.
+ * How long a logged line waits before it is written. A line costs an idle
+ * process 0.1-0.2 ms (formatting the time, the write), and the write wakes
+ * whoever reads stderr. Written at the end of the callback, the lines of a
+ * migration's device stop took that CPU inside the guest's downtime, from
+ * QEMU's own thread on a busy host: an idle guest's device stop, 24
+ * migrations each, 1126 -> 904 us (blk) and 1426 -> 920 us (net) with the
+ * lines written 20 ms later (docs/BENCHMARKS.md, "The stop's log lines"). A
+ * SIGKILL loses at most the lines of the last LOG_FLUSH_MS.
+ */
+export const LOG_FLUSH_MS = 20;
+
+/**
+ * Write every line logged so far. Lines otherwise go out LOG_FLUSH_MS after
+ * the first of them, or when the process exits or dies of an exception. Call
+ * before writing to stderr directly, so that the lines stay in order.
  */
 export function flushLog(): void {
+  if (timer !== null) {
+    clearTimeout(timer);
+    timer = null;
+  }
   if (queued.length === 0) return;
   let text = '';
   for (const l of queued) text += `${new Date(l.at).toISOString()} ${l.level} [${l.prefix}] ${l.msg}\n`;
@@ -39,7 +50,7 @@ export function flushLog(): void {
 }
 
 function queue(line: QueuedLine): void {
-  // Lines already waiting have their flush due when this callback is over.
+  // Lines already waiting have their flush armed.
   if (queued.push(line) > 1) return;
   if (!hooked) {
     hooked = true;
@@ -47,10 +58,11 @@ function queue(line: QueuedLine): void {
     process.on('exit', flushLog);
     process.on('uncaughtExceptionMonitor', flushLog);
   }
-  void settled.then(flushLog);
+  // Unref'd: a process with nothing else to do exits, and says it on exit.
+  timer = setTimeout(flushLog, LOG_FLUSH_MS).unref();
 }
 
-/** One line per event on stderr (stdout stays free for command output), timed when logged, written once the callback that logged it is over. */
+/** One line per event on stderr (stdout stays free for command output), timed when logged, written LOG_FLUSH_MS later. */
 export function consoleLogger(prefix: string): Logger {
   const line = (level: string, msg: string): void => queue({ at: Date.now(), level, prefix, msg });
   return {

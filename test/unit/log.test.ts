@@ -1,13 +1,13 @@
 /**
- * consoleLogger: lines are timed when logged and written once the callback
- * that logged them is over, in order; flushLog() writes them at once; a process
- * that exits or dies of an exception writes them first.
+ * consoleLogger: lines are timed when logged and written LOG_FLUSH_MS later,
+ * in order, in one write; flushLog() writes them at once; a process that exits
+ * or dies of an exception writes them first.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
-import { consoleLogger, flushLog } from '../../src/log';
+import { consoleLogger, flushLog, LOG_FLUSH_MS } from '../../src/log';
 
 const LOG_MODULE = path.resolve(__dirname, '..', '..', 'src', 'log.js');
 const LINE = /^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (info|warn|error) \[(\w+)\] (.*)$/;
@@ -30,7 +30,7 @@ async function captureStderr(fn: (writes: string[]) => Promise<void>): Promise<s
 
 const nextTurn = (): Promise<void> => new Promise((r) => setImmediate(r));
 
-test('lines wait for the end of the callback that logged them, then go out in order with the time they were logged at', async () => {
+test('lines wait LOG_FLUSH_MS, past the turn that logged them, then go out in order with the time they were logged at', async () => {
   const a = consoleLogger('alpha');
   const b = consoleLogger('beta');
   const writes = await captureStderr(async (w) => {
@@ -39,7 +39,10 @@ test('lines wait for the end of the callback that logged them, then go out in or
     b.warn('second');
     a.error('third');
     assert.deepEqual(w, [], 'nothing is written inside the turn that logged');
-    await new Promise((r) => setTimeout(r, 20));
+    await nextTurn();
+    await nextTurn();
+    assert.deepEqual(w, [], 'nor in the turns right after it');
+    await new Promise((r) => setTimeout(r, LOG_FLUSH_MS + 20));
     const after = Date.now();
     assert.equal(w.length, 1, 'one write for the turn');
     const lines = (w[0] as string).split('\n');
@@ -55,7 +58,7 @@ test('lines wait for the end of the callback that logged them, then go out in or
     );
     for (const m of parsed) {
       const t = Date.parse((m as RegExpExecArray)[1] as string);
-      // Logged inside [before, before + a few ms], not when written 20 ms later.
+      // Logged inside [before, before + a few ms], not when written LOG_FLUSH_MS or more later.
       assert.ok(t >= before && t < after - 10, `timestamp ${t} is when the line was logged (${before}..${after})`);
     }
   });
