@@ -127,7 +127,8 @@ async function measure(socket: string, pid: number, stops: number, idleMs: numbe
       for (const b of stopBytes) c.sendRaw(b);
       const base = await c.getVringBase(0);
       reply.push(Number(process.hrtime.bigint() - t0) / 1000);
-      // What the back-end does right after its answer (log lines) belongs to the stop too.
+      // What the back-end does right after its answer belongs to the stop too. Its log lines come
+      // LOG_FLUSH_MS (20 ms) later, outside this window, as they fall outside a migration's downtime.
       await sleep(3);
       cpu.push((threadsCpuNs(pid) - c0) / 1000);
       faulted.push(faults(pid) - f0);
