@@ -201,6 +201,19 @@ async function rig(o: RigOptions): Promise<Rig> {
 
 
 
+/** An echo backend behind the relay, queue 0's guest having posted `tags` and seen them all complete. */
+async function echoRig(tags: string[], o: Partial<RigOptions> = {}): Promise<{ dev: EchoBackend; r: Rig; g: Guest }> {
+  const dev = new EchoBackend();
+  const r = await rig({ ...o, device: dev });
+  const g = r.guests[0] as Guest;
+  for (const t of tags) g.post(t);
+  if (tags.length > 0) {
+    r.relay.kick(0);
+    await until(() => g.collect().length >= 0 && g.completed.length === tags.length, tags.join(' and '));
+  }
+  return { dev, r, g };
+}
+
 function pattern(n: number, seed: number): Uint8Array {
   const b = new Uint8Array(n);
   let s = seed >>> 0;
@@ -509,13 +522,7 @@ test('a packed guest ring: quiesce gives unseen chains back (wrap counters inclu
 // ---- stopping and restarting ---------------------------------------------------------
 
 test('quiesce gives chains the backend never saw back to the guest; they run after the restart', async () => {
-  const dev = new EchoBackend();
-  const r = await rig({ device: dev });
-  const g = r.guests[0] as Guest;
-  g.post('a');
-  g.post('b');
-  r.relay.kick(0);
-  await until(() => g.collect().length >= 0 && g.completed.length === 2, 'a and b');
+  const { dev, r, g } = await echoRig(['a', 'b']);
 
   r.link.hold = true;
   g.post('c');
@@ -553,13 +560,7 @@ test('quiesce gives chains the backend never saw back to the guest; they run aft
 });
 
 test('quiesce of a queue with nothing out answers at once; the backend stop waits behind the answer, goes before the restart, and the ring is zeroed only after it', async () => {
-  const dev = new EchoBackend();
-  const r = await rig({ device: dev });
-  const g = r.guests[0] as Guest;
-  g.post('a');
-  g.post('b');
-  r.relay.kick(0);
-  await until(() => g.collect().length >= 0 && g.completed.length === 2, 'a and b');
+  const { dev, r, g } = await echoRig(['a', 'b']);
   await settle();
   assert.equal(r.relay.relayStats()[0]?.inFlight, 0);
 
@@ -590,12 +591,7 @@ test('quiesce of a queue with nothing out answers at once; the backend stop wait
 });
 
 test('an idle queue stopped and left stopped: its backend stop goes out on its own after stopBehindMs', async () => {
-  const dev = new EchoBackend();
-  const r = await rig({ device: dev, stopBehindMs: 5 });
-  const g = r.guests[0] as Guest;
-  g.post('a');
-  r.relay.kick(0);
-  await until(() => g.collect().length >= 0 && g.completed.length === 1, 'a');
+  const { r } = await echoRig(['a'], { stopBehindMs: 5 });
   assert.equal(r.relay.quiesce(0), null);
   r.relay.stopQueue(0);
   await until(() => r.link.calls.includes('stop 0 -> 1'), 'the backend stopped at 1');
@@ -604,9 +600,7 @@ test('an idle queue stopped and left stopped: its backend stop goes out on its o
 });
 
 test('an idle queue whose backend goes away before its stop went out: the stop is forgotten, the next backend gets a fresh start', async () => {
-  const dev = new EchoBackend();
-  const r = await rig({ device: dev });
-  const g = r.guests[0] as Guest;
+  const { r, g } = await echoRig([]);
   assert.equal(r.relay.quiesce(0), null);
   r.relay.stopQueue(0);
   assert.ok(r.link.cut());
@@ -621,9 +615,7 @@ test('an idle queue whose backend goes away before its stop went out: the stop i
 });
 
 test('an idle queue whose backend fails the stop: a warning, the function stays up', async () => {
-  const dev = new EchoBackend();
-  const r = await rig({ device: dev, stopBehindMs: 1 });
-  const g = r.guests[0] as Guest;
+  const { r, g } = await echoRig([], { stopBehindMs: 1 });
   r.link.stopGate = Promise.reject(new Error('GET_VRING_BASE refused'));
   r.link.stopGate.catch(() => {});
   assert.equal(r.relay.quiesce(0), null);
