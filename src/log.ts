@@ -27,7 +27,7 @@ let timer: NodeJS.Timeout | null = null;
  * migration's device stop took that CPU inside the guest's downtime, from
  * QEMU's own thread on a busy host: an idle guest's device stop, 24
  * migrations each, 1126 -> 904 us (blk) and 1426 -> 920 us (net) with the
- * lines written 20 ms later (docs/BENCHMARKS.md, "The stop's log lines"). A
+ * lines written 20 ms later (docs/BENCHMARKS.md, "The relay's idle stop, and the stop's log lines"). A
  * SIGKILL loses at most the lines of the last LOG_FLUSH_MS.
  */
 export const LOG_FLUSH_MS = 20;

@@ -70,9 +70,9 @@ const RECHECK_MAX_MS = 1000;
  * front-end's answer, unless another control call comes first. The answer
  * ends the device stop of a migration, and what the bridge and the backend do
  * next competes for the CPU with QEMU's last copy (the guest's downtime):
- * waking the backend there put about 0.3 ms on an idle relay's device stop
- * (docs/BENCHMARKS.md, "The relay's idle stop"). An idle guest's downtime is
- * a few milliseconds.
+ * waking the backend there put 0.4-0.5 ms on an idle relay's device stop
+ * (docs/BENCHMARKS.md, "The relay's idle stop, and the stop's log lines").
+ * An idle guest's downtime is a few milliseconds.
  */
 export const DEFAULT_STOP_BEHIND_MS = 50;
 
@@ -466,8 +466,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
         } catch (e) {
           if (this.linkUp) this.log.warn(`${this.name}: queue ${index}: stopping the shadow ring: ${(e as Error).message}`);
         }
-        // Zeroed only now: the backend read this ring until it answered.
-        if (rq.shadow === 'stopped' && rq.count === 0) rq.ring.reset();
+        // Forgotten only now, as the slow path's giveBack does: the backend read this ring until it answered.
+        if (rq.shadow === 'stopped' && rq.count === 0) this.dropInflight(rq);
       });
     }
   }
