@@ -336,6 +336,9 @@ test('a guest that reloads its blk driver: the backend sees GET_VRING_BASE at th
       assert.equal(v.INSMOD_OK, '1');
       assert.equal(v.BACK, v.SRC, 'the guest reads back what it wrote before the reload');
       const b = backend;
+      // A quiet moment: the power-off's GET_VRING_BASE may go out behind QEMU's answer (docs/pcie-link.md 6.3),
+      // and the reset the departing front-end causes comes after its answer.
+      await waitFor('the reset the departing front-end causes', () => b.output().split('\n').filter((l) => l.startsWith('mbox ')).at(-1) === 'mbox RESET_DEVICE', 10_000);
       b.proc.kill('SIGUSR2');
       await waitFor('the checker to settle', () => /^settled \d+$/m.test(b.output()), 10_000);
       const out = b.output();
