@@ -2,6 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { bounded, cpuSeconds, CpuWindow, fmt } from '../../bench/measure';
+import { relayPath } from '../../bench/relay-path';
 import { guestIrqs, jobOrder, roundMedian, roundRatios } from '../../bench/disk-rounds';
 
 test('bounded: a result, a failure and a hang each come back as an outcome, the hang within its bound', async () => {
@@ -61,4 +62,13 @@ test('disk rounds: a job\'s guest interrupts per request come from its own IRQ_ 
   assert.equal(guestIrqs(out, { job: 'randwrite', disk: 1, round: 1 }), 0.5);
   assert.equal(guestIrqs(out, { job: 'randread', disk: 1, round: 0 }), undefined, 'no requests');
   assert.equal(guestIrqs(out, { job: 'randwrite', disk: 0, round: 0 }), undefined, 'no line for vda');
+});
+
+test('relay-path: every frame crosses the relay to the null sink, and the driver kicks once a burst at most', async () => {
+  for (const mode of ['relay', 'direct'] as const) {
+    const r = await relayPath(mode, 20_000, 2_000);
+    assert.equal(r.packets, 20_000);
+    assert.ok(r.cpuNsPerPkt > 0 && r.wallNsPerPkt > 0, `${mode}: ${JSON.stringify(r)}`);
+    assert.ok(r.kicksPerPkt > 0 && r.kicksPerPkt <= 1 / 32, `${mode}: ${r.kicksPerPkt} kicks a packet`);
+  }
 });

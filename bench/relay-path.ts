@@ -1,0 +1,170 @@
+/**
+ * The relay's transmit path in one process, for counting its work rather than
+ * timing it: a driver-side ring sends 64-byte frames (testpmd txonly's shape:
+ * one descriptor, the 12-byte virtio-net header in front) through a
+ * RelayDevice and the in-process LoopbackLink to a NetDevice whose port is the
+ * null sink, the backend `vbridge backend net` runs. `direct` sends the same
+ * frames into the NetDevice with no relay between, the bridge's own path.
+ *
+ * On this VM the time of one packet moves by a third from one run to the next
+ * with the placement of the vCPUs and the host's load (docs/BENCHMARKS.md), so
+ * a change of 5 % cannot be timed. Instructions can be counted: run it under
+ * callgrind twice, with two packet counts, and the difference divided by the
+ * difference of the counts is the instructions a packet, start-up excluded:
+ *
+ *   valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file=/dev/null \
+ *     node dist/bench/relay-path.js --mode relay --packets 200000
+ *
+ * (bench/relay-path-count.sh does both runs). Without valgrind it prints the
+ * time and CPU a packet, which only compare within one run of the machine.
+ */
+import { parseArgs } from 'node:util';
+import { RelayDevice } from '../src/bridge/relay-device';
+import { newQueueStats, type DeviceQueue } from '../src/devices/device';
+import { NetDevice } from '../src/devices/net/net-device';
+import { NullPort } from '../src/devices/net/null-port';
+import { silentLogger } from '../src/log';
+import { MockDriver } from '../src/virtio/mock-driver';
+import type { SplitQueue } from '../src/virtio/split-queue';
+import { LoopbackLink } from '../test/support/loopback-link';
+
+const QUEUE = 1024;
+/** The backend's largest ring (`vbridge backend --queue-size` default). */
+const BACKEND_QUEUE = 2048;
+const NET_HDR = 12;
+const FRAME = 64;
+/** Frames the driver adds before it publishes, as testpmd's burst. */
+const BURST = 32;
+const BUF_STRIDE = 128;
+/** MockDriver.create's default guest address: above 4 GiB, so addresses need their high word. */
+const GUEST_BASE = 2 ** 32;
+
+export interface RelayPathResult {
+  mode: 'relay' | 'direct';
+  packets: number;
+  wallNsPerPkt: number;
+  cpuNsPerPkt: number;
+  kicksPerPkt: number;
+}
+
+/** The driver's side of one TX queue: descriptor i always points at buffer i, so a frame is two stores and a publish. */
+class TxDriver {
+  readonly driver: MockDriver;
+  readonly queue: SplitQueue;
+  readonly dq: DeviceQueue;
+  private avail = 0;
+  kicks = 0;
+
+  constructor() {
+    const m = MockDriver.create({ size: QUEUE, eventIdx: true, indirect: false, guestBase: GUEST_BASE, memSize: 4 << 20 });
+    this.driver = m.driver;
+    this.queue = m.queue;
+    const heap = GUEST_BASE + (1 << 20);
+    const frame = new Uint8Array(NET_HDR + FRAME);
+    // Broadcast destination, a locally administered source, IPv4.
+    frame.set([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00], NET_HDR);
+    for (let i = 0; i < QUEUE; i++) {
+      const addr = heap + i * BUF_STRIDE;
+      this.driver.writeBytes(addr, frame);
+      this.driver.writeDesc(i, { addr, len: frame.length, flags: 0, next: 0 });
+    }
+    const stats = newQueueStats();
+    this.dq = { index: 1, queue: this.queue, mem: m.mem, stats, notify: () => void this.queue.flush(m.mem) };
+  }
+
+  /** Add up to `n` frames (as many as the ring has room for); returns how many. */
+  send(n: number, kick: () => void): number {
+    const room = QUEUE - ((this.avail - this.driver.usedIdx()) & 0xffff);
+    let k = 0;
+    while (k < n && k < room) {
+      const burst = Math.min(BURST, n - k, room - k);
+      for (let i = 0; i < burst; i++) {
+        const slot = (this.avail + i) & (QUEUE - 1);
+        this.driver.setAvailRing(slot, slot);
+      }
+      this.avail = (this.avail + burst) & 0xffff;
+      this.driver.setAvailIdx(this.avail);
+      k += burst;
+      if (this.driver.kickNeeded()) {
+        this.kicks++;
+        kick();
+      }
+    }
+    return k;
+  }
+
+  get inFlight(): number {
+    return (this.avail - this.driver.usedIdx()) & 0xffff;
+  }
+}
+
+const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
+
+export async function relayPath(mode: 'relay' | 'direct', packets: number, warmup: number): Promise<RelayPathResult> {
+  const backend = new NetDevice({ name: 'relay-path-backend', queueSize: BACKEND_QUEUE });
+  const sink = new NullPort();
+  backend.connect(sink);
+  sink.connect(backend);
+  const tx = new TxDriver();
+  let kick: () => void;
+  let close = (): void => {};
+  if (mode === 'relay') {
+    const link = new LoopbackLink({ bar2Size: 64 << 20, device: backend, info: { numQueues: 2 } });
+    const relay = new RelayDevice(link, link.info, { name: 'relay-path', queueSize: QUEUE, logger: silentLogger });
+    relay.setFeatures(relay.features());
+    relay.startQueue(tx.dq);
+    while (!link.running(1)) await turn();
+    kick = () => relay.kick(1);
+    close = () => relay.close();
+  } else {
+    backend.setFeatures(backend.features());
+    backend.startQueue(tx.dq);
+    kick = () => backend.kick(1);
+  }
+  const run = async (n: number): Promise<void> => {
+    const target = sink.frames + n;
+    let left = n;
+    while (sink.frames < target) {
+      if (left > 0) left -= tx.send(left, kick);
+      await turn();
+    }
+  };
+  await run(warmup);
+  const kicks0 = tx.kicks;
+  const cpu0 = process.cpuUsage();
+  const t0 = process.hrtime.bigint();
+  await run(packets);
+  const wall = Number(process.hrtime.bigint() - t0);
+  const cpu = process.cpuUsage(cpu0);
+  close();
+  if (sink.frames !== warmup + packets) throw new Error(`the sink counted ${sink.frames} frames, ${warmup + packets} were sent`);
+  return {
+    mode,
+    packets,
+    wallNsPerPkt: wall / packets,
+    cpuNsPerPkt: ((cpu.user + cpu.system) * 1000) / packets,
+    kicksPerPkt: (tx.kicks - kicks0) / packets,
+  };
+}
+
+if (require.main === module) {
+  const { values } = parseArgs({
+    options: {
+      mode: { type: 'string', default: 'relay' },
+      packets: { type: 'string', default: '2000000' },
+      warmup: { type: 'string', default: '200000' },
+    },
+  });
+  const mode = values.mode;
+  if (mode !== 'relay' && mode !== 'direct') throw new Error(`--mode relay|direct, not ${mode}`);
+  const packets = Number(values.packets);
+  const warmup = Number(values.warmup);
+  if (!Number.isSafeInteger(packets) || packets < 1 || !Number.isSafeInteger(warmup) || warmup < 0) throw new Error('--packets and --warmup are counts');
+  relayPath(mode, packets, warmup).then(
+    (r) => process.stdout.write(`${JSON.stringify(r)}\n`),
+    (e: unknown) => {
+      process.stderr.write(`relay-path: ${e instanceof Error ? e.message : String(e)}\n`);
+      process.exitCode = 1;
+    },
+  );
+}
