@@ -323,6 +323,26 @@ export class GuestMemory implements MemoryAccess {
   }
 
   read(addr: number, dst: Uint8Array, dstOff: number, len: number): void {
+    const w0 = this.last;
+    if (w0 !== null && dst === this.ext && len > SMALL_COPY && len <= WORD_COPY) {
+      const off = addr - w0.gStart;
+      const d32 = this.ext32;
+      if (
+        off >= 0 &&
+        (off | 0) === off &&
+        (len | 0) === len &&
+        off + len <= w0.size &&
+        dstOff >= 0 &&
+        (dstOff | 0) === dstOff &&
+        dstOff + len <= dst.length &&
+        ((off | dstOff) & 3) === 0 &&
+        w0.i32 !== null &&
+        d32 !== null
+      ) {
+        copyWords(w0.i32, off >>> 2, d32, dstOff >>> 2, w0.u8, off, dst, dstOff, len);
+        return;
+      }
+    }
     checkBuf(dst, dstOff, len);
     if (len === 0) {
       checkRange(addr, 0);
@@ -354,6 +374,26 @@ export class GuestMemory implements MemoryAccess {
   }
 
   write(addr: number, src: Uint8Array, srcOff: number, len: number): void {
+    const w0 = this.last;
+    if (w0 !== null && src === this.ext && len > SMALL_COPY && len <= WORD_COPY && this.log === null) {
+      const off = addr - w0.gStart;
+      const s32 = this.ext32;
+      if (
+        off >= 0 &&
+        (off | 0) === off &&
+        (len | 0) === len &&
+        off + len <= w0.size &&
+        srcOff >= 0 &&
+        (srcOff | 0) === srcOff &&
+        srcOff + len <= src.length &&
+        ((off | srcOff) & 3) === 0 &&
+        w0.i32 !== null &&
+        s32 !== null
+      ) {
+        copyWords(s32, srcOff >>> 2, w0.i32, off >>> 2, src, srcOff, w0.u8, off, len);
+        return;
+      }
+    }
     checkBuf(src, srcOff, len);
     if (len === 0) {
       checkRange(addr, 0);

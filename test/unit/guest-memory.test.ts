@@ -344,3 +344,36 @@ test('copies of every small length and alignment move exactly their bytes, both 
     }
   }
 });
+
+test('the array copied last takes a shorter path, which refuses what the full checks refuse and leaves the dirty log to them', () => {
+  const base = 2 ** 32;
+  const buf = new ArrayBuffer(64 * KIB);
+  const mem = GuestMemory.fromBuffer(base, buf);
+  const bar = new Uint8Array(4096);
+  const guest = new Uint8Array(buf);
+  // The first copy makes `bar` the array copied last; the rest may take the shorter path.
+  mem.read(base, bar, 0, 76);
+  guest.set(pattern(76, 3), 256);
+  mem.read(base + 256, bar, 128, 76);
+  assert.deepEqual(bar.subarray(128, 204), guest.subarray(256, 332));
+  for (const [off, len] of [
+    [bar.length - 72, 76],
+    [-4, 76],
+    [0.5, 76],
+    [4, 76.5],
+    [NaN, 76],
+  ] as const) {
+    assert.throws(() => mem.read(base, bar, off, len), RangeError, `read into bar at ${off}, ${len} bytes`);
+    assert.throws(() => mem.write(base, bar, off, len), RangeError, `write from bar at ${off}, ${len} bytes`);
+  }
+  for (const addr of [base - 4, base + 64 * KIB - 72, base + 0.5, 2 ** 53]) {
+    assert.throws(() => mem.read(addr, bar, 0, 76), MemoryError, `read at ${addr}`);
+    assert.throws(() => mem.write(addr, bar, 0, 76), MemoryError, `write at ${addr}`);
+  }
+  const log = new Uint8Array(Math.ceil((base + 64 * KIB) / 4096 / 8));
+  mem.setDirtyLog(log);
+  mem.write(base + 5 * 4096, bar, 128, 76);
+  const p = base / 4096 + 5;
+  assert.equal(log[Math.floor(p / 8)]! & (1 << p % 8), 1 << p % 8, 'a write from the array copied last is logged');
+  assert.deepEqual(guest.subarray(5 * 4096, 5 * 4096 + 76), bar.subarray(128, 204));
+});
