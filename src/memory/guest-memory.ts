@@ -379,6 +379,8 @@ export class GuestMemory implements MemoryAccess {
   }
 
   write(addr: number, src: Uint8Array, srcOff: number, len: number): void {
+    // The same checks as read()'s, written out: as a shared function they cost
+    // the relay 190 instructions a frame, V8 then inlining less around them.
     const w0 = this.last;
     if (w0 !== null && src === this.ext && len > SMALL_COPY && len <= WORD_COPY && this.log === null) {
       const off = addr - w0.gStart;
