@@ -84,7 +84,7 @@ export class DmaEngine {
   }
 }
 
-/** Built only on the error path, so that checkBar stays small enough to be inlined into every copy. */
+/** Built only on the error path: checkBar keeps just the comparison, small enough for V8 to inline wherever its budget allows. */
 function barError(off: number, len: number, size: number): RangeError {
   return new RangeError(`DMA window [0x${off.toString(16)}, +0x${len.toString(16)}) is outside BAR2 (0x${size.toString(16)} bytes)`);
 }
