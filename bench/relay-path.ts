@@ -13,9 +13,10 @@
  * difference of the counts is the instructions a packet, start-up excluded:
  *
  *   valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file=/dev/null \
- *     node dist/bench/relay-path.js --mode relay --packets 200000
+ *     node --single-threaded dist/bench/relay-path.js --mode relay --packets 200000
  *
- * (bench/relay-path-count.sh does both runs). Without valgrind it prints the
+ * (bench/relay-path-count.sh does both runs). `--single-threaded` keeps V8's
+ * compiler threads from moving the count by a third between runs. Without valgrind it prints the
  * time and CPU a packet, which only compare within one run of the machine.
  */
 import { parseArgs } from 'node:util';
@@ -91,10 +92,6 @@ class TxDriver {
       }
     }
     return k;
-  }
-
-  get inFlight(): number {
-    return (this.avail - this.driver.usedIdx()) & 0xffff;
   }
 }
 
