@@ -562,6 +562,7 @@ class PingPong {
     const stop = eventMs(src.qmp.events, srcEvents, 'STOP');
     const resume = eventMs(dqmp.events, 0, 'RESUME');
     // As libvirt does; QEMU may close QMP before it answers.
+    src.g.expectExit();
     await src.qmp.execute('quit').catch(() => undefined);
     src.qmp.close();
     await src.g.done;

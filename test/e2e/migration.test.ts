@@ -197,6 +197,7 @@ async function blkMigration(
     await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 4 * MiB });
     await qmp.execute('migrate', { uri: `tcp:127.0.0.1:${d1.port}` });
     await migrationStatus(qmp, (m) => m.status === 'active' && (m.ram?.transferred ?? 0) > 2 * MiB, 120_000);
+    d1.g.expectExit(); // its incoming stream breaks off
     await qmp.execute('migrate_cancel');
     await migrationStatus(qmp, (m) => m.status === 'cancelled', 60_000);
     assert.equal((await qmp.execute<{ status: string }>('query-status')).status, 'running', 'the source runs on after the cancel');
@@ -231,6 +232,7 @@ async function blkMigration(
     const done = await migrationStatus(qmp, (m) => m.status === 'completed', 300_000);
     const reqsDuring = served('src-data') - reqsBefore;
     const passesAtSwitch = passes(src);
+    src.expectExit();
     await qmp.execute('quit').catch(() => undefined); // as libvirt does; QEMU may close QMP before it answers
     await src.done;
     assert.ok(reqsDuring > 100, `the guest did ${reqsDuring} requests while it migrated`);
@@ -473,6 +475,7 @@ test('migration, net: a guest streaming TCP to a peer and pinged by it moves bet
       // SEND_RARP (or the guest's own announcement) moves A's MAC to the destination's port before the source is gone.
       await waitFor('A to be learned on the destination port', () => sw.lookup(parseMac(MAC_A))?.name === 'a-dst', 10_000);
       const bytesAtSwitch = fx.queue('peer', 0).bytes;
+      a.expectExit();
       await qmp.execute('quit').catch(() => undefined);
       await a.done;
       const [rb, rd] = await Promise.all([b.done, dst.g.done]);

@@ -115,7 +115,8 @@ export interface Guest {
   readonly argv: readonly string[];
   /**
    * Temp dir with initrd.cpio.gz and console.log. Removed when the run ends with
-   * the marker or by kill(); after a timeout or a crash console.log stays.
+   * the marker, by kill() or after expectExit(); after a timeout or a crash
+   * console.log stays.
    */
   readonly dir: string;
   readonly logPath: string;
@@ -127,6 +128,12 @@ export interface Guest {
   waitFor(re: RegExp, timeoutMs: number): Promise<RegExpMatchArray>;
   /** Kills QEMU (SIGTERM, then SIGKILL) and waits for its exit; `done` then resolves with rc null. */
   kill(): Promise<void>;
+  /**
+   * QEMU is about to exit on the caller's word (a QMP quit, an incoming
+   * migration cancelled at its source): that exit is a normal end, and the
+   * temp dir goes with it.
+   */
+  expectExit(): void;
 }
 
 export interface GuestImages {
@@ -359,8 +366,10 @@ export async function startGuest(opts: GuestOptions): Promise<Guest> {
   });
 
   let killed = false;
-  // The temp dir goes once the run has ended normally (the marker appeared, or
-  // kill() was called); after a timeout or a crash its console.log stays.
+  let expected = false;
+  // The temp dir goes once the run has ended normally (the marker appeared,
+  // kill() was called, or the exit was expected); after a timeout or a crash
+  // its console.log stays.
   const cleanup = async (whole: boolean): Promise<void> => {
     if (keepTemp) return;
     await rm(whole ? dir : initrd, { recursive: true, force: true }).catch(() => undefined);
@@ -401,7 +410,7 @@ export async function startGuest(opts: GuestOptions): Promise<Guest> {
         guestBootS,
         totalMs: Date.now() - started,
       };
-      await cleanup(rc !== null || killed);
+      await cleanup(rc !== null || killed || expected);
       resolve(result);
     });
   });
@@ -442,6 +451,9 @@ export async function startGuest(opts: GuestOptions): Promise<Guest> {
     stderr: () => err,
     waitFor,
     kill,
+    expectExit: () => {
+      expected = true;
+    },
   };
 }
 
