@@ -213,7 +213,7 @@ export class VhostUserBackend {
       refuse: (_kind, message) => new ProtocolError((this.current ?? Frontend.SET_VRING_KICK).name, message, false),
       ready: (v) => v.kickSet && v.addr !== null && this.mem !== null && this.mem.regions.length > 0,
       start: (v) => this.startRing(v),
-      stopping: (v) => this.stopPolling(v),
+      stopping: (v) => this.stopping(v),
       failed: (v) => this.signalErr(v),
     });
     for (let i = 0; i < device.maxQueues; i++) {
@@ -824,6 +824,7 @@ export class VhostUserBackend {
       `${this.label}: queue ${v.index} started: ${q.size} entries${q.packed ? ' (packed)' : ''} at guest 0x${q.descAddr.toString(16)}, avail ${fmtPos(q, q.nextAvail)}, used ${fmtPos(q, q.nextUsed)}${v.kickFd < 0 ? ', polled (no kick fd)' : ''}`,
     );
     if (!rings.handOver(v, mem)) return;
+    this.migrationLog.setRingsRunning(this.ringsRunning());
     if (v.kickFd < 0) {
       // NOFD: the front-end will never kick; poll the avail index instead.
       v.pollTimer = setInterval(() => this.pollRing(v), NOFD_POLL_MS);
@@ -831,6 +832,19 @@ export class VhostUserBackend {
     }
     // A kick that came before enable (or before the ring was complete) must not be lost.
     rings.catchUp(v, mem);
+  }
+
+  /** Ring `v` is being taken off the device. */
+  private stopping(v: Vring): void {
+    this.stopPolling(v);
+    this.migrationLog.setRingsRunning(this.ringsRunning(v));
+  }
+
+  /** Rings the device has now, `leaving` not counted. */
+  private ringsRunning(leaving: Vring | null = null): number {
+    let n = 0;
+    for (const v of this.vrings) if (v !== leaving && v.dq !== null) n++;
+    return n;
   }
 
   private stopPolling(v: Vring): void {

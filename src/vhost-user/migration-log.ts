@@ -49,6 +49,8 @@ export interface DirtyLogStats {
 export class MigrationLog {
   private area: DirtyLog | null = null;
   private logging = false;
+  /** Rings of the session running now: the stop that ends a migration can come only while one does. */
+  private ringsRunning = 0;
 
   constructor(
     private readonly addon: Addon,
@@ -145,7 +147,7 @@ export class MigrationLog {
       if (mem.dirtyLog !== null) this.logger.info(`${this.label}: dirty logging off`);
       mem.setDirtyLog(null);
       this.logging = false;
-      warmLoop.release(this);
+      this.holdTick();
       return;
     }
     try {
@@ -159,7 +161,24 @@ export class MigrationLog {
     if (mem.dirtyLog !== log) this.logger.info(`${this.label}: dirty logging on`);
     mem.setDirtyLog(log);
     this.logging = true;
-    warmLoop.hold(this);
+    this.holdTick();
+  }
+
+  /** The session's running rings changed (one started, or is being stopped). */
+  setRingsRunning(n: number): void {
+    this.ringsRunning = n;
+    this.holdTick();
+  }
+
+  /**
+   * The tick (warm-loop.ts) runs while the log is on and a ring runs: once the
+   * device stop has taken the last ring, it would only take the CPU from
+   * QEMU's final copy, inside the downtime (on two cores, about 60 us every
+   * millisecond of it, docs/BENCHMARKS.md).
+   */
+  private holdTick(): void {
+    if (this.logging && this.ringsRunning > 0) warmLoop.hold(this);
+    else warmLoop.release(this);
   }
 
   /** Unmap the log (the session ended). */

@@ -13,7 +13,9 @@
  * blk device stop's median went from 1.75 to 1.35 ms (lower in 10 pairs of 12),
  * net's from 1.85 to 1.55 (lower in 9, one tie); in the stop bench after 1 s
  * idle, the serve's CPU a stop went from 889-1213 to 560-726 us. It costs 2 %
- * of a core, and only while some function logs dirty pages.
+ * of a core, and only while some function logs dirty pages and still has a
+ * ring running: once the device stop has taken its rings, the tick would only
+ * preempt QEMU's final copy, inside the downtime (MigrationLog.holdTick).
  */
 
 /** Period of the tick while a migration runs. */

@@ -22,13 +22,19 @@ test('LogForwarding: whether the back-end can log needs both LOG_ALL and LOG_SHM
   assert.equal(l.stats().backendLogs, true);
 
   l.features(bit(F_VERSION_1));
+  l.ringsRunning(1);
   l.logBase();
   l.features(bit(F_VERSION_1) | bit(VHOST_F_LOG_ALL));
   l.features(bit(F_VERSION_1) | bit(VHOST_F_LOG_ALL)); // the same set again is no switch
   l.vringAddr(ADDR);
   l.vringAddr({ ...ADDR, flags: 1 << VHOST_VRING_F_LOG });
   assert.deepEqual(l.stats(), { mode: 'direct', logging: true, backendLogs: true, logBases: 1, logSwitches: 1, logRingAddrs: 1, softwareLogging: false, relaySwitches: 0, relayed: 0, pagesLogged: 0 });
-  assert.equal(warmLoop.running, true, 'the loop ticks while a migration logs');
+  assert.equal(warmLoop.running, true, 'the loop ticks while a migration logs and a ring runs');
+  l.ringsRunning(0);
+  assert.equal(warmLoop.running, false, 'the device stop took the last ring: no stop left to warm for');
+  assert.equal(l.stats().logging, true, 'logging goes on until LOG_ALL is cleared');
+  l.ringsRunning(2);
+  assert.equal(warmLoop.running, true, 'rings started again while logging');
   l.stop();
   l.stop();
   assert.equal(warmLoop.running, false);

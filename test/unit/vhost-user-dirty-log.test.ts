@@ -109,6 +109,45 @@ test('migration over vhost-user: LOG_ALL and LOG_SHMFD offered; SET_LOG_BASE is 
   }
 });
 
+test('the warm tick runs while the log is on and a ring runs: the device stop that takes the last ring ends it; a ring started again while logging brings it back', async () => {
+  const dev = new EchoDevice('dl-tick');
+  const path = tmpSocket('dl-tick');
+  const server = new VhostUserServer(path, dev, new CaptureLogger());
+  server.listen();
+  const g = new Guest(2);
+  const a = native();
+  const l = makeLog(logBytesFor(GUEST_BASE + GUEST_SIZE));
+  const c = FrontendClient.connect(path);
+  try {
+    await bringUp(c, g, { features: BASE_FEATURES, queues: [0, 1] });
+    await c.callWithFds(Frontend.SET_LOG_BASE, { mmapSize: BigInt(l.log.length), mmapOffset: 0n }, [l.fd]);
+    await c.setFeatures(BASE_FEATURES | bit(VHOST_F_LOG_ALL));
+    assert.equal(warmLoop.running, true, 'logging with two rings running');
+    // QEMU 7.2's device stop, ring by ring: the log stays on until the migration has ended.
+    await c.setVringEnable(0, false);
+    const base0 = await c.getVringBase(0);
+    assert.equal(warmLoop.running, true, 'ring 1 still runs: its stop is still to come');
+    await c.setVringEnable(1, false);
+    await c.getVringBase(1);
+    assert.equal(warmLoop.running, false, 'the last ring stopped: no stop left to warm for');
+    assert.equal(server.stats().dirtyLog.logging, true, 'the log itself stays on');
+    // A ring started again while the log is on (as after a cancelled migration) can be stopped again.
+    await c.setVringBase(0, base0);
+    await c.setVringKick(0, g.kick[0]);
+    await c.setVringEnable(0, true);
+    await waitFor(() => warmLoop.running, 'the tick with ring 0 running again');
+    await c.setFeatures(BASE_FEATURES);
+    assert.equal(warmLoop.running, false, 'no tick once logging is off');
+  } finally {
+    c.close();
+    await c.closed;
+    server.close();
+    g.close();
+    a.unmap(l.buf);
+    a.close(l.fd);
+  }
+});
+
 test('SET_LOG_BASE with a log too small for the memory table is refused with a clear error', async () => {
   const dev = new EchoDevice('dl-small');
   const logger = new CaptureLogger();

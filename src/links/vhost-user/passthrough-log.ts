@@ -60,6 +60,8 @@ function hasBit(mask: bigint, b: number): boolean {
 /** The function's counters (they outlive sessions) and the session's logging flag. */
 export class LogForwarding {
   private logging = false;
+  /** Rings the back-end runs (started, no GET_VRING_BASE since): the stop that ends a migration can come only while one does. */
+  private ringsStarted = 0;
   private backendLogs: boolean | null = null;
   private logBases = 0;
   private logSwitches = 0;
@@ -103,7 +105,18 @@ export class LogForwarding {
     const on = hasBit(f, VHOST_F_LOG_ALL);
     if (on !== this.logging) this.logSwitches++;
     this.logging = on;
-    if (on) warmLoop.hold(this);
+    this.holdTick();
+  }
+
+  /** The rings the back-end runs changed (SET_VRING_KICK, GET_VRING_BASE, a reset). */
+  ringsRunning(n: number): void {
+    this.ringsStarted = n;
+    this.holdTick();
+  }
+
+  /** As MigrationLog's: the tick runs while logging and a ring runs, not through QEMU's final copy. */
+  private holdTick(): void {
+    if (this.logging && this.ringsStarted > 0) warmLoop.hold(this);
     else warmLoop.release(this);
   }
 
@@ -116,7 +129,7 @@ export class LogForwarding {
   stop(): void {
     if (this.logging) this.logSwitches++;
     this.logging = false;
-    warmLoop.release(this);
+    this.holdTick();
   }
 
   /** The session ended: what its back-end offered no longer holds. */

@@ -1141,6 +1141,7 @@ class Session {
         if (v !== null) {
           v.kick = f.noFd ? 'nofd' : 'fd';
           v.started = true;
+          this.ringsChanged();
         }
         break;
       }
@@ -1196,6 +1197,7 @@ class Session {
         if (v !== null) {
           v.base = s.num;
           v.started = false;
+          this.ringsChanged();
         }
         break;
       }
@@ -1204,11 +1206,18 @@ class Session {
     }
   }
 
+  private ringsChanged(): void {
+    let n = 0;
+    for (const v of this.state.vrings) if (v.started) n++;
+    this.hooks.log.ringsRunning(n);
+  }
+
   private resetRings(): void {
     for (const v of this.state.vrings) {
       v.started = false;
       v.enabled = false;
     }
+    this.ringsChanged();
   }
 
   private releaseRegions(): void {
