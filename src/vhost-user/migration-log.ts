@@ -177,8 +177,7 @@ export class MigrationLog {
    * millisecond of it, docs/BENCHMARKS.md).
    */
   private holdTick(): void {
-    if (this.logging && this.ringsRunning > 0) warmLoop.hold(this);
-    else warmLoop.release(this);
+    warmLoop.set(this, this.logging && this.ringsRunning > 0);
   }
 
   /** Unmap the log (the session ended). */

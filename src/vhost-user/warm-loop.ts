@@ -43,6 +43,12 @@ export class WarmLoop {
     this.timer = null;
   }
 
+  /** hold(who) while `on`, release(who) otherwise. */
+  set(who: object, on: boolean): void {
+    if (on) this.hold(who);
+    else this.release(who);
+  }
+
   /** Whether the tick runs now. */
   get running(): boolean {
     return this.timer !== null;

@@ -26,3 +26,18 @@ test('WarmLoop: the first holder starts the tick, the last one to release stops 
   await new Promise((r) => setTimeout(r, 5));
   assert.equal(w.count, stopped, 'no tick after the last release');
 });
+
+test('WarmLoop.set: holds while on, releases when off, as hold and release do', () => {
+  const w = new WarmLoop(1);
+  const a = {};
+  const b = {};
+  w.set(a, true);
+  w.set(b, false);
+  assert.equal(w.running, true, 'a holds it; b never did');
+  w.set(a, false);
+  assert.equal(w.running, false);
+  w.set(b, true);
+  w.set(b, true);
+  w.set(b, false);
+  assert.equal(w.running, false, 'holding twice counts once');
+});

@@ -116,8 +116,7 @@ export class LogForwarding {
 
   /** As MigrationLog's: the tick runs while logging and a ring runs, not through QEMU's final copy. */
   private holdTick(): void {
-    if (this.logging && this.ringsStarted > 0) warmLoop.hold(this);
-    else warmLoop.release(this);
+    warmLoop.set(this, this.logging && this.ringsStarted > 0);
   }
 
   /** SET_VRING_ADDR forwarded. */
