@@ -353,6 +353,8 @@ interface Backends {
   /** The guest's devices on side A (0) or B (1). */
   devices(side: 0 | 1): Pick<GuestOptions, 'blks' | 'nets' | 'extraArgs'>;
   counters?: (side: 0 | 1) => Promise<{ requests: number; pagesDirtied: number }>;
+  /** The function's queues as `/stats` has them (JSON), to say where a guest that did not go on is stuck. */
+  state?: (side: 0 | 1) => Promise<string>;
   close(): Promise<void>;
 }
 
@@ -382,7 +384,7 @@ async function startBackends(disk: BlkMigDisk, dir: string, image: string): Prom
     const fn = (side: string): string => `{ name: ${side}, type: blk, socket: ${dir}/${side}.sock, backend: ${backend(side)} }`;
     const b = await startServe(dir, fn);
     serve = b.serve;
-    return { devices: (side) => ({ blks: [{ socket: path.join(dir, side === 0 ? 'a.sock' : 'b.sock') }] }), counters: b.counters, close };
+    return { devices: (side) => ({ blks: [{ socket: path.join(dir, side === 0 ? 'a.sock' : 'b.sock') }] }), counters: b.counters, state: b.state, close };
   } catch (e) {
     await close();
     throw e;
@@ -390,7 +392,7 @@ async function startBackends(disk: BlkMigDisk, dir: string, image: string): Prom
 }
 
 /** `vbridge serve` with functions a and b (YAML flow mappings from `fn`), up once both sockets are there. */
-async function startServe(dir: string, fn: (side: string) => string): Promise<{ serve: ChildProcess; counters: NonNullable<Backends['counters']> }> {
+async function startServe(dir: string, fn: (side: string) => string): Promise<{ serve: ChildProcess; counters: NonNullable<Backends['counters']>; state: NonNullable<Backends['state']> }> {
   const control = path.join(dir, 'control.sock');
   const topo = path.join(dir, 'bench.yaml');
   fs.writeFileSync(topo, `control: ${control}\nfunctions:\n  - ${fn('a')}\n  - ${fn('b')}\n`);
@@ -407,15 +409,23 @@ async function startServe(dir: string, fn: (side: string) => string): Promise<{ 
     await stopChild(serve);
     throw e;
   }
-  const counters = async (side: 0 | 1): Promise<{ requests: number; pagesDirtied: number }> => {
+  const stats = async (side: 0 | 1): Promise<StatsReport['functions'][number]> => {
     const f = (await fetchJson<StatsReport>(control, '/stats')).functions.find((x) => x.name === (side === 0 ? 'a' : 'b'));
     if (f === undefined) throw new Error('no function stats');
+    return f;
+  };
+  const counters = async (side: 0 | 1): Promise<{ requests: number; pagesDirtied: number }> => {
+    const f = await stats(side);
     // A passthrough function sees requests only while its software relay runs (the daemon serves them); it logs for the daemon there.
     const pt = f.passthrough;
     if (pt !== undefined) return { requests: pt.relayed, pagesDirtied: pt.pagesLogged };
     return { requests: f.queues.reduce((n, q) => n + q.descriptors, 0), pagesDirtied: f.dirtyLog?.pagesDirtied ?? NaN };
   };
-  return { serve, counters };
+  const state = async (side: 0 | 1): Promise<string> => {
+    const f = await stats(side);
+    return JSON.stringify({ status: f.status, needsReset: f.needsReset, backend: f.backend, queues: f.queues, relay: f.relay, passthrough: f.passthrough });
+  };
+  return { serve, counters, state };
 }
 
 let testpmds = 0;
@@ -425,7 +435,7 @@ async function startNetBackends(kind: NetMigBackend, dir: string): Promise<Backe
   const devices = (side: 0 | 1): Pick<GuestOptions, 'nets'> => ({ nets: [{ socket: sock(side), mac: NET_MAC }] });
   if (kind === 'vbridge') {
     const b = await startServe(dir, (side) => `{ name: ${side}, type: net, socket: ${dir}/${side}.sock, backend: { sink: true } }`);
-    return { devices, counters: b.counters, close: () => stopChild(b.serve) };
+    return { devices, counters: b.counters, state: b.state, close: () => stopChild(b.serve) };
   }
   // One testpmd, a vhost PMD port per side, rxonly: its forwarding lcore polls both on core 1.
   const pmd: Testpmd = await startTestpmd({
@@ -553,6 +563,8 @@ class PingPong {
       await untilStatus(dqmp, (st) => st === 'running', 100, 100, 'the destination did not run after the migration completed');
       await dst.waitFor(/^TICK=\d+$/m, 60_000);
     } catch (e) {
+      const state = await this.be.state?.(to).catch((se: unknown) => `not read: ${se instanceof Error ? se.message : String(se)}`);
+      if (state !== undefined) process.stderr.write(`bench: ${dst.name}: the destination function as the guest stalled: ${state}\n`);
       throw new Error(`${crashed(dst, this.traceFile(dst.name)) ?? 'the guest did not go on at the destination'}: ${e instanceof Error ? e.message : String(e)}`);
     }
     // The destination started its device at RESUME, before the guest's heartbeat: its trace holds the start by now.
