@@ -100,3 +100,39 @@ export function spread(xs: readonly number[]): Spread {
 export function fmt(v: number | undefined, decimals: number, width: number): string {
   return (v === undefined || !Number.isFinite(v) ? '-' : v.toFixed(decimals)).padStart(width);
 }
+
+/** A difference of means with its bootstrap interval; NaN figures when a side has no value. */
+export interface MeanDiff {
+  diff: number;
+  lo: number;
+  hi: number;
+}
+
+/**
+ * mean(a) - mean(b) and its 95 % percentile bootstrap interval (resampling each
+ * side on its own), so that a verdict on a handful of migrations says how far
+ * the noise reaches. A fixed seed: the same samples always print the same interval.
+ */
+export function meanDiff(a: readonly number[], b: readonly number[], resamples = 4000): MeanDiff {
+  const x = a.filter(Number.isFinite);
+  const y = b.filter(Number.isFinite);
+  if (x.length === 0 || y.length === 0) return { diff: NaN, lo: NaN, hi: NaN };
+  const mean = (v: readonly number[]): number => v.reduce((s, e) => s + e, 0) / v.length;
+  // mulberry32: small, seeded, good enough to resample with.
+  let seed = 0x9e3779b9;
+  const rand = (): number => {
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  };
+  const resampledMean = (v: readonly number[]): number => {
+    let s = 0;
+    for (let i = 0; i < v.length; i++) s += v[Math.floor(rand() * v.length)] as number;
+    return s / v.length;
+  };
+  const d: number[] = [];
+  for (let i = 0; i < resamples; i++) d.push(resampledMean(x) - resampledMean(y));
+  d.sort((p, q) => p - q);
+  return { diff: mean(x) - mean(y), lo: d[Math.floor(0.025 * resamples)] as number, hi: d[Math.ceil(0.975 * resamples) - 1] as number };
+}

@@ -13,7 +13,7 @@ import { vfBench, type VfResult } from './vf';
 import { msgBench, type MsgResult, VIAS } from './msg';
 import { type RoundFigures, roundMedian, roundRatios } from './disk-rounds';
 import { BLK_MIG_DISKS, MIG_LOADS, NET_MIG_BACKENDS, migrationBench, type MigLoad, type MigrationResult, type MigrationSample } from './migration';
-import { fmt, spread, type Outcome, type Spread } from './measure';
+import { fmt, meanDiff, spread, type Outcome, type Spread } from './measure';
 import { withHeavyLock } from '../test/support/heavy-lock';
 
 const out = (s: string): boolean => process.stdout.write(s);
@@ -205,8 +205,14 @@ function printMigration(m: MigrationResult): void {
       }
       const median = (k: K, f: (x: MigrationSample) => number | undefined): number => spread(runs(by[load][k]).map((x) => f(x) ?? NaN)).median;
       const diff = (k: K, f: (x: MigrationSample) => number | undefined, d: number): string => fmt(median(k, f) - median(anchor, f), d, 0);
+      // Downtimes are whole milliseconds and swing by a few between migrations: the interval says what a handful of them can tell apart.
+      const means = (k: K): string => {
+        const m = meanDiff(runs(by[load][k]).map((x) => x.downtimeMs), runs(by[load][anchor]).map((x) => x.downtimeMs));
+        const sign = (v: number): string => (v > 0 ? '+' : '') + fmt(v, 1, 0);
+        return Number.isFinite(m.diff) ? `means ${sign(m.diff)}, 95 % ${sign(m.lo)}..${sign(m.hi)}; ` : '';
+      };
       out(
-        `   ${load}, medians against ${anchor}: downtime ${ours.map((k) => `${k} ${diff(k, (x) => x.downtimeMs, 0)} ms (target: ${targets[k] ?? '-'})`).join(', ')};` +
+        `   ${load}, medians against ${anchor}: downtime ${ours.map((k) => `${k} ${diff(k, (x) => x.downtimeMs, 0)} ms (${means(k)}target: ${targets[k] ?? '-'})`).join(', ')};` +
           ` device stop ${ours.map((k) => `${k} ${diff(k, (x) => x.deviceStopMs, 1)} ms`).join(', ')}\n`,
       );
       failures(keys.flatMap((k) => by[load][k]));
@@ -280,7 +286,7 @@ async function main(): Promise<void> {
         printMsg(r.msg);
       }
       if (only === undefined || only === 'migration') {
-        r.migration = await migrationBench(Number(process.env.BENCH_MIGRATION_RUNS ?? 3));
+        r.migration = await migrationBench(Number(process.env.BENCH_MIGRATION_RUNS ?? 5));
         printMigration(r.migration);
       }
       if (only === undefined || only === 'stop') {

@@ -1,7 +1,7 @@
 /** The benchmark runner's own pieces: a measurement that hangs or throws is reported, and CPU time is read from /proc. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { bounded, cpuSeconds, CpuWindow, fmt } from '../../bench/measure';
+import { bounded, cpuSeconds, CpuWindow, fmt, meanDiff } from '../../bench/measure';
 import { relayPath } from '../../bench/relay-path';
 import { guestIrqs, jobOrder, roundMedian, roundRatios } from '../../bench/disk-rounds';
 
@@ -71,4 +71,18 @@ test('relay-path: every frame crosses the relay to the null sink, and the driver
     assert.ok(r.cpuNsPerPkt > 0 && r.wallNsPerPkt > 0, `${mode}: ${JSON.stringify(r)}`);
     assert.ok(r.kicksPerPkt > 0 && r.kicksPerPkt <= 1 / 32, `${mode}: ${r.kicksPerPkt} kicks a packet`);
   }
+});
+
+test('meanDiff: the difference of means, an interval around it that holds 0 for noise and not for a shift, and the same interval each time', () => {
+  const anchor = [4, 6, 3, 5, 4, 7, 5, 4, 6, 5];
+  const same = [5, 4, 6, 4, 5, 6, 3, 5, 4, 6];
+  const worse = anchor.map((v) => v + 3);
+  const n = meanDiff(same, anchor);
+  assert.ok(Math.abs(n.diff - (4.8 - 4.9)) < 1e-9, `diff ${n.diff}`);
+  assert.ok(n.lo < 0 && n.hi > 0, `noise: ${n.lo}..${n.hi}`);
+  const w = meanDiff(worse, anchor);
+  assert.ok(Math.abs(w.diff - 3) < 1e-9 && w.lo > 1.5 && w.hi < 4.5, `shift: ${w.lo}..${w.hi}`);
+  assert.deepEqual(meanDiff(same, anchor), n);
+  assert.ok(Number.isNaN(meanDiff([], anchor).diff));
+  assert.ok(Number.isNaN(meanDiff([NaN], anchor).lo));
 });
