@@ -11,6 +11,7 @@
  * in migrations 2.9-3.7 -> 2.0-2.4 ms (docs/BENCHMARKS.md, 2026-12-02 18:50 UTC).
  */
 import { setFlagsFromString } from 'node:v8';
+import { lowerHelperThreads } from './helper-threads';
 
 setFlagsFromString('--no-lazy-feedback-allocation');
 
@@ -26,4 +27,8 @@ setFlagsFromString('--no-lazy-feedback-allocation');
  * about 55 ms and 4 MiB at start-up, so short commands (stats, validate) skip it.
  */
 const DAEMONS: ReadonlySet<string> = new Set(['serve', 'backend']);
-if (DAEMONS.has(process.argv[2] ?? '')) setFlagsFromString('--no-lazy --no-flush-bytecode');
+if (DAEMONS.has(process.argv[2] ?? '')) {
+  setFlagsFromString('--no-lazy --no-flush-bytecode');
+  // First, while V8's and Node's own threads are the only others: they yield to QEMU's (helper-threads.ts).
+  lowerHelperThreads();
+}
