@@ -4,6 +4,7 @@
  * each process spent over the measuring window, from /proc/PID/stat.
  */
 import * as fs from 'node:fs';
+import { Rng } from '../test/fuzz/rng';
 
 /** `skipped`: not measured on purpose (BENCH_NET_ONLY): not a failure. */
 export type Outcome<T> = { ok: true; value: T } | { ok: false; error: string; skipped?: boolean };
@@ -118,17 +119,10 @@ export function meanDiff(a: readonly number[], b: readonly number[], resamples =
   const y = b.filter(Number.isFinite);
   if (x.length === 0 || y.length === 0) return { diff: NaN, lo: NaN, hi: NaN };
   const mean = (v: readonly number[]): number => v.reduce((s, e) => s + e, 0) / v.length;
-  // mulberry32: small, seeded, good enough to resample with.
-  let seed = 0x9e3779b9;
-  const rand = (): number => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
+  const rng = new Rng(0x9e3779b9);
   const resampledMean = (v: readonly number[]): number => {
     let s = 0;
-    for (let i = 0; i < v.length; i++) s += v[Math.floor(rand() * v.length)] as number;
+    for (let i = 0; i < v.length; i++) s += v[rng.int(v.length)] as number;
     return s / v.length;
   };
   const d: number[] = [];
