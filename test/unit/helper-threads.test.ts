@@ -1,7 +1,7 @@
 /** The daemons' helper threads run at the lowest priority; the main thread keeps its own. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -22,27 +22,27 @@ function niceByThread(pid: number): Map<number, number> {
   return out;
 }
 
-test('lowerHelperThreads: every thread but the main one goes to nice 19, and it says how many', () => {
+test('lowerHelperThreads: every thread but the main one goes to nice 19, and it says how many', async () => {
   const mod = path.join(__dirname, '..', '..', 'src', 'control', 'helper-threads.js');
-  const script = `
-    const fs = require('node:fs');
-    const n = require(${JSON.stringify(mod)}).lowerHelperThreads();
-    const nice = {};
-    for (const t of fs.readdirSync('/proc/self/task')) {
-      const s = fs.readFileSync('/proc/self/task/' + t + '/stat', 'utf8');
-      nice[t] = Number(s.slice(s.lastIndexOf(')') + 2).split(' ')[16]);
-    }
-    console.log(JSON.stringify({ pid: process.pid, n, nice }));`;
-  const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' });
-  assert.equal(r.status, 0, r.stderr);
-  const { pid, n, nice } = JSON.parse(r.stdout) as { pid: number; n: number; nice: Record<string, number> };
-  // A child inherits this process's nice value: the main thread keeps it.
-  assert.equal(nice[String(pid)], os.getPriority(), 'the main thread keeps its priority');
-  const helpers = Object.entries(nice).filter(([t]) => Number(t) !== pid);
-  // V8's platform workers at least (four by default), and every one of them lowered.
-  assert.ok(helpers.length >= 4, `helper threads: ${helpers.length}`);
-  assert.equal(n, helpers.length);
-  for (const [t, v] of helpers) assert.equal(v, 19, `thread ${t}`);
+  // The child lowers its threads, says how many, and waits for its stdin to close while we read /proc.
+  const child = spawn(process.execPath, ['-e', `console.log(require(${JSON.stringify(mod)}).lowerHelperThreads()); process.stdin.resume();`], { stdio: ['pipe', 'pipe', 'inherit'] });
+  try {
+    const n = Number(await new Promise<string>((resolve, reject) => {
+      child.stdout.once('data', (b: Buffer) => resolve(b.toString()));
+      child.once('exit', (code) => reject(new Error(`child exited with ${code} before it answered`)));
+    }));
+    const pid = child.pid as number;
+    const nice = niceByThread(pid);
+    // A child inherits this process's nice value: the main thread keeps it.
+    assert.equal(nice.get(pid), os.getPriority(), 'the main thread keeps its priority');
+    const helpers = [...nice].filter(([t]) => t !== pid);
+    // V8's platform workers at least (four by default), and every one of them lowered.
+    assert.ok(helpers.length >= 4, `helper threads: ${helpers.length}`);
+    assert.equal(n, helpers.length);
+    for (const [t, v] of helpers) assert.equal(v, 19, `thread ${t}`);
+  } finally {
+    child.stdin.end();
+  }
 });
 
 test('vbridge serve runs its helper threads at nice 19 and its main thread at the nice it was started with', async () => {
