@@ -86,3 +86,22 @@ export class ChainScratch {
     this.len = len;
   }
 }
+
+/**
+ * Chains of exactly one direct, device-readable buffer (a frame the guest
+ * sends, as testpmd and Linux lay out small ones), popped together by
+ * Virtqueue.popReadBurst: the relay's common case without a walk and a
+ * ChainScratch per chain. Entries 0..n-1 are valid until the next pop into it.
+ */
+export class ReadBurst {
+  n = 0;
+  readonly head: Uint16Array;
+  readonly addr: Float64Array;
+  readonly len: Uint32Array;
+
+  constructor(readonly capacity: number) {
+    this.head = new Uint16Array(capacity);
+    this.addr = new Float64Array(capacity);
+    this.len = new Uint32Array(capacity);
+  }
+}

@@ -1,5 +1,5 @@
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
-import { ChainScratch, type DescriptorChain } from './chain';
+import { ChainScratch, type DescriptorChain, type ReadBurst } from './chain';
 import type { SplitInflight } from './split-inflight';
 import { hex, IndirectTables, QueueError, type QueueState, ringSpan, type Virtqueue } from './virtqueue';
 import {
@@ -230,6 +230,73 @@ export class SplitQueue implements Virtqueue {
     this.next = (this.next + 1) & 0xffff;
     if (t !== null) t.taken(head);
     return true;
+  }
+
+  /**
+   * Virtqueue.popReadBurst. Each descriptor field is read once, as walk()
+   * reads them, and a chain is taken only when it passes the checks walk()
+   * would make of it; anything else (a flag, an empty or long buffer, an
+   * address outside memory, a head out of range) ends the burst there, and
+   * popInto walks that chain and reports it. Chains the in-flight tracker
+   * hands back first go through popInto too.
+   */
+  popReadBurst(mem: MemoryAccess, b: ReadBurst, max: number, maxLen: number): number {
+    this.check(mem);
+    b.n = 0;
+    if (this.inflight !== null) return 0;
+    let left = this.pending();
+    if (left > max) left = max;
+    if (left > b.capacity) left = b.capacity;
+    const d = this.desc;
+    const avail = this.avail;
+    const mask = this.mask;
+    const size = this.qsize;
+    const next = this.next;
+    let n = 0;
+    for (; n < left; n++) {
+      const head = avail[2 + ((next + n) & mask)] as number;
+      if (head >= size) break;
+      const w = 4 * head;
+      const lo = d[w] as number;
+      const hi = d[w + 1] as number;
+      const len = d[w + 2] as number;
+      const fn = d[w + 3] as number;
+      if ((fn & 0xffff) !== 0 || len === 0 || len > maxLen || hi >= HI_LIMIT) break;
+      const addr = lo + hi * TWO_32;
+      if (!isMapped(mem, addr, len)) break;
+      b.head[n] = head;
+      b.addr[n] = addr;
+      b.len[n] = len;
+    }
+    this.next = (next + n) & 0xffff;
+    b.n = n;
+    return n;
+  }
+
+  /** Virtqueue.pushUsedEmpty: the elements written in one pass, marked dirty once per stretch of the ring. */
+  pushUsedEmpty(mem: MemoryAccess, heads: Uint16Array, n: number): void {
+    this.check(mem);
+    if (!Number.isInteger(n) || n < 0 || n > this.qsize || n > heads.length) throw new RangeError(`${n} used elements for a queue of ${this.qsize}`);
+    if (n === 0) return;
+    const u = this.usedU32;
+    const mask = this.mask;
+    const size = this.qsize;
+    const first = this.nextUsed;
+    for (let i = 0; i < n; i++) {
+      const head = heads[i] as number;
+      // Nothing is published until flush(): a throw here leaves nextUsed where it was.
+      if (head >= size) throw new RangeError(`used id ${head} outside queue of ${size}`);
+      const slot = (first + i) & mask;
+      u[1 + 2 * slot] = head;
+      u[2 + 2 * slot] = 0;
+    }
+    const start = first & mask;
+    const toEnd = Math.min(n, size - start);
+    mem.markDirty(this.usedAddr + 4 + VRING_USED_ELEM_SIZE * start, VRING_USED_ELEM_SIZE * toEnd);
+    if (n > toEnd) mem.markDirty(this.usedAddr + 4, VRING_USED_ELEM_SIZE * (n - toEnd));
+    this.nextUsed = (first + n) & 0xffff;
+    const t = this.inflight;
+    if (t !== null) for (let i = 0; i < n; i++) t.completed(heads[i] as number);
   }
 
   /**
@@ -493,6 +560,18 @@ export class SplitQueue implements Virtqueue {
 /** Built only on the error path: the message strings would cost more than the walk itself. */
 function chainError(inIndirect: boolean, idx: number, head: number, msg: string): QueueError {
   return new QueueError(`${inIndirect ? 'indirect ' : ''}descriptor ${idx} of chain ${head}: ${msg}`);
+}
+
+/** Whether [addr, addr+len) is mapped, as checkMapped decides it, without building an error. */
+function isMapped(mem: MemoryAccess, addr: number, len: number): boolean {
+  try {
+    if (mem.check !== undefined) mem.check(addr, len);
+    else mem.span(addr, len);
+    return true;
+  } catch (e) {
+    if (e instanceof MemoryError) return false;
+    throw e;
+  }
 }
 
 /** Validation only: span() (the fallback) throws for unmapped ranges and returns null for mapped ones that cross. */

@@ -4,7 +4,7 @@
  * Queue objects hold ring state only; memory is passed to every operation.
  */
 import { MemoryError, type MemoryAccess } from '../memory/memory-access';
-import type { ChainScratch, DescriptorChain } from './chain';
+import type { ChainScratch, DescriptorChain, ReadBurst } from './chain';
 
 /** A malformed ring or chain posted by the driver; the link marks the device NEEDS_RESET. */
 export class QueueError extends Error {
@@ -76,6 +76,15 @@ export interface Virtqueue {
    * consumes and throws nothing. Optional.
    */
   warm?(mem: MemoryAccess, from: number, n: number): void;
+  /**
+   * Pop up to `max` chains that are each one direct device-readable buffer of
+   * 1 to `maxLen` bytes into `b`, stopping before the first chain of any
+   * other shape (popInto takes that one, with every check and error a chain
+   * can have). Returns how many, also in b.n. Optional: a fast path.
+   */
+  popReadBurst?(mem: MemoryAccess, b: ReadBurst, max: number, maxLen: number): number;
+  /** pushUsed(mem, head, 0) for heads[0..n-1], in order. Optional, with popReadBurst. */
+  pushUsedEmpty?(mem: MemoryAccess, heads: Uint16Array, n: number): void;
   /**
    * Give back the last n chains popped and not completed, as if never popped
    * (a device that took buffers it cannot use). RangeError if they are not that.

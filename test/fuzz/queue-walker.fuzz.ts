@@ -1,13 +1,16 @@
 /**
- * Fuzzer for SplitQueue.pop(): seeded random rings, built well-formed and then
- * mutated (descriptors, indirect tables, avail entries and indices), over
- * memory layouts with adjacent regions, gaps and small or overlapping windows.
+ * Fuzzer for SplitQueue.pop() and popReadBurst(): seeded random rings, built
+ * well-formed and then mutated (descriptors, indirect tables, avail entries
+ * and indices), over memory layouts with adjacent regions, gaps and small or
+ * overlapping windows.
  *
  * For every pop() it checks that the result is either a chain whose every
  * segment lies inside memory, or a QueueError, and nothing else; and it
  * compares the outcome with a reference walker that reads the ring byte by
  * byte through MemoryAccess.read (differential testing against the queue's
- * typed-array fast path).
+ * typed-array fast path). Half the steps try popReadBurst() first: every
+ * chain it takes must be the reference's chain of one readable buffer of at
+ * most maxLen bytes, and the chain it stops before must not be one.
  *
  * Environment: FUZZ_SECONDS (default 10), FUZZ_ITERATIONS (default 5e6),
  * FUZZ_SEED (default: time-based; printed so failures can be replayed),
@@ -15,7 +18,7 @@
  * Exits non-zero on the first failure.
  */
 import { GuestMemory, type GuestMemoryOptions } from '../../src/memory/guest-memory';
-import type { ChainSegment, DescriptorChain } from '../../src/virtio/chain';
+import { type ChainSegment, type DescriptorChain, ReadBurst } from '../../src/virtio/chain';
 import {
   VIRTQUEUE_MAX_SIZE,
   VRING_DESC_F_INDIRECT,
@@ -212,8 +215,8 @@ class World {
   }
 }
 
-/** Plain re-implementation of the walk over MemoryAccess.read, for differential checking. */
-function reference(w: World): Outcome {
+/** Plain re-implementation of the walk over MemoryAccess.read, for differential checking: the chain `at` places past the next one. */
+function reference(w: World, at = 0): Outcome {
   const mem = w.mem;
   const q = w.queue;
   const size = q.size;
@@ -222,8 +225,8 @@ function reference(w: World): Outcome {
   mem.read(q.availAddr + 2, b, 0, 2);
   const n = (dv.getUint16(0, true) - q.nextAvail) & 0xffff;
   if (n > size) return { kind: 'error' };
-  if (n === 0) return { kind: 'none' };
-  mem.read(q.availAddr + 4 + 2 * (q.nextAvail % size), b, 0, 2);
+  if (n <= at) return { kind: 'none' };
+  mem.read(q.availAddr + 4 + 2 * ((q.nextAvail + at) % size), b, 0, 2);
   const head = dv.getUint16(0, true);
   if (head >= size) return { kind: 'error' };
   const readable: ChainSegment[] = [];
@@ -294,6 +297,55 @@ function checkChain(w: World, c: DescriptorChain): string | null {
   return null;
 }
 
+/** A chain popReadBurst may take: one readable buffer of 1..maxLen bytes. */
+function burstShaped(o: Outcome, maxLen: number): boolean {
+  return o.kind === 'chain' && o.chain.writable.length === 0 && o.chain.readable.length === 1 && o.chain.readableLen <= maxLen;
+}
+
+/**
+ * popReadBurst against the reference: what it took, where it stopped, and
+ * the used elements pushUsedEmpty writes for it. Returns a failure or null.
+ */
+function burstStep(w: World, b: ReadBurst): string | null {
+  const rng = w.rng;
+  const q = w.queue;
+  const max = 1 + rng.int(b.capacity);
+  const maxLen = rng.pick([1, 64, 2048, 4096]);
+  const expected: Outcome[] = [];
+  for (let i = 0; i <= max; i++) expected.push(reference(w, i));
+  let k: number;
+  try {
+    k = q.popReadBurst(w.mem, b, max, maxLen);
+  } catch (e) {
+    // Only a broken avail.idx, which popInto reports the same way.
+    if (e instanceof QueueError && expected[0]?.kind === 'error') return null;
+    return `popReadBurst threw ${e instanceof Error ? e.stack : String(e)}`;
+  }
+  if (k !== b.n || k > max) return `popReadBurst returned ${k} with n ${b.n}, max ${max}`;
+  for (let i = 0; i < k; i++) {
+    const e = expected[i] as Outcome;
+    if (e.kind !== 'chain' || !burstShaped(e, maxLen) || e.chain.head !== b.head[i]) return `burst chain ${i}: head ${b.head[i]}, reference ${describe(e)}`;
+    const seg = e.chain.readable[0] as ChainSegment;
+    if (seg.addr !== b.addr[i] || seg.len !== b.len[i]) return `burst chain ${i}: [${b.addr[i]}, +${b.len[i]}], reference ${describe(e)}`;
+  }
+  const stop = expected[k] as Outcome;
+  // Only a chain of one direct descriptor has to be taken: one readable segment may also come of a longer chain or a table.
+  if (k < max && burstShaped(stop, maxLen) && stop.kind === 'chain' && w.driver.readDesc(stop.chain.head).flags === 0) return `burst stopped at ${k} before ${describe(expected[k] as Outcome)} (max ${max}, maxLen ${maxLen})`;
+  if (k === 0) return null;
+  // Elements pushed before and not yet flushed are published with these.
+  const used0 = q.nextUsed;
+  q.pushUsedEmpty(w.mem, b.head, k);
+  q.flush(w.mem);
+  if (((w.driver.usedIdx() - used0) & 0xffff) !== k) return `pushUsedEmpty of ${k} moved used.idx from ${used0} to ${w.driver.usedIdx()}`;
+  const e = new Uint8Array(8);
+  const dv = new DataView(e.buffer);
+  for (let i = 0; i < k; i++) {
+    w.mem.read(q.usedAddr + 4 + 8 * ((used0 + i) % q.size), e, 0, 8);
+    if (dv.getUint32(0, true) !== b.head[i] || dv.getUint32(4, true) !== 0) return `used element ${i}: id ${dv.getUint32(0, true)} len ${dv.getUint32(4, true)}, pushed ${b.head[i]}`;
+  }
+  return null;
+}
+
 function main(): number {
   const { maxIter, seed, rng, deadline } = fuzzBudget();
   let iter = 0;
@@ -303,6 +355,8 @@ function main(): number {
   let w = new World(rng);
   const verbose = process.env.FUZZ_VERBOSE !== undefined;
   const kinds = new Map<string, number>();
+  const burst = new ReadBurst(4);
+  let bursts = 0;
   const fail = (msg: string): number => {
     console.error(`queue-walker fuzz: FAILED at iteration ${iter} (FUZZ_SEED=${seed}): ${msg}`);
     return 1;
@@ -323,6 +377,14 @@ function main(): number {
     for (let m = 0; m < mutations; m++) w.mutate();
 
     for (let step = 0; step <= q.size; step++) {
+      if (rng.chance(0.5)) {
+        const bad = burstStep(w, burst);
+        if (bad !== null) return fail(bad);
+        if (burst.n > 0) {
+          bursts += burst.n;
+          continue;
+        }
+      }
       const expected = reference(w);
       let got: Outcome;
       try {
@@ -364,7 +426,7 @@ function main(): number {
     for (const [k, n] of [...kinds].sort((a, b) => b[1] - a[1])) console.log(`${String(n).padStart(9)}  ${k}`);
   }
   console.log(
-    `queue-walker fuzz: ${iter} iterations, ${pops} pops, ${chains} chains, ${errors} QueueErrors, seed ${seed}: ok`,
+    `queue-walker fuzz: ${iter} iterations, ${pops} pops, ${chains} chains, ${bursts} chains by burst, ${errors} QueueErrors, seed ${seed}: ok`,
   );
   return 0;
 }

@@ -3,7 +3,8 @@ import assert from 'node:assert/strict';
 import { GuestMemory } from '../../src/memory/guest-memory';
 import { MemoryError, type MemoryAccess, type MemorySpan } from '../../src/memory/memory-access';
 import { MockDriver, ringBytes } from '../../src/virtio/mock-driver';
-import { ChainScratch } from '../../src/virtio/chain';
+import { ChainScratch, ReadBurst } from '../../src/virtio/chain';
+import { SplitInflight, splitInflightQueueSize } from '../../src/virtio/split-inflight';
 import { QueueError, SplitQueue, vringNeedEvent } from '../../src/virtio/split-queue';
 import {
   VRING_AVAIL_F_NO_INTERRUPT,
@@ -704,6 +705,80 @@ test('popInto gives what pop gives, into reused arrays (long and indirect chains
   const t = new ChainScratch();
   t.load(s.toChain());
   assert.deepEqual(t.toChain(), s.toChain());
+});
+
+test('popReadBurst takes one-buffer readable chains up to max, and stops before any other shape for popInto to take or report', () => {
+  const { mem, driver, queue } = setup({ size: 16, indirect: true });
+  const b = new ReadBurst(8);
+  const s = new ChainScratch();
+  const one = (n: number): number => driver.addChain([{ data: new Uint8Array(n).fill(n) }]);
+  const heads = [one(60), one(61), one(62)];
+  const two = driver.addChain([{ data: bytes(1) }, { data: bytes(2) }]);
+  const withWritable = driver.addChain([{ data: bytes(1) }, { len: 8, writable: true }]);
+  const viaTable = driver.addChain([{ data: bytes(3) }], { indirect: true });
+  const long = one(3000);
+  const last = one(64);
+  assert.equal(queue.popReadBurst(mem, b, 2, 2048), 2, 'max');
+  assert.deepEqual([...b.head.subarray(0, 2)], heads.slice(0, 2));
+  assert.deepEqual([...b.len.subarray(0, 2)], [60, 61]);
+  const got = new Uint8Array(61);
+  mem.read(b.addr[1] as number, got, 0, 61);
+  assert.deepEqual(got, new Uint8Array(61).fill(61));
+  assert.equal(queue.popReadBurst(mem, b, 8, 2048), 1, 'stops before a two-descriptor chain');
+  assert.equal(b.head[0], heads[2]);
+  for (const h of [two, withWritable, viaTable]) {
+    assert.equal(queue.popReadBurst(mem, b, 8, 2048), 0);
+    assert.equal(queue.popInto(mem, s), true);
+    assert.equal(s.head, h);
+  }
+  assert.equal(queue.popReadBurst(mem, b, 8, 2048), 0, 'longer than maxLen');
+  assert.equal(queue.popReadBurst(mem, b, 8, 4096), 2);
+  assert.deepEqual([...b.head.subarray(0, 2)], [long, last]);
+  assert.equal(queue.popReadBurst(mem, b, 8, 4096), 0, 'nothing left');
+  assert.equal(b.n, 0);
+
+  // A buffer outside memory is not taken: popInto reports it.
+  const bad = one(10);
+  driver.writeDesc(bad, { addr: BASE + (64 << 20), len: 10, flags: 0, next: 0 });
+  assert.equal(queue.popReadBurst(mem, b, 8, 2048), 0);
+  assert.equal(queue.state().nextAvail, 8, 'not consumed');
+  assert.throws(() => queue.popInto(mem, s), /outside memory/);
+});
+
+test('popReadBurst leaves chains to popInto while in-flight tracking is on', () => {
+  const { mem, driver, queue } = setup({ size: 8 });
+  queue.inflight = new SplitInflight(new ArrayBuffer(splitInflightQueueSize(8)), 0, 8);
+  queue.inflight.restore(8, 0);
+  const h = driver.addChain([{ data: bytes(1, 2) }]);
+  const b = new ReadBurst(4);
+  assert.equal(queue.popReadBurst(mem, b, 4, 2048), 0);
+  const s = new ChainScratch();
+  assert.equal(queue.popInto(mem, s), true);
+  assert.equal(s.head, h);
+});
+
+test('pushUsedEmpty: used elements in order across the ring\'s end, dirty-logged, published by flush; a bad id publishes nothing', () => {
+  const { mem, driver, queue } = setup({ size: 8 });
+  const b = new ReadBurst(8);
+  for (let i = 0; i < 6; i++) driver.addChain([{ data: bytes(i) }]);
+  assert.equal(queue.popReadBurst(mem, b, 8, 64), 6);
+  queue.pushUsedEmpty(mem, b.head, 6);
+  queue.flush(mem);
+  assert.deepEqual(driver.drainUsed().map((u) => [u.id, u.len]), [...b.head.subarray(0, 6)].map((h) => [h, 0]));
+  const log = new Uint8Array(Math.ceil((BASE + (4 << 20)) / 4096 / 8));
+  mem.setDirtyLog(log);
+  for (let i = 0; i < 5; i++) driver.addChain([{ data: bytes(i) }]);
+  assert.equal(queue.popReadBurst(mem, b, 8, 64), 5);
+  queue.pushUsedEmpty(mem, b.head, 5);
+  assert.equal(queue.flush(mem), true);
+  assert.deepEqual(driver.drainUsed().map((u) => u.id), [...b.head.subarray(0, 5)], 'slots 6, 7, 0, 1, 2');
+  const page = Math.floor(driver.usedAddr / 4096);
+  assert.notEqual(log[Math.floor(page / 8)]! & (1 << page % 8), 0);
+  const used = queue.state().nextUsed;
+  assert.throws(() => queue.pushUsedEmpty(mem, Uint16Array.of(1, 8), 2), RangeError);
+  assert.equal(queue.state().nextUsed, used);
+  assert.equal(queue.flush(mem), false);
+  assert.equal(driver.popUsed(), null);
 });
 
 test('warm on a ring full of garbage neither throws nor moves the queue', () => {
