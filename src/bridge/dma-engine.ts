@@ -6,7 +6,7 @@
  * through MemoryAccess.write, so dirty logging sees them.
  */
 import type { MemoryAccess } from '../memory/memory-access';
-import type { ChainScratch, ChainSegment } from '../virtio/chain';
+import type { ChainScratch, ChainSegment, ReadBurst } from '../virtio/chain';
 
 /** Operations are segment copies; bytes are payload bytes moved. */
 export interface DmaCounters {
@@ -64,6 +64,22 @@ export class DmaEngine {
     }
     c.toBarBytes += o - off;
     return o - off;
+  }
+
+  /** Each buffer of `b` (guest) to BAR2 at offs[i]; returns the bytes copied. */
+  toBarBurst(mem: MemoryAccess, b: ReadBurst, offs: Float64Array, c: DmaCounters): number {
+    const bar = this.bar;
+    let bytes = 0;
+    for (let i = 0; i < b.n; i++) {
+      const off = offs[i] as number;
+      const len = b.len[i] as number;
+      this.checkBar(off, len);
+      mem.read(b.addr[i] as number, bar, off, len);
+      bytes += len;
+    }
+    c.toBarOps += b.n;
+    c.toBarBytes += bytes;
+    return bytes;
   }
 
   /** Copy `len` bytes of BAR2 at `off` into `segs` (guest), in order. */
