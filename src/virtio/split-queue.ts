@@ -562,7 +562,7 @@ function chainError(inIndirect: boolean, idx: number, head: number, msg: string)
   return new QueueError(`${inIndirect ? 'indirect ' : ''}descriptor ${idx} of chain ${head}: ${msg}`);
 }
 
-/** Whether [addr, addr+len) is mapped, as checkMapped decides it, without building an error. */
+/** Whether [addr, addr+len) is mapped, as checkMapped decides it: a burst stops before a buffer that is not, and popInto reports it. */
 function isMapped(mem: MemoryAccess, addr: number, len: number): boolean {
   try {
     if (mem.check !== undefined) mem.check(addr, len);
