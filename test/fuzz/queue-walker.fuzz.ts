@@ -298,7 +298,7 @@ function checkChain(w: World, c: DescriptorChain): string | null {
 }
 
 /** A chain popReadBurst may take: one readable buffer of 1..maxLen bytes. */
-function burstShaped(o: Outcome, maxLen: number): boolean {
+function burstShaped(o: Outcome, maxLen: number): o is Extract<Outcome, { kind: 'chain' }> {
   return o.kind === 'chain' && o.chain.writable.length === 0 && o.chain.readable.length === 1 && o.chain.readableLen <= maxLen;
 }
 
@@ -324,13 +324,13 @@ function burstStep(w: World, b: ReadBurst): string | null {
   if (k !== b.n || k > max) return `popReadBurst returned ${k} with n ${b.n}, max ${max}`;
   for (let i = 0; i < k; i++) {
     const e = expected[i] as Outcome;
-    if (e.kind !== 'chain' || !burstShaped(e, maxLen) || e.chain.head !== b.head[i]) return `burst chain ${i}: head ${b.head[i]}, reference ${describe(e)}`;
+    if (!burstShaped(e, maxLen) || e.chain.head !== b.head[i]) return `burst chain ${i}: head ${b.head[i]}, reference ${describe(e)}`;
     const seg = e.chain.readable[0] as ChainSegment;
     if (seg.addr !== b.addr[i] || seg.len !== b.len[i]) return `burst chain ${i}: [${b.addr[i]}, +${b.len[i]}], reference ${describe(e)}`;
   }
   const stop = expected[k] as Outcome;
   // Only a chain of one direct descriptor has to be taken: one readable segment may also come of a longer chain or a table.
-  if (k < max && burstShaped(stop, maxLen) && stop.kind === 'chain' && w.driver.readDesc(stop.chain.head).flags === 0) return `burst stopped at ${k} before ${describe(expected[k] as Outcome)} (max ${max}, maxLen ${maxLen})`;
+  if (k < max && burstShaped(stop, maxLen) && w.driver.readDesc(stop.chain.head).flags === 0) return `burst stopped at ${k} before ${describe(stop)} (max ${max}, maxLen ${maxLen})`;
   if (k === 0) return null;
   // Elements pushed before and not yet flushed are published with these.
   const used0 = q.nextUsed;
