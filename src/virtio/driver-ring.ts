@@ -87,6 +87,9 @@ export class DriverRing {
   private lastKick = 0;
   private outstanding = 0;
   private usedLen = 0;
+  /** In order: every outstanding chain is one descriptor, at its avail position's index, and the free stack is not kept. */
+  private ordered = false;
+  private used32!: Uint32Array;
 
   constructor(
     mem: MemoryAccess,
@@ -115,6 +118,7 @@ export class DriverRing {
     this.desc16 = new Uint16Array(this.desc.buffer, this.desc.byteOffset, 8 * n);
     this.availIdx = this.availU16.subarray(1, 2);
     this.usedIdx = new Uint16Array(this.used.buffer, this.used.byteOffset + 2, 1);
+    this.used32 = new Uint32Array(this.used.buffer, this.used.byteOffset + 4, 2 * n);
   }
 
   /** Zero the rings and forget every chain: a fresh queue. */
@@ -130,10 +134,11 @@ export class DriverRing {
     this.knownUsed = 0;
     this.lastKick = 0;
     this.outstanding = 0;
+    this.ordered = false;
   }
 
   get freeDescriptors(): number {
-    return this.freeTop;
+    return this.ordered ? this.size - this.outstanding : this.freeTop;
   }
 
   /** The avail index the next chain gets (free-running, mod 2^16). */
@@ -148,6 +153,7 @@ export class DriverRing {
 
   /** Write a chain's descriptors and its avail slot (not yet visible: publish()). Returns the head. */
   add(segs: readonly DriverSegment[]): number {
+    this.notInOrder('add');
     const n = segs.length;
     if (n === 0 || n > this.freeTop) throw new DriverRingError(`${n} descriptors wanted, ${this.freeTop} free`);
     const head = this.free[this.freeTop - 1] as number;
@@ -168,6 +174,7 @@ export class DriverRing {
    * one empty readable descriptor).
    */
   addPair(rAddr: number, rLen: number, wAddr: number, wLen: number): number {
+    this.notInOrder('addPair');
     const two = rLen > 0 && wLen > 0;
     if (this.freeTop < (two ? 2 : 1)) throw new DriverRingError(`${two ? 2 : 1} descriptors wanted, ${this.freeTop} free`);
     const head = this.free[--this.freeTop] as number;
@@ -208,6 +215,75 @@ export class DriverRing {
     return head;
   }
 
+  /**
+   * In-order posting: chains of one readable descriptor, the one at the next
+   * avail position's index, so that a posted chain is three stores and a
+   * harvest needs no bookkeeping per chain while the device uses them in the
+   * order they were made available (as a net backend sending frames does).
+   * The device is not told and need not comply: an element out of that order
+   * ends it (endInOrder) and is then taken the usual way. Begins only with
+   * nothing outstanding.
+   */
+  beginInOrder(): boolean {
+    if (this.outstanding !== 0) return false;
+    this.ordered = true;
+    return true;
+  }
+
+  get inOrder(): boolean {
+    return this.ordered;
+  }
+
+  /** Post one readable buffer in order (not yet visible: publish()). The caller checks room: inFlight < size. */
+  addInOrder(addr: number, len: number): number {
+    const d = this.nextAvail & (this.size - 1);
+    this.writeDesc(d, addr, len, false);
+    this.availU16[2 + d] = d;
+    this.nextAvail = (this.nextAvail + 1) & 0xffff;
+    this.outstanding++;
+    return d;
+  }
+
+  /**
+   * Take the used elements that complete in-order chains as posted, with
+   * length 0 (nothing written); stops at the first that does not, which stays
+   * for takeUsedId() once endInOrder() ran. Returns how many were taken.
+   */
+  takeInOrder(): number {
+    const known = Atomics.load(this.usedIdx, 0);
+    const k = (known - this.lastUsed) & 0xffff;
+    if (k === 0) return 0;
+    if (k > this.outstanding) throw new DriverRingError(`device published ${k} used elements with ${this.outstanding} chains outstanding`);
+    const m = this.size - 1;
+    const u32 = this.used32;
+    let u = this.lastUsed;
+    let i = 0;
+    for (; i < k; i++) {
+      const e = 2 * (u & m);
+      if (u32[e] !== (u & m) || u32[e + 1] !== 0) break;
+      u = (u + 1) & 0xffff;
+    }
+    this.lastUsed = u;
+    this.knownUsed = known;
+    this.outstanding -= i;
+    return i;
+  }
+
+  private notInOrder(what: string): void {
+    if (this.ordered) throw new DriverRingError(`${what}() while posting in order: endInOrder() first`);
+  }
+
+  /** Back to the usual bookkeeping, the in-order chains still outstanding included. */
+  endInOrder(): void {
+    if (!this.ordered) return;
+    this.ordered = false;
+    const m = this.size - 1;
+    this.chainLen.fill(0);
+    for (let i = 0, p = this.lastUsed; i < this.outstanding; i++, p = (p + 1) & 0xffff) this.chainLen[p & m] = 1;
+    this.freeTop = 0;
+    for (let d = this.size - 1; d >= 0; d--) if (this.chainLen[d] === 0) this.free[this.freeTop++] = d;
+  }
+
   /** Make added chains visible to the device. */
   publish(): void {
     Atomics.store(this.availIdx, 0, this.nextAvail);
@@ -242,6 +318,7 @@ export class DriverRing {
 
   /** takeUsed() without an object per element (the relay's hot path): the id, or -1; the length is in lastUsedLen. */
   takeUsedId(): number {
+    if (this.ordered) this.notInOrder('takeUsedId');
     let pending = (this.knownUsed - this.lastUsed) & 0xffff;
     if (pending === 0) {
       // The device's elements are written before its used.idx store; this load orders our reads of them after it.

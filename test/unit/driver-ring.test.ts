@@ -369,3 +369,121 @@ test('reset forgets every chain and zeroes the rings; a fresh device queue start
   assert.equal(c?.head, h);
   assert.deepEqual(pairs(c?.readable ?? []), [[BUF + 0x100, 5]]);
 });
+
+test('in order: one descriptor per chain at its position, taken without ids while the device keeps the order, handed back to the usual bookkeeping when it does not', () => {
+  const p = pair(8, true);
+  const h0 = p.ring.addPair(BUF, 10, 0, 0);
+  assert.equal(p.ring.beginInOrder(), false, 'not with a chain outstanding');
+  p.ring.publish();
+  const c0 = p.q.pop(p.mem);
+  assert.ok(c0 !== null);
+  p.q.pushUsed(p.mem, c0.head, 0);
+  p.q.flush(p.mem);
+  assert.equal(p.ring.takeUsedId(), h0);
+  assert.equal(p.ring.beginInOrder(), true);
+  assert.equal(p.ring.inOrder, true);
+  assert.throws(() => p.ring.addPair(BUF, 1, 0, 0), /endInOrder/);
+  assert.throws(() => p.ring.add([seg(BUF, 1)]), /endInOrder/);
+  assert.throws(() => p.ring.takeUsedId(), /endInOrder/);
+  // Positions 1..8: descriptors 1..7 then 0, wrapping.
+  const heads: number[] = [];
+  for (let i = 0; i < 8; i++) heads.push(p.ring.addInOrder(BUF + 0x100 * i, 20 + i));
+  assert.deepEqual(heads, [1, 2, 3, 4, 5, 6, 7, 0]);
+  assert.equal(p.ring.freeDescriptors, 0);
+  p.ring.publish();
+  const got = [];
+  for (let c = p.q.pop(p.mem); c !== null; c = p.q.pop(p.mem)) got.push(c);
+  assert.deepEqual(got.map((c) => [c.head, pairs(c.readable), c.writableLen]), heads.map((h, i) => [h, [[BUF + 0x100 * i, 20 + i]], 0]));
+  // In order, then one out of order: the first three are taken, the rest wait.
+  p.q.pushUsed(p.mem, 1, 0);
+  p.q.pushUsed(p.mem, 2, 0);
+  p.q.pushUsed(p.mem, 3, 0);
+  p.q.pushUsed(p.mem, 5, 0);
+  p.q.pushUsed(p.mem, 4, 0);
+  p.q.flush(p.mem);
+  assert.equal(p.ring.takeInOrder(), 3);
+  assert.equal(p.ring.takeInOrder(), 0, 'stops at 5, which is not the oldest');
+  assert.equal(p.ring.inFlight, 5);
+  assert.equal(p.ring.usedPending(), 2);
+  p.ring.endInOrder();
+  assert.equal(p.ring.inOrder, false);
+  assert.equal(p.ring.freeDescriptors, 3, 'descriptors 1-3 free, 4-7 and 0 held');
+  assert.deepEqual([p.ring.takeUsedId(), p.ring.takeUsedId(), p.ring.takeUsedId()], [5, 4, -1]);
+  assert.throws(() => rawUsed(p, 4, 0) ?? p.ring.takeUsedId(), DriverRingError, 'a double completion is refused the usual way');
+  // A length on an in-order chain (it has nothing writable) also stops the take.
+  const q = pair(4, false);
+  assert.equal(q.ring.beginInOrder(), true);
+  q.ring.addInOrder(BUF, 4);
+  q.ring.addInOrder(BUF + 0x10, 4);
+  q.ring.publish();
+  rawUsed(q, 0, 0);
+  rawUsed(q, 1, 7);
+  assert.equal(q.ring.takeInOrder(), 1);
+  assert.equal(q.ring.takeInOrder(), 0);
+  // More used than outstanding is refused, as takeUsedId does.
+  rawUsed(q, 2, 0);
+  rawUsed(q, 3, 0);
+  assert.throws(() => q.ring.takeInOrder(), DriverRingError);
+});
+
+test('in order and the usual way in turns, against SplitQueue: every chain seen once as posted, every completion taken once, no descriptor leaked', () => {
+  for (const size of [4, 16, 64]) {
+    const rng = new Rng(size * 31);
+    const p = pair(size, rng.chance(0.5));
+    const posted: { head: number; addr: number; len: number }[] = [];
+    const popped: number[] = [];
+    const completed: number[] = [];
+    let taken = 0;
+    let total = 0;
+    let inOrder = 0;
+    let ends = 0;
+    for (let step = 0; step < 8000; step++) {
+      const a = rng.int(4);
+      if (a === 0) {
+        if (!p.ring.inOrder && p.ring.inFlight === 0 && rng.chance(0.7)) assert.equal(p.ring.beginInOrder(), true);
+        // The usual way posts less, so that the ring drains and in order begins again.
+        if (p.ring.freeDescriptors === 0 || (!p.ring.inOrder && rng.chance(0.6))) continue;
+        const addr = BUF + 0x10 * rng.int(256);
+        const len = 1 + rng.int(100);
+        const head = p.ring.inOrder ? p.ring.addInOrder(addr, len) : p.ring.addPair(addr, len, 0, 0);
+        if (p.ring.inOrder) assert.equal(head, (p.ring.nextAvailIdx - 1) & (size - 1));
+        posted.push({ head, addr, len });
+        p.ring.publish();
+        total++;
+      } else if (a === 1) {
+        const c = p.q.pop(p.mem);
+        if (c === null) continue;
+        const e = posted.shift();
+        assert.ok(e !== undefined);
+        assert.deepEqual([c.head, pairs(c.readable), c.writableLen], [e.head, [[e.addr, e.len]], 0]);
+        popped.push(c.head);
+      } else if (a === 2 && popped.length > 0) {
+        // Mostly in order, sometimes not.
+        const i = rng.chance(0.97) ? 0 : rng.int(popped.length);
+        const [h] = popped.splice(i, 1);
+        p.q.pushUsed(p.mem, h as number, 0);
+        p.q.flush(p.mem);
+        completed.push(h as number);
+      } else if (a === 3) {
+        if (p.ring.inOrder) {
+          const k = p.ring.takeInOrder();
+          assert.deepEqual(completed.splice(0, k).length, k);
+          taken += k;
+          inOrder += k;
+          if (k === 0 && p.ring.usedPending() > 0) {
+            p.ring.endInOrder();
+            ends++;
+          }
+        } else {
+          for (let id = p.ring.takeUsedId(); id >= 0; id = p.ring.takeUsedId()) {
+            assert.equal(id, completed.shift());
+            taken++;
+          }
+        }
+      }
+      assert.equal(p.ring.inFlight, total - taken);
+      if (!p.ring.inOrder) assert.equal(p.ring.freeDescriptors, size - p.ring.inFlight, 'descriptors leaked or doubly owned');
+    }
+    assert.ok(taken > 1000 && inOrder > 500 && ends >= 5, `${taken} chains went round, ${inOrder} in order, ${ends} ends`);
+  }
+});
