@@ -1,0 +1,140 @@
+/**
+ * The BAR slots of the frames a relay posts in order (DriverRing.addInOrder):
+ * the pool's slots used as a ring, taken at the head and given back from the
+ * tail as the backend returns the frames in order. A frame costs no search
+ * and no free, where SlotPool's next-fit and free list cost a frame about 110
+ * and 100 instructions (docs/BENCHMARKS.md). The lane holds the pool's slots
+ * only while the pool itself holds none; `frames()` hands what it holds over
+ * to the usual bookkeeping (SlotPool.reserve and the in-flight table).
+ *
+ * The ring spans the pool's first `ringSize` slots only (fewer if the pool
+ * is smaller): a frame per descriptor, so 64-byte frames stay on the same
+ * few thousand lines and pages, as SlotPool's reuse of the slots freed last
+ * keeps them. Sweeping the whole pool (tens of MiB) cost a fifth of the
+ * bridge's CPU a frame in misses (docs/BENCHMARKS.md).
+ */
+import type { SlotPool } from './slot-pool';
+
+export interface LaneFrame {
+  /** The shadow descriptor (and avail position mod ring size) it was posted at. */
+  desc: number;
+  /** Its avail position (free-running, 16 bits). */
+  pos: number;
+  off: number;
+  len: number;
+}
+
+export class SendLane {
+  /** Next slot to take. */
+  private head = 0;
+  /** Slots held, a run skipped at the pool's end included. */
+  private inUse = 0;
+  /** Avail position (free-running, 16 bits) of the oldest frame held. */
+  private tailPos = 0;
+  private frameCount = 0;
+  /** Slots the last take() consumed. */
+  private taken = 0;
+  /** Per descriptor index: the frame's BAR offset, bytes and slots consumed. */
+  private readonly offAt: Float64Array;
+  private readonly lenAt: Float64Array;
+  private readonly useAt: Uint32Array;
+  private readonly mask: number;
+  /** Slots the lane uses, from the pool's first. */
+  readonly span: number;
+
+  constructor(
+    readonly pool: SlotPool,
+    ringSize: number,
+  ) {
+    this.offAt = new Float64Array(ringSize);
+    this.lenAt = new Float64Array(ringSize);
+    this.useAt = new Uint32Array(ringSize);
+    this.mask = ringSize - 1;
+    this.span = Math.min(pool.slots, ringSize);
+  }
+
+  get slotsInUse(): number {
+    return this.inUse;
+  }
+
+  get frames(): number {
+    return this.frameCount;
+  }
+
+  /** Start empty, the first frame to be posted at avail position `pos`. */
+  begin(pos: number): void {
+    this.head = 0;
+    this.inUse = 0;
+    this.tailPos = pos;
+    this.frameCount = 0;
+  }
+
+  /** BAR offset of n contiguous slots, or -1 when they are not free now. Nothing is held until hold(). */
+  take(n: number): number {
+    const slots = this.span;
+    const free = slots - this.inUse;
+    if (this.head + n <= slots) {
+      if (n > free) return -1;
+      this.taken = n;
+      return this.pool.base + this.head * this.pool.slotSize;
+    }
+    // A run never wraps: the slots left at the end go with it.
+    const skip = slots - this.head;
+    if (skip + n > free) return -1;
+    this.taken = skip + n;
+    return this.pool.base;
+  }
+
+  /** The frame of `len` bytes at `off` (from the last take()) is posted at descriptor d. */
+  hold(d: number, off: number, len: number): void {
+    const t = this.taken;
+    this.offAt[d] = off;
+    this.lenAt[d] = len;
+    this.useAt[d] = t;
+    this.inUse += t;
+    const h = this.head + t;
+    this.head = h >= this.span ? h - this.span : h;
+    this.frameCount++;
+  }
+
+  /** Undo the n newest hold()s (their copy failed; they were never posted). */
+  drop(n: number): void {
+    const m = this.mask;
+    let p = (this.tailPos + this.frameCount - 1) & 0xffff;
+    let used = 0;
+    for (let i = 0; i < n; i++) {
+      used += this.useAt[p & m] as number;
+      p = (p - 1) & 0xffff;
+    }
+    const h = this.head - used;
+    this.head = h < 0 ? h + this.span : h;
+    this.inUse -= used;
+    this.frameCount -= n;
+  }
+
+  /** The n oldest frames came back. */
+  release(n: number): void {
+    const m = this.mask;
+    let p = this.tailPos;
+    let used = 0;
+    for (let i = 0; i < n; i++) {
+      used += this.useAt[p & m] as number;
+      p = (p + 1) & 0xffff;
+    }
+    this.tailPos = p;
+    this.inUse -= used;
+    this.frameCount -= n;
+  }
+
+  /** The frames held, oldest first; the lane is empty afterwards. */
+  handOver(): LaneFrame[] {
+    const out: LaneFrame[] = [];
+    const m = this.mask;
+    for (let i = 0, p = this.tailPos; i < this.frameCount; i++, p = (p + 1) & 0xffff) {
+      const d = p & m;
+      out.push({ desc: d, pos: p, off: this.offAt[d] as number, len: this.lenAt[d] as number });
+    }
+    this.begin(0);
+    return out;
+  }
+}
