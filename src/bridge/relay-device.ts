@@ -39,6 +39,7 @@ import type { FrameTap } from '../devices/net/net-device';
 import type { TapPoint } from '../devices/device';
 import { RelayTaps } from './relay-taps';
 import { type BackendDeviceInfo, DEFAULT_BACKEND_GRACE_MS, type ShadowLink, type ShadowLinkEvents } from './shadow-link';
+import { SendLane } from './send-lane';
 import { SlotPool } from './slot-pool';
 
 /** Feature bits that belong to the device type (virtio 1.2 §6: 0-23 and 50-63 here). */
@@ -96,7 +97,7 @@ export interface RelayOptions {
 interface InFlight {
   /** The guest's chain while it still has to be completed to the guest (not done); null once done. */
   chain: DescriptorChain | null;
-  /** Its head in the guest's ring, and its readable and writable byte counts. */
+  /** Its head in the guest's ring (not kept for a frame the send lane handed over: done, nothing uses it), and its readable and writable byte counts. */
   head: number;
   rLen: number;
   wLen: number;
@@ -211,6 +212,8 @@ export interface RelayQueueStats {
   slots: number;
   /** idle | up | stopped: the shadow ring's state at the backend. */
   shadow: string;
+  /** Frames the guest sends are posted in order (the send lane), not the usual way. */
+  inOrder: boolean;
   /** Why a stall would be: where the shadow ring's indexes and suppression fields stand, both sides. */
   shadowRing: DriverRingSnapshot;
   /** The same for the guest's ring (split only; null without a guest queue or packed). */
@@ -262,6 +265,8 @@ function guestRingSnapshot(g: DeviceQueue): GuestRingSnapshot | null {
 class RelayQueue {
   guest: DeviceQueue | null = null;
   readonly inflight: InFlightTable;
+  /** The slots of frames posted in order, while the shadow ring is (DriverRing.inOrder). */
+  readonly lane: SendLane;
   /** Where the pump pops each guest chain: one that is copied and done at once (a frame sent) never becomes objects. */
   readonly scratch = new ChainScratch();
   count = 0;
@@ -284,6 +289,7 @@ class RelayQueue {
     readonly pool: SlotPool,
   ) {
     this.inflight = new InFlightTable(ring.size);
+    this.lane = new SendLane(pool, ring.size);
   }
 }
 
@@ -632,9 +638,10 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       rechecks: rq.rechecks,
       inFlight: rq.count,
       ringSize: rq.ring.size,
-      slotsInUse: rq.pool.slotsInUse,
+      slotsInUse: rq.pool.slotsInUse + rq.lane.slotsInUse,
       slots: rq.pool.slots,
       shadow: rq.shadow,
+      inOrder: rq.ring.inOrder,
       shadowRing: rq.ring.snapshot(),
       guestRing: rq.guest === null ? null : guestRingSnapshot(rq.guest),
       pending: rq.pending === null ? 0 : 1,
@@ -870,6 +877,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     if (n > pool.slots) {
       throw new DeviceError(`chain ${s.head} of ${r}+${w} bytes does not fit the ${pool.bytes}-byte shadow buffer pool`);
     }
+    if (w === 0 && n <= rq.lane.span && this.sendsInOrder(rq)) return this.postInOrder(rq, g, s, n);
+    this.endLane(rq);
     const ndesc = r > 0 && w > 0 ? 2 : 1;
     if (rq.ring.freeDescriptors < ndesc) return POST_NO_ROOM;
     const off = pool.alloc(n);
@@ -907,6 +916,50 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     return POST_DONE;
   }
 
+  /** post() for a frame the guest sends while the shadow ring takes them in order (sendsInOrder). */
+  private postInOrder(rq: RelayQueue, g: DeviceQueue, s: ChainScratch, slots: number): number {
+    const ring = rq.ring;
+    const r = s.readableLen;
+    if (ring.inFlight >= ring.size) return POST_NO_ROOM;
+    const off = rq.lane.take(slots);
+    if (off < 0) return POST_NO_ROOM;
+    // Nothing is held before hold(): a copy that fails leaves the lane as it was.
+    if (r > 0) this.dma.toBarFrom(g.mem, s, r, off, rq.dma);
+    rq.lane.hold(ring.addInOrder(off, r), off, r);
+    rq.count++;
+    g.queue.pushUsed(g.mem, s.head, 0);
+    g.stats.descriptors++;
+    g.stats.bytes += r;
+    return POST_DONE;
+  }
+
+  /**
+   * Whether frames the guest sends go to the shadow ring in order: a net TX
+   * queue with no frame tap (taps see post()'s general path), begun only
+   * with nothing held. A backend that returns a frame out of order ends it
+   * (harvest), and so does any chain of another kind (post).
+   */
+  private sendsInOrder(rq: RelayQueue): boolean {
+    if (this.taps.frames.tap !== null) return false;
+    if (rq.ring.inOrder) return true;
+    if (this.deviceId === VIRTIO_ID_BLOCK || (rq.index & 1) === 0 || rq.count !== 0 || rq.pool.slotsInUse !== 0) return false;
+    if (!rq.ring.beginInOrder()) return false;
+    rq.lane.begin(rq.ring.nextAvailIdx);
+    return true;
+  }
+
+  /** The frames posted in order go to the usual bookkeeping (in-flight rows, pool slots); the ring's too. */
+  private endLane(rq: RelayQueue): void {
+    if (!rq.ring.inOrder) return;
+    rq.ring.endInOrder();
+    const pool = rq.pool;
+    for (const f of rq.lane.handOver()) {
+      const rs = pool.slotsFor(f.len);
+      pool.reserve(f.off, Math.max(1, rs));
+      rq.inflight.put(f.desc, { chain: null, head: 0, rLen: f.len, wLen: 0, off: f.off, wOff: f.off + rs * pool.slotSize, pos: f.pos, start: 0, done: true });
+    }
+  }
+
   /**
    * post() for a burst of frames the guest sends, each one buffer that fits a
    * slot: popped, copied into the BAR and posted in passes over the burst,
@@ -920,8 +973,10 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     if (vq.popReadBurst === undefined || vq.pushUsedEmpty === undefined) return 0;
     const ring = rq.ring;
     const pool = rq.pool;
-    // A one-slot chain takes one descriptor and one slot, and alloc(1) finds any free slot.
-    const room = Math.min(ring.freeDescriptors, pool.slots - pool.slotsInUse);
+    const lane = rq.lane;
+    const ordered = this.sendsInOrder(rq);
+    // A one-slot chain takes one descriptor and one slot, and alloc(1) or the lane's take(1) finds any free slot.
+    const room = ordered ? Math.min(ring.size - ring.inFlight, lane.span - lane.slotsInUse) : Math.min(ring.freeDescriptors, pool.slots - pool.slotsInUse);
     if (room <= 0) return 0;
     const b = this.burst;
     const slot = pool.slotSize;
@@ -936,18 +991,28 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     // The next burst's descriptors and buffers on their way into cache while this one is copied.
     vq.warm?.(mem, 0, WARM_AHEAD);
     const offs = this.burstOffs;
-    for (let i = 0; i < n; i++) offs[i] = pool.alloc(1);
+    if (ordered) {
+      const m = ring.size - 1;
+      const p = ring.nextAvailIdx;
+      for (let i = 0; i < n; i++) {
+        const off = lane.take(1);
+        lane.hold((p + i) & m, off, b.len[i] as number);
+        offs[i] = off;
+      }
+    } else for (let i = 0; i < n; i++) offs[i] = pool.alloc(1);
     let bytes: number;
     try {
       bytes = this.dma.toBarBurst(mem, b, offs, rq.dma);
     } catch (e) {
       // As if never popped: the guest fault names the first chain of the burst.
-      for (let i = 0; i < n; i++) pool.free(offs[i] as number);
+      if (ordered) lane.drop(n);
+      else for (let i = 0; i < n; i++) pool.free(offs[i] as number);
       vq.unpop(n);
       throw e;
     }
     const t = rq.inflight;
-    for (let i = 0; i < n; i++) {
+    if (ordered) for (let i = 0; i < n; i++) ring.addInOrder(offs[i] as number, b.len[i] as number);
+    else for (let i = 0; i < n; i++) {
       const off = offs[i] as number;
       const len = b.len[i] as number;
       const pos = ring.nextAvailIdx;
@@ -982,6 +1047,22 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     let n = 0;
     try {
       for (;;) {
+        const ring = rq.ring;
+        if (ring.inOrder) {
+          const k = ring.takeInOrder();
+          if (k > 0) {
+            rq.lane.release(k);
+            rq.count -= k;
+            n += k;
+          }
+          if (ring.usedPending() === 0) {
+            if (!ring.enableInterrupts()) break;
+          } else if (k === 0) {
+            // Returned out of the order posted (or with a length): the usual way from here, which checks it.
+            this.endLane(rq);
+          }
+          continue;
+        }
         for (let id = rq.ring.takeUsedId(); id >= 0; id = rq.ring.takeUsedId()) {
           this.finish(rq, g, id, rq.ring.lastUsedLen);
           n++;
@@ -1061,6 +1142,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   }
 
   private inflightInOrder(rq: RelayQueue): InFlight[] {
+    this.endLane(rq);
     const out = rq.inflight.all();
     const end = rq.ring.nextAvailIdx;
     // Oldest first: by distance back from the newest avail index.
@@ -1069,6 +1151,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
 
   /** Forget the chains on the shadow ring and their buffers; the ring's memory is left alone. */
   private forgetInflight(rq: RelayQueue): void {
+    rq.ring.endInOrder();
+    rq.lane.handOver();
     rq.inflight.clear();
     rq.count = 0;
     rq.pool.clear();

@@ -127,7 +127,7 @@ export function formatStats(r: StatsReport, prev?: PreviousReport): string {
       // A backend may offer more queues than the driver uses: leave out the ones that never ran.
       if (q.shadow === 'idle' && d.toBarOps === 0 && d.toGuestOps === 0 && q.backendKicks === 0 && q.inFlight === 0) continue;
       out.push(
-        `  shadow ${q.index} (${q.shadow}): ${q.inFlight}/${q.ringSize} in flight, ${q.slotsInUse}/${q.slots} slots; ` +
+        `  shadow ${q.index} (${q.shadow}${q.inOrder ? ', in order' : ''}): ${q.inFlight}/${q.ringSize} in flight, ${q.slotsInUse}/${q.slots} slots; ` +
           `DMA to BAR ${d.toBarOps} ops ${d.toBarBytes} B, to guest ${d.toGuestOps} ops ${d.toGuestBytes} B; ` +
           `kicks ${q.backendKicks}, interrupts ${q.backendInterrupts}, waits ${q.waits}, re-checks ${q.rechecks}`,
       );

@@ -68,7 +68,7 @@ const REPORT: StatsReport = {
       ],
       backend: { kind: 'pcie', endpoint: '/tmp/a.bar', state: 'up', attaches: 1, controlMessages: 9 },
       relay: [
-        { index: 1, dma: { toBarOps: 7, toBarBytes: 712, toGuestOps: 0, toGuestBytes: 0 }, backendKicks: 3, backendInterrupts: 3, waits: 0, rechecks: 0, inFlight: 2, ringSize: 256, slotsInUse: 2, slots: 128, shadow: 'up', shadowRing: { nextAvail: 0, lastUsed: 0, lastKick: 0, outstanding: 0, availIdx: 0, availFlags: 0, usedEvent: 0, usedIdx: 0, usedFlags: 0, availEvent: 0 }, guestRing: null, pending: 0, recheckArmedMs: null },
+        { index: 1, dma: { toBarOps: 7, toBarBytes: 712, toGuestOps: 0, toGuestBytes: 0 }, backendKicks: 3, backendInterrupts: 3, waits: 0, rechecks: 0, inFlight: 2, ringSize: 256, slotsInUse: 2, slots: 128, shadow: 'up', inOrder: false, shadowRing: { nextAvail: 0, lastUsed: 0, lastKick: 0, outstanding: 0, availIdx: 0, availFlags: 0, usedEvent: 0, usedIdx: 0, usedFlags: 0, availEvent: 0 }, guestRing: null, pending: 0, recheckArmedMs: null },
       ],
     },
     { name: 'blk0', type: 'blk', link: 'local', socket: '/tmp/blk0.sock', connected: false, status: 0, needsReset: false, queues: [{ index: 0, descriptors: 1, bytes: 512, kicks: 1, interrupts: 1, drops: 0, errors: 2, lateInterrupts: 3, lateKicks: 4 }] },

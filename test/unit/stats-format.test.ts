@@ -35,6 +35,7 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
             slotsInUse: 11,
             slots: 4082,
             shadow: 'up',
+            inOrder: false,
             shadowRing: { nextAvail: 0, lastUsed: 0, lastKick: 0, outstanding: 0, availIdx: 0, availFlags: 0, usedEvent: 0, usedIdx: 0, usedFlags: 0, availEvent: 0 },
             guestRing: null,
             pending: 0,
@@ -46,6 +47,7 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
   };
   const unused = { ...r.functions[1]!.relay![0]!, index: 1, shadow: 'idle', dma: { toBarOps: 0, toBarBytes: 0, toGuestOps: 0, toGuestBytes: 0 }, backendKicks: 0, backendInterrupts: 0, inFlight: 0, slotsInUse: 0 };
   r.functions[1]!.relay!.push(unused);
+  r.functions[1]!.relay!.push({ ...r.functions[1]!.relay![0]!, index: 3, inOrder: true });
   const text = formatStats(r);
   assert.doesNotMatch(text, /shadow 1/, 'a shadow queue that never ran is left out');
   assert.match(text, /^local0 \(blk, local\) \/s\/l connected status=0xf \(ACKNOWLEDGE\|DRIVER\|FEATURES_OK\|DRIVER_OK\)$/m);
@@ -55,6 +57,7 @@ test('vbridge stats text shows the link, DMA counters and shadow-ring occupancy 
   assert.match(text, /^ {2}requestq0 +10 +640 +3 +2 +0 +1 +4 +5$/m, 'blk queues are named as in the spec');
   assert.match(text, /backend pcie \/s\/r\.bar: failed \(the backend went away and did not come back within 10000 ms\), 2 attach\(es\), 17 control message\(s\)/);
   assert.match(text, /shadow 0 \(up\): 9\/512 in flight, 11\/4082 slots; DMA to BAR 4 ops 4096 B, to guest 5 ops 8193 B; kicks 6, interrupts 7, waits 8, re-checks 12/);
+  assert.match(text, /shadow 3 \(up, in order\): 9\/512/);
   assert.doesNotMatch(text.split('relay0')[0] ?? '', /shadow|backend/, 'a local function has no link lines');
 });
 
