@@ -10,8 +10,8 @@
  * The ring spans the pool's first `ringSize` slots only (fewer if the pool
  * is smaller): a frame per descriptor, so 64-byte frames stay on the same
  * few thousand lines and pages, as SlotPool's reuse of the slots freed last
- * keeps them. Sweeping the whole pool (tens of MiB) cost a fifth of the
- * bridge's CPU a frame in misses (docs/BENCHMARKS.md).
+ * keeps them. Sweeping the whole pool (tens of MiB) gave back most of
+ * what the lane saves, in misses (docs/BENCHMARKS.md).
  */
 import type { SlotPool } from './slot-pool';
 
