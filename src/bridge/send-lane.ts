@@ -4,7 +4,7 @@
  * tail as the backend returns the frames in order. A frame costs no search
  * and no free, where SlotPool's next-fit and free list cost a frame about 110
  * and 100 instructions (docs/BENCHMARKS.md). The lane holds the pool's slots
- * only while the pool itself holds none; `frames()` hands what it holds over
+ * only while the pool itself holds none; `handOver()` hands what it holds over
  * to the usual bookkeeping (SlotPool.reserve and the in-flight table).
  *
  * The ring spans the pool's first `ringSize` slots only (fewer if the pool
@@ -43,7 +43,7 @@ export class SendLane {
   readonly span: number;
 
   constructor(
-    readonly pool: SlotPool,
+    private readonly pool: SlotPool,
     ringSize: number,
   ) {
     this.offAt = new Float64Array(ringSize);
@@ -99,13 +99,7 @@ export class SendLane {
 
   /** Undo the n newest hold()s (their copy failed; they were never posted). */
   drop(n: number): void {
-    const m = this.mask;
-    let p = (this.tailPos + this.frameCount - 1) & 0xffff;
-    let used = 0;
-    for (let i = 0; i < n; i++) {
-      used += this.useAt[p & m] as number;
-      p = (p - 1) & 0xffff;
-    }
+    const used = this.slotsOf((this.tailPos + this.frameCount - n) & 0xffff, n);
     const h = this.head - used;
     this.head = h < 0 ? h + this.span : h;
     this.inUse -= used;
@@ -114,16 +108,18 @@ export class SendLane {
 
   /** The n oldest frames came back. */
   release(n: number): void {
-    const m = this.mask;
-    let p = this.tailPos;
-    let used = 0;
-    for (let i = 0; i < n; i++) {
-      used += this.useAt[p & m] as number;
-      p = (p + 1) & 0xffff;
-    }
-    this.tailPos = p;
+    const used = this.slotsOf(this.tailPos, n);
+    this.tailPos = (this.tailPos + n) & 0xffff;
     this.inUse -= used;
     this.frameCount -= n;
+  }
+
+  /** Slots held by the n frames from avail position p on. */
+  private slotsOf(p: number, n: number): number {
+    const m = this.mask;
+    let used = 0;
+    for (let i = 0; i < n; i++) used += this.useAt[(p + i) & m] as number;
+    return used;
   }
 
   /** The frames held, oldest first; the lane is empty afterwards. */
