@@ -36,7 +36,9 @@ const NET_HDR = 12;
 const FRAME = 64;
 /** Frames the driver adds before it publishes, as testpmd's burst. */
 const BURST = 32;
-const BUF_STRIDE = 128;
+const BUF_STRIDE = 256;
+/** Where testpmd's frames start in their buffers: the header in the 12 bytes before DPDK's 128-byte headroom ends, 4 mod 8. */
+const BUF_AT = 116;
 /** MockDriver.create's default guest address: above 4 GiB, so addresses need their high word. */
 const GUEST_BASE = 2 ** 32;
 
@@ -65,7 +67,7 @@ class TxDriver {
     // Broadcast destination, a locally administered source, IPv4.
     frame.set([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00], NET_HDR);
     for (let i = 0; i < QUEUE; i++) {
-      const addr = heap + i * BUF_STRIDE;
+      const addr = heap + i * BUF_STRIDE + BUF_AT;
       this.driver.writeBytes(addr, frame);
       this.driver.writeDesc(i, { addr, len: frame.length, flags: 0, next: 0 });
     }
