@@ -69,15 +69,17 @@ export class DmaEngine {
   /** Each buffer of `b` (guest) to BAR2 at offs[i]; returns the bytes copied. */
   toBarBurst(mem: MemoryAccess, b: ReadBurst, offs: Float64Array, c: DmaCounters): number {
     const bar = this.bar;
+    const n = b.n;
+    for (let i = 0; i < n; i++) this.checkBar(offs[i] as number, b.len[i] as number);
     let bytes = 0;
-    for (let i = 0; i < b.n; i++) {
-      const off = offs[i] as number;
-      const len = b.len[i] as number;
-      this.checkBar(off, len);
-      mem.read(b.addr[i] as number, bar, off, len);
-      bytes += len;
-    }
-    c.toBarOps += b.n;
+    if (mem.readBurst !== undefined) bytes = mem.readBurst(b.addr, b.len, n, bar, offs);
+    else
+      for (let i = 0; i < n; i++) {
+        const len = b.len[i] as number;
+        mem.read(b.addr[i] as number, bar, offs[i] as number, len);
+        bytes += len;
+      }
+    c.toBarOps += n;
     c.toBarBytes += bytes;
     return bytes;
   }

@@ -22,6 +22,12 @@ export interface MemorySpan {
 export interface MemoryAccess {
   /** Copy len bytes at addr into dst[dstOff..]; the range may cross regions. */
   read(addr: number, dst: Uint8Array, dstOff: number, len: number): void;
+  /**
+   * read() of n buffers, addr[i] and len[i], into dst at offs[i]; returns the
+   * bytes copied. Throws as read() at the first that fails (those before it
+   * are copied). Optional: callers loop over read() without it.
+   */
+  readBurst?(addr: Float64Array, len: Uint32Array, n: number, dst: Uint8Array, offs: Float64Array): number;
   /** Copy src[srcOff..srcOff+len) to addr; may cross regions; marks dirty pages when logging. */
   write(addr: number, src: Uint8Array, srcOff: number, len: number): void;
   /**

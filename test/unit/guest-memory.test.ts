@@ -377,3 +377,60 @@ test('the array copied last takes a shorter path, which refuses what the full ch
   assert.equal(log[Math.floor(p / 8)]! & (1 << p % 8), 1 << p % 8, 'a write from the array copied last is logged');
   assert.deepEqual(guest.subarray(5 * 4096, 5 * 4096 + 76), bar.subarray(128, 204));
 });
+
+test('readBurst: each buffer moves exactly its bytes (64-bit words where both ends agree mod 8, NaN bit patterns included), and fails as read() does', () => {
+  const base = 2 ** 32;
+  const buf = new ArrayBuffer(64 * KIB);
+  const mem = GuestMemory.fromBuffer(base, buf);
+  const guest = new Uint8Array(buf);
+  const view = new DataView(buf);
+  guest.set(pattern(guest.length, 9));
+  // Signalling and quiet NaNs, negative zero and infinities as 64-bit words at every 4-aligned offset of the first 4 KiB.
+  const odd = [0x7ff00000, 0x00000001, 0xfff80000, 0x0000dead, 0x7ff7ffff, 0xffffffff, 0x80000000, 0, 0x7ff00000, 0];
+  for (let o = 0; o < 4096; o += 4) view.setUint32(o, odd[(o >>> 2) % odd.length] as number, true);
+  // A BAR-like array 8-aligned, one only 4-aligned (no 64-bit view), one not aligned at all.
+  const sides = [new Uint8Array(8 * KIB), new Uint8Array(new ArrayBuffer(8 * KIB + 4), 4, 8 * KIB), new Uint8Array(new ArrayBuffer(8 * KIB + 1), 1, 8 * KIB)];
+  const lens = [0, 1, 4, 7, 8, 12, 16, 17, 20, 24, 28, 31, 32, 36, 60, 64, 68, 76, 100, 128, 191, 192, 193, 300];
+  for (const side of sides) {
+    for (const gOff of [0, 4, 116, 120, 1, 6]) {
+      for (const dOff of [0, 4, 8, 12, 2]) {
+        const n = lens.length;
+        const addr = new Float64Array(n);
+        const len = new Uint32Array(n);
+        const offs = new Float64Array(n);
+        for (let i = 0; i < n; i++) {
+          addr[i] = base + i * 512 + gOff + (i % 3) * 8;
+          len[i] = lens[i] as number;
+          offs[i] = 16 + i * 320 + dOff;
+        }
+        side.fill(0xee);
+        const moved = mem.readBurst(addr, len, n, side, offs);
+        assert.equal(moved, lens.reduce((a, b) => a + b, 0));
+        const want = new Uint8Array(side.length).fill(0xee);
+        for (let i = 0; i < n; i++) {
+          const g = (addr[i] as number) - base;
+          want.set(guest.subarray(g, g + (len[i] as number)), offs[i] as number);
+        }
+        assert.deepEqual(side, want, `gOff ${gOff}, dOff ${dOff}, side at ${side.byteOffset}`);
+      }
+    }
+  }
+  // Refused as read() refuses it, at the first bad buffer: those before it are copied, none after.
+  const bar = sides[0] as Uint8Array;
+  const addr = Float64Array.of(base + 8, base + 64 * KIB - 40, base + 16);
+  const len = Uint32Array.of(76, 76, 76);
+  bar.fill(0);
+  assert.throws(() => mem.readBurst(addr, len, 3, bar, Float64Array.of(0, 128, 256)), MemoryError);
+  assert.deepEqual(bar.subarray(0, 76), guest.subarray(8, 84));
+  assert.ok(bar.subarray(128).every((b) => b === 0), 'nothing from the bad buffer on');
+  assert.throws(() => mem.readBurst(Float64Array.of(base, base), len, 2, bar, Float64Array.of(0, bar.length - 72)), RangeError);
+  assert.throws(() => mem.readBurst(Float64Array.of(base), len, 1, bar, Float64Array.of(0.5)), RangeError);
+  // Across two regions: piecewise, as read().
+  const two = twoRegions();
+  new Uint8Array(two.a).set(pattern(64 * KIB, 3));
+  new Uint8Array(two.b).set(pattern(64 * KIB, 5));
+  bar.fill(0);
+  two.mem.readBurst(Float64Array.of(0x20000 - 36), Uint32Array.of(76), 1, bar, Float64Array.of(4));
+  assert.deepEqual(bar.subarray(4, 40), new Uint8Array(two.a).subarray(64 * KIB - 36));
+  assert.deepEqual(bar.subarray(40, 80), new Uint8Array(two.b).subarray(0, 40));
+});
