@@ -85,10 +85,20 @@ export class SlotPool {
     return -1;
   }
 
+  /**
+   * The slot an offset lies in, or -1 outside the pool. A run is named by any
+   * offset in its first slot: a frame may start a few bytes in, at its
+   * source's offset mod 8, for a copy in 64-bit words (GuestMemory.readBurst).
+   */
+  slotAt(offset: number): number {
+    const s = Math.floor((offset - this.base) / this.slotSize);
+    return Number.isInteger(offset) && s >= 0 && s < this.slots ? s : -1;
+  }
+
   /** Mark a run taken again at the same place (after clear(), for chains kept across a ring restart). */
   reserve(offset: number, n: number): void {
-    const s = (offset - this.base) / this.slotSize;
-    if (!Number.isInteger(s) || s < 0 || n < 1 || s + n > this.slots) throw new RangeError(`reserve of ${n} slot(s) at 0x${offset.toString(16)}: outside the pool`);
+    const s = this.slotAt(offset);
+    if (s < 0 || n < 1 || s + n > this.slots) throw new RangeError(`reserve of ${n} slot(s) at 0x${offset.toString(16)}: outside the pool`);
     for (let i = s; i < s + n; i++) if (this.used[i] !== 0) throw new RangeError(`reserve at 0x${offset.toString(16)}: slot ${i} is taken`);
     this.used.fill(1, s, s + n);
     this.runAt[s] = n;
@@ -96,9 +106,9 @@ export class SlotPool {
   }
 
   free(offset: number): void {
-    const s = (offset - this.base) / this.slotSize;
-    const n = Number.isInteger(s) && s >= 0 && s < this.slots ? (this.runAt[s] as number) : 0;
-    if (n === 0) throw new RangeError(`free of 0x${offset.toString(16)}: not the start of an allocated run`);
+    const s = this.slotAt(offset);
+    const n = s >= 0 ? (this.runAt[s] as number) : 0;
+    if (n === 0) throw new RangeError(`free of 0x${offset.toString(16)}: not in the first slot of an allocated run`);
     this.runAt[s] = 0;
     if (n === 1) {
       this.used[s] = 0;

@@ -93,15 +93,31 @@ test('fragmentation: enough free slots, but no run long enough', () => {
   assert.equal(p.alloc(3), at(0));
 });
 
-test('free of anything but the start of an allocated run throws and changes nothing', () => {
+test('free of anything but the first slot of an allocated run throws and changes nothing', () => {
   const p = new SlotPool(BASE, 8 * SLOT, SLOT);
   const a = p.alloc(3);
-  for (const bad of [a + SLOT, a + 2 * SLOT, a + 1, at(5), BASE - SLOT, at(8), at(100), NaN]) {
+  for (const bad of [a + SLOT, a + 2 * SLOT, a + SLOT + 4, a + 0.5, at(5), BASE - SLOT, BASE - 4, at(8), at(100), NaN]) {
     assert.throws(() => p.free(bad), RangeError, `free 0x${bad.toString(16)}`);
   }
   assert.equal(p.slotsInUse, 3);
   p.free(a);
-  assert.throws(() => p.free(a), /not the start of an allocated run/, 'double free');
+  assert.throws(() => p.free(a), /not in the first slot of an allocated run/, 'double free');
+  assert.equal(p.slotsInUse, 0);
+});
+
+test('a run is named by any offset in its first slot: a frame placed a few bytes in', () => {
+  const p = new SlotPool(BASE, 8 * SLOT, SLOT);
+  const a = p.alloc(1);
+  const b = p.alloc(2);
+  p.free(a + 4);
+  assert.equal(p.slotsInUse, 2);
+  assert.throws(() => p.free(a), RangeError, 'freed once, by its offset 4 bytes in');
+  p.free(b + SLOT - 1);
+  assert.equal(p.slotsInUse, 0);
+  p.reserve(at(3) + 4, 2);
+  assert.throws(() => p.reserve(at(4), 1), /slot 4 is taken/);
+  assert.throws(() => p.reserve(at(7) + 4, 2), /outside the pool/);
+  p.free(at(3));
   assert.equal(p.slotsInUse, 0);
 });
 
