@@ -956,7 +956,9 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     for (const f of rq.lane.handOver()) {
       const rs = pool.slotsFor(f.len);
       pool.reserve(f.off, Math.max(1, rs));
-      rq.inflight.put(f.desc, { chain: null, head: 0, rLen: f.len, wLen: 0, off: f.off, wOff: f.off + rs * pool.slotSize, pos: f.pos, start: 0, done: true });
+      // A frame may start a few bytes into its slot (postBurst); the writable part would follow its slots.
+      const wOff = pool.base + (pool.slotAt(f.off) + rs) * pool.slotSize;
+      rq.inflight.put(f.desc, { chain: null, head: 0, rLen: f.len, wLen: 0, off: f.off, wOff, pos: f.pos, start: 0, done: true });
     }
   }
 
@@ -995,8 +997,10 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       const m = ring.size - 1;
       const p = ring.nextAvailIdx;
       for (let i = 0; i < n; i++) {
-        const off = lane.take(1);
-        lane.hold((p + i) & m, off, b.len[i] as number);
+        const len = b.len[i] as number;
+        // At the source's offset mod 8 in the slot, when it fits: the copy then moves 64-bit words.
+        const off = lane.take(1) + (len + 4 <= slot ? (b.addr[i] as number) & 4 : 0);
+        lane.hold((p + i) & m, off, len);
         offs[i] = off;
       }
     } else for (let i = 0; i < n; i++) offs[i] = pool.alloc(1);
