@@ -56,6 +56,8 @@ export interface MemoryAccess {
    * Optional: a hint.
    */
   touch?(addr: number, len: number): number;
+  /** touch() for n buffers, addrs[i] and the first max bytes of lens[i]: a hint, never throws. */
+  touchBurst?(addrs: Float64Array, lens: Uint32Array, n: number, max: number): number;
   /**
    * Bumped whenever the mapping changes (regions added, removed, cleared), so
    * that holders of views into spans (the queues) know to re-validate: a

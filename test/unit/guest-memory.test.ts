@@ -434,3 +434,20 @@ test('readBurst: each buffer moves exactly its bytes (64-bit words where both en
   assert.deepEqual(bar.subarray(4, 40), new Uint8Array(two.a).subarray(64 * KIB - 36));
   assert.deepEqual(bar.subarray(40, 80), new Uint8Array(two.b).subarray(0, 40));
 });
+
+test('touchBurst reads the first and last word and the first of each 64-byte line between of each buffer\'s first max bytes in the window accessed last; anything else it skips, and it never throws', () => {
+  const base = 2 ** 32;
+  const buf = new ArrayBuffer(16 * KIB);
+  const mem = GuestMemory.fromBuffer(base, buf);
+  const words = new Int32Array(buf);
+  for (let i = 0; i < words.length; i++) words[i] = Math.imul(i + 1, 0x9e3779b1);
+  const addrs = Float64Array.of(base + 4, base + 116, base + 1000, base + 16 * KIB - 8, base + 16 * KIB - 4, base - 4, NaN, base + 64);
+  const lens = Uint32Array.of(76, 2048, 1, 8, 8, 8, 8, 0);
+  assert.equal(mem.touchBurst(addrs, lens, addrs.length, 128), 0, 'no window accessed yet');
+  mem.read(base, new Uint8Array(4), 0, 4);
+  const word = (o: number): number => words[Math.floor(o / 4)] as number;
+  // 76 bytes from 4: words at 4 and 79 (two lines); 128 of 2048 from 116: 116, 128, 243; 1 byte at 1000; the window's last 8 bytes.
+  const want = word(4) ^ word(79) ^ word(116) ^ word(128) ^ word(243) ^ word(1000) ^ word(1000) ^ word(16 * KIB - 8) ^ word(16 * KIB - 1);
+  assert.equal(mem.touchBurst(addrs, lens, addrs.length, 128), want, 'past the end, below the window, NaN and an empty buffer skipped');
+  assert.equal(mem.touchBurst(addrs, lens, 1, 64), word(4) ^ word(67), 'max bounds each buffer');
+});
