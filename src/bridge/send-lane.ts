@@ -97,6 +97,40 @@ export class SendLane {
     this.frameCount++;
   }
 
+  /**
+   * take(1) and hold() for n frames of one slot each, posted at descriptors
+   * (p + i) & (ringSize - 1): offs[i] gets frame i's BAR offset. A frame
+   * starts 4 bytes into its slot when its source address is 4 mod 8 and it
+   * fits, so that source and slot agree mod 8 and the copy moves 64-bit
+   * words. One pass with the arrays in hand: a take() and a hold() a frame
+   * cost the relay about 190 instructions a frame (bench/relay-path-count.sh).
+   */
+  placeOnes(p: number, n: number, addrs: Float64Array, lens: Uint32Array, offs: Float64Array): void {
+    const span = this.span;
+    if (n > span - this.inUse) throw new RangeError(`${n} frames for ${span - this.inUse} free slots`);
+    const m = this.mask;
+    const size = this.pool.slotSize;
+    const base = this.pool.base;
+    const offAt = this.offAt;
+    const lenAt = this.lenAt;
+    const useAt = this.useAt;
+    let h = this.head;
+    for (let i = 0; i < n; i++) {
+      const len = lens[i] as number;
+      if (len > size) throw new RangeError(`a ${len}-byte frame for ${size}-byte slots`);
+      const off = base + h * size + (len + 4 <= size ? (addrs[i] as number) & 4 : 0);
+      const d = (p + i) & m;
+      offAt[d] = off;
+      lenAt[d] = len;
+      useAt[d] = 1;
+      offs[i] = off;
+      h = h + 1 === span ? 0 : h + 1;
+    }
+    this.head = h;
+    this.inUse += n;
+    this.frameCount += n;
+  }
+
   /** Undo the n newest hold()s (their copy failed; they were never posted). */
   drop(n: number): void {
     const used = this.slotsOf((this.tailPos + this.frameCount - n) & 0xffff, n);

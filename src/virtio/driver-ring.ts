@@ -245,6 +245,32 @@ export class DriverRing {
   }
 
   /**
+   * addInOrder() for n buffers, addrs[i] and lens[i], in one pass; returns the
+   * descriptor of the first. The caller checks room: n <= size - inFlight.
+   */
+  addInOrderBurst(addrs: Float64Array, lens: Uint32Array, n: number): number {
+    if (!this.ordered) throw new DriverRingError('addInOrderBurst() while not posting in order: beginInOrder() first');
+    if (n > this.size - this.outstanding) throw new DriverRingError(`${n} chains for ${this.size - this.outstanding} free descriptors`);
+    const m = this.size - 1;
+    const d32 = this.desc32;
+    const av = this.availU16;
+    const first = this.nextAvail;
+    for (let i = 0; i < n; i++) {
+      const d = (first + i) & m;
+      const addr = addrs[i] as number;
+      const w = 4 * d;
+      d32[w] = addr >>> 0;
+      d32[w + 1] = addr > 0xffffffff ? Math.floor(addr / 2 ** 32) : 0;
+      d32[w + 2] = lens[i] as number;
+      d32[w + 3] = 0;
+      av[2 + d] = d;
+    }
+    this.nextAvail = (first + n) & 0xffff;
+    this.outstanding += n;
+    return first & m;
+  }
+
+  /**
    * Take the used elements that complete in-order chains as posted, with
    * length 0 (nothing written); stops at the first that does not, which stays
    * for takeUsedId() once endInOrder() ran. Returns how many were taken.

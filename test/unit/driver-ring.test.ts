@@ -426,6 +426,37 @@ test('in order: one descriptor per chain at its position, taken without ids whil
   assert.throws(() => q.ring.takeInOrder(), DriverRingError);
 });
 
+test('addInOrderBurst writes what as many addInOrder() calls write, from any position, and refuses more than the free descriptors or the usual bookkeeping', () => {
+  const a = pair(8, false);
+  const b = pair(8, false);
+  const addrs = new Float64Array([BUF, BUF + 0x104, 2 ** 32 + 0x10, 2 ** 40 + 4, BUF + 0x300, BUF + 0x404]);
+  const lens = new Uint32Array([60, 1, 2048, 76, 9, 100]);
+  assert.throws(() => a.ring.addInOrderBurst(addrs, lens, 1), /beginInOrder/);
+  // Descriptors written the usual way first, so that stale flags and next fields are there to be overwritten.
+  for (const p of [a, b]) {
+    for (let i = 0; i < 3; i++) p.ring.add([seg(BUF, 4), seg(BUF + 0x10, 4, true)]);
+    p.ring.publish();
+    for (let c = p.q.pop(p.mem); c !== null; c = p.q.pop(p.mem)) p.q.pushUsed(p.mem, c.head, 0);
+    p.q.flush(p.mem);
+    while (p.ring.takeUsedId() >= 0);
+    assert.equal(p.ring.beginInOrder(), true);
+  }
+  assert.equal(a.ring.addInOrderBurst(addrs, lens, 6), 3);
+  for (let i = 0; i < 6; i++) b.ring.addInOrder(addrs[i] as number, lens[i] as number);
+  assert.equal(a.ring.nextAvailIdx, b.ring.nextAvailIdx);
+  assert.equal(a.ring.inFlight, 6);
+  const bytes = (p: Pair): Uint8Array => new Uint8Array(p.view.buffer, p.view.byteOffset, p.view.byteLength).slice();
+  assert.deepEqual(bytes(a), bytes(b), 'the same descriptors and avail ring');
+  assert.throws(() => a.ring.addInOrderBurst(addrs, lens, 3), DriverRingError, 'two descriptors free, not three');
+  // Positions 3..8 are descriptors 3..7 and 0: each its buffer, no flags, no next.
+  for (let i = 0; i < 6; i++) {
+    const o = a.layout.descAddr + VRING_DESC_SIZE * ((3 + i) & 7);
+    const got = [a.view.getUint32(o, true) + a.view.getUint32(o + 4, true) * 2 ** 32, a.view.getUint32(o + 8, true), a.view.getUint16(o + 12, true), a.view.getUint16(o + 14, true)];
+    assert.deepEqual(got, [addrs[i], lens[i], 0, 0]);
+    assert.equal(a.view.getUint16(a.layout.availAddr + 4 + 2 * ((3 + i) & 7), true), (3 + i) & 7);
+  }
+});
+
 test('in order and the usual way in turns, against SplitQueue: every chain seen once as posted, every completion taken once, no descriptor leaked', () => {
   for (const size of [4, 16, 64]) {
     const rng = new Rng(size * 31);

@@ -64,3 +64,33 @@ test('the lane spans as many slots as the ring has descriptors, from the pool\'s
   assert.equal(lane.take(1), 0);
   assert.equal(lane.take(2), -1);
 });
+
+test('placeOnes: one slot a frame from the head, wrapping at the span; 4 bytes in where the source is 4 mod 8 and the frame fits; held as take(1) and hold() hold them', () => {
+  const SLOT = 128;
+  const lane = new SendLane(new SlotPool(0x1000, 6 * SLOT, SLOT), 8);
+  const twin = new SendLane(new SlotPool(0x1000, 6 * SLOT, SLOT), 8);
+  lane.begin(0xfffd);
+  twin.begin(0xfffd);
+  // Three frames first, so that the next five wrap past slot 5.
+  const addrs = new Float64Array([0x10004, 0x20000, 0x3000c, 0x40004, 0x50004, 0x60008, 0x70004, 0x80004]);
+  const lens = new Uint32Array([60, 60, 60, 124, 125, 128, 1, 70]);
+  const offs = new Float64Array(8);
+  lane.placeOnes(0xfffd, 3, addrs, lens, offs);
+  assert.deepEqual([...offs.subarray(0, 3)], [0x1000 + 4, 0x1000 + SLOT, 0x1000 + 2 * SLOT + 4]);
+  for (let i = 0; i < 3; i++) twin.hold((0xfffd + i) & 7, twin.take(1) + ((offs[i] as number) & 4), lens[i] as number);
+  lane.release(2);
+  twin.release(2);
+  lane.placeOnes(0, 5, addrs.subarray(3), lens.subarray(3), offs);
+  // 124 + 4 fits a 128-byte slot; 125 and 128 do not and start at the slot's start.
+  assert.deepEqual([...offs.subarray(0, 5)], [0x1000 + 3 * SLOT + 4, 0x1000 + 4 * SLOT, 0x1000 + 5 * SLOT, 0x1000 + 4, 0x1000 + SLOT + 4]);
+  for (let i = 0; i < 5; i++) twin.hold(i, twin.take(1) + ((offs[i] as number) & 4), lens[3 + i] as number);
+  assert.equal(lane.slotsInUse, 6);
+  assert.equal(lane.frames, 6);
+  assert.equal(lane.take(1), -1, 'every slot held');
+  assert.throws(() => lane.placeOnes(5, 1, addrs, lens, offs), RangeError, 'no slot left for another');
+  lane.release(3);
+  twin.release(3);
+  assert.throws(() => lane.placeOnes(5, 1, new Float64Array([0]), new Uint32Array([SLOT + 1]), offs), RangeError, 'a frame longer than a slot');
+  assert.equal(lane.slotsInUse, 3, 'the refused placement held nothing');
+  assert.deepEqual(lane.handOver(), twin.handOver());
+});
