@@ -985,25 +985,12 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     const n = vq.popReadBurst(mem, b, room, slot);
     if (n === 0) return 0;
     // The first burst's buffers were warmed by nobody: their misses overlap here rather than one by one in the copy.
-    if (first && mem.touch !== undefined) {
-      let x = 0;
-      for (let i = 0; i < n; i++) x ^= mem.touch(b.addr[i] as number, Math.min(b.len[i] as number, WARM_BYTES));
-      this.warmSink ^= x;
-    }
+    if (first && mem.touchBurst !== undefined) this.warmSink ^= mem.touchBurst(b.addr, b.len, n, WARM_BYTES);
     // The next burst's descriptors and buffers on their way into cache while this one is copied.
     vq.warm?.(mem, 0, WARM_AHEAD);
     const offs = this.burstOffs;
-    if (ordered) {
-      const m = ring.size - 1;
-      const p = ring.nextAvailIdx;
-      for (let i = 0; i < n; i++) {
-        const len = b.len[i] as number;
-        // At the source's offset mod 8 in the slot, when it fits: the copy then moves 64-bit words.
-        const off = lane.take(1) + (len + 4 <= slot ? (b.addr[i] as number) & 4 : 0);
-        lane.hold((p + i) & m, off, len);
-        offs[i] = off;
-      }
-    } else for (let i = 0; i < n; i++) offs[i] = pool.alloc(1);
+    if (ordered) lane.placeOnes(ring.nextAvailIdx, n, b.addr, b.len, offs);
+    else for (let i = 0; i < n; i++) offs[i] = pool.alloc(1);
     let bytes: number;
     try {
       bytes = this.dma.toBarBurst(mem, b, offs, rq.dma);
@@ -1015,7 +1002,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       throw e;
     }
     const t = rq.inflight;
-    if (ordered) for (let i = 0; i < n; i++) ring.addInOrder(offs[i] as number, b.len[i] as number);
+    if (ordered) ring.addInOrderBurst(offs, b.len, n);
     else for (let i = 0; i < n; i++) {
       const off = offs[i] as number;
       const len = b.len[i] as number;
