@@ -747,7 +747,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
         let popped = 0;
         for (;;) {
           if (bursts && rq.pending === null) {
-            const k = this.postBurst(rq, g, popped === 0);
+            const k = this.postBurst(rq, g);
             if (k > 0) {
               popped += k;
               posted += k;
@@ -968,7 +968,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
    * and done for the guest at once. Returns the frames posted; 0 when the
    * next chain is of another shape or there is no room, for post() to take.
    */
-  private postBurst(rq: RelayQueue, g: DeviceQueue, first: boolean): number {
+  private postBurst(rq: RelayQueue, g: DeviceQueue): number {
     const vq = g.queue;
     const mem = g.mem;
     // Checked by the pump already; here for the compiler.
@@ -984,10 +984,11 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     const slot = pool.slotSize;
     const n = vq.popReadBurst(mem, b, room, slot);
     if (n === 0) return 0;
-    // The first burst's buffers were warmed by nobody: their misses overlap here rather than one by one in the copy.
-    if (first && mem.touchBurst !== undefined) this.warmSink ^= mem.touchBurst(b.addr, b.len, n, WARM_BYTES);
-    // The next burst's descriptors and buffers on their way into cache while this one is copied.
-    vq.warm?.(mem, 0, WARM_AHEAD);
+    // The burst's buffers, their misses overlapping here rather than one by
+    // one in the copy. Warming the next burst's chains instead, while this one
+    // is copied, read each descriptor twice and cost the bridge about 13 ns a
+    // frame more against testpmd (docs/BENCHMARKS.md, 2026-12-04).
+    if (mem.touchBurst !== undefined) this.warmSink ^= mem.touchBurst(b.addr, b.len, n, WARM_BYTES);
     const offs = this.burstOffs;
     if (ordered) lane.placeOnes(ring.nextAvailIdx, n, b.addr, b.len, offs);
     else for (let i = 0; i < n; i++) offs[i] = pool.alloc(1);
