@@ -450,4 +450,5 @@ test('touchBurst reads the first and last word and the first of each 64-byte lin
   const want = word(4) ^ word(79) ^ word(116) ^ word(128) ^ word(243) ^ word(1000) ^ word(1000) ^ word(16 * KIB - 8) ^ word(16 * KIB - 1);
   assert.equal(mem.touchBurst(addrs, lens, addrs.length, 128), want, 'past the end, below the window, NaN and an empty buffer skipped');
   assert.equal(mem.touchBurst(addrs, lens, 1, 64), word(4) ^ word(67), 'max bounds each buffer');
+  assert.equal(mem.touchBurst(addrs.subarray(1), lens.subarray(1), 1, 300), word(116) ^ word(128) ^ word(192) ^ word(256) ^ word(320) ^ word(415), 'six lines');
 });
