@@ -174,6 +174,22 @@ function copyQuads(s64: BigInt64Array, s32: Int32Array, d64: BigInt64Array, d32:
   for (; k < left; k++) dst[dO + k] = src[so + k] as number;
 }
 
+/**
+ * touch()'s loads: a word of each line of bytes [off, off+len) of a window of
+ * `size` bytes seen as i32, no line twice (the first and last words, then the
+ * first of each line between). Nothing for a range not wholly inside; the
+ * test is also false for NaN, and off stays below 2^31 inside a window.
+ */
+function touchLines(i32: Int32Array, size: number, off: number, len: number): number {
+  if (!(off >= 0 && len > 0 && off + len <= size)) return 0;
+  const o = off >>> 0;
+  const end = o + len - 1;
+  let x = (i32[o >>> 2] as number) ^ (i32[end >>> 2] as number);
+  const last = end & ~63;
+  for (let k = (o | 63) + 1; k < last; k += 64) x ^= i32[k >>> 2] as number;
+  return x;
+}
+
 function copyBytes(src: Uint8Array, srcOff: number, dst: Uint8Array, dstOff: number, len: number): void {
   if (len <= SMALL_COPY) {
     for (let i = 0; i < len; i++) dst[dstOff + i] = src[srcOff + i];
@@ -555,18 +571,10 @@ export class GuestMemory implements MemoryAccess {
   touch(addr: number, len: number): number {
     const w = this.last;
     if (w === null || w.i32 === null) return 0;
-    const off = addr - w.gStart;
-    // Also false for NaN; off stays below 2^31 inside a window.
-    if (!(off >= 0 && len > 0 && off + len <= w.size)) return 0;
-    const i32 = w.i32;
-    let x = 0;
-    const end = off + len - 1;
-    for (let o = off; o <= end; o += 64) x ^= i32[o >>> 2] as number;
-    // The last line, when the stride stepped over its start.
-    return x ^ (i32[end >>> 2] as number);
+    return touchLines(w.i32, w.size, addr - w.gStart, len);
   }
 
-  /** touch() for n buffers, addrs[i] and up to max bytes of lens[i], with the window in hand: a word of each line, no line twice. */
+  /** touch() for n buffers, addrs[i] and up to max bytes of lens[i], with the window in hand. */
   touchBurst(addrs: Float64Array, lens: Uint32Array, n: number, max: number): number {
     const w = this.last;
     if (w === null || w.i32 === null) return 0;
@@ -575,16 +583,8 @@ export class GuestMemory implements MemoryAccess {
     const size = w.size;
     let x = 0;
     for (let i = 0; i < n; i++) {
-      const off = (addrs[i] as number) - g0;
       const len = lens[i] as number;
-      const l = len < max ? len : max;
-      if (!(off >= 0 && l > 0 && off + l <= size)) continue;
-      const o = off >>> 0;
-      const end = o + l - 1;
-      // The first and last words, then the first of each line between (none for a frame over two lines).
-      x ^= (i32[o >>> 2] as number) ^ (i32[end >>> 2] as number);
-      const last = end & ~63;
-      for (let k = (o | 63) + 1; k < last; k += 64) x ^= i32[k >>> 2] as number;
+      x ^= touchLines(i32, size, (addrs[i] as number) - g0, len < max ? len : max);
     }
     return x;
   }
