@@ -39,7 +39,7 @@ import type { FrameTap } from '../devices/net/net-device';
 import type { TapPoint } from '../devices/device';
 import { RelayTaps } from './relay-taps';
 import { type BackendDeviceInfo, DEFAULT_BACKEND_GRACE_MS, type ShadowLink, type ShadowLinkEvents } from './shadow-link';
-import { SendLane } from './send-lane';
+import { FRAME_CELL, SendLane } from './send-lane';
 import { SlotPool } from './slot-pool';
 
 /** Feature bits that belong to the device type (virtio 1.2 §6: 0-23 and 50-63 here). */
@@ -287,9 +287,15 @@ class RelayQueue {
     readonly index: number,
     readonly ring: DriverRing,
     readonly pool: SlotPool,
+    cellBase: number,
   ) {
     this.inflight = new InFlightTable(ring.size);
-    this.lane = new SendLane(pool, ring.size);
+    this.lane = new SendLane(pool, ring.size, cellBase);
+  }
+
+  /** Give back the pool slots of a chain at `off`; a frame in a cell holds none. */
+  freeBuffer(off: number): void {
+    if (!this.lane.isCell(off)) this.pool.free(off);
   }
 }
 
@@ -368,10 +374,14 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       throw new RangeError(`${this.name}: BAR2 of ${link.bar2Bytes.length} bytes is too small for ${info.numQueues} shadow queues of ${size} entries`);
     }
     const eventIdx = (info.features & bit(F_RING_EVENT_IDX)) !== 0n;
+    // A net TX queue's small frames go in cells, one a descriptor, when the pool keeps its 16 slots beside them.
+    const cellArea = Math.ceil((size * FRAME_CELL) / 4096) * 4096;
     for (let q = 0; q < info.numQueues; q++) {
       const base = q * region;
       const ring = new DriverRing(link.bar2, splitRingLayout(base, size), eventIdx);
-      this.queues.push(new RelayQueue(q, ring, new SlotPool(base + ringArea, region - ringArea, slot)));
+      const cells = this.deviceId !== VIRTIO_ID_BLOCK && (q & 1) === 1 && region - ringArea - cellArea >= 16 * slot;
+      const poolBase = base + ringArea + (cells ? cellArea : 0);
+      this.queues.push(new RelayQueue(q, ring, new SlotPool(poolBase, base + region - poolBase, slot), cells ? base + ringArea : -1));
     }
     this.linkUp = link.up;
     this.taps = new RelayTaps(info.numQueues);
@@ -921,11 +931,14 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     const ring = rq.ring;
     const r = s.readableLen;
     if (ring.inFlight >= ring.size) return POST_NO_ROOM;
-    const off = rq.lane.take(slots);
+    const cell = rq.lane.cellFor(ring.nextAvailIdx, r, false);
+    const off = cell >= 0 ? cell : rq.lane.take(slots);
     if (off < 0) return POST_NO_ROOM;
     // Nothing is held before hold(): a copy that fails leaves the lane as it was.
     if (r > 0) this.dma.toBarFrom(g.mem, s, r, off, rq.dma);
-    rq.lane.hold(ring.addInOrder(off, r), off, r);
+    const d = ring.addInOrder(off, r);
+    if (cell >= 0) rq.lane.holdCell(d, off, r);
+    else rq.lane.hold(d, off, r);
     rq.count++;
     g.queue.pushUsed(g.mem, s.head, 0);
     g.stats.descriptors++;
@@ -954,6 +967,11 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     rq.ring.endInOrder();
     const pool = rq.pool;
     for (const f of rq.lane.handOver()) {
+      // A frame in a cell keeps it: the lane begins again only once every frame is back.
+      if (rq.lane.isCell(f.off)) {
+        rq.inflight.put(f.desc, { chain: null, head: 0, rLen: f.len, wLen: 0, off: f.off, wOff: f.off + f.len, pos: f.pos, start: 0, done: true });
+        continue;
+      }
       const rs = pool.slotsFor(f.len);
       pool.reserve(f.off, Math.max(1, rs));
       // A frame may start a few bytes into its slot (postBurst); the writable part would follow its slots.
@@ -1075,7 +1093,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     if (len > w) throw new Error(`queue ${rq.index}: backend used ${len} bytes of chain ${id}, which has ${w} writable`);
     t.live[id] = 0;
     rq.count--;
-    rq.pool.free(t.off[id] as number);
+    rq.freeBuffer(t.off[id] as number);
     if (t.done[id] === 1) return;
     const chain = t.chain[id] as DescriptorChain;
     t.chain[id] = null;
@@ -1125,7 +1143,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     // The ring is programmed again from scratch at restart (bringUp), which posts these first.
     for (const f of kept) {
       const n = Math.max(1, rq.pool.slotsFor(f.rLen) + rq.pool.slotsFor(f.wLen));
-      rq.pool.reserve(f.off, n);
+      if (!rq.lane.isCell(f.off)) rq.pool.reserve(f.off, n);
       f.pos = rq.ring.nextAvailIdx;
       rq.inflight.put(rq.ring.addPair(f.off, f.rLen, f.wOff, f.wLen), f);
       rq.count++;

@@ -12,8 +12,20 @@
  * few thousand lines and pages, as SlotPool's reuse of the slots freed last
  * keeps them. Sweeping the whole pool (tens of MiB) gave back most of
  * what the lane saves, in misses (docs/BENCHMARKS.md).
+ *
+ * With a cell area (`cellBase`), a frame of at most FRAME_CELL - 4 bytes
+ * takes no slot: it goes in the cell of the descriptor it is posted at,
+ * FRAME_CELL bytes each, free whenever the descriptor is. Small frames then
+ * sit on consecutive lines (256 KiB for 2048 descriptors) where slots put
+ * each at the start of 2 KiB, on a sixteenth of the cache's sets: the bridge
+ * and the backend missed on those lines (docs/BENCHMARKS.md). A cell stays
+ * the frame's after handOver() until the frame is back: the lane begins
+ * again only with nothing in flight.
  */
 import type { SlotPool } from './slot-pool';
+
+/** Bytes of a descriptor's frame cell: two lines, for a frame of up to 124 bytes placed 4 bytes in. */
+export const FRAME_CELL = 128;
 
 export interface LaneFrame {
   /** The shadow descriptor (and avail position mod ring size) it was posted at. */
@@ -42,15 +54,40 @@ export class SendLane {
   /** Slots the lane uses, from the pool's first. */
   readonly span: number;
 
+  /** BAR offset of descriptor 0's cell, -1 with no cell area; the area is ringSize * FRAME_CELL bytes. */
+  private readonly cellBase: number;
+  private readonly cellEnd: number;
+
   constructor(
     private readonly pool: SlotPool,
     ringSize: number,
+    cellBase = -1,
   ) {
     this.offAt = new Float64Array(ringSize);
     this.lenAt = new Float64Array(ringSize);
     this.useAt = new Uint32Array(ringSize);
     this.mask = ringSize - 1;
     this.span = Math.min(pool.slots, ringSize);
+    this.cellBase = cellBase;
+    this.cellEnd = cellBase < 0 ? -1 : cellBase + ringSize * FRAME_CELL;
+  }
+
+  /** Whether a BAR offset lies in the cell area: a frame there holds no pool slot. */
+  isCell(off: number): boolean {
+    return off >= this.cellBase && off < this.cellEnd;
+  }
+
+  /** The offset of descriptor d's cell for a frame of len bytes (4 bytes in when `shift`), or -1 when it takes slots. */
+  cellFor(d: number, len: number, shift: boolean): number {
+    return this.cellBase >= 0 && len + 4 <= FRAME_CELL ? this.cellBase + (d & this.mask) * FRAME_CELL + (shift ? 4 : 0) : -1;
+  }
+
+  /** The frame of `len` bytes in its cell at `off` (cellFor) is posted at descriptor d. */
+  holdCell(d: number, off: number, len: number): void {
+    this.offAt[d] = off;
+    this.lenAt[d] = len;
+    this.useAt[d] = 0;
+    this.frameCount++;
   }
 
   get slotsInUse(): number {
@@ -98,36 +135,50 @@ export class SendLane {
   }
 
   /**
-   * take(1) and hold() for n frames of one slot each, posted at descriptors
-   * (p + i) & (ringSize - 1): offs[i] gets frame i's BAR offset. A frame
-   * starts 4 bytes into its slot when its source address is 4 mod 8 and it
-   * fits, so that source and slot agree mod 8 and the copy moves 64-bit
-   * words. One pass with the arrays in hand: a take() and a hold() a frame
-   * cost the relay about 190 instructions a frame (bench/relay-path-count.sh).
+   * take(1) and hold() (or holdCell()) for n frames of at most a slot each,
+   * posted at descriptors (p + i) & (ringSize - 1): offs[i] gets frame i's
+   * BAR offset. A frame starts 4 bytes into its cell or slot when its source
+   * address is 4 mod 8 and it fits, so that source and BAR agree mod 8 and
+   * the copy moves 64-bit words. One pass with the arrays in hand: a take()
+   * and a hold() a frame cost the relay about 190 instructions a frame
+   * (bench/relay-path-count.sh).
    */
   placeOnes(p: number, n: number, addrs: Float64Array, lens: Uint32Array, offs: Float64Array): void {
     const span = this.span;
-    if (n > span - this.inUse) throw new RangeError(`${n} frames for ${span - this.inUse} free slots`);
+    const free = span - this.inUse;
     const m = this.mask;
     const size = this.pool.slotSize;
     const base = this.pool.base;
+    // No cell fits a frame when there is no cell area.
+    const cellMax = this.cellBase >= 0 ? FRAME_CELL - 4 : -1;
+    const cellBase = this.cellBase;
     const offAt = this.offAt;
     const lenAt = this.lenAt;
     const useAt = this.useAt;
     let h = this.head;
+    let slots = 0;
     for (let i = 0; i < n; i++) {
       const len = lens[i] as number;
-      if (len > size) throw new RangeError(`a ${len}-byte frame for ${size}-byte slots`);
-      const off = base + h * size + (len + 4 <= size ? (addrs[i] as number) & 4 : 0);
       const d = (p + i) & m;
+      let off: number;
+      if (len <= cellMax) {
+        off = cellBase + d * FRAME_CELL + ((addrs[i] as number) & 4);
+        useAt[d] = 0;
+      } else {
+        // Before the head, the count of slots or the frames move: the records written so far are at descriptors not posted.
+        if (len > size) throw new RangeError(`a ${len}-byte frame for ${size}-byte slots`);
+        if (slots === free) throw new RangeError(`frames for more than the ${free} free slots`);
+        off = base + h * size + (len + 4 <= size ? (addrs[i] as number) & 4 : 0);
+        useAt[d] = 1;
+        h = h + 1 === span ? 0 : h + 1;
+        slots++;
+      }
       offAt[d] = off;
       lenAt[d] = len;
-      useAt[d] = 1;
       offs[i] = off;
-      h = h + 1 === span ? 0 : h + 1;
     }
     this.head = h;
-    this.inUse += n;
+    this.inUse += slots;
     this.frameCount += n;
   }
 
@@ -142,7 +193,8 @@ export class SendLane {
 
   /** The n oldest frames came back. */
   release(n: number): void {
-    const used = this.slotsOf(this.tailPos, n);
+    // Nothing held takes a slot (small frames, in cells): no need to count them.
+    const used = this.inUse === 0 ? 0 : this.slotsOf(this.tailPos, n);
     this.tailPos = (this.tailPos + n) & 0xffff;
     this.inUse -= used;
     this.frameCount -= n;

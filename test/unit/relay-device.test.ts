@@ -1177,8 +1177,8 @@ test('net TX: bursts of one-buffer frames and chains of other shapes (indirect, 
   const tags = Array.from({ length: N }, (_, i) => `f${i}`);
   tags.forEach((t, i) => g.post(t, { rlen: rlen(i), wlen: 0, indirect: i % 11 === 3 }));
   r.relay.kick(1);
-  // In order, the lane's slots are as many as the ring's descriptors: f5 takes two of the 16.
-  assert.equal(g.collect().length, 15, 'as many sent at once as the shadow ring holds');
+  // In order, frames of up to 124 bytes go in their descriptors' cells; f5 takes two of the lane's 16 slots.
+  assert.equal(g.collect().length, 16, 'as many sent at once as the shadow ring holds');
   await until(() => {
     if ((dev.held[1]?.length ?? 0) > 0) dev.complete(1);
     return dev.seen[1]?.length === N;
@@ -1211,7 +1211,8 @@ test('net TX in order: one descriptor a frame while the backend keeps the order;
   const g = r.guests[1] as Guest;
   const st = (): RelayQueueStats => r.relay.relayStats()[1] as RelayQueueStats;
   const sent: string[] = [];
-  const send = (tags: string[], rlen = 100): void => {
+  // Longer than a cell (124 bytes): each takes a slot of the lane.
+  const send = (tags: string[], rlen = 200): void => {
     for (const t of tags) {
       g.post(t, { rlen, wlen: 0 });
       sent.push(t);
@@ -1261,32 +1262,37 @@ test('net TX in order: one descriptor a frame while the backend keeps the order;
   assert.deepEqual(r.fatal, []);
 });
 
-test('net TX in order: a frame 4 bytes past an 8-aligned address lands 4 bytes into its slot, for a copy in 64-bit words; bytes, hand-over, restart and slots stay right', async () => {
+test('net TX in order: a frame of up to 124 bytes goes in its descriptor\'s cell, a longer one in a slot; 4 bytes in where the source is 4 mod 8 and it fits, for a copy in 64-bit words; bytes, hand-over, restart and slots stay right', async () => {
   const dev = new EchoBackend({ deviceId: VIRTIO_ID_NET, numQueues: 2, mode: 'manual', maxQueueSize: 16 });
   const r = await rig({ device: dev, info: { numQueues: 2 }, queueSize: 64, slotSize: 2048, bar2Size: 1 << 20 });
   const g = r.guests[1] as Guest;
   const st = (): RelayQueueStats => r.relay.relayStats()[1] as RelayQueueStats;
+  // Queue 1's region starts at 512 KiB: its 16-entry ring in the first page, 16 cells of 128 bytes in the next, then the pool.
+  const cell = (d: number): number => 0x81000 + 128 * d;
+  const slot = (k: number): number => 0x82000 + 2048 * k;
+  assert.equal(st().slots, (0x80000 - 0x2000) / 2048, 'the pool starts after the cells');
   // [tag, bytes, offset past 16-aligned]: a frame that would not fit 4 bytes in (2046) stays at its slot's start.
-  const frames: [string, number, number][] = [['a0', 76, 4], ['a1', 100, 0], ['a2', 2046, 4], ['a3', 76, 12], ['a4', 33, 4], ['a5', 1500, 8]];
+  const frames: [string, number, number][] = [['a0', 76, 4], ['a1', 100, 0], ['a2', 2046, 4], ['a3', 76, 12], ['a4', 124, 4], ['a5', 125, 4], ['a6', 1500, 8]];
   for (const [t, n, at] of frames) g.post(t, { rlen: n, wlen: 0, at });
   r.relay.kick(1);
   assert.equal(st().inOrder, true);
-  await until(() => dev.held[1]?.length === 6, 'the backend popped six');
-  const slotStart = (a: number): number => a - (a % 2048);
+  await until(() => dev.held[1]?.length === frames.length, 'the backend popped seven');
   assert.deepEqual(
-    dev.held[1]?.map((p) => (p.chain.readable[0]?.addr ?? -1) - slotStart(p.chain.readable[0]?.addr ?? 0)),
-    [4, 0, 0, 4, 4, 0],
-    'into its slot by its source address mod 8, when it fits',
+    dev.held[1]?.map((p) => p.chain.readable[0]?.addr),
+    [cell(0) + 4, cell(1), slot(0), cell(3) + 4, cell(4) + 4, slot(1) + 4, slot(2)],
+    'cells by descriptor, slots in turn; 4 bytes in by the source address mod 8 when it fits',
   );
+  assert.equal(st().slotsInUse, 3, 'frames in cells hold no slot');
   frames.forEach(([t, n], i) => assert.equal(dev.seen[1]?.[i], latin1(payload(t, n)), `${t}'s bytes`));
-  // Out of order: the frames go to the usual bookkeeping, their slots named by offsets 4 bytes in.
+  // Out of order: the frames go to the usual bookkeeping; those in cells keep them and free no slot.
   dev.complete(1, [1]);
-  await until(() => st().inFlight === 5, 'a1 back');
+  await until(() => st().inFlight === 6, 'a1 back');
   assert.equal(st().inOrder, false);
+  assert.equal(st().slotsInUse, 3);
   dev.complete(1);
   await until(() => st().inFlight === 0, 'all back');
   assert.equal(st().slotsInUse, 0);
-  // In order again; held across a stop and posted again at the restart from the same offsets.
+  // In order again; held across a stop and posted again at the restart from the same cells, with a frame sent after it.
   r.link.hold = true;
   g.post('e0', { rlen: 76, wlen: 0, at: 4 });
   g.post('e1', { rlen: 60, wlen: 0, at: 4 });
@@ -1295,17 +1301,22 @@ test('net TX in order: a frame 4 bytes past an 8-aligned address lands 4 bytes i
   assert.equal(st().inOrder, true);
   await r.relay.quiesce(1);
   r.relay.stopQueue(1);
-  assert.equal(st().slotsInUse, 2);
+  assert.equal(st().inFlight, 2);
+  assert.equal(st().slotsInUse, 0);
   r.link.hold = false;
   r.relay.startQueue(g.dq);
   await until(() => dev.held[1]?.length === 2, 'e0 and e1 after the restart');
-  assert.deepEqual(dev.held[1]?.map((p) => (p.chain.readable[0]?.addr ?? 0) % 8), [4, 4]);
+  assert.deepEqual(dev.held[1]?.map((p) => p.chain.readable[0]?.addr), [cell(7) + 4, cell(8) + 4], 'where the lane put them, at other descriptors now');
+  g.post('e2', { rlen: 76, wlen: 0, at: 4 });
+  r.relay.kick(1);
+  await until(() => dev.held[1]?.length === 3, 'e2');
+  assert.equal(st().inOrder, false, 'not while e0 and e1 are out: a cell is its frame\'s until it is back');
   dev.complete(1);
   await until(() => st().inFlight === 0, 'all back');
-  assert.deepEqual(dev.seen[1]?.slice(6), [latin1(payload('e0', 76)), latin1(payload('e1', 60))]);
+  assert.deepEqual(dev.seen[1]?.slice(frames.length), [latin1(payload('e0', 76)), latin1(payload('e1', 60)), latin1(payload('e2', 76))]);
   assert.equal(st().slotsInUse, 0);
   g.collect();
-  assert.equal(g.completed.length, 8, 'each frame sent once for the guest');
+  assert.equal(g.completed.length, frames.length + 3, 'each frame sent once for the guest');
   assert.deepEqual(r.link.failures, []);
   assert.deepEqual(r.fatal, []);
 });

@@ -94,3 +94,44 @@ test('placeOnes: one slot a frame from the head, wrapping at the span; 4 bytes i
   assert.equal(lane.slotsInUse, 3, 'the refused placement held nothing');
   assert.deepEqual(lane.handOver(), twin.handOver());
 });
+
+test('cells: a frame of up to 124 bytes goes in the cell of its descriptor and holds no slot; longer ones take slots in turn; release, drop and handOver count each right', () => {
+  const SLOT = 256;
+  const CELLS = 0x100;
+  const lane = new SendLane(new SlotPool(0x1000, 4 * SLOT, SLOT), 8, CELLS);
+  lane.begin(6);
+  const addrs = new Float64Array([0x10004, 0x20004, 0x30000, 0x40004, 0x50004, 0x60000]);
+  const lens = new Uint32Array([76, 125, 124, 124, 0, 200]);
+  const offs = new Float64Array(6);
+  lane.placeOnes(6, 6, addrs, lens, offs);
+  // Descriptors 6, 7, 0, 1, 2, 3: frame 1 (125 bytes) and frame 5 take slots 0 and 1.
+  assert.deepEqual([...offs], [CELLS + 6 * 128 + 4, 0x1000 + 4, CELLS, CELLS + 128 + 4, CELLS + 2 * 128 + 4, 0x1000 + SLOT]);
+  assert.equal(lane.slotsInUse, 2);
+  assert.equal(lane.frames, 6);
+  assert.ok(lane.isCell(CELLS) && lane.isCell(CELLS + 8 * 128 - 1) && !lane.isCell(CELLS + 8 * 128) && !lane.isCell(CELLS - 1) && !lane.isCell(0x1000));
+  assert.equal(lane.cellFor(4, 124, true), CELLS + 4 * 128 + 4);
+  assert.equal(lane.cellFor(12, 60, false), CELLS + 4 * 128, 'by descriptor, mod the ring');
+  assert.equal(lane.cellFor(4, 125, false), -1, 'too long for a cell');
+  lane.release(1);
+  assert.equal(lane.slotsInUse, 2, 'a frame in a cell frees no slot');
+  lane.release(1);
+  assert.equal(lane.slotsInUse, 1);
+  lane.drop(1);
+  assert.equal(lane.slotsInUse, 0, 'the newest frame, in slot 1, undone');
+  assert.equal(lane.take(1), 0x1000 + SLOT, 'and its slot taken next');
+  // Posted at descriptor 3 instead (position 11), in its cell: take() held nothing.
+  lane.holdCell(3, lane.cellFor(11, 10, false), 10);
+  assert.deepEqual(lane.handOver(), [
+    { desc: 0, pos: 8, off: CELLS, len: 124 },
+    { desc: 1, pos: 9, off: CELLS + 128 + 4, len: 124 },
+    { desc: 2, pos: 10, off: CELLS + 2 * 128 + 4, len: 0 },
+    { desc: 3, pos: 11, off: CELLS + 3 * 128, len: 10 },
+  ]);
+  const none = new SendLane(new SlotPool(0x1000, 4 * SLOT, SLOT), 8);
+  assert.equal(none.cellFor(0, 10, false), -1, 'no cell area: every frame takes slots');
+  assert.ok(!none.isCell(0) && !none.isCell(-1));
+  none.begin(0);
+  none.placeOnes(0, 1, addrs, lens, offs);
+  assert.equal(offs[0], 0x1000 + 4);
+  assert.equal(none.slotsInUse, 1);
+});
