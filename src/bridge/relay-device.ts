@@ -744,7 +744,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     let blocked = false;
     // A queue of frames the guest sends, with no tap or fault to see each one: bursts of one-buffer frames skip the per-chain path.
     const bursts =
-      vq.popReadBurst !== undefined &&
+      vq.popSentBurst !== undefined &&
       this.deviceId !== VIRTIO_ID_BLOCK &&
       (rq.index & 1) === 1 &&
       this.faults === null &&
@@ -990,7 +990,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     const vq = g.queue;
     const mem = g.mem;
     // Checked by the pump already; here for the compiler.
-    if (vq.popReadBurst === undefined || vq.pushUsedEmpty === undefined) return 0;
+    if (vq.popSentBurst === undefined || vq.unpopSent === undefined) return 0;
     const ring = rq.ring;
     const pool = rq.pool;
     const lane = rq.lane;
@@ -1000,7 +1000,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     if (room <= 0) return 0;
     const b = this.burst;
     const slot = pool.slotSize;
-    const n = vq.popReadBurst(mem, b, room, slot);
+    // Done for the guest as popped (published by the pump's flush), undone below if the copy fails.
+    const n = vq.popSentBurst(mem, b, room, slot);
     if (n === 0) return 0;
     // The burst's buffers, their misses overlapping here rather than one by
     // one in the copy. Warming the next burst's chains instead, while this one
@@ -1017,7 +1018,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       // As if never popped: the guest fault names the first chain of the burst.
       if (ordered) lane.drop(n);
       else for (let i = 0; i < n; i++) pool.free(offs[i] as number);
-      vq.unpop(n);
+      vq.unpopSent(n);
       throw e;
     }
     const t = rq.inflight;
@@ -1038,7 +1039,6 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
       t.start[head] = 0;
     }
     rq.count += n;
-    vq.pushUsedEmpty(mem, b.head, n);
     g.stats.descriptors += n;
     g.stats.bytes += bytes;
     return n;

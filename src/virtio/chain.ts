@@ -90,7 +90,7 @@ export class ChainScratch {
 /**
  * Chains of exactly one direct, device-readable buffer (a frame the guest
  * sends, as testpmd and Linux lay out small ones), popped together by
- * Virtqueue.popReadBurst: the relay's common case without a walk and a
+ * Virtqueue.popSentBurst: the relay's common case without a walk and a
  * ChainScratch per chain. Entries 0..n-1 are valid until the next pop into it.
  */
 export class ReadBurst {

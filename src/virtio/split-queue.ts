@@ -85,6 +85,8 @@ export class SplitQueue implements Virtqueue {
   private avail = new Uint16Array(0);
   private usedU16 = new Uint16Array(0);
   private usedU32 = new Uint32Array(0);
+  /** Chains the last popSentBurst took that unpopSent may still give back: nothing else has been pushed or published since. */
+  private sentN = 0;
   /** used.idx as last published by flush(). */
   private publishedUsed = 0;
   /** False until the first flush after activate: the driver's view of old used.idx is unknown. */
@@ -165,6 +167,7 @@ export class SplitQueue implements Virtqueue {
     this.usedAddr = 0;
     this.nextAvail = 0;
     this.nextUsed = 0;
+    this.sentN = 0;
     this.eventIdx = false;
     this.indirect = false;
     this.mem = null;
@@ -186,6 +189,7 @@ export class SplitQueue implements Virtqueue {
     this.check(mem);
     const idx = Atomics.load(this.usedU16, 1);
     this.nextUsed = idx;
+    this.sentN = 0;
     this.publishedUsed = idx;
     this.publishedValid = false;
     this.lateCount = 0;
@@ -214,6 +218,7 @@ export class SplitQueue implements Virtqueue {
   /** pop() into `s` rather than new objects; false when no chain is available. Throws QueueError as pop() does. */
   popInto(mem: MemoryAccess, s: ChainScratch): boolean {
     this.check(mem);
+    this.sentN = 0;
     const t = this.inflight;
     if (t !== null && t.resubmitPending > 0) {
       this.walk(mem, t.peekResubmit(), s);
@@ -233,25 +238,30 @@ export class SplitQueue implements Virtqueue {
   }
 
   /**
-   * Virtqueue.popReadBurst. Each descriptor field is read once, as walk()
+   * Virtqueue.popSentBurst. Each descriptor field is read once, as walk()
    * reads them, and a chain is taken only when it passes the checks walk()
    * would make of it; anything else (a flag, an empty or long buffer, an
    * address outside memory, a head out of range) ends the burst there, and
    * popInto walks that chain and reports it. Chains the in-flight tracker
-   * hands back first go through popInto too.
+   * hands back first go through popInto too. The used elements are written
+   * in the same pass: apart, their loop cost the relay about 50 instructions
+   * a frame (bench/relay-path-count.sh).
    */
-  popReadBurst(mem: MemoryAccess, b: ReadBurst, max: number, maxLen: number): number {
+  popSentBurst(mem: MemoryAccess, b: ReadBurst, max: number, maxLen: number): number {
     this.check(mem);
     b.n = 0;
+    this.sentN = 0;
     if (this.inflight !== null) return 0;
     let left = this.pending();
     if (left > max) left = max;
     if (left > b.capacity) left = b.capacity;
     const d = this.desc;
     const avail = this.avail;
+    const u = this.usedU32;
     const mask = this.mask;
     const size = this.qsize;
     const next = this.next;
+    const first = this.nextUsed;
     let n = 0;
     for (; n < left; n++) {
       const head = avail[2 + ((next + n) & mask)] as number;
@@ -267,36 +277,36 @@ export class SplitQueue implements Virtqueue {
       b.head[n] = head;
       b.addr[n] = addr;
       b.len[n] = len;
+      const e = 2 * ((first + n) & mask);
+      u[e + 1] = head;
+      u[e + 2] = 0;
     }
     this.next = (next + n) & 0xffff;
     b.n = n;
+    if (n > 0) {
+      this.markUsedDirty(mem, first, n);
+      this.nextUsed = (first + n) & 0xffff;
+      this.sentN = n;
+    }
     return n;
   }
 
-  /** Virtqueue.pushUsedEmpty: the elements written in one pass, marked dirty once per stretch of the ring. */
-  pushUsedEmpty(mem: MemoryAccess, heads: Uint16Array, n: number): void {
-    this.check(mem);
-    if (!Number.isInteger(n) || n < 0 || n > this.qsize || n > heads.length) throw new RangeError(`${n} used elements for a queue of ${this.qsize}`);
-    if (n === 0) return;
-    const u = this.usedU32;
-    const mask = this.mask;
+  /** Virtqueue.unpopSent: the chains and their used elements (never published) as if never popped. */
+  unpopSent(n: number): void {
+    if (!Number.isInteger(n) || n < 0 || n > this.sentN) throw new RangeError(`cannot give back ${n} chains sent: the last popSentBurst took ${this.sentN}`);
+    // As unpop(): avail.idx is read again.
+    this.nextAvail = (this.next - n) & 0xffff;
+    this.nextUsed = (this.nextUsed - n) & 0xffff;
+    this.sentN -= n;
+  }
+
+  /** Dirty-log n used elements from free-running index `first`, once per stretch of the ring. */
+  private markUsedDirty(mem: MemoryAccess, first: number, n: number): void {
     const size = this.qsize;
-    const first = this.nextUsed;
-    for (let i = 0; i < n; i++) {
-      const head = heads[i] as number;
-      // Nothing is published until flush(): a throw here leaves nextUsed where it was.
-      if (head >= size) throw new RangeError(`used id ${head} outside queue of ${size}`);
-      const slot = (first + i) & mask;
-      u[1 + 2 * slot] = head;
-      u[2 + 2 * slot] = 0;
-    }
-    const start = first & mask;
+    const start = first & this.mask;
     const toEnd = Math.min(n, size - start);
     mem.markDirty(this.usedAddr + 4 + VRING_USED_ELEM_SIZE * start, VRING_USED_ELEM_SIZE * toEnd);
     if (n > toEnd) mem.markDirty(this.usedAddr + 4, VRING_USED_ELEM_SIZE * (n - toEnd));
-    this.nextUsed = (first + n) & 0xffff;
-    const t = this.inflight;
-    if (t !== null) for (let i = 0; i < n; i++) t.completed(heads[i] as number);
   }
 
   /**
@@ -347,6 +357,7 @@ export class SplitQueue implements Virtqueue {
   /** Write a used element (not yet visible to the driver until flush). */
   pushUsed(mem: MemoryAccess, head: number, len: number): void {
     this.check(mem);
+    this.sentN = 0;
     if (!Number.isInteger(head) || head < 0 || head >= this.qsize) {
       throw new RangeError(`used id ${head} outside queue of ${this.qsize}`);
     }
@@ -362,6 +373,7 @@ export class SplitQueue implements Virtqueue {
   /** Publish used.idx; returns true if the driver wants an interrupt (EVENT_IDX / NO_INTERRUPT honoured). */
   flush(mem: MemoryAccess): boolean {
     this.check(mem);
+    this.sentN = 0;
     const next = this.nextUsed;
     const old = this.publishedUsed;
     if (next === old && this.publishedValid) return false;
@@ -448,6 +460,7 @@ export class SplitQueue implements Virtqueue {
     if (!Number.isInteger(n) || n < 0 || n > this.qsize) throw new RangeError(`cannot give back ${n} chains of a queue of ${this.qsize}`);
     // Resubmitted chains go back to the tracker's list, not to the avail ring.
     const fromAvail = this.inflight !== null ? this.inflight.giveBack(n) : n;
+    this.sentN = 0;
     this.nextAvail = (this.next - fromAvail) & 0xffff;
   }
 

@@ -80,11 +80,17 @@ export interface Virtqueue {
    * Pop up to `max` chains that are each one direct device-readable buffer of
    * 1 to `maxLen` bytes into `b`, stopping before the first chain of any
    * other shape (popInto takes that one, with every check and error a chain
-   * can have). Returns how many, also in b.n. Optional: a fast path.
+   * can have), and complete each as pushUsed(mem, head, 0) would, not
+   * visible to the driver until flush: frames a device is done with once it
+   * has copied them. Returns how many, also in b.n. Optional: a fast path.
    */
-  popReadBurst?(mem: MemoryAccess, b: ReadBurst, max: number, maxLen: number): number;
-  /** pushUsed(mem, head, 0) for heads[0..n-1], in order. Optional, with popReadBurst. */
-  pushUsedEmpty?(mem: MemoryAccess, heads: Uint16Array, n: number): void;
+  popSentBurst?(mem: MemoryAccess, b: ReadBurst, max: number, maxLen: number): number;
+  /**
+   * Give back the last n chains of the last popSentBurst and their used
+   * elements, as if never popped (their copy failed). RangeError once
+   * anything else was popped, pushed or published since. Optional, with popSentBurst.
+   */
+  unpopSent?(n: number): void;
   /**
    * Give back the last n chains popped and not completed, as if never popped
    * (a device that took buffers it cannot use). RangeError if they are not that.

@@ -1,5 +1,5 @@
 /**
- * Fuzzer for SplitQueue.pop() and popReadBurst(): seeded random rings, built
+ * Fuzzer for SplitQueue.pop() and popSentBurst(): seeded random rings, built
  * well-formed and then mutated (descriptors, indirect tables, avail entries
  * and indices), over memory layouts with adjacent regions, gaps and small or
  * overlapping windows.
@@ -8,7 +8,7 @@
  * segment lies inside memory, or a QueueError, and nothing else; and it
  * compares the outcome with a reference walker that reads the ring byte by
  * byte through MemoryAccess.read (differential testing against the queue's
- * typed-array fast path). Half the steps try popReadBurst() first: every
+ * typed-array fast path). Half the steps try popSentBurst() first: every
  * chain it takes must be the reference's chain of one readable buffer of at
  * most maxLen bytes, and the chain it stops before must not be one.
  *
@@ -297,14 +297,15 @@ function checkChain(w: World, c: DescriptorChain): string | null {
   return null;
 }
 
-/** A chain popReadBurst may take: one readable buffer of 1..maxLen bytes. */
+/** A chain popSentBurst may take: one readable buffer of 1..maxLen bytes. */
 function burstShaped(o: Outcome, maxLen: number): o is Extract<Outcome, { kind: 'chain' }> {
   return o.kind === 'chain' && o.chain.writable.length === 0 && o.chain.readable.length === 1 && o.chain.readableLen <= maxLen;
 }
 
 /**
- * popReadBurst against the reference: what it took, where it stopped, and
- * the used elements pushUsedEmpty writes for it. Returns a failure or null.
+ * popSentBurst against the reference: what it took, where it stopped, and
+ * the used elements it writes, some of them given back (unpopSent) at
+ * times. Returns a failure or null.
  */
 function burstStep(w: World, b: ReadBurst): string | null {
   const rng = w.rng;
@@ -314,14 +315,16 @@ function burstStep(w: World, b: ReadBurst): string | null {
   const expected: Outcome[] = [];
   for (let i = 0; i <= max; i++) expected.push(reference(w, i));
   let k: number;
+  // Elements pushed before and not yet flushed are published with these.
+  const used0 = q.nextUsed;
   try {
-    k = q.popReadBurst(w.mem, b, max, maxLen);
+    k = q.popSentBurst(w.mem, b, max, maxLen);
   } catch (e) {
     // Only a broken avail.idx, which popInto reports the same way.
     if (e instanceof QueueError && expected[0]?.kind === 'error') return null;
-    return `popReadBurst threw ${e instanceof Error ? e.stack : String(e)}`;
+    return `popSentBurst threw ${e instanceof Error ? e.stack : String(e)}`;
   }
-  if (k !== b.n || k > max) return `popReadBurst returned ${k} with n ${b.n}, max ${max}`;
+  if (k !== b.n || k > max) return `popSentBurst returned ${k} with n ${b.n}, max ${max}`;
   for (let i = 0; i < k; i++) {
     const e = expected[i] as Outcome;
     if (!burstShaped(e, maxLen) || e.chain.head !== b.head[i]) return `burst chain ${i}: head ${b.head[i]}, reference ${describe(e)}`;
@@ -331,15 +334,20 @@ function burstStep(w: World, b: ReadBurst): string | null {
   const stop = expected[k] as Outcome;
   // Only a chain of one direct descriptor has to be taken: one readable segment may also come of a longer chain or a table.
   if (k < max && burstShaped(stop, maxLen) && w.driver.readDesc(stop.chain.head).flags === 0) return `burst stopped at ${k} before ${describe(stop)} (max ${max}, maxLen ${maxLen})`;
+  if (((q.nextUsed - used0) & 0xffff) !== k) return `popSentBurst of ${k} moved nextUsed from ${used0} to ${q.nextUsed}`;
   if (k === 0) return null;
-  // Elements pushed before and not yet flushed are published with these.
-  const used0 = q.nextUsed;
-  q.pushUsedEmpty(w.mem, b.head, k);
+  const avail0 = q.nextAvail;
+  // A copy that failed: the newest go back and come again in a later step. One at least is kept, so that
+  // a round still drains its chains: one left over would keep the queue's avail.idx from a round before.
+  const back = rng.chance(0.3) ? rng.int(k) : 0;
+  q.unpopSent(back);
+  if (((avail0 - q.nextAvail) & 0xffff) !== back) return `unpopSent(${back}) moved nextAvail from ${avail0} to ${q.nextAvail}`;
+  const kept = k - back;
   q.flush(w.mem);
-  if (((w.driver.usedIdx() - used0) & 0xffff) !== k) return `pushUsedEmpty of ${k} moved used.idx from ${used0} to ${w.driver.usedIdx()}`;
+  if (((w.driver.usedIdx() - used0) & 0xffff) !== kept) return `popSentBurst of ${k}, ${back} given back, moved used.idx from ${used0} to ${w.driver.usedIdx()}`;
   const e = new Uint8Array(8);
   const dv = new DataView(e.buffer);
-  for (let i = 0; i < k; i++) {
+  for (let i = 0; i < kept; i++) {
     w.mem.read(q.usedAddr + 4 + 8 * ((used0 + i) % q.size), e, 0, 8);
     if (dv.getUint32(0, true) !== b.head[i] || dv.getUint32(4, true) !== 0) return `used element ${i}: id ${dv.getUint32(0, true)} len ${dv.getUint32(4, true)}, pushed ${b.head[i]}`;
   }

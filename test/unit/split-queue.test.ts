@@ -707,7 +707,7 @@ test('popInto gives what pop gives, into reused arrays (long and indirect chains
   assert.deepEqual(t.toChain(), s.toChain());
 });
 
-test('popReadBurst takes one-buffer readable chains up to max, and stops before any other shape for popInto to take or report', () => {
+test('popSentBurst takes one-buffer readable chains up to max, and stops before any other shape for popInto to take or report', () => {
   const { mem, driver, queue } = setup({ size: 16, indirect: true });
   const b = new ReadBurst(8);
   const s = new ChainScratch();
@@ -718,67 +718,77 @@ test('popReadBurst takes one-buffer readable chains up to max, and stops before 
   const viaTable = driver.addChain([{ data: bytes(3) }], { indirect: true });
   const long = one(3000);
   const last = one(64);
-  assert.equal(queue.popReadBurst(mem, b, 2, 2048), 2, 'max');
+  assert.equal(queue.popSentBurst(mem, b, 2, 2048), 2, 'max');
   assert.deepEqual([...b.head.subarray(0, 2)], heads.slice(0, 2));
   assert.deepEqual([...b.len.subarray(0, 2)], [60, 61]);
   const got = new Uint8Array(61);
   mem.read(b.addr[1] as number, got, 0, 61);
   assert.deepEqual(got, new Uint8Array(61).fill(61));
-  assert.equal(queue.popReadBurst(mem, b, 8, 2048), 1, 'stops before a two-descriptor chain');
+  assert.equal(queue.popSentBurst(mem, b, 8, 2048), 1, 'stops before a two-descriptor chain');
   assert.equal(b.head[0], heads[2]);
   for (const h of [two, withWritable, viaTable]) {
-    assert.equal(queue.popReadBurst(mem, b, 8, 2048), 0);
+    assert.equal(queue.popSentBurst(mem, b, 8, 2048), 0);
     assert.equal(queue.popInto(mem, s), true);
     assert.equal(s.head, h);
   }
-  assert.equal(queue.popReadBurst(mem, b, 8, 2048), 0, 'longer than maxLen');
-  assert.equal(queue.popReadBurst(mem, b, 8, 4096), 2);
+  assert.equal(queue.popSentBurst(mem, b, 8, 2048), 0, 'longer than maxLen');
+  assert.equal(queue.popSentBurst(mem, b, 8, 4096), 2);
   assert.deepEqual([...b.head.subarray(0, 2)], [long, last]);
-  assert.equal(queue.popReadBurst(mem, b, 8, 4096), 0, 'nothing left');
+  assert.equal(queue.popSentBurst(mem, b, 8, 4096), 0, 'nothing left');
   assert.equal(b.n, 0);
 
   // A buffer outside memory is not taken: popInto reports it.
   const bad = one(10);
   driver.writeDesc(bad, { addr: BASE + (64 << 20), len: 10, flags: 0, next: 0 });
-  assert.equal(queue.popReadBurst(mem, b, 8, 2048), 0);
+  assert.equal(queue.popSentBurst(mem, b, 8, 2048), 0);
   assert.equal(queue.state().nextAvail, 8, 'not consumed');
   assert.throws(() => queue.popInto(mem, s), /outside memory/);
 });
 
-test('popReadBurst leaves chains to popInto while in-flight tracking is on', () => {
+test('popSentBurst leaves chains to popInto while in-flight tracking is on', () => {
   const { mem, driver, queue } = setup({ size: 8 });
   queue.inflight = new SplitInflight(new ArrayBuffer(splitInflightQueueSize(8)), 0, 8);
   queue.inflight.restore(8, 0);
   const h = driver.addChain([{ data: bytes(1, 2) }]);
   const b = new ReadBurst(4);
-  assert.equal(queue.popReadBurst(mem, b, 4, 2048), 0);
+  assert.equal(queue.popSentBurst(mem, b, 4, 2048), 0);
   const s = new ChainScratch();
   assert.equal(queue.popInto(mem, s), true);
   assert.equal(s.head, h);
 });
 
-test('pushUsedEmpty: used elements in order across the ring\'s end, dirty-logged, published by flush; a bad id publishes nothing', () => {
+test('popSentBurst: each chain used with length 0 as it is popped, across the ring\'s end, dirty-logged, published by flush; unpopSent takes back what is not published, and nothing after a flush or another pop', () => {
   const { mem, driver, queue } = setup({ size: 8 });
   const b = new ReadBurst(8);
   for (let i = 0; i < 6; i++) driver.addChain([{ data: bytes(i) }]);
-  assert.equal(queue.popReadBurst(mem, b, 8, 64), 6);
-  queue.pushUsedEmpty(mem, b.head, 6);
+  assert.equal(queue.popSentBurst(mem, b, 8, 64), 6);
+  assert.deepEqual(queue.state(), { nextAvail: 6, nextUsed: 6 });
   queue.flush(mem);
   assert.deepEqual(driver.drainUsed().map((u) => [u.id, u.len]), [...b.head.subarray(0, 6)].map((h) => [h, 0]));
+  assert.throws(() => queue.unpopSent(1), RangeError, 'published: not to be taken back');
   const log = new Uint8Array(Math.ceil((BASE + (4 << 20)) / 4096 / 8));
   mem.setDirtyLog(log);
   for (let i = 0; i < 5; i++) driver.addChain([{ data: bytes(i) }]);
-  assert.equal(queue.popReadBurst(mem, b, 8, 64), 5);
-  queue.pushUsedEmpty(mem, b.head, 5);
-  assert.equal(queue.flush(mem), true);
-  assert.deepEqual(driver.drainUsed().map((u) => u.id), [...b.head.subarray(0, 5)], 'slots 6, 7, 0, 1, 2');
+  assert.equal(queue.popSentBurst(mem, b, 8, 64), 5);
   const page = Math.floor(driver.usedAddr / 4096);
   assert.notEqual(log[Math.floor(page / 8)]! & (1 << page % 8), 0);
-  const used = queue.state().nextUsed;
-  assert.throws(() => queue.pushUsedEmpty(mem, Uint16Array.of(1, 8), 2), RangeError);
-  assert.equal(queue.state().nextUsed, used);
-  assert.equal(queue.flush(mem), false);
-  assert.equal(driver.popUsed(), null);
+  // The copy of the last two failed: they go back, and nothing of theirs is published.
+  queue.unpopSent(2);
+  assert.deepEqual(queue.state(), { nextAvail: 9, nextUsed: 9 });
+  assert.throws(() => queue.unpopSent(4), RangeError, 'more than the burst had left');
+  assert.equal(queue.flush(mem), true);
+  assert.deepEqual(driver.drainUsed().map((u) => u.id), [...b.head.subarray(0, 3)], 'slots 6, 7, 0');
+  const again = queue.popSentBurst(mem, b, 8, 64);
+  assert.equal(again, 2, 'the two given back come again');
+  assert.equal(queue.flush(mem), true);
+  assert.equal(driver.drainUsed().length, 2);
+  driver.addChain([{ data: bytes(1) }]);
+  assert.equal(queue.popSentBurst(mem, b, 8, 64), 1);
+  const s = new ChainScratch();
+  assert.equal(queue.popInto(mem, s), false);
+  assert.throws(() => queue.unpopSent(1), RangeError, 'another pop since');
+  assert.equal(queue.flush(mem), true);
+  assert.equal(driver.drainUsed().length, 1);
 });
 
 test('warm on a ring full of garbage neither throws nor moves the queue', () => {
