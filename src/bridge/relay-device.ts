@@ -293,6 +293,11 @@ class RelayQueue {
     this.lane = new SendLane(pool, ring.size, cellBase);
   }
 
+  /** Hold n pool slots again for a chain kept at `off` (SlotPool.reserve); a frame in a cell holds none. */
+  reserveBuffer(off: number, n: number): void {
+    if (!this.lane.isCell(off)) this.pool.reserve(off, n);
+  }
+
   /** Give back the pool slots of a chain at `off`; a frame in a cell holds none. */
   freeBuffer(off: number): void {
     if (!this.lane.isCell(off)) this.pool.free(off);
@@ -931,14 +936,12 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     const ring = rq.ring;
     const r = s.readableLen;
     if (ring.inFlight >= ring.size) return POST_NO_ROOM;
-    const cell = rq.lane.cellFor(ring.nextAvailIdx, r, false);
+    const cell = rq.lane.takeCell(ring.nextAvailIdx, r);
     const off = cell >= 0 ? cell : rq.lane.take(slots);
     if (off < 0) return POST_NO_ROOM;
     // Nothing is held before hold(): a copy that fails leaves the lane as it was.
     if (r > 0) this.dma.toBarFrom(g.mem, s, r, off, rq.dma);
-    const d = ring.addInOrder(off, r);
-    if (cell >= 0) rq.lane.holdCell(d, off, r);
-    else rq.lane.hold(d, off, r);
+    rq.lane.hold(ring.addInOrder(off, r), off, r);
     rq.count++;
     g.queue.pushUsed(g.mem, s.head, 0);
     g.stats.descriptors++;
@@ -967,15 +970,11 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     rq.ring.endInOrder();
     const pool = rq.pool;
     for (const f of rq.lane.handOver()) {
-      // A frame in a cell keeps it: the lane begins again only once every frame is back.
-      if (rq.lane.isCell(f.off)) {
-        rq.inflight.put(f.desc, { chain: null, head: 0, rLen: f.len, wLen: 0, off: f.off, wOff: f.off + f.len, pos: f.pos, start: 0, done: true });
-        continue;
-      }
       const rs = pool.slotsFor(f.len);
-      pool.reserve(f.off, Math.max(1, rs));
-      // A frame may start a few bytes into its slot (postBurst); the writable part would follow its slots.
-      const wOff = pool.base + (pool.slotAt(f.off) + rs) * pool.slotSize;
+      // A frame in a cell keeps it and holds no slot: the lane begins again only once every frame is back.
+      rq.reserveBuffer(f.off, Math.max(1, rs));
+      // A frame may start a few bytes into its slot (postBurst); the writable part (none: wLen 0) would follow its slots.
+      const wOff = rq.lane.isCell(f.off) ? f.off + f.len : pool.base + (pool.slotAt(f.off) + rs) * pool.slotSize;
       rq.inflight.put(f.desc, { chain: null, head: 0, rLen: f.len, wLen: 0, off: f.off, wOff, pos: f.pos, start: 0, done: true });
     }
   }
@@ -1143,7 +1142,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     // The ring is programmed again from scratch at restart (bringUp), which posts these first.
     for (const f of kept) {
       const n = Math.max(1, rq.pool.slotsFor(f.rLen) + rq.pool.slotsFor(f.wLen));
-      if (!rq.lane.isCell(f.off)) rq.pool.reserve(f.off, n);
+      rq.reserveBuffer(f.off, n);
       f.pos = rq.ring.nextAvailIdx;
       rq.inflight.put(rq.ring.addPair(f.off, f.rLen, f.wOff, f.wLen), f);
       rq.count++;

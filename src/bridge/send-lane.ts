@@ -77,17 +77,15 @@ export class SendLane {
     return off >= this.cellBase && off < this.cellEnd;
   }
 
-  /** The offset of descriptor d's cell for a frame of len bytes (4 bytes in when `shift`), or -1 when it takes slots. */
-  cellFor(d: number, len: number, shift: boolean): number {
-    return this.cellBase >= 0 && len + 4 <= FRAME_CELL ? this.cellBase + (d & this.mask) * FRAME_CELL + (shift ? 4 : 0) : -1;
-  }
-
-  /** The frame of `len` bytes in its cell at `off` (cellFor) is posted at descriptor d. */
-  holdCell(d: number, off: number, len: number): void {
-    this.offAt[d] = off;
-    this.lenAt[d] = len;
-    this.useAt[d] = 0;
-    this.frameCount++;
+  /**
+   * BAR offset of the cell of the frame of len bytes to be posted at
+   * descriptor d, or -1 when it takes slots (take()). A cell is a take of no
+   * slot: the next hold() holds none.
+   */
+  takeCell(d: number, len: number): number {
+    if (this.cellBase < 0 || len + 4 > FRAME_CELL) return -1;
+    this.taken = 0;
+    return this.cellBase + (d & this.mask) * FRAME_CELL;
   }
 
   get slotsInUse(): number {
@@ -122,7 +120,7 @@ export class SendLane {
     return this.pool.base;
   }
 
-  /** The frame of `len` bytes at `off` (from the last take()) is posted at descriptor d. */
+  /** The frame of `len` bytes at `off` (from the last take() or takeCell()) is posted at descriptor d. */
   hold(d: number, off: number, len: number): void {
     const t = this.taken;
     this.offAt[d] = off;
@@ -135,7 +133,7 @@ export class SendLane {
   }
 
   /**
-   * take(1) and hold() (or holdCell()) for n frames of at most a slot each,
+   * takeCell() or take(1), and hold(), for n frames of at most a slot each,
    * posted at descriptors (p + i) & (ringSize - 1): offs[i] gets frame i's
    * BAR offset. A frame starts 4 bytes into its cell or slot when its source
    * address is 4 mod 8 and it fits, so that source and BAR agree mod 8 and
@@ -193,8 +191,7 @@ export class SendLane {
 
   /** The n oldest frames came back. */
   release(n: number): void {
-    // Nothing held takes a slot (small frames, in cells): no need to count them.
-    const used = this.inUse === 0 ? 0 : this.slotsOf(this.tailPos, n);
+    const used = this.slotsOf(this.tailPos, n);
     this.tailPos = (this.tailPos + n) & 0xffff;
     this.inUse -= used;
     this.frameCount -= n;
@@ -202,6 +199,8 @@ export class SendLane {
 
   /** Slots held by the n frames from avail position p on. */
   private slotsOf(p: number, n: number): number {
+    // Nothing held takes a slot (small frames, in cells): no need to count them.
+    if (this.inUse === 0) return 0;
     const m = this.mask;
     let used = 0;
     for (let i = 0; i < n; i++) used += this.useAt[(p + i) & m] as number;

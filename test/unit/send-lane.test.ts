@@ -109,9 +109,10 @@ test('cells: a frame of up to 124 bytes goes in the cell of its descriptor and h
   assert.equal(lane.slotsInUse, 2);
   assert.equal(lane.frames, 6);
   assert.ok(lane.isCell(CELLS) && lane.isCell(CELLS + 8 * 128 - 1) && !lane.isCell(CELLS + 8 * 128) && !lane.isCell(CELLS - 1) && !lane.isCell(0x1000));
-  assert.equal(lane.cellFor(4, 124, true), CELLS + 4 * 128 + 4);
-  assert.equal(lane.cellFor(12, 60, false), CELLS + 4 * 128, 'by descriptor, mod the ring');
-  assert.equal(lane.cellFor(4, 125, false), -1, 'too long for a cell');
+  assert.equal(lane.takeCell(4, 124), CELLS + 4 * 128, 'the longest frame a cell takes');
+  assert.equal(lane.takeCell(12, 60), CELLS + 4 * 128, 'by descriptor, mod the ring');
+  assert.equal(lane.takeCell(4, 125), -1, 'too long for a cell');
+  assert.equal(lane.slotsInUse, 2, 'takeCell holds nothing');
   lane.release(1);
   assert.equal(lane.slotsInUse, 2, 'a frame in a cell frees no slot');
   lane.release(1);
@@ -119,8 +120,9 @@ test('cells: a frame of up to 124 bytes goes in the cell of its descriptor and h
   lane.drop(1);
   assert.equal(lane.slotsInUse, 0, 'the newest frame, in slot 1, undone');
   assert.equal(lane.take(1), 0x1000 + SLOT, 'and its slot taken next');
-  // Posted at descriptor 3 instead (position 11), in its cell: take() held nothing.
-  lane.holdCell(3, lane.cellFor(11, 10, false), 10);
+  // Posted at descriptor 3 instead (position 11), in its cell: take() held nothing, and hold() after takeCell() holds no slot.
+  lane.hold(3, lane.takeCell(11, 10), 10);
+  assert.equal(lane.slotsInUse, 0);
   assert.deepEqual(lane.handOver(), [
     { desc: 0, pos: 8, off: CELLS, len: 124 },
     { desc: 1, pos: 9, off: CELLS + 128 + 4, len: 124 },
@@ -128,7 +130,7 @@ test('cells: a frame of up to 124 bytes goes in the cell of its descriptor and h
     { desc: 3, pos: 11, off: CELLS + 3 * 128, len: 10 },
   ]);
   const none = new SendLane(new SlotPool(0x1000, 4 * SLOT, SLOT), 8);
-  assert.equal(none.cellFor(0, 10, false), -1, 'no cell area: every frame takes slots');
+  assert.equal(none.takeCell(0, 10), -1, 'no cell area: every frame takes slots');
   assert.ok(!none.isCell(0) && !none.isCell(-1));
   none.begin(0);
   none.placeOnes(0, 1, addrs, lens, offs);
