@@ -25,6 +25,8 @@ export interface NetResult {
   packed: Outcome<DirectNetResult>;
   /** Relay mode: the bridge copies each packet into the function's BAR for a backend process's null sink over the PCIe link. */
   relay: Outcome<RelayNetResult>;
+  /** 64 B only, with the relay: the bridge's own work a frame, with no line from another core to wait for. */
+  compute: Outcome<RelayComputeResult>;
   /**
    * The core 0 -> core 1 cache-line transfer (ns) just before and just after
    * each measurement that ran: the host's placement of the two vCPUs, which
@@ -180,6 +182,46 @@ function spawnCli(args: readonly string[]): { child: ChildProcess; log: () => st
 }
 
 /**
+ * bench/relay-path.ts, relay and direct, each in a process of its own on
+ * core 1: the same 64 B frames through the relay and its backend device in one
+ * process, every line this core's own. Relay minus direct is the bridge's own
+ * work a frame (the relay and the in-process link), the part of its figure in
+ * the testpmd run that is not waiting for lines testpmd's core wrote.
+ */
+export interface RelayComputeResult {
+  relayNsPerPkt: number;
+  directNsPerPkt: number;
+  bridgeNsPerPkt: number;
+}
+
+const RELAY_PATH = path.resolve(__dirname, 'relay-path.js');
+
+async function relayPathCpu(mode: 'relay' | 'direct'): Promise<number> {
+  const child = spawn('taskset', ['-c', '1', process.execPath, '--single-threaded', RELAY_PATH, '--mode', mode, '--packets', '2000000', '--warmup', '300000'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let text = '';
+  child.stdout.on('data', (b: Buffer) => (text += b.toString()));
+  child.stderr.on('data', (b: Buffer) => (text += b.toString()));
+  const code = await new Promise<number | null>((r) => child.once('close', r));
+  if (code !== 0) throw new Error(`relay-path --mode ${mode} exited with ${code}: ${text.trim()}`);
+  const r = JSON.parse(text) as { cpuNsPerPkt?: unknown };
+  if (typeof r.cpuNsPerPkt !== 'number') throw new Error(`relay-path --mode ${mode} printed no cpuNsPerPkt: ${text.trim()}`);
+  return r.cpuNsPerPkt;
+}
+
+/** Each mode twice, alternating, and the lower of each: the host's other load only ever adds. */
+export async function relayCompute(): Promise<RelayComputeResult> {
+  let relayNsPerPkt = Infinity;
+  let directNsPerPkt = Infinity;
+  for (let i = 0; i < 2; i++) {
+    relayNsPerPkt = Math.min(relayNsPerPkt, await relayPathCpu('relay'));
+    directNsPerPkt = Math.min(directNsPerPkt, await relayPathCpu('direct'));
+  }
+  return { relayNsPerPkt, directNsPerPkt, bridgeNsPerPkt: relayNsPerPkt - directNsPerPkt };
+}
+
+/**
  * testpmd -> bridge (relay) -> PCIe link or a virtio-msg bus -> `vbridge
  * backend net --sink`; the bridge and the backend share core 1.
  */
@@ -293,6 +335,11 @@ export async function netBench(sizes: readonly number[], seconds: number, only?:
         direct: await run(`net ${size} B direct`, 'direct', () => direct(size, seconds, fs.mkdtempSync(path.join(dir, 'd-')))),
         packed: await run(`net ${size} B direct, packed ring`, 'packed', () => direct(size, seconds, fs.mkdtempSync(path.join(dir, 'p-')), true)),
         relay: await run(`net ${size} B relay`, 'relay', () => relay(size, seconds, fs.mkdtempSync(path.join(dir, 'r-')))),
+        // After the relay's window, not in it: nothing else runs on core 1 meanwhile.
+        compute:
+          size === 64 && (only === undefined || only.includes('relay'))
+            ? await bounded(`net ${size} B relay in one process`, bound, relayCompute)
+            : skipped<RelayComputeResult>('net relay in one process (64 B only)'),
         coreLink,
       });
     }

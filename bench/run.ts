@@ -76,6 +76,24 @@ function printNet(net: readonly NetResult[]): void {
     );
     failures([r.relay]);
   }
+  if (net.every((r) => !r.compute.ok && r.compute.skipped === true)) return;
+  out('\nnet relay, the bridge\'s own work: the same 64 B frames through the relay in one process on core 1, no line from another\n');
+  out(' core (bench/relay-path.ts, the lower of two runs each; CPU ns per packet; bridge = relay - direct: the relay and its\n');
+  out(' in-process link; the rest: what the bridge spent in the testpmd run beyond that, waiting for lines testpmd\'s core wrote and waking)\n');
+  out(' size  relay  direct  bridge  bridge/vhost-pmd  cpu bridge, testpmd run   rest\n');
+  for (const r of net) {
+    if (!r.compute.ok && r.compute.skipped === true) continue;
+    const c = value(r.compute);
+    const a = value(r.anchor);
+    const x = value(r.relay);
+    const real = x?.cpuNsPerPkt.bridge;
+    out(
+      `${String(r.size).padStart(5)}  ${fmt(c?.relayNsPerPkt, 1, 5)}  ${fmt(c?.directNsPerPkt, 1, 6)}  ${fmt(c?.bridgeNsPerPkt, 1, 6)}` +
+        `  ${fmt(ratio(c?.bridgeNsPerPkt, a?.cpuNsPerPkt.receiver), 2, 16)}  ${fmt(real, 1, 23)}` +
+        `  ${fmt(real === undefined || c === undefined ? undefined : real - c.bridgeNsPerPkt, 1, 5)}\n`,
+    );
+    failures([r.compute]);
+  }
 }
 
 function printBlk(blk: BlkResult): void {
