@@ -5,10 +5,11 @@
  * forwarding lcore on core 0, the receiver (vhost PMD lcore or the vbridge
  * process) on core 1.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { promisify } from 'node:util';
 import { startTestpmd, type Testpmd } from '../test/support/testpmd';
 import { fetchJson } from '../src/control/control-server';
 import type { StatsReport } from '../src/control/stats-format';
@@ -195,18 +196,14 @@ export interface RelayComputeResult {
 }
 
 const RELAY_PATH = path.resolve(__dirname, 'relay-path.js');
+const execFileAsync = promisify(execFile);
 
+/** bounded() leaves a measurement to finish on its own: this one's child is killed after a minute (it takes about two seconds). */
 async function relayPathCpu(mode: 'relay' | 'direct'): Promise<number> {
-  const child = spawn('taskset', ['-c', '1', process.execPath, '--single-threaded', RELAY_PATH, '--mode', mode, '--packets', '2000000', '--warmup', '300000'], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let text = '';
-  child.stdout.on('data', (b: Buffer) => (text += b.toString()));
-  child.stderr.on('data', (b: Buffer) => (text += b.toString()));
-  const code = await new Promise<number | null>((r) => child.once('close', r));
-  if (code !== 0) throw new Error(`relay-path --mode ${mode} exited with ${code}: ${text.trim()}`);
-  const r = JSON.parse(text) as { cpuNsPerPkt?: unknown };
-  if (typeof r.cpuNsPerPkt !== 'number') throw new Error(`relay-path --mode ${mode} printed no cpuNsPerPkt: ${text.trim()}`);
+  const args = ['-c', '1', process.execPath, '--single-threaded', RELAY_PATH, '--mode', mode, '--packets', '2000000', '--warmup', '300000'];
+  const { stdout } = await execFileAsync('taskset', args, { timeout: 60_000 });
+  const r = JSON.parse(stdout) as { cpuNsPerPkt?: unknown };
+  if (typeof r.cpuNsPerPkt !== 'number') throw new Error(`relay-path --mode ${mode} printed no cpuNsPerPkt: ${stdout.trim()}`);
   return r.cpuNsPerPkt;
 }
 
