@@ -15,6 +15,7 @@
  * hostile peer may exceed 2^53. Callers convert addresses with `toAddress`,
  * which rejects what a Number cannot hold exactly.
  */
+import { byte, le16, le32, le64, structLayout, widthProblem, type Fields, type StructCodec, type Width } from '../wire/struct-layout';
 import {
   BackendReq,
   FLAG_REPLY,
@@ -196,28 +197,18 @@ export interface Rarp {
 // ---------------------------------------------------------------------------
 // Codecs
 
-const U32_MAX = 0xffffffff;
-const U64_MAX = (1n << 64n) - 1n;
-
 function view(bytes: Uint8Array): DataView {
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
-function checkU32(v: number, field: string): void {
-  if (!Number.isInteger(v) || v < 0 || v > U32_MAX) throw new CodecError(`${field} ${v} is not a u32`);
+function checkWidth(v: unknown, width: Width, field: string): void {
+  const problem = widthProblem(v, width, field);
+  if (problem !== null) throw new CodecError(problem);
 }
 
-function checkU16(v: number, field: string): void {
-  if (!Number.isInteger(v) || v < 0 || v > 0xffff) throw new CodecError(`${field} ${v} is not a u16`);
-}
-
-function checkU8(v: number, field: string): void {
-  if (!Number.isInteger(v) || v < 0 || v > 0xff) throw new CodecError(`${field} ${v} is not a u8`);
-}
-
-function checkU64(v: bigint, field: string): void {
-  if (typeof v !== 'bigint' || v < 0n || v > U64_MAX) throw new CodecError(`${field} ${String(v)} is not a u64`);
-}
+const checkU32 = (v: number, field: string): void => checkWidth(v, 'u32', field);
+const checkU8 = (v: number, field: string): void => checkWidth(v, 'u8', field);
+const checkU64 = (v: bigint, field: string): void => checkWidth(v, 'u64', field);
 
 function fixed<T>(typeName: string, size: number, decode: (dv: DataView, bytes: Uint8Array) => T, encode: (dv: DataView, v: T, bytes: Uint8Array) => void): Codec<T> {
   return {
@@ -231,6 +222,17 @@ function fixed<T>(typeName: string, size: number, decode: (dv: DataView, bytes: 
       return out;
     },
   };
+}
+
+/** A struct of vhost-user's (struct-layout.ts), its errors CodecErrors. */
+function layout<T>(fields: Fields<T>): StructCodec<T> {
+  return structLayout({ fields }, (message) => new CodecError(message));
+}
+
+/** A payload that is one fixed struct. */
+function struct<T>(typeName: string, size: number, fields: Fields<T>): Codec<T> {
+  const s = layout(fields);
+  return fixed(typeName, size, (dv) => s.read(dv), (dv, v) => s.write(dv, v));
 }
 
 export const NONE: Codec<Empty> = {
@@ -283,66 +285,25 @@ export const VRING_FILE: Codec<VringFile> = fixed(
   },
 );
 
-export const VRING_STATE: Codec<VringState> = fixed(
-  'vring state',
-  8,
-  (dv) => ({ index: dv.getUint32(0, true), num: dv.getUint32(4, true) }),
-  (dv, v) => {
-    checkU32(v.index, 'index');
-    checkU32(v.num, 'num');
-    dv.setUint32(0, v.index, true);
-    dv.setUint32(4, v.num, true);
-  },
-);
+export const VRING_STATE: Codec<VringState> = struct<VringState>('vring state', 8, { index: le32(0, 'index'), num: le32(4, 'num') });
 
-export const VRING_ADDR: Codec<VringAddr> = fixed(
-  'vring address',
-  40,
-  (dv) => ({
-    index: dv.getUint32(0, true),
-    flags: dv.getUint32(4, true),
-    descUserAddr: dv.getBigUint64(8, true),
-    usedUserAddr: dv.getBigUint64(16, true),
-    availUserAddr: dv.getBigUint64(24, true),
-    logGuestAddr: dv.getBigUint64(32, true),
-  }),
-  (dv, v) => {
-    checkU32(v.index, 'index');
-    checkU32(v.flags, 'flags');
-    checkU64(v.descUserAddr, 'desc_user_addr');
-    checkU64(v.usedUserAddr, 'used_user_addr');
-    checkU64(v.availUserAddr, 'avail_user_addr');
-    checkU64(v.logGuestAddr, 'log_guest_addr');
-    dv.setUint32(0, v.index, true);
-    dv.setUint32(4, v.flags, true);
-    dv.setBigUint64(8, v.descUserAddr, true);
-    dv.setBigUint64(16, v.usedUserAddr, true);
-    dv.setBigUint64(24, v.availUserAddr, true);
-    dv.setBigUint64(32, v.logGuestAddr, true);
-  },
-);
+export const VRING_ADDR: Codec<VringAddr> = struct<VringAddr>('vring address', 40, {
+  index: le32(0, 'index'),
+  flags: le32(4, 'flags'),
+  descUserAddr: le64(8, 'desc_user_addr'),
+  usedUserAddr: le64(16, 'used_user_addr'),
+  availUserAddr: le64(24, 'avail_user_addr'),
+  logGuestAddr: le64(32, 'log_guest_addr'),
+});
 
 const REGION_SIZE = 32;
 
-function readRegion(dv: DataView, off: number): MemRegion {
-  return {
-    guestAddr: dv.getBigUint64(off, true),
-    size: dv.getBigUint64(off + 8, true),
-    userAddr: dv.getBigUint64(off + 16, true),
-    mmapOffset: dv.getBigUint64(off + 24, true),
-  };
-}
-
-function writeRegion(dv: DataView, off: number, r: MemRegion, field: string): void {
-  checkU64(r.guestAddr, `${field}.guest_phys_addr`);
-  checkU64(r.size, `${field}.memory_size`);
-  checkU64(r.userAddr, `${field}.userspace_addr`);
-  checkU64(r.mmapOffset, `${field}.mmap_offset`);
-  dv.setBigUint64(off, r.guestAddr, true);
-  dv.setBigUint64(off + 8, r.size, true);
-  dv.setBigUint64(off + 16, r.userAddr, true);
-  dv.setBigUint64(off + 24, r.mmapOffset, true);
-}
+const REGION = layout<MemRegion>({
+  guestAddr: le64(0, 'guest_phys_addr'),
+  size: le64(8, 'memory_size'),
+  userAddr: le64(16, 'userspace_addr'),
+  mmapOffset: le64(24, 'mmap_offset'),
+});
 
 /**
  * nregions u32, padding u32, then nregions regions. QEMU and DPDK send only the
@@ -361,7 +322,7 @@ export const MEMORY_TABLE: Codec<MemoryTable> = {
       throw new CodecError(`nregions ${n} needs ${exact} payload bytes, got ${bytes.length}`);
     }
     const regions: MemRegion[] = [];
-    for (let i = 0; i < n; i++) regions.push(readRegion(dv, 8 + i * REGION_SIZE));
+    for (let i = 0; i < n; i++) regions.push(REGION.read(dv, 8 + i * REGION_SIZE));
     return { regions };
   },
   encode(v) {
@@ -371,7 +332,7 @@ export const MEMORY_TABLE: Codec<MemoryTable> = {
     const out = new Uint8Array(8 + v.regions.length * REGION_SIZE);
     const dv = view(out);
     dv.setUint32(0, v.regions.length, true);
-    v.regions.forEach((r, i) => writeRegion(dv, 8 + i * REGION_SIZE, r, `regions[${i}]`));
+    v.regions.forEach((r, i) => REGION.write(dv, r, 8 + i * REGION_SIZE, `regions[${i}]`));
     return out;
   },
 };
@@ -379,46 +340,20 @@ export const MEMORY_TABLE: Codec<MemoryTable> = {
 export const MEM_REGION_MSG: Codec<MemRegionMsg> = fixed(
   'single memory region description',
   8 + REGION_SIZE,
-  (dv) => ({ region: readRegion(dv, 8) }),
-  (dv, v) => writeRegion(dv, 8, v.region, 'region'),
+  (dv) => ({ region: REGION.read(dv, 8) }),
+  (dv, v) => REGION.write(dv, v.region, 8, 'region'),
 );
 
-export const LOG: Codec<LogArea> = fixed(
-  'log description',
-  16,
-  (dv) => ({ mmapSize: dv.getBigUint64(0, true), mmapOffset: dv.getBigUint64(8, true) }),
-  (dv, v) => {
-    checkU64(v.mmapSize, 'mmap_size');
-    checkU64(v.mmapOffset, 'mmap_offset');
-    dv.setBigUint64(0, v.mmapSize, true);
-    dv.setBigUint64(8, v.mmapOffset, true);
-  },
-);
+export const LOG: Codec<LogArea> = struct<LogArea>('log description', 16, { mmapSize: le64(0, 'mmap_size'), mmapOffset: le64(8, 'mmap_offset') });
 
 /** struct vhost_iotlb_msg: 26 bytes of fields, padded to 32 by its u64 alignment. */
-export const IOTLB: Codec<IotlbMsg> = fixed(
-  'IOTLB message',
-  32,
-  (dv) => ({
-    iova: dv.getBigUint64(0, true),
-    size: dv.getBigUint64(8, true),
-    userAddr: dv.getBigUint64(16, true),
-    perm: dv.getUint8(24),
-    type: dv.getUint8(25),
-  }),
-  (dv, v) => {
-    checkU64(v.iova, 'iova');
-    checkU64(v.size, 'size');
-    checkU64(v.userAddr, 'uaddr');
-    checkU8(v.perm, 'perm');
-    checkU8(v.type, 'type');
-    dv.setBigUint64(0, v.iova, true);
-    dv.setBigUint64(8, v.size, true);
-    dv.setBigUint64(16, v.userAddr, true);
-    dv.setUint8(24, v.perm);
-    dv.setUint8(25, v.type);
-  },
-);
+export const IOTLB: Codec<IotlbMsg> = struct<IotlbMsg>('IOTLB message', 32, {
+  iova: le64(0, 'iova'),
+  size: le64(8, 'size'),
+  userAddr: le64(16, 'uaddr'),
+  perm: byte(24, 'perm'),
+  type: byte(25, 'type'),
+});
 
 const CONFIG_HDR = 12;
 
@@ -469,45 +404,24 @@ export const CONFIG_REPLY: Codec<ConfigSpace | null> = {
   encode: (v) => (v === null ? new Uint8Array(0) : encodeConfig(v)),
 };
 
-export const VRING_AREA: Codec<VringArea> = fixed(
-  'vring area description',
-  24,
-  (dv) => ({ indexFlags: dv.getBigUint64(0, true), size: dv.getBigUint64(8, true), offset: dv.getBigUint64(16, true) }),
-  (dv, v) => {
-    checkU64(v.indexFlags, 'u64');
-    checkU64(v.size, 'size');
-    checkU64(v.offset, 'offset');
-    dv.setBigUint64(0, v.indexFlags, true);
-    dv.setBigUint64(8, v.size, true);
-    dv.setBigUint64(16, v.offset, true);
-  },
-);
+export const VRING_AREA: Codec<VringArea> = struct<VringArea>('vring area description', 24, { indexFlags: le64(0, 'u64'), size: le64(8, 'size'), offset: le64(16, 'offset') });
 
 /** 20 bytes of fields; the C struct (what QEMU and DPDK send) pads to 24. */
+const INFLIGHT_FIELDS = layout<Inflight>({
+  mmapSize: le64(0, 'mmap_size'),
+  mmapOffset: le64(8, 'mmap_offset'),
+  numQueues: le16(16, 'num_queues'),
+  queueSize: le16(18, 'queue_size'),
+});
+
 export const INFLIGHT: Codec<Inflight> = {
   typeName: 'inflight description',
   minSize: 20,
   maxSize: 24,
-  decode(bytes) {
-    const dv = view(bytes);
-    return {
-      mmapSize: dv.getBigUint64(0, true),
-      mmapOffset: dv.getBigUint64(8, true),
-      numQueues: dv.getUint16(16, true),
-      queueSize: dv.getUint16(18, true),
-    };
-  },
+  decode: (bytes) => INFLIGHT_FIELDS.read(view(bytes)),
   encode(v) {
-    checkU64(v.mmapSize, 'mmap_size');
-    checkU64(v.mmapOffset, 'mmap_offset');
-    checkU16(v.numQueues, 'num_queues');
-    checkU16(v.queueSize, 'queue_size');
     const out = new Uint8Array(24);
-    const dv = view(out);
-    dv.setBigUint64(0, v.mmapSize, true);
-    dv.setBigUint64(8, v.mmapOffset, true);
-    dv.setUint16(16, v.numQueues, true);
-    dv.setUint16(18, v.queueSize, true);
+    INFLIGHT_FIELDS.write(view(out), v);
     return out;
   },
 };
@@ -522,17 +436,7 @@ export const SHARED: Codec<SharedObject> = fixed(
   },
 );
 
-export const DEVICE_STATE: Codec<DeviceStateTransfer> = fixed(
-  'device state transfer parameters',
-  8,
-  (dv) => ({ direction: dv.getUint32(0, true), phase: dv.getUint32(4, true) }),
-  (dv, v) => {
-    checkU32(v.direction, 'transfer direction');
-    checkU32(v.phase, 'migration phase');
-    dv.setUint32(0, v.direction, true);
-    dv.setUint32(4, v.phase, true);
-  },
-);
+export const DEVICE_STATE: Codec<DeviceStateTransfer> = struct<DeviceStateTransfer>('device state transfer parameters', 8, { direction: le32(0, 'transfer direction'), phase: le32(4, 'migration phase') });
 
 /** nregions u32, padding u32, sizes u64[]; the array may be longer than nregions (QEMU sends the whole array). */
 export const SHMEM_CONFIG: Codec<ShmemConfig> = {
@@ -564,29 +468,13 @@ export const SHMEM_CONFIG: Codec<ShmemConfig> = {
 };
 
 /** BACKEND_SHMEM_MAP/UNMAP (VhostUserMMap): shmid u8, 7 padding bytes, then four u64. */
-export const SHMEM_MAP: Codec<ShmemMap> = fixed(
-  'VhostUserMMap',
-  40,
-  (dv) => ({
-    shmid: dv.getUint8(0),
-    fdOffset: dv.getBigUint64(8, true),
-    shmOffset: dv.getBigUint64(16, true),
-    len: dv.getBigUint64(24, true),
-    flags: dv.getBigUint64(32, true),
-  }),
-  (dv, v) => {
-    checkU8(v.shmid, 'shmid');
-    checkU64(v.fdOffset, 'fd_offset');
-    checkU64(v.shmOffset, 'shm_offset');
-    checkU64(v.len, 'len');
-    checkU64(v.flags, 'flags');
-    dv.setUint8(0, v.shmid);
-    dv.setBigUint64(8, v.fdOffset, true);
-    dv.setBigUint64(16, v.shmOffset, true);
-    dv.setBigUint64(24, v.len, true);
-    dv.setBigUint64(32, v.flags, true);
-  },
-);
+export const SHMEM_MAP: Codec<ShmemMap> = struct<ShmemMap>('VhostUserMMap', 40, {
+  shmid: byte(0, 'shmid'),
+  fdOffset: le64(8, 'fd_offset'),
+  shmOffset: le64(16, 'shm_offset'),
+  len: le64(24, 'len'),
+  flags: le64(32, 'flags'),
+});
 
 /** SEND_RARP: a u64 whose first 6 bytes are the guest's MAC. */
 export const RARP: Codec<Rarp> = fixed(

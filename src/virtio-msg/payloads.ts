@@ -9,6 +9,8 @@
  * cannot hold exactly; the layers above decide what they accept.
  */
 
+import { le16, le32, le64, structLayout, widthProblem, type Layout, type Width } from '../wire/struct-layout';
+
 /** A payload problem found by a codec; codec.ts turns it into a VirtioMsgError naming the message. */
 export class PayloadError extends Error {
   constructor(
@@ -145,15 +147,12 @@ function view(bytes: Uint8Array): DataView {
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
-export function checkUint(v: number, bits: 16 | 32, field: string): void {
-  if (!Number.isInteger(v) || v < 0 || v > 2 ** bits - 1) {
-    throw new PayloadError('payload-field', `${field} ${String(v)} is not a u${bits}`);
-  }
+function checkWidth(v: unknown, width: Width, field: string): void {
+  const problem = widthProblem(v, width, field);
+  if (problem !== null) throw new PayloadError('payload-field', problem);
 }
 
-export function checkU64(v: bigint, field: string): void {
-  if (typeof v !== 'bigint' || v < 0n || v >= 1n << 64n) throw new PayloadError('payload-field', `${field} ${String(v)} is not a u64`);
-}
+const checkUint = (v: number, bits: 16 | 32, field: string): void => checkWidth(v, bits === 16 ? 'u16' : 'u32', field);
 
 function checkBytes(v: Uint8Array, field: string): void {
   if (!(v instanceof Uint8Array)) throw new PayloadError('payload-field', `${field} is not a byte array`);
@@ -173,13 +172,19 @@ export function fixed<T>(describe: string, size: number, decode: (dv: DataView) 
   };
 }
 
-export function mbz(dv: DataView, off: number, field: string): void {
-  const v = dv.getUint32(off, true);
-  if (v !== 0) throw new PayloadError('payload-field', `${field} at offset ${off} is 0x${v.toString(16)}, must be zero`);
+/** A payload that is one fixed struct (struct-layout.ts), its field errors payload-field ones. */
+export function struct<T>(describe: string, size: number, layout: Layout<T>): PayloadCodec<T> {
+  const s = structLayout(layout, (message) => new PayloadError('payload-field', message));
+  return fixed(describe, size, (dv) => s.read(dv), (dv, v) => s.write(dv, v));
 }
 
 function multipleOf8(v: number, field: string): void {
-  if (v % 8 !== 0) throw new PayloadError('payload-field', `${field} ${v} is not a multiple of 8`);
+  const problem = notMultipleOf8(v, field);
+  if (problem !== null) throw new PayloadError('payload-field', problem);
+}
+
+function notMultipleOf8(v: number, field: string): string | null {
+  return v % 8 === 0 ? null : `${field} ${v} is not a multiple of 8`;
 }
 
 // ---------------------------------------------------------------------------
@@ -193,7 +198,12 @@ export const NONE: PayloadCodec<Empty> = {
   encode: () => new Uint8Array(0),
 };
 
-/** One le32 (status, virtqueue index, shm index, PING data). */
+/** A struct of one field, carried as that field's value. */
+export function valueOf<V>(c: PayloadCodec<{ value: V }>): PayloadCodec<V> {
+  return { ...c, decode: (bytes) => c.decode(bytes).value, encode: (value) => c.encode({ value }) };
+}
+
+/** One le32 (status, virtqueue index, shm index, PING data); by hand, not a struct: EVENT_USED carries one each interrupt. */
 export function u32(field: string): PayloadCodec<number> {
   return fixed(
     field,
@@ -206,52 +216,22 @@ export function u32(field: string): PayloadCodec<number> {
   );
 }
 
-export const DEVICE_INFO: PayloadCodec<DeviceInfo> = fixed(
-  'device info',
-  24,
-  (dv) => {
-    const featureBits = dv.getUint32(8, true);
-    if (featureBits % 32 !== 0) throw new PayloadError('payload-field', `number of feature bits ${featureBits} is not a multiple of 32`);
-    return {
-      deviceId: dv.getUint32(0, true),
-      vendorId: dv.getUint32(4, true),
-      featureBits,
-      configSize: dv.getUint32(12, true),
-      maxVirtqueues: dv.getUint32(16, true),
-      adminVqStart: dv.getUint16(20, true),
-      adminVqCount: dv.getUint16(22, true),
-    };
+export const DEVICE_INFO: PayloadCodec<DeviceInfo> = struct<DeviceInfo>('device info', 24, {
+  fields: {
+    deviceId: le32(0, 'device ID'),
+    vendorId: le32(4, 'vendor ID'),
+    featureBits: le32(8, 'number of feature bits'),
+    configSize: le32(12, 'configuration size'),
+    maxVirtqueues: le32(16, 'maximum number of virtqueues'),
+    adminVqStart: le16(20, 'admin virtqueue start index'),
+    adminVqCount: le16(22, 'admin virtqueue count'),
   },
-  (dv, v) => {
-    checkUint(v.deviceId, 32, 'device ID');
-    checkUint(v.vendorId, 32, 'vendor ID');
-    checkUint(v.featureBits, 32, 'number of feature bits');
-    if (v.featureBits % 32 !== 0) throw new PayloadError('payload-field', `number of feature bits ${v.featureBits} is not a multiple of 32`);
-    checkUint(v.configSize, 32, 'configuration size');
-    checkUint(v.maxVirtqueues, 32, 'maximum number of virtqueues');
-    checkUint(v.adminVqStart, 16, 'admin virtqueue start index');
-    checkUint(v.adminVqCount, 16, 'admin virtqueue count');
-    dv.setUint32(0, v.deviceId, true);
-    dv.setUint32(4, v.vendorId, true);
-    dv.setUint32(8, v.featureBits, true);
-    dv.setUint32(12, v.configSize, true);
-    dv.setUint32(16, v.maxVirtqueues, true);
-    dv.setUint16(20, v.adminVqStart, true);
-    dv.setUint16(22, v.adminVqCount, true);
-  },
-);
+  rule: (v) => (v.featureBits % 32 === 0 ? null : `number of feature bits ${v.featureBits} is not a multiple of 32`),
+});
 
-export const FEATURE_RANGE: PayloadCodec<FeatureRange> = fixed(
-  'feature block index and count',
-  8,
-  (dv) => ({ index: dv.getUint32(0, true), count: dv.getUint32(4, true) }),
-  (dv, v) => {
-    checkUint(v.index, 32, 'feature block index');
-    checkUint(v.count, 32, 'number of feature blocks');
-    dv.setUint32(0, v.index, true);
-    dv.setUint32(4, v.count, true);
-  },
-);
+export const FEATURE_RANGE: PayloadCodec<FeatureRange> = struct<FeatureRange>('feature block index and count', 8, {
+  fields: { index: le32(0, 'feature block index'), count: le32(4, 'number of feature blocks') },
+});
 
 export const FEATURE_BLOCKS: PayloadCodec<FeatureBlocks> = {
   describe: 'feature block index, count and count x 32-bit blocks',
@@ -284,17 +264,9 @@ export const FEATURE_BLOCKS: PayloadCodec<FeatureBlocks> = {
   },
 };
 
-export const CONFIG_RANGE: PayloadCodec<ConfigRange> = fixed(
-  'configuration offset and byte count',
-  8,
-  (dv) => ({ offset: dv.getUint32(0, true), length: dv.getUint32(4, true) }),
-  (dv, v) => {
-    checkUint(v.offset, 32, 'configuration offset');
-    checkUint(v.length, 32, 'number of bytes');
-    dv.setUint32(0, v.offset, true);
-    dv.setUint32(4, v.length, true);
-  },
-);
+export const CONFIG_RANGE: PayloadCodec<ConfigRange> = struct<ConfigRange>('configuration offset and byte count', 8, {
+  fields: { offset: le32(0, 'configuration offset'), length: le32(4, 'number of bytes') },
+});
 
 /** le32 fields (named by `fields`), then le32 byte count, then the data; the data is exactly that count. */
 function withData<T extends { data: Uint8Array }>(
@@ -347,77 +319,36 @@ export const CONFIG_EVENT: PayloadCodec<ConfigEvent> = withData(
   (v) => [v.status, v.generation, v.offset],
 );
 
-export const VQUEUE_INFO: PayloadCodec<VqueueInfo> = fixed(
-  'virtqueue index, sizes and addresses',
-  40,
-  (dv) => {
-    mbz(dv, 12, 'reserved');
-    return {
-      index: dv.getUint32(0, true),
-      maxSize: dv.getUint32(4, true),
-      size: dv.getUint32(8, true),
-      descAddr: dv.getBigUint64(16, true),
-      driverAddr: dv.getBigUint64(24, true),
-      deviceAddr: dv.getBigUint64(32, true),
-    };
+export const VQUEUE_INFO: PayloadCodec<VqueueInfo> = struct<VqueueInfo>('virtqueue index, sizes and addresses', 40, {
+  fields: {
+    index: le32(0, 'virtqueue index'),
+    maxSize: le32(4, 'maximum virtqueue size'),
+    size: le32(8, 'current virtqueue size'),
+    descAddr: le64(16, 'descriptor address'),
+    driverAddr: le64(24, 'driver address'),
+    deviceAddr: le64(32, 'device address'),
   },
-  (dv, v) => {
-    checkUint(v.index, 32, 'virtqueue index');
-    checkUint(v.maxSize, 32, 'maximum virtqueue size');
-    checkUint(v.size, 32, 'current virtqueue size');
-    checkU64(v.descAddr, 'descriptor address');
-    checkU64(v.driverAddr, 'driver address');
-    checkU64(v.deviceAddr, 'device address');
-    dv.setUint32(0, v.index, true);
-    dv.setUint32(4, v.maxSize, true);
-    dv.setUint32(8, v.size, true);
-    dv.setBigUint64(16, v.descAddr, true);
-    dv.setBigUint64(24, v.driverAddr, true);
-    dv.setBigUint64(32, v.deviceAddr, true);
-  },
-);
+  zero: [le32(12, 'reserved')],
+});
 
-export const VQUEUE_SETUP: PayloadCodec<VqueueSetup> = fixed(
-  'virtqueue index, size and addresses',
-  40,
-  (dv) => {
-    mbz(dv, 4, 'reserved');
-    mbz(dv, 12, 'reserved');
-    return {
-      index: dv.getUint32(0, true),
-      size: dv.getUint32(8, true),
-      descAddr: dv.getBigUint64(16, true),
-      driverAddr: dv.getBigUint64(24, true),
-      deviceAddr: dv.getBigUint64(32, true),
-    };
+export const VQUEUE_SETUP: PayloadCodec<VqueueSetup> = struct<VqueueSetup>('virtqueue index, size and addresses', 40, {
+  fields: {
+    index: le32(0, 'virtqueue index'),
+    size: le32(8, 'current virtqueue size'),
+    descAddr: le64(16, 'descriptor address'),
+    driverAddr: le64(24, 'driver address'),
+    deviceAddr: le64(32, 'device address'),
   },
-  (dv, v) => {
-    checkUint(v.index, 32, 'virtqueue index');
-    checkUint(v.size, 32, 'current virtqueue size');
-    checkU64(v.descAddr, 'descriptor address');
-    checkU64(v.driverAddr, 'driver address');
-    checkU64(v.deviceAddr, 'device address');
-    dv.setUint32(0, v.index, true);
-    dv.setUint32(8, v.size, true);
-    dv.setBigUint64(16, v.descAddr, true);
-    dv.setBigUint64(24, v.driverAddr, true);
-    dv.setBigUint64(32, v.deviceAddr, true);
-  },
-);
+  zero: [le32(4, 'reserved'), le32(12, 'reserved')],
+});
 
-export const SHM_REGION: PayloadCodec<ShmRegion> = fixed(
-  'shared memory region index, length and address',
-  12,
-  (dv) => ({ index: dv.getUint32(0, true), length: dv.getUint32(4, true), address: dv.getUint32(8, true) }),
-  (dv, v) => {
-    checkUint(v.index, 32, 'shared memory region index');
-    checkUint(v.length, 32, 'shared memory region length');
-    checkUint(v.address, 32, 'shared memory region address');
-    dv.setUint32(0, v.index, true);
-    dv.setUint32(4, v.length, true);
-    dv.setUint32(8, v.address, true);
+export const SHM_REGION: PayloadCodec<ShmRegion> = struct<ShmRegion>('shared memory region index, length and address', 12, {
+  fields: {
+    index: le32(0, 'shared memory region index'),
+    length: le32(4, 'shared memory region length'),
+    address: le32(8, 'shared memory region address'),
   },
-);
+});
 
 const WRAP_BIT = 0x80000000;
 
@@ -438,25 +369,10 @@ export const AVAIL_EVENT: PayloadCodec<AvailEvent> = fixed(
   },
 );
 
-export const DEVICE_RANGE: PayloadCodec<DeviceRange> = fixed(
-  'device number offset and count',
-  4,
-  (dv) => {
-    const offset = dv.getUint16(0, true);
-    const count = dv.getUint16(2, true);
-    multipleOf8(offset, 'offset');
-    multipleOf8(count, 'number of device numbers requested');
-    return { offset, count };
-  },
-  (dv, v) => {
-    checkUint(v.offset, 16, 'offset');
-    checkUint(v.count, 16, 'number of device numbers requested');
-    multipleOf8(v.offset, 'offset');
-    multipleOf8(v.count, 'number of device numbers requested');
-    dv.setUint16(0, v.offset, true);
-    dv.setUint16(2, v.count, true);
-  },
-);
+export const DEVICE_RANGE: PayloadCodec<DeviceRange> = struct<DeviceRange>('device number offset and count', 4, {
+  fields: { offset: le16(0, 'offset'), count: le16(2, 'number of device numbers requested') },
+  rule: (v) => notMultipleOf8(v.offset, 'offset') ?? notMultipleOf8(v.count, 'number of device numbers requested'),
+});
 
 export const DEVICE_BITMAP: PayloadCodec<DeviceBitmap> = {
   describe: 'offset, count, next offset and a bitmap of count bits',
@@ -492,17 +408,9 @@ export const DEVICE_BITMAP: PayloadCodec<DeviceBitmap> = {
   },
 };
 
-export const DEVICE_EVENT: PayloadCodec<DeviceEvent> = fixed(
-  'device number and bus state',
-  4,
-  (dv) => ({ devNum: dv.getUint16(0, true), state: dv.getUint16(2, true) }),
-  (dv, v) => {
-    checkUint(v.devNum, 16, 'device number');
-    checkUint(v.state, 16, 'device bus state');
-    dv.setUint16(0, v.devNum, true);
-    dv.setUint16(2, v.state, true);
-  },
-);
+export const DEVICE_EVENT: PayloadCodec<DeviceEvent> = struct<DeviceEvent>('device number and bus state', 4, {
+  fields: { devNum: le16(0, 'device number'), state: le16(2, 'device bus state') },
+});
 
 /** Bus-specific messages whose layout only their bus knows: the payload as bytes. */
 export const RAW: PayloadCodec<Uint8Array> = {

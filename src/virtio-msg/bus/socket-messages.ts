@@ -7,7 +7,8 @@
  */
 import { busLimits, type BusLimits } from '../header';
 import { busSpecific, MessageTable, type AnyMsgSpec } from '../messages';
-import { checkU64, checkUint, fixed, mbz, PayloadError, type PayloadCodec } from '../payloads';
+import { struct, valueOf, type PayloadCodec } from '../payloads';
+import { le16, le32, le64 } from '../../wire/struct-layout';
 
 /**
  * Every message of the standard table fits in 280 bytes (a 256-byte config
@@ -41,34 +42,14 @@ export const ShmStatus = {
   BAD_SEGMENT: 3,
 } as const;
 
-const SHM_ATTACH: PayloadCodec<ShmAttach> = fixed(
-  'device number, MBZ, segment size',
-  16,
-  (dv) => {
-    const devNum = dv.getUint16(0, true);
-    if (dv.getUint16(2, true) !== 0) throw new PayloadError('payload-field', 'MBZ u16 at offset 2 is not zero');
-    mbz(dv, 4, 'MBZ');
-    return { devNum, size: dv.getBigUint64(8, true) };
-  },
-  (dv, v) => {
-    checkUint(v.devNum, 16, 'device number');
-    checkU64(v.size, 'segment size');
-    dv.setUint16(0, v.devNum, true);
-    dv.setBigUint64(8, v.size, true);
-  },
-);
+const SHM_ATTACH: PayloadCodec<ShmAttach> = struct<ShmAttach>('device number, MBZ, segment size', 16, {
+  fields: { devNum: le16(0, 'device number'), size: le64(8, 'segment size') },
+  zero: [le16(2, 'MBZ'), le32(4, 'MBZ')],
+});
 
-const SHM_ATTACH_RESULT: PayloadCodec<ShmAttachResult> = fixed(
-  'device number and status',
-  4,
-  (dv) => ({ devNum: dv.getUint16(0, true), status: dv.getUint16(2, true) }),
-  (dv, v) => {
-    checkUint(v.devNum, 16, 'device number');
-    checkUint(v.status, 16, 'status');
-    dv.setUint16(0, v.devNum, true);
-    dv.setUint16(2, v.status, true);
-  },
-);
+const SHM_ATTACH_RESULT: PayloadCodec<ShmAttachResult> = struct<ShmAttachResult>('device number and status', 4, {
+  fields: { devNum: le16(0, 'device number'), status: le16(2, 'status') },
+});
 
 /** The ring buses' set-up (docs/virtio-msg.md, "The shm bus"): what kind of rings, and how many slots each. */
 export interface RingsHello {
@@ -89,35 +70,16 @@ export const HelloStatus = {
   BAD_RINGS: 1,
 } as const;
 
-const RINGS_HELLO: PayloadCodec<RingsHello> = fixed(
-  'rings kind, MBZ, slots, queues size',
-  16,
-  (dv) => {
-    const kind = dv.getUint16(0, true);
-    if (dv.getUint16(2, true) !== 0) throw new PayloadError('payload-field', 'MBZ u16 at offset 2 is not zero');
-    return { kind, slots: dv.getUint32(4, true), size: dv.getBigUint64(8, true) };
-  },
-  (dv, v) => {
-    checkUint(v.kind, 16, 'rings kind');
-    checkUint(v.slots, 32, 'slots');
-    checkU64(v.size, 'queues size');
-    dv.setUint16(0, v.kind, true);
-    dv.setUint32(4, v.slots, true);
-    dv.setBigUint64(8, v.size, true);
-  },
-);
+const RINGS_HELLO: PayloadCodec<RingsHello> = struct<RingsHello>('rings kind, MBZ, slots, queues size', 16, {
+  fields: { kind: le16(0, 'rings kind'), slots: le32(4, 'slots'), size: le64(8, 'queues size') },
+  zero: [le16(2, 'MBZ')],
+});
 
-const HELLO_STATUS: PayloadCodec<number> = fixed(
-  'status, MBZ',
-  4,
-  (dv) => {
-    if (dv.getUint16(2, true) !== 0) throw new PayloadError('payload-field', 'MBZ u16 at offset 2 is not zero');
-    return dv.getUint16(0, true);
-  },
-  (dv, v) => {
-    checkUint(v, 16, 'status');
-    dv.setUint16(0, v, true);
-  },
+const HELLO_STATUS: PayloadCodec<number> = valueOf(
+  struct<{ value: number }>('status, MBZ', 4, {
+    fields: { value: le16(0, 'status') },
+    zero: [le16(2, 'MBZ')],
+  }),
 );
 
 export const SocketBus = {
