@@ -153,6 +153,9 @@ export class NetDevice extends DeviceBase implements Endpoint {
   private flushScheduled = false;
   /** Bounce buffer for TX frames that are not contiguous in host memory. */
   private readonly txBuf = new Uint8Array(MAX_FRAME);
+  /** The memory window TX frames were last found in, and a view of all of it for their header bytes. */
+  private txWindow: ArrayBufferLike | null = null;
+  private txWindowBytes = new Uint8Array(0);
   /** The RX virtio_net_hdr when it cannot be written in place. */
   private readonly rxHdr = new Uint8Array(NET_HDR_SIZE);
   private readonly deliverOne = (frame: Uint8Array, hdr: VnetHdr | undefined): void => {
@@ -357,8 +360,22 @@ export class NetDevice extends DeviceBase implements Endpoint {
     }
     const mem = q.mem;
     const hb = this.txHdrBytes;
-    // Flags and gso_type first (a copy: a view would allocate per frame).
-    readScratch(mem, chain, 0, hb, 0, 2);
+    let frame: Uint8Array | null = null;
+    // Header and frame in one buffer (DPDK; Linux when it can push the header):
+    // flags and gso_type from the memory itself, the frame as one view of it.
+    // Read through readScratch instead, the two bytes cost about 260
+    // instructions a frame, a fifth of the whole TX path (callgrind, 2026-12-05).
+    const sp = chain.nr > 0 && (chain.len[0] as number) >= hdr + len ? mem.span(chain.addr[0] as number, hdr + len) : null;
+    if (sp !== null) {
+      if (sp.buffer !== this.txWindow) {
+        this.txWindow = sp.buffer;
+        this.txWindowBytes = new Uint8Array(sp.buffer);
+      }
+      const b = this.txWindowBytes;
+      hb[0] = b[sp.byteOffset] as number;
+      hb[1] = b[sp.byteOffset + 1] as number;
+      frame = new Uint8Array(sp.buffer, sp.byteOffset + hdr, len);
+    } else readScratch(mem, chain, 0, hb, 0, 2);
     let meta: VnetHdr | undefined;
     // NEEDS_CSUM and gso_type both clear: a finished frame, the rest of the header
     // means nothing (DATA_VALID is not the driver's to set on TX).
@@ -372,7 +389,7 @@ export class NetDevice extends DeviceBase implements Endpoint {
         return 0;
       }
     }
-    let frame = scratchView(mem, chain, hdr, len);
+    frame ??= scratchView(mem, chain, hdr, len);
     if (frame === null) {
       readScratch(mem, chain, hdr, this.txBuf, 0, len);
       frame = this.txBuf.subarray(0, len);
