@@ -15,7 +15,7 @@
  * hostile peer may exceed 2^53. Callers convert addresses with `toAddress`,
  * which rejects what a Number cannot hold exactly.
  */
-import { byte, le16, le32, le64, structLayout, widthProblem, type Fields, type StructCodec, type Width } from '../wire/struct-layout';
+import { byte, checkWidth, le16, le32, le64, structLayout, type Fields, type StructCodec } from '../wire/struct-layout';
 import {
   BackendReq,
   FLAG_REPLY,
@@ -201,14 +201,11 @@ function view(bytes: Uint8Array): DataView {
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
-function checkWidth(v: unknown, width: Width, field: string): void {
-  const problem = widthProblem(v, width, field);
-  if (problem !== null) throw new CodecError(problem);
-}
+const codecError = (message: string): CodecError => new CodecError(message);
 
-const checkU32 = (v: number, field: string): void => checkWidth(v, 'u32', field);
-const checkU8 = (v: number, field: string): void => checkWidth(v, 'u8', field);
-const checkU64 = (v: bigint, field: string): void => checkWidth(v, 'u64', field);
+const checkU32 = (v: number, field: string): void => checkWidth(v, 'u32', field, codecError);
+const checkU8 = (v: number, field: string): void => checkWidth(v, 'u8', field, codecError);
+const checkU64 = (v: bigint, field: string): void => checkWidth(v, 'u64', field, codecError);
 
 function fixed<T>(typeName: string, size: number, decode: (dv: DataView, bytes: Uint8Array) => T, encode: (dv: DataView, v: T, bytes: Uint8Array) => void): Codec<T> {
   return {
@@ -226,7 +223,7 @@ function fixed<T>(typeName: string, size: number, decode: (dv: DataView, bytes: 
 
 /** A struct of vhost-user's (struct-layout.ts), its errors CodecErrors. */
 function layout<T>(fields: Fields<T>): StructCodec<T> {
-  return structLayout({ fields }, (message) => new CodecError(message));
+  return structLayout({ fields }, codecError);
 }
 
 /** A payload that is one fixed struct. */

@@ -9,7 +9,7 @@
  * cannot hold exactly; the layers above decide what they accept.
  */
 
-import { le16, le32, le64, structLayout, widthProblem, type Layout, type Width } from '../wire/struct-layout';
+import { checkWidth, le16, le32, le64, structLayout, type Layout } from '../wire/struct-layout';
 
 /** A payload problem found by a codec; codec.ts turns it into a VirtioMsgError naming the message. */
 export class PayloadError extends Error {
@@ -147,15 +147,13 @@ function view(bytes: Uint8Array): DataView {
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
-function checkWidth(v: unknown, width: Width, field: string): void {
-  const problem = widthProblem(v, width, field);
-  if (problem !== null) throw new PayloadError('payload-field', problem);
-}
+/** A value the payload's layout cannot carry. */
+const fieldError = (message: string): PayloadError => new PayloadError('payload-field', message);
 
-const checkUint = (v: number, bits: 16 | 32, field: string): void => checkWidth(v, bits === 16 ? 'u16' : 'u32', field);
+const checkUint = (v: number, bits: 16 | 32, field: string): void => checkWidth(v, bits === 16 ? 'u16' : 'u32', field, fieldError);
 
 function checkBytes(v: Uint8Array, field: string): void {
-  if (!(v instanceof Uint8Array)) throw new PayloadError('payload-field', `${field} is not a byte array`);
+  if (!(v instanceof Uint8Array)) throw fieldError(`${field} is not a byte array`);
 }
 
 export function fixed<T>(describe: string, size: number, decode: (dv: DataView) => T, encode: (dv: DataView, v: T) => void): PayloadCodec<T> {
@@ -174,13 +172,13 @@ export function fixed<T>(describe: string, size: number, decode: (dv: DataView) 
 
 /** A payload that is one fixed struct (struct-layout.ts), its field errors payload-field ones. */
 export function struct<T>(describe: string, size: number, layout: Layout<T>): PayloadCodec<T> {
-  const s = structLayout(layout, (message) => new PayloadError('payload-field', message));
+  const s = structLayout(layout, fieldError);
   return fixed(describe, size, (dv) => s.read(dv), (dv, v) => s.write(dv, v));
 }
 
 function multipleOf8(v: number, field: string): void {
   const problem = notMultipleOf8(v, field);
-  if (problem !== null) throw new PayloadError('payload-field', problem);
+  if (problem !== null) throw fieldError(problem);
 }
 
 function notMultipleOf8(v: number, field: string): string | null {
@@ -251,7 +249,7 @@ export const FEATURE_BLOCKS: PayloadCodec<FeatureBlocks> = {
   },
   encode(v) {
     checkUint(v.index, 32, 'feature block index');
-    if (!Array.isArray(v.blocks)) throw new PayloadError('payload-field', 'feature blocks is not an array');
+    if (!Array.isArray(v.blocks)) throw fieldError('feature blocks is not an array');
     const out = new Uint8Array(8 + 4 * v.blocks.length);
     const dv = view(out);
     dv.setUint32(0, v.index, true);
@@ -362,7 +360,7 @@ export const AVAIL_EVENT: PayloadCodec<AvailEvent> = fixed(
   (dv, v) => {
     checkUint(v.index, 32, 'virtqueue index');
     if (!Number.isInteger(v.nextOffset) || v.nextOffset < 0 || v.nextOffset > 0x7fffffff) {
-      throw new PayloadError('payload-field', `next offset ${String(v.nextOffset)} does not fit 31 bits`);
+      throw fieldError(`next offset ${String(v.nextOffset)} does not fit 31 bits`);
     }
     dv.setUint32(0, v.index, true);
     dv.setUint32(4, (v.nextOffset | (v.nextWrap ? WRAP_BIT : 0)) >>> 0, true);

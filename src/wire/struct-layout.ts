@@ -64,14 +64,16 @@ function set(dv: DataView, at: number, width: Width, v: number | bigint): void {
   else dv.setUint8(at, v as number);
 }
 
-/** Why v is not a value of that width (anything a caller may pass where the types are not checked), or null. */
-export function widthProblem(v: unknown, width: Width, name: string): string | null {
+/** Makes the error a codec throws: each protocol has its own class. */
+export type Fail = (message: string) => Error;
+
+/** Throws fail(...) unless v is a value of that width (anything a caller may pass where the types are not checked). */
+export function checkWidth(v: unknown, width: Width, name: string, fail: Fail): void {
   const fits = width === 'u64' ? typeof v === 'bigint' && v >= 0n && v <= U64_MAX : typeof v === 'number' && Number.isInteger(v) && v >= 0 && v <= MAX[width];
-  return fits ? null : `${name} ${String(v)} is not a ${width}`;
+  if (!fits) throw fail(`${name} ${String(v)} is not a ${width}`);
 }
 
-/** fail makes the error a codec throws: each protocol has its own class. */
-export function structLayout<T>(layout: Layout<T>, fail: (message: string) => Error): StructCodec<T> {
+export function structLayout<T>(layout: Layout<T>, fail: Fail): StructCodec<T> {
   const fields = Object.entries(layout.fields) as [string, Field][];
   const zero = layout.zero ?? [];
   const rule = layout.rule;
@@ -91,10 +93,7 @@ export function structLayout<T>(layout: Layout<T>, fail: (message: string) => Er
     },
     write(dv, v, base = 0, prefix) {
       const values = v as unknown as Record<string, unknown>;
-      for (const [key, f] of fields) {
-        const wrong = widthProblem(values[key], f.width, prefix === undefined ? f.name : `${prefix}.${f.name}`);
-        if (wrong !== null) throw fail(wrong);
-      }
+      for (const [key, f] of fields) checkWidth(values[key], f.width, prefix === undefined ? f.name : `${prefix}.${f.name}`, fail);
       const problem = rule?.(v) ?? null;
       if (problem !== null) throw fail(problem);
       for (const [key, f] of fields) set(dv, base + f.at, f.width, values[key] as number | bigint);
