@@ -14,19 +14,16 @@
  *
  * SET_VRING_KICK and SET_VRING_CALL are the two rewritten messages: the
  * front-end's fd stays here and the back-end gets an eventfd the bridge owns
- * (one per ring and direction, for the whole session). NOFD variants pass
+ * (one per ring and direction, for the whole session: passthrough-notify.ts). NOFD variants pass
  * through as NOFD; every other fd (memory regions, the err eventfd, the
  * back-end channel, the inflight area, the log) is passed through as it is.
  * Replies come back in order and are checked against the request they answer
  * (the bridge keeps a queue of the replies it expects), then relayed.
  *
  * Alongside, the function keeps a mirror of the session state as the
- * forwarded messages establish it: acked virtio and protocol features, the
- * memory table (with an fd of each region the bridge keeps open), each ring's
- * size, addresses, base, enabled and started flags, the status byte, and the
- * dirty-log area. Updates are taken when a request is forwarded (what the
- * front-end asked for), except for the answers only the back-end knows
- * (GET_VRING_BASE's position, GET_STATUS).
+ * forwarded messages establish it (passthrough-mirror.ts): features, the
+ * memory table with an fd of each region, each ring's size, addresses, base
+ * and flags, the status byte and the dirty-log area.
  *
  * What the mirror is for: the software relay that covers a live migration
  * (DPDK IFCVF's sw-live-migration design), used when the function is told to
@@ -67,7 +64,7 @@
  * through if negotiated, without relay counters.
  */
 import type { Logger } from '../../log';
-import { native, type Poller } from '../../native/addon';
+import { native } from '../../native/addon';
 import { UnixListener } from '../../native/unix-listener';
 import { asError, closeQuietly, VhostUserConnection } from '../../vhost-user/connection';
 import {
@@ -82,8 +79,6 @@ import {
   fdProblem,
   Frontend,
   frontendSpec,
-  type LogArea,
-  type MemoryTable,
   type MemRegion,
   type MemRegionMsg,
   type MessageHeader,
@@ -93,11 +88,13 @@ import {
   type VringFile,
   type VringState,
 } from '../../vhost-user/messages';
-import { FLAG_NEED_REPLY, frontendReqName, HEADER_SIZE, ProtocolFeature, VERSION, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG } from '../../vhost-user/protocol';
+import { FLAG_NEED_REPLY, frontendReqName, HEADER_SIZE, ProtocolFeature, VERSION, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG } from '../../vhost-user/protocol';
 import { bit, F_RING_PACKED, STATUS_NEEDS_RESET } from '../../virtio/constants';
 import { SoftwareRelay } from './sw-relay';
 import { traceEnabled, traceValue } from '../../vhost-user/trace';
 import { LogForwarding, type PassthroughMigrationStats } from './passthrough-log';
+import { type MutVring, type PassthroughState, sameRegion, SessionMirror } from './passthrough-mirror';
+import { type Counters, NotificationRelay } from './passthrough-notify';
 
 export interface PassthroughOptions {
   /** Function name (logs, stats). */
@@ -143,120 +140,9 @@ export interface PassthroughStats {
   migration: PassthroughMigrationStats;
 }
 
-/** One region of the mirrored memory table. */
-export interface MirroredRegion {
-  readonly guestAddr: bigint;
-  readonly size: bigint;
-  readonly userAddr: bigint;
-  readonly mmapOffset: bigint;
-  /** The bridge's own fd of the region (owned by the function: dup it to keep it). */
-  readonly fd: number;
-  /** ADD_MEM_REG count (QEMU adds the same region once per net queue pair). */
-  readonly refs: number;
-}
-
-export interface MirroredVring {
-  readonly index: number;
-  /** SET_VRING_NUM (0 until set). */
-  readonly num: number;
-  /** SET_VRING_ADDR as sent (front-end virtual addresses). */
-  readonly addr: Readonly<VringAddr> | null;
-  /** SET_VRING_BASE, or the position the back-end reported at GET_VRING_BASE. */
-  readonly base: number;
-  readonly enabled: boolean;
-  /** SET_VRING_KICK seen and no GET_VRING_BASE (or reset) since. */
-  readonly started: boolean;
-  /** How the guest kicks and how it wants interrupts: an eventfd, NOFD, or not set yet. */
-  readonly kick: 'fd' | 'nofd' | 'unset';
-  readonly call: 'fd' | 'nofd' | 'unset';
-}
-
-export interface MirroredLog {
-  readonly area: Readonly<LogArea>;
-  /** The bridge's own fd of the log (owned by the function), or -1 when none came with it. */
-  readonly fd: number;
-}
-
-/** The session state as the forwarded messages established it (see the file comment). */
-export interface PassthroughState {
-  readonly owner: boolean;
-  /** Virtio features the front-end set (SET_FEATURES). */
-  readonly features: bigint;
-  /** Protocol features the front-end set (SET_PROTOCOL_FEATURES). */
-  readonly protocolFeatures: bigint;
-  /** The back-end's answers to GET_FEATURES / GET_PROTOCOL_FEATURES (null until asked). */
-  readonly backendFeatures: bigint | null;
-  readonly backendProtocolFeatures: bigint | null;
-  readonly regions: readonly MirroredRegion[];
-  /** Rings by index, the configured ones only. */
-  readonly vrings: readonly MirroredVring[];
-  /** Last SET_STATUS. */
-  readonly status: number;
-  /** Last GET_STATUS answer from the back-end (null until asked). */
-  readonly backendStatus: number | null;
-  readonly log: MirroredLog | null;
-}
+export type { MirroredLog, MirroredRegion, MirroredVring, PassthroughState } from './passthrough-mirror';
 
 const LISTEN_BACKLOG = 4;
-const READABLE = 1;
-/** Ring indices a vring file (kick/call/err) can name: bits 0-7. */
-const MAX_VRINGS = 256;
-
-interface Counters {
-  kicks: number;
-  interrupts: number;
-}
-
-interface MutRegion {
-  guestAddr: bigint;
-  size: bigint;
-  userAddr: bigint;
-  mmapOffset: bigint;
-  fd: number;
-  refs: number;
-}
-
-interface MutVring {
-  index: number;
-  num: number;
-  addr: VringAddr | null;
-  base: number;
-  enabled: boolean;
-  started: boolean;
-  kick: 'fd' | 'nofd' | 'unset';
-  call: 'fd' | 'nofd' | 'unset';
-}
-
-interface MutState {
-  owner: boolean;
-  features: bigint;
-  protocolFeatures: bigint;
-  backendFeatures: bigint | null;
-  backendProtocolFeatures: bigint | null;
-  regions: MutRegion[];
-  vrings: MutVring[];
-  status: number;
-  backendStatus: number | null;
-  log: { area: LogArea; fd: number } | null;
-}
-
-/** The notification relay of one ring: the guest's eventfds and the bridge's. */
-interface Relay {
-  readonly index: number;
-  readonly counters: Counters;
-  /** The front-end's kick eventfd (ours to close) and its poller. */
-  guestKick: number;
-  kickPoller: Poller | null;
-  /** The front-end's call eventfd (ours to close). */
-  guestCall: number;
-  /** The bridge's eventfds the back-end was given. */
-  backKick: number;
-  backCall: number;
-  callPoller: Poller | null;
-  /** The back-end signalled while the guest had no call eventfd: deliver on the next one. */
-  pendingCall: boolean;
-}
-
 interface PendingReply {
   spec: AnyMessageSpec;
   /** A REPLY_ACK u64 rather than the message's own reply. */
@@ -309,19 +195,6 @@ function frame(request: number, flags: number, payload: Uint8Array): Uint8Array 
   return out;
 }
 
-function closePoller(p: Poller | null): void {
-  if (p === null) return;
-  try {
-    p.close();
-  } catch {
-    // Released already (environment teardown).
-  }
-}
-
-function sameRegion(a: MemRegion, b: MemRegion): boolean {
-  return a.guestAddr === b.guestAddr && a.size === b.size && a.userAddr === b.userAddr;
-}
-
 function plainRegion(r: MemRegion): MemRegion {
   return { guestAddr: r.guestAddr, size: r.size, userAddr: r.userAddr, mmapOffset: r.mmapOffset };
 }
@@ -330,19 +203,8 @@ function plainRegion(r: MemRegion): MemRegion {
 class Session {
   readonly front: VhostUserConnection;
   back: VhostUserConnection | null = null;
-  readonly state: MutState = {
-    owner: false,
-    features: 0n,
-    protocolFeatures: 0n,
-    backendFeatures: null,
-    backendProtocolFeatures: null,
-    regions: [],
-    vrings: [],
-    status: 0,
-    backendStatus: null,
-    log: null,
-  };
-  private readonly relays = new Map<number, Relay>();
+  private readonly mirror: SessionMirror;
+  private readonly notify: NotificationRelay;
   private readonly pending: PendingReply[] = [];
   private ended = false;
   /** The software relay's memory while the used rings are the bridge's (mode sw-relay), else null. */
@@ -361,6 +223,13 @@ class Session {
     private readonly hooks: SessionHooks,
   ) {
     this.label = `${name} (session ${n})`;
+    this.mirror = new SessionMirror(hooks.log);
+    this.notify = new NotificationRelay(this.label, logger, {
+      counters: (i) => hooks.counters(i),
+      relayedKick: (i) => this.relayedKick(i),
+      relayedCall: (i) => this.relayedCall(i),
+      ended: () => this.ended,
+    });
     // Throws with the fd still the caller's when it cannot be polled.
     this.front = new VhostUserConnection(
       frontFd,
@@ -399,6 +268,11 @@ class Session {
     this.front.start();
   }
 
+  /** The mirrored session state (see passthrough-mirror.ts). */
+  get state(): PassthroughState {
+    return this.mirror.state;
+  }
+
   close(): void {
     this.end('bridge', undefined);
   }
@@ -435,7 +309,7 @@ class Session {
   private forward(spec: AnyMessageSpec, hdr: MessageHeader, req: unknown, payload: Uint8Array, fds: number[]): void {
     const back = this.back;
     if (back === null || back.closed) return;
-    const st = this.state;
+    const st = this.mirror.state;
     // Whether an ack follows depends on the set being sent (a back-end acks with the new set).
     if (spec.id === Frontend.SET_PROTOCOL_FEATURES.id) st.protocolFeatures = req as bigint;
     let flags = hdr.flags;
@@ -458,8 +332,8 @@ class Session {
     }
 
     let sendFds: readonly number[] = fds;
-    if (spec.id === Frontend.SET_VRING_KICK.id) sendFds = this.takeKick(req as VringFile, fds);
-    else if (spec.id === Frontend.SET_VRING_CALL.id) sendFds = this.takeCall(req as VringFile, fds);
+    if (spec.id === Frontend.SET_VRING_KICK.id) sendFds = this.notify.takeKick(req as VringFile, fds);
+    else if (spec.id === Frontend.SET_VRING_CALL.id) sendFds = this.notify.takeCall(req as VringFile, fds);
 
     const send = (): void => {
       if (this.ended || back.closed) return;
@@ -469,7 +343,7 @@ class Session {
         this.logger.info(`${this.label}: -> ${spec.name} ${traceValue(req)}${sendFds.length > 0 ? ` fds=${sendFds.length}` : ''}${flags & FLAG_NEED_REPLY ? ' need-reply' : ''}`);
       }
       if (!back.send(out, sendFds)) return;
-      this.mirrorRequest(spec, req, fds);
+      this.mirror.request(spec, req, fds);
     };
     if (then === null) {
       send();
@@ -493,7 +367,7 @@ class Session {
    * function was told so, or the back-end offers no LOG_ALL.
    */
   private get softwareLogging(): boolean {
-    const bf = this.state.backendFeatures;
+    const bf = this.mirror.state.backendFeatures;
     return this.hooks.swLiveMigration || (bf !== null && !hasBit(bf, VHOST_F_LOG_ALL));
   }
 
@@ -511,7 +385,7 @@ class Session {
     ack: boolean,
     fds: number[],
   ): 'handled' | { out?: Uint8Array; before?: () => Promise<void> } | null {
-    const st = this.state;
+    const st = this.mirror.state;
     const sw = this.sw;
     switch (spec.id) {
       case Frontend.SET_PROTOCOL_FEATURES.id: {
@@ -523,8 +397,8 @@ class Session {
         // The log is the bridge's: the back-end never sees it (nor has to offer LOG_SHMFD).
         this.hooks.forwarded();
         if (this.hooks.trace) this.logger.info(`${this.label}: -> ${spec.name} ${traceValue(req)} (kept by the bridge)`);
-        this.mirrorRequest(spec, req, fds);
-        if (sw !== null && this.state.log !== null) sw.setLog(this.state.log);
+        this.mirror.request(spec, req, fds);
+        if (sw !== null && this.mirror.state.log !== null) sw.setLog(this.mirror.state.log);
         if (ownReply) this.replyLocally(spec, encodeReply(Frontend.SET_LOG_BASE, null));
         else if (ack) this.replyLocally(spec, encodeAck(spec.id, true));
         return 'handled';
@@ -562,13 +436,13 @@ class Session {
       case Frontend.ADD_MEM_REG.id:
         if (sw !== null) {
           const r = (req as MemRegionMsg).region;
-          if (this.state.regions.find((x) => sameRegion(x, r)) === undefined && fds.length > 0) sw.addGuestRegion({ ...r, fd: fds[0] });
+          if (this.mirror.state.regions.find((x) => sameRegion(x, r)) === undefined && fds.length > 0) sw.addGuestRegion({ ...r, fd: fds[0] });
         }
         return null;
       case Frontend.REM_MEM_REG.id:
         if (sw !== null) {
           const r = (req as MemRegionMsg).region;
-          const m = this.state.regions.find((x) => sameRegion(x, r));
+          const m = this.mirror.state.regions.find((x) => sameRegion(x, r));
           if (m !== undefined && m.refs === 1) sw.removeGuestRegion(r);
         }
         return null;
@@ -599,7 +473,7 @@ class Session {
   private tell<Req, Rep>(spec: MessageSpec<Req, Rep>, req: Req, fds: readonly number[] = []): Promise<void> {
     const back = this.back;
     if (this.ended || back === null || back.closed) return Promise.reject(new Error(`${this.label}: ${spec.name}: no back-end connection`));
-    const acked = hasBit(this.state.protocolFeatures, ProtocolFeature.REPLY_ACK);
+    const acked = hasBit(this.mirror.state.protocolFeatures, ProtocolFeature.REPLY_ACK);
     return new Promise<void>((resolve, reject) => {
       let entry: PendingReply | null = null;
       if (acked) {
@@ -638,13 +512,13 @@ class Session {
   /** Give the back-end its ring again from `base`, with its used ring at `usedUser`; the bridge's eventfds as before. */
   private async restartRing(v: MutVring, base: number, usedUser: bigint): Promise<void> {
     const addr = v.addr as VringAddr;
-    const r = this.relays.get(v.index);
+    const back = this.notify.backendFds(v.index);
     await this.tell(Frontend.SET_VRING_BASE, { index: v.index, num: base });
     await this.tell(Frontend.SET_VRING_ADDR, { ...addr, flags: addr.flags & ~(1 << VHOST_VRING_F_LOG), logGuestAddr: 0n, usedUserAddr: usedUser });
     // libvhost-user closes the call and kick fds at GET_VRING_BASE: both go again.
-    if (r !== undefined && r.backCall >= 0) await this.tell(Frontend.SET_VRING_CALL, { index: v.index, noFd: false }, [r.backCall]);
+    if (back.call >= 0) await this.tell(Frontend.SET_VRING_CALL, { index: v.index, noFd: false }, [back.call]);
     else if (v.call === 'nofd') await this.tell(Frontend.SET_VRING_CALL, { index: v.index, noFd: true });
-    if (r !== undefined && r.backKick >= 0) await this.tell(Frontend.SET_VRING_KICK, { index: v.index, noFd: false }, [r.backKick]);
+    if (back.kick >= 0) await this.tell(Frontend.SET_VRING_KICK, { index: v.index, noFd: false }, [back.kick]);
     else await this.tell(Frontend.SET_VRING_KICK, { index: v.index, noFd: true });
     v.base = base;
     v.started = true;
@@ -652,7 +526,7 @@ class Session {
 
   /** Put the mediated region into the back-end's memory table (ADD_MEM_REG when it has slots, else the whole table again). */
   private async installMediated(sw: SoftwareRelay): Promise<void> {
-    const st = this.state;
+    const st = this.mirror.state;
     if (hasBit(st.protocolFeatures, ProtocolFeature.CONFIGURE_MEM_SLOTS)) {
       await this.tell(Frontend.ADD_MEM_REG, { region: sw.region }, [sw.fd]);
       return;
@@ -661,7 +535,7 @@ class Session {
   }
 
   private async removeMediated(sw: SoftwareRelay): Promise<void> {
-    const st = this.state;
+    const st = this.mirror.state;
     if (hasBit(st.protocolFeatures, ProtocolFeature.CONFIGURE_MEM_SLOTS)) {
       // With its fd, as QEMU sends it: libvhost-user before QEMU 8.1 refuses REM_MEM_REG without one.
       await this.tell(Frontend.REM_MEM_REG, { region: sw.region }, [sw.fd]);
@@ -677,7 +551,7 @@ class Session {
    * starts again from the same position with its used ring there.
    */
   private async toRelay(): Promise<void> {
-    const st = this.state;
+    const st = this.mirror.state;
     if (hasBit(st.features, F_RING_PACKED)) throw new Error('LOG_ALL on packed rings: the software relay copies split used rings only');
     if (st.log === null) throw new Error('LOG_ALL without a log (SET_LOG_BASE)');
     const started = st.vrings.filter((v) => v.started && v.addr !== null && v.num > 0);
@@ -718,10 +592,7 @@ class Session {
    * only makes the guest look at its used ring.
    */
   private interruptAfterSwitch(index: number): void {
-    const r = this.relays.get(index);
-    if (r === undefined) return;
-    if (r.guestCall < 0) r.pendingCall = true;
-    else this.signalGuest(r);
+    this.notify.interruptGuest(index);
   }
 
   /** sw-relay to direct (LOG_ALL turned off): the reverse, from the position the relay reached. */
@@ -736,7 +607,7 @@ class Session {
     for (const i of rings) {
       sw.markUsedRing(i);
       sw.retire(i);
-      const v = this.vring(i);
+      const v = this.mirror.vring(i);
       if (v !== null && v.addr !== null) await this.restartRing(v, bases.get(i) as number, v.addr.usedUserAddr);
       this.interruptAfterSwitch(i);
     }
@@ -757,9 +628,9 @@ class Session {
   /** A ring QEMU starts while the relay runs: primed and given the mediated used ring before its kick goes. */
   private async relayStartingRing(index: number): Promise<void> {
     const sw = this.sw as SoftwareRelay;
-    const v = this.vring(index);
+    const v = this.mirror.vring(index);
     if (v === null || v.addr === null || v.num === 0) throw new Error(`queue ${index} started without its size and addresses`);
-    sw.attach(index, v.num, v.addr, this.state.features);
+    sw.attach(index, v.num, v.addr, this.mirror.state.features);
     await this.tell(Frontend.SET_VRING_ADDR, { ...v.addr, flags: v.addr.flags & ~(1 << VHOST_VRING_F_LOG), logGuestAddr: 0n, usedUserAddr: sw.mediatedAddr(index) });
     queueMicrotask(() => this.kickRelayed(index));
   }
@@ -768,15 +639,28 @@ class Session {
   private kickRelayed(index: number): void {
     const sw = this.sw;
     const ring = sw?.ring(index);
-    const r = this.relays.get(index);
-    if (sw === null || ring === undefined || r === undefined) return;
+    if (sw === null || ring === undefined) return;
     try {
       ring.relay.keepKicking(sw.mem);
     } catch (e) {
       this.end('bridge', new Error(`queue ${index}: the guest's avail ring: ${asError(e, 'avail').message}`));
       return;
     }
-    if (r.backKick >= 0) native().eventfdWrite(r.backKick, 1);
+    this.notify.kickBackend(index);
+  }
+
+  /** A guest kick of a ring the software relay serves goes through it; false: the ring is direct. */
+  private relayedKick(index: number): boolean {
+    if (this.sw?.ring(index) === undefined) return false;
+    this.kickRelayed(index);
+    return true;
+  }
+
+  /** A back-end interrupt of a ring the software relay serves: its used elements are copied first. */
+  private relayedCall(index: number): boolean {
+    if (this.sw?.ring(index) === undefined) return false;
+    this.relayRing(index);
+    return true;
   }
 
   /** Copy what the back-end used in ring `index`'s mediated ring to the guest; interrupt it when it wants one. */
@@ -784,13 +668,7 @@ class Session {
     const sw = this.sw;
     if (sw === null || this.ended) return;
     const res = sw.relay(index);
-    if (res.notify) {
-      const r = this.relays.get(index);
-      if (r !== undefined) {
-        if (r.guestCall < 0) r.pendingCall = true;
-        else this.signalGuest(r);
-      }
-    }
+    if (res.notify) this.notify.interruptGuest(index);
     if (res.error !== null) this.end('bridge', new Error(`queue ${index}: the back-end's mediated used ring: ${res.error.message}`));
   }
 
@@ -816,140 +694,6 @@ class Session {
     this.mode = 'direct';
   }
 
-  /** SET_VRING_KICK: keep the guest's eventfd, poll it; the back-end gets the bridge's. */
-  private takeKick(f: VringFile, fds: number[]): number[] {
-    const r = this.relay(f.index);
-    this.dropGuestKick(r);
-    if (f.noFd) return [];
-    const a = native();
-    if (r.backKick < 0) r.backKick = a.eventfd(0);
-    const fd = fds.splice(0, 1)[0];
-    r.guestKick = fd;
-    try {
-      const p = new a.Poller(fd, (status) => this.onGuestKick(r, status));
-      p.start(READABLE);
-      r.kickPoller = p;
-    } catch (e) {
-      throw new ProtocolError(Frontend.SET_VRING_KICK.name, `queue ${f.index}: cannot poll the kick fd: ${asError(e, 'poll').message}`);
-    }
-    return [r.backKick];
-  }
-
-  /** SET_VRING_CALL: keep the guest's eventfd; the back-end signals the bridge's, which is polled. */
-  private takeCall(f: VringFile, fds: number[]): number[] {
-    const r = this.relay(f.index);
-    if (r.guestCall >= 0) closeQuietly(r.guestCall);
-    r.guestCall = -1;
-    if (f.noFd) return [];
-    const a = native();
-    if (r.backCall < 0) {
-      r.backCall = a.eventfd(0);
-      const p = new a.Poller(r.backCall, (status) => this.onBackCall(r, status));
-      p.start(READABLE);
-      r.callPoller = p;
-    }
-    r.guestCall = fds.splice(0, 1)[0];
-    if (r.pendingCall) {
-      r.pendingCall = false;
-      this.signalGuest(r);
-    }
-    return [r.backCall];
-  }
-
-  private relay(index: number): Relay {
-    let r = this.relays.get(index);
-    if (r === undefined) {
-      r = {
-        index,
-        counters: this.hooks.counters(index),
-        guestKick: -1,
-        kickPoller: null,
-        guestCall: -1,
-        backKick: -1,
-        backCall: -1,
-        callPoller: null,
-        pendingCall: false,
-      };
-      this.relays.set(index, r);
-    }
-    return r;
-  }
-
-  private dropGuestKick(r: Relay): void {
-    closePoller(r.kickPoller);
-    r.kickPoller = null;
-    if (r.guestKick >= 0) closeQuietly(r.guestKick);
-    r.guestKick = -1;
-  }
-
-  private onGuestKick(r: Relay, status: number): void {
-    if (this.ended || r.guestKick < 0) return;
-    const a = native();
-    if (status < 0) {
-      this.logger.error(`${this.label}: queue ${r.index}: poll error ${status} on the guest's kick fd; no more kicks relayed from it`);
-      this.dropGuestKick(r);
-      return;
-    }
-    let n: number;
-    try {
-      n = a.eventfdRead(r.guestKick);
-    } catch (e) {
-      this.logger.error(`${this.label}: queue ${r.index}: cannot read the guest's kick fd: ${asError(e, 'read').message}`);
-      this.dropGuestKick(r);
-      return;
-    }
-    if (n === 0) return;
-    r.counters.kicks++;
-    if (this.sw?.ring(r.index) !== undefined) {
-      this.kickRelayed(r.index);
-      return;
-    }
-    try {
-      a.eventfdWrite(r.backKick, 1);
-    } catch (e) {
-      this.logger.error(`${this.label}: queue ${r.index}: cannot kick the back-end: ${asError(e, 'write').message}`);
-    }
-  }
-
-  private onBackCall(r: Relay, status: number): void {
-    if (this.ended || r.backCall < 0) return;
-    const a = native();
-    if (status < 0) {
-      this.logger.error(`${this.label}: queue ${r.index}: poll error ${status} on the back-end's call eventfd; no more interrupts relayed`);
-      closePoller(r.callPoller);
-      r.callPoller = null;
-      return;
-    }
-    let n: number;
-    try {
-      n = a.eventfdRead(r.backCall);
-    } catch (e) {
-      this.logger.error(`${this.label}: queue ${r.index}: cannot read the call eventfd: ${asError(e, 'read').message}`);
-      closePoller(r.callPoller);
-      r.callPoller = null;
-      return;
-    }
-    if (n === 0) return;
-    r.counters.interrupts++;
-    if (this.sw?.ring(r.index) !== undefined) {
-      this.relayRing(r.index);
-      return;
-    }
-    if (r.guestCall < 0) {
-      r.pendingCall = true;
-      return;
-    }
-    this.signalGuest(r);
-  }
-
-  private signalGuest(r: Relay): void {
-    try {
-      native().eventfdWrite(r.guestCall, 1);
-    } catch (e) {
-      this.logger.error(`${this.label}: queue ${r.index}: cannot signal the guest's call fd: ${asError(e, 'write').message}`);
-    }
-  }
-
   // ---- back-end -> front-end ------------------------------------------------------
 
   /**
@@ -962,7 +706,7 @@ class Session {
   ask<Req, Rep>(spec: MessageSpec<Req, Rep>, req: Req): Promise<Rep> {
     const back = this.back;
     if (this.ended || back === null || back.closed) return Promise.reject(new Error(`${this.label}: ${spec.name}: no back-end connection`));
-    if (spec.reply === null || (spec.replyOnlyWith !== undefined && !hasBit(this.state.protocolFeatures, spec.replyOnlyWith))) {
+    if (spec.reply === null || (spec.replyOnlyWith !== undefined && !hasBit(this.mirror.state.protocolFeatures, spec.replyOnlyWith))) {
       return Promise.reject(new Error(`${this.label}: ${spec.name} has no reply to wait for`));
     }
     return new Promise<Rep>((resolve, reject) => {
@@ -996,7 +740,7 @@ class Session {
         const rep = decodeReply(p.spec, payload);
         const problem = fdProblem(p.spec.replyFds, rep, fds.length);
         if (problem !== null) throw new ProtocolError(p.spec.name, `the back-end's reply ${problem}`);
-        this.mirrorReply(p.spec, rep);
+        this.mirror.reply(p.spec, rep);
         if (this.hooks.trace) this.logger.info(`${this.label}: <- ${p.spec.name} ${traceValue(rep)}${fds.length > 0 ? ` fds=${fds.length}` : ''}`);
         if (p.claim !== undefined) {
           p.claim.resolve(rep);
@@ -1057,174 +801,6 @@ class Session {
     );
   }
 
-  // ---- the mirror ---------------------------------------------------------------
-
-  private vring(index: number): MutVring | null {
-    if (!Number.isInteger(index) || index < 0 || index >= MAX_VRINGS) return null;
-    let v = this.state.vrings.find((x) => x.index === index);
-    if (v === undefined) {
-      // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings are enabled from the start.
-      const enabled = !hasBit(this.state.features, VHOST_USER_F_PROTOCOL_FEATURES) && this.state.features !== 0n;
-      v = { index, num: 0, addr: null, base: 0, enabled, started: false, kick: 'unset', call: 'unset' };
-      this.state.vrings.push(v);
-      this.state.vrings.sort((x, y) => x.index - y.index);
-    }
-    return v;
-  }
-
-  /** fds: what is left of the request's fds after the relay took its own (ours to keep or leave). */
-  private mirrorRequest(spec: AnyMessageSpec, req: unknown, fds: number[]): void {
-    const st = this.state;
-    switch (spec.id) {
-      case Frontend.SET_OWNER.id:
-        st.owner = true;
-        break;
-      case Frontend.RESET_OWNER.id:
-        st.owner = false;
-        this.resetRings();
-        break;
-      case Frontend.SET_FEATURES.id:
-        st.features = req as bigint;
-        this.hooks.log.features(st.features);
-        if (!hasBit(st.features, VHOST_USER_F_PROTOCOL_FEATURES)) for (const v of st.vrings) v.enabled = true;
-        break;
-      case Frontend.SET_MEM_TABLE.id: {
-        this.releaseRegions();
-        const regions = (req as MemoryTable).regions;
-        const taken = fds.splice(0, regions.length);
-        regions.forEach((r, i) => st.regions.push({ ...r, fd: taken[i], refs: 1 }));
-        break;
-      }
-      case Frontend.ADD_MEM_REG.id: {
-        const r = (req as MemRegionMsg).region;
-        const same = st.regions.find((x) => sameRegion(x, r));
-        if (same !== undefined) same.refs++;
-        else st.regions.push({ ...r, fd: fds.splice(0, 1)[0], refs: 1 });
-        break;
-      }
-      case Frontend.REM_MEM_REG.id: {
-        const r = (req as MemRegionMsg).region;
-        const i = st.regions.findIndex((x) => sameRegion(x, r));
-        if (i >= 0 && --st.regions[i].refs === 0) {
-          closeQuietly(st.regions[i].fd);
-          st.regions.splice(i, 1);
-        }
-        break;
-      }
-      case Frontend.SET_LOG_BASE.id:
-        this.hooks.log.logBase();
-        if (st.log !== null && st.log.fd >= 0) closeQuietly(st.log.fd);
-        st.log = { area: { ...(req as LogArea) }, fd: fds.length > 0 ? fds.splice(0, 1)[0] : -1 };
-        break;
-      case Frontend.SET_VRING_NUM.id: {
-        const s = req as VringState;
-        const v = this.vring(s.index);
-        if (v !== null) v.num = s.num;
-        break;
-      }
-      case Frontend.SET_VRING_ADDR.id: {
-        const a = req as VringAddr;
-        const v = this.vring(a.index);
-        if (v !== null) v.addr = { ...a };
-        this.hooks.log.vringAddr(a);
-        break;
-      }
-      case Frontend.SET_VRING_BASE.id: {
-        const s = req as VringState;
-        const v = this.vring(s.index);
-        if (v !== null) v.base = s.num;
-        break;
-      }
-      case Frontend.SET_VRING_KICK.id: {
-        const f = req as VringFile;
-        const v = this.vring(f.index);
-        if (v !== null) {
-          v.kick = f.noFd ? 'nofd' : 'fd';
-          v.started = true;
-          this.ringsChanged();
-        }
-        break;
-      }
-      case Frontend.SET_VRING_CALL.id: {
-        const f = req as VringFile;
-        const v = this.vring(f.index);
-        if (v !== null) v.call = f.noFd ? 'nofd' : 'fd';
-        break;
-      }
-      case Frontend.SET_VRING_ENABLE.id: {
-        const s = req as VringState;
-        const v = this.vring(s.index);
-        if (v !== null) v.enabled = s.num !== 0;
-        break;
-      }
-      case Frontend.SET_STATUS.id:
-        st.status = req as number;
-        break;
-      case Frontend.RESET_DEVICE.id:
-        st.features = 0n;
-        this.hooks.log.stop();
-        st.status = 0;
-        this.resetRings();
-        break;
-      default:
-        break;
-    }
-  }
-
-  private mirrorReply(spec: AnyMessageSpec, rep: unknown): void {
-    const st = this.state;
-    this.mirrorReplyOf(spec, rep);
-    if (spec.id === Frontend.GET_FEATURES.id || spec.id === Frontend.GET_PROTOCOL_FEATURES.id) {
-      this.hooks.log.backendOffer(st.backendFeatures, st.backendProtocolFeatures);
-    }
-  }
-
-  private mirrorReplyOf(spec: AnyMessageSpec, rep: unknown): void {
-    const st = this.state;
-    switch (spec.id) {
-      case Frontend.GET_FEATURES.id:
-        st.backendFeatures = rep as bigint;
-        break;
-      case Frontend.GET_PROTOCOL_FEATURES.id:
-        st.backendProtocolFeatures = rep as bigint;
-        break;
-      case Frontend.GET_STATUS.id:
-        st.backendStatus = rep as number;
-        break;
-      case Frontend.GET_VRING_BASE.id: {
-        const s = rep as VringState;
-        const v = this.vring(s.index);
-        if (v !== null) {
-          v.base = s.num;
-          v.started = false;
-          this.ringsChanged();
-        }
-        break;
-      }
-      default:
-        break;
-    }
-  }
-
-  private ringsChanged(): void {
-    let n = 0;
-    for (const v of this.state.vrings) if (v.started) n++;
-    this.hooks.log.ringsRunning(n);
-  }
-
-  private resetRings(): void {
-    for (const v of this.state.vrings) {
-      v.started = false;
-      v.enabled = false;
-    }
-    this.ringsChanged();
-  }
-
-  private releaseRegions(): void {
-    for (const r of this.state.regions) closeQuietly(r.fd);
-    this.state.regions.length = 0;
-  }
-
   // ---- teardown -------------------------------------------------------------------
 
   private end(side: Side, err: Error | undefined): void {
@@ -1243,19 +819,9 @@ class Session {
     }
     this.front.close();
     this.back?.close();
-    for (const r of this.relays.values()) {
-      this.dropGuestKick(r);
-      closePoller(r.callPoller);
-      r.callPoller = null;
-      for (const fd of [r.guestCall, r.backKick, r.backCall]) if (fd >= 0) closeQuietly(fd);
-      r.guestCall = -1;
-      r.backKick = -1;
-      r.backCall = -1;
-    }
+    this.notify.close();
     this.dropRelay();
-    this.releaseRegions();
-    if (this.state.log !== null && this.state.log.fd >= 0) closeQuietly(this.state.log.fd);
-    this.state.log = null;
+    this.mirror.close();
     const unanswered = this.pending.splice(0);
     for (const p of unanswered) p.claim?.reject(new Error(`${this.label}: ${p.spec.name}: the session ended before the back-end answered`));
     this.hooks.log.ended();
