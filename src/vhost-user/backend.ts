@@ -24,6 +24,7 @@ import { type QueueStats, newQueueStats, type VirtioDevice } from '../devices/de
 import { type HostedQueue, idleQueueState } from '../devices/queue-host';
 import { traceEnabled, traceValue } from './trace';
 import { VringLifecycle } from '../devices/vring-lifecycle';
+import { addFileRegion } from '../memory/file-map';
 import { GuestMemory } from '../memory/guest-memory';
 import { MemoryError } from '../memory/memory-access';
 import { native, type Addon, type Poller } from '../native/addon';
@@ -80,7 +81,6 @@ import {
   VHOST_VRING_F_LOG,
 } from './protocol';
 
-const PAGE_SIZE = 4096;
 /** How often a ring whose kick was set with NOFD (the front-end will not kick) is polled. */
 const NOFD_POLL_MS = 1;
 
@@ -560,16 +560,7 @@ export class VhostUserBackend {
       throw new ProtocolError(spec.name, `${field}: mmap_offset 0x${r.mmapOffset.toString(16)} + memory_size 0x${r.size.toString(16)} runs past the end of its fd (0x${fileSize.toString(16)} bytes)`, false);
     }
     try {
-      mem.addRegion(
-        r,
-        (offset, size) => {
-          // mmap wants a page-aligned file offset; QEMU's are, but the spec does not promise it.
-          const at = r.mmapOffset + offset;
-          const delta = at % PAGE_SIZE;
-          return { buffer: a.mmap(fd, size + delta, at - delta), byteOffset: delta };
-        },
-        (buf) => a.unmap(buf),
-      );
+      addFileRegion(mem, a, r, fd);
     } catch (e) {
       const msg = asError(e, 'mmap').message;
       throw new ProtocolError(spec.name, `${field}: cannot map: ${msg}`, false);

@@ -16,6 +16,7 @@
 import type { Inflight } from './messages';
 import { ProtocolError, type AnyMessageSpec } from './messages';
 import type { Addon } from '../native/addon';
+import { mapFileRange } from '../memory/file-map';
 import type { MemoryAccess } from '../memory/memory-access';
 import type { Logger } from '../log';
 import { InflightError, SplitInflight, splitInflightQueueSize } from '../virtio/split-inflight';
@@ -24,7 +25,6 @@ import { SplitQueue } from '../virtio/split-queue';
 import { PackedQueue } from '../virtio/packed-queue';
 import { QueueError, type Virtqueue } from '../virtio/virtqueue';
 
-const PAGE_SIZE = 4096;
 const MAX_SPLIT_SIZE = 32768;
 /** An ArrayBuffer cannot be larger (Node 20). */
 const MAX_REGION = 2 ** 32;
@@ -90,10 +90,10 @@ export class InflightRegions {
     // No F_SEAL_SHRINK check, as for guest memory: the front-end hands back a region some back-end
     // made (ours are sealed; one of an earlier back-end, or another implementation's, may not be),
     // and refusing it would lose the in-flight state it exists to keep.
-    const delta = offset % PAGE_SIZE;
     let buffer: ArrayBuffer;
+    let delta: number;
     try {
-      buffer = this.addon.mmap(fd, need + delta, offset - delta);
+      ({ buffer, byteOffset: delta } = mapFileRange(this.addon, fd, offset, need));
     } catch (e) {
       throw new ProtocolError(spec.name, `cannot map the region: ${(e as Error).message}`);
     }

@@ -8,13 +8,13 @@
 import type { Logger } from '../log';
 import { DirtyLog } from '../memory/dirty-log';
 import type { GuestMemory } from '../memory/guest-memory';
-import { MemoryError } from '../memory/memory-access';
+import { mapFileRange } from '../memory/file-map';
+import { MemoryError, type MemorySpan } from '../memory/memory-access';
 import type { Addon } from '../native/addon';
 import { asError } from './connection';
 import { type AnyMessageSpec, type LogArea, ProtocolError, toAddress } from './messages';
 import { warmLoop } from './warm-loop';
 
-const PAGE_SIZE = 4096;
 /** A log this big covers 64 TiB of guest-physical space; anything larger is a mistake. */
 const MAX_LOG_SIZE = 2 ** 31;
 
@@ -87,15 +87,14 @@ export class MigrationLog {
     if (fileSize > 0 && offset + size > fileSize) {
       throw new ProtocolError(spec.name, `mmap_offset 0x${offset.toString(16)} + mmap_size 0x${size.toString(16)} runs past the end of the log fd (0x${fileSize.toString(16)} bytes)`, false);
     }
-    // mmap wants a page-aligned file offset.
-    const delta = offset % PAGE_SIZE;
-    let buf: ArrayBuffer;
+    let span: MemorySpan;
     try {
-      buf = a.mmap(fd, size + delta, offset - delta);
+      span = mapFileRange(a, fd, offset, size);
     } catch (e) {
       throw new ProtocolError(spec.name, `cannot map the log: ${asError(e, 'mmap').message}`, false);
     }
-    const log = new DirtyLog(new Uint8Array(buf, delta, size), () => a.unmap(buf));
+    const buf = span.buffer;
+    const log = new DirtyLog(new Uint8Array(buf, span.byteOffset, size), () => a.unmap(buf));
     const problem = problemOf(log, mem, rings);
     if (problem !== null) {
       log.close();

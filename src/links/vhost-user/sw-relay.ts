@@ -19,6 +19,7 @@
  */
 import { GuestMemory } from '../../memory/guest-memory';
 import { DirtyLog } from '../../memory/dirty-log';
+import { addFileRegion, mapFileRange } from '../../memory/file-map';
 import { native } from '../../native/addon';
 import { mediatedUsedBytes, type RelayResult, UsedRelay } from '../../bridge/used-relay';
 import { SplitQueue } from '../../virtio/split-queue';
@@ -103,18 +104,7 @@ export class SoftwareRelay {
    * unsealed, as the vhost-user backend does (QEMU's memory-backend-file cannot carry seals).
    */
   addGuestRegion(r: GuestRegionSource): void {
-    const a = native();
-    const fd = r.fd;
-    const mmapOffset = Number(r.mmapOffset);
-    this.mem.addRegion(
-      { guestAddr: Number(r.guestAddr), size: Number(r.size), userAddr: Number(r.userAddr), mmapOffset },
-      (offset, size) => {
-        const at = mmapOffset + offset;
-        const delta = at % PAGE;
-        return { buffer: a.mmap(fd, size + delta, at - delta), byteOffset: delta };
-      },
-      (b) => a.unmap(b),
-    );
+    addFileRegion(this.mem, native(), { guestAddr: Number(r.guestAddr), size: Number(r.size), userAddr: Number(r.userAddr), mmapOffset: Number(r.mmapOffset) }, r.fd);
   }
 
   removeGuestRegion(r: Pick<GuestRegionSource, 'guestAddr' | 'size' | 'userAddr'>): void {
@@ -126,10 +116,8 @@ export class SoftwareRelay {
     if (l.fd < 0) throw new Error('SET_LOG_BASE came without a log fd');
     const a = native();
     const size = Number(l.area.mmapSize);
-    const offset = Number(l.area.mmapOffset);
-    const delta = offset % PAGE;
-    const buf = a.mmap(l.fd, size + delta, offset - delta);
-    const log = new DirtyLog(new Uint8Array(buf, delta, size), () => a.unmap(buf));
+    const { buffer, byteOffset } = mapFileRange(a, l.fd, Number(l.area.mmapOffset), size);
+    const log = new DirtyLog(new Uint8Array(buffer, byteOffset, size), () => a.unmap(buffer));
     try {
       this.mem.checkLogCovers(log);
     } catch (e) {
