@@ -11,21 +11,18 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
-import { BlkDevice, type BlkRequestInfo } from '../../src/devices/blk/blk-device';
+import type { BlkRequestInfo } from '../../src/devices/blk/blk-device';
 import type { VirtioDevice } from '../../src/devices/device';
-import { PassthroughFunction } from '../../src/links/vhost-user/passthrough';
 import { native } from '../../src/native/addon';
 import { logBytesFor } from '../../src/memory/dirty-log';
 import { bit, BLK_S_OK, BLK_T_IN, BLK_T_OUT, F_RING_EVENT_IDX, F_RING_PACKED, F_VERSION_1 } from '../../src/virtio/constants';
 import { FrontendClient } from '../../src/vhost-user/frontend-client';
 import { Frontend } from '../../src/vhost-user/messages';
 import { ProtocolFeature, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG } from '../../src/vhost-user/protocol';
-import { VhostUserServer } from '../../src/vhost-user/server';
 import type { MockDriver } from '../../src/virtio/mock-driver';
-import { bringUp, CaptureLogger, Guest, GUEST_BASE, GUEST_SIZE, openFds, tmpSocket, waitFor } from './vhost-user-harness';
+import { bringUp, Guest, GUEST_BASE, GUEST_SIZE, openFds, waitFor } from './vhost-user-harness';
 import { blkHeader } from '../support/blk-requests';
+import { passthroughRig, type PassthroughRig } from './passthrough-rig';
 
 const DISK = 4 << 20;
 const PAGE = 4096;
@@ -33,32 +30,8 @@ const CHUNK = 1024;
 const SECTORS = CHUNK / 512;
 const IN_FLIGHT = 16;
 
-function rig(name: string) {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbswlm-'));
-  const disk = path.join(dir, 'disk.img');
-  fs.writeFileSync(disk, Buffer.alloc(DISK));
-  const dev = new BlkDevice({ name: `${name}-blk`, file: disk });
-  const backLog = new CaptureLogger();
-  const backSock = tmpSocket(`${name}-back`);
-  const server = new VhostUserServer(backSock, dev, backLog);
-  server.listen();
-  const proxyLog = new CaptureLogger();
-  const proxy = new PassthroughFunction({ name, socket: tmpSocket(name), backendSocket: backSock, logger: proxyLog, swLiveMigration: true });
-  proxy.listen();
-  return {
-    disk,
-    dev,
-    server,
-    proxy,
-    proxyLog,
-    backLog,
-    close() {
-      proxy.close();
-      server.close();
-      dev.close();
-      fs.rmSync(dir, { recursive: true, force: true });
-    },
-  };
+function rig(name: string): PassthroughRig {
+  return passthroughRig(name, { diskBytes: DISK, swLiveMigration: true });
 }
 
 function pattern(i: number): Uint8Array {

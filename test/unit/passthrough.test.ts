@@ -8,62 +8,21 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
-import { BlkDevice } from '../../src/devices/blk/blk-device';
-import { PassthroughFunction } from '../../src/links/vhost-user/passthrough';
 import { native } from '../../src/native/addon';
 import { bit, BLK_S_OK, BLK_T_IN, BLK_T_OUT, F_RING_PACKED, F_VERSION_1, STATUS_DRIVER_OK } from '../../src/virtio/constants';
 import { FrontendClient } from '../../src/vhost-user/frontend-client';
 import { encodeHeader, Frontend } from '../../src/vhost-user/messages';
 import { FrontendReq, HEADER_SIZE, ProtocolFeature, VERSION, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG } from '../../src/vhost-user/protocol';
 import { logBytesFor } from '../../src/memory/dirty-log';
-import { VhostUserServer } from '../../src/vhost-user/server';
-import { bringUp, CaptureLogger, Guest, GUEST_BASE, GUEST_SIZE, openFds, tmpSocket, USER_BASE, waitFor } from './vhost-user-harness';
+import { bringUp, Guest, GUEST_BASE, GUEST_SIZE, openFds, USER_BASE, waitFor } from './vhost-user-harness';
 import { blkHeader } from '../support/blk-requests';
+import { passthroughRig, type PassthroughRig } from './passthrough-rig';
 
 const DISK = 1 << 20;
 
-interface Rig {
-  dir: string;
-  disk: string;
-  dev: BlkDevice;
-  server: VhostUserServer;
-  proxy: PassthroughFunction;
-  proxyLog: CaptureLogger;
-  backLog: CaptureLogger;
-  close(): void;
+function rig(name: string, opts: { noBackend?: boolean } = {}): PassthroughRig {
+  return passthroughRig(name, { diskBytes: DISK, ...opts });
 }
-
-function rig(name: string, opts: { noBackend?: boolean } = {}): Rig {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vbpt-'));
-  const disk = path.join(dir, 'disk.img');
-  fs.writeFileSync(disk, Buffer.alloc(DISK));
-  const dev = new BlkDevice({ name: `${name}-blk`, file: disk });
-  const backLog = new CaptureLogger();
-  const backSock = tmpSocket(`${name}-back`);
-  const server = new VhostUserServer(backSock, dev, backLog);
-  if (opts.noBackend !== true) server.listen();
-  const proxyLog = new CaptureLogger();
-  const proxy = new PassthroughFunction({ name, socket: tmpSocket(name), backendSocket: backSock, logger: proxyLog });
-  proxy.listen();
-  return {
-    dir,
-    disk,
-    dev,
-    server,
-    proxy,
-    proxyLog,
-    backLog,
-    close() {
-      proxy.close();
-      server.close();
-      dev.close();
-      fs.rmSync(dir, { recursive: true, force: true });
-    },
-  };
-}
-
 
 /** Post one blk request on queue 0, kick, wait for it; returns the status byte and the data read (for IN). */
 async function blkRequest(g: Guest, type: number, sector: number, data: Uint8Array | number): Promise<{ status: number; data: Uint8Array }> {
