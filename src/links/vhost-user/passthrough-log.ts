@@ -15,6 +15,7 @@
 import type { VringAddr } from '../../vhost-user/messages';
 import { ProtocolFeature, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG } from '../../vhost-user/protocol';
 import { warmLoop } from '../../vhost-user/warm-loop';
+import { hasFeature } from '../../virtio/constants';
 
 /**
  * How a passthrough function carries the data path: straight between the
@@ -53,9 +54,6 @@ export interface PassthroughMigrationStats {
   pagesLogged: number;
 }
 
-function hasBit(mask: bigint, b: number): boolean {
-  return ((mask >> BigInt(b)) & 1n) !== 0n;
-}
 
 /** The function's counters (they outlive sessions) and the session's logging flag. */
 export class LogForwarding {
@@ -102,7 +100,7 @@ export class LogForwarding {
 
   /** SET_FEATURES forwarded. */
   features(f: bigint): void {
-    const on = hasBit(f, VHOST_F_LOG_ALL);
+    const on = hasFeature(f, VHOST_F_LOG_ALL);
     if (on !== this.logging) this.logSwitches++;
     this.logging = on;
     this.holdTick();
@@ -140,8 +138,8 @@ export class LogForwarding {
 
   /** The back-end's answers to GET_FEATURES / GET_PROTOCOL_FEATURES in the current session (null: not asked, or no session). */
   backendOffer(features: bigint | null, protocolFeatures: bigint | null): void {
-    this.backendLogs = features === null || protocolFeatures === null ? null : hasBit(features, VHOST_F_LOG_ALL) && hasBit(protocolFeatures, ProtocolFeature.LOG_SHMFD);
-    this.softwareLogging = features === null ? null : this.swConfigured || !hasBit(features, VHOST_F_LOG_ALL);
+    this.backendLogs = features === null || protocolFeatures === null ? null : hasFeature(features, VHOST_F_LOG_ALL) && hasFeature(protocolFeatures, ProtocolFeature.LOG_SHMFD);
+    this.softwareLogging = features === null ? null : this.swConfigured || !hasFeature(features, VHOST_F_LOG_ALL);
   }
 
   stats(): PassthroughMigrationStats {

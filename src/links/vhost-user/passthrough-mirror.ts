@@ -10,6 +10,7 @@
 import { closeQuietly } from '../../vhost-user/connection';
 import { type AnyMessageSpec, Frontend, type LogArea, type MemoryTable, type MemRegion, type MemRegionMsg, type VringAddr, type VringFile, type VringState } from '../../vhost-user/messages';
 import { VHOST_USER_F_PROTOCOL_FEATURES } from '../../vhost-user/protocol';
+import { hasFeature } from '../../virtio/constants';
 import type { LogForwarding } from './passthrough-log';
 
 /** One region of the mirrored memory table. */
@@ -102,9 +103,6 @@ interface MutState {
   log: { area: LogArea; fd: number } | null;
 }
 
-function hasBit(mask: bigint, b: number): boolean {
-  return ((mask >> BigInt(b)) & 1n) !== 0n;
-}
 
 /** The same region of guest memory (its mmap offset aside). */
 export function sameRegion(a: MemRegion, b: MemRegion): boolean {
@@ -135,7 +133,7 @@ export class SessionMirror {
     let v = st.vrings.find((x) => x.index === index);
     if (v === undefined) {
       // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings are enabled from the start.
-      const enabled = !hasBit(st.features, VHOST_USER_F_PROTOCOL_FEATURES) && st.features !== 0n;
+      const enabled = !hasFeature(st.features, VHOST_USER_F_PROTOCOL_FEATURES) && st.features !== 0n;
       v = { index, num: 0, addr: null, base: 0, enabled, started: false, kick: 'unset', call: 'unset' };
       st.vrings.push(v);
       st.vrings.sort((x, y) => x.index - y.index);
@@ -157,7 +155,7 @@ export class SessionMirror {
       case Frontend.SET_FEATURES.id:
         st.features = req as bigint;
         this.log.features(st.features);
-        if (!hasBit(st.features, VHOST_USER_F_PROTOCOL_FEATURES)) for (const v of st.vrings) v.enabled = true;
+        if (!hasFeature(st.features, VHOST_USER_F_PROTOCOL_FEATURES)) for (const v of st.vrings) v.enabled = true;
         break;
       case Frontend.SET_MEM_TABLE.id: {
         this.releaseRegions();

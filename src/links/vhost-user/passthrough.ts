@@ -89,7 +89,7 @@ import {
   type VringState,
 } from '../../vhost-user/messages';
 import { FLAG_NEED_REPLY, frontendReqName, HEADER_SIZE, ProtocolFeature, VERSION, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG } from '../../vhost-user/protocol';
-import { bit, F_RING_PACKED, STATUS_NEEDS_RESET } from '../../virtio/constants';
+import { bit, F_RING_PACKED, hasFeature, STATUS_NEEDS_RESET } from '../../virtio/constants';
 import { SoftwareRelay } from './sw-relay';
 import { traceEnabled, traceValue } from '../../vhost-user/trace';
 import { LogForwarding, type PassthroughMigrationStats } from './passthrough-log';
@@ -184,9 +184,6 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-function hasBit(mask: bigint, b: number): boolean {
-  return ((mask >> BigInt(b)) & 1n) !== 0n;
-}
 
 function frame(request: number, flags: number, payload: Uint8Array): Uint8Array {
   const out = new Uint8Array(HEADER_SIZE + payload.length);
@@ -313,11 +310,11 @@ class Session {
     // Whether an ack follows depends on the set being sent (a back-end acks with the new set).
     if (spec.id === Frontend.SET_PROTOCOL_FEATURES.id) st.protocolFeatures = req as bigint;
     let flags = hdr.flags;
-    if (flags & FLAG_NEED_REPLY && !hasBit(st.protocolFeatures, ProtocolFeature.REPLY_ACK)) {
+    if (flags & FLAG_NEED_REPLY && !hasFeature(st.protocolFeatures, ProtocolFeature.REPLY_ACK)) {
       // The spec has back-ends ignore it without REPLY_ACK; libvhost-user acks anyway. Make them agree.
       flags &= ~FLAG_NEED_REPLY;
     }
-    const ownReply = spec.reply !== null && (spec.replyOnlyWith === undefined || hasBit(st.protocolFeatures, spec.replyOnlyWith));
+    const ownReply = spec.reply !== null && (spec.replyOnlyWith === undefined || hasFeature(st.protocolFeatures, spec.replyOnlyWith));
     const ack = !ownReply && (flags & FLAG_NEED_REPLY) !== 0;
 
     let out: Uint8Array = frame(hdr.request, flags, payload);
@@ -368,7 +365,7 @@ class Session {
    */
   private get softwareLogging(): boolean {
     const bf = this.mirror.state.backendFeatures;
-    return this.hooks.swLiveMigration || (bf !== null && !hasBit(bf, VHOST_F_LOG_ALL));
+    return this.hooks.swLiveMigration || (bf !== null && !hasFeature(bf, VHOST_F_LOG_ALL));
   }
 
   /**
@@ -390,7 +387,7 @@ class Session {
     switch (spec.id) {
       case Frontend.SET_PROTOCOL_FEATURES.id: {
         const bp = st.backendProtocolFeatures ?? 0n;
-        if (hasBit(bp, ProtocolFeature.LOG_SHMFD)) return null;
+        if (hasFeature(bp, ProtocolFeature.LOG_SHMFD)) return null;
         return { out: encodeRequest(Frontend.SET_PROTOCOL_FEATURES, (req as bigint) & ~bit(ProtocolFeature.LOG_SHMFD), flags) };
       }
       case Frontend.SET_LOG_BASE.id: {
@@ -406,7 +403,7 @@ class Session {
       case Frontend.SET_FEATURES.id: {
         const f = req as bigint;
         const out = encodeRequest(Frontend.SET_FEATURES, f & ~bit(VHOST_F_LOG_ALL), flags);
-        const on = hasBit(f, VHOST_F_LOG_ALL);
+        const on = hasFeature(f, VHOST_F_LOG_ALL);
         if (on && this.mode === 'direct') return { out, before: () => this.toRelay() };
         if (!on && this.mode === 'sw-relay') return { out, before: () => this.toDirect() };
         return { out };
@@ -473,7 +470,7 @@ class Session {
   private tell<Req, Rep>(spec: MessageSpec<Req, Rep>, req: Req, fds: readonly number[] = []): Promise<void> {
     const back = this.back;
     if (this.ended || back === null || back.closed) return Promise.reject(new Error(`${this.label}: ${spec.name}: no back-end connection`));
-    const acked = hasBit(this.mirror.state.protocolFeatures, ProtocolFeature.REPLY_ACK);
+    const acked = hasFeature(this.mirror.state.protocolFeatures, ProtocolFeature.REPLY_ACK);
     return new Promise<void>((resolve, reject) => {
       let entry: PendingReply | null = null;
       if (acked) {
@@ -527,7 +524,7 @@ class Session {
   /** Put the mediated region into the back-end's memory table (ADD_MEM_REG when it has slots, else the whole table again). */
   private async installMediated(sw: SoftwareRelay): Promise<void> {
     const st = this.mirror.state;
-    if (hasBit(st.protocolFeatures, ProtocolFeature.CONFIGURE_MEM_SLOTS)) {
+    if (hasFeature(st.protocolFeatures, ProtocolFeature.CONFIGURE_MEM_SLOTS)) {
       await this.tell(Frontend.ADD_MEM_REG, { region: sw.region }, [sw.fd]);
       return;
     }
@@ -536,7 +533,7 @@ class Session {
 
   private async removeMediated(sw: SoftwareRelay): Promise<void> {
     const st = this.mirror.state;
-    if (hasBit(st.protocolFeatures, ProtocolFeature.CONFIGURE_MEM_SLOTS)) {
+    if (hasFeature(st.protocolFeatures, ProtocolFeature.CONFIGURE_MEM_SLOTS)) {
       // With its fd, as QEMU sends it: libvhost-user before QEMU 8.1 refuses REM_MEM_REG without one.
       await this.tell(Frontend.REM_MEM_REG, { region: sw.region }, [sw.fd]);
       return;
@@ -552,7 +549,7 @@ class Session {
    */
   private async toRelay(): Promise<void> {
     const st = this.mirror.state;
-    if (hasBit(st.features, F_RING_PACKED)) throw new Error('LOG_ALL on packed rings: the software relay copies split used rings only');
+    if (hasFeature(st.features, F_RING_PACKED)) throw new Error('LOG_ALL on packed rings: the software relay copies split used rings only');
     if (st.log === null) throw new Error('LOG_ALL without a log (SET_LOG_BASE)');
     const started = st.vrings.filter((v) => v.started && v.addr !== null && v.num > 0);
     const sw = new SoftwareRelay(
@@ -706,7 +703,7 @@ class Session {
   ask<Req, Rep>(spec: MessageSpec<Req, Rep>, req: Req): Promise<Rep> {
     const back = this.back;
     if (this.ended || back === null || back.closed) return Promise.reject(new Error(`${this.label}: ${spec.name}: no back-end connection`));
-    if (spec.reply === null || (spec.replyOnlyWith !== undefined && !hasBit(this.mirror.state.protocolFeatures, spec.replyOnlyWith))) {
+    if (spec.reply === null || (spec.replyOnlyWith !== undefined && !hasFeature(this.mirror.state.protocolFeatures, spec.replyOnlyWith))) {
       return Promise.reject(new Error(`${this.label}: ${spec.name} has no reply to wait for`));
     }
     return new Promise<Rep>((resolve, reject) => {
