@@ -163,18 +163,13 @@ class PackedTxDriver implements Sender {
       const burst = Math.min(BURST, n - k, room - k);
       const head = this.avail;
       const headFlags = availBits(this.availWrap);
-      this.refill(head);
-      for (let i = 1; i < burst; i++) {
+      for (let i = 0; i < burst; i++) {
+        this.refill(this.avail);
+        if (i > 0) this.flags[8 * this.avail + 7] = availBits(this.availWrap);
         if (++this.avail === QUEUE) {
           this.avail = 0;
           this.availWrap = !this.availWrap;
         }
-        this.refill(this.avail);
-        this.flags[8 * this.avail + 7] = availBits(this.availWrap);
-      }
-      if (++this.avail === QUEUE) {
-        this.avail = 0;
-        this.availWrap = !this.availWrap;
       }
       Atomics.store(this.flags, 8 * head + 7, headFlags);
       this.out += burst;
