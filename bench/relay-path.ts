@@ -6,7 +6,8 @@
  * null sink, the backend `vbridge backend net` runs. `direct` sends the same
  * frames into the NetDevice with no relay between, the bridge's own path.
  * `--ring packed` sends them from a packed ring instead (testpmd's
- * packed_vq=1), in either mode.
+ * packed_vq=1), in either mode. `--copy js` copies the relay's frames in
+ * JavaScript instead of the addon's copyBurst, as the serve does.
  *
  * On this VM the time of one packet moves by a third from one run to the next
  * with the placement of the vCPUs and the host's load (docs/BENCHMARKS.md), so
@@ -27,6 +28,7 @@ import { newQueueStats, type DeviceQueue } from '../src/devices/device';
 import { NetDevice } from '../src/devices/net/net-device';
 import { NullPort } from '../src/devices/net/null-port';
 import { silentLogger } from '../src/log';
+import { native } from '../src/native/addon';
 import { MockDriver } from '../src/virtio/mock-driver';
 import { VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, VRING_PACKED_EVENT_FLAG_DESC, VRING_PACKED_EVENT_FLAG_DISABLE } from '../src/virtio/constants';
 import { availBits, MockPackedDriver } from '../src/virtio/mock-packed-driver';
@@ -211,7 +213,7 @@ class PackedTxDriver implements Sender {
 
 const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
 
-export async function relayPath(mode: 'relay' | 'direct', packets: number, warmup: number, ring: 'split' | 'packed' = 'split'): Promise<RelayPathResult> {
+export async function relayPath(mode: 'relay' | 'direct', packets: number, warmup: number, ring: 'split' | 'packed' = 'split', copy: 'native' | 'js' = 'native'): Promise<RelayPathResult> {
   const backend = new NetDevice({ name: 'relay-path-backend', queueSize: BACKEND_QUEUE });
   const sink = new NullPort();
   backend.connect(sink);
@@ -221,7 +223,7 @@ export async function relayPath(mode: 'relay' | 'direct', packets: number, warmu
   let close = (): void => {};
   if (mode === 'relay') {
     const link = new LoopbackLink({ bar2Size: 64 << 20, device: backend, info: { numQueues: 2 } });
-    const relay = new RelayDevice(link, link.info, { name: 'relay-path', queueSize: QUEUE, logger: silentLogger });
+    const relay = new RelayDevice(link, link.info, { name: 'relay-path', queueSize: QUEUE, copy: copy === 'native' ? native().copyBurst : undefined, logger: silentLogger });
     relay.setFeatures(relay.features());
     relay.startQueue(tx.dq);
     while (!link.running(1)) await turn();
@@ -266,6 +268,7 @@ if (require.main === module) {
       ring: { type: 'string', default: 'split' },
       packets: { type: 'string', default: '2000000' },
       warmup: { type: 'string', default: '200000' },
+      copy: { type: 'string', default: 'native' },
     },
   });
   const mode = values.mode;
@@ -275,7 +278,8 @@ if (require.main === module) {
   const packets = Number(values.packets);
   const warmup = Number(values.warmup);
   if (!Number.isSafeInteger(packets) || packets < 1 || !Number.isSafeInteger(warmup) || warmup < 0) throw new Error('--packets and --warmup are counts');
-  relayPath(mode, packets, warmup, ring).then(
+  if (values.copy !== 'native' && values.copy !== 'js') throw new Error(`--copy native|js, not ${values.copy}`);
+  relayPath(mode, packets, warmup, ring, values.copy).then(
     (r) => process.stdout.write(`${JSON.stringify(r)}\n`),
     (e: unknown) => {
       process.stderr.write(`relay-path: ${e instanceof Error ? e.message : String(e)}\n`);

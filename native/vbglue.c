@@ -2,8 +2,10 @@
  * vbglue: the only C in virtio-bridge (with native/unaccounted-buffer.cc,
  * the one call that needs V8's own API). Syscall glue for Node-API (version 8),
  * nothing else: Unix sockets with fd passing, mmap of an fd into an external
- * ArrayBuffer, sealed memfds and F_GET_SEALS, eventfd, TAP, fallocate, and a
- * uv_poll watcher on the calling thread's own loop. Protocol and ring logic live in TypeScript.
+ * ArrayBuffer, sealed memfds and F_GET_SEALS, eventfd, TAP, fallocate, a
+ * uv_poll watcher on the calling thread's own loop, and one batched copy (the
+ * relay DMA engine's byte mover, told what goes where). Protocol and ring
+ * logic live in TypeScript.
  *
  * The typed face of this file is src/native/addon.ts; keep them in step.
  *
@@ -602,6 +604,92 @@ static napi_value vb_fallocate(napi_env env, napi_callback_info info) {
   return undef(env);
 }
 
+/* ------------------------------------------------------------ copy burst */
+
+/* An ArrayBuffer's data and length; napi_get_typedarray_info costs about six
+ * times as much, and a burst's call takes six arrays. */
+static bool arg_buffer(napi_env env, napi_value v, const char *name,
+                       uint8_t **data, size_t *len) {
+  void *d;
+  if (napi_get_arraybuffer_info(env, v, &d, len) != napi_ok) {
+    throw_type(env, "%s must be an ArrayBuffer", name);
+    return false;
+  }
+  *data = d;
+  return true;
+}
+
+/* A number, no coercion; range checks are the caller's. */
+static bool arg_num(napi_env env, napi_value v, const char *name, double *out) {
+  if (napi_get_value_double(env, v, out) != napi_ok) {
+    throw_type(env, "%s must be a number", name);
+    return false;
+  }
+  return true;
+}
+
+/*
+ * copyBurst(src, shift, srcLo, srcHi, dst, dstLo, dstHi, addrs, lens, offs,
+ * first, n): a DMA engine's byte mover, one call for a burst of buffers.
+ * addrs and offs are Float64Arrays' buffers, lens a Uint32Array's. For i from
+ * first while i < n, copies lens[i] bytes from src at addrs[i] + shift to dst
+ * at dstLo + offs[i], as long as the source lies in [srcLo, srcHi) and the
+ * destination in [dstLo, dstHi); returns the i it stopped at. The caller
+ * decides what to copy and takes a buffer refused here its own way.
+ * memmove: the two buffers may view the same memory.
+ */
+static napi_value vb_copy_burst(napi_env env, napi_callback_info info) {
+  napi_value argv[12];
+  uint8_t *src, *dst, *addrs_b, *lens_b, *offs_b;
+  size_t src_len, dst_len, addrs_len, lens_len, offs_len;
+  double shift, src_lo, src_hi, dst_lo, dst_hi, first, n;
+  const double *addrs, *offs;
+  const uint32_t *lens;
+  size_t i;
+  if (!get_args(env, info, 12, argv, NULL) ||
+      !arg_buffer(env, argv[0], "src", &src, &src_len) ||
+      !arg_num(env, argv[1], "shift", &shift) ||
+      !arg_num(env, argv[2], "srcLo", &src_lo) ||
+      !arg_num(env, argv[3], "srcHi", &src_hi) ||
+      !arg_buffer(env, argv[4], "dst", &dst, &dst_len) ||
+      !arg_num(env, argv[5], "dstLo", &dst_lo) ||
+      !arg_num(env, argv[6], "dstHi", &dst_hi) ||
+      !arg_buffer(env, argv[7], "addrs", &addrs_b, &addrs_len) ||
+      !arg_buffer(env, argv[8], "lens", &lens_b, &lens_len) ||
+      !arg_buffer(env, argv[9], "offs", &offs_b, &offs_len) ||
+      !arg_num(env, argv[10], "first", &first) ||
+      !arg_num(env, argv[11], "n", &n))
+    return NULL;
+  /* NaN fails every comparison, and each cast follows the checks that make
+   * it exact (a double out of an integer type's range is undefined in C). */
+  if (!(src_lo >= 0 && src_lo <= src_hi && src_hi <= (double)src_len &&
+        dst_lo >= 0 && dst_lo <= dst_hi && dst_hi <= (double)dst_len &&
+        shift >= -MAX_SAFE && shift <= MAX_SAFE &&
+        (double)(int64_t)shift == shift)) {
+    throw_range(env, "copyBurst: a window outside its buffer");
+    return NULL;
+  }
+  if (!(first >= 0 && first <= n && n * 8 <= (double)addrs_len &&
+        n * 4 <= (double)lens_len && n * 8 <= (double)offs_len &&
+        (double)(size_t)first == first && (double)(size_t)n == n)) {
+    throw_range(env, "copyBurst: first (%g) or n (%g) outside the arrays",
+                 first, n);
+    return NULL;
+  }
+  /* An ArrayBuffer's data is at least 8-aligned (V8's allocator, and mmap). */
+  addrs = (const double *)(void *)addrs_b;
+  offs = (const double *)(void *)offs_b;
+  lens = (const uint32_t *)(void *)lens_b;
+  for (i = (size_t)first; i < (size_t)n; i++) {
+    double l = (double)lens[i], s = addrs[i] + shift, d = dst_lo + offs[i];
+    if (!(s >= src_lo && s + l <= src_hi && d >= dst_lo && d + l <= dst_hi &&
+          (double)(size_t)s == s && (double)(size_t)d == d))
+      break;
+    memmove(dst + (size_t)d, src + (size_t)s, (size_t)l);
+  }
+  return num(env, (double)i);
+}
+
 /* -------------------------------------------------------------------- mmap */
 
 /*
@@ -1141,6 +1229,7 @@ NAPI_MODULE_INIT() {
       FN("tapSetOffload", vb_tap_set_offload),
       FN("fdSize", vb_fd_size),
       FN("fallocate", vb_fallocate),
+      FN("copyBurst", vb_copy_burst),
   };
   napi_property_descriptor methods[] = {
       {"start", NULL, poller_start, NULL, NULL, NULL, napi_default, NULL},

@@ -5,7 +5,7 @@
  * a byte moves (guest memory by MemoryAccess, the BAR here); guest writes go
  * through MemoryAccess.write, so dirty logging sees them.
  */
-import type { MemoryAccess } from '../memory/memory-access';
+import type { BurstCopy, MemoryAccess } from '../memory/memory-access';
 import type { ChainScratch, ChainSegment, ReadBurst } from '../virtio/chain';
 
 /** Operations are segment copies; bytes are payload bytes moved. */
@@ -21,7 +21,11 @@ export function newDmaCounters(): DmaCounters {
 }
 
 export class DmaEngine {
-  constructor(private readonly bar: Uint8Array) {}
+  /** copy: the byte mover for bursts (the addon's copyBurst); without it, JavaScript copies. */
+  constructor(
+    private readonly bar: Uint8Array,
+    private readonly copy?: BurstCopy,
+  ) {}
 
   private checkBar(off: number, len: number): void {
     if (!(off >= 0 && len >= 0 && off + len <= this.bar.length)) throw barError(off, len, this.bar.length);
@@ -77,7 +81,7 @@ export class DmaEngine {
     const bar = this.bar;
     const n = b.n;
     let bytes = 0;
-    if (mem.readBurst !== undefined) bytes = mem.readBurst(b.addr, b.len, n, bar, offs);
+    if (mem.readBurst !== undefined) bytes = mem.readBurst(b.addr, b.len, n, bar, offs, this.copy);
     else
       for (let i = 0; i < n; i++) {
         const len = b.len[i] as number;

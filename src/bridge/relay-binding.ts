@@ -12,6 +12,7 @@
  * and the next one to attach is offered again.
  */
 import type { Logger } from '../log';
+import { native } from '../native/addon';
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_NET } from '../virtio/constants';
 import { RelayDevice } from './relay-device';
 import type { BackendDeviceInfo, ShadowLink, ShadowLinkEvents } from './shadow-link';
@@ -67,7 +68,7 @@ export class RelayBinding {
     }
     try {
       // The RelayDevice takes the link's events over as it is made.
-      this.relay = new RelayDevice(this.link, info, { name: this.spec.name, queueSize: this.spec.queueSize, slotSize: this.spec.slotSize, backendGraceMs: this.spec.backendGraceMs, logger: this.log });
+      this.relay = new RelayDevice(this.link, info, { name: this.spec.name, queueSize: this.spec.queueSize, slotSize: this.spec.slotSize, backendGraceMs: this.spec.backendGraceMs, copy: native().copyBurst, logger: this.log });
       this.onDevice(this.relay);
     } catch (e) {
       const err = e instanceof Error ? e : new Error(String(e));

@@ -26,7 +26,7 @@ import type { DeviceQueue, VirtioDevice } from '../devices/device';
 import { DeviceError } from '../devices/device';
 import { NOTIFY_BATCH } from '../devices/device-base';
 import type { Logger } from '../log';
-import { MemoryError } from '../memory/memory-access';
+import { type BurstCopy, MemoryError } from '../memory/memory-access';
 import { ChainScratch, type DescriptorChain, ReadBurst } from '../virtio/chain';
 import { segmentAddr } from '../virtio/chain-io';
 import { bit, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1, NET_F_MRG_RXBUF, NET_HDR_SIZE, VIRTIO_ID_BLOCK, VIRTQUEUE_MAX_SIZE } from '../virtio/constants';
@@ -93,6 +93,8 @@ export interface RelayOptions {
   backendGraceMs?: number;
   /** How long an idle queue's backend stop waits behind the front-end's answer (default DEFAULT_STOP_BEHIND_MS). */
   stopBehindMs?: number;
+  /** The DMA engine's byte mover for bursts (the addon's copyBurst); without it, JavaScript copies. */
+  copy?: BurstCopy;
   logger: Logger;
 }
 
@@ -138,6 +140,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   /** Where the pump pops a burst of frames the guest sends, and the BAR offsets their slots got. */
   private readonly burst = new ReadBurst(WARM_AHEAD);
   private readonly burstOffs = new Float64Array(WARM_AHEAD);
+  private readonly copy: BurstCopy | undefined;
   /** Where the touches' results go, so that they stay loads. */
   private warmSink = 0;
   /** virtio-net header bytes in front of each frame, as negotiated (net). */
@@ -158,7 +161,8 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     this.graceMs = opts.backendGraceMs ?? DEFAULT_BACKEND_GRACE_MS;
     this.stopBehindMs = opts.stopBehindMs ?? DEFAULT_STOP_BEHIND_MS;
     this.maxQueueSize = Math.min(opts.queueSize, VIRTQUEUE_MAX_SIZE);
-    this.dma = new DmaEngine(link.bar2Bytes);
+    this.copy = opts.copy;
+    this.dma = new DmaEngine(link.bar2Bytes, this.copy);
     const slot = opts.slotSize ?? DEFAULT_SLOT_SIZE;
     const region = Math.floor(link.bar2Bytes.length / info.numQueues / 4096) * 4096;
     let size = 1;
@@ -422,7 +426,7 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
   }
 
   onRemap(): void {
-    this.dma = new DmaEngine(this.link.bar2Bytes);
+    this.dma = new DmaEngine(this.link.bar2Bytes, this.copy);
     for (const rq of this.queues) rq.ring.rebind(this.link.bar2);
   }
 

@@ -19,15 +19,41 @@ export interface MemorySpan {
   readonly byteOffset: number;
 }
 
+/**
+ * A byte mover for a burst of buffers (the addon's copyBurst): for i from
+ * first while i < n, lens[i] bytes of src at addrs[i] + shift go to dst at
+ * dstLo + offs[i], as long as the source lies in [srcLo, srcHi) and the
+ * destination in [dstLo, dstHi). addrs and offs are Float64Arrays' buffers,
+ * lens a Uint32Array's. Returns the i it stopped at: a buffer it refuses is
+ * the caller's to copy or to fail. In C because a 76-byte frame costs
+ * JavaScript about 24 ns in typed-array element accesses and a memmove about
+ * 8, and one call a burst of 32 costs about 140 (docs/BENCHMARKS.md).
+ */
+export type BurstCopy = (
+  src: ArrayBuffer,
+  shift: number,
+  srcLo: number,
+  srcHi: number,
+  dst: ArrayBuffer,
+  dstLo: number,
+  dstHi: number,
+  addrs: ArrayBuffer,
+  lens: ArrayBuffer,
+  offs: ArrayBuffer,
+  first: number,
+  n: number,
+) => number;
+
 export interface MemoryAccess {
   /** Copy len bytes at addr into dst[dstOff..]; the range may cross regions. */
   read(addr: number, dst: Uint8Array, dstOff: number, len: number): void;
   /**
    * read() of n buffers, addr[i] and len[i], into dst at offs[i]; returns the
    * bytes copied. Throws as read() at the first that fails (those before it
-   * are copied). Optional: callers loop over read() without it.
+   * are copied). copy, when given, moves the bytes of the buffers it can
+   * reach. Optional: callers loop over read() without it.
    */
-  readBurst?(addr: Float64Array, len: Uint32Array, n: number, dst: Uint8Array, offs: Float64Array): number;
+  readBurst?(addr: Float64Array, len: Uint32Array, n: number, dst: Uint8Array, offs: Float64Array, copy?: BurstCopy): number;
   /** Copy src[srcOff..srcOff+len) to addr; may cross regions; marks dirty pages when logging. */
   write(addr: number, src: Uint8Array, srcOff: number, len: number): void;
   /**

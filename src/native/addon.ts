@@ -1,5 +1,5 @@
 /**
- * Typed face of native/vbglue.c: syscall glue and nothing else (no protocol or
+ * Typed face of native/vbglue.c: syscall glue and one batched copy (no protocol or
  * ring logic). Every function validates its arguments and throws an Error
  * carrying errno's name (err.code, e.g. 'EAGAIN') on failure, except where a
  * return value is documented for the non-blocking "would block" case.
@@ -7,6 +7,7 @@
  * values RangeError, before any syscall. Build: scripts/build-addon.sh.
  */
 import * as path from 'node:path';
+import type { BurstCopy } from '../memory/memory-access';
 
 /**
  * A uv_poll watcher on the creating thread's own event loop (main thread or
@@ -104,6 +105,14 @@ export interface Addon {
    * file system lacks the mode, EBADF for an fd not open for writing.
    */
   fallocate(fd: number, mode: number, offset: number, len: number): void;
+  /**
+   * Copies a burst of buffers between two ArrayBuffers (memory/memory-access.ts
+   * BurstCopy says how): memmove, no syscall, one call instead of an element
+   * loop a buffer. TypeError for an argument of the wrong type, RangeError for
+   * a window outside its buffer or n beyond the arrays; a buffer outside its
+   * window is not copied and ends the burst there.
+   */
+  copyBurst: BurstCopy;
   Poller: PollerConstructor;
 }
 
