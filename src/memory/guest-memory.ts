@@ -471,9 +471,7 @@ export class GuestMemory implements MemoryAccess {
         }
         if (i === n) break;
       }
-      const l = len[i] as number;
-      bytes += l;
-      this.readAny(addr[i] as number, dst, offs[i] as number, l);
+      bytes += this.readOne(addr, len, offs, i, dst);
       i++;
     }
     return bytes;
@@ -501,9 +499,7 @@ export class GuestMemory implements MemoryAccess {
         for (; i < k; i++) bytes += len[i] as number;
         if (i === n) break;
       }
-      const l = len[i] as number;
-      bytes += l;
-      this.readAny(addr[i] as number, dst, offs[i] as number, l);
+      bytes += this.readOne(addr, len, offs, i, dst);
       i++;
     }
     return bytes;
@@ -532,6 +528,13 @@ export class GuestMemory implements MemoryAccess {
       this.bDstBuf = dst.buffer instanceof ArrayBuffer ? dst.buffer : null;
     }
     return this.bAddrBuf !== null && this.bLenBuf !== null && this.bOffsBuf !== null && this.bDstBuf !== null;
+  }
+
+  /** Buffer i of a burst the whole way (another window, across regions, or the error); returns its length. */
+  private readOne(addr: Float64Array, len: Uint32Array, offs: Float64Array, i: number, dst: Uint8Array): number {
+    const l = len[i] as number;
+    this.readAny(addr[i] as number, dst, offs[i] as number, l);
+    return l;
   }
 
   /** read() past its shorter path, apart so that read() stays small enough for V8 to inline where it is called. */
