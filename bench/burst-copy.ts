@@ -10,7 +10,6 @@
  */
 import { parseArgs } from 'node:util';
 import { GuestMemory } from '../src/memory/guest-memory';
-import type { BurstCopy } from '../src/memory/memory-access';
 import { native } from '../src/native/addon';
 
 const FRAME = 76;
@@ -26,12 +25,18 @@ export interface BurstCopyRow {
   aloneNs: number;
 }
 
-function timeOne(mem: GuestMemory, n: number, dst: Uint8Array, copy: BurstCopy | undefined, a: { addr: Float64Array; len: Uint32Array; offs: Float64Array }): number {
-  const frames = 4_000_000;
-  const bursts = Math.ceil(frames / n);
+/** ns a frame of run(n), called for 4 M frames in bursts of n. */
+function perFrame(n: number, run: () => void): number {
+  const bursts = Math.ceil(4_000_000 / n);
   const t0 = process.hrtime.bigint();
-  for (let r = 0; r < bursts; r++) mem.readBurst(a.addr, a.len, n, dst, a.offs, copy);
+  for (let r = 0; r < bursts; r++) run();
   return Number(process.hrtime.bigint() - t0) / (bursts * n);
+}
+
+/** The ArrayBuffer under a view (these are never shared ones). */
+function ab(v: ArrayBufferView): ArrayBuffer {
+  if (!(v.buffer instanceof ArrayBuffer)) throw new Error('not an ArrayBuffer');
+  return v.buffer;
 }
 
 export function burstCopy(rounds: number): BurstCopyRow[] {
@@ -48,25 +53,16 @@ export function burstCopy(rounds: number): BurstCopyRow[] {
     offs[i] = i * CELL + 8;
   }
   const copy = native().copyBurst;
-  const bufs = [mb, dst.buffer, addr.buffer, len.buffer, offs.buffer];
-  if (!bufs.every((b) => b instanceof ArrayBuffer)) throw new Error('not ArrayBuffers');
-  const [m, d, ab, lb, ob] = bufs as ArrayBuffer[];
-  const alone = (n: number): number => {
-    const frames = 4_000_000;
-    const bursts = Math.ceil(frames / n);
-    const t0 = process.hrtime.bigint();
-    for (let r = 0; r < bursts; r++) copy(m as ArrayBuffer, -base, 0, mb.byteLength, d as ArrayBuffer, 0, dst.length, ab as ArrayBuffer, lb as ArrayBuffer, ob as ArrayBuffer, 0, n);
-    return Number(process.hrtime.bigint() - t0) / (bursts * n);
-  };
+  const [d, a, l, o] = [ab(dst), ab(addr), ab(len), ab(offs)];
   const rows: BurstCopyRow[] = [];
   for (const n of [1, 4, 8, 12, 16, 32, 64]) {
     let js = Infinity;
     let nat = Infinity;
     let one = Infinity;
     for (let k = 0; k < rounds; k++) {
-      js = Math.min(js, timeOne(mem, n, dst, undefined, { addr, len, offs }));
-      nat = Math.min(nat, timeOne(mem, n, dst, copy, { addr, len, offs }));
-      one = Math.min(one, alone(n));
+      js = Math.min(js, perFrame(n, () => mem.readBurst(addr, len, n, dst, offs)));
+      nat = Math.min(nat, perFrame(n, () => mem.readBurst(addr, len, n, dst, offs, copy)));
+      one = Math.min(one, perFrame(n, () => copy(mb, -base, 0, mb.byteLength, d, 0, dst.length, a, l, o, 0, n)));
     }
     rows.push({ burst: n, jsNs: js, nativeNs: nat, aloneNs: one });
   }
