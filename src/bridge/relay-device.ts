@@ -543,11 +543,11 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
     let posted = 0;
     let early = 0;
     let blocked = false;
+    const sends = this.deviceId !== VIRTIO_ID_BLOCK && (rq.index & 1) === 1;
     // A queue of frames the guest sends, with no tap or fault to see each one: bursts of one-buffer frames skip the per-chain path.
     const bursts =
       vq.popSentBurst !== undefined &&
-      this.deviceId !== VIRTIO_ID_BLOCK &&
-      (rq.index & 1) === 1 &&
+      sends &&
       this.faults === null &&
       this.taps.frames.tap === null &&
       this.taps.requests.tap === null;
@@ -594,10 +594,17 @@ export class RelayDevice implements VirtioDevice, ShadowLinkEvents {
             if (!waiting) rq.pending = s.toChain();
             // Before sleeping on it: the backend may have made room without
             // telling us yet (its interrupt is on the way, or suppressed).
-            const got = this.harvest(rq, g);
-            if (rq.guest !== g || !this.linkUp) return;
-            early += got;
-            if (got > 0) r = this.post(rq, g, s, rq.pending);
+            // Frames the guest sent were completed for it once in the BAR, so
+            // their used elements only free room: sleep until most of them
+            // came back, one wake-up a burst of room rather than one an element
+            // (the re-check still backs it). Anything else the guest waits for.
+            for (;;) {
+              const got = this.harvest(rq, g);
+              if (rq.guest !== g || !this.linkUp) return;
+              early += got;
+              if (got > 0) r = this.post(rq, g, s, rq.pending);
+              if (r !== POST_NO_ROOM || !sends || !rq.ring.enableInterruptsDelayed()) break;
+            }
             if (r === POST_NO_ROOM) {
               if (!waiting) rq.waits++;
               blocked = true;

@@ -392,6 +392,21 @@ export class DriverRing {
   }
 
   /**
+   * enableInterrupts() for a driver that waits for room (Linux's
+   * virtqueue_enable_cb_delayed): with event idx, the interrupt comes only once
+   * three quarters of the outstanding chains are used, so one wake-up brings a
+   * burst of room instead of one element, while a quarter still keeps the
+   * device busy. Returns true if that many are used already (take them: no
+   * interrupt will come for those). Without event idx, as enableInterrupts().
+   */
+  enableInterruptsDelayed(): boolean {
+    if (!this.eventIdx) return this.enableInterrupts();
+    const k = Math.max(1, (3 * this.outstanding) >> 2);
+    Atomics.store(this.availU16, 2 + this.size, (this.lastUsed + k - 1) & 0xffff);
+    return this.usedPending() >= k;
+  }
+
+  /**
    * Both sides' view of the ring, for diagnosing a stall: this side's
    * positions and what the shared memory says now (the device's used.idx,
    * avail_event and flags, our published avail.idx and used_event).

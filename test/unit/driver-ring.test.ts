@@ -296,6 +296,38 @@ test('interrupt suppression: used_event under EVENT_IDX, avail.flags without', (
   assert.equal(f.view.getUint16(f.layout.availAddr, true), 0);
 });
 
+test('delayed interrupts: used_event three quarters of the outstanding chains ahead under EVENT_IDX, the next one without', () => {
+  const e = pair(8, true);
+  const ids = Array.from({ length: 8 }, () => e.ring.addPair(BUF, 4, 0, 0));
+  e.ring.publish();
+  for (let i = 0; i < 8; i++) e.q.pop(e.mem);
+  assert.equal(e.ring.enableInterruptsDelayed(), false);
+  const usedEvent = (): number => new DataView(e.view.buffer).getUint16(e.layout.availAddr + 4 + 2 * 8, true);
+  assert.equal(usedEvent(), 5, 'interrupt when the sixth of eight is used');
+  for (let i = 0; i < 5; i++) {
+    e.q.pushUsed(e.mem, ids[i] as number, 0);
+    assert.equal(e.q.flush(e.mem), i === 0, i === 0 ? 'the first flush after activate always interrupts' : `${i + 1} used: no interrupt`);
+  }
+  assert.equal(e.ring.enableInterruptsDelayed(), false, 'five of six pending: sleep on');
+  e.q.pushUsed(e.mem, ids[5] as number, 0);
+  assert.equal(e.q.flush(e.mem), true, 'the sixth crosses used_event');
+  assert.equal(e.ring.enableInterruptsDelayed(), true, 'six pending: the caller must take them');
+  for (let i = 0; i < 6; i++) assert.equal(e.ring.takeUsed()?.id, ids[i]);
+  // Two outstanding: three quarters rounds down to one.
+  assert.equal(e.ring.enableInterruptsDelayed(), false);
+  assert.equal(usedEvent(), 6);
+  e.q.pushUsed(e.mem, ids[6] as number, 0);
+  assert.equal(e.q.flush(e.mem), true);
+  assert.equal(e.ring.enableInterruptsDelayed(), true);
+
+  const f = pair(8, false);
+  f.ring.addPair(BUF, 4, 0, 0);
+  f.ring.publish();
+  f.ring.disableInterrupts();
+  assert.equal(f.ring.enableInterruptsDelayed(), false);
+  assert.equal(f.view.getUint16(f.layout.availAddr, true), 0, 'without EVENT_IDX: interrupts on');
+});
+
 test('takeUsed rejects ids not outstanding, ids past the ring, double completion, and more used than outstanding', () => {
   // An id in range that was never posted.
   let p = pair(8, false);

@@ -181,12 +181,13 @@ interface RigOptions {
   guestPacked?: boolean;
   backendGraceMs?: number;
   stopBehindMs?: number;
+  recheckMs?: number;
 }
 
 async function rig(o: RigOptions): Promise<Rig> {
   const link = new LoopbackLink({ bar2Size: o.bar2Size ?? 256 * 1024, device: o.device, info: o.info, failMode: o.failMode });
   const log = new CaptureLogger();
-  const relay = new RelayDevice(link, link.info, { name: 'relay-test', queueSize: o.queueSize ?? 32, slotSize: o.slotSize, backendGraceMs: o.backendGraceMs, stopBehindMs: o.stopBehindMs, logger: log });
+  const relay = new RelayDevice(link, link.info, { name: 'relay-test', queueSize: o.queueSize ?? 32, slotSize: o.slotSize, backendGraceMs: o.backendGraceMs, stopBehindMs: o.stopBehindMs, recheckMs: o.recheckMs, logger: log });
   const fatal: Error[] = [];
   relay.onFatal = (e) => fatal.push(e);
   relay.setFeatures(relay.features());
@@ -1203,6 +1204,59 @@ test('net TX: bursts of one-buffer frames and chains of other shapes (indirect, 
   await until(() => r.relay.relayStats()[1]?.inFlight === 0, 'slots back');
   assert.equal(r.relay.relayStats()[1]?.slotsInUse, 0);
   assert.equal(r.fatal.length, 0);
+});
+
+test('net TX blocked on a full shadow ring asks for one interrupt when three quarters came back; a receive queue blocked the same way asks at the next', async () => {
+  const dev = new EchoBackend({ deviceId: VIRTIO_ID_NET, numQueues: 2, mode: 'manual', maxQueueSize: 16 });
+  // No timed re-check within the test: only the backend's interrupts move the queue.
+  const r = await rig({ device: dev, info: { numQueues: 2 }, queueSize: 64, slotSize: 2048, bar2Size: 1 << 20, recheckMs: 3_600_000 });
+  const tx = r.guests[1] as Guest;
+  const st = (q: number): RelayQueueStats => r.relay.relayStats()[q] as RelayQueueStats;
+  const N = 40;
+  const tags = Array.from({ length: N }, (_, i) => `t${String(i).padStart(2, '0')}`);
+  for (const t of tags) tx.post(t, { rlen: 200, wlen: 0 });
+  r.relay.kick(1);
+  await until(() => dev.held[1]?.length === 16, 'the backend holds a full shadow ring');
+  assert.equal(st(1).waits, 1);
+  assert.equal(st(1).shadowRing.usedEvent, 11, 'interrupt once 12 of the 16 are used');
+  // The backend's first flush interrupts whatever used_event says; the relay takes the one back and fills the ring again.
+  dev.complete(1, [0]);
+  await until(() => st(1).inFlight === 16 && st(1).shadowRing.lastUsed === 1, 'refilled after the first');
+  assert.equal(st(1).waits, 2);
+  assert.equal(st(1).shadowRing.usedEvent, 12);
+  const before = r.link.interruptsSent;
+  for (let i = 0; i < 11; i++) dev.complete(1, [0]);
+  await settle();
+  assert.equal(r.link.interruptsSent, before, 'eleven back: no interrupt, the relay sleeps on');
+  assert.equal(st(1).shadowRing.lastUsed, 1, 'none taken yet');
+  dev.complete(1, [0]);
+  await until(() => st(1).inFlight === 16 && st(1).shadowRing.lastUsed === 13, 'the twelfth woke it, and it refilled');
+  assert.equal(r.link.interruptsSent, before + 1);
+  await until(() => {
+    if ((dev.held[1]?.length ?? 0) > 0) dev.complete(1);
+    return dev.seen[1]?.length === N;
+  }, 'the backend got every frame');
+  assert.deepEqual(dev.seen[1]?.map((t) => t.split(':')[0]), tags);
+  await until(() => tx.collect().length >= 0 && tx.completed.length === N, 'every frame sent for the guest');
+  dev.complete(1);
+  await until(() => st(1).inFlight === 0, 'slots back');
+
+  // Receive buffers: the guest waits for each one filled, so the relay asks for the next used element.
+  const rx = r.guests[0] as Guest;
+  for (let i = 0; i < 20; i++) rx.post(`r${String(i).padStart(2, '0')}`, { rlen: 0, wlen: 100 });
+  r.relay.kick(0);
+  // Each takes two of the 16 descriptors (the mock guest puts its tag in a readable one).
+  await until(() => dev.held[0]?.length === 8, 'the backend holds a full shadow ring of receive buffers');
+  assert.equal(st(0).waits, 1);
+  assert.equal(st(0).shadowRing.usedEvent, st(0).shadowRing.lastUsed);
+  dev.complete(0, [0]);
+  await until(() => rx.collect().length === 1, 'the first filled buffer reaches the guest on its own');
+  await until(() => {
+    if ((dev.held[0]?.length ?? 0) > 0) dev.complete(0);
+    return rx.collect().length >= 0 && rx.completed.length === 20;
+  }, 'every receive buffer back');
+  assert.deepEqual(r.fatal, []);
+  assert.deepEqual(r.link.failures, []);
 });
 
 test('net TX in order: one descriptor a frame while the backend keeps the order; a frame back out of order ends it with no fault, and it begins again once the ring drains', async () => {
